@@ -1,0 +1,200 @@
+//! Content digests: BLAKE3 over bytes, written `b3:<64 lowercase hex digits>`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The BLAKE3 digest of some bytes: the identity of a package, a model or any blob.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest([u8; 32]);
+
+/// Why a digest string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DigestError {
+    /// The string does not start with `b3:`.
+    #[error("digest {0:?} must start with \"b3:\"")]
+    MissingPrefix(String),
+    /// The hex part has the wrong length or characters.
+    #[error("digest {0:?} must be \"b3:\" followed by 64 lowercase hex digits")]
+    BadHex(String),
+}
+
+impl Digest {
+    /// Digest of the given bytes.
+    pub fn of(bytes: &[u8]) -> Self {
+        Digest(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// Wraps raw digest bytes.
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Digest(bytes)
+    }
+
+    /// The raw 32 bytes.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The 64 hex digits without the `b3:` prefix (used for file names and keys).
+    pub fn hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push(char::from(HEX[usize::from(b >> 4)]));
+            s.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        s
+    }
+
+    /// Parses the 64 hex digits without prefix.
+    pub fn from_hex(hex: &str) -> Result<Self, DigestError> {
+        let bad = || DigestError::BadHex(hex.chars().take(80).collect());
+        let bytes = hex.as_bytes();
+        if bytes.len() != 64 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in bytes.chunks_exact(2).enumerate() {
+            let hi = nibble(pair[0]).ok_or_else(bad)?;
+            let lo = nibble(pair[1]).ok_or_else(bad)?;
+            out[i] = (hi << 4) | lo;
+        }
+        Ok(Digest(out))
+    }
+
+    /// A short form for humans (`b3:1a2b3c4d5e6f`), never for lookups.
+    pub fn short(&self) -> String {
+        format!("b3:{}", &self.hex()[..12])
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn nibble(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "b3:{}", self.hex())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({self})")
+    }
+}
+
+impl FromStr for Digest {
+    type Err = DigestError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.strip_prefix("b3:") {
+            Some(hex) => Digest::from_hex(hex).map_err(|_| DigestError::BadHex(s.chars().take(80).collect())),
+            None => Err(DigestError::MissingPrefix(s.chars().take(80).collect())),
+        }
+    }
+}
+
+impl Serialize for Digest {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Incremental digest computation, for streamed uploads.
+#[derive(Default)]
+pub struct DigestWriter {
+    hasher: blake3::Hasher,
+    len: u64,
+}
+
+impl DigestWriter {
+    /// A fresh hasher.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Feeds bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
+        self.len += bytes.len() as u64;
+    }
+    /// Number of bytes fed so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// True when nothing was fed.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The digest of everything fed.
+    pub fn finish(&self) -> Digest {
+        Digest(*self.hasher.finalize().as_bytes())
+    }
+}
+
+impl std::io::Write for DigestWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_text() {
+        let d = Digest::of(b"tessera");
+        let s = d.to_string();
+        assert_eq!(s.len(), 67);
+        assert_eq!(s.parse::<Digest>().unwrap(), d);
+        assert_eq!(Digest::from_hex(&d.hex()).unwrap(), d);
+    }
+
+    #[test]
+    fn one_byte_changes_the_digest() {
+        assert_ne!(Digest::of(b"tessera"), Digest::of(b"tesserb"));
+    }
+
+    #[test]
+    fn streaming_equals_one_shot() {
+        let mut w = DigestWriter::new();
+        w.update(b"tes");
+        w.update(b"sera");
+        assert_eq!(w.finish(), Digest::of(b"tessera"));
+        assert_eq!(w.len(), 7);
+    }
+
+    #[test]
+    fn refuses_malformed_digests() {
+        for bad in [
+            "",
+            "b3:",
+            "sha256:00",
+            "b3:zz",
+            &format!("b3:{}", "A".repeat(64)),
+            &format!("b3:{}", "0".repeat(63)),
+            &format!("b3:{}", "0".repeat(65)),
+            &format!("b3:{}é", "0".repeat(62)),
+        ] {
+            assert!(bad.parse::<Digest>().is_err(), "{bad:?} accepted");
+        }
+        assert!(matches!("00".parse::<Digest>(), Err(DigestError::MissingPrefix(_))));
+    }
+}

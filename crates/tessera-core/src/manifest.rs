@@ -1,0 +1,557 @@
+//! `module.yaml`: what a module is, how it runs, what it takes and gives, what it needs.
+//!
+//! Parsing validates everything it can (names, versions, kinds, runtimes, entry paths,
+//! sizes, duplicate ports) and every error names the field and, when known, the line and
+//! column in the file.
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use serde_saphyr::Spanned;
+
+use crate::name::check_ident;
+use crate::version::Version;
+use crate::{ByteSize, ModulePath};
+
+/// The file name of a manifest inside a module folder.
+pub const MANIFEST_FILE: &str = "module.yaml";
+/// Largest manifest accepted, in bytes.
+pub const MAX_MANIFEST_BYTES: usize = 256 * 1024;
+
+/// What a module is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A unit of work run by a node (a training step, a job).
+    Task,
+    /// A model, trained or to be trained.
+    Model,
+    /// A data transformation (pre- or post-processing).
+    Transformation,
+    /// A long-lived service.
+    Service,
+    /// Code that runs inference for a family of models.
+    Inferencer,
+    /// A data set module (reads data held by a node).
+    Dataset,
+}
+
+impl Kind {
+    /// Every kind, in documentation order.
+    pub const ALL: [Kind; 6] =
+        [Kind::Task, Kind::Model, Kind::Transformation, Kind::Service, Kind::Inferencer, Kind::Dataset];
+
+    /// The lowercase name used in manifests and queries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Task => "task",
+            Kind::Model => "model",
+            Kind::Transformation => "transformation",
+            Kind::Service => "service",
+            Kind::Inferencer => "inferencer",
+            Kind::Dataset => "dataset",
+        }
+    }
+}
+
+impl std::str::FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown kind {s:?}; expected one of task, model, transformation, service, inferencer, dataset"))
+    }
+}
+
+/// How a module's code runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// Rust compiled into the tessera binary; `entry` names the builtin.
+    Builtin,
+    /// A WebAssembly component run by wasmtime; `entry` is the `.wasm` file.
+    Wasm,
+    /// A Python process using the Tessera Python SDK; `entry` is the `.py` file.
+    Python,
+    /// Any executable speaking the Tessera line protocol; `entry` is the program.
+    Process,
+}
+
+impl RuntimeKind {
+    /// The lowercase name used in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Builtin => "builtin",
+            RuntimeKind::Wasm => "wasm",
+            RuntimeKind::Python => "python",
+            RuntimeKind::Process => "process",
+        }
+    }
+}
+
+impl fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One named input or output of a module.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Port {
+    /// The name the code uses (`model`, `metrics`).
+    pub name: String,
+    /// The format: `safetensors`, `json`, `text` or `bytes`.
+    #[serde(rename = "type", default = "default_port_type")]
+    pub ty: PortType,
+    /// What it holds.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// True when the module works without it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optional: bool,
+}
+
+fn default_port_type() -> PortType {
+    PortType::Bytes
+}
+
+/// The format of an input or output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortType {
+    /// Named tensors in the safetensors format.
+    Safetensors,
+    /// A JSON document.
+    Json,
+    /// UTF-8 text.
+    Text,
+    /// Opaque bytes.
+    Bytes,
+}
+
+/// What a module needs from the node that runs it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Needs {
+    /// CPU cores (fractions allowed).
+    #[serde(default)]
+    pub cpu: f64,
+    /// Memory.
+    #[serde(default)]
+    pub memory: ByteSize,
+    /// GPUs.
+    #[serde(default)]
+    pub gpu: u32,
+    /// Disk space.
+    #[serde(default)]
+    pub storage: ByteSize,
+    /// Libraries the node must offer (`numpy>=1.26`, `torch`).
+    #[serde(default)]
+    pub libraries: Vec<String>,
+}
+
+/// A validated `module.yaml`. (Its JSON form, used by the hub API, deserialises without
+/// re-validation: the hub validated it from the package.)
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Dotted path, e.g. `fl.softmax.worker`.
+    pub name: ModulePath,
+    /// Semver version.
+    pub version: Version,
+    /// What the module is for.
+    pub kind: Kind,
+    /// How it runs.
+    pub runtime: RuntimeKind,
+    /// What runs: a file in the module folder, or a builtin's name.
+    pub entry: String,
+    /// One paragraph for people.
+    pub description: String,
+    /// SPDX license expression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub license: Option<String>,
+    /// Search tags.
+    pub tags: Vec<String>,
+    /// The default config: a mapping, merged with overrides at launch.
+    pub config: Value,
+    /// Named inputs.
+    pub inputs: Vec<Port>,
+    /// Named outputs.
+    pub outputs: Vec<Port>,
+    /// Resources the module needs.
+    pub needs: Needs,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    name: ModulePath,
+    version: Version,
+    kind: Kind,
+    runtime: RuntimeKind,
+    entry: Spanned<String>,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    license: Option<String>,
+    #[serde(default)]
+    tags: Vec<Spanned<String>>,
+    #[serde(default)]
+    config: Option<Spanned<Value>>,
+    #[serde(default)]
+    inputs: Vec<Spanned<Port>>,
+    #[serde(default)]
+    outputs: Vec<Spanned<Port>>,
+    #[serde(default)]
+    needs: Option<Spanned<Needs>>,
+}
+
+/// Why a manifest was refused: the field, where it is, and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ManifestError {
+    /// Dotted path of the offending field (`needs.memory`, `inputs[1].name`), when known.
+    pub field: Option<String>,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(MANIFEST_FILE)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(col) = self.column {
+                write!(f, ":{col}")?;
+            }
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field `{field}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl ManifestError {
+    fn at<T>(field: impl Into<String>, spanned: &Spanned<T>, message: impl Into<String>) -> Self {
+        let loc = spanned.referenced;
+        let known = loc.line() > 0;
+        ManifestError {
+            field: Some(field.into()),
+            line: known.then(|| loc.line() as usize),
+            column: known.then(|| loc.column() as usize),
+            message: message.into(),
+        }
+    }
+}
+
+impl Manifest {
+    /// Parses and validates the text of a `module.yaml`.
+    pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
+        if text.len() > MAX_MANIFEST_BYTES {
+            return Err(ManifestError {
+                field: None,
+                line: None,
+                column: None,
+                message: format!("the file is {} bytes; the limit is {MAX_MANIFEST_BYTES}", text.len()),
+            });
+        }
+        let path = RefCell::new(None::<String>);
+        let options = serde_saphyr::options! {
+            with_snippet: false,
+            duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+        };
+        let raw: Result<RawManifest, _> = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                // `Spanned` wrappers show up as a `value` segment; the user never wrote it.
+                let p = e.path().to_string().replace(".value", "");
+                if p != "." && !p.is_empty() {
+                    *path.borrow_mut() = Some(p);
+                }
+                e.into_inner()
+            })
+        });
+        let raw = raw.map_err(|e| {
+            let loc = e.location();
+            let mut message = e.to_string();
+            // The YAML library appends its own position; we report it as fields.
+            if let Some(i) = message.find(" at line ") {
+                message.truncate(i);
+            }
+            ManifestError {
+                field: path.into_inner(),
+                line: loc.filter(|l| l.line() > 0).map(|l| l.line() as usize),
+                column: loc.filter(|l| l.line() > 0).map(|l| l.column() as usize),
+                message,
+            }
+        })?;
+        raw.validate()
+    }
+
+    /// The config as a mapping (an empty one when the manifest has none).
+    pub fn default_config(&self) -> &Value {
+        &self.config
+    }
+}
+
+impl RawManifest {
+    fn validate(self) -> Result<Manifest, ManifestError> {
+        let entry = &self.entry;
+        match self.runtime {
+            RuntimeKind::Builtin => {
+                if entry.value.is_empty()
+                    || !entry.value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                {
+                    return Err(ManifestError::at(
+                        "entry",
+                        entry,
+                        format!("{:?} is not a builtin name (letters, digits, '.', '_' and '-')", entry.value),
+                    ));
+                }
+            }
+            _ => {
+                if let Err(why) = check_relative_path(&entry.value) {
+                    return Err(ManifestError::at("entry", entry, format!("{:?} {why}", entry.value)));
+                }
+            }
+        }
+        if self.runtime == RuntimeKind::Wasm && !entry.value.ends_with(".wasm") {
+            return Err(ManifestError::at(
+                "entry",
+                entry,
+                format!("{:?}: a wasm module's entry is a .wasm file", entry.value),
+            ));
+        }
+        let mut tags = Vec::with_capacity(self.tags.len());
+        for (i, t) in self.tags.iter().enumerate() {
+            if let Err(e) = check_ident("tag", &t.value) {
+                return Err(ManifestError::at(format!("tags[{i}]"), t, e.to_string()));
+            }
+            tags.push(t.value.clone());
+        }
+        let config = match self.config {
+            None => Value::Object(Default::default()),
+            Some(c) if c.value.is_null() => Value::Object(Default::default()),
+            Some(c) if c.value.is_object() => c.value,
+            Some(c) => return Err(ManifestError::at("config", &c, "the default config must be a mapping")),
+        };
+        let inputs = check_ports("inputs", self.inputs)?;
+        let outputs = check_ports("outputs", self.outputs)?;
+        let needs = match self.needs {
+            None => Needs::default(),
+            Some(n) => {
+                if !(n.value.cpu.is_finite() && n.value.cpu >= 0.0 && n.value.cpu <= 4096.0) {
+                    return Err(ManifestError::at("needs.cpu", &n, "cpu must be between 0 and 4096 cores"));
+                }
+                n.value
+            }
+        };
+        if self.description.len() > 16 * 1024 {
+            return Err(ManifestError {
+                field: Some("description".into()),
+                line: None,
+                column: None,
+                message: "the description is longer than 16 KiB".into(),
+            });
+        }
+        Ok(Manifest {
+            name: self.name,
+            version: self.version,
+            kind: self.kind,
+            runtime: self.runtime,
+            entry: self.entry.value,
+            description: self.description,
+            license: self.license,
+            tags,
+            config,
+            inputs,
+            outputs,
+            needs,
+        })
+    }
+}
+
+fn check_ports(field: &str, ports: Vec<Spanned<Port>>) -> Result<Vec<Port>, ManifestError> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::with_capacity(ports.len());
+    for (i, p) in ports.into_iter().enumerate() {
+        if let Err(e) = check_ident("port name", &p.value.name) {
+            return Err(ManifestError::at(format!("{field}[{i}].name"), &p, e.to_string()));
+        }
+        if !seen.insert(p.value.name.clone()) {
+            return Err(ManifestError::at(
+                format!("{field}[{i}].name"),
+                &p,
+                format!("{:?} is declared twice", p.value.name),
+            ));
+        }
+        out.push(p.value);
+    }
+    Ok(out)
+}
+
+/// Checks a path inside a module folder: relative, `/`-separated, no `..`, no empty or
+/// `.` segments, no backslashes or NULs, at most 255 bytes.
+pub fn check_relative_path(p: &str) -> Result<(), &'static str> {
+    if p.is_empty() {
+        return Err("is empty");
+    }
+    if p.len() > 255 {
+        return Err("is longer than 255 bytes");
+    }
+    if p.starts_with('/') {
+        return Err("is an absolute path");
+    }
+    if p.contains('\\') || p.contains('\0') {
+        return Err("contains a backslash or NUL");
+    }
+    for seg in p.split('/') {
+        match seg {
+            "" => return Err("has an empty segment"),
+            "." => return Err("has a '.' segment"),
+            ".." => return Err("leaves the module folder ('..')"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+name: fl.softmax.worker
+version: 0.1.0
+kind: task
+runtime: wasm
+entry: module.wasm
+description: Softmax regression trained with SGD.
+license: Apache-2.0
+tags: [fl, softmax]
+config:
+  lr: 0.1
+  dataset:
+    name: digits
+    batch_size: 32
+inputs:
+  - name: model
+    type: safetensors
+outputs:
+  - name: model
+    type: safetensors
+  - name: metrics
+    type: json
+needs:
+  cpu: 1
+  memory: 64MiB
+";
+
+    #[test]
+    fn parses_a_full_manifest() {
+        let m = Manifest::parse(GOOD).unwrap();
+        assert_eq!(m.name.as_str(), "fl.softmax.worker");
+        assert_eq!(m.version.to_string(), "0.1.0");
+        assert_eq!(m.kind, Kind::Task);
+        assert_eq!(m.runtime, RuntimeKind::Wasm);
+        assert_eq!(m.config["dataset"]["batch_size"], 32);
+        assert_eq!(m.config["lr"], 0.1);
+        assert_eq!(m.outputs[1].ty, PortType::Json);
+        assert_eq!(m.needs.memory, ByteSize(64 << 20));
+        assert_eq!(m.tags, ["fl", "softmax"]);
+    }
+
+    #[test]
+    fn minimal_manifest_gets_defaults() {
+        let m = Manifest::parse("name: a\nversion: 1.0.0\nkind: model\nruntime: builtin\nentry: echo\n").unwrap();
+        assert!(m.config.as_object().unwrap().is_empty());
+        assert!(m.inputs.is_empty());
+        assert_eq!(m.needs, Needs::default());
+    }
+
+    fn err(text: &str) -> ManifestError {
+        Manifest::parse(text).expect_err("should be refused")
+    }
+
+    #[test]
+    fn errors_name_the_field_and_line() {
+        let e = err(&GOOD.replace("version: 0.1.0", "version: one"));
+        assert_eq!(e.field.as_deref(), Some("version"), "{e}");
+        assert_eq!(e.line, Some(2), "{e}");
+
+        let e = err(&GOOD.replace("name: fl.softmax.worker", "name: Fl..worker"));
+        assert_eq!(e.field.as_deref(), Some("name"), "{e}");
+        assert_eq!(e.line, Some(1), "{e}");
+        assert!(e.to_string().contains("invalid module path"), "{e}");
+
+        let e = err(&GOOD.replace("kind: task", "kind: widget"));
+        assert_eq!(e.field.as_deref(), Some("kind"), "{e}");
+        assert_eq!(e.line, Some(3), "{e}");
+
+        let e = err(&GOOD.replace("memory: 64MiB", "memory: lots"));
+        assert_eq!(e.field.as_deref(), Some("needs.memory"), "{e}");
+        assert_eq!(e.line, Some(24), "{e}");
+        assert!(e.to_string().contains("invalid size"), "{e}");
+
+        let e = err(&GOOD.replace("entry: module.wasm", "entry: ../../etc/passwd.wasm"));
+        assert_eq!(e.field.as_deref(), Some("entry"), "{e}");
+        assert_eq!(e.line, Some(5), "{e}");
+
+        let e = err(&GOOD.replace("  - name: metrics", "  - name: model"));
+        assert_eq!(e.field.as_deref(), Some("outputs[1].name"), "{e}");
+        assert_eq!(e.line, Some(20), "{e}");
+
+        let e = err(&GOOD.replace("license:", "licence:"));
+        assert!(e.to_string().contains("licence"), "{e}");
+        assert_eq!(e.line, Some(7), "{e}");
+
+        let e = err(&GOOD.replace("entry: module.wasm\n", ""));
+        assert!(e.to_string().contains("entry"), "{e}");
+    }
+
+    #[test]
+    fn refuses_hostile_yaml() {
+        // Not YAML at all, or not a mapping.
+        assert!(Manifest::parse("").is_err());
+        assert!(Manifest::parse("[1, 2").is_err());
+        assert!(Manifest::parse("- a\n- b\n").is_err());
+        assert!(Manifest::parse("\0\u{1}\u{2}").is_err());
+        // Duplicate keys.
+        let e = err(&format!("{GOOD}name: other\n"));
+        assert!(e.to_string().to_lowercase().contains("duplicate"), "{e}");
+        // A billion laughs.
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 0..9 {
+            let prev = if i == 0 { "a".to_string() } else { format!("a{}", i - 1) };
+            bomb.push_str(&format!("a{i}: &a{i} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"));
+        }
+        assert!(Manifest::parse(&format!("{GOOD}config:\n  {bomb}")).is_err());
+        // Too big.
+        let e = err(&format!("{GOOD}description: {}\n", "x".repeat(MAX_MANIFEST_BYTES)));
+        assert!(e.to_string().contains("limit"), "{e}");
+        // Deep nesting.
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(Manifest::parse(&format!("name: {deep}")).is_err());
+    }
+
+    #[test]
+    fn config_must_be_a_mapping() {
+        let e = err(&GOOD.replace("config:\n  lr: 0.1\n  dataset:\n    name: digits\n    batch_size: 32\n", "config: 3\n"));
+        assert_eq!(e.field.as_deref(), Some("config"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths() {
+        assert!(check_relative_path("a/b.wasm").is_ok());
+        for bad in ["", "/a", "a/../b", "..", "a//b", "./a", "a\\b", "a\0"] {
+            assert!(check_relative_path(bad).is_err(), "{bad:?}");
+        }
+    }
+}

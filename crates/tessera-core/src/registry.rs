@@ -1,0 +1,52 @@
+//! The hub's records, as its REST API speaks them: packages, models and their lineage.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::manifest::Manifest;
+use crate::wire::Lineage;
+use crate::{Digest, Kind, RuntimeKind};
+
+/// A published package version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PackageRecord {
+    /// Module path.
+    pub name: String,
+    /// Semver version.
+    pub version: String,
+    /// The package id.
+    pub digest: Digest,
+    /// Compressed size in bytes.
+    pub size: u64,
+    /// Module kind.
+    pub kind: Kind,
+    /// Runtime.
+    pub runtime: RuntimeKind,
+    /// Description from the manifest.
+    pub description: String,
+    /// Tags from the manifest.
+    pub tags: Vec<String>,
+    /// When it was published (RFC 3339, UTC).
+    pub published_at: String,
+    /// The full manifest.
+    pub manifest: Manifest,
+}
+
+/// A model stored in the hub.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    /// Model name (a module path).
+    pub name: String,
+    /// Semver version.
+    pub version: String,
+    /// Digest of the binary, when uploaded.
+    pub digest: Option<Digest>,
+    /// Size of the binary.
+    pub size: Option<u64>,
+    /// Free-form metadata (library, description, metrics...).
+    pub metadata: Value,
+    /// Where it came from, when a run produced it.
+    pub lineage: Option<Lineage>,
+    /// When the record was created (RFC 3339, UTC).
+    pub created_at: String,
+}

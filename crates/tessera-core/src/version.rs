@@ -1,0 +1,157 @@
+//! Versions and references to packages: `fl.softmax.worker`, `fl.softmax.worker@0.1.0`,
+//! `fl.softmax.worker@latest`.
+
+use std::fmt;
+use std::str::FromStr;
+
+pub use semver::Version;
+
+use crate::name::{NameError, check_ident};
+use crate::{Digest, ModulePath};
+
+/// The alias every package has: its highest non-prerelease version (or highest
+/// prerelease when there is no release).
+pub const LATEST: &str = "latest";
+
+/// Which version of a package a reference means.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selector {
+    /// One exact version.
+    Exact(Version),
+    /// An alias (`latest`, or one set by the owner, e.g. `stable`).
+    Alias(String),
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::Exact(v) => write!(f, "{v}"),
+            Selector::Alias(a) => f.write_str(a),
+        }
+    }
+}
+
+impl FromStr for Selector {
+    type Err = RefError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.starts_with(|c: char| c.is_ascii_digit()) {
+            return Version::parse(s)
+                .map(Selector::Exact)
+                .map_err(|e| RefError::Version(s.chars().take(80).collect(), e.to_string()));
+        }
+        check_alias(s)?;
+        Ok(Selector::Alias(s.to_owned()))
+    }
+}
+
+/// Checks an alias name: an identifier starting with a letter.
+pub fn check_alias(s: &str) -> Result<(), RefError> {
+    check_ident("alias", s)?;
+    if !s.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        return Err(RefError::Alias(s.chars().take(80).collect()));
+    }
+    Ok(())
+}
+
+/// A reference to a package: a name and a selector, or a bare digest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PackageRef {
+    /// `name[@version|@alias]`; a bare name means `@latest`.
+    Named {
+        /// The module path.
+        name: ModulePath,
+        /// Which version.
+        selector: Selector,
+    },
+    /// `b3:<hex>`: exactly these bytes.
+    Digest(Digest),
+}
+
+/// Why a reference was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RefError {
+    /// The name part is not a module path.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// The version part is not semver.
+    #[error("invalid version {0:?}: {1} (versions are semver, e.g. 0.1.0)")]
+    Version(String, String),
+    /// The alias part is not an identifier.
+    #[error("invalid alias {0:?}: an alias starts with a letter")]
+    Alias(String),
+    /// The digest part is malformed.
+    #[error(transparent)]
+    Digest(#[from] crate::digest::DigestError),
+}
+
+impl FromStr for PackageRef {
+    type Err = RefError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.starts_with("b3:") {
+            return Ok(PackageRef::Digest(s.parse()?));
+        }
+        let (name, selector) = match s.split_once('@') {
+            Some((n, v)) => (n, v.parse()?),
+            None => (s, Selector::Alias(LATEST.to_owned())),
+        };
+        Ok(PackageRef::Named { name: name.parse()?, selector })
+    }
+}
+
+impl fmt::Display for PackageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PackageRef::Named { name, selector } => write!(f, "{name}@{selector}"),
+            PackageRef::Digest(d) => write!(f, "{d}"),
+        }
+    }
+}
+
+/// Picks what `latest` means among versions: the highest release, or the highest
+/// prerelease when there is no release.
+pub fn latest<'a>(versions: impl IntoIterator<Item = &'a Version>) -> Option<&'a Version> {
+    let mut best_release: Option<&Version> = None;
+    let mut best_any: Option<&Version> = None;
+    for v in versions {
+        if v.pre.is_empty() && best_release.is_none_or(|b| v > b) {
+            best_release = Some(v);
+        }
+        if best_any.is_none_or(|b| v > b) {
+            best_any = Some(v);
+        }
+    }
+    best_release.or(best_any)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_references() {
+        let r: PackageRef = "fl.softmax.worker@0.1.0".parse().unwrap();
+        assert_eq!(r.to_string(), "fl.softmax.worker@0.1.0");
+        let r: PackageRef = "fl.softmax.worker".parse().unwrap();
+        assert_eq!(r.to_string(), "fl.softmax.worker@latest");
+        let r: PackageRef = "fl.softmax.worker@stable".parse().unwrap();
+        assert!(matches!(r, PackageRef::Named { selector: Selector::Alias(a), .. } if a == "stable"));
+        let d = Digest::of(b"x");
+        assert_eq!(d.to_string().parse::<PackageRef>().unwrap(), PackageRef::Digest(d));
+    }
+
+    #[test]
+    fn refuses_bad_references() {
+        for bad in ["", "@1.0.0", "Fl@1.0.0", "fl@1.0", "fl@1.0.0.0", "fl@-x", "fl@a b", "b3:00"] {
+            assert!(bad.parse::<PackageRef>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn latest_prefers_releases() {
+        let vs: Vec<Version> = ["0.1.0", "0.2.0-rc.1", "0.1.5"].iter().map(|v| v.parse().unwrap()).collect();
+        assert_eq!(latest(&vs).unwrap().to_string(), "0.1.5");
+        let pre: Vec<Version> = ["0.2.0-rc.1", "0.2.0-rc.2"].iter().map(|v| v.parse().unwrap()).collect();
+        assert_eq!(latest(&pre).unwrap().to_string(), "0.2.0-rc.2");
+        assert!(latest(&[]).is_none());
+    }
+}

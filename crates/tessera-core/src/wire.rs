@@ -1,0 +1,268 @@
+//! What crosses the wire between coordinators and nodes: tasks, replies, node records,
+//! round reports and lineage. Small messages are JSON; big numbers travel as blobs named
+//! by digest.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::manifest::RuntimeKind;
+use crate::{ByteSize, Digest};
+
+/// The schema version of every message here. A message with another version is refused.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Largest JSON message accepted from the wire (blobs travel separately).
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Why a message was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// Over the size limit.
+    #[error("message of {0} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")]
+    TooLarge(usize),
+    /// Not valid JSON for the expected type.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// Another schema version.
+    #[error("message has schema version {found}; this program speaks {SCHEMA_VERSION}")]
+    Schema {
+        /// The version found.
+        found: u32,
+    },
+}
+
+#[derive(Deserialize)]
+struct SchemaOnly {
+    schema: u32,
+}
+
+/// Decodes a message: size first, then schema version, then the full type.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(WireError::TooLarge(bytes.len()));
+    }
+    let head: SchemaOnly = serde_json::from_slice(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if head.schema != SCHEMA_VERSION {
+        return Err(WireError::Schema { found: head.schema });
+    }
+    serde_json::from_slice(bytes).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+/// Encodes a message as JSON.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    serde_json::to_vec(msg).expect("wire types always serialise")
+}
+
+/// A blob named by its digest, as an input or output of a task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRef {
+    /// The port name (`model`, `metrics`).
+    pub name: String,
+    /// The blob's digest in the blob store.
+    pub digest: Digest,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// A task for a node: run this package with this config and these inputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskMessage {
+    /// Always [`SCHEMA_VERSION`].
+    pub schema: u32,
+    /// Unique per attempt target: `<session>.r<round>.<node>`.
+    pub task_id: String,
+    /// The session (swarm run) it belongs to.
+    pub session: String,
+    /// The round.
+    pub round: u32,
+    /// The package to run, by digest.
+    pub module: Digest,
+    /// The config, already merged with overrides.
+    pub config: Value,
+    /// Named inputs.
+    pub inputs: Vec<BlobRef>,
+    /// Where to send the reply.
+    pub reply_to: String,
+}
+
+/// What a node answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskReply {
+    /// Always [`SCHEMA_VERSION`].
+    pub schema: u32,
+    /// The task answered.
+    pub task_id: String,
+    /// Its session.
+    pub session: String,
+    /// Its round.
+    pub round: u32,
+    /// The node that ran it.
+    pub node: String,
+    /// What happened.
+    pub outcome: TaskOutcome,
+}
+
+/// The result of a task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum TaskOutcome {
+    /// It ran: its outputs are in the blob store.
+    Ok {
+        /// Named outputs.
+        outputs: Vec<BlobRef>,
+        /// How long it ran, in seconds.
+        seconds: f64,
+    },
+    /// It failed, and why.
+    Failed {
+        /// The error, for people.
+        error: String,
+    },
+}
+
+/// Resources of a node, detected or configured.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Resources {
+    /// CPU cores.
+    pub cpu: f64,
+    /// Memory.
+    pub memory: ByteSize,
+    /// GPUs.
+    pub gpu: u32,
+    /// Free disk.
+    pub disk: ByteSize,
+}
+
+/// What a node tells the world about itself.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Always [`SCHEMA_VERSION`].
+    pub schema: u32,
+    /// The node id.
+    pub id: String,
+    /// Names of the datasets it holds (never their contents).
+    pub datasets: Vec<String>,
+    /// The runtimes it offers.
+    pub runtimes: Vec<RuntimeKind>,
+    /// Its resources.
+    pub resources: Resources,
+    /// The queue it takes tasks from.
+    pub task_queue: String,
+}
+
+/// The metrics a worker reports in its `metrics` output.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerMetrics {
+    /// Examples the update was computed from (FedAvg's weight).
+    pub num_examples: u64,
+    /// Mean loss.
+    #[serde(default)]
+    pub loss: f64,
+    /// Accuracy, when the worker computes it.
+    #[serde(default)]
+    pub accuracy: Option<f64>,
+}
+
+/// One round, as reported after it completes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundReport {
+    /// 1-based round number.
+    pub round: u32,
+    /// Nodes asked.
+    pub selected: Vec<String>,
+    /// Nodes whose update was aggregated.
+    pub contributed: Vec<String>,
+    /// Nodes that failed or timed out, with why.
+    pub failures: Vec<(String, String)>,
+    /// Examples behind the aggregate.
+    pub examples: u64,
+    /// Weighted mean training loss reported by participants.
+    pub train_loss: f64,
+    /// Loss of the new global model on held-out data, when evaluated.
+    pub eval_loss: Option<f64>,
+    /// Accuracy of the new global model on held-out data, when evaluated.
+    pub eval_accuracy: Option<f64>,
+    /// Digest of the new global model.
+    pub model: Digest,
+    /// Wall time of the round in seconds.
+    pub seconds: f64,
+}
+
+/// Where a model came from: recorded with it in the hub.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Lineage {
+    /// The session that produced it.
+    pub session: String,
+    /// The strategy that aggregated it.
+    pub strategy: String,
+    /// Packages that ran, as `name@version` and digest.
+    pub modules: Vec<ModuleUse>,
+    /// Nodes that contributed to at least one round.
+    pub nodes: Vec<String>,
+    /// Rounds completed.
+    pub rounds: u32,
+    /// Per-round metrics.
+    pub metrics: Vec<RoundReport>,
+}
+
+/// A package used by a run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleUse {
+    /// `name@version`.
+    pub module: String,
+    /// Its digest.
+    pub digest: Digest,
+    /// Its role (`worker`, `evaluator`).
+    pub role: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task() -> TaskMessage {
+        TaskMessage {
+            schema: SCHEMA_VERSION,
+            task_id: "s1.r1.node-0".into(),
+            session: "s1".into(),
+            round: 1,
+            module: Digest::of(b"m"),
+            config: serde_json::json!({"lr": 0.1}),
+            inputs: vec![BlobRef { name: "model".into(), digest: Digest::of(b"w"), size: 1 }],
+            reply_to: "tessera.session.s1.replies".into(),
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let t = task();
+        assert_eq!(decode::<TaskMessage>(&encode(&t)).unwrap(), t);
+        let r = TaskReply {
+            schema: SCHEMA_VERSION,
+            task_id: t.task_id.clone(),
+            session: "s1".into(),
+            round: 1,
+            node: "node-0".into(),
+            outcome: TaskOutcome::Failed { error: "boom".into() },
+        };
+        let json = String::from_utf8(encode(&r)).unwrap();
+        assert!(json.contains("\"status\":\"failed\""), "{json}");
+        assert_eq!(decode::<TaskReply>(json.as_bytes()).unwrap(), r);
+    }
+
+    #[test]
+    fn refuses_bad_messages() {
+        assert!(matches!(decode::<TaskMessage>(b"{"), Err(WireError::Malformed(_))));
+        assert!(matches!(decode::<TaskMessage>(b"[]"), Err(WireError::Malformed(_))));
+        assert!(matches!(decode::<TaskMessage>(b"{\"schema\":1}"), Err(WireError::Malformed(_))));
+        let mut v = serde_json::to_value(task()).unwrap();
+        v["schema"] = 2.into();
+        assert_eq!(decode::<TaskMessage>(&serde_json::to_vec(&v).unwrap()), Err(WireError::Schema { found: 2 }));
+        v["schema"] = 1.into();
+        v["module"] = "b3:nothex".into();
+        assert!(matches!(decode::<TaskMessage>(&serde_json::to_vec(&v).unwrap()), Err(WireError::Malformed(_))));
+        let big = vec![b' '; MAX_MESSAGE_BYTES + 1];
+        assert!(matches!(decode::<TaskMessage>(&big), Err(WireError::TooLarge(_))));
+    }
+}

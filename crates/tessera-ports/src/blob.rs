@@ -1,0 +1,187 @@
+//! Content-addressed blobs: bytes named by their BLAKE3 digest.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tessera_core::Digest;
+
+/// Why a blob operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// The stored bytes no longer match their digest.
+    #[error("blob {0} is corrupt: its bytes do not match its digest")]
+    Corrupt(Digest),
+    /// The blob is over the store's size limit.
+    #[error("blob of {size} bytes is over the limit of {limit}")]
+    TooLarge {
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// File-system failure.
+    #[error("blob store I/O at {path}: {source}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The backend failed.
+    #[error("blob backend: {0}")]
+    Backend(String),
+}
+
+/// Content-addressed bytes.
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// Stores bytes; returns their digest. Storing the same bytes twice is a no-op.
+    async fn put(&self, bytes: Bytes) -> Result<Digest, BlobError>;
+    /// Reads bytes by digest, verified.
+    async fn get(&self, digest: &Digest) -> Result<Option<Bytes>, BlobError>;
+    /// True when the blob is stored.
+    async fn contains(&self, digest: &Digest) -> Result<bool, BlobError>;
+    /// Removes a blob; returns whether it was there.
+    async fn delete(&self, digest: &Digest) -> Result<bool, BlobError>;
+}
+
+/// Blobs in memory (the embedded default for run data).
+#[derive(Default)]
+pub struct MemoryBlobStore {
+    blobs: Mutex<HashMap<Digest, Bytes>>,
+}
+
+impl MemoryBlobStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Bytes>> {
+        self.blobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl BlobStore for MemoryBlobStore {
+    async fn put(&self, bytes: Bytes) -> Result<Digest, BlobError> {
+        let d = Digest::of(&bytes);
+        self.lock().entry(d).or_insert(bytes);
+        Ok(d)
+    }
+    async fn get(&self, digest: &Digest) -> Result<Option<Bytes>, BlobError> {
+        Ok(self.lock().get(digest).cloned())
+    }
+    async fn contains(&self, digest: &Digest) -> Result<bool, BlobError> {
+        Ok(self.lock().contains_key(digest))
+    }
+    async fn delete(&self, digest: &Digest) -> Result<bool, BlobError> {
+        Ok(self.lock().remove(digest).is_some())
+    }
+}
+
+/// Blobs as files in a directory, `<dir>/<first 2 hex>/<64 hex>`, written atomically
+/// (temporary file, fsync, rename) and verified on every read.
+pub struct FsBlobStore {
+    dir: PathBuf,
+}
+
+impl FsBlobStore {
+    /// A store rooted at `dir` (created if missing).
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, BlobError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|source| BlobError::Io { path: dir.clone(), source })?;
+        Ok(FsBlobStore { dir })
+    }
+
+    /// Where a blob lives (whether or not it is stored).
+    pub fn path_of(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.dir.join(&hex[..2]).join(hex)
+    }
+
+    /// The root directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Moves a file whose digest the caller has computed into the store (used for
+    /// streamed uploads: the file was hashed while it was written). The file must be on
+    /// the same file system as the store.
+    pub fn adopt_file(&self, file: &Path, digest: &Digest) -> Result<PathBuf, BlobError> {
+        let dest = self.path_of(digest);
+        if dest.exists() {
+            let _ = std::fs::remove_file(file);
+            return Ok(dest);
+        }
+        let parent = dest.parent().expect("blob paths have a parent");
+        std::fs::create_dir_all(parent).map_err(|source| BlobError::Io { path: parent.to_owned(), source })?;
+        std::fs::rename(file, &dest).map_err(|source| BlobError::Io { path: dest.clone(), source })?;
+        Ok(dest)
+    }
+
+    /// A temporary path inside the store's directory, for streamed writes.
+    pub fn temp_path(&self) -> PathBuf {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.dir.join(format!(".tmp-{}-{n}", std::process::id()))
+    }
+
+    fn write_sync(&self, bytes: &[u8], digest: &Digest) -> Result<(), BlobError> {
+        let dest = self.path_of(digest);
+        if dest.exists() {
+            return Ok(());
+        }
+        let tmp = self.temp_path();
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| BlobError::Io { path, source }
+        };
+        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(bytes).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        drop(f);
+        self.adopt_file(&tmp, digest).map(|_| ())
+    }
+}
+
+#[async_trait]
+impl BlobStore for FsBlobStore {
+    async fn put(&self, bytes: Bytes) -> Result<Digest, BlobError> {
+        let digest = Digest::of(&bytes);
+        let store = FsBlobStore { dir: self.dir.clone() };
+        tokio::task::spawn_blocking(move || store.write_sync(&bytes, &digest))
+            .await
+            .map_err(|e| BlobError::Backend(e.to_string()))??;
+        Ok(digest)
+    }
+
+    async fn get(&self, digest: &Digest) -> Result<Option<Bytes>, BlobError> {
+        let path = self.path_of(digest);
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(BlobError::Io { path, source }),
+        };
+        if &Digest::of(&bytes) != digest {
+            return Err(BlobError::Corrupt(*digest));
+        }
+        Ok(Some(Bytes::from(bytes)))
+    }
+
+    async fn contains(&self, digest: &Digest) -> Result<bool, BlobError> {
+        Ok(tokio::fs::try_exists(self.path_of(digest)).await.unwrap_or(false))
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<bool, BlobError> {
+        let path = self.path_of(digest);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(BlobError::Io { path, source }),
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Named queues: put, get with a wait, explicit acknowledgement.
+//!
+//! Delivery is at least once: a message taken with [`Bus::get`] and not acknowledged
+//! (dropped, or [`Delivery::nack`]ed) goes back to the front of its queue with its attempt
+//! count raised. Handlers must therefore be idempotent.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tessera_core::name::check_key;
+use tokio::sync::Notify;
+
+/// Why a bus operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BusError {
+    /// The queue name is not valid.
+    #[error("invalid queue name: {0}")]
+    Name(String),
+    /// The message is over the bus's size limit.
+    #[error("message of {size} bytes is over the bus limit of {limit}")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The queue is full (bounded queues refuse rather than grow).
+    #[error("queue {0} is full")]
+    Full(String),
+    /// The backend failed (connection lost, server error).
+    #[error("bus backend: {0}")]
+    Backend(String),
+}
+
+/// Acknowledges a delivery. Implemented by each backend.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// The message was handled: never deliver it again.
+    async fn ack(self: Box<Self>) -> Result<(), BusError>;
+    /// The message was not handled: deliver it again.
+    async fn nack(self: Box<Self>) -> Result<(), BusError>;
+}
+
+/// A message taken from a queue. Acknowledge it once handled; dropping it unacknowledged
+/// puts it back.
+pub struct Delivery {
+    /// The message body.
+    pub payload: Bytes,
+    /// 1 for the first delivery, more for redeliveries.
+    pub attempt: u32,
+    acker: Option<Box<dyn Acker>>,
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery").field("len", &self.payload.len()).field("attempt", &self.attempt).finish()
+    }
+}
+
+impl Delivery {
+    /// A delivery acknowledged through `acker` (for backend implementations).
+    pub fn new(payload: Bytes, attempt: u32, acker: Box<dyn Acker>) -> Self {
+        Delivery { payload, attempt, acker: Some(acker) }
+    }
+    /// Marks the message handled.
+    pub async fn ack(mut self) -> Result<(), BusError> {
+        match self.acker.take() {
+            Some(a) => a.ack().await,
+            None => Ok(()),
+        }
+    }
+    /// Gives the message back for redelivery.
+    pub async fn nack(mut self) -> Result<(), BusError> {
+        match self.acker.take() {
+            Some(a) => a.nack().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Named queues.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Appends a message to `queue`.
+    async fn put(&self, queue: &str, payload: Bytes) -> Result<(), BusError>;
+    /// Takes the next message from `queue`, waiting up to `wait` for one.
+    async fn get(&self, queue: &str, wait: Duration) -> Result<Option<Delivery>, BusError>;
+    /// Messages waiting in `queue` (not counting those taken and not yet acknowledged).
+    async fn len(&self, queue: &str) -> Result<u64, BusError>;
+}
+
+/// Checks a queue name (the portable subset both backends accept).
+pub fn check_queue(name: &str) -> Result<(), BusError> {
+    check_key("queue name", name).map_err(|e| BusError::Name(e.to_string()))?;
+    if name.contains('/') || name.contains('=') {
+        return Err(BusError::Name(format!("{name:?}: queue names use letters, digits, '_', '-' and '.'")));
+    }
+    Ok(())
+}
+
+struct Message {
+    payload: Bytes,
+    attempt: u32,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Message>,
+    notify: Arc<Notify>,
+}
+
+type Queues = Arc<Mutex<HashMap<String, Queue>>>;
+
+/// The in-process bus: queues in memory, for one process (the embedded default).
+#[derive(Clone)]
+pub struct MemoryBus {
+    queues: Queues,
+    max_message: usize,
+}
+
+impl Default for MemoryBus {
+    fn default() -> Self {
+        MemoryBus { queues: Queues::default(), max_message: 64 << 20 }
+    }
+}
+
+impl MemoryBus {
+    /// An empty bus.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn lock(q: &Queues) -> std::sync::MutexGuard<'_, HashMap<String, Queue>> {
+    q.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct MemoryAcker {
+    queues: Queues,
+    queue: String,
+    message: Option<Message>,
+}
+
+impl MemoryAcker {
+    fn requeue(&mut self) {
+        if let Some(mut m) = self.message.take() {
+            m.attempt += 1;
+            let mut qs = lock(&self.queues);
+            let q = qs.entry(self.queue.clone()).or_default();
+            q.items.push_front(m);
+            q.notify.notify_one();
+        }
+    }
+}
+
+impl Drop for MemoryAcker {
+    fn drop(&mut self) {
+        self.requeue();
+    }
+}
+
+#[async_trait]
+impl Acker for MemoryAcker {
+    async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
+        self.message = None;
+        Ok(())
+    }
+    async fn nack(mut self: Box<Self>) -> Result<(), BusError> {
+        self.requeue();
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Bus for MemoryBus {
+    async fn put(&self, queue: &str, payload: Bytes) -> Result<(), BusError> {
+        check_queue(queue)?;
+        if payload.len() > self.max_message {
+            return Err(BusError::TooLarge { size: payload.len(), limit: self.max_message });
+        }
+        let mut qs = lock(&self.queues);
+        let q = qs.entry(queue.to_owned()).or_default();
+        q.items.push_back(Message { payload, attempt: 1 });
+        q.notify.notify_one();
+        Ok(())
+    }
+
+    async fn get(&self, queue: &str, wait: Duration) -> Result<Option<Delivery>, BusError> {
+        check_queue(queue)?;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notify = {
+                let mut qs = lock(&self.queues);
+                let q = qs.entry(queue.to_owned()).or_default();
+                if let Some(m) = q.items.pop_front() {
+                    // Wake another waiter if more are queued.
+                    if !q.items.is_empty() {
+                        q.notify.notify_one();
+                    }
+                    let payload = m.payload.clone();
+                    let attempt = m.attempt;
+                    let acker = MemoryAcker { queues: self.queues.clone(), queue: queue.to_owned(), message: Some(m) };
+                    return Ok(Some(Delivery::new(payload, attempt, Box::new(acker))));
+                }
+                q.notify.clone()
+            };
+            let notified = notify.notified();
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn len(&self, queue: &str) -> Result<u64, BusError> {
+        check_queue(queue)?;
+        Ok(lock(&self.queues).get(queue).map_or(0, |q| q.items.len() as u64))
+    }
+}

@@ -1,0 +1,128 @@
+//! Behaviour every implementation of a port must show. Each backend's test suite calls
+//! these functions with a fresh instance; the in-process ones run them in this crate, the
+//! distributed ones in theirs.
+
+#![allow(clippy::missing_panics_doc)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tessera_core::Digest;
+
+use crate::{BlobStore, Bus, BusError, WorldError, WorldState};
+
+/// Queues are FIFO, `get` waits and times out, names are checked, and an unacknowledged
+/// delivery comes back with a higher attempt count.
+pub async fn bus_behaviour(bus: &dyn Bus) {
+    assert_eq!(bus.len("conf.q").await.unwrap(), 0);
+    for i in 0..3u8 {
+        bus.put("conf.q", Bytes::from(vec![i])).await.unwrap();
+    }
+    assert_eq!(bus.len("conf.q").await.unwrap(), 3);
+    let d = bus.get("conf.q", Duration::from_secs(1)).await.unwrap().unwrap();
+    assert_eq!(&d.payload[..], &[0]);
+    assert_eq!(d.attempt, 1);
+    d.ack().await.unwrap();
+
+    // A nack (or a drop) gives the message back, first in line, marked as a redelivery.
+    let d = bus.get("conf.q", Duration::from_secs(1)).await.unwrap().unwrap();
+    assert_eq!(&d.payload[..], &[1]);
+    d.nack().await.unwrap();
+    let d = bus.get("conf.q", Duration::from_secs(5)).await.unwrap().unwrap();
+    assert_eq!(&d.payload[..], &[1]);
+    assert!(d.attempt >= 2, "redelivery is marked");
+    d.ack().await.unwrap();
+    let d = bus.get("conf.q", Duration::from_secs(1)).await.unwrap().unwrap();
+    assert_eq!(&d.payload[..], &[2]);
+    d.ack().await.unwrap();
+
+    // Empty: get waits, then says nothing.
+    let t = std::time::Instant::now();
+    assert!(bus.get("conf.q", Duration::from_millis(100)).await.unwrap().is_none());
+    assert!(t.elapsed() >= Duration::from_millis(90));
+
+    // A waiting get wakes when a message arrives.
+    let waiter = bus.get("conf.wake", Duration::from_secs(10));
+    let (got, ()) = tokio::join!(waiter, async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        bus.put("conf.wake", Bytes::from_static(b"hi")).await.unwrap();
+    });
+    let d = got.unwrap().expect("woken by the put");
+    assert_eq!(&d.payload[..], b"hi");
+    d.ack().await.unwrap();
+
+    // Queues are separate.
+    bus.put("conf.a", Bytes::from_static(b"a")).await.unwrap();
+    assert!(bus.get("conf.b", Duration::from_millis(10)).await.unwrap().is_none());
+    bus.get("conf.a", Duration::from_secs(1)).await.unwrap().unwrap().ack().await.unwrap();
+
+    // Bad names are refused.
+    for bad in ["", "a b", "a..b", "a*", "a>", ".a"] {
+        assert!(matches!(bus.put(bad, Bytes::new()).await, Err(BusError::Name(_))), "{bad:?}");
+    }
+}
+
+/// Globals keep revisions; compare-and-set only wins against the revision it saw; results
+/// are kept per node in arrival order.
+pub async fn world_behaviour(world: &dyn WorldState) {
+    assert!(world.get("conf/g").await.unwrap().is_none());
+    let r1 = world.compare_and_set("conf/g", Bytes::from_static(b"1"), None).await.unwrap();
+    // Create-only fails once it exists, and changes nothing.
+    let e = world.compare_and_set("conf/g", Bytes::from_static(b"x"), None).await.unwrap_err();
+    assert!(matches!(e, WorldError::Conflict { found: Some(r), .. } if r == r1));
+    let r2 = world.compare_and_set("conf/g", Bytes::from_static(b"2"), Some(r1)).await.unwrap();
+    assert!(r2 > r1);
+    // A stale revision loses.
+    assert!(matches!(
+        world.compare_and_set("conf/g", Bytes::from_static(b"3"), Some(r1)).await,
+        Err(WorldError::Conflict { .. })
+    ));
+    let e = world.get("conf/g").await.unwrap().unwrap();
+    assert_eq!(&e.value[..], b"2");
+    assert_eq!(e.revision, r2);
+    let r3 = world.put("conf/g", Bytes::from_static(b"4")).await.unwrap();
+    assert!(r3 > r2);
+    world.put("conf/h", Bytes::from_static(b"5")).await.unwrap();
+    world.put("other/x", Bytes::from_static(b"6")).await.unwrap();
+    assert_eq!(world.keys("conf/").await.unwrap(), vec!["conf/g".to_string(), "conf/h".to_string()]);
+    world.delete("conf/h").await.unwrap();
+    world.delete("conf/never").await.unwrap();
+    assert!(world.get("conf/h").await.unwrap().is_none());
+
+    world.add_result("conf/metrics", "node-a", Bytes::from_static(b"a1")).await.unwrap();
+    world.add_result("conf/metrics", "node-b", Bytes::from_static(b"b1")).await.unwrap();
+    world.add_result("conf/metrics", "node-a", Bytes::from_static(b"a2")).await.unwrap();
+    let all = world.select_results("conf/metrics", None).await.unwrap();
+    let vals: Vec<&[u8]> = all.iter().map(|r| &r.value[..]).collect();
+    assert_eq!(vals, vec![&b"a1"[..], b"b1", b"a2"]);
+    let a = world.select_results("conf/metrics", Some("node-a")).await.unwrap();
+    assert_eq!(a.len(), 2);
+    assert!(a.iter().all(|r| r.node == "node-a"));
+    assert!(world.select_results("conf/none", None).await.unwrap().is_empty());
+
+    for bad in ["", "a b", "/a", "a/", "a..b", "a*"] {
+        assert!(matches!(world.put(bad, Bytes::new()).await, Err(WorldError::Key(_))), "{bad:?}");
+    }
+    assert!(matches!(world.add_result("conf/m", "bad node", Bytes::new()).await, Err(WorldError::Key(_))));
+    let big = Bytes::from(vec![0u8; crate::world::MAX_VALUE_BYTES + 1]);
+    assert!(matches!(world.put("conf/big", big).await, Err(WorldError::TooLarge { .. })));
+    assert!(world.get("conf/big").await.unwrap().is_none());
+}
+
+/// Blobs are named by their digest, stored once, and read back intact.
+pub async fn blob_behaviour(store: &dyn BlobStore) {
+    let bytes = Bytes::from(vec![42u8; 3 << 20]);
+    let d = store.put(bytes.clone()).await.unwrap();
+    assert_eq!(d, Digest::of(&bytes));
+    assert_eq!(store.put(bytes.clone()).await.unwrap(), d, "storing twice is a no-op");
+    assert!(store.contains(&d).await.unwrap());
+    assert_eq!(store.get(&d).await.unwrap().unwrap(), bytes);
+    let missing = Digest::of(b"missing");
+    assert!(store.get(&missing).await.unwrap().is_none());
+    assert!(!store.contains(&missing).await.unwrap());
+    assert!(store.delete(&d).await.unwrap());
+    assert!(!store.delete(&d).await.unwrap());
+    assert!(store.get(&d).await.unwrap().is_none());
+    let empty = store.put(Bytes::new()).await.unwrap();
+    assert_eq!(store.get(&empty).await.unwrap().unwrap().len(), 0);
+}

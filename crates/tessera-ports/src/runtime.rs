@@ -1,0 +1,125 @@
+//! How module code runs ([`Runtime`]) and what it sees while it runs ([`TaskContext`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::Value;
+use tessera_core::manifest::Manifest;
+use tessera_core::wire::Resources;
+use tessera_core::{Digest, RuntimeKind};
+
+/// A verified, unpacked package ready to run.
+#[derive(Clone, Debug)]
+pub struct ModuleImage {
+    /// The package digest.
+    pub digest: Digest,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// The folder it was unpacked into (read-only by convention).
+    pub root: PathBuf,
+}
+
+impl ModuleImage {
+    /// The path of the entry file.
+    pub fn entry_path(&self) -> PathBuf {
+        self.root.join(&self.manifest.entry)
+    }
+}
+
+/// One run of a module: its config and named inputs.
+#[derive(Clone, Debug, Default)]
+pub struct Invocation {
+    /// The config (the module's default merged with overrides).
+    pub config: Value,
+    /// Named inputs.
+    pub inputs: Vec<(String, Bytes)>,
+}
+
+/// Named outputs of a run.
+pub type Outputs = Vec<(String, Bytes)>;
+
+/// Why a run failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    /// The module could not be loaded (bad wasm, missing export, unknown builtin).
+    #[error("cannot load module: {0}")]
+    Load(String),
+    /// The run took longer than its time limit and was stopped.
+    #[error("stopped: the run exceeded its time limit of {limit_ms} ms")]
+    TimeLimit {
+        /// The limit.
+        limit_ms: u64,
+    },
+    /// The run tried to use more memory than its limit and was stopped.
+    #[error("stopped: the run exceeded its memory limit of {limit_bytes} bytes")]
+    MemoryLimit {
+        /// The limit.
+        limit_bytes: u64,
+    },
+    /// The module trapped (a crash: panic, out-of-bounds access, unreachable).
+    #[error("module crashed: {0}")]
+    Trap(String),
+    /// The module ran and returned an error.
+    #[error("module failed: {0}")]
+    Module(String),
+    /// The node does not offer this runtime.
+    #[error("this node has no {0} runtime")]
+    Unsupported(RuntimeKind),
+}
+
+/// Log levels for module logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogLevel {
+    /// Very detailed.
+    Trace,
+    /// Detailed.
+    Debug,
+    /// Normal.
+    Info,
+    /// Something odd.
+    Warn,
+    /// Something failed.
+    Error,
+}
+
+/// Why a context call failed (reported to the module, which may carry on).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ContextError(pub String);
+
+/// What running code sees: its node's datasets (read-only), resources, the run's world
+/// state, and a log.
+#[async_trait]
+pub trait TaskContext: Send + Sync {
+    /// The node running the task.
+    fn node(&self) -> &str;
+    /// Names of the datasets this task may read.
+    fn datasets(&self) -> Vec<String>;
+    /// Size of a dataset in bytes.
+    async fn dataset_size(&self, name: &str) -> Result<u64, ContextError>;
+    /// Reads up to `len` bytes of a dataset from `offset`.
+    async fn dataset_read(&self, name: &str, offset: u64, len: u32) -> Result<Bytes, ContextError>;
+    /// The node's resources.
+    fn resources(&self) -> Resources;
+    /// Reads a run global.
+    async fn globals_get(&self, key: &str) -> Result<Option<Bytes>, ContextError>;
+    /// Writes a run global.
+    async fn globals_set(&self, key: &str, value: Bytes) -> Result<(), ContextError>;
+    /// Adds a result under `key` for this node.
+    async fn results_add(&self, key: &str, value: Bytes) -> Result<(), ContextError>;
+    /// Results under `key` from every node, as (node, value).
+    async fn results_select(&self, key: &str) -> Result<Vec<(String, Bytes)>, ContextError>;
+    /// Writes a log line attributed to the task.
+    fn log(&self, level: LogLevel, message: &str);
+}
+
+/// Runs modules of one runtime kind.
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// Which runtime this is.
+    fn kind(&self) -> RuntimeKind;
+    /// Runs a module once.
+    async fn run(&self, module: &ModuleImage, invocation: Invocation, ctx: Arc<dyn TaskContext>) -> Result<Outputs, RuntimeError>;
+}

@@ -1,0 +1,46 @@
+//! The in-process implementations pass the shared behaviour suite.
+
+use tessera_ports::{BlobError, BlobStore, FsBlobStore, MemoryBlobStore, MemoryBus, MemoryWorld, conformance};
+
+#[tokio::test]
+async fn memory_bus() {
+    conformance::bus_behaviour(&MemoryBus::new()).await;
+}
+
+#[tokio::test]
+async fn memory_bus_requeues_dropped_deliveries() {
+    use std::time::Duration;
+    use tessera_ports::Bus;
+    let bus = MemoryBus::new();
+    bus.put("q", bytes::Bytes::from_static(b"x")).await.unwrap();
+    drop(bus.get("q", Duration::from_secs(1)).await.unwrap().unwrap());
+    let d = bus.get("q", Duration::from_secs(1)).await.unwrap().expect("dropped delivery comes back");
+    assert_eq!(d.attempt, 2);
+    d.ack().await.unwrap();
+    assert_eq!(bus.len("q").await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn memory_world() {
+    conformance::world_behaviour(&MemoryWorld::new()).await;
+}
+
+#[tokio::test]
+async fn memory_blobs() {
+    conformance::blob_behaviour(&MemoryBlobStore::new()).await;
+}
+
+#[tokio::test]
+async fn file_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::blob_behaviour(&FsBlobStore::open(dir.path()).unwrap()).await;
+}
+
+#[tokio::test]
+async fn file_blobs_detect_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsBlobStore::open(dir.path()).unwrap();
+    let d = store.put(bytes::Bytes::from_static(b"precious")).await.unwrap();
+    std::fs::write(store.path_of(&d), b"tampered").unwrap();
+    assert!(matches!(store.get(&d).await, Err(BlobError::Corrupt(x)) if x == d));
+}

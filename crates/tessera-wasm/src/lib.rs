@@ -1,0 +1,340 @@
+//! Tessera's WebAssembly runtime: runs module components with wasmtime, sandboxed, with a
+//! time limit and a memory limit per run.
+//!
+//! A module is a WebAssembly component implementing the `tessera:module` world
+//! (`wit/tessera.wit`): it exports `run(config, inputs) -> result<outputs, string>` and
+//! imports the task context (its node's datasets, read-only; the run's world state; a log).
+//! It gets WASI's standard streams (captured) and nothing else: no files, no network, no
+//! environment.
+//!
+//! Limits: the time limit uses epoch interruption (a ticker thread advances the engine's
+//! epoch every [`TICK`]); the memory limit is enforced by a resource limiter on every
+//! linear-memory growth. A run that breaches either is stopped with
+//! [`RuntimeError::TimeLimit`] or [`RuntimeError::MemoryLimit`]; its store is thrown away
+//! and the runtime carries on with the next run.
+//!
+//! This is the only crate that knows wasmtime.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tessera_core::{Digest, RuntimeKind};
+use tessera_ports::{Invocation, LogLevel, ModuleImage, Outputs, Runtime, RuntimeError, TaskContext};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../../wit",
+        world: "module",
+    });
+}
+
+use bindings::tessera::module::{local, log as wlog, world_state};
+
+/// How often the epoch advances; the time limit's resolution.
+pub const TICK: Duration = Duration::from_millis(10);
+
+/// Limits for each run.
+#[derive(Clone, Debug)]
+pub struct WasmLimits {
+    /// Linear memory a run may hold, in bytes.
+    pub max_memory: u64,
+    /// Wall time a run may take.
+    pub max_time: Duration,
+    /// Total size of a run's outputs.
+    pub max_output_bytes: u64,
+}
+
+impl Default for WasmLimits {
+    fn default() -> Self {
+        WasmLimits { max_memory: 1 << 30, max_time: Duration::from_secs(300), max_output_bytes: 1 << 30 }
+    }
+}
+
+/// Why the runtime could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start the WebAssembly runtime: {0}")]
+pub struct StartError(String);
+
+struct Ticker {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+struct Inner {
+    engine: Engine,
+    linker: Linker<Host>,
+    compiled: Mutex<HashMap<Digest, bindings::ModulePre<Host>>>,
+    limits: WasmLimits,
+    _ticker: Ticker,
+}
+
+/// Runs WebAssembly modules.
+#[derive(Clone)]
+pub struct WasmRuntime {
+    inner: Arc<Inner>,
+}
+
+impl WasmRuntime {
+    /// A runtime with the given per-run limits.
+    pub fn new(limits: WasmLimits) -> Result<Self, StartError> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.max_wasm_stack(2 << 20);
+        let engine = Engine::new(&config).map_err(|e| StartError(e.to_string()))?;
+        let mut linker: Linker<Host> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| StartError(e.to_string()))?;
+        bindings::Module::add_to_linker::<Host, HasSelf<Host>>(&mut linker, |h| h)
+            .map_err(|e| StartError(e.to_string()))?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let weak = engine.weak();
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    match weak.upgrade() {
+                        Some(e) => e.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .map_err(|e| StartError(e.to_string()))?;
+        Ok(WasmRuntime {
+            inner: Arc::new(Inner {
+                engine,
+                linker,
+                compiled: Mutex::new(HashMap::new()),
+                limits,
+                _ticker: Ticker { stop },
+            }),
+        })
+    }
+
+    /// The limits each run gets.
+    pub fn limits(&self) -> &WasmLimits {
+        &self.inner.limits
+    }
+
+    /// Compiles a component (or takes it from the cache).
+    fn prepare(&self, module: &ModuleImage) -> Result<bindings::ModulePre<Host>, RuntimeError> {
+        if let Some(pre) = self.inner.compiled.lock().unwrap_or_else(|p| p.into_inner()).get(&module.digest) {
+            return Ok(pre.clone());
+        }
+        let path = module.entry_path();
+        let bytes = std::fs::read(&path).map_err(|e| RuntimeError::Load(format!("cannot read {}: {e}", path.display())))?;
+        let pre = self.compile(&bytes)?;
+        self.inner.compiled.lock().unwrap_or_else(|p| p.into_inner()).insert(module.digest, pre.clone());
+        Ok(pre)
+    }
+
+    fn compile(&self, bytes: &[u8]) -> Result<bindings::ModulePre<Host>, RuntimeError> {
+        let component = Component::new(&self.inner.engine, bytes)
+            .map_err(|e| RuntimeError::Load(format!("not a valid WebAssembly component: {e:#}")))?;
+        let pre = self
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| RuntimeError::Load(format!("the component's imports cannot be satisfied: {e:#}")))?;
+        bindings::ModulePre::new(pre)
+            .map_err(|e| RuntimeError::Load(format!("the component does not export the tessera:module world: {e:#}")))
+    }
+
+    fn run_blocking(
+        &self,
+        pre: &bindings::ModulePre<Host>,
+        invocation: Invocation,
+        ctx: Arc<dyn TaskContext>,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Outputs, RuntimeError> {
+        let limits = &self.inner.limits;
+        let stdout = MemoryOutputPipe::new(1 << 20);
+        let stderr = MemoryOutputPipe::new(1 << 20);
+        let wasi = WasiCtx::builder().stdout(stdout.clone()).stderr(stderr.clone()).build();
+        let host = Host {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter { max: limits.max_memory, total: 0, hit: false },
+            ctx: ctx.clone(),
+            rt,
+        };
+        let mut store = Store::new(&self.inner.engine, host);
+        store.limiter(|h| &mut h.limiter);
+        let ticks = (limits.max_time.as_millis() / TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+
+        let config = invocation.config.to_string();
+        let inputs: Vec<bindings::Blob> =
+            invocation.inputs.into_iter().map(|(name, data)| bindings::Blob { name, data: data.to_vec() }).collect();
+        let result = pre.instantiate(&mut store).and_then(|m| m.call_run(&mut store, &config, &inputs));
+
+        let out = String::from_utf8_lossy(&stdout.contents()).into_owned();
+        if !out.trim().is_empty() {
+            ctx.log(LogLevel::Info, out.trim_end());
+        }
+        match result {
+            Ok(Ok(outputs)) => {
+                let total: u64 = outputs.iter().map(|b| b.data.len() as u64).sum();
+                if total > limits.max_output_bytes {
+                    return Err(RuntimeError::Module(format!(
+                        "outputs total {total} bytes, over the limit of {}",
+                        limits.max_output_bytes
+                    )));
+                }
+                Ok(outputs.into_iter().map(|b| (b.name, Bytes::from(b.data))).collect())
+            }
+            Ok(Err(message)) => Err(RuntimeError::Module(message)),
+            Err(err) => {
+                if store.data().limiter.hit {
+                    return Err(RuntimeError::MemoryLimit { limit_bytes: limits.max_memory });
+                }
+                if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+                    return Err(RuntimeError::TimeLimit { limit_ms: limits.max_time.as_millis() as u64 });
+                }
+                let stderr = String::from_utf8_lossy(&stderr.contents()).into_owned();
+                let tail: String = stderr.trim().chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
+                let mut msg = format!("{err}");
+                if let Some(t) = err.downcast_ref::<Trap>() {
+                    msg = format!("{t}");
+                }
+                if !tail.is_empty() {
+                    msg = format!("{msg}; stderr: {tail}");
+                }
+                Err(RuntimeError::Trap(msg))
+            }
+        }
+    }
+
+    /// Checks that bytes are a loadable Tessera module component, without running it.
+    pub fn validate(&self, wasm: &[u8]) -> Result<(), RuntimeError> {
+        self.compile(wasm).map(|_| ())
+    }
+}
+
+#[async_trait]
+impl Runtime for WasmRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Wasm
+    }
+
+    async fn run(&self, module: &ModuleImage, invocation: Invocation, ctx: Arc<dyn TaskContext>) -> Result<Outputs, RuntimeError> {
+        let this = self.clone();
+        let module = module.clone();
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let pre = this.prepare(&module)?;
+            this.run_blocking(&pre, invocation, ctx, rt)
+        })
+        .await
+        .map_err(|e| RuntimeError::Trap(format!("the run's thread failed: {e}")))?
+    }
+}
+
+struct MemoryLimiter {
+    max: u64,
+    total: u64,
+    hit: bool,
+}
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let grow = (desired - current) as u64;
+        if self.total + grow > self.max {
+            self.hit = true;
+            return Err(wasmtime::format_err!("memory limit of {} bytes reached", self.max));
+        }
+        self.total += grow;
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+struct Host {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+    ctx: Arc<dyn TaskContext>,
+    rt: tokio::runtime::Handle,
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// Largest single dataset read a module may ask for.
+const MAX_READ: u32 = 16 << 20;
+
+impl local::Host for Host {
+    fn node(&mut self) -> String {
+        self.ctx.node().to_owned()
+    }
+    fn datasets(&mut self) -> Vec<String> {
+        self.ctx.datasets()
+    }
+    fn dataset_size(&mut self, name: String) -> Result<u64, String> {
+        self.rt.block_on(self.ctx.dataset_size(&name)).map_err(|e| e.to_string())
+    }
+    fn dataset_read(&mut self, name: String, offset: u64, len: u32) -> Result<Vec<u8>, String> {
+        let len = len.min(MAX_READ);
+        self.rt.block_on(self.ctx.dataset_read(&name, offset, len)).map(|b| b.to_vec()).map_err(|e| e.to_string())
+    }
+    fn resources(&mut self) -> local::NodeResources {
+        let r = self.ctx.resources();
+        local::NodeResources { cpu: r.cpu, memory: r.memory.0, gpu: r.gpu, disk: r.disk.0 }
+    }
+}
+
+impl world_state::Host for Host {
+    fn globals_get(&mut self, key: String) -> Result<Option<Vec<u8>>, String> {
+        self.rt.block_on(self.ctx.globals_get(&key)).map(|v| v.map(|b| b.to_vec())).map_err(|e| e.to_string())
+    }
+    fn globals_set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
+        self.rt.block_on(self.ctx.globals_set(&key, Bytes::from(value))).map_err(|e| e.to_string())
+    }
+    fn results_add(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
+        self.rt.block_on(self.ctx.results_add(&key, Bytes::from(value))).map_err(|e| e.to_string())
+    }
+    fn results_select(&mut self, key: String) -> Result<Vec<world_state::NodeResult>, String> {
+        self.rt
+            .block_on(self.ctx.results_select(&key))
+            .map(|v| v.into_iter().map(|(node, value)| world_state::NodeResult { node, value: value.to_vec() }).collect())
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl wlog::Host for Host {
+    fn log(&mut self, level: wlog::Level, message: String) {
+        let level = match level {
+            wlog::Level::Trace => LogLevel::Trace,
+            wlog::Level::Debug => LogLevel::Debug,
+            wlog::Level::Info => LogLevel::Info,
+            wlog::Level::Warn => LogLevel::Warn,
+            wlog::Level::Error => LogLevel::Error,
+        };
+        let message: String = message.chars().take(8192).collect();
+        self.ctx.log(level, &message);
+    }
+}
+
+impl bindings::tessera::module::types::Host for Host {}

@@ -1,0 +1,170 @@
+//! The runtime runs real components, stops the ones that breach their limits, and carries
+//! on with the next run.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::json;
+use tessera_core::wire::Resources;
+use tessera_core::{ByteSize, Digest, Manifest};
+use tessera_ports::{
+    ContextError, Invocation, LogLevel, MemoryWorld, ModuleImage, Runtime, RuntimeError, TaskContext, WorldState,
+};
+use tessera_wasm::{WasmLimits, WasmRuntime};
+
+/// A task context over in-memory datasets and the in-process world state.
+struct Ctx {
+    datasets: BTreeMap<String, Bytes>,
+    world: MemoryWorld,
+    logs: Mutex<Vec<String>>,
+}
+
+impl Ctx {
+    fn new() -> Arc<Self> {
+        let mut datasets = BTreeMap::new();
+        datasets.insert("digits".to_string(), Bytes::from_static(b"0123456789"));
+        Arc::new(Ctx { datasets, world: MemoryWorld::new(), logs: Mutex::new(Vec::new()) })
+    }
+}
+
+#[async_trait]
+impl TaskContext for Ctx {
+    fn node(&self) -> &str {
+        "node-t"
+    }
+    fn datasets(&self) -> Vec<String> {
+        self.datasets.keys().cloned().collect()
+    }
+    async fn dataset_size(&self, name: &str) -> Result<u64, ContextError> {
+        self.datasets.get(name).map(|d| d.len() as u64).ok_or_else(|| ContextError(format!("no dataset {name}")))
+    }
+    async fn dataset_read(&self, name: &str, offset: u64, len: u32) -> Result<Bytes, ContextError> {
+        let d = self.datasets.get(name).ok_or_else(|| ContextError(format!("no dataset {name}")))?;
+        let start = (offset as usize).min(d.len());
+        let end = (start + len as usize).min(d.len());
+        Ok(d.slice(start..end))
+    }
+    fn resources(&self) -> Resources {
+        Resources { cpu: 2.0, memory: ByteSize(1 << 30), gpu: 0, disk: ByteSize(0) }
+    }
+    async fn globals_get(&self, key: &str) -> Result<Option<Bytes>, ContextError> {
+        self.world.get(key).await.map(|e| e.map(|e| e.value)).map_err(|e| ContextError(e.to_string()))
+    }
+    async fn globals_set(&self, key: &str, value: Bytes) -> Result<(), ContextError> {
+        self.world.put(key, value).await.map(|_| ()).map_err(|e| ContextError(e.to_string()))
+    }
+    async fn results_add(&self, key: &str, value: Bytes) -> Result<(), ContextError> {
+        self.world.add_result(key, "node-t", value).await.map_err(|e| ContextError(e.to_string()))
+    }
+    async fn results_select(&self, key: &str) -> Result<Vec<(String, Bytes)>, ContextError> {
+        let r = self.world.select_results(key, None).await.map_err(|e| ContextError(e.to_string()))?;
+        Ok(r.into_iter().map(|r| (r.node, r.value)).collect())
+    }
+    fn log(&self, _level: LogLevel, message: &str) {
+        self.logs.lock().unwrap().push(message.to_owned());
+    }
+}
+
+fn image(dir: &std::path::Path, wasm: &[u8]) -> ModuleImage {
+    std::fs::write(dir.join("module.wasm"), wasm).unwrap();
+    let manifest = Manifest::parse("name: test.programs\nversion: 0.1.0\nkind: task\nruntime: wasm\nentry: module.wasm\n").unwrap();
+    ModuleImage { digest: Digest::of(wasm), manifest, root: dir.to_owned() }
+}
+
+fn runtime() -> WasmRuntime {
+    WasmRuntime::new(WasmLimits {
+        max_memory: 256 << 20,
+        max_time: Duration::from_millis(1500),
+        max_output_bytes: 4 << 20,
+    })
+    .unwrap()
+}
+
+fn call(mode: serde_json::Value) -> Invocation {
+    Invocation { config: mode, inputs: vec![("x".into(), Bytes::from_static(b"payload"))] }
+}
+
+async fn echo_still_works(rt: &WasmRuntime, img: &ModuleImage) {
+    let out = rt.run(img, call(json!({"mode": "echo"})), Ctx::new()).await.expect("the next run works");
+    assert_eq!(out, vec![("x".to_string(), Bytes::from_static(b"payload"))]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_that_loops_forever_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let img = image(dir.path(), tessera_modules::TEST_PROGRAMS_WASM);
+    let err = rt.run(&img, call(json!({"mode": "spin"})), Ctx::new()).await.unwrap_err();
+    assert_eq!(err, RuntimeError::TimeLimit { limit_ms: 1500 });
+    assert!(err.to_string().contains("time limit"));
+    echo_still_works(&rt, &img).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_that_allocates_4_gib_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let img = image(dir.path(), tessera_modules::TEST_PROGRAMS_WASM);
+    let err = rt.run(&img, call(json!({"mode": "alloc", "bytes": 4u64 << 30})), Ctx::new()).await.unwrap_err();
+    assert_eq!(err, RuntimeError::MemoryLimit { limit_bytes: 256 << 20 });
+    assert!(err.to_string().contains("memory limit"));
+    echo_still_works(&rt, &img).await;
+    // Within the limit, allocation works.
+    let out = rt.run(&img, call(json!({"mode": "alloc", "bytes": 64u64 << 20})), Ctx::new()).await.unwrap();
+    assert_eq!(out[0].0, "held");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_and_failures_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let img = image(dir.path(), tessera_modules::TEST_PROGRAMS_WASM);
+    let err = rt.run(&img, call(json!({"mode": "panic"})), Ctx::new()).await.unwrap_err();
+    assert!(matches!(&err, RuntimeError::Trap(m) if m.contains("deliberate panic")), "{err}");
+    let err = rt.run(&img, call(json!({"mode": "fail"})), Ctx::new()).await.unwrap_err();
+    assert_eq!(err, RuntimeError::Module("deliberate failure".into()));
+    let err = rt.run(&img, call(json!({"mode": "big-output", "bytes": 5u64 << 20})), Ctx::new()).await.unwrap_err();
+    assert!(matches!(&err, RuntimeError::Module(m) if m.contains("over the limit")), "{err}");
+    let err = rt.run(&img, call(json!({"nomode": 1})), Ctx::new()).await.unwrap_err();
+    assert!(matches!(&err, RuntimeError::Module(m) if m.contains("mode")), "{err}");
+    echo_still_works(&rt, &img).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_sees_its_task_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let img = image(dir.path(), tessera_modules::TEST_PROGRAMS_WASM);
+    let ctx = Ctx::new();
+    let out = rt.run(&img, call(json!({"mode": "context", "dataset": "digits"})), ctx.clone()).await.unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out[0].1).unwrap();
+    assert_eq!(report["node"], "node-t");
+    assert_eq!(report["datasets"], json!(["digits"]));
+    assert_eq!(report["size"], 10);
+    assert_eq!(report["head"], "0123");
+    assert_eq!(report["past_end"], 0);
+    assert!(report["missing"].as_str().unwrap().contains("not-declared"));
+    assert_eq!(report["cpu"], 2.0);
+    assert_eq!(report["greeting"], "hello");
+    assert_eq!(report["results"], json!(["node-t"]));
+    assert!(report["bad_key"].as_str().unwrap().contains("invalid"), "{report}");
+    assert!(ctx.logs.lock().unwrap().iter().any(|l| l.contains("context test starting")));
+    // The module wrote through the context into the world state.
+    assert_eq!(&ctx.world.get("greeting").await.unwrap().unwrap().value[..], b"hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_what_is_not_a_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    for bad in [&b"not wasm"[..], b"\0asm\x01\0\0\0", b""] {
+        let img = image(dir.path(), bad);
+        let err = rt.run(&img, call(json!({"mode": "echo"})), Ctx::new()).await.unwrap_err();
+        assert!(matches!(err, RuntimeError::Load(_)), "{err}");
+    }
+    assert!(rt.validate(tessera_modules::TEST_PROGRAMS_WASM).is_ok());
+    assert!(rt.validate(b"junk").is_err());
+}

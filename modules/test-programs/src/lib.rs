@@ -1,0 +1,79 @@
+//! A module whose behaviour the config picks: `echo`, `spin`, `alloc`, `panic`, `fail`,
+//! `context` (uses every import), `big-output`.
+
+wit_bindgen::generate!({ path: "../../wit", world: "module" });
+
+use tessera::module::log::{Level, log};
+use tessera::module::{local, world_state};
+
+struct Programs;
+
+#[derive(serde::Deserialize)]
+struct Config {
+    mode: String,
+    #[serde(default)]
+    bytes: u64,
+    #[serde(default)]
+    dataset: String,
+}
+
+impl Guest for Programs {
+    fn run(config: String, inputs: Vec<Blob>) -> Result<Vec<Blob>, String> {
+        let cfg: Config = serde_json::from_str(&config).map_err(|e| e.to_string())?;
+        match cfg.mode.as_str() {
+            "echo" => Ok(inputs),
+            "spin" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = core::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            "alloc" => {
+                // Grab memory in 64 MiB steps until `bytes` is held (or the host says no).
+                let mut held: Vec<Vec<u8>> = Vec::new();
+                let mut total = 0u64;
+                while total < cfg.bytes {
+                    let mut v = vec![0u8; 64 << 20];
+                    v[0] = 1;
+                    held.push(v);
+                    total += 64 << 20;
+                }
+                Ok(vec![Blob { name: "held".into(), data: total.to_le_bytes().to_vec() }])
+            }
+            "panic" => panic!("deliberate panic"),
+            "fail" => Err("deliberate failure".into()),
+            "big-output" => Ok(vec![Blob { name: "big".into(), data: vec![7u8; cfg.bytes as usize] }]),
+            "context" => {
+                log(Level::Info, "context test starting");
+                let node = local::node();
+                let datasets = local::datasets();
+                let size = local::dataset_size(&cfg.dataset)?;
+                let head = local::dataset_read(&cfg.dataset, 0, 4)?;
+                let past_end = local::dataset_read(&cfg.dataset, size + 10, 4)?;
+                let missing = local::dataset_size("not-declared").err().unwrap_or_default();
+                let res = local::resources();
+                world_state::globals_set("greeting", b"hello")?;
+                let g = world_state::globals_get("greeting")?.unwrap_or_default();
+                world_state::results_add("seen", node.as_bytes())?;
+                let results = world_state::results_select("seen")?;
+                let bad_key = world_state::globals_set("bad key!", b"x").err().unwrap_or_default();
+                let report = serde_json::json!({
+                    "node": node,
+                    "datasets": datasets,
+                    "size": size,
+                    "head": String::from_utf8_lossy(&head),
+                    "past_end": past_end.len(),
+                    "missing": missing,
+                    "cpu": res.cpu,
+                    "greeting": String::from_utf8_lossy(&g),
+                    "results": results.iter().map(|r| r.node.clone()).collect::<Vec<_>>(),
+                    "bad_key": bad_key,
+                });
+                Ok(vec![Blob { name: "report".into(), data: report.to_string().into_bytes() }])
+            }
+            other => Err(format!("unknown mode {other}")),
+        }
+    }
+}
+
+export!(Programs);
