@@ -113,6 +113,19 @@ impl<'de> Deserialize<'de> for Digest {
     }
 }
 
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for Digest {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .pattern(Some("^b3:[0-9a-f]{64}$"))
+            .description(Some("BLAKE3 digest of the content"))
+            .into()
+    }
+}
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for Digest {}
+
 /// Incremental digest computation, for streamed uploads.
 #[derive(Default)]
 pub struct DigestWriter {

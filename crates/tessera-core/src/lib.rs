@@ -27,7 +27,7 @@ pub mod tensor;
 pub mod version;
 pub mod wire;
 
-pub use digest::Digest;
+pub use digest::{Digest, DigestWriter};
 pub use manifest::{Kind, Manifest, RuntimeKind};
 pub use name::ModulePath;
 pub use size::ByteSize;

@@ -22,6 +22,7 @@ pub const MANIFEST_FILE: &str = "module.yaml";
 pub const MAX_MANIFEST_BYTES: usize = 256 * 1024;
 
 /// What a module is for.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
@@ -68,6 +69,7 @@ impl std::str::FromStr for Kind {
 }
 
 /// How a module's code runs.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RuntimeKind {
@@ -100,6 +102,7 @@ impl fmt::Display for RuntimeKind {
 }
 
 /// One named input or output of a module.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Port {
@@ -121,6 +124,7 @@ fn default_port_type() -> PortType {
 }
 
 /// The format of an input or output.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PortType {
@@ -135,6 +139,7 @@ pub enum PortType {
 }
 
 /// What a module needs from the node that runs it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Needs {
@@ -157,11 +162,13 @@ pub struct Needs {
 
 /// A validated `module.yaml`. (Its JSON form, used by the hub API, deserialises without
 /// re-validation: the hub validated it from the package.)
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     /// Dotted path, e.g. `fl.softmax.worker`.
     pub name: ModulePath,
     /// Semver version.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub version: Version,
     /// What the module is for.
     pub kind: Kind,

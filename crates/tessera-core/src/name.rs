@@ -123,6 +123,19 @@ impl<'de> Deserialize<'de> for ModulePath {
     }
 }
 
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for ModulePath {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .pattern(Some("^[a-z][a-z0-9_-]*(\\.[a-z][a-z0-9_-]*)*$"))
+            .description(Some("a module path, e.g. fl.softmax.worker"))
+            .into()
+    }
+}
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for ModulePath {}
+
 /// Checks an identifier used as a node id, session id, actor tag or dataset name: 1 to 64
 /// characters from `[A-Za-z0-9_-]`. These travel in queue names and keys, so no dots,
 /// slashes or spaces.

@@ -8,6 +8,7 @@ use crate::wire::Lineage;
 use crate::{Digest, Kind, RuntimeKind};
 
 /// A published package version.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PackageRecord {
     /// Module path.
@@ -33,6 +34,7 @@ pub struct PackageRecord {
 }
 
 /// A model stored in the hub.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelRecord {
     /// Model name (a module path).

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-pub use semver::Version;
+pub use semver::{Prerelease, Version};
 
 use crate::name::{NameError, check_ident};
 use crate::{Digest, ModulePath};

@@ -122,6 +122,7 @@ pub enum TaskOutcome {
 }
 
 /// Resources of a node, detected or configured.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Resources {
     /// CPU cores.
@@ -165,6 +166,7 @@ pub struct WorkerMetrics {
 }
 
 /// One round, as reported after it completes.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RoundReport {
     /// 1-based round number.
@@ -174,7 +176,7 @@ pub struct RoundReport {
     /// Nodes whose update was aggregated.
     pub contributed: Vec<String>,
     /// Nodes that failed or timed out, with why.
-    pub failures: Vec<(String, String)>,
+    pub failures: Vec<Failure>,
     /// Examples behind the aggregate.
     pub examples: u64,
     /// Weighted mean training loss reported by participants.
@@ -189,7 +191,18 @@ pub struct RoundReport {
     pub seconds: f64,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A participant that did not contribute to a round, and why.
+pub struct Failure {
+    /// The node.
+    pub node: String,
+    /// What happened.
+    pub error: String,
+}
+
 /// Where a model came from: recorded with it in the hub.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Lineage {
     /// The session that produced it.
@@ -207,6 +220,7 @@ pub struct Lineage {
 }
 
 /// A package used by a run.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleUse {
     /// `name@version`.

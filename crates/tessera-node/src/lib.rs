@@ -1,1 +1,20 @@
-//! placeholder
+//! Tessera's node agent: the program that sits next to the data.
+//!
+//! A node has an id, detected (or configured) [resources](resources::detect), datasets
+//! declared by name in its config (their contents never leave the node), and runtimes.
+//! It pulls packages by digest from a [`PackageSource`](tessera_ports::PackageSource) into
+//! a [verified cache](cache::PackageCache), takes tasks from its queue on the bus, runs
+//! them, stores their outputs in the blob store and replies.
+//!
+//! The node is written against the ports only: the same code runs embedded (in-process
+//! bus, world and blobs) and distributed. It does not know HTTP, SQLite, NATS or wasmtime.
+
+pub mod builtin;
+pub mod cache;
+pub mod context;
+pub mod node;
+pub mod resources;
+
+pub use builtin::BuiltinRuntime;
+pub use cache::PackageCache;
+pub use node::{Node, NodeConfig, NodeError, NodePorts, list_nodes, node_key, task_queue};

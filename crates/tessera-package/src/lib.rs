@@ -25,7 +25,7 @@ mod pack;
 mod unpack;
 
 pub use pack::{PackError, Packed, pack_dir};
-pub use unpack::{UnpackError, inspect, unpack, verify};
+pub use unpack::{UnpackError, inspect, inspect_reader, unpack, verify};
 
 use tessera_core::manifest::Manifest;
 use tessera_core::{Digest, RuntimeKind};

@@ -68,7 +68,22 @@ pub fn verify(bytes: &[u8], expected: &Digest) -> Result<(), UnpackError> {
 /// Reads and validates a package without writing anything: every entry is checked and
 /// every byte decompressed, within the limits.
 pub fn inspect(bytes: &[u8], limits: &Limits) -> Result<PackageInfo, UnpackError> {
-    walk(bytes, limits, None)
+    check_size(bytes.len() as u64, limits)?;
+    walk(bytes, Digest::of(bytes), bytes.len() as u64, limits, None)
+}
+
+/// Like [`inspect`], for a package read from `reader` whose digest and size the caller
+/// already knows (a streamed upload hashed while it was written to disk).
+pub fn inspect_reader(reader: impl Read, digest: Digest, size: u64, limits: &Limits) -> Result<PackageInfo, UnpackError> {
+    check_size(size, limits)?;
+    walk(io::BufReader::new(reader), digest, size, limits, None)
+}
+
+fn check_size(size: u64, limits: &Limits) -> Result<(), UnpackError> {
+    if size > limits.max_package_bytes {
+        return Err(UnpackError::TooLarge { size, limit: limits.max_package_bytes });
+    }
+    Ok(())
 }
 
 /// Unpacks a package into `dest`, which must not exist yet. On failure nothing is left at
@@ -85,7 +100,8 @@ pub fn unpack(bytes: &[u8], dest: &Path, limits: &Limits) -> Result<PackageInfo,
     let staging = parent.join(format!(".{name}.unpacking-{}", std::process::id()));
     let _ = fs::remove_dir_all(&staging);
     fs::create_dir_all(&staging).map_err(|source| UnpackError::Io { path: staging.clone(), source })?;
-    match walk(bytes, limits, Some(&staging)) {
+    check_size(bytes.len() as u64, limits)?;
+    match walk(bytes, Digest::of(bytes), bytes.len() as u64, limits, Some(&staging)) {
         Ok(info) => {
             fs::rename(&staging, dest).map_err(|source| {
                 let _ = fs::remove_dir_all(&staging);
@@ -134,12 +150,8 @@ fn malformed(e: &io::Error) -> UnpackError {
     UnpackError::Malformed(e.to_string())
 }
 
-fn walk(bytes: &[u8], limits: &Limits, dest: Option<&Path>) -> Result<PackageInfo, UnpackError> {
-    if bytes.len() as u64 > limits.max_package_bytes {
-        return Err(UnpackError::TooLarge { size: bytes.len() as u64, limit: limits.max_package_bytes });
-    }
-    let digest = Digest::of(bytes);
-    let mut decoder = zstd::stream::read::Decoder::with_buffer(bytes).map_err(|e| malformed(&e))?;
+fn walk<R: io::BufRead>(input: R, digest: Digest, size: u64, limits: &Limits, dest: Option<&Path>) -> Result<PackageInfo, UnpackError> {
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(input).map_err(|e| malformed(&e))?;
     // Refuse frames that ask for a window over 128 MiB: bounded decoder memory.
     decoder.window_log_max(27).map_err(|e| malformed(&e))?;
     // Tar adds at most three 512-byte blocks per entry (header, long name, padding).
@@ -257,7 +269,7 @@ fn walk(bytes: &[u8], limits: &Limits, dest: Option<&Path>) -> Result<PackageInf
     check_entry(&manifest, |p| file_paths.contains(p))
         .map_err(|why| UnpackError::Entry { entry: manifest.entry.clone(), why })?;
     files.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
-    Ok(PackageInfo { digest, size: bytes.len() as u64, manifest, files })
+    Ok(PackageInfo { digest, size, manifest, files })
 }
 
 fn create_new(p: &Path, executable: bool) -> Result<fs::File, UnpackError> {

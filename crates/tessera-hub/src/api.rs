@@ -1,0 +1,416 @@
+//! The hub's REST API.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tessera_core::registry::{ModelRecord, PackageRecord};
+use tessera_core::wire::Lineage;
+use tessera_core::{Digest, DigestWriter};
+use tokio::io::AsyncWriteExt;
+use utoipa::{OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::store::{HubError, HubStore, ListQuery};
+
+/// The header carrying a digest: on uploads, what the client says the bytes are; on
+/// downloads, what they are.
+pub const DIGEST_HEADER: &str = "x-tessera-digest";
+
+/// What the router serves from.
+#[derive(Clone)]
+pub struct AppState {
+    /// The store.
+    pub store: Arc<HubStore>,
+}
+
+/// An error as the API returns it: a status and `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError(pub HubError);
+
+impl From<HubError> for ApiError {
+    fn from(e: HubError) -> Self {
+        ApiError(e)
+    }
+}
+
+/// The body of every error response.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, for people.
+    pub error: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self.0 {
+            HubError::NotFound(_) => StatusCode::NOT_FOUND,
+            HubError::Conflict(_) => StatusCode::CONFLICT,
+            HubError::BadRequest(_) | HubError::Package(_) => StatusCode::BAD_REQUEST,
+            HubError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            HubError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!("hub: {}", self.0);
+        }
+        (status, Json(ErrorBody { error: self.0.to_string() })).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, HubError> + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError(HubError::Storage(e.to_string())))?.map_err(ApiError)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Tessera hub",
+        description = "Publish, find and fetch module packages and models. Package versions and model binaries are immutable; every download is named by its BLAKE3 digest."
+    ),
+    tags(
+        (name = "packages", description = "Module packages by name, version, alias and digest"),
+        (name = "models", description = "Models: metadata, lineage and binaries"),
+        (name = "hub", description = "Health and blobs")
+    )
+)]
+struct ApiDoc;
+
+/// The API routes. Every route is registered through the macro that documents it, so the
+/// router and the OpenAPI document cannot drift apart.
+fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health))
+        .routes(routes!(publish_package, list_packages))
+        .routes(routes!(package_versions))
+        .routes(routes!(show_package, delete_package))
+        .routes(routes!(download_package))
+        .routes(routes!(set_alias))
+        .routes(routes!(download_blob))
+        .routes(routes!(create_model, list_models))
+        .routes(routes!(upload_model, download_model, delete_model))
+        .routes(routes!(show_model, update_model_meta))
+}
+
+/// The OpenAPI document of the API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_router().split_for_parts().1
+}
+
+/// The hub's HTTP application: the API under `/api/v1`, `/openapi.json`, and `/docs`.
+pub fn app(state: AppState) -> Router {
+    let (router, api) = api_router().split_for_parts();
+    router
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
+        .route(
+            "/",
+            axum::routing::get(|| async {
+                axum::response::Html(
+                    "<!doctype html><title>Tessera hub</title><h1>Tessera hub</h1>\
+                     <p><a href=\"/docs/\">API documentation</a> · <a href=\"/openapi.json\">OpenAPI document</a></p>",
+                )
+            }),
+        )
+        .with_state(state)
+}
+
+/// Health and version.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+    /// The hub's version.
+    pub version: String,
+}
+
+#[utoipa::path(get, path = "/api/v1/health", tag = "hub", responses((status = 200, body = Health)))]
+async fn health() -> Json<Health> {
+    Json(Health { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into() })
+}
+
+/// Streams a request body into a temporary file in the blob directory, hashing it, and
+/// refusing it past `limit` bytes.
+async fn receive(store: &HubStore, body: Body, limit: u64) -> ApiResult<(std::path::PathBuf, Digest, u64)> {
+    let tmp = store.blobs().temp_path();
+    let result = async {
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(HubError::from)?;
+        let mut hasher = DigestWriter::new();
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| HubError::BadRequest(format!("upload interrupted: {e}")))?;
+            hasher.update(&chunk);
+            if hasher.len() > limit {
+                return Err(HubError::TooLarge(format!("the upload is over the limit of {limit} bytes")));
+            }
+            file.write_all(&chunk).await.map_err(HubError::from)?;
+        }
+        file.flush().await.map_err(HubError::from)?;
+        file.sync_all().await.map_err(HubError::from)?;
+        Ok((hasher.finish(), hasher.len()))
+    }
+    .await;
+    match result {
+        Ok((d, n)) => Ok((tmp, d, n)),
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            Err(ApiError(e))
+        }
+    }
+}
+
+fn expected_digest(headers: &HeaderMap) -> ApiResult<Option<Digest>> {
+    match headers.get(DIGEST_HEADER) {
+        None => Ok(None),
+        Some(v) => {
+            let s = v.to_str().map_err(|_| HubError::BadRequest(format!("{DIGEST_HEADER} is not text")))?;
+            s.parse().map(Some).map_err(|e: tessera_core::digest::DigestError| ApiError(HubError::BadRequest(e.to_string())))
+        }
+    }
+}
+
+/// Publishes a package: the body is the package bytes. With `x-tessera-digest`, the bytes
+/// must have that digest. Publishing the same bytes again is a no-op (200); other bytes
+/// under an existing version are refused (409) and change nothing.
+#[utoipa::path(
+    post,
+    path = "/api/v1/packages",
+    tag = "packages",
+    params(("x-tessera-digest" = Option<String>, Header, description = "Expected BLAKE3 digest of the body, b3:<hex>")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "A package made by `tessera module pack`"),
+    responses(
+        (status = 201, description = "Published", body = PackageRecord),
+        (status = 200, description = "This exact package was already published", body = PackageRecord),
+        (status = 400, description = "Malformed or unsafe package, bad manifest, or digest mismatch", body = ErrorBody),
+        (status = 409, description = "The version exists with other content", body = ErrorBody),
+        (status = 413, description = "Over the size limit", body = ErrorBody)
+    )
+)]
+async fn publish_package(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult<(StatusCode, Json<PackageRecord>)> {
+    let expected = expected_digest(&headers)?;
+    let limit = s.store.limits().max_package_bytes;
+    let (tmp, digest, size) = receive(&s.store, body, limit).await?;
+    let store = s.store.clone();
+    let p = blocking(move || store.publish_file(&tmp, digest, size, expected)).await?;
+    let status = if p.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(p.record)))
+}
+
+/// Lists packages: the latest version of each, or every version with `all=true`.
+#[utoipa::path(get, path = "/api/v1/packages", tag = "packages", params(ListQuery), responses((status = 200, body = Vec<PackageRecord>), (status = 400, body = ErrorBody)))]
+async fn list_packages(State(s): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult<Json<Vec<PackageRecord>>> {
+    let store = s.store.clone();
+    Ok(Json(blocking(move || store.list(&q)).await?))
+}
+
+/// Every published version of a package, oldest first.
+#[utoipa::path(get, path = "/api/v1/packages/{name}", tag = "packages", params(("name" = String, Path, description = "Module path")), responses((status = 200, body = Vec<PackageRecord>), (status = 400, body = ErrorBody)))]
+async fn package_versions(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Vec<PackageRecord>>> {
+    let store = s.store.clone();
+    Ok(Json(blocking(move || store.versions(&name)).await?))
+}
+
+/// One version (or alias, such as `latest`) of a package, with its manifest.
+#[utoipa::path(get, path = "/api/v1/packages/{name}/{version}", tag = "packages",
+    params(("name" = String, Path, description = "Module path"), ("version" = String, Path, description = "Version or alias (`latest`)")),
+    responses((status = 200, body = PackageRecord), (status = 404, body = ErrorBody)))]
+async fn show_package(State(s): State<AppState>, Path((name, version)): Path<(String, String)>) -> ApiResult<Json<PackageRecord>> {
+    let store = s.store.clone();
+    Ok(Json(blocking(move || store.resolve_str(&name, &version)).await?))
+}
+
+/// Deletes a version. Its number stays reserved: only the same bytes can be published
+/// under it again.
+#[utoipa::path(delete, path = "/api/v1/packages/{name}/{version}", tag = "packages",
+    params(("name" = String, Path, description = "Module path"), ("version" = String, Path, description = "Exact version")),
+    responses((status = 200, body = PackageRecord), (status = 404, body = ErrorBody)))]
+async fn delete_package(State(s): State<AppState>, Path((name, version)): Path<(String, String)>) -> ApiResult<Json<PackageRecord>> {
+    let store = s.store.clone();
+    Ok(Json(blocking(move || store.delete(&name, &version)).await?))
+}
+
+async fn stream_file(path: std::path::PathBuf, digest: &Digest, filename: Option<String>) -> ApiResult<Response> {
+    let file = tokio::fs::File::open(&path).await.map_err(HubError::from)?;
+    let len = file.metadata().await.map_err(HubError::from)?.len();
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
+        h.insert(DIGEST_HEADER, v);
+    }
+    if let Some(f) = filename
+        && let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{f}\""))
+    {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(resp)
+}
+
+/// Downloads a package by name and version or alias.
+#[utoipa::path(get, path = "/api/v1/packages/{name}/{version}/download", tag = "packages",
+    params(("name" = String, Path, description = "Module path"), ("version" = String, Path, description = "Version or alias (`latest`)")),
+    responses((status = 200, description = "The package bytes; x-tessera-digest names them", content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody)))]
+async fn download_package(State(s): State<AppState>, Path((name, version)): Path<(String, String)>) -> ApiResult<Response> {
+    let store = s.store.clone();
+    let (record, path) = blocking(move || {
+        let r = store.resolve_str(&name, &version)?;
+        let p = store.blob_path(&r.digest)?;
+        Ok((r, p))
+    })
+    .await?;
+    stream_file(path, &record.digest, Some(format!("{}-{}.tpkg", record.name, record.version))).await
+}
+
+/// The body of an alias update.
+#[derive(Deserialize, Serialize, ToSchema)]
+pub struct AliasBody {
+    /// The version the alias points at.
+    pub version: String,
+}
+
+/// Points an alias (e.g. `stable`) at a published version. `latest` is computed and
+/// cannot be set.
+#[utoipa::path(put, path = "/api/v1/packages/{name}/aliases/{alias}", tag = "packages",
+    params(("name" = String, Path, description = "Module path"), ("alias" = String, Path, description = "Alias name")),
+    request_body = AliasBody,
+    responses((status = 200, body = PackageRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn set_alias(State(s): State<AppState>, Path((name, alias)): Path<(String, String)>, Json(body): Json<AliasBody>) -> ApiResult<Json<PackageRecord>> {
+    let store = s.store.clone();
+    Ok(Json(blocking(move || store.set_alias(&name, &alias, &body.version)).await?))
+}
+
+/// Downloads any blob the hub serves (a package or a model binary) by digest.
+#[utoipa::path(get, path = "/api/v1/blobs/{digest}", tag = "hub",
+    params(("digest" = String, Path, description = "b3:<hex>")),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn download_blob(State(s): State<AppState>, Path(digest): Path<String>) -> ApiResult<Response> {
+    let digest: Digest = digest.parse().map_err(|e: tessera_core::digest::DigestError| HubError::BadRequest(e.to_string()))?;
+    let store = s.store.clone();
+    let path = blocking(move || store.blob_path(&digest)).await?;
+    stream_file(path, &digest, None).await
+}
+
+/// A new model's record.
+#[derive(Deserialize, Serialize, ToSchema)]
+pub struct CreateModel {
+    /// Model name (a module path).
+    pub name: String,
+    /// Semver version.
+    pub version: String,
+    /// Free-form metadata (library, description, metrics...).
+    #[serde(default = "empty_object")]
+    pub metadata: Value,
+    /// Where it came from.
+    #[serde(default)]
+    pub lineage: Option<Lineage>,
+}
+
+/// New metadata for a model.
+#[derive(Deserialize, Serialize, ToSchema)]
+pub struct ModelMeta {
+    /// Free-form metadata; replaces the old.
+    #[serde(default = "empty_object")]
+    pub metadata: Value,
+    /// Lineage; kept when absent.
+    #[serde(default)]
+    pub lineage: Option<Lineage>,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+/// Creates a model record (metadata and lineage, no binary yet).
+#[utoipa::path(post, path = "/api/v1/models", tag = "models", request_body = CreateModel,
+    responses((status = 201, body = ModelRecord), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_model(State(s): State<AppState>, Json(body): Json<CreateModel>) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
+    let store = s.store.clone();
+    let m = blocking(move || store.create_model(&body.name, &body.version, &body.metadata, body.lineage.as_ref())).await?;
+    Ok((StatusCode::CREATED, Json(m)))
+}
+
+/// Query for listing models.
+#[derive(Deserialize, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ModelQuery {
+    /// Name prefix, by segments.
+    pub prefix: Option<String>,
+}
+
+/// Lists models.
+#[utoipa::path(get, path = "/api/v1/models", tag = "models", params(ModelQuery), responses((status = 200, body = Vec<ModelRecord>)))]
+async fn list_models(State(s): State<AppState>, Query(q): Query<ModelQuery>) -> ApiResult<Json<Vec<ModelRecord>>> {
+    let store = s.store.clone();
+    Ok(Json(blocking(move || store.models(q.prefix.as_deref())).await?))
+}
+
+/// Uploads a model's binary (creating its record if needed). A binary, once stored, never
+/// changes: other bytes get 409.
+#[utoipa::path(put, path = "/api/v1/models/{name}/{version}", tag = "models",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Exact version")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = ModelRecord), (status = 200, description = "The same bytes were already stored", body = ModelRecord), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)))]
+async fn upload_model(State(s): State<AppState>, Path((name, version)): Path<(String, String)>, body: Body) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
+    let (tmp, digest, size) = receive(&s.store, body, MAX_MODEL_BYTES).await?;
+    let store = s.store.clone();
+    let (m, created) = blocking(move || store.put_model_file(&name, &version, &tmp, digest, size)).await?;
+    Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(m)))
+}
+
+/// Largest model binary accepted.
+const MAX_MODEL_BYTES: u64 = 8 << 30;
+
+/// Downloads a model's binary; `version` may be `latest`.
+#[utoipa::path(get, path = "/api/v1/models/{name}/{version}", tag = "models",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Version or `latest`")),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody)))]
+async fn download_model(State(s): State<AppState>, Path((name, version)): Path<(String, String)>) -> ApiResult<Response> {
+    let store = s.store.clone();
+    let (m, path) = blocking(move || {
+        let m = store.model(&name, &version)?;
+        let d = m.digest.ok_or_else(|| HubError::NotFound(format!("model {}@{} has no binary yet", m.name, m.version)))?;
+        let p = store.blob_path(&d)?;
+        Ok((m, p))
+    })
+    .await?;
+    let digest = m.digest.expect("checked above");
+    stream_file(path, &digest, Some(format!("{}-{}.safetensors", m.name, m.version))).await
+}
+
+/// Deletes a model and its binary.
+#[utoipa::path(delete, path = "/api/v1/models/{name}/{version}", tag = "models",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Exact version")),
+    responses((status = 200, body = ModelRecord), (status = 404, body = ErrorBody)))]
+async fn delete_model(State(s): State<AppState>, Path((name, version)): Path<(String, String)>) -> ApiResult<Json<ModelRecord>> {
+    let store = s.store.clone();
+    Ok(Json(blocking(move || store.delete_model(&name, &version)).await?))
+}
+
+/// A model's record: metadata, lineage, digest; `version` may be `latest`.
+#[utoipa::path(get, path = "/api/v1/models/{name}/{version}/meta", tag = "models",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Version or `latest`")),
+    responses((status = 200, body = ModelRecord), (status = 404, body = ErrorBody)))]
+async fn show_model(State(s): State<AppState>, Path((name, version)): Path<(String, String)>) -> ApiResult<Json<ModelRecord>> {
+    let store = s.store.clone();
+    Ok(Json(blocking(move || store.model(&name, &version)).await?))
+}
+
+/// Replaces a model's metadata (and lineage, when given).
+#[utoipa::path(put, path = "/api/v1/models/{name}/{version}/meta", tag = "models",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Exact version")),
+    request_body = ModelMeta,
+    responses((status = 200, body = ModelRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn update_model_meta(State(s): State<AppState>, Path((name, version)): Path<(String, String)>, Json(body): Json<ModelMeta>) -> ApiResult<Json<ModelRecord>> {
+    let store = s.store.clone();
+    Ok(Json(blocking(move || store.update_model_meta(&name, &version, &body.metadata, body.lineage.as_ref())).await?))
+}

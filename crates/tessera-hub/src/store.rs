@@ -1,0 +1,690 @@
+//! The hub's storage: SQLite for metadata, a content-addressed directory for bytes.
+//!
+//! Invariants: a row never points at a blob that is not on disk (the blob is moved into
+//! place before its row is inserted, in one transaction with the version check); a
+//! version, once published, keeps its bytes forever (re-publishing other bytes is a
+//! conflict, even after a delete).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+use tessera_core::registry::{ModelRecord, PackageRecord};
+use tessera_core::version::{LATEST, Selector, Version, check_alias, latest};
+use tessera_core::wire::Lineage;
+use tessera_core::{Digest, Kind, Manifest, ModulePath};
+use tessera_package::{Limits, PackageInfo, UnpackError, inspect_reader};
+use tessera_ports::FsBlobStore;
+
+use crate::time::now_rfc3339;
+
+/// Why a hub operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// No such package, version, alias, model or blob.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The request conflicts with what is stored (an immutable version).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The request is malformed (bad name, version, digest, package).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The package was refused.
+    #[error("package refused: {0}")]
+    Package(#[from] UnpackError),
+    /// Over a size limit.
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// Storage failed.
+    #[error("hub storage: {0}")]
+    Storage(String),
+}
+
+impl From<rusqlite::Error> for HubError {
+    fn from(e: rusqlite::Error) -> Self {
+        HubError::Storage(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for HubError {
+    fn from(e: std::io::Error) -> Self {
+        HubError::Storage(e.to_string())
+    }
+}
+
+impl From<tessera_ports::BlobError> for HubError {
+    fn from(e: tessera_ports::BlobError) -> Self {
+        HubError::Storage(e.to_string())
+    }
+}
+
+/// Filters for listing packages.
+#[derive(Clone, Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Module-path prefix, by segments (`fl` matches `fl.softmax.worker`, not `flow`).
+    pub prefix: Option<String>,
+    /// Only packages with this tag.
+    pub tag: Option<String>,
+    /// Only packages of this kind.
+    pub kind: Option<String>,
+    /// Text to find in the name or description.
+    pub q: Option<String>,
+    /// Every version instead of the latest of each package.
+    #[serde(default)]
+    pub all: bool,
+}
+
+/// What publishing did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Published {
+    /// The record.
+    pub record: PackageRecord,
+    /// False when this exact package was already published (publishing is idempotent).
+    pub created: bool,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS packages (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    runtime TEXT NOT NULL,
+    description TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    manifest TEXT NOT NULL,
+    published_at TEXT NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (name, version)
+);
+CREATE INDEX IF NOT EXISTS packages_digest ON packages(digest);
+CREATE TABLE IF NOT EXISTS aliases (
+    name TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    version TEXT NOT NULL,
+    PRIMARY KEY (name, alias)
+);
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    digest TEXT,
+    size INTEGER,
+    metadata TEXT NOT NULL,
+    lineage TEXT,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE INDEX IF NOT EXISTS models_digest ON models(digest);
+";
+
+/// The hub's store.
+pub struct HubStore {
+    db: Mutex<Connection>,
+    blobs: FsBlobStore,
+    limits: Limits,
+    dir: PathBuf,
+}
+
+fn parse_name(name: &str) -> Result<ModulePath, HubError> {
+    name.parse().map_err(|e: tessera_core::name::NameError| HubError::BadRequest(e.to_string()))
+}
+
+fn parse_version(v: &str) -> Result<Version, HubError> {
+    Version::parse(v).map_err(|e| HubError::BadRequest(format!("invalid version {v:?}: {e} (versions are semver, e.g. 0.1.0)")))
+}
+
+fn parse_digest(d: &str) -> Result<Digest, HubError> {
+    d.parse().map_err(|e: tessera_core::digest::DigestError| HubError::BadRequest(e.to_string()))
+}
+
+fn package_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(PackageRow, bool)> {
+    Ok((
+        PackageRow {
+            name: row.get(0)?,
+            version: row.get(1)?,
+            digest: row.get(2)?,
+            size: row.get(3)?,
+            manifest: row.get(4)?,
+            published_at: row.get(5)?,
+        },
+        row.get::<_, i64>(6)? != 0,
+    ))
+}
+
+const PACKAGE_COLUMNS: &str = "name, version, digest, size, manifest, published_at, deleted";
+
+struct PackageRow {
+    name: String,
+    version: String,
+    digest: String,
+    size: i64,
+    manifest: String,
+    published_at: String,
+}
+
+impl PackageRow {
+    fn into_record(self) -> Result<PackageRecord, HubError> {
+        let manifest: Manifest = serde_json::from_str(&self.manifest).map_err(|e| HubError::Storage(format!("stored manifest: {e}")))?;
+        Ok(PackageRecord {
+            name: self.name,
+            version: self.version,
+            digest: parse_digest(&self.digest)?,
+            size: self.size as u64,
+            kind: manifest.kind,
+            runtime: manifest.runtime,
+            description: manifest.description.clone(),
+            tags: manifest.tags.clone(),
+            published_at: self.published_at,
+            manifest,
+        })
+    }
+}
+
+impl HubStore {
+    /// Opens (or creates) a hub in `dir`: `dir/hub.sqlite` and `dir/blobs/`.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, HubError> {
+        Self::open_with_limits(dir, Limits::default())
+    }
+
+    /// Opens a hub with package limits.
+    pub fn open_with_limits(dir: impl Into<PathBuf>, limits: Limits) -> Result<Self, HubError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir)?;
+        let conn = Connection::open(dir.join("hub.sqlite"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        let blobs = FsBlobStore::open(dir.join("blobs"))?;
+        Ok(HubStore { db: Mutex::new(conn), blobs, limits, dir })
+    }
+
+    /// The hub's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The package limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The blob directory.
+    pub fn blobs(&self) -> &FsBlobStore {
+        &self.blobs
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes package bytes held in memory. `expected`, when given, must be their digest.
+    pub fn publish(&self, bytes: &[u8], expected: Option<Digest>) -> Result<Published, HubError> {
+        let tmp = self.blobs.temp_path();
+        std::fs::write(&tmp, bytes)?;
+        let digest = Digest::of(bytes);
+        let result = self.publish_file(&tmp, digest, bytes.len() as u64, expected);
+        let _ = std::fs::remove_file(&tmp);
+        result
+    }
+
+    /// Publishes a package already written to a temporary file inside the blob directory
+    /// (see [`FsBlobStore::temp_path`]), whose digest and size the caller computed while
+    /// writing it. The file is moved into the store or removed.
+    pub fn publish_file(&self, file: &Path, digest: Digest, size: u64, expected: Option<Digest>) -> Result<Published, HubError> {
+        let result = self.publish_file_inner(file, digest, size, expected);
+        if file.exists() {
+            let _ = std::fs::remove_file(file);
+        }
+        result
+    }
+
+    fn publish_file_inner(&self, file: &Path, digest: Digest, size: u64, expected: Option<Digest>) -> Result<Published, HubError> {
+        if let Some(e) = expected
+            && e != digest
+        {
+            return Err(HubError::BadRequest(format!("digest mismatch: the upload was announced as {e} but its bytes are {digest}")));
+        }
+        let info: PackageInfo = inspect_reader(File::open(file)?, digest, size, &self.limits)?;
+        let m = &info.manifest;
+        let name = m.name.to_string();
+        let version = m.version.to_string();
+        let mut db = self.db();
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let existing: Option<(String, bool)> = tx
+            .query_row("SELECT digest, deleted FROM packages WHERE name = ?1 AND version = ?2", params![name, version], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? != 0))
+            })
+            .optional()?;
+        if let Some((d, deleted)) = &existing
+            && d != &digest.to_string()
+        {
+            let why = if *deleted { " (it was deleted; versions are never reused)" } else { "" };
+            return Err(HubError::Conflict(format!(
+                "{name}@{version} is already published as {d}{why}; versions are immutable: publish a new version"
+            )));
+        }
+        let created = match existing {
+            Some((_, false)) => false,
+            Some((_, true)) => {
+                self.blobs.adopt_file(file, &digest)?;
+                tx.execute("UPDATE packages SET deleted = 0 WHERE name = ?1 AND version = ?2", params![name, version])?;
+                true
+            }
+            None => {
+                self.blobs.adopt_file(file, &digest)?;
+                let manifest = serde_json::to_string(m).map_err(|e| HubError::Storage(e.to_string()))?;
+                tx.execute(
+                    "INSERT INTO packages (name, version, digest, size, kind, runtime, description, tags, manifest, published_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    params![
+                        name,
+                        version,
+                        digest.to_string(),
+                        size as i64,
+                        m.kind.as_str(),
+                        m.runtime.as_str(),
+                        m.description,
+                        serde_json::to_string(&m.tags).unwrap_or_default(),
+                        manifest,
+                        now_rfc3339(),
+                    ],
+                )?;
+                true
+            }
+        };
+        tx.commit()?;
+        drop(db);
+        if created {
+            tracing::info!(%name, %version, %digest, "package published");
+        }
+        let record = self.get_exact(&name, &version)?;
+        Ok(Published { record, created })
+    }
+
+    fn get_exact(&self, name: &str, version: &str) -> Result<PackageRecord, HubError> {
+        let row = self
+            .db()
+            .query_row(
+                &format!("SELECT {PACKAGE_COLUMNS} FROM packages WHERE name = ?1 AND version = ?2"),
+                params![name, version],
+                package_row,
+            )
+            .optional()?;
+        match row {
+            Some((r, false)) => r.into_record(),
+            _ => Err(HubError::NotFound(format!("{name}@{version}"))),
+        }
+    }
+
+    /// Every live version of a package, oldest first.
+    pub fn versions(&self, name: &str) -> Result<Vec<PackageRecord>, HubError> {
+        parse_name(name)?;
+        let db = self.db();
+        let mut stmt = db.prepare(&format!("SELECT {PACKAGE_COLUMNS} FROM packages WHERE name = ?1 AND deleted = 0"))?;
+        let rows = stmt.query_map(params![name], package_row)?.collect::<Result<Vec<_>, _>>()?;
+        drop(stmt);
+        drop(db);
+        let mut out = rows.into_iter().map(|(r, _)| r.into_record()).collect::<Result<Vec<_>, _>>()?;
+        out.sort_by(|a, b| a.manifest.version.cmp(&b.manifest.version));
+        Ok(out)
+    }
+
+    /// Resolves `name` with a version or alias.
+    pub fn resolve(&self, name: &str, selector: &Selector) -> Result<PackageRecord, HubError> {
+        parse_name(name)?;
+        match selector {
+            Selector::Exact(v) => self.get_exact(name, &v.to_string()),
+            Selector::Alias(a) if a == LATEST => {
+                let versions = self.versions(name)?;
+                let best = latest(versions.iter().map(|r| &r.manifest.version)).cloned();
+                best.and_then(|v| versions.into_iter().find(|r| r.manifest.version == v))
+                    .ok_or_else(|| HubError::NotFound(format!("{name} has no published versions")))
+            }
+            Selector::Alias(a) => {
+                let v: Option<String> = self
+                    .db()
+                    .query_row("SELECT version FROM aliases WHERE name = ?1 AND alias = ?2", params![name, a], |r| r.get(0))
+                    .optional()?;
+                let v = v.ok_or_else(|| HubError::NotFound(format!("{name}@{a}: no such alias")))?;
+                self.get_exact(name, &v)
+            }
+        }
+    }
+
+    /// Resolves `name` and a version-or-alias string.
+    pub fn resolve_str(&self, name: &str, version: &str) -> Result<PackageRecord, HubError> {
+        let selector: Selector = version.parse().map_err(|e: tessera_core::version::RefError| HubError::BadRequest(e.to_string()))?;
+        self.resolve(name, &selector)
+    }
+
+    /// Points an alias (not `latest`) at a published version.
+    pub fn set_alias(&self, name: &str, alias: &str, version: &str) -> Result<PackageRecord, HubError> {
+        check_alias(alias).map_err(|e| HubError::BadRequest(e.to_string()))?;
+        if alias == LATEST {
+            return Err(HubError::BadRequest("`latest` is computed (the highest release) and cannot be set".into()));
+        }
+        parse_version(version)?;
+        let record = self.get_exact(name, version)?;
+        self.db().execute(
+            "INSERT INTO aliases (name, alias, version) VALUES (?1, ?2, ?3)
+             ON CONFLICT(name, alias) DO UPDATE SET version = excluded.version",
+            params![name, alias, version],
+        )?;
+        Ok(record)
+    }
+
+    /// The latest version of each package matching the filters (or every version).
+    pub fn list(&self, q: &ListQuery) -> Result<Vec<PackageRecord>, HubError> {
+        let kind = match &q.kind {
+            Some(k) => Some(k.parse::<Kind>().map_err(HubError::BadRequest)?),
+            None => None,
+        };
+        let db = self.db();
+        let mut stmt = db.prepare(&format!("SELECT {PACKAGE_COLUMNS} FROM packages WHERE deleted = 0 ORDER BY name"))?;
+        let rows = stmt.query_map([], package_row)?.collect::<Result<Vec<_>, _>>()?;
+        drop(stmt);
+        drop(db);
+        let mut all = Vec::new();
+        for (row, _) in rows {
+            let r = row.into_record()?;
+            if let Some(p) = &q.prefix
+                && !r.manifest.name.has_prefix(p)
+            {
+                continue;
+            }
+            if let Some(t) = &q.tag
+                && !r.tags.iter().any(|x| x == t)
+            {
+                continue;
+            }
+            if kind.is_some_and(|k| k != r.kind) {
+                continue;
+            }
+            if let Some(text) = &q.q {
+                let text = text.to_lowercase();
+                if !r.name.contains(&text) && !r.description.to_lowercase().contains(&text) {
+                    continue;
+                }
+            }
+            all.push(r);
+        }
+        if q.all {
+            all.sort_by(|a, b| a.name.cmp(&b.name).then(a.manifest.version.cmp(&b.manifest.version)));
+            return Ok(all);
+        }
+        let mut out: Vec<PackageRecord> = Vec::new();
+        for r in all {
+            match out.last_mut() {
+                Some(last) if last.name == r.name => {
+                    let best = latest([&last.manifest.version, &r.manifest.version]).cloned();
+                    if best.as_ref() == Some(&r.manifest.version) {
+                        *last = r;
+                    }
+                }
+                _ => out.push(r),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The live record of a package digest.
+    pub fn by_digest(&self, digest: &Digest) -> Result<PackageRecord, HubError> {
+        let row = self
+            .db()
+            .query_row(
+                &format!("SELECT {PACKAGE_COLUMNS} FROM packages WHERE digest = ?1 AND deleted = 0 LIMIT 1"),
+                params![digest.to_string()],
+                package_row,
+            )
+            .optional()?;
+        row.map(|(r, _)| r.into_record()).transpose()?.ok_or_else(|| HubError::NotFound(digest.to_string()))
+    }
+
+    /// The file holding a blob the hub serves (a live package or a model binary).
+    pub fn blob_path(&self, digest: &Digest) -> Result<PathBuf, HubError> {
+        let d = digest.to_string();
+        let referenced: bool = self.db().query_row(
+            "SELECT EXISTS(SELECT 1 FROM packages WHERE digest = ?1 AND deleted = 0)
+                 OR EXISTS(SELECT 1 FROM models WHERE digest = ?1)",
+            params![d],
+            |r| r.get(0),
+        )?;
+        let path = self.blobs.path_of(digest);
+        if !referenced || !path.exists() {
+            return Err(HubError::NotFound(d));
+        }
+        Ok(path)
+    }
+
+    /// Reads a served blob, verifying its digest.
+    pub fn blob_bytes(&self, digest: &Digest) -> Result<Vec<u8>, HubError> {
+        let bytes = std::fs::read(self.blob_path(digest)?)?;
+        if &Digest::of(&bytes) != digest {
+            return Err(HubError::Storage(format!("blob {digest} is corrupt on disk")));
+        }
+        Ok(bytes)
+    }
+
+    /// Deletes a version. Its number stays reserved for the same bytes.
+    pub fn delete(&self, name: &str, version: &str) -> Result<PackageRecord, HubError> {
+        parse_name(name)?;
+        parse_version(version)?;
+        let record = self.get_exact(name, version)?;
+        {
+            let db = self.db();
+            db.execute("UPDATE packages SET deleted = 1 WHERE name = ?1 AND version = ?2", params![name, version])?;
+            db.execute("DELETE FROM aliases WHERE name = ?1 AND version = ?2", params![name, version])?;
+        }
+        self.collect_blob(&record.digest)?;
+        tracing::info!(%name, %version, "package deleted");
+        Ok(record)
+    }
+
+    fn collect_blob(&self, digest: &Digest) -> Result<(), HubError> {
+        let d = digest.to_string();
+        let used: bool = self.db().query_row(
+            "SELECT EXISTS(SELECT 1 FROM packages WHERE digest = ?1 AND deleted = 0)
+                 OR EXISTS(SELECT 1 FROM models WHERE digest = ?1)",
+            params![d],
+            |r| r.get(0),
+        )?;
+        if !used {
+            let _ = std::fs::remove_file(self.blobs.path_of(digest));
+        }
+        Ok(())
+    }
+
+    // ---- models ----
+
+    fn model_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, Option<String>, Option<i64>, String, Option<String>, String)> {
+        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?))
+    }
+
+    fn model_record(
+        (name, version, digest, size, metadata, lineage, created_at): (String, String, Option<String>, Option<i64>, String, Option<String>, String),
+    ) -> Result<ModelRecord, HubError> {
+        Ok(ModelRecord {
+            name,
+            version,
+            digest: digest.map(|d| parse_digest(&d)).transpose()?,
+            size: size.map(|s| s as u64),
+            metadata: serde_json::from_str(&metadata).map_err(|e| HubError::Storage(e.to_string()))?,
+            lineage: lineage
+                .map(|l| serde_json::from_str(&l))
+                .transpose()
+                .map_err(|e| HubError::Storage(e.to_string()))?,
+            created_at,
+        })
+    }
+
+    /// Creates a model record (no binary yet). Exists already: conflict.
+    pub fn create_model(&self, name: &str, version: &str, metadata: &Value, lineage: Option<&Lineage>) -> Result<ModelRecord, HubError> {
+        parse_name(name)?;
+        parse_version(version)?;
+        if !metadata.is_object() {
+            return Err(HubError::BadRequest("model metadata must be a JSON object".into()));
+        }
+        let lineage = lineage.map(|l| serde_json::to_string(l).unwrap_or_default());
+        let n = self.db().execute(
+            "INSERT OR IGNORE INTO models (name, version, metadata, lineage, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![name, version, metadata.to_string(), lineage, now_rfc3339()],
+        )?;
+        if n == 0 {
+            return Err(HubError::Conflict(format!("model {name}@{version} exists already")));
+        }
+        self.model(name, version)
+    }
+
+    /// Updates a model's metadata (and lineage, when given). The binary never changes.
+    pub fn update_model_meta(&self, name: &str, version: &str, metadata: &Value, lineage: Option<&Lineage>) -> Result<ModelRecord, HubError> {
+        if !metadata.is_object() {
+            return Err(HubError::BadRequest("model metadata must be a JSON object".into()));
+        }
+        let current = self.model(name, version)?;
+        let lineage = lineage.map(|l| serde_json::to_string(l).unwrap_or_default());
+        self.db().execute(
+            "UPDATE models SET metadata = ?3, lineage = COALESCE(?4, lineage) WHERE name = ?1 AND version = ?2",
+            params![current.name, current.version, metadata.to_string(), lineage],
+        )?;
+        self.model(name, &current.version)
+    }
+
+    /// Stores a model's binary from a temporary file in the blob directory (digest and size
+    /// computed by the caller). Creates the record if needed; a record that already has
+    /// other bytes is a conflict.
+    pub fn put_model_file(&self, name: &str, version: &str, file: &Path, digest: Digest, size: u64) -> Result<(ModelRecord, bool), HubError> {
+        let result = self.put_model_file_inner(name, version, file, digest, size);
+        if file.exists() {
+            let _ = std::fs::remove_file(file);
+        }
+        result
+    }
+
+    fn put_model_file_inner(&self, name: &str, version: &str, file: &Path, digest: Digest, size: u64) -> Result<(ModelRecord, bool), HubError> {
+        parse_name(name)?;
+        parse_version(version)?;
+        let mut db = self.db();
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let existing: Option<Option<String>> = tx
+            .query_row("SELECT digest FROM models WHERE name = ?1 AND version = ?2", params![name, version], |r| r.get(0))
+            .optional()?;
+        let created = match existing {
+            Some(Some(d)) if d == digest.to_string() => false,
+            Some(Some(d)) => {
+                return Err(HubError::Conflict(format!(
+                    "model {name}@{version} already has a binary ({d}); binaries are immutable: push a new version"
+                )));
+            }
+            Some(None) => {
+                self.blobs.adopt_file(file, &digest)?;
+                tx.execute(
+                    "UPDATE models SET digest = ?3, size = ?4 WHERE name = ?1 AND version = ?2",
+                    params![name, version, digest.to_string(), size as i64],
+                )?;
+                true
+            }
+            None => {
+                self.blobs.adopt_file(file, &digest)?;
+                tx.execute(
+                    "INSERT INTO models (name, version, digest, size, metadata, created_at) VALUES (?1, ?2, ?3, ?4, '{}', ?5)",
+                    params![name, version, digest.to_string(), size as i64, now_rfc3339()],
+                )?;
+                true
+            }
+        };
+        tx.commit()?;
+        drop(db);
+        Ok((self.model(name, version)?, created))
+    }
+
+    /// Stores a model's binary held in memory.
+    pub fn put_model(&self, name: &str, version: &str, bytes: &[u8]) -> Result<(ModelRecord, bool), HubError> {
+        let tmp = self.blobs.temp_path();
+        std::fs::write(&tmp, bytes)?;
+        self.put_model_file(name, version, &tmp, Digest::of(bytes), bytes.len() as u64)
+    }
+
+    /// A model record; `version` may be `latest`.
+    pub fn model(&self, name: &str, version: &str) -> Result<ModelRecord, HubError> {
+        parse_name(name)?;
+        let version = if version == LATEST {
+            let all = self.models(Some(name))?;
+            let versions: Vec<Version> = all.iter().filter(|m| m.name == name).filter_map(|m| Version::parse(&m.version).ok()).collect();
+            latest(&versions).map(|v| v.to_string()).ok_or_else(|| HubError::NotFound(format!("model {name} has no versions")))?
+        } else {
+            parse_version(version)?;
+            version.to_owned()
+        };
+        let row = self
+            .db()
+            .query_row(
+                "SELECT name, version, digest, size, metadata, lineage, created_at FROM models WHERE name = ?1 AND version = ?2",
+                params![name, version],
+                Self::model_row,
+            )
+            .optional()?;
+        row.map(Self::model_record).transpose()?.ok_or_else(|| HubError::NotFound(format!("model {name}@{version}")))
+    }
+
+    /// Models whose name has `prefix` (by segments), sorted by name and version.
+    pub fn models(&self, prefix: Option<&str>) -> Result<Vec<ModelRecord>, HubError> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT name, version, digest, size, metadata, lineage, created_at FROM models ORDER BY name")?;
+        let rows = stmt.query_map([], Self::model_row)?.collect::<Result<Vec<_>, _>>()?;
+        drop(stmt);
+        drop(db);
+        let mut out = Vec::new();
+        for row in rows {
+            let m = Self::model_record(row)?;
+            let keep = match prefix {
+                Some(p) => m.name.parse::<ModulePath>().is_ok_and(|n| n.has_prefix(p)),
+                None => true,
+            };
+            if keep {
+                out.push(m);
+            }
+        }
+        out.sort_by(|a, b| {
+            a.name.cmp(&b.name).then_with(|| match (Version::parse(&a.version), Version::parse(&b.version)) {
+                (Ok(x), Ok(y)) => x.cmp(&y),
+                _ => a.version.cmp(&b.version),
+            })
+        });
+        Ok(out)
+    }
+
+    /// The next free patch version of a model: `0.1.0` for a new model, else the latest
+    /// version with its patch number raised.
+    pub fn next_model_version(&self, name: &str) -> Result<String, HubError> {
+        match self.model(name, LATEST) {
+            Ok(m) => {
+                let mut v = parse_version(&m.version)?;
+                v.patch += 1;
+                v.pre = semver_empty_pre();
+                Ok(v.to_string())
+            }
+            Err(HubError::NotFound(_)) => Ok("0.1.0".into()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes a model and, when nothing else uses it, its binary.
+    pub fn delete_model(&self, name: &str, version: &str) -> Result<ModelRecord, HubError> {
+        let m = self.model(name, version)?;
+        self.db().execute("DELETE FROM models WHERE name = ?1 AND version = ?2", params![m.name, m.version])?;
+        if let Some(d) = &m.digest {
+            self.collect_blob(d)?;
+        }
+        Ok(m)
+    }
+}
+
+fn semver_empty_pre() -> tessera_core::version::Prerelease {
+    tessera_core::version::Prerelease::EMPTY
+}

@@ -1,0 +1,77 @@
+//! The node's package cache: packages fetched by digest, verified, unpacked once.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tessera_core::Digest;
+use tessera_package::{Limits, UnpackError, unpack, verify};
+use tessera_ports::{ModuleImage, PackageSource, SourceError};
+
+/// Why a package could not be made ready.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The source did not have it.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The bytes were refused (digest mismatch, hostile archive, bad manifest).
+    #[error(transparent)]
+    Package(#[from] UnpackError),
+    /// The cache directory failed.
+    #[error("package cache at {path}: {source}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Packages by digest under `<dir>/<hex>/`. A package enters the cache only after its bytes
+/// matched the digest asked for and unpacked cleanly; it is immutable afterwards.
+pub struct PackageCache {
+    dir: PathBuf,
+    limits: Limits,
+    locks: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl PackageCache {
+    /// A cache rooted at `dir` (created if missing).
+    pub fn open(dir: impl Into<PathBuf>, limits: Limits) -> Result<Self, CacheError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|source| CacheError::Io { path: dir.clone(), source })?;
+        Ok(PackageCache { dir, limits, locks: Mutex::new(HashMap::new()) })
+    }
+
+    /// The cache directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn lock_for(&self, digest: &Digest) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks.lock().unwrap_or_else(|p| p.into_inner()).entry(*digest).or_default().clone()
+    }
+
+    /// Returns the unpacked package, fetching and verifying it first if needed.
+    pub async fn get(&self, digest: &Digest, source: &dyn PackageSource) -> Result<ModuleImage, CacheError> {
+        let lock = self.lock_for(digest);
+        let _guard = lock.lock().await;
+        let root = self.dir.join(digest.hex());
+        if root.join(tessera_core::manifest::MANIFEST_FILE).exists() {
+            let text = tokio::fs::read_to_string(root.join(tessera_core::manifest::MANIFEST_FILE))
+                .await
+                .map_err(|source| CacheError::Io { path: root.clone(), source })?;
+            let manifest = tessera_core::Manifest::parse(&text).map_err(UnpackError::from)?;
+            return Ok(ModuleImage { digest: *digest, manifest, root });
+        }
+        let bytes = source.fetch(digest).await?;
+        verify(&bytes, digest)?;
+        let limits = self.limits.clone();
+        let dest = root.clone();
+        let info = tokio::task::spawn_blocking(move || unpack(&bytes, &dest, &limits))
+            .await
+            .map_err(|e| CacheError::Io { path: root.clone(), source: std::io::Error::other(e.to_string()) })??;
+        tracing::info!(digest = %digest, module = %info.manifest.name, version = %info.manifest.version, "package cached");
+        Ok(ModuleImage { digest: *digest, manifest: info.manifest, root })
+    }
+}
