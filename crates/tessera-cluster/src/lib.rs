@@ -1,0 +1,145 @@
+//! A whole Tessera in one process: a hub on disk, the in-process bus, world state and blob
+//! store, a WebAssembly runtime, N nodes each holding its own datasets, and a coordinator
+//! with its own node for held-out evaluation. This is what `tessera quickstart` runs, and
+//! what end-to-end tests start.
+//!
+//! [`digits`] prepares the digits data set (shipped inside smartcore) as per-node shards and
+//! a held-out test split, in the safetensors layout the softmax worker reads.
+//!
+//! It wires services together; it has no logic of its own.
+
+pub mod digits;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tessera_coordinator::Coordinator;
+use tessera_core::registry::PackageRecord;
+use tessera_hub::{HubError, HubStore, LocalHub};
+use tessera_node::{BuiltinRuntime, Node, NodeConfig, NodeError, NodePorts};
+use tessera_package::{Limits, PackError, pack_dir};
+use tessera_ports::{BlobStore, Bus, MemoryBlobStore, MemoryBus, MemoryWorld, PackageSource, Runtime, WorldState};
+use tessera_wasm::{StartError, WasmLimits, WasmRuntime};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Why the cluster could not start or act.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The hub failed.
+    #[error(transparent)]
+    Hub(#[from] HubError),
+    /// A node failed.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// The WebAssembly runtime failed to start.
+    #[error(transparent)]
+    Wasm(#[from] StartError),
+    /// Packing a module failed.
+    #[error(transparent)]
+    Pack(#[from] PackError),
+    /// File-system failure.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One node of the cluster.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    /// Its id.
+    pub id: String,
+    /// Its datasets.
+    pub datasets: BTreeMap<String, PathBuf>,
+}
+
+/// How to build the cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// Where the hub and the nodes' caches live.
+    pub home: PathBuf,
+    /// The participant nodes.
+    pub nodes: Vec<NodeSpec>,
+    /// Datasets of the coordinator's own node (held-out evaluation data).
+    pub coordinator_datasets: BTreeMap<String, PathBuf>,
+    /// Limits for each WebAssembly run.
+    pub wasm_limits: WasmLimits,
+}
+
+/// A running in-process cluster.
+pub struct Cluster {
+    /// The hub's store.
+    pub hub: Arc<HubStore>,
+    /// The bus.
+    pub bus: Arc<dyn Bus>,
+    /// World state.
+    pub world: Arc<dyn WorldState>,
+    /// Blob store for run data.
+    pub blobs: Arc<dyn BlobStore>,
+    /// The participant nodes.
+    pub nodes: Vec<Arc<Node>>,
+    /// The coordinator's own node.
+    pub coordinator_node: Arc<Node>,
+    shutdown: watch::Sender<bool>,
+    serving: Vec<JoinHandle<Result<(), NodeError>>>,
+}
+
+impl Cluster {
+    /// Starts the hub, the runtimes and the nodes; registers the nodes and starts serving.
+    pub async fn start(config: ClusterConfig) -> Result<Cluster, ClusterError> {
+        let hub = Arc::new(HubStore::open(config.home.join("hub"))?);
+        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+        let world: Arc<dyn WorldState> = Arc::new(MemoryWorld::new());
+        let blobs: Arc<dyn BlobStore> = Arc::new(MemoryBlobStore::new());
+        let source: Arc<dyn PackageSource> = Arc::new(LocalHub(hub.clone()));
+        let wasm = WasmRuntime::new(config.wasm_limits.clone())?;
+        let runtimes: Vec<Arc<dyn Runtime>> = vec![Arc::new(wasm), Arc::new(BuiltinRuntime::new())];
+        let ports = NodePorts { bus: bus.clone(), world: world.clone(), blobs: blobs.clone(), source };
+
+        let make = |id: &str, datasets: &BTreeMap<String, PathBuf>| -> Result<Arc<Node>, NodeError> {
+            let mut c = NodeConfig::new(id, config.home.join("nodes").join(id).join("cache"));
+            c.datasets = datasets.clone();
+            Ok(Arc::new(Node::new(c, ports.clone(), runtimes.clone())?))
+        };
+        let coordinator_node = make("coordinator", &config.coordinator_datasets)?;
+        let mut nodes = Vec::new();
+        for spec in &config.nodes {
+            nodes.push(make(&spec.id, &spec.datasets)?);
+        }
+        let (shutdown, rx) = watch::channel(false);
+        let mut serving = Vec::new();
+        for n in &nodes {
+            n.register().await?;
+            serving.push(tokio::spawn(n.clone().serve(rx.clone())));
+        }
+        Ok(Cluster { hub, bus, world, blobs, nodes, coordinator_node, shutdown, serving })
+    }
+
+    /// A coordinator over the cluster's ports, evaluating on the coordinator's node.
+    pub fn coordinator(&self) -> Coordinator {
+        Coordinator::new(
+            self.bus.clone(),
+            self.world.clone(),
+            self.blobs.clone(),
+            Arc::new(LocalHub(self.hub.clone())),
+            Some(self.coordinator_node.clone()),
+        )
+    }
+
+    /// Packs a module folder and publishes it to the hub (idempotent for the same bytes).
+    pub fn publish_dir(&self, dir: &Path) -> Result<PackageRecord, ClusterError> {
+        let packed = pack_dir(dir, &Limits::default())?;
+        Ok(self.hub.publish(&packed.bytes, Some(packed.digest))?.record)
+    }
+
+    /// Stops the nodes (deregistering them) and waits for them.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for h in self.serving {
+            let _ = h.await;
+        }
+        for n in &self.nodes {
+            let _ = n.deregister().await;
+        }
+    }
+}
