@@ -23,11 +23,8 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out: share one guest build between
     // profiles under <target>/wasm-modules.
-    let target_dir = out_dir
-        .ancestors()
-        .nth(4)
-        .map(|t| t.join("wasm-modules"))
-        .unwrap_or_else(|| out_dir.join("wasm-modules"));
+    let target_dir =
+        out_dir.ancestors().nth(4).map(|t| t.join("wasm-modules")).unwrap_or_else(|| out_dir.join("wasm-modules"));
 
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     ensure_target();

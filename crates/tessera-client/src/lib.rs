@@ -1,1 +1,338 @@
-//! placeholder
+//! A client for the Tessera hub's REST API.
+//!
+//! Every download is verified against its digest before it is returned. [`HubClient`] is
+//! also a [`PackageSource`], so a node on another machine pulls packages through it.
+//!
+//! This crate speaks HTTP to a hub; it does not store anything.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tessera_core::registry::{ModelRecord, PackageRecord};
+use tessera_core::version::Selector;
+use tessera_core::wire::Lineage;
+use tessera_core::{Digest, PackageRef};
+use tessera_ports::{PackageSource, SourceError};
+
+/// The default hub address.
+pub const DEFAULT_HUB: &str = "http://127.0.0.1:7700";
+
+/// Why a hub call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The hub answered with an error.
+    #[error("hub answered {status}: {message}")]
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The hub's message.
+        message: String,
+    },
+    /// The hub could not be reached.
+    #[error("cannot reach the hub at {url}: {message}")]
+    Transport {
+        /// Where.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// Downloaded bytes do not match their digest.
+    #[error("download from {url} does not match its digest: expected {expected}, got {actual}")]
+    Verify {
+        /// Where.
+        url: String,
+        /// The digest asked for.
+        expected: Digest,
+        /// The digest of what arrived.
+        actual: Digest,
+    },
+    /// The hub's answer is not what the API promises.
+    #[error("unexpected answer from {url}: {message}")]
+    Decode {
+        /// Where.
+        url: String,
+        /// What.
+        message: String,
+    },
+    /// The hub address is not a URL.
+    #[error("invalid hub address {0:?}: expected http://host:port")]
+    Address(String),
+}
+
+impl ClientError {
+    /// True for 404.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ClientError::Status { status: 404, .. })
+    }
+    /// True for 409.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, ClientError::Status { status: 409, .. })
+    }
+}
+
+/// A hub client.
+#[derive(Clone, Debug)]
+pub struct HubClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+/// Filters for [`HubClient::list`].
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ListParams {
+    /// Module-path prefix.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Tag.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Kind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Text search.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q: Option<String>,
+    /// Every version.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+}
+
+fn seg(s: &str) -> String {
+    // Names, versions and digests are checked to be URL-safe before they get here; encode
+    // anything else so a bad value becomes a 400 from the hub, not a different route.
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'.' | b'-' | b'_' | b':' | b'+' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl HubClient {
+    /// A client for the hub at `base` (e.g. `http://127.0.0.1:7700`).
+    pub fn new(base: &str) -> Result<Self, ClientError> {
+        let base = base.trim_end_matches('/').to_owned();
+        if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 10 {
+            return Err(ClientError::Address(base));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .map_err(|e| ClientError::Transport { url: base.clone(), message: e.to_string() })?;
+        Ok(HubClient { base, http })
+    }
+
+    /// The hub's address.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.base)
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, ClientError> {
+        let resp =
+            req.send().await.map_err(|e| ClientError::Transport { url: url.to_owned(), message: e.to_string() })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or(text);
+        Err(ClientError::Status { status, message })
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<(u16, T), ClientError> {
+        let resp = self.send(req, url).await?;
+        let status = resp.status().as_u16();
+        let bytes =
+            resp.bytes().await.map_err(|e| ClientError::Transport { url: url.to_owned(), message: e.to_string() })?;
+        let v = serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Decode { url: url.to_owned(), message: e.to_string() })?;
+        Ok((status, v))
+    }
+
+    async fn bytes(&self, url: &str, expected: Option<Digest>) -> Result<(Bytes, Digest), ClientError> {
+        let resp = self.send(self.http.get(url), url).await?;
+        let announced =
+            resp.headers().get("x-tessera-digest").and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<Digest>().ok());
+        let body =
+            resp.bytes().await.map_err(|e| ClientError::Transport { url: url.to_owned(), message: e.to_string() })?;
+        let actual = Digest::of(&body);
+        if let Some(expected) = expected.or(announced)
+            && expected != actual
+        {
+            return Err(ClientError::Verify { url: url.to_owned(), expected, actual });
+        }
+        Ok((body, actual))
+    }
+
+    /// Checks the hub is up.
+    pub async fn health(&self) -> Result<Value, ClientError> {
+        let url = self.url("/health");
+        Ok(self.json(self.http.get(&url), &url).await?.1)
+    }
+
+    /// Publishes package bytes. Returns the record and whether it was new.
+    pub async fn publish(&self, bytes: Vec<u8>) -> Result<(PackageRecord, bool), ClientError> {
+        let url = self.url("/packages");
+        let digest = Digest::of(&bytes);
+        let req = self
+            .http
+            .post(&url)
+            .header("content-type", "application/octet-stream")
+            .header("x-tessera-digest", digest.to_string())
+            .body(bytes);
+        let (status, rec) = self.json(req, &url).await?;
+        Ok((rec, status == 201))
+    }
+
+    /// Lists packages.
+    pub async fn list(&self, params: &ListParams) -> Result<Vec<PackageRecord>, ClientError> {
+        let url = self.url("/packages");
+        Ok(self.json(self.http.get(&url).query(params), &url).await?.1)
+    }
+
+    /// Every version of a package.
+    pub async fn versions(&self, name: &str) -> Result<Vec<PackageRecord>, ClientError> {
+        let url = self.url(&format!("/packages/{}", seg(name)));
+        Ok(self.json(self.http.get(&url), &url).await?.1)
+    }
+
+    /// Resolves a reference to its record.
+    pub async fn show(&self, reference: &PackageRef) -> Result<PackageRecord, ClientError> {
+        match reference {
+            PackageRef::Named { name, selector } => {
+                let url = self.url(&format!("/packages/{}/{}", seg(name.as_str()), seg(&selector.to_string())));
+                Ok(self.json(self.http.get(&url), &url).await?.1)
+            }
+            PackageRef::Digest(d) => {
+                // Find the record through the listing of every version.
+                let all = self.list(&ListParams { all: true, ..ListParams::default() }).await?;
+                all.into_iter()
+                    .find(|r| &r.digest == d)
+                    .ok_or_else(|| ClientError::Status { status: 404, message: format!("not found: {d}") })
+            }
+        }
+    }
+
+    /// Downloads a package, verified, with its record.
+    pub async fn download(&self, reference: &PackageRef) -> Result<(PackageRecord, Bytes), ClientError> {
+        let record = self.show(reference).await?;
+        let bytes = self.blob(&record.digest).await?;
+        Ok((record, bytes))
+    }
+
+    /// Downloads any blob the hub serves, verified against `digest`.
+    pub async fn blob(&self, digest: &Digest) -> Result<Bytes, ClientError> {
+        let url = self.url(&format!("/blobs/{}", seg(&digest.to_string())));
+        Ok(self.bytes(&url, Some(*digest)).await?.0)
+    }
+
+    /// Deletes a package version.
+    pub async fn delete(&self, name: &str, version: &str) -> Result<PackageRecord, ClientError> {
+        let url = self.url(&format!("/packages/{}/{}", seg(name), seg(version)));
+        Ok(self.json(self.http.delete(&url), &url).await?.1)
+    }
+
+    /// Points an alias at a version.
+    pub async fn set_alias(&self, name: &str, alias: &str, version: &str) -> Result<PackageRecord, ClientError> {
+        let url = self.url(&format!("/packages/{}/aliases/{}", seg(name), seg(alias)));
+        Ok(self.json(self.http.put(&url).json(&json!({"version": version})), &url).await?.1)
+    }
+
+    /// Creates a model record.
+    pub async fn create_model(
+        &self,
+        name: &str,
+        version: &str,
+        metadata: &Value,
+        lineage: Option<&Lineage>,
+    ) -> Result<ModelRecord, ClientError> {
+        let url = self.url("/models");
+        let body = json!({"name": name, "version": version, "metadata": metadata, "lineage": lineage});
+        Ok(self.json(self.http.post(&url).json(&body), &url).await?.1)
+    }
+
+    /// Uploads a model binary (creating the record if needed).
+    pub async fn push_model(
+        &self,
+        name: &str,
+        version: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(ModelRecord, bool), ClientError> {
+        let url = self.url(&format!("/models/{}/{}", seg(name), seg(version)));
+        let req = self.http.put(&url).header("content-type", "application/octet-stream").body(bytes);
+        let (status, rec) = self.json(req, &url).await?;
+        Ok((rec, status == 201))
+    }
+
+    /// Replaces a model's metadata.
+    pub async fn update_model_meta(
+        &self,
+        name: &str,
+        version: &str,
+        metadata: &Value,
+        lineage: Option<&Lineage>,
+    ) -> Result<ModelRecord, ClientError> {
+        let url = self.url(&format!("/models/{}/{}/meta", seg(name), seg(version)));
+        Ok(self.json(self.http.put(&url).json(&json!({"metadata": metadata, "lineage": lineage})), &url).await?.1)
+    }
+
+    /// A model's record (`version` may be `latest`).
+    pub async fn model(&self, name: &str, version: &str) -> Result<ModelRecord, ClientError> {
+        let url = self.url(&format!("/models/{}/{}/meta", seg(name), seg(version)));
+        Ok(self.json(self.http.get(&url), &url).await?.1)
+    }
+
+    /// Downloads a model's binary, verified, with its record.
+    pub async fn pull_model(&self, name: &str, version: &str) -> Result<(ModelRecord, Bytes), ClientError> {
+        let record = self.model(name, version).await?;
+        let digest = record.digest.ok_or_else(|| ClientError::Status {
+            status: 404,
+            message: format!("model {}@{} has no binary yet", record.name, record.version),
+        })?;
+        let url = self.url(&format!("/models/{}/{}", seg(&record.name), seg(&record.version)));
+        let (bytes, _) = self.bytes(&url, Some(digest)).await?;
+        Ok((record, bytes))
+    }
+
+    /// Lists models.
+    pub async fn models(&self, prefix: Option<&str>) -> Result<Vec<ModelRecord>, ClientError> {
+        let url = self.url("/models");
+        let mut req = self.http.get(&url);
+        if let Some(p) = prefix {
+            req = req.query(&[("prefix", p)]);
+        }
+        Ok(self.json(req, &url).await?.1)
+    }
+}
+
+fn source_err(e: ClientError) -> SourceError {
+    if e.is_not_found() { SourceError::NotFound(e.to_string()) } else { SourceError::Backend(e.to_string()) }
+}
+
+#[async_trait]
+impl PackageSource for HubClient {
+    async fn resolve(&self, reference: &PackageRef) -> Result<PackageRecord, SourceError> {
+        self.show(reference).await.map_err(source_err)
+    }
+    async fn fetch(&self, digest: &Digest) -> Result<Bytes, SourceError> {
+        self.blob(digest).await.map_err(source_err)
+    }
+}
+
+/// The `latest` selector.
+pub fn latest() -> Selector {
+    Selector::Alias(tessera_core::version::LATEST.to_owned())
+}

@@ -105,7 +105,12 @@ pub fn prepare(dir: &Path, shards: usize, test_fraction: f64, seed: u64) -> std:
     }
     let test_path = dir.join("coordinator").join("digits-test.safetensors");
     test.write(&test_path)?;
-    Ok(Prepared { shards: paths, test: test_path, train_rows: train.iter().map(Rows::len).sum(), test_rows: test.len() })
+    Ok(Prepared {
+        shards: paths,
+        test: test_path,
+        train_rows: train.iter().map(Rows::len).sum(),
+        test_rows: test.len(),
+    })
 }
 
 #[cfg(test)]

@@ -16,7 +16,10 @@ async fn cluster(home: &std::path::Path, nodes: usize) -> Cluster {
         .shards
         .iter()
         .enumerate()
-        .map(|(k, p)| NodeSpec { id: format!("node-{k}"), datasets: BTreeMap::from([("digits".to_string(), p.clone())]) })
+        .map(|(k, p)| NodeSpec {
+            id: format!("node-{k}"),
+            datasets: BTreeMap::from([("digits".to_string(), p.clone())]),
+        })
         .collect();
     let cluster = Cluster::start(ClusterConfig {
         home: home.to_owned(),

@@ -14,4 +14,6 @@
 
 mod session;
 
-pub use session::{Coordinator, Observer, Quiet, SessionConfig, SessionError, SessionResult, SessionState, new_session_id};
+pub use session::{
+    Coordinator, Observer, Quiet, SessionConfig, SessionError, SessionResult, SessionState, new_session_id,
+};

@@ -14,8 +14,8 @@ use tessera_core::registry::PackageRecord;
 use tessera_core::select::select_participants;
 use tessera_core::tensor::{TensorLimits, Tensors};
 use tessera_core::wire::{
-    self, BlobRef, Failure, Lineage, ModuleUse, NodeRecord, RoundReport, SCHEMA_VERSION, TaskMessage, TaskOutcome, TaskReply,
-    WorkerMetrics,
+    self, BlobRef, Failure, Lineage, ModuleUse, NodeRecord, RoundReport, SCHEMA_VERSION, TaskMessage, TaskOutcome,
+    TaskReply, WorkerMetrics,
 };
 use tessera_core::{Digest, PackageRef};
 use tessera_node::{Node, NodeError, list_nodes, task_queue};
@@ -256,11 +256,20 @@ impl Coordinator {
     }
 
     /// Runs a session to the end.
-    pub async fn run(&self, id: &str, cfg: &SessionConfig, observer: &dyn Observer) -> Result<SessionResult, SessionError> {
+    pub async fn run(
+        &self,
+        id: &str,
+        cfg: &SessionConfig,
+        observer: &dyn Observer,
+    ) -> Result<SessionResult, SessionError> {
         check_ident("session id", id).map_err(|e| SessionError::Config(e.to_string()))?;
         let module_ref = cfg.validate()?;
         let record = self.source.resolve(&module_ref).await?;
-        let module_use = ModuleUse { module: format!("{}@{}", record.name, record.version), digest: record.digest, role: "worker".into() };
+        let module_use = ModuleUse {
+            module: format!("{}@{}", record.name, record.version),
+            digest: record.digest,
+            role: "worker".into(),
+        };
 
         let eligible = self.eligible(cfg, &record).await?;
         if eligible.len() < cfg.min_participants {
@@ -298,7 +307,11 @@ impl Coordinator {
             observer.round_finished(&report);
             final_metrics = metrics;
         }
-        let model = self.blobs.get(&state.model).await?.ok_or_else(|| SessionError::Aggregate("the final model vanished from the blob store".into()))?;
+        let model = self
+            .blobs
+            .get(&state.model)
+            .await?
+            .ok_or_else(|| SessionError::Aggregate("the final model vanished from the blob store".into()))?;
         let lineage = Lineage {
             session: id.to_owned(),
             strategy: cfg.strategy.clone(),
@@ -307,7 +320,14 @@ impl Coordinator {
             rounds: state.completed_rounds,
             metrics: state.reports.clone(),
         };
-        Ok(SessionResult { session: id.to_owned(), model_digest: state.model, model, reports: state.reports, lineage, final_metrics })
+        Ok(SessionResult {
+            session: id.to_owned(),
+            model_digest: state.model,
+            model,
+            reports: state.reports,
+            lineage,
+            final_metrics,
+        })
     }
 
     async fn save(&self, state: &SessionState) -> Result<(), SessionError> {
@@ -320,7 +340,9 @@ impl Coordinator {
     pub async fn state(&self, id: &str) -> Result<Option<SessionState>, SessionError> {
         match self.world.get(&format!("sessions/{id}")).await? {
             None => Ok(None),
-            Some(e) => serde_json::from_slice(&e.value).map(Some).map_err(|err| SessionError::Config(format!("stored session state: {err}"))),
+            Some(e) => serde_json::from_slice(&e.value)
+                .map(Some)
+                .map_err(|err| SessionError::Config(format!("stored session state: {err}"))),
         }
     }
 
@@ -340,7 +362,13 @@ impl Coordinator {
         c
     }
 
-    async fn initial_model(&self, id: &str, cfg: &SessionConfig, record: &PackageRecord, eligible: &[NodeRecord]) -> Result<Bytes, SessionError> {
+    async fn initial_model(
+        &self,
+        id: &str,
+        cfg: &SessionConfig,
+        record: &PackageRecord,
+        eligible: &[NodeRecord],
+    ) -> Result<Bytes, SessionError> {
         let config = Self::worker_config(cfg, "init", cfg.seed);
         if let Some(local) = &self.local {
             let out = local.run(&record.digest, &config, Vec::new(), id, &format!("{id}.init")).await?;
@@ -352,7 +380,9 @@ impl Coordinator {
         }
         // No local node: ask the first eligible node.
         let first = vec![eligible[0].id.clone()];
-        let replies = self.dispatch(id, 0, &first, record, |_| config.clone(), &[], Duration::from_secs_f64(cfg.round_timeout_secs)).await?;
+        let replies = self
+            .dispatch(id, 0, &first, record, |_| config.clone(), &[], Duration::from_secs_f64(cfg.round_timeout_secs))
+            .await?;
         for r in replies.into_values() {
             if let TaskOutcome::Ok { outputs, .. } = r.outcome
                 && let Some(m) = outputs.iter().find(|o| o.name == "model")
@@ -402,18 +432,16 @@ impl Coordinator {
             }
             let Some(d) = self.bus.get(&reply_to, left).await? else { break };
             match wire::decode::<TaskReply>(&d.payload) {
-                Ok(r) if r.session == id && r.round == round => {
-                    match pending.remove(&r.task_id) {
-                        Some(node) if node == r.node => {
-                            replies.insert(node, r);
-                        }
-                        Some(node) => {
-                            tracing::warn!(task = %r.task_id, "reply claims node {} but the task went to {node}; ignored", r.node);
-                            pending.insert(r.task_id.clone(), node);
-                        }
-                        None => tracing::debug!(task = %r.task_id, "duplicate or unexpected reply ignored"),
+                Ok(r) if r.session == id && r.round == round => match pending.remove(&r.task_id) {
+                    Some(node) if node == r.node => {
+                        replies.insert(node, r);
                     }
-                }
+                    Some(node) => {
+                        tracing::warn!(task = %r.task_id, "reply claims node {} but the task went to {node}; ignored", r.node);
+                        pending.insert(r.task_id.clone(), node);
+                    }
+                    None => tracing::debug!(task = %r.task_id, "duplicate or unexpected reply ignored"),
+                },
                 Ok(r) => tracing::debug!(task = %r.task_id, "reply for another round or session ignored"),
                 Err(e) => tracing::warn!("refused a message on {reply_to}: {e}"),
             }
@@ -431,7 +459,8 @@ impl Coordinator {
         let model = get("model").ok_or("no `model` output")?;
         let metrics = get("metrics").ok_or("no `metrics` output")?;
         let model = self.blobs.get(&model).await.map_err(|e| e.to_string())?.ok_or("the `model` blob is missing")?;
-        let metrics = self.blobs.get(&metrics).await.map_err(|e| e.to_string())?.ok_or("the `metrics` blob is missing")?;
+        let metrics =
+            self.blobs.get(&metrics).await.map_err(|e| e.to_string())?.ok_or("the `metrics` blob is missing")?;
         let tensors = Tensors::decode(&model, TensorLimits::default()).map_err(|e| e.to_string())?;
         let metrics: WorkerMetrics = serde_json::from_slice(&metrics).map_err(|e| format!("metrics: {e}"))?;
         if metrics.num_examples == 0 {
@@ -452,11 +481,20 @@ impl Coordinator {
         let started = Instant::now();
         // Nodes may come and go between rounds.
         let available: Vec<String> = self.eligible(cfg, record).await?.into_iter().map(|n| n.id).collect();
-        let selected = select_participants(&available, cfg.participant_ratio, cfg.min_participants, cfg.seed ^ u64::from(round).wrapping_mul(0x9E37_79B9))
-            .map_err(|e| SessionError::Participants(format!("round {round}: {e}")))?;
+        let selected = select_participants(
+            &available,
+            cfg.participant_ratio,
+            cfg.min_participants,
+            cfg.seed ^ u64::from(round).wrapping_mul(0x9E37_79B9),
+        )
+        .map_err(|e| SessionError::Participants(format!("round {round}: {e}")))?;
         observer.round_started(round, &selected);
 
-        let global = self.blobs.get(&state.model).await?.ok_or_else(|| SessionError::Aggregate("the global model is missing".into()))?;
+        let global = self
+            .blobs
+            .get(&state.model)
+            .await?
+            .ok_or_else(|| SessionError::Aggregate("the global model is missing".into()))?;
         let global_ref = BlobRef { name: "model".into(), digest: state.model, size: global.len() as u64 };
         let seed_base = cfg.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round) * 1009);
         let replies = self
@@ -475,7 +513,10 @@ impl Coordinator {
         let mut failures = Vec::new();
         for node in &selected {
             match replies.get(node) {
-                None => failures.push(Failure { node: node.clone(), error: format!("no reply within {}s", cfg.round_timeout_secs) }),
+                None => failures.push(Failure {
+                    node: node.clone(),
+                    error: format!("no reply within {}s", cfg.round_timeout_secs),
+                }),
                 Some(r) => match self.collect(r).await {
                     Ok(u) => updates.push(u),
                     Err(error) => failures.push(Failure { node: node.clone(), error }),
@@ -490,7 +531,8 @@ impl Coordinator {
                 failures: failures.iter().map(|f| format!("{}: {}", f.node, f.error)).collect::<Vec<_>>().join("; "),
             });
         }
-        let base = Tensors::decode(&global, TensorLimits::default()).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+        let base =
+            Tensors::decode(&global, TensorLimits::default()).map_err(|e| SessionError::Aggregate(e.to_string()))?;
         let mut usable = Vec::new();
         for u in updates {
             match base.check_same_layout(&u.tensors) {
@@ -509,7 +551,8 @@ impl Coordinator {
         let weighted: Vec<(&Tensors, u64)> = usable.iter().map(|u| (&u.tensors, u.metrics.num_examples)).collect();
         let aggregate = fedavg(&weighted, self.threads).map_err(|e| SessionError::Aggregate(e.to_string()))?;
         let examples: u64 = usable.iter().map(|u| u.metrics.num_examples).sum();
-        let train_loss = usable.iter().map(|u| u.metrics.loss * u.metrics.num_examples as f64).sum::<f64>() / examples as f64;
+        let train_loss =
+            usable.iter().map(|u| u.metrics.loss * u.metrics.num_examples as f64).sum::<f64>() / examples as f64;
         let model_bytes = Bytes::from(aggregate.encode());
         let model = self.blobs.put(model_bytes.clone()).await?;
 
@@ -529,18 +572,29 @@ impl Coordinator {
         Ok((report, metrics))
     }
 
-    async fn evaluate(&self, id: &str, cfg: &SessionConfig, record: &PackageRecord, model: Bytes, round: u32) -> Result<Option<WorkerMetrics>, SessionError> {
+    async fn evaluate(
+        &self,
+        id: &str,
+        cfg: &SessionConfig,
+        record: &PackageRecord,
+        model: Bytes,
+        round: u32,
+    ) -> Result<Option<WorkerMetrics>, SessionError> {
         let (Some(local), Some(dataset)) = (&self.local, &cfg.eval_dataset) else {
             return Ok(None);
         };
         let mut config = Self::worker_config(cfg, "evaluate", cfg.seed);
         deep_merge(&mut config, &json!({"dataset": dataset}));
-        let out = local.run(&record.digest, &config, vec![("model".into(), model)], id, &format!("{id}.r{round}.eval")).await?;
+        let out = local
+            .run(&record.digest, &config, vec![("model".into(), model)], id, &format!("{id}.r{round}.eval"))
+            .await?;
         let metrics = out
             .into_iter()
             .find(|(n, _)| n == "metrics")
             .ok_or_else(|| SessionError::Aggregate("evaluation gave no `metrics` output".into()))?;
-        serde_json::from_slice(&metrics.1).map(Some).map_err(|e| SessionError::Aggregate(format!("evaluation metrics: {e}")))
+        serde_json::from_slice(&metrics.1)
+            .map(Some)
+            .map_err(|e| SessionError::Aggregate(format!("evaluation metrics: {e}")))
     }
 }
 

@@ -110,7 +110,8 @@ mod tests {
     #[test]
     fn threads_give_the_same_sum() {
         let n = 300_001;
-        let inputs: Vec<Vec<f32>> = (0..7).map(|k| (0..n).map(|i| ((i * 31 + k * 17) % 101) as f32).collect()).collect();
+        let inputs: Vec<Vec<f32>> =
+            (0..7).map(|k| (0..n).map(|i| ((i * 31 + k * 17) % 101) as f32).collect()).collect();
         let refs: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
         let w = [0.1, 0.2, 0.05, 0.15, 0.2, 0.1, 0.2];
         let mut single = vec![0.0; n];

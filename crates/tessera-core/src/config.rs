@@ -87,11 +87,8 @@ pub fn apply_override(config: &mut Value, spec: &str) -> Result<(), ConfigError>
     if segments.iter().any(|s| s.is_empty()) {
         return Err(ConfigError::Path(spec.to_owned()));
     }
-    let parsed = parse_value(raw).map_err(|why| ConfigError::Value {
-        key: key.to_owned(),
-        value: raw.to_owned(),
-        why,
-    })?;
+    let parsed =
+        parse_value(raw).map_err(|why| ConfigError::Value { key: key.to_owned(), value: raw.to_owned(), why })?;
     if !config.is_object() {
         *config = Value::Object(Map::new());
     }
@@ -145,10 +142,7 @@ fn coerce(old: &Value, new: Value, raw: &str) -> Option<Value> {
 }
 
 /// Applies overrides in order.
-pub fn apply_overrides<'a>(
-    config: &mut Value,
-    specs: impl IntoIterator<Item = &'a str>,
-) -> Result<(), ConfigError> {
+pub fn apply_overrides<'a>(config: &mut Value, specs: impl IntoIterator<Item = &'a str>) -> Result<(), ConfigError> {
     for s in specs {
         apply_override(config, s)?;
     }

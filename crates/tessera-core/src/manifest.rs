@@ -61,10 +61,9 @@ impl Kind {
 impl std::str::FromStr for Kind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Kind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| format!("unknown kind {s:?}; expected one of task, model, transformation, service, inferencer, dataset"))
+        Kind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| {
+            format!("unknown kind {s:?}; expected one of task, model, transformation, service, inferencer, dataset")
+        })
     }
 }
 
@@ -550,7 +549,8 @@ needs:
 
     #[test]
     fn config_must_be_a_mapping() {
-        let e = err(&GOOD.replace("config:\n  lr: 0.1\n  dataset:\n    name: digits\n    batch_size: 32\n", "config: 3\n"));
+        let e =
+            err(&GOOD.replace("config:\n  lr: 0.1\n  dataset:\n    name: digits\n    batch_size: 32\n", "config: 3\n"));
         assert_eq!(e.field.as_deref(), Some("config"), "{e}");
     }
 

@@ -54,7 +54,12 @@ pub fn participant_count(available: usize, ratio: f64, min: usize) -> Result<usi
 
 /// Picks a round's participants from the available nodes, deterministically from `seed`.
 /// The result is sorted.
-pub fn select_participants(available: &[String], ratio: f64, min: usize, seed: u64) -> Result<Vec<String>, SelectError> {
+pub fn select_participants(
+    available: &[String],
+    ratio: f64,
+    min: usize,
+    seed: u64,
+) -> Result<Vec<String>, SelectError> {
     let k = participant_count(available.len(), ratio, min)?;
     let mut pool: Vec<String> = available.to_vec();
     pool.sort();

@@ -11,7 +11,9 @@ pub struct ByteSize(pub u64);
 
 /// Why a size was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid size {0:?}: expected a number of bytes with an optional unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 256MiB")]
+#[error(
+    "invalid size {0:?}: expected a number of bytes with an optional unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 256MiB"
+)]
 pub struct SizeError(String);
 
 impl FromStr for ByteSize {

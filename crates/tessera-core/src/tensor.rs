@@ -119,7 +119,10 @@ impl Tensors {
                 return Err(TensorError::Mismatch(format!("tensor {nb:?} where {na:?} was expected")));
             }
             if a.shape != b.shape || a.data.len() != b.data.len() {
-                return Err(TensorError::Mismatch(format!("tensor {na:?} has shape {:?}, expected {:?}", b.shape, a.shape)));
+                return Err(TensorError::Mismatch(format!(
+                    "tensor {na:?} has shape {:?}, expected {:?}",
+                    b.shape, a.shape
+                )));
             }
         }
         Ok(())

@@ -172,7 +172,9 @@ fn expected_digest(headers: &HeaderMap) -> ApiResult<Option<Digest>> {
         None => Ok(None),
         Some(v) => {
             let s = v.to_str().map_err(|_| HubError::BadRequest(format!("{DIGEST_HEADER} is not text")))?;
-            s.parse().map(Some).map_err(|e: tessera_core::digest::DigestError| ApiError(HubError::BadRequest(e.to_string())))
+            s.parse()
+                .map(Some)
+                .map_err(|e: tessera_core::digest::DigestError| ApiError(HubError::BadRequest(e.to_string())))
         }
     }
 }
@@ -194,7 +196,11 @@ fn expected_digest(headers: &HeaderMap) -> ApiResult<Option<Digest>> {
         (status = 413, description = "Over the size limit", body = ErrorBody)
     )
 )]
-async fn publish_package(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult<(StatusCode, Json<PackageRecord>)> {
+async fn publish_package(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<PackageRecord>)> {
     let expected = expected_digest(&headers)?;
     let limit = s.store.limits().max_package_bytes;
     let (tmp, digest, size) = receive(&s.store, body, limit).await?;
@@ -222,7 +228,10 @@ async fn package_versions(State(s): State<AppState>, Path(name): Path<String>) -
 #[utoipa::path(get, path = "/api/v1/packages/{name}/{version}", tag = "packages",
     params(("name" = String, Path, description = "Module path"), ("version" = String, Path, description = "Version or alias (`latest`)")),
     responses((status = 200, body = PackageRecord), (status = 404, body = ErrorBody)))]
-async fn show_package(State(s): State<AppState>, Path((name, version)): Path<(String, String)>) -> ApiResult<Json<PackageRecord>> {
+async fn show_package(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Json<PackageRecord>> {
     let store = s.store.clone();
     Ok(Json(blocking(move || store.resolve_str(&name, &version)).await?))
 }
@@ -232,7 +241,10 @@ async fn show_package(State(s): State<AppState>, Path((name, version)): Path<(St
 #[utoipa::path(delete, path = "/api/v1/packages/{name}/{version}", tag = "packages",
     params(("name" = String, Path, description = "Module path"), ("version" = String, Path, description = "Exact version")),
     responses((status = 200, body = PackageRecord), (status = 404, body = ErrorBody)))]
-async fn delete_package(State(s): State<AppState>, Path((name, version)): Path<(String, String)>) -> ApiResult<Json<PackageRecord>> {
+async fn delete_package(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Json<PackageRecord>> {
     let store = s.store.clone();
     Ok(Json(blocking(move || store.delete(&name, &version)).await?))
 }
@@ -260,7 +272,10 @@ async fn stream_file(path: std::path::PathBuf, digest: &Digest, filename: Option
 #[utoipa::path(get, path = "/api/v1/packages/{name}/{version}/download", tag = "packages",
     params(("name" = String, Path, description = "Module path"), ("version" = String, Path, description = "Version or alias (`latest`)")),
     responses((status = 200, description = "The package bytes; x-tessera-digest names them", content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody)))]
-async fn download_package(State(s): State<AppState>, Path((name, version)): Path<(String, String)>) -> ApiResult<Response> {
+async fn download_package(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Response> {
     let store = s.store.clone();
     let (record, path) = blocking(move || {
         let r = store.resolve_str(&name, &version)?;
@@ -284,7 +299,11 @@ pub struct AliasBody {
     params(("name" = String, Path, description = "Module path"), ("alias" = String, Path, description = "Alias name")),
     request_body = AliasBody,
     responses((status = 200, body = PackageRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn set_alias(State(s): State<AppState>, Path((name, alias)): Path<(String, String)>, Json(body): Json<AliasBody>) -> ApiResult<Json<PackageRecord>> {
+async fn set_alias(
+    State(s): State<AppState>,
+    Path((name, alias)): Path<(String, String)>,
+    Json(body): Json<AliasBody>,
+) -> ApiResult<Json<PackageRecord>> {
     let store = s.store.clone();
     Ok(Json(blocking(move || store.set_alias(&name, &alias, &body.version)).await?))
 }
@@ -294,7 +313,8 @@ async fn set_alias(State(s): State<AppState>, Path((name, alias)): Path<(String,
     params(("digest" = String, Path, description = "b3:<hex>")),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn download_blob(State(s): State<AppState>, Path(digest): Path<String>) -> ApiResult<Response> {
-    let digest: Digest = digest.parse().map_err(|e: tessera_core::digest::DigestError| HubError::BadRequest(e.to_string()))?;
+    let digest: Digest =
+        digest.parse().map_err(|e: tessera_core::digest::DigestError| HubError::BadRequest(e.to_string()))?;
     let store = s.store.clone();
     let path = blocking(move || store.blob_path(&digest)).await?;
     stream_file(path, &digest, None).await
@@ -333,9 +353,13 @@ fn empty_object() -> Value {
 /// Creates a model record (metadata and lineage, no binary yet).
 #[utoipa::path(post, path = "/api/v1/models", tag = "models", request_body = CreateModel,
     responses((status = 201, body = ModelRecord), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn create_model(State(s): State<AppState>, Json(body): Json<CreateModel>) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
+async fn create_model(
+    State(s): State<AppState>,
+    Json(body): Json<CreateModel>,
+) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
     let store = s.store.clone();
-    let m = blocking(move || store.create_model(&body.name, &body.version, &body.metadata, body.lineage.as_ref())).await?;
+    let m =
+        blocking(move || store.create_model(&body.name, &body.version, &body.metadata, body.lineage.as_ref())).await?;
     Ok((StatusCode::CREATED, Json(m)))
 }
 
@@ -360,7 +384,11 @@ async fn list_models(State(s): State<AppState>, Query(q): Query<ModelQuery>) -> 
     params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Exact version")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 201, body = ModelRecord), (status = 200, description = "The same bytes were already stored", body = ModelRecord), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)))]
-async fn upload_model(State(s): State<AppState>, Path((name, version)): Path<(String, String)>, body: Body) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
+async fn upload_model(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
     let (tmp, digest, size) = receive(&s.store, body, MAX_MODEL_BYTES).await?;
     let store = s.store.clone();
     let (m, created) = blocking(move || store.put_model_file(&name, &version, &tmp, digest, size)).await?;
@@ -374,11 +402,15 @@ const MAX_MODEL_BYTES: u64 = 8 << 30;
 #[utoipa::path(get, path = "/api/v1/models/{name}/{version}", tag = "models",
     params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Version or `latest`")),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody)))]
-async fn download_model(State(s): State<AppState>, Path((name, version)): Path<(String, String)>) -> ApiResult<Response> {
+async fn download_model(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Response> {
     let store = s.store.clone();
     let (m, path) = blocking(move || {
         let m = store.model(&name, &version)?;
-        let d = m.digest.ok_or_else(|| HubError::NotFound(format!("model {}@{} has no binary yet", m.name, m.version)))?;
+        let d =
+            m.digest.ok_or_else(|| HubError::NotFound(format!("model {}@{} has no binary yet", m.name, m.version)))?;
         let p = store.blob_path(&d)?;
         Ok((m, p))
     })
@@ -391,7 +423,10 @@ async fn download_model(State(s): State<AppState>, Path((name, version)): Path<(
 #[utoipa::path(delete, path = "/api/v1/models/{name}/{version}", tag = "models",
     params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Exact version")),
     responses((status = 200, body = ModelRecord), (status = 404, body = ErrorBody)))]
-async fn delete_model(State(s): State<AppState>, Path((name, version)): Path<(String, String)>) -> ApiResult<Json<ModelRecord>> {
+async fn delete_model(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Json<ModelRecord>> {
     let store = s.store.clone();
     Ok(Json(blocking(move || store.delete_model(&name, &version)).await?))
 }
@@ -400,7 +435,10 @@ async fn delete_model(State(s): State<AppState>, Path((name, version)): Path<(St
 #[utoipa::path(get, path = "/api/v1/models/{name}/{version}/meta", tag = "models",
     params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Version or `latest`")),
     responses((status = 200, body = ModelRecord), (status = 404, body = ErrorBody)))]
-async fn show_model(State(s): State<AppState>, Path((name, version)): Path<(String, String)>) -> ApiResult<Json<ModelRecord>> {
+async fn show_model(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Json<ModelRecord>> {
     let store = s.store.clone();
     Ok(Json(blocking(move || store.model(&name, &version)).await?))
 }
@@ -410,7 +448,11 @@ async fn show_model(State(s): State<AppState>, Path((name, version)): Path<(Stri
     params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Exact version")),
     request_body = ModelMeta,
     responses((status = 200, body = ModelRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn update_model_meta(State(s): State<AppState>, Path((name, version)): Path<(String, String)>, Json(body): Json<ModelMeta>) -> ApiResult<Json<ModelRecord>> {
+async fn update_model_meta(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+    Json(body): Json<ModelMeta>,
+) -> ApiResult<Json<ModelRecord>> {
     let store = s.store.clone();
     Ok(Json(blocking(move || store.update_model_meta(&name, &version, &body.metadata, body.lineage.as_ref())).await?))
 }

@@ -135,7 +135,8 @@ fn parse_name(name: &str) -> Result<ModulePath, HubError> {
 }
 
 fn parse_version(v: &str) -> Result<Version, HubError> {
-    Version::parse(v).map_err(|e| HubError::BadRequest(format!("invalid version {v:?}: {e} (versions are semver, e.g. 0.1.0)")))
+    Version::parse(v)
+        .map_err(|e| HubError::BadRequest(format!("invalid version {v:?}: {e} (versions are semver, e.g. 0.1.0)")))
 }
 
 fn parse_digest(d: &str) -> Result<Digest, HubError> {
@@ -169,7 +170,8 @@ struct PackageRow {
 
 impl PackageRow {
     fn into_record(self) -> Result<PackageRecord, HubError> {
-        let manifest: Manifest = serde_json::from_str(&self.manifest).map_err(|e| HubError::Storage(format!("stored manifest: {e}")))?;
+        let manifest: Manifest =
+            serde_json::from_str(&self.manifest).map_err(|e| HubError::Storage(format!("stored manifest: {e}")))?;
         Ok(PackageRecord {
             name: self.name,
             version: self.version,
@@ -236,7 +238,13 @@ impl HubStore {
     /// Publishes a package already written to a temporary file inside the blob directory
     /// (see [`FsBlobStore::temp_path`]), whose digest and size the caller computed while
     /// writing it. The file is moved into the store or removed.
-    pub fn publish_file(&self, file: &Path, digest: Digest, size: u64, expected: Option<Digest>) -> Result<Published, HubError> {
+    pub fn publish_file(
+        &self,
+        file: &Path,
+        digest: Digest,
+        size: u64,
+        expected: Option<Digest>,
+    ) -> Result<Published, HubError> {
         let result = self.publish_file_inner(file, digest, size, expected);
         if file.exists() {
             let _ = std::fs::remove_file(file);
@@ -244,11 +252,19 @@ impl HubStore {
         result
     }
 
-    fn publish_file_inner(&self, file: &Path, digest: Digest, size: u64, expected: Option<Digest>) -> Result<Published, HubError> {
+    fn publish_file_inner(
+        &self,
+        file: &Path,
+        digest: Digest,
+        size: u64,
+        expected: Option<Digest>,
+    ) -> Result<Published, HubError> {
         if let Some(e) = expected
             && e != digest
         {
-            return Err(HubError::BadRequest(format!("digest mismatch: the upload was announced as {e} but its bytes are {digest}")));
+            return Err(HubError::BadRequest(format!(
+                "digest mismatch: the upload was announced as {e} but its bytes are {digest}"
+            )));
         }
         let info: PackageInfo = inspect_reader(File::open(file)?, digest, size, &self.limits)?;
         let m = &info.manifest;
@@ -257,9 +273,11 @@ impl HubStore {
         let mut db = self.db();
         let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let existing: Option<(String, bool)> = tx
-            .query_row("SELECT digest, deleted FROM packages WHERE name = ?1 AND version = ?2", params![name, version], |r| {
-                Ok((r.get(0)?, r.get::<_, i64>(1)? != 0))
-            })
+            .query_row(
+                "SELECT digest, deleted FROM packages WHERE name = ?1 AND version = ?2",
+                params![name, version],
+                |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)),
+            )
             .optional()?;
         if let Some((d, deleted)) = &existing
             && d != &digest.to_string()
@@ -326,7 +344,8 @@ impl HubStore {
     pub fn versions(&self, name: &str) -> Result<Vec<PackageRecord>, HubError> {
         parse_name(name)?;
         let db = self.db();
-        let mut stmt = db.prepare(&format!("SELECT {PACKAGE_COLUMNS} FROM packages WHERE name = ?1 AND deleted = 0"))?;
+        let mut stmt =
+            db.prepare(&format!("SELECT {PACKAGE_COLUMNS} FROM packages WHERE name = ?1 AND deleted = 0"))?;
         let rows = stmt.query_map(params![name], package_row)?.collect::<Result<Vec<_>, _>>()?;
         drop(stmt);
         drop(db);
@@ -349,7 +368,9 @@ impl HubStore {
             Selector::Alias(a) => {
                 let v: Option<String> = self
                     .db()
-                    .query_row("SELECT version FROM aliases WHERE name = ?1 AND alias = ?2", params![name, a], |r| r.get(0))
+                    .query_row("SELECT version FROM aliases WHERE name = ?1 AND alias = ?2", params![name, a], |r| {
+                        r.get(0)
+                    })
                     .optional()?;
                 let v = v.ok_or_else(|| HubError::NotFound(format!("{name}@{a}: no such alias")))?;
                 self.get_exact(name, &v)
@@ -359,7 +380,8 @@ impl HubStore {
 
     /// Resolves `name` and a version-or-alias string.
     pub fn resolve_str(&self, name: &str, version: &str) -> Result<PackageRecord, HubError> {
-        let selector: Selector = version.parse().map_err(|e: tessera_core::version::RefError| HubError::BadRequest(e.to_string()))?;
+        let selector: Selector =
+            version.parse().map_err(|e: tessera_core::version::RefError| HubError::BadRequest(e.to_string()))?;
         self.resolve(name, &selector)
     }
 
@@ -386,7 +408,8 @@ impl HubStore {
             None => None,
         };
         let db = self.db();
-        let mut stmt = db.prepare(&format!("SELECT {PACKAGE_COLUMNS} FROM packages WHERE deleted = 0 ORDER BY name"))?;
+        let mut stmt =
+            db.prepare(&format!("SELECT {PACKAGE_COLUMNS} FROM packages WHERE deleted = 0 ORDER BY name"))?;
         let rows = stmt.query_map([], package_row)?.collect::<Result<Vec<_>, _>>()?;
         drop(stmt);
         drop(db);
@@ -502,12 +525,22 @@ impl HubStore {
 
     // ---- models ----
 
-    fn model_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, Option<String>, Option<i64>, String, Option<String>, String)> {
+    fn model_row(
+        row: &rusqlite::Row<'_>,
+    ) -> rusqlite::Result<(String, String, Option<String>, Option<i64>, String, Option<String>, String)> {
         Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?))
     }
 
     fn model_record(
-        (name, version, digest, size, metadata, lineage, created_at): (String, String, Option<String>, Option<i64>, String, Option<String>, String),
+        (name, version, digest, size, metadata, lineage, created_at): (
+            String,
+            String,
+            Option<String>,
+            Option<i64>,
+            String,
+            Option<String>,
+            String,
+        ),
     ) -> Result<ModelRecord, HubError> {
         Ok(ModelRecord {
             name,
@@ -524,7 +557,13 @@ impl HubStore {
     }
 
     /// Creates a model record (no binary yet). Exists already: conflict.
-    pub fn create_model(&self, name: &str, version: &str, metadata: &Value, lineage: Option<&Lineage>) -> Result<ModelRecord, HubError> {
+    pub fn create_model(
+        &self,
+        name: &str,
+        version: &str,
+        metadata: &Value,
+        lineage: Option<&Lineage>,
+    ) -> Result<ModelRecord, HubError> {
         parse_name(name)?;
         parse_version(version)?;
         if !metadata.is_object() {
@@ -542,7 +581,13 @@ impl HubStore {
     }
 
     /// Updates a model's metadata (and lineage, when given). The binary never changes.
-    pub fn update_model_meta(&self, name: &str, version: &str, metadata: &Value, lineage: Option<&Lineage>) -> Result<ModelRecord, HubError> {
+    pub fn update_model_meta(
+        &self,
+        name: &str,
+        version: &str,
+        metadata: &Value,
+        lineage: Option<&Lineage>,
+    ) -> Result<ModelRecord, HubError> {
         if !metadata.is_object() {
             return Err(HubError::BadRequest("model metadata must be a JSON object".into()));
         }
@@ -558,7 +603,14 @@ impl HubStore {
     /// Stores a model's binary from a temporary file in the blob directory (digest and size
     /// computed by the caller). Creates the record if needed; a record that already has
     /// other bytes is a conflict.
-    pub fn put_model_file(&self, name: &str, version: &str, file: &Path, digest: Digest, size: u64) -> Result<(ModelRecord, bool), HubError> {
+    pub fn put_model_file(
+        &self,
+        name: &str,
+        version: &str,
+        file: &Path,
+        digest: Digest,
+        size: u64,
+    ) -> Result<(ModelRecord, bool), HubError> {
         let result = self.put_model_file_inner(name, version, file, digest, size);
         if file.exists() {
             let _ = std::fs::remove_file(file);
@@ -566,13 +618,22 @@ impl HubStore {
         result
     }
 
-    fn put_model_file_inner(&self, name: &str, version: &str, file: &Path, digest: Digest, size: u64) -> Result<(ModelRecord, bool), HubError> {
+    fn put_model_file_inner(
+        &self,
+        name: &str,
+        version: &str,
+        file: &Path,
+        digest: Digest,
+        size: u64,
+    ) -> Result<(ModelRecord, bool), HubError> {
         parse_name(name)?;
         parse_version(version)?;
         let mut db = self.db();
         let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let existing: Option<Option<String>> = tx
-            .query_row("SELECT digest FROM models WHERE name = ?1 AND version = ?2", params![name, version], |r| r.get(0))
+            .query_row("SELECT digest FROM models WHERE name = ?1 AND version = ?2", params![name, version], |r| {
+                r.get(0)
+            })
             .optional()?;
         let created = match existing {
             Some(Some(d)) if d == digest.to_string() => false,
@@ -615,8 +676,11 @@ impl HubStore {
         parse_name(name)?;
         let version = if version == LATEST {
             let all = self.models(Some(name))?;
-            let versions: Vec<Version> = all.iter().filter(|m| m.name == name).filter_map(|m| Version::parse(&m.version).ok()).collect();
-            latest(&versions).map(|v| v.to_string()).ok_or_else(|| HubError::NotFound(format!("model {name} has no versions")))?
+            let versions: Vec<Version> =
+                all.iter().filter(|m| m.name == name).filter_map(|m| Version::parse(&m.version).ok()).collect();
+            latest(&versions)
+                .map(|v| v.to_string())
+                .ok_or_else(|| HubError::NotFound(format!("model {name} has no versions")))?
         } else {
             parse_version(version)?;
             version.to_owned()
@@ -635,7 +699,8 @@ impl HubStore {
     /// Models whose name has `prefix` (by segments), sorted by name and version.
     pub fn models(&self, prefix: Option<&str>) -> Result<Vec<ModelRecord>, HubError> {
         let db = self.db();
-        let mut stmt = db.prepare("SELECT name, version, digest, size, metadata, lineage, created_at FROM models ORDER BY name")?;
+        let mut stmt =
+            db.prepare("SELECT name, version, digest, size, metadata, lineage, created_at FROM models ORDER BY name")?;
         let rows = stmt.query_map([], Self::model_row)?.collect::<Result<Vec<_>, _>>()?;
         drop(stmt);
         drop(db);

@@ -149,7 +149,8 @@ async fn uploads_are_checked_before_anything_is_stored() {
     let (s, b) = h.call("POST", "/api/v1/packages", Body::from(bytes.clone()), &[("x-tessera-digest", &wrong)]).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(String::from_utf8_lossy(&b).contains("digest mismatch"));
-    let (s, _) = h.call("POST", "/api/v1/packages", Body::from(bytes.clone()), &[("x-tessera-digest", "b3:nothex")]).await;
+    let (s, _) =
+        h.call("POST", "/api/v1/packages", Body::from(bytes.clone()), &[("x-tessera-digest", "b3:nothex")]).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 
     // Not a package at all, truncated, empty, too large.
@@ -205,7 +206,8 @@ async fn search_and_aliases() {
     h.publish(h.package("fl.softmax.worker", "0.1.0", "softmax", "fl")).await;
     h.publish(h.package("fl.fedavg.aggregator", "0.1.0", "averaging", "fl,agg")).await;
     h.publish(h.package("flow.step", "0.1.0", "flow", "dataflow")).await;
-    let names = |v: Value| v.as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    let names =
+        |v: Value| v.as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
     assert_eq!(names(h.json("/api/v1/packages?prefix=fl").await.1), ["fl.fedavg.aggregator", "fl.softmax.worker"]);
     assert_eq!(names(h.json("/api/v1/packages?tag=agg").await.1), ["fl.fedavg.aggregator"]);
     assert_eq!(names(h.json("/api/v1/packages?q=SOFTMAX").await.1), ["fl.softmax.worker"]);
@@ -248,10 +250,13 @@ async fn bad_names_and_versions_are_refused() {
 #[tokio::test]
 async fn models_with_metadata_lineage_and_immutable_binaries() {
     let h = hub();
-    let create = json!({"name": "digits.softmax", "version": "0.1.0", "metadata": {"library": "tessera", "accuracy": 0.95}});
-    let (s, b) = h.call("POST", "/api/v1/models", Body::from(create.to_string()), &[("content-type", "application/json")]).await;
+    let create =
+        json!({"name": "digits.softmax", "version": "0.1.0", "metadata": {"library": "tessera", "accuracy": 0.95}});
+    let (s, b) =
+        h.call("POST", "/api/v1/models", Body::from(create.to_string()), &[("content-type", "application/json")]).await;
     assert_eq!(s, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b));
-    let (s, _) = h.call("POST", "/api/v1/models", Body::from(create.to_string()), &[("content-type", "application/json")]).await;
+    let (s, _) =
+        h.call("POST", "/api/v1/models", Body::from(create.to_string()), &[("content-type", "application/json")]).await;
     assert_eq!(s, StatusCode::CONFLICT);
 
     let weights = vec![1u8, 2, 3, 4];
@@ -260,21 +265,44 @@ async fn models_with_metadata_lineage_and_immutable_binaries() {
     let rec: Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(rec["digest"], Digest::of(&weights).to_string());
     assert_eq!(rec["metadata"]["library"], "tessera");
-    assert_eq!(h.call("PUT", "/api/v1/models/digits.softmax/0.1.0", Body::from(weights.clone()), &[]).await.0, StatusCode::OK);
-    assert_eq!(h.call("PUT", "/api/v1/models/digits.softmax/0.1.0", Body::from(vec![9u8]), &[]).await.0, StatusCode::CONFLICT);
+    assert_eq!(
+        h.call("PUT", "/api/v1/models/digits.softmax/0.1.0", Body::from(weights.clone()), &[]).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.call("PUT", "/api/v1/models/digits.softmax/0.1.0", Body::from(vec![9u8]), &[]).await.0,
+        StatusCode::CONFLICT
+    );
     assert_eq!(h.get("/api/v1/models/digits.softmax/0.1.0").await.1, weights);
 
     // A binary pushed without a record first gets one.
-    assert_eq!(h.call("PUT", "/api/v1/models/digits.softmax/0.2.0", Body::from(vec![5u8]), &[]).await.0, StatusCode::CREATED);
+    assert_eq!(
+        h.call("PUT", "/api/v1/models/digits.softmax/0.2.0", Body::from(vec![5u8]), &[]).await.0,
+        StatusCode::CREATED
+    );
     assert_eq!(h.get("/api/v1/models/digits.softmax/latest").await.1, vec![5u8]);
     assert_eq!(h.json("/api/v1/models/digits.softmax/latest/meta").await.1["version"], "0.2.0");
 
     let meta = json!({"metadata": {"note": "retrained"}});
-    let (s, b) = h.call("PUT", "/api/v1/models/digits.softmax/0.1.0/meta", Body::from(meta.to_string()), &[("content-type", "application/json")]).await;
+    let (s, b) = h
+        .call(
+            "PUT",
+            "/api/v1/models/digits.softmax/0.1.0/meta",
+            Body::from(meta.to_string()),
+            &[("content-type", "application/json")],
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
     assert_eq!(h.json("/api/v1/models/digits.softmax/0.1.0/meta").await.1["metadata"]["note"], "retrained");
     let bad = json!({"metadata": [1, 2]});
-    let (s, _) = h.call("PUT", "/api/v1/models/digits.softmax/0.1.0/meta", Body::from(bad.to_string()), &[("content-type", "application/json")]).await;
+    let (s, _) = h
+        .call(
+            "PUT",
+            "/api/v1/models/digits.softmax/0.1.0/meta",
+            Body::from(bad.to_string()),
+            &[("content-type", "application/json")],
+        )
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 
     let (_, list) = h.json("/api/v1/models?prefix=digits").await;

@@ -54,9 +54,18 @@ impl Runtime for BuiltinRuntime {
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Builtin
     }
-    async fn run(&self, module: &ModuleImage, invocation: Invocation, ctx: Arc<dyn TaskContext>) -> Result<Outputs, RuntimeError> {
+    async fn run(
+        &self,
+        module: &ModuleImage,
+        invocation: Invocation,
+        ctx: Arc<dyn TaskContext>,
+    ) -> Result<Outputs, RuntimeError> {
         let f = self.builtins.get(&module.manifest.entry).cloned().ok_or_else(|| {
-            RuntimeError::Load(format!("no builtin named {:?} (known: {})", module.manifest.entry, self.names().join(", ")))
+            RuntimeError::Load(format!(
+                "no builtin named {:?} (known: {})",
+                module.manifest.entry,
+                self.names().join(", ")
+            ))
         })?;
         tokio::task::spawn_blocking(move || f(invocation, ctx.as_ref()))
             .await

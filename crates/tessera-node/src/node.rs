@@ -183,7 +183,14 @@ impl Node {
 
     /// Runs a package on this node with the given config (merged over the module's
     /// default) and inputs.
-    pub async fn run(&self, digest: &Digest, config: &Value, inputs: Vec<(String, Bytes)>, session: &str, task: &str) -> Result<Outputs, NodeError> {
+    pub async fn run(
+        &self,
+        digest: &Digest,
+        config: &Value,
+        inputs: Vec<(String, Bytes)>,
+        session: &str,
+        task: &str,
+    ) -> Result<Outputs, NodeError> {
         let image = self.module(digest).await?;
         let kind = image.manifest.runtime;
         let runtime = self.runtimes.get(&kind).ok_or(RuntimeError::Unsupported(kind))?;

@@ -97,11 +97,7 @@ impl PackageInfo {
 /// Checks that a manifest's entry exists among the files (builtins have no file).
 fn check_entry(manifest: &Manifest, has_file: impl Fn(&str) -> bool) -> Result<(), String> {
     if manifest.runtime != RuntimeKind::Builtin && !has_file(&manifest.entry) {
-        let hint = if manifest.runtime == RuntimeKind::Wasm {
-            " (build it first: tessera module build)"
-        } else {
-            ""
-        };
+        let hint = if manifest.runtime == RuntimeKind::Wasm { " (build it first: tessera module build)" } else { "" };
         return Err(format!("the entry {:?} named in module.yaml is not in the module{hint}", manifest.entry));
     }
     Ok(())

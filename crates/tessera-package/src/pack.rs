@@ -105,7 +105,8 @@ pub fn pack_dir(dir: &Path, limits: &Limits) -> Result<Packed, PackError> {
         let file = fs::File::open(full).map_err(io_err(full))?;
         // Read exactly the size recorded, so a file growing meanwhile cannot corrupt the archive.
         let reader = file.take(*size);
-        builder.append_data(&mut header, rel, ExactReader { inner: reader, left: *size, path: full })
+        builder
+            .append_data(&mut header, rel, ExactReader { inner: reader, left: *size, path: full })
             .map_err(io_err(full))?;
     }
     let encoder = builder.into_inner().map_err(io_err(dir))?;
@@ -121,10 +122,7 @@ pub fn pack_dir(dir: &Path, limits: &Limits) -> Result<Packed, PackError> {
         digest,
         size: bytes.len() as u64,
         manifest,
-        files: files
-            .into_iter()
-            .map(|(path, _, size, executable)| FileInfo { path, size, executable })
-            .collect(),
+        files: files.into_iter().map(|(path, _, size, executable)| FileInfo { path, size, executable }).collect(),
     };
     Ok(Packed { bytes, digest, info })
 }
@@ -167,7 +165,10 @@ fn collect(dir: &Path, prefix: &str, out: &mut Vec<Collected>) -> Result<(), Pac
         let meta = fs::symlink_metadata(entry.path()).map_err(io_err(&entry.path()))?;
         let ft = meta.file_type();
         if ft.is_symlink() {
-            return Err(PackError::Refused { path: rel, why: "it is a symlink; packages hold regular files only".into() });
+            return Err(PackError::Refused {
+                path: rel,
+                why: "it is a symlink; packages hold regular files only".into(),
+            });
         }
         if ft.is_dir() {
             if IGNORED_DIRS.contains(&name) {
@@ -177,9 +178,13 @@ fn collect(dir: &Path, prefix: &str, out: &mut Vec<Collected>) -> Result<(), Pac
             continue;
         }
         if !ft.is_file() {
-            return Err(PackError::Refused { path: rel, why: "it is not a regular file (device, socket or FIFO)".into() });
+            return Err(PackError::Refused {
+                path: rel,
+                why: "it is not a regular file (device, socket or FIFO)".into(),
+            });
         }
-        check_relative_path(&rel).map_err(|why| PackError::Refused { path: rel.clone(), why: format!("the path {why}") })?;
+        check_relative_path(&rel)
+            .map_err(|why| PackError::Refused { path: rel.clone(), why: format!("the path {why}") })?;
         out.push((rel, entry.path(), meta.len(), is_executable(&meta)));
     }
     Ok(())

@@ -74,7 +74,12 @@ pub fn inspect(bytes: &[u8], limits: &Limits) -> Result<PackageInfo, UnpackError
 
 /// Like [`inspect`], for a package read from `reader` whose digest and size the caller
 /// already knows (a streamed upload hashed while it was written to disk).
-pub fn inspect_reader(reader: impl Read, digest: Digest, size: u64, limits: &Limits) -> Result<PackageInfo, UnpackError> {
+pub fn inspect_reader(
+    reader: impl Read,
+    digest: Digest,
+    size: u64,
+    limits: &Limits,
+) -> Result<PackageInfo, UnpackError> {
     check_size(size, limits)?;
     walk(io::BufReader::new(reader), digest, size, limits, None)
 }
@@ -150,7 +155,13 @@ fn malformed(e: &io::Error) -> UnpackError {
     UnpackError::Malformed(e.to_string())
 }
 
-fn walk<R: io::BufRead>(input: R, digest: Digest, size: u64, limits: &Limits, dest: Option<&Path>) -> Result<PackageInfo, UnpackError> {
+fn walk<R: io::BufRead>(
+    input: R,
+    digest: Digest,
+    size: u64,
+    limits: &Limits,
+    dest: Option<&Path>,
+) -> Result<PackageInfo, UnpackError> {
     let mut decoder = zstd::stream::read::Decoder::with_buffer(input).map_err(|e| malformed(&e))?;
     // Refuse frames that ask for a window over 128 MiB: bounded decoder memory.
     decoder.window_log_max(27).map_err(|e| malformed(&e))?;
@@ -178,9 +189,8 @@ fn walk<R: io::BufRead>(input: R, digest: Digest, size: u64, limits: &Limits, de
         if count > limits.max_entries {
             return Err(refuse(format!("the package has more than {} entries", limits.max_entries)));
         }
-        let path = std::str::from_utf8(&entry.path_bytes())
-            .map_err(|_| refuse("the path is not UTF-8".into()))?
-            .to_owned();
+        let path =
+            std::str::from_utf8(&entry.path_bytes()).map_err(|_| refuse("the path is not UTF-8".into()))?.to_owned();
         let ty = entry.header().entry_type();
         let trimmed = if ty.is_dir() { path.trim_end_matches('/') } else { path.as_str() };
         check_relative_path(trimmed).map_err(|why| refuse(format!("the path {why}")))?;

@@ -121,5 +121,10 @@ pub trait Runtime: Send + Sync + 'static {
     /// Which runtime this is.
     fn kind(&self) -> RuntimeKind;
     /// Runs a module once.
-    async fn run(&self, module: &ModuleImage, invocation: Invocation, ctx: Arc<dyn TaskContext>) -> Result<Outputs, RuntimeError>;
+    async fn run(
+        &self,
+        module: &ModuleImage,
+        invocation: Invocation,
+        ctx: Arc<dyn TaskContext>,
+    ) -> Result<Outputs, RuntimeError>;
 }

@@ -156,7 +156,14 @@ impl WorldState for MemoryWorld {
     }
 
     async fn keys(&self, prefix: &str) -> Result<Vec<String>, WorldError> {
-        Ok(self.lock().globals.range(prefix.to_owned()..).map(|(k, _)| k).take_while(|k| k.starts_with(prefix)).cloned().collect())
+        Ok(self
+            .lock()
+            .globals
+            .range(prefix.to_owned()..)
+            .map(|(k, _)| k)
+            .take_while(|k| k.starts_with(prefix))
+            .cloned()
+            .collect())
     }
 
     async fn add_result(&self, key: &str, node: &str, value: Bytes) -> Result<(), WorldError> {

@@ -137,7 +137,8 @@ impl WasmRuntime {
             return Ok(pre.clone());
         }
         let path = module.entry_path();
-        let bytes = std::fs::read(&path).map_err(|e| RuntimeError::Load(format!("cannot read {}: {e}", path.display())))?;
+        let bytes =
+            std::fs::read(&path).map_err(|e| RuntimeError::Load(format!("cannot read {}: {e}", path.display())))?;
         let pre = self.compile(&bytes)?;
         self.inner.compiled.lock().unwrap_or_else(|p| p.into_inner()).insert(module.digest, pre.clone());
         Ok(pre)
@@ -208,7 +209,8 @@ impl WasmRuntime {
                     return Err(RuntimeError::TimeLimit { limit_ms: limits.max_time.as_millis() as u64 });
                 }
                 let stderr = String::from_utf8_lossy(&stderr.contents()).into_owned();
-                let tail: String = stderr.trim().chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
+                let tail: String =
+                    stderr.trim().chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
                 let mut msg = format!("{err}");
                 if let Some(t) = err.downcast_ref::<Trap>() {
                     msg = format!("{t}");
@@ -233,7 +235,12 @@ impl Runtime for WasmRuntime {
         RuntimeKind::Wasm
     }
 
-    async fn run(&self, module: &ModuleImage, invocation: Invocation, ctx: Arc<dyn TaskContext>) -> Result<Outputs, RuntimeError> {
+    async fn run(
+        &self,
+        module: &ModuleImage,
+        invocation: Invocation,
+        ctx: Arc<dyn TaskContext>,
+    ) -> Result<Outputs, RuntimeError> {
         let this = self.clone();
         let module = module.clone();
         let rt = tokio::runtime::Handle::current();
@@ -318,7 +325,9 @@ impl world_state::Host for Host {
     fn results_select(&mut self, key: String) -> Result<Vec<world_state::NodeResult>, String> {
         self.rt
             .block_on(self.ctx.results_select(&key))
-            .map(|v| v.into_iter().map(|(node, value)| world_state::NodeResult { node, value: value.to_vec() }).collect())
+            .map(|v| {
+                v.into_iter().map(|(node, value)| world_state::NodeResult { node, value: value.to_vec() }).collect()
+            })
             .map_err(|e| e.to_string())
     }
 }

@@ -70,7 +70,9 @@ impl TaskContext for Ctx {
 
 fn image(dir: &std::path::Path, wasm: &[u8]) -> ModuleImage {
     std::fs::write(dir.join("module.wasm"), wasm).unwrap();
-    let manifest = Manifest::parse("name: test.programs\nversion: 0.1.0\nkind: task\nruntime: wasm\nentry: module.wasm\n").unwrap();
+    let manifest =
+        Manifest::parse("name: test.programs\nversion: 0.1.0\nkind: task\nruntime: wasm\nentry: module.wasm\n")
+            .unwrap();
     ModuleImage { digest: Digest::of(wasm), manifest, root: dir.to_owned() }
 }
 

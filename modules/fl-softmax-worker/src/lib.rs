@@ -10,8 +10,8 @@ mod guest {
     wit_bindgen::generate!({ path: "../../wit", world: "module" });
 
     use crate::softmax::{self, Config, Dataset, Params};
-    use tessera::module::log::{Level, log};
     use tessera::module::local;
+    use tessera::module::log::{Level, log};
 
     struct Worker;
 
@@ -43,7 +43,10 @@ mod guest {
                     let data = Dataset::decode(&read_dataset(&cfg.dataset)?, cfg.features)?;
                     if cfg.mode == "train" {
                         let (params, metrics) = softmax::train(params, &data, &cfg)?;
-                        log(Level::Info, &format!("trained on {} examples, loss {:.4}", metrics.num_examples, metrics.loss));
+                        log(
+                            Level::Info,
+                            &format!("trained on {} examples, loss {:.4}", metrics.num_examples, metrics.loss),
+                        );
                         Ok(vec![blob("model", params.encode()), blob("metrics", metrics.to_json())])
                     } else {
                         let metrics = softmax::evaluate(&params, &data)?;

@@ -61,7 +61,9 @@ pub struct Params {
 fn f32s(view: &TensorView<'_>) -> Result<Vec<f32>, String> {
     match view.dtype() {
         Dtype::F32 => Ok(view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-        Dtype::I64 => Ok(view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect()),
+        Dtype::I64 => {
+            Ok(view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect())
+        }
         d => Err(format!("unsupported dtype {d:?}")),
     }
 }
@@ -234,11 +236,8 @@ pub fn train(mut p: Params, data: &Dataset, cfg: &Config) -> Result<(Params, Met
             }
         }
     }
-    let metrics = Metrics {
-        num_examples: data.n as u64,
-        loss: loss_sum / seen as f64,
-        accuracy: correct as f64 / seen as f64,
-    };
+    let metrics =
+        Metrics { num_examples: data.n as u64, loss: loss_sum / seen as f64, accuracy: correct as f64 / seen as f64 };
     Ok((p, metrics))
 }
 
@@ -280,7 +279,8 @@ mod tests {
 
     #[test]
     fn learns_a_separable_problem() {
-        let cfg: Config = serde_json::from_str(r#"{"mode":"train","features":2,"classes":2,"lr":0.5,"epochs":5}"#).unwrap();
+        let cfg: Config =
+            serde_json::from_str(r#"{"mode":"train","features":2,"classes":2,"lr":0.5,"epochs":5}"#).unwrap();
         let data = toy();
         let before = evaluate(&Params::zeros(2, 2), &data).unwrap();
         let (p, m) = train(Params::zeros(2, 2), &data, &cfg).unwrap();

@@ -1,0 +1,431 @@
+//! `tessera module`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command as Process;
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow, bail};
+use bytes::Bytes;
+use clap::Subcommand;
+use tessera_client::ListParams;
+use tessera_core::config::apply_override;
+use tessera_core::registry::PackageRecord;
+use tessera_core::{ModulePath, PackageRef};
+use tessera_hub::{HubStore, LocalHub};
+use tessera_node::{BuiltinRuntime, Node, NodeConfig, NodePorts};
+use tessera_package::{EXTENSION, Limits, inspect, pack_dir, unpack, verify};
+use tessera_ports::{MemoryBlobStore, MemoryBus, MemoryWorld, Runtime};
+use tessera_wasm::{WasmLimits, WasmRuntime};
+
+use crate::HubArg;
+use crate::scaffold::{Runtime as ScaffoldRuntime, scaffold};
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Create a module folder that works as it is.
+    New {
+        /// The folder to create.
+        path: PathBuf,
+        /// How the module runs.
+        #[arg(long, value_enum, default_value = "wasm")]
+        runtime: ScaffoldRuntime,
+        /// Its module path (default: from the folder name, e.g. my-model -> my-model).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Compile a WebAssembly module's Rust crate to `module.wasm` (installs the
+    /// wasm32-wasip2 target if it is missing).
+    Build {
+        /// The module folder.
+        #[arg(default_value = ".")]
+        path: PathBuf,
+    },
+    /// Validate a module folder's manifest and list what a package of it would hold.
+    Check {
+        /// The module folder.
+        #[arg(default_value = ".")]
+        path: PathBuf,
+    },
+    /// Pack a module folder into a deterministic package and print its digest.
+    Pack {
+        /// The module folder.
+        #[arg(default_value = ".")]
+        path: PathBuf,
+        /// Where to write the package (default: <name>-<version>.tpkg here).
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
+    /// Publish a module folder or a .tpkg package to the hub.
+    Publish {
+        /// A module folder or a package file.
+        #[arg(default_value = ".")]
+        path: PathBuf,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Download a package (verified by digest) and unpack it.
+    Pull {
+        /// `name`, `name@version`, `name@alias` or `b3:<digest>`.
+        reference: String,
+        /// Folder to unpack into (default: <name>-<version>).
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+        /// Save the package file here instead of unpacking it.
+        #[arg(long)]
+        archive: Option<PathBuf>,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// List packages in the hub (the latest version of each).
+    List {
+        /// Module-path prefix (by segments: `fl` matches `fl.softmax.worker`).
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Tag.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Kind: task, model, transformation, service, inferencer, dataset.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Text in the name or description.
+        #[arg(long, short)]
+        query: Option<String>,
+        /// Every version, not only the latest.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Show a package's record and manifest.
+    Show {
+        /// `name`, `name@version`, `name@alias` or `b3:<digest>`.
+        reference: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Run a module folder once on an embedded node, as a node would: packed, verified,
+    /// unpacked, sandboxed.
+    Run {
+        /// The module folder.
+        #[arg(default_value = ".")]
+        path: PathBuf,
+        /// Config override, `key.path=value` (types follow the default config).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// An input, `name=FILE`.
+        #[arg(long = "input", value_name = "NAME=FILE")]
+        input: Vec<String>,
+        /// A dataset the node holds, `name=FILE`.
+        #[arg(long = "dataset", value_name = "NAME=FILE")]
+        dataset: Vec<String>,
+        /// Write outputs as files in this folder.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Time limit in seconds (WebAssembly).
+        #[arg(long, default_value_t = 300.0)]
+        timeout: f64,
+        /// Memory limit (WebAssembly), e.g. 512MiB.
+        #[arg(long, default_value = "1GiB")]
+        memory: tessera_core::ByteSize,
+    },
+}
+
+pub async fn run(cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::New { path, runtime, name } => new(&path, runtime, name),
+        Command::Build { path } => build(&path),
+        Command::Check { path } => check(&path),
+        Command::Pack { path, out } => pack(&path, out),
+        Command::Publish { path, hub } => publish(&path, &hub).await,
+        Command::Pull { reference, out, archive, hub } => pull(&reference, out, archive, &hub).await,
+        Command::List { prefix, tag, kind, query, all, json, hub } => {
+            let list = hub.client()?.list(&ListParams { prefix, tag, kind, q: query, all }).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                eprintln!("no packages match");
+            } else {
+                for r in &list {
+                    println!(
+                        "{:<32} {:<10} {:<15} {:<8} {}",
+                        r.name,
+                        r.version,
+                        r.kind.as_str(),
+                        r.runtime,
+                        r.digest.short()
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Show { reference, json, hub } => {
+            let r: PackageRef = reference.parse()?;
+            let rec = hub.client()?.show(&r).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rec)?);
+            } else {
+                print_record(&rec);
+            }
+            Ok(())
+        }
+        Command::Run { path, set, input, dataset, out, timeout, memory } => {
+            run_local(&path, &set, &input, &dataset, out.as_deref(), timeout, memory.0).await
+        }
+    }
+}
+
+fn print_record(r: &PackageRecord) {
+    let m = &r.manifest;
+    println!("{}@{}", r.name, r.version);
+    println!("  digest:      {}", r.digest);
+    println!("  size:        {} bytes", r.size);
+    println!("  kind:        {}", r.kind.as_str());
+    println!("  runtime:     {} (entry {})", r.runtime, m.entry);
+    println!("  published:   {}", r.published_at);
+    if !m.description.is_empty() {
+        println!("  description: {}", m.description.trim());
+    }
+    if let Some(l) = &m.license {
+        println!("  license:     {l}");
+    }
+    if !m.tags.is_empty() {
+        println!("  tags:        {}", m.tags.join(", "));
+    }
+    for (label, ports) in [("inputs", &m.inputs), ("outputs", &m.outputs)] {
+        if !ports.is_empty() {
+            let names: Vec<String> = ports.iter().map(|p| format!("{} ({:?})", p.name, p.ty).to_lowercase()).collect();
+            println!("  {label:<12} {}", names.join(", "));
+        }
+    }
+    println!(
+        "  needs:       cpu {}, memory {}, gpu {}, storage {}",
+        m.needs.cpu, m.needs.memory, m.needs.gpu, m.needs.storage
+    );
+    if m.config.as_object().is_some_and(|o| !o.is_empty()) {
+        println!("  config:      {}", m.config);
+    }
+}
+
+fn new(path: &Path, runtime: ScaffoldRuntime, name: Option<String>) -> anyhow::Result<()> {
+    let name = match name {
+        Some(n) => n,
+        None => path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(|n| n.to_lowercase().replace('_', "-"))
+            .ok_or_else(|| anyhow!("cannot derive a module name from {}; pass --name", path.display()))?,
+    };
+    let _: ModulePath = name.parse().context("--name")?;
+    scaffold(path, &name, runtime)?;
+    println!("created {} ({name}, {runtime:?})", path.display());
+    match runtime {
+        ScaffoldRuntime::Wasm => println!("next: tessera module build {0} && tessera module run {0}", path.display()),
+        ScaffoldRuntime::Builtin => println!("next: tessera module run {}", path.display()),
+    }
+    Ok(())
+}
+
+const WASM_TARGET: &str = "wasm32-wasip2";
+
+/// Installs the wasm32-wasip2 target when rustup knows it is missing.
+fn ensure_wasm_target() -> anyhow::Result<()> {
+    let installed = Process::new("rustup").args(["target", "list", "--installed"]).output();
+    match installed {
+        Ok(o) if String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == WASM_TARGET) => Ok(()),
+        Ok(_) => {
+            eprintln!("installing the {WASM_TARGET} target with rustup");
+            let ok = Process::new("rustup").args(["target", "add", WASM_TARGET]).status()?.success();
+            anyhow::ensure!(ok, "`rustup target add {WASM_TARGET}` failed");
+            Ok(())
+        }
+        // No rustup: let cargo say what is missing.
+        Err(_) => Ok(()),
+    }
+}
+
+fn build(path: &Path) -> anyhow::Result<()> {
+    let manifest = std::fs::read_to_string(path.join("module.yaml"))
+        .with_context(|| format!("{} has no module.yaml", path.display()))?;
+    let manifest = tessera_core::Manifest::parse(&manifest)?;
+    if manifest.runtime != tessera_core::RuntimeKind::Wasm {
+        bail!("{} is a {} module: only wasm modules are built", manifest.name, manifest.runtime);
+    }
+    anyhow::ensure!(path.join("Cargo.toml").exists(), "{} has no Cargo.toml to build", path.display());
+    ensure_wasm_target()?;
+    let status = Process::new("cargo")
+        .current_dir(path)
+        .args(["build", "--release", "--target", WASM_TARGET])
+        .status()
+        .context("running cargo")?;
+    anyhow::ensure!(status.success(), "cargo build failed");
+    let meta =
+        Process::new("cargo").current_dir(path).args(["metadata", "--no-deps", "--format-version", "1"]).output()?;
+    let meta: serde_json::Value = serde_json::from_slice(&meta.stdout).context("reading cargo metadata")?;
+    let target_dir = PathBuf::from(
+        meta["target_directory"].as_str().ok_or_else(|| anyhow!("cargo metadata has no target_directory"))?,
+    );
+    let lib = meta["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .find(|t| t["crate_types"].as_array().is_some_and(|c| c.iter().any(|k| k == "cdylib")))
+        .and_then(|t| t["name"].as_str())
+        .ok_or_else(|| anyhow!("the crate has no cdylib target (add crate-type = [\"cdylib\"] under [lib])"))?
+        .replace('-', "_");
+    let built = target_dir.join(WASM_TARGET).join("release").join(format!("{lib}.wasm"));
+    let dest = path.join(&manifest.entry);
+    std::fs::copy(&built, &dest).with_context(|| format!("copying {} to {}", built.display(), dest.display()))?;
+    WasmRuntime::new(WasmLimits::default())?
+        .validate(&std::fs::read(&dest)?)
+        .map_err(|e| anyhow!("{} is not a Tessera module component: {e}", dest.display()))?;
+    println!("built {} ({} bytes)", dest.display(), std::fs::metadata(&dest)?.len());
+    Ok(())
+}
+
+fn check(path: &Path) -> anyhow::Result<()> {
+    let packed = pack_dir(path, &Limits::default())?;
+    let m = &packed.info.manifest;
+    println!("{}@{} is valid ({} {}, entry {})", m.name, m.version, m.kind.as_str(), m.runtime, m.entry);
+    for f in &packed.info.files {
+        println!("  {:>10}  {}{}", f.size, f.path, if f.executable { " (executable)" } else { "" });
+    }
+    println!("package: {} bytes, {}", packed.bytes.len(), packed.digest);
+    Ok(())
+}
+
+fn pack(path: &Path, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let packed = pack_dir(path, &Limits::default())?;
+    let m = &packed.info.manifest;
+    let out = out.unwrap_or_else(|| PathBuf::from(format!("{}-{}.{EXTENSION}", m.name, m.version)));
+    std::fs::write(&out, &packed.bytes).with_context(|| format!("writing {}", out.display()))?;
+    println!("{}", packed.digest);
+    eprintln!(
+        "packed {}@{} into {} ({} files, {} bytes)",
+        m.name,
+        m.version,
+        out.display(),
+        packed.info.files.len(),
+        packed.bytes.len()
+    );
+    Ok(())
+}
+
+async fn publish(path: &Path, hub: &HubArg) -> anyhow::Result<()> {
+    let bytes = if path.is_dir() {
+        pack_dir(path, &Limits::default())?.bytes
+    } else {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        inspect(&bytes, &Limits::default()).with_context(|| format!("{} is not a valid package", path.display()))?;
+        bytes
+    };
+    let client = hub.client()?;
+    let (rec, created) = client
+        .publish(bytes)
+        .await
+        .map_err(|e| if e.is_conflict() { anyhow!("{e}\nhint: bump `version` in module.yaml") } else { anyhow!(e) })?;
+    println!("{}", rec.digest);
+    if created {
+        eprintln!("published {}@{} to {}", rec.name, rec.version, client.base());
+    } else {
+        eprintln!("{}@{} was already published with these exact bytes", rec.name, rec.version);
+    }
+    Ok(())
+}
+
+async fn pull(reference: &str, out: Option<PathBuf>, archive: Option<PathBuf>, hub: &HubArg) -> anyhow::Result<()> {
+    let r: PackageRef = reference.parse()?;
+    let (rec, bytes) = hub.client()?.download(&r).await?;
+    verify(&bytes, &rec.digest)?;
+    if let Some(a) = archive {
+        std::fs::write(&a, &bytes)?;
+        println!("{}", a.display());
+    } else {
+        let dest = out.unwrap_or_else(|| PathBuf::from(format!("{}-{}", rec.name, rec.version)));
+        let info = unpack(&bytes, &dest, &Limits::default())?;
+        println!("{}", dest.display());
+        eprintln!("pulled {}@{} ({}, {} files)", rec.name, rec.version, rec.digest, info.files.len());
+    }
+    Ok(())
+}
+
+fn pairs(items: &[String], what: &str) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    items
+        .iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(n, p)| (n.to_owned(), PathBuf::from(p)))
+                .ok_or_else(|| anyhow!("--{what} {s:?}: expected NAME=FILE"))
+        })
+        .collect()
+}
+
+async fn run_local(
+    path: &Path,
+    set: &[String],
+    input: &[String],
+    dataset: &[String],
+    out: Option<&Path>,
+    timeout: f64,
+    memory: u64,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(timeout.is_finite() && timeout > 0.0, "--timeout must be positive");
+    let packed = pack_dir(path, &Limits::default())?;
+    let mut config = packed.info.manifest.config.clone();
+    for s in set {
+        apply_override(&mut config, s)?;
+    }
+    let tmp = tempfile::tempdir()?;
+    let hub = Arc::new(HubStore::open(tmp.path().join("hub"))?);
+    hub.publish(&packed.bytes, Some(packed.digest))?;
+    let mut node_cfg = NodeConfig::new("local", tmp.path().join("cache"));
+    node_cfg.datasets = pairs(dataset, "dataset")?.into_iter().collect::<BTreeMap<_, _>>();
+    let wasm = WasmRuntime::new(WasmLimits {
+        max_memory: memory,
+        max_time: std::time::Duration::from_secs_f64(timeout),
+        ..WasmLimits::default()
+    })?;
+    let runtimes: Vec<Arc<dyn Runtime>> = vec![Arc::new(wasm), Arc::new(BuiltinRuntime::new())];
+    let ports = NodePorts {
+        bus: Arc::new(MemoryBus::new()),
+        world: Arc::new(MemoryWorld::new()),
+        blobs: Arc::new(MemoryBlobStore::new()),
+        source: Arc::new(LocalHub(hub)),
+    };
+    let node = Node::new(node_cfg, ports, runtimes)?;
+    let mut inputs = Vec::new();
+    for (name, file) in pairs(input, "input")? {
+        let bytes = std::fs::read(&file).with_context(|| format!("reading input {name} from {}", file.display()))?;
+        inputs.push((name, Bytes::from(bytes)));
+    }
+    let started = std::time::Instant::now();
+    let outputs = node.run(&packed.digest, &config, inputs, "local", "run").await?;
+    eprintln!(
+        "ran {}@{} in {:.3}s",
+        packed.info.manifest.name,
+        packed.info.manifest.version,
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(dir) = out {
+        std::fs::create_dir_all(dir)?;
+    }
+    for (name, bytes) in outputs {
+        let text = std::str::from_utf8(&bytes).ok().filter(|t| t.len() <= 4096 && !t.contains('\0'));
+        match text {
+            Some(t) => println!("{name}: {t}"),
+            None => println!("{name}: {} bytes, {}", bytes.len(), tessera_core::Digest::of(&bytes)),
+        }
+        if let Some(dir) = out {
+            tessera_core::name::check_ident("output name", &name)?;
+            std::fs::write(dir.join(&name), &bytes)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! `tessera quickstart`: a federated session on the digits data set, all in this process.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tessera_cluster::{Cluster, ClusterConfig, NodeSpec, digits};
+use tessera_coordinator::{Observer, SessionConfig, new_session_id};
+use tessera_core::registry::PackageRecord;
+use tessera_core::wire::{NodeRecord, RoundReport};
+use tessera_wasm::WasmLimits;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Where the hub and the nodes keep their files (default: a new folder under the
+    /// system's temporary directory, kept afterwards).
+    #[arg(long)]
+    home: Option<PathBuf>,
+    /// Rounds to run.
+    #[arg(long, default_value_t = 20)]
+    rounds: u32,
+    /// Participant nodes.
+    #[arg(long, default_value_t = 4)]
+    nodes: usize,
+    /// Fraction of nodes asked each round.
+    #[arg(long, default_value_t = 1.0)]
+    ratio: f64,
+    /// Learning rate (default: the worker's).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Seed for the data split, participant selection and shuffling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+struct Progress {
+    bar: ProgressBar,
+}
+
+impl Progress {
+    fn line(&self, text: String) {
+        if self.bar.is_hidden() {
+            println!("{text}");
+        } else {
+            self.bar.println(text);
+        }
+    }
+}
+
+impl Observer for Progress {
+    fn started(&self, session: &str, module: &PackageRecord, eligible: &[NodeRecord], rounds: u32) {
+        self.line(format!(
+            "session {session}: {} rounds of {}@{} on {} nodes ({})",
+            rounds,
+            module.name,
+            module.version,
+            eligible.len(),
+            eligible.iter().map(|n| n.id.as_str()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    fn round_started(&self, round: u32, selected: &[String]) {
+        self.bar.set_message(format!("round {round}: training on {}", selected.join(", ")));
+    }
+    fn round_finished(&self, r: &RoundReport) {
+        self.bar.inc(1);
+        let acc = r.eval_accuracy.map_or("-".into(), |a| format!("{a:.3}"));
+        let loss = r.eval_loss.map_or("-".into(), |l| format!("{l:.4}"));
+        let failed = if r.failures.is_empty() { String::new() } else { format!(", {} failed", r.failures.len()) };
+        self.line(format!(
+            "round {:>2}  train loss {:.4}  test loss {loss}  test accuracy {acc}  ({} nodes{failed}, {:.0} ms)",
+            r.round,
+            r.train_loss,
+            r.contributed.len(),
+            r.seconds * 1000.0
+        ));
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.nodes >= 1 && args.nodes <= 64, "--nodes must be between 1 and 64");
+    anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
+    let started = Instant::now();
+    let session = new_session_id();
+    let home = match args.home {
+        Some(h) => h,
+        None => std::env::temp_dir().join(format!("tessera-quickstart-{session}")),
+    };
+    std::fs::create_dir_all(&home).with_context(|| format!("creating {}", home.display()))?;
+    println!("Tessera quickstart: a hub, a coordinator and {} nodes in this process.", args.nodes);
+    println!("(Embedded mode: requests are not signed and nothing listens on the network.)");
+    println!("home: {}", home.display());
+
+    let data =
+        digits::prepare(&home.join("data"), args.nodes, 0.2, args.seed).context("preparing the digits data set")?;
+    println!(
+        "data: digits, {} training rows in {} node shards; {} rows held out at the coordinator",
+        data.train_rows,
+        data.shards.len(),
+        data.test_rows
+    );
+    let nodes = data
+        .shards
+        .iter()
+        .enumerate()
+        .map(|(k, p)| NodeSpec {
+            id: format!("node-{k}"),
+            datasets: BTreeMap::from([("digits".to_string(), p.clone())]),
+        })
+        .collect();
+    let cluster = Cluster::start(ClusterConfig {
+        home: home.clone(),
+        nodes,
+        coordinator_datasets: BTreeMap::from([("digits-test".to_string(), data.test.clone())]),
+        wasm_limits: WasmLimits::default(),
+    })
+    .await?;
+
+    let module_dir = home.join("modules").join("fl.softmax.worker");
+    if !module_dir.exists() {
+        tessera_modules::write_softmax_worker(&module_dir)?;
+    }
+    let worker = cluster.publish_dir(&module_dir).context("publishing the worker")?;
+    println!("hub: published {}@{} {}", worker.name, worker.version, worker.digest);
+
+    let mut cfg = SessionConfig::new(format!("{}@{}", worker.name, worker.version));
+    cfg.rounds = args.rounds;
+    cfg.participant_ratio = args.ratio;
+    cfg.min_participants = 1;
+    cfg.eval_dataset = Some("digits-test".into());
+    cfg.seed = args.seed;
+    if let Some(lr) = args.lr {
+        cfg.config = json!({ "lr": lr });
+    }
+    let bar = ProgressBar::new(u64::from(args.rounds));
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let progress = Progress { bar };
+    let session_started = Instant::now();
+    let result = cluster.coordinator().run(&session, &cfg, &progress).await;
+    progress.bar.finish_and_clear();
+    let result = result?;
+    let session_secs = session_started.elapsed().as_secs_f64();
+
+    let final_metrics = result.final_metrics.clone().context("the session evaluated nothing")?;
+    let accuracy = final_metrics.accuracy.unwrap_or(0.0);
+    let name = "digits.softmax";
+    let hub = cluster.hub.clone();
+    let version = hub.next_model_version(name)?;
+    let metadata = json!({
+        "library": "tessera",
+        "format": "safetensors",
+        "task": "digits classification (softmax regression)",
+        "features": digits::FEATURES,
+        "classes": digits::CLASSES,
+        "test_accuracy": accuracy,
+        "test_loss": final_metrics.loss,
+        "test_rows": data.test_rows,
+    });
+    hub.create_model(name, &version, &metadata, Some(&result.lineage))?;
+    let (model, _) = hub.put_model(name, &version, &result.model)?;
+    cluster.stop().await;
+
+    println!();
+    println!("final test accuracy: {accuracy:.4} on {} held-out rows", data.test_rows);
+    println!("model: {name}@{version} {}", model.digest.map(|d| d.to_string()).unwrap_or_default());
+    println!(
+        "lineage: session {}, {} rounds of {}, nodes {}, worker {}",
+        result.lineage.session,
+        result.lineage.rounds,
+        result.lineage.strategy,
+        result.lineage.nodes.join(", "),
+        worker.digest
+    );
+    println!("time: session {session_secs:.2}s, total {:.2}s", started.elapsed().as_secs_f64());
+    println!("browse: tessera hub serve --data {}", home.join("hub").display());
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! The client against a real hub on a real socket.
+
+use std::sync::Arc;
+
+use tessera_client::{ClientError, HubClient, ListParams};
+use tessera_core::{Digest, PackageRef};
+use tessera_hub::{AppState, HubStore, app};
+use tessera_package::{Limits, pack_dir};
+use tessera_ports::PackageSource;
+
+async fn serve() -> (HubClient, Arc<HubStore>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = app(AppState { store: store.clone() });
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (HubClient::new(&format!("http://{addr}")).unwrap(), store, dir)
+}
+
+fn package(dir: &std::path::Path, version: &str, text: &str) -> Vec<u8> {
+    let m = dir.join(format!("m-{version}-{text}"));
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::write(
+        m.join("module.yaml"),
+        format!("name: demo.echo\nversion: {version}\nkind: task\nruntime: builtin\nentry: echo\ntags: [demo]\n"),
+    )
+    .unwrap();
+    std::fs::write(m.join("notes.txt"), text).unwrap();
+    pack_dir(&m, &Limits::default()).unwrap().bytes
+}
+
+#[tokio::test]
+async fn publish_find_and_fetch_verified() {
+    let (client, store, dir) = serve().await;
+    assert_eq!(client.health().await.unwrap()["status"], "ok");
+    let bytes = package(dir.path(), "0.1.0", "a");
+    let (rec, created) = client.publish(bytes.clone()).await.unwrap();
+    assert!(created);
+    assert_eq!(rec.digest, Digest::of(&bytes));
+    let (_, created) = client.publish(bytes.clone()).await.unwrap();
+    assert!(!created);
+    let e = client.publish(package(dir.path(), "0.1.0", "b")).await.unwrap_err();
+    assert!(e.is_conflict(), "{e}");
+
+    let r: PackageRef = "demo.echo".parse().unwrap();
+    let (shown, got) = client.download(&r).await.unwrap();
+    assert_eq!(shown.version, "0.1.0");
+    assert_eq!(&got[..], &bytes[..]);
+    assert_eq!(client.list(&ListParams { tag: Some("demo".into()), ..Default::default() }).await.unwrap().len(), 1);
+    assert_eq!(client.show(&PackageRef::Digest(rec.digest)).await.unwrap().name, "demo.echo");
+
+    // As a package source.
+    assert_eq!(&client.fetch(&rec.digest).await.unwrap()[..], &bytes[..]);
+    assert!(matches!(
+        client.resolve(&"demo.nothing".parse().unwrap()).await,
+        Err(tessera_ports::SourceError::NotFound(_))
+    ));
+
+    // Bytes corrupted on the hub's disk are refused by the client.
+    std::fs::write(store.blobs().path_of(&rec.digest), b"corrupted").unwrap();
+    let e = client.blob(&rec.digest).await.unwrap_err();
+    assert!(matches!(e, ClientError::Verify { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn models_round_trip() {
+    let (client, _store, _dir) = serve().await;
+    let lineage = None;
+    client.create_model("digits.softmax", "0.1.0", &serde_json::json!({"accuracy": 0.95}), lineage).await.unwrap();
+    let (rec, created) = client.push_model("digits.softmax", "0.1.0", vec![1, 2, 3]).await.unwrap();
+    assert!(created);
+    assert_eq!(rec.metadata["accuracy"], 0.95);
+    let (rec, bytes) = client.pull_model("digits.softmax", "latest").await.unwrap();
+    assert_eq!(rec.version, "0.1.0");
+    assert_eq!(&bytes[..], &[1, 2, 3]);
+    assert_eq!(client.models(Some("digits")).await.unwrap().len(), 1);
+    assert!(client.pull_model("digits.other", "latest").await.unwrap_err().is_not_found());
+}
+
+#[tokio::test]
+async fn unreachable_and_bad_addresses() {
+    assert!(matches!(HubClient::new("localhost:7700"), Err(ClientError::Address(_))));
+    let c = HubClient::new("http://127.0.0.1:9").unwrap();
+    let e = c.health().await.unwrap_err();
+    assert!(matches!(e, ClientError::Transport { .. }), "{e}");
+    assert!(e.to_string().contains("127.0.0.1:9"));
+}
