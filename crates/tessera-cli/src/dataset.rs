@@ -29,7 +29,7 @@ pub enum Command {
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Digits { out, shards, test_fraction, seed } => {
-            anyhow::ensure!(shards >= 1 && shards <= 1000, "--shards must be between 1 and 1000");
+            anyhow::ensure!((1..=1000).contains(&shards), "--shards must be between 1 and 1000");
             anyhow::ensure!((0.0..1.0).contains(&test_fraction), "--test-fraction must be in [0, 1)");
             let p = digits::prepare(&out, shards, test_fraction, seed)?;
             for s in &p.shards {

@@ -80,7 +80,7 @@ impl Observer for Progress {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    anyhow::ensure!(args.nodes >= 1 && args.nodes <= 64, "--nodes must be between 1 and 64");
+    anyhow::ensure!((1..=64).contains(&args.nodes), "--nodes must be between 1 and 64");
     anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
     let started = Instant::now();
     let session = new_session_id();

@@ -75,8 +75,9 @@ wit-bindgen = {{ version = \"0.63\", default-features = false, features = [\"mac
 serde_json = \"1\"
 
 [profile.release]
-opt-level = \"s\"
+opt-level = 3
 lto = true
+codegen-units = 1
 strip = \"debuginfo\"
 
 # Built on its own, not as part of an enclosing workspace.

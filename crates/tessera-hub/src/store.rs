@@ -122,6 +122,9 @@ CREATE TABLE IF NOT EXISTS models (
 CREATE INDEX IF NOT EXISTS models_digest ON models(digest);
 ";
 
+/// A `models` row: name, version, digest, size, metadata, lineage, created_at.
+type ModelRow = (String, String, Option<String>, Option<i64>, String, Option<String>, String);
+
 /// The hub's store.
 pub struct HubStore {
     db: Mutex<Connection>,
@@ -525,23 +528,11 @@ impl HubStore {
 
     // ---- models ----
 
-    fn model_row(
-        row: &rusqlite::Row<'_>,
-    ) -> rusqlite::Result<(String, String, Option<String>, Option<i64>, String, Option<String>, String)> {
+    fn model_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ModelRow> {
         Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?))
     }
 
-    fn model_record(
-        (name, version, digest, size, metadata, lineage, created_at): (
-            String,
-            String,
-            Option<String>,
-            Option<i64>,
-            String,
-            Option<String>,
-            String,
-        ),
-    ) -> Result<ModelRecord, HubError> {
+    fn model_record((name, version, digest, size, metadata, lineage, created_at): ModelRow) -> Result<ModelRecord, HubError> {
         Ok(ModelRecord {
             name,
             version,

@@ -269,7 +269,6 @@ fn walk<R: io::BufRead>(
         file_paths.insert(trimmed.to_owned());
         files.push(FileInfo { path: trimmed.to_owned(), size, executable });
     }
-    drop(archive);
     // Read to the end of the zstd stream: this checks the frame's checksum and catches
     // truncation and trailing garbage.
     io::copy(&mut capped, &mut io::sink()).map_err(|e| malformed(&e))?;

@@ -160,7 +160,7 @@ impl WasmRuntime {
         &self,
         pre: &bindings::ModulePre<Host>,
         invocation: Invocation,
-        ctx: Arc<dyn TaskContext>,
+        ctx: &Arc<dyn TaskContext>,
         rt: tokio::runtime::Handle,
     ) -> Result<Outputs, RuntimeError> {
         let limits = &self.inner.limits;
@@ -246,7 +246,7 @@ impl Runtime for WasmRuntime {
         let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let pre = this.prepare(&module)?;
-            this.run_blocking(&pre, invocation, ctx, rt)
+            this.run_blocking(&pre, invocation, &ctx, rt)
         })
         .await
         .map_err(|e| RuntimeError::Trap(format!("the run's thread failed: {e}")))?

@@ -1,0 +1,214 @@
+//! The `tessera` binary as a user runs it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+fn tessera() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    c.env_remove("TESSERA_HUB").env_remove("RUST_LOG");
+    c
+}
+
+fn run(args: &[&str], cwd: &Path, hub: Option<&str>) -> Output {
+    let mut c = tessera();
+    c.args(args).current_dir(cwd);
+    if let Some(h) = hub {
+        c.env("TESSERA_HUB", h);
+    }
+    c.output().unwrap()
+}
+
+fn ok(args: &[&str], cwd: &Path, hub: Option<&str>) -> String {
+    let out = run(args, cwd, hub);
+    assert!(
+        out.status.success(),
+        "tessera {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(args: &[&str], cwd: &Path, hub: Option<&str>) -> String {
+    let out = run(args, cwd, hub);
+    assert!(!out.status.success(), "tessera {args:?} should fail");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn quickstart_reaches_90_percent_and_publishes_the_model() {
+    let home = tempfile::tempdir().unwrap();
+    let out = ok(&["quickstart", "--home", home.path().to_str().unwrap()], home.path(), None);
+    let acc: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("final test accuracy: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no accuracy in:\n{out}"));
+    assert!(acc >= 0.90, "accuracy {acc}\n{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("round ")).count(), 20, "{out}");
+    let model_line = out.lines().find(|l| l.starts_with("model: digits.softmax@0.1.0 b3:")).expect("model id");
+    let digest = model_line.rsplit(' ').next().unwrap();
+    // The model is in the hub with its lineage.
+    let hub = tessera_hub::HubStore::open(home.path().join("hub")).unwrap();
+    let m = hub.model("digits.softmax", "0.1.0").unwrap();
+    assert_eq!(m.digest.unwrap().to_string(), digest);
+    let lineage = m.lineage.unwrap();
+    assert_eq!(lineage.rounds, 20);
+    assert_eq!(lineage.nodes.len(), 4);
+    assert_eq!(lineage.modules[0].module, "fl.softmax.worker@0.1.0");
+    assert!((m.metadata["test_accuracy"].as_f64().unwrap() - acc).abs() < 1e-3);
+    // A second run in the same home publishes the next version.
+    let out = ok(&["quickstart", "--home", home.path().to_str().unwrap(), "--rounds", "2"], home.path(), None);
+    assert!(out.contains("model: digits.softmax@0.1.1 b3:"), "{out}");
+}
+
+struct Hub {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_hub(data: &Path) -> Hub {
+    let mut child = tessera()
+        .args(["hub", "serve", "--listen", "127.0.0.1:0", "--data", data.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("the hub says where it listens").unwrap();
+        if let Some(rest) = line.strip_prefix("hub: ") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Hub { child, url }
+}
+
+/// A plain HTTP GET, to look at what a browser would.
+fn http_get(url: &str, path: &str) -> (u16, String) {
+    let addr = url.strip_prefix("http://").unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, resp)
+}
+
+#[test]
+fn hub_walkthrough_publish_list_show_pull_and_models() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let hub = start_hub(&w.join("hub-data"));
+    let url = Some(hub.url.as_str());
+
+    ok(&["module", "new", "hello", "--runtime", "builtin", "--name", "demo.hello"], w, None);
+    let digest = ok(&["module", "publish", "hello"], w, url).trim().to_owned();
+    assert!(digest.starts_with("b3:"), "{digest}");
+    // Publishing again is a no-op; a changed module under the same version is refused.
+    assert_eq!(ok(&["module", "publish", "hello"], w, url).trim(), digest);
+    std::fs::write(w.join("hello/extra.txt"), "changed").unwrap();
+    let err = fails(&["module", "publish", "hello"], w, url);
+    assert!(err.contains("409") && err.contains("immutable"), "{err}");
+    std::fs::remove_file(w.join("hello/extra.txt")).unwrap();
+
+    let list = ok(&["module", "list"], w, url);
+    assert!(list.contains("demo.hello") && list.contains("0.1.0"), "{list}");
+    let show = ok(&["module", "show", "demo.hello@latest"], w, url);
+    assert!(show.contains(&digest) && show.contains("builtin"), "{show}");
+    let pulled = ok(&["module", "pull", "demo.hello@0.1.0", "--out", "pulled"], w, url);
+    assert_eq!(pulled.trim(), "pulled");
+    assert_eq!(std::fs::read(w.join("pulled/module.yaml")).unwrap(), std::fs::read(w.join("hello/module.yaml")).unwrap());
+    ok(&["module", "pull", &digest, "--archive", "hello.tpkg"], w, url);
+    assert!(w.join("hello.tpkg").exists());
+    let err = fails(&["module", "show", "demo.absent"], w, url);
+    assert!(err.contains("404"), "{err}");
+
+    std::fs::write(w.join("weights.safetensors"), b"not really weights").unwrap();
+    ok(&["model", "push", "demo.model@1.0.0", "weights.safetensors", "--meta", "library=tessera", "--meta", "accuracy=0.9"], w, url);
+    let out = ok(&["model", "pull", "demo.model", "--out", "back.bin"], w, url);
+    assert_eq!(out.trim(), "back.bin");
+    assert_eq!(std::fs::read(w.join("back.bin")).unwrap(), b"not really weights");
+    let models = ok(&["model", "list"], w, url);
+    assert!(models.contains("demo.model") && models.contains("1.0.0"), "{models}");
+    let shown = ok(&["model", "show", "demo.model@1.0.0"], w, url);
+    assert!(shown.contains("\"library\":\"tessera\"") && shown.contains("\"accuracy\":0.9"), "{shown}");
+
+    // The docs page and the OpenAPI document, as a browser sees them.
+    let (status, page) = http_get(&hub.url, "/docs/");
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("swagger-ui"));
+    let (status, doc) = http_get(&hub.url, "/openapi.json");
+    assert_eq!(status, 200);
+    assert!(doc.contains("/api/v1/packages/{name}/{version}/download"));
+
+    // A hub that is not there gets a clear error.
+    let err = fails(&["module", "list"], w, Some("http://127.0.0.1:9"));
+    assert!(err.contains("cannot reach the hub"), "{err}");
+}
+
+#[test]
+fn packing_is_deterministic_and_manifests_are_checked() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    ok(&["module", "new", "m", "--runtime", "builtin", "--name", "demo.m"], w, None);
+    let a = ok(&["module", "pack", "m", "-o", "a.tpkg"], w, None);
+    let b = ok(&["module", "pack", "m", "-o", "b.tpkg"], w, None);
+    assert_eq!(a, b);
+    assert_eq!(std::fs::read(w.join("a.tpkg")).unwrap(), std::fs::read(w.join("b.tpkg")).unwrap());
+
+    let yaml = std::fs::read_to_string(w.join("m/module.yaml")).unwrap();
+    std::fs::write(w.join("m/module.yaml"), yaml.replace("kind: task", "kind: gadget")).unwrap();
+    let err = fails(&["module", "check", "m"], w, None);
+    assert!(err.contains("module.yaml:3") && err.contains("field `kind`"), "{err}");
+    std::fs::write(w.join("m/module.yaml"), yaml.replace("version: 0.1.0", "version: 1")).unwrap();
+    let err = fails(&["module", "pack", "m"], w, None);
+    assert!(err.contains("field `version`"), "{err}");
+    std::fs::write(w.join("m/module.yaml"), &yaml).unwrap();
+
+    let out = ok(&["module", "run", "m", "--set", "greeting=hi"], w, None);
+    assert!(out.contains("\"greeting\":\"hi\""), "{out}");
+    let err = fails(&["module", "run", "m", "--set", "greeting"], w, None);
+    assert!(err.contains("key.path=value"), "{err}");
+    let err = fails(&["module", "new", "m", "--runtime", "builtin"], w, None);
+    assert!(err.contains("not empty"), "{err}");
+    let err = fails(&["module", "new", "Bad Name", "--runtime", "builtin"], w, None);
+    assert!(err.contains("invalid module path"), "{err}");
+}
+
+fn target_dir() -> PathBuf {
+    // <target>/debug/tessera -> <target>
+    PathBuf::from(env!("CARGO_BIN_EXE_tessera")).parent().unwrap().parent().unwrap().to_owned()
+}
+
+#[test]
+fn a_new_wasm_module_builds_and_runs() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    ok(&["module", "new", "hello-wasm"], w, None);
+    // Share the guest build directory with the project's own modules (same dependencies).
+    let out = tessera()
+        .args(["module", "build", "hello-wasm"])
+        .current_dir(w)
+        .env("CARGO_TARGET_DIR", target_dir().join("wasm-modules"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(w.join("hello-wasm/module.wasm").exists());
+    std::fs::write(w.join("in.txt"), "payload").unwrap();
+    let out = ok(&["module", "run", "hello-wasm", "--set", "greeting=hi", "--input", "data=in.txt"], w, None);
+    assert!(out.contains("message: hi from local"), "{out}");
+    assert!(out.contains("data: payload"), "{out}");
+    let digest = ok(&["module", "pack", "hello-wasm", "-o", "h.tpkg"], w, None);
+    assert!(digest.starts_with("b3:"));
+}

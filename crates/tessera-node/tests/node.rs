@@ -1,0 +1,250 @@
+//! A node agent serving tasks over the bus: limits, bad input, redelivery, verification.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::json;
+use tessera_core::registry::PackageRecord;
+use tessera_core::wire::{self, SCHEMA_VERSION, TaskMessage, TaskOutcome, TaskReply};
+use tessera_core::{Digest, PackageRef};
+use tessera_hub::{HubStore, LocalHub};
+use tessera_node::{BuiltinRuntime, Node, NodeConfig, NodeError, NodePorts, list_nodes};
+use tessera_package::{Limits, pack_dir};
+use tessera_ports::{
+    BlobStore, Bus, MemoryBlobStore, MemoryBus, MemoryWorld, PackageSource, Runtime, SourceError, WorldState,
+};
+use tessera_wasm::{WasmLimits, WasmRuntime};
+
+const PROGRAMS: &str = "name: test.programs\nversion: 0.1.0\nkind: task\nruntime: wasm\nentry: module.wasm\n";
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    bus: Arc<MemoryBus>,
+    world: Arc<MemoryWorld>,
+    blobs: Arc<MemoryBlobStore>,
+    hub: Arc<HubStore>,
+    programs: Digest,
+    dataset: std::path::PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
+    let m = dir.path().join("programs");
+    tessera_modules::write_module_dir(&m, PROGRAMS, tessera_modules::TEST_PROGRAMS_WASM).unwrap();
+    let packed = pack_dir(&m, &Limits::default()).unwrap();
+    hub.publish(&packed.bytes, None).unwrap();
+    let dataset = dir.path().join("data.bin");
+    std::fs::write(&dataset, b"local data").unwrap();
+    Setup {
+        bus: Arc::new(MemoryBus::new()),
+        world: Arc::new(MemoryWorld::new()),
+        blobs: Arc::new(MemoryBlobStore::new()),
+        hub,
+        programs: packed.digest,
+        dataset,
+        _dir: dir,
+    }
+}
+
+impl Setup {
+    fn node_with(&self, id: &str, source: Arc<dyn PackageSource>, runtimes: Vec<Arc<dyn Runtime>>) -> Arc<Node> {
+        let cfg = NodeConfig::new(id, self._dir.path().join(id)).dataset("local", &self.dataset);
+        let ports = NodePorts { bus: self.bus.clone(), world: self.world.clone(), blobs: self.blobs.clone(), source };
+        Arc::new(Node::new(cfg, ports, runtimes).unwrap())
+    }
+    fn node(&self, id: &str) -> Arc<Node> {
+        let wasm = WasmRuntime::new(WasmLimits {
+            max_memory: 128 << 20,
+            max_time: Duration::from_millis(1000),
+            max_output_bytes: 1 << 20,
+        })
+        .unwrap();
+        self.node_with(id, Arc::new(LocalHub(self.hub.clone())), vec![Arc::new(wasm), Arc::new(BuiltinRuntime::new())])
+    }
+    fn task(&self, id: &str, node: &str, config: serde_json::Value) -> TaskMessage {
+        TaskMessage {
+            schema: SCHEMA_VERSION,
+            task_id: id.into(),
+            session: "s1".into(),
+            round: 1,
+            module: self.programs,
+            config,
+            inputs: vec![],
+            reply_to: "test.replies".into(),
+        }
+        .with_node(node)
+    }
+    async fn send(&self, node: &Node, task: &TaskMessage) {
+        self.bus.put(&node.task_queue(), Bytes::from(wire::encode(task))).await.unwrap();
+    }
+    async fn reply(&self) -> TaskReply {
+        let d = self.bus.get("test.replies", Duration::from_secs(60)).await.unwrap().expect("a reply");
+        let r = wire::decode(&d.payload).unwrap();
+        d.ack().await.unwrap();
+        r
+    }
+}
+
+trait WithNode {
+    fn with_node(self, node: &str) -> Self;
+}
+impl WithNode for TaskMessage {
+    fn with_node(mut self, node: &str) -> Self {
+        self.task_id = format!("{}.{node}", self.task_id);
+        self
+    }
+}
+
+fn serve(node: &Arc<Node>) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<Result<(), NodeError>>) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    (tx, tokio::spawn(node.clone().serve(rx)))
+}
+
+fn failed(r: &TaskReply) -> &str {
+    match &r.outcome {
+        TaskOutcome::Failed { error } => error,
+        TaskOutcome::Ok { .. } => panic!("task {} succeeded", r.task_id),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaching_limits_fails_the_task_and_the_node_runs_the_next_one() {
+    let s = setup();
+    let node = s.node("n1");
+    let (stop, handle) = serve(&node);
+
+    s.send(&node, &s.task("spin", "n1", json!({"mode": "spin"}))).await;
+    s.send(&node, &s.task("after-spin", "n1", json!({"mode": "echo"}))).await;
+    s.send(&node, &s.task("alloc", "n1", json!({"mode": "alloc", "bytes": 4u64 << 30}))).await;
+    s.send(&node, &s.task("after-alloc", "n1", json!({"mode": "echo"}))).await;
+
+    let r = s.reply().await;
+    assert_eq!(r.task_id, "spin.n1");
+    assert!(failed(&r).contains("time limit"), "{r:?}");
+    let r = s.reply().await;
+    assert_eq!(r.task_id, "after-spin.n1");
+    assert!(matches!(r.outcome, TaskOutcome::Ok { .. }), "{r:?}");
+    let r = s.reply().await;
+    assert!(failed(&r).contains("memory limit"), "{r:?}");
+    let r = s.reply().await;
+    assert_eq!(r.task_id, "after-alloc.n1");
+    assert!(matches!(r.outcome, TaskOutcome::Ok { .. }), "{r:?}");
+    stop.send(true).unwrap();
+    handle.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_are_dropped_and_the_node_carries_on() {
+    let s = setup();
+    let node = s.node("n1");
+    let (stop, handle) = serve(&node);
+    let q = node.task_queue();
+    s.bus.put(&q, Bytes::from_static(b"not json")).await.unwrap();
+    s.bus.put(&q, Bytes::from_static(b"{\"schema\": 99}")).await.unwrap();
+    s.bus.put(&q, Bytes::from(vec![b'x'; 2 << 20])).await.unwrap();
+    let mut bad_reply = s.task("bad-reply", "n1", json!({"mode": "echo"}));
+    bad_reply.reply_to = "no spaces allowed".into();
+    s.send(&node, &bad_reply).await;
+    s.send(&node, &s.task("good", "n1", json!({"mode": "echo"}))).await;
+    let r = s.reply().await;
+    assert_eq!(r.task_id, "good.n1");
+    assert!(matches!(r.outcome, TaskOutcome::Ok { .. }));
+    assert_eq!(s.bus.len(&q).await.unwrap(), 0, "bad messages are not redelivered forever");
+    stop.send(true).unwrap();
+    handle.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_delivered_twice_runs_once() {
+    let s = setup();
+    let node = s.node("n1");
+    let (stop, handle) = serve(&node);
+    let task = s.task("ctx", "n1", json!({"mode": "context", "dataset": "local"}));
+    s.send(&node, &task).await;
+    s.send(&node, &task).await;
+    let a = s.reply().await;
+    let b = s.reply().await;
+    assert_eq!(a, b, "the same answer twice");
+    // The module adds one result per run: one run.
+    let seen = s.world.select_results("runs/s1/results/seen", None).await.unwrap();
+    assert_eq!(seen.len(), 1);
+    // And it read the node's dataset, not anything else.
+    let TaskOutcome::Ok { outputs, .. } = &a.outcome else { panic!("{a:?}") };
+    let report = s.blobs.get(&outputs[0].digest).await.unwrap().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&report).unwrap();
+    assert_eq!(report["head"], "loca");
+    assert_eq!(report["datasets"], json!(["local"]));
+    stop.send(true).unwrap();
+    handle.await.unwrap().unwrap();
+}
+
+/// A source that answers every fetch with the bytes of another package.
+struct Swapping(LocalHub, Digest);
+
+#[async_trait]
+impl PackageSource for Swapping {
+    async fn resolve(&self, r: &PackageRef) -> Result<PackageRecord, SourceError> {
+        self.0.resolve(r).await
+    }
+    async fn fetch(&self, _digest: &Digest) -> Result<Bytes, SourceError> {
+        self.0.fetch(&self.1).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_that_do_not_match_their_digest_never_run() {
+    let s = setup();
+    // A second, harmless package; the source hands it out whatever is asked for.
+    let m = s._dir.path().join("other");
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::write(m.join("module.yaml"), "name: other.echo\nversion: 0.1.0\nkind: task\nruntime: builtin\nentry: echo\n").unwrap();
+    let other = pack_dir(&m, &Limits::default()).unwrap();
+    s.hub.publish(&other.bytes, None).unwrap();
+    let source = Arc::new(Swapping(LocalHub(s.hub.clone()), other.digest));
+    let node = s.node_with("n2", source, vec![Arc::new(BuiltinRuntime::new())]);
+    let reply = node.execute(&s.task("t", "n2", json!({"mode": "echo"}))).await;
+    assert!(failed(&reply).contains("digest mismatch"), "{reply:?}");
+    assert!(!s._dir.path().join("n2").join(s.programs.hex()).exists(), "nothing entered the cache");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_and_refusals() {
+    let s = setup();
+    let node = s.node("n1");
+    node.register().await.unwrap();
+    let nodes = list_nodes(s.world.as_ref()).await.unwrap();
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].datasets, vec!["local"]);
+    assert!(nodes[0].resources.cpu >= 1.0);
+    node.deregister().await.unwrap();
+    assert!(list_nodes(s.world.as_ref()).await.unwrap().is_empty());
+
+    // A node without the wasm runtime says so.
+    let builtin_only = s.node_with("n3", Arc::new(LocalHub(s.hub.clone())), vec![Arc::new(BuiltinRuntime::new())]);
+    let r = builtin_only.execute(&s.task("t", "n3", json!({"mode": "echo"}))).await;
+    assert!(failed(&r).contains("no wasm runtime"), "{r:?}");
+    // An unknown package.
+    let mut t = s.task("t2", "n1", json!({}));
+    t.module = Digest::of(b"nothing");
+    assert!(failed(&node.execute(&t).await).contains("not found"));
+    // A missing input blob.
+    let mut t = s.task("t3", "n1", json!({"mode": "echo"}));
+    t.inputs.push(wire::BlobRef { name: "model".into(), digest: Digest::of(b"gone"), size: 4 });
+    assert!(failed(&node.execute(&t).await).contains("not in the blob store"));
+
+    // Config errors.
+    let ports = NodePorts {
+        bus: s.bus.clone(),
+        world: s.world.clone(),
+        blobs: s.blobs.clone(),
+        source: Arc::new(LocalHub(s.hub.clone())),
+    };
+    let e = Node::new(NodeConfig::new("bad id!", s._dir.path().join("x")), ports.clone(), vec![]).err().unwrap();
+    assert!(e.to_string().contains("node id"));
+    let cfg = NodeConfig::new("n4", s._dir.path().join("x")).dataset("digits", "/no/such/file");
+    let e = Node::new(cfg, ports, vec![]).err().unwrap();
+    assert!(e.to_string().contains("/no/such/file"));
+}
