@@ -41,7 +41,22 @@ fn sum_range(out: &mut [f32], offset: usize, inputs: &[&[f32]], weights: &[f32])
         let start = offset + b * BLOCK;
         let len = block.len();
         block.fill(0.0);
-        for (input, &w) in inputs.iter().zip(weights) {
+        // Four updates per pass over the block: a quarter of the output traffic.
+        let mut k = 0;
+        while k + 4 <= inputs.len() {
+            let (a, b, c, d) = (
+                &inputs[k][start..start + len],
+                &inputs[k + 1][start..start + len],
+                &inputs[k + 2][start..start + len],
+                &inputs[k + 3][start..start + len],
+            );
+            let (wa, wb, wc, wd) = (weights[k], weights[k + 1], weights[k + 2], weights[k + 3]);
+            for i in 0..len {
+                block[i] += wa * a[i] + wb * b[i] + wc * c[i] + wd * d[i];
+            }
+            k += 4;
+        }
+        for (input, &w) in inputs[k..].iter().zip(&weights[k..]) {
             let src = &input[start..start + len];
             for (o, &x) in block.iter_mut().zip(src) {
                 *o += w * x;
