@@ -128,14 +128,30 @@ fn hub_walkthrough_publish_list_show_pull_and_models() {
     assert!(show.contains(&digest) && show.contains("builtin"), "{show}");
     let pulled = ok(&["module", "pull", "demo.hello@0.1.0", "--out", "pulled"], w, url);
     assert_eq!(pulled.trim(), "pulled");
-    assert_eq!(std::fs::read(w.join("pulled/module.yaml")).unwrap(), std::fs::read(w.join("hello/module.yaml")).unwrap());
+    assert_eq!(
+        std::fs::read(w.join("pulled/module.yaml")).unwrap(),
+        std::fs::read(w.join("hello/module.yaml")).unwrap()
+    );
     ok(&["module", "pull", &digest, "--archive", "hello.tpkg"], w, url);
     assert!(w.join("hello.tpkg").exists());
     let err = fails(&["module", "show", "demo.absent"], w, url);
     assert!(err.contains("404"), "{err}");
 
     std::fs::write(w.join("weights.safetensors"), b"not really weights").unwrap();
-    ok(&["model", "push", "demo.model@1.0.0", "weights.safetensors", "--meta", "library=tessera", "--meta", "accuracy=0.9"], w, url);
+    ok(
+        &[
+            "model",
+            "push",
+            "demo.model@1.0.0",
+            "weights.safetensors",
+            "--meta",
+            "library=tessera",
+            "--meta",
+            "accuracy=0.9",
+        ],
+        w,
+        url,
+    );
     let out = ok(&["model", "pull", "demo.model", "--out", "back.bin"], w, url);
     assert_eq!(out.trim(), "back.bin");
     assert_eq!(std::fs::read(w.join("back.bin")).unwrap(), b"not really weights");

@@ -532,7 +532,9 @@ impl HubStore {
         Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?))
     }
 
-    fn model_record((name, version, digest, size, metadata, lineage, created_at): ModelRow) -> Result<ModelRecord, HubError> {
+    fn model_record(
+        (name, version, digest, size, metadata, lineage, created_at): ModelRow,
+    ) -> Result<ModelRecord, HubError> {
         Ok(ModelRecord {
             name,
             version,

@@ -200,7 +200,11 @@ async fn packages_that_do_not_match_their_digest_never_run() {
     // A second, harmless package; the source hands it out whatever is asked for.
     let m = s._dir.path().join("other");
     std::fs::create_dir_all(&m).unwrap();
-    std::fs::write(m.join("module.yaml"), "name: other.echo\nversion: 0.1.0\nkind: task\nruntime: builtin\nentry: echo\n").unwrap();
+    std::fs::write(
+        m.join("module.yaml"),
+        "name: other.echo\nversion: 0.1.0\nkind: task\nruntime: builtin\nentry: echo\n",
+    )
+    .unwrap();
     let other = pack_dir(&m, &Limits::default()).unwrap();
     s.hub.publish(&other.bytes, None).unwrap();
     let source = Arc::new(Swapping(LocalHub(s.hub.clone()), other.digest));
