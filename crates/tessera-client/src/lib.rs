@@ -11,7 +11,6 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tessera_core::registry::{ModelRecord, PackageRecord};
-use tessera_core::version::Selector;
 use tessera_core::wire::Lineage;
 use tessera_core::{Digest, PackageRef};
 use tessera_ports::{PackageSource, SourceError};
@@ -330,9 +329,4 @@ impl PackageSource for HubClient {
     async fn fetch(&self, digest: &Digest) -> Result<Bytes, SourceError> {
         self.blob(digest).await.map_err(source_err)
     }
-}
-
-/// The `latest` selector.
-pub fn latest() -> Selector {
-    Selector::Alias(tessera_core::version::LATEST.to_owned())
 }

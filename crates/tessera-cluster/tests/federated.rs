@@ -93,3 +93,47 @@ async fn a_partial_ratio_picks_fewer_nodes_and_sessions_check_their_nodes() {
     assert!(e.to_string().contains("no.such.module"), "{e}");
     cluster.stop().await;
 }
+
+/// Registers a node that never answers (its record is there, nobody serves its queue).
+async fn register_silent_node(cluster: &Cluster, id: &str) {
+    let record = tessera_core::wire::NodeRecord {
+        schema: tessera_core::wire::SCHEMA_VERSION,
+        id: id.into(),
+        datasets: vec!["digits".into()],
+        runtimes: vec![tessera_core::RuntimeKind::Wasm],
+        resources: Default::default(),
+        task_queue: tessera_node::task_queue(id),
+    };
+    cluster
+        .world
+        .put(&tessera_node::node_key(id), bytes::Bytes::from(tessera_core::wire::encode(&record)))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_times_out_on_a_silent_node_and_completes_with_the_others() {
+    let home = tempfile::tempdir().unwrap();
+    let cluster = cluster(home.path(), 3).await;
+    register_silent_node(&cluster, "node-gone").await;
+    let mut cfg = SessionConfig::new("fl.softmax.worker");
+    cfg.rounds = 2;
+    cfg.min_participants = 2;
+    cfg.round_timeout_secs = 1.0;
+    let result = cluster.coordinator().run("s-timeout", &cfg, &Quiet).await.unwrap();
+    for r in &result.reports {
+        assert_eq!(r.selected.len(), 4);
+        assert_eq!(r.contributed, vec!["node-0", "node-1", "node-2"]);
+        assert_eq!(r.failures.len(), 1);
+        assert_eq!(r.failures[0].node, "node-gone");
+        assert!(r.failures[0].error.contains("no reply"), "{:?}", r.failures);
+    }
+    assert!(!result.lineage.nodes.contains(&"node-gone".to_string()));
+
+    // With a minimum the answering nodes cannot meet, the round fails and says why.
+    cfg.min_participants = 4;
+    let e = cluster.coordinator().run("s-timeout2", &cfg, &Quiet).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("round 1") && msg.contains("minimum is 4") && msg.contains("node-gone"), "{msg}");
+    cluster.stop().await;
+}
