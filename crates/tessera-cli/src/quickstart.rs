@@ -1,13 +1,12 @@
 //! `tessera quickstart`: a federated session on the digits data set, all in this process.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use tessera_cluster::{Cluster, ClusterConfig, NodeSpec, digits};
+use tessera_cluster::{Cluster, ClusterConfig, digits};
 use tessera_coordinator::{Observer, SessionConfig, new_session_id};
 use tessera_core::registry::PackageRecord;
 use tessera_core::wire::{NodeRecord, RoundReport};
@@ -101,22 +100,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         data.shards.len(),
         data.test_rows
     );
-    let nodes = data
-        .shards
-        .iter()
-        .enumerate()
-        .map(|(k, p)| NodeSpec {
-            id: format!("node-{k}"),
-            datasets: BTreeMap::from([("digits".to_string(), p.clone())]),
-        })
-        .collect();
-    let cluster = Cluster::start(ClusterConfig {
-        home: home.clone(),
-        nodes,
-        coordinator_datasets: BTreeMap::from([("digits-test".to_string(), data.test.clone())]),
-        wasm_limits: WasmLimits::default(),
-    })
-    .await?;
+    let cluster = Cluster::start(ClusterConfig::digits(&home, &data, WasmLimits::default())).await?;
 
     let module_dir = home.join("modules").join("fl.softmax.worker");
     if !module_dir.exists() {

@@ -66,6 +66,28 @@ pub struct ClusterConfig {
     pub wasm_limits: WasmLimits,
 }
 
+impl ClusterConfig {
+    /// One node per digits shard (`node-<k>`, dataset `digits`), the test split at the
+    /// coordinator (dataset `digits-test`).
+    pub fn digits(home: impl Into<PathBuf>, data: &digits::Prepared, wasm_limits: WasmLimits) -> Self {
+        let nodes = data
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(k, p)| NodeSpec {
+                id: format!("node-{k}"),
+                datasets: BTreeMap::from([("digits".to_string(), p.clone())]),
+            })
+            .collect();
+        ClusterConfig {
+            home: home.into(),
+            nodes,
+            coordinator_datasets: BTreeMap::from([("digits-test".to_string(), data.test.clone())]),
+            wasm_limits,
+        }
+    }
+}
+
 /// A running in-process cluster.
 pub struct Cluster {
     /// The hub's store.

@@ -1,34 +1,18 @@
 //! A federated session end to end, in one process: real hub, real packages, real
 //! WebAssembly worker, real digits data.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::json;
-use tessera_cluster::{Cluster, ClusterConfig, NodeSpec, digits};
+use tessera_cluster::{Cluster, ClusterConfig, digits};
 use tessera_coordinator::{Quiet, SessionConfig};
 use tessera_core::tensor::{TensorLimits, Tensors};
 use tessera_wasm::WasmLimits;
 
 async fn cluster(home: &std::path::Path, nodes: usize) -> Cluster {
     let prepared = digits::prepare(&home.join("data"), nodes, 0.2, 42).unwrap();
-    let specs = prepared
-        .shards
-        .iter()
-        .enumerate()
-        .map(|(k, p)| NodeSpec {
-            id: format!("node-{k}"),
-            datasets: BTreeMap::from([("digits".to_string(), p.clone())]),
-        })
-        .collect();
-    let cluster = Cluster::start(ClusterConfig {
-        home: home.to_owned(),
-        nodes: specs,
-        coordinator_datasets: BTreeMap::from([("digits-test".to_string(), prepared.test.clone())]),
-        wasm_limits: WasmLimits { max_time: Duration::from_secs(60), ..WasmLimits::default() },
-    })
-    .await
-    .unwrap();
+    let limits = WasmLimits { max_time: Duration::from_secs(60), ..WasmLimits::default() };
+    let cluster = Cluster::start(ClusterConfig::digits(home, &prepared, limits)).await.unwrap();
     let dir = home.join("modules").join("fl.softmax.worker");
     tessera_modules::write_softmax_worker(&dir).unwrap();
     cluster.publish_dir(&dir).unwrap();

@@ -249,9 +249,7 @@ impl HubStore {
         expected: Option<Digest>,
     ) -> Result<Published, HubError> {
         let result = self.publish_file_inner(file, digest, size, expected);
-        if file.exists() {
-            let _ = std::fs::remove_file(file);
-        }
+        remove_leftover(file);
         result
     }
 
@@ -472,18 +470,21 @@ impl HubStore {
         row.map(|(r, _)| r.into_record()).transpose()?.ok_or_else(|| HubError::NotFound(digest.to_string()))
     }
 
-    /// The file holding a blob the hub serves (a live package or a model binary).
-    pub fn blob_path(&self, digest: &Digest) -> Result<PathBuf, HubError> {
-        let d = digest.to_string();
-        let referenced: bool = self.db().query_row(
+    /// True when a live package or a model uses the blob.
+    fn blob_in_use(&self, digest: &Digest) -> Result<bool, HubError> {
+        Ok(self.db().query_row(
             "SELECT EXISTS(SELECT 1 FROM packages WHERE digest = ?1 AND deleted = 0)
                  OR EXISTS(SELECT 1 FROM models WHERE digest = ?1)",
-            params![d],
+            params![digest.to_string()],
             |r| r.get(0),
-        )?;
+        )?)
+    }
+
+    /// The file holding a blob the hub serves (a live package or a model binary).
+    pub fn blob_path(&self, digest: &Digest) -> Result<PathBuf, HubError> {
         let path = self.blobs.path_of(digest);
-        if !referenced || !path.exists() {
-            return Err(HubError::NotFound(d));
+        if !self.blob_in_use(digest)? || !path.exists() {
+            return Err(HubError::NotFound(digest.to_string()));
         }
         Ok(path)
     }
@@ -512,15 +513,9 @@ impl HubStore {
         Ok(record)
     }
 
+    /// Removes a blob nothing uses any more.
     fn collect_blob(&self, digest: &Digest) -> Result<(), HubError> {
-        let d = digest.to_string();
-        let used: bool = self.db().query_row(
-            "SELECT EXISTS(SELECT 1 FROM packages WHERE digest = ?1 AND deleted = 0)
-                 OR EXISTS(SELECT 1 FROM models WHERE digest = ?1)",
-            params![d],
-            |r| r.get(0),
-        )?;
-        if !used {
+        if !self.blob_in_use(digest)? {
             let _ = std::fs::remove_file(self.blobs.path_of(digest));
         }
         Ok(())
@@ -605,9 +600,7 @@ impl HubStore {
         size: u64,
     ) -> Result<(ModelRecord, bool), HubError> {
         let result = self.put_model_file_inner(name, version, file, digest, size);
-        if file.exists() {
-            let _ = std::fs::remove_file(file);
-        }
+        remove_leftover(file);
         result
     }
 
@@ -745,4 +738,11 @@ impl HubStore {
 
 fn semver_empty_pre() -> tessera_core::version::Prerelease {
     tessera_core::version::Prerelease::EMPTY
+}
+
+/// Removes a temporary upload file that was not moved into the store.
+fn remove_leftover(file: &Path) {
+    if file.exists() {
+        let _ = std::fs::remove_file(file);
+    }
 }
