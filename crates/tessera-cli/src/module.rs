@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
 use clap::Subcommand;
+use std::time::Duration;
 use tessera_client::ListParams;
 use tessera_core::config::apply_override;
 use tessera_core::registry::PackageRecord;
@@ -15,7 +16,8 @@ use tessera_core::{ModulePath, PackageRef};
 use tessera_hub::{HubStore, LocalHub};
 use tessera_node::{BuiltinRuntime, Node, NodeConfig, NodePorts};
 use tessera_package::{EXTENSION, Limits, inspect, pack_dir, unpack, verify};
-use tessera_ports::{MemoryBlobStore, MemoryBus, MemoryWorld, Runtime};
+
+use tessera_ports::{Backend, Runtime};
 use tessera_wasm::{WasmLimits, WasmRuntime};
 
 use crate::HubArg;
@@ -393,12 +395,7 @@ async fn run_local(
         ..WasmLimits::default()
     })?;
     let runtimes: Vec<Arc<dyn Runtime>> = vec![Arc::new(wasm), Arc::new(BuiltinRuntime::new())];
-    let ports = NodePorts {
-        bus: Arc::new(MemoryBus::new()),
-        world: Arc::new(MemoryWorld::new()),
-        blobs: Arc::new(MemoryBlobStore::new()),
-        source: Arc::new(LocalHub(hub)),
-    };
+    let ports = NodePorts { backend: Backend::in_process(Duration::from_secs(60)), source: Arc::new(LocalHub(hub)) };
     let node = Node::new(node_cfg, ports, runtimes)?;
     let mut inputs = Vec::new();
     for (name, file) in pairs(input, "input")? {

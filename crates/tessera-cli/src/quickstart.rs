@@ -50,9 +50,11 @@ impl Progress {
 }
 
 impl Observer for Progress {
-    fn started(&self, session: &str, module: &PackageRecord, eligible: &[NodeRecord], rounds: u32) {
+    fn started(&self, session: &str, module: &PackageRecord, eligible: &[NodeRecord], rounds: u32, done: u32) {
+        let resumed = if done > 0 { format!(", resumed after round {done}") } else { String::new() };
+        self.bar.set_position(u64::from(done));
         self.line(format!(
-            "session {session}: {} rounds of {}@{} on {} nodes ({})",
+            "session {session}: {} rounds of {}@{} on {} nodes ({}){resumed}",
             rounds,
             module.name,
             module.version,

@@ -19,7 +19,7 @@ use tessera_core::registry::PackageRecord;
 use tessera_hub::{HubError, HubStore, LocalHub};
 use tessera_node::{BuiltinRuntime, Node, NodeConfig, NodeError, NodePorts};
 use tessera_package::{Limits, PackError, pack_dir};
-use tessera_ports::{BlobStore, Bus, MemoryBlobStore, MemoryBus, MemoryWorld, PackageSource, Runtime, WorldState};
+use tessera_ports::{Backend, PackageSource, Runtime};
 use tessera_wasm::{StartError, WasmLimits, WasmRuntime};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -92,12 +92,8 @@ impl ClusterConfig {
 pub struct Cluster {
     /// The hub's store.
     pub hub: Arc<HubStore>,
-    /// The bus.
-    pub bus: Arc<dyn Bus>,
-    /// World state.
-    pub world: Arc<dyn WorldState>,
-    /// Blob store for run data.
-    pub blobs: Arc<dyn BlobStore>,
+    /// Bus, world state, blobs and membership.
+    pub backend: Backend,
     /// The participant nodes.
     pub nodes: Vec<Arc<Node>>,
     /// The coordinator's own node.
@@ -107,16 +103,19 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts the hub, the runtimes and the nodes; registers the nodes and starts serving.
+    /// Starts the hub, the runtimes and the nodes on the in-process backend.
     pub async fn start(config: ClusterConfig) -> Result<Cluster, ClusterError> {
+        Self::start_on(config, Backend::in_process(std::time::Duration::from_secs(30))).await
+    }
+
+    /// Starts the hub, the runtimes and the nodes on `backend`; the nodes register and
+    /// start serving.
+    pub async fn start_on(config: ClusterConfig, backend: Backend) -> Result<Cluster, ClusterError> {
         let hub = Arc::new(HubStore::open(config.home.join("hub"))?);
-        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
-        let world: Arc<dyn WorldState> = Arc::new(MemoryWorld::new());
-        let blobs: Arc<dyn BlobStore> = Arc::new(MemoryBlobStore::new());
         let source: Arc<dyn PackageSource> = Arc::new(LocalHub(hub.clone()));
         let wasm = WasmRuntime::new(config.wasm_limits.clone())?;
         let runtimes: Vec<Arc<dyn Runtime>> = vec![Arc::new(wasm), Arc::new(BuiltinRuntime::new())];
-        let ports = NodePorts { bus: bus.clone(), world: world.clone(), blobs: blobs.clone(), source };
+        let ports = NodePorts { backend: backend.clone(), source };
 
         let make = |id: &str, datasets: &BTreeMap<String, PathBuf>| -> Result<Arc<Node>, NodeError> {
             let mut c = NodeConfig::new(id, config.home.join("nodes").join(id).join("cache"));
@@ -131,18 +130,17 @@ impl Cluster {
         let (shutdown, rx) = watch::channel(false);
         let mut serving = Vec::new();
         for n in &nodes {
+            // Announce before serving starts, so a session started right away sees it.
             n.register().await?;
             serving.push(tokio::spawn(n.clone().serve(rx.clone())));
         }
-        Ok(Cluster { hub, bus, world, blobs, nodes, coordinator_node, shutdown, serving })
+        Ok(Cluster { hub, backend, nodes, coordinator_node, shutdown, serving })
     }
 
     /// A coordinator over the cluster's ports, evaluating on the coordinator's node.
     pub fn coordinator(&self) -> Coordinator {
         Coordinator::new(
-            self.bus.clone(),
-            self.world.clone(),
-            self.blobs.clone(),
+            self.backend.clone(),
             Arc::new(LocalHub(self.hub.clone())),
             Some(self.coordinator_node.clone()),
         )
@@ -154,14 +152,11 @@ impl Cluster {
         Ok(self.hub.publish(&packed.bytes, Some(packed.digest))?.record)
     }
 
-    /// Stops the nodes (deregistering them) and waits for them.
+    /// Stops the nodes (they withdraw their announcements) and waits for them.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         for h in self.serving {
             let _ = h.await;
-        }
-        for n in &self.nodes {
-            let _ = n.deregister().await;
         }
     }
 }

@@ -88,11 +88,7 @@ async fn register_silent_node(cluster: &Cluster, id: &str) {
         resources: Default::default(),
         task_queue: tessera_node::task_queue(id),
     };
-    cluster
-        .world
-        .put(&tessera_node::node_key(id), bytes::Bytes::from(tessera_core::wire::encode(&record)))
-        .await
-        .unwrap();
+    cluster.backend.members.announce(id, bytes::Bytes::from(tessera_core::wire::encode(&record))).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

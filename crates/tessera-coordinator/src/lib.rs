@@ -16,4 +16,5 @@ mod session;
 
 pub use session::{
     Coordinator, Observer, Quiet, SessionConfig, SessionError, SessionResult, SessionState, new_session_id,
+    reply_queue, state_key,
 };

@@ -19,7 +19,7 @@ use tessera_core::wire::{
 };
 use tessera_core::{Digest, PackageRef};
 use tessera_node::{Node, NodeError, list_nodes, task_queue};
-use tessera_ports::{BlobError, BlobStore, Bus, BusError, PackageSource, SourceError, WorldError, WorldState};
+use tessera_ports::{Backend, BlobError, BusError, PackageSource, SourceError, WorldError};
 
 /// A federated learning session, as written in a swarm file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -164,6 +164,9 @@ pub enum SessionError {
     /// The blob store failed.
     #[error(transparent)]
     Blob(#[from] BlobError),
+    /// No session has this id.
+    #[error("no session {0} in world state")]
+    Unknown(String),
 }
 
 /// What a session has done so far, stored at `sessions/<id>` after every round.
@@ -206,8 +209,9 @@ pub struct SessionResult {
 
 /// Watches a session's progress.
 pub trait Observer: Send + Sync {
-    /// The session resolved its module and found its nodes.
-    fn started(&self, _session: &str, _module: &PackageRecord, _eligible: &[NodeRecord], _rounds: u32) {}
+    /// The session resolved its module and found its nodes (`done` rounds already
+    /// completed when it resumes).
+    fn started(&self, _session: &str, _module: &PackageRecord, _eligible: &[NodeRecord], _rounds: u32, _done: u32) {}
     /// A round sent its tasks.
     fn round_started(&self, _round: u32, _selected: &[String]) {}
     /// A round finished.
@@ -225,14 +229,39 @@ pub fn new_session_id() -> String {
     format!("s-{}", &Digest::of(seed.as_bytes()).hex()[..12])
 }
 
+/// Errors worth retrying: the backend may come back (a restarting server, a lost
+/// connection); bad names and oversized values will not.
+trait Transient {
+    fn transient(&self) -> bool;
+}
+impl Transient for BusError {
+    fn transient(&self) -> bool {
+        matches!(self, BusError::Backend(_))
+    }
+}
+impl Transient for WorldError {
+    fn transient(&self) -> bool {
+        matches!(self, WorldError::Backend(_))
+    }
+}
+impl Transient for BlobError {
+    fn transient(&self) -> bool {
+        matches!(self, BlobError::Backend(_) | BlobError::Io { .. })
+    }
+}
+
+/// The world key of a session's state.
+pub fn state_key(id: &str) -> String {
+    format!("sessions/{id}")
+}
+
 /// Runs sessions.
 pub struct Coordinator {
-    bus: Arc<dyn Bus>,
-    world: Arc<dyn WorldState>,
-    blobs: Arc<dyn BlobStore>,
+    backend: Backend,
     source: Arc<dyn PackageSource>,
     local: Option<Arc<Node>>,
     threads: usize,
+    retry_for: Duration,
 }
 
 struct Update {
@@ -242,20 +271,43 @@ struct Update {
 }
 
 impl Coordinator {
-    /// A coordinator over the given ports. `local` is the coordinator's own node: it
-    /// creates the initial model and evaluates each global model on its held-out data.
-    pub fn new(
-        bus: Arc<dyn Bus>,
-        world: Arc<dyn WorldState>,
-        blobs: Arc<dyn BlobStore>,
-        source: Arc<dyn PackageSource>,
-        local: Option<Arc<Node>>,
-    ) -> Self {
+    /// A coordinator over a backend and a package source. `local` is the coordinator's
+    /// own node: it creates the initial model and evaluates each global model on its
+    /// held-out data.
+    pub fn new(backend: Backend, source: Arc<dyn PackageSource>, local: Option<Arc<Node>>) -> Self {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Coordinator { bus, world, blobs, source, local, threads }
+        Coordinator { backend, source, local, threads, retry_for: Duration::from_secs(60) }
     }
 
-    /// Runs a session to the end.
+    /// How long backend failures are retried before the session gives up (default 60 s).
+    pub fn with_retry_window(mut self, window: Duration) -> Self {
+        self.retry_for = window;
+        self
+    }
+
+    async fn retry<T, E, F, Fut>(&self, what: &str, mut f: F) -> Result<T, E>
+    where
+        E: Transient + std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let deadline = Instant::now() + self.retry_for;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.transient() && Instant::now() < deadline => {
+                    tracing::warn!("{what}: {e}; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Runs a new session to the end. An id that already has a session is refused (use
+    /// [`Coordinator::resume`]).
     pub async fn run(
         &self,
         id: &str,
@@ -264,13 +316,15 @@ impl Coordinator {
     ) -> Result<SessionResult, SessionError> {
         check_ident("session id", id).map_err(|e| SessionError::Config(e.to_string()))?;
         let module_ref = cfg.validate()?;
+        if self.state(id).await?.is_some() {
+            return Err(SessionError::Config(format!("session {id} exists already; resume it or pick another id")));
+        }
         let record = self.source.resolve(&module_ref).await?;
         let module_use = ModuleUse {
             module: format!("{}@{}", record.name, record.version),
             digest: record.digest,
             role: "worker".into(),
         };
-
         let eligible = self.eligible(cfg, &record).await?;
         if eligible.len() < cfg.min_participants {
             return Err(SessionError::Participants(format!(
@@ -281,47 +335,76 @@ impl Coordinator {
                 cfg.min_participants
             )));
         }
-        observer.started(id, &record, &eligible, cfg.rounds);
-
+        observer.started(id, &record, &eligible, cfg.rounds, 0);
         let model = self.initial_model(id, cfg, &record, &eligible).await?;
-        let mut state = SessionState {
+        let model = self.retry("storing the initial model", || self.backend.blobs.put(model.clone())).await?;
+        let state = SessionState {
             schema: SCHEMA_VERSION,
             id: id.to_owned(),
             config: cfg.clone(),
-            module: module_use.clone(),
+            module: module_use,
             completed_rounds: 0,
-            model: self.blobs.put(model).await?,
+            model,
             contributors: BTreeSet::new(),
             reports: Vec::new(),
         };
         self.save(&state).await?;
+        self.drive(state, &record, observer).await
+    }
 
-        let mut final_metrics = None;
-        for round in 1..=cfg.rounds {
-            let (report, metrics) = self.round(id, cfg, &record, &state, round, observer).await?;
+    /// Continues a session from its last completed round (after its coordinator died).
+    /// A finished session gives its result again without running anything.
+    pub async fn resume(&self, id: &str, observer: &dyn Observer) -> Result<SessionResult, SessionError> {
+        check_ident("session id", id).map_err(|e| SessionError::Config(e.to_string()))?;
+        let state = self.state(id).await?.ok_or_else(|| SessionError::Unknown(id.to_owned()))?;
+        let module_ref: PackageRef =
+            state.module.module.parse().map_err(|e| SessionError::Config(format!("stored module reference: {e}")))?;
+        let record = self.source.resolve(&module_ref).await?;
+        if record.digest != state.module.digest {
+            return Err(SessionError::Config(format!(
+                "{} is now {}, but the session ran {}",
+                state.module.module, record.digest, state.module.digest
+            )));
+        }
+        let eligible = self.eligible(&state.config, &record).await?;
+        observer.started(id, &record, &eligible, state.config.rounds, state.completed_rounds);
+        tracing::info!(session = id, done = state.completed_rounds, "resuming");
+        self.drive(state, &record, observer).await
+    }
+
+    async fn drive(
+        &self,
+        mut state: SessionState,
+        record: &PackageRecord,
+        observer: &dyn Observer,
+    ) -> Result<SessionResult, SessionError> {
+        let cfg = state.config.clone();
+        for round in state.completed_rounds + 1..=cfg.rounds {
+            let report = self.round(&state, record, round, observer).await?;
             state.completed_rounds = round;
             state.model = report.model;
             state.contributors.extend(report.contributed.iter().cloned());
             state.reports.push(report.clone());
             self.save(&state).await?;
             observer.round_finished(&report);
-            final_metrics = metrics;
         }
         let model = self
-            .blobs
-            .get(&state.model)
+            .retry("reading the final model", || self.backend.blobs.get(&state.model))
             .await?
             .ok_or_else(|| SessionError::Aggregate("the final model vanished from the blob store".into()))?;
+        let final_metrics = state.reports.last().and_then(|r| {
+            Some(WorkerMetrics { num_examples: r.eval_examples?, loss: r.eval_loss?, accuracy: r.eval_accuracy })
+        });
         let lineage = Lineage {
-            session: id.to_owned(),
+            session: state.id.clone(),
             strategy: cfg.strategy.clone(),
-            modules: vec![module_use],
+            modules: vec![state.module.clone()],
             nodes: state.contributors.iter().cloned().collect(),
             rounds: state.completed_rounds,
             metrics: state.reports.clone(),
         };
         Ok(SessionResult {
-            session: id.to_owned(),
+            session: state.id,
             model_digest: state.model,
             model,
             reports: state.reports,
@@ -331,14 +414,16 @@ impl Coordinator {
     }
 
     async fn save(&self, state: &SessionState) -> Result<(), SessionError> {
-        let bytes = serde_json::to_vec(state).map_err(|e| SessionError::Aggregate(e.to_string()))?;
-        self.world.put(&format!("sessions/{}", state.id), Bytes::from(bytes)).await?;
+        let bytes = Bytes::from(serde_json::to_vec(state).map_err(|e| SessionError::Aggregate(e.to_string()))?);
+        let key = state_key(&state.id);
+        self.retry("saving the session state", || self.backend.world.put(&key, bytes.clone())).await?;
         Ok(())
     }
 
     /// Reads a session's stored state.
     pub async fn state(&self, id: &str) -> Result<Option<SessionState>, SessionError> {
-        match self.world.get(&format!("sessions/{id}")).await? {
+        let key = state_key(id);
+        match self.retry("reading the session state", || self.backend.world.get(&key)).await? {
             None => Ok(None),
             Some(e) => serde_json::from_slice(&e.value)
                 .map(Some)
@@ -347,7 +432,7 @@ impl Coordinator {
     }
 
     async fn eligible(&self, cfg: &SessionConfig, record: &PackageRecord) -> Result<Vec<NodeRecord>, SessionError> {
-        let nodes = list_nodes(self.world.as_ref()).await?;
+        let nodes = self.retry("listing nodes", || list_nodes(self.backend.members.as_ref())).await?;
         let local = self.local.as_ref().map(|n| n.id().to_owned());
         Ok(nodes
             .into_iter()
@@ -380,13 +465,12 @@ impl Coordinator {
         }
         // No local node: ask the first eligible node.
         let first = vec![eligible[0].id.clone()];
-        let replies = self
-            .dispatch(id, 0, &first, record, |_| config.clone(), &[], Duration::from_secs_f64(cfg.round_timeout_secs))
-            .await?;
+        let timeout = Duration::from_secs_f64(cfg.round_timeout_secs);
+        let replies = self.dispatch(id, 0, &first, record, |_| config.clone(), &[], timeout).await?;
         for r in replies.into_values() {
             if let TaskOutcome::Ok { outputs, .. } = r.outcome
                 && let Some(m) = outputs.iter().find(|o| o.name == "model")
-                && let Some(b) = self.blobs.get(&m.digest).await?
+                && let Some(b) = self.retry("reading the initial model", || self.backend.blobs.get(&m.digest)).await?
             {
                 return Ok(b);
             }
@@ -395,6 +479,8 @@ impl Coordinator {
     }
 
     /// Sends one task per node and collects replies until all answered or `timeout`.
+    /// Replies are matched by task id: duplicates, strays from other rounds and malformed
+    /// messages are logged and dropped.
     #[allow(clippy::too_many_arguments)]
     async fn dispatch(
         &self,
@@ -406,7 +492,7 @@ impl Coordinator {
         inputs: &[BlobRef],
         timeout: Duration,
     ) -> Result<BTreeMap<String, TaskReply>, SessionError> {
-        let reply_to = format!("tessera.session.{id}.replies");
+        let reply_to = reply_queue(id);
         let mut pending: BTreeMap<String, String> = BTreeMap::new();
         for (i, node) in nodes.iter().enumerate() {
             let task_id = format!("{id}.r{round}.{node}");
@@ -420,7 +506,9 @@ impl Coordinator {
                 inputs: inputs.to_vec(),
                 reply_to: reply_to.clone(),
             };
-            self.bus.put(&task_queue(node), Bytes::from(wire::encode(&task))).await?;
+            let bytes = Bytes::from(wire::encode(&task));
+            let queue = task_queue(node);
+            self.retry("sending a task", || self.backend.bus.put_once(&queue, &task_id, bytes.clone())).await?;
             pending.insert(task_id, node.clone());
         }
         let deadline = Instant::now() + timeout;
@@ -430,7 +518,15 @@ impl Coordinator {
             if left.is_zero() {
                 break;
             }
-            let Some(d) = self.bus.get(&reply_to, left).await? else { break };
+            let d = match self.backend.bus.get(&reply_to, left).await {
+                Ok(Some(d)) => d,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("waiting for replies: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(200).min(left)).await;
+                    continue;
+                }
+            };
             match wire::decode::<TaskReply>(&d.payload) {
                 Ok(r) if r.session == id && r.round == round => match pending.remove(&r.task_id) {
                     Some(node) if node == r.node => {
@@ -440,12 +536,16 @@ impl Coordinator {
                         tracing::warn!(task = %r.task_id, "reply claims node {} but the task went to {node}; ignored", r.node);
                         pending.insert(r.task_id.clone(), node);
                     }
-                    None => tracing::debug!(task = %r.task_id, "duplicate or unexpected reply ignored"),
+                    None => tracing::info!(task = %r.task_id, "duplicate or unexpected reply ignored"),
                 },
-                Ok(r) => tracing::debug!(task = %r.task_id, "reply for another round or session ignored"),
+                Ok(r) => {
+                    tracing::info!(task = %r.task_id, session = %r.session, "reply for another round or session ignored")
+                }
                 Err(e) => tracing::warn!("refused a message on {reply_to}: {e}"),
             }
-            d.ack().await?;
+            if let Err(e) = d.ack().await {
+                tracing::debug!("ack of a reply failed: {e}");
+            }
         }
         Ok(replies)
     }
@@ -458,9 +558,16 @@ impl Coordinator {
         let get = |name: &str| outputs.iter().find(|o| o.name == name).map(|o| o.digest);
         let model = get("model").ok_or("no `model` output")?;
         let metrics = get("metrics").ok_or("no `metrics` output")?;
-        let model = self.blobs.get(&model).await.map_err(|e| e.to_string())?.ok_or("the `model` blob is missing")?;
-        let metrics =
-            self.blobs.get(&metrics).await.map_err(|e| e.to_string())?.ok_or("the `metrics` blob is missing")?;
+        let model = self
+            .retry("reading an update", || self.backend.blobs.get(&model))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the `model` blob is missing")?;
+        let metrics = self
+            .retry("reading metrics", || self.backend.blobs.get(&metrics))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the `metrics` blob is missing")?;
         let tensors = Tensors::decode(&model, TensorLimits::default()).map_err(|e| e.to_string())?;
         let metrics: WorkerMetrics = serde_json::from_slice(&metrics).map_err(|e| format!("metrics: {e}"))?;
         if metrics.num_examples == 0 {
@@ -471,13 +578,13 @@ impl Coordinator {
 
     async fn round(
         &self,
-        id: &str,
-        cfg: &SessionConfig,
-        record: &PackageRecord,
         state: &SessionState,
+        record: &PackageRecord,
         round: u32,
         observer: &dyn Observer,
-    ) -> Result<(RoundReport, Option<WorkerMetrics>), SessionError> {
+    ) -> Result<RoundReport, SessionError> {
+        let cfg = &state.config;
+        let id = state.id.as_str();
         let started = Instant::now();
         // Nodes may come and go between rounds.
         let available: Vec<String> = self.eligible(cfg, record).await?.into_iter().map(|n| n.id).collect();
@@ -491,8 +598,7 @@ impl Coordinator {
         observer.round_started(round, &selected);
 
         let global = self
-            .blobs
-            .get(&state.model)
+            .retry("reading the global model", || self.backend.blobs.get(&state.model))
             .await?
             .ok_or_else(|| SessionError::Aggregate("the global model is missing".into()))?;
         let global_ref = BlobRef { name: "model".into(), digest: state.model, size: global.len() as u64 };
@@ -523,14 +629,6 @@ impl Coordinator {
                 },
             }
         }
-        if updates.len() < cfg.min_participants {
-            return Err(SessionError::RoundFailed {
-                round,
-                got: updates.len(),
-                min: cfg.min_participants,
-                failures: failures.iter().map(|f| format!("{}: {}", f.node, f.error)).collect::<Vec<_>>().join("; "),
-            });
-        }
         let base =
             Tensors::decode(&global, TensorLimits::default()).map_err(|e| SessionError::Aggregate(e.to_string()))?;
         let mut usable = Vec::new();
@@ -554,10 +652,10 @@ impl Coordinator {
         let train_loss =
             usable.iter().map(|u| u.metrics.loss * u.metrics.num_examples as f64).sum::<f64>() / examples as f64;
         let model_bytes = Bytes::from(aggregate.encode());
-        let model = self.blobs.put(model_bytes.clone()).await?;
+        let model = self.retry("storing the global model", || self.backend.blobs.put(model_bytes.clone())).await?;
 
         let metrics = self.evaluate(id, cfg, record, model_bytes, round).await?;
-        let report = RoundReport {
+        Ok(RoundReport {
             round,
             selected,
             contributed: usable.iter().map(|u| u.node.clone()).collect(),
@@ -566,10 +664,10 @@ impl Coordinator {
             train_loss,
             eval_loss: metrics.as_ref().map(|m| m.loss),
             eval_accuracy: metrics.as_ref().and_then(|m| m.accuracy),
+            eval_examples: metrics.as_ref().map(|m| m.num_examples),
             model,
             seconds: started.elapsed().as_secs_f64(),
-        };
-        Ok((report, metrics))
+        })
     }
 
     async fn evaluate(
@@ -596,6 +694,11 @@ impl Coordinator {
             .map(Some)
             .map_err(|e| SessionError::Aggregate(format!("evaluation metrics: {e}")))
     }
+}
+
+/// The queue a session's replies come back on.
+pub fn reply_queue(id: &str) -> String {
+    format!("tessera.session.{id}.replies")
 }
 
 #[cfg(test)]

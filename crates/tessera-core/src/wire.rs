@@ -185,6 +185,9 @@ pub struct RoundReport {
     pub eval_loss: Option<f64>,
     /// Accuracy of the new global model on held-out data, when evaluated.
     pub eval_accuracy: Option<f64>,
+    /// Held-out rows the evaluation used.
+    #[serde(default)]
+    pub eval_examples: Option<u64>,
     /// Digest of the new global model.
     pub model: Digest,
     /// Wall time of the round in seconds.

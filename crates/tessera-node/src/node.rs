@@ -14,8 +14,8 @@ use tessera_core::{Digest, RuntimeKind};
 use tessera_package::Limits;
 use tessera_ports::bus::check_queue;
 use tessera_ports::{
-    BlobError, BlobStore, Bus, BusError, Invocation, ModuleImage, Outputs, PackageSource, Runtime, RuntimeError,
-    WorldError, WorldState,
+    Backend, BlobError, BusError, Delivery, Invocation, Membership, ModuleImage, Outputs, PackageSource, Runtime,
+    RuntimeError, WorldError,
 };
 
 use crate::cache::{CacheError, PackageCache};
@@ -96,22 +96,17 @@ pub struct Node {
     resources: Resources,
     runtimes: BTreeMap<RuntimeKind, Arc<dyn Runtime>>,
     cache: PackageCache,
-    bus: Arc<dyn Bus>,
-    world: Arc<dyn WorldState>,
-    blobs: Arc<dyn BlobStore>,
+    backend: Backend,
     source: Arc<dyn PackageSource>,
     replies: Mutex<(HashMap<String, TaskReply>, VecDeque<String>)>,
 }
 
-/// The ports a node talks through.
+/// What a node talks through: a backend (bus, world state, blobs, membership) and a
+/// package source (the hub).
 #[derive(Clone)]
 pub struct NodePorts {
-    /// Where tasks arrive and replies go.
-    pub bus: Arc<dyn Bus>,
-    /// Run state and node registration.
-    pub world: Arc<dyn WorldState>,
-    /// Inputs and outputs.
-    pub blobs: Arc<dyn BlobStore>,
+    /// Bus, world state, blob store, membership.
+    pub backend: Backend,
     /// Packages.
     pub source: Arc<dyn PackageSource>,
 }
@@ -134,9 +129,7 @@ impl Node {
             resources,
             runtimes: runtimes.into_iter().map(|r| (r.kind(), r)).collect(),
             cache,
-            bus: ports.bus,
-            world: ports.world,
-            blobs: ports.blobs,
+            backend: ports.backend,
             source: ports.source,
             replies: Mutex::new((HashMap::new(), VecDeque::new())),
         })
@@ -164,15 +157,16 @@ impl Node {
         }
     }
 
-    /// Announces the node in world state (`nodes/<id>`).
+    /// Announces the node (or refreshes its announcement). [`Node::serve`] does this
+    /// every third of the membership's time-to-live.
     pub async fn register(&self) -> Result<(), NodeError> {
-        self.world.put(&node_key(&self.id), Bytes::from(wire::encode(&self.record()))).await?;
+        self.backend.members.announce(&self.id, Bytes::from(wire::encode(&self.record()))).await?;
         Ok(())
     }
 
     /// Withdraws the node's announcement.
     pub async fn deregister(&self) -> Result<(), NodeError> {
-        self.world.delete(&node_key(&self.id)).await?;
+        self.backend.members.withdraw(&self.id).await?;
         Ok(())
     }
 
@@ -202,7 +196,7 @@ impl Node {
             task: task.to_owned(),
             datasets: self.datasets.clone(),
             resources: self.resources.clone(),
-            world: self.world.clone(),
+            world: self.backend.world.clone(),
         });
         Ok(runtime.run(&image, Invocation { config: merged, inputs }, ctx).await?)
     }
@@ -248,6 +242,7 @@ impl Node {
         let mut inputs = Vec::with_capacity(task.inputs.len());
         for r in &task.inputs {
             let bytes = self
+                .backend
                 .blobs
                 .get(&r.digest)
                 .await?
@@ -258,24 +253,27 @@ impl Node {
         let mut refs = Vec::with_capacity(outputs.len());
         for (name, bytes) in outputs {
             let size = bytes.len() as u64;
-            let digest = self.blobs.put(bytes).await?;
+            let digest = self.backend.blobs.put(bytes).await?;
             refs.push(BlobRef { name, digest, size });
         }
         Ok(refs)
     }
 
-    /// Takes tasks from the node's queue until `shutdown` turns true. Malformed messages
-    /// are logged and dropped; they never stop the node.
+    /// Takes tasks from the node's queue until `shutdown` turns true, announcing the node
+    /// every third of the membership's time-to-live. Malformed messages are logged and
+    /// dropped; backend failures are retried; neither stops the node.
     pub async fn serve(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<(), NodeError> {
         let queue = self.task_queue();
+        self.register().await?;
         tracing::info!(node = %self.id, %queue, "node serving");
+        let heartbeat = tokio::spawn(self.clone().heartbeat(shutdown.clone()));
         loop {
             if *shutdown.borrow() {
                 break;
             }
             let delivery = tokio::select! {
                 _ = shutdown.changed() => break,
-                d = self.bus.get(&queue, Duration::from_secs(1)) => d,
+                d = self.backend.bus.get(&queue, Duration::from_secs(1)) => d,
             };
             let delivery = match delivery {
                 Ok(Some(d)) => d,
@@ -286,48 +284,102 @@ impl Node {
                     continue;
                 }
             };
-            let task: TaskMessage = match wire::decode(&delivery.payload) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::warn!(node = %self.id, "refused a message on {queue}: {e}");
-                    delivery.ack().await?;
-                    continue;
-                }
-            };
-            if let Err(e) = check_queue(&task.reply_to) {
-                tracing::warn!(node = %self.id, task = %task.task_id, "refused a task with a bad reply queue: {e}");
-                delivery.ack().await?;
-                continue;
-            }
-            let reply = self.execute(&task).await;
-            self.bus.put(&task.reply_to, Bytes::from(wire::encode(&reply))).await?;
-            delivery.ack().await?;
+            self.handle(delivery, &queue, &mut shutdown).await;
+        }
+        heartbeat.abort();
+        if let Err(e) = self.deregister().await {
+            tracing::warn!(node = %self.id, "could not withdraw the node's announcement: {e}");
         }
         tracing::info!(node = %self.id, "node stopped");
         Ok(())
     }
+
+    async fn heartbeat(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let every = (self.backend.members.ttl() / 3).max(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if let Err(e) = self.register().await {
+                tracing::warn!(node = %self.id, "heartbeat: {e}");
+            }
+        }
+    }
+
+    /// Handles one delivery: decode, run (with progress acks while it runs), reply, ack.
+    async fn handle(&self, delivery: Delivery, queue: &str, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+        let task: TaskMessage = match wire::decode(&delivery.payload) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(node = %self.id, "refused a message on {queue}: {e}");
+                let _ = delivery.ack().await;
+                return;
+            }
+        };
+        if let Err(e) = check_queue(&task.reply_to) {
+            tracing::warn!(node = %self.id, task = %task.task_id, "refused a task with a bad reply queue: {e}");
+            let _ = delivery.ack().await;
+            return;
+        }
+        if delivery.attempt > 1 {
+            tracing::info!(node = %self.id, task = %task.task_id, attempt = delivery.attempt, "task redelivered");
+        }
+        let run = self.execute(&task);
+        tokio::pin!(run);
+        let reply = loop {
+            tokio::select! {
+                r = &mut run => break r,
+                _ = tokio::time::sleep(PROGRESS_EVERY) => {
+                    if let Err(e) = delivery.progress().await {
+                        tracing::debug!(node = %self.id, "progress ack: {e}");
+                    }
+                }
+            }
+        };
+        let bytes = Bytes::from(wire::encode(&reply));
+        let id = format!("reply.{}.{}", task.task_id, self.id);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.backend.bus.put_once(&task.reply_to, &id, bytes.clone()).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(node = %self.id, task = %task.task_id, "cannot send the reply: {e}; retrying");
+                    tokio::select! {
+                        _ = shutdown.changed() => {
+                            // Give the task back: the next attempt answers from memory.
+                            let _ = delivery.nack().await;
+                            return;
+                        }
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        if let Err(e) = delivery.ack().await {
+            tracing::warn!(node = %self.id, task = %task.task_id, "ack failed ({e}); a redelivery will be answered from memory");
+        }
+    }
 }
+
+/// How often a node tells the bus a long task is still running.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// The task queue of node `id`.
 pub fn task_queue(id: &str) -> String {
     format!("tessera.node.{id}.tasks")
 }
 
-/// The world key of node `id`'s record.
-pub fn node_key(id: &str) -> String {
-    format!("nodes/{id}")
-}
-
-/// Reads every registered node record. Records that do not decode are skipped with a
-/// warning.
-pub async fn list_nodes(world: &dyn WorldState) -> Result<Vec<NodeRecord>, WorldError> {
+/// Every node announced within the membership's time-to-live. Records that do not
+/// decode are skipped with a warning.
+pub async fn list_nodes(members: &dyn Membership) -> Result<Vec<NodeRecord>, WorldError> {
     let mut out = Vec::new();
-    for key in world.keys("nodes/").await? {
-        if let Some(e) = world.get(&key).await? {
-            match wire::decode::<NodeRecord>(&e.value) {
-                Ok(r) => out.push(r),
-                Err(err) => tracing::warn!(%key, "ignoring a node record: {err}"),
-            }
+    for (id, bytes) in members.members().await? {
+        match wire::decode::<NodeRecord>(&bytes) {
+            Ok(r) if r.id == id => out.push(r),
+            Ok(r) => tracing::warn!(%id, "ignoring a node record that names another node ({})", r.id),
+            Err(err) => tracing::warn!(%id, "ignoring a node record: {err}"),
         }
     }
     Ok(out)

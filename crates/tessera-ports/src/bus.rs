@@ -43,6 +43,10 @@ pub trait Acker: Send + Sync {
     async fn ack(self: Box<Self>) -> Result<(), BusError>;
     /// The message was not handled: deliver it again.
     async fn nack(self: Box<Self>) -> Result<(), BusError>;
+    /// Work on the message goes on: do not redeliver it yet (extends the ack deadline).
+    async fn progress(&self) -> Result<(), BusError> {
+        Ok(())
+    }
 }
 
 /// A message taken from a queue. Acknowledge it once handled; dropping it unacknowledged
@@ -73,6 +77,14 @@ impl Delivery {
             None => Ok(()),
         }
     }
+    /// Says work on the message goes on, so it is not redelivered meanwhile. Long
+    /// handlers call this well within the bus's ack wait.
+    pub async fn progress(&self) -> Result<(), BusError> {
+        match &self.acker {
+            Some(a) => a.progress().await,
+            None => Ok(()),
+        }
+    }
     /// Gives the message back for redelivery.
     pub async fn nack(mut self) -> Result<(), BusError> {
         match self.acker.take() {
@@ -87,6 +99,10 @@ impl Delivery {
 pub trait Bus: Send + Sync + 'static {
     /// Appends a message to `queue`.
     async fn put(&self, queue: &str, payload: Bytes) -> Result<(), BusError>;
+    /// Appends a message identified by `id`: putting the same id again within the bus's
+    /// duplicate window (at least two minutes) stores nothing more, so a put retried after
+    /// a lost acknowledgement does not make a second message.
+    async fn put_once(&self, queue: &str, id: &str, payload: Bytes) -> Result<(), BusError>;
     /// Takes the next message from `queue`, waiting up to `wait` for one.
     async fn get(&self, queue: &str, wait: Duration) -> Result<Option<Delivery>, BusError>;
     /// Messages waiting in `queue` (not counting those taken and not yet acknowledged).
@@ -115,16 +131,22 @@ struct Queue {
 
 type Queues = Arc<Mutex<HashMap<String, Queue>>>;
 
+/// How many message ids the in-process bus remembers for [`Bus::put_once`].
+const REMEMBERED_IDS: usize = 100_000;
+
+type Seen = Arc<Mutex<(std::collections::HashSet<String>, VecDeque<String>)>>;
+
 /// The in-process bus: queues in memory, for one process (the embedded default).
 #[derive(Clone)]
 pub struct MemoryBus {
     queues: Queues,
     max_message: usize,
+    seen: Seen,
 }
 
 impl Default for MemoryBus {
     fn default() -> Self {
-        MemoryBus { queues: Queues::default(), max_message: 64 << 20 }
+        MemoryBus { queues: Queues::default(), max_message: 64 << 20, seen: Seen::default() }
     }
 }
 
@@ -187,6 +209,25 @@ impl Bus for MemoryBus {
         q.items.push_back(Message { payload, attempt: 1 });
         q.notify.notify_one();
         Ok(())
+    }
+
+    async fn put_once(&self, queue: &str, id: &str, payload: Bytes) -> Result<(), BusError> {
+        check_queue(queue)?;
+        let key = format!("{queue}\n{id}");
+        {
+            let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            let (set, order) = &mut *g;
+            if !set.insert(key.clone()) {
+                return Ok(());
+            }
+            order.push_back(key);
+            if order.len() > REMEMBERED_IDS
+                && let Some(old) = order.pop_front()
+            {
+                set.remove(&old);
+            }
+        }
+        self.put(queue, payload).await
     }
 
     async fn get(&self, queue: &str, wait: Duration) -> Result<Option<Delivery>, BusError> {

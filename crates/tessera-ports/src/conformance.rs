@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tessera_core::Digest;
 
-use crate::{BlobStore, Bus, BusError, WorldError, WorldState};
+use crate::{BlobStore, Bus, BusError, Membership, WorldError, WorldState};
 
 /// Queues are FIFO, `get` waits and times out, names are checked, and an unacknowledged
 /// delivery comes back with a higher attempt count.
@@ -55,6 +55,18 @@ pub async fn bus_behaviour(bus: &dyn Bus) {
     bus.put("conf.a", Bytes::from_static(b"a")).await.unwrap();
     assert!(bus.get("conf.b", Duration::from_millis(10)).await.unwrap().is_none());
     bus.get("conf.a", Duration::from_secs(1)).await.unwrap().unwrap().ack().await.unwrap();
+
+    // A put retried with the same id stores one message.
+    bus.put_once("conf.once", "id-1", Bytes::from_static(b"x")).await.unwrap();
+    bus.put_once("conf.once", "id-1", Bytes::from_static(b"x")).await.unwrap();
+    bus.put_once("conf.once", "id-2", Bytes::from_static(b"y")).await.unwrap();
+    assert_eq!(bus.len("conf.once").await.unwrap(), 2);
+    for expected in [&b"x"[..], b"y"] {
+        let d = bus.get("conf.once", Duration::from_secs(1)).await.unwrap().unwrap();
+        assert_eq!(&d.payload[..], expected);
+        d.progress().await.unwrap();
+        d.ack().await.unwrap();
+    }
 
     // Bad names are refused.
     for bad in ["", "a b", "a..b", "a*", "a>", ".a"] {
@@ -125,4 +137,30 @@ pub async fn blob_behaviour(store: &dyn BlobStore) {
     assert!(store.get(&d).await.unwrap().is_none());
     let empty = store.put(Bytes::new()).await.unwrap();
     assert_eq!(store.get(&empty).await.unwrap().unwrap().len(), 0);
+}
+
+/// Members appear when announced, carry their latest record, disappear when withdrawn or
+/// when not refreshed within the time-to-live. Call with a short ttl (a few seconds).
+pub async fn membership_behaviour(members: &dyn Membership) {
+    let ttl = members.ttl();
+    members.announce("node-a", Bytes::from_static(b"a1")).await.unwrap();
+    members.announce("node-b", Bytes::from_static(b"b1")).await.unwrap();
+    members.announce("node-a", Bytes::from_static(b"a2")).await.unwrap();
+    let m = members.members().await.unwrap();
+    assert_eq!(
+        m,
+        vec![("node-a".to_string(), Bytes::from_static(b"a2")), ("node-b".to_string(), Bytes::from_static(b"b1"))]
+    );
+    members.withdraw("node-b").await.unwrap();
+    members.withdraw("node-never").await.unwrap();
+    assert_eq!(members.members().await.unwrap().len(), 1);
+    // Refreshing keeps a member; silence lets it go.
+    let half = ttl / 2;
+    tokio::time::sleep(half).await;
+    members.announce("node-a", Bytes::from_static(b"a3")).await.unwrap();
+    tokio::time::sleep(half + ttl / 4).await;
+    assert_eq!(members.members().await.unwrap().len(), 1, "refreshed within the ttl");
+    tokio::time::sleep(ttl + ttl / 2).await;
+    assert!(members.members().await.unwrap().is_empty(), "expired after the ttl");
+    assert!(matches!(members.announce("bad id", Bytes::new()).await, Err(WorldError::Key(_))));
 }

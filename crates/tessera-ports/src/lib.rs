@@ -6,10 +6,11 @@
 //!   results appended per key and selected per node.
 //! - [`BlobStore`]: content-addressed bytes (model parameters, packages).
 //! - [`Runtime`] and [`TaskContext`]: how module code runs and what it sees.
+//! - [`Membership`]: who is there: nodes announce themselves with a time-to-live.
 //! - [`PackageSource`]: where a node gets packages (the hub, in-process or over HTTP).
 //!
 //! The in-process implementations ([`MemoryBus`], [`MemoryWorld`], [`MemoryBlobStore`],
-//! [`FsBlobStore`]) are the embedded default, not test doubles: a distributed
+//! [`FsBlobStore`], [`MemoryMembership`]) are the embedded default, not test doubles: a distributed
 //! implementation (NATS JetStream) implements the same traits and passes the same
 //! behaviour tests, which live in [`conformance`].
 //!
@@ -18,12 +19,43 @@
 pub mod blob;
 pub mod bus;
 pub mod conformance;
+pub mod membership;
 pub mod runtime;
 pub mod source;
 pub mod world;
 
 pub use blob::{BlobError, BlobStore, FsBlobStore, MemoryBlobStore};
 pub use bus::{Bus, BusError, Delivery, MemoryBus};
+pub use membership::{Membership, MemoryMembership};
 pub use runtime::{ContextError, Invocation, LogLevel, ModuleImage, Outputs, Runtime, RuntimeError, TaskContext};
 pub use source::{PackageSource, SourceError};
 pub use world::{Entry, MemoryWorld, ResultEntry, WorldError, WorldState};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The shared services a node or coordinator talks through: one backend, embedded or
+/// distributed.
+#[derive(Clone)]
+pub struct Backend {
+    /// Queues.
+    pub bus: Arc<dyn Bus>,
+    /// Run state.
+    pub world: Arc<dyn WorldState>,
+    /// Bytes by digest.
+    pub blobs: Arc<dyn BlobStore>,
+    /// Node registrations.
+    pub members: Arc<dyn Membership>,
+}
+
+impl Backend {
+    /// Everything in this process; members last `ttl` unless refreshed.
+    pub fn in_process(ttl: Duration) -> Self {
+        Backend {
+            bus: Arc::new(MemoryBus::new()),
+            world: Arc::new(MemoryWorld::new()),
+            blobs: Arc::new(MemoryBlobStore::new()),
+            members: Arc::new(MemoryMembership::new(ttl)),
+        }
+    }
+}

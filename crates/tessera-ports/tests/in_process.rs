@@ -1,6 +1,8 @@
 //! The in-process implementations pass the shared behaviour suite.
 
-use tessera_ports::{BlobError, BlobStore, FsBlobStore, MemoryBlobStore, MemoryBus, MemoryWorld, conformance};
+use tessera_ports::{
+    BlobError, BlobStore, FsBlobStore, MemoryBlobStore, MemoryBus, MemoryMembership, MemoryWorld, conformance,
+};
 
 #[tokio::test]
 async fn memory_bus() {
@@ -43,4 +45,9 @@ async fn file_blobs_detect_corruption() {
     let d = store.put(bytes::Bytes::from_static(b"precious")).await.unwrap();
     std::fs::write(store.path_of(&d), b"tampered").unwrap();
     assert!(matches!(store.get(&d).await, Err(BlobError::Corrupt(x)) if x == d));
+}
+
+#[tokio::test]
+async fn memory_membership() {
+    conformance::membership_behaviour(&MemoryMembership::new(std::time::Duration::from_secs(1))).await;
 }
