@@ -1,5 +1,6 @@
-//! A federated session end to end, in one process: real hub, real packages, real
-//! WebAssembly worker, real digits data.
+//! Federated sessions end to end, in one process, on both backends: real hub, real
+//! packages, real WebAssembly worker, real digits data; the in-process backend and a real
+//! nats-server.
 
 use std::time::Duration;
 
@@ -7,22 +8,56 @@ use serde_json::json;
 use tessera_cluster::{Cluster, ClusterConfig, digits};
 use tessera_coordinator::{Quiet, SessionConfig};
 use tessera_core::tensor::{TensorLimits, Tensors};
+use tessera_nats::testing::NatsServer;
+use tessera_ports::Backend;
 use tessera_wasm::WasmLimits;
 
-async fn cluster(home: &std::path::Path, nodes: usize) -> Cluster {
+/// Which backend a test runs on.
+enum On {
+    Memory,
+    Nats(NatsServer),
+}
+
+async fn cluster(on: &On, home: &std::path::Path, nodes: usize) -> Cluster {
+    let backend = match on {
+        On::Memory => Backend::in_process(Duration::from_secs(30)),
+        On::Nats(server) => tessera_nats::backend(&server.url(), &tessera_nats::NatsOptions::default()).await.unwrap(),
+    };
     let prepared = digits::prepare(&home.join("data"), nodes, 0.2, 42).unwrap();
     let limits = WasmLimits { max_time: Duration::from_secs(60), ..WasmLimits::default() };
-    let cluster = Cluster::start(ClusterConfig::digits(home, &prepared, limits)).await.unwrap();
+    let cluster = Cluster::start_on(ClusterConfig::digits(home, &prepared, limits), backend).await.unwrap();
     let dir = home.join("modules").join("fl.softmax.worker");
     tessera_modules::write_softmax_worker(&dir).unwrap();
     cluster.publish_dir(&dir).unwrap();
     cluster
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_short_session_learns_digits() {
+/// Runs a test body once on each backend.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn in_process() {
+                super::$name(super::On::Memory).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nats() {
+                super::$name(super::On::Nats(tessera_nats::testing::NatsServer::start())).await
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    a_short_session_learns_digits,
+    a_partial_ratio_picks_fewer_nodes_and_sessions_check_their_nodes,
+    a_round_times_out_on_a_silent_node_and_completes_with_the_others,
+    a_session_whose_coordinator_stopped_resumes_from_its_last_round,
+);
+
+async fn a_short_session_learns_digits(on: On) {
     let home = tempfile::tempdir().unwrap();
-    let cluster = cluster(home.path(), 4).await;
+    let cluster = cluster(&on, home.path(), 4).await;
     let mut cfg = SessionConfig::new("fl.softmax.worker@0.1.0");
     cfg.rounds = 10;
     cfg.eval_dataset = Some("digits-test".into());
@@ -53,10 +88,9 @@ async fn a_short_session_learns_digits() {
     cluster.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partial_ratio_picks_fewer_nodes_and_sessions_check_their_nodes() {
+async fn a_partial_ratio_picks_fewer_nodes_and_sessions_check_their_nodes(on: On) {
     let home = tempfile::tempdir().unwrap();
-    let cluster = cluster(home.path(), 4).await;
+    let cluster = cluster(&on, home.path(), 4).await;
     let mut cfg = SessionConfig::new("fl.softmax.worker");
     cfg.rounds = 2;
     cfg.participant_ratio = 0.5;
@@ -91,10 +125,9 @@ async fn register_silent_node(cluster: &Cluster, id: &str) {
     cluster.backend.members.announce(id, bytes::Bytes::from(tessera_core::wire::encode(&record))).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_round_times_out_on_a_silent_node_and_completes_with_the_others() {
+async fn a_round_times_out_on_a_silent_node_and_completes_with_the_others(on: On) {
     let home = tempfile::tempdir().unwrap();
-    let cluster = cluster(home.path(), 3).await;
+    let cluster = cluster(&on, home.path(), 3).await;
     register_silent_node(&cluster, "node-gone").await;
     let mut cfg = SessionConfig::new("fl.softmax.worker");
     cfg.rounds = 2;
@@ -116,4 +149,44 @@ async fn a_round_times_out_on_a_silent_node_and_completes_with_the_others() {
     let msg = e.to_string();
     assert!(msg.contains("round 1") && msg.contains("minimum is 4") && msg.contains("node-gone"), "{msg}");
     cluster.stop().await;
+}
+
+/// Tells a channel when a round finishes.
+struct Rounds(tokio::sync::mpsc::UnboundedSender<u32>);
+impl tessera_coordinator::Observer for Rounds {
+    fn round_finished(&self, r: &tessera_core::wire::RoundReport) {
+        let _ = self.0.send(r.round);
+    }
+}
+
+async fn a_session_whose_coordinator_stopped_resumes_from_its_last_round(on: On) {
+    let home = tempfile::tempdir().unwrap();
+    let cluster = std::sync::Arc::new(cluster(&on, home.path(), 3).await);
+    let mut cfg = SessionConfig::new("fl.softmax.worker");
+    cfg.rounds = 5;
+    cfg.eval_dataset = Some("digits-test".into());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let c = cluster.clone();
+    let cfg2 = cfg.clone();
+    let run = tokio::spawn(async move { c.coordinator().run("s-resume", &cfg2, &Rounds(tx)).await });
+    // Stop the coordinator once round 2 is done.
+    while rx.recv().await != Some(2) {}
+    run.abort();
+    let _ = run.await;
+    let state = cluster.coordinator().state("s-resume").await.unwrap().unwrap();
+    assert!((2..5).contains(&state.completed_rounds), "{}", state.completed_rounds);
+
+    // The same id cannot start again; resume finishes it.
+    assert!(cluster.coordinator().run("s-resume", &cfg, &Quiet).await.is_err());
+    let result = cluster.coordinator().resume("s-resume", &Quiet).await.unwrap();
+    let rounds: Vec<u32> = result.reports.iter().map(|r| r.round).collect();
+    assert_eq!(rounds, vec![1, 2, 3, 4, 5], "no round lost or repeated");
+    assert!(result.final_metrics.unwrap().accuracy.unwrap() > 0.85);
+    // Resuming a finished session runs nothing and gives the same model.
+    let again = cluster.coordinator().resume("s-resume", &Quiet).await.unwrap();
+    assert_eq!(again.model_digest, result.model_digest);
+    assert!(matches!(
+        cluster.coordinator().resume("s-nothing", &Quiet).await,
+        Err(tessera_coordinator::SessionError::Unknown(_))
+    ));
 }

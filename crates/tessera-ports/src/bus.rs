@@ -1,8 +1,10 @@
 //! Named queues: put, get with a wait, explicit acknowledgement.
 //!
 //! Delivery is at least once: a message taken with [`Bus::get`] and not acknowledged
-//! (dropped, or [`Delivery::nack`]ed) goes back to the front of its queue with its attempt
-//! count raised. Handlers must therefore be idempotent.
+//! ([`Delivery::nack`]ed, dropped, or left past the backend's ack wait) is delivered again
+//! with its attempt count raised, not necessarily before later messages. Handlers must
+//! therefore be idempotent. The in-process bus puts a returned message back at the front
+//! of its queue at once.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;

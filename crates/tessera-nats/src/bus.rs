@@ -1,0 +1,155 @@
+//! Queues on a JetStream work-queue stream.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::message::{AckKind, Message};
+use async_nats::jetstream::{self, stream};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use tessera_ports::bus::{Acker, check_queue};
+use tessera_ports::{Bus, BusError, Delivery};
+use tokio::sync::Mutex;
+
+use crate::{Nats, NatsError, NatsOptions};
+
+const STREAM: &str = "TESSERA_QUEUES";
+
+/// Queues on JetStream.
+pub struct NatsBus {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    consumers: Mutex<HashMap<String, PullConsumer>>,
+    options: NatsOptions,
+    max_payload: usize,
+}
+
+fn backend(e: impl std::fmt::Display) -> BusError {
+    BusError::Backend(e.to_string())
+}
+
+fn subject(queue: &str) -> String {
+    format!("tq.{queue}")
+}
+
+/// Consumer names cannot hold dots; a digest of the queue name keeps them distinct.
+fn consumer_name(queue: &str) -> String {
+    format!("q-{}", &tessera_core::Digest::of(queue.as_bytes()).hex()[..24])
+}
+
+impl NatsBus {
+    /// Opens (creating if needed) the queue stream.
+    pub async fn open(nats: &Nats, options: &NatsOptions) -> Result<Self, NatsError> {
+        let config = stream::Config {
+            name: STREAM.into(),
+            subjects: vec!["tq.>".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            num_replicas: 1,
+            ..Default::default()
+        };
+        let stream = nats
+            .js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| NatsError::Setup { what: format!("stream {STREAM}"), message: e.to_string() })?;
+        let max_payload = nats.client.server_info().max_payload;
+        Ok(NatsBus {
+            js: nats.js.clone(),
+            stream,
+            consumers: Mutex::new(HashMap::new()),
+            options: options.clone(),
+            max_payload: if max_payload == 0 { 1 << 20 } else { max_payload },
+        })
+    }
+
+    async fn consumer(&self, queue: &str) -> Result<PullConsumer, BusError> {
+        let mut g = self.consumers.lock().await;
+        if let Some(c) = g.get(queue) {
+            return Ok(c.clone());
+        }
+        let name = consumer_name(queue);
+        let config = pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: subject(queue),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: self.options.ack_wait,
+            max_deliver: self.options.max_deliver,
+            deliver_policy: DeliverPolicy::All,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        };
+        let c = self.stream.get_or_create_consumer(&name, config).await.map_err(backend)?;
+        g.insert(queue.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    fn check(&self, queue: &str, payload: &Bytes) -> Result<(), BusError> {
+        check_queue(queue)?;
+        // Leave room for headers.
+        let limit = self.max_payload.saturating_sub(1024);
+        if payload.len() > limit {
+            return Err(BusError::TooLarge { size: payload.len(), limit });
+        }
+        Ok(())
+    }
+}
+
+struct NatsAcker(Message);
+
+#[async_trait]
+impl Acker for NatsAcker {
+    async fn ack(self: Box<Self>) -> Result<(), BusError> {
+        self.0.ack().await.map_err(backend)
+    }
+    async fn nack(self: Box<Self>) -> Result<(), BusError> {
+        self.0.ack_with(AckKind::Nak(None)).await.map_err(backend)
+    }
+    async fn progress(&self) -> Result<(), BusError> {
+        self.0.ack_with(AckKind::Progress).await.map_err(backend)
+    }
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    async fn put(&self, queue: &str, payload: Bytes) -> Result<(), BusError> {
+        self.check(queue, &payload)?;
+        let ack = self.js.publish(subject(queue), payload).await.map_err(backend)?;
+        ack.await.map_err(backend)?;
+        Ok(())
+    }
+
+    async fn put_once(&self, queue: &str, id: &str, payload: Bytes) -> Result<(), BusError> {
+        self.check(queue, &payload)?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id);
+        let ack = self.js.publish_with_headers(subject(queue), headers, payload).await.map_err(backend)?;
+        ack.await.map_err(backend)?;
+        Ok(())
+    }
+
+    async fn get(&self, queue: &str, wait: Duration) -> Result<Option<Delivery>, BusError> {
+        check_queue(queue)?;
+        let consumer = self.consumer(queue).await?;
+        let expires = wait.max(Duration::from_millis(10));
+        let mut batch = consumer.batch().max_messages(1).expires(expires).messages().await.map_err(backend)?;
+        let msg = tokio::time::timeout(expires + Duration::from_secs(5), batch.next()).await;
+        let msg = match msg {
+            Ok(Some(m)) => m.map_err(backend)?,
+            Ok(None) | Err(_) => return Ok(None),
+        };
+        let attempt = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+        let payload = msg.payload.clone();
+        Ok(Some(Delivery::new(payload, attempt, Box::new(NatsAcker(msg)))))
+    }
+
+    async fn len(&self, queue: &str) -> Result<u64, BusError> {
+        check_queue(queue)?;
+        let consumer = self.consumer(queue).await?;
+        let info = consumer.get_info().await.map_err(backend)?;
+        Ok(info.num_pending)
+    }
+}
