@@ -33,11 +33,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             let addr = listener.local_addr()?;
             tracing::info!("hub serving {} at http://{addr} (docs: http://{addr}/docs/)", data.display());
             eprintln!("hub: http://{addr}  docs: http://{addr}/docs/  data: {}", data.display());
-            axum::serve(listener, app(AppState { store }))
-                .with_graceful_shutdown(async {
-                    let _ = tokio::signal::ctrl_c().await;
-                })
-                .await?;
+            axum::serve(listener, app(AppState { store })).with_graceful_shutdown(crate::shutdown_signal()).await?;
             Ok(())
         }
     }

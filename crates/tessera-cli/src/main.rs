@@ -5,8 +5,11 @@ mod dataset;
 mod hub;
 mod model;
 mod module;
+mod node;
+mod progress;
 mod quickstart;
 mod scaffold;
+mod swarm;
 
 use std::path::PathBuf;
 
@@ -50,6 +53,13 @@ enum Command {
     /// Prepare data sets for nodes.
     #[command(subcommand)]
     Dataset(dataset::Command),
+    /// Run a node agent on this machine: it registers on NATS, pulls packages from the hub
+    /// and runs the tasks sent to it, next to its datasets.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Run, resume and inspect federated sessions across machines (over NATS).
+    #[command(subcommand)]
+    Swarm(swarm::Command),
     /// Show what this machine offers as a node (CPU, memory, GPUs, disk, runtimes).
     NodeInfo {
         /// Directory whose disk is measured.
@@ -72,7 +82,7 @@ fn init_logging(verbose: u8, default: &str) {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Hub(_) => "info",
+        Command::Hub(_) | Command::Node(_) => "info",
         _ => "warn",
     };
     init_logging(cli.verbose, default_level);
@@ -90,6 +100,8 @@ fn main() -> std::process::ExitCode {
             Command::Module(c) => module::run(c).await,
             Command::Model(c) => model::run(c).await,
             Command::Dataset(c) => dataset::run(c),
+            Command::Node(NodeCommand::Run(args)) => node::run(args).await,
+            Command::Swarm(c) => swarm::run(c).await,
             Command::NodeInfo { dir } => node_info(&dir),
         }
     });
@@ -110,6 +122,65 @@ fn node_info(dir: &std::path::Path) -> anyhow::Result<()> {
     println!("disk:     {} free at {}", r.disk, dir.display());
     println!("runtimes: wasm, builtin");
     Ok(())
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Serve tasks until interrupted (Ctrl-C or SIGTERM).
+    Run(node::RunArgs),
+}
+
+/// The NATS server from `--nats` or `TESSERA_NATS`.
+#[derive(clap::Args, Clone)]
+struct NatsArg {
+    /// The NATS server (with JetStream).
+    #[arg(long, env = "TESSERA_NATS", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// How long a node's announcement lasts without a heartbeat, in seconds. Every process
+    /// on one NATS must use the same value.
+    #[arg(long, env = "TESSERA_MEMBER_TTL", default_value_t = 15.0)]
+    member_ttl: f64,
+    /// How long a task may run without a progress signal before it is delivered again, in
+    /// seconds.
+    #[arg(long, env = "TESSERA_ACK_WAIT", default_value_t = 30.0)]
+    ack_wait: f64,
+}
+
+impl NatsArg {
+    async fn backend(&self) -> anyhow::Result<tessera_ports::Backend> {
+        anyhow::ensure!(
+            self.member_ttl.is_finite() && self.member_ttl >= 1.0,
+            "--member-ttl must be at least 1 second"
+        );
+        anyhow::ensure!(self.ack_wait.is_finite() && self.ack_wait >= 1.0, "--ack-wait must be at least 1 second");
+        let options = tessera_nats::NatsOptions {
+            member_ttl: std::time::Duration::from_secs_f64(self.member_ttl),
+            ack_wait: std::time::Duration::from_secs_f64(self.ack_wait),
+            ..tessera_nats::NatsOptions::default()
+        };
+        Ok(tessera_nats::backend(&self.nats, &options).await?)
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 /// The hub address from `--hub` or `TESSERA_HUB`.

@@ -4,13 +4,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tessera_cluster::{Cluster, ClusterConfig, digits};
-use tessera_coordinator::{Observer, SessionConfig, new_session_id};
-use tessera_core::registry::PackageRecord;
-use tessera_core::wire::{NodeRecord, RoundReport};
+use tessera_coordinator::{SessionConfig, new_session_id};
 use tessera_wasm::WasmLimits;
+
+use crate::progress::Progress;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -33,51 +32,6 @@ pub struct Args {
     /// Seed for the data split, participant selection and shuffling.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-}
-
-struct Progress {
-    bar: ProgressBar,
-}
-
-impl Progress {
-    fn line(&self, text: String) {
-        if self.bar.is_hidden() {
-            println!("{text}");
-        } else {
-            self.bar.println(text);
-        }
-    }
-}
-
-impl Observer for Progress {
-    fn started(&self, session: &str, module: &PackageRecord, eligible: &[NodeRecord], rounds: u32, done: u32) {
-        let resumed = if done > 0 { format!(", resumed after round {done}") } else { String::new() };
-        self.bar.set_position(u64::from(done));
-        self.line(format!(
-            "session {session}: {} rounds of {}@{} on {} nodes ({}){resumed}",
-            rounds,
-            module.name,
-            module.version,
-            eligible.len(),
-            eligible.iter().map(|n| n.id.as_str()).collect::<Vec<_>>().join(", ")
-        ));
-    }
-    fn round_started(&self, round: u32, selected: &[String]) {
-        self.bar.set_message(format!("round {round}: training on {}", selected.join(", ")));
-    }
-    fn round_finished(&self, r: &RoundReport) {
-        self.bar.inc(1);
-        let acc = r.eval_accuracy.map_or("-".into(), |a| format!("{a:.3}"));
-        let loss = r.eval_loss.map_or("-".into(), |l| format!("{l:.4}"));
-        let failed = if r.failures.is_empty() { String::new() } else { format!(", {} failed", r.failures.len()) };
-        self.line(format!(
-            "round {:>2}  train loss {:.4}  test loss {loss}  test accuracy {acc}  ({} nodes{failed}, {:.0} ms)",
-            r.round,
-            r.train_loss,
-            r.contributed.len(),
-            r.seconds * 1000.0
-        ));
-    }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -120,15 +74,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(lr) = args.lr {
         cfg.config = json!({ "lr": lr });
     }
-    let bar = ProgressBar::new(u64::from(args.rounds));
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let progress = Progress { bar };
+    let progress = Progress::new(args.rounds);
     let session_started = Instant::now();
     let result = cluster.coordinator().run(&session, &cfg, &progress).await;
-    progress.bar.finish_and_clear();
+    progress.finish();
     let result = result?;
     let session_secs = session_started.elapsed().as_secs_f64();
 

@@ -54,6 +54,10 @@ pub struct SessionConfig {
     /// Seed for participant selection and worker shuffling.
     #[serde(default)]
     pub seed: u64,
+    /// Name under which the final model is published to the hub (nothing is published
+    /// when absent).
+    #[serde(default)]
+    pub publish_as: Option<String>,
 }
 
 fn default_rounds() -> u32 {
@@ -79,6 +83,27 @@ fn empty() -> Value {
 }
 
 impl SessionConfig {
+    /// Reads a swarm file (YAML). Errors name the field and the line.
+    pub fn from_yaml(text: &str) -> Result<Self, SessionError> {
+        let options = serde_saphyr::options! {
+            with_snippet: false,
+            duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+        };
+        let cfg: SessionConfig = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+            let loc = e.location().filter(|l| l.line() > 0);
+            let mut msg = e.to_string();
+            if let Some(i) = msg.find(" at line ") {
+                msg.truncate(i);
+            }
+            match loc {
+                Some(l) => SessionError::Config(format!("line {}, column {}: {msg}", l.line(), l.column())),
+                None => SessionError::Config(msg),
+            }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// A session of `module` with the defaults.
     pub fn new(module: impl Into<String>) -> Self {
         SessionConfig {
@@ -92,6 +117,7 @@ impl SessionConfig {
             eval_dataset: None,
             config: empty(),
             seed: 0,
+            publish_as: None,
         }
     }
 
@@ -120,6 +146,9 @@ impl SessionConfig {
         }
         if !self.config.is_object() {
             return bad("config must be a mapping".into());
+        }
+        if let Some(name) = &self.publish_as {
+            name.parse::<tessera_core::ModulePath>().map_err(|e| SessionError::Config(format!("publish_as: {e}")))?;
         }
         Ok(module)
     }
@@ -257,6 +286,9 @@ pub fn state_key(id: &str) -> String {
 
 /// Runs sessions.
 pub struct Coordinator {
+    /// Unique to this coordinator instance: tasks it sends carry it (see
+    /// [`TaskMessage::dispatch`]).
+    dispatch: String,
     backend: Backend,
     source: Arc<dyn PackageSource>,
     local: Option<Arc<Node>>,
@@ -276,7 +308,8 @@ impl Coordinator {
     /// held-out data.
     pub fn new(backend: Backend, source: Arc<dyn PackageSource>, local: Option<Arc<Node>>) -> Self {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Coordinator { backend, source, local, threads, retry_for: Duration::from_secs(60) }
+        let dispatch = new_session_id().replacen("s-", "d-", 1);
+        Coordinator { dispatch, backend, source, local, threads, retry_for: Duration::from_secs(60) }
     }
 
     /// How long backend failures are retried before the session gives up (default 60 s).
@@ -505,10 +538,12 @@ impl Coordinator {
                 config: config_for(i),
                 inputs: inputs.to_vec(),
                 reply_to: reply_to.clone(),
+                dispatch: self.dispatch.clone(),
             };
             let bytes = Bytes::from(wire::encode(&task));
             let queue = task_queue(node);
-            self.retry("sending a task", || self.backend.bus.put_once(&queue, &task_id, bytes.clone())).await?;
+            let msg_id = format!("{task_id}.{}", self.dispatch);
+            self.retry("sending a task", || self.backend.bus.put_once(&queue, &msg_id, bytes.clone())).await?;
             pending.insert(task_id, node.clone());
         }
         let deadline = Instant::now() + timeout;
@@ -724,6 +759,29 @@ mod tests {
         let mut c = ok;
         c.round_timeout_secs = f64::NAN;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn swarm_files() {
+        let c = SessionConfig::from_yaml(
+            "module: fl.softmax.worker@0.1.0\nrounds: 3\nmin_participants: 2\nparticipant_ratio: 0.5\nround_timeout_secs: 30\nconfig:\n  lr: 0.5\npublish_as: digits.softmax\n",
+        )
+        .unwrap();
+        assert_eq!(c.rounds, 3);
+        assert_eq!(c.config["lr"], 0.5);
+        assert_eq!(c.publish_as.as_deref(), Some("digits.softmax"));
+        for (bad, word) in [
+            ("module: x\nrounds: many\n", "line 2"),
+            ("module: x\nround: 3\n", "round"),
+            ("rounds: 3\n", "module"),
+            ("module: x\nmodule: y\n", "duplicate"),
+            ("module: x\npublish_as: Not A Name\n", "publish_as"),
+            ("module: x\nparticipant_ratio: 2\n", "participant_ratio"),
+            ("[1, 2", ""),
+        ] {
+            let e = SessionConfig::from_yaml(bad).unwrap_err().to_string();
+            assert!(e.to_lowercase().contains(word), "{bad:?}: {e}");
+        }
     }
 
     #[test]

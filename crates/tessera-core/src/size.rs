@@ -55,13 +55,12 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
         for (name, m) in UNITS {
-            if self.0 >= m && self.0.is_multiple_of(m) {
-                return write!(f, "{}{}", self.0 / m, name);
-            }
-        }
-        for (name, m) in UNITS {
             if self.0 >= m {
-                return write!(f, "{:.1}{}", self.0 as f64 / m as f64, name);
+                return if self.0.is_multiple_of(m) {
+                    write!(f, "{}{}", self.0 / m, name)
+                } else {
+                    write!(f, "{:.1}{}", self.0 as f64 / m as f64, name)
+                };
             }
         }
         write!(f, "{}B", self.0)
@@ -120,6 +119,9 @@ mod tests {
         assert_eq!("1.5GB".parse::<ByteSize>().unwrap().0, 1_500_000_000);
         assert_eq!("2 gib".parse::<ByteSize>().unwrap().0, 2 << 30);
         assert_eq!(ByteSize(256 << 20).to_string(), "256MiB");
+        assert_eq!(ByteSize(24_684_084 << 10).to_string(), "23.5GiB");
+        assert_eq!(ByteSize(1536).to_string(), "1.5KiB");
+        assert_eq!(ByteSize(12).to_string(), "12B");
     }
 
     #[test]

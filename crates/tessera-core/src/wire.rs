@@ -84,6 +84,11 @@ pub struct TaskMessage {
     pub inputs: Vec<BlobRef>,
     /// Where to send the reply.
     pub reply_to: String,
+    /// Identifies this sending of the task: a coordinator that resumes a session sends its
+    /// tasks again under a new one, so they are not taken for retries of the old sending
+    /// (which the bus would drop as duplicates).
+    #[serde(default)]
+    pub dispatch: String,
 }
 
 /// What a node answers.
@@ -248,6 +253,7 @@ mod tests {
             config: serde_json::json!({"lr": 0.1}),
             inputs: vec![BlobRef { name: "model".into(), digest: Digest::of(b"w"), size: 1 }],
             reply_to: "tessera.session.s1.replies".into(),
+            dispatch: "d1".into(),
         }
     }
 

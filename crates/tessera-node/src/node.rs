@@ -338,7 +338,7 @@ impl Node {
             }
         };
         let bytes = Bytes::from(wire::encode(&reply));
-        let id = format!("reply.{}.{}", task.task_id, self.id);
+        let id = format!("reply.{}.{}.{}", task.task_id, task.dispatch, self.id);
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.backend.bus.put_once(&task.reply_to, &id, bytes.clone()).await {

@@ -85,6 +85,7 @@ impl Setup {
             config,
             inputs: vec![],
             reply_to: "test.replies".into(),
+            dispatch: "d1".into(),
         }
         .with_node(node)
     }

@@ -1,0 +1,101 @@
+//! `tessera node run`: a node agent on this machine, serving tasks from NATS.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use tessera_node::{BuiltinRuntime, Node, NodeConfig, NodePorts};
+use tessera_ports::Runtime;
+use tessera_wasm::{WasmLimits, WasmRuntime};
+
+use crate::{HubArg, NatsArg};
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// This node's id (letters, digits, '_' and '-'); default: the host name.
+    #[arg(long)]
+    id: Option<String>,
+    /// A dataset this node holds, `name=FILE` (repeatable). Its contents never leave the
+    /// node: tasks read it through the task context.
+    #[arg(long = "dataset", value_name = "NAME=FILE")]
+    dataset: Vec<String>,
+    /// Where packages are cached (default: $TESSERA_HOME/nodes/<id>/cache).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Time limit of one WebAssembly run, in seconds.
+    #[arg(long, default_value_t = 300.0)]
+    wasm_timeout: f64,
+    /// Memory limit of one WebAssembly run.
+    #[arg(long, default_value = "1GiB")]
+    wasm_memory: tessera_core::ByteSize,
+    #[command(flatten)]
+    nats: NatsArg,
+    #[command(flatten)]
+    hub: HubArg,
+}
+
+fn host_id() -> String {
+    let raw = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "node".into());
+    let id: String =
+        raw.trim().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).take(64).collect();
+    if id.is_empty() { "node".into() } else { id }
+}
+
+/// Parses `name=FILE` pairs.
+pub fn datasets(items: &[String]) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+    items
+        .iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(n, p)| (n.to_owned(), PathBuf::from(p)))
+                .ok_or_else(|| anyhow!("--dataset {s:?}: expected NAME=FILE"))
+        })
+        .collect()
+}
+
+/// A node over the given ports with both runtimes.
+pub fn build_node(
+    id: &str,
+    datasets: BTreeMap<String, PathBuf>,
+    cache: PathBuf,
+    ports: NodePorts,
+    limits: WasmLimits,
+) -> anyhow::Result<Node> {
+    let mut cfg = NodeConfig::new(id, cache);
+    cfg.datasets = datasets;
+    let runtimes: Vec<Arc<dyn Runtime>> = vec![Arc::new(WasmRuntime::new(limits)?), Arc::new(BuiltinRuntime::new())];
+    Ok(Node::new(cfg, ports, runtimes)?)
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.wasm_timeout.is_finite() && args.wasm_timeout > 0.0, "--wasm-timeout must be positive");
+    let id = args.id.unwrap_or_else(host_id);
+    let cache = args.cache.unwrap_or_else(|| crate::tessera_home().join("nodes").join(&id).join("cache"));
+    let backend = args.nats.backend().await?;
+    let ports = NodePorts { backend, source: Arc::new(args.hub.client()?) };
+    let limits = WasmLimits {
+        max_memory: args.wasm_memory.0,
+        max_time: Duration::from_secs_f64(args.wasm_timeout),
+        ..WasmLimits::default()
+    };
+    let node = Arc::new(build_node(&id, datasets(&args.dataset)?, cache, ports, limits)?);
+    let record = node.record();
+    eprintln!(
+        "node {id}: datasets [{}], {} cores, {} memory; tasks from {} on {}; packages from {}",
+        record.datasets.join(", "),
+        record.resources.cpu,
+        record.resources.memory,
+        record.task_queue,
+        args.nats.nats,
+        args.hub.hub
+    );
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        crate::shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    node.serve(rx).await.context("serving")?;
+    Ok(())
+}

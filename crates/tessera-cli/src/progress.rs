@@ -1,0 +1,73 @@
+//! Per-round progress of a session on the terminal.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tessera_coordinator::Observer;
+use tessera_core::registry::PackageRecord;
+use tessera_core::wire::{NodeRecord, RoundReport};
+
+/// A progress bar, and one line per finished round (printed plainly when the output is not
+/// a terminal).
+pub struct Progress {
+    bar: ProgressBar,
+}
+
+impl Progress {
+    /// A bar for `rounds` rounds.
+    pub fn new(rounds: u32) -> Self {
+        let bar = ProgressBar::new(u64::from(rounds));
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Progress { bar }
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+
+    fn line(&self, text: String) {
+        if self.bar.is_hidden() {
+            println!("{text}");
+        } else {
+            self.bar.println(text);
+        }
+    }
+}
+
+impl Observer for Progress {
+    fn started(&self, session: &str, module: &PackageRecord, eligible: &[NodeRecord], rounds: u32, done: u32) {
+        let resumed = if done > 0 { format!(", resumed after round {done}") } else { String::new() };
+        self.bar.set_length(u64::from(rounds));
+        self.bar.set_position(u64::from(done));
+        self.line(format!(
+            "session {session}: {} rounds of {}@{} on {} nodes ({}){resumed}",
+            rounds,
+            module.name,
+            module.version,
+            eligible.len(),
+            eligible.iter().map(|n| n.id.as_str()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    fn round_started(&self, round: u32, selected: &[String]) {
+        self.bar.set_message(format!("round {round}: training on {}", selected.join(", ")));
+    }
+    fn round_finished(&self, r: &RoundReport) {
+        self.bar.inc(1);
+        let acc = r.eval_accuracy.map_or("-".into(), |a| format!("{a:.3}"));
+        let loss = r.eval_loss.map_or("-".into(), |l| format!("{l:.4}"));
+        let failed = if r.failures.is_empty() {
+            String::new()
+        } else {
+            format!(", failed: {}", r.failures.iter().map(|f| f.node.as_str()).collect::<Vec<_>>().join(", "))
+        };
+        self.line(format!(
+            "round {:>2}  train loss {:.4}  test loss {loss}  test accuracy {acc}  ({} nodes{failed}, {:.0} ms)",
+            r.round,
+            r.train_loss,
+            r.contributed.len(),
+            r.seconds * 1000.0
+        ));
+    }
+}

@@ -1,0 +1,184 @@
+//! `tessera swarm`: federated sessions across processes and machines, over NATS.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, anyhow};
+use clap::Subcommand;
+use serde_json::json;
+use tessera_client::HubClient;
+use tessera_coordinator::{Coordinator, SessionConfig, SessionResult, new_session_id};
+use tessera_core::config::apply_override;
+use tessera_core::version::Version;
+use tessera_node::NodePorts;
+use tessera_wasm::WasmLimits;
+
+use crate::progress::Progress;
+use crate::{HubArg, NatsArg};
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run a federated session described in a YAML file, with the nodes registered on NATS.
+    ///
+    /// The file holds: module (name@version), rounds, min_participants, participant_ratio,
+    /// round_timeout_secs, strategy (fedavg), dataset (what participants train on),
+    /// eval_dataset (what the coordinator evaluates on), config (worker overrides), seed,
+    /// publish_as (model name for the final model).
+    Run {
+        /// The swarm file.
+        file: PathBuf,
+        /// Session id (default: a new one).
+        #[arg(long)]
+        id: Option<String>,
+        /// Worker config override, `key.path=value` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+    },
+    /// Continue a session whose coordinator stopped, from its last completed round.
+    Resume {
+        /// The session id.
+        id: String,
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+    },
+    /// Show a session's stored state.
+    Status {
+        /// The session id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        nats: NatsArg,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct CoordinatorArgs {
+    /// A dataset of the coordinator's own node, `name=FILE` (its held-out evaluation data).
+    #[arg(long = "dataset", value_name = "NAME=FILE")]
+    dataset: Vec<String>,
+    /// Where the coordinator's node caches packages (default: $TESSERA_HOME/coordinator/cache).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    #[command(flatten)]
+    nats: NatsArg,
+    #[command(flatten)]
+    hub: HubArg,
+}
+
+impl CoordinatorArgs {
+    async fn coordinator(&self) -> anyhow::Result<(Coordinator, HubClient)> {
+        let backend = self.nats.backend().await?;
+        let client = self.hub.client()?;
+        let ports = NodePorts { backend: backend.clone(), source: Arc::new(client.clone()) };
+        let cache = self.cache.clone().unwrap_or_else(|| crate::tessera_home().join("coordinator").join("cache"));
+        let local = crate::node::build_node(
+            "coordinator",
+            crate::node::datasets(&self.dataset)?,
+            cache,
+            ports,
+            WasmLimits::default(),
+        )?;
+        Ok((Coordinator::new(backend, Arc::new(client.clone()), Some(Arc::new(local))), client))
+    }
+}
+
+pub async fn run(cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Run { file, id, set, coordinator } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let mut cfg = SessionConfig::from_yaml(&text).with_context(|| format!("{}", file.display()))?;
+            for s in &set {
+                apply_override(&mut cfg.config, s)?;
+            }
+            let id = id.unwrap_or_else(new_session_id);
+            let (c, client) = coordinator.coordinator().await?;
+            println!("session {id}: coordinator on {}, hub {}", coordinator.nats.nats, client.base());
+            let progress = Progress::new(cfg.rounds);
+            let started = Instant::now();
+            let result = c.run(&id, &cfg, &progress).await;
+            progress.finish();
+            finish(result?, &cfg, &client, started).await
+        }
+        Command::Resume { id, coordinator } => {
+            let (c, client) = coordinator.coordinator().await?;
+            let state = c.state(&id).await?.ok_or_else(|| anyhow!("no session {id} on {}", coordinator.nats.nats))?;
+            let progress = Progress::new(state.config.rounds);
+            let started = Instant::now();
+            let result = c.resume(&id, &progress).await;
+            progress.finish();
+            finish(result?, &state.config, &client, started).await
+        }
+        Command::Status { id, json, nats } => {
+            let backend = nats.backend().await?;
+            let key = tessera_coordinator::state_key(&id);
+            let entry = backend.world.get(&key).await?.ok_or_else(|| anyhow!("no session {id} on {}", nats.nats))?;
+            let state: tessera_coordinator::SessionState = serde_json::from_slice(&entry.value)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&state)?);
+            } else {
+                println!("session {}: {} of {} rounds done", state.id, state.completed_rounds, state.config.rounds);
+                println!("  worker:       {} {}", state.module.module, state.module.digest);
+                println!("  model:        {}", state.model);
+                println!("  contributors: {}", state.contributors.iter().cloned().collect::<Vec<_>>().join(", "));
+                if let Some(r) = state.reports.last() {
+                    let acc = r.eval_accuracy.map_or("-".into(), |a| format!("{a:.4}"));
+                    println!("  last round:   {} nodes, test accuracy {acc}", r.contributed.len());
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn finish(
+    result: SessionResult,
+    cfg: &SessionConfig,
+    client: &HubClient,
+    started: Instant,
+) -> anyhow::Result<()> {
+    println!();
+    if let Some(m) = &result.final_metrics {
+        println!("final test accuracy: {:.4} on {} held-out rows", m.accuracy.unwrap_or(0.0), m.num_examples);
+    }
+    println!("global model: {}", result.model_digest);
+    if let Some(name) = &cfg.publish_as {
+        let version = next_model_version(client, name).await?;
+        let metadata = json!({
+            "library": "tessera",
+            "format": "safetensors",
+            "test_accuracy": result.final_metrics.as_ref().and_then(|m| m.accuracy),
+            "test_loss": result.final_metrics.as_ref().map(|m| m.loss),
+        });
+        client.create_model(name, &version, &metadata, Some(&result.lineage)).await?;
+        let (rec, _) = client.push_model(name, &version, result.model.to_vec()).await?;
+        println!("model: {name}@{version} {}", rec.digest.map(|d| d.to_string()).unwrap_or_default());
+    }
+    println!(
+        "lineage: session {}, {} rounds of {}, nodes {}",
+        result.lineage.session,
+        result.lineage.rounds,
+        result.lineage.strategy,
+        result.lineage.nodes.join(", ")
+    );
+    println!("time: {:.2}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The next free patch version of a model in the hub (0.1.0 for a new one).
+async fn next_model_version(client: &HubClient, name: &str) -> anyhow::Result<String> {
+    match client.model(name, "latest").await {
+        Ok(m) => {
+            let mut v = Version::parse(&m.version)?;
+            v.patch += 1;
+            v.pre = tessera_core::version::Prerelease::EMPTY;
+            Ok(v.to_string())
+        }
+        Err(e) if e.is_not_found() => Ok("0.1.0".into()),
+        Err(e) => Err(e.into()),
+    }
+}
