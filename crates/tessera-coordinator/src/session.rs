@@ -296,6 +296,14 @@ pub struct Coordinator {
     retry_for: Duration,
 }
 
+/// What a round's wait collected.
+struct Replies {
+    /// Replies by node.
+    replies: BTreeMap<String, TaskReply>,
+    /// Nodes that left while the round waited for them.
+    gone: BTreeSet<String>,
+}
+
 struct Update {
     node: String,
     tensors: Tensors,
@@ -500,7 +508,7 @@ impl Coordinator {
         let first = vec![eligible[0].id.clone()];
         let timeout = Duration::from_secs_f64(cfg.round_timeout_secs);
         let replies = self.dispatch(id, 0, &first, record, |_| config.clone(), &[], timeout).await?;
-        for r in replies.into_values() {
+        for r in replies.replies.into_values() {
             if let TaskOutcome::Ok { outputs, .. } = r.outcome
                 && let Some(m) = outputs.iter().find(|o| o.name == "model")
                 && let Some(b) = self.retry("reading the initial model", || self.backend.blobs.get(&m.digest)).await?
@@ -524,7 +532,7 @@ impl Coordinator {
         config_for: impl Fn(usize) -> Value,
         inputs: &[BlobRef],
         timeout: Duration,
-    ) -> Result<BTreeMap<String, TaskReply>, SessionError> {
+    ) -> Result<Replies, SessionError> {
         let reply_to = reply_queue(id);
         let mut pending: BTreeMap<String, String> = BTreeMap::new();
         for (i, node) in nodes.iter().enumerate() {
@@ -548,14 +556,35 @@ impl Coordinator {
         }
         let deadline = Instant::now() + timeout;
         let mut replies = BTreeMap::new();
+        let mut gone = BTreeSet::new();
+        // A node whose announcement lapses (killed, disconnected) is not waited for.
+        let check_every = (self.backend.members.ttl() / 2).max(Duration::from_millis(200));
+        let mut last_check = Instant::now();
         while !pending.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
-            let d = match self.backend.bus.get(&reply_to, left).await {
+            if last_check.elapsed() >= check_every {
+                last_check = Instant::now();
+                if let Ok(nodes) = list_nodes(self.backend.members.as_ref()).await {
+                    let alive: BTreeSet<String> = nodes.into_iter().map(|n| n.id).collect();
+                    pending.retain(|task, node| {
+                        let keep = alive.contains(node);
+                        if !keep {
+                            tracing::warn!(%task, %node, "node left during the round");
+                            gone.insert(node.clone());
+                        }
+                        keep
+                    });
+                    if pending.is_empty() {
+                        break;
+                    }
+                }
+            }
+            let d = match self.backend.bus.get(&reply_to, left.min(check_every)).await {
                 Ok(Some(d)) => d,
-                Ok(None) => break,
+                Ok(None) => continue,
                 Err(e) => {
                     tracing::warn!("waiting for replies: {e}; retrying");
                     tokio::time::sleep(Duration::from_millis(200).min(left)).await;
@@ -582,7 +611,7 @@ impl Coordinator {
                 tracing::debug!("ack of a reply failed: {e}");
             }
         }
-        Ok(replies)
+        Ok(Replies { replies, gone })
     }
 
     async fn collect(&self, reply: &TaskReply) -> Result<Update, String> {
@@ -653,7 +682,10 @@ impl Coordinator {
         let mut updates = Vec::new();
         let mut failures = Vec::new();
         for node in &selected {
-            match replies.get(node) {
+            match replies.replies.get(node) {
+                None if replies.gone.contains(node) => {
+                    failures.push(Failure { node: node.clone(), error: "the node left (its heartbeat stopped)".into() })
+                }
                 None => failures.push(Failure {
                     node: node.clone(),
                     error: format!("no reply within {}s", cfg.round_timeout_secs),

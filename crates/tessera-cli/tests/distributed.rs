@@ -1,0 +1,334 @@
+//! Real processes on a real nats-server: a hub, nodes and a coordinator started the way the
+//! README says, and the faults they must survive.
+//!
+//! The tests here share the machine's two cores with heavy processes, so they run one at
+//! a time.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use tessera_client::HubClient;
+use tessera_core::wire::Lineage;
+use tessera_nats::testing::NatsServer;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn tessera(env: &Env) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    c.env_remove("RUST_LOG")
+        .env("TESSERA_NATS", env.nats.url())
+        .env("TESSERA_HUB", &env.hub_url)
+        .env("TESSERA_HOME", env.dir.path().join("home"))
+        .env("TESSERA_MEMBER_TTL", "2")
+        .current_dir(env.dir.path());
+    c
+}
+
+struct Proc {
+    child: Child,
+    name: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Env {
+    nats: NatsServer,
+    hub_url: String,
+    dir: tempfile::TempDir,
+    procs: Vec<Proc>,
+}
+
+impl Env {
+    /// A nats-server, a hub with the worker published, and the digits shards on disk.
+    fn start() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = NatsServer::start();
+        let mut env = Env { nats, hub_url: String::new(), dir, procs: Vec::new() };
+        let mut hub = tessera(&env)
+            .args(["hub", "serve", "--listen", "127.0.0.1:0", "--data", "hub"])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(hub.stderr.take().unwrap()).lines();
+        env.hub_url = loop {
+            let line = lines.next().expect("the hub says where it listens").unwrap();
+            if let Some(rest) = line.strip_prefix("hub: ") {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        env.procs.push(Proc { child: hub, name: "hub".into() });
+        let worker = env.dir.path().join("worker");
+        tessera_modules::write_softmax_worker(&worker).unwrap();
+        env.ok(&["module", "publish", worker.to_str().unwrap()]);
+        env.ok(&["dataset", "digits", "--out", "data", "--shards", "4"]);
+        env
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = tessera(self).args(args).output().unwrap();
+        assert!(out.status.success(), "tessera {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn path(&self, rel: &str) -> String {
+        self.dir.path().join(rel).to_str().unwrap().to_owned()
+    }
+
+    /// Starts `tessera node run` for shard `k`; its log goes to node-<k>.log.
+    fn node(&mut self, k: usize) {
+        let log = std::fs::File::create(self.dir.path().join(format!("node-{k}.log"))).unwrap();
+        let child = tessera(self)
+            .args(["node", "run", "--id", &format!("node-{k}"), "--dataset"])
+            .arg(format!("digits={}", self.path(&format!("data/node-{k}/digits.safetensors"))))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.procs.push(Proc { child, name: format!("node-{k}") });
+    }
+
+    fn kill(&mut self, name: &str) {
+        let i = self.procs.iter().position(|p| p.name == name).unwrap();
+        let mut p = self.procs.remove(i);
+        p.child.kill().unwrap(); // SIGKILL
+        p.child.wait().unwrap();
+    }
+
+    /// Waits until `n` nodes are registered.
+    fn wait_for_nodes(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let url = self.nats.url();
+        loop {
+            let count = rt.block_on(async {
+                let options = tessera_nats::NatsOptions { member_ttl: Duration::from_secs(2), ..Default::default() };
+                let b = tessera_nats::backend(&url, &options).await.unwrap();
+                tessera_node::list_nodes(b.members.as_ref()).await.unwrap().len()
+            });
+            if count >= n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "only {count} of {n} nodes registered");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn swarm_file(&self, rounds: u32, min: usize, timeout: f64) -> String {
+        let text = format!(
+            "module: fl.softmax.worker@0.1.0\nrounds: {rounds}\nmin_participants: {min}\nround_timeout_secs: {timeout}\n\
+             dataset: digits\neval_dataset: digits-test\nconfig: {{lr: 0.5}}\nseed: 42\npublish_as: digits.softmax\n"
+        );
+        let p = self.dir.path().join("fl.yaml");
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_owned()
+    }
+
+    /// Starts a coordinator command; its stdout lines arrive on the returned channel.
+    fn coordinator(&mut self, args: &[&str]) -> Receiver<String> {
+        let log = std::fs::File::create(self.dir.path().join("coordinator.log")).unwrap();
+        let mut child = tessera(self)
+            .args(args)
+            .arg("--dataset")
+            .arg(format!("digits-test={}", self.path("data/coordinator/digits-test.safetensors")))
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        self.procs.push(Proc { child, name: "coordinator".into() });
+        rx
+    }
+
+    /// Reads coordinator lines until one starts with `prefix`; returns every line read.
+    fn until(&self, rx: &Receiver<String>, prefix: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(240)) {
+                Ok(l) => {
+                    let done = l.starts_with(prefix);
+                    lines.push(l);
+                    if done {
+                        return lines;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line starting with {prefix:?}; got:\n{}\ncoordinator log:\n{}",
+                    lines.join("\n"),
+                    std::fs::read_to_string(self.dir.path().join("coordinator.log")).unwrap_or_default()
+                ),
+            }
+        }
+    }
+
+    fn wait_coordinator(&mut self) -> bool {
+        let i = self.procs.iter().position(|p| p.name == "coordinator").unwrap();
+        let mut p = self.procs.remove(i);
+        p.child.wait().unwrap().success()
+    }
+
+    /// The published model's lineage.
+    fn lineage(&self, version: &str) -> (Lineage, f64) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let client = HubClient::new(&self.hub_url).unwrap();
+        let m = rt.block_on(client.model("digits.softmax", version)).unwrap();
+        (m.lineage.unwrap(), m.metadata["test_accuracy"].as_f64().unwrap())
+    }
+
+    fn session_id(lines: &[String]) -> String {
+        lines.iter().find_map(|l| l.strip_prefix("session ")).unwrap().split(':').next().unwrap().to_owned()
+    }
+}
+
+/// Rows in each node's shard (the same split `tessera dataset digits` writes).
+fn shard_rows() -> Vec<u64> {
+    tessera_cluster::digits::split(4, 0.2, 42).0.iter().map(|r| r.len() as u64).collect()
+}
+
+/// Every round once, in order; each contribution counted once, its examples those of the
+/// nodes that contributed.
+fn check_rounds(lineage: &Lineage, rounds: u32) {
+    let numbers: Vec<u32> = lineage.metrics.iter().map(|r| r.round).collect();
+    assert_eq!(numbers, (1..=rounds).collect::<Vec<_>>(), "no round lost or repeated");
+    let rows = shard_rows();
+    for r in &lineage.metrics {
+        let mut c = r.contributed.clone();
+        c.dedup();
+        assert_eq!(c, r.contributed, "round {}: a node counted twice", r.round);
+        let expected: u64 =
+            r.contributed.iter().map(|n| rows[n.strip_prefix("node-").unwrap().parse::<usize>().unwrap()]).sum();
+        assert_eq!(r.examples, expected, "round {}: examples do not match the contributors", r.round);
+    }
+}
+
+fn logs(dir: &Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(dir).unwrap().filter_map(Result::ok) {
+        let p: PathBuf = e.path();
+        if p.extension().is_some_and(|x| x == "log") {
+            out.push_str(&format!("--- {}\n{}\n", p.display(), std::fs::read_to_string(&p).unwrap_or_default()));
+        }
+    }
+    out
+}
+
+#[test]
+fn four_node_processes_finish_the_digits_session() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::start();
+    for k in 0..4 {
+        env.node(k);
+    }
+    env.wait_for_nodes(4);
+    let file = env.swarm_file(20, 4, 120.0);
+    let rx = env.coordinator(&["swarm", "run", &file]);
+    let lines = env.until(&rx, "time:");
+    assert!(env.wait_coordinator(), "{}", logs(env.dir.path()));
+    let text = lines.join("\n");
+    let acc: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("final test accuracy: "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(acc >= 0.90, "{text}");
+    assert!(text.contains("model: digits.softmax@0.1.0 b3:"), "{text}");
+    let (lineage, recorded) = env.lineage("0.1.0");
+    assert!((recorded - acc).abs() < 1e-3);
+    assert_eq!(lineage.nodes, vec!["node-0", "node-1", "node-2", "node-3"]);
+    check_rounds(&lineage, 20);
+    for r in &lineage.metrics {
+        assert_eq!(r.contributed.len(), 4, "round {}: {:?}", r.round, r.failures);
+    }
+}
+
+#[test]
+fn a_node_killed_mid_round_does_not_stop_the_session() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::start();
+    for k in 0..4 {
+        env.node(k);
+    }
+    env.wait_for_nodes(4);
+    // A long round time-out: the coordinator notices the dead node by its missing
+    // heartbeat (2 s here), not by waiting the time-out out.
+    let file = env.swarm_file(8, 2, 120.0);
+    let started = Instant::now();
+    let rx = env.coordinator(&["swarm", "run", &file]);
+    env.until(&rx, "round  2");
+    env.kill("node-1");
+    env.until(&rx, "time:");
+    assert!(env.wait_coordinator(), "{}", logs(env.dir.path()));
+    let (lineage, acc) = env.lineage("0.1.0");
+    check_rounds(&lineage, 8);
+    assert!(acc >= 0.85, "accuracy {acc}");
+    // node-1 took part before it was killed, and never after the round it died in.
+    assert!(lineage.metrics[0].contributed.contains(&"node-1".to_string()));
+    let late = &lineage.metrics[4..];
+    assert!(late.iter().all(|r| !r.contributed.contains(&"node-1".to_string())), "{late:?}");
+    assert!(late.iter().all(|r| r.contributed.len() == 3), "{late:?}");
+    let left = lineage.metrics.iter().flat_map(|r| &r.failures).find(|f| f.node == "node-1");
+    if let Some(f) = left {
+        assert!(f.error.contains("left"), "{f:?}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(100), "the round did not wait for its time-out");
+}
+
+#[test]
+fn a_coordinator_killed_mid_session_is_resumed() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::start();
+    for k in 0..3 {
+        env.node(k);
+    }
+    env.wait_for_nodes(3);
+    let file = env.swarm_file(10, 3, 30.0);
+    let rx = env.coordinator(&["swarm", "run", &file]);
+    let lines = env.until(&rx, "round  3");
+    let id = Env::session_id(&lines);
+    env.kill("coordinator");
+    let status = env.ok(&["swarm", "status", &id]);
+    assert!(status.contains("of 10 rounds done"), "{status}");
+
+    let rx = env.coordinator(&["swarm", "resume", &id]);
+    let lines = env.until(&rx, "time:");
+    assert!(env.wait_coordinator(), "{}", logs(env.dir.path()));
+    assert!(lines.iter().any(|l| l.contains("resumed after round")), "{lines:?}");
+    let (lineage, acc) = env.lineage("0.1.0");
+    assert_eq!(lineage.session, id);
+    check_rounds(&lineage, 10);
+    assert!(acc >= 0.88, "accuracy {acc}");
+}
+
+#[test]
+fn the_session_survives_a_nats_server_restart() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::start();
+    for k in 0..3 {
+        env.node(k);
+    }
+    env.wait_for_nodes(3);
+    let file = env.swarm_file(6, 3, 60.0);
+    let rx = env.coordinator(&["swarm", "run", &file]);
+    env.until(&rx, "round  2");
+    env.nats.restart();
+    env.until(&rx, "time:");
+    assert!(env.wait_coordinator(), "{}\n{}", logs(env.dir.path()), env.nats.log());
+    let (lineage, _) = env.lineage("0.1.0");
+    check_rounds(&lineage, 6);
+}
