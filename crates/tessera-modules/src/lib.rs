@@ -14,7 +14,7 @@ pub const FL_SOFTMAX_WORKER_WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR")
 pub const FL_SOFTMAX_WORKER_MANIFEST: &str = include_str!("../../../modules/fl-softmax-worker/module.yaml");
 
 /// Test programs: behaviour picked by `mode` in the config (`echo`, `spin`, `alloc`,
-/// `panic`, `fail`, `context`, `big-output`).
+/// `panic`, `fail`, `context`, `big-output`, `work`).
 pub const TEST_PROGRAMS_WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/test_programs.wasm"));
 
 /// The WIT world modules implement.

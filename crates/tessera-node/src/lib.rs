@@ -17,4 +17,4 @@ pub mod resources;
 
 pub use builtin::BuiltinRuntime;
 pub use cache::PackageCache;
-pub use node::{Node, NodeConfig, NodeError, NodePorts, list_nodes, task_queue};
+pub use node::{Node, NodeConfig, NodeError, NodePorts, Stats, list_nodes, task_queue};

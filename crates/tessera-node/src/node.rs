@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -99,6 +100,16 @@ pub struct Node {
     backend: Backend,
     source: Arc<dyn PackageSource>,
     replies: Mutex<(HashMap<String, TaskReply>, VecDeque<String>)>,
+    stats: Stats,
+}
+
+/// Counters of what a node did.
+#[derive(Default, Debug)]
+pub struct Stats {
+    /// Tasks run.
+    pub tasks_run: AtomicU64,
+    /// Tasks answered again from memory (redeliveries and duplicates), not run.
+    pub answered_again: AtomicU64,
 }
 
 /// What a node talks through: a backend (bus, world state, blobs, membership) and a
@@ -132,7 +143,13 @@ impl Node {
             backend: ports.backend,
             source: ports.source,
             replies: Mutex::new((HashMap::new(), VecDeque::new())),
+            stats: Stats::default(),
         })
+    }
+
+    /// What the node has done so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     /// The node id.
@@ -202,14 +219,28 @@ impl Node {
     }
 
     /// Executes a task: inputs from the blob store, outputs back to it. Never fails: a
-    /// failure is the reply's outcome. A task answered before is answered the same way
-    /// again, without running twice.
+    /// failure is the reply's outcome. A task answered before, by this process or by this
+    /// node before it restarted (answers are kept in world state under
+    /// `done/<node>/<task>`), is answered the same way again without running twice.
     pub async fn execute(&self, task: &TaskMessage) -> TaskReply {
         if let Some(r) = self.replies.lock().unwrap_or_else(|p| p.into_inner()).0.get(&task.task_id) {
             tracing::info!(node = %self.id, task = %task.task_id, "task seen before; answering again without running it");
+            self.stats.answered_again.fetch_add(1, Ordering::Relaxed);
             return r.clone();
         }
+        // Answered before this process started (a crash between reply and ack)?
+        let key = self.done_key(&task.task_id);
+        if let Some(key) = &key
+            && let Ok(Some(e)) = self.backend.world.get(key).await
+            && let Ok(r) = wire::decode::<TaskReply>(&e.value)
+        {
+            tracing::info!(node = %self.id, task = %task.task_id, "task answered before a restart; answering again");
+            self.stats.answered_again.fetch_add(1, Ordering::Relaxed);
+            self.remember(&r);
+            return r;
+        }
         let started = Instant::now();
+        self.stats.tasks_run.fetch_add(1, Ordering::Relaxed);
         let outcome = match self.execute_inner(task).await {
             Ok(outputs) => TaskOutcome::Ok { outputs, seconds: started.elapsed().as_secs_f64() },
             Err(e) => {
@@ -225,17 +256,33 @@ impl Node {
             node: self.id.clone(),
             outcome,
         };
+        self.remember(&reply);
+        if let Some(key) = &key
+            && let Err(e) = self.backend.world.put(key, Bytes::from(wire::encode(&reply))).await
+        {
+            tracing::warn!(node = %self.id, task = %task.task_id, "cannot record the answer durably: {e}");
+        }
+        reply
+    }
+
+    /// Where the answer to a task is kept, so a restarted node answers a redelivery
+    /// without running it again (`None` when the task id cannot be a key).
+    fn done_key(&self, task_id: &str) -> Option<String> {
+        let key = format!("done/{}/{task_id}", self.id);
+        tessera_core::name::check_key("task key", &key).is_ok().then_some(key)
+    }
+
+    fn remember(&self, reply: &TaskReply) {
         let mut g = self.replies.lock().unwrap_or_else(|p| p.into_inner());
         let (map, order) = &mut *g;
-        if map.insert(task.task_id.clone(), reply.clone()).is_none() {
-            order.push_back(task.task_id.clone());
+        if map.insert(reply.task_id.clone(), reply.clone()).is_none() {
+            order.push_back(reply.task_id.clone());
             if order.len() > REPLY_MEMORY
                 && let Some(old) = order.pop_front()
             {
                 map.remove(&old);
             }
         }
-        reply
     }
 
     async fn execute_inner(&self, task: &TaskMessage) -> Result<Vec<BlobRef>, NodeError> {

@@ -12,26 +12,33 @@ use tessera_core::{Digest, PackageRef};
 use tessera_hub::{HubStore, LocalHub};
 use tessera_node::{BuiltinRuntime, Node, NodeConfig, NodeError, NodePorts, list_nodes};
 use tessera_package::{Limits, pack_dir};
-use tessera_ports::{
-    Backend, BlobStore, Bus, MemoryBlobStore, MemoryBus, MemoryMembership, MemoryWorld, PackageSource, Runtime,
-    SourceError, WorldState,
-};
+use tessera_nats::NatsOptions;
+use tessera_nats::testing::NatsServer;
+use tessera_ports::{Backend, PackageSource, Runtime, SourceError};
 use tessera_wasm::{WasmLimits, WasmRuntime};
 
 const PROGRAMS: &str = "name: test.programs\nversion: 0.1.0\nkind: task\nruntime: wasm\nentry: module.wasm\n";
 
+/// Which backend a test runs on.
+enum On {
+    Memory,
+    Nats,
+}
+
 struct Setup {
     _dir: tempfile::TempDir,
-    bus: Arc<MemoryBus>,
-    world: Arc<MemoryWorld>,
-    blobs: Arc<MemoryBlobStore>,
-    members: Arc<MemoryMembership>,
+    _nats: Option<NatsServer>,
+    backend: Backend,
     hub: Arc<HubStore>,
     programs: Digest,
     dataset: std::path::PathBuf,
 }
 
-fn setup() -> Setup {
+async fn setup(on: On) -> Setup {
+    setup_with(on, NatsOptions::default()).await
+}
+
+async fn setup_with(on: On, options: NatsOptions) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let hub = Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
     let m = dir.path().join("programs");
@@ -40,30 +47,45 @@ fn setup() -> Setup {
     hub.publish(&packed.bytes, None).unwrap();
     let dataset = dir.path().join("data.bin");
     std::fs::write(&dataset, b"local data").unwrap();
-    Setup {
-        bus: Arc::new(MemoryBus::new()),
-        world: Arc::new(MemoryWorld::new()),
-        blobs: Arc::new(MemoryBlobStore::new()),
-        members: Arc::new(MemoryMembership::new(Duration::from_secs(10))),
-        hub,
-        programs: packed.digest,
-        dataset,
-        _dir: dir,
-    }
+    let (nats, backend) = match on {
+        On::Memory => (None, Backend::in_process(Duration::from_secs(10))),
+        On::Nats => {
+            let server = NatsServer::start();
+            let backend = tessera_nats::backend(&server.url(), &options).await.unwrap();
+            (Some(server), backend)
+        }
+    };
+    Setup { backend, hub, programs: packed.digest, dataset, _nats: nats, _dir: dir }
 }
 
-impl Setup {
-    fn backend(&self) -> Backend {
-        Backend {
-            bus: self.bus.clone(),
-            world: self.world.clone(),
-            blobs: self.blobs.clone(),
-            members: self.members.clone(),
+/// Runs a test body once on each backend.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn in_process() {
+                super::$name(super::On::Memory).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nats() {
+                super::$name(super::On::Nats).await
+            }
         }
-    }
+    )*};
+}
+
+on_both_backends!(
+    breaching_limits_fails_the_task_and_the_node_runs_the_next_one,
+    bad_messages_are_dropped_and_the_node_carries_on,
+    a_task_delivered_twice_runs_once,
+    a_task_redelivered_after_a_crash_is_applied_once,
+    registration_and_refusals,
+);
+
+impl Setup {
     fn node_with(&self, id: &str, source: Arc<dyn PackageSource>, runtimes: Vec<Arc<dyn Runtime>>) -> Arc<Node> {
         let cfg = NodeConfig::new(id, self._dir.path().join(id)).dataset("local", &self.dataset);
-        let ports = NodePorts { backend: self.backend(), source };
+        let ports = NodePorts { backend: self.backend.clone(), source };
         Arc::new(Node::new(cfg, ports, runtimes).unwrap())
     }
     fn node(&self, id: &str) -> Arc<Node> {
@@ -90,10 +112,10 @@ impl Setup {
         .with_node(node)
     }
     async fn send(&self, node: &Node, task: &TaskMessage) {
-        self.bus.put(&node.task_queue(), Bytes::from(wire::encode(task))).await.unwrap();
+        self.backend.bus.put(&node.task_queue(), Bytes::from(wire::encode(task))).await.unwrap();
     }
     async fn reply(&self) -> TaskReply {
-        let d = self.bus.get("test.replies", Duration::from_secs(60)).await.unwrap().expect("a reply");
+        let d = self.backend.bus.get("test.replies", Duration::from_secs(60)).await.unwrap().expect("a reply");
         let r = wire::decode(&d.payload).unwrap();
         d.ack().await.unwrap();
         r
@@ -122,9 +144,8 @@ fn failed(r: &TaskReply) -> &str {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn breaching_limits_fails_the_task_and_the_node_runs_the_next_one() {
-    let s = setup();
+async fn breaching_limits_fails_the_task_and_the_node_runs_the_next_one(on: On) {
+    let s = setup(on).await;
     let node = s.node("n1");
     let (stop, handle) = serve(&node);
 
@@ -148,15 +169,23 @@ async fn breaching_limits_fails_the_task_and_the_node_runs_the_next_one() {
     handle.await.unwrap().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_messages_are_dropped_and_the_node_carries_on() {
-    let s = setup();
+async fn bad_messages_are_dropped_and_the_node_carries_on(on: On) {
+    let s = setup(on).await;
     let node = s.node("n1");
     let (stop, handle) = serve(&node);
     let q = node.task_queue();
-    s.bus.put(&q, Bytes::from_static(b"not json")).await.unwrap();
-    s.bus.put(&q, Bytes::from_static(b"{\"schema\": 99}")).await.unwrap();
-    s.bus.put(&q, Bytes::from(vec![b'x'; 2 << 20])).await.unwrap();
+    s.backend.bus.put(&q, Bytes::from_static(b"not json")).await.unwrap();
+    s.backend.bus.put(&q, Bytes::from_static(b"{\"schema\": 99}")).await.unwrap();
+    // Oversized: the in-process bus carries it and the node refuses it; NATS refuses it
+    // at the door.
+    match s.backend.bus.put(&q, Bytes::from(vec![b'x'; 2 << 20])).await {
+        Ok(()) | Err(tessera_ports::BusError::TooLarge { .. }) => {}
+        Err(e) => panic!("{e}"),
+    }
+    // A task of another schema version.
+    let mut other = serde_json::to_value(s.task("future", "n1", json!({"mode": "echo"}))).unwrap();
+    other["schema"] = json!(99);
+    s.backend.bus.put(&q, Bytes::from(other.to_string())).await.unwrap();
     let mut bad_reply = s.task("bad-reply", "n1", json!({"mode": "echo"}));
     bad_reply.reply_to = "no spaces allowed".into();
     s.send(&node, &bad_reply).await;
@@ -164,14 +193,13 @@ async fn bad_messages_are_dropped_and_the_node_carries_on() {
     let r = s.reply().await;
     assert_eq!(r.task_id, "good.n1");
     assert!(matches!(r.outcome, TaskOutcome::Ok { .. }));
-    assert_eq!(s.bus.len(&q).await.unwrap(), 0, "bad messages are not redelivered forever");
+    assert_eq!(s.backend.bus.len(&q).await.unwrap(), 0, "bad messages are not redelivered forever");
     stop.send(true).unwrap();
     handle.await.unwrap().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_task_delivered_twice_runs_once() {
-    let s = setup();
+async fn a_task_delivered_twice_runs_once(on: On) {
+    let s = setup(on).await;
     let node = s.node("n1");
     let (stop, handle) = serve(&node);
     let task = s.task("ctx", "n1", json!({"mode": "context", "dataset": "local"}));
@@ -180,18 +208,20 @@ async fn a_task_delivered_twice_runs_once() {
     let a = s.reply().await;
     // The second delivery is answered from memory, under the same reply id: the bus keeps
     // one reply.
-    while s.bus.len(&node.task_queue()).await.unwrap() > 0 {
+    while s.backend.bus.len(&node.task_queue()).await.unwrap() > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(s.bus.get("test.replies", Duration::from_millis(500)).await.unwrap().is_none());
+    assert!(s.backend.bus.get("test.replies", Duration::from_millis(500)).await.unwrap().is_none());
     // Asked directly, the node gives the same answer without running the task again.
     assert_eq!(node.execute(&task).await, a);
+    assert_eq!(node.stats().tasks_run.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(node.stats().answered_again.load(std::sync::atomic::Ordering::Relaxed), 2);
     // The module adds one result per run: one run.
-    let seen = s.world.select_results("runs/s1/results/seen", None).await.unwrap();
+    let seen = s.backend.world.select_results("runs/s1/results/seen", None).await.unwrap();
     assert_eq!(seen.len(), 1);
     // And it read the node's dataset, not anything else.
     let TaskOutcome::Ok { outputs, .. } = &a.outcome else { panic!("{a:?}") };
-    let report = s.blobs.get(&outputs[0].digest).await.unwrap().unwrap();
+    let report = s.backend.blobs.get(&outputs[0].digest).await.unwrap().unwrap();
     let report: serde_json::Value = serde_json::from_slice(&report).unwrap();
     assert_eq!(report["head"], "loca");
     assert_eq!(report["datasets"], json!(["local"]));
@@ -214,7 +244,7 @@ impl PackageSource for Swapping {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packages_that_do_not_match_their_digest_never_run() {
-    let s = setup();
+    let s = setup(On::Memory).await;
     // A second, harmless package; the source hands it out whatever is asked for.
     let m = s._dir.path().join("other");
     std::fs::create_dir_all(&m).unwrap();
@@ -232,17 +262,16 @@ async fn packages_that_do_not_match_their_digest_never_run() {
     assert!(!s._dir.path().join("n2").join(s.programs.hex()).exists(), "nothing entered the cache");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn registration_and_refusals() {
-    let s = setup();
+async fn registration_and_refusals(on: On) {
+    let s = setup(on).await;
     let node = s.node("n1");
     node.register().await.unwrap();
-    let nodes = list_nodes(s.members.as_ref()).await.unwrap();
+    let nodes = list_nodes(s.backend.members.as_ref()).await.unwrap();
     assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0].datasets, vec!["local"]);
     assert!(nodes[0].resources.cpu >= 1.0);
     node.deregister().await.unwrap();
-    assert!(list_nodes(s.members.as_ref()).await.unwrap().is_empty());
+    assert!(list_nodes(s.backend.members.as_ref()).await.unwrap().is_empty());
 
     // A node without the wasm runtime says so.
     let builtin_only = s.node_with("n3", Arc::new(LocalHub(s.hub.clone())), vec![Arc::new(BuiltinRuntime::new())]);
@@ -258,10 +287,38 @@ async fn registration_and_refusals() {
     assert!(failed(&node.execute(&t).await).contains("not in the blob store"));
 
     // Config errors.
-    let ports = NodePorts { backend: s.backend(), source: Arc::new(LocalHub(s.hub.clone())) };
+    let ports = NodePorts { backend: s.backend.clone(), source: Arc::new(LocalHub(s.hub.clone())) };
     let e = Node::new(NodeConfig::new("bad id!", s._dir.path().join("x")), ports.clone(), vec![]).err().unwrap();
     assert!(e.to_string().contains("node id"));
     let cfg = NodeConfig::new("n4", s._dir.path().join("x")).dataset("digits", "/no/such/file");
     let e = Node::new(cfg, ports, vec![]).err().unwrap();
     assert!(e.to_string().contains("/no/such/file"));
+}
+
+async fn a_task_redelivered_after_a_crash_is_applied_once(on: On) {
+    // A node takes a task, runs it, and dies before acknowledging it (here: the delivery
+    // is dropped). The bus delivers it again to the node's next process, which answers
+    // from the node's record of answered tasks without running it again.
+    let options = NatsOptions { ack_wait: Duration::from_secs(1), ..NatsOptions::default() };
+    let s = setup_with(on, options).await;
+    let first = s.node("n1");
+    let task = s.task("slow", "n1", json!({"mode": "work", "ms": 50}));
+    s.send(&first, &task).await;
+    let d = s.backend.bus.get(&first.task_queue(), Duration::from_secs(5)).await.unwrap().unwrap();
+    let answered = first.execute(&wire::decode(&d.payload).unwrap()).await;
+    assert!(matches!(answered.outcome, TaskOutcome::Ok { .. }), "{answered:?}");
+    drop(d); // the crash: no ack
+    drop(first);
+
+    let second = s.node("n1");
+    let (stop, handle) = serve(&second);
+    let r = s.reply().await;
+    assert_eq!(r, answered, "the same answer");
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(second.stats().tasks_run.load(Relaxed), 0, "not run again");
+    assert_eq!(second.stats().answered_again.load(Relaxed), 1, "the bus did deliver it again");
+    let runs = s.backend.world.select_results("runs/s1/results/work", None).await.unwrap();
+    assert_eq!(runs.len(), 1, "applied once");
+    stop.send(true).unwrap();
+    handle.await.unwrap().unwrap();
 }

@@ -1,5 +1,5 @@
 //! A module whose behaviour the config picks: `echo`, `spin`, `alloc`, `panic`, `fail`,
-//! `context` (uses every import), `big-output`.
+//! `context` (uses every import), `big-output`, `work` (busy for `ms`, then adds a result).
 
 wit_bindgen::generate!({ path: "../../wit", world: "module" });
 
@@ -15,6 +15,8 @@ struct Config {
     bytes: u64,
     #[serde(default)]
     dataset: String,
+    #[serde(default)]
+    ms: u64,
 }
 
 impl Guest for Programs {
@@ -39,6 +41,15 @@ impl Guest for Programs {
                     total += 64 << 20;
                 }
                 Ok(vec![Blob { name: "held".into(), data: total.to_le_bytes().to_vec() }])
+            }
+            "work" => {
+                // Busy for `ms` milliseconds, then leaves one result: a task that takes a while.
+                let start = std::time::Instant::now();
+                while start.elapsed().as_millis() < u128::from(cfg.ms) {
+                    core::hint::black_box(0u64);
+                }
+                world_state::results_add("work", local::node().as_bytes())?;
+                Ok(vec![Blob { name: "done".into(), data: cfg.ms.to_le_bytes().to_vec() }])
             }
             "panic" => panic!("deliberate panic"),
             "fail" => Err("deliberate failure".into()),
