@@ -190,3 +190,40 @@ async fn a_session_whose_coordinator_stopped_resumes_from_its_last_round(on: On)
         Err(tessera_coordinator::SessionError::Unknown(_))
     ));
 }
+
+async fn bad_replies_never_stop_a_session(on: On) {
+    use bytes::Bytes;
+    use tessera_core::wire::{self, SCHEMA_VERSION, TaskOutcome, TaskReply};
+    let home = tempfile::tempdir().unwrap();
+    let cluster = cluster(&on, home.path(), 2).await;
+    let id = "s-hostile";
+    let queue = tessera_coordinator::reply_queue(id);
+    let bus = &cluster.backend.bus;
+    let forged = |session: &str, round: u32, node: &str| TaskReply {
+        schema: SCHEMA_VERSION,
+        task_id: format!("{session}.r{round}.{node}"),
+        session: session.into(),
+        round,
+        node: node.into(),
+        outcome: TaskOutcome::Failed { error: "forged".into() },
+    };
+    bus.put(&queue, Bytes::from_static(b"\x00\x01 not json")).await.unwrap();
+    bus.put(&queue, Bytes::from_static(b"{\"schema\": 7, \"task_id\": \"x\"}")).await.unwrap();
+    // For another session, and for this session from a node that was not asked.
+    bus.put(&queue, Bytes::from(wire::encode(&forged("s-other", 1, "node-0")))).await.unwrap();
+    let mut liar = forged(id, 1, "node-0");
+    liar.node = "node-9".into();
+    bus.put(&queue, Bytes::from(wire::encode(&liar))).await.unwrap();
+
+    let mut cfg = SessionConfig::new("fl.softmax.worker");
+    cfg.rounds = 2;
+    cfg.eval_dataset = Some("digits-test".into());
+    let result = cluster.coordinator().run(id, &cfg, &Quiet).await.unwrap();
+    for r in &result.reports {
+        assert_eq!(r.contributed, vec!["node-0", "node-1"], "round {}: {:?}", r.round, r.failures);
+        assert!(r.failures.is_empty());
+    }
+    cluster.stop().await;
+}
+
+on_both_backends!(bad_replies_never_stop_a_session);
