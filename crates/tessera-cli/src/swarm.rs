@@ -165,6 +165,17 @@ async fn finish(
         result.lineage.strategy,
         result.lineage.nodes.join(", ")
     );
+    // The first round also fetches and compiles the module on every node.
+    let steady = if result.reports.len() > 1 { &result.reports[1..] } else { &result.reports[..] };
+    if let Some((round, compute, eval, overhead)) = tessera_core::wire::round_summary(steady) {
+        println!(
+            "rounds after the first: {:.1} ms on average: {:.1} ms node work, {:.1} ms evaluation, {:.1} ms overhead",
+            round * 1e3,
+            compute * 1e3,
+            eval * 1e3,
+            overhead * 1e3
+        );
+    }
     println!("time: {:.2}s", started.elapsed().as_secs_f64());
     Ok(())
 }

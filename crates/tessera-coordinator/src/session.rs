@@ -308,6 +308,7 @@ struct Update {
     node: String,
     tensors: Tensors,
     metrics: WorkerMetrics,
+    seconds: f64,
 }
 
 impl Coordinator {
@@ -615,8 +616,8 @@ impl Coordinator {
     }
 
     async fn collect(&self, reply: &TaskReply) -> Result<Update, String> {
-        let outputs = match &reply.outcome {
-            TaskOutcome::Ok { outputs, .. } => outputs,
+        let (outputs, seconds) = match &reply.outcome {
+            TaskOutcome::Ok { outputs, seconds } => (outputs, *seconds),
             TaskOutcome::Failed { error } => return Err(error.clone()),
         };
         let get = |name: &str| outputs.iter().find(|o| o.name == name).map(|o| o.digest);
@@ -637,7 +638,7 @@ impl Coordinator {
         if metrics.num_examples == 0 {
             return Err("the update is based on zero examples".into());
         }
-        Ok(Update { node: reply.node.clone(), tensors, metrics })
+        Ok(Update { node: reply.node.clone(), tensors, metrics, seconds })
     }
 
     async fn round(
@@ -721,7 +722,10 @@ impl Coordinator {
         let model_bytes = Bytes::from(aggregate.encode());
         let model = self.retry("storing the global model", || self.backend.blobs.put(model_bytes.clone())).await?;
 
+        let compute_seconds = usable.iter().map(|u| u.seconds).fold(0.0, f64::max);
+        let eval_started = Instant::now();
         let metrics = self.evaluate(id, cfg, record, model_bytes, round).await?;
+        let eval_seconds = eval_started.elapsed().as_secs_f64();
         Ok(RoundReport {
             round,
             selected,
@@ -734,6 +738,8 @@ impl Coordinator {
             eval_examples: metrics.as_ref().map(|m| m.num_examples),
             model,
             seconds: started.elapsed().as_secs_f64(),
+            compute_seconds,
+            eval_seconds,
         })
     }
 

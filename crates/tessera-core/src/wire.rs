@@ -197,6 +197,36 @@ pub struct RoundReport {
     pub model: Digest,
     /// Wall time of the round in seconds.
     pub seconds: f64,
+    /// The longest run time a node reported for its task (the round's critical path of
+    /// work), in seconds.
+    #[serde(default)]
+    pub compute_seconds: f64,
+    /// Time spent evaluating the new model, in seconds.
+    #[serde(default)]
+    pub eval_seconds: f64,
+}
+
+impl RoundReport {
+    /// What the round spent on anything but work: dispatch, transfer, waiting,
+    /// aggregation, bookkeeping.
+    pub fn overhead_seconds(&self) -> f64 {
+        (self.seconds - self.compute_seconds - self.eval_seconds).max(0.0)
+    }
+}
+
+/// Mean round time, compute, evaluation and overhead of some rounds, in seconds.
+pub fn round_summary(reports: &[RoundReport]) -> Option<(f64, f64, f64, f64)> {
+    if reports.is_empty() {
+        return None;
+    }
+    let n = reports.len() as f64;
+    let mean = |f: &dyn Fn(&RoundReport) -> f64| reports.iter().map(f).sum::<f64>() / n;
+    Some((
+        mean(&|r| r.seconds),
+        mean(&|r| r.compute_seconds),
+        mean(&|r| r.eval_seconds),
+        mean(&|r| r.overhead_seconds()),
+    ))
 }
 
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -10,10 +10,10 @@ use tessera_core::registry::PackageRecord;
 use tessera_core::wire::{self, SCHEMA_VERSION, TaskMessage, TaskOutcome, TaskReply};
 use tessera_core::{Digest, PackageRef};
 use tessera_hub::{HubStore, LocalHub};
-use tessera_node::{BuiltinRuntime, Node, NodeConfig, NodeError, NodePorts, list_nodes};
-use tessera_package::{Limits, pack_dir};
 use tessera_nats::NatsOptions;
 use tessera_nats::testing::NatsServer;
+use tessera_node::{BuiltinRuntime, Node, NodeConfig, NodeError, NodePorts, list_nodes};
+use tessera_package::{Limits, pack_dir};
 use tessera_ports::{Backend, PackageSource, Runtime, SourceError};
 use tessera_wasm::{WasmLimits, WasmRuntime};
 
