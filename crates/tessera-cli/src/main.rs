@@ -197,6 +197,18 @@ impl HubArg {
     }
 }
 
+/// Parses repeated `--<what> NAME=FILE` values.
+fn name_file_pairs(items: &[String], what: &str) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    items
+        .iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(n, p)| (n.to_owned(), PathBuf::from(p)))
+                .ok_or_else(|| anyhow::anyhow!("--{what} {s:?}: expected NAME=FILE"))
+        })
+        .collect()
+}
+
 /// Tessera's home directory: `TESSERA_HOME`, else `~/.tessera`.
 fn tessera_home() -> PathBuf {
     if let Some(h) = std::env::var_os("TESSERA_HOME") {

@@ -358,17 +358,6 @@ async fn pull(reference: &str, out: Option<PathBuf>, archive: Option<PathBuf>, h
     Ok(())
 }
 
-fn pairs(items: &[String], what: &str) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    items
-        .iter()
-        .map(|s| {
-            s.split_once('=')
-                .map(|(n, p)| (n.to_owned(), PathBuf::from(p)))
-                .ok_or_else(|| anyhow!("--{what} {s:?}: expected NAME=FILE"))
-        })
-        .collect()
-}
-
 async fn run_local(
     path: &Path,
     set: &[String],
@@ -388,7 +377,7 @@ async fn run_local(
     let hub = Arc::new(HubStore::open(tmp.path().join("hub"))?);
     hub.publish(&packed.bytes, Some(packed.digest))?;
     let mut node_cfg = NodeConfig::new("local", tmp.path().join("cache"));
-    node_cfg.datasets = pairs(dataset, "dataset")?.into_iter().collect::<BTreeMap<_, _>>();
+    node_cfg.datasets = crate::name_file_pairs(dataset, "dataset")?.into_iter().collect::<BTreeMap<_, _>>();
     let wasm = WasmRuntime::new(WasmLimits {
         max_memory: memory,
         max_time: std::time::Duration::from_secs_f64(timeout),
@@ -398,7 +387,7 @@ async fn run_local(
     let ports = NodePorts { backend: Backend::in_process(Duration::from_secs(60)), source: Arc::new(LocalHub(hub)) };
     let node = Node::new(node_cfg, ports, runtimes)?;
     let mut inputs = Vec::new();
-    for (name, file) in pairs(input, "input")? {
+    for (name, file) in crate::name_file_pairs(input, "input")? {
         let bytes = std::fs::read(&file).with_context(|| format!("reading input {name} from {}", file.display()))?;
         inputs.push((name, Bytes::from(bytes)));
     }

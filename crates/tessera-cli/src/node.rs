@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow};
+use anyhow::Context;
 use tessera_node::{BuiltinRuntime, Node, NodeConfig, NodePorts};
 use tessera_ports::Runtime;
 use tessera_wasm::{WasmLimits, WasmRuntime};
@@ -43,16 +43,9 @@ fn host_id() -> String {
     if id.is_empty() { "node".into() } else { id }
 }
 
-/// Parses `name=FILE` pairs.
+/// Parses `--dataset name=FILE` values.
 pub fn datasets(items: &[String]) -> anyhow::Result<BTreeMap<String, PathBuf>> {
-    items
-        .iter()
-        .map(|s| {
-            s.split_once('=')
-                .map(|(n, p)| (n.to_owned(), PathBuf::from(p)))
-                .ok_or_else(|| anyhow!("--dataset {s:?}: expected NAME=FILE"))
-        })
-        .collect()
+    Ok(crate::name_file_pairs(items, "dataset")?.into_iter().collect())
 }
 
 /// A node over the given ports with both runtimes.

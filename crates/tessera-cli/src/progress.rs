@@ -71,3 +71,17 @@ impl Observer for Progress {
         ));
     }
 }
+
+/// "rounds after the first: … ms on average: … node work, … evaluation, … overhead" (the
+/// first round also fetches and compiles the module on every node, so it is left out).
+pub fn round_summary_line(reports: &[RoundReport]) -> Option<String> {
+    let steady = if reports.len() > 1 { &reports[1..] } else { reports };
+    let (round, compute, eval, overhead) = tessera_core::wire::round_summary(steady)?;
+    Some(format!(
+        "rounds after the first: {:.1} ms on average: {:.1} ms node work, {:.1} ms evaluation, {:.1} ms overhead",
+        round * 1e3,
+        compute * 1e3,
+        eval * 1e3,
+        overhead * 1e3
+    ))
+}

@@ -111,16 +111,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         result.lineage.nodes.join(", "),
         worker.digest
     );
-    // The first round also fetches and compiles the module on every node.
-    let steady = if result.reports.len() > 1 { &result.reports[1..] } else { &result.reports[..] };
-    if let Some((round, compute, eval, overhead)) = tessera_core::wire::round_summary(steady) {
-        println!(
-            "rounds after the first: {:.1} ms on average: {:.1} ms node work, {:.1} ms evaluation, {:.1} ms overhead",
-            round * 1e3,
-            compute * 1e3,
-            eval * 1e3,
-            overhead * 1e3
-        );
+    if let Some(line) = crate::progress::round_summary_line(&result.reports) {
+        println!("{line}");
     }
     println!("time: session {session_secs:.2}s, total {:.2}s", started.elapsed().as_secs_f64());
     println!("browse: tessera hub serve --data {}", home.join("hub").display());

@@ -165,16 +165,8 @@ async fn finish(
         result.lineage.strategy,
         result.lineage.nodes.join(", ")
     );
-    // The first round also fetches and compiles the module on every node.
-    let steady = if result.reports.len() > 1 { &result.reports[1..] } else { &result.reports[..] };
-    if let Some((round, compute, eval, overhead)) = tessera_core::wire::round_summary(steady) {
-        println!(
-            "rounds after the first: {:.1} ms on average: {:.1} ms node work, {:.1} ms evaluation, {:.1} ms overhead",
-            round * 1e3,
-            compute * 1e3,
-            eval * 1e3,
-            overhead * 1e3
-        );
+    if let Some(line) = crate::progress::round_summary_line(&result.reports) {
+        println!("{line}");
     }
     println!("time: {:.2}s", started.elapsed().as_secs_f64());
     Ok(())
@@ -182,14 +174,10 @@ async fn finish(
 
 /// The next free patch version of a model in the hub (0.1.0 for a new one).
 async fn next_model_version(client: &HubClient, name: &str) -> anyhow::Result<String> {
-    match client.model(name, "latest").await {
-        Ok(m) => {
-            let mut v = Version::parse(&m.version)?;
-            v.patch += 1;
-            v.pre = tessera_core::version::Prerelease::EMPTY;
-            Ok(v.to_string())
-        }
-        Err(e) if e.is_not_found() => Ok("0.1.0".into()),
-        Err(e) => Err(e.into()),
-    }
+    let current = match client.model(name, "latest").await {
+        Ok(m) => Some(Version::parse(&m.version)?),
+        Err(e) if e.is_not_found() => None,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(tessera_core::version::next_patch(current.as_ref()).to_string())
 }

@@ -123,6 +123,15 @@ pub fn latest<'a>(versions: impl IntoIterator<Item = &'a Version>) -> Option<&'a
     best_release.or(best_any)
 }
 
+/// The version after `latest` for a new build of the same thing: its patch number raised
+/// (pre-release dropped); `0.1.0` when there is none.
+pub fn next_patch(latest: Option<&Version>) -> Version {
+    match latest {
+        Some(v) => Version::new(v.major, v.minor, v.patch + 1),
+        None => Version::new(0, 1, 0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +153,13 @@ mod tests {
         for bad in ["", "@1.0.0", "Fl@1.0.0", "fl@1.0", "fl@1.0.0.0", "fl@-x", "fl@a b", "b3:00"] {
             assert!(bad.parse::<PackageRef>().is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn next_patch_versions() {
+        assert_eq!(next_patch(None).to_string(), "0.1.0");
+        assert_eq!(next_patch(Some(&"1.2.3".parse().unwrap())).to_string(), "1.2.4");
+        assert_eq!(next_patch(Some(&"1.2.3-rc.1".parse().unwrap())).to_string(), "1.2.4");
     }
 
     #[test]

@@ -713,16 +713,12 @@ impl HubStore {
     /// The next free patch version of a model: `0.1.0` for a new model, else the latest
     /// version with its patch number raised.
     pub fn next_model_version(&self, name: &str) -> Result<String, HubError> {
-        match self.model(name, LATEST) {
-            Ok(m) => {
-                let mut v = parse_version(&m.version)?;
-                v.patch += 1;
-                v.pre = semver_empty_pre();
-                Ok(v.to_string())
-            }
-            Err(HubError::NotFound(_)) => Ok("0.1.0".into()),
-            Err(e) => Err(e),
-        }
+        let current = match self.model(name, LATEST) {
+            Ok(m) => Some(parse_version(&m.version)?),
+            Err(HubError::NotFound(_)) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(tessera_core::version::next_patch(current.as_ref()).to_string())
     }
 
     /// Deletes a model and, when nothing else uses it, its binary.
@@ -734,10 +730,6 @@ impl HubStore {
         }
         Ok(m)
     }
-}
-
-fn semver_empty_pre() -> tessera_core::version::Prerelease {
-    tessera_core::version::Prerelease::EMPTY
 }
 
 /// Removes a temporary upload file that was not moved into the store.

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use tessera_core::Digest;
+use tessera_core::manifest::MANIFEST_FILE;
 use tessera_package::{Limits, UnpackError, unpack, verify};
 use tessera_ports::{ModuleImage, PackageSource, SourceError};
 
@@ -57,21 +58,40 @@ impl PackageCache {
         let lock = self.lock_for(digest);
         let _guard = lock.lock().await;
         let root = self.dir.join(digest.hex());
-        if root.join(tessera_core::manifest::MANIFEST_FILE).exists() {
-            let text = tokio::fs::read_to_string(root.join(tessera_core::manifest::MANIFEST_FILE))
-                .await
-                .map_err(|source| CacheError::Io { path: root.clone(), source })?;
-            let manifest = tessera_core::Manifest::parse(&text).map_err(UnpackError::from)?;
-            return Ok(ModuleImage { digest: *digest, manifest, root });
+        if let Some(image) = Self::cached(digest, &root).await? {
+            return Ok(image);
         }
         let bytes = source.fetch(digest).await?;
         verify(&bytes, digest)?;
         let limits = self.limits.clone();
         let dest = root.clone();
-        let info = tokio::task::spawn_blocking(move || unpack(&bytes, &dest, &limits))
+        let unpacked = tokio::task::spawn_blocking(move || unpack(&bytes, &dest, &limits))
             .await
-            .map_err(|e| CacheError::Io { path: root.clone(), source: std::io::Error::other(e.to_string()) })??;
-        tracing::info!(digest = %digest, module = %info.manifest.name, version = %info.manifest.version, "package cached");
-        Ok(ModuleImage { digest: *digest, manifest: info.manifest, root })
+            .map_err(|e| CacheError::Io { path: root.clone(), source: std::io::Error::other(e.to_string()) })?;
+        match unpacked {
+            Ok(info) => {
+                tracing::info!(digest = %digest, module = %info.manifest.name, version = %info.manifest.version, "package cached");
+                Ok(ModuleImage { digest: *digest, manifest: info.manifest, root })
+            }
+            // Another process sharing this cache unpacked the same package meanwhile.
+            Err(UnpackError::Io { .. }) if root.join(MANIFEST_FILE).exists() => {
+                Self::cached(digest, &root).await?.ok_or_else(|| CacheError::Io {
+                    path: root.clone(),
+                    source: std::io::Error::other("the package vanished from the cache"),
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn cached(digest: &Digest, root: &Path) -> Result<Option<ModuleImage>, CacheError> {
+        let path = root.join(MANIFEST_FILE);
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(CacheError::Io { path, source }),
+        };
+        let manifest = tessera_core::Manifest::parse(&text).map_err(UnpackError::from)?;
+        Ok(Some(ModuleImage { digest: *digest, manifest, root: root.to_owned() }))
     }
 }

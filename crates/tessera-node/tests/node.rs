@@ -322,3 +322,15 @@ async fn a_task_redelivered_after_a_crash_is_applied_once(on: On) {
     stop.send(true).unwrap();
     handle.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_sharing_a_cache_directory_unpack_a_package_once() {
+    let s = setup(On::Memory).await;
+    let a = tessera_node::PackageCache::open(s._dir.path().join("shared"), Limits::default()).unwrap();
+    let b = tessera_node::PackageCache::open(s._dir.path().join("shared"), Limits::default()).unwrap();
+    let source = LocalHub(s.hub.clone());
+    let (x, y) = tokio::join!(a.get(&s.programs, &source), b.get(&s.programs, &source));
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(x.root, y.root);
+    assert_eq!(std::fs::read(x.entry_path()).unwrap(), tessera_modules::TEST_PROGRAMS_WASM);
+}

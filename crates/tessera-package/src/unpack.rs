@@ -102,9 +102,12 @@ pub fn unpack(bytes: &[u8], dest: &Path, limits: &Limits) -> Result<PackageInfo,
     }
     let parent = dest.parent().unwrap_or(Path::new("."));
     let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "pkg".into());
-    let staging = parent.join(format!(".{name}.unpacking-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&staging);
-    fs::create_dir_all(&staging).map_err(|source| UnpackError::Io { path: staging.clone(), source })?;
+    // A staging name of its own: several unpacks (threads, processes) may share a parent.
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let staging = parent.join(format!(".{name}.unpacking-{}-{n}", std::process::id()));
+    fs::create_dir_all(parent).map_err(|source| UnpackError::Io { path: parent.to_owned(), source })?;
+    fs::create_dir(&staging).map_err(|source| UnpackError::Io { path: staging.clone(), source })?;
     check_size(bytes.len() as u64, limits)?;
     match walk(bytes, Digest::of(bytes), bytes.len() as u64, limits, Some(&staging)) {
         Ok(info) => {
