@@ -87,6 +87,12 @@ impl NatsBus {
         Ok(c)
     }
 
+    /// Drops a cached consumer handle after a failure, so the next call opens it again
+    /// (or re-creates it, should the server have lost it).
+    async fn forget(&self, queue: &str) {
+        self.consumers.lock().await.remove(queue);
+    }
+
     fn check(&self, queue: &str, payload: &Bytes) -> Result<(), BusError> {
         check_queue(queue)?;
         // Leave room for headers.
@@ -135,10 +141,20 @@ impl Bus for NatsBus {
         check_queue(queue)?;
         let consumer = self.consumer(queue).await?;
         let expires = wait.max(Duration::from_millis(10));
-        let mut batch = consumer.batch().max_messages(1).expires(expires).messages().await.map_err(backend)?;
+        let mut batch = match consumer.batch().max_messages(1).expires(expires).messages().await {
+            Ok(b) => b,
+            Err(e) => {
+                self.forget(queue).await;
+                return Err(backend(e));
+            }
+        };
         let msg = tokio::time::timeout(expires + Duration::from_secs(5), batch.next()).await;
         let msg = match msg {
-            Ok(Some(m)) => m.map_err(backend)?,
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => {
+                self.forget(queue).await;
+                return Err(backend(e));
+            }
             Ok(None) | Err(_) => return Ok(None),
         };
         let attempt = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
@@ -149,7 +165,12 @@ impl Bus for NatsBus {
     async fn len(&self, queue: &str) -> Result<u64, BusError> {
         check_queue(queue)?;
         let consumer = self.consumer(queue).await?;
-        let info = consumer.get_info().await.map_err(backend)?;
-        Ok(info.num_pending)
+        match consumer.get_info().await {
+            Ok(info) => Ok(info.num_pending),
+            Err(e) => {
+                self.forget(queue).await;
+                Err(backend(e))
+            }
+        }
     }
 }
