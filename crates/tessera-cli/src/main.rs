@@ -3,6 +3,7 @@
 
 mod dataset;
 mod hub;
+mod key;
 mod model;
 mod module;
 mod node;
@@ -60,6 +61,13 @@ enum Command {
     /// Run, resume and inspect federated sessions across machines (over NATS).
     #[command(subcommand)]
     Swarm(swarm::Command),
+    /// Make, list, show, export and import key pairs (your identity when you publish,
+    /// call and grant).
+    #[command(subcommand)]
+    Key(key::Command),
+    /// Show and change who owns a namespace (who may publish under a path prefix).
+    #[command(subcommand)]
+    Namespace(NamespaceCommand),
     /// Show what this machine offers as a node (CPU, memory, GPUs, disk, runtimes).
     NodeInfo {
         /// Directory whose disk is measured.
@@ -102,6 +110,8 @@ fn main() -> std::process::ExitCode {
             Command::Dataset(c) => dataset::run(c),
             Command::Node(NodeCommand::Run(args)) => node::run(args).await,
             Command::Swarm(c) => swarm::run(c).await,
+            Command::Key(c) => key::run(c),
+            Command::Namespace(c) => namespace(c).await,
             Command::NodeInfo { dir } => node_info(&dir),
         }
     });
@@ -183,18 +193,76 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// The hub address from `--hub` or `TESSERA_HUB`.
+/// The hub address from `--hub` or `TESSERA_HUB`, and the key that signs.
 #[derive(clap::Args, Clone)]
 struct HubArg {
     /// The hub's address.
     #[arg(long, env = "TESSERA_HUB", default_value = tessera_client::DEFAULT_HUB)]
     hub: String,
+    /// The key that signs requests (`tessera key list`); `default` is made on first use.
+    #[arg(long, env = "TESSERA_KEY", default_value = "default")]
+    key: String,
 }
 
 impl HubArg {
+    /// A client for reading.
     fn client(&self) -> anyhow::Result<tessera_client::HubClient> {
         Ok(tessera_client::HubClient::new(&self.hub)?)
     }
+    /// A client that signs its requests with the user's key.
+    fn signed_client(&self) -> anyhow::Result<tessera_client::HubClient> {
+        Ok(self.client()?.with_signer(key::load(&self.key)?))
+    }
+}
+
+#[derive(Subcommand)]
+enum NamespaceCommand {
+    /// Show a namespace's owners.
+    Show {
+        /// The namespace (the first segment of module paths, e.g. `fl`).
+        namespace: String,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Let another key publish in a namespace you own.
+    AddOwner {
+        /// The namespace.
+        namespace: String,
+        /// The key to add (ed25519:… or secp256k1:…).
+        owner: String,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Take a key's right to publish away (the last owner stays).
+    RemoveOwner {
+        /// The namespace.
+        namespace: String,
+        /// The key to remove.
+        owner: String,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+}
+
+async fn namespace(cmd: NamespaceCommand) -> anyhow::Result<()> {
+    let (owners, hub_url) = match cmd {
+        NamespaceCommand::Show { namespace, hub } => (hub.client()?.namespace(&namespace).await?, hub.hub),
+        NamespaceCommand::AddOwner { namespace, owner, hub } => {
+            let key: tessera_identity::PublicKey = owner.parse()?;
+            (hub.signed_client()?.set_owner(&namespace, &key, false).await?, hub.hub)
+        }
+        NamespaceCommand::RemoveOwner { namespace, owner, hub } => {
+            let key: tessera_identity::PublicKey = owner.parse()?;
+            (hub.signed_client()?.set_owner(&namespace, &key, true).await?, hub.hub)
+        }
+    };
+    if owners.is_empty() {
+        eprintln!("unclaimed on {hub_url}: the first signed publish claims it");
+    }
+    for o in owners {
+        println!("{o}");
+    }
+    Ok(())
 }
 
 /// Parses repeated `--<what> NAME=FILE` values.

@@ -68,7 +68,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
                 apply_override(&mut metadata, m)?;
             }
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let client = hub.client()?;
+            let client = hub.signed_client()?;
             if !meta.is_empty() {
                 match client.create_model(name, version, &metadata, None).await {
                     Ok(_) => {}

@@ -191,6 +191,13 @@ fn print_record(r: &PackageRecord) {
     println!("  kind:        {}", r.kind.as_str());
     println!("  runtime:     {} (entry {})", r.runtime, m.entry);
     println!("  published:   {}", r.published_at);
+    match &r.signer {
+        Some(k) => println!("  signed by:   {k}"),
+        None => println!("  signed by:   (unsigned)"),
+    }
+    if r.private {
+        println!("  private:     sealed for its recipients; the hub holds only ciphertext");
+    }
     if !m.description.is_empty() {
         println!("  description: {}", m.description.trim());
     }
@@ -328,7 +335,7 @@ async fn publish(path: &Path, hub: &HubArg) -> anyhow::Result<()> {
         inspect(&bytes, &Limits::default()).with_context(|| format!("{} is not a valid package", path.display()))?;
         bytes
     };
-    let client = hub.client()?;
+    let client = hub.signed_client()?;
     let (rec, created) = client
         .publish(bytes)
         .await
@@ -375,7 +382,7 @@ async fn run_local(
     }
     let tmp = tempfile::tempdir()?;
     let hub = Arc::new(HubStore::open(tmp.path().join("hub"))?);
-    hub.publish(&packed.bytes, Some(packed.digest))?;
+    hub.publish(&packed.bytes, Some(packed.digest), None)?;
     let mut node_cfg = NodeConfig::new("local", tmp.path().join("cache"));
     node_cfg.datasets = crate::name_file_pairs(dataset, "dataset")?.into_iter().collect::<BTreeMap<_, _>>();
     let wasm = WasmRuntime::new(WasmLimits {

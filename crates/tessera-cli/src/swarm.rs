@@ -73,7 +73,7 @@ pub struct CoordinatorArgs {
 impl CoordinatorArgs {
     async fn coordinator(&self) -> anyhow::Result<(Coordinator, HubClient)> {
         let backend = self.nats.backend().await?;
-        let client = self.hub.client()?;
+        let client = self.hub.signed_client()?;
         let ports = NodePorts { backend: backend.clone(), source: Arc::new(client.clone()) };
         let cache = self.cache.clone().unwrap_or_else(|| crate::tessera_home().join("coordinator").join("cache"));
         let local = crate::node::build_node(

@@ -12,7 +12,7 @@ fn tessera() -> Command {
 
 fn run(args: &[&str], cwd: &Path, hub: Option<&str>) -> Output {
     let mut c = tessera();
-    c.args(args).current_dir(cwd);
+    c.args(args).current_dir(cwd).env("TESSERA_HOME", cwd.join(".tessera-home"));
     if let Some(h) = hub {
         c.env("TESSERA_HUB", h);
     }
@@ -216,6 +216,7 @@ fn a_new_wasm_module_builds_and_runs() {
     let out = tessera()
         .args(["module", "build", "hello-wasm"])
         .current_dir(w)
+        .env("TESSERA_HOME", w.join(".tessera-home"))
         .env("CARGO_TARGET_DIR", target_dir().join("wasm-modules"))
         .output()
         .unwrap();
@@ -227,4 +228,59 @@ fn a_new_wasm_module_builds_and_runs() {
     assert!(out.contains("data: payload"), "{out}");
     let digest = ok(&["module", "pack", "hello-wasm", "-o", "h.tpkg"], w, None);
     assert!(digest.starts_with("b3:"));
+}
+
+#[test]
+fn keys_and_namespace_ownership() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    // Keys: made, listed, shown, exported and imported.
+    let alice = ok(&["key", "new", "alice"], w, None).trim().to_owned();
+    assert!(alice.starts_with("ed25519:"), "{alice}");
+    let eth = run(&["key", "new", "eth", "--type", "secp256k1"], w, None);
+    assert!(String::from_utf8_lossy(&eth.stderr).contains("address: 0x"));
+    let list = ok(&["key", "list"], w, None);
+    assert!(list.contains("alice") && list.contains("eth") && list.contains(&alice), "{list}");
+    assert_eq!(ok(&["key", "show", "alice"], w, None).trim(), alice);
+    let secret = ok(&["key", "export", "alice", "--secret"], w, None);
+    assert!(secret.starts_with("tessera-secret:ed25519:"));
+    std::fs::write(w.join("alice.secret"), &secret).unwrap();
+    assert_eq!(ok(&["key", "import", "alice2", "--from", "alice.secret"], w, None).trim(), alice);
+    let err = fails(&["key", "new", "alice"], w, None);
+    assert!(err.contains("exists"), "{err}");
+    let mut c = tessera();
+    c.args(["key", "new", "locked", "--encrypt"])
+        .current_dir(w)
+        .env("TESSERA_HOME", w.join(".tessera-home"))
+        .env("TESSERA_PASSPHRASE", "pw");
+    assert!(c.output().unwrap().status.success());
+    let keyfile = std::fs::read_to_string(w.join(".tessera-home/keys/locked.json")).unwrap();
+    assert!(keyfile.contains("argon2id"), "{keyfile}");
+
+    // A signed hub: the first key to publish under `demo` owns it.
+    let hub = start_hub(&w.join("hub-data"));
+    let url = Some(hub.url.as_str());
+    ok(&["module", "new", "m", "--runtime", "builtin", "--name", "demo.m"], w, None);
+    let mut as_alice = tessera();
+    as_alice
+        .args(["module", "publish", "m"])
+        .current_dir(w)
+        .env("TESSERA_HOME", w.join(".tessera-home"))
+        .env("TESSERA_HUB", &hub.url)
+        .env("TESSERA_KEY", "alice");
+    assert!(as_alice.output().unwrap().status.success());
+    let owners = ok(&["namespace", "show", "demo"], w, url);
+    assert_eq!(owners.trim(), alice);
+    // Someone else's key is refused.
+    std::fs::write(w.join("m/extra.txt"), "x").unwrap();
+    let yaml = std::fs::read_to_string(w.join("m/module.yaml")).unwrap().replace("0.1.0", "0.2.0");
+    std::fs::write(w.join("m/module.yaml"), yaml).unwrap();
+    let err = fails(&["module", "publish", "m", "--key", "eth"], w, url);
+    assert!(err.contains("403") && err.contains("belongs to"), "{err}");
+    // Until an owner adds it.
+    let eth_key = ok(&["key", "show", "eth"], w, None).trim().to_owned();
+    ok(&["namespace", "add-owner", "demo", &eth_key, "--key", "alice"], w, url);
+    ok(&["module", "publish", "m", "--key", "eth"], w, url);
+    let shown = ok(&["module", "show", "demo.m@0.2.0"], w, url);
+    assert!(shown.contains("0.2.0"), "{shown}");
 }

@@ -5,6 +5,8 @@
 //!
 //! This crate speaks HTTP to a hub; it does not store anything.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::Serialize;
@@ -13,6 +15,8 @@ use serde_json::{Value, json};
 use tessera_core::registry::{ModelRecord, PackageRecord};
 use tessera_core::wire::Lineage;
 use tessera_core::{Digest, PackageRef};
+use tessera_identity::envelope::HEADER as SIGNATURE_HEADER;
+use tessera_identity::{Envelope, KeyPair, PACKAGE_SIGNATURE_HEADER, PackageSignature, PublicKey, now_ms};
 use tessera_ports::{PackageSource, SourceError};
 
 /// The default hub address.
@@ -71,11 +75,24 @@ impl ClientError {
     }
 }
 
-/// A hub client.
-#[derive(Clone, Debug)]
+/// A hub client. With a signer, every mutating request carries a signature envelope
+/// addressed to the hub's key, and published packages carry the signer's package
+/// signature.
+#[derive(Clone)]
 pub struct HubClient {
     base: String,
     http: reqwest::Client,
+    signer: Option<Arc<KeyPair>>,
+    audience: Arc<tokio::sync::OnceCell<PublicKey>>,
+}
+
+impl std::fmt::Debug for HubClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubClient")
+            .field("base", &self.base)
+            .field("signer", &self.signer.as_ref().map(|k| k.public().to_string()))
+            .finish()
+    }
 }
 
 /// Filters for [`HubClient::list`].
@@ -120,7 +137,53 @@ impl HubClient {
             .connect_timeout(std::time::Duration::from_secs(10))
             .build()
             .map_err(|e| ClientError::Transport { url: base.clone(), message: e.to_string() })?;
-        Ok(HubClient { base, http })
+        Ok(HubClient { base, http, signer: None, audience: Arc::default() })
+    }
+
+    /// Signs mutating requests (and published packages) with `key`.
+    pub fn with_signer(mut self, key: Arc<KeyPair>) -> Self {
+        self.signer = Some(key);
+        self
+    }
+
+    /// Addresses signed requests to this hub key instead of asking the hub for it (pinning).
+    pub fn with_hub_key(self, key: PublicKey) -> Self {
+        let _ = self.audience.set(key);
+        self
+    }
+
+    /// The signing key, if any.
+    pub fn signer(&self) -> Option<&KeyPair> {
+        self.signer.as_deref()
+    }
+
+    /// The hub's key, asked once from `/api/v1/health` unless pinned.
+    pub async fn hub_key(&self) -> Result<PublicKey, ClientError> {
+        let key = self
+            .audience
+            .get_or_try_init(|| async {
+                let h = self.health().await?;
+                let text = h["key"].as_str().unwrap_or_default().to_owned();
+                text.parse::<PublicKey>()
+                    .map_err(|e| ClientError::Decode { url: self.url("/health"), message: format!("hub key: {e}") })
+            })
+            .await?;
+        Ok(key.clone())
+    }
+
+    /// Adds the signature envelope to a request when there is a signer.
+    async fn sign(
+        &self,
+        req: reqwest::RequestBuilder,
+        method: &str,
+        url: &str,
+        body: &[u8],
+    ) -> Result<reqwest::RequestBuilder, ClientError> {
+        let Some(key) = &self.signer else { return Ok(req) };
+        let audience = self.hub_key().await?;
+        let path = url.strip_prefix(&self.base).unwrap_or(url);
+        let env = Envelope::sign(key, &audience, method, path, body, now_ms());
+        Ok(req.header(SIGNATURE_HEADER, env.to_header()))
     }
 
     /// The hub's address.
@@ -182,16 +245,20 @@ impl HubClient {
         Ok(self.json(self.http.get(&url), &url).await?.1)
     }
 
-    /// Publishes package bytes. Returns the record and whether it was new.
+    /// Publishes package bytes, signed by the signer when there is one. Returns the record
+    /// and whether it was new.
     pub async fn publish(&self, bytes: Vec<u8>) -> Result<(PackageRecord, bool), ClientError> {
         let url = self.url("/packages");
         let digest = Digest::of(&bytes);
-        let req = self
+        let mut req = self
             .http
             .post(&url)
             .header("content-type", "application/octet-stream")
-            .header("x-tessera-digest", digest.to_string())
-            .body(bytes);
+            .header("x-tessera-digest", digest.to_string());
+        if let Some(key) = &self.signer {
+            req = req.header(PACKAGE_SIGNATURE_HEADER, PackageSignature::sign(key, &digest).to_header());
+        }
+        let req = self.sign(req, "POST", &url, &bytes).await?.body(bytes);
         let (status, rec) = self.json(req, &url).await?;
         Ok((rec, status == 201))
     }
@@ -241,13 +308,15 @@ impl HubClient {
     /// Deletes a package version.
     pub async fn delete(&self, name: &str, version: &str) -> Result<PackageRecord, ClientError> {
         let url = self.url(&format!("/packages/{}/{}", seg(name), seg(version)));
-        Ok(self.json(self.http.delete(&url), &url).await?.1)
+        let req = self.sign(self.http.delete(&url), "DELETE", &url, b"").await?;
+        Ok(self.json(req, &url).await?.1)
     }
 
     /// Points an alias at a version.
     pub async fn set_alias(&self, name: &str, alias: &str, version: &str) -> Result<PackageRecord, ClientError> {
         let url = self.url(&format!("/packages/{}/aliases/{}", seg(name), seg(alias)));
-        Ok(self.json(self.http.put(&url).json(&json!({"version": version})), &url).await?.1)
+        let body = serde_json::to_vec(&json!({"version": version})).expect("serialisable");
+        Ok(self.json(self.json_request("PUT", &url, body).await?, &url).await?.1)
     }
 
     /// Creates a model record.
@@ -260,7 +329,8 @@ impl HubClient {
     ) -> Result<ModelRecord, ClientError> {
         let url = self.url("/models");
         let body = json!({"name": name, "version": version, "metadata": metadata, "lineage": lineage});
-        Ok(self.json(self.http.post(&url).json(&body), &url).await?.1)
+        let body = serde_json::to_vec(&body).expect("serialisable");
+        Ok(self.json(self.json_request("POST", &url, body).await?, &url).await?.1)
     }
 
     /// Uploads a model binary (creating the record if needed).
@@ -271,7 +341,8 @@ impl HubClient {
         bytes: Vec<u8>,
     ) -> Result<(ModelRecord, bool), ClientError> {
         let url = self.url(&format!("/models/{}/{}", seg(name), seg(version)));
-        let req = self.http.put(&url).header("content-type", "application/octet-stream").body(bytes);
+        let req = self.http.put(&url).header("content-type", "application/octet-stream");
+        let req = self.sign(req, "PUT", &url, &bytes).await?.body(bytes);
         let (status, rec) = self.json(req, &url).await?;
         Ok((rec, status == 201))
     }
@@ -285,7 +356,8 @@ impl HubClient {
         lineage: Option<&Lineage>,
     ) -> Result<ModelRecord, ClientError> {
         let url = self.url(&format!("/models/{}/{}/meta", seg(name), seg(version)));
-        Ok(self.json(self.http.put(&url).json(&json!({"metadata": metadata, "lineage": lineage})), &url).await?.1)
+        let body = serde_json::to_vec(&json!({"metadata": metadata, "lineage": lineage})).expect("serialisable");
+        Ok(self.json(self.json_request("PUT", &url, body).await?, &url).await?.1)
     }
 
     /// A model's record (`version` may be `latest`).
@@ -304,6 +376,37 @@ impl HubClient {
         let url = self.url(&format!("/models/{}/{}", seg(&record.name), seg(&record.version)));
         let (bytes, _) = self.bytes(&url, Some(digest)).await?;
         Ok((record, bytes))
+    }
+
+    /// A namespace's owners.
+    pub async fn namespace(&self, namespace: &str) -> Result<Vec<String>, ClientError> {
+        let url = self.url(&format!("/namespaces/{}", seg(namespace)));
+        let (_, v): (u16, Value) = self.json(self.http.get(&url), &url).await?;
+        Ok(v["owners"].as_array().into_iter().flatten().filter_map(|k| k.as_str().map(str::to_owned)).collect())
+    }
+
+    /// Adds (or, with `remove`, removes) an owner of a namespace; the signer must own it.
+    pub async fn set_owner(&self, namespace: &str, key: &PublicKey, remove: bool) -> Result<Vec<String>, ClientError> {
+        let url = self.url(&format!("/namespaces/{}/owners/{}", seg(namespace), seg(&key.to_string())));
+        let (method, req) = if remove { ("DELETE", self.http.delete(&url)) } else { ("PUT", self.http.put(&url)) };
+        let req = self.sign(req, method, &url, b"").await?;
+        let (_, v): (u16, Value) = self.json(req, &url).await?;
+        Ok(v["owners"].as_array().into_iter().flatten().filter_map(|k| k.as_str().map(str::to_owned)).collect())
+    }
+
+    async fn json_request(
+        &self,
+        method: &str,
+        url: &str,
+        body: Vec<u8>,
+    ) -> Result<reqwest::RequestBuilder, ClientError> {
+        let req = match method {
+            "POST" => self.http.post(url),
+            "DELETE" => self.http.delete(url),
+            _ => self.http.put(url),
+        }
+        .header("content-type", "application/json");
+        Ok(self.sign(req, method, url, &body).await?.body(body))
     }
 
     /// Lists models.

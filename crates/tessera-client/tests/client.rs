@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tessera_client::{ClientError, HubClient, ListParams};
 use tessera_core::{Digest, PackageRef};
-use tessera_hub::{AppState, HubStore, app};
+use tessera_hub::{AppState, HubPolicy, HubStore, app};
 use tessera_package::{Limits, pack_dir};
 use tessera_ports::PackageSource;
 
@@ -13,7 +13,7 @@ async fn serve() -> (HubClient, Arc<HubStore>, tempfile::TempDir) {
     let store = Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let router = app(AppState { store: store.clone() });
+    let router = app(AppState::new(store.clone(), HubPolicy::open()));
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
     (HubClient::new(&format!("http://{addr}")).unwrap(), store, dir)
 }

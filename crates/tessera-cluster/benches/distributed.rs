@@ -78,7 +78,7 @@ async fn dispatch_rate(backend: Backend, dir: &std::path::Path) -> f64 {
     )
     .unwrap();
     let packed = pack_dir(&m, &Limits::default()).unwrap();
-    hub.publish(&packed.bytes, None).unwrap();
+    hub.publish(&packed.bytes, None, None).unwrap();
     let (tx, rx) = tokio::sync::watch::channel(false);
     let mut serving = Vec::new();
     for id in ["bench-a", "bench-b"] {

@@ -149,7 +149,7 @@ impl Cluster {
     /// Packs a module folder and publishes it to the hub (idempotent for the same bytes).
     pub fn publish_dir(&self, dir: &Path) -> Result<PackageRecord, ClusterError> {
         let packed = pack_dir(dir, &Limits::default())?;
-        Ok(self.hub.publish(&packed.bytes, Some(packed.digest))?.record)
+        Ok(self.hub.publish(&packed.bytes, Some(packed.digest), None)?.record)
     }
 
     /// Stops the nodes (they withdraw their announcements) and waits for them.

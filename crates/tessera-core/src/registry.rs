@@ -31,6 +31,16 @@ pub struct PackageRecord {
     pub published_at: String,
     /// The full manifest.
     pub manifest: Manifest,
+    /// The publisher's key (`ed25519:…`), when the package was signed.
+    #[serde(default)]
+    pub signer: Option<String>,
+    /// The publisher's signature over the digest (base64url), when signed.
+    #[serde(default)]
+    pub signature: Option<String>,
+    /// True for a sealed package: the hub holds only ciphertext, readable by its
+    /// recipients; the manifest is the publisher's declaration.
+    #[serde(default)]
+    pub private: bool,
 }
 
 /// A model stored in the hub.

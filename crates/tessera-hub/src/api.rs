@@ -4,15 +4,20 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
+use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tessera_core::registry::{ModelRecord, PackageRecord};
 use tessera_core::wire::Lineage;
 use tessera_core::{Digest, DigestWriter};
+use tessera_identity::envelope::HEADER as SIGNATURE_HEADER;
+use tessera_identity::{
+    Envelope, PACKAGE_SIGNATURE_HEADER, PackageSignature, PublicKey, Verifier, VerifyError, now_ms,
+};
 use tokio::io::AsyncWriteExt;
 use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -30,6 +35,98 @@ pub const DIGEST_HEADER: &str = "x-tessera-digest";
 pub struct AppState {
     /// The store.
     pub store: Arc<HubStore>,
+    /// What the hub asks of requests.
+    pub policy: Arc<HubPolicy>,
+    /// Checks signed requests addressed to this hub.
+    pub verifier: Arc<Verifier>,
+}
+
+/// What a hub asks of requests.
+#[derive(Clone, Debug)]
+pub struct HubPolicy {
+    /// Refuse unsigned requests to mutating routes (and unsigned packages).
+    pub require_signatures: bool,
+    /// How far a request's timestamp may be from the hub's clock, in milliseconds.
+    pub window_ms: u64,
+}
+
+impl HubPolicy {
+    /// Signatures required, 60 s window.
+    pub fn signed() -> Self {
+        HubPolicy { require_signatures: true, window_ms: 60_000 }
+    }
+    /// Unsigned requests accepted (signed ones are still checked); for embedded and
+    /// single-user hubs.
+    pub fn open() -> Self {
+        HubPolicy { require_signatures: false, window_ms: 60_000 }
+    }
+}
+
+impl AppState {
+    /// The state for a store under a policy.
+    pub fn new(store: Arc<HubStore>, policy: HubPolicy) -> Self {
+        let verifier = Verifier::new(store.key().public().clone()).with_window_ms(policy.window_ms);
+        AppState { store, policy: Arc::new(policy), verifier: Arc::new(verifier) }
+    }
+}
+
+/// Checks a request's signature envelope, if any: returns the signer. Unsigned requests
+/// pass only when the policy allows them; a signed request is always checked.
+fn authenticate(
+    s: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Digest,
+) -> ApiResult<Option<PublicKey>> {
+    let unauthorized = |e: VerifyError| ApiError(HubError::Unauthorized(e.to_string()));
+    let header = match headers.get(SIGNATURE_HEADER) {
+        None if s.policy.require_signatures => return Err(unauthorized(VerifyError::Missing)),
+        None => return Ok(None),
+        Some(h) => {
+            h.to_str().map_err(|_| ApiError(HubError::Unauthorized(format!("{SIGNATURE_HEADER} is not text"))))?
+        }
+    };
+    let env = Envelope::parse(header).map_err(|e| unauthorized(VerifyError::Malformed(e)))?;
+    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    s.verifier.verify_envelope(&env, method.as_str(), path, body, now_ms()).map(Some).map_err(unauthorized)
+}
+
+/// The package signature header, if any; required (and by the request's signer) when the
+/// policy requires signatures.
+fn package_signature(
+    s: &AppState,
+    headers: &HeaderMap,
+    signer: Option<&PublicKey>,
+) -> ApiResult<Option<PackageSignature>> {
+    let sig = match headers.get(PACKAGE_SIGNATURE_HEADER) {
+        None => None,
+        Some(h) => {
+            let text =
+                h.to_str().map_err(|_| HubError::BadRequest(format!("{PACKAGE_SIGNATURE_HEADER} is not text")))?;
+            Some(
+                PackageSignature::parse(text)
+                    .map_err(|e| HubError::BadRequest(format!("{PACKAGE_SIGNATURE_HEADER}: {e}")))?,
+            )
+        }
+    };
+    if s.policy.require_signatures {
+        let Some(sig) = &sig else {
+            return Err(ApiError(HubError::Unauthorized(format!(
+                "packages must be signed ({PACKAGE_SIGNATURE_HEADER})"
+            ))));
+        };
+        if Some(&sig.key) != signer {
+            return Err(ApiError(HubError::Forbidden(
+                "the package must be signed by the key that signs the request".into(),
+            )));
+        }
+    }
+    Ok(sig)
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| ApiError(HubError::BadRequest(format!("invalid JSON body: {e}"))))
 }
 
 /// An error as the API returns it: a status and `{"error": "..."}`.
@@ -56,6 +153,9 @@ impl IntoResponse for ApiError {
             HubError::Conflict(_) => StatusCode::CONFLICT,
             HubError::BadRequest(_) | HubError::Package(_) => StatusCode::BAD_REQUEST,
             HubError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            HubError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            HubError::Forbidden(_) => StatusCode::FORBIDDEN,
+            HubError::Quota(_) => StatusCode::TOO_MANY_REQUESTS,
             HubError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
@@ -80,6 +180,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, HubError> + S
     tags(
         (name = "packages", description = "Module packages by name, version, alias and digest"),
         (name = "models", description = "Models: metadata, lineage and binaries"),
+        (name = "namespaces", description = "Who may publish under a path prefix"),
         (name = "hub", description = "Health and blobs")
     )
 )]
@@ -99,6 +200,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(create_model, list_models))
         .routes(routes!(upload_model, download_model, delete_model))
         .routes(routes!(show_model, update_model_meta))
+        .routes(routes!(show_namespace))
+        .routes(routes!(add_owner, remove_owner))
 }
 
 /// The OpenAPI document of the API.
@@ -130,11 +233,20 @@ pub struct Health {
     pub status: String,
     /// The hub's version.
     pub version: String,
+    /// The hub's public key: the audience of signed requests.
+    pub key: String,
+    /// True when mutating requests must be signed.
+    pub signatures_required: bool,
 }
 
 #[utoipa::path(get, path = "/api/v1/health", tag = "hub", responses((status = 200, body = Health)))]
-async fn health() -> Json<Health> {
-    Json(Health { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into() })
+async fn health(State(s): State<AppState>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        key: s.store.key().public().to_string(),
+        signatures_required: s.policy.require_signatures,
+    })
 }
 
 /// Streams a request body into a temporary file in the blob directory, hashing it, and
@@ -198,14 +310,25 @@ fn expected_digest(headers: &HeaderMap) -> ApiResult<Option<Digest>> {
 )]
 async fn publish_package(
     State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<PackageRecord>)> {
     let expected = expected_digest(&headers)?;
     let limit = s.store.limits().max_package_bytes;
     let (tmp, digest, size) = receive(&s.store, body, limit).await?;
+    let checked = authenticate(&s, &method, &uri, &headers, &digest)
+        .and_then(|signer| package_signature(&s, &headers, signer.as_ref()));
+    let sig = match checked {
+        Ok(sig) => sig,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+    };
     let store = s.store.clone();
-    let p = blocking(move || store.publish_file(&tmp, digest, size, expected)).await?;
+    let p = blocking(move || store.publish_file(&tmp, digest, size, expected, sig.as_ref())).await?;
     let status = if p.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(p.record)))
 }
@@ -243,10 +366,20 @@ async fn show_package(
     responses((status = 200, body = PackageRecord), (status = 404, body = ErrorBody)))]
 async fn delete_package(
     State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Json<PackageRecord>> {
+    let actor = authenticate(&s, &method, &uri, &headers, &Digest::of(b""))?;
     let store = s.store.clone();
-    Ok(Json(blocking(move || store.delete(&name, &version)).await?))
+    Ok(Json(
+        blocking(move || {
+            store.authorize(&name, actor.as_ref())?;
+            store.delete(&name, &version)
+        })
+        .await?,
+    ))
 }
 
 async fn stream_file(path: std::path::PathBuf, digest: &Digest, filename: Option<String>) -> ApiResult<Response> {
@@ -301,11 +434,22 @@ pub struct AliasBody {
     responses((status = 200, body = PackageRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn set_alias(
     State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
     Path((name, alias)): Path<(String, String)>,
-    Json(body): Json<AliasBody>,
+    body: Bytes,
 ) -> ApiResult<Json<PackageRecord>> {
+    let actor = authenticate(&s, &method, &uri, &headers, &Digest::of(&body))?;
+    let body: AliasBody = parse_json(&body)?;
     let store = s.store.clone();
-    Ok(Json(blocking(move || store.set_alias(&name, &alias, &body.version)).await?))
+    Ok(Json(
+        blocking(move || {
+            store.authorize(&name, actor.as_ref())?;
+            store.set_alias(&name, &alias, &body.version)
+        })
+        .await?,
+    ))
 }
 
 /// Downloads any blob the hub serves (a package or a model binary) by digest.
@@ -355,11 +499,19 @@ fn empty_object() -> Value {
     responses((status = 201, body = ModelRecord), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn create_model(
     State(s): State<AppState>,
-    Json(body): Json<CreateModel>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
+    let actor = authenticate(&s, &method, &uri, &headers, &Digest::of(&body))?;
+    let body: CreateModel = parse_json(&body)?;
     let store = s.store.clone();
-    let m =
-        blocking(move || store.create_model(&body.name, &body.version, &body.metadata, body.lineage.as_ref())).await?;
+    let m = blocking(move || {
+        store.authorize(&body.name, actor.as_ref())?;
+        store.create_model(&body.name, &body.version, &body.metadata, body.lineage.as_ref())
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(m)))
 }
 
@@ -386,12 +538,29 @@ async fn list_models(State(s): State<AppState>, Query(q): Query<ModelQuery>) -> 
     responses((status = 201, body = ModelRecord), (status = 200, description = "The same bytes were already stored", body = ModelRecord), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)))]
 async fn upload_model(
     State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
     Path((name, version)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
     let (tmp, digest, size) = receive(&s.store, body, MAX_MODEL_BYTES).await?;
+    let actor = match authenticate(&s, &method, &uri, &headers, &digest) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+    };
     let store = s.store.clone();
-    let (m, created) = blocking(move || store.put_model_file(&name, &version, &tmp, digest, size)).await?;
+    let (m, created) = blocking(move || {
+        if let Err(e) = store.authorize(&name, actor.as_ref()) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        store.put_model_file(&name, &version, &tmp, digest, size)
+    })
+    .await?;
     Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(m)))
 }
 
@@ -425,10 +594,20 @@ async fn download_model(
     responses((status = 200, body = ModelRecord), (status = 404, body = ErrorBody)))]
 async fn delete_model(
     State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Json<ModelRecord>> {
+    let actor = authenticate(&s, &method, &uri, &headers, &Digest::of(b""))?;
     let store = s.store.clone();
-    Ok(Json(blocking(move || store.delete_model(&name, &version)).await?))
+    Ok(Json(
+        blocking(move || {
+            store.authorize(&name, actor.as_ref())?;
+            store.delete_model(&name, &version)
+        })
+        .await?,
+    ))
 }
 
 /// A model's record: metadata, lineage, digest; `version` may be `latest`.
@@ -450,9 +629,85 @@ async fn show_model(
     responses((status = 200, body = ModelRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn update_model_meta(
     State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
     Path((name, version)): Path<(String, String)>,
-    Json(body): Json<ModelMeta>,
+    body: Bytes,
 ) -> ApiResult<Json<ModelRecord>> {
+    let actor = authenticate(&s, &method, &uri, &headers, &Digest::of(&body))?;
+    let body: ModelMeta = parse_json(&body)?;
     let store = s.store.clone();
-    Ok(Json(blocking(move || store.update_model_meta(&name, &version, &body.metadata, body.lineage.as_ref())).await?))
+    Ok(Json(
+        blocking(move || {
+            store.authorize(&name, actor.as_ref())?;
+            store.update_model_meta(&name, &version, &body.metadata, body.lineage.as_ref())
+        })
+        .await?,
+    ))
+}
+
+/// A namespace and its owners.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct NamespaceBody {
+    /// The namespace (the first segment of module paths).
+    pub namespace: String,
+    /// Keys that may publish in it (empty: unclaimed; the first signed publish claims it).
+    pub owners: Vec<String>,
+}
+
+/// A namespace's owners.
+#[utoipa::path(get, path = "/api/v1/namespaces/{namespace}", tag = "namespaces",
+    params(("namespace" = String, Path, description = "The first segment of module paths")),
+    responses((status = 200, body = NamespaceBody)))]
+async fn show_namespace(State(s): State<AppState>, Path(namespace): Path<String>) -> ApiResult<Json<NamespaceBody>> {
+    let store = s.store.clone();
+    let ns = namespace.clone();
+    let owners = blocking(move || store.owners(&ns)).await?.unwrap_or_default();
+    Ok(Json(NamespaceBody { namespace, owners: owners.iter().map(ToString::to_string).collect() }))
+}
+
+fn parse_key(k: &str) -> ApiResult<PublicKey> {
+    k.parse().map_err(|e: tessera_identity::KeyError| ApiError(HubError::BadRequest(e.to_string())))
+}
+
+/// Adds an owner to a namespace. The request must be signed by an owner (or, for an
+/// unclaimed namespace, by the key that claims it).
+#[utoipa::path(put, path = "/api/v1/namespaces/{namespace}/owners/{key}", tag = "namespaces",
+    params(("namespace" = String, Path, description = "Namespace"), ("key" = String, Path, description = "The key to add, e.g. ed25519:…")),
+    responses((status = 200, body = NamespaceBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn add_owner(
+    State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path((namespace, key)): Path<(String, String)>,
+) -> ApiResult<Json<NamespaceBody>> {
+    let actor = authenticate(&s, &method, &uri, &headers, &Digest::of(b""))?
+        .ok_or_else(|| ApiError(HubError::Unauthorized(VerifyError::Missing.to_string())))?;
+    let key = parse_key(&key)?;
+    let store = s.store.clone();
+    let ns = namespace.clone();
+    let owners = blocking(move || store.add_owner(&ns, &actor, &key)).await?;
+    Ok(Json(NamespaceBody { namespace, owners: owners.iter().map(ToString::to_string).collect() }))
+}
+
+/// Removes an owner from a namespace (signed by an owner; the last owner stays).
+#[utoipa::path(delete, path = "/api/v1/namespaces/{namespace}/owners/{key}", tag = "namespaces",
+    params(("namespace" = String, Path, description = "Namespace"), ("key" = String, Path, description = "The key to remove")),
+    responses((status = 200, body = NamespaceBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn remove_owner(
+    State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path((namespace, key)): Path<(String, String)>,
+) -> ApiResult<Json<NamespaceBody>> {
+    let actor = authenticate(&s, &method, &uri, &headers, &Digest::of(b""))?
+        .ok_or_else(|| ApiError(HubError::Unauthorized(VerifyError::Missing.to_string())))?;
+    let key = parse_key(&key)?;
+    let store = s.store.clone();
+    let ns = namespace.clone();
+    let owners = blocking(move || store.remove_owner(&ns, &actor, &key)).await?;
+    Ok(Json(NamespaceBody { namespace, owners: owners.iter().map(ToString::to_string).collect() }))
 }

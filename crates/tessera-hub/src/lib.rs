@@ -15,7 +15,7 @@ mod api;
 mod store;
 pub mod time;
 
-pub use api::{ApiError, AppState, app, openapi};
+pub use api::{ApiError, AppState, HubPolicy, app, openapi};
 pub use store::{HubError, HubStore, ListQuery, Published};
 
 use std::sync::Arc;

@@ -15,6 +15,7 @@ use tessera_core::registry::{ModelRecord, PackageRecord};
 use tessera_core::version::{LATEST, Selector, Version, check_alias, latest};
 use tessera_core::wire::Lineage;
 use tessera_core::{Digest, Kind, Manifest, ModulePath};
+use tessera_identity::{KeyPair, KeyType, PackageSignature, PublicKey};
 use tessera_package::{Limits, PackageInfo, UnpackError, inspect_reader};
 use tessera_ports::FsBlobStore;
 
@@ -38,6 +39,15 @@ pub enum HubError {
     /// Over a size limit.
     #[error("too large: {0}")]
     TooLarge(String),
+    /// The request is not signed, or its signature is refused.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// The signer may not do this.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The account is over its quota.
+    #[error("quota exceeded: {0}")]
+    Quota(String),
     /// Storage failed.
     #[error("hub storage: {0}")]
     Storage(String),
@@ -120,7 +130,19 @@ CREATE TABLE IF NOT EXISTS models (
     PRIMARY KEY (name, version)
 );
 CREATE INDEX IF NOT EXISTS models_digest ON models(digest);
+CREATE TABLE IF NOT EXISTS namespaces (
+    namespace TEXT PRIMARY KEY,
+    owners TEXT NOT NULL
+);
 ";
+
+/// Columns added after the first schema, with their definitions (added to older databases
+/// when they are opened).
+const ADDED_COLUMNS: [(&str, &str, &str); 3] = [
+    ("packages", "signer", "TEXT"),
+    ("packages", "signature", "TEXT"),
+    ("packages", "private", "INTEGER NOT NULL DEFAULT 0"),
+];
 
 /// A `models` row: name, version, digest, size, metadata, lineage, created_at.
 type ModelRow = (String, String, Option<String>, Option<i64>, String, Option<String>, String);
@@ -131,6 +153,7 @@ pub struct HubStore {
     blobs: FsBlobStore,
     limits: Limits,
     dir: PathBuf,
+    key: KeyPair,
 }
 
 fn parse_name(name: &str) -> Result<ModulePath, HubError> {
@@ -155,12 +178,16 @@ fn package_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(PackageRow, bool)> 
             size: row.get(3)?,
             manifest: row.get(4)?,
             published_at: row.get(5)?,
+            signer: row.get(7)?,
+            signature: row.get(8)?,
+            private: row.get::<_, i64>(9)? != 0,
         },
         row.get::<_, i64>(6)? != 0,
     ))
 }
 
-const PACKAGE_COLUMNS: &str = "name, version, digest, size, manifest, published_at, deleted";
+const PACKAGE_COLUMNS: &str =
+    "name, version, digest, size, manifest, published_at, deleted, signer, signature, private";
 
 struct PackageRow {
     name: String,
@@ -169,6 +196,9 @@ struct PackageRow {
     size: i64,
     manifest: String,
     published_at: String,
+    signer: Option<String>,
+    signature: Option<String>,
+    private: bool,
 }
 
 impl PackageRow {
@@ -186,6 +216,9 @@ impl PackageRow {
             tags: manifest.tags.clone(),
             published_at: self.published_at,
             manifest,
+            signer: self.signer,
+            signature: self.signature,
+            private: self.private,
         })
     }
 }
@@ -205,8 +238,28 @@ impl HubStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        for (table, column, def) in ADDED_COLUMNS {
+            let exists: bool = conn.query_row(
+                &format!("SELECT EXISTS(SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1)"),
+                params![column],
+                |r| r.get(0),
+            )?;
+            if !exists {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))?;
+            }
+        }
+        let keys = tessera_identity::keystore::Keystore::open(dir.join("identity"))
+            .map_err(|e| HubError::Storage(e.to_string()))?;
+        let key = match keys.load("hub", None) {
+            Ok(k) => k,
+            Err(tessera_identity::keystore::KeystoreError::NotFound(_)) => {
+                keys.create("hub", KeyType::Ed25519, None).map_err(|e| HubError::Storage(e.to_string()))?;
+                keys.load("hub", None).map_err(|e| HubError::Storage(e.to_string()))?
+            }
+            Err(e) => return Err(HubError::Storage(format!("the hub's key: {e}"))),
+        };
         let blobs = FsBlobStore::open(dir.join("blobs"))?;
-        Ok(HubStore { db: Mutex::new(conn), blobs, limits, dir })
+        Ok(HubStore { db: Mutex::new(conn), blobs, limits, dir, key })
     }
 
     /// The hub's directory.
@@ -229,11 +282,16 @@ impl HubStore {
     }
 
     /// Publishes package bytes held in memory. `expected`, when given, must be their digest.
-    pub fn publish(&self, bytes: &[u8], expected: Option<Digest>) -> Result<Published, HubError> {
+    pub fn publish(
+        &self,
+        bytes: &[u8],
+        expected: Option<Digest>,
+        signature: Option<&PackageSignature>,
+    ) -> Result<Published, HubError> {
         let tmp = self.blobs.temp_path();
         std::fs::write(&tmp, bytes)?;
         let digest = Digest::of(bytes);
-        let result = self.publish_file(&tmp, digest, bytes.len() as u64, expected);
+        let result = self.publish_file(&tmp, digest, bytes.len() as u64, expected, signature);
         let _ = std::fs::remove_file(&tmp);
         result
     }
@@ -247,8 +305,9 @@ impl HubStore {
         digest: Digest,
         size: u64,
         expected: Option<Digest>,
+        signature: Option<&PackageSignature>,
     ) -> Result<Published, HubError> {
-        let result = self.publish_file_inner(file, digest, size, expected);
+        let result = self.publish_file_inner(file, digest, size, expected, signature);
         remove_leftover(file);
         result
     }
@@ -259,7 +318,13 @@ impl HubStore {
         digest: Digest,
         size: u64,
         expected: Option<Digest>,
+        signature: Option<&PackageSignature>,
     ) -> Result<Published, HubError> {
+        if let Some(sig) = signature {
+            sig.verify(&digest).map_err(|e| {
+                HubError::BadRequest(format!("the package signature by {} does not verify: {e}", sig.key))
+            })?;
+        }
         if let Some(e) = expected
             && e != digest
         {
@@ -288,19 +353,47 @@ impl HubStore {
                 "{name}@{version} is already published as {d}{why}; versions are immutable: publish a new version"
             )));
         }
+        // The namespace (first segment) belongs to the first key that published in it.
+        let namespace = m.name.segments().next().unwrap_or_default().to_owned();
+        let owners = Self::owners_in(&tx, &namespace)?;
+        let publisher = signature.map(|s| &s.key);
+        match (&owners, publisher) {
+            (Some(owners), Some(p)) if owners.contains(p) => {}
+            (Some(owners), _) => {
+                return Err(HubError::Forbidden(format!(
+                    "namespace {namespace:?} belongs to {}; packages there must be signed by an owner",
+                    owners.iter().map(PublicKey::to_string).collect::<Vec<_>>().join(", ")
+                )));
+            }
+            (None, Some(p)) => {
+                tx.execute(
+                    "INSERT INTO namespaces (namespace, owners) VALUES (?1, ?2)",
+                    params![namespace, serde_json::to_string(&vec![p.to_string()]).unwrap_or_default()],
+                )?;
+                tracing::info!(%namespace, owner = %p, "namespace claimed");
+            }
+            (None, None) => {}
+        }
+        let (signer, sig_text) = match signature {
+            Some(s) => (Some(s.key.to_string()), Some(s.sig.to_text())),
+            None => (None, None),
+        };
         let created = match existing {
             Some((_, false)) => false,
             Some((_, true)) => {
                 self.blobs.adopt_file(file, &digest)?;
-                tx.execute("UPDATE packages SET deleted = 0 WHERE name = ?1 AND version = ?2", params![name, version])?;
+                tx.execute(
+                    "UPDATE packages SET deleted = 0, signer = ?3, signature = ?4 WHERE name = ?1 AND version = ?2",
+                    params![name, version, signer, sig_text],
+                )?;
                 true
             }
             None => {
                 self.blobs.adopt_file(file, &digest)?;
                 let manifest = serde_json::to_string(m).map_err(|e| HubError::Storage(e.to_string()))?;
                 tx.execute(
-                    "INSERT INTO packages (name, version, digest, size, kind, runtime, description, tags, manifest, published_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    "INSERT INTO packages (name, version, digest, size, kind, runtime, description, tags, manifest, published_at, signer, signature)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                     params![
                         name,
                         version,
@@ -312,6 +405,8 @@ impl HubStore {
                         serde_json::to_string(&m.tags).unwrap_or_default(),
                         manifest,
                         now_rfc3339(),
+                        signer,
+                        sig_text,
                     ],
                 )?;
                 true
@@ -324,6 +419,97 @@ impl HubStore {
         }
         let record = self.get_exact(&name, &version)?;
         Ok(Published { record, created })
+    }
+
+    /// The hub's own key (the audience of signed requests).
+    pub fn key(&self) -> &KeyPair {
+        &self.key
+    }
+
+    fn owners_in(conn: &Connection, namespace: &str) -> Result<Option<Vec<PublicKey>>, HubError> {
+        let text: Option<String> = conn
+            .query_row("SELECT owners FROM namespaces WHERE namespace = ?1", params![namespace], |r| r.get(0))
+            .optional()?;
+        match text {
+            None => Ok(None),
+            Some(t) => {
+                let keys: Vec<String> = serde_json::from_str(&t).map_err(|e| HubError::Storage(e.to_string()))?;
+                let keys = keys
+                    .iter()
+                    .map(|k| k.parse())
+                    .collect::<Result<Vec<PublicKey>, _>>()
+                    .map_err(|e| HubError::Storage(e.to_string()))?;
+                Ok(Some(keys))
+            }
+        }
+    }
+
+    /// The owners of a namespace (`None`: nobody has claimed it).
+    pub fn owners(&self, namespace: &str) -> Result<Option<Vec<PublicKey>>, HubError> {
+        Self::owners_in(&self.db(), namespace)
+    }
+
+    /// Checks that `actor` may change things under `name`'s namespace: an owner, or anyone
+    /// while the namespace is unclaimed.
+    pub fn authorize(&self, name: &str, actor: Option<&PublicKey>) -> Result<(), HubError> {
+        let namespace = name.split('.').next().unwrap_or_default();
+        match (self.owners(namespace)?, actor) {
+            (None, _) => Ok(()),
+            (Some(owners), Some(a)) if owners.contains(a) => Ok(()),
+            (Some(_), None) => Err(HubError::Unauthorized(format!(
+                "namespace {namespace:?} is owned: sign the request with an owner's key"
+            ))),
+            (Some(_), Some(a)) => Err(HubError::Forbidden(format!("{a} is not an owner of namespace {namespace:?}"))),
+        }
+    }
+
+    /// Adds `key` to a namespace's owners (claiming it for `actor` and `key` when
+    /// unclaimed). Only owners may add owners.
+    pub fn add_owner(&self, namespace: &str, actor: &PublicKey, key: &PublicKey) -> Result<Vec<PublicKey>, HubError> {
+        tessera_core::name::check_ident("namespace", namespace).map_err(|e| HubError::BadRequest(e.to_string()))?;
+        let mut db = self.db();
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut owners = match Self::owners_in(&tx, namespace)? {
+            Some(o) if o.contains(actor) => o,
+            Some(_) => return Err(HubError::Forbidden(format!("{actor} is not an owner of namespace {namespace:?}"))),
+            None => vec![actor.clone()],
+        };
+        if !owners.contains(key) {
+            owners.push(key.clone());
+        }
+        let text =
+            serde_json::to_string(&owners.iter().map(PublicKey::to_string).collect::<Vec<_>>()).unwrap_or_default();
+        tx.execute(
+            "INSERT INTO namespaces (namespace, owners) VALUES (?1, ?2) ON CONFLICT(namespace) DO UPDATE SET owners = excluded.owners",
+            params![namespace, text],
+        )?;
+        tx.commit()?;
+        Ok(owners)
+    }
+
+    /// Removes `key` from a namespace's owners; the last owner stays.
+    pub fn remove_owner(
+        &self,
+        namespace: &str,
+        actor: &PublicKey,
+        key: &PublicKey,
+    ) -> Result<Vec<PublicKey>, HubError> {
+        let mut db = self.db();
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut owners = match Self::owners_in(&tx, namespace)? {
+            Some(o) if o.contains(actor) => o,
+            Some(_) => return Err(HubError::Forbidden(format!("{actor} is not an owner of namespace {namespace:?}"))),
+            None => return Err(HubError::NotFound(format!("namespace {namespace:?} has no owners"))),
+        };
+        owners.retain(|k| k != key);
+        if owners.is_empty() {
+            return Err(HubError::BadRequest("a namespace keeps at least one owner".into()));
+        }
+        let text =
+            serde_json::to_string(&owners.iter().map(PublicKey::to_string).collect::<Vec<_>>()).unwrap_or_default();
+        tx.execute("UPDATE namespaces SET owners = ?2 WHERE namespace = ?1", params![namespace, text])?;
+        tx.commit()?;
+        Ok(owners)
     }
 
     fn get_exact(&self, name: &str, version: &str) -> Result<PackageRecord, HubError> {

@@ -8,7 +8,7 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tessera_core::Digest;
-use tessera_hub::{AppState, HubStore, app};
+use tessera_hub::{AppState, HubPolicy, HubStore, app};
 use tessera_package::{Limits, pack_dir};
 use tower::ServiceExt;
 
@@ -26,7 +26,12 @@ fn hub() -> Hub {
 fn hub_with(limits: Limits) -> Hub {
     let dir = tempfile::tempdir().unwrap();
     let store = std::sync::Arc::new(HubStore::open_with_limits(dir.path().join("hub"), limits).unwrap());
-    Hub { app: app(AppState { store: store.clone() }), _dir: dir, work: tempfile::tempdir().unwrap(), store }
+    Hub {
+        app: app(AppState::new(store.clone(), HubPolicy::open())),
+        _dir: dir,
+        work: tempfile::tempdir().unwrap(),
+        store,
+    }
 }
 
 impl Hub {
@@ -340,6 +345,9 @@ async fn the_docs_list_every_route() {
         "DELETE /api/v1/models/{name}/{version}",
         "GET /api/v1/models/{name}/{version}/meta",
         "PUT /api/v1/models/{name}/{version}/meta",
+        "GET /api/v1/namespaces/{namespace}",
+        "PUT /api/v1/namespaces/{namespace}/owners/{key}",
+        "DELETE /api/v1/namespaces/{namespace}/owners/{key}",
     ];
     let expected: std::collections::BTreeSet<String> = expected.iter().map(|s| s.to_string()).collect();
     assert_eq!(paths, expected);

@@ -44,7 +44,7 @@ async fn setup_with(on: On, options: NatsOptions) -> Setup {
     let m = dir.path().join("programs");
     tessera_modules::write_module_dir(&m, PROGRAMS, tessera_modules::TEST_PROGRAMS_WASM).unwrap();
     let packed = pack_dir(&m, &Limits::default()).unwrap();
-    hub.publish(&packed.bytes, None).unwrap();
+    hub.publish(&packed.bytes, None, None).unwrap();
     let dataset = dir.path().join("data.bin");
     std::fs::write(&dataset, b"local data").unwrap();
     let (nats, backend) = match on {
@@ -254,7 +254,7 @@ async fn packages_that_do_not_match_their_digest_never_run() {
     )
     .unwrap();
     let other = pack_dir(&m, &Limits::default()).unwrap();
-    s.hub.publish(&other.bytes, None).unwrap();
+    s.hub.publish(&other.bytes, None, None).unwrap();
     let source = Arc::new(Swapping(LocalHub(s.hub.clone()), other.digest));
     let node = s.node_with("n2", source, vec![Arc::new(BuiltinRuntime::new())]);
     let reply = node.execute(&s.task("t", "n2", json!({"mode": "echo"}))).await;
