@@ -121,6 +121,7 @@ async fn register_silent_node(cluster: &Cluster, id: &str) {
         runtimes: vec![tessera_core::RuntimeKind::Wasm],
         resources: Default::default(),
         task_queue: tessera_node::task_queue(id),
+        key: None,
     };
     cluster.backend.members.announce(id, bytes::Bytes::from(tessera_core::wire::encode(&record))).await.unwrap();
 }
@@ -206,6 +207,7 @@ async fn bad_replies_never_stop_a_session(on: On) {
         round,
         node: node.into(),
         outcome: TaskOutcome::Failed { error: "forged".into() },
+        auth: None,
     };
     bus.put(&queue, Bytes::from_static(b"\x00\x01 not json")).await.unwrap();
     bus.put(&queue, Bytes::from_static(b"{\"schema\": 7, \"task_id\": \"x\"}")).await.unwrap();

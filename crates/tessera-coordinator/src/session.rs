@@ -18,6 +18,7 @@ use tessera_core::wire::{
     TaskReply, WorkerMetrics,
 };
 use tessera_core::{Digest, PackageRef};
+use tessera_identity::{KeyPair, PublicKey, Verifier, messages, now_ms};
 use tessera_node::{Node, NodeError, list_nodes, task_queue};
 use tessera_ports::{Backend, BlobError, BusError, PackageSource, SourceError, WorldError};
 
@@ -286,6 +287,8 @@ pub fn state_key(id: &str) -> String {
 
 /// Runs sessions.
 pub struct Coordinator {
+    /// Signs tasks for nodes that have keys, and checks their replies.
+    identity: Option<Arc<KeyPair>>,
     /// Unique to this coordinator instance: tasks it sends carry it (see
     /// [`TaskMessage::dispatch`]).
     dispatch: String,
@@ -318,7 +321,14 @@ impl Coordinator {
     pub fn new(backend: Backend, source: Arc<dyn PackageSource>, local: Option<Arc<Node>>) -> Self {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let dispatch = new_session_id().replacen("s-", "d-", 1);
-        Coordinator { dispatch, backend, source, local, threads, retry_for: Duration::from_secs(60) }
+        Coordinator { identity: None, dispatch, backend, source, local, threads, retry_for: Duration::from_secs(60) }
+    }
+
+    /// Signs tasks with `key` (for nodes that announce a key) and accepts from such nodes
+    /// only replies they signed for it.
+    pub fn with_identity(mut self, key: Arc<KeyPair>) -> Self {
+        self.identity = Some(key);
+        self
     }
 
     /// How long backend failures are retried before the session gives up (default 60 s).
@@ -536,9 +546,23 @@ impl Coordinator {
     ) -> Result<Replies, SessionError> {
         let reply_to = reply_queue(id);
         let mut pending: BTreeMap<String, String> = BTreeMap::new();
+        // The keys nodes announced: tasks are signed for them, replies checked against them.
+        let node_keys: BTreeMap<String, PublicKey> = match &self.identity {
+            None => BTreeMap::new(),
+            Some(_) => self
+                .retry("listing nodes", || list_nodes(self.backend.members.as_ref()))
+                .await?
+                .into_iter()
+                .filter_map(|n| Some((n.id.clone(), n.key.as_deref()?.parse().ok()?)))
+                .collect(),
+        };
+        let reply_verifier = self
+            .identity
+            .as_ref()
+            .map(|k| Verifier::new(k.public().clone()).with_window_ms(3_600_000).without_replay_check());
         for (i, node) in nodes.iter().enumerate() {
             let task_id = format!("{id}.r{round}.{node}");
-            let task = TaskMessage {
+            let mut task = TaskMessage {
                 schema: SCHEMA_VERSION,
                 task_id: task_id.clone(),
                 session: id.to_owned(),
@@ -548,9 +572,13 @@ impl Coordinator {
                 inputs: inputs.to_vec(),
                 reply_to: reply_to.clone(),
                 dispatch: self.dispatch.clone(),
+                auth: None,
             };
-            let bytes = Bytes::from(wire::encode(&task));
             let queue = task_queue(node);
+            if let (Some(key), Some(node_key)) = (&self.identity, node_keys.get(node)) {
+                messages::sign_task(&mut task, key, node_key, &queue, now_ms());
+            }
+            let bytes = Bytes::from(wire::encode(&task));
             let msg_id = format!("{task_id}.{}", self.dispatch);
             self.retry("sending a task", || self.backend.bus.put_once(&queue, &msg_id, bytes.clone())).await?;
             pending.insert(task_id, node.clone());
@@ -592,7 +620,19 @@ impl Coordinator {
                     continue;
                 }
             };
-            match wire::decode::<TaskReply>(&d.payload) {
+            let decoded = wire::decode::<TaskReply>(&d.payload).map_err(|e| e.to_string()).and_then(|r| {
+                // A node that announced a key must sign its replies for this coordinator.
+                match (node_keys.get(&r.node), &reply_verifier) {
+                    (Some(expected), Some(v)) => match messages::verify_reply(&r, v, &reply_to, now_ms()) {
+                        Ok(Some(signer)) if &signer == expected => Ok(r),
+                        Ok(Some(signer)) => Err(format!("reply for {} signed by {signer}, not by the node", r.task_id)),
+                        Ok(None) => Err(format!("unsigned reply for {} from a node with a key", r.task_id)),
+                        Err(e) => Err(format!("reply for {}: {e}", r.task_id)),
+                    },
+                    _ => Ok(r),
+                }
+            });
+            match decoded {
                 Ok(r) if r.session == id && r.round == round => match pending.remove(&r.task_id) {
                     Some(node) if node == r.node => {
                         replies.insert(node, r);

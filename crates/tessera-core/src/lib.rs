@@ -24,6 +24,7 @@ pub mod registry;
 pub mod select;
 pub mod size;
 pub mod tensor;
+pub mod time;
 pub mod version;
 pub mod wire;
 

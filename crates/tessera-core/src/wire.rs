@@ -89,6 +89,10 @@ pub struct TaskMessage {
     /// (which the bus would drop as duplicates).
     #[serde(default)]
     pub dispatch: String,
+    /// The sender's signature envelope over this message without this field (method
+    /// `TASK`, path the node's task queue, audience the node's key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<String>,
 }
 
 /// What a node answers.
@@ -106,6 +110,10 @@ pub struct TaskReply {
     pub node: String,
     /// What happened.
     pub outcome: TaskOutcome,
+    /// The node's signature envelope over this message without this field (method
+    /// `REPLY`, path the reply queue, audience the task's signer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<String>,
 }
 
 /// The result of a task.
@@ -155,6 +163,9 @@ pub struct NodeRecord {
     pub resources: Resources,
     /// The queue it takes tasks from.
     pub task_queue: String,
+    /// The node's public key (`ed25519:…`), the audience of tasks signed for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// The metrics a worker reports in its `metrics` output.
@@ -284,6 +295,7 @@ mod tests {
             inputs: vec![BlobRef { name: "model".into(), digest: Digest::of(b"w"), size: 1 }],
             reply_to: "tessera.session.s1.replies".into(),
             dispatch: "d1".into(),
+            auth: None,
         }
     }
 
@@ -298,6 +310,7 @@ mod tests {
             round: 1,
             node: "node-0".into(),
             outcome: TaskOutcome::Failed { error: "boom".into() },
+            auth: None,
         };
         let json = String::from_utf8(encode(&r)).unwrap();
         assert!(json.contains("\"status\":\"failed\""), "{json}");

@@ -15,6 +15,7 @@
 pub mod envelope;
 pub mod keys;
 pub mod keystore;
+pub mod messages;
 pub mod seal;
 
 pub use envelope::{Envelope, EnvelopeError, Verifier, VerifyError};

@@ -13,8 +13,10 @@ pub mod builtin;
 pub mod cache;
 pub mod context;
 pub mod node;
+pub mod policy;
 pub mod resources;
 
 pub use builtin::BuiltinRuntime;
 pub use cache::PackageCache;
-pub use node::{Node, NodeConfig, NodeError, NodePorts, Stats, list_nodes, task_queue};
+pub use node::{Node, NodeConfig, NodeError, NodePorts, Stats, Usage, list_nodes, task_queue};
+pub use policy::{Grant, NodePolicy, Quota};

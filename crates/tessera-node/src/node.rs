@@ -1,6 +1,6 @@
 //! The node agent: registration, task execution, the serve loop.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,7 +11,8 @@ use serde_json::Value;
 use tessera_core::config::deep_merge;
 use tessera_core::name::check_ident;
 use tessera_core::wire::{self, BlobRef, NodeRecord, Resources, SCHEMA_VERSION, TaskMessage, TaskOutcome, TaskReply};
-use tessera_core::{Digest, RuntimeKind};
+use tessera_core::{Digest, PackageRef, RuntimeKind};
+use tessera_identity::{Envelope, KeyPair, PublicKey, Verifier, messages, now_ms};
 use tessera_package::Limits;
 use tessera_ports::bus::check_queue;
 use tessera_ports::{
@@ -21,6 +22,7 @@ use tessera_ports::{
 
 use crate::cache::{CacheError, PackageCache};
 use crate::context::NodeContext;
+use crate::policy::NodePolicy;
 
 /// A node's configuration.
 #[derive(Clone, Debug)]
@@ -35,6 +37,10 @@ pub struct NodeConfig {
     pub resources: Option<Resources>,
     /// Limits for unpacking packages.
     pub package_limits: Limits,
+    /// What the node lets run, for whom, on which data (open by default).
+    pub policy: NodePolicy,
+    /// The node's key: the audience of signed tasks, and the signer of its replies.
+    pub identity: Option<Arc<KeyPair>>,
 }
 
 impl NodeConfig {
@@ -46,6 +52,8 @@ impl NodeConfig {
             cache_dir: cache_dir.into(),
             resources: None,
             package_limits: Limits::default(),
+            policy: NodePolicy::open(),
+            identity: None,
         }
     }
     /// Declares a dataset.
@@ -84,6 +92,9 @@ pub enum NodeError {
     /// World state failed.
     #[error(transparent)]
     World(#[from] WorldError),
+    /// The node's policy refuses the task or package.
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 /// How many answered tasks a node remembers, so a redelivered task is answered again
@@ -101,6 +112,22 @@ pub struct Node {
     source: Arc<dyn PackageSource>,
     replies: Mutex<(HashMap<String, TaskReply>, VecDeque<String>)>,
     stats: Stats,
+    policy: NodePolicy,
+    identity: Option<Arc<KeyPair>>,
+    verifier: Option<Verifier>,
+    trusted: Mutex<HashSet<Digest>>,
+    usage: Mutex<BTreeMap<String, Usage>>,
+}
+
+/// What one account has used on a node.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Usage {
+    /// Tasks run.
+    pub tasks: u64,
+    /// Seconds of compute.
+    pub compute_seconds: f64,
+    /// Bytes read (inputs) and written (outputs).
+    pub bytes: u64,
 }
 
 /// Counters of what a node did.
@@ -144,6 +171,15 @@ impl Node {
             source: ports.source,
             replies: Mutex::new((HashMap::new(), VecDeque::new())),
             stats: Stats::default(),
+            verifier: config.identity.as_ref().map(|k| {
+                Verifier::new(k.public().clone())
+                    .with_window_ms(config.policy.task_window_secs.saturating_mul(1000))
+                    .without_replay_check()
+            }),
+            policy: config.policy,
+            identity: config.identity,
+            trusted: Mutex::new(HashSet::new()),
+            usage: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -171,6 +207,7 @@ impl Node {
             runtimes: self.runtimes.keys().copied().collect(),
             resources: self.resources.clone(),
             task_queue: self.task_queue(),
+            key: self.identity.as_ref().map(|k| k.public().to_string()),
         }
     }
 
@@ -188,8 +225,95 @@ impl Node {
     }
 
     /// Fetches, verifies and unpacks a package (or takes it from the cache).
+    /// Checks the package against the node's trust policy (signed by a trusted publisher of
+    /// its namespace) before anything of it runs.
     pub async fn module(&self, digest: &Digest) -> Result<ModuleImage, NodeError> {
-        Ok(self.cache.get(digest, self.source.as_ref()).await?)
+        let mut expected_name = None;
+        if self.policy.require_signed_packages
+            && !self.trusted.lock().unwrap_or_else(|p| p.into_inner()).contains(digest)
+        {
+            let record = self.source.resolve(&PackageRef::Digest(*digest)).await.map_err(CacheError::from)?;
+            self.policy.check_package(&record, digest).map_err(NodeError::Refused)?;
+            expected_name = Some((record.name, record.version));
+        }
+        let image = self.cache.get(digest, self.source.as_ref()).await?;
+        if let Some((name, version)) = expected_name {
+            // The hub's claim and the package's own manifest must agree.
+            if image.manifest.name.as_str() != name || image.manifest.version.to_string() != version {
+                return Err(NodeError::Refused(format!(
+                    "package {digest} is published as {name}@{version} but its manifest says {}@{}",
+                    image.manifest.name, image.manifest.version
+                )));
+            }
+            self.trusted.lock().unwrap_or_else(|p| p.into_inner()).insert(*digest);
+        }
+        Ok(image)
+    }
+
+    /// Checks a task's signature and the signer's grant: returns the signer and the
+    /// datasets the task may read.
+    async fn authorize(
+        &self,
+        task: &TaskMessage,
+        module: &str,
+    ) -> Result<(Option<PublicKey>, BTreeMap<String, PathBuf>), NodeError> {
+        let signer = match (&task.auth, &self.verifier) {
+            (Some(_), None) => {
+                return Err(NodeError::Refused("the task is signed, but this node has no key to check it".into()));
+            }
+            (Some(_), Some(v)) => messages::verify_task(task, v, &self.task_queue(), now_ms())
+                .map_err(|e| NodeError::Refused(format!("task signature: {e}")))?,
+            (None, _) if self.policy.require_signed_tasks => {
+                return Err(NodeError::Refused("unsigned task; this node runs only signed tasks".into()));
+            }
+            (None, _) => None,
+        };
+        let datasets = match &signer {
+            Some(k) if self.policy.checks_grants() => {
+                let grant = self.policy.grant_for(k, module, now_ms()).map_err(NodeError::Refused)?;
+                self.datasets
+                    .iter()
+                    .filter(|(n, _)| grant.datasets.contains(n))
+                    .map(|(n, p)| (n.clone(), p.clone()))
+                    .collect()
+            }
+            _ => (*self.datasets).clone(),
+        };
+        if let Some(k) = &signer
+            && let Some(q) = self.policy.quota(k)
+        {
+            let used = self.usage_of(k);
+            if q.tasks.is_some_and(|t| used.tasks >= t) || q.compute_seconds.is_some_and(|c| used.compute_seconds >= c)
+            {
+                return Err(NodeError::Refused(format!(
+                    "{k} is over its quota on this node (used {} tasks, {:.1} s of compute)",
+                    used.tasks, used.compute_seconds
+                )));
+            }
+        }
+        Ok((signer, datasets))
+    }
+
+    /// What an account has used on this node (since it started).
+    pub fn usage_of(&self, account: &PublicKey) -> Usage {
+        self.usage.lock().unwrap_or_else(|p| p.into_inner()).get(&account.to_string()).cloned().unwrap_or_default()
+    }
+
+    /// Usage by account, as kept in world state under `usage/<node>/<account digest>`.
+    async fn meter(&self, account: &PublicKey, seconds: f64, bytes: u64) {
+        let usage = {
+            let mut g = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+            let u = g.entry(account.to_string()).or_default();
+            u.tasks += 1;
+            u.compute_seconds += seconds;
+            u.bytes += bytes;
+            u.clone()
+        };
+        let key = format!("usage/{}/{}", self.id, &Digest::of(account.to_string().as_bytes()).hex()[..32]);
+        let record = serde_json::json!({"account": account.to_string(), "node": self.id, "usage": usage});
+        if let Err(e) = self.backend.world.put(&key, Bytes::from(record.to_string())).await {
+            tracing::warn!(node = %self.id, "cannot record usage: {e}");
+        }
     }
 
     /// Runs a package on this node with the given config (merged over the module's
@@ -203,6 +327,18 @@ impl Node {
         task: &str,
     ) -> Result<Outputs, NodeError> {
         let image = self.module(digest).await?;
+        self.run_image(&image, self.datasets.clone(), config, inputs, session, task).await
+    }
+
+    async fn run_image(
+        &self,
+        image: &ModuleImage,
+        datasets: Arc<BTreeMap<String, PathBuf>>,
+        config: &Value,
+        inputs: Vec<(String, Bytes)>,
+        session: &str,
+        task: &str,
+    ) -> Result<Outputs, NodeError> {
         let kind = image.manifest.runtime;
         let runtime = self.runtimes.get(&kind).ok_or(RuntimeError::Unsupported(kind))?;
         let mut merged = image.manifest.config.clone();
@@ -211,11 +347,11 @@ impl Node {
             node: self.id.clone(),
             session: session.to_owned(),
             task: task.to_owned(),
-            datasets: self.datasets.clone(),
+            datasets,
             resources: self.resources.clone(),
             world: self.backend.world.clone(),
         });
-        Ok(runtime.run(&image, Invocation { config: merged, inputs }, ctx).await?)
+        Ok(runtime.run(image, Invocation { config: merged, inputs }, ctx).await?)
     }
 
     /// Executes a task: inputs from the blob store, outputs back to it. Never fails: a
@@ -240,7 +376,6 @@ impl Node {
             return r;
         }
         let started = Instant::now();
-        self.stats.tasks_run.fetch_add(1, Ordering::Relaxed);
         let outcome = match self.execute_inner(task).await {
             Ok(outputs) => TaskOutcome::Ok { outputs, seconds: started.elapsed().as_secs_f64() },
             Err(e) => {
@@ -255,6 +390,7 @@ impl Node {
             round: task.round,
             node: self.id.clone(),
             outcome,
+            auth: None,
         };
         self.remember(&reply);
         if let Some(key) = &key
@@ -286,6 +422,11 @@ impl Node {
     }
 
     async fn execute_inner(&self, task: &TaskMessage) -> Result<Vec<BlobRef>, NodeError> {
+        let image = self.module(&task.module).await?;
+        let (signer, datasets) = self.authorize(task, image.manifest.name.as_str()).await?;
+        self.stats.tasks_run.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let mut moved = 0u64;
         let mut inputs = Vec::with_capacity(task.inputs.len());
         for r in &task.inputs {
             let bytes = self
@@ -294,11 +435,17 @@ impl Node {
                 .get(&r.digest)
                 .await?
                 .ok_or_else(|| NodeError::MissingInput { name: r.name.clone(), digest: r.digest })?;
+            moved += bytes.len() as u64;
             inputs.push((r.name.clone(), bytes));
         }
-        let outputs = self.run(&task.module, &task.config, inputs, &task.session, &task.task_id).await?;
-        let mut refs = Vec::with_capacity(outputs.len());
-        for (name, bytes) in outputs {
+        let outputs =
+            self.run_image(&image, Arc::new(datasets), &task.config, inputs, &task.session, &task.task_id).await;
+        if let Some(k) = &signer {
+            let out_bytes: u64 = outputs.as_ref().map_or(0, |o| o.iter().map(|(_, b)| b.len() as u64).sum());
+            self.meter(k, started.elapsed().as_secs_f64(), moved + out_bytes).await;
+        }
+        let mut refs = Vec::new();
+        for (name, bytes) in outputs? {
             let size = bytes.len() as u64;
             let digest = self.backend.blobs.put(bytes).await?;
             refs.push(BlobRef { name, digest, size });
@@ -384,6 +531,13 @@ impl Node {
                 }
             }
         };
+        let mut reply = reply;
+        // Sign the reply for the task's signer, when both sides have keys.
+        if let (Some(key), Some(auth)) = (&self.identity, &task.auth)
+            && let Ok(env) = Envelope::parse(auth)
+        {
+            messages::sign_reply(&mut reply, key, &env.key, &task.reply_to, now_ms());
+        }
         let bytes = Bytes::from(wire::encode(&reply));
         let id = format!("reply.{}.{}.{}", task.task_id, task.dispatch, self.id);
         let mut backoff = Duration::from_millis(100);

@@ -108,6 +108,7 @@ impl Setup {
             inputs: vec![],
             reply_to: "test.replies".into(),
             dispatch: "d1".into(),
+            auth: None,
         }
         .with_node(node)
     }

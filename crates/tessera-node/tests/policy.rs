@@ -1,0 +1,216 @@
+//! A node's policy: signed packages from trusted publishers, signed tasks from accounts
+//! with grants, datasets limited to the grant, quotas. Every refusal runs nothing.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use serde_json::json;
+use tessera_core::Digest;
+use tessera_core::wire::{SCHEMA_VERSION, TaskMessage, TaskOutcome, TaskReply};
+use tessera_hub::{HubStore, LocalHub};
+use tessera_identity::{KeyPair, KeyType, PackageSignature, Verifier, messages, now_ms};
+use tessera_node::{Node, NodeConfig, NodePolicy, NodePorts};
+use tessera_package::{Limits, pack_dir};
+use tessera_ports::{Backend, Runtime};
+use tessera_wasm::{WasmLimits, WasmRuntime};
+
+struct World {
+    dir: tempfile::TempDir,
+    hub: Arc<HubStore>,
+    backend: Backend,
+    alice: KeyPair,
+    bob: KeyPair,
+    node_key: Arc<KeyPair>,
+}
+
+fn module(dir: &std::path::Path, name: &str) -> Vec<u8> {
+    let m = dir.join(name);
+    let manifest = format!("name: {name}\nversion: 0.1.0\nkind: task\nruntime: wasm\nentry: module.wasm\n");
+    tessera_modules::write_module_dir(&m, &manifest, tessera_modules::TEST_PROGRAMS_WASM).unwrap();
+    pack_dir(&m, &Limits::default()).unwrap().bytes
+}
+
+impl World {
+    fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
+        std::fs::write(dir.path().join("local.bin"), b"local data").unwrap();
+        std::fs::write(dir.path().join("private.bin"), b"never for bob").unwrap();
+        World {
+            hub,
+            backend: Backend::in_process(Duration::from_secs(30)),
+            alice: KeyPair::generate(KeyType::Ed25519),
+            bob: KeyPair::generate(KeyType::Ed25519),
+            node_key: Arc::new(KeyPair::generate(KeyType::Ed25519)),
+            dir,
+        }
+    }
+
+    /// Publishes a module signed by `by` (or unsigned); returns its digest.
+    fn publish(&self, name: &str, by: Option<&KeyPair>) -> Digest {
+        let bytes = module(self.dir.path(), name);
+        let d = Digest::of(&bytes);
+        let sig = by.map(|k| PackageSignature::sign(k, &d));
+        self.hub.publish(&bytes, None, sig.as_ref()).unwrap();
+        d
+    }
+
+    fn node(&self, policy: &str) -> Node {
+        let mut cfg = NodeConfig::new("guarded", self.dir.path().join("cache"))
+            .dataset("local", self.dir.path().join("local.bin"))
+            .dataset("private", self.dir.path().join("private.bin"));
+        cfg.policy = NodePolicy::from_yaml(policy).unwrap();
+        cfg.identity = Some(self.node_key.clone());
+        let wasm = WasmRuntime::new(WasmLimits { max_time: Duration::from_secs(30), ..WasmLimits::default() }).unwrap();
+        let runtimes: Vec<Arc<dyn Runtime>> = vec![Arc::new(wasm)];
+        let ports = NodePorts { backend: self.backend.clone(), source: Arc::new(LocalHub(self.hub.clone())) };
+        Node::new(cfg, ports, runtimes).unwrap()
+    }
+
+    fn policy(&self, extra: &str) -> String {
+        format!(
+            "require_signed_packages: true\ntrusted_publishers:\n  test: [{alice}]\nrequire_signed_tasks: true\ngrants:\n  - to: {bob}\n    modules: [test]\n    datasets: [local]\n{extra}",
+            alice = self.alice.public(),
+            bob = self.bob.public()
+        )
+    }
+}
+
+fn task(id: &str, module: Digest, config: serde_json::Value) -> TaskMessage {
+    TaskMessage {
+        schema: SCHEMA_VERSION,
+        task_id: id.into(),
+        session: "s1".into(),
+        round: 1,
+        module,
+        config,
+        inputs: vec![],
+        reply_to: "replies".into(),
+        dispatch: "d1".into(),
+        auth: None,
+    }
+}
+
+fn signed(mut t: TaskMessage, by: &KeyPair, node: &Node, node_key: &KeyPair) -> TaskMessage {
+    messages::sign_task(&mut t, by, node_key.public(), &node.task_queue(), now_ms());
+    t
+}
+
+fn refused(r: &TaskReply) -> String {
+    match &r.outcome {
+        TaskOutcome::Failed { error } => error.clone(),
+        TaskOutcome::Ok { .. } => panic!("{} ran", r.task_id),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_granted_consumer_computes_on_granted_data_only() {
+    let w = World::new();
+    let m = w.publish("test.programs", Some(&w.alice));
+    let node = w.node(&w.policy(""));
+    let t = signed(task("ok", m, json!({"mode": "context", "dataset": "local"})), &w.bob, &node, &w.node_key);
+    let r = node.execute(&t).await;
+    let TaskOutcome::Ok { outputs, .. } = &r.outcome else { panic!("{r:?}") };
+    let report = tessera_ports::BlobStore::get(w.backend.blobs.as_ref(), &outputs[0].digest).await.unwrap().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&report).unwrap();
+    assert_eq!(report["datasets"], json!(["local"]), "the ungranted dataset is invisible");
+    // Asking for the other dataset fails inside the module: it does not exist for this task.
+    let t = signed(task("peek", m, json!({"mode": "context", "dataset": "private"})), &w.bob, &node, &w.node_key);
+    assert!(refused(&node.execute(&t).await).contains("private"));
+    // Usage is metered per account.
+    let used = node.usage_of(w.bob.public());
+    assert_eq!(used.tasks, 2);
+    assert!(used.compute_seconds > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_runs_nothing() {
+    let w = World::new();
+    let good = w.publish("test.programs", Some(&w.alice));
+    let mallory = KeyPair::generate(KeyType::Ed25519);
+    let by_stranger = w.publish("evil.stranger", Some(&mallory));
+    let unsigned = w.publish("free.unsigned", None);
+    let carol = KeyPair::generate(KeyType::Ed25519);
+    let dave = KeyPair::generate(KeyType::Ed25519);
+    let expired = format!(
+        "  - to: {}\n    modules: [test]\n    datasets: [local]\n    expires: 2020-01-01T00:00:00Z\n",
+        dave.public()
+    );
+    let node = w.node(&w.policy(&expired));
+    let other_node = KeyPair::generate(KeyType::Ed25519);
+    let work = json!({"mode": "work", "ms": 1});
+
+    let mut altered = signed(task("altered", good, work.clone()), &w.bob, &node, &w.node_key);
+    altered.config["ms"] = json!(2);
+    let mut wrong_audience = task("aud", good, work.clone());
+    messages::sign_task(&mut wrong_audience, &w.bob, other_node.public(), &node.task_queue(), now_ms());
+    let mut stale = task("stale", good, work.clone());
+    messages::sign_task(&mut stale, &w.bob, w.node_key.public(), &node.task_queue(), now_ms() - 2 * 3_600_000);
+    let mut wrong_type = signed(task("type", good, work.clone()), &w.bob, &node, &w.node_key);
+    wrong_type.auth = wrong_type.auth.map(|a| a.replacen("key=ed25519:", "key=secp256k1:", 1));
+
+    let cases = vec![
+        ("unsigned task", task("u", good, work.clone()), "unsigned task"),
+        ("unknown key", signed(task("c", good, work.clone()), &carol, &node, &w.node_key), "no grant"),
+        ("expired grant", signed(task("d", good, work.clone()), &dave, &node, &w.node_key), "expired"),
+        (
+            "untrusted publisher",
+            signed(task("m", by_stranger, work.clone()), &w.bob, &node, &w.node_key),
+            "unknown signer",
+        ),
+        ("unsigned package", signed(task("p", unsigned, work.clone()), &w.bob, &node, &w.node_key), "unsigned"),
+        ("altered after signing", altered, "body does not match"),
+        ("wrong audience", wrong_audience, "addressed to"),
+        ("stale", stale, "ago"),
+        ("wrong key type", wrong_type, "secp256k1"),
+    ];
+    for (what, t, word) in cases {
+        let msg = refused(&node.execute(&t).await);
+        assert!(msg.contains(word), "{what}: {msg}");
+    }
+    assert_eq!(node.stats().tasks_run.load(Relaxed), 0, "nothing ran");
+    let results = w.backend.world.select_results("runs/s1/results/work", None).await.unwrap();
+    assert!(results.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_refuse_work_past_the_limit() {
+    let w = World::new();
+    let m = w.publish("test.programs", Some(&w.alice));
+    let node = w.node(&w.policy(&format!("quotas:\n  \"{}\": {{tasks: 2}}\n", w.bob.public())));
+    for i in 0..2 {
+        let t = signed(task(&format!("t{i}"), m, json!({"mode": "work", "ms": 1})), &w.bob, &node, &w.node_key);
+        assert!(matches!(node.execute(&t).await.outcome, TaskOutcome::Ok { .. }));
+    }
+    let t = signed(task("t2", m, json!({"mode": "work", "ms": 1})), &w.bob, &node, &w.node_key);
+    let msg = refused(&node.execute(&t).await);
+    assert!(msg.contains("over its quota"), "{msg}");
+    assert_eq!(node.usage_of(w.bob.public()).tasks, 2);
+    // Usage is readable from world state too.
+    let keys = w.backend.world.keys("usage/guarded/").await.unwrap();
+    assert_eq!(keys.len(), 1);
+    let v: serde_json::Value =
+        serde_json::from_slice(&w.backend.world.get(&keys[0]).await.unwrap().unwrap().value).unwrap();
+    assert_eq!(v["usage"]["tasks"], 2);
+    assert_eq!(v["account"], w.bob.public().to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_are_signed_for_the_task_signer() {
+    let w = World::new();
+    let m = w.publish("test.programs", Some(&w.alice));
+    let node = Arc::new(w.node(&w.policy("")));
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let serving = tokio::spawn(node.clone().serve(rx));
+    let t = signed(task("sig", m, json!({"mode": "echo"})), &w.bob, &node, &w.node_key);
+    w.backend.bus.put(&node.task_queue(), bytes::Bytes::from(tessera_core::wire::encode(&t))).await.unwrap();
+    let d = w.backend.bus.get("replies", Duration::from_secs(30)).await.unwrap().unwrap();
+    let reply: TaskReply = tessera_core::wire::decode(&d.payload).unwrap();
+    let v = Verifier::new(w.bob.public().clone()).without_replay_check();
+    assert_eq!(messages::verify_reply(&reply, &v, "replies", now_ms()).unwrap(), Some(w.node_key.public().clone()));
+    // The node's record announces its key.
+    assert_eq!(node.record().key, Some(w.node_key.public().to_string()));
+    tx.send(true).unwrap();
+    serving.await.unwrap().unwrap();
+}
