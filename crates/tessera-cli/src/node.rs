@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tessera_node::{BuiltinRuntime, Node, NodeConfig, NodePorts};
+use tessera_identity::KeyPair;
+use tessera_node::{BuiltinRuntime, Node, NodeConfig, NodePolicy, NodePorts};
 use tessera_ports::Runtime;
 use tessera_wasm::{WasmLimits, WasmRuntime};
 
@@ -30,6 +31,13 @@ pub struct RunArgs {
     /// Memory limit of one WebAssembly run.
     #[arg(long, default_value = "1GiB")]
     wasm_memory: tessera_core::ByteSize,
+    /// The node's policy (YAML): trusted publishers, grants (who may compute on which
+    /// datasets with which modules), quotas. See the README.
+    #[arg(long, conflicts_with = "open")]
+    policy: Option<PathBuf>,
+    /// Run any package for anyone, signed or not (a node on a trusted network only).
+    #[arg(long)]
+    open: bool,
     #[command(flatten)]
     nats: NatsArg,
     #[command(flatten)]
@@ -55,16 +63,36 @@ pub fn build_node(
     cache: PathBuf,
     ports: NodePorts,
     limits: WasmLimits,
+    policy: NodePolicy,
+    identity: Option<Arc<KeyPair>>,
 ) -> anyhow::Result<Node> {
     let mut cfg = NodeConfig::new(id, cache);
     cfg.datasets = datasets;
+    cfg.policy = policy;
+    cfg.identity = identity;
     let runtimes: Vec<Arc<dyn Runtime>> = vec![Arc::new(WasmRuntime::new(limits)?), Arc::new(BuiltinRuntime::new())];
     Ok(Node::new(cfg, ports, runtimes)?)
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.wasm_timeout.is_finite() && args.wasm_timeout > 0.0, "--wasm-timeout must be positive");
+    let policy = match (&args.policy, args.open) {
+        (Some(p), _) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            NodePolicy::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+        }
+        (None, true) => NodePolicy::open(),
+        (None, false) => anyhow::bail!(
+            "a node needs --policy FILE (who may publish what runs here, and who may compute on which data) or --open"
+        ),
+    };
     let id = args.id.unwrap_or_else(host_id);
+    // The node's own key: the audience of tasks signed for it.
+    let keys = tessera_identity::keystore::Keystore::open(crate::tessera_home().join("nodes").join(&id).join("keys"))?;
+    if matches!(keys.info("node"), Err(tessera_identity::keystore::KeystoreError::NotFound(_))) {
+        keys.create("node", tessera_identity::KeyType::Ed25519, None)?;
+    }
+    let identity = Arc::new(keys.load("node", None)?);
     let cache = args.cache.unwrap_or_else(|| crate::tessera_home().join("nodes").join(&id).join("cache"));
     let backend = args.nats.backend().await?;
     let ports = NodePorts { backend, source: Arc::new(args.hub.client()?) };
@@ -73,8 +101,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_time: Duration::from_secs_f64(args.wasm_timeout),
         ..WasmLimits::default()
     };
-    let node = Arc::new(build_node(&id, datasets(&args.dataset)?, cache, ports, limits)?);
+    let node =
+        Arc::new(build_node(&id, datasets(&args.dataset)?, cache, ports, limits, policy, Some(identity.clone()))?);
     let record = node.record();
+    eprintln!(
+        "node key: {}; {}",
+        identity.public(),
+        if args.open { "open: runs anything for anyone" } else { "policy enforced" }
+    );
     eprintln!(
         "node {id}: datasets [{}], {} cores, {} memory; tasks from {} on {}; packages from {}",
         record.datasets.join(", "),

@@ -73,7 +73,8 @@ pub struct CoordinatorArgs {
 impl CoordinatorArgs {
     async fn coordinator(&self) -> anyhow::Result<(Coordinator, HubClient)> {
         let backend = self.nats.backend().await?;
-        let client = self.hub.signed_client()?;
+        let key = crate::key::load(&self.hub.key)?;
+        let client = self.hub.client()?.with_signer(key.clone());
         let ports = NodePorts { backend: backend.clone(), source: Arc::new(client.clone()) };
         let cache = self.cache.clone().unwrap_or_else(|| crate::tessera_home().join("coordinator").join("cache"));
         let local = crate::node::build_node(
@@ -82,8 +83,11 @@ impl CoordinatorArgs {
             cache,
             ports,
             WasmLimits::default(),
+            tessera_node::NodePolicy::open(),
+            None,
         )?;
-        Ok((Coordinator::new(backend, Arc::new(client.clone()), Some(Arc::new(local))), client))
+        let coordinator = Coordinator::new(backend, Arc::new(client.clone()), Some(Arc::new(local))).with_identity(key);
+        Ok((coordinator, client))
     }
 }
 

@@ -89,7 +89,7 @@ impl Env {
     fn node(&mut self, k: usize) {
         let log = std::fs::File::create(self.dir.path().join(format!("node-{k}.log"))).unwrap();
         let child = tessera(self)
-            .args(["node", "run", "--id", &format!("node-{k}"), "--dataset"])
+            .args(["node", "run", "--open", "--id", &format!("node-{k}"), "--dataset"])
             .arg(format!("digits={}", self.path(&format!("data/node-{k}/digits.safetensors"))))
             .stdout(Stdio::null())
             .stderr(log)

@@ -225,7 +225,8 @@ impl HubClient {
     }
 
     async fn bytes(&self, url: &str, expected: Option<Digest>) -> Result<(Bytes, Digest), ClientError> {
-        let resp = self.send(self.http.get(url), url).await?;
+        let req = self.sign(self.http.get(url), "GET", url, b"").await?;
+        let resp = self.send(req, url).await?;
         let announced =
             resp.headers().get("x-tessera-digest").and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<Digest>().ok());
         let body =
@@ -283,11 +284,8 @@ impl HubClient {
                 Ok(self.json(self.http.get(&url), &url).await?.1)
             }
             PackageRef::Digest(d) => {
-                // Find the record through the listing of every version.
-                let all = self.list(&ListParams { all: true, ..ListParams::default() }).await?;
-                all.into_iter()
-                    .find(|r| &r.digest == d)
-                    .ok_or_else(|| ClientError::Status { status: 404, message: format!("not found: {d}") })
+                let url = self.url(&format!("/digests/{}", seg(&d.to_string())));
+                Ok(self.json(self.http.get(&url), &url).await?.1)
             }
         }
     }
@@ -299,10 +297,76 @@ impl HubClient {
         Ok((record, bytes))
     }
 
-    /// Downloads any blob the hub serves, verified against `digest`.
+    /// Downloads any blob the hub serves, verified against `digest`. With a signer the
+    /// request is signed, so private packages granted to it can be read.
     pub async fn blob(&self, digest: &Digest) -> Result<Bytes, ClientError> {
         let url = self.url(&format!("/blobs/{}", seg(&digest.to_string())));
         Ok(self.bytes(&url, Some(*digest)).await?.0)
+    }
+
+    /// Publishes a sealed package with its declared manifest (signed by the signer, which
+    /// is required).
+    pub async fn publish_private(
+        &self,
+        sealed: Vec<u8>,
+        manifest: &tessera_core::Manifest,
+    ) -> Result<(PackageRecord, bool), ClientError> {
+        use base64::Engine;
+        let declared = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(manifest).expect("serialisable"));
+        let url = self.url("/packages");
+        let digest = Digest::of(&sealed);
+        let key = self.signer.as_ref().ok_or_else(|| ClientError::Status {
+            status: 401,
+            message: "private packages must be signed: no key".into(),
+        })?;
+        let req = self
+            .http
+            .post(&url)
+            .header("content-type", "application/octet-stream")
+            .header("x-tessera-digest", digest.to_string())
+            .header("x-tessera-manifest", declared)
+            .header(PACKAGE_SIGNATURE_HEADER, PackageSignature::sign(key, &digest).to_header());
+        let req = self.sign(req, "POST", &url, &sealed).await?.body(sealed);
+        let (status, rec) = self.json(req, &url).await?;
+        Ok((rec, status == 201))
+    }
+
+    /// The grants of a package (the signer must own its namespace).
+    pub async fn grants(&self, name: &str) -> Result<Value, ClientError> {
+        let url = self.url(&format!("/packages/{}/grants", seg(name)));
+        let req = self.sign(self.http.get(&url), "GET", &url, b"").await?;
+        Ok(self.json(req, &url).await?.1)
+    }
+
+    /// Grants `key` the right to read a private package, until `expires` if given
+    /// (`YYYY-MM-DDTHH:MM:SSZ`); with `revoke`, takes it away.
+    pub async fn set_grant(
+        &self,
+        name: &str,
+        key: &PublicKey,
+        expires: Option<&str>,
+        revoke: bool,
+    ) -> Result<Value, ClientError> {
+        let url = self.url(&format!("/packages/{}/grants/{}", seg(name), seg(&key.to_string())));
+        let req = if revoke {
+            self.sign(self.http.delete(&url), "DELETE", &url, b"").await?
+        } else {
+            let body = serde_json::to_vec(&json!({"expires": expires})).expect("serialisable");
+            self.json_request("PUT", &url, body).await?
+        };
+        Ok(self.json(req, &url).await?.1)
+    }
+
+    /// The signer's usage on this hub.
+    pub async fn usage(&self) -> Result<Value, ClientError> {
+        let key = self
+            .signer
+            .as_ref()
+            .ok_or_else(|| ClientError::Status { status: 401, message: "no key to ask with".into() })?;
+        let url = self.url(&format!("/accounts/{}/usage", seg(&key.public().to_string())));
+        let req = self.sign(self.http.get(&url), "GET", &url, b"").await?;
+        Ok(self.json(req, &url).await?.1)
     }
 
     /// Deletes a package version.

@@ -24,7 +24,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::store::{HubError, HubStore, ListQuery};
+use crate::store::{GrantRecord, HubError, HubStore, ListQuery, UsageRecord};
 
 /// The header carrying a digest: on uploads, what the client says the bytes are; on
 /// downloads, what they are.
@@ -48,17 +48,19 @@ pub struct HubPolicy {
     pub require_signatures: bool,
     /// How far a request's timestamp may be from the hub's clock, in milliseconds.
     pub window_ms: u64,
+    /// Bytes each account may upload in all (packages and models), if limited.
+    pub upload_quota_bytes: Option<u64>,
 }
 
 impl HubPolicy {
     /// Signatures required, 60 s window.
     pub fn signed() -> Self {
-        HubPolicy { require_signatures: true, window_ms: 60_000 }
+        HubPolicy { require_signatures: true, window_ms: 60_000, upload_quota_bytes: None }
     }
     /// Unsigned requests accepted (signed ones are still checked); for embedded and
     /// single-user hubs.
     pub fn open() -> Self {
-        HubPolicy { require_signatures: false, window_ms: 60_000 }
+        HubPolicy { require_signatures: false, window_ms: 60_000, upload_quota_bytes: None }
     }
 }
 
@@ -89,7 +91,28 @@ fn authenticate(
     };
     let env = Envelope::parse(header).map_err(|e| unauthorized(VerifyError::Malformed(e)))?;
     let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
-    s.verifier.verify_envelope(&env, method.as_str(), path, body, now_ms()).map(Some).map_err(unauthorized)
+    let key = s.verifier.verify_envelope(&env, method.as_str(), path, body, now_ms()).map_err(unauthorized)?;
+    if let Err(e) = s.store.meter(&key, 1, 0, 0) {
+        tracing::warn!("metering: {e}");
+    }
+    Ok(Some(key))
+}
+
+/// Counts bytes moved for a signed account, and refuses uploads past its quota.
+fn meter_bytes(s: &AppState, actor: Option<&PublicKey>, bytes_in: u64, bytes_out: u64) -> ApiResult<()> {
+    let Some(actor) = actor else { return Ok(()) };
+    if bytes_in > 0
+        && let Some(quota) = s.policy.upload_quota_bytes
+    {
+        let used = s.store.usage(actor)?.bytes_in;
+        if used + bytes_in > quota {
+            return Err(ApiError(HubError::Quota(format!(
+                "{actor} has uploaded {used} bytes; {bytes_in} more is over its quota of {quota}"
+            ))));
+        }
+    }
+    s.store.meter(actor, 0, bytes_in, bytes_out)?;
+    Ok(())
 }
 
 /// The package signature header, if any; required (and by the request's signer) when the
@@ -123,6 +146,30 @@ fn package_signature(
         }
     }
     Ok(sig)
+}
+
+/// The header declaring a private package's manifest (base64url of its JSON).
+pub const MANIFEST_HEADER: &str = "x-tessera-manifest";
+
+fn private_manifest(headers: &HeaderMap) -> ApiResult<tessera_core::Manifest> {
+    use base64::Engine;
+    let text = headers
+        .get(MANIFEST_HEADER)
+        .ok_or_else(|| {
+            HubError::BadRequest(format!("a private package needs its manifest declared in {MANIFEST_HEADER}"))
+        })?
+        .to_str()
+        .map_err(|_| HubError::BadRequest(format!("{MANIFEST_HEADER} is not text")))?;
+    if text.len() > 512 * 1024 {
+        return Err(ApiError(HubError::BadRequest(format!("{MANIFEST_HEADER} is too long"))));
+    }
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .map_err(|_| HubError::BadRequest(format!("{MANIFEST_HEADER} is not base64url")))?;
+    let value: serde_json::Value = parse_json(&json)?;
+    // Re-validate the declaration as a module.yaml (JSON is YAML).
+    tessera_core::Manifest::parse(&value.to_string())
+        .map_err(|e| ApiError(HubError::BadRequest(format!("declared manifest: {e}"))))
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
@@ -197,6 +244,10 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(download_package))
         .routes(routes!(set_alias))
         .routes(routes!(download_blob))
+        .routes(routes!(package_by_digest))
+        .routes(routes!(list_grants))
+        .routes(routes!(set_grant, revoke_grant))
+        .routes(routes!(account_usage))
         .routes(routes!(create_model, list_models))
         .routes(routes!(upload_model, download_model, delete_model))
         .routes(routes!(show_model, update_model_meta))
@@ -318,8 +369,19 @@ async fn publish_package(
     let expected = expected_digest(&headers)?;
     let limit = s.store.limits().max_package_bytes;
     let (tmp, digest, size) = receive(&s.store, body, limit).await?;
-    let checked = authenticate(&s, &method, &uri, &headers, &digest)
-        .and_then(|signer| package_signature(&s, &headers, signer.as_ref()));
+    let sealed = {
+        let mut head = [0u8; 7];
+        let n =
+            tokio::io::AsyncReadExt::read(&mut tokio::fs::File::open(&tmp).await.map_err(HubError::from)?, &mut head)
+                .await
+                .map_err(HubError::from)?;
+        tessera_identity::seal::is_sealed(&head[..n])
+    };
+    let checked = authenticate(&s, &method, &uri, &headers, &digest).and_then(|signer| {
+        let sig = package_signature(&s, &headers, signer.as_ref())?;
+        meter_bytes(&s, signer.as_ref(), size, 0)?;
+        Ok(sig)
+    });
     let sig = match checked {
         Ok(sig) => sig,
         Err(e) => {
@@ -328,7 +390,24 @@ async fn publish_package(
         }
     };
     let store = s.store.clone();
-    let p = blocking(move || store.publish_file(&tmp, digest, size, expected, sig.as_ref())).await?;
+    let p = if sealed {
+        let declared = match private_manifest(&headers) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
+            }
+        };
+        let Some(sig) = sig else {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(ApiError(HubError::Unauthorized(format!(
+                "private packages must be signed ({PACKAGE_SIGNATURE_HEADER})"
+            ))));
+        };
+        blocking(move || store.publish_private(&tmp, digest, size, &declared, &sig)).await?
+    } else {
+        blocking(move || store.publish_file(&tmp, digest, size, expected, sig.as_ref())).await?
+    };
     let status = if p.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(p.record)))
 }
@@ -407,16 +486,33 @@ async fn stream_file(path: std::path::PathBuf, digest: &Digest, filename: Option
     responses((status = 200, description = "The package bytes; x-tessera-digest names them", content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody)))]
 async fn download_package(
     State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Response> {
+    let reader = read_signer(&s, &method, &uri, &headers)?;
     let store = s.store.clone();
+    let r2 = reader.clone();
     let (record, path) = blocking(move || {
         let r = store.resolve_str(&name, &version)?;
+        store.check_read(&r, r2.as_ref(), now_ms())?;
         let p = store.blob_path(&r.digest)?;
         Ok((r, p))
     })
     .await?;
+    meter_bytes(&s, reader.as_ref(), 0, record.size)?;
     stream_file(path, &record.digest, Some(format!("{}-{}.tpkg", record.name, record.version))).await
+}
+
+/// The signer of a read request, if it is signed (unsigned reads are fine for public
+/// things, whatever the policy).
+fn read_signer(s: &AppState, method: &Method, uri: &Uri, headers: &HeaderMap) -> ApiResult<Option<PublicKey>> {
+    if headers.contains_key(SIGNATURE_HEADER) {
+        authenticate(s, method, uri, headers, &Digest::of(b""))
+    } else {
+        Ok(None)
+    }
 }
 
 /// The body of an alias update.
@@ -456,12 +552,157 @@ async fn set_alias(
 #[utoipa::path(get, path = "/api/v1/blobs/{digest}", tag = "hub",
     params(("digest" = String, Path, description = "b3:<hex>")),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn download_blob(State(s): State<AppState>, Path(digest): Path<String>) -> ApiResult<Response> {
+async fn download_blob(
+    State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path(digest): Path<String>,
+) -> ApiResult<Response> {
+    let digest: Digest =
+        digest.parse().map_err(|e: tessera_core::digest::DigestError| HubError::BadRequest(e.to_string()))?;
+    let reader = read_signer(&s, &method, &uri, &headers)?;
+    let store = s.store.clone();
+    let r2 = reader.clone();
+    let path = blocking(move || {
+        if let Ok(record) = store.by_digest(&digest) {
+            store.check_read(&record, r2.as_ref(), now_ms())?;
+        }
+        store.blob_path(&digest)
+    })
+    .await?;
+    let size = tokio::fs::metadata(&path).await.map_or(0, |m| m.len());
+    meter_bytes(&s, reader.as_ref(), 0, size)?;
+    stream_file(path, &digest, None).await
+}
+
+/// The record of a live package by digest.
+#[utoipa::path(get, path = "/api/v1/digests/{digest}", tag = "packages",
+    params(("digest" = String, Path, description = "b3:<hex>")),
+    responses((status = 200, body = PackageRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn package_by_digest(State(s): State<AppState>, Path(digest): Path<String>) -> ApiResult<Json<PackageRecord>> {
     let digest: Digest =
         digest.parse().map_err(|e: tessera_core::digest::DigestError| HubError::BadRequest(e.to_string()))?;
     let store = s.store.clone();
-    let path = blocking(move || store.blob_path(&digest)).await?;
-    stream_file(path, &digest, None).await
+    Ok(Json(blocking(move || store.by_digest(&digest)).await?))
+}
+
+/// A grant to set.
+#[derive(Deserialize, Serialize, ToSchema, Default)]
+pub struct GrantBody {
+    /// When the grant ends (`YYYY-MM-DDTHH:MM:SSZ`), if ever.
+    #[serde(default)]
+    pub expires: Option<String>,
+}
+
+/// Who may read a private package.
+#[utoipa::path(get, path = "/api/v1/packages/{name}/grants", tag = "packages",
+    params(("name" = String, Path, description = "Module path")),
+    responses((status = 200, body = Vec<GrantRecord>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn list_grants(
+    State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vec<GrantRecord>>> {
+    let actor = read_signer(&s, &method, &uri, &headers)?.ok_or_else(|| {
+        ApiError(HubError::Unauthorized("grants are shown to the namespace's owners: sign the request".into()))
+    })?;
+    let store = s.store.clone();
+    Ok(Json(
+        blocking(move || {
+            owner_only(&store, &name, &actor)?;
+            store.grants(&name)
+        })
+        .await?,
+    ))
+}
+
+fn owner_only(store: &HubStore, name: &str, actor: &PublicKey) -> Result<(), HubError> {
+    let ns = name.split('.').next().unwrap_or_default();
+    match store.owners(ns)? {
+        Some(o) if o.contains(actor) => Ok(()),
+        _ => Err(HubError::Forbidden(format!("{actor} is not an owner of namespace {ns:?}"))),
+    }
+}
+
+/// Grants (or renews) a key the right to read a private package (signed by an owner).
+/// Only keys the package was sealed for can decrypt it: grant those.
+#[utoipa::path(put, path = "/api/v1/packages/{name}/grants/{key}", tag = "packages",
+    params(("name" = String, Path, description = "Module path"), ("key" = String, Path, description = "The grantee's key")),
+    request_body = GrantBody,
+    responses((status = 200, body = GrantRecord), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn set_grant(
+    State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path((name, key)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<GrantRecord>> {
+    let actor = authenticate(&s, &method, &uri, &headers, &Digest::of(&body))?
+        .ok_or_else(|| ApiError(HubError::Unauthorized(VerifyError::Missing.to_string())))?;
+    let grant: GrantBody = if body.is_empty() { GrantBody::default() } else { parse_json(&body)? };
+    let expires_ms = match &grant.expires {
+        Some(t) => Some(tessera_core::time::parse_rfc3339(t).map_err(|e| ApiError(HubError::BadRequest(e)))? * 1000),
+        None => None,
+    };
+    let key = parse_key(&key)?;
+    let store = s.store.clone();
+    Ok(Json(
+        blocking(move || {
+            owner_only(&store, &name, &actor)?;
+            store.set_grant(&name, &key, expires_ms)
+        })
+        .await?,
+    ))
+}
+
+/// Revokes a grant (signed by an owner): the key can no longer download the package.
+#[utoipa::path(delete, path = "/api/v1/packages/{name}/grants/{key}", tag = "packages",
+    params(("name" = String, Path, description = "Module path"), ("key" = String, Path, description = "The grantee's key")),
+    responses((status = 200, body = GrantRecord), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn revoke_grant(
+    State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path((name, key)): Path<(String, String)>,
+) -> ApiResult<Json<GrantRecord>> {
+    let actor = authenticate(&s, &method, &uri, &headers, &Digest::of(b""))?
+        .ok_or_else(|| ApiError(HubError::Unauthorized(VerifyError::Missing.to_string())))?;
+    let key = parse_key(&key)?;
+    let store = s.store.clone();
+    Ok(Json(
+        blocking(move || {
+            owner_only(&store, &name, &actor)?;
+            store.revoke(&name, &key)
+        })
+        .await?,
+    ))
+}
+
+/// What an account has used on this hub: signed requests and bytes moved. Readable by the
+/// account itself (sign the request with it).
+#[utoipa::path(get, path = "/api/v1/accounts/{key}/usage", tag = "hub",
+    params(("key" = String, Path, description = "The account's key")),
+    responses((status = 200, body = UsageRecord), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn account_usage(
+    State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+) -> ApiResult<Json<UsageRecord>> {
+    let key = parse_key(&key)?;
+    let actor = read_signer(&s, &method, &uri, &headers)?
+        .ok_or_else(|| ApiError(HubError::Unauthorized("sign the request with the account's key".into())))?;
+    if actor != key {
+        return Err(ApiError(HubError::Forbidden("an account's usage is shown to that account only".into())));
+    }
+    let store = s.store.clone();
+    Ok(Json(blocking(move || store.usage(&key)).await?))
 }
 
 /// A new model's record.
@@ -545,7 +786,9 @@ async fn upload_model(
     body: Body,
 ) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
     let (tmp, digest, size) = receive(&s.store, body, MAX_MODEL_BYTES).await?;
-    let actor = match authenticate(&s, &method, &uri, &headers, &digest) {
+    let actor = match authenticate(&s, &method, &uri, &headers, &digest)
+        .and_then(|a| meter_bytes(&s, a.as_ref(), size, 0).map(|()| a))
+    {
         Ok(a) => a,
         Err(e) => {
             let _ = tokio::fs::remove_file(&tmp).await;

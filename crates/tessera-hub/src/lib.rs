@@ -16,7 +16,7 @@ mod store;
 pub mod time;
 
 pub use api::{ApiError, AppState, HubPolicy, app, openapi};
-pub use store::{HubError, HubStore, ListQuery, Published};
+pub use store::{GrantRecord, HubError, HubStore, ListQuery, Published, UsageRecord};
 
 use std::sync::Arc;
 

@@ -88,6 +88,32 @@ pub struct ListQuery {
     pub all: bool,
 }
 
+/// A grant: the right to read a private package's ciphertext.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct GrantRecord {
+    /// The package name (all its versions).
+    pub name: String,
+    /// Who may read it.
+    pub grantee: String,
+    /// When the grant ends (milliseconds since the Unix epoch), if ever.
+    pub expires_ms: Option<u64>,
+    /// True once revoked.
+    pub revoked: bool,
+}
+
+/// What an account has used on a hub.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct UsageRecord {
+    /// The account (a public key).
+    pub account: String,
+    /// Signed requests.
+    pub requests: u64,
+    /// Bytes uploaded.
+    pub bytes_in: u64,
+    /// Bytes downloaded.
+    pub bytes_out: u64,
+}
+
 /// What publishing did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Published {
@@ -133,6 +159,19 @@ CREATE INDEX IF NOT EXISTS models_digest ON models(digest);
 CREATE TABLE IF NOT EXISTS namespaces (
     namespace TEXT PRIMARY KEY,
     owners TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS grants (
+    name TEXT NOT NULL,
+    grantee TEXT NOT NULL,
+    expires_ms INTEGER,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (name, grantee)
+);
+CREATE TABLE IF NOT EXISTS usage (
+    account TEXT PRIMARY KEY,
+    requests INTEGER NOT NULL DEFAULT 0,
+    bytes_in INTEGER NOT NULL DEFAULT 0,
+    bytes_out INTEGER NOT NULL DEFAULT 0
 );
 ";
 
@@ -419,6 +458,213 @@ impl HubStore {
         }
         let record = self.get_exact(&name, &version)?;
         Ok(Published { record, created })
+    }
+
+    /// Publishes a sealed (private) package held in a temporary file in the blob directory.
+    /// The hub cannot read it: it records the publisher's declared manifest, checks the
+    /// publisher's signature over the sealed bytes and ownership of the namespace, and
+    /// grants its recipients (and only them) the right to download it.
+    pub fn publish_private(
+        &self,
+        file: &Path,
+        digest: Digest,
+        size: u64,
+        declared: &Manifest,
+        signature: &PackageSignature,
+    ) -> Result<Published, HubError> {
+        let result = self.publish_private_inner(file, digest, size, declared, signature);
+        remove_leftover(file);
+        result
+    }
+
+    fn publish_private_inner(
+        &self,
+        file: &Path,
+        digest: Digest,
+        size: u64,
+        declared: &Manifest,
+        signature: &PackageSignature,
+    ) -> Result<Published, HubError> {
+        if size > self.limits.max_package_bytes {
+            return Err(HubError::TooLarge(format!(
+                "{size} bytes, over the limit of {}",
+                self.limits.max_package_bytes
+            )));
+        }
+        signature.verify(&digest).map_err(|e| {
+            HubError::BadRequest(format!("the package signature by {} does not verify: {e}", signature.key))
+        })?;
+        let mut head = Vec::new();
+        {
+            use std::io::Read;
+            File::open(file)?.take(11 + (1 << 20)).read_to_end(&mut head)?;
+        }
+        let recipients = tessera_identity::seal::recipients(&head).map_err(|e| HubError::BadRequest(e.to_string()))?;
+        let name = declared.name.to_string();
+        let version = declared.version.to_string();
+        let namespace = declared.name.segments().next().unwrap_or_default().to_owned();
+        let mut db = self.db();
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let existing: Option<String> = tx
+            .query_row("SELECT digest FROM packages WHERE name = ?1 AND version = ?2", params![name, version], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match &existing {
+            Some(d) if d != &digest.to_string() => {
+                return Err(HubError::Conflict(format!(
+                    "{name}@{version} is already published as {d}; versions are immutable"
+                )));
+            }
+            _ => {}
+        }
+        match Self::owners_in(&tx, &namespace)? {
+            Some(owners) if !owners.contains(&signature.key) => {
+                return Err(HubError::Forbidden(format!("namespace {namespace:?} belongs to other keys")));
+            }
+            Some(_) => {}
+            None => {
+                tx.execute(
+                    "INSERT INTO namespaces (namespace, owners) VALUES (?1, ?2)",
+                    params![namespace, serde_json::to_string(&vec![signature.key.to_string()]).unwrap_or_default()],
+                )?;
+            }
+        }
+        let created = existing.is_none();
+        if created {
+            self.blobs.adopt_file(file, &digest)?;
+            let manifest = serde_json::to_string(declared).map_err(|e| HubError::Storage(e.to_string()))?;
+            tx.execute(
+                "INSERT INTO packages (name, version, digest, size, kind, runtime, description, tags, manifest, published_at, signer, signature, private)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 1)",
+                params![
+                    name,
+                    version,
+                    digest.to_string(),
+                    size as i64,
+                    declared.kind.as_str(),
+                    declared.runtime.as_str(),
+                    declared.description,
+                    serde_json::to_string(&declared.tags).unwrap_or_default(),
+                    manifest,
+                    now_rfc3339(),
+                    signature.key.to_string(),
+                    signature.sig.to_text(),
+                ],
+            )?;
+            for r in &recipients {
+                tx.execute(
+                    "INSERT INTO grants (name, grantee, expires_ms, revoked) VALUES (?1, ?2, NULL, 0)
+                     ON CONFLICT(name, grantee) DO NOTHING",
+                    params![name, r.to_string()],
+                )?;
+            }
+        }
+        tx.commit()?;
+        drop(db);
+        Ok(Published { record: self.get_exact(&name, &version)?, created })
+    }
+
+    /// The grants of a package.
+    pub fn grants(&self, name: &str) -> Result<Vec<GrantRecord>, HubError> {
+        parse_name(name)?;
+        let db = self.db();
+        let mut stmt =
+            db.prepare("SELECT grantee, expires_ms, revoked FROM grants WHERE name = ?1 ORDER BY grantee")?;
+        let rows = stmt
+            .query_map(params![name], |r| {
+                Ok(GrantRecord {
+                    name: name.to_owned(),
+                    grantee: r.get(0)?,
+                    expires_ms: r.get::<_, Option<i64>>(1)?.map(|v| v as u64),
+                    revoked: r.get::<_, i64>(2)? != 0,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Grants (or renews) `grantee` the right to read `name`, until `expires_ms` if given.
+    pub fn set_grant(&self, name: &str, grantee: &PublicKey, expires_ms: Option<u64>) -> Result<GrantRecord, HubError> {
+        parse_name(name)?;
+        self.db().execute(
+            "INSERT INTO grants (name, grantee, expires_ms, revoked) VALUES (?1, ?2, ?3, 0)
+             ON CONFLICT(name, grantee) DO UPDATE SET expires_ms = excluded.expires_ms, revoked = 0",
+            params![name, grantee.to_string(), expires_ms.map(|v| v as i64)],
+        )?;
+        Ok(GrantRecord { name: name.to_owned(), grantee: grantee.to_string(), expires_ms, revoked: false })
+    }
+
+    /// Revokes a grant.
+    pub fn revoke(&self, name: &str, grantee: &PublicKey) -> Result<GrantRecord, HubError> {
+        parse_name(name)?;
+        let n = self.db().execute(
+            "UPDATE grants SET revoked = 1 WHERE name = ?1 AND grantee = ?2",
+            params![name, grantee.to_string()],
+        )?;
+        if n == 0 {
+            return Err(HubError::NotFound(format!("no grant of {name} to {grantee}")));
+        }
+        Ok(GrantRecord { name: name.to_owned(), grantee: grantee.to_string(), expires_ms: None, revoked: true })
+    }
+
+    /// Checks that `reader` may download a package's bytes: anyone for a public package;
+    /// for a private one, an owner of its namespace or a holder of a live grant.
+    pub fn check_read(&self, record: &PackageRecord, reader: Option<&PublicKey>, now_ms: u64) -> Result<(), HubError> {
+        if !record.private {
+            return Ok(());
+        }
+        let Some(reader) = reader else {
+            return Err(HubError::Unauthorized(format!(
+                "{} is private: sign the request with a key it was granted to",
+                record.name
+            )));
+        };
+        if self.authorize(&record.name, Some(reader)).is_ok()
+            && self.owners(record.name.split('.').next().unwrap_or_default())?.is_some()
+        {
+            return Ok(());
+        }
+        let grant = self.grants(&record.name)?.into_iter().find(|g| g.grantee == reader.to_string());
+        match grant {
+            Some(g) if g.revoked => {
+                Err(HubError::Forbidden(format!("the grant of {} to {reader} was revoked", record.name)))
+            }
+            Some(g) if g.expires_ms.is_some_and(|e| e <= now_ms) => {
+                Err(HubError::Forbidden(format!("the grant of {} to {reader} has expired", record.name)))
+            }
+            Some(_) => Ok(()),
+            None => Err(HubError::Forbidden(format!("{reader} has no grant to read {}", record.name))),
+        }
+    }
+
+    /// Counts requests and bytes for an account.
+    pub fn meter(&self, account: &PublicKey, requests: u64, bytes_in: u64, bytes_out: u64) -> Result<(), HubError> {
+        self.db().execute(
+            "INSERT INTO usage (account, requests, bytes_in, bytes_out) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(account) DO UPDATE SET requests = requests + ?2, bytes_in = bytes_in + ?3, bytes_out = bytes_out + ?4",
+            params![account.to_string(), requests as i64, bytes_in as i64, bytes_out as i64],
+        )?;
+        Ok(())
+    }
+
+    /// What an account has used.
+    pub fn usage(&self, account: &PublicKey) -> Result<UsageRecord, HubError> {
+        let row = self
+            .db()
+            .query_row(
+                "SELECT requests, bytes_in, bytes_out FROM usage WHERE account = ?1",
+                params![account.to_string()],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)),
+            )
+            .optional()?;
+        let (requests, bytes_in, bytes_out) = row.unwrap_or_default();
+        Ok(UsageRecord {
+            account: account.to_string(),
+            requests: requests as u64,
+            bytes_in: bytes_in as u64,
+            bytes_out: bytes_out as u64,
+        })
     }
 
     /// The hub's own key (the audience of signed requests).

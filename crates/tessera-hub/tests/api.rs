@@ -348,6 +348,11 @@ async fn the_docs_list_every_route() {
         "GET /api/v1/namespaces/{namespace}",
         "PUT /api/v1/namespaces/{namespace}/owners/{key}",
         "DELETE /api/v1/namespaces/{namespace}/owners/{key}",
+        "GET /api/v1/digests/{digest}",
+        "GET /api/v1/packages/{name}/grants",
+        "PUT /api/v1/packages/{name}/grants/{key}",
+        "DELETE /api/v1/packages/{name}/grants/{key}",
+        "GET /api/v1/accounts/{key}/usage",
     ];
     let expected: std::collections::BTreeSet<String> = expected.iter().map(|s| s.to_string()).collect();
     assert_eq!(paths, expected);

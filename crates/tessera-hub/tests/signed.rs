@@ -291,3 +291,108 @@ async fn an_open_hub_still_protects_owned_namespaces() {
         assert_eq!(std::fs::metadata(key).unwrap().permissions().mode() & 0o777, 0o600);
     }
 }
+
+fn manifest_header(name: &str) -> String {
+    use base64::Engine;
+    let m = json!({"name": name, "version": "0.1.0", "kind": "task", "runtime": "builtin", "entry": "echo"});
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(m.to_string())
+}
+
+#[tokio::test]
+async fn private_packages_are_read_only_by_their_grantees() {
+    let h = hub(HubPolicy::signed());
+    let alice = KeyPair::generate(KeyType::Ed25519);
+    let node = KeyPair::generate(KeyType::Ed25519);
+    let stranger = KeyPair::generate(KeyType::Ed25519);
+    let plain = h.package("acme.secret", "0.1.0", "the secret sauce");
+    let sealed = tessera_identity::seal::seal(&plain, &[node.public().clone()]).unwrap();
+    let hub_key = h.key();
+
+    // Without a declared manifest: refused.
+    let (s, body) = h.send(publish(&h, &alice, &alice, sealed.clone())).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error(&body).contains("x-tessera-manifest"));
+    let mut r = publish(&h, &alice, &alice, sealed.clone());
+    r.headers.push(("x-tessera-manifest".into(), manifest_header("acme.secret")));
+    let (s, rec) = h.send(r).await;
+    assert_eq!(s, StatusCode::CREATED, "{rec}");
+    assert_eq!(rec["private"], true);
+    let digest = rec["digest"].as_str().unwrap().to_owned();
+    // The hub holds only ciphertext.
+    let stored = std::fs::read(h.store.blobs().path_of(&digest.parse().unwrap())).unwrap();
+    assert!(!stored.windows(16).any(|w| w == b"the secret sauce"));
+
+    let blob = format!("/api/v1/blobs/{digest}");
+    let download = "/api/v1/packages/acme.secret/0.1.0/download";
+    // Unsigned readers and strangers cannot even read it.
+    for path in [&blob[..], download] {
+        assert_eq!(h.send(get(path)).await.0, StatusCode::UNAUTHORIZED, "{path}");
+        let (s, body) = h.send(signed(&stranger, &hub_key, "GET", path, vec![], now_ms())).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{path}");
+        assert!(error(&body).contains("no grant"), "{body}");
+    }
+    // The recipient (granted at publish) and the owner can.
+    let req = |k: &KeyPair| signed(k, &hub_key, "GET", &blob, vec![], now_ms());
+    assert_eq!(h.send(req(&node)).await.0, StatusCode::OK);
+    assert_eq!(h.send(req(&alice)).await.0, StatusCode::OK);
+
+    // Grants: listed to owners only; expired and revoked grants refuse.
+    let grants = "/api/v1/packages/acme.secret/grants";
+    assert_eq!(h.send(signed(&stranger, &hub_key, "GET", grants, vec![], now_ms())).await.0, StatusCode::FORBIDDEN);
+    let (s, list) = h.send(signed(&alice, &hub_key, "GET", grants, vec![], now_ms())).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list[0]["grantee"], node.public().to_string());
+    let grant_path = format!("/api/v1/packages/acme.secret/grants/{}", node.public());
+    let expired = serde_json::to_vec(&json!({"expires": "2020-01-01T00:00:00Z"})).unwrap();
+    assert_eq!(
+        h.send(signed(&stranger, &hub_key, "PUT", &grant_path, expired.clone(), now_ms())).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(h.send(signed(&alice, &hub_key, "PUT", &grant_path, expired, now_ms())).await.0, StatusCode::OK);
+    let (s, body) = h.send(req(&node)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(error(&body).contains("expired"), "{body}");
+    assert_eq!(h.send(signed(&alice, &hub_key, "PUT", &grant_path, vec![], now_ms())).await.0, StatusCode::OK);
+    assert_eq!(h.send(req(&node)).await.0, StatusCode::OK, "renewed");
+    assert_eq!(h.send(signed(&alice, &hub_key, "DELETE", &grant_path, vec![], now_ms())).await.0, StatusCode::OK);
+    let (s, body) = h.send(req(&node)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(error(&body).contains("revoked"), "{body}");
+
+    // A private package in someone else's namespace is refused.
+    let mut r =
+        publish(&h, &stranger, &stranger, tessera_identity::seal::seal(&plain, &[node.public().clone()]).unwrap());
+    r.headers.push(("x-tessera-manifest".into(), manifest_header("acme.other")));
+    assert_eq!(h.send(r).await.0, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn usage_is_metered_and_quotas_refuse_uploads() {
+    let mut policy = HubPolicy::signed();
+    policy.upload_quota_bytes = Some(4096);
+    let h = hub(policy);
+    let alice = KeyPair::generate(KeyType::Ed25519);
+    let first = h.package("fl.worker", "0.1.0", "a");
+    let size = first.len() as u64;
+    assert_eq!(h.send(publish(&h, &alice, &alice, first)).await.0, StatusCode::CREATED);
+    let usage = format!("/api/v1/accounts/{}/usage", alice.public());
+    let (s, u) = h.send(signed(&alice, &h.key(), "GET", &usage, vec![], now_ms())).await;
+    assert_eq!(s, StatusCode::OK, "{u}");
+    assert_eq!(u["bytes_in"], size);
+    assert_eq!(u["requests"], 2);
+    let bob = KeyPair::generate(KeyType::Ed25519);
+    assert_eq!(h.send(signed(&bob, &h.key(), "GET", &usage, vec![], now_ms())).await.0, StatusCode::FORBIDDEN);
+    // Uploads past the quota are refused and store nothing.
+    let before = h.state().await;
+    let big = {
+        let dir = h.work.path().join("big");
+        write_module(&dir, "fl.worker", "0.2.0", &"z".repeat(8192));
+        let noise: Vec<u8> = (0..1000u32).flat_map(|i| *Digest::of(&i.to_le_bytes()).as_bytes()).collect();
+        std::fs::write(dir.join("noise.bin"), noise).unwrap();
+        pack_dir(&dir, &Limits::default()).unwrap().bytes
+    };
+    let (s, body) = h.send(publish(&h, &alice, &alice, big)).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(error(&body).contains("quota"), "{body}");
+    assert_eq!(h.state().await, before);
+}

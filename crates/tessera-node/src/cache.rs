@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use tessera_core::Digest;
 use tessera_core::manifest::MANIFEST_FILE;
+use tessera_identity::KeyPair;
 use tessera_package::{Limits, UnpackError, unpack, verify};
 use tessera_ports::{ModuleImage, PackageSource, SourceError};
 
@@ -18,6 +19,9 @@ pub enum CacheError {
     /// The bytes were refused (digest mismatch, hostile archive, bad manifest).
     #[error(transparent)]
     Package(#[from] UnpackError),
+    /// A private package could not be opened.
+    #[error("private package: {0}")]
+    Sealed(String),
     /// The cache directory failed.
     #[error("package cache at {path}: {source}")]
     Io {
@@ -53,8 +57,14 @@ impl PackageCache {
         self.locks.lock().unwrap_or_else(|p| p.into_inner()).entry(*digest).or_default().clone()
     }
 
-    /// Returns the unpacked package, fetching and verifying it first if needed.
-    pub async fn get(&self, digest: &Digest, source: &dyn PackageSource) -> Result<ModuleImage, CacheError> {
+    /// Returns the unpacked package, fetching and verifying it first if needed. A sealed
+    /// (private) package is opened with `key`, which must be one of its recipients.
+    pub async fn get(
+        &self,
+        digest: &Digest,
+        source: &dyn PackageSource,
+        key: Option<&KeyPair>,
+    ) -> Result<ModuleImage, CacheError> {
         let lock = self.lock_for(digest);
         let _guard = lock.lock().await;
         let root = self.dir.join(digest.hex());
@@ -63,6 +73,15 @@ impl PackageCache {
         }
         let bytes = source.fetch(digest).await?;
         verify(&bytes, digest)?;
+        let bytes = if tessera_identity::seal::is_sealed(&bytes) {
+            let key =
+                key.ok_or_else(|| CacheError::Sealed("the package is private and this node has no key".into()))?;
+            bytes::Bytes::from(
+                tessera_identity::seal::unseal(&bytes, key).map_err(|e| CacheError::Sealed(e.to_string()))?,
+            )
+        } else {
+            bytes
+        };
         let limits = self.limits.clone();
         let dest = root.clone();
         let unpacked = tokio::task::spawn_blocking(move || unpack(&bytes, &dest, &limits))

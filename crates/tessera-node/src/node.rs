@@ -236,7 +236,7 @@ impl Node {
             self.policy.check_package(&record, digest).map_err(NodeError::Refused)?;
             expected_name = Some((record.name, record.version));
         }
-        let image = self.cache.get(digest, self.source.as_ref()).await?;
+        let image = self.cache.get(digest, self.source.as_ref(), self.identity.as_deref()).await?;
         if let Some((name, version)) = expected_name {
             // The hub's claim and the package's own manifest must agree.
             if image.manifest.name.as_str() != name || image.manifest.version.to_string() != version {

@@ -330,7 +330,7 @@ async fn nodes_sharing_a_cache_directory_unpack_a_package_once() {
     let a = tessera_node::PackageCache::open(s._dir.path().join("shared"), Limits::default()).unwrap();
     let b = tessera_node::PackageCache::open(s._dir.path().join("shared"), Limits::default()).unwrap();
     let source = LocalHub(s.hub.clone());
-    let (x, y) = tokio::join!(a.get(&s.programs, &source), b.get(&s.programs, &source));
+    let (x, y) = tokio::join!(a.get(&s.programs, &source, None), b.get(&s.programs, &source, None));
     let (x, y) = (x.unwrap(), y.unwrap());
     assert_eq!(x.root, y.root);
     assert_eq!(std::fs::read(x.entry_path()).unwrap(), tessera_modules::TEST_PROGRAMS_WASM);

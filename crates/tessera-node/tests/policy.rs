@@ -57,7 +57,9 @@ impl World {
     }
 
     fn node(&self, policy: &str) -> Node {
-        let mut cfg = NodeConfig::new("guarded", self.dir.path().join("cache"))
+        let cache =
+            self.dir.path().join(format!("cache-{}", &Digest::of(self.node_key.public().as_bytes()).hex()[..8]));
+        let mut cfg = NodeConfig::new("guarded", cache)
             .dataset("local", self.dir.path().join("local.bin"))
             .dataset("private", self.dir.path().join("private.bin"));
         cfg.policy = NodePolicy::from_yaml(policy).unwrap();
@@ -213,4 +215,43 @@ async fn replies_are_signed_for_the_task_signer() {
     assert_eq!(node.record().key, Some(w.node_key.public().to_string()));
     tx.send(true).unwrap();
     serving.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_package_runs_only_where_it_can_be_opened() {
+    let w = World::new();
+    let plain = module(w.dir.path(), "test.private");
+    let sealed = tessera_identity::seal::seal(&plain, &[w.node_key.public().clone()]).unwrap();
+    let d = Digest::of(&sealed);
+    let manifest = tessera_core::Manifest::parse(
+        "name: test.private\nversion: 0.1.0\nkind: task\nruntime: wasm\nentry: module.wasm\n",
+    )
+    .unwrap();
+    w.hub
+        .publish_private(
+            &{
+                let tmp = w.hub.blobs().temp_path();
+                std::fs::write(&tmp, &sealed).unwrap();
+                tmp
+            },
+            d,
+            sealed.len() as u64,
+            &manifest,
+            &PackageSignature::sign(&w.alice, &d),
+        )
+        .unwrap();
+
+    // The recipient node opens and runs it.
+    let node = w.node(&w.policy(""));
+    let t = signed(task("p1", d, json!({"mode": "echo"})), &w.bob, &node, &w.node_key);
+    let r = node.execute(&t).await;
+    assert!(matches!(r.outcome, TaskOutcome::Ok { .. }), "{r:?}");
+
+    // A node that is not a recipient cannot read it, let alone run it.
+    let other = World { node_key: Arc::new(KeyPair::generate(KeyType::Ed25519)), ..w };
+    let stranger = other.node(&other.policy(""));
+    let t = signed(task("p2", d, json!({"mode": "echo"})), &other.bob, &stranger, &other.node_key);
+    let msg = refused(&stranger.execute(&t).await);
+    assert!(msg.contains("not a recipient"), "{msg}");
+    assert_eq!(stranger.stats().tasks_run.load(Relaxed), 0);
 }
