@@ -68,6 +68,15 @@ enum Command {
     /// Show and change who owns a namespace (who may publish under a path prefix).
     #[command(subcommand)]
     Namespace(NamespaceCommand),
+    /// Show what your key has used on a hub (signed requests, bytes moved), and on the
+    /// nodes of a NATS cluster (tasks, compute seconds, bytes).
+    Usage {
+        /// Also read node usage from this NATS server.
+        #[arg(long)]
+        nats: Option<String>,
+        #[command(flatten)]
+        hub: HubArg,
+    },
     /// Show what this machine offers as a node (CPU, memory, GPUs, disk, runtimes).
     NodeInfo {
         /// Directory whose disk is measured.
@@ -109,8 +118,10 @@ fn main() -> std::process::ExitCode {
             Command::Model(c) => model::run(c).await,
             Command::Dataset(c) => dataset::run(c),
             Command::Node(NodeCommand::Run(args)) => node::run(args).await,
+            Command::Node(NodeCommand::Key { id }) => node::print_key(&id),
             Command::Swarm(c) => swarm::run(c).await,
             Command::Key(c) => key::run(c),
+            Command::Usage { nats, hub } => usage(nats, &hub).await,
             Command::Namespace(c) => namespace(c).await,
             Command::NodeInfo { dir } => node_info(&dir),
         }
@@ -138,6 +149,13 @@ fn node_info(dir: &std::path::Path) -> anyhow::Result<()> {
 enum NodeCommand {
     /// Serve tasks until interrupted (Ctrl-C or SIGTERM).
     Run(node::RunArgs),
+    /// Print a node's key (made on first use): seal private packages for it, and address
+    /// tasks to it.
+    Key {
+        /// The node's id.
+        #[arg(long)]
+        id: String,
+    },
 }
 
 /// The NATS server from `--nats` or `TESSERA_NATS`.
@@ -265,6 +283,26 @@ async fn namespace(cmd: NamespaceCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn usage(nats: Option<String>, hub: &HubArg) -> anyhow::Result<()> {
+    let client = hub.signed_client()?;
+    let me = client.signer().map(|k| k.public().to_string()).unwrap_or_default();
+    let u = client.usage().await?;
+    println!("hub {}: {} signed requests, {} bytes in, {} bytes out", hub.hub, u["requests"], u["bytes_in"], u["bytes_out"]);
+    if let Some(url) = nats {
+        let backend = tessera_nats::backend(&url, &tessera_nats::NatsOptions::default()).await?;
+        for key in backend.world.keys("usage/").await? {
+            if let Some(e) = backend.world.get(&key).await? {
+                let v: serde_json::Value = serde_json::from_slice(&e.value)?;
+                if v["account"] == me.as_str() {
+                    let u = &v["usage"];
+                    println!("node {}: {} tasks, {:.2} s of compute, {} bytes", v["node"].as_str().unwrap_or("?"), u["tasks"], u["compute_seconds"].as_f64().unwrap_or(0.0), u["bytes"]);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Parses repeated `--<what> NAME=FILE` values.
 fn name_file_pairs(items: &[String], what: &str) -> anyhow::Result<Vec<(String, PathBuf)>> {
     items
@@ -283,4 +321,13 @@ fn tessera_home() -> PathBuf {
         return PathBuf::from(h);
     }
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")).join(".tessera")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -58,11 +58,47 @@ pub enum Command {
         #[arg(short, long)]
         out: Option<PathBuf>,
     },
-    /// Publish a module folder or a .tpkg package to the hub.
+    /// Publish a module folder or a .tpkg package to the hub, signed with your key.
     Publish {
         /// A module folder or a package file.
         #[arg(default_value = ".")]
         path: PathBuf,
+        /// Publish it private: sealed so only the keys given with --to can read it (the hub
+        /// stores ciphertext, and serves it only to keys granted).
+        #[arg(long, requires = "to")]
+        private: bool,
+        /// A recipient of a private package: a node's key (repeatable).
+        #[arg(long = "to", value_name = "KEY")]
+        to: Vec<String>,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Show who may read a private package (you must own its namespace).
+    Grants {
+        /// The module path.
+        name: String,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Let a key read a private package (it must be one the package was sealed for), until
+    /// --expires if given.
+    Grant {
+        /// The module path.
+        name: String,
+        /// The key to grant (ed25519:…).
+        grantee: String,
+        /// When the grant ends (YYYY-MM-DDTHH:MM:SSZ).
+        #[arg(long)]
+        expires: Option<String>,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Take a key's right to read a private package away.
+    Revoke {
+        /// The module path.
+        name: String,
+        /// The key whose grant ends.
+        grantee: String,
         #[command(flatten)]
         hub: HubArg,
     },
@@ -145,7 +181,23 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Build { path } => build(&path),
         Command::Check { path } => check(&path),
         Command::Pack { path, out } => pack(&path, out),
-        Command::Publish { path, hub } => publish(&path, &hub).await,
+        Command::Publish { path, private, to, hub } => publish(&path, private, &to, &hub).await,
+        Command::Grants { name, hub } => {
+            println!("{}", serde_json::to_string_pretty(&hub.signed_client()?.grants(&name).await?)?);
+            Ok(())
+        }
+        Command::Grant { name, grantee, expires, hub } => {
+            let key: tessera_identity::PublicKey = grantee.parse()?;
+            let g = hub.signed_client()?.set_grant(&name, &key, expires.as_deref(), false).await?;
+            println!("{}", serde_json::to_string(&g)?);
+            Ok(())
+        }
+        Command::Revoke { name, grantee, hub } => {
+            let key: tessera_identity::PublicKey = grantee.parse()?;
+            let g = hub.signed_client()?.set_grant(&name, &key, None, true).await?;
+            println!("{}", serde_json::to_string(&g)?);
+            Ok(())
+        }
         Command::Pull { reference, out, archive, hub } => pull(&reference, out, archive, &hub).await,
         Command::List { prefix, tag, kind, query, all, json, hub } => {
             let list = hub.client()?.list(&ListParams { prefix, tag, kind, q: query, all }).await?;
@@ -327,7 +379,29 @@ fn pack(path: &Path, out: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn publish(path: &Path, hub: &HubArg) -> anyhow::Result<()> {
+async fn publish(path: &Path, private: bool, to: &[String], hub: &HubArg) -> anyhow::Result<()> {
+    if private {
+        let packed = if path.is_dir() {
+            pack_dir(path, &Limits::default())?
+        } else {
+            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let info = inspect(&bytes, &Limits::default())?;
+            tessera_package::Packed { digest: info.digest, info, bytes }
+        };
+        let recipients = to.iter().map(|k| k.parse()).collect::<Result<Vec<tessera_identity::PublicKey>, _>>()?;
+        let sealed = tessera_identity::seal::seal(&packed.bytes, &recipients)?;
+        let client = hub.signed_client()?;
+        let (rec, created) = client.publish_private(sealed, &packed.info.manifest).await?;
+        println!("{}", rec.digest);
+        eprintln!(
+            "{} {}@{} private, readable by {} key(s)",
+            if created { "published" } else { "already published:" },
+            rec.name,
+            rec.version,
+            recipients.len()
+        );
+        return Ok(());
+    }
     let bytes = if path.is_dir() {
         pack_dir(path, &Limits::default())?.bytes
     } else {
@@ -351,8 +425,16 @@ async fn publish(path: &Path, hub: &HubArg) -> anyhow::Result<()> {
 
 async fn pull(reference: &str, out: Option<PathBuf>, archive: Option<PathBuf>, hub: &HubArg) -> anyhow::Result<()> {
     let r: PackageRef = reference.parse()?;
-    let (rec, bytes) = hub.client()?.download(&r).await?;
+    let client = hub.signed_client()?;
+    let (rec, bytes) = client.download(&r).await?;
     verify(&bytes, &rec.digest)?;
+    // A private package opens with your key when you are one of its recipients.
+    let bytes = if tessera_identity::seal::is_sealed(&bytes) && archive.is_none() {
+        let key = client.signer().ok_or_else(|| anyhow!("{} is private: a key is needed", rec.name))?;
+        bytes::Bytes::from(tessera_identity::seal::unseal(&bytes, key)?)
+    } else {
+        bytes
+    };
     if let Some(a) = archive {
         std::fs::write(&a, &bytes)?;
         println!("{}", a.display());

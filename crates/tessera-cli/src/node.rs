@@ -51,6 +51,23 @@ fn host_id() -> String {
     if id.is_empty() { "node".into() } else { id }
 }
 
+/// A node's own key (`$TESSERA_HOME/nodes/<id>/keys/node.json`), made on first use: the
+/// audience of tasks signed for it, and the key private packages are sealed for.
+pub fn node_identity(id: &str) -> anyhow::Result<Arc<KeyPair>> {
+    tessera_core::name::check_ident("node id", id)?;
+    let keys = tessera_identity::keystore::Keystore::open(crate::tessera_home().join("nodes").join(id).join("keys"))?;
+    if matches!(keys.info("node"), Err(tessera_identity::keystore::KeystoreError::NotFound(_))) {
+        keys.create("node", tessera_identity::KeyType::Ed25519, None)?;
+    }
+    Ok(Arc::new(keys.load("node", None)?))
+}
+
+/// `tessera node key`.
+pub fn print_key(id: &str) -> anyhow::Result<()> {
+    println!("{}", node_identity(id)?.public());
+    Ok(())
+}
+
 /// Parses `--dataset name=FILE` values.
 pub fn datasets(items: &[String]) -> anyhow::Result<BTreeMap<String, PathBuf>> {
     Ok(crate::name_file_pairs(items, "dataset")?.into_iter().collect())
@@ -87,15 +104,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
     };
     let id = args.id.unwrap_or_else(host_id);
-    // The node's own key: the audience of tasks signed for it.
-    let keys = tessera_identity::keystore::Keystore::open(crate::tessera_home().join("nodes").join(&id).join("keys"))?;
-    if matches!(keys.info("node"), Err(tessera_identity::keystore::KeystoreError::NotFound(_))) {
-        keys.create("node", tessera_identity::KeyType::Ed25519, None)?;
-    }
-    let identity = Arc::new(keys.load("node", None)?);
+    let identity = node_identity(&id)?;
     let cache = args.cache.unwrap_or_else(|| crate::tessera_home().join("nodes").join(&id).join("cache"));
     let backend = args.nats.backend().await?;
-    let ports = NodePorts { backend, source: Arc::new(args.hub.client()?) };
+    let ports = NodePorts { backend, source: Arc::new(args.hub.client()?.with_signer(identity.clone())) };
     let limits = WasmLimits {
         max_memory: args.wasm_memory.0,
         max_time: Duration::from_secs_f64(args.wasm_timeout),

@@ -84,7 +84,8 @@ impl CoordinatorArgs {
             ports,
             WasmLimits::default(),
             tessera_node::NodePolicy::open(),
-            None,
+            // Private packages sealed for your key open on the coordinator's node.
+            Some(key.clone()),
         )?;
         let coordinator = Coordinator::new(backend, Arc::new(client.clone()), Some(Arc::new(local))).with_identity(key);
         Ok((coordinator, client))
@@ -101,7 +102,12 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             }
             let id = id.unwrap_or_else(new_session_id);
             let (c, client) = coordinator.coordinator().await?;
-            println!("session {id}: coordinator on {}, hub {}", coordinator.nats.nats, client.base());
+            println!(
+                "session {id}: coordinator {} on {}, hub {}",
+                client.signer().map(|k| k.public().to_string()).unwrap_or_default(),
+                coordinator.nats.nats,
+                client.base()
+            );
             let progress = Progress::new(cfg.rounds);
             let started = Instant::now();
             let result = c.run(&id, &cfg, &progress).await;

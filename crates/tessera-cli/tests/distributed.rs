@@ -332,3 +332,92 @@ fn the_session_survives_a_nats_server_restart() {
     let (lineage, _) = env.lineage("0.1.0");
     check_rounds(&lineage, 6);
 }
+
+/// `tessera` as one person: their own TESSERA_HOME (their keys), the shared hub and NATS.
+fn as_person(env: &Env, who: &str) -> Command {
+    let mut c = tessera(env);
+    c.env("TESSERA_HOME", env.dir.path().join(who));
+    c
+}
+
+fn person_ok(env: &Env, who: &str, args: &[&str]) -> String {
+    let out = as_person(env, who).args(args).output().unwrap();
+    assert!(out.status.success(), "{who}: tessera {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn person_fails(env: &Env, who: &str, args: &[&str]) -> String {
+    let out = as_person(env, who).args(args).output().unwrap();
+    assert!(!out.status.success(), "{who}: tessera {args:?} should fail");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+/// docs/private-modules.md, step by step: Alice publishes a private module for Bob, Bob
+/// runs it on his node, Carol is refused.
+#[test]
+fn two_accounts_private_module_walkthrough() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::start();
+    let alice = person_ok(&env, "alice", &["key", "new"]).trim().to_owned();
+    let bob = person_ok(&env, "bob", &["key", "new"]).trim().to_owned();
+    person_ok(&env, "carol", &["key", "new"]);
+    let bob_node = person_ok(&env, "bob", &["node", "key", "--id", "bob-node"]).trim().to_owned();
+
+    // Alice publishes her worker privately, for Bob's node and Bob.
+    let worker = env.dir.path().join("alice-worker");
+    tessera_modules::write_module_dir(
+        &worker,
+        &tessera_modules::FL_SOFTMAX_WORKER_MANIFEST.replace("fl.softmax.worker", "acme.digits.worker"),
+        tessera_modules::FL_SOFTMAX_WORKER_WASM,
+    )
+    .unwrap();
+    let worker = worker.to_str().unwrap().to_owned();
+    person_ok(&env, "alice", &["module", "publish", &worker, "--private", "--to", &bob_node, "--to", &bob]);
+    let show = person_ok(&env, "alice", &["module", "show", "acme.digits.worker"]);
+    assert!(show.contains("private") && show.contains(&alice), "{show}");
+
+    // Bob's node trusts Alice's packages and lets Bob compute on its digits.
+    let policy = env.dir.path().join("bob-policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "require_signed_packages: true\ntrusted_publishers:\n  acme: [{alice}]\nrequire_signed_tasks: true\ngrants:\n  - to: {bob}\n    modules: [acme]\n    datasets: [digits]\n"
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(env.dir.path().join("bob-node.log")).unwrap();
+    let child = as_person(&env, "bob")
+        .args(["node", "run", "--id", "bob-node", "--policy", policy.to_str().unwrap(), "--dataset"])
+        .arg(format!("digits={}", env.path("data/node-0/digits.safetensors")))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    env.procs.push(Proc { child, name: "bob-node".into() });
+    env.wait_for_nodes(1);
+
+    // Bob runs it.
+    let swarm = env.dir.path().join("acme.yaml");
+    std::fs::write(
+        &swarm,
+        "module: acme.digits.worker@0.1.0\nrounds: 3\nmin_participants: 1\nround_timeout_secs: 60\ndataset: digits\neval_dataset: digits-test\n",
+    )
+    .unwrap();
+    let test_set = format!("digits-test={}", env.path("data/coordinator/digits-test.safetensors"));
+    let out = person_ok(&env, "bob", &["swarm", "run", swarm.to_str().unwrap(), "--dataset", &test_set]);
+    assert!(out.contains("final test accuracy"), "{out}");
+
+    // Carol cannot read it...
+    let err = person_fails(&env, "carol", &["module", "pull", "acme.digits.worker", "--out", "carol-copy"]);
+    assert!(err.contains("403") && err.contains("no grant"), "{err}");
+    // ...nor run it on Bob's node.
+    let err = person_fails(&env, "carol", &["swarm", "run", swarm.to_str().unwrap(), "--dataset", &test_set]);
+    assert!(err.contains("no grant") || err.contains("403") || err.contains("not a recipient"), "{err}");
+    // Revoked, Bob's node can no longer fetch new copies either.
+    person_ok(&env, "alice", &["module", "revoke", "acme.digits.worker", &bob_node]);
+    let grants = person_ok(&env, "alice", &["module", "grants", "acme.digits.worker"]);
+    assert!(grants.contains("\"revoked\": true"), "{grants}");
+    // Usage was metered.
+    let usage = person_ok(&env, "bob", &["usage", "--nats", &env.nats.url()]);
+    assert!(usage.contains("node bob-node:") && usage.contains("tasks"), "{usage}");
+}
