@@ -308,10 +308,22 @@ async fn private_packages_are_read_only_by_their_grantees() {
     let sealed = tessera_identity::seal::seal(&plain, &[node.public().clone()]).unwrap();
     let hub_key = h.key();
 
-    // Without a declared manifest: refused.
+    // Without a declared manifest, or with a bad one: refused.
     let (s, body) = h.send(publish(&h, &alice, &alice, sealed.clone())).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
     assert!(error(&body).contains("x-tessera-manifest"));
+    for bad in ["!!!".to_string(), manifest_header("Bad Name"), "e30".into(), "A".repeat(600_000)] {
+        let mut r = publish(&h, &alice, &alice, sealed.clone());
+        r.headers.push(("x-tessera-manifest".into(), bad));
+        assert_eq!(h.send(r).await.0, StatusCode::BAD_REQUEST);
+    }
+    // A sealed body that is not a sealed package at all.
+    let mut junk = b"TSEAL1\n\xff\xff".to_vec();
+    junk.extend_from_slice(&[0u8; 64]);
+    let mut r = publish(&h, &alice, &alice, junk);
+    r.headers.push(("x-tessera-manifest".into(), manifest_header("acme.secret")));
+    assert_eq!(h.send(r).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(h.send(get("/api/v1/packages?all=true")).await.1, json!([]), "nothing stored");
     let mut r = publish(&h, &alice, &alice, sealed.clone());
     r.headers.push(("x-tessera-manifest".into(), manifest_header("acme.secret")));
     let (s, rec) = h.send(r).await;
