@@ -287,7 +287,10 @@ async fn usage(nats: Option<String>, hub: &HubArg) -> anyhow::Result<()> {
     let client = hub.signed_client()?;
     let me = client.signer().map(|k| k.public().to_string()).unwrap_or_default();
     let u = client.usage().await?;
-    println!("hub {}: {} signed requests, {} bytes in, {} bytes out", hub.hub, u["requests"], u["bytes_in"], u["bytes_out"]);
+    println!(
+        "hub {}: {} signed requests, {} bytes in, {} bytes out",
+        hub.hub, u["requests"], u["bytes_in"], u["bytes_out"]
+    );
     if let Some(url) = nats {
         let backend = tessera_nats::backend(&url, &tessera_nats::NatsOptions::default()).await?;
         for key in backend.world.keys("usage/").await? {
@@ -295,7 +298,13 @@ async fn usage(nats: Option<String>, hub: &HubArg) -> anyhow::Result<()> {
                 let v: serde_json::Value = serde_json::from_slice(&e.value)?;
                 if v["account"] == me.as_str() {
                     let u = &v["usage"];
-                    println!("node {}: {} tasks, {:.2} s of compute, {} bytes", v["node"].as_str().unwrap_or("?"), u["tasks"], u["compute_seconds"].as_f64().unwrap_or(0.0), u["bytes"]);
+                    println!(
+                        "node {}: {} tasks, {:.2} s of compute, {} bytes",
+                        v["node"].as_str().unwrap_or("?"),
+                        u["tasks"],
+                        u["compute_seconds"].as_f64().unwrap_or(0.0),
+                        u["bytes"]
+                    );
                 }
             }
         }

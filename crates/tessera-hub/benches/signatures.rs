@@ -67,8 +67,9 @@ fn main() {
         per_op(&format!("sign ({ty})"), N, |_| {
             std::hint::black_box(Envelope::sign(&client, server.public(), "POST", "/api/v1/packages", &body, now_ms()));
         });
-        let headers: Vec<String> =
-            (0..N).map(|_| Envelope::sign(&client, server.public(), "POST", "/api/v1/packages", &body, now_ms()).to_header()).collect();
+        let headers: Vec<String> = (0..N)
+            .map(|_| Envelope::sign(&client, server.public(), "POST", "/api/v1/packages", &body, now_ms()).to_header())
+            .collect();
         let v = Verifier::new(server.public().clone());
         let digest = Digest::of(&body);
         per_op(&format!("verify ({ty}): parse, window, audience, body, signature, replay"), N, |i| {
@@ -84,5 +85,8 @@ fn main() {
     println!("| hub route (PUT model metadata), {N} requests | requests/s |");
     println!("|---|---|");
     println!("| unsigned, open hub | {open:.0} |");
-    println!("| signed (Ed25519), hub requiring signatures | {signed:.0} ({:.0}% of unsigned) |", 100.0 * signed / open);
+    println!(
+        "| signed (Ed25519), hub requiring signatures | {signed:.0} ({:.0}% of unsigned) |",
+        100.0 * signed / open
+    );
 }

@@ -215,6 +215,13 @@ pub struct KeyPair {
     ty: KeyType,
     secret: Zeroizing<[u8; 32]>,
     public: PublicKey,
+    signing: SigningKey,
+}
+
+/// The expanded signing key, kept so each signature does not redo the expansion.
+enum SigningKey {
+    Ed25519(Box<ed25519_dalek::SigningKey>),
+    Secp256k1(Box<k256::ecdsa::SigningKey>),
 }
 
 impl KeyPair {
@@ -232,18 +239,19 @@ impl KeyPair {
     /// A key pair from its 32 secret bytes.
     pub fn from_secret(ty: KeyType, secret: &[u8]) -> Result<Self, KeyError> {
         let arr: [u8; 32] = secret.try_into().map_err(|_| KeyError::Invalid("(secret)".into(), ty))?;
-        let public = match ty {
+        let (public, signing) = match ty {
             KeyType::Ed25519 => {
                 let sk = ed25519_dalek::SigningKey::from_bytes(&arr);
-                PublicKey { ty, bytes: sk.verifying_key().to_bytes().to_vec() }
+                (PublicKey { ty, bytes: sk.verifying_key().to_bytes().to_vec() }, SigningKey::Ed25519(Box::new(sk)))
             }
             KeyType::Secp256k1 => {
                 let sk =
                     k256::ecdsa::SigningKey::from_slice(&arr).map_err(|_| KeyError::Invalid("(secret)".into(), ty))?;
-                PublicKey { ty, bytes: sk.verifying_key().to_sec1_point(true).as_bytes().to_vec() }
+                let public = PublicKey { ty, bytes: sk.verifying_key().to_sec1_point(true).as_bytes().to_vec() };
+                (public, SigningKey::Secp256k1(Box::new(sk)))
             }
         };
-        Ok(KeyPair { ty, secret: Zeroizing::new(arr), public })
+        Ok(KeyPair { ty, secret: Zeroizing::new(arr), public, signing })
     }
 
     /// The key type.
@@ -263,14 +271,10 @@ impl KeyPair {
 
     /// Signs a message.
     pub fn sign(&self, message: &[u8]) -> Signature {
-        match self.ty {
-            KeyType::Ed25519 => {
-                let sk = ed25519_dalek::SigningKey::from_bytes(&self.secret);
-                Signature(sk.sign(message).to_bytes().to_vec())
-            }
-            KeyType::Secp256k1 => {
-                let sk = k256::ecdsa::SigningKey::from_slice(&self.secret[..]).expect("checked when the pair was made");
-                let sig: k256::ecdsa::Signature = sk.sign(message);
+        match &self.signing {
+            SigningKey::Ed25519(sk) => Signature(sk.sign(message).to_bytes().to_vec()),
+            SigningKey::Secp256k1(sk) => {
+                let sig: k256::ecdsa::Signature = k256::ecdsa::signature::Signer::sign(sk.as_ref(), message);
                 Signature(sig.to_bytes().to_vec())
             }
         }
