@@ -29,7 +29,7 @@ pub mod version;
 pub mod wire;
 
 pub use digest::{Digest, DigestWriter};
-pub use manifest::{Kind, Manifest, RuntimeKind};
+pub use manifest::{Access, Kind, Manifest, Role, RuntimeKind};
 pub use name::ModulePath;
 pub use size::ByteSize;
 pub use version::PackageRef;

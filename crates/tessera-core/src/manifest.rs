@@ -5,7 +5,7 @@
 //! column in the file.
 
 use std::cell::RefCell;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -159,6 +159,52 @@ pub struct Needs {
     pub libraries: Vec<String>,
 }
 
+/// Who may call a module's functions.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Anyone.
+    Public,
+    /// The accounts listed as trusted, and the owner.
+    Trusted,
+    /// Only the module's owner (its publisher).
+    Owner,
+}
+
+/// A module's access rules: a default role, per-function roles, and the trusted accounts.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Access {
+    /// The role a caller needs for functions not listed (default: public).
+    #[serde(default = "public")]
+    pub default: Role,
+    /// Accounts with the trusted role (`ed25519:…`, `secp256k1:…`).
+    #[serde(default)]
+    pub trusted: Vec<String>,
+    /// Per-function roles.
+    #[serde(default)]
+    pub functions: BTreeMap<String, Role>,
+}
+
+fn public() -> Role {
+    Role::Public
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Access { default: Role::Public, trusted: Vec::new(), functions: BTreeMap::new() }
+    }
+}
+
+impl Access {
+    /// The role a function needs.
+    pub fn role_for(&self, function: &str) -> Role {
+        self.functions.get(function).copied().unwrap_or(self.default)
+    }
+}
+
 /// A validated `module.yaml`. (Its JSON form, used by the hub API, deserialises without
 /// re-validation: the hub validated it from the package.)
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -190,6 +236,9 @@ pub struct Manifest {
     pub outputs: Vec<Port>,
     /// Resources the module needs.
     pub needs: Needs,
+    /// Who may call its functions (public when absent).
+    #[serde(default)]
+    pub access: Access,
 }
 
 #[derive(Deserialize)]
@@ -214,6 +263,8 @@ struct RawManifest {
     outputs: Vec<Spanned<Port>>,
     #[serde(default)]
     needs: Option<Spanned<Needs>>,
+    #[serde(default)]
+    access: Option<Spanned<Access>>,
 }
 
 /// Why a manifest was refused: the field, where it is, and what is wrong.
@@ -350,6 +401,32 @@ impl RawManifest {
         };
         let inputs = check_ports("inputs", self.inputs)?;
         let outputs = check_ports("outputs", self.outputs)?;
+        let access = match self.access {
+            None => Access::default(),
+            Some(a) => {
+                for (i, k) in a.value.trusted.iter().enumerate() {
+                    let ok = k.split_once(':').is_some_and(|(t, b)| {
+                        matches!(t, "ed25519" | "secp256k1")
+                            && !b.is_empty()
+                            && b.len() <= 64
+                            && b.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+                    });
+                    if !ok {
+                        return Err(ManifestError::at(
+                            format!("access.trusted[{i}]"),
+                            &a,
+                            format!("{k:?} is not a key (ed25519:… or secp256k1:…)"),
+                        ));
+                    }
+                }
+                for f in a.value.functions.keys() {
+                    if let Err(e) = check_ident("function name", f) {
+                        return Err(ManifestError::at("access.functions", &a, e.to_string()));
+                    }
+                }
+                a.value
+            }
+        };
         let needs = match self.needs {
             None => Needs::default(),
             Some(n) => {
@@ -380,6 +457,7 @@ impl RawManifest {
             inputs,
             outputs,
             needs,
+            access,
         })
     }
 }
@@ -545,6 +623,22 @@ needs:
         // Deep nesting.
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         assert!(Manifest::parse(&format!("name: {deep}")).is_err());
+    }
+
+    #[test]
+    fn access_rules() {
+        let m = Manifest::parse(&format!(
+            "{GOOD}access:\n  default: trusted\n  trusted: [ed25519:AAAAAAAA]\n  functions:\n    evaluate: public\n    init: owner\n"
+        ))
+        .unwrap();
+        assert_eq!(m.access.role_for("train"), Role::Trusted);
+        assert_eq!(m.access.role_for("evaluate"), Role::Public);
+        assert_eq!(m.access.role_for("init"), Role::Owner);
+        assert_eq!(Manifest::parse(GOOD).unwrap().access.role_for("anything"), Role::Public);
+        let e = err(&format!("{GOOD}access:\n  trusted: [not-a-key]\n"));
+        assert_eq!(e.field.as_deref(), Some("access.trusted[0]"), "{e}");
+        let e = err(&format!("{GOOD}access:\n  default: everyone\n"));
+        assert!(e.to_string().contains("everyone"), "{e}");
     }
 
     #[test]

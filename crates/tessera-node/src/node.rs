@@ -11,7 +11,7 @@ use serde_json::Value;
 use tessera_core::config::deep_merge;
 use tessera_core::name::check_ident;
 use tessera_core::wire::{self, BlobRef, NodeRecord, Resources, SCHEMA_VERSION, TaskMessage, TaskOutcome, TaskReply};
-use tessera_core::{Digest, PackageRef, RuntimeKind};
+use tessera_core::{Digest, PackageRef, Role, RuntimeKind};
 use tessera_identity::{Envelope, KeyPair, PublicKey, Verifier, messages, now_ms};
 use tessera_package::Limits;
 use tessera_ports::bus::check_queue;
@@ -255,8 +255,9 @@ impl Node {
     async fn authorize(
         &self,
         task: &TaskMessage,
-        module: &str,
+        image: &ModuleImage,
     ) -> Result<(Option<PublicKey>, BTreeMap<String, PathBuf>), NodeError> {
+        let module = image.manifest.name.as_str();
         let signer = match (&task.auth, &self.verifier) {
             (Some(_), None) => {
                 return Err(NodeError::Refused("the task is signed, but this node has no key to check it".into()));
@@ -279,6 +280,7 @@ impl Node {
             }
             _ => (*self.datasets).clone(),
         };
+        self.check_access(task, image, signer.as_ref()).await?;
         if let Some(k) = &signer
             && let Some(q) = self.policy.quota(k)
         {
@@ -292,6 +294,41 @@ impl Node {
             }
         }
         Ok((signer, datasets))
+    }
+
+    /// Checks the module's own access rules: the role its function asks for (public,
+    /// trusted, owner). The function is the task config's `function`, else its `mode`,
+    /// else `run`; the owner is the package's signer.
+    async fn check_access(
+        &self,
+        task: &TaskMessage,
+        image: &ModuleImage,
+        signer: Option<&PublicKey>,
+    ) -> Result<(), NodeError> {
+        let function =
+            task.config.get("function").or_else(|| task.config.get("mode")).and_then(|v| v.as_str()).unwrap_or("run");
+        let role = image.manifest.access.role_for(function);
+        if role == Role::Public {
+            return Ok(());
+        }
+        let who = format!("{}'s function {function:?} is for the {role:?} role", image.manifest.name).to_lowercase();
+        let signer = signer.ok_or_else(|| NodeError::Refused(format!("{who}: sign the task")))?;
+        let owner = self
+            .source
+            .resolve(&PackageRef::Digest(image.digest))
+            .await
+            .ok()
+            .and_then(|r| r.signer)
+            .and_then(|k| k.parse::<PublicKey>().ok());
+        if owner.as_ref() == Some(signer) {
+            return Ok(());
+        }
+        if role == Role::Trusted
+            && image.manifest.access.trusted.iter().any(|k| k.parse::<PublicKey>().ok().as_ref() == Some(signer))
+        {
+            return Ok(());
+        }
+        Err(NodeError::Refused(format!("{who}, which {signer} does not have")))
     }
 
     /// What an account has used on this node (since it started).
@@ -423,7 +460,7 @@ impl Node {
 
     async fn execute_inner(&self, task: &TaskMessage) -> Result<Vec<BlobRef>, NodeError> {
         let image = self.module(&task.module).await?;
-        let (signer, datasets) = self.authorize(task, image.manifest.name.as_str()).await?;
+        let (signer, datasets) = self.authorize(task, &image).await?;
         self.stats.tasks_run.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let mut moved = 0u64;

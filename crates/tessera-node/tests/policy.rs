@@ -255,3 +255,38 @@ async fn a_private_package_runs_only_where_it_can_be_opened() {
     assert!(msg.contains("not a recipient"), "{msg}");
     assert_eq!(stranger.stats().tasks_run.load(Relaxed), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_decides_who_may_call_each_function() {
+    let w = World::new();
+    let carol = KeyPair::generate(KeyType::Ed25519);
+    let m = w.dir.path().join("test.guarded");
+    let manifest = format!(
+        "name: test.guarded\nversion: 0.1.0\nkind: task\nruntime: wasm\nentry: module.wasm\naccess:\n  default: trusted\n  trusted: [{}]\n  functions:\n    echo: public\n    work: owner\n",
+        w.bob.public()
+    );
+    tessera_modules::write_module_dir(&m, &manifest, tessera_modules::TEST_PROGRAMS_WASM).unwrap();
+    let bytes = pack_dir(&m, &Limits::default()).unwrap().bytes;
+    let d = Digest::of(&bytes);
+    w.hub.publish(&bytes, None, Some(&PackageSignature::sign(&w.alice, &d))).unwrap();
+    let grant = |k: &KeyPair| format!("  - to: {}\n    modules: [test]\n    datasets: [local]\n", k.public());
+    let node = w.node(&w.policy(&(grant(&carol) + &grant(&w.alice))));
+    let call = |id: &str, by: &KeyPair, mode: &str| {
+        signed(task(id, d, json!({"mode": mode, "dataset": "local", "ms": 1})), by, &node, &w.node_key)
+    };
+
+    assert!(matches!(node.execute(&call("1", &w.bob, "context")).await.outcome, TaskOutcome::Ok { .. }), "trusted");
+    let msg = refused(&node.execute(&call("2", &carol, "context")).await);
+    assert!(msg.contains("trusted role"), "{msg}");
+    assert!(matches!(node.execute(&call("3", &carol, "echo")).await.outcome, TaskOutcome::Ok { .. }), "public");
+    let msg = refused(&node.execute(&call("4", &w.bob, "work")).await);
+    assert!(msg.contains("owner role"), "{msg}");
+    assert!(matches!(node.execute(&call("5", &w.alice, "work")).await.outcome, TaskOutcome::Ok { .. }), "the owner");
+
+    // On an open node an unsigned task may call public functions only.
+    let open = w.node("");
+    let unsigned = |id: &str, mode: &str| task(id, d, json!({"mode": mode, "dataset": "local"}));
+    assert!(matches!(open.execute(&unsigned("6", "echo")).await.outcome, TaskOutcome::Ok { .. }));
+    let msg = refused(&open.execute(&unsigned("7", "context")).await);
+    assert!(msg.contains("sign the task"), "{msg}");
+}
