@@ -926,12 +926,29 @@ async fn add_owner(
     headers: HeaderMap,
     Path((namespace, key)): Path<(String, String)>,
 ) -> ApiResult<Json<NamespaceBody>> {
-    let actor = authenticate(&s, &method, &uri, &headers, &Digest::of(b""))?
+    change_owner(&s, &method, &uri, &headers, namespace, &key, false).await
+}
+
+/// Adds or removes an owner, for a request signed by an owner.
+async fn change_owner(
+    s: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    namespace: String,
+    key: &str,
+    remove: bool,
+) -> ApiResult<Json<NamespaceBody>> {
+    let actor = authenticate(s, method, uri, headers, &Digest::of(b""))?
         .ok_or_else(|| ApiError(HubError::Unauthorized(VerifyError::Missing.to_string())))?;
-    let key = parse_key(&key)?;
+    let key = parse_key(key)?;
     let store = s.store.clone();
     let ns = namespace.clone();
-    let owners = blocking(move || store.add_owner(&ns, &actor, &key)).await?;
+    let owners =
+        blocking(
+            move || if remove { store.remove_owner(&ns, &actor, &key) } else { store.add_owner(&ns, &actor, &key) },
+        )
+        .await?;
     Ok(Json(NamespaceBody { namespace, owners: owners.iter().map(ToString::to_string).collect() }))
 }
 
@@ -946,11 +963,5 @@ async fn remove_owner(
     headers: HeaderMap,
     Path((namespace, key)): Path<(String, String)>,
 ) -> ApiResult<Json<NamespaceBody>> {
-    let actor = authenticate(&s, &method, &uri, &headers, &Digest::of(b""))?
-        .ok_or_else(|| ApiError(HubError::Unauthorized(VerifyError::Missing.to_string())))?;
-    let key = parse_key(&key)?;
-    let store = s.store.clone();
-    let ns = namespace.clone();
-    let owners = blocking(move || store.remove_owner(&ns, &actor, &key)).await?;
-    Ok(Json(NamespaceBody { namespace, owners: owners.iter().map(ToString::to_string).collect() }))
+    change_owner(&s, &method, &uri, &headers, namespace, &key, true).await
 }

@@ -394,25 +394,7 @@ impl HubStore {
         }
         // The namespace (first segment) belongs to the first key that published in it.
         let namespace = m.name.segments().next().unwrap_or_default().to_owned();
-        let owners = Self::owners_in(&tx, &namespace)?;
-        let publisher = signature.map(|s| &s.key);
-        match (&owners, publisher) {
-            (Some(owners), Some(p)) if owners.contains(p) => {}
-            (Some(owners), _) => {
-                return Err(HubError::Forbidden(format!(
-                    "namespace {namespace:?} belongs to {}; packages there must be signed by an owner",
-                    owners.iter().map(PublicKey::to_string).collect::<Vec<_>>().join(", ")
-                )));
-            }
-            (None, Some(p)) => {
-                tx.execute(
-                    "INSERT INTO namespaces (namespace, owners) VALUES (?1, ?2)",
-                    params![namespace, serde_json::to_string(&vec![p.to_string()]).unwrap_or_default()],
-                )?;
-                tracing::info!(%namespace, owner = %p, "namespace claimed");
-            }
-            (None, None) => {}
-        }
+        Self::claim_or_check(&tx, &namespace, signature.map(|s| &s.key))?;
         let (signer, sig_text) = match signature {
             Some(s) => (Some(s.key.to_string()), Some(s.sig.to_text())),
             None => (None, None),
@@ -429,25 +411,7 @@ impl HubStore {
             }
             None => {
                 self.blobs.adopt_file(file, &digest)?;
-                let manifest = serde_json::to_string(m).map_err(|e| HubError::Storage(e.to_string()))?;
-                tx.execute(
-                    "INSERT INTO packages (name, version, digest, size, kind, runtime, description, tags, manifest, published_at, signer, signature)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                    params![
-                        name,
-                        version,
-                        digest.to_string(),
-                        size as i64,
-                        m.kind.as_str(),
-                        m.runtime.as_str(),
-                        m.description,
-                        serde_json::to_string(&m.tags).unwrap_or_default(),
-                        manifest,
-                        now_rfc3339(),
-                        signer,
-                        sig_text,
-                    ],
-                )?;
+                Self::insert_package(&tx, m, &digest, size, signer, sig_text, false)?;
                 true
             }
         };
@@ -518,39 +482,18 @@ impl HubStore {
             }
             _ => {}
         }
-        match Self::owners_in(&tx, &namespace)? {
-            Some(owners) if !owners.contains(&signature.key) => {
-                return Err(HubError::Forbidden(format!("namespace {namespace:?} belongs to other keys")));
-            }
-            Some(_) => {}
-            None => {
-                tx.execute(
-                    "INSERT INTO namespaces (namespace, owners) VALUES (?1, ?2)",
-                    params![namespace, serde_json::to_string(&vec![signature.key.to_string()]).unwrap_or_default()],
-                )?;
-            }
-        }
+        Self::claim_or_check(&tx, &namespace, Some(&signature.key))?;
         let created = existing.is_none();
         if created {
             self.blobs.adopt_file(file, &digest)?;
-            let manifest = serde_json::to_string(declared).map_err(|e| HubError::Storage(e.to_string()))?;
-            tx.execute(
-                "INSERT INTO packages (name, version, digest, size, kind, runtime, description, tags, manifest, published_at, signer, signature, private)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 1)",
-                params![
-                    name,
-                    version,
-                    digest.to_string(),
-                    size as i64,
-                    declared.kind.as_str(),
-                    declared.runtime.as_str(),
-                    declared.description,
-                    serde_json::to_string(&declared.tags).unwrap_or_default(),
-                    manifest,
-                    now_rfc3339(),
-                    signature.key.to_string(),
-                    signature.sig.to_text(),
-                ],
+            Self::insert_package(
+                &tx,
+                declared,
+                &digest,
+                size,
+                Some(signature.key.to_string()),
+                Some(signature.sig.to_text()),
+                true,
             )?;
             for r in &recipients {
                 tx.execute(
@@ -665,6 +608,66 @@ impl HubStore {
             bytes_in: bytes_in as u64,
             bytes_out: bytes_out as u64,
         })
+    }
+
+    /// Inserts a package row (inside the caller's transaction).
+    #[allow(clippy::too_many_arguments)]
+    fn insert_package(
+        tx: &rusqlite::Transaction<'_>,
+        m: &Manifest,
+        digest: &Digest,
+        size: u64,
+        signer: Option<String>,
+        signature: Option<String>,
+        private: bool,
+    ) -> Result<(), HubError> {
+        let manifest = serde_json::to_string(m).map_err(|e| HubError::Storage(e.to_string()))?;
+        tx.execute(
+            "INSERT INTO packages (name, version, digest, size, kind, runtime, description, tags, manifest, published_at, signer, signature, private)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            params![
+                m.name.to_string(),
+                m.version.to_string(),
+                digest.to_string(),
+                size as i64,
+                m.kind.as_str(),
+                m.runtime.as_str(),
+                m.description,
+                serde_json::to_string(&m.tags).unwrap_or_default(),
+                manifest,
+                now_rfc3339(),
+                signer,
+                signature,
+                i64::from(private),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Checks a publisher against a namespace's owners, claiming the namespace for it when
+    /// unclaimed (inside the caller's transaction). Unsigned publishing is allowed only in
+    /// unclaimed namespaces, and claims nothing.
+    fn claim_or_check(
+        tx: &rusqlite::Transaction<'_>,
+        namespace: &str,
+        publisher: Option<&PublicKey>,
+    ) -> Result<(), HubError> {
+        match (Self::owners_in(tx, namespace)?, publisher) {
+            (Some(owners), Some(p)) if owners.contains(p) => Ok(()),
+            (Some(owners), _) => Err(HubError::Forbidden(format!(
+                "namespace {namespace:?} belongs to {}; packages there must be signed by an owner",
+                owners.iter().map(PublicKey::to_string).collect::<Vec<_>>().join(", ")
+            ))),
+            (None, Some(p)) => {
+                tx.execute(
+                    "INSERT INTO namespaces (namespace, owners) VALUES (?1, ?2)",
+                    params![namespace, serde_json::to_string(&vec![p.to_string()]).unwrap_or_default()],
+                )?;
+                tracing::info!(%namespace, owner = %p, "namespace claimed");
+                Ok(())
+            }
+            (None, None) => Ok(()),
+        }
     }
 
     /// The hub's own key (the audience of signed requests).
