@@ -60,10 +60,10 @@ pub fn select_participants(
     min: usize,
     seed: u64,
 ) -> Result<Vec<String>, SelectError> {
-    let k = participant_count(available.len(), ratio, min)?;
     let mut pool: Vec<String> = available.to_vec();
     pool.sort();
     pool.dedup();
+    let k = participant_count(pool.len(), ratio, min)?;
     let mut rng = SplitMix64::new(seed);
     for i in 0..k.min(pool.len()) {
         let j = i + rng.below(pool.len() - i);
@@ -93,6 +93,13 @@ mod tests {
         assert!(participant_count(4, 0.0, 1).is_err());
         assert!(participant_count(4, 1.5, 1).is_err());
         assert!(participant_count(4, f64::NAN, 1).is_err());
+    }
+
+    #[test]
+    fn duplicates_count_once() {
+        let mut twice = nodes(4);
+        twice.extend(nodes(4));
+        assert_eq!(select_participants(&twice, 0.5, 1, 3).unwrap().len(), 2);
     }
 
     #[test]

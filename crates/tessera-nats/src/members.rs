@@ -52,7 +52,9 @@ impl Membership for NatsMembership {
 
     async fn members(&self) -> Result<Vec<(String, Bytes)>, WorldError> {
         let mut keys: Vec<String> = self.kv.keys().await.map_err(backend)?.try_collect().await.map_err(backend)?;
+        // A key updated while it is listed (a heartbeat) can come twice.
         keys.sort();
+        keys.dedup();
         let mut out = Vec::new();
         for k in keys {
             if let Some(e) = self.kv.entry(k.as_str()).await.map_err(backend)?

@@ -100,7 +100,9 @@ impl WorldState for NatsWorld {
         let keys = self.globals.keys().await.map_err(backend)?;
         let mut out: Vec<String> =
             keys.try_filter(|k| futures::future::ready(k.starts_with(prefix))).try_collect().await.map_err(backend)?;
+        // A key updated while it is listed can come twice.
         out.sort();
+        out.dedup();
         Ok(out)
     }
 
@@ -124,6 +126,9 @@ impl WorldState for NatsWorld {
             .try_collect()
             .await
             .map_err(backend)?;
+        let mut keys = keys;
+        keys.sort();
+        keys.dedup();
         let mut out = Vec::new();
         for k in keys {
             // `<key>/<node>/<unique>`: exactly two segments after the key.
