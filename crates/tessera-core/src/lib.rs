@@ -18,6 +18,7 @@
 pub mod aggregate;
 pub mod config;
 pub mod digest;
+pub mod manager;
 pub mod manifest;
 pub mod name;
 pub mod registry;
