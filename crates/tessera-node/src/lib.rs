@@ -9,6 +9,7 @@
 //! The node is written against the ports only: the same code runs embedded (in-process
 //! bus, world and blobs) and distributed. It does not know HTTP, SQLite, NATS or wasmtime.
 
+pub mod actors;
 pub mod builtin;
 pub mod cache;
 pub mod context;
@@ -16,6 +17,7 @@ pub mod node;
 pub mod policy;
 pub mod resources;
 
+pub use actors::{ActorError, ActorInfo, ActorSpec, Actors, actor_name};
 pub use builtin::BuiltinRuntime;
 pub use cache::PackageCache;
 pub use node::{Node, NodeConfig, NodeError, NodePorts, Stats, Usage, list_nodes, task_queue};

@@ -183,6 +183,26 @@ impl Node {
         })
     }
 
+    /// The runtime of a kind, if this node offers it.
+    pub fn runtime(&self, kind: RuntimeKind) -> Result<Arc<dyn Runtime>, NodeError> {
+        Ok(self.runtimes.get(&kind).cloned().ok_or(RuntimeError::Unsupported(kind))?)
+    }
+
+    /// The node's datasets.
+    pub fn datasets(&self) -> Arc<BTreeMap<String, PathBuf>> {
+        self.datasets.clone()
+    }
+
+    /// The node's world state.
+    pub fn world(&self) -> Arc<dyn tessera_ports::WorldState> {
+        self.backend.world.clone()
+    }
+
+    /// The node's blob store.
+    pub fn blobs(&self) -> Arc<dyn tessera_ports::BlobStore> {
+        self.backend.blobs.clone()
+    }
+
     /// What the node has done so far.
     pub fn stats(&self) -> &Stats {
         &self.stats
@@ -388,7 +408,7 @@ impl Node {
             resources: self.resources.clone(),
             world: self.backend.world.clone(),
         });
-        Ok(runtime.run(image, Invocation { config: merged, inputs }, ctx).await?)
+        Ok(runtime.run(image, Invocation { config: merged, inputs, timeout: None }, ctx).await?)
     }
 
     /// Executes a task: inputs from the blob store, outputs back to it. Never fails: a

@@ -27,7 +27,9 @@ pub mod world;
 pub use blob::{BlobError, BlobStore, FsBlobStore, MemoryBlobStore};
 pub use bus::{Bus, BusError, Delivery, MemoryBus};
 pub use membership::{Membership, MemoryMembership};
-pub use runtime::{ContextError, Invocation, LogLevel, ModuleImage, Outputs, Runtime, RuntimeError, TaskContext};
+pub use runtime::{
+    ContextError, Instance, Invocation, LogLevel, ModuleImage, Outputs, Runtime, RuntimeError, Stateless, TaskContext,
+};
 pub use source::{PackageSource, SourceError};
 pub use world::{Entry, MemoryWorld, ResultEntry, WorldError, WorldState};
 

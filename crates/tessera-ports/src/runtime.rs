@@ -35,6 +35,9 @@ pub struct Invocation {
     pub config: Value,
     /// Named inputs.
     pub inputs: Vec<(String, Bytes)>,
+    /// A time limit for this run shorter than the runtime's own, if any (a call's
+    /// time-out): the runtime stops the run then.
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// Named outputs of a run.
@@ -127,4 +130,44 @@ pub trait Runtime: Send + Sync + 'static {
         invocation: Invocation,
         ctx: Arc<dyn TaskContext>,
     ) -> Result<Outputs, RuntimeError>;
+    /// Starts a module as a long-lived instance that keeps its state between calls (an
+    /// actor's replica). `None`: this runtime has no such instances, and each call is a
+    /// fresh run.
+    async fn start(
+        &self,
+        _module: &ModuleImage,
+        _ctx: Arc<dyn TaskContext>,
+    ) -> Result<Option<Box<dyn Instance>>, RuntimeError> {
+        Ok(None)
+    }
+}
+
+/// A started module: one replica of an actor. Calls run one at a time.
+#[async_trait]
+pub trait Instance: Send {
+    /// Runs one call.
+    async fn call(&mut self, invocation: Invocation) -> Result<Outputs, RuntimeError>;
+    /// False once the instance cannot take more calls (it crashed or broke a limit): the
+    /// caller starts a new one.
+    fn healthy(&self) -> bool {
+        true
+    }
+}
+
+/// An instance whose every call is a fresh run (for runtimes without long-lived
+/// instances).
+pub struct Stateless {
+    /// The runtime.
+    pub runtime: Arc<dyn Runtime>,
+    /// The module.
+    pub module: ModuleImage,
+    /// What runs see.
+    pub ctx: Arc<dyn TaskContext>,
+}
+
+#[async_trait]
+impl Instance for Stateless {
+    async fn call(&mut self, invocation: Invocation) -> Result<Outputs, RuntimeError> {
+        self.runtime.run(&self.module, invocation, self.ctx.clone()).await
+    }
 }

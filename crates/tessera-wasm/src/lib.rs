@@ -156,39 +156,60 @@ impl WasmRuntime {
             .map_err(|e| RuntimeError::Load(format!("the component does not export the tessera:module world: {e:#}")))
     }
 
-    fn run_blocking(
+    /// A fresh store for one run, or for the lifetime of an instance.
+    fn store(
         &self,
-        pre: &bindings::ModulePre<Host>,
-        invocation: Invocation,
         ctx: &Arc<dyn TaskContext>,
         rt: tokio::runtime::Handle,
-    ) -> Result<Outputs, RuntimeError> {
-        let limits = &self.inner.limits;
-        let stdout = MemoryOutputPipe::new(1 << 20);
+        stdout: Option<&MemoryOutputPipe>,
+    ) -> (Store<Host>, MemoryOutputPipe) {
         let stderr = MemoryOutputPipe::new(1 << 20);
-        let wasi = WasiCtx::builder().stdout(stdout.clone()).stderr(stderr.clone()).build();
+        let mut builder = WasiCtx::builder();
+        match stdout {
+            Some(out) => builder.stdout(out.clone()),
+            None => builder.stdout(wasmtime_wasi::p2::pipe::SinkOutputStream),
+        };
+        let wasi = builder.stderr(stderr.clone()).build();
         let host = Host {
             wasi,
             table: ResourceTable::new(),
-            limiter: MemoryLimiter { max: limits.max_memory, total: 0, hit: false },
+            limiter: MemoryLimiter { max: self.inner.limits.max_memory, total: 0, hit: false },
             ctx: ctx.clone(),
             rt,
         };
         let mut store = Store::new(&self.inner.engine, host);
         store.limiter(|h| &mut h.limiter);
-        let ticks = (limits.max_time.as_millis() / TICK.as_millis()).max(1) as u64;
-        store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
+        (store, stderr)
+    }
 
+    /// One call of `run` on an instantiated module, with the time limit armed.
+    fn invoke(
+        &self,
+        store: &mut Store<Host>,
+        module: &bindings::Module,
+        stderr: &MemoryOutputPipe,
+        invocation: Invocation,
+    ) -> Result<Outputs, RuntimeError> {
+        let limits = &self.inner.limits;
+        let limit = invocation.timeout.map_or(limits.max_time, |t| t.min(limits.max_time));
+        let ticks = (limit.as_millis() / TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
         let config = invocation.config.to_string();
         let inputs: Vec<bindings::Blob> =
             invocation.inputs.into_iter().map(|(name, data)| bindings::Blob { name, data: data.to_vec() }).collect();
-        let result = pre.instantiate(&mut store).and_then(|m| m.call_run(&mut store, &config, &inputs));
+        let result = module.call_run(&mut *store, &config, &inputs);
+        self.outcome(store, stderr, result, limit)
+    }
 
-        let out = String::from_utf8_lossy(&stdout.contents()).into_owned();
-        if !out.trim().is_empty() {
-            ctx.log(LogLevel::Info, out.trim_end());
-        }
+    fn outcome(
+        &self,
+        store: &Store<Host>,
+        stderr: &MemoryOutputPipe,
+        result: wasmtime::Result<Result<Vec<bindings::Blob>, String>>,
+        time_limit: Duration,
+    ) -> Result<Outputs, RuntimeError> {
+        let limits = &self.inner.limits;
         match result {
             Ok(Ok(outputs)) => {
                 let total: u64 = outputs.iter().map(|b| b.data.len() as u64).sum();
@@ -206,7 +227,7 @@ impl WasmRuntime {
                     return Err(RuntimeError::MemoryLimit { limit_bytes: limits.max_memory });
                 }
                 if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-                    return Err(RuntimeError::TimeLimit { limit_ms: limits.max_time.as_millis() as u64 });
+                    return Err(RuntimeError::TimeLimit { limit_ms: time_limit.as_millis() as u64 });
                 }
                 let stderr = String::from_utf8_lossy(&stderr.contents()).into_owned();
                 let tail: String =
@@ -223,9 +244,74 @@ impl WasmRuntime {
         }
     }
 
+    fn run_blocking(
+        &self,
+        pre: &bindings::ModulePre<Host>,
+        invocation: Invocation,
+        ctx: &Arc<dyn TaskContext>,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Outputs, RuntimeError> {
+        let stdout = MemoryOutputPipe::new(1 << 20);
+        let (mut store, stderr) = self.store(ctx, rt, Some(&stdout));
+        store.set_epoch_deadline((self.inner.limits.max_time.as_millis() / TICK.as_millis()).max(1) as u64);
+        let result = match pre.instantiate(&mut store) {
+            Ok(module) => self.invoke(&mut store, &module, &stderr, invocation),
+            Err(e) => self.outcome(&store, &stderr, Err(e), self.inner.limits.max_time),
+        };
+        self.finish(result, &stdout, ctx)
+    }
+
+    fn finish(
+        &self,
+        result: Result<Outputs, RuntimeError>,
+        stdout: &MemoryOutputPipe,
+        ctx: &Arc<dyn TaskContext>,
+    ) -> Result<Outputs, RuntimeError> {
+        let out = String::from_utf8_lossy(&stdout.contents()).into_owned();
+        if !out.trim().is_empty() {
+            ctx.log(LogLevel::Info, out.trim_end());
+        }
+        result
+    }
+
     /// Checks that bytes are a loadable Tessera module component, without running it.
     pub fn validate(&self, wasm: &[u8]) -> Result<(), RuntimeError> {
         self.compile(wasm).map(|_| ())
+    }
+}
+
+/// A module instantiated once, keeping its memory (its state) from call to call: an actor's
+/// replica. A call that traps or breaks a limit poisons it; the actor starts a new one.
+pub struct WasmInstance {
+    runtime: WasmRuntime,
+    state: Option<(Store<Host>, bindings::Module, MemoryOutputPipe)>,
+}
+
+#[async_trait]
+impl tessera_ports::Instance for WasmInstance {
+    async fn call(&mut self, invocation: Invocation) -> Result<Outputs, RuntimeError> {
+        let (mut store, module, stderr) = self
+            .state
+            .take()
+            .ok_or_else(|| RuntimeError::Trap("the instance stopped after an earlier failure".into()))?;
+        let runtime = self.runtime.clone();
+        let (result, back) = tokio::task::spawn_blocking(move || {
+            let result = runtime.invoke(&mut store, &module, &stderr, invocation);
+            // A trap leaves the instance in an unknown state: drop it.
+            let keep = !matches!(
+                result,
+                Err(RuntimeError::Trap(_) | RuntimeError::TimeLimit { .. } | RuntimeError::MemoryLimit { .. })
+            );
+            (result, keep.then_some((store, module, stderr)))
+        })
+        .await
+        .map_err(|e| RuntimeError::Trap(format!("the call's thread failed: {e}")))?;
+        self.state = back;
+        result
+    }
+
+    fn healthy(&self) -> bool {
+        self.state.is_some()
     }
 }
 
@@ -250,6 +336,31 @@ impl Runtime for WasmRuntime {
         })
         .await
         .map_err(|e| RuntimeError::Trap(format!("the run's thread failed: {e}")))?
+    }
+
+    async fn start(
+        &self,
+        module: &ModuleImage,
+        ctx: Arc<dyn TaskContext>,
+    ) -> Result<Option<Box<dyn tessera_ports::Instance>>, RuntimeError> {
+        let this = self.clone();
+        let module = module.clone();
+        let rt = tokio::runtime::Handle::current();
+        let state = tokio::task::spawn_blocking(move || {
+            let pre = this.prepare(&module)?;
+            let (mut store, stderr) = this.store(&ctx, rt, None);
+            store.set_epoch_deadline((this.inner.limits.max_time.as_millis() / TICK.as_millis()).max(1) as u64);
+            match pre.instantiate(&mut store) {
+                Ok(m) => Ok((store, m, stderr)),
+                Err(e) => Err(this
+                    .outcome(&store, &stderr, Err(e), this.inner.limits.max_time)
+                    .err()
+                    .unwrap_or_else(|| RuntimeError::Trap("instantiation failed".into()))),
+            }
+        })
+        .await
+        .map_err(|e| RuntimeError::Trap(format!("the start's thread failed: {e}")))??;
+        Ok(Some(Box::new(WasmInstance { runtime: self.clone(), state: Some(state) })))
     }
 }
 

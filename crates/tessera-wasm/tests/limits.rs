@@ -86,7 +86,7 @@ fn runtime() -> WasmRuntime {
 }
 
 fn call(mode: serde_json::Value) -> Invocation {
-    Invocation { config: mode, inputs: vec![("x".into(), Bytes::from_static(b"payload"))] }
+    Invocation { config: mode, inputs: vec![("x".into(), Bytes::from_static(b"payload"))], timeout: None }
 }
 
 async fn echo_still_works(rt: &WasmRuntime, img: &ModuleImage) {

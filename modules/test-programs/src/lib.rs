@@ -1,5 +1,6 @@
 //! A module whose behaviour the config picks: `echo`, `spin`, `alloc`, `panic`, `fail`,
-//! `context` (uses every import), `big-output`, `work` (busy for `ms`, then adds a result).
+//! `context` (uses every import), `big-output`, `work` (busy for `ms`, then adds a result),
+//! and for actors `count` (a counter kept in memory) with `save_state` / `restore_state`.
 
 wit_bindgen::generate!({ path: "../../wit", world: "module" });
 
@@ -8,9 +9,15 @@ use tessera::module::{local, world_state};
 
 struct Programs;
 
+static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 #[derive(serde::Deserialize)]
 struct Config {
+    /// What to do; actors' calls name it `function`.
+    #[serde(default)]
     mode: String,
+    #[serde(default)]
+    function: Option<String>,
     #[serde(default)]
     bytes: u64,
     #[serde(default)]
@@ -22,7 +29,23 @@ struct Config {
 impl Guest for Programs {
     fn run(config: String, inputs: Vec<Blob>) -> Result<Vec<Blob>, String> {
         let cfg: Config = serde_json::from_str(&config).map_err(|e| e.to_string())?;
-        match cfg.mode.as_str() {
+        let what = cfg.function.clone().unwrap_or_else(|| cfg.mode.clone());
+        match what.as_str() {
+            // State kept in the instance's memory between an actor's calls.
+            "count" => {
+                let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                Ok(vec![Blob { name: "result".into(), data: n.to_string().into_bytes() }])
+            }
+            "save_state" => {
+                let n = COUNTER.load(std::sync::atomic::Ordering::SeqCst);
+                Ok(vec![Blob { name: "state".into(), data: n.to_le_bytes().to_vec() }])
+            }
+            "restore_state" => {
+                let s = inputs.iter().find(|b| b.name == "state").ok_or("no state input")?;
+                let n = u64::from_le_bytes(s.data.as_slice().try_into().map_err(|_| "bad state")?);
+                COUNTER.store(n, std::sync::atomic::Ordering::SeqCst);
+                Ok(vec![])
+            }
             "echo" => Ok(inputs),
             "spin" => {
                 let mut x: u64 = 0;

@@ -1,0 +1,424 @@
+//! Actors: modules launched once and kept running, answering calls.
+//!
+//! An actor is named `<path>` or `<path>-<tag>` (`model.transformer-1`) and has one or more
+//! replicas (a pool). Launching is get-or-create: launching a name that runs gives the
+//! running actor. A call goes to the least busy replica and runs there alone; a replica
+//! that crashed, broke a limit or timed out is replaced at the next call. A module with
+//! state hooks (functions `save_state`, giving a `state` output, and `restore_state`,
+//! taking it) has its state saved after every call and restored into a new replica, so it
+//! comes back after a crash or a relaunch.
+//!
+//! The node's capacity is shared by reservations (each actor reserves its manifest's
+//! `needs` per replica); an actor that does not fit evicts others by priority then age
+//! (FIFO), or is refused with the reason ([`tessera_core::manager`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tessera_core::config::deep_merge;
+use tessera_core::manager::{Admission, Running, admit};
+use tessera_core::manifest::Needs;
+use tessera_core::name::check_ident;
+use tessera_core::wire::Resources;
+use tessera_core::{Digest, ModulePath};
+use tessera_ports::{Instance, Invocation, ModuleImage, Outputs, RuntimeError, Stateless};
+
+use crate::context::NodeContext;
+use crate::node::{Node, NodeError};
+
+/// Why an actor operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ActorError {
+    /// No actor of that name.
+    #[error("no actor named {0:?} (tessera actors lists them)")]
+    NotFound(String),
+    /// The node has no room, even after evicting what it may.
+    #[error("cannot launch {name}: {why}")]
+    NoRoom {
+        /// The actor.
+        name: String,
+        /// Why.
+        why: String,
+    },
+    /// The call took longer than its time-out (the replica is replaced).
+    #[error("the call to {name}.{function} timed out after {ms} ms")]
+    Timeout {
+        /// The actor.
+        name: String,
+        /// The function.
+        function: String,
+        /// The time-out.
+        ms: u64,
+    },
+    /// The request is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The module failed, crashed or broke a limit.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The node failed (package, blobs, world state).
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+/// What to launch.
+#[derive(Clone, Debug)]
+pub struct ActorSpec {
+    /// The package.
+    pub module: Digest,
+    /// The tag (`1` in `model.transformer-1`); none: the actor is named by its path.
+    pub tag: Option<String>,
+    /// Replicas in the pool.
+    pub replicas: usize,
+    /// Config merged over the module's default.
+    pub config: Value,
+    /// Higher stays longer when the node is full.
+    pub priority: i32,
+}
+
+/// An actor, as listed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ActorInfo {
+    /// `path` or `path-tag`.
+    pub name: String,
+    /// `name@version` of its module.
+    pub module: String,
+    /// The package digest.
+    pub digest: Digest,
+    /// Replicas in the pool.
+    pub replicas: usize,
+    /// Its priority.
+    pub priority: i32,
+    /// What it reserves, in all.
+    pub reserved: Resources,
+    /// Calls answered.
+    pub calls: u64,
+    /// Calls running now.
+    pub busy: usize,
+    /// True when its module has state hooks.
+    pub stateful: bool,
+}
+
+struct Replica {
+    slot: tokio::sync::Mutex<Option<Box<dyn Instance>>>,
+    busy: AtomicUsize,
+}
+
+struct Actor {
+    name: String,
+    image: ModuleImage,
+    config: Value,
+    priority: i32,
+    launched: u64,
+    replicas: Vec<Replica>,
+    calls: AtomicU64,
+    /// `None` until known.
+    stateful: std::sync::Mutex<Option<bool>>,
+}
+
+impl Actor {
+    fn reserved(&self) -> Needs {
+        let n = &self.image.manifest.needs;
+        let r = self.replicas.len() as u64;
+        Needs {
+            cpu: n.cpu * r as f64,
+            memory: tessera_core::ByteSize(n.memory.0 * r),
+            gpu: n.gpu * r as u32,
+            storage: tessera_core::ByteSize(n.storage.0 * r),
+            libraries: Vec::new(),
+        }
+    }
+
+    fn info(&self) -> ActorInfo {
+        let n = self.reserved();
+        ActorInfo {
+            name: self.name.clone(),
+            module: format!("{}@{}", self.image.manifest.name, self.image.manifest.version),
+            digest: self.image.digest,
+            replicas: self.replicas.len(),
+            priority: self.priority,
+            reserved: Resources { cpu: n.cpu, memory: n.memory, gpu: n.gpu, disk: n.storage },
+            calls: self.calls.load(Ordering::Relaxed),
+            busy: self.replicas.iter().map(|r| r.busy.load(Ordering::Relaxed)).sum(),
+            stateful: self.stateful.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or(false),
+        }
+    }
+}
+
+/// The actors of one node.
+pub struct Actors {
+    node: Arc<Node>,
+    capacity: Resources,
+    actors: tokio::sync::Mutex<BTreeMap<String, Arc<Actor>>>,
+    seq: AtomicU64,
+}
+
+/// The name of an actor of `path` with `tag`.
+pub fn actor_name(path: &ModulePath, tag: Option<&str>) -> String {
+    match tag {
+        Some(t) => format!("{path}-{t}"),
+        None => path.to_string(),
+    }
+}
+
+impl Actors {
+    /// The actors of `node`, sharing `capacity` (the node's resources by default).
+    pub fn new(node: Arc<Node>, capacity: Option<Resources>) -> Self {
+        let capacity = capacity.unwrap_or_else(|| node.record().resources);
+        Actors { node, capacity, actors: tokio::sync::Mutex::new(BTreeMap::new()), seq: AtomicU64::new(0) }
+    }
+
+    /// The node's capacity for actors.
+    pub fn capacity(&self) -> &Resources {
+        &self.capacity
+    }
+
+    /// Launches an actor, or gives the running one of that name.
+    pub async fn launch(&self, spec: ActorSpec) -> Result<ActorInfo, ActorError> {
+        if spec.replicas == 0 || spec.replicas > 64 {
+            return Err(ActorError::Invalid("replicas must be between 1 and 64".into()));
+        }
+        if let Some(t) = &spec.tag {
+            check_ident("actor tag", t).map_err(|e| ActorError::Invalid(e.to_string()))?;
+        }
+        if !spec.config.is_object() && !spec.config.is_null() {
+            return Err(ActorError::Invalid("the actor's config must be a mapping".into()));
+        }
+        let image = self.node.module(&spec.module).await?;
+        let name = actor_name(&image.manifest.name, spec.tag.as_deref());
+        // One lock around look-up and creation: two launches of a name make one actor.
+        let mut actors = self.actors.lock().await;
+        if let Some(a) = actors.get(&name) {
+            return Ok(a.info());
+        }
+        let n = &image.manifest.needs;
+        let r = spec.replicas as u64;
+        let needs = Needs {
+            cpu: n.cpu * r as f64,
+            memory: tessera_core::ByteSize(n.memory.0 * r),
+            gpu: n.gpu * r as u32,
+            storage: tessera_core::ByteSize(n.storage.0 * r),
+            libraries: Vec::new(),
+        };
+        let running: Vec<Running> = actors
+            .values()
+            .map(|a| Running { name: a.name.clone(), needs: a.reserved(), priority: a.priority, launched: a.launched })
+            .collect();
+        match admit(&self.capacity, &running, &needs, spec.priority) {
+            Admission::Fits => {}
+            Admission::Evict(victims) => {
+                for v in victims {
+                    if let Some(a) = actors.remove(&v) {
+                        tracing::info!(actor = %v, "evicted to make room for {name}");
+                        self.save_all(&a).await;
+                    }
+                }
+            }
+            Admission::Refuse(why) => return Err(ActorError::NoRoom { name, why }),
+        }
+        let mut config = image.manifest.config.clone();
+        deep_merge(&mut config, &if spec.config.is_null() { json!({}) } else { spec.config.clone() });
+        let actor = Arc::new(Actor {
+            name: name.clone(),
+            image,
+            config,
+            priority: spec.priority,
+            launched: self.seq.fetch_add(1, Ordering::Relaxed),
+            replicas: (0..spec.replicas)
+                .map(|_| Replica { slot: tokio::sync::Mutex::new(None), busy: AtomicUsize::new(0) })
+                .collect(),
+            calls: AtomicU64::new(0),
+            stateful: std::sync::Mutex::new(None),
+        });
+        // Start the replicas now, so a broken module fails its launch.
+        for r in &actor.replicas {
+            let inst = self.start(&actor).await?;
+            *r.slot.lock().await = Some(inst);
+        }
+        actors.insert(name, actor.clone());
+        Ok(actor.info())
+    }
+
+    async fn start(&self, actor: &Actor) -> Result<Box<dyn Instance>, ActorError> {
+        let ctx = Arc::new(NodeContext {
+            node: self.node.id().to_owned(),
+            session: format!("actor-{}", actor.name.replace('.', "_")),
+            task: actor.name.clone(),
+            datasets: self.node.datasets(),
+            resources: self.node.record().resources,
+            world: self.node.world(),
+        });
+        let runtime = self.node.runtime(actor.image.manifest.runtime)?;
+        let mut inst: Box<dyn Instance> = match runtime.start(&actor.image, ctx.clone()).await? {
+            Some(i) => i,
+            None => Box::new(Stateless { runtime, module: actor.image.clone(), ctx }),
+        };
+        // Bring back saved state when the module keeps some.
+        if let Some(state) = self.saved_state(actor).await? {
+            let inv = Invocation {
+                config: with_call(&actor.config, "restore_state", &json!([]), &json!({})),
+                inputs: vec![("state".into(), state)],
+                timeout: None,
+            };
+            inst.call(inv).await?;
+            tracing::info!(actor = %actor.name, "state restored");
+        }
+        Ok(inst)
+    }
+
+    fn state_key(&self, actor: &Actor) -> String {
+        format!("actors/{}/{}/state", self.node.id(), actor.name)
+    }
+
+    async fn saved_state(&self, actor: &Actor) -> Result<Option<Bytes>, ActorError> {
+        let Some(e) = self.node.world().get(&self.state_key(actor)).await.map_err(NodeError::from)? else {
+            return Ok(None);
+        };
+        let digest: Digest = std::str::from_utf8(&e.value)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ActorError::Invalid("stored state reference is corrupt".into()))?;
+        Ok(self.node.blobs().get(&digest).await.map_err(NodeError::from)?)
+    }
+
+    /// Saves a replica's state when its module has hooks (after every call, so a crash
+    /// loses nothing).
+    async fn save(&self, actor: &Actor, inst: &mut Box<dyn Instance>) {
+        if *actor.stateful.lock().unwrap_or_else(|p| p.into_inner()) == Some(false) {
+            return;
+        }
+        let inv = Invocation {
+            config: with_call(&actor.config, "save_state", &json!([]), &json!({})),
+            inputs: vec![],
+            timeout: None,
+        };
+        match inst.call(inv).await {
+            Ok(out) => {
+                *actor.stateful.lock().unwrap_or_else(|p| p.into_inner()) = Some(true);
+                if let Some((_, state)) = out.into_iter().find(|(n, _)| n == "state") {
+                    match self.node.blobs().put(state).await {
+                        Ok(d) => {
+                            if let Err(e) =
+                                self.node.world().put(&self.state_key(actor), Bytes::from(d.to_string())).await
+                            {
+                                tracing::warn!(actor = %actor.name, "cannot save state: {e}");
+                            }
+                        }
+                        Err(e) => tracing::warn!(actor = %actor.name, "cannot save state: {e}"),
+                    }
+                }
+            }
+            Err(RuntimeError::Module(_)) => {
+                *actor.stateful.lock().unwrap_or_else(|p| p.into_inner()) = Some(false);
+            }
+            Err(e) => tracing::warn!(actor = %actor.name, "save_state failed: {e}"),
+        }
+    }
+
+    async fn save_all(&self, actor: &Actor) {
+        for r in &actor.replicas {
+            let mut slot = r.slot.lock().await;
+            if let Some(inst) = slot.as_mut()
+                && inst.healthy()
+            {
+                self.save(actor, inst).await;
+            }
+        }
+    }
+
+    /// Calls `function` on an actor with positional and keyword arguments (JSON) and
+    /// named input blobs; returns its named outputs (`result` by convention).
+    pub async fn call(
+        &self,
+        name: &str,
+        function: &str,
+        args: &Value,
+        kwargs: &Value,
+        inputs: Vec<(String, Bytes)>,
+        timeout: Duration,
+    ) -> Result<Outputs, ActorError> {
+        check_ident("function name", function).map_err(|e| ActorError::Invalid(e.to_string()))?;
+        if !args.is_array() || !kwargs.is_object() {
+            return Err(ActorError::Invalid("args must be a list and kwargs a mapping".into()));
+        }
+        let actor = self.actors.lock().await.get(name).cloned().ok_or_else(|| ActorError::NotFound(name.to_owned()))?;
+        // The least busy replica.
+        let replica =
+            actor.replicas.iter().min_by_key(|r| r.busy.load(Ordering::Relaxed)).expect("at least one replica");
+        replica.busy.fetch_add(1, Ordering::Relaxed);
+        let result = self.call_replica(&actor, replica, function, args, kwargs, inputs, timeout).await;
+        replica.busy.fetch_sub(1, Ordering::Relaxed);
+        actor.calls.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn call_replica(
+        &self,
+        actor: &Actor,
+        replica: &Replica,
+        function: &str,
+        args: &Value,
+        kwargs: &Value,
+        inputs: Vec<(String, Bytes)>,
+        timeout: Duration,
+    ) -> Result<Outputs, ActorError> {
+        let mut slot = replica.slot.lock().await;
+        if !slot.as_ref().is_some_and(|i| i.healthy()) {
+            tracing::info!(actor = %actor.name, "starting a replica");
+            *slot = Some(self.start(actor).await?);
+        }
+        let inst = slot.as_mut().expect("started above");
+        let inv =
+            Invocation { config: with_call(&actor.config, function, args, kwargs), inputs, timeout: Some(timeout) };
+        let timed_out = || ActorError::Timeout {
+            name: actor.name.clone(),
+            function: function.to_owned(),
+            ms: timeout.as_millis() as u64,
+        };
+        // The runtime stops the call at its time-out; the grace covers runtimes that cannot.
+        let out = match tokio::time::timeout(timeout + Duration::from_secs(2), inst.call(inv)).await {
+            Ok(Err(RuntimeError::TimeLimit { limit_ms })) if limit_ms == timeout.as_millis() as u64 => {
+                return Err(timed_out());
+            }
+            Ok(r) => r?,
+            Err(_) => {
+                // The instance may be mid-call: replace it at the next call.
+                *slot = None;
+                return Err(ActorError::Timeout {
+                    name: actor.name.clone(),
+                    function: function.to_owned(),
+                    ms: timeout.as_millis() as u64,
+                });
+            }
+        };
+        if !matches!(function, "save_state" | "restore_state") {
+            self.save(actor, inst).await;
+        }
+        Ok(out)
+    }
+
+    /// Stops an actor (saving its state first when it has hooks).
+    pub async fn kill(&self, name: &str) -> Result<ActorInfo, ActorError> {
+        let actor = self.actors.lock().await.remove(name).ok_or_else(|| ActorError::NotFound(name.to_owned()))?;
+        self.save_all(&actor).await;
+        Ok(actor.info())
+    }
+
+    /// The running actors.
+    pub async fn list(&self) -> Vec<ActorInfo> {
+        self.actors.lock().await.values().map(|a| a.info()).collect()
+    }
+}
+
+/// The config of a call: the actor's config with `function`, `args` and `kwargs`.
+fn with_call(config: &Value, function: &str, args: &Value, kwargs: &Value) -> Value {
+    let mut c = config.clone();
+    deep_merge(&mut c, &json!({"function": function, "args": args, "kwargs": kwargs}));
+    c
+}
