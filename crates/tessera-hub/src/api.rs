@@ -172,6 +172,25 @@ fn private_manifest(headers: &HeaderMap) -> ApiResult<tessera_core::Manifest> {
         .map_err(|e| ApiError(HubError::BadRequest(format!("declared manifest: {e}"))))
 }
 
+/// Authenticates a request, then runs `f` on the store once the signer may change things
+/// under `name`'s namespace.
+async fn as_owner<T: Send + 'static>(
+    s: &AppState,
+    request: (&Method, &Uri, &HeaderMap),
+    body: &Digest,
+    name: String,
+    f: impl FnOnce(&HubStore) -> Result<T, HubError> + Send + 'static,
+) -> ApiResult<T> {
+    let (method, uri, headers) = request;
+    let actor = authenticate(s, method, uri, headers, body)?;
+    let store = s.store.clone();
+    blocking(move || {
+        store.authorize(&name, actor.as_ref())?;
+        f(&store)
+    })
+    .await
+}
+
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
     serde_json::from_slice(body).map_err(|e| ApiError(HubError::BadRequest(format!("invalid JSON body: {e}"))))
 }
@@ -450,15 +469,8 @@ async fn delete_package(
     headers: HeaderMap,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Json<PackageRecord>> {
-    let actor = authenticate(&s, &method, &uri, &headers, &Digest::of(b""))?;
-    let store = s.store.clone();
-    Ok(Json(
-        blocking(move || {
-            store.authorize(&name, actor.as_ref())?;
-            store.delete(&name, &version)
-        })
-        .await?,
-    ))
+    let n = name.clone();
+    Ok(Json(as_owner(&s, (&method, &uri, &headers), &Digest::of(b""), n, move |st| st.delete(&name, &version)).await?))
 }
 
 async fn stream_file(path: std::path::PathBuf, digest: &Digest, filename: Option<String>) -> ApiResult<Response> {
@@ -536,15 +548,12 @@ async fn set_alias(
     Path((name, alias)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult<Json<PackageRecord>> {
-    let actor = authenticate(&s, &method, &uri, &headers, &Digest::of(&body))?;
+    let digest = Digest::of(&body);
     let body: AliasBody = parse_json(&body)?;
-    let store = s.store.clone();
+    let n = name.clone();
     Ok(Json(
-        blocking(move || {
-            store.authorize(&name, actor.as_ref())?;
-            store.set_alias(&name, &alias, &body.version)
-        })
-        .await?,
+        as_owner(&s, (&method, &uri, &headers), &digest, n, move |st| st.set_alias(&name, &alias, &body.version))
+            .await?,
     ))
 }
 
@@ -745,12 +754,11 @@ async fn create_model(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
-    let actor = authenticate(&s, &method, &uri, &headers, &Digest::of(&body))?;
+    let digest = Digest::of(&body);
     let body: CreateModel = parse_json(&body)?;
-    let store = s.store.clone();
-    let m = blocking(move || {
-        store.authorize(&body.name, actor.as_ref())?;
-        store.create_model(&body.name, &body.version, &body.metadata, body.lineage.as_ref())
+    let name = body.name.clone();
+    let m = as_owner(&s, (&method, &uri, &headers), &digest, name, move |st| {
+        st.create_model(&body.name, &body.version, &body.metadata, body.lineage.as_ref())
     })
     .await?;
     Ok((StatusCode::CREATED, Json(m)))
@@ -842,14 +850,10 @@ async fn delete_model(
     headers: HeaderMap,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Json<ModelRecord>> {
-    let actor = authenticate(&s, &method, &uri, &headers, &Digest::of(b""))?;
-    let store = s.store.clone();
+    let n = name.clone();
     Ok(Json(
-        blocking(move || {
-            store.authorize(&name, actor.as_ref())?;
-            store.delete_model(&name, &version)
-        })
-        .await?,
+        as_owner(&s, (&method, &uri, &headers), &Digest::of(b""), n, move |st| st.delete_model(&name, &version))
+            .await?,
     ))
 }
 
@@ -878,13 +882,12 @@ async fn update_model_meta(
     Path((name, version)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult<Json<ModelRecord>> {
-    let actor = authenticate(&s, &method, &uri, &headers, &Digest::of(&body))?;
+    let digest = Digest::of(&body);
     let body: ModelMeta = parse_json(&body)?;
-    let store = s.store.clone();
+    let n = name.clone();
     Ok(Json(
-        blocking(move || {
-            store.authorize(&name, actor.as_ref())?;
-            store.update_model_meta(&name, &version, &body.metadata, body.lineage.as_ref())
+        as_owner(&s, (&method, &uri, &headers), &digest, n, move |st| {
+            st.update_model_meta(&name, &version, &body.metadata, body.lineage.as_ref())
         })
         .await?,
     ))
