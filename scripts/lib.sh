@@ -28,3 +28,45 @@ ensure_nats_server() {
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
+
+# A Python virtual environment in target/venv with numpy, scikit-learn and the Tessera
+# Python SDK (./sdk/python), for the python runtime's tests and examples; exports
+# TESSERA_PYTHON (its interpreter). Installs only what is missing.
+ensure_python_venv() {
+    local root venv py
+    root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    venv="$root/target/venv"
+    py="$venv/bin/python"
+    if [ ! -x "$py" ]; then
+        echo "creating the Python virtual environment $venv" >&2
+        mkdir -p "$root/target"
+        python3 -m venv "$venv" || {
+            echo "error: python3 -m venv failed (on Debian: apt-get install python3-venv)" >&2
+            return 1
+        }
+    fi
+    if ! "$py" -c 'import numpy, sklearn' >/dev/null 2>&1; then
+        echo "installing numpy and scikit-learn into $venv" >&2
+        "$py" -m pip install -q --disable-pip-version-check numpy scikit-learn || {
+            echo "error: could not install numpy and scikit-learn from PyPI into $venv" >&2
+            return 1
+        }
+    fi
+    # The SDK is reinstalled when it is missing or differs from ./sdk/python.
+    if ! "$py" -c 'import sys, tessera, filecmp, os
+d = os.path.dirname(tessera.__file__); s = os.path.join(sys.argv[1], "tessera")
+names = sorted(n for n in os.listdir(s) if n.endswith(".py"))
+m, bad, err = filecmp.cmpfiles(s, d, names, shallow=False)
+sys.exit(1 if bad or err else 0)' "$root/sdk/python" >/dev/null 2>&1; then
+        echo "installing the Tessera Python SDK (sdk/python) into $venv" >&2
+        "$py" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "$root/sdk/python" || {
+            echo "error: could not install $root/sdk/python into $venv" >&2
+            return 1
+        }
+    fi
+    "$py" -c 'import sklearn, numpy, tessera' || {
+        echo "error: $py cannot import sklearn, numpy and tessera" >&2
+        return 1
+    }
+    export TESSERA_PYTHON="$py"
+}

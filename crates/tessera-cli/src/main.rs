@@ -1,6 +1,7 @@
 //! `tessera`: one binary for the whole platform. It parses arguments, picks the embedded
 //! or remote parts, and reports errors; the work lives in the library crates.
 
+mod actors;
 mod dataset;
 mod hub;
 mod key;
@@ -77,6 +78,39 @@ enum Command {
         #[command(flatten)]
         hub: HubArg,
     },
+    /// Launch a module as a named, long-lived actor on a node (get-or-create: launching a
+    /// name that runs gives the running actor).
+    Launch(actors::LaunchArgs),
+    /// List the actors of the cluster with what they reserve and how busy they are.
+    Actors {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        endpoint: actors::EndpointArg,
+    },
+    /// Stop an actor (its state is saved first when it has state hooks).
+    Kill {
+        /// The actor's name.
+        name: String,
+        #[command(flatten)]
+        endpoint: actors::EndpointArg,
+    },
+    /// Call a function of an actor and print its result.
+    Call(actors::CallArgs),
+    /// Cancel a running call by the id it was given (`tessera call --id`).
+    Cancel {
+        /// The call's id.
+        id: String,
+        #[command(flatten)]
+        endpoint: actors::EndpointArg,
+    },
+    /// Put, get and count messages of a node's queues (bounded: a full queue refuses puts).
+    #[command(subcommand)]
+    Queue(actors::QueueCommand),
+    /// Run pipelines: modules wired through their queues (fan-in, broadcast, ensembles).
+    #[command(subcommand)]
+    Pipeline(actors::PipelineCommand),
     /// Show what this machine offers as a node (CPU, memory, GPUs, disk, runtimes).
     NodeInfo {
         /// Directory whose disk is measured.
@@ -124,6 +158,13 @@ fn main() -> std::process::ExitCode {
             Command::Usage { nats, hub } => usage(nats, &hub).await,
             Command::Namespace(c) => namespace(c).await,
             Command::NodeInfo { dir } => node_info(&dir),
+            Command::Launch(a) => actors::launch(a).await,
+            Command::Actors { json, endpoint } => actors::list(endpoint, json).await,
+            Command::Kill { name, endpoint } => actors::kill(name, endpoint).await,
+            Command::Call(a) => actors::call(a).await,
+            Command::Cancel { id, endpoint } => actors::cancel(id, endpoint).await,
+            Command::Queue(c) => actors::queue(c).await,
+            Command::Pipeline(c) => actors::pipeline(c).await,
         }
     });
     match result {
@@ -141,7 +182,7 @@ fn node_info(dir: &std::path::Path) -> anyhow::Result<()> {
     println!("memory:   {}", r.memory);
     println!("gpu:      {}", r.gpu);
     println!("disk:     {} free at {}", r.disk, dir.display());
-    println!("runtimes: wasm, builtin");
+    println!("runtimes: wasm, builtin, python ($TESSERA_PYTHON or python3), process");
     Ok(())
 }
 

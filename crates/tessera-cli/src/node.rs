@@ -38,6 +38,33 @@ pub struct RunArgs {
     /// Run any package for anyone, signed or not (a node on a trusted network only).
     #[arg(long)]
     open: bool,
+    /// Serve the node's gateway (actors, calls, queues) on this address, e.g. 127.0.0.1:7710.
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<std::net::SocketAddr>,
+    /// The gateway address other nodes and clients use (default: http://<--listen>).
+    #[arg(long, value_name = "URL", requires = "listen")]
+    advertise: Option<String>,
+    /// Run on one machine without NATS: queues, world state and blobs in this process.
+    #[arg(long, conflicts_with = "nats")]
+    embedded: bool,
+    /// A call to an actor that is not running does not launch it.
+    #[arg(long)]
+    no_spawn: bool,
+    /// The bound of each queue behind the gateway.
+    #[arg(long, default_value_t = 1024)]
+    queue_capacity: u64,
+    /// CPU cores actors may reserve (default: detected).
+    #[arg(long)]
+    cpu: Option<f64>,
+    /// Memory actors may reserve (default: detected).
+    #[arg(long)]
+    memory: Option<tessera_core::ByteSize>,
+    /// GPUs actors may reserve (default: detected).
+    #[arg(long)]
+    gpu: Option<u32>,
+    /// Disk actors may reserve (default: detected).
+    #[arg(long)]
+    disk: Option<tessera_core::ByteSize>,
     #[command(flatten)]
     nats: NatsArg,
     #[command(flatten)]
@@ -73,21 +100,21 @@ pub fn datasets(items: &[String]) -> anyhow::Result<BTreeMap<String, PathBuf>> {
     Ok(crate::name_file_pairs(items, "dataset")?.into_iter().collect())
 }
 
-/// A node over the given ports with both runtimes.
-pub fn build_node(
-    id: &str,
-    datasets: BTreeMap<String, PathBuf>,
-    cache: PathBuf,
-    ports: NodePorts,
-    limits: WasmLimits,
-    policy: NodePolicy,
-    identity: Option<Arc<KeyPair>>,
-) -> anyhow::Result<Node> {
-    let mut cfg = NodeConfig::new(id, cache);
-    cfg.datasets = datasets;
-    cfg.policy = policy;
-    cfg.identity = identity;
-    let runtimes: Vec<Arc<dyn Runtime>> = vec![Arc::new(WasmRuntime::new(limits)?), Arc::new(BuiltinRuntime::new())];
+/// A node over the given ports with every runtime: WebAssembly, builtin, Python (with
+/// `$TESSERA_PYTHON`, else `python3`) and process.
+pub fn build_node(cfg: NodeConfig, ports: NodePorts, limits: WasmLimits) -> anyhow::Result<Node> {
+    let process_limits = tessera_process::ProcessLimits {
+        max_time: limits.max_time,
+        max_output_bytes: limits.max_output_bytes,
+        ..tessera_process::ProcessLimits::default()
+    };
+    let python = tessera_process::ProcessRuntime::python_default(&cfg.cache_dir, process_limits.clone())?;
+    let runtimes: Vec<Arc<dyn Runtime>> = vec![
+        Arc::new(WasmRuntime::new(limits)?),
+        Arc::new(BuiltinRuntime::new()),
+        Arc::new(python),
+        Arc::new(tessera_process::ProcessRuntime::process(process_limits)),
+    ];
     Ok(Node::new(cfg, ports, runtimes)?)
 }
 
@@ -106,15 +133,32 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let id = args.id.unwrap_or_else(host_id);
     let identity = node_identity(&id)?;
     let cache = args.cache.unwrap_or_else(|| crate::tessera_home().join("nodes").join(&id).join("cache"));
-    let backend = args.nats.backend().await?;
+    let backend = if args.embedded {
+        tessera_ports::Backend::in_process(Duration::from_secs_f64(args.nats.member_ttl.max(1.0)))
+    } else {
+        args.nats.backend().await?
+    };
     let ports = NodePorts { backend, source: Arc::new(args.hub.client()?.with_signer(identity.clone())) };
     let limits = WasmLimits {
         max_memory: args.wasm_memory.0,
         max_time: Duration::from_secs_f64(args.wasm_timeout),
         ..WasmLimits::default()
     };
-    let node =
-        Arc::new(build_node(&id, datasets(&args.dataset)?, cache, ports, limits, policy, Some(identity.clone()))?);
+    let listener = match args.listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?),
+        None => None,
+    };
+    let endpoint = match (&listener, &args.advertise) {
+        (_, Some(url)) => Some(url.trim_end_matches('/').to_owned()),
+        (Some(l), None) => Some(format!("http://{}", l.local_addr()?)),
+        (None, None) => None,
+    };
+    let mut cfg = NodeConfig::new(&id, cache);
+    cfg.datasets = datasets(&args.dataset)?;
+    cfg.policy = policy;
+    cfg.identity = Some(identity.clone());
+    cfg.endpoint = endpoint.clone();
+    let node = Arc::new(build_node(cfg, ports, limits)?);
     let record = node.record();
     eprintln!(
         "node key: {}; {}",
@@ -127,7 +171,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         record.resources.cpu,
         record.resources.memory,
         record.task_queue,
-        args.nats.nats,
+        if args.embedded { "this process (embedded)" } else { args.nats.nats.as_str() },
         args.hub.hub
     );
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -135,6 +179,32 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         crate::shutdown_signal().await;
         let _ = tx.send(true);
     });
+    if let (Some(listener), Some(endpoint)) = (listener, endpoint) {
+        let detected = node.record().resources;
+        let capacity = tessera_core::wire::Resources {
+            cpu: args.cpu.unwrap_or(detected.cpu),
+            memory: args.memory.unwrap_or(detected.memory),
+            gpu: args.gpu.unwrap_or(detected.gpu),
+            disk: args.disk.unwrap_or(detected.disk),
+        };
+        let actors = Arc::new(tessera_node::Actors::new(node.clone(), Some(capacity)));
+        let config = tessera_gateway::GatewayConfig {
+            spawn_on_call: !args.no_spawn,
+            queue_capacity: args.queue_capacity,
+            ..Default::default()
+        };
+        let app = tessera_gateway::app(tessera_gateway::Gateway::new(node.clone(), actors, config));
+        let mut stop = rx.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+                tracing::error!("gateway: {e}");
+            }
+        });
+        eprintln!("gateway: {endpoint} (calls, actors, queues under /api/v1)");
+    }
     node.serve(rx).await.context("serving")?;
     Ok(())
 }

@@ -77,16 +77,11 @@ impl CoordinatorArgs {
         let client = self.hub.client()?.with_signer(key.clone());
         let ports = NodePorts { backend: backend.clone(), source: Arc::new(client.clone()) };
         let cache = self.cache.clone().unwrap_or_else(|| crate::tessera_home().join("coordinator").join("cache"));
-        let local = crate::node::build_node(
-            "coordinator",
-            crate::node::datasets(&self.dataset)?,
-            cache,
-            ports,
-            WasmLimits::default(),
-            tessera_node::NodePolicy::open(),
-            // Private packages sealed for your key open on the coordinator's node.
-            Some(key.clone()),
-        )?;
+        let mut cfg = tessera_node::NodeConfig::new("coordinator", cache);
+        cfg.datasets = crate::node::datasets(&self.dataset)?;
+        // Private packages sealed for your key open on the coordinator's node.
+        cfg.identity = Some(key.clone());
+        let local = crate::node::build_node(cfg, ports, WasmLimits::default())?;
         let coordinator = Coordinator::new(backend, Arc::new(client.clone()), Some(Arc::new(local))).with_identity(key);
         Ok((coordinator, client))
     }

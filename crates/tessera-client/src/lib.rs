@@ -3,7 +3,13 @@
 //! Every download is verified against its digest before it is returned. [`HubClient`] is
 //! also a [`PackageSource`], so a node on another machine pulls packages through it.
 //!
-//! This crate speaks HTTP to a hub; it does not store anything.
+//! [`gateway::GatewayClient`] speaks to a node's gateway (actors, calls, queues), and
+//! [`pipeline::run`] runs a pipeline file through one.
+//!
+//! This crate speaks HTTP to a hub and to nodes; it does not store anything.
+
+pub mod gateway;
+pub mod pipeline;
 
 use std::sync::Arc;
 

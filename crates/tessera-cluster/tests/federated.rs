@@ -122,6 +122,7 @@ async fn register_silent_node(cluster: &Cluster, id: &str) {
         resources: Default::default(),
         task_queue: tessera_node::task_queue(id),
         key: None,
+        endpoint: None,
     };
     cluster.backend.members.announce(id, bytes::Bytes::from(tessera_core::wire::encode(&record))).await.unwrap();
 }

@@ -21,6 +21,7 @@ pub mod digest;
 pub mod manager;
 pub mod manifest;
 pub mod name;
+pub mod pipeline;
 pub mod registry;
 pub mod select;
 pub mod size;

@@ -4,6 +4,8 @@
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
 use serde_json::Value;
 
 use crate::manifest::RuntimeKind;
@@ -166,6 +168,10 @@ pub struct NodeRecord {
     /// The node's public key (`ed25519:…`), the audience of tasks signed for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// Where its HTTP gateway listens (`http://host:port`), when it has one: calls to its
+    /// actors are forwarded there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 /// The metrics a worker reports in its `metrics` output.
@@ -278,6 +284,135 @@ pub struct ModuleUse {
     pub digest: Digest,
     /// Its role (`worker`, `evaluator`).
     pub role: String,
+}
+
+/// An actor, as listed by a node (`GET /api/v1/actors`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ActorInfo {
+    /// `path` or `path-tag`.
+    pub name: String,
+    /// The node it runs on.
+    #[serde(default)]
+    pub node: String,
+    /// `name@version` of its module.
+    pub module: String,
+    /// The package digest.
+    pub digest: Digest,
+    /// Replicas in the pool.
+    pub replicas: usize,
+    /// Its priority.
+    pub priority: i32,
+    /// What it reserves, in all.
+    pub reserved: Resources,
+    /// Calls answered.
+    pub calls: u64,
+    /// Calls running now.
+    pub busy: usize,
+    /// True when its module has state hooks.
+    pub stateful: bool,
+}
+
+/// A call of an actor's function (`POST /api/v1/call`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallRequest {
+    /// The actor's name (`path` or `path-tag`), or a module reference (`path@version`,
+    /// a digest) to call, launching it when needed.
+    pub module: String,
+    /// The function.
+    pub function: String,
+    /// Positional arguments (a JSON list).
+    #[serde(default = "empty_list")]
+    pub args: Value,
+    /// Keyword arguments (a JSON mapping).
+    #[serde(default = "empty_map")]
+    pub kwargs: Value,
+    /// Named binary inputs, base64 (tensors as safetensors).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub inputs: BTreeMap<String, String>,
+    /// Seconds before the call is stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<f64>,
+    /// An id under which the call can be cancelled (`POST /api/v1/calls/<id>/cancel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+impl CallRequest {
+    /// A call of `function` on `module` with positional arguments.
+    pub fn new(module: impl Into<String>, function: impl Into<String>, args: Vec<Value>) -> Self {
+        CallRequest {
+            module: module.into(),
+            function: function.into(),
+            args: Value::Array(args),
+            kwargs: empty_map(),
+            inputs: BTreeMap::new(),
+            timeout: None,
+            id: None,
+        }
+    }
+}
+
+fn empty_list() -> Value {
+    Value::Array(Vec::new())
+}
+fn empty_map() -> Value {
+    Value::Object(Default::default())
+}
+
+/// One output of a call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallOutput {
+    /// Bytes.
+    pub size: u64,
+    /// `json`, `tensor` (safetensors) or `bytes`.
+    pub kind: String,
+    /// The bytes, base64, when small.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline: Option<String>,
+    /// The blob holding them (`GET /api/v1/blobs/<digest>`), when large.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<Digest>,
+}
+
+/// The answer to a call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallResponse {
+    /// The actor that answered.
+    pub actor: String,
+    /// Its node.
+    pub node: String,
+    /// The `result` output when it is JSON and inline; null otherwise.
+    pub result: Value,
+    /// Every output by name.
+    pub outputs: BTreeMap<String, CallOutput>,
+}
+
+/// A launch of an actor (`POST /api/v1/actors`): get-or-create by name.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchRequest {
+    /// `path[@version|@alias]` or a digest.
+    pub module: String,
+    /// The actor is `path-tag`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Replicas in the pool.
+    #[serde(default = "one")]
+    pub replicas: usize,
+    /// Config merged over the module's default.
+    #[serde(default)]
+    pub config: Value,
+    /// Higher stays longer when the node is full.
+    #[serde(default)]
+    pub priority: i32,
+    /// The node to run it on (default: the one asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[cfg(test)]

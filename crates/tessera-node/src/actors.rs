@@ -11,6 +11,13 @@
 //! The node's capacity is shared by reservations (each actor reserves its manifest's
 //! `needs` per replica); an actor that does not fit evicts others by priority then age
 //! (FIFO), or is refused with the reason ([`tessera_core::manager`]).
+//!
+//! Names are cluster-wide: a launch claims `names/<actor>` in world state with a
+//! compare-and-set, so two nodes launching one name make one actor; a name held by a live
+//! node is answered with [`ActorError::Elsewhere`] (the caller forwards there), and a name
+//! whose node has left the membership is taken over. State saved by the hooks is kept
+//! under the actor's name (`actor-state/<actor>`), so an actor relaunched on another node
+//! comes back with it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -64,6 +71,30 @@ pub enum ActorError {
     /// The node failed (package, blobs, world state).
     #[error(transparent)]
     Node(#[from] NodeError),
+    /// The actor runs on another node (calls and kills go there).
+    #[error("{name} runs on node {}", placement.node)]
+    Elsewhere {
+        /// The actor.
+        name: String,
+        /// Where it runs.
+        placement: Placement,
+    },
+}
+
+/// Where an actor runs, recorded cluster-wide under `names/<actor>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Placement {
+    /// The node.
+    pub node: String,
+    /// The node's HTTP gateway, when it has one.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The package.
+    pub digest: Digest,
+}
+
+fn name_key(name: &str) -> String {
+    format!("names/{name}")
 }
 
 /// What to launch.
@@ -81,28 +112,7 @@ pub struct ActorSpec {
     pub priority: i32,
 }
 
-/// An actor, as listed.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ActorInfo {
-    /// `path` or `path-tag`.
-    pub name: String,
-    /// `name@version` of its module.
-    pub module: String,
-    /// The package digest.
-    pub digest: Digest,
-    /// Replicas in the pool.
-    pub replicas: usize,
-    /// Its priority.
-    pub priority: i32,
-    /// What it reserves, in all.
-    pub reserved: Resources,
-    /// Calls answered.
-    pub calls: u64,
-    /// Calls running now.
-    pub busy: usize,
-    /// True when its module has state hooks.
-    pub stateful: bool,
-}
+pub use tessera_core::wire::ActorInfo;
 
 struct Replica {
     slot: tokio::sync::Mutex<Option<Box<dyn Instance>>>,
@@ -134,10 +144,11 @@ impl Actor {
         }
     }
 
-    fn info(&self) -> ActorInfo {
+    fn info(&self, node: &str) -> ActorInfo {
         let n = self.reserved();
         ActorInfo {
             name: self.name.clone(),
+            node: node.to_owned(),
             module: format!("{}@{}", self.image.manifest.name, self.image.manifest.version),
             digest: self.image.digest,
             replicas: self.replicas.len(),
@@ -194,8 +205,25 @@ impl Actors {
         // One lock around look-up and creation: two launches of a name make one actor.
         let mut actors = self.actors.lock().await;
         if let Some(a) = actors.get(&name) {
-            return Ok(a.info());
+            return Ok(a.info(self.node.id()));
         }
+        self.claim(&name, &image.digest).await?;
+        match self.launch_claimed(&mut actors, name.clone(), image, spec).await {
+            Ok(info) => Ok(info),
+            Err(e) => {
+                self.release(&name).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn launch_claimed(
+        &self,
+        actors: &mut BTreeMap<String, Arc<Actor>>,
+        name: String,
+        image: ModuleImage,
+        spec: ActorSpec,
+    ) -> Result<ActorInfo, ActorError> {
         let n = &image.manifest.needs;
         let r = spec.replicas as u64;
         let needs = Needs {
@@ -216,6 +244,7 @@ impl Actors {
                     if let Some(a) = actors.remove(&v) {
                         tracing::info!(actor = %v, "evicted to make room for {name}");
                         self.save_all(&a).await;
+                        self.release(&v).await;
                     }
                 }
             }
@@ -241,7 +270,71 @@ impl Actors {
             *r.slot.lock().await = Some(inst);
         }
         actors.insert(name, actor.clone());
-        Ok(actor.info())
+        Ok(actor.info(self.node.id()))
+    }
+
+    fn placement(&self, digest: &Digest) -> Placement {
+        Placement { node: self.node.id().to_owned(), endpoint: self.node.record().endpoint, digest: *digest }
+    }
+
+    /// Claims `name` for this node in world state, or says who holds it.
+    async fn claim(&self, name: &str, digest: &Digest) -> Result<(), ActorError> {
+        let world = self.node.world();
+        let key = name_key(name);
+        let mine = Bytes::from(serde_json::to_vec(&self.placement(digest)).expect("serializable"));
+        for _ in 0..16 {
+            let expected = match world.get(&key).await.map_err(NodeError::from)? {
+                None => None,
+                Some(e) => match serde_json::from_slice::<Placement>(&e.value) {
+                    Ok(p) if p.node == self.node.id() => Some(e.revision),
+                    Ok(p) if self.is_live(&p.node).await? => {
+                        return Err(ActorError::Elsewhere { name: name.to_owned(), placement: p });
+                    }
+                    Ok(p) => {
+                        tracing::info!(actor = %name, "taking over the name from node {}, which left", p.node);
+                        Some(e.revision)
+                    }
+                    Err(_) => Some(e.revision),
+                },
+            };
+            match world.compare_and_set(&key, mine.clone(), expected).await {
+                Ok(_) => return Ok(()),
+                Err(tessera_ports::WorldError::Conflict { .. }) => continue,
+                Err(e) => return Err(NodeError::from(e).into()),
+            }
+        }
+        Err(ActorError::Invalid(format!("could not claim the name {name}: too much contention")))
+    }
+
+    async fn is_live(&self, node: &str) -> Result<bool, ActorError> {
+        let members = self.node.members().members().await.map_err(NodeError::from)?;
+        Ok(members.iter().any(|(id, _)| id == node))
+    }
+
+    /// Drops this node's claim on `name`.
+    async fn release(&self, name: &str) {
+        let world = self.node.world();
+        let key = name_key(name);
+        if let Ok(Some(e)) = world.get(&key).await
+            && serde_json::from_slice::<Placement>(&e.value).is_ok_and(|p| p.node == self.node.id())
+            && let Err(err) = world.delete(&key).await
+        {
+            tracing::warn!(actor = %name, "cannot release the name: {err}");
+        }
+    }
+
+    /// Where an actor runs: here, on a live node, or nowhere.
+    pub async fn locate(&self, name: &str) -> Result<Option<Placement>, ActorError> {
+        if self.actors.lock().await.contains_key(name) {
+            return Ok(Some(self.placement(&self.actors.lock().await[name].image.digest)));
+        }
+        let Some(e) = self.node.world().get(&name_key(name)).await.map_err(NodeError::from)? else {
+            return Ok(None);
+        };
+        match serde_json::from_slice::<Placement>(&e.value) {
+            Ok(p) if p.node != self.node.id() && self.is_live(&p.node).await? => Ok(Some(p)),
+            _ => Ok(None),
+        }
     }
 
     async fn start(&self, actor: &Actor) -> Result<Box<dyn Instance>, ActorError> {
@@ -272,7 +365,7 @@ impl Actors {
     }
 
     fn state_key(&self, actor: &Actor) -> String {
-        format!("actors/{}/{}/state", self.node.id(), actor.name)
+        format!("actor-state/{}", actor.name)
     }
 
     async fn saved_state(&self, actor: &Actor) -> Result<Option<Bytes>, ActorError> {
@@ -369,11 +462,15 @@ impl Actors {
         timeout: Duration,
     ) -> Result<Outputs, ActorError> {
         let mut slot = replica.slot.lock().await;
-        if !slot.as_ref().is_some_and(|i| i.healthy()) {
-            tracing::info!(actor = %actor.name, "starting a replica");
-            *slot = Some(self.start(actor).await?);
-        }
-        let inst = slot.as_mut().expect("started above");
+        // The instance is out of its slot while it runs: a call abandoned half-way (its
+        // caller went away) drops it, and the next call starts a fresh replica.
+        let mut inst = match slot.take() {
+            Some(i) if i.healthy() => i,
+            _ => {
+                tracing::info!(actor = %actor.name, "starting a replica");
+                self.start(actor).await?
+            }
+        };
         let inv =
             Invocation { config: with_call(&actor.config, function, args, kwargs), inputs, timeout: Some(timeout) };
         let timed_out = || ActorError::Timeout {
@@ -382,24 +479,38 @@ impl Actors {
             ms: timeout.as_millis() as u64,
         };
         // The runtime stops the call at its time-out; the grace covers runtimes that cannot.
-        let out = match tokio::time::timeout(timeout + Duration::from_secs(2), inst.call(inv)).await {
+        let mut out = tokio::time::timeout(timeout + Duration::from_secs(2), inst.call(inv.clone())).await;
+        if let Ok(Err(RuntimeError::Gone(why))) = &out {
+            // Stopped before the call reached it (killed from outside): the call had no
+            // effect, so a fresh replica (with the saved state) takes it.
+            tracing::info!(actor = %actor.name, "replica gone ({why}); starting a new one");
+            inst = self.start(actor).await?;
+            out = tokio::time::timeout(timeout + Duration::from_secs(2), inst.call(inv)).await;
+        }
+        let out = match out {
             Ok(Err(RuntimeError::TimeLimit { limit_ms })) if limit_ms == timeout.as_millis() as u64 => {
+                // A healthy instance after a time limit (one that stops runs in place)
+                // stays; others are replaced at the next call.
+                *slot = Some(inst);
                 return Err(timed_out());
             }
-            Ok(r) => r?,
-            Err(_) => {
-                // The instance may be mid-call: replace it at the next call.
-                *slot = None;
-                return Err(ActorError::Timeout {
-                    name: actor.name.clone(),
-                    function: function.to_owned(),
-                    ms: timeout.as_millis() as u64,
-                });
+            Ok(r) => r,
+            // The instance may be mid-call: it is dropped, and replaced at the next call.
+            Err(_) => return Err(timed_out()),
+        };
+        let out = match out {
+            Ok(out) => {
+                if !matches!(function, "save_state" | "restore_state") {
+                    self.save(actor, &mut inst).await;
+                }
+                out
+            }
+            Err(e) => {
+                *slot = Some(inst);
+                return Err(e.into());
             }
         };
-        if !matches!(function, "save_state" | "restore_state") {
-            self.save(actor, inst).await;
-        }
+        *slot = Some(inst);
         Ok(out)
     }
 
@@ -407,12 +518,18 @@ impl Actors {
     pub async fn kill(&self, name: &str) -> Result<ActorInfo, ActorError> {
         let actor = self.actors.lock().await.remove(name).ok_or_else(|| ActorError::NotFound(name.to_owned()))?;
         self.save_all(&actor).await;
-        Ok(actor.info())
+        self.release(name).await;
+        Ok(actor.info(self.node.id()))
+    }
+
+    /// The module an actor here runs.
+    pub async fn image(&self, name: &str) -> Option<ModuleImage> {
+        self.actors.lock().await.get(name).map(|a| a.image.clone())
     }
 
     /// The running actors.
     pub async fn list(&self) -> Vec<ActorInfo> {
-        self.actors.lock().await.values().map(|a| a.info()).collect()
+        self.actors.lock().await.values().map(|a| a.info(self.node.id())).collect()
     }
 }
 

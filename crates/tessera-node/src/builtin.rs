@@ -25,8 +25,19 @@ impl Default for BuiltinRuntime {
     }
 }
 
-/// `echo`: returns its inputs, or its config as `config` when it has none.
+/// `echo`: returns its inputs, or its config as `config` when it has none. Called as an
+/// actor (the config names a `function`), it answers with its first argument as `result`
+/// (JSON), plus its inputs.
 fn echo(inv: Invocation, ctx: &dyn TaskContext) -> Result<Outputs, String> {
+    if let Some(f) = inv.config.get("function").and_then(|f| f.as_str()) {
+        if !matches!(f, "echo" | "run") {
+            return Err(format!("unknown function {f:?} (echo has: echo)"));
+        }
+        let first = inv.config.get("args").and_then(|a| a.get(0)).cloned().unwrap_or(serde_json::Value::Null);
+        let mut out = vec![("result".to_owned(), Bytes::from(first.to_string()))];
+        out.extend(inv.inputs);
+        return Ok(out);
+    }
     ctx.log(LogLevel::Info, &format!("echo on {}", ctx.node()));
     if inv.inputs.is_empty() {
         return Ok(vec![("config".into(), Bytes::from(inv.config.to_string()))]);

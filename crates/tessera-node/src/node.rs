@@ -41,6 +41,8 @@ pub struct NodeConfig {
     pub policy: NodePolicy,
     /// The node's key: the audience of signed tasks, and the signer of its replies.
     pub identity: Option<Arc<KeyPair>>,
+    /// Where the node's HTTP gateway listens, announced so other nodes forward calls.
+    pub endpoint: Option<String>,
 }
 
 impl NodeConfig {
@@ -54,6 +56,7 @@ impl NodeConfig {
             package_limits: Limits::default(),
             policy: NodePolicy::open(),
             identity: None,
+            endpoint: None,
         }
     }
     /// Declares a dataset.
@@ -117,6 +120,7 @@ pub struct Node {
     verifier: Option<Verifier>,
     trusted: Mutex<HashSet<Digest>>,
     usage: Mutex<BTreeMap<String, Usage>>,
+    endpoint: Option<String>,
 }
 
 /// What one account has used on a node.
@@ -180,6 +184,7 @@ impl Node {
             identity: config.identity,
             trusted: Mutex::new(HashSet::new()),
             usage: Mutex::new(BTreeMap::new()),
+            endpoint: config.endpoint,
         })
     }
 
@@ -201,6 +206,21 @@ impl Node {
     /// The node's blob store.
     pub fn blobs(&self) -> Arc<dyn tessera_ports::BlobStore> {
         self.backend.blobs.clone()
+    }
+
+    /// The membership the node announces itself in.
+    pub fn members(&self) -> Arc<dyn Membership> {
+        self.backend.members.clone()
+    }
+
+    /// The bus the node takes tasks from.
+    pub fn bus(&self) -> Arc<dyn tessera_ports::Bus> {
+        self.backend.bus.clone()
+    }
+
+    /// Resolves a package reference through the node's package source.
+    pub async fn resolve(&self, reference: &PackageRef) -> Result<tessera_core::registry::PackageRecord, NodeError> {
+        Ok(self.source.resolve(reference).await.map_err(CacheError::from)?)
     }
 
     /// What the node has done so far.
@@ -228,6 +248,7 @@ impl Node {
             resources: self.resources.clone(),
             task_queue: self.task_queue(),
             key: self.identity.as_ref().map(|k| k.public().to_string()),
+            endpoint: self.endpoint.clone(),
         }
     }
 
@@ -316,9 +337,8 @@ impl Node {
         Ok((signer, datasets))
     }
 
-    /// Checks the module's own access rules: the role its function asks for (public,
-    /// trusted, owner). The function is the task config's `function`, else its `mode`,
-    /// else `run`; the owner is the package's signer.
+    /// Checks the module's own access rules for a task: the function is the task config's
+    /// `function`, else its `mode`, else `run`.
     async fn check_access(
         &self,
         task: &TaskMessage,
@@ -327,6 +347,49 @@ impl Node {
     ) -> Result<(), NodeError> {
         let function =
             task.config.get("function").or_else(|| task.config.get("mode")).and_then(|v| v.as_str()).unwrap_or("run");
+        self.check_function_access(function, image, signer).await
+    }
+
+    /// The node's policy.
+    pub fn policy(&self) -> &NodePolicy {
+        &self.policy
+    }
+
+    /// Checks a call of an actor's `function` by `signer` (`None`: unsigned) against the
+    /// node's policy (signed calls required, the signer's grant for the module) and the
+    /// module's access role for the function.
+    pub async fn authorize_call(
+        &self,
+        image: &ModuleImage,
+        function: &str,
+        signer: Option<&PublicKey>,
+    ) -> Result<(), NodeError> {
+        self.authorize_launch(image, signer)?;
+        self.check_function_access(function, image, signer).await
+    }
+
+    /// Checks a launch of `image` as an actor by `signer` against the node's policy.
+    pub fn authorize_launch(&self, image: &ModuleImage, signer: Option<&PublicKey>) -> Result<(), NodeError> {
+        match signer {
+            None if self.policy.require_signed_tasks => {
+                Err(NodeError::Refused("unsigned request; this node takes only signed calls".into()))
+            }
+            Some(k) if self.policy.checks_grants() => {
+                self.policy.grant_for(k, image.manifest.name.as_str(), now_ms()).map_err(NodeError::Refused)?;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks the module's own access rules: the role `function` asks for (public,
+    /// trusted, owner); the owner is the package's signer.
+    async fn check_function_access(
+        &self,
+        function: &str,
+        image: &ModuleImage,
+        signer: Option<&PublicKey>,
+    ) -> Result<(), NodeError> {
         let role = image.manifest.access.role_for(function);
         if role == Role::Public {
             return Ok(());

@@ -80,7 +80,46 @@ on_both_backends!(
     a_task_delivered_twice_runs_once,
     a_task_redelivered_after_a_crash_is_applied_once,
     registration_and_refusals,
+    one_name_is_one_actor_across_nodes,
 );
+
+async fn one_name_is_one_actor_across_nodes(on: On) {
+    use tessera_node::{ActorError, ActorSpec, Actors};
+    let s = setup(on).await;
+    let (na, nb) = (s.node("na"), s.node("nb"));
+    na.register().await.unwrap();
+    nb.register().await.unwrap();
+    let (aa, ab) = (Actors::new(na.clone(), None), Actors::new(nb.clone(), None));
+    let spec = || ActorSpec { module: s.programs, tag: Some("x".into()), replicas: 1, config: json!({}), priority: 0 };
+    let (ra, rb) = tokio::join!(aa.launch(spec()), ab.launch(spec()));
+    let (won, lost, winner, loser) = match (ra, rb) {
+        (Ok(i), Err(e)) => (i, e, &aa, &ab),
+        (Err(e), Ok(i)) => (i, e, &ab, &aa),
+        (a, b) => panic!("exactly one launch must win: {a:?} / {b:?}"),
+    };
+    assert_eq!(won.name, "test.programs-x");
+    match &lost {
+        ActorError::Elsewhere { name, placement } => {
+            assert_eq!(name, "test.programs-x");
+            assert_eq!(placement.node, won.node);
+            assert_eq!(placement.digest, s.programs);
+        }
+        other => panic!("the loser must be told where the actor runs: {other}"),
+    }
+    assert_eq!(loser.list().await.len(), 0, "the loser started nothing");
+    assert_eq!(loser.locate("test.programs-x").await.unwrap().unwrap().node, won.node);
+    assert!(loser.locate("test.programs-nobody").await.unwrap().is_none());
+    // Killed: the name is free, and the other node may take it.
+    winner.kill("test.programs-x").await.unwrap();
+    assert!(loser.locate("test.programs-x").await.unwrap().is_none());
+    let again = loser.launch(spec()).await.unwrap();
+    assert_ne!(again.node, won.node);
+    // Its node leaves the membership (a crash): the name is taken over.
+    let holder = if again.node == "na" { &na } else { &nb };
+    holder.deregister().await.unwrap();
+    let taken = winner.launch(spec()).await.unwrap();
+    assert_eq!(taken.node, won.node);
+}
 
 impl Setup {
     fn node_with(&self, id: &str, source: Arc<dyn PackageSource>, runtimes: Vec<Arc<dyn Runtime>>) -> Arc<Node> {

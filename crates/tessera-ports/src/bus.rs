@@ -109,6 +109,16 @@ pub trait Bus: Send + Sync + 'static {
     async fn get(&self, queue: &str, wait: Duration) -> Result<Option<Delivery>, BusError>;
     /// Messages waiting in `queue` (not counting those taken and not yet acknowledged).
     async fn len(&self, queue: &str) -> Result<u64, BusError>;
+    /// Appends a message unless `queue` already holds `capacity` waiting messages
+    /// ([`BusError::Full`]): a bounded queue, so producers feel backpressure. The
+    /// in-process bus checks and appends at once; a distributed bus checks, then appends,
+    /// so concurrent producers may overshoot the bound by at most their number.
+    async fn put_bounded(&self, queue: &str, payload: Bytes, capacity: u64) -> Result<(), BusError> {
+        if self.len(queue).await? >= capacity {
+            return Err(BusError::Full(queue.to_owned()));
+        }
+        self.put(queue, payload).await
+    }
 }
 
 /// Checks a queue name (the portable subset both backends accept).
@@ -261,5 +271,20 @@ impl Bus for MemoryBus {
     async fn len(&self, queue: &str) -> Result<u64, BusError> {
         check_queue(queue)?;
         Ok(lock(&self.queues).get(queue).map_or(0, |q| q.items.len() as u64))
+    }
+
+    async fn put_bounded(&self, queue: &str, payload: Bytes, capacity: u64) -> Result<(), BusError> {
+        check_queue(queue)?;
+        if payload.len() > self.max_message {
+            return Err(BusError::TooLarge { size: payload.len(), limit: self.max_message });
+        }
+        let mut qs = lock(&self.queues);
+        let q = qs.entry(queue.to_owned()).or_default();
+        if q.items.len() as u64 >= capacity {
+            return Err(BusError::Full(queue.to_owned()));
+        }
+        q.items.push_back(Message { payload, attempt: 1 });
+        q.notify.notify_one();
+        Ok(())
     }
 }

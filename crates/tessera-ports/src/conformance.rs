@@ -72,6 +72,19 @@ pub async fn bus_behaviour(bus: &dyn Bus) {
         d.ack().await.unwrap();
     }
 
+    // A bounded queue refuses a put when full, and takes one again once a message left.
+    for i in 0..2u8 {
+        bus.put_bounded("conf.bounded", Bytes::from(vec![i]), 2).await.unwrap();
+    }
+    assert!(matches!(
+        bus.put_bounded("conf.bounded", Bytes::from_static(b"x"), 2).await,
+        Err(BusError::Full(q)) if q == "conf.bounded"
+    ));
+    assert_eq!(bus.len("conf.bounded").await.unwrap(), 2, "a refused put stores nothing");
+    bus.get("conf.bounded", Duration::from_secs(1)).await.unwrap().unwrap().ack().await.unwrap();
+    bus.put_bounded("conf.bounded", Bytes::from_static(b"z"), 2).await.unwrap();
+    assert_eq!(bus.len("conf.bounded").await.unwrap(), 2);
+
     // Bad names are refused.
     for bad in ["", "a b", "a..b", "a*", "a>", ".a"] {
         assert!(matches!(bus.put(bad, Bytes::new()).await, Err(BusError::Name(_))), "{bad:?}");

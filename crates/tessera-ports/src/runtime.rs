@@ -70,6 +70,10 @@ pub enum RuntimeError {
     /// The node does not offer this runtime.
     #[error("this node has no {0} runtime")]
     Unsupported(RuntimeKind),
+    /// The instance had stopped before the call reached it (its process was killed from
+    /// outside): the call had no effect, and a new instance may take it.
+    #[error("the instance had stopped before the call: {0}")]
+    Gone(String),
 }
 
 /// Log levels for module logs.

@@ -24,6 +24,12 @@ struct Config {
     dataset: String,
     #[serde(default)]
     ms: u64,
+    /// An actor launched with `stateless: true` has no state hooks.
+    #[serde(default)]
+    stateless: bool,
+    /// A call's positional arguments.
+    #[serde(default)]
+    args: Vec<serde_json::Value>,
 }
 
 impl Guest for Programs {
@@ -36,6 +42,7 @@ impl Guest for Programs {
                 let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                 Ok(vec![Blob { name: "result".into(), data: n.to_string().into_bytes() }])
             }
+            "save_state" if cfg.stateless => Err("unknown function save_state (stateless)".into()),
             "save_state" => {
                 let n = COUNTER.load(std::sync::atomic::Ordering::SeqCst);
                 Ok(vec![Blob { name: "state".into(), data: n.to_le_bytes().to_vec() }])
@@ -45,6 +52,10 @@ impl Guest for Programs {
                 let n = u64::from_le_bytes(s.data.as_slice().try_into().map_err(|_| "bad state")?);
                 COUNTER.store(n, std::sync::atomic::Ordering::SeqCst);
                 Ok(vec![])
+            }
+            // Inputs back; called with no inputs, the first argument as the result.
+            "echo" if inputs.is_empty() && !cfg.args.is_empty() => {
+                Ok(vec![Blob { name: "result".into(), data: cfg.args[0].to_string().into_bytes() }])
             }
             "echo" => Ok(inputs),
             "spin" => {

@@ -1,0 +1,397 @@
+//! The gateway over real HTTP: calls (by name, spawning, forwarding), bad calls, large
+//! results, cancellation, queues, and two nodes sharing one cluster, on both backends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{Value, json};
+use tessera_core::Digest;
+use tessera_gateway::{Gateway, GatewayConfig, app};
+use tessera_hub::{HubStore, LocalHub};
+use tessera_nats::testing::NatsServer;
+use tessera_node::{Actors, BuiltinRuntime, Node, NodeConfig, NodePorts};
+use tessera_package::{Limits, pack_dir};
+use tessera_ports::{Backend, Runtime};
+use tessera_wasm::{WasmLimits, WasmRuntime};
+
+enum On {
+    Memory,
+    Nats,
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    _nats: Option<NatsServer>,
+    backend: Backend,
+    hub: Arc<HubStore>,
+    http: reqwest::Client,
+}
+
+async fn cluster(on: On) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
+    let (nats, backend) = match on {
+        On::Memory => (None, Backend::in_process(Duration::from_secs(10))),
+        On::Nats => {
+            let server = NatsServer::start();
+            let backend = tessera_nats::backend(&server.url(), &Default::default()).await.unwrap();
+            (Some(server), backend)
+        }
+    };
+    Cluster { dir, _nats: nats, backend, hub, http: reqwest::Client::new() }
+}
+
+impl Cluster {
+    fn publish(&self, name: &str, runtime: &str, entry: &str) -> Digest {
+        let m = self.dir.path().join(format!("src-{name}"));
+        let manifest = format!("name: {name}\nversion: 0.1.0\nkind: model\nruntime: {runtime}\nentry: {entry}\n");
+        if runtime == "wasm" {
+            tessera_modules::write_module_dir(&m, &manifest, tessera_modules::TEST_PROGRAMS_WASM).unwrap();
+        } else {
+            std::fs::create_dir_all(&m).unwrap();
+            std::fs::write(m.join("module.yaml"), manifest).unwrap();
+        }
+        let bytes = pack_dir(&m, &Limits::default()).unwrap().bytes;
+        self.hub.publish(&bytes, None, None).unwrap().record.digest
+    }
+
+    /// A node with a gateway listening on loopback; returns its URL.
+    async fn node(&self, id: &str, config: GatewayConfig) -> String {
+        self.node_with(id, config, tessera_node::NodePolicy::open(), None).await
+    }
+
+    async fn node_with(
+        &self,
+        id: &str,
+        config: GatewayConfig,
+        policy: tessera_node::NodePolicy,
+        identity: Option<Arc<tessera_identity::KeyPair>>,
+    ) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let wasm = WasmRuntime::new(WasmLimits {
+            max_memory: 128 << 20,
+            max_time: Duration::from_secs(30),
+            max_output_bytes: 1 << 20,
+        })
+        .unwrap();
+        let runtimes: Vec<Arc<dyn Runtime>> = vec![Arc::new(wasm), Arc::new(BuiltinRuntime::new())];
+        let mut cfg = NodeConfig::new(id, self.dir.path().join(id));
+        cfg.endpoint = Some(url.clone());
+        cfg.policy = policy;
+        cfg.identity = identity;
+        let ports = NodePorts { backend: self.backend.clone(), source: Arc::new(LocalHub(self.hub.clone())) };
+        let node = Arc::new(Node::new(cfg, ports, runtimes).unwrap());
+        node.register().await.unwrap();
+        let actors = Arc::new(Actors::new(node.clone(), None));
+        let gw = Gateway::new(node, actors, config);
+        tokio::spawn(async move { axum::serve(listener, app(gw)).await.unwrap() });
+        url
+    }
+
+    async fn post(&self, url: &str, body: Value) -> (u16, Value) {
+        let r = self.http.post(url).json(&body).send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn call(&self, base: &str, body: Value) -> (u16, Value) {
+        self.post(&format!("{base}/api/v1/call"), body).await
+    }
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn in_process() {
+                super::$name(super::On::Memory).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nats() {
+                super::$name(super::On::Nats).await
+            }
+        }
+    )*};
+}
+
+on_both_backends!(calls_launch_and_bad_calls, two_nodes_share_names_and_forward_calls, bounded_queues);
+
+/// A node whose policy wants signed requests: unsigned, unknown, replayed and misaddressed
+/// requests are refused; a key with a grant calls, launches, kills and uses queues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_policy_takes_only_signed_granted_requests() {
+    use tessera_client::gateway::GatewayClient;
+    use tessera_identity::{Envelope, KeyPair, KeyType, now_ms};
+    use tessera_node::{Grant, NodePolicy};
+    let c = cluster(On::Memory).await;
+    c.publish("demo.counter", "wasm", "module.wasm");
+    c.publish("other.counter", "wasm", "module.wasm");
+    let node_key = Arc::new(KeyPair::generate(KeyType::Ed25519));
+    let alice = Arc::new(KeyPair::generate(KeyType::Ed25519));
+    let mallory = Arc::new(KeyPair::generate(KeyType::Ed25519));
+    let policy = NodePolicy {
+        require_signed_tasks: true,
+        grants: vec![Grant {
+            to: alice.public().clone(),
+            modules: vec!["demo".into()],
+            datasets: vec![],
+            expires: None,
+        }],
+        ..NodePolicy::open()
+    };
+    let gw = c.node_with("n1", GatewayConfig::default(), policy, Some(node_key.clone())).await;
+    let body = json!({"module": "demo.counter", "function": "count"});
+
+    // Unsigned: refused, nothing launched.
+    let (s, r) = c.call(&gw, body.clone()).await;
+    assert_eq!((s, r["kind"].clone()), (401, json!("unauthorized")), "{r}");
+    let (s, _) = c.post(&format!("{gw}/api/v1/queues/demo.q"), json!(1)).await;
+    assert_eq!(s, 401);
+    let list: Value = c.http.get(format!("{gw}/api/v1/actors")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list, json!([]), "a refused call launches nothing");
+
+    // A key without a grant: refused.
+    let m = GatewayClient::new(&gw).unwrap().with_signer(mallory.clone());
+    let e = m.actor("demo.counter").call("count", vec![]).await.unwrap_err();
+    assert_eq!(e.kind(), Some("refused"), "{e}");
+    assert!(e.to_string().contains("no grant"), "{e}");
+
+    // Alice: her grant covers demo.*, not other.*.
+    let a = GatewayClient::new(&gw).unwrap().with_signer(alice.clone());
+    assert_eq!(a.actor("demo.counter").call("count", vec![]).await.unwrap(), json!(1));
+    assert_eq!(a.actor("demo.counter").call("count", vec![]).await.unwrap(), json!(2));
+    let e = a.actor("other.counter").call("count", vec![]).await.unwrap_err();
+    assert_eq!(e.kind(), Some("refused"), "{e}");
+    let e = m.kill("demo.counter").await.unwrap_err();
+    assert_eq!(e.kind(), Some("refused"), "{e}");
+    a.queue_put("demo.q", &json!({"x": 1})).await.unwrap();
+    assert_eq!(a.queue_get("demo.q", Duration::from_secs(1)).await.unwrap(), Some(json!({"x": 1})));
+
+    // A captured request cannot be replayed, changed, or sent to another node.
+    let bytes = serde_json::to_vec(&body).unwrap();
+    let env = Envelope::sign(&alice, node_key.public(), "POST", "/api/v1/call", &bytes, now_ms()).to_header();
+    let send = |b: Vec<u8>, h: String| {
+        c.http
+            .post(format!("{gw}/api/v1/call"))
+            .header(tessera_identity::envelope::HEADER, h)
+            .header("content-type", "application/json")
+            .body(b)
+            .send()
+    };
+    assert_eq!(send(bytes.clone(), env.clone()).await.unwrap().status().as_u16(), 200);
+    let replay = send(bytes.clone(), env.clone()).await.unwrap();
+    assert_eq!(replay.status().as_u16(), 401, "replayed");
+    let changed = serde_json::to_vec(&json!({"module": "demo.counter", "function": "spin"})).unwrap();
+    let env2 = Envelope::sign(&alice, node_key.public(), "POST", "/api/v1/call", &bytes, now_ms()).to_header();
+    assert_eq!(send(changed, env2).await.unwrap().status().as_u16(), 401, "body changed");
+    let elsewhere = KeyPair::generate(KeyType::Ed25519);
+    let env3 = Envelope::sign(&alice, elsewhere.public(), "POST", "/api/v1/call", &bytes, now_ms()).to_header();
+    assert_eq!(send(bytes.clone(), env3).await.unwrap().status().as_u16(), 401, "addressed to another node");
+    let stale = Envelope::sign(&alice, node_key.public(), "POST", "/api/v1/call", &bytes, now_ms() - 600_000);
+    assert_eq!(send(bytes.clone(), stale.to_header()).await.unwrap().status().as_u16(), 401, "stale");
+    assert_eq!(send(bytes.clone(), "garbage".into()).await.unwrap().status().as_u16(), 401);
+    // State hooks are the node's, not callers'.
+    let e = a.actor("demo.counter").call("restore_state", vec![]).await.unwrap_err();
+    assert_eq!(e.kind(), Some("bad_request"), "{e}");
+    // After all that, the counter moved only for the accepted calls.
+    assert_eq!(a.actor("demo.counter").call("count", vec![]).await.unwrap(), json!(4));
+    a.kill("demo.counter").await.unwrap();
+}
+
+fn small_inline() -> GatewayConfig {
+    GatewayConfig { inline_limit: 1024, queue_capacity: 3, ..GatewayConfig::default() }
+}
+
+async fn calls_launch_and_bad_calls(on: On) {
+    let c = cluster(on).await;
+    c.publish("demo.counter", "wasm", "module.wasm");
+    c.publish("demo.echo", "builtin", "echo");
+    let gw = c.node("n1", small_inline()).await;
+
+    // A call to a module that is not running launches it; the actor keeps its state.
+    let (s, r) = c.call(&gw, json!({"module": "demo.counter", "function": "count"})).await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["result"], 1);
+    assert_eq!(r["actor"], "demo.counter");
+    assert_eq!(r["node"], "n1");
+    let (_, r) = c.call(&gw, json!({"module": "demo.counter", "function": "count"})).await;
+    assert_eq!(r["result"], 2);
+    // The root `/call` route is the same.
+    let (s, r) = c.post(&format!("{gw}/call"), json!({"module": "demo.counter", "function": "count"})).await;
+    assert_eq!((s, r["result"].clone()), (200, json!(3)));
+
+    // A native actor: JSON arguments in, JSON result out, binary inputs passed through.
+    let x = base64::engine::general_purpose::STANDARD.encode(b"\x00\x01binary");
+    let (s, r) = c
+        .call(&gw, json!({"module": "demo.echo", "function": "echo", "args": [{"k": [1, 2]}], "inputs": {"x": x}}))
+        .await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["result"], json!({"k": [1, 2]}));
+    assert_eq!(r["outputs"]["x"]["kind"], "bytes");
+    assert_eq!(r["outputs"]["x"]["inline"], x);
+
+    // Launch through the API: a tagged actor with its own config; get-or-create.
+    let launch = json!({"module": "demo.counter@0.1.0", "tag": "big", "config": {"bytes": 4000}});
+    let (s, a) = c.post(&format!("{gw}/api/v1/actors"), launch.clone()).await;
+    assert_eq!(s, 200, "{a}");
+    assert_eq!(a["name"], "demo.counter-big");
+    let (s, _) = c.post(&format!("{gw}/api/v1/actors"), launch).await;
+    assert_eq!(s, 200);
+    let list: Value = c.http.get(format!("{gw}/api/v1/actors")).send().await.unwrap().json().await.unwrap();
+    let names: Vec<&str> = list.as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["demo.counter", "demo.counter-big", "demo.echo"]);
+
+    // A result larger than the inline limit goes to the blob store.
+    let (s, r) = c.call(&gw, json!({"module": "demo.counter-big", "function": "big-output"})).await;
+    assert_eq!(s, 200, "{r}");
+    let out = &r["outputs"]["big"];
+    assert_eq!(out["size"], 4000);
+    assert!(out.get("inline").is_none());
+    let digest = out["digest"].as_str().unwrap();
+    let blob = c.http.get(format!("{gw}/api/v1/blobs/{digest}")).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(&blob[..], &[7u8; 4000][..]);
+
+    // Bad calls: clear errors, and the actor stays up with its state.
+    let bad: Vec<(Value, u16, &str, &str)> = vec![
+        (json!({"module": "demo.nothing", "function": "f"}), 404, "not_found", "demo.nothing"),
+        (json!({"module": "demo.counter", "function": "nope"}), 422, "module_error", "nope"),
+        (json!({"module": "demo.counter", "function": "count", "args": {"a": 1}}), 400, "bad_request", "args"),
+        (json!({"module": "demo.counter", "function": "bad name"}), 400, "bad_request", "function"),
+        (json!({"module": "demo.counter", "function": "count", "inputs": {"x": "%%%"}}), 400, "bad_request", "base64"),
+        (json!({"module": "demo.counter", "function": "count", "colour": 1}), 400, "bad_request", "colour"),
+        (json!({"module": "demo.counter", "function": "count", "timeout": -1}), 400, "bad_request", "timeout"),
+        (json!({"module": "../etc", "function": "count"}), 400, "bad_request", "actor name"),
+        (json!({"module": "demo.counter", "function": "panic"}), 500, "crashed", "panic"),
+        (json!({"module": "demo.counter", "function": "spin", "timeout": 0.3}), 504, "timeout", "timed out"),
+        (json!({"module": "demo.counter-huge", "function": "big-output"}), 404, "not_found", "demo.counter-huge"),
+    ];
+    for (body, status, kind, needle) in bad {
+        let (s, r) = c.call(&gw, body.clone()).await;
+        assert_eq!(s, status, "{body}: {r}");
+        assert_eq!(r["kind"], kind, "{body}: {r}");
+        assert!(r["error"].as_str().unwrap().contains(needle), "{body}: {r}");
+    }
+    let (s, r) = c.call(&gw, json!({"module": "demo.counter", "function": "count"})).await;
+    assert_eq!((s, r["result"].clone()), (200, json!(4)), "the actor kept its state through the bad calls");
+    // An output over the runtime's limit is an error, not a truncated answer.
+    let (s, _) = c
+        .post(
+            &format!("{gw}/api/v1/actors"),
+            json!({"module": "demo.counter", "tag": "huge", "config": {"bytes": 2 << 20}}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, r) = c.call(&gw, json!({"module": "demo.counter-huge", "function": "big-output"})).await;
+    assert!(s >= 400 && r["error"].as_str().unwrap().contains("limit"), "{s} {r}");
+    // Malformed bodies.
+    let r = c.http.post(format!("{gw}/api/v1/call")).body("{not json").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+
+    // Cancellation: a long call with an id is stopped by its cancel route.
+    let long = {
+        let (http, gw) = (c.http.clone(), gw.clone());
+        tokio::spawn(async move {
+            http.post(format!("{gw}/api/v1/call"))
+                .json(&json!({"module": "demo.counter", "function": "spin", "id": "long-1", "timeout": 60}))
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    let mut cancelled = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (s, _) = c.post(&format!("{gw}/api/v1/calls/long-1/cancel"), json!({})).await;
+        if s == 200 {
+            cancelled = true;
+            break;
+        }
+    }
+    assert!(cancelled, "the call never showed up as running");
+    let r = long.await.unwrap();
+    assert_eq!(r.status().as_u16(), 409);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["kind"], "cancelled");
+    let (s, _) = c.post(&format!("{gw}/api/v1/calls/long-1/cancel"), json!({})).await;
+    assert_eq!(s, 404);
+    // The actor answers again (a fresh replica with the saved state).
+    let (s, r) = c.call(&gw, json!({"module": "demo.counter", "function": "count"})).await;
+    assert_eq!((s, r["result"].clone()), (200, json!(5)));
+
+    // Kill.
+    let r = c.http.delete(format!("{gw}/api/v1/actors/demo.counter-big")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = c.http.delete(format!("{gw}/api/v1/actors/demo.counter-big")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+}
+
+async fn two_nodes_share_names_and_forward_calls(on: On) {
+    let c = cluster(on).await;
+    c.publish("demo.counter", "wasm", "module.wasm");
+    let a = c.node("na", GatewayConfig::default()).await;
+    let b = c.node("nb", GatewayConfig::default()).await;
+    // Launched on node b through node a's gateway.
+    let (s, info) =
+        c.post(&format!("{a}/api/v1/actors"), json!({"module": "demo.counter", "tag": "1", "node": "nb"})).await;
+    assert_eq!(s, 200, "{info}");
+    assert_eq!(info["node"], "nb");
+    // The same name launched on a: get-or-create across the cluster gives b's actor.
+    let (s, again) = c.post(&format!("{a}/api/v1/actors"), json!({"module": "demo.counter", "tag": "1"})).await;
+    assert_eq!(s, 200, "{again}");
+    assert_eq!(again["node"], "nb");
+    // Calls through either gateway reach the one actor.
+    for (gw, expected) in [(&a, 1), (&b, 2), (&a, 3)] {
+        let (s, r) = c.call(gw, json!({"module": "demo.counter-1", "function": "count"})).await;
+        assert_eq!(s, 200, "{r}");
+        assert_eq!((r["node"].clone(), r["result"].clone()), (json!("nb"), json!(expected)));
+    }
+    // The cluster-wide list shows it once, on b.
+    let list: Value = c.http.get(format!("{a}/api/v1/actors")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["node"], "nb");
+    let local: Value = c.http.get(format!("{a}/api/v1/actors?scope=local")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(local, json!([]));
+    // Killed through a: it stops on b.
+    let r = c.http.delete(format!("{a}/api/v1/actors/demo.counter-1")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let list: Value = c.http.get(format!("{b}/api/v1/actors")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list, json!([]));
+    // Launching on a node that does not exist names it.
+    let (s, r) = c.post(&format!("{a}/api/v1/actors"), json!({"module": "demo.counter", "node": "nz"})).await;
+    assert_eq!(s, 404, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("nz"));
+}
+
+async fn bounded_queues(on: On) {
+    let c = cluster(on).await;
+    let gw = c.node("n1", small_inline()).await;
+    let q = format!("{gw}/api/v1/queues/demo.model.in");
+    for i in 0..3 {
+        let (s, r) = c.post(&q, json!({"item": i})).await;
+        assert_eq!(s, 201, "{r}");
+    }
+    let (s, r) = c.post(&q, json!({"item": 3})).await;
+    assert_eq!((s, r["kind"].clone()), (429, json!("queue_full")), "bounded: {r}");
+    let len: Value = c.http.get(&q).send().await.unwrap().json().await.unwrap();
+    assert_eq!((len["len"].clone(), len["capacity"].clone()), (json!(3), json!(3)));
+    let (s, r) = c.post(&format!("{q}/get?wait=1"), json!(null)).await;
+    assert_eq!((s, r), (200, json!({"item": 0})));
+    let (s, _) = c.post(&q, json!({"item": 3})).await;
+    assert_eq!(s, 201, "room again after a get");
+    for i in 1..4 {
+        let (_, r) = c.post(&format!("{q}/get?wait=1"), json!(null)).await;
+        assert_eq!(r, json!({"item": i}));
+    }
+    let r = c.http.post(format!("{q}/get?wait=0.1")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 204, "empty");
+    // Bad input.
+    let r = c.http.post(&q).body("not json").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let r = c.http.post(format!("{gw}/api/v1/queues/a..b")).json(&json!(1)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let r = c.http.post(format!("{q}/get?wait=abc")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+}

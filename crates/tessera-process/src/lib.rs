@@ -1,0 +1,282 @@
+//! Tessera's process runtimes: module code running in a child process that speaks the
+//! Tessera frame protocol (`docs/protocol.md`) over its stdin and stdout.
+//!
+//! - [`ProcessRuntime::python`] (`runtime: python`): the child is
+//!   `<interpreter> -u -m tessera.host <entry.py>`, with the Python SDK (embedded in this
+//!   crate, see [`ProcessRuntime::write_sdk`]) first on `PYTHONPATH`. Any `python3` works;
+//!   numpy is needed only by modules that use tensors.
+//! - [`ProcessRuntime::process`] (`runtime: process`): the child is the module's entry
+//!   file itself, an executable in any language.
+//!
+//! A child starts with a `hello` (its functions and state hooks), then answers `call`s
+//! one at a time, asking the node for its [`TaskContext`] (datasets, world state, logs)
+//! while a call runs; its stderr goes to the task's log. [`Runtime::start`] keeps the
+//! child alive between calls (an actor's replica, whose state lives in the process);
+//! [`Runtime::run`] starts one, makes one call and shuts it down. Every call has a time
+//! limit, and every frame and output a size limit; a child that breaks the protocol,
+//! exits, or runs out of time is killed and its instance reports itself unhealthy.
+//!
+//! This is **not** a sandbox: the child runs with the node's user, files and network.
+//! Run only modules the node's policy trusts. The limits protect the node from a
+//! misbehaving module (hangs, floods, garbage), not from a hostile one.
+
+pub mod frame;
+mod instance;
+mod sdk;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tessera_core::RuntimeKind;
+use tessera_ports::{Instance, Invocation, ModuleImage, Outputs, Runtime, RuntimeError, TaskContext};
+use tokio::io::BufReader;
+use tokio::process::Command;
+
+pub use frame::{BlobKind, FrameError, PROTOCOL_VERSION};
+pub use instance::ProcessInstance;
+pub use sdk::{SDK_FILES, SdkError, sdk_version};
+
+/// Limits applied to every child.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessLimits {
+    /// Wall time a call may take (a call's own, shorter time-out wins).
+    pub max_time: Duration,
+    /// Total size of a call's outputs.
+    pub max_output_bytes: u64,
+    /// Largest frame (header, any blob, all blobs together) accepted from a child.
+    pub max_message_bytes: u64,
+    /// Time a child has to send its `hello`.
+    pub start_timeout: Duration,
+}
+
+impl Default for ProcessLimits {
+    fn default() -> Self {
+        ProcessLimits {
+            max_time: Duration::from_secs(300),
+            max_output_bytes: 64 << 20,
+            max_message_bytes: 256 << 20,
+            start_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Mode {
+    Python { interpreter: PathBuf, sdk_dir: PathBuf },
+    Process,
+}
+
+/// The `python` and `process` runtimes (see the crate documentation).
+#[derive(Clone, Debug)]
+pub struct ProcessRuntime {
+    mode: Mode,
+    limits: ProcessLimits,
+}
+
+/// The function a call's config names (`config.function`, else `"run"`).
+pub(crate) fn function_of(config: &Value) -> String {
+    config.get("function").and_then(Value::as_str).unwrap_or("run").to_owned()
+}
+
+impl ProcessRuntime {
+    /// The `python` runtime: runs `interpreter -u -m tessera.host <entry>` with `sdk_dir`
+    /// (a folder holding the `tessera` package, see [`ProcessRuntime::write_sdk`]) first
+    /// on `PYTHONPATH`.
+    pub fn python(interpreter: PathBuf, sdk_dir: PathBuf, limits: ProcessLimits) -> Self {
+        ProcessRuntime { mode: Mode::Python { interpreter, sdk_dir }, limits }
+    }
+
+    /// The `python` runtime with the interpreter from `TESSERA_PYTHON` (else `python3` on
+    /// the `PATH`) and the embedded SDK written once under
+    /// `cache_dir/python-sdk/<sdk version>`.
+    pub fn python_default(cache_dir: &Path, limits: ProcessLimits) -> Result<Self, SdkError> {
+        let interpreter = std::env::var_os("TESSERA_PYTHON")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("python3"));
+        let sdk_dir = sdk::cached_sdk(cache_dir)?;
+        Ok(Self::python(interpreter, sdk_dir, limits))
+    }
+
+    /// The `process` runtime: runs the module's entry file, which must be executable.
+    pub fn process(limits: ProcessLimits) -> Self {
+        ProcessRuntime { mode: Mode::Process, limits }
+    }
+
+    /// Writes the embedded Python SDK under `dir` (as `dir/tessera/*.py`): `dir` is then a
+    /// `sdk_dir` for [`ProcessRuntime::python`].
+    pub fn write_sdk(dir: &Path) -> Result<(), SdkError> {
+        sdk::write_sdk(dir)
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &ProcessLimits {
+        &self.limits
+    }
+
+    /// The Python interpreter, for the `python` runtime.
+    pub fn interpreter(&self) -> Option<&Path> {
+        match &self.mode {
+            Mode::Python { interpreter, .. } => Some(interpreter),
+            Mode::Process => None,
+        }
+    }
+
+    /// Starts a child for `module` and waits for its `hello`. `class` is passed to the
+    /// child as `TESSERA_CLASS` (the Python SDK picks the `Task` subclass by it).
+    async fn launch(
+        &self,
+        module: &ModuleImage,
+        ctx: Arc<dyn TaskContext>,
+        class: Option<&str>,
+    ) -> Result<ProcessInstance, RuntimeError> {
+        let label = format!("{}@{}", module.manifest.name, module.manifest.version);
+        if module.manifest.runtime != self.kind() {
+            return Err(RuntimeError::Load(format!(
+                "{label} is a {} module; this is the {} runtime",
+                module.manifest.runtime,
+                self.kind()
+            )));
+        }
+        let root = std::path::absolute(&module.root)
+            .map_err(|e| RuntimeError::Load(format!("{label}: bad module folder {}: {e}", module.root.display())))?;
+        let entry = root.join(&module.manifest.entry);
+        let meta = std::fs::metadata(&entry)
+            .map_err(|e| RuntimeError::Load(format!("{label}: entry file {}: {e}", entry.display())))?;
+        if !meta.is_file() {
+            return Err(RuntimeError::Load(format!("{label}: entry {} is not a file", entry.display())));
+        }
+        let mut cmd = match &self.mode {
+            Mode::Python { interpreter, sdk_dir } => {
+                let mut cmd = Command::new(interpreter);
+                cmd.arg("-u").arg("-m").arg("tessera.host").arg(&entry);
+                let mut path = std::ffi::OsString::from(sdk_dir.as_os_str());
+                if let Some(old) = std::env::var_os("PYTHONPATH").filter(|p| !p.is_empty()) {
+                    path.push(":");
+                    path.push(old);
+                }
+                cmd.env("PYTHONPATH", path).env("PYTHONDONTWRITEBYTECODE", "1").env("PYTHONUNBUFFERED", "1");
+                cmd
+            }
+            Mode::Process => {
+                if !is_executable(&meta) {
+                    return Err(RuntimeError::Load(format!(
+                        "{label}: entry file {} is not executable",
+                        module.manifest.entry
+                    )));
+                }
+                Command::new(&entry)
+            }
+        };
+        // The node's own settings and secrets (TESSERA_PASSPHRASE, TESSERA_KEY, ...) are not
+        // the module's business.
+        for (key, _) in std::env::vars_os() {
+            if key.to_str().is_some_and(|k| k.starts_with("TESSERA_")) {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.current_dir(&root)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .env("TESSERA_PROTOCOL", PROTOCOL_VERSION.to_string())
+            .env("TESSERA_MODULE", module.manifest.name.to_string());
+        match class {
+            Some(class) => cmd.env("TESSERA_CLASS", class),
+            None => cmd.env_remove("TESSERA_CLASS"),
+        };
+        let program = cmd.as_std().get_program().to_owned();
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| RuntimeError::Load(format!("{label}: cannot start {}: {e}", Path::new(&program).display())))?;
+        let pid = child.id();
+        let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(RuntimeError::Load(format!("{label}: the child's standard streams are missing")));
+        };
+        let tail = instance::StderrTail::default();
+        let stderr_task = instance::pump_stderr(stderr, ctx.clone(), tail.clone());
+        let mut instance = ProcessInstance {
+            label,
+            child: Mutex::new(Some(child)),
+            stdin: Some(stdin),
+            stdout: BufReader::with_capacity(64 * 1024, stdout),
+            pid,
+            functions: Vec::new(),
+            hooks: Vec::new(),
+            ctx,
+            limits: self.limits.clone(),
+            tail,
+            stderr_task: Some(stderr_task),
+            broken: None,
+            in_call: false,
+            next_id: 1,
+        };
+        instance.handshake().await?;
+        Ok(instance)
+    }
+
+    /// Starts `module` as a long-lived instance (what [`Runtime::start`] boxes), with its
+    /// pid and the functions it exposes at hand.
+    pub async fn spawn(
+        &self,
+        module: &ModuleImage,
+        ctx: Arc<dyn TaskContext>,
+    ) -> Result<ProcessInstance, RuntimeError> {
+        let class = module.manifest.config.get("class").and_then(Value::as_str);
+        self.launch(module, ctx, class).await
+    }
+}
+
+#[cfg(unix)]
+fn is_executable(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o111 != 0
+}
+
+#[cfg(not(unix))]
+fn is_executable(_meta: &std::fs::Metadata) -> bool {
+    true
+}
+
+#[async_trait]
+impl Runtime for ProcessRuntime {
+    fn kind(&self) -> RuntimeKind {
+        match self.mode {
+            Mode::Python { .. } => RuntimeKind::Python,
+            Mode::Process => RuntimeKind::Process,
+        }
+    }
+
+    async fn run(
+        &self,
+        module: &ModuleImage,
+        invocation: Invocation,
+        ctx: Arc<dyn TaskContext>,
+    ) -> Result<Outputs, RuntimeError> {
+        let class = invocation
+            .config
+            .get("class")
+            .or_else(|| module.manifest.config.get("class"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let mut instance = self.launch(module, ctx, class.as_deref()).await?;
+        let function = function_of(&invocation.config);
+        let result = instance.call_function(&function, invocation).await;
+        instance.shutdown().await;
+        result
+    }
+
+    async fn start(
+        &self,
+        module: &ModuleImage,
+        ctx: Arc<dyn TaskContext>,
+    ) -> Result<Option<Box<dyn Instance>>, RuntimeError> {
+        Ok(Some(Box::new(self.spawn(module, ctx).await?)))
+    }
+}
