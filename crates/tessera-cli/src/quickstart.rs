@@ -32,6 +32,15 @@ pub struct Args {
     /// Seed for the data split, participant selection and shuffling.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Aggregation strategy: a name (fedavg, fedavgm, fedprox, fedadagrad, fedadam,
+    /// fedyogi, fedmedian, fedtrimmedavg, krum, bulyan) or JSON with `name` and parameters,
+    /// e.g. '{"name": "fedadam", "eta": 0.05}'.
+    #[arg(long, default_value = "fedavg")]
+    strategy: String,
+    /// Simulate this many participants on each node (each trains on its share of the
+    /// node's shard): `--nodes 4 --clients-per-node 250` runs 1,000 participants a round.
+    #[arg(long)]
+    clients_per_node: Option<usize>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -71,6 +80,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     cfg.min_participants = 1;
     cfg.eval_dataset = Some("digits-test".into());
     cfg.seed = args.seed;
+    cfg.clients_per_node = args.clients_per_node;
+    cfg.round_timeout_secs = 600.0;
+    cfg.strategy = if args.strategy.trim_start().starts_with('{') {
+        serde_json::from_str(&args.strategy).context("--strategy: not a strategy mapping")?
+    } else {
+        tessera_coordinator::StrategySpec::named(&args.strategy)
+    };
     if let Some(lr) = args.lr {
         cfg.config = json!({ "lr": lr });
     }
@@ -115,6 +131,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("{line}");
     }
     println!("time: session {session_secs:.2}s, total {:.2}s", started.elapsed().as_secs_f64());
+    if let Some(peak) = peak_memory() {
+        println!("peak memory: {:.1} MiB", peak as f64 / 1024.0);
+    }
     println!("browse: tessera hub serve --data {}", home.join("hub").display());
     Ok(())
+}
+
+/// This process's peak resident memory in KiB (Linux), if known.
+fn peak_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }

@@ -44,6 +44,9 @@ pub enum ClusterError {
     Io(#[from] std::io::Error),
 }
 
+/// Wraps a node's WebAssembly runtime (tests use it to make a node misbehave).
+pub type RuntimeWrapper = fn(Arc<dyn Runtime>) -> Arc<dyn Runtime>;
+
 /// One node of the cluster.
 #[derive(Clone, Debug)]
 pub struct NodeSpec {
@@ -51,6 +54,8 @@ pub struct NodeSpec {
     pub id: String,
     /// Its datasets.
     pub datasets: BTreeMap<String, PathBuf>,
+    /// Wraps its WebAssembly runtime, if set.
+    pub wasm_wrapper: Option<RuntimeWrapper>,
 }
 
 /// How to build the cluster.
@@ -64,6 +69,8 @@ pub struct ClusterConfig {
     pub coordinator_datasets: BTreeMap<String, PathBuf>,
     /// Limits for each WebAssembly run.
     pub wasm_limits: WasmLimits,
+    /// A Python interpreter: the nodes also run `python` modules with it.
+    pub python: Option<PathBuf>,
 }
 
 impl ClusterConfig {
@@ -77,6 +84,7 @@ impl ClusterConfig {
             .map(|(k, p)| NodeSpec {
                 id: format!("node-{k}"),
                 datasets: BTreeMap::from([("digits".to_string(), p.clone())]),
+                wasm_wrapper: None,
             })
             .collect();
         ClusterConfig {
@@ -84,6 +92,7 @@ impl ClusterConfig {
             nodes,
             coordinator_datasets: BTreeMap::from([("digits-test".to_string(), data.test.clone())]),
             wasm_limits,
+            python: None,
         }
     }
 }
@@ -113,19 +122,33 @@ impl Cluster {
     pub async fn start_on(config: ClusterConfig, backend: Backend) -> Result<Cluster, ClusterError> {
         let hub = Arc::new(HubStore::open(config.home.join("hub"))?);
         let source: Arc<dyn PackageSource> = Arc::new(LocalHub(hub.clone()));
-        let wasm = WasmRuntime::new(config.wasm_limits.clone())?;
-        let runtimes: Vec<Arc<dyn Runtime>> = vec![Arc::new(wasm), Arc::new(BuiltinRuntime::new())];
+        let wasm: Arc<dyn Runtime> = Arc::new(WasmRuntime::new(config.wasm_limits.clone())?);
+        let mut others: Vec<Arc<dyn Runtime>> = vec![Arc::new(BuiltinRuntime::new())];
+        if let Some(py) = &config.python {
+            let sdk = config.home.join("python-sdk");
+            tessera_process::ProcessRuntime::write_sdk(&sdk).map_err(std::io::Error::other)?;
+            others.push(Arc::new(tessera_process::ProcessRuntime::python(
+                py.clone(),
+                sdk,
+                tessera_process::ProcessLimits::default(),
+            )));
+        }
         let ports = NodePorts { backend: backend.clone(), source };
 
-        let make = |id: &str, datasets: &BTreeMap<String, PathBuf>| -> Result<Arc<Node>, NodeError> {
+        let make = |id: &str,
+                    datasets: &BTreeMap<String, PathBuf>,
+                    wrap: Option<RuntimeWrapper>|
+         -> Result<Arc<Node>, NodeError> {
             let mut c = NodeConfig::new(id, config.home.join("nodes").join(id).join("cache"));
             c.datasets = datasets.clone();
-            Ok(Arc::new(Node::new(c, ports.clone(), runtimes.clone())?))
+            let mut runtimes = vec![wrap.map_or_else(|| wasm.clone(), |w| w(wasm.clone()))];
+            runtimes.extend(others.iter().cloned());
+            Ok(Arc::new(Node::new(c, ports.clone(), runtimes)?))
         };
-        let coordinator_node = make("coordinator", &config.coordinator_datasets)?;
+        let coordinator_node = make("coordinator", &config.coordinator_datasets, None)?;
         let mut nodes = Vec::new();
         for spec in &config.nodes {
-            nodes.push(make(&spec.id, &spec.datasets)?);
+            nodes.push(make(&spec.id, &spec.datasets, spec.wasm_wrapper)?);
         }
         let (shutdown, rx) = watch::channel(false);
         let mut serving = Vec::new();

@@ -230,3 +230,98 @@ async fn bad_replies_never_stop_a_session(on: On) {
 }
 
 on_both_backends!(bad_replies_never_stop_a_session);
+
+/// A server-side optimiser's state (FedAdam's moments) is saved every round: a session
+/// stopped after round 2 and resumed ends with exactly the model of an uninterrupted one.
+/// Federated evaluation reports the participants' own metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strategy_state_survives_a_resume_and_participants_evaluate() {
+    let home = tempfile::tempdir().unwrap();
+    let cluster = std::sync::Arc::new(cluster(&On::Memory, home.path(), 3).await);
+    let mut cfg = SessionConfig::new("fl.softmax.worker");
+    cfg.rounds = 4;
+    cfg.seed = 3;
+    cfg.fraction_evaluate = 1.0;
+    cfg.eval_dataset = Some("digits-test".into());
+    cfg.strategy = serde_json::from_value(json!({"name": "fedadam", "eta": 0.05, "tau": 0.001})).unwrap();
+    let straight = cluster.coordinator().run("s-straight", &cfg, &Quiet).await.unwrap();
+    let last = straight.reports.last().unwrap();
+    assert_eq!(last.fed_evaluated.len(), 3, "{last:?}");
+    assert!(last.fed_eval_accuracy.unwrap() > 0.8, "{last:?}");
+    assert!(last.fed_eval_loss.unwrap() > 0.0);
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (c, cfg2) = (cluster.clone(), cfg.clone());
+    let run = tokio::spawn(async move { c.coordinator().run("s-crash", &cfg2, &Rounds(tx)).await });
+    while rx.recv().await != Some(2) {}
+    run.abort();
+    let _ = run.await;
+    let resumed = cluster.coordinator().resume("s-crash", &Quiet).await.unwrap();
+    assert_eq!(resumed.model_digest, straight.model_digest, "the optimiser's moments were restored");
+    // FedAdam really differs from FedAvg here.
+    let mut avg = cfg.clone();
+    avg.strategy = tessera_coordinator::StrategySpec::named("fedavg");
+    let plain = cluster.coordinator().run("s-avg", &avg, &Quiet).await.unwrap();
+    assert_ne!(plain.model_digest, straight.model_digest);
+}
+
+/// Differential privacy: updates are clipped (by the coordinator, or by each node before the
+/// update leaves it), Gaussian noise is added to the aggregate, and the privacy spent is
+/// reported after every round, growing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn differential_privacy_clips_noises_and_accounts() {
+    let home = tempfile::tempdir().unwrap();
+    let cluster = cluster(&On::Memory, home.path(), 3).await;
+    let mut cfg = SessionConfig::new("fl.softmax.worker");
+    cfg.rounds = 4;
+    cfg.eval_dataset = Some("digits-test".into());
+    let plain = cluster.coordinator().run("dp-none", &cfg, &Quiet).await.unwrap();
+    assert!(plain.reports.iter().all(|r| r.dp_epsilon.is_none()));
+    for (session, side) in
+        [("dp-server", tessera_coordinator::DpSide::Server), ("dp-client", tessera_coordinator::DpSide::Client)]
+    {
+        let mut dp = cfg.clone();
+        dp.differential_privacy =
+            Some(tessera_coordinator::DpConfig { noise_multiplier: 0.05, clipping_norm: 2.0, side, delta: 1e-5 });
+        let r = cluster.coordinator().run(session, &dp, &Quiet).await.unwrap();
+        let eps: Vec<f64> = r.reports.iter().map(|r| r.dp_epsilon.unwrap()).collect();
+        assert!(eps.windows(2).all(|w| w[1] > w[0] && w[1].is_finite()), "{session}: ε grows: {eps:?}");
+        assert!(r.reports.iter().all(|r| r.dp_sample_rate == Some(1.0) && r.contributed.len() == 3));
+        assert_ne!(r.model_digest, plain.model_digest, "{session}: noise was added");
+        let acc = r.final_metrics.unwrap().accuracy.unwrap();
+        assert!(acc > 0.8, "{session}: small noise keeps the model useful: {acc}");
+    }
+    // Strong noise costs accuracy: the noise is real.
+    let mut loud = cfg.clone();
+    loud.differential_privacy = Some(tessera_coordinator::DpConfig {
+        noise_multiplier: 50.0,
+        clipping_norm: 2.0,
+        side: Default::default(),
+        delta: 1e-5,
+    });
+    let r = cluster.coordinator().run("dp-loud", &loud, &Quiet).await.unwrap();
+    assert!(r.final_metrics.unwrap().accuracy.unwrap() < 0.5);
+    assert!(r.reports[0].dp_epsilon.unwrap() < 1.0, "much noise spends little privacy");
+}
+
+/// Simulation: four nodes host 250 participants each, and every round asks all 1,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_simulated_participants_per_round() {
+    let home = tempfile::tempdir().unwrap();
+    let cluster = cluster(&On::Memory, home.path(), 4).await;
+    let mut cfg = SessionConfig::new("fl.softmax.worker");
+    cfg.rounds = 2;
+    cfg.clients_per_node = Some(250);
+    cfg.min_participants = 900;
+    cfg.round_timeout_secs = 600.0;
+    cfg.eval_dataset = Some("digits-test".into());
+    let r = cluster.coordinator().run("sim-1000", &cfg, &Quiet).await.unwrap();
+    for report in &r.reports {
+        assert_eq!(report.selected.len(), 1000);
+        assert_eq!(report.contributed.len(), 1000, "{:?}", report.failures.first());
+        assert_eq!(report.examples, 1438, "the participants' shares cover every training row once");
+    }
+    assert!(r.reports[0].selected.iter().any(|p| p == "node-3.c249"));
+    assert_eq!(r.lineage.nodes, ["node-0", "node-1", "node-2", "node-3"]);
+    assert!(r.final_metrics.unwrap().accuracy.unwrap() > 0.5);
+}

@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tessera_core::aggregate::fedavg;
 use tessera_core::config::deep_merge;
 use tessera_core::name::check_ident;
+use tessera_core::privacy;
 use tessera_core::registry::PackageRecord;
-use tessera_core::select::select_participants;
+use tessera_core::strategy::{self, FitFailure, FitResult, Participation, Strategy, StrategyError};
 use tessera_core::tensor::{TensorLimits, Tensors};
 use tessera_core::wire::{
     self, BlobRef, Failure, Lineage, ModuleUse, NodeRecord, RoundReport, SCHEMA_VERSION, TaskMessage, TaskOutcome,
@@ -40,9 +40,37 @@ pub struct SessionConfig {
     /// Seconds a round waits for replies.
     #[serde(default = "default_timeout")]
     pub round_timeout_secs: f64,
-    /// Aggregation strategy (`fedavg`).
-    #[serde(default = "default_strategy")]
-    pub strategy: String,
+    /// Fewest eligible nodes a round needs before it starts (default: `min_participants`).
+    #[serde(default)]
+    pub min_available_nodes: Option<usize>,
+    /// Fraction of eligible nodes asked to evaluate each new model on their own data
+    /// (federated evaluation); 0 (the default) evaluates only at the coordinator.
+    #[serde(default)]
+    pub fraction_evaluate: f64,
+    /// Fewest nodes asked to evaluate when federated evaluation is on.
+    #[serde(default = "default_min_evaluate")]
+    pub min_evaluate: usize,
+    /// Whether a round with failed or missing participants is aggregated at all.
+    #[serde(default = "default_true")]
+    pub accept_failures: bool,
+    /// Largest share of a round's participants that may fail for it to be aggregated.
+    #[serde(default = "default_max_failure_ratio")]
+    pub max_failure_ratio: f64,
+    /// Aggregation strategy: a name (`fedavg`, `fedavgm`, `fedprox`, `fedadagrad`, `fedadam`,
+    /// `fedyogi`, `fedmedian`, `fedtrimmedavg`, `krum`, `bulyan`), or a mapping with `name`
+    /// and the strategy's parameters (`{name: fedadam, eta: 0.01}`).
+    #[serde(default)]
+    pub strategy: StrategySpec,
+    /// Simulation: each eligible node hosts this many participants (`<node>.c<j>`), each
+    /// training on its share of the node's dataset (rows `i % clients_per_node == j`; the
+    /// worker gets `partition` and `partitions` in its config). Strategies sample from all
+    /// of them, so a few nodes simulate a thousand participants per round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients_per_node: Option<usize>,
+    /// Differential privacy: updates clipped to an L2 norm and Gaussian noise added to the
+    /// aggregate, with the privacy spent reported every round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub differential_privacy: Option<DpConfig>,
     /// Dataset participants train on (nodes without it are not asked).
     #[serde(default = "default_dataset")]
     pub dataset: String,
@@ -59,6 +87,11 @@ pub struct SessionConfig {
     /// when absent).
     #[serde(default)]
     pub publish_as: Option<String>,
+    /// Worker packages for some nodes instead of `module` (`node-id: name@version`): a
+    /// Python worker and WebAssembly workers in one session. They must speak the same
+    /// worker protocol and give models of the same layout.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_modules: BTreeMap<String, String>,
 }
 
 fn default_rounds() -> u32 {
@@ -73,8 +106,95 @@ fn default_ratio() -> f64 {
 fn default_timeout() -> f64 {
     60.0
 }
-fn default_strategy() -> String {
-    "fedavg".into()
+fn default_min_evaluate() -> usize {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_failure_ratio() -> f64 {
+    1.0
+}
+
+/// Differential privacy for a session (DP-FedAvg with fixed clipping, as Flower's
+/// `DifferentialPrivacy{Server,Client}SideFixedClipping`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpConfig {
+    /// z: the noise's standard deviation is `z · clipping_norm / participants` per coordinate.
+    pub noise_multiplier: f64,
+    /// C: the largest L2 norm of one participant's update (its difference to the global
+    /// model).
+    pub clipping_norm: f64,
+    /// Who clips: `server` (the coordinator clips what arrives) or `client` (each node
+    /// clips its own update before it leaves; the coordinator refuses an unclipped one).
+    #[serde(default)]
+    pub side: DpSide,
+    /// δ of the (ε, δ) reported.
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+}
+
+/// Where updates are clipped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DpSide {
+    /// At the coordinator.
+    #[default]
+    Server,
+    /// On each node, before the update leaves it.
+    Client,
+}
+
+fn default_delta() -> f64 {
+    1e-5
+}
+
+/// A strategy and its parameters, written as a name or as `{name: ..., <params>}`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StrategySpec {
+    /// The strategy's name.
+    pub name: String,
+    /// Its parameters (a mapping; empty for the defaults).
+    pub params: serde_json::Map<String, Value>,
+}
+
+impl Default for StrategySpec {
+    fn default() -> Self {
+        StrategySpec { name: "fedavg".into(), params: serde_json::Map::new() }
+    }
+}
+
+impl StrategySpec {
+    /// A strategy with its default parameters.
+    pub fn named(name: &str) -> Self {
+        StrategySpec { name: name.into(), params: serde_json::Map::new() }
+    }
+}
+
+impl Serialize for StrategySpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.params.is_empty() {
+            return s.serialize_str(&self.name);
+        }
+        let mut m = self.params.clone();
+        m.insert("name".into(), Value::String(self.name.clone()));
+        m.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for StrategySpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match Value::deserialize(d)? {
+            Value::String(name) => Ok(StrategySpec { name, params: serde_json::Map::new() }),
+            Value::Object(mut m) => match m.remove("name") {
+                Some(Value::String(name)) => Ok(StrategySpec { name, params: m }),
+                _ => Err(D::Error::custom("a strategy mapping needs `name`")),
+            },
+            other => Err(D::Error::custom(format!("a strategy is a name or a mapping with `name`, not {other}"))),
+        }
+    }
 }
 fn default_dataset() -> String {
     "digits".into()
@@ -105,6 +225,24 @@ impl SessionConfig {
         Ok(cfg)
     }
 
+    /// Who takes part in rounds, as the strategy sees it.
+    pub fn participation(&self) -> Participation {
+        Participation {
+            fraction_fit: self.participant_ratio,
+            min_fit: self.min_participants,
+            min_available: self.min_available_nodes.unwrap_or(self.min_participants),
+            fraction_evaluate: self.fraction_evaluate,
+            min_evaluate: self.min_evaluate,
+            accept_failures: self.accept_failures,
+            max_failure_ratio: self.max_failure_ratio,
+        }
+    }
+
+    /// The session's strategy, fresh.
+    pub fn build_strategy(&self) -> Result<Box<dyn Strategy>, StrategyError> {
+        strategy::from_config(&self.strategy.name, &Value::Object(self.strategy.params.clone()), self.participation())
+    }
+
     /// A session of `module` with the defaults.
     pub fn new(module: impl Into<String>) -> Self {
         SessionConfig {
@@ -113,12 +251,20 @@ impl SessionConfig {
             min_participants: default_min(),
             participant_ratio: default_ratio(),
             round_timeout_secs: default_timeout(),
-            strategy: default_strategy(),
+            min_available_nodes: None,
+            fraction_evaluate: 0.0,
+            min_evaluate: default_min_evaluate(),
+            accept_failures: true,
+            max_failure_ratio: default_max_failure_ratio(),
+            strategy: StrategySpec::default(),
+            differential_privacy: None,
+            clients_per_node: None,
             dataset: default_dataset(),
             eval_dataset: None,
             config: empty(),
             seed: 0,
             publish_as: None,
+            node_modules: BTreeMap::new(),
         }
     }
 
@@ -138,8 +284,22 @@ impl SessionConfig {
         if !(self.round_timeout_secs.is_finite() && self.round_timeout_secs > 0.0) {
             return bad("round_timeout_secs must be a positive number".into());
         }
-        if self.strategy != "fedavg" {
-            return bad(format!("unknown strategy {:?}; available: fedavg", self.strategy));
+        self.build_strategy().map_err(|e| SessionError::Config(format!("strategy: {e}")))?;
+        if let Some(c) = self.clients_per_node
+            && !(1..=100_000).contains(&c)
+        {
+            return bad(format!("clients_per_node {c} must be between 1 and 100000"));
+        }
+        if let Some(dp) = &self.differential_privacy {
+            if !(dp.noise_multiplier.is_finite() && dp.noise_multiplier > 0.0) {
+                return bad(format!("differential_privacy.noise_multiplier {} must be positive", dp.noise_multiplier));
+            }
+            if !(dp.clipping_norm.is_finite() && dp.clipping_norm > 0.0 && dp.clipping_norm < f64::from(f32::MAX)) {
+                return bad(format!("differential_privacy.clipping_norm {} must be positive", dp.clipping_norm));
+            }
+            if !(dp.delta > 0.0 && dp.delta < 1.0) {
+                return bad(format!("differential_privacy.delta {} must be in (0, 1)", dp.delta));
+            }
         }
         check_ident("dataset", &self.dataset).map_err(|e| SessionError::Config(e.to_string()))?;
         if let Some(e) = &self.eval_dataset {
@@ -150,6 +310,10 @@ impl SessionConfig {
         }
         if let Some(name) = &self.publish_as {
             name.parse::<tessera_core::ModulePath>().map_err(|e| SessionError::Config(format!("publish_as: {e}")))?;
+        }
+        for (node, m) in &self.node_modules {
+            check_ident("node_modules node id", node).map_err(|e| SessionError::Config(e.to_string()))?;
+            m.parse::<PackageRef>().map_err(|e| SessionError::Config(format!("node_modules.{node}: {e}")))?;
         }
         Ok(module)
     }
@@ -218,6 +382,13 @@ pub struct SessionState {
     pub contributors: BTreeSet<String>,
     /// Reports of completed rounds.
     pub reports: Vec<RoundReport>,
+    /// The worker packages of nodes with their own (`node_modules`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_modules: BTreeMap<String, ModuleUse>,
+    /// The strategy's server-side state after the last completed round (momentum,
+    /// moments), in the blob store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy_state: Option<Digest>,
 }
 
 /// What a finished session gives back.
@@ -235,6 +406,27 @@ pub struct SessionResult {
     pub lineage: Lineage,
     /// Evaluation of the final model on the coordinator's held-out data.
     pub final_metrics: Option<WorkerMetrics>,
+}
+
+/// The worker packages of a session: one for every node, and overrides for some.
+#[derive(Clone, Debug)]
+struct Workers {
+    default: PackageRecord,
+    nodes: BTreeMap<String, PackageRecord>,
+}
+
+impl Workers {
+    fn for_node(&self, node: &str) -> &PackageRecord {
+        self.nodes.get(node).unwrap_or(&self.default)
+    }
+
+    fn uses(&self) -> BTreeMap<String, ModuleUse> {
+        self.nodes.iter().map(|(n, r)| (n.clone(), module_use(r))).collect()
+    }
+}
+
+fn module_use(r: &PackageRecord) -> ModuleUse {
+    ModuleUse { module: format!("{}@{}", r.name, r.version), digest: r.digest, role: "worker".into() }
 }
 
 /// Watches a session's progress.
@@ -301,10 +493,31 @@ pub struct Coordinator {
 
 /// What a round's wait collected.
 struct Replies {
-    /// Replies by node.
+    /// Replies by participant.
     replies: BTreeMap<String, TaskReply>,
-    /// Nodes that left while the round waited for them.
+    /// Participants whose node left while the round waited for them.
     gone: BTreeSet<String>,
+}
+
+/// A participant: a node, or (simulating) one of a node's virtual clients `<node>.c<j>`.
+fn participant_node(participant: &str) -> &str {
+    participant.rsplit_once(".c").filter(|(_, j)| j.parse::<usize>().is_ok()).map_or(participant, |(n, _)| n)
+}
+
+/// The participants of a round drawn from `nodes`: the nodes, or their virtual clients.
+fn participants_of(cfg: &SessionConfig, nodes: Vec<String>) -> Vec<String> {
+    match cfg.clients_per_node {
+        None => nodes,
+        Some(k) => nodes.iter().flat_map(|n| (0..k).map(move |j| format!("{n}.c{j}"))).collect(),
+    }
+}
+
+/// The worker config a participant adds: its share of the node's data when simulating.
+fn partition_config(cfg: &SessionConfig, participant: &str) -> Value {
+    match (cfg.clients_per_node, participant.rsplit_once(".c")) {
+        (Some(k), Some((_, j))) => json!({"partition": j.parse::<usize>().unwrap_or(0), "partitions": k}),
+        _ => json!({}),
+    }
 }
 
 struct Update {
@@ -372,13 +585,16 @@ impl Coordinator {
             return Err(SessionError::Config(format!("session {id} exists already; resume it or pick another id")));
         }
         let record = self.source.resolve(&module_ref).await?;
-        let module_use = ModuleUse {
-            module: format!("{}@{}", record.name, record.version),
-            digest: record.digest,
-            role: "worker".into(),
-        };
-        let eligible = self.eligible(cfg, &record).await?;
-        if eligible.len() < cfg.min_participants {
+        let module_use = module_use(&record);
+        let mut nodes = BTreeMap::new();
+        for (node, m) in &cfg.node_modules {
+            let r: PackageRef = m.parse().map_err(|e| SessionError::Config(format!("node_modules.{node}: {e}")))?;
+            nodes.insert(node.clone(), self.source.resolve(&r).await?);
+        }
+        let workers = Workers { default: record.clone(), nodes };
+        let eligible = self.eligible(cfg, &workers).await?;
+        let participants = eligible.len() * cfg.clients_per_node.unwrap_or(1);
+        if participants < cfg.min_participants {
             return Err(SessionError::Participants(format!(
                 "{} node(s) hold dataset {:?} and run {} modules; the session needs at least {}",
                 eligible.len(),
@@ -388,7 +604,7 @@ impl Coordinator {
             )));
         }
         observer.started(id, &record, &eligible, cfg.rounds, 0);
-        let model = self.initial_model(id, cfg, &record, &eligible).await?;
+        let model = self.initial_model(id, cfg, &workers, &eligible).await?;
         let model = self.retry("storing the initial model", || self.backend.blobs.put(model.clone())).await?;
         let state = SessionState {
             schema: SCHEMA_VERSION,
@@ -399,9 +615,11 @@ impl Coordinator {
             model,
             contributors: BTreeSet::new(),
             reports: Vec::new(),
+            node_modules: workers.uses(),
+            strategy_state: None,
         };
         self.save(&state).await?;
-        self.drive(state, &record, observer).await
+        self.drive(state, &workers, observer).await
     }
 
     /// Continues a session from its last completed round (after its coordinator died).
@@ -418,24 +636,59 @@ impl Coordinator {
                 state.module.module, record.digest, state.module.digest
             )));
         }
-        let eligible = self.eligible(&state.config, &record).await?;
+        let mut nodes = BTreeMap::new();
+        for (node, used) in &state.node_modules {
+            let r: PackageRef =
+                used.module.parse().map_err(|e| SessionError::Config(format!("stored module reference: {e}")))?;
+            let rec = self.source.resolve(&r).await?;
+            if rec.digest != used.digest {
+                return Err(SessionError::Config(format!(
+                    "{} is now {}, but node {node} ran {}",
+                    used.module, rec.digest, used.digest
+                )));
+            }
+            nodes.insert(node.clone(), rec);
+        }
+        let workers = Workers { default: record.clone(), nodes };
+        let eligible = self.eligible(&state.config, &workers).await?;
         observer.started(id, &record, &eligible, state.config.rounds, state.completed_rounds);
         tracing::info!(session = id, done = state.completed_rounds, "resuming");
-        self.drive(state, &record, observer).await
+        self.drive(state, &workers, observer).await
     }
 
     async fn drive(
         &self,
         mut state: SessionState,
-        record: &PackageRecord,
+        workers: &Workers,
         observer: &dyn Observer,
     ) -> Result<SessionResult, SessionError> {
         let cfg = state.config.clone();
+        let mut strategy = cfg.build_strategy().map_err(|e| SessionError::Config(format!("strategy: {e}")))?;
+        strategy.set_threads(self.threads);
+        if let Some(d) = state.strategy_state {
+            let bytes = self
+                .retry("reading the strategy's state", || self.backend.blobs.get(&d))
+                .await?
+                .ok_or_else(|| SessionError::Aggregate("the strategy's saved state is missing".into()))?;
+            strategy.restore(&bytes).map_err(|e| SessionError::Aggregate(format!("strategy state: {e}")))?;
+        }
+        // The privacy spent so far, replayed from the rounds done.
+        let mut accountant = privacy::RdpAccountant::new();
+        if let Some(dp) = &cfg.differential_privacy {
+            for r in &state.reports {
+                if let Some(q) = r.dp_sample_rate {
+                    accountant.step(dp.noise_multiplier, q, 1).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+                }
+            }
+        }
         for round in state.completed_rounds + 1..=cfg.rounds {
-            let report = self.round(&state, record, round, observer).await?;
+            let report = self.round(&state, workers, strategy.as_mut(), &mut accountant, round, observer).await?;
+            let saved = Bytes::from(strategy.state());
+            state.strategy_state =
+                Some(self.retry("saving the strategy's state", || self.backend.blobs.put(saved.clone())).await?);
             state.completed_rounds = round;
             state.model = report.model;
-            state.contributors.extend(report.contributed.iter().cloned());
+            state.contributors.extend(report.contributed.iter().map(|p| participant_node(p).to_owned()));
             state.reports.push(report.clone());
             self.save(&state).await?;
             observer.round_finished(&report);
@@ -449,8 +702,15 @@ impl Coordinator {
         });
         let lineage = Lineage {
             session: state.id.clone(),
-            strategy: cfg.strategy.clone(),
-            modules: vec![state.module.clone()],
+            strategy: cfg.strategy.name.clone(),
+            modules: {
+                let mut seen = BTreeSet::new();
+                std::iter::once(&state.module)
+                    .chain(state.node_modules.values())
+                    .filter(|m| seen.insert(m.digest))
+                    .cloned()
+                    .collect()
+            },
             nodes: state.contributors.iter().cloned().collect(),
             rounds: state.completed_rounds,
             metrics: state.reports.clone(),
@@ -483,13 +743,13 @@ impl Coordinator {
         }
     }
 
-    async fn eligible(&self, cfg: &SessionConfig, record: &PackageRecord) -> Result<Vec<NodeRecord>, SessionError> {
+    async fn eligible(&self, cfg: &SessionConfig, workers: &Workers) -> Result<Vec<NodeRecord>, SessionError> {
         let nodes = self.retry("listing nodes", || list_nodes(self.backend.members.as_ref())).await?;
         let local = self.local.as_ref().map(|n| n.id().to_owned());
         Ok(nodes
             .into_iter()
             .filter(|n| Some(&n.id) != local.as_ref())
-            .filter(|n| n.datasets.contains(&cfg.dataset) && n.runtimes.contains(&record.runtime))
+            .filter(|n| n.datasets.contains(&cfg.dataset) && n.runtimes.contains(&workers.for_node(&n.id).runtime))
             .collect())
     }
 
@@ -503,12 +763,12 @@ impl Coordinator {
         &self,
         id: &str,
         cfg: &SessionConfig,
-        record: &PackageRecord,
+        workers: &Workers,
         eligible: &[NodeRecord],
     ) -> Result<Bytes, SessionError> {
         let config = Self::worker_config(cfg, "init", cfg.seed);
         if let Some(local) = &self.local {
-            let out = local.run(&record.digest, &config, Vec::new(), id, &format!("{id}.init")).await?;
+            let out = local.run(&workers.default.digest, &config, Vec::new(), id, &format!("{id}.init")).await?;
             return out
                 .into_iter()
                 .find(|(n, _)| n == "model")
@@ -518,7 +778,7 @@ impl Coordinator {
         // No local node: ask the first eligible node.
         let first = vec![eligible[0].id.clone()];
         let timeout = Duration::from_secs_f64(cfg.round_timeout_secs);
-        let replies = self.dispatch(id, 0, &first, record, |_| config.clone(), &[], timeout).await?;
+        let replies = self.dispatch(id, 0, &first, workers, |_, _| config.clone(), &[], timeout).await?;
         for r in replies.replies.into_values() {
             if let TaskOutcome::Ok { outputs, .. } = r.outcome
                 && let Some(m) = outputs.iter().find(|o| o.name == "model")
@@ -538,9 +798,9 @@ impl Coordinator {
         &self,
         id: &str,
         round: u32,
-        nodes: &[String],
-        record: &PackageRecord,
-        config_for: impl Fn(usize) -> Value,
+        participants: &[String],
+        workers: &Workers,
+        config_for: impl Fn(usize, &str) -> Value,
         inputs: &[BlobRef],
         timeout: Duration,
     ) -> Result<Replies, SessionError> {
@@ -560,15 +820,16 @@ impl Coordinator {
             .identity
             .as_ref()
             .map(|k| Verifier::new(k.public().clone()).with_window_ms(3_600_000).without_replay_check());
-        for (i, node) in nodes.iter().enumerate() {
-            let task_id = format!("{id}.r{round}.{node}");
+        for (i, participant) in participants.iter().enumerate() {
+            let node = participant_node(participant);
+            let task_id = format!("{id}.r{round}.{participant}");
             let mut task = TaskMessage {
                 schema: SCHEMA_VERSION,
                 task_id: task_id.clone(),
                 session: id.to_owned(),
                 round,
-                module: record.digest,
-                config: config_for(i),
+                module: workers.for_node(node).digest,
+                config: config_for(i, participant),
                 inputs: inputs.to_vec(),
                 reply_to: reply_to.clone(),
                 dispatch: self.dispatch.clone(),
@@ -581,7 +842,7 @@ impl Coordinator {
             let bytes = Bytes::from(wire::encode(&task));
             let msg_id = format!("{task_id}.{}", self.dispatch);
             self.retry("sending a task", || self.backend.bus.put_once(&queue, &msg_id, bytes.clone())).await?;
-            pending.insert(task_id, node.clone());
+            pending.insert(task_id, participant.clone());
         }
         let deadline = Instant::now() + timeout;
         let mut replies = BTreeMap::new();
@@ -598,11 +859,12 @@ impl Coordinator {
                 last_check = Instant::now();
                 if let Ok(nodes) = list_nodes(self.backend.members.as_ref()).await {
                     let alive: BTreeSet<String> = nodes.into_iter().map(|n| n.id).collect();
-                    pending.retain(|task, node| {
+                    pending.retain(|task, participant| {
+                        let node = participant_node(participant);
                         let keep = alive.contains(node);
                         if !keep {
                             tracing::warn!(%task, %node, "node left during the round");
-                            gone.insert(node.clone());
+                            gone.insert(participant.clone());
                         }
                         keep
                     });
@@ -634,12 +896,12 @@ impl Coordinator {
             });
             match decoded {
                 Ok(r) if r.session == id && r.round == round => match pending.remove(&r.task_id) {
-                    Some(node) if node == r.node => {
-                        replies.insert(node, r);
+                    Some(participant) if participant_node(&participant) == r.node => {
+                        replies.insert(participant, r);
                     }
-                    Some(node) => {
-                        tracing::warn!(task = %r.task_id, "reply claims node {} but the task went to {node}; ignored", r.node);
-                        pending.insert(r.task_id.clone(), node);
+                    Some(participant) => {
+                        tracing::warn!(task = %r.task_id, "reply claims node {} but the task went to {participant}; ignored", r.node);
+                        pending.insert(r.task_id.clone(), participant);
                     }
                     None => tracing::info!(task = %r.task_id, "duplicate or unexpected reply ignored"),
                 },
@@ -655,7 +917,7 @@ impl Coordinator {
         Ok(Replies { replies, gone })
     }
 
-    async fn collect(&self, reply: &TaskReply) -> Result<Update, String> {
+    async fn collect(&self, participant: &str, reply: &TaskReply) -> Result<Update, String> {
         let (outputs, seconds) = match &reply.outcome {
             TaskOutcome::Ok { outputs, seconds } => (outputs, *seconds),
             TaskOutcome::Failed { error } => return Err(error.clone()),
@@ -678,13 +940,15 @@ impl Coordinator {
         if metrics.num_examples == 0 {
             return Err("the update is based on zero examples".into());
         }
-        Ok(Update { node: reply.node.clone(), tensors, metrics, seconds })
+        Ok(Update { node: participant.to_owned(), tensors, metrics, seconds })
     }
 
     async fn round(
         &self,
         state: &SessionState,
-        record: &PackageRecord,
+        workers: &Workers,
+        strategy: &mut dyn Strategy,
+        accountant: &mut privacy::RdpAccountant,
         round: u32,
         observer: &dyn Observer,
     ) -> Result<RoundReport, SessionError> {
@@ -692,14 +956,12 @@ impl Coordinator {
         let id = state.id.as_str();
         let started = Instant::now();
         // Nodes may come and go between rounds.
-        let available: Vec<String> = self.eligible(cfg, record).await?.into_iter().map(|n| n.id).collect();
-        let selected = select_participants(
-            &available,
-            cfg.participant_ratio,
-            cfg.min_participants,
-            cfg.seed ^ u64::from(round).wrapping_mul(0x9E37_79B9),
-        )
-        .map_err(|e| SessionError::Participants(format!("round {round}: {e}")))?;
+        let nodes: Vec<String> = self.eligible(cfg, workers).await?.into_iter().map(|n| n.id).collect();
+        let available = participants_of(cfg, nodes);
+        let plan = strategy
+            .configure_fit(round, &available, cfg.seed ^ u64::from(round).wrapping_mul(0x9E37_79B9))
+            .map_err(|e| SessionError::Participants(format!("round {round}: {e}")))?;
+        let selected = plan.participants;
         observer.round_started(round, &selected);
 
         let global = self
@@ -713,8 +975,17 @@ impl Coordinator {
                 id,
                 round,
                 &selected,
-                record,
-                |i| Self::worker_config(cfg, "train", seed_base + i as u64),
+                workers,
+                |i, participant| {
+                    let mut c = Self::worker_config(cfg, "train", seed_base + i as u64);
+                    deep_merge(&mut c, &plan.config);
+                    deep_merge(&mut c, &partition_config(cfg, participant));
+                    if let Some(dp) = cfg.differential_privacy.as_ref().filter(|d| d.side == DpSide::Client) {
+                        // The node clips the update before it leaves (see tessera-node).
+                        deep_merge(&mut c, &json!({ "dp_clipping_norm": dp.clipping_norm }));
+                    }
+                    c
+                },
                 std::slice::from_ref(&global_ref),
                 Duration::from_secs_f64(cfg.round_timeout_secs),
             )
@@ -731,7 +1002,7 @@ impl Coordinator {
                     node: node.clone(),
                     error: format!("no reply within {}s", cfg.round_timeout_secs),
                 }),
-                Some(r) => match self.collect(r).await {
+                Some(r) => match self.collect(node, r).await {
                     Ok(u) => updates.push(u),
                     Err(error) => failures.push(Failure { node: node.clone(), error }),
                 },
@@ -754,8 +1025,38 @@ impl Coordinator {
                 failures: failures.iter().map(|f| format!("{}: {}", f.node, f.error)).collect::<Vec<_>>().join("; "),
             });
         }
-        let weighted: Vec<(&Tensors, u64)> = usable.iter().map(|u| (&u.tensors, u.metrics.num_examples)).collect();
-        let aggregate = fedavg(&weighted, self.threads).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+        let results: Vec<FitResult> = usable
+            .iter()
+            .map(|u| FitResult {
+                node: u.node.clone(),
+                update: u.tensors.clone(),
+                num_examples: u.metrics.num_examples,
+            })
+            .collect();
+        let failed: Vec<FitFailure> =
+            failures.iter().map(|f| FitFailure { node: f.node.clone(), error: f.error.clone() }).collect();
+        let mut aggregate = strategy
+            .aggregate_fit(round, &base, &results, &failed)
+            .map_err(|e| SessionError::Aggregate(format!("round {round}: {e}")))?;
+        let mut dp_epsilon = None;
+        let mut dp_sample_rate = None;
+        if let Some(dp) = &cfg.differential_privacy {
+            let sigma = dp.noise_multiplier * dp.clipping_norm / results.len() as f64;
+            let mut rng = privacy::BoxMuller::new(|| {
+                let mut b = [0u8; 8];
+                getrandom::fill(&mut b).expect("the operating system's random source works");
+                u64::from_le_bytes(b)
+            });
+            for t in aggregate.0.values_mut() {
+                privacy::add_gaussian_noise(&mut t.data, sigma, &mut rng)
+                    .map_err(|e| SessionError::Aggregate(format!("round {round}: {e}")))?;
+            }
+            let q = (selected.len() as f64 / available.len().max(1) as f64).min(1.0);
+            accountant.step(dp.noise_multiplier, q, 1).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+            dp_epsilon = Some(accountant.epsilon(dp.delta).map_err(|e| SessionError::Aggregate(e.to_string()))?.0);
+            dp_sample_rate = Some(q);
+        }
+        drop(results);
         let examples: u64 = usable.iter().map(|u| u.metrics.num_examples).sum();
         let train_loss =
             usable.iter().map(|u| u.metrics.loss * u.metrics.num_examples as f64).sum::<f64>() / examples as f64;
@@ -764,7 +1065,10 @@ impl Coordinator {
 
         let compute_seconds = usable.iter().map(|u| u.seconds).fold(0.0, f64::max);
         let eval_started = Instant::now();
-        let metrics = self.evaluate(id, cfg, record, model_bytes, round).await?;
+        let (metrics, fed) = tokio::try_join!(
+            self.evaluate(id, cfg, &workers.default, model_bytes, round),
+            self.evaluate_federated(id, cfg, workers, &*strategy, &available, round, &model, global_ref.size),
+        )?;
         let eval_seconds = eval_started.elapsed().as_secs_f64();
         Ok(RoundReport {
             round,
@@ -780,7 +1084,71 @@ impl Coordinator {
             seconds: started.elapsed().as_secs_f64(),
             compute_seconds,
             eval_seconds,
+            fed_eval_loss: fed.as_ref().map(|f| f.0),
+            fed_eval_accuracy: fed.as_ref().and_then(|f| f.1),
+            fed_evaluated: fed.map(|f| f.2).unwrap_or_default(),
+            dp_epsilon,
+            dp_sample_rate,
         })
+    }
+
+    /// Federated evaluation: the participants the strategy picks evaluate the new model on
+    /// their own data; their metrics are averaged by example counts. Nodes that fail are
+    /// left out.
+    #[allow(clippy::too_many_arguments)]
+    async fn evaluate_federated(
+        &self,
+        id: &str,
+        cfg: &SessionConfig,
+        workers: &Workers,
+        strategy: &dyn Strategy,
+        available: &[String],
+        round: u32,
+        model: &Digest,
+        size: u64,
+    ) -> Result<Option<(f64, Option<f64>, Vec<String>)>, SessionError> {
+        if cfg.fraction_evaluate <= 0.0 {
+            return Ok(None);
+        }
+        let nodes = strategy
+            .configure_evaluate(round, available, cfg.seed ^ 0x5EED_E7A1 ^ u64::from(round))
+            .map_err(|e| SessionError::Participants(format!("round {round} evaluation: {e}")))?;
+        if nodes.is_empty() {
+            return Ok(None);
+        }
+        let input = BlobRef { name: "model".into(), digest: *model, size };
+        // Evaluation tasks are a round of their own on the reply queue (round numbers of
+        // evaluation are offset so their replies never mix with training's).
+        let replies = self
+            .dispatch(
+                id,
+                EVAL_ROUND_BASE + round,
+                &nodes,
+                workers,
+                |_, participant| {
+                    let mut c = Self::worker_config(cfg, "evaluate", cfg.seed);
+                    deep_merge(&mut c, &partition_config(cfg, participant));
+                    c
+                },
+                std::slice::from_ref(&input),
+                Duration::from_secs_f64(cfg.round_timeout_secs),
+            )
+            .await?;
+        let mut results = Vec::new();
+        let mut evaluated = Vec::new();
+        for (node, r) in &replies.replies {
+            let TaskOutcome::Ok { outputs, .. } = &r.outcome else { continue };
+            let Some(m) = outputs.iter().find(|o| o.name == "metrics") else { continue };
+            let Ok(Some(bytes)) = self.backend.blobs.get(&m.digest).await else { continue };
+            if let Ok(w) = serde_json::from_slice::<WorkerMetrics>(&bytes)
+                && w.num_examples > 0
+                && w.loss.is_finite()
+            {
+                results.push((w.num_examples, w.loss, w.accuracy));
+                evaluated.push(node.clone());
+            }
+        }
+        Ok(strategy.aggregate_evaluate(&results).map(|(l, a)| (l, a, evaluated)))
     }
 
     async fn evaluate(
@@ -809,6 +1177,9 @@ impl Coordinator {
     }
 }
 
+/// Evaluation tasks of round `r` are numbered `EVAL_ROUND_BASE + r`.
+const EVAL_ROUND_BASE: u32 = 1 << 30;
+
 /// The queue a session's replies come back on.
 pub fn reply_queue(id: &str) -> String {
     format!("tessera.session.{id}.replies")
@@ -829,14 +1200,43 @@ mod tests {
         c.participant_ratio = 0.0;
         assert!(c.validate().is_err());
         let mut c = ok.clone();
-        c.strategy = "magic".into();
+        c.strategy = StrategySpec::named("magic");
         assert!(c.validate().unwrap_err().to_string().contains("magic"));
+        let mut c = ok.clone();
+        c.strategy = serde_json::from_value(json!({"name": "fedadam", "eta": -1.0})).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("eta"), "parameters are checked");
+        let mut c = ok.clone();
+        c.strategy = serde_json::from_value(json!({"name": "krum", "colour": 1})).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("colour"));
+        let mut c = ok.clone();
+        c.max_failure_ratio = 2.0;
+        assert!(c.validate().is_err());
         let mut c = ok.clone();
         c.module = "Not A Module".into();
         assert!(c.validate().is_err());
         let mut c = ok;
         c.round_timeout_secs = f64::NAN;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn strategies_in_swarm_files() {
+        let c = SessionConfig::from_yaml("module: a.b@0.1.0\nstrategy: fedmedian\n").unwrap();
+        assert_eq!(c.strategy, StrategySpec::named("fedmedian"));
+        let c = SessionConfig::from_yaml(
+            "module: a.b@0.1.0\nstrategy:\n  name: fedtrimmedavg\n  beta: 0.3\nfraction_evaluate: 0.5\n",
+        )
+        .unwrap();
+        assert_eq!(c.strategy.name, "fedtrimmedavg");
+        assert_eq!(c.strategy.params["beta"], 0.3);
+        assert_eq!(c.participation().fraction_evaluate, 0.5);
+        // Written back the same way.
+        let again: SessionConfig = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+        assert_eq!(again, c);
+        for bad in ["strategy: [1]\n", "strategy: {beta: 0.3}\n", "strategy: {name: fedtrimmedavg, beta: 0.7}\n"] {
+            let e = SessionConfig::from_yaml(&format!("module: a.b@0.1.0\n{bad}")).unwrap_err();
+            assert!(e.to_string().contains("strateg") || e.to_string().contains("beta"), "{bad}: {e}");
+        }
     }
 
     #[test]

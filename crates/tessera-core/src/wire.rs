@@ -221,6 +221,23 @@ pub struct RoundReport {
     /// Time spent evaluating the new model, in seconds.
     #[serde(default)]
     pub eval_seconds: f64,
+    /// Example-weighted loss of the federated evaluation (participants evaluating the new
+    /// model on their own data), when the round had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fed_eval_loss: Option<f64>,
+    /// Example-weighted accuracy of the federated evaluation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fed_eval_accuracy: Option<f64>,
+    /// Nodes that evaluated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fed_evaluated: Vec<String>,
+    /// With differential privacy: ε spent by the session up to this round (at the session's
+    /// δ).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp_epsilon: Option<f64>,
+    /// With differential privacy: the fraction of eligible nodes sampled this round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp_sample_rate: Option<f64>,
 }
 
 impl RoundReport {

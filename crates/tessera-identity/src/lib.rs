@@ -17,6 +17,8 @@ pub mod keys;
 pub mod keystore;
 pub mod messages;
 pub mod seal;
+pub mod secagg;
+pub mod shamir;
 
 pub use envelope::{Envelope, EnvelopeError, Verifier, VerifyError};
 pub use keys::{KeyError, KeyPair, KeyType, PublicKey, Signature};

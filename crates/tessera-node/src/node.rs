@@ -558,8 +558,14 @@ impl Node {
             moved += bytes.len() as u64;
             inputs.push((r.name.clone(), bytes));
         }
+        let base = inputs.iter().find(|(n, _)| n == "model").map(|(_, b)| b.clone());
         let outputs =
             self.run_image(&image, Arc::new(datasets), &task.config, inputs, &task.session, &task.task_id).await;
+        // Client-side differential privacy: the update is clipped here, before it leaves.
+        let outputs = match (outputs, task.config.get("dp_clipping_norm").and_then(|v| v.as_f64())) {
+            (Ok(out), Some(clip)) => clip_model_output(out, base.as_deref(), clip),
+            (other, _) => other,
+        };
         if let Some(k) = &signer {
             let out_bytes: u64 = outputs.as_ref().map_or(0, |o| o.iter().map(|(_, b)| b.len() as u64).sum());
             self.meter(k, started.elapsed().as_secs_f64(), moved + out_bytes).await;
@@ -682,6 +688,26 @@ impl Node {
             tracing::warn!(node = %self.id, task = %task.task_id, "ack failed ({e}); a redelivery will be answered from memory");
         }
     }
+}
+
+/// Clips the `model` output to L2 distance `clip` from the `model` input (both
+/// safetensors), for client-side differential privacy.
+fn clip_model_output(mut outputs: Outputs, base: Option<&[u8]>, clip: f64) -> Result<Outputs, NodeError> {
+    use tessera_core::tensor::{TensorLimits, Tensors};
+    let refuse = |why: String| NodeError::Runtime(RuntimeError::Module(format!("differential privacy: {why}")));
+    let Some(base) = base else {
+        return Err(refuse("clipping needs the `model` input the update is measured from".into()));
+    };
+    let base = Tensors::decode(base, TensorLimits::default()).map_err(|e| refuse(format!("model input: {e}")))?;
+    for (name, bytes) in outputs.iter_mut().filter(|(n, _)| n == "model") {
+        let mut update =
+            Tensors::decode(bytes, TensorLimits::default()).map_err(|e| refuse(format!("{name} output: {e}")))?;
+        let norm = tessera_core::privacy::clip_model_update(&base, &mut update, clip as f32)
+            .map_err(|e| refuse(e.to_string()))?;
+        tracing::debug!(norm, clip, "update clipped for differential privacy");
+        *bytes = Bytes::from(update.encode());
+    }
+    Ok(outputs)
 }
 
 /// How often a node tells the bus a long task is still running.

@@ -233,8 +233,15 @@ impl ProcessInstance {
             }
             Ok(Err(Failure::Gone)) => {
                 let why = self.exit_report().await;
+                let killed = self.exit_status().is_some_and(|s| killed_from_outside(&s));
                 self.mark_broken(why.clone());
-                Err(RuntimeError::Trap(format!("{}: {why}", self.label)))
+                if killed {
+                    // SIGKILL comes from outside (kill -9, the OOM killer), not from the
+                    // module: the caller may give the call to a new instance.
+                    Err(RuntimeError::Gone(format!("{}: {why}", self.label)))
+                } else {
+                    Err(RuntimeError::Trap(format!("{}: {why}", self.label)))
+                }
             }
         }
     }
@@ -540,5 +547,19 @@ impl Instance for ProcessInstance {
             Some(child) => matches!(child.try_wait(), Ok(None)),
             None => false,
         }
+    }
+}
+
+/// True when the process was ended by SIGKILL, which a module does not send itself.
+fn killed_from_outside(status: &std::process::ExitStatus) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        status.signal() == Some(9)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = status;
+        false
     }
 }

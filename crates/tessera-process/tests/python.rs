@@ -237,7 +237,8 @@ class Probe(tessera.Task):
         g["raw"] = b"\x00\x01"
         self.world.results.add("acc", 0.9)
         self.log.info("probing")
-        return {
+        # run() returns its named outputs: one, `result`.
+        return {"result": {
             "datasets": self.local.datasets(),
             "size": ds.size,
             "sha": hashlib.sha256(whole).hexdigest(),
@@ -250,7 +251,7 @@ class Probe(tessera.Task):
             "results": self.world.results.select("acc"),
             "config": self.config.get("note"),
             "env": sorted(k for k in os.environ if k.startswith("TESSERA_")),
-        }
+        }}
 "#;
     let py = python_runtime(ProcessLimits::default());
     let m = py_module(code);
@@ -446,7 +447,7 @@ import tessera
 
 class Job(tessera.Task):
     def run(self):
-        return {"answer": 42, "inputs": sorted(self.inputs)}
+        return {"result": {"answer": 42, "inputs": sorted(self.inputs)}}
 
     def other(self, x):
         return x + 1

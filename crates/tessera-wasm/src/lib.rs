@@ -77,6 +77,9 @@ struct Inner {
     engine: Engine,
     linker: Linker<Host>,
     compiled: Mutex<HashMap<Digest, bindings::ModulePre<Host>>>,
+    /// Held while compiling, so nodes sharing this runtime that start the same module at
+    /// once compile it once (the compiler uses every core by itself).
+    compiling: Mutex<()>,
     limits: WasmLimits,
     _ticker: Ticker,
 }
@@ -120,6 +123,7 @@ impl WasmRuntime {
                 engine,
                 linker,
                 compiled: Mutex::new(HashMap::new()),
+                compiling: Mutex::new(()),
                 limits,
                 _ticker: Ticker { stop },
             }),
@@ -133,8 +137,13 @@ impl WasmRuntime {
 
     /// Compiles a component (or takes it from the cache).
     fn prepare(&self, module: &ModuleImage) -> Result<bindings::ModulePre<Host>, RuntimeError> {
-        if let Some(pre) = self.inner.compiled.lock().unwrap_or_else(|p| p.into_inner()).get(&module.digest) {
-            return Ok(pre.clone());
+        let cached = || self.inner.compiled.lock().unwrap_or_else(|p| p.into_inner()).get(&module.digest).cloned();
+        if let Some(pre) = cached() {
+            return Ok(pre);
+        }
+        let _one_at_a_time = self.inner.compiling.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pre) = cached() {
+            return Ok(pre);
         }
         let path = module.entry_path();
         let bytes =

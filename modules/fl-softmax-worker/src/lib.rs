@@ -40,7 +40,11 @@ mod guest {
                 "init" => Ok(vec![blob("model", Params::zeros(cfg.classes, cfg.features).encode())]),
                 "train" | "evaluate" => {
                     let params = model.ok_or("input `model` is missing")?;
-                    let data = Dataset::decode(&read_dataset(&cfg.dataset)?, cfg.features)?;
+                    let data = Dataset::decode(&read_dataset(&cfg.dataset)?, cfg.features)?.partition(
+                        cfg.partition,
+                        cfg.partitions,
+                        cfg.features,
+                    )?;
                     if cfg.mode == "train" {
                         let (params, metrics) = softmax::train(params, &data, &cfg)?;
                         log(

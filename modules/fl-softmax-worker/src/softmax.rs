@@ -30,6 +30,13 @@ pub struct Config {
     /// FedProx proximal term (0 disables it).
     #[serde(default)]
     pub proximal_mu: f32,
+    /// In a simulation, this participant's part of the dataset: rows `i` with
+    /// `i % partitions == partition`.
+    #[serde(default)]
+    pub partition: usize,
+    /// How many participants share the dataset (1: all rows are this participant's).
+    #[serde(default = "one")]
+    pub partitions: usize,
 }
 
 fn default_dataset() -> String {
@@ -132,6 +139,20 @@ impl Dataset {
         }
         let y: Vec<usize> = f32s(&y)?.into_iter().map(|v| v as usize).collect();
         Ok(Dataset { n, x: f32s(&x)?, y })
+    }
+
+    /// Keeps rows `i % parts == part` (a simulated participant's share).
+    pub fn partition(self, part: usize, parts: usize, features: usize) -> Result<Self, String> {
+        if parts <= 1 {
+            return Ok(self);
+        }
+        if part >= parts {
+            return Err(format!("partition {part} of {parts} does not exist"));
+        }
+        let rows: Vec<usize> = (part..self.n).step_by(parts).collect();
+        let x = rows.iter().flat_map(|&i| self.row(i, features).iter().copied()).collect();
+        let y = rows.iter().map(|&i| self.y[i]).collect();
+        Ok(Dataset { n: rows.len(), x, y })
     }
 
     fn row(&self, i: usize, features: usize) -> &[f32] {
@@ -289,6 +310,16 @@ mod tests {
         assert_eq!(after.accuracy, 1.0);
         assert_eq!(m.num_examples, 200);
         assert_eq!(Params::decode(&p.encode()).unwrap(), p);
+    }
+
+    #[test]
+    fn partitions_split_the_rows() {
+        let parts: Vec<Dataset> = (0..3).map(|k| toy().partition(k, 3, 2).unwrap()).collect();
+        assert_eq!(parts.iter().map(|d| d.n).sum::<usize>(), 200);
+        assert_eq!(parts[0].n, 67);
+        assert_eq!(parts[1].row(0, 2), toy().row(1, 2));
+        assert_eq!(toy().partition(0, 1, 2).unwrap().n, 200);
+        assert!(toy().partition(3, 3, 2).is_err());
     }
 
     #[test]

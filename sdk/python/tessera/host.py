@@ -138,16 +138,11 @@ def encode_output(name, value):
 def encode_result(value, from_run=False):
     """A call's outputs from what the function returned.
 
-    A dict returned by run() with at least one bytes or ndarray value gives one output
-    per key; any other value is the single output "result".
+    A dict returned by run() maps output names to values (a task's named outputs, such as
+    {"model": ..., "metrics": ...}); any other value, and anything an exposed function
+    returns, is the single output "result".
     """
-    if (
-        from_run
-        and isinstance(value, dict)
-        and value
-        and all(isinstance(k, str) for k in value)
-        and any(is_ndarray(v) or isinstance(v, (bytes, bytearray, memoryview)) for v in value.values())
-    ):
+    if from_run and isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
         return [encode_output(k, v) for k, v in value.items()]
     return [encode_output("result", value)]
 

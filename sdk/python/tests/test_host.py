@@ -91,7 +91,8 @@ class DispatchRulesTest(unittest.TestCase):
             host.encode_result({"model": b"m", "metrics": {"loss": 1}}, from_run=True),
             [("model", "bytes", b"m"), ("metrics", "json", b'{"loss": 1}')],
         )
-        self.assertEqual(host.encode_result({"a": 1}, from_run=True), [("result", "json", b'{"a": 1}')])
+        self.assertEqual(host.encode_result({"a": 1}, from_run=True), [("a", "json", b"1")])
+        self.assertEqual(host.encode_result({"a": 1}), [("result", "json", b'{"a": 1}')])
         for bad in (float("nan"), object()):
             with self.assertRaises(host.CallFailure) as cm:
                 host.encode_result(bad)

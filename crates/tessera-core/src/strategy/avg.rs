@@ -1,0 +1,292 @@
+//! FedAvg, FedProx and FedAvgM: the example-weighted average, optionally with server momentum.
+
+use serde::{Deserialize, Serialize};
+
+use super::math::momentum_step;
+use super::{
+    Common, FitFailure, FitPlan, FitResult, Participation, Strategy, StrategyError, check_output, check_param,
+    check_round, decode_state, encode_state, fedavg_of, join_roles, split_roles,
+};
+use crate::tensor::{Tensor, Tensors};
+
+/// Implements the participation part of [`Strategy`] from a `common: Common` field.
+macro_rules! common_strategy_methods {
+    () => {
+        fn participation(&self) -> &Participation {
+            &self.common.participation
+        }
+
+        fn set_threads(&mut self, threads: usize) {
+            self.common.threads = threads.max(1);
+        }
+
+        fn configure_evaluate(
+            &self,
+            _round: u32,
+            available: &[String],
+            seed: u64,
+        ) -> Result<Vec<String>, StrategyError> {
+            self.common.configure_evaluate(available, seed)
+        }
+    };
+}
+pub(super) use common_strategy_methods;
+
+/// FedAvg (McMahan et al., 2017): the average of the participants' models weighted by their
+/// example counts (Flower's `FedAvg` with `aggregate`).
+#[derive(Clone, Debug)]
+pub struct FedAvg {
+    common: Common,
+}
+
+impl FedAvg {
+    /// FedAvg with these participation settings.
+    pub fn new(participation: Participation) -> Self {
+        FedAvg { common: Common::new(participation) }
+    }
+}
+
+impl Strategy for FedAvg {
+    fn name(&self) -> &str {
+        "fedavg"
+    }
+
+    common_strategy_methods!();
+
+    fn configure_fit(&self, _round: u32, available: &[String], seed: u64) -> Result<FitPlan, StrategyError> {
+        self.common.configure_fit(available, seed, serde_json::json!({}))
+    }
+
+    fn aggregate_fit(
+        &mut self,
+        round: u32,
+        current: &Tensors,
+        results: &[FitResult],
+        failures: &[FitFailure],
+    ) -> Result<Tensors, StrategyError> {
+        let sorted = self.common.check(round, current, results, failures)?;
+        fedavg_of(round, self.name(), &sorted, self.common.threads)
+    }
+
+    fn state(&self) -> Vec<u8> {
+        encode_state(self.name(), serde_json::json!({}), None, &Tensors::default())
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), StrategyError> {
+        stateless_restore(self.name(), serde_json::json!({}), state)
+    }
+}
+
+/// Checks that `state` is the empty state of a stateless strategy.
+pub(super) fn stateless_restore(name: &str, params: serde_json::Value, state: &[u8]) -> Result<(), StrategyError> {
+    let (_, tensors) = decode_state(name, &params, state)?;
+    if !tensors.0.is_empty() {
+        return Err(StrategyError::State { strategy: name.into(), message: "unexpected tensors".into() });
+    }
+    Ok(())
+}
+
+/// FedProx's hyper-parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FedProxParams {
+    /// Weight of the proximal term `mu/2 ||w - w_t||^2` the workers add to their loss; 0 is
+    /// FedAvg. Required, at least 0.
+    pub proximal_mu: f64,
+}
+
+/// FedProx (Li et al., 2020): FedAvg on the server; the workers are told `proximal_mu` in their
+/// configuration and add the proximal term to their loss.
+#[derive(Clone, Debug)]
+pub struct FedProx {
+    params: FedProxParams,
+    common: Common,
+}
+
+impl FedProx {
+    /// FedProx with these parameters; refuses a negative or non-finite `proximal_mu`.
+    pub fn new(params: FedProxParams, participation: Participation) -> Result<Self, StrategyError> {
+        let mu = params.proximal_mu;
+        check_param("fedprox", "proximal_mu", mu, mu >= 0.0, "at least 0")?;
+        Ok(FedProx { params, common: Common::new(participation) })
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &FedProxParams {
+        &self.params
+    }
+}
+
+impl Strategy for FedProx {
+    fn name(&self) -> &str {
+        "fedprox"
+    }
+
+    common_strategy_methods!();
+
+    fn configure_fit(&self, _round: u32, available: &[String], seed: u64) -> Result<FitPlan, StrategyError> {
+        self.common.configure_fit(available, seed, serde_json::json!({"proximal_mu": self.params.proximal_mu}))
+    }
+
+    fn aggregate_fit(
+        &mut self,
+        round: u32,
+        current: &Tensors,
+        results: &[FitResult],
+        failures: &[FitFailure],
+    ) -> Result<Tensors, StrategyError> {
+        let sorted = self.common.check(round, current, results, failures)?;
+        fedavg_of(round, self.name(), &sorted, self.common.threads)
+    }
+
+    fn state(&self) -> Vec<u8> {
+        encode_state(self.name(), params_json(&self.params), None, &Tensors::default())
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), StrategyError> {
+        stateless_restore(self.name(), params_json(&self.params), state)
+    }
+}
+
+pub(super) fn params_json<T: Serialize>(params: &T) -> serde_json::Value {
+    serde_json::to_value(params).expect("parameters always serialise")
+}
+
+/// FedAvgM's hyper-parameters, with Flower's defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FedAvgMParams {
+    /// Server learning rate (default 1.0), above 0.
+    pub server_learning_rate: f64,
+    /// Server momentum (default 0.0), at least 0.
+    pub server_momentum: f64,
+}
+
+impl Default for FedAvgMParams {
+    fn default() -> Self {
+        FedAvgMParams { server_learning_rate: 1.0, server_momentum: 0.0 }
+    }
+}
+
+/// FedAvgM (Hsu et al., 2019): FedAvg followed by a server SGD step with momentum on the
+/// pseudo-gradient `current - fedavg` (Flower's `FedAvgM`). With the defaults it is FedAvg.
+#[derive(Clone, Debug)]
+pub struct FedAvgM {
+    params: FedAvgMParams,
+    common: Common,
+    momentum: Option<Tensors>,
+    last_round: Option<u32>,
+}
+
+impl FedAvgM {
+    /// FedAvgM with these parameters; refuses a learning rate not above 0 or a negative
+    /// momentum.
+    pub fn new(params: FedAvgMParams, participation: Participation) -> Result<Self, StrategyError> {
+        let (lr, mu) = (params.server_learning_rate, params.server_momentum);
+        check_param("fedavgm", "server_learning_rate", lr, lr > 0.0, "above 0")?;
+        check_param("fedavgm", "server_momentum", mu, mu >= 0.0, "at least 0")?;
+        Ok(FedAvgM { params, common: Common::new(participation), momentum: None, last_round: None })
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &FedAvgMParams {
+        &self.params
+    }
+
+    /// Whether the server takes an optimiser step at all (as Flower's `server_opt`).
+    fn server_opt(&self) -> bool {
+        self.params.server_momentum != 0.0 || self.params.server_learning_rate != 1.0
+    }
+}
+
+impl Strategy for FedAvgM {
+    fn name(&self) -> &str {
+        "fedavgm"
+    }
+
+    common_strategy_methods!();
+
+    fn configure_fit(&self, _round: u32, available: &[String], seed: u64) -> Result<FitPlan, StrategyError> {
+        self.common.configure_fit(available, seed, serde_json::json!({}))
+    }
+
+    fn aggregate_fit(
+        &mut self,
+        round: u32,
+        current: &Tensors,
+        results: &[FitResult],
+        failures: &[FitFailure],
+    ) -> Result<Tensors, StrategyError> {
+        let name = self.name();
+        check_round(name, round, self.last_round)?;
+        let sorted = self.common.check(round, current, results, failures)?;
+        let avg = fedavg_of(round, name, &sorted, self.common.threads)?;
+        if !self.server_opt() {
+            self.last_round = Some(round);
+            return Ok(avg);
+        }
+        if current.0.is_empty() {
+            return Err(StrategyError::Aggregation {
+                round,
+                strategy: name.into(),
+                message: "server-side optimisation needs the current model (Flower's initial_parameters)".into(),
+            });
+        }
+        let use_momentum = self.params.server_momentum > 0.0;
+        // Work on copies so that a refused round leaves the state as it was.
+        let first = self.momentum.is_none();
+        let mut momentum = match &self.momentum {
+            Some(m) if use_momentum => {
+                current.check_same_layout(m).map_err(|e| StrategyError::State {
+                    strategy: name.into(),
+                    message: format!("the momentum does not match the model: {e}"),
+                })?;
+                m.clone()
+            }
+            _ if use_momentum => zeros_like(current),
+            _ => Tensors::default(),
+        };
+        let mut out = current.clone();
+        for (tensor, w) in out.0.iter_mut() {
+            let mom = momentum.0.get_mut(tensor).map(|t| t.data.as_mut_slice()).unwrap_or_default();
+            momentum_step(
+                &mut w.data,
+                &avg.0[tensor].data,
+                mom,
+                self.params.server_learning_rate,
+                self.params.server_momentum,
+                first,
+                self.common.threads,
+            );
+        }
+        check_output(round, name, &out)?;
+        if use_momentum {
+            self.momentum = Some(momentum);
+        }
+        self.last_round = Some(round);
+        Ok(out)
+    }
+
+    fn state(&self) -> Vec<u8> {
+        let tensors = join_roles(&[("momentum", self.momentum.as_ref())]);
+        encode_state(self.name(), params_json(&self.params), self.last_round, &tensors)
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), StrategyError> {
+        let name = self.name();
+        let (last_round, tensors) = decode_state(name, &params_json(&self.params), state)?;
+        let mut roles = split_roles(name, tensors, &["momentum"])?;
+        self.momentum = roles.pop().flatten();
+        self.last_round = last_round;
+        Ok(())
+    }
+}
+
+/// Zeros with the layout of `t`.
+pub(super) fn zeros_like(t: &Tensors) -> Tensors {
+    Tensors(
+        t.0.iter()
+            .map(|(n, x)| (n.clone(), Tensor { shape: x.shape.clone(), data: vec![0.0; x.data.len()] }))
+            .collect(),
+    )
+}
