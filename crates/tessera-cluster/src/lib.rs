@@ -47,6 +47,9 @@ pub enum ClusterError {
 /// Wraps a node's WebAssembly runtime (tests use it to make a node misbehave).
 pub type RuntimeWrapper = fn(Arc<dyn Runtime>) -> Arc<dyn Runtime>;
 
+/// Wraps a node's world state (tests use it to make a node drop out).
+pub type WorldWrapper = fn(Arc<dyn tessera_ports::WorldState>) -> Arc<dyn tessera_ports::WorldState>;
+
 /// One node of the cluster.
 #[derive(Clone, Debug)]
 pub struct NodeSpec {
@@ -56,6 +59,8 @@ pub struct NodeSpec {
     pub datasets: BTreeMap<String, PathBuf>,
     /// Wraps its WebAssembly runtime, if set.
     pub wasm_wrapper: Option<RuntimeWrapper>,
+    /// Wraps its world state, if set.
+    pub world_wrapper: Option<WorldWrapper>,
 }
 
 /// How to build the cluster.
@@ -85,6 +90,7 @@ impl ClusterConfig {
                 id: format!("node-{k}"),
                 datasets: BTreeMap::from([("digits".to_string(), p.clone())]),
                 wasm_wrapper: None,
+                world_wrapper: None,
             })
             .collect();
         ClusterConfig {
@@ -137,18 +143,23 @@ impl Cluster {
 
         let make = |id: &str,
                     datasets: &BTreeMap<String, PathBuf>,
-                    wrap: Option<RuntimeWrapper>|
+                    wrap: Option<RuntimeWrapper>,
+                    world: Option<WorldWrapper>|
          -> Result<Arc<Node>, NodeError> {
             let mut c = NodeConfig::new(id, config.home.join("nodes").join(id).join("cache"));
             c.datasets = datasets.clone();
             let mut runtimes = vec![wrap.map_or_else(|| wasm.clone(), |w| w(wasm.clone()))];
             runtimes.extend(others.iter().cloned());
-            Ok(Arc::new(Node::new(c, ports.clone(), runtimes)?))
+            let mut ports = ports.clone();
+            if let Some(w) = world {
+                ports.backend.world = w(ports.backend.world.clone());
+            }
+            Ok(Arc::new(Node::new(c, ports, runtimes)?))
         };
-        let coordinator_node = make("coordinator", &config.coordinator_datasets, None)?;
+        let coordinator_node = make("coordinator", &config.coordinator_datasets, None, None)?;
         let mut nodes = Vec::new();
         for spec in &config.nodes {
-            nodes.push(make(&spec.id, &spec.datasets, spec.wasm_wrapper)?);
+            nodes.push(make(&spec.id, &spec.datasets, spec.wasm_wrapper, spec.world_wrapper)?);
         }
         let (shutdown, rx) = watch::channel(false);
         let mut serving = Vec::new();

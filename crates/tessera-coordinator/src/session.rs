@@ -61,6 +61,10 @@ pub struct SessionConfig {
     /// and the strategy's parameters (`{name: fedadam, eta: 0.01}`).
     #[serde(default)]
     pub strategy: StrategySpec,
+    /// Secure aggregation: participants mask their updates so the coordinator learns only
+    /// their sum (FedAvg), even when some drop out mid-round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation: Option<SecAggSettings>,
     /// Simulation: each eligible node hosts this many participants (`<node>.c<j>`), each
     /// training on its share of the node's dataset (rows `i % clients_per_node == j`; the
     /// worker gets `partition` and `partitions` in its config). Strategies sample from all
@@ -148,6 +152,34 @@ pub enum DpSide {
 
 fn default_delta() -> f64 {
     1e-5
+}
+
+/// Secure aggregation settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecAggSettings {
+    /// Weighted update values are clipped to `[-clip, clip]` before quantization.
+    #[serde(default = "default_secagg_clip")]
+    pub clip: f32,
+    /// Quantization bits per value.
+    #[serde(default = "default_scale_bits")]
+    pub scale_bits: u32,
+    /// Survivors needed to finish a round (default: a strict majority of the participants).
+    #[serde(default)]
+    pub threshold: Option<u16>,
+    /// Example counts are divided by this before weighting, to keep values in range.
+    #[serde(default = "default_weight_scale")]
+    pub weight_scale: f64,
+}
+
+fn default_secagg_clip() -> f32 {
+    8.0
+}
+fn default_scale_bits() -> u32 {
+    16
+}
+fn default_weight_scale() -> f64 {
+    1000.0
 }
 
 /// A strategy and its parameters, written as a name or as `{name: ..., <params>}`.
@@ -259,6 +291,7 @@ impl SessionConfig {
             strategy: StrategySpec::default(),
             differential_privacy: None,
             clients_per_node: None,
+            secure_aggregation: None,
             dataset: default_dataset(),
             eval_dataset: None,
             config: empty(),
@@ -285,6 +318,23 @@ impl SessionConfig {
             return bad("round_timeout_secs must be a positive number".into());
         }
         self.build_strategy().map_err(|e| SessionError::Config(format!("strategy: {e}")))?;
+        if let Some(sa) = &self.secure_aggregation {
+            if !matches!(self.strategy.name.as_str(), "fedavg" | "fedprox") {
+                return bad(format!(
+                    "secure aggregation gives the sum only: it works with fedavg or fedprox, not {}",
+                    self.strategy.name
+                ));
+            }
+            if self.differential_privacy.is_some() {
+                return bad("secure aggregation and differential privacy cannot be combined yet".into());
+            }
+            if !(sa.clip.is_finite() && sa.clip > 0.0 && (1..=31).contains(&sa.scale_bits)) {
+                return bad("secure_aggregation: clip must be positive and scale_bits in 1..=31".into());
+            }
+            if !(sa.weight_scale.is_finite() && sa.weight_scale > 0.0) {
+                return bad("secure_aggregation.weight_scale must be positive".into());
+            }
+        }
         if let Some(c) = self.clients_per_node
             && !(1..=100_000).contains(&c)
         {
@@ -778,7 +828,7 @@ impl Coordinator {
         // No local node: ask the first eligible node.
         let first = vec![eligible[0].id.clone()];
         let timeout = Duration::from_secs_f64(cfg.round_timeout_secs);
-        let replies = self.dispatch(id, 0, &first, workers, |_, _| config.clone(), &[], timeout).await?;
+        let replies = self.dispatch(id, 0, &first, "", workers, |_, _| config.clone(), &[], timeout).await?;
         for r in replies.replies.into_values() {
             if let TaskOutcome::Ok { outputs, .. } = r.outcome
                 && let Some(m) = outputs.iter().find(|o| o.name == "model")
@@ -799,6 +849,7 @@ impl Coordinator {
         id: &str,
         round: u32,
         participants: &[String],
+        attempt: &str,
         workers: &Workers,
         config_for: impl Fn(usize, &str) -> Value,
         inputs: &[BlobRef],
@@ -822,7 +873,7 @@ impl Coordinator {
             .map(|k| Verifier::new(k.public().clone()).with_window_ms(3_600_000).without_replay_check());
         for (i, participant) in participants.iter().enumerate() {
             let node = participant_node(participant);
-            let task_id = format!("{id}.r{round}.{participant}");
+            let task_id = format!("{id}.r{round}{attempt}.{participant}");
             let mut task = TaskMessage {
                 schema: SCHEMA_VERSION,
                 task_id: task_id.clone(),
@@ -970,11 +1021,16 @@ impl Coordinator {
             .ok_or_else(|| SessionError::Aggregate("the global model is missing".into()))?;
         let global_ref = BlobRef { name: "model".into(), digest: state.model, size: global.len() as u64 };
         let seed_base = cfg.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round) * 1009);
+        if let Some(sa) = &cfg.secure_aggregation {
+            let ctx = RoundCtx { state, workers, round, started, selected, available, global, global_ref, seed_base };
+            return self.secure_round(ctx, sa, &plan.config).await;
+        }
         let replies = self
             .dispatch(
                 id,
                 round,
                 &selected,
+                "",
                 workers,
                 |i, participant| {
                     let mut c = Self::worker_config(cfg, "train", seed_base + i as u64);
@@ -1092,6 +1148,193 @@ impl Coordinator {
         })
     }
 
+    /// A round under secure aggregation: participants train, then mask their weighted
+    /// updates in a secure-aggregation round driven here through world state; the
+    /// coordinator learns the sum (FedAvg's numerator and denominator) and applies it.
+    async fn secure_round(
+        &self,
+        ctx: RoundCtx<'_>,
+        sa: &SecAggSettings,
+        plan_config: &Value,
+    ) -> Result<RoundReport, SessionError> {
+        use tessera_identity::secagg::{
+            self as sagg, AdvertiseKeys, MaskedInput, SecAggConfig, ShareBundle, UnmaskResponse,
+        };
+        let RoundCtx { state, workers, round, started, selected, available, global, global_ref, seed_base } = ctx;
+        let cfg = &state.config;
+        let id = state.id.as_str();
+        let base =
+            Tensors::decode(&global, TensorLimits::default()).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+        let params: usize = base.0.values().map(|t| t.data.len()).sum();
+        let n = u16::try_from(selected.len()).map_err(|_| {
+            SessionError::Participants(format!("round {round}: too many participants for secure aggregation"))
+        })?;
+        let sconfig = SecAggConfig {
+            session: id.to_owned(),
+            round,
+            n,
+            threshold: sa.threshold.unwrap_or(n / 2 + 1),
+            vector_len: params + 1,
+            clip: sa.clip,
+            scale_bits: sa.scale_bits,
+        };
+        sconfig.validate().map_err(|e| SessionError::Config(format!("secure aggregation: {e}")))?;
+        let prefix = format!("secagg/{id}/r{round}/{}", self.dispatch);
+        let step = Duration::from_secs_f64(cfg.round_timeout_secs / 5.0);
+        let attempt = format!(".{}", self.dispatch);
+        let task = |i: usize| {
+            json!({"secagg": {
+                "config": sconfig,
+                "id": i + 1,
+                "prefix": prefix,
+                "weight_scale": sa.weight_scale,
+                "step_timeout_secs": step.as_secs_f64(),
+            }})
+        };
+        let world = self.backend.world.clone();
+        let blobs = self.backend.blobs.clone();
+        let drive = async {
+            let bad = |e: sagg::SecAggError| SessionError::Aggregate(format!("round {round}: secure aggregation: {e}"));
+            let mut c = sagg::Coordinator::new(sconfig.clone()).map_err(bad)?;
+            let post = |key: String, bytes: Vec<u8>| {
+                let (world, blobs) = (world.clone(), blobs.clone());
+                async move { tessera_node::secagg::post(world.as_ref(), blobs.as_ref(), &key, bytes).await }
+            };
+            for (_, b) in gather(world.as_ref(), blobs.as_ref(), &format!("{prefix}/keys"), n.into(), step).await? {
+                if let Err(e) = AdvertiseKeys::from_bytes(&b).and_then(|m| c.receive_keys(m)) {
+                    tracing::warn!("secure aggregation: keys refused: {e}");
+                }
+            }
+            let dir = c.key_directory().map_err(bad)?;
+            let u1 = dir.keys.len();
+            post(format!("{prefix}/directory"), dir.to_bytes()).await?;
+            for (_, b) in gather(world.as_ref(), blobs.as_ref(), &format!("{prefix}/shares"), u1, step).await? {
+                if let Err(e) = ShareBundle::from_bytes(&b).and_then(|m| c.receive_shares(m)) {
+                    tracing::warn!("secure aggregation: shares refused: {e}");
+                }
+            }
+            let relayed = c.relay_shares().map_err(bad)?;
+            let u2 = relayed.len();
+            for r in relayed {
+                post(format!("{prefix}/relay/{}", r.to), r.to_bytes()).await?;
+            }
+            for (_, b) in gather(world.as_ref(), blobs.as_ref(), &format!("{prefix}/masked"), u2, step).await? {
+                if let Err(e) = MaskedInput::from_bytes(&b).and_then(|m| c.receive_masked(m)) {
+                    tracing::warn!("secure aggregation: masked input refused: {e}");
+                }
+            }
+            let req = c.unmask_request().map_err(bad)?;
+            let u3 = req.survivors.len();
+            post(format!("{prefix}/unmask"), req.to_bytes()).await?;
+            for (_, b) in gather(world.as_ref(), blobs.as_ref(), &format!("{prefix}/unmasked"), u3, step).await? {
+                if let Err(e) = UnmaskResponse::from_bytes(&b).and_then(|m| c.receive_unmask(m)) {
+                    tracing::warn!("secure aggregation: unmask response refused: {e}");
+                }
+            }
+            c.finish().map_err(bad)
+        };
+        let dispatch = self.dispatch(
+            id,
+            round,
+            &selected,
+            &attempt,
+            workers,
+            |i, participant| {
+                let mut c = Self::worker_config(cfg, "train", seed_base + i as u64);
+                deep_merge(&mut c, plan_config);
+                deep_merge(&mut c, &partition_config(cfg, participant));
+                deep_merge(&mut c, &task(i));
+                c
+            },
+            std::slice::from_ref(&global_ref),
+            Duration::from_secs_f64(cfg.round_timeout_secs),
+        );
+        let (unmasked, replies) = tokio::join!(drive, dispatch);
+        let replies = replies?;
+        // The round's messages are no longer needed.
+        if let Ok(keys) = self.backend.world.keys(&prefix).await {
+            for k in keys {
+                let _ = self.backend.world.delete(&k).await;
+            }
+        }
+        let unmasked = unmasked?;
+        let survivors: Vec<String> = unmasked.survivors.iter().map(|&i| selected[usize::from(i) - 1].clone()).collect();
+        let mut failures = Vec::new();
+        let mut examples = 0u64;
+        let mut loss = 0.0f64;
+        let mut compute_seconds = 0.0f64;
+        for p in &selected {
+            let in_sum = survivors.contains(p);
+            match replies.replies.get(p).map(|r| &r.outcome) {
+                Some(TaskOutcome::Ok { outputs, seconds }) if in_sum => {
+                    let m = match outputs.iter().find(|o| o.name == "metrics") {
+                        Some(o) => self.backend.blobs.get(&o.digest).await?,
+                        None => None,
+                    };
+                    if let Some(m) = m.and_then(|b| serde_json::from_slice::<WorkerMetrics>(&b).ok()) {
+                        examples += m.num_examples;
+                        loss += m.loss * m.num_examples as f64;
+                    }
+                    compute_seconds = compute_seconds.max(*seconds);
+                }
+                Some(TaskOutcome::Failed { error }) => failures.push(Failure { node: p.clone(), error: error.clone() }),
+                _ if in_sum => {}
+                _ => failures.push(Failure { node: p.clone(), error: "dropped out of the secure aggregation".into() }),
+            }
+        }
+        if survivors.len() < cfg.min_participants {
+            return Err(SessionError::RoundFailed {
+                round,
+                got: survivors.len(),
+                min: cfg.min_participants,
+                failures: failures.iter().map(|f| format!("{}: {}", f.node, f.error)).collect::<Vec<_>>().join("; "),
+            });
+        }
+        let sum = sconfig
+            .dequantize_sum(&unmasked.sum, unmasked.survivors.len())
+            .map_err(|e| SessionError::Aggregate(e.to_string()))?;
+        let weight = f64::from(sum[params]);
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(SessionError::Aggregate(format!("round {round}: the summed weight is {weight}")));
+        }
+        let mut aggregate = base.clone();
+        let mut at = 0;
+        for t in aggregate.0.values_mut() {
+            for v in t.data.iter_mut() {
+                *v += (f64::from(sum[at]) / weight) as f32;
+                at += 1;
+            }
+        }
+        let model_bytes = Bytes::from(aggregate.encode());
+        let model = self.retry("storing the global model", || self.backend.blobs.put(model_bytes.clone())).await?;
+        let eval_started = Instant::now();
+        let strategy = cfg.build_strategy().map_err(|e| SessionError::Config(e.to_string()))?;
+        let (metrics, fed) = tokio::try_join!(
+            self.evaluate(id, cfg, &workers.default, model_bytes, round),
+            self.evaluate_federated(id, cfg, workers, &*strategy, &available, round, &model, global_ref.size),
+        )?;
+        Ok(RoundReport {
+            round,
+            selected,
+            contributed: survivors,
+            failures,
+            examples,
+            train_loss: if examples > 0 { loss / examples as f64 } else { 0.0 },
+            eval_loss: metrics.as_ref().map(|m| m.loss),
+            eval_accuracy: metrics.as_ref().and_then(|m| m.accuracy),
+            eval_examples: metrics.as_ref().map(|m| m.num_examples),
+            model,
+            seconds: started.elapsed().as_secs_f64(),
+            compute_seconds,
+            eval_seconds: eval_started.elapsed().as_secs_f64(),
+            fed_eval_loss: fed.as_ref().map(|f| f.0),
+            fed_eval_accuracy: fed.as_ref().and_then(|f| f.1),
+            fed_evaluated: fed.map(|f| f.2).unwrap_or_default(),
+            dp_epsilon: None,
+            dp_sample_rate: None,
+        })
+    }
+
     /// Federated evaluation: the participants the strategy picks evaluate the new model on
     /// their own data; their metrics are averaged by example counts. Nodes that fail are
     /// left out.
@@ -1124,6 +1367,7 @@ impl Coordinator {
                 id,
                 EVAL_ROUND_BASE + round,
                 &nodes,
+                "",
                 workers,
                 |_, participant| {
                     let mut c = Self::worker_config(cfg, "evaluate", cfg.seed);
@@ -1177,6 +1421,45 @@ impl Coordinator {
     }
 }
 
+/// What a round has when its participants are chosen.
+struct RoundCtx<'a> {
+    state: &'a SessionState,
+    workers: &'a Workers,
+    round: u32,
+    started: Instant,
+    selected: Vec<String>,
+    available: Vec<String>,
+    global: Bytes,
+    global_ref: BlobRef,
+    seed_base: u64,
+}
+
+/// Waits until `expected` messages are under `dir` in world state or `timeout` passes, and
+/// returns those there (by participant number).
+async fn gather(
+    world: &dyn tessera_ports::WorldState,
+    blobs: &dyn tessera_ports::BlobStore,
+    dir: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Result<BTreeMap<u16, Bytes>, SessionError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let keys = world.keys(dir).await?;
+        if keys.len() >= expected || Instant::now() >= deadline {
+            let mut out = BTreeMap::new();
+            for k in keys {
+                let Some(idx) = k.rsplit('/').next().and_then(|i| i.parse::<u16>().ok()) else { continue };
+                if let Some(b) = tessera_node::secagg::fetch(world, blobs, &k).await? {
+                    out.insert(idx, b);
+                }
+            }
+            return Ok(out);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Evaluation tasks of round `r` are numbered `EVAL_ROUND_BASE + r`.
 const EVAL_ROUND_BASE: u32 = 1 << 30;
 
@@ -1210,6 +1493,27 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("colour"));
         let mut c = ok.clone();
         c.max_failure_ratio = 2.0;
+        assert!(c.validate().is_err());
+        let sa = SecAggSettings { clip: 8.0, scale_bits: 16, threshold: None, weight_scale: 1000.0 };
+        let mut c = ok.clone();
+        c.secure_aggregation = Some(sa.clone());
+        assert!(c.validate().is_ok());
+        c.strategy = StrategySpec::named("krum");
+        assert!(c.validate().unwrap_err().to_string().contains("fedavg"), "robust strategies need every update");
+        let mut c = ok.clone();
+        c.secure_aggregation = Some(SecAggSettings { scale_bits: 40, ..sa.clone() });
+        assert!(c.validate().is_err());
+        let mut c = ok.clone();
+        c.secure_aggregation = Some(sa);
+        c.differential_privacy =
+            Some(DpConfig { noise_multiplier: 1.0, clipping_norm: 1.0, side: DpSide::Server, delta: 1e-5 });
+        assert!(c.validate().is_err());
+        let mut c = ok.clone();
+        c.differential_privacy =
+            Some(DpConfig { noise_multiplier: 0.0, clipping_norm: 1.0, side: DpSide::Server, delta: 1e-5 });
+        assert!(c.validate().is_err());
+        let mut c = ok.clone();
+        c.clients_per_node = Some(0);
         assert!(c.validate().is_err());
         let mut c = ok.clone();
         c.module = "Not A Module".into();

@@ -16,6 +16,7 @@ pub mod context;
 pub mod node;
 pub mod policy;
 pub mod resources;
+pub mod secagg;
 
 pub use actors::{ActorError, ActorInfo, ActorSpec, Actors, actor_name};
 pub use builtin::BuiltinRuntime;

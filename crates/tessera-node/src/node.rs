@@ -566,6 +566,23 @@ impl Node {
             (Ok(out), Some(clip)) => clip_model_output(out, base.as_deref(), clip),
             (other, _) => other,
         };
+        // Secure aggregation: the update leaves the node only masked, through the round.
+        let outputs = match (outputs, task.config.get("secagg")) {
+            (Ok(out), Some(sa)) => match serde_json::from_value::<crate::secagg::SecAggTask>(sa.clone()) {
+                Ok(sa) => {
+                    crate::secagg::participate(
+                        self.backend.world.as_ref(),
+                        self.backend.blobs.as_ref(),
+                        &sa,
+                        base.as_deref(),
+                        out,
+                    )
+                    .await
+                }
+                Err(e) => Err(NodeError::Runtime(RuntimeError::Module(format!("secure aggregation: {e}")))),
+            },
+            (other, _) => other,
+        };
         if let Some(k) = &signer {
             let out_bytes: u64 = outputs.as_ref().map_or(0, |o| o.iter().map(|(_, b)| b.len() as u64).sum());
             self.meter(k, started.elapsed().as_secs_f64(), moved + out_bytes).await;
