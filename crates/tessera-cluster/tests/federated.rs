@@ -325,3 +325,49 @@ async fn a_thousand_simulated_participants_per_round() {
     assert_eq!(r.lineage.nodes, ["node-0", "node-1", "node-2", "node-3"]);
     assert!(r.final_metrics.unwrap().accuracy.unwrap() > 0.5);
 }
+
+/// Hierarchical aggregation: two region aggregators sum their regions' updates (the
+/// coordinator reads only their partial sums), one node is in no region; the model is
+/// FedAvg's, to rounding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_aggregators_feed_the_global_sum() {
+    use std::collections::BTreeMap;
+    use tessera_coordinator::{Hierarchy, Region};
+    let home = tempfile::tempdir().unwrap();
+    let cluster = cluster(&On::Memory, home.path(), 5).await;
+    let agg = home.path().join("aggregator");
+    std::fs::create_dir_all(&agg).unwrap();
+    std::fs::write(
+        agg.join("module.yaml"),
+        "name: tessera.fedavg-partial\nversion: 0.1.0\nkind: task\nruntime: builtin\nentry: fedavg-partial\n",
+    )
+    .unwrap();
+    cluster.publish_dir(&agg).unwrap();
+    let mut cfg = SessionConfig::new("fl.softmax.worker");
+    cfg.rounds = 3;
+    cfg.eval_dataset = Some("digits-test".into());
+    let flat = cluster.coordinator().run("flat", &cfg, &Quiet).await.unwrap();
+    cfg.hierarchy = Some(Hierarchy {
+        module: "tessera.fedavg-partial@0.1.0".into(),
+        regions: BTreeMap::from([
+            ("eu".to_string(), Region { aggregator: "node-0".into(), nodes: vec!["node-0".into(), "node-1".into()] }),
+            ("us".to_string(), Region { aggregator: "node-2".into(), nodes: vec!["node-2".into(), "node-3".into()] }),
+        ]),
+    });
+    let tree = cluster.coordinator().run("tree", &cfg, &Quiet).await.unwrap();
+    for r in &tree.reports {
+        assert_eq!(r.contributed.len(), 5, "{:?}", r.failures);
+    }
+    let (a, b) = (
+        Tensors::decode(&flat.model, TensorLimits::default()).unwrap(),
+        Tensors::decode(&tree.model, TensorLimits::default()).unwrap(),
+    );
+    let worst =
+        a.0.iter().flat_map(|(k, t)| t.data.iter().zip(&b.0[k].data).map(|(x, y)| (x - y).abs())).fold(0f32, f32::max);
+    assert!(worst < 1e-4, "hierarchical and flat FedAvg differ by {worst}");
+    assert!(tree.final_metrics.unwrap().accuracy.unwrap() > 0.85);
+    // Configurations that cannot work are refused.
+    let mut bad = cfg.clone();
+    bad.strategy = tessera_coordinator::StrategySpec::named("fedmedian");
+    assert!(bad.validate().is_err());
+}

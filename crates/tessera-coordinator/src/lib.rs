@@ -15,6 +15,6 @@
 mod session;
 
 pub use session::{
-    Coordinator, DpConfig, DpSide, Observer, Quiet, SecAggSettings, SessionConfig, SessionError, SessionResult,
-    SessionState, StrategySpec, new_session_id, reply_queue, state_key,
+    Coordinator, DpConfig, DpSide, Hierarchy, Observer, Quiet, Region, SecAggSettings, SessionConfig, SessionError,
+    SessionResult, SessionState, StrategySpec, new_session_id, reply_queue, state_key,
 };

@@ -61,6 +61,11 @@ pub struct SessionConfig {
     /// and the strategy's parameters (`{name: fedadam, eta: 0.01}`).
     #[serde(default)]
     pub strategy: StrategySpec,
+    /// Hierarchical aggregation: region aggregators (nodes running `module`, the
+    /// `fedavg-partial` builtin) sum their region's updates, and the coordinator combines
+    /// their partial sums, so it never downloads a region's individual updates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hierarchy: Option<Hierarchy>,
     /// Secure aggregation: participants mask their updates so the coordinator learns only
     /// their sum (FedAvg), even when some drop out mid-round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -152,6 +157,27 @@ pub enum DpSide {
 
 fn default_delta() -> f64 {
     1e-5
+}
+
+/// Regions and their aggregators.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hierarchy {
+    /// The aggregator package (`runtime: builtin`, `entry: fedavg-partial`).
+    pub module: String,
+    /// Regions by name.
+    pub regions: BTreeMap<String, Region>,
+}
+
+/// One region: its aggregator node and its participant nodes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Region {
+    /// The node that sums the region's updates.
+    pub aggregator: String,
+    /// The region's participant nodes (participants elsewhere are summed by the
+    /// coordinator itself).
+    pub nodes: Vec<String>,
 }
 
 /// Secure aggregation settings.
@@ -292,6 +318,7 @@ impl SessionConfig {
             differential_privacy: None,
             clients_per_node: None,
             secure_aggregation: None,
+            hierarchy: None,
             dataset: default_dataset(),
             eval_dataset: None,
             config: empty(),
@@ -318,6 +345,35 @@ impl SessionConfig {
             return bad("round_timeout_secs must be a positive number".into());
         }
         self.build_strategy().map_err(|e| SessionError::Config(format!("strategy: {e}")))?;
+        if let Some(h) = &self.hierarchy {
+            if !matches!(self.strategy.name.as_str(), "fedavg" | "fedprox") {
+                return bad(format!(
+                    "hierarchical aggregation sums updates: it works with fedavg or fedprox, not {}",
+                    self.strategy.name
+                ));
+            }
+            if self.secure_aggregation.is_some() || self.differential_privacy.is_some() {
+                return bad(
+                    "hierarchical aggregation cannot be combined with secure aggregation or differential privacy yet"
+                        .into(),
+                );
+            }
+            h.module.parse::<PackageRef>().map_err(|e| SessionError::Config(format!("hierarchy.module: {e}")))?;
+            let mut seen = BTreeSet::new();
+            let mut aggregators = BTreeSet::new();
+            for (name, r) in &h.regions {
+                check_ident("region name", name).map_err(|e| SessionError::Config(e.to_string()))?;
+                check_ident("aggregator node", &r.aggregator).map_err(|e| SessionError::Config(e.to_string()))?;
+                if !aggregators.insert(&r.aggregator) {
+                    return bad(format!("node {} aggregates two regions", r.aggregator));
+                }
+                for n in &r.nodes {
+                    if !seen.insert(n) {
+                        return bad(format!("node {n} is in two regions"));
+                    }
+                }
+            }
+        }
         if let Some(sa) = &self.secure_aggregation {
             if !matches!(self.strategy.name.as_str(), "fedavg" | "fedprox") {
                 return bad(format!(
@@ -828,7 +884,8 @@ impl Coordinator {
         // No local node: ask the first eligible node.
         let first = vec![eligible[0].id.clone()];
         let timeout = Duration::from_secs_f64(cfg.round_timeout_secs);
-        let replies = self.dispatch(id, 0, &first, "", workers, |_, _| config.clone(), &[], timeout).await?;
+        let replies =
+            self.dispatch(id, 0, &first, "", workers, |_, _| config.clone(), |_, _| Vec::new(), timeout).await?;
         for r in replies.replies.into_values() {
             if let TaskOutcome::Ok { outputs, .. } = r.outcome
                 && let Some(m) = outputs.iter().find(|o| o.name == "model")
@@ -852,7 +909,7 @@ impl Coordinator {
         attempt: &str,
         workers: &Workers,
         config_for: impl Fn(usize, &str) -> Value,
-        inputs: &[BlobRef],
+        inputs_for: impl Fn(usize, &str) -> Vec<BlobRef>,
         timeout: Duration,
     ) -> Result<Replies, SessionError> {
         let reply_to = reply_queue(id);
@@ -881,7 +938,7 @@ impl Coordinator {
                 round,
                 module: workers.for_node(node).digest,
                 config: config_for(i, participant),
-                inputs: inputs.to_vec(),
+                inputs: inputs_for(i, participant),
                 reply_to: reply_to.clone(),
                 dispatch: self.dispatch.clone(),
                 auth: None,
@@ -1042,10 +1099,14 @@ impl Coordinator {
                     }
                     c
                 },
-                std::slice::from_ref(&global_ref),
+                |_, _| vec![global_ref.clone()],
                 Duration::from_secs_f64(cfg.round_timeout_secs),
             )
             .await?;
+        if let Some(h) = &cfg.hierarchy {
+            let ctx = RoundCtx { state, workers, round, started, selected, available, global, global_ref, seed_base };
+            return self.hierarchical_round(ctx, h, replies).await;
+        }
 
         let mut updates = Vec::new();
         let mut failures = Vec::new();
@@ -1148,6 +1209,209 @@ impl Coordinator {
         })
     }
 
+    /// The aggregation of a round with region aggregators: each region's aggregator node
+    /// gets its participants' update blobs (by digest) and answers their weighted sum; the
+    /// coordinator reads only metrics, the partial sums, and the updates of participants in
+    /// no region.
+    async fn hierarchical_round(
+        &self,
+        ctx: RoundCtx<'_>,
+        h: &Hierarchy,
+        replies: Replies,
+    ) -> Result<RoundReport, SessionError> {
+        let RoundCtx { state, workers, round, started, selected, available, global, global_ref, .. } = ctx;
+        let cfg = &state.config;
+        let id = state.id.as_str();
+        let base =
+            Tensors::decode(&global, TensorLimits::default()).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+        let mut failures = Vec::new();
+        // participant -> (update blob, examples, loss, seconds)
+        let mut done: BTreeMap<String, (BlobRef, u64, f64, f64)> = BTreeMap::new();
+        for p in &selected {
+            let outcome = match replies.replies.get(p) {
+                None => {
+                    failures.push(Failure {
+                        node: p.clone(),
+                        error: format!("no reply within {}s", cfg.round_timeout_secs),
+                    });
+                    continue;
+                }
+                Some(r) => &r.outcome,
+            };
+            let (outputs, seconds) = match outcome {
+                TaskOutcome::Ok { outputs, seconds } => (outputs, *seconds),
+                TaskOutcome::Failed { error } => {
+                    failures.push(Failure { node: p.clone(), error: error.clone() });
+                    continue;
+                }
+            };
+            let model = outputs.iter().find(|o| o.name == "model").cloned();
+            let metrics = match outputs.iter().find(|o| o.name == "metrics") {
+                Some(o) => self.backend.blobs.get(&o.digest).await?,
+                None => None,
+            };
+            match (model, metrics.and_then(|b| serde_json::from_slice::<WorkerMetrics>(&b).ok())) {
+                (Some(m), Some(w)) if w.num_examples > 0 => {
+                    done.insert(p.clone(), (m, w.num_examples, w.loss, seconds));
+                }
+                _ => failures.push(Failure { node: p.clone(), error: "no usable `model` and `metrics`".into() }),
+            }
+        }
+        if done.len() < cfg.min_participants {
+            return Err(SessionError::RoundFailed {
+                round,
+                got: done.len(),
+                min: cfg.min_participants,
+                failures: failures.iter().map(|f| format!("{}: {}", f.node, f.error)).collect::<Vec<_>>().join("; "),
+            });
+        }
+        // Regions with updates this round, and the participants in none.
+        let mut regions: Vec<(&Region, Vec<String>)> = Vec::new();
+        let mut direct = Vec::new();
+        for p in done.keys() {
+            match h.regions.values().find(|r| r.nodes.iter().any(|n| n == participant_node(p))) {
+                Some(r) => match regions.iter_mut().find(|(x, _)| std::ptr::eq(*x, r)) {
+                    Some((_, v)) => v.push(p.clone()),
+                    None => regions.push((r, vec![p.clone()])),
+                },
+                None => direct.push(p.clone()),
+            }
+        }
+        let module: PackageRef =
+            h.module.parse().map_err(|e| SessionError::Config(format!("hierarchy.module: {e}")))?;
+        let agg_record = self.source.resolve(&module).await?;
+        let agg_workers = Workers { default: agg_record, nodes: BTreeMap::new() };
+        let aggregators: Vec<String> = regions.iter().map(|(r, _)| r.aggregator.clone()).collect();
+        let partials = self
+            .dispatch(
+                id,
+                AGG_ROUND_BASE + round,
+                &aggregators,
+                "",
+                &agg_workers,
+                |i, _| {
+                    let weights: serde_json::Map<String, Value> =
+                        regions[i].1.iter().enumerate().map(|(k, p)| (format!("u{k}"), json!(done[p].1))).collect();
+                    json!({"weights": weights})
+                },
+                |i, _| {
+                    regions[i]
+                        .1
+                        .iter()
+                        .enumerate()
+                        .map(|(k, p)| BlobRef { name: format!("u{k}"), ..done[p].0.clone() })
+                        .collect()
+                },
+                Duration::from_secs_f64(cfg.round_timeout_secs),
+            )
+            .await?;
+        let mut sum =
+            Tensors(base.0.iter().map(|(k, t)| (k.clone(), tessera_core::tensor::Tensor::zeros(&t.shape))).collect());
+        let mut weight = 0.0f64;
+        let mut contributed = Vec::new();
+        let add = |sum: &mut Tensors, t: &Tensors, w: f32| -> Result<(), SessionError> {
+            base.check_same_layout(t).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+            for (k, acc) in sum.0.iter_mut() {
+                for (a, v) in acc.data.iter_mut().zip(&t.0[k].data) {
+                    *a += w * v;
+                }
+            }
+            Ok(())
+        };
+        for (i, (region, members)) in regions.iter().enumerate() {
+            let reply = partials.replies.get(&aggregators[i]).map(|r| &r.outcome);
+            let Some(TaskOutcome::Ok { outputs, .. }) = reply else {
+                for p in members {
+                    failures.push(Failure {
+                        node: p.clone(),
+                        error: format!("its region's aggregator {} did not answer", region.aggregator),
+                    });
+                }
+                continue;
+            };
+            let get = |name: &str| outputs.iter().find(|o| o.name == name).map(|o| o.digest);
+            let (Some(pd), Some(wd)) = (get("partial"), get("weight")) else {
+                return Err(SessionError::Aggregate(format!("aggregator {} gave no partial sum", region.aggregator)));
+            };
+            let partial = self
+                .backend
+                .blobs
+                .get(&pd)
+                .await?
+                .ok_or_else(|| SessionError::Aggregate("a partial sum is missing".into()))?;
+            let w: f64 = self
+                .backend
+                .blobs
+                .get(&wd)
+                .await?
+                .and_then(|b| std::str::from_utf8(&b).ok().and_then(|s| s.trim().parse().ok()))
+                .ok_or_else(|| SessionError::Aggregate("a partial weight is missing".into()))?;
+            let t = Tensors::decode(&partial, TensorLimits::default())
+                .map_err(|e| SessionError::Aggregate(e.to_string()))?;
+            add(&mut sum, &t, 1.0)?;
+            weight += w;
+            contributed.extend(members.iter().cloned());
+        }
+        for p in &direct {
+            let bytes = self
+                .backend
+                .blobs
+                .get(&done[p].0.digest)
+                .await?
+                .ok_or_else(|| SessionError::Aggregate("an update is missing".into()))?;
+            let t =
+                Tensors::decode(&bytes, TensorLimits::default()).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+            add(&mut sum, &t, done[p].1 as f32)?;
+            weight += done[p].1 as f64;
+            contributed.push(p.clone());
+        }
+        if contributed.len() < cfg.min_participants || weight <= 0.0 {
+            return Err(SessionError::RoundFailed {
+                round,
+                got: contributed.len(),
+                min: cfg.min_participants,
+                failures: failures.iter().map(|f| format!("{}: {}", f.node, f.error)).collect::<Vec<_>>().join("; "),
+            });
+        }
+        for t in sum.0.values_mut() {
+            for v in t.data.iter_mut() {
+                *v = (f64::from(*v) / weight) as f32;
+            }
+        }
+        contributed.sort();
+        let examples: u64 = contributed.iter().map(|p| done[p].1).sum();
+        let train_loss = contributed.iter().map(|p| done[p].2 * done[p].1 as f64).sum::<f64>() / examples as f64;
+        let compute_seconds = contributed.iter().map(|p| done[p].3).fold(0.0, f64::max);
+        let model_bytes = Bytes::from(sum.encode());
+        let model = self.retry("storing the global model", || self.backend.blobs.put(model_bytes.clone())).await?;
+        let eval_started = Instant::now();
+        let strategy = cfg.build_strategy().map_err(|e| SessionError::Config(e.to_string()))?;
+        let (metrics, fed) = tokio::try_join!(
+            self.evaluate(id, cfg, &workers.default, model_bytes, round),
+            self.evaluate_federated(id, cfg, workers, &*strategy, &available, round, &model, global_ref.size),
+        )?;
+        Ok(RoundReport {
+            round,
+            selected,
+            contributed,
+            failures,
+            examples,
+            train_loss,
+            eval_loss: metrics.as_ref().map(|m| m.loss),
+            eval_accuracy: metrics.as_ref().and_then(|m| m.accuracy),
+            eval_examples: metrics.as_ref().map(|m| m.num_examples),
+            model,
+            seconds: started.elapsed().as_secs_f64(),
+            compute_seconds,
+            eval_seconds: eval_started.elapsed().as_secs_f64(),
+            fed_eval_loss: fed.as_ref().map(|f| f.0),
+            fed_eval_accuracy: fed.as_ref().and_then(|f| f.1),
+            fed_evaluated: fed.map(|f| f.2).unwrap_or_default(),
+            dp_epsilon: None,
+            dp_sample_rate: None,
+        })
+    }
+
     /// A round under secure aggregation: participants train, then mask their weighted
     /// updates in a secure-aggregation round driven here through world state; the
     /// coordinator learns the sum (FedAvg's numerator and denominator) and applies it.
@@ -1246,7 +1510,7 @@ impl Coordinator {
                 deep_merge(&mut c, &task(i));
                 c
             },
-            std::slice::from_ref(&global_ref),
+            |_, _| vec![global_ref.clone()],
             Duration::from_secs_f64(cfg.round_timeout_secs),
         );
         let (unmasked, replies) = tokio::join!(drive, dispatch);
@@ -1374,7 +1638,7 @@ impl Coordinator {
                     deep_merge(&mut c, &partition_config(cfg, participant));
                     c
                 },
-                std::slice::from_ref(&input),
+                |_, _| vec![input.clone()],
                 Duration::from_secs_f64(cfg.round_timeout_secs),
             )
             .await?;
@@ -1459,6 +1723,9 @@ async fn gather(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Region aggregation tasks of round `r` are numbered `AGG_ROUND_BASE + r`.
+const AGG_ROUND_BASE: u32 = 1 << 29;
 
 /// Evaluation tasks of round `r` are numbered `EVAL_ROUND_BASE + r`.
 const EVAL_ROUND_BASE: u32 = 1 << 30;

@@ -21,6 +21,7 @@ impl Default for BuiltinRuntime {
     fn default() -> Self {
         let mut r = BuiltinRuntime { builtins: BTreeMap::new() };
         r.register("echo", Arc::new(echo));
+        r.register("fedavg-partial", Arc::new(fedavg_partial));
         r
     }
 }
@@ -45,8 +46,41 @@ fn echo(inv: Invocation, ctx: &dyn TaskContext) -> Result<Outputs, String> {
     Ok(inv.inputs)
 }
 
+/// `fedavg-partial`: a region aggregator's part of hierarchical FedAvg. Its inputs are
+/// models (safetensors); its config's `weights` gives each input's weight (examples). It
+/// answers `partial`, the weighted sum of the models, and `weight`, the sum of the weights
+/// (JSON): the global aggregator divides the sum of the partials by the sum of the weights.
+fn fedavg_partial(inv: Invocation, ctx: &dyn TaskContext) -> Result<Outputs, String> {
+    use tessera_core::tensor::{TensorLimits, Tensors};
+    let weights = inv.config.get("weights").and_then(|w| w.as_object()).ok_or("config.weights is missing")?;
+    if inv.inputs.is_empty() {
+        return Err("no models to aggregate".into());
+    }
+    let mut models = Vec::with_capacity(inv.inputs.len());
+    let mut ws = Vec::with_capacity(inv.inputs.len());
+    for (name, bytes) in &inv.inputs {
+        let w = weights.get(name).and_then(|w| w.as_f64()).ok_or_else(|| format!("no weight for input {name:?}"))?;
+        if !(w.is_finite() && w >= 0.0) {
+            return Err(format!("the weight of {name:?} must be a non-negative number"));
+        }
+        models.push(Tensors::decode(bytes, TensorLimits::default()).map_err(|e| format!("input {name:?}: {e}"))?);
+        ws.push(w as f32);
+    }
+    for m in &models[1..] {
+        models[0].check_same_layout(m).map_err(|e| e.to_string())?;
+    }
+    let mut out = models[0].clone();
+    for (name, t) in out.0.iter_mut() {
+        let inputs: Vec<&[f32]> = models.iter().map(|m| m.0[name].data.as_slice()).collect();
+        tessera_core::aggregate::weighted_sum_into(&mut t.data, &inputs, &ws, 1);
+    }
+    let total: f64 = ws.iter().map(|w| f64::from(*w)).sum();
+    ctx.log(LogLevel::Info, &format!("partial FedAvg of {} models, weight {total}", models.len()));
+    Ok(vec![("partial".into(), Bytes::from(out.encode())), ("weight".into(), Bytes::from(total.to_string()))])
+}
+
 impl BuiltinRuntime {
-    /// The standard builtins (`echo`).
+    /// The standard builtins (`echo`, `fedavg-partial`).
     pub fn new() -> Self {
         Self::default()
     }
