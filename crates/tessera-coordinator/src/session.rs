@@ -1135,12 +1135,7 @@ impl Coordinator {
             }
         }
         if usable.len() < cfg.min_participants {
-            return Err(SessionError::RoundFailed {
-                round,
-                got: usable.len(),
-                min: cfg.min_participants,
-                failures: failures.iter().map(|f| format!("{}: {}", f.node, f.error)).collect::<Vec<_>>().join("; "),
-            });
+            return Err(too_few(round, usable.len(), cfg.min_participants, &failures));
         }
         let results: Vec<FitResult> = usable
             .iter()
@@ -1177,35 +1172,67 @@ impl Coordinator {
         let examples: u64 = usable.iter().map(|u| u.metrics.num_examples).sum();
         let train_loss =
             usable.iter().map(|u| u.metrics.loss * u.metrics.num_examples as f64).sum::<f64>() / examples as f64;
-        let model_bytes = Bytes::from(aggregate.encode());
-        let model = self.retry("storing the global model", || self.backend.blobs.put(model_bytes.clone())).await?;
-
-        let compute_seconds = usable.iter().map(|u| u.seconds).fold(0.0, f64::max);
-        let eval_started = Instant::now();
-        let (metrics, fed) = tokio::try_join!(
-            self.evaluate(id, cfg, &workers.default, model_bytes, round),
-            self.evaluate_federated(id, cfg, workers, &*strategy, &available, round, &model, global_ref.size),
-        )?;
-        let eval_seconds = eval_started.elapsed().as_secs_f64();
-        Ok(RoundReport {
-            round,
-            selected,
+        let done = Aggregated {
             contributed: usable.iter().map(|u| u.node.clone()).collect(),
+            compute_seconds: usable.iter().map(|u| u.seconds).fold(0.0, f64::max),
+            selected,
             failures,
             examples,
             train_loss,
+            model: aggregate,
+            dp_epsilon,
+            dp_sample_rate,
+        };
+        let ctx =
+            RoundCtx { state, workers, round, started, selected: Vec::new(), available, global, global_ref, seed_base };
+        self.finish_round(&ctx, &*strategy, done).await
+    }
+
+    /// The end of every round: stores the new global model, evaluates it (at the
+    /// coordinator and, when asked, on participants) and writes the report.
+    async fn finish_round(
+        &self,
+        ctx: &RoundCtx<'_>,
+        strategy: &dyn Strategy,
+        done: Aggregated,
+    ) -> Result<RoundReport, SessionError> {
+        let cfg = &ctx.state.config;
+        let id = ctx.state.id.as_str();
+        let model_bytes = Bytes::from(done.model.encode());
+        let model = self.retry("storing the global model", || self.backend.blobs.put(model_bytes.clone())).await?;
+        let eval_started = Instant::now();
+        let (metrics, fed) = tokio::try_join!(
+            self.evaluate(id, cfg, &ctx.workers.default, model_bytes, ctx.round),
+            self.evaluate_federated(
+                id,
+                cfg,
+                ctx.workers,
+                strategy,
+                &ctx.available,
+                ctx.round,
+                &model,
+                ctx.global_ref.size
+            ),
+        )?;
+        Ok(RoundReport {
+            round: ctx.round,
+            selected: done.selected,
+            contributed: done.contributed,
+            failures: done.failures,
+            examples: done.examples,
+            train_loss: done.train_loss,
             eval_loss: metrics.as_ref().map(|m| m.loss),
             eval_accuracy: metrics.as_ref().and_then(|m| m.accuracy),
             eval_examples: metrics.as_ref().map(|m| m.num_examples),
             model,
-            seconds: started.elapsed().as_secs_f64(),
-            compute_seconds,
-            eval_seconds,
+            seconds: ctx.started.elapsed().as_secs_f64(),
+            compute_seconds: done.compute_seconds,
+            eval_seconds: eval_started.elapsed().as_secs_f64(),
             fed_eval_loss: fed.as_ref().map(|f| f.0),
             fed_eval_accuracy: fed.as_ref().and_then(|f| f.1),
             fed_evaluated: fed.map(|f| f.2).unwrap_or_default(),
-            dp_epsilon,
-            dp_sample_rate,
+            dp_epsilon: done.dp_epsilon,
+            dp_sample_rate: done.dp_sample_rate,
         })
     }
 
@@ -1258,12 +1285,7 @@ impl Coordinator {
             }
         }
         if done.len() < cfg.min_participants {
-            return Err(SessionError::RoundFailed {
-                round,
-                got: done.len(),
-                min: cfg.min_participants,
-                failures: failures.iter().map(|f| format!("{}: {}", f.node, f.error)).collect::<Vec<_>>().join("; "),
-            });
+            return Err(too_few(round, done.len(), cfg.min_participants, &failures));
         }
         // Regions with updates this round, and the participants in none.
         let mut regions: Vec<(&Region, Vec<String>)> = Vec::new();
@@ -1366,12 +1388,7 @@ impl Coordinator {
             contributed.push(p.clone());
         }
         if contributed.len() < cfg.min_participants || weight <= 0.0 {
-            return Err(SessionError::RoundFailed {
-                round,
-                got: contributed.len(),
-                min: cfg.min_participants,
-                failures: failures.iter().map(|f| format!("{}: {}", f.node, f.error)).collect::<Vec<_>>().join("; "),
-            });
+            return Err(too_few(round, contributed.len(), cfg.min_participants, &failures));
         }
         for t in sum.0.values_mut() {
             for v in t.data.iter_mut() {
@@ -1382,34 +1399,30 @@ impl Coordinator {
         let examples: u64 = contributed.iter().map(|p| done[p].1).sum();
         let train_loss = contributed.iter().map(|p| done[p].2 * done[p].1 as f64).sum::<f64>() / examples as f64;
         let compute_seconds = contributed.iter().map(|p| done[p].3).fold(0.0, f64::max);
-        let model_bytes = Bytes::from(sum.encode());
-        let model = self.retry("storing the global model", || self.backend.blobs.put(model_bytes.clone())).await?;
-        let eval_started = Instant::now();
         let strategy = cfg.build_strategy().map_err(|e| SessionError::Config(e.to_string()))?;
-        let (metrics, fed) = tokio::try_join!(
-            self.evaluate(id, cfg, &workers.default, model_bytes, round),
-            self.evaluate_federated(id, cfg, workers, &*strategy, &available, round, &model, global_ref.size),
-        )?;
-        Ok(RoundReport {
-            round,
+        let result = Aggregated {
             selected,
             contributed,
             failures,
             examples,
             train_loss,
-            eval_loss: metrics.as_ref().map(|m| m.loss),
-            eval_accuracy: metrics.as_ref().and_then(|m| m.accuracy),
-            eval_examples: metrics.as_ref().map(|m| m.num_examples),
-            model,
-            seconds: started.elapsed().as_secs_f64(),
             compute_seconds,
-            eval_seconds: eval_started.elapsed().as_secs_f64(),
-            fed_eval_loss: fed.as_ref().map(|f| f.0),
-            fed_eval_accuracy: fed.as_ref().and_then(|f| f.1),
-            fed_evaluated: fed.map(|f| f.2).unwrap_or_default(),
+            model: sum,
             dp_epsilon: None,
             dp_sample_rate: None,
-        })
+        };
+        let ctx = RoundCtx {
+            state,
+            workers,
+            round,
+            started,
+            selected: Vec::new(),
+            available,
+            global,
+            global_ref,
+            seed_base: 0,
+        };
+        self.finish_round(&ctx, &*strategy, result).await
     }
 
     /// A round under secure aggregation: participants train, then mask their weighted
@@ -1547,12 +1560,7 @@ impl Coordinator {
             }
         }
         if survivors.len() < cfg.min_participants {
-            return Err(SessionError::RoundFailed {
-                round,
-                got: survivors.len(),
-                min: cfg.min_participants,
-                failures: failures.iter().map(|f| format!("{}: {}", f.node, f.error)).collect::<Vec<_>>().join("; "),
-            });
+            return Err(too_few(round, survivors.len(), cfg.min_participants, &failures));
         }
         let sum = sconfig
             .dequantize_sum(&unmasked.sum, unmasked.survivors.len())
@@ -1569,34 +1577,21 @@ impl Coordinator {
                 at += 1;
             }
         }
-        let model_bytes = Bytes::from(aggregate.encode());
-        let model = self.retry("storing the global model", || self.backend.blobs.put(model_bytes.clone())).await?;
-        let eval_started = Instant::now();
         let strategy = cfg.build_strategy().map_err(|e| SessionError::Config(e.to_string()))?;
-        let (metrics, fed) = tokio::try_join!(
-            self.evaluate(id, cfg, &workers.default, model_bytes, round),
-            self.evaluate_federated(id, cfg, workers, &*strategy, &available, round, &model, global_ref.size),
-        )?;
-        Ok(RoundReport {
-            round,
+        let result = Aggregated {
             selected,
             contributed: survivors,
             failures,
             examples,
             train_loss: if examples > 0 { loss / examples as f64 } else { 0.0 },
-            eval_loss: metrics.as_ref().map(|m| m.loss),
-            eval_accuracy: metrics.as_ref().and_then(|m| m.accuracy),
-            eval_examples: metrics.as_ref().map(|m| m.num_examples),
-            model,
-            seconds: started.elapsed().as_secs_f64(),
             compute_seconds,
-            eval_seconds: eval_started.elapsed().as_secs_f64(),
-            fed_eval_loss: fed.as_ref().map(|f| f.0),
-            fed_eval_accuracy: fed.as_ref().and_then(|f| f.1),
-            fed_evaluated: fed.map(|f| f.2).unwrap_or_default(),
+            model: aggregate,
             dp_epsilon: None,
             dp_sample_rate: None,
-        })
+        };
+        let ctx =
+            RoundCtx { state, workers, round, started, selected: Vec::new(), available, global, global_ref, seed_base };
+        self.finish_round(&ctx, &*strategy, result).await
     }
 
     /// Federated evaluation: the participants the strategy picks evaluate the new model on
@@ -1722,6 +1717,29 @@ async fn gather(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A round that ended with fewer usable updates than the session needs.
+fn too_few(round: u32, got: usize, min: usize, failures: &[Failure]) -> SessionError {
+    SessionError::RoundFailed {
+        round,
+        got,
+        min,
+        failures: failures.iter().map(|f| format!("{}: {}", f.node, f.error)).collect::<Vec<_>>().join("; "),
+    }
+}
+
+/// What a round aggregated, before the new model is stored and evaluated.
+struct Aggregated {
+    selected: Vec<String>,
+    contributed: Vec<String>,
+    failures: Vec<Failure>,
+    examples: u64,
+    train_loss: f64,
+    compute_seconds: f64,
+    model: Tensors,
+    dp_epsilon: Option<f64>,
+    dp_sample_rate: Option<f64>,
 }
 
 /// Region aggregation tasks of round `r` are numbered `AGG_ROUND_BASE + r`.
