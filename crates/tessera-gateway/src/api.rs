@@ -165,14 +165,19 @@ impl From<BusError> for ApiError {
 }
 
 fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error(de)
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("malformed request: {e}")))
 }
 
-fn serde_path_to_error<'de, T: serde::de::DeserializeOwned>(
-    de: &mut serde_json::Deserializer<serde_json::de::SliceRead<'de>>,
-) -> Result<T, ApiError> {
-    T::deserialize(de).map_err(|e| ApiError::bad(format!("malformed request: {e}")))
+/// Another node's gateway, where a request is forwarded.
+struct Target {
+    node: String,
+    endpoint: Option<String>,
+}
+
+impl From<&Placement> for Target {
+    fn from(p: &Placement) -> Self {
+        Target { node: p.node.clone(), endpoint: p.endpoint.clone() }
+    }
 }
 
 async fn health(State(gw): State<Arc<Gateway>>) -> Json<Value> {
@@ -230,7 +235,7 @@ fn forwardable(headers: &HeaderMap) -> bool {
 impl Gateway {
     async fn forward(
         &self,
-        placement: &Placement,
+        placement: &Target,
         method: reqwest::Method,
         path: &str,
         body: Option<Bytes>,
@@ -257,7 +262,7 @@ impl Gateway {
         Ok((status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response())
     }
 
-    async fn node_placement(&self, node: &str) -> Result<Placement, ApiError> {
+    async fn node_target(&self, node: &str) -> Result<Target, ApiError> {
         let nodes = tessera_node::list_nodes(self.node.members().as_ref())
             .await
             .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backend", e.to_string()))?;
@@ -265,7 +270,7 @@ impl Gateway {
             .into_iter()
             .find(|r| r.id == node)
             .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no live node {node:?}")))?;
-        Ok(Placement { node: r.id, endpoint: r.endpoint, digest: Digest::of(b"") })
+        Ok(Target { node: r.id, endpoint: r.endpoint })
     }
 
     /// Resolves a module reference to a package digest and the actor name it launches as.
@@ -381,7 +386,7 @@ impl Gateway {
                 format!("{name} runs on node {}{at}{why}", p.node),
             ));
         }
-        self.forward(p, reqwest::Method::POST, "/api/v1/call", Some(body)).await
+        self.forward(&p.into(), reqwest::Method::POST, "/api/v1/call", Some(body)).await
     }
 }
 
@@ -464,7 +469,7 @@ async fn launch(
             return Err(ApiError::bad(format!("this is node {}, not {node}", gw.node.id())));
         }
         if signer.is_some() {
-            let p = gw.node_placement(node).await?;
+            let p = gw.node_target(node).await?;
             let at = p.endpoint.map(|e| format!(" at {e}")).unwrap_or_default();
             return Err(ApiError::new(
                 StatusCode::MISDIRECTED_REQUEST,
@@ -472,7 +477,7 @@ async fn launch(
                 format!("a signed launch goes to node {node}{at} directly"),
             ));
         }
-        let p = gw.node_placement(node).await?;
+        let p = gw.node_target(node).await?;
         return gw.forward(&p, reqwest::Method::POST, "/api/v1/actors", Some(body)).await;
     }
     let digest = gw.resolve(&req.module).await?;
@@ -484,7 +489,7 @@ async fn launch(
             let mut req: LaunchRequest = json_body(&body)?;
             req.node = Some(placement.node.clone());
             let body = Bytes::from(serde_json::to_vec(&req).expect("serializable"));
-            gw.forward(&placement, reqwest::Method::POST, "/api/v1/actors", Some(body)).await
+            gw.forward(&(&placement).into(), reqwest::Method::POST, "/api/v1/actors", Some(body)).await
         }
         Err(e) => Err(e.into()),
     }
@@ -558,7 +563,7 @@ async fn kill(
                 ))
             }
             Some(p) if p.node != gw.node.id() => {
-                gw.forward(&p, reqwest::Method::DELETE, &format!("/api/v1/actors/{name}"), None).await
+                gw.forward(&(&p).into(), reqwest::Method::DELETE, &format!("/api/v1/actors/{name}"), None).await
             }
             _ => Err(ActorError::NotFound(name).into()),
         },

@@ -325,8 +325,8 @@ impl Actors {
 
     /// Where an actor runs: here, on a live node, or nowhere.
     pub async fn locate(&self, name: &str) -> Result<Option<Placement>, ActorError> {
-        if self.actors.lock().await.contains_key(name) {
-            return Ok(Some(self.placement(&self.actors.lock().await[name].image.digest)));
+        if let Some(digest) = self.actors.lock().await.get(name).map(|a| a.image.digest) {
+            return Ok(Some(self.placement(&digest)));
         }
         let Some(e) = self.node.world().get(&name_key(name)).await.map_err(NodeError::from)? else {
             return Ok(None);
