@@ -202,7 +202,7 @@ async fn a_node_with_a_policy_takes_only_signed_granted_requests() {
 }
 
 fn small_inline() -> GatewayConfig {
-    GatewayConfig { inline_limit: 1024, queue_capacity: 3, ..GatewayConfig::default() }
+    GatewayConfig { inline_limit: 1024, queue_capacity: 3, max_body: 64 << 10, ..GatewayConfig::default() }
 }
 
 async fn calls_launch_and_bad_calls(on: On) {
@@ -286,9 +286,14 @@ async fn calls_launch_and_bad_calls(on: On) {
     assert_eq!(s, 200);
     let (s, r) = c.call(&gw, json!({"module": "demo.counter-huge", "function": "big-output"})).await;
     assert!(s >= 400 && r["error"].as_str().unwrap().contains("limit"), "{s} {r}");
-    // Malformed bodies.
+    // Malformed and oversized bodies.
     let r = c.http.post(format!("{gw}/api/v1/call")).body("{not json").send().await.unwrap();
     assert_eq!(r.status().as_u16(), 400);
+    let huge = json!({"module": "demo.counter", "function": "count", "args": ["x".repeat(100 << 10)]});
+    let r = c.http.post(format!("{gw}/api/v1/call")).json(&huge).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 413, "over the body limit");
+    let r = c.http.post(format!("{gw}/api/v1/queues/demo.big")).json(&huge).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 413);
 
     // Cancellation: a long call with an id is stopped by its cancel route.
     let long = {
