@@ -9,15 +9,24 @@ use super::{
 };
 use crate::tensor::{Tensor, Tensors};
 
-/// Implements the participation part of [`Strategy`] from a `common: Common` field.
+/// Implements the participation part of [`Strategy`] from a `common: Common` field:
+/// `configure_fit` (with `$config` merged into every worker's config; nothing by default),
+/// `configure_evaluate`, `participation` and `set_threads`.
 macro_rules! common_strategy_methods {
     () => {
+        common_strategy_methods!(|_s: &Self| serde_json::json!({}));
+    };
+    ($config:expr) => {
         fn participation(&self) -> &Participation {
             &self.common.participation
         }
 
         fn set_threads(&mut self, threads: usize) {
             self.common.threads = threads.max(1);
+        }
+
+        fn configure_fit(&self, _round: u32, available: &[String], seed: u64) -> Result<FitPlan, StrategyError> {
+            self.common.configure_fit(available, seed, ($config)(self))
         }
 
         fn configure_evaluate(
@@ -52,10 +61,6 @@ impl Strategy for FedAvg {
     }
 
     common_strategy_methods!();
-
-    fn configure_fit(&self, _round: u32, available: &[String], seed: u64) -> Result<FitPlan, StrategyError> {
-        self.common.configure_fit(available, seed, serde_json::json!({}))
-    }
 
     fn aggregate_fit(
         &mut self,
@@ -122,11 +127,8 @@ impl Strategy for FedProx {
         "fedprox"
     }
 
-    common_strategy_methods!();
-
-    fn configure_fit(&self, _round: u32, available: &[String], seed: u64) -> Result<FitPlan, StrategyError> {
-        self.common.configure_fit(available, seed, serde_json::json!({"proximal_mu": self.params.proximal_mu}))
-    }
+    // FedProx's proximal term goes to every worker.
+    common_strategy_methods!(|s: &Self| serde_json::json!({"proximal_mu": s.params.proximal_mu}));
 
     fn aggregate_fit(
         &mut self,
@@ -205,10 +207,6 @@ impl Strategy for FedAvgM {
     }
 
     common_strategy_methods!();
-
-    fn configure_fit(&self, _round: u32, available: &[String], seed: u64) -> Result<FitPlan, StrategyError> {
-        self.common.configure_fit(available, seed, serde_json::json!({}))
-    }
 
     fn aggregate_fit(
         &mut self,

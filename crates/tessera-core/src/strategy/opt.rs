@@ -168,10 +168,6 @@ impl Strategy for FedOpt {
 
     common_strategy_methods!();
 
-    fn configure_fit(&self, _round: u32, available: &[String], seed: u64) -> Result<FitPlan, StrategyError> {
-        self.common.configure_fit(available, seed, serde_json::json!({}))
-    }
-
     fn aggregate_fit(
         &mut self,
         round: u32,

@@ -58,10 +58,6 @@ impl Strategy for FedMedian {
 
     common_strategy_methods!();
 
-    fn configure_fit(&self, _round: u32, available: &[String], seed: u64) -> Result<FitPlan, StrategyError> {
-        self.common.configure_fit(available, seed, serde_json::json!({}))
-    }
-
     fn aggregate_fit(
         &mut self,
         round: u32,
@@ -127,10 +123,6 @@ impl Strategy for FedTrimmedAvg {
 
     common_strategy_methods!();
 
-    fn configure_fit(&self, _round: u32, available: &[String], seed: u64) -> Result<FitPlan, StrategyError> {
-        self.common.configure_fit(available, seed, serde_json::json!({}))
-    }
-
     fn aggregate_fit(
         &mut self,
         round: u32,
@@ -189,10 +181,6 @@ impl Strategy for Krum {
     }
 
     common_strategy_methods!();
-
-    fn configure_fit(&self, _round: u32, available: &[String], seed: u64) -> Result<FitPlan, StrategyError> {
-        self.common.configure_fit(available, seed, serde_json::json!({}))
-    }
 
     fn aggregate_fit(
         &mut self,
@@ -276,10 +264,6 @@ impl Strategy for Bulyan {
     }
 
     common_strategy_methods!();
-
-    fn configure_fit(&self, _round: u32, available: &[String], seed: u64) -> Result<FitPlan, StrategyError> {
-        self.common.configure_fit(available, seed, serde_json::json!({}))
-    }
 
     fn aggregate_fit(
         &mut self,
