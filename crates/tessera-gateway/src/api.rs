@@ -174,6 +174,14 @@ struct Target {
     endpoint: Option<String>,
 }
 
+impl Target {
+    /// The answer to a request that must go to this node instead: `what` runs there.
+    fn elsewhere(&self, what: &str, why: &str) -> ApiError {
+        let at = self.endpoint.as_deref().map(|e| format!(" at {e}")).unwrap_or_default();
+        ApiError::new(StatusCode::MISDIRECTED_REQUEST, "elsewhere", format!("{what} is on node {}{at}{why}", self.node))
+    }
+}
+
 impl From<&Placement> for Target {
     fn from(p: &Placement) -> Self {
         Target { node: p.node.clone(), endpoint: p.endpoint.clone() }
@@ -378,13 +386,8 @@ impl Gateway {
         signed: bool,
     ) -> Result<Response, ApiError> {
         if !forward || signed {
-            let at = p.endpoint.as_deref().map(|e| format!(" at {e}")).unwrap_or_default();
             let why = if signed { "; a signed call goes to that node directly" } else { "" };
-            return Err(ApiError::new(
-                StatusCode::MISDIRECTED_REQUEST,
-                "elsewhere",
-                format!("{name} runs on node {}{at}{why}", p.node),
-            ));
+            return Err(Target::from(p).elsewhere(name, why));
         }
         self.forward(&p.into(), reqwest::Method::POST, "/api/v1/call", Some(body)).await
     }
@@ -469,13 +472,10 @@ async fn launch(
             return Err(ApiError::bad(format!("this is node {}, not {node}", gw.node.id())));
         }
         if signer.is_some() {
-            let p = gw.node_target(node).await?;
-            let at = p.endpoint.map(|e| format!(" at {e}")).unwrap_or_default();
-            return Err(ApiError::new(
-                StatusCode::MISDIRECTED_REQUEST,
-                "elsewhere",
-                format!("a signed launch goes to node {node}{at} directly"),
-            ));
+            return Err(gw
+                .node_target(node)
+                .await?
+                .elsewhere("the launch's target", "; a signed launch goes to it directly"));
         }
         let p = gw.node_target(node).await?;
         return gw.forward(&p, reqwest::Method::POST, "/api/v1/actors", Some(body)).await;
@@ -555,12 +555,7 @@ async fn kill(
         Ok(info) => Ok(Json(info).into_response()),
         Err(ActorError::NotFound(_)) if forwardable(&headers) => match gw.actors.locate(&name).await? {
             Some(p) if p.node != gw.node.id() && signer.is_some() => {
-                let at = p.endpoint.map(|e| format!(" at {e}")).unwrap_or_default();
-                Err(ApiError::new(
-                    StatusCode::MISDIRECTED_REQUEST,
-                    "elsewhere",
-                    format!("{name} runs on node {}{at}; a signed kill goes to that node directly", p.node),
-                ))
+                Err(Target::from(&p).elsewhere(&name, "; a signed kill goes to that node directly"))
             }
             Some(p) if p.node != gw.node.id() => {
                 gw.forward(&(&p).into(), reqwest::Method::DELETE, &format!("/api/v1/actors/{name}"), None).await

@@ -336,8 +336,10 @@ async fn calls_launch_and_bad_calls(on: On) {
 async fn two_nodes_share_names_and_forward_calls(on: On) {
     let c = cluster(on).await;
     c.publish("demo.counter", "wasm", "module.wasm");
-    let a = c.node("na", GatewayConfig::default()).await;
-    let b = c.node("nb", GatewayConfig::default()).await;
+    let key = || Some(Arc::new(tessera_identity::KeyPair::generate(tessera_identity::KeyType::Ed25519)));
+    let open = tessera_node::NodePolicy::open;
+    let a = c.node_with("na", GatewayConfig::default(), open(), key()).await;
+    let b = c.node_with("nb", GatewayConfig::default(), open(), key()).await;
     // Launched on node b through node a's gateway.
     let (s, info) =
         c.post(&format!("{a}/api/v1/actors"), json!({"module": "demo.counter", "tag": "1", "node": "nb"})).await;
@@ -359,6 +361,15 @@ async fn two_nodes_share_names_and_forward_calls(on: On) {
     assert_eq!(list[0]["node"], "nb");
     let local: Value = c.http.get(format!("{a}/api/v1/actors?scope=local")).send().await.unwrap().json().await.unwrap();
     assert_eq!(local, json!([]));
+    // A signed call is addressed to the node it reaches: it is not forwarded, and the
+    // answer says where to send it.
+    let me = Arc::new(tessera_identity::KeyPair::generate(tessera_identity::KeyType::Ed25519));
+    let signed = tessera_client::gateway::GatewayClient::new(&a).unwrap().with_signer(me.clone());
+    let e = signed.actor("demo.counter-1").call("count", vec![]).await.unwrap_err();
+    assert_eq!(e.kind(), Some("elsewhere"), "{e}");
+    assert!(e.to_string().contains("nb") && e.to_string().contains(&b), "{e}");
+    let at_b = tessera_client::gateway::GatewayClient::new(&b).unwrap().with_signer(me);
+    assert_eq!(at_b.actor("demo.counter-1").call("count", vec![]).await.unwrap(), json!(4));
     // Killed through a: it stops on b.
     let r = c.http.delete(format!("{a}/api/v1/actors/demo.counter-1")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
