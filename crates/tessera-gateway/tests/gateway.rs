@@ -322,6 +322,9 @@ async fn calls_launch_and_bad_calls(on: On) {
     assert_eq!(body["kind"], "cancelled");
     let (s, _) = c.post(&format!("{gw}/api/v1/calls/long-1/cancel"), json!({})).await;
     assert_eq!(s, 404);
+    let info: Value =
+        c.http.get(format!("{gw}/api/v1/actors/demo.counter")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(info["busy"], 0, "a cancelled call no longer counts as running: {info}");
     // The actor answers again (a fresh replica with the saved state).
     let (s, r) = c.call(&gw, json!({"module": "demo.counter", "function": "count"})).await;
     assert_eq!((s, r["result"].clone()), (200, json!(5)));

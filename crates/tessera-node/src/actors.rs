@@ -443,9 +443,16 @@ impl Actors {
         // The least busy replica.
         let replica =
             actor.replicas.iter().min_by_key(|r| r.busy.load(Ordering::Relaxed)).expect("at least one replica");
+        // Counted busy until the call ends, also when it is abandoned half-way (cancelled).
+        struct Busy<'a>(&'a AtomicUsize);
+        impl Drop for Busy<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
         replica.busy.fetch_add(1, Ordering::Relaxed);
+        let _busy = Busy(&replica.busy);
         let result = self.call_replica(&actor, replica, function, args, kwargs, inputs, timeout).await;
-        replica.busy.fetch_sub(1, Ordering::Relaxed);
         actor.calls.fetch_add(1, Ordering::Relaxed);
         result
     }
