@@ -14,6 +14,10 @@ fuzz_target!(|data: &[u8]| {
         let server = KeyPair::from_secret(KeyType::Ed25519, &[7u8; 32]).unwrap();
         let v = Verifier::new(server.public().clone());
         let _ = v.verify_envelope(&env, "POST", "/api/v1/packages", &env.body, env.ts_ms);
+        // Any clock, the extremes too: timestamps are compared without overflow.
+        for now in [0, u64::MAX, env.ts_ms.wrapping_add(1), env.ts_ms.wrapping_sub(60_001)] {
+            let _ = v.verify_envelope(&env, "POST", "/api/v1/packages", &env.body, now);
+        }
     }
     let _ = tessera_identity::PackageSignature::parse(text);
     let _ = text.parse::<tessera_identity::PublicKey>();

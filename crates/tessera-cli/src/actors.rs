@@ -72,8 +72,8 @@ pub struct CallArgs {
     #[arg(long = "input", value_name = "NAME=FILE")]
     inputs: Vec<String>,
     /// Seconds before the call is stopped.
-    #[arg(long)]
-    timeout: Option<f64>,
+    #[arg(long, value_parser = tessera_core::time::parse_seconds)]
+    timeout: Option<Duration>,
     /// An id to cancel the call by (`tessera cancel ID`).
     #[arg(long)]
     id: Option<String>,
@@ -106,8 +106,8 @@ pub enum QueueCommand {
         /// The queue.
         queue: String,
         /// Seconds to wait for a message.
-        #[arg(long, default_value_t = 0.0)]
-        wait: f64,
+        #[arg(long, default_value = "0", value_parser = tessera_core::time::parse_wait)]
+        wait: Duration,
         #[command(flatten)]
         endpoint: EndpointArg,
     },
@@ -128,8 +128,8 @@ pub enum PipelineCommand {
         /// The pipeline file (YAML).
         file: PathBuf,
         /// Give up after this many seconds.
-        #[arg(long, default_value_t = 600.0)]
-        timeout: f64,
+        #[arg(long, default_value = "600", value_parser = tessera_core::time::parse_seconds)]
+        timeout: Duration,
         /// Write the results as JSON lines (`{"stage", "item", "value"}`) to this file.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -211,7 +211,7 @@ fn call_request(a: &CallArgs) -> anyhow::Result<CallRequest> {
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         req.inputs.insert(name, base64::engine::general_purpose::STANDARD.encode(bytes));
     }
-    req.timeout = a.timeout;
+    req.timeout = a.timeout.map(|t| t.as_secs_f64());
     req.id = a.id.clone();
     Ok(req)
 }
@@ -299,8 +299,7 @@ pub async fn queue(c: QueueCommand) -> anyhow::Result<()> {
             endpoint.client()?.queue_put(&queue, &value).await?;
         }
         QueueCommand::Get { queue, wait, endpoint } => {
-            anyhow::ensure!(wait.is_finite() && wait >= 0.0, "--wait must be a number of seconds");
-            if let Some(v) = endpoint.client()?.queue_get(&queue, Duration::from_secs_f64(wait)).await? {
+            if let Some(v) = endpoint.client()?.queue_get(&queue, wait).await? {
                 println!("{v}");
             }
         }
@@ -325,10 +324,8 @@ pub async fn pipeline(c: PipelineCommand) -> anyhow::Result<()> {
             Ok(())
         }
         PipelineCommand::Run { file, timeout, out, endpoint } => {
-            anyhow::ensure!(timeout.is_finite() && timeout > 0.0, "--timeout must be positive");
             let p = read_pipeline(&file)?;
-            let report =
-                tessera_client::pipeline::run(&endpoint.client()?, &p, Duration::from_secs_f64(timeout)).await?;
+            let report = tessera_client::pipeline::run(&endpoint.client()?, &p, timeout).await?;
             for (stage, n) in &report.calls {
                 eprintln!("{stage}: {n} call(s)");
             }

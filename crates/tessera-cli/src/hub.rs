@@ -26,21 +26,70 @@ pub enum Command {
         /// How far a signed request's time may be from the hub's clock, in seconds.
         #[arg(long, default_value_t = 60)]
         window: u64,
+        /// Uploads one account may have in progress at once (more get 429).
+        #[arg(long, default_value_t = 4)]
+        max_uploads: usize,
+        /// Largest model binary accepted.
+        #[arg(long, default_value = "8GiB")]
+        max_model: tessera_core::ByteSize,
+    },
+    /// Set a namespace's owners directly in a hub's data (the operator's override, for
+    /// whoever can read the hub's directory; the hub may be running). For namespaces that
+    /// hold things written unsigned on an open hub: a hub that requires signatures gives
+    /// them to its own key when it starts, and this hands them on.
+    Owners {
+        /// The namespace (the first segment of module paths).
+        namespace: String,
+        /// The new owners (ed25519:… or secp256k1:…).
+        #[arg(required = true)]
+        owners: Vec<String>,
+        /// The hub's data directory (default: $TESSERA_HOME/hub).
+        #[arg(long)]
+        data: Option<PathBuf>,
     },
 }
 
 pub async fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
-        Command::Serve { data, listen, open, window } => {
+        Command::Owners { namespace, owners, data } => {
+            let data = data.unwrap_or_else(|| crate::tessera_home().join("hub"));
+            let store = HubStore::open(&data).with_context(|| format!("opening the hub at {}", data.display()))?;
+            let keys = owners
+                .iter()
+                .map(|k| k.parse::<tessera_identity::PublicKey>().with_context(|| format!("owner {k:?}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            store.assign_owners(&namespace, &keys)?;
+            for k in &keys {
+                println!("{k}");
+            }
+            eprintln!("namespace {namespace} now belongs to {} key(s)", keys.len());
+            Ok(())
+        }
+        Command::Serve { data, listen, open, window, max_uploads, max_model } => {
             let data = data.unwrap_or_else(|| crate::tessera_home().join("hub"));
             let store =
                 Arc::new(HubStore::open(&data).with_context(|| format!("opening the hub at {}", data.display()))?);
+            if !open {
+                // No namespace that holds things may stay claimable by whoever writes first.
+                let adopted = store.adopt_unowned()?;
+                if !adopted.is_empty() {
+                    eprintln!(
+                        "hub: {} namespace(s) written unsigned had no owner and now belong to the hub's key: {} \
+                         (hand them on with `tessera hub owners NS KEY --data {}`)",
+                        adopted.len(),
+                        adopted.join(", "),
+                        data.display()
+                    );
+                }
+            }
             let listener =
                 tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
             let addr = listener.local_addr()?;
             tracing::info!("hub serving {} at http://{addr} (docs: http://{addr}/docs/)", data.display());
             let mut policy = if open { HubPolicy::open() } else { HubPolicy::signed() };
             policy.window_ms = window.saturating_mul(1000);
+            policy.max_uploads_per_account = max_uploads.max(1);
+            policy.max_model_bytes = max_model.0;
             eprintln!("hub: http://{addr}  docs: http://{addr}/docs/  data: {}", data.display());
             eprintln!(
                 "hub key: {}; {}",

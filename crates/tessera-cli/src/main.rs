@@ -127,7 +127,14 @@ fn init_logging(verbose: u8, default: &str) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    // Colours only on a terminal: a log file gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
 }
 
 fn main() -> std::process::ExitCode {
@@ -137,6 +144,18 @@ fn main() -> std::process::ExitCode {
         _ => "warn",
     };
     init_logging(cli.verbose, default_level);
+    // A panic (a bug; servers answer it with 500) is one log line, not a backtrace per
+    // request.
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("a panic");
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        tracing::error!("bug: {what}{at}");
+    }));
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -207,24 +226,22 @@ struct NatsArg {
     nats: String,
     /// How long a node's announcement lasts without a heartbeat, in seconds. Every process
     /// on one NATS must use the same value.
-    #[arg(long, env = "TESSERA_MEMBER_TTL", default_value_t = 15.0)]
-    member_ttl: f64,
+    #[arg(long, env = "TESSERA_MEMBER_TTL", default_value = "15", value_parser = tessera_core::time::parse_seconds)]
+    member_ttl: std::time::Duration,
     /// How long a task may run without a progress signal before it is delivered again, in
     /// seconds.
-    #[arg(long, env = "TESSERA_ACK_WAIT", default_value_t = 30.0)]
-    ack_wait: f64,
+    #[arg(long, env = "TESSERA_ACK_WAIT", default_value = "30", value_parser = tessera_core::time::parse_seconds)]
+    ack_wait: std::time::Duration,
 }
 
 impl NatsArg {
     async fn backend(&self) -> anyhow::Result<tessera_ports::Backend> {
-        anyhow::ensure!(
-            self.member_ttl.is_finite() && self.member_ttl >= 1.0,
-            "--member-ttl must be at least 1 second"
-        );
-        anyhow::ensure!(self.ack_wait.is_finite() && self.ack_wait >= 1.0, "--ack-wait must be at least 1 second");
+        let second = std::time::Duration::from_secs(1);
+        anyhow::ensure!(self.member_ttl >= second, "--member-ttl must be at least 1 second");
+        anyhow::ensure!(self.ack_wait >= second, "--ack-wait must be at least 1 second");
         let options = tessera_nats::NatsOptions {
-            member_ttl: std::time::Duration::from_secs_f64(self.member_ttl),
-            ack_wait: std::time::Duration::from_secs_f64(self.ack_wait),
+            member_ttl: self.member_ttl,
+            ack_wait: self.ack_wait,
             ..tessera_nats::NatsOptions::default()
         };
         Ok(tessera_nats::backend(&self.nats, &options).await?)

@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, anyhow};
+use anyhow::anyhow;
 use clap::Subcommand;
 use serde_json::Value;
+use tessera_client::{ModelSource, UploadMeta};
 use tessera_core::config::apply_override;
 use tessera_core::registry::ModelRecord;
 
@@ -45,9 +46,34 @@ pub enum Command {
         #[command(flatten)]
         hub: HubArg,
     },
-    /// Show a model's metadata and lineage.
+    /// Show a model's metadata, lineage and who signed what.
     Show {
         /// `name` (latest) or `name@version`.
+        model: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Set a model version's metadata (`--meta key=value`, merged over what it has; with
+    /// --replace, instead of it).
+    Meta {
+        /// `name@version`.
+        model: String,
+        /// Metadata, `key=value` (repeatable).
+        #[arg(long = "meta", value_name = "KEY=VALUE", required = true)]
+        meta: Vec<String>,
+        /// Replace the metadata instead of merging into it.
+        #[arg(long)]
+        replace: bool,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Delete a model version (its number stays reserved: only the same bytes can be pushed
+    /// under it again).
+    Delete {
+        /// `name@version`.
         model: String,
         #[command(flatten)]
         hub: HubArg,
@@ -58,44 +84,76 @@ fn split(model: &str) -> (&str, &str) {
     model.split_once('@').unwrap_or((model, "latest"))
 }
 
+/// `name@version`, exact.
+fn exact(model: &str) -> anyhow::Result<(&str, &str)> {
+    model.split_once('@').ok_or_else(|| anyhow!("expected NAME@VERSION, got {model:?}"))
+}
+
 pub async fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Push { model, file, meta, hub } => {
-            let (name, version) =
-                model.split_once('@').ok_or_else(|| anyhow!("expected NAME@VERSION, got {model:?}"))?;
+            let (name, version) = exact(&model)?;
             let mut metadata = Value::Object(Default::default());
             for m in &meta {
                 apply_override(&mut metadata, m)?;
             }
-            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            anyhow::ensure!(file.is_file(), "{} is not a file", file.display());
             let client = hub.signed_client()?;
-            if !meta.is_empty() {
-                match client.create_model(name, version, &metadata, None).await {
-                    Ok(_) => {}
-                    Err(e) if e.is_conflict() => {
-                        client.update_model_meta(name, version, &metadata, None).await?;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            let (rec, created) = client.push_model(name, version, bytes).await?;
+            // The binary and its metadata go in one request: a refused push changes nothing.
+            let upload = (!meta.is_empty()).then_some(UploadMeta { metadata, lineage: None });
+            let (rec, created) =
+                client.push_model_from(name, version, ModelSource::File(file.clone()), upload.as_ref()).await?;
             println!("{}", rec.digest.map(|d| d.to_string()).unwrap_or_default());
-            eprintln!("{} {}@{}", if created { "pushed" } else { "already stored:" }, rec.name, rec.version);
+            let what = match (created, upload.is_some()) {
+                (true, _) => "pushed",
+                (false, true) => "already stored (metadata set):",
+                (false, false) => "already stored:",
+            };
+            eprintln!("{what} {}@{}", rec.name, rec.version);
             Ok(())
         }
         Command::Pull { model, out, hub } => {
             let (name, version) = split(&model);
-            let (rec, bytes) = hub.client()?.pull_model(name, version).await?;
-            let out = out.unwrap_or_else(|| PathBuf::from(format!("{}-{}.safetensors", rec.name, rec.version)));
-            std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+            let client = hub.signed_client()?;
+            let rec = client.model(name, version).await?;
+            // The record's name and version become a file name only once they parse as a
+            // module path and a version (neither holds `/` or `..`).
+            let checked_name: tessera_core::ModulePath =
+                rec.name.parse().map_err(|e| anyhow!("the hub's record names the model {:?}: {e}", rec.name))?;
+            let checked_version = tessera_core::version::Version::parse(&rec.version)
+                .map_err(|e| anyhow!("the hub's record has version {:?}: {e}", rec.version))?;
+            anyhow::ensure!(
+                checked_name.as_str() == name,
+                "asked for model {name}, the hub answered with {checked_name}"
+            );
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("{checked_name}-{checked_version}.safetensors")));
+            let rec = client.pull_model_to(name, &rec.version, &out).await?;
             println!("{}", out.display());
             eprintln!(
                 "pulled {}@{} ({} bytes, {})",
                 rec.name,
                 rec.version,
-                bytes.len(),
+                rec.size.unwrap_or(0),
                 rec.digest.map(|d| d.to_string()).unwrap_or_default()
             );
+            Ok(())
+        }
+        Command::Meta { model, meta, replace, hub } => {
+            let (name, version) = exact(&model)?;
+            let client = hub.signed_client()?;
+            let mut metadata =
+                if replace { Value::Object(Default::default()) } else { client.model(name, version).await?.metadata };
+            for m in &meta {
+                apply_override(&mut metadata, m)?;
+            }
+            let rec = client.update_model_meta(name, version, &metadata, None).await?;
+            print_model(&rec);
+            Ok(())
+        }
+        Command::Delete { model, hub } => {
+            let (name, version) = exact(&model)?;
+            let rec = hub.signed_client()?.delete_model(name, version).await?;
+            eprintln!("deleted {}@{} (the version stays reserved for the same bytes)", rec.name, rec.version);
             Ok(())
         }
         Command::List { prefix, json, hub } => {
@@ -112,10 +170,14 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Show { model, hub } => {
+        Command::Show { model, json, hub } => {
             let (name, version) = split(&model);
             let rec = hub.client()?.model(name, version).await?;
-            print_model(&rec);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rec)?);
+            } else {
+                print_model(&rec);
+            }
             Ok(())
         }
     }
@@ -130,6 +192,10 @@ pub fn print_model(m: &ModelRecord) {
         println!("  size:     {s} bytes");
     }
     println!("  created:  {}", m.created_at);
+    println!("  binary signed by:   {}", m.signer.as_deref().unwrap_or("nobody (unsigned upload)"));
+    if let Some(k) = &m.meta_signer {
+        println!("  metadata signed by: {k}");
+    }
     println!("  metadata: {}", m.metadata);
     if let Some(l) = &m.lineage {
         println!(

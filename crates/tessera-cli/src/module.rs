@@ -167,8 +167,8 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
         /// Time limit in seconds (WebAssembly).
-        #[arg(long, default_value_t = 300.0)]
-        timeout: f64,
+        #[arg(long, default_value = "300", value_parser = tessera_core::time::parse_seconds)]
+        timeout: Duration,
         /// Memory limit (WebAssembly), e.g. 512MiB.
         #[arg(long, default_value = "1GiB")]
         memory: tessera_core::ByteSize,
@@ -409,9 +409,11 @@ async fn publish(path: &Path, private: bool, to: &[String], hub: &HubArg) -> any
         inspect(&bytes, &Limits::default()).with_context(|| format!("{} is not a valid package", path.display()))?;
         bytes
     };
+    let declared = inspect(&bytes, &Limits::default())?.manifest;
     let client = hub.signed_client()?;
+    let (name, version) = (declared.name.to_string(), declared.version.to_string());
     let (rec, created) = client
-        .publish(bytes)
+        .publish_declared(bytes, Some((&name, &version)))
         .await
         .map_err(|e| if e.is_conflict() { anyhow!("{e}\nhint: bump `version` in module.yaml") } else { anyhow!(e) })?;
     println!("{}", rec.digest);
@@ -426,24 +428,53 @@ async fn publish(path: &Path, private: bool, to: &[String], hub: &HubArg) -> any
 async fn pull(reference: &str, out: Option<PathBuf>, archive: Option<PathBuf>, hub: &HubArg) -> anyhow::Result<()> {
     let r: PackageRef = reference.parse()?;
     let client = hub.signed_client()?;
+    // The record is checked against the reference (name, version, digest) by the client.
     let (rec, bytes) = client.download(&r).await?;
     verify(&bytes, &rec.digest)?;
-    // A private package opens with your key when you are one of its recipients.
-    let bytes = if tessera_identity::seal::is_sealed(&bytes) && archive.is_none() {
+    let sealed = tessera_identity::seal::is_sealed(&bytes);
+    if sealed {
+        // Even to keep the ciphertext, the package must be one this key can open.
         let key = client.signer().ok_or_else(|| anyhow!("{} is private: a key is needed", rec.name))?;
+        let recipients = tessera_identity::seal::recipients(&bytes)?;
+        if !recipients.contains(key.public()) {
+            bail!(
+                "{}@{} is private and not sealed for your key {}; its publisher can seal a version for it (tessera module publish DIR --private --to {})",
+                rec.name,
+                rec.version,
+                key.public(),
+                key.public()
+            );
+        }
+    }
+    let plain = if sealed {
+        let key = client.signer().expect("checked above");
         bytes::Bytes::from(tessera_identity::seal::unseal(&bytes, key)?)
     } else {
-        bytes
+        bytes.clone()
     };
-    if let Some(a) = archive {
-        std::fs::write(&a, &bytes)?;
-        println!("{}", a.display());
-    } else {
-        let dest = out.unwrap_or_else(|| PathBuf::from(format!("{}-{}", rec.name, rec.version)));
-        let info = unpack(&bytes, &dest, &Limits::default())?;
-        println!("{}", dest.display());
-        eprintln!("pulled {}@{} ({}, {} files)", rec.name, rec.version, rec.digest, info.files.len());
+    // The package's own manifest must be the module asked for, whatever the hub says.
+    let info = inspect(&plain, &Limits::default())?;
+    let m = &info.manifest;
+    if m.name.as_str() != rec.name || m.version.to_string() != rec.version {
+        bail!(
+            "the hub serves {} as {}@{}, but the package's module.yaml says {}@{}: not saved",
+            rec.digest,
+            rec.name,
+            rec.version,
+            m.name,
+            m.version
+        );
     }
+    if let Some(a) = archive {
+        std::fs::write(&a, &bytes).with_context(|| format!("writing {}", a.display()))?;
+        println!("{}", a.display());
+        return Ok(());
+    }
+    // Checked names only: a module path and a semver version never hold `/` or `..`.
+    let dest = out.unwrap_or_else(|| PathBuf::from(format!("{}-{}", m.name, m.version)));
+    let info = unpack(&plain, &dest, &Limits::default())?;
+    println!("{}", dest.display());
+    eprintln!("pulled {}@{} ({}, {} files)", rec.name, rec.version, rec.digest, info.files.len());
     Ok(())
 }
 
@@ -453,10 +484,9 @@ async fn run_local(
     input: &[String],
     dataset: &[String],
     out: Option<&Path>,
-    timeout: f64,
+    timeout: Duration,
     memory: u64,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(timeout.is_finite() && timeout > 0.0, "--timeout must be positive");
     let packed = pack_dir(path, &Limits::default())?;
     let mut config = packed.info.manifest.config.clone();
     for s in set {
@@ -467,11 +497,7 @@ async fn run_local(
     hub.publish(&packed.bytes, Some(packed.digest), None)?;
     let mut node_cfg = NodeConfig::new("local", tmp.path().join("cache"));
     node_cfg.datasets = crate::name_file_pairs(dataset, "dataset")?.into_iter().collect::<BTreeMap<_, _>>();
-    let wasm = WasmRuntime::new(WasmLimits {
-        max_memory: memory,
-        max_time: std::time::Duration::from_secs_f64(timeout),
-        ..WasmLimits::default()
-    })?;
+    let wasm = WasmRuntime::new(WasmLimits { max_memory: memory, max_time: timeout, ..WasmLimits::default() })?;
     let runtimes: Vec<Arc<dyn Runtime>> = vec![Arc::new(wasm), Arc::new(BuiltinRuntime::new())];
     let ports = NodePorts { backend: Backend::in_process(Duration::from_secs(60)), source: Arc::new(LocalHub(hub)) };
     let node = Node::new(node_cfg, ports, runtimes)?;

@@ -26,11 +26,15 @@ pub struct RunArgs {
     #[arg(long)]
     cache: Option<PathBuf>,
     /// Time limit of one WebAssembly run, in seconds.
-    #[arg(long, default_value_t = 300.0)]
-    wasm_timeout: f64,
+    #[arg(long, default_value = "300", value_parser = tessera_core::time::parse_seconds)]
+    wasm_timeout: Duration,
     /// Memory limit of one WebAssembly run.
     #[arg(long, default_value = "1GiB")]
     wasm_memory: tessera_core::ByteSize,
+    /// Largest output of one run (all outputs together), on every runtime; larger ones
+    /// end the run with the `limit` error.
+    #[arg(long, default_value = "256MiB")]
+    max_output: tessera_core::ByteSize,
     /// The node's policy (YAML): trusted publishers, grants (who may compute on which
     /// datasets with which modules), quotas. See the README.
     #[arg(long, conflicts_with = "open")]
@@ -50,9 +54,12 @@ pub struct RunArgs {
     /// A call to an actor that is not running does not launch it.
     #[arg(long)]
     no_spawn: bool,
-    /// The bound of each queue behind the gateway.
+    /// The bound of each queue behind the gateway, in messages.
     #[arg(long, default_value_t = 1024)]
     queue_capacity: u64,
+    /// The bound of each queue behind the gateway, in bytes of messages.
+    #[arg(long, default_value = "64MiB")]
+    queue_max_bytes: tessera_core::ByteSize,
     /// CPU cores actors may reserve (default: detected).
     #[arg(long)]
     cpu: Option<f64>,
@@ -119,7 +126,6 @@ pub fn build_node(cfg: NodeConfig, ports: NodePorts, limits: WasmLimits) -> anyh
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.wasm_timeout.is_finite() && args.wasm_timeout > 0.0, "--wasm-timeout must be positive");
     let policy = match (&args.policy, args.open) {
         (Some(p), _) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
@@ -134,16 +140,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let identity = node_identity(&id)?;
     let cache = args.cache.unwrap_or_else(|| crate::tessera_home().join("nodes").join(&id).join("cache"));
     let backend = if args.embedded {
-        tessera_ports::Backend::in_process(Duration::from_secs_f64(args.nats.member_ttl.max(1.0)))
+        tessera_ports::Backend::in_process(args.nats.member_ttl.max(Duration::from_secs(1)))
     } else {
         args.nats.backend().await?
     };
     let ports = NodePorts { backend, source: Arc::new(args.hub.client()?.with_signer(identity.clone())) };
-    let limits = WasmLimits {
-        max_memory: args.wasm_memory.0,
-        max_time: Duration::from_secs_f64(args.wasm_timeout),
-        ..WasmLimits::default()
-    };
+    let limits =
+        WasmLimits { max_memory: args.wasm_memory.0, max_time: args.wasm_timeout, max_output_bytes: args.max_output.0 };
     let listener = match args.listen {
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?),
         None => None,
@@ -191,6 +194,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let config = tessera_gateway::GatewayConfig {
             spawn_on_call: !args.no_spawn,
             queue_capacity: args.queue_capacity,
+            queue_max_bytes: args.queue_max_bytes.0,
             ..Default::default()
         };
         let app = tessera_gateway::app(tessera_gateway::Gateway::new(node.clone(), actors, config));

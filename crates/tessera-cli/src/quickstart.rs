@@ -101,7 +101,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let accuracy = final_metrics.accuracy.unwrap_or(0.0);
     let name = "digits.softmax";
     let hub = cluster.hub.clone();
-    let version = hub.next_model_version(name)?;
     let metadata = json!({
         "library": "tessera",
         "format": "safetensors",
@@ -112,8 +111,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "test_loss": final_metrics.loss,
         "test_rows": data.test_rows,
     });
-    hub.create_model(name, &version, &metadata, Some(&result.lineage))?;
-    let (model, _) = hub.put_model(name, &version, &result.model)?;
+    let model = hub.publish_model(name, &result.model, metadata, Some(result.lineage.clone()), None)?;
+    let version = model.version.clone();
     cluster.stop().await;
 
     println!();

@@ -10,7 +10,6 @@ use serde_json::json;
 use tessera_client::HubClient;
 use tessera_coordinator::{Coordinator, SessionConfig, SessionResult, new_session_id};
 use tessera_core::config::apply_override;
-use tessera_core::version::Version;
 use tessera_node::NodePorts;
 use tessera_wasm::WasmLimits;
 
@@ -152,16 +151,20 @@ async fn finish(
     }
     println!("global model: {}", result.model_digest);
     if let Some(name) = &cfg.publish_as {
-        let version = next_model_version(client, name).await?;
         let metadata = json!({
             "library": "tessera",
             "format": "safetensors",
             "test_accuracy": result.final_metrics.as_ref().and_then(|m| m.accuracy),
             "test_loss": result.final_metrics.as_ref().map(|m| m.loss),
         });
-        client.create_model(name, &version, &metadata, Some(&result.lineage)).await?;
-        let (rec, _) = client.push_model(name, &version, result.model.to_vec()).await?;
-        println!("model: {name}@{version} {}", rec.digest.map(|d| d.to_string()).unwrap_or_default());
+        // The hub picks the next version in the write's transaction, so sessions publishing
+        // one name at once get distinct versions; the signed upload claims the namespace.
+        let meta = tessera_client::UploadMeta { metadata, lineage: Some(result.lineage.clone()) };
+        let rec = client
+            .publish_model(name, tessera_client::ModelSource::Bytes(result.model.clone()), Some(&meta))
+            .await
+            .with_context(|| format!("publishing the model as {name}"))?;
+        println!("model: {name}@{} {}", rec.version, rec.digest.map(|d| d.to_string()).unwrap_or_default());
     }
     println!(
         "lineage: session {}, {} rounds of {}, nodes {}",
@@ -175,14 +178,4 @@ async fn finish(
     }
     println!("time: {:.2}s", started.elapsed().as_secs_f64());
     Ok(())
-}
-
-/// The next free patch version of a model in the hub (0.1.0 for a new one).
-async fn next_model_version(client: &HubClient, name: &str) -> anyhow::Result<String> {
-    let current = match client.model(name, "latest").await {
-        Ok(m) => Some(Version::parse(&m.version)?),
-        Err(e) if e.is_not_found() => None,
-        Err(e) => return Err(e.into()),
-    };
-    Ok(tessera_core::version::next_patch(current.as_ref()).to_string())
 }

@@ -68,9 +68,9 @@ impl GatewayError {
     }
 }
 
-/// A node gateway client. With a signer, every request that changes something (calls,
-/// launches, kills, queue puts and gets) carries a signature envelope addressed to the
-/// node's key, as nodes with a policy require.
+/// A node gateway client. With a signer, every request (calls, launches, kills, lists,
+/// queues, blobs, cancels) carries a signature envelope addressed to the node's key, as
+/// nodes with a policy require.
 #[derive(Clone)]
 pub struct GatewayClient {
     base: String,
@@ -228,7 +228,7 @@ impl GatewayClient {
     /// A blob by digest, verified.
     pub async fn blob(&self, digest: &Digest) -> Result<Bytes, GatewayError> {
         let url = format!("{}/api/v1/blobs/{digest}", self.base);
-        let resp = self.send(self.http.get(&url), &url).await?;
+        let resp = self.request(reqwest::Method::GET, &url, None).await?;
         let bytes =
             resp.bytes().await.map_err(|e| GatewayError::Transport { url: url.clone(), message: e.to_string() })?;
         let actual = Digest::of(&bytes);
@@ -248,7 +248,7 @@ impl GatewayClient {
     /// The actors of the cluster.
     pub async fn actors(&self) -> Result<Vec<ActorInfo>, GatewayError> {
         let url = format!("{}/api/v1/actors", self.base);
-        let resp = self.send(self.http.get(&url), &url).await?;
+        let resp = self.request(reqwest::Method::GET, &url, None).await?;
         self.json(resp, &url).await
     }
 
@@ -301,7 +301,7 @@ impl GatewayClient {
     /// Messages waiting in a queue.
     pub async fn queue_len(&self, queue: &str) -> Result<u64, GatewayError> {
         let url = format!("{}/api/v1/queues/{queue}", self.base);
-        let resp = self.send(self.http.get(&url), &url).await?;
+        let resp = self.request(reqwest::Method::GET, &url, None).await?;
         let v: Value = self.json(resp, &url).await?;
         v["len"].as_u64().ok_or_else(|| GatewayError::Decode { url, message: "no len".into() })
     }

@@ -9,7 +9,10 @@
 //! This crate speaks HTTP to a hub and to nodes; it does not store anything.
 
 pub mod gateway;
+mod models;
 pub mod pipeline;
+
+pub use models::{ModelSource, UploadMeta};
 
 use std::sync::Arc;
 
@@ -68,6 +71,12 @@ pub enum ClientError {
     /// The hub address is not a URL.
     #[error("invalid hub address {0:?}: expected http://host:port")]
     Address(String),
+    /// A hub's record is not what was asked for, or names something unsafe.
+    #[error("the hub's answer cannot be trusted: {0}")]
+    Untrusted(String),
+    /// A local file could not be read or written.
+    #[error("{0}")]
+    Local(String),
 }
 
 impl ClientError {
@@ -185,10 +194,21 @@ impl HubClient {
         url: &str,
         body: &[u8],
     ) -> Result<reqwest::RequestBuilder, ClientError> {
+        self.sign_digest(req, method, url, Digest::of(body)).await
+    }
+
+    /// Adds the signature envelope for a body whose digest is known (a streamed body).
+    async fn sign_digest(
+        &self,
+        req: reqwest::RequestBuilder,
+        method: &str,
+        url: &str,
+        body: Digest,
+    ) -> Result<reqwest::RequestBuilder, ClientError> {
         let Some(key) = &self.signer else { return Ok(req) };
         let audience = self.hub_key().await?;
         let path = url.strip_prefix(&self.base).unwrap_or(url);
-        let env = Envelope::sign(key, &audience, method, path, body, now_ms());
+        let env = Envelope::sign_digest(key, &audience, method, path, body, now_ms());
         Ok(req.header(SIGNATURE_HEADER, env.to_header()))
     }
 
@@ -255,6 +275,16 @@ impl HubClient {
     /// Publishes package bytes, signed by the signer when there is one. Returns the record
     /// and whether it was new.
     pub async fn publish(&self, bytes: Vec<u8>) -> Result<(PackageRecord, bool), ClientError> {
+        self.publish_declared(bytes, None).await
+    }
+
+    /// Publishes package bytes that hold `name@version` (declared, so the hub can refuse an
+    /// unauthorized upload before reading it, and checks the package says so).
+    pub async fn publish_declared(
+        &self,
+        bytes: Vec<u8>,
+        declared: Option<(&str, &str)>,
+    ) -> Result<(PackageRecord, bool), ClientError> {
         let url = self.url("/packages");
         let digest = Digest::of(&bytes);
         let mut req = self
@@ -262,6 +292,9 @@ impl HubClient {
             .post(&url)
             .header("content-type", "application/octet-stream")
             .header("x-tessera-digest", digest.to_string());
+        if let Some((name, version)) = declared {
+            req = req.header("x-tessera-package", format!("{name}@{version}"));
+        }
         if let Some(key) = &self.signer {
             req = req.header(PACKAGE_SIGNATURE_HEADER, PackageSignature::sign(key, &digest).to_header());
         }
@@ -296,9 +329,11 @@ impl HubClient {
         }
     }
 
-    /// Downloads a package, verified, with its record.
+    /// Downloads a package, verified, with its record. The record is checked against the
+    /// reference ([`check_record`]) before anything is fetched.
     pub async fn download(&self, reference: &PackageRef) -> Result<(PackageRecord, Bytes), ClientError> {
         let record = self.show(reference).await?;
+        check_record(reference, &record)?;
         let bytes = self.blob(&record.digest).await?;
         Ok((record, bytes))
     }
@@ -318,8 +353,9 @@ impl HubClient {
         manifest: &tessera_core::Manifest,
     ) -> Result<(PackageRecord, bool), ClientError> {
         use base64::Engine;
+        // Only the public part travels in clear; the rest is inside the sealed package.
         let declared = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(serde_json::to_vec(manifest).expect("serialisable"));
+            .encode(serde_json::to_vec(&manifest.public_part()).expect("serialisable"));
         let url = self.url("/packages");
         let digest = Digest::of(&sealed);
         let key = self.signer.as_ref().ok_or_else(|| ClientError::Status {
@@ -382,6 +418,13 @@ impl HubClient {
         Ok(self.json(req, &url).await?.1)
     }
 
+    /// Deletes a model version (its number stays reserved for the same bytes).
+    pub async fn delete_model(&self, name: &str, version: &str) -> Result<ModelRecord, ClientError> {
+        let url = self.url(&format!("/models/{}/{}", seg(name), seg(version)));
+        let req = self.sign(self.http.delete(&url), "DELETE", &url, b"").await?;
+        Ok(self.json(req, &url).await?.1)
+    }
+
     /// Points an alias at a version.
     pub async fn set_alias(&self, name: &str, alias: &str, version: &str) -> Result<PackageRecord, ClientError> {
         let url = self.url(&format!("/packages/{}/aliases/{}", seg(name), seg(alias)));
@@ -403,18 +446,15 @@ impl HubClient {
         Ok(self.json(self.json_request("POST", &url, body).await?, &url).await?.1)
     }
 
-    /// Uploads a model binary (creating the record if needed).
+    /// Uploads a model binary held in memory (creating the record if needed). Large models
+    /// go through [`HubClient::push_model_from`] with a file.
     pub async fn push_model(
         &self,
         name: &str,
         version: &str,
         bytes: Vec<u8>,
     ) -> Result<(ModelRecord, bool), ClientError> {
-        let url = self.url(&format!("/models/{}/{}", seg(name), seg(version)));
-        let req = self.http.put(&url).header("content-type", "application/octet-stream");
-        let req = self.sign(req, "PUT", &url, &bytes).await?.body(bytes);
-        let (status, rec) = self.json(req, &url).await?;
-        Ok((rec, status == 201))
+        self.push_model_from(name, version, ModelSource::Bytes(Bytes::from(bytes)), None).await
     }
 
     /// Replaces a model's metadata.
@@ -490,6 +530,42 @@ impl HubClient {
     }
 }
 
+/// Checks a hub's record against what was asked for, treating it as untrusted: its name
+/// must be a module path and its version a semver version (so neither can become an unsafe
+/// file name), a named reference must get that name (and that version, when exact), and a
+/// digest reference that digest.
+pub fn check_record(reference: &PackageRef, record: &PackageRecord) -> Result<(), ClientError> {
+    let untrusted = |m: String| ClientError::Untrusted(m);
+    let name: tessera_core::ModulePath =
+        record.name.parse().map_err(|e| untrusted(format!("the record names the package {:?}: {e}", record.name)))?;
+    let version = tessera_core::version::Version::parse(&record.version)
+        .map_err(|e| untrusted(format!("the record's version {:?}: {e}", record.version)))?;
+    if name.as_str() != record.manifest.name.as_str() || version != record.manifest.version {
+        return Err(untrusted(format!(
+            "the record is for {}@{} but its manifest says {}@{}",
+            record.name, record.version, record.manifest.name, record.manifest.version
+        )));
+    }
+    match reference {
+        PackageRef::Named { name: asked, selector } => {
+            if asked != &name {
+                return Err(untrusted(format!("asked for {asked}, the hub answered with {name}")));
+            }
+            if let tessera_core::version::Selector::Exact(v) = selector
+                && !tessera_core::version::same_version(v, &version)
+            {
+                return Err(untrusted(format!("asked for {asked}@{v}, the hub answered with version {version}")));
+            }
+        }
+        PackageRef::Digest(d) => {
+            if d != &record.digest {
+                return Err(untrusted(format!("asked for {d}, the hub answered with {}", record.digest)));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn source_err(e: ClientError) -> SourceError {
     if e.is_not_found() { SourceError::NotFound(e.to_string()) } else { SourceError::Backend(e.to_string()) }
 }
@@ -497,7 +573,9 @@ fn source_err(e: ClientError) -> SourceError {
 #[async_trait]
 impl PackageSource for HubClient {
     async fn resolve(&self, reference: &PackageRef) -> Result<PackageRecord, SourceError> {
-        self.show(reference).await.map_err(source_err)
+        let record = self.show(reference).await.map_err(source_err)?;
+        check_record(reference, &record).map_err(|e| SourceError::Backend(e.to_string()))?;
+        Ok(record)
     }
     async fn fetch(&self, digest: &Digest) -> Result<Bytes, SourceError> {
         self.blob(digest).await.map_err(source_err)

@@ -37,9 +37,9 @@ fn used(running: &[&Running]) -> Resources {
     let mut r = Resources::default();
     for a in running {
         r.cpu += a.needs.cpu;
-        r.memory.0 += a.needs.memory.0;
-        r.gpu += a.needs.gpu;
-        r.disk.0 += a.needs.storage.0;
+        r.memory.0 = r.memory.0.saturating_add(a.needs.memory.0);
+        r.gpu = r.gpu.saturating_add(a.needs.gpu);
+        r.disk.0 = r.disk.0.saturating_add(a.needs.storage.0);
     }
     r
 }
@@ -50,7 +50,7 @@ fn shortfall(capacity: &Resources, running: &[&Running], needs: &Needs) -> Optio
     if needs.cpu > 0.0 && u.cpu + needs.cpu > capacity.cpu + 1e-9 {
         return Some(format!("cpu: needs {}, {} of {} free", needs.cpu, (capacity.cpu - u.cpu).max(0.0), capacity.cpu));
     }
-    if needs.memory.0 > 0 && u.memory.0 + needs.memory.0 > capacity.memory.0 {
+    if needs.memory.0 > 0 && u.memory.0.saturating_add(needs.memory.0) > capacity.memory.0 {
         return Some(format!(
             "memory: needs {}, {} of {} free",
             needs.memory,
@@ -58,7 +58,7 @@ fn shortfall(capacity: &Resources, running: &[&Running], needs: &Needs) -> Optio
             capacity.memory
         ));
     }
-    if needs.gpu > 0 && u.gpu + needs.gpu > capacity.gpu {
+    if needs.gpu > 0 && u.gpu.saturating_add(needs.gpu) > capacity.gpu {
         return Some(format!(
             "gpu: needs {}, {} of {} free",
             needs.gpu,
@@ -66,7 +66,7 @@ fn shortfall(capacity: &Resources, running: &[&Running], needs: &Needs) -> Optio
             capacity.gpu
         ));
     }
-    if needs.storage.0 > 0 && u.disk.0 + needs.storage.0 > capacity.disk.0 {
+    if needs.storage.0 > 0 && u.disk.0.saturating_add(needs.storage.0) > capacity.disk.0 {
         return Some(format!(
             "disk: needs {}, {} of {} free",
             needs.storage,
@@ -77,9 +77,30 @@ fn shortfall(capacity: &Resources, running: &[&Running], needs: &Needs) -> Optio
     None
 }
 
+/// Which resources `needs` lacks on a node of `capacity` running `running`: cpu, memory,
+/// gpu, disk.
+fn short(capacity: &Resources, running: &[&Running], needs: &Needs) -> [bool; 4] {
+    let u = used(running);
+    [
+        needs.cpu > 0.0 && u.cpu + needs.cpu > capacity.cpu + 1e-9,
+        needs.memory.0 > 0 && u.memory.0.saturating_add(needs.memory.0) > capacity.memory.0,
+        needs.gpu > 0 && u.gpu.saturating_add(needs.gpu) > capacity.gpu,
+        needs.storage.0 > 0 && u.disk.0.saturating_add(needs.storage.0) > capacity.disk.0,
+    ]
+}
+
+/// True when evicting `a` frees some of a resource that is short.
+fn frees(a: &Running, short: [bool; 4]) -> bool {
+    (short[0] && a.needs.cpu > 0.0)
+        || (short[1] && a.needs.memory.0 > 0)
+        || (short[2] && a.needs.gpu > 0)
+        || (short[3] && a.needs.storage.0 > 0)
+}
+
 /// Decides whether an actor needing `needs` with `priority` can start on a node of
 /// `capacity` running `running`. Only actors with a priority at most the newcomer's may be
-/// evicted for it.
+/// evicted for it, and only those whose release frees some of what the newcomer lacks (an
+/// actor that reserves no memory is never evicted for memory).
 pub fn admit(capacity: &Resources, running: &[Running], needs: &Needs, priority: i32) -> Admission {
     let all: Vec<&Running> = running.iter().collect();
     let Some(first) = shortfall(capacity, &all, needs) else {
@@ -91,6 +112,9 @@ pub fn admit(capacity: &Resources, running: &[Running], needs: &Needs, priority:
     let mut evicted = Vec::new();
     let mut left: Vec<&Running> = all;
     for victim in order {
+        if !frees(victim, short(capacity, &left, needs)) {
+            continue;
+        }
         left.retain(|a| a.name != victim.name);
         evicted.push(victim.name.clone());
         if shortfall(capacity, &left, needs).is_none() {
@@ -146,6 +170,21 @@ mod tests {
         let gpu = Needs { gpu: 1, ..Needs::default() };
         let Admission::Refuse(why) = admit(&cap, &[], &gpu, 0) else { panic!() };
         assert!(why.contains("gpu"), "{why}");
+        // Modules that ask for nothing always fit, and actors that reserve none of what a
+        // newcomer lacks are never evicted for it.
+        let cpu_only = Needs { cpu: 1.0, ..Needs::default() };
+        let free_riders = vec![
+            Running { name: "zero".into(), needs: Needs::default(), priority: 0, launched: 1 },
+            Running {
+                name: "mem".into(),
+                needs: Needs { memory: ByteSize(1 << 20), ..Needs::default() },
+                priority: 0,
+                launched: 2,
+            },
+            Running { name: "cpu".into(), needs: cpu_only.clone(), priority: 0, launched: 3 },
+        ];
+        let one_cpu = Resources { cpu: 1.0, ..node(300) };
+        assert_eq!(admit(&one_cpu, &free_riders, &cpu_only, 0), Admission::Evict(vec!["cpu".into()]));
         // Modules that ask for nothing always fit.
         assert_eq!(admit(&cap, &running, &Needs::default(), 0), Admission::Fits);
     }

@@ -309,7 +309,34 @@ impl ManifestError {
     }
 }
 
+/// The entry a private module's public manifest shows in place of its own.
+pub const SEALED_ENTRY: &str = "sealed";
+
 impl Manifest {
+    /// What a private (sealed) module shows to everyone: its name, version, kind, runtime,
+    /// description, license, tags and needs (so it can be found and placed). Its entry,
+    /// config, inputs, outputs and access rules stay inside the sealed package; the entry
+    /// reads [`SEALED_ENTRY`] (`sealed.wasm` for a WebAssembly module).
+    pub fn public_part(&self) -> Manifest {
+        let entry =
+            if self.runtime == RuntimeKind::Wasm { format!("{SEALED_ENTRY}.wasm") } else { SEALED_ENTRY.into() };
+        Manifest {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            kind: self.kind,
+            runtime: self.runtime,
+            entry,
+            description: self.description.clone(),
+            license: self.license.clone(),
+            tags: self.tags.clone(),
+            config: Value::Object(Default::default()),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            needs: self.needs.clone(),
+            access: Access::default(),
+        }
+    }
+
     /// Parses and validates the text of a `module.yaml`.
     pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
         if text.len() > MAX_MANIFEST_BYTES {

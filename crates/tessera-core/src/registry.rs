@@ -38,7 +38,8 @@ pub struct PackageRecord {
     #[serde(default)]
     pub signature: Option<String>,
     /// True for a sealed package: the hub holds only ciphertext, readable by its
-    /// recipients; the manifest is the publisher's declaration.
+    /// recipients; the manifest is the public part of the publisher's declaration
+    /// ([`Manifest::public_part`]).
     #[serde(default)]
     pub private: bool,
 }
@@ -61,4 +62,10 @@ pub struct ModelRecord {
     pub lineage: Option<Lineage>,
     /// When the record was created (RFC 3339, UTC).
     pub created_at: String,
+    /// The key that uploaded the binary (`ed25519:…`), when the upload was signed.
+    #[serde(default)]
+    pub signer: Option<String>,
+    /// The key that last set the metadata or lineage, when that was signed.
+    #[serde(default)]
+    pub meta_signer: Option<String>,
 }

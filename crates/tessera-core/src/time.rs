@@ -93,3 +93,53 @@ mod tests {
         }
     }
 }
+
+/// The longest duration accepted from outside (a request, a file, an argument): 30 days.
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
+/// Converts a number of seconds that came from outside into a [`std::time::Duration`]:
+/// it must be finite, at least a nanosecond and at most `max` (so no later arithmetic on it
+/// can overflow). Errors say which.
+pub fn seconds(value: f64, max: std::time::Duration) -> Result<std::time::Duration, String> {
+    if !value.is_finite() || value <= 0.0 {
+        return Err(format!("{value} is not a positive number of seconds"));
+    }
+    if value > max.as_secs_f64() {
+        return Err(format!("{value} s is longer than the limit of {} s", max.as_secs_f64()));
+    }
+    let d = std::time::Duration::try_from_secs_f64(value).map_err(|e| format!("{value} s: {e}"))?;
+    if d.is_zero() {
+        return Err(format!("{value} s is shorter than a nanosecond"));
+    }
+    Ok(d)
+}
+
+/// Parses a command-line number of seconds (see [`seconds`], bounded by [`MAX_DURATION`]).
+pub fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
+    let value: f64 = text.trim().parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    seconds(value, MAX_DURATION)
+}
+
+/// Like [`parse_seconds`], but zero is allowed (a wait that does not wait).
+pub fn parse_wait(text: &str) -> Result<std::time::Duration, String> {
+    let value: f64 = text.trim().parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if value == 0.0 { Ok(std::time::Duration::ZERO) } else { seconds(value, MAX_DURATION) }
+}
+
+#[cfg(test)]
+mod seconds_tests {
+    use super::*;
+
+    #[test]
+    fn numbers_from_outside_are_bounded() {
+        assert_eq!(parse_seconds("1.5").unwrap(), std::time::Duration::from_millis(1500));
+        for bad in ["0", "-1", "nan", "inf", "1e20", "1e300", "abc", ""] {
+            assert!(parse_seconds(bad).is_err(), "{bad}");
+        }
+        assert!(seconds(f64::MAX, MAX_DURATION).is_err());
+        // Found by fuzzing: a positive number that rounds to no time at all.
+        assert!(seconds(f64::MIN_POSITIVE, MAX_DURATION).is_err());
+        assert!(seconds(8.224e-303, MAX_DURATION).is_err());
+        assert_eq!(seconds(1e-9, MAX_DURATION).unwrap(), std::time::Duration::from_nanos(1));
+    }
+}

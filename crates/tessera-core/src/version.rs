@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-pub use semver::{Prerelease, Version};
+pub use semver::{BuildMetadata, Prerelease, Version};
 
 use crate::name::{NameError, check_ident};
 use crate::{Digest, ModulePath};
@@ -123,12 +123,19 @@ pub fn latest<'a>(versions: impl IntoIterator<Item = &'a Version>) -> Option<&'a
     best_release.or(best_any)
 }
 
+/// True when `a` and `b` are one version: equal but for build metadata, which semver 2.0
+/// (§10) leaves out of precedence (`1.0.0+a` is `1.0.0`).
+pub fn same_version(a: &Version, b: &Version) -> bool {
+    a.major == b.major && a.minor == b.minor && a.patch == b.patch && a.pre == b.pre
+}
+
 /// The version after `latest` for a new build of the same thing: its patch number raised
-/// (pre-release dropped); `0.1.0` when there is none.
-pub fn next_patch(latest: Option<&Version>) -> Version {
+/// (pre-release dropped); `0.1.0` when there is none; `None` when the patch number is
+/// already `u64::MAX`.
+pub fn next_patch(latest: Option<&Version>) -> Option<Version> {
     match latest {
-        Some(v) => Version::new(v.major, v.minor, v.patch + 1),
-        None => Version::new(0, 1, 0),
+        Some(v) => Some(Version::new(v.major, v.minor, v.patch.checked_add(1)?)),
+        None => Some(Version::new(0, 1, 0)),
     }
 }
 
@@ -157,9 +164,10 @@ mod tests {
 
     #[test]
     fn next_patch_versions() {
-        assert_eq!(next_patch(None).to_string(), "0.1.0");
-        assert_eq!(next_patch(Some(&"1.2.3".parse().unwrap())).to_string(), "1.2.4");
-        assert_eq!(next_patch(Some(&"1.2.3-rc.1".parse().unwrap())).to_string(), "1.2.4");
+        assert_eq!(next_patch(None).unwrap().to_string(), "0.1.0");
+        assert_eq!(next_patch(Some(&"1.2.3".parse().unwrap())).unwrap().to_string(), "1.2.4");
+        assert_eq!(next_patch(Some(&"1.2.3-rc.1".parse().unwrap())).unwrap().to_string(), "1.2.4");
+        assert_eq!(next_patch(Some(&format!("1.2.{}", u64::MAX).parse().unwrap())), None, "no overflow");
     }
 
     #[test]

@@ -304,6 +304,7 @@ pub struct ModuleUse {
 }
 
 /// An actor, as listed by a node (`GET /api/v1/actors`).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ActorInfo {
     /// `path` or `path-tag`.
@@ -330,6 +331,7 @@ pub struct ActorInfo {
 }
 
 /// A call of an actor's function (`POST /api/v1/call`).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CallRequest {
@@ -378,6 +380,7 @@ fn empty_map() -> Value {
 }
 
 /// One output of a call.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallOutput {
     /// Bytes.
@@ -393,6 +396,7 @@ pub struct CallOutput {
 }
 
 /// The answer to a call.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallResponse {
     /// The actor that answered.
@@ -406,6 +410,7 @@ pub struct CallResponse {
 }
 
 /// A launch of an actor (`POST /api/v1/actors`): get-or-create by name.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LaunchRequest {

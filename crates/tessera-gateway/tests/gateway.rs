@@ -1,121 +1,16 @@
 //! The gateway over real HTTP: calls (by name, spawning, forwarding), bad calls, large
 //! results, cancellation, queues, and two nodes sharing one cluster, on both backends.
 
+#[macro_use]
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
+use common::{On, cluster};
 use serde_json::{Value, json};
-use tessera_core::Digest;
-use tessera_gateway::{Gateway, GatewayConfig, app};
-use tessera_hub::{HubStore, LocalHub};
-use tessera_nats::testing::NatsServer;
-use tessera_node::{Actors, BuiltinRuntime, Node, NodeConfig, NodePorts};
-use tessera_package::{Limits, pack_dir};
-use tessera_ports::{Backend, Runtime};
-use tessera_wasm::{WasmLimits, WasmRuntime};
-
-enum On {
-    Memory,
-    Nats,
-}
-
-struct Cluster {
-    dir: tempfile::TempDir,
-    _nats: Option<NatsServer>,
-    backend: Backend,
-    hub: Arc<HubStore>,
-    http: reqwest::Client,
-}
-
-async fn cluster(on: On) -> Cluster {
-    let dir = tempfile::tempdir().unwrap();
-    let hub = Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
-    let (nats, backend) = match on {
-        On::Memory => (None, Backend::in_process(Duration::from_secs(10))),
-        On::Nats => {
-            let server = NatsServer::start();
-            let backend = tessera_nats::backend(&server.url(), &Default::default()).await.unwrap();
-            (Some(server), backend)
-        }
-    };
-    Cluster { dir, _nats: nats, backend, hub, http: reqwest::Client::new() }
-}
-
-impl Cluster {
-    fn publish(&self, name: &str, runtime: &str, entry: &str) -> Digest {
-        let m = self.dir.path().join(format!("src-{name}"));
-        let manifest = format!("name: {name}\nversion: 0.1.0\nkind: model\nruntime: {runtime}\nentry: {entry}\n");
-        if runtime == "wasm" {
-            tessera_modules::write_module_dir(&m, &manifest, tessera_modules::TEST_PROGRAMS_WASM).unwrap();
-        } else {
-            std::fs::create_dir_all(&m).unwrap();
-            std::fs::write(m.join("module.yaml"), manifest).unwrap();
-        }
-        let bytes = pack_dir(&m, &Limits::default()).unwrap().bytes;
-        self.hub.publish(&bytes, None, None).unwrap().record.digest
-    }
-
-    /// A node with a gateway listening on loopback; returns its URL.
-    async fn node(&self, id: &str, config: GatewayConfig) -> String {
-        self.node_with(id, config, tessera_node::NodePolicy::open(), None).await
-    }
-
-    async fn node_with(
-        &self,
-        id: &str,
-        config: GatewayConfig,
-        policy: tessera_node::NodePolicy,
-        identity: Option<Arc<tessera_identity::KeyPair>>,
-    ) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let wasm = WasmRuntime::new(WasmLimits {
-            max_memory: 128 << 20,
-            max_time: Duration::from_secs(30),
-            max_output_bytes: 1 << 20,
-        })
-        .unwrap();
-        let runtimes: Vec<Arc<dyn Runtime>> = vec![Arc::new(wasm), Arc::new(BuiltinRuntime::new())];
-        let mut cfg = NodeConfig::new(id, self.dir.path().join(id));
-        cfg.endpoint = Some(url.clone());
-        cfg.policy = policy;
-        cfg.identity = identity;
-        let ports = NodePorts { backend: self.backend.clone(), source: Arc::new(LocalHub(self.hub.clone())) };
-        let node = Arc::new(Node::new(cfg, ports, runtimes).unwrap());
-        node.register().await.unwrap();
-        let actors = Arc::new(Actors::new(node.clone(), None));
-        let gw = Gateway::new(node, actors, config);
-        tokio::spawn(async move { axum::serve(listener, app(gw)).await.unwrap() });
-        url
-    }
-
-    async fn post(&self, url: &str, body: Value) -> (u16, Value) {
-        let r = self.http.post(url).json(&body).send().await.unwrap();
-        let status = r.status().as_u16();
-        let text = r.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-    }
-
-    async fn call(&self, base: &str, body: Value) -> (u16, Value) {
-        self.post(&format!("{base}/api/v1/call"), body).await
-    }
-}
-
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn in_process() {
-                super::$name(super::On::Memory).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn nats() {
-                super::$name(super::On::Nats).await
-            }
-        }
-    )*};
-}
+use tessera_gateway::GatewayConfig;
 
 on_both_backends!(calls_launch_and_bad_calls, two_nodes_share_names_and_forward_calls, bounded_queues);
 
@@ -138,6 +33,7 @@ async fn a_node_with_a_policy_takes_only_signed_granted_requests() {
             to: alice.public().clone(),
             modules: vec!["demo".into()],
             datasets: vec![],
+            queues: vec!["demo.q".into()],
             expires: None,
         }],
         ..NodePolicy::open()
@@ -150,11 +46,16 @@ async fn a_node_with_a_policy_takes_only_signed_granted_requests() {
     assert_eq!((s, r["kind"].clone()), (401, json!("unauthorized")), "{r}");
     let (s, _) = c.post(&format!("{gw}/api/v1/queues/demo.q"), json!(1)).await;
     assert_eq!(s, 401);
-    let list: Value = c.http.get(format!("{gw}/api/v1/actors")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(list, json!([]), "a refused call launches nothing");
+    let s = c.http.get(format!("{gw}/api/v1/actors")).send().await.unwrap().status().as_u16();
+    assert_eq!(s, 401, "every route but health wants a signature here");
 
     // A key without a grant: refused.
     let m = GatewayClient::new(&gw).unwrap().with_signer(mallory.clone());
+    assert_eq!(
+        GatewayClient::new(&gw).unwrap().with_signer(alice.clone()).actors().await.unwrap(),
+        vec![],
+        "a refused call launches nothing"
+    );
     let e = m.actor("demo.counter").call("count", vec![]).await.unwrap_err();
     assert_eq!(e.kind(), Some("refused"), "{e}");
     assert!(e.to_string().contains("no grant"), "{e}");
@@ -413,4 +314,23 @@ async fn bounded_queues(on: On) {
     assert_eq!(r.status().as_u16(), 400);
     let r = c.http.post(format!("{q}/get?wait=abc")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 400);
+
+    // Bounded in bytes too: 100 bytes hold two 40-byte messages, not a third.
+    let tight = GatewayConfig { queue_max_bytes: 100, ..GatewayConfig::default() };
+    let gw2 = c.node("n2", tight).await;
+    let q = format!("{gw2}/api/v1/queues/demo.bytes");
+    let forty = json!("x".repeat(38));
+    for _ in 0..2 {
+        let (s, r) = c.post(&q, forty.clone()).await;
+        assert_eq!(s, 201, "{r}");
+    }
+    let (s, r) = c.post(&q, forty.clone()).await;
+    assert_eq!((s, r["kind"].clone()), (429, json!("queue_full")), "{r}");
+    assert!(r["error"].as_str().unwrap().contains("bytes"), "{r}");
+    let (s, r) = c.post(&format!("{gw2}/api/v1/queues/demo.other"), json!("y".repeat(200))).await;
+    assert_eq!((s, r["kind"].clone()), (413, json!("too_large")), "a message over the whole bound: {r}");
+    let (s, _) = c.post(&format!("{q}/get?wait=1"), json!(null)).await;
+    assert_eq!(s, 200);
+    let (s, r) = c.post(&q, forty).await;
+    assert_eq!(s, 201, "room again after a get: {r}");
 }

@@ -36,7 +36,7 @@ fn per_op(label: &str, n: usize, f: impl FnMut(usize)) -> f64 {
 async fn requests_per_second(policy: HubPolicy, signer: Option<&KeyPair>) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
-    store.create_model("bench.model", "1.0.0", &serde_json::json!({}), None).unwrap();
+    store.create_model("bench.model", "1.0.0", &serde_json::json!({}), None, None).unwrap();
     let router = app(AppState::new(store.clone(), policy));
     let path = "/api/v1/models/bench.model/1.0.0/meta";
     let reqs: Vec<Request<Body>> = (0..N)

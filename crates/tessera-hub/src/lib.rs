@@ -15,8 +15,11 @@ mod api;
 mod store;
 pub mod time;
 
-pub use api::{ApiError, AppState, HubPolicy, app, openapi};
-pub use store::{GrantRecord, HubError, HubStore, ListQuery, Published, UsageRecord};
+pub use api::{
+    ApiError, AppState, CreateModel, DEFAULT_MAX_MODEL_BYTES, DIGEST_HEADER, HubPolicy, MANIFEST_HEADER, ModelMeta,
+    PACKAGE_HEADER, SIGNATURE_SCHEME, answer_panic, app, openapi,
+};
+pub use store::{GrantRecord, HubError, HubStore, ListQuery, ModelUpload, PublishCheck, Published, UsageRecord};
 
 use std::sync::Arc;
 

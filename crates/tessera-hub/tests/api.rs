@@ -340,6 +340,7 @@ async fn the_docs_list_every_route() {
         "GET /api/v1/blobs/{digest}",
         "POST /api/v1/models",
         "GET /api/v1/models",
+        "POST /api/v1/models/{name}",
         "PUT /api/v1/models/{name}/{version}",
         "GET /api/v1/models/{name}/{version}",
         "DELETE /api/v1/models/{name}/{version}",
@@ -357,6 +358,12 @@ async fn the_docs_list_every_route() {
     let expected: std::collections::BTreeSet<String> = expected.iter().map(|s| s.to_string()).collect();
     assert_eq!(paths, expected);
     assert!(doc["components"]["schemas"]["PackageRecord"].is_object());
+    // The signature header is a security scheme, and the routes that take it say so.
+    let scheme = &doc["components"]["securitySchemes"]["tessera_signature"];
+    assert_eq!((scheme["type"].as_str(), scheme["in"].as_str()), (Some("apiKey"), Some("header")), "{scheme}");
+    assert_eq!(scheme["name"], "x-tessera-signature");
+    let publish = &doc["paths"]["/api/v1/packages"]["post"]["security"];
+    assert!(publish.to_string().contains("tessera_signature"), "{publish}");
 
     let (s, page) = h.get("/docs/").await;
     assert_eq!(s, StatusCode::OK);
@@ -364,6 +371,11 @@ async fn the_docs_list_every_route() {
     assert!(page.contains("swagger-ui"), "{page}");
     // The page's assets are served by the hub itself (no CDN).
     assert!(!page.contains("https://"), "the docs page must work offline");
+    // Swagger's online validator is off: opening the page contacts no other host.
+    let (s, init) = h.get("/docs/swagger-initializer.js").await;
+    assert_eq!(s, StatusCode::OK);
+    let init = String::from_utf8(init).unwrap();
+    assert!(init.contains(r#""validatorUrl": "none""#), "{init}");
     let (s, js) = h.get("/docs/swagger-ui-bundle.js").await;
     assert_eq!(s, StatusCode::OK);
     assert!(js.len() > 100_000);

@@ -275,7 +275,7 @@ async fn an_open_hub_still_protects_owned_namespaces() {
     // ...not in one a key has claimed.
     assert_eq!(h.send(publish(&h, &alice, &alice, h.package("fl.worker", "0.1.0", "a"))).await.0, StatusCode::CREATED);
     let (s, body) = h.send(unsigned(h.package("fl.worker", "0.2.0", "b"))).await;
-    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
     let (s, _) =
         h.send(Req { method: "DELETE", path: "/api/v1/packages/fl.worker/0.1.0", body: vec![], headers: vec![] }).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
@@ -360,12 +360,26 @@ async fn private_packages_are_read_only_by_their_grantees() {
         h.send(signed(&stranger, &hub_key, "PUT", &grant_path, expired.clone(), now_ms())).await.0,
         StatusCode::FORBIDDEN
     );
-    assert_eq!(h.send(signed(&alice, &hub_key, "PUT", &grant_path, expired, now_ms())).await.0, StatusCode::OK);
-    let (s, body) = h.send(req(&node)).await;
-    assert_eq!(s, StatusCode::FORBIDDEN);
-    assert!(error(&body).contains("expired"), "{body}");
+    // A grant that ends in the past is refused (and changes nothing).
+    let (s, body) = h.send(signed(&alice, &hub_key, "PUT", &grant_path, expired, now_ms())).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error(&body).contains("not in the future"), "{body}");
+    assert_eq!(h.send(req(&node)).await.0, StatusCode::OK, "the grant is untouched");
+    // A grant for an hour: readable now, refused once that hour is over.
+    let hour = tessera_core::time::format_rfc3339(now_ms() / 1000 + 3600);
+    let body = serde_json::to_vec(&json!({"expires": hour})).unwrap();
+    assert_eq!(h.send(signed(&alice, &hub_key, "PUT", &grant_path, body, now_ms())).await.0, StatusCode::OK);
+    assert_eq!(h.send(req(&node)).await.0, StatusCode::OK);
+    let record = h.store.resolve_str("acme.secret", "latest").unwrap();
+    let later = now_ms() + 3_601_000;
+    let e = h.store.check_read(&record, Some(node.public()), later).unwrap_err().to_string();
+    assert!(e.contains("expired"), "{e}");
     assert_eq!(h.send(signed(&alice, &hub_key, "PUT", &grant_path, vec![], now_ms())).await.0, StatusCode::OK);
     assert_eq!(h.send(req(&node)).await.0, StatusCode::OK, "renewed");
+    let stranger_grant = format!("/api/v1/packages/acme.secret/grants/{}", stranger.public());
+    let (s, body) = h.send(signed(&alice, &hub_key, "PUT", &stranger_grant, vec![], now_ms())).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "a key the package was not sealed for: {body}");
+    assert!(error(&body).contains("sealed for"), "{body}");
     assert_eq!(h.send(signed(&alice, &hub_key, "DELETE", &grant_path, vec![], now_ms())).await.0, StatusCode::OK);
     let (s, body) = h.send(req(&node)).await;
     assert_eq!(s, StatusCode::FORBIDDEN);

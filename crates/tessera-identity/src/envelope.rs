@@ -289,6 +289,25 @@ impl Verifier {
         body: &Digest,
         now_ms: u64,
     ) -> Result<PublicKey, VerifyError> {
+        self.check_header(env, method, path, now_ms)?.finish(body, now_ms)
+    }
+
+    /// Checks everything an envelope says about a request but its body: key type, known
+    /// accounts, window, audience and signature (over the body digest the envelope
+    /// claims), and that its nonce was not used. A server calls this from the headers,
+    /// before it reads a byte of the body, then [`Checked::finish`] with the digest of the
+    /// body it received. Nothing is remembered until `finish` accepts the request, so a
+    /// refused request never takes a place in the replay cache.
+    ///
+    /// Timestamps are compared with saturating arithmetic: no value of `ts` or `now_ms`
+    /// can overflow.
+    pub fn check_header<'v>(
+        &'v self,
+        env: &Envelope,
+        method: &str,
+        path: &str,
+        now_ms: u64,
+    ) -> Result<Checked<'v>, VerifyError> {
         if !self.key_types.contains(&env.key.key_type()) {
             return Err(VerifyError::KeyType(env.key.key_type()));
         }
@@ -297,11 +316,11 @@ impl Verifier {
         {
             return Err(VerifyError::UnknownKey(env.key.to_string()));
         }
-        if env.ts_ms + self.window_ms < now_ms {
-            return Err(VerifyError::Stale { age_ms: now_ms - env.ts_ms, window_ms: self.window_ms });
+        if env.ts_ms.saturating_add(self.window_ms) < now_ms {
+            return Err(VerifyError::Stale { age_ms: now_ms.saturating_sub(env.ts_ms), window_ms: self.window_ms });
         }
-        if env.ts_ms > now_ms + self.window_ms {
-            return Err(VerifyError::Future { ahead_ms: env.ts_ms - now_ms, window_ms: self.window_ms });
+        if env.ts_ms > now_ms.saturating_add(self.window_ms) {
+            return Err(VerifyError::Future { ahead_ms: env.ts_ms.saturating_sub(now_ms), window_ms: self.window_ms });
         }
         if env.audience != self.audience {
             return Err(VerifyError::WrongAudience {
@@ -309,30 +328,72 @@ impl Verifier {
                 got: env.audience.to_string(),
             });
         }
-        if &env.body != body {
-            return Err(VerifyError::BodyMismatch);
-        }
         let bytes = signed_bytes(method, path, env.ts_ms, &env.nonce, &env.audience, &env.body, &env.key);
         env.key.verify(&bytes, &env.sig).map_err(|_| VerifyError::BadSignature)?;
-        if !self.replay_check {
-            return Ok(env.key.clone());
+        if self.replay_check {
+            let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.get(&(env.key.clone(), env.nonce.clone())).is_some_and(|expires| *expires >= now_ms) {
+                return Err(VerifyError::Replayed);
+            }
+        }
+        Ok(Checked { verifier: self, key: env.key.clone(), nonce: env.nonce.clone(), ts_ms: env.ts_ms, body: env.body })
+    }
+}
+
+/// A request whose envelope verified, waiting for its body (see [`Verifier::check_header`]).
+#[derive(Debug)]
+#[must_use = "a checked header is accepted only by `finish`"]
+pub struct Checked<'v> {
+    verifier: &'v Verifier,
+    key: PublicKey,
+    nonce: String,
+    ts_ms: u64,
+    body: Digest,
+}
+
+impl Checked<'_> {
+    /// The signer (not yet accepted: the body is still to be checked).
+    pub fn signer(&self) -> &PublicKey {
+        &self.key
+    }
+
+    /// The body digest the signer signed.
+    pub fn body(&self) -> &Digest {
+        &self.body
+    }
+
+    /// Accepts the request when `body` is the digest the signer signed and its nonce is
+    /// still unused (checked again, atomically with remembering it): returns the signer.
+    pub fn finish(self, body: &Digest, now_ms: u64) -> Result<PublicKey, VerifyError> {
+        if &self.body != body {
+            return Err(VerifyError::BodyMismatch);
+        }
+        let v = self.verifier;
+        if !v.replay_check {
+            return Ok(self.key);
         }
         // Only a valid signature may take a place in the replay cache.
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = v.seen.lock().unwrap_or_else(|p| p.into_inner());
         if seen.len() >= MAX_NONCES / 2 {
             seen.retain(|_, expires| *expires >= now_ms);
             if seen.len() >= MAX_NONCES {
                 return Err(VerifyError::Busy);
             }
         }
-        let slot = (env.key.clone(), env.nonce.clone());
+        let slot = (self.key.clone(), self.nonce);
         match seen.get(&slot) {
             Some(expires) if *expires >= now_ms => return Err(VerifyError::Replayed),
             _ => {}
         }
         // A nonce is remembered until its timestamp leaves the window.
-        seen.insert(slot, env.ts_ms + self.window_ms);
-        Ok(env.key.clone())
+        seen.insert(slot, self.ts_ms.saturating_add(v.window_ms));
+        Ok(self.key)
+    }
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier").field("audience", &self.audience).field("window_ms", &self.window_ms).finish()
     }
 }
 
@@ -406,6 +467,40 @@ mod tests {
         let h = sign("POST", p, b"b", NOW);
         assert_eq!(v.verify(Some(&h), "POST", p, b"x", NOW), Err(VerifyError::BodyMismatch));
         assert!(v.verify(Some(&h), "POST", p, b"b", NOW).is_ok());
+    }
+
+    #[test]
+    fn extreme_timestamps_are_refused_without_overflow() {
+        let (server, client, v) = setup();
+        let p = "/api/v1/packages";
+        for (ts, now) in [(u64::MAX, NOW), (0, NOW), (0, u64::MAX), (NOW, 0), (u64::MAX, 0)] {
+            let h = Envelope::sign(&client, server.public(), "POST", p, b"b", ts).to_header();
+            let r = v.verify(Some(&h), "POST", p, b"b", now);
+            assert!(matches!(r, Err(VerifyError::Stale { .. } | VerifyError::Future { .. })), "{ts} at {now}: {r:?}");
+        }
+        // At the very end of time, a request of that instant is accepted and remembered.
+        let h = Envelope::sign(&client, server.public(), "POST", p, b"b", u64::MAX).to_header();
+        assert!(v.verify(Some(&h), "POST", p, b"b", u64::MAX).is_ok());
+        assert_eq!(v.verify(Some(&h), "POST", p, b"b", u64::MAX), Err(VerifyError::Replayed));
+    }
+
+    #[test]
+    fn headers_are_checked_before_the_body_and_the_nonce_is_kept_only_on_success() {
+        let (server, client, v) = setup();
+        let p = "/api/v1/models/a/1.0.0";
+        let env = Envelope::sign(&client, server.public(), "PUT", p, b"the body", NOW);
+        // A bad signature is refused from the headers alone.
+        assert_eq!(v.check_header(&env, "POST", p, NOW).unwrap_err(), VerifyError::BadSignature);
+        let checked = v.check_header(&env, "PUT", p, NOW).unwrap();
+        assert_eq!(checked.signer(), client.public());
+        assert_eq!(checked.finish(&Digest::of(b"other body"), NOW), Err(VerifyError::BodyMismatch));
+        // The refused body did not burn the nonce; the right one is accepted once.
+        let checked = v.check_header(&env, "PUT", p, NOW).unwrap();
+        let again = v.check_header(&env, "PUT", p, NOW).unwrap();
+        assert_eq!(checked.finish(&Digest::of(b"the body"), NOW).unwrap(), *client.public());
+        // Two uploads racing with one nonce: the second to finish is a replay.
+        assert_eq!(again.finish(&Digest::of(b"the body"), NOW), Err(VerifyError::Replayed));
+        assert_eq!(v.check_header(&env, "PUT", p, NOW).unwrap_err(), VerifyError::Replayed);
     }
 
     #[test]

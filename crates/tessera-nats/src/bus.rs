@@ -10,12 +10,17 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use tessera_ports::bus::{Acker, check_queue};
-use tessera_ports::{Bus, BusError, Delivery};
+use tessera_ports::{Bus, BusError, Delivery, QueueBound};
 use tokio::sync::Mutex;
 
 use crate::{Nats, NatsError, NatsOptions};
 
 const STREAM: &str = "TESSERA_QUEUES";
+
+/// The header a bounded put writes: the bytes put to the queue so far, this message
+/// included. The bytes a queue holds are the last message's total minus what was put before
+/// its first stored message (taken but unacknowledged messages are still stored).
+const PUT_TOTAL: &str = "Tessera-Put-Total";
 
 /// Queues on JetStream.
 pub struct NatsBus {
@@ -104,6 +109,44 @@ impl NatsBus {
     }
 }
 
+/// A stored message's running total of bytes put, and its size (a message put without the
+/// header counts as if its queue started with it).
+fn put_total(m: &async_nats::jetstream::message::StreamMessage) -> (u64, u64) {
+    let size = m.payload.len() as u64;
+    let total =
+        m.headers.get(PUT_TOTAL).and_then(|v| v.as_str().parse::<u64>().ok()).filter(|t| *t >= size).unwrap_or(size);
+    (total, size)
+}
+
+impl NatsBus {
+    /// The first and last stored messages of a queue, if it holds any.
+    async fn ends(
+        &self,
+        queue: &str,
+    ) -> Result<
+        Option<(async_nats::jetstream::message::StreamMessage, async_nats::jetstream::message::StreamMessage)>,
+        BusError,
+    > {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
+        let subject = subject(queue);
+        let missing = |e: &async_nats::jetstream::stream::LastRawMessageError| {
+            matches!(e.kind(), K::NoMessageFound)
+                || matches!(e.kind(), K::JetStream(j) if j.error_code() == async_nats::jetstream::ErrorCode::NO_MESSAGE_FOUND)
+        };
+        let last = match self.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => m,
+            Err(e) if missing(&e) => return Ok(None),
+            Err(e) => return Err(backend(e)),
+        };
+        let first = match self.stream.get_first_raw_message_by_subject(&subject, 1).await {
+            Ok(m) => m,
+            Err(e) if missing(&e) => return Ok(None),
+            Err(e) => return Err(backend(e)),
+        };
+        Ok(Some((first, last)))
+    }
+}
+
 struct NatsAcker(Message);
 
 #[async_trait]
@@ -160,6 +203,32 @@ impl Bus for NatsBus {
         let attempt = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
         let payload = msg.payload.clone();
         Ok(Some(Delivery::new(payload, attempt, Box::new(NatsAcker(msg)))))
+    }
+
+    async fn put_bounded(&self, queue: &str, payload: Bytes, bound: QueueBound) -> Result<(), BusError> {
+        self.check(queue, &payload)?;
+        bound.check_size(&payload)?;
+        if self.len(queue).await? >= bound.messages {
+            return Err(BusError::Full(queue.to_owned()));
+        }
+        let size = payload.len() as u64;
+        let (held, total) = match self.ends(queue).await? {
+            None => (0, 0),
+            Some((first, last)) => {
+                let (first_total, first_size) = put_total(&first);
+                let (last_total, _) = put_total(&last);
+                let before_first = first_total - first_size;
+                (last_total.saturating_sub(before_first), last_total)
+            }
+        };
+        if held.saturating_add(size) > bound.bytes {
+            return Err(BusError::FullBytes { queue: queue.to_owned(), held, size, bound: bound.bytes });
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(PUT_TOTAL, total.saturating_add(size).to_string().as_str());
+        let ack = self.js.publish_with_headers(subject(queue), headers, payload).await.map_err(backend)?;
+        ack.await.map_err(backend)?;
+        Ok(())
     }
 
     async fn len(&self, queue: &str) -> Result<u64, BusError> {

@@ -65,6 +65,18 @@ pub enum ActorError {
     /// The request is malformed.
     #[error("{0}")]
     Invalid(String),
+    /// A launch names an actor that runs another package.
+    #[error(
+        "{name} runs {running}; to replace it with {asked}, kill it first (tessera kill {name}), or launch {asked} under another name (--tag)"
+    )]
+    Running {
+        /// The actor.
+        name: String,
+        /// `name@version` of what runs.
+        running: String,
+        /// `name@version` of what the launch asked for.
+        asked: String,
+    },
     /// The module failed, crashed or broke a limit.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
@@ -131,17 +143,22 @@ struct Actor {
     stateful: std::sync::Mutex<Option<bool>>,
 }
 
+/// What `replicas` replicas of a module needing `n` reserve (saturating: manifests come
+/// from outside).
+fn times(n: &Needs, replicas: usize) -> Needs {
+    let r = replicas as u64;
+    Needs {
+        cpu: n.cpu * r as f64,
+        memory: tessera_core::ByteSize(n.memory.0.saturating_mul(r)),
+        gpu: n.gpu.saturating_mul(u32::try_from(replicas).unwrap_or(u32::MAX)),
+        storage: tessera_core::ByteSize(n.storage.0.saturating_mul(r)),
+        libraries: Vec::new(),
+    }
+}
+
 impl Actor {
     fn reserved(&self) -> Needs {
-        let n = &self.image.manifest.needs;
-        let r = self.replicas.len() as u64;
-        Needs {
-            cpu: n.cpu * r as f64,
-            memory: tessera_core::ByteSize(n.memory.0 * r),
-            gpu: n.gpu * r as u32,
-            storage: tessera_core::ByteSize(n.storage.0 * r),
-            libraries: Vec::new(),
-        }
+        times(&self.image.manifest.needs, self.replicas.len())
     }
 
     fn info(&self, node: &str) -> ActorInfo {
@@ -205,6 +222,16 @@ impl Actors {
         // One lock around look-up and creation: two launches of a name make one actor.
         let mut actors = self.actors.lock().await;
         if let Some(a) = actors.get(&name) {
+            if a.image.digest != image.digest {
+                let m = |i: &ModuleImage| format!("{}@{}", i.manifest.name, i.manifest.version);
+                let (running, asked) = (m(&a.image), m(&image));
+                let (running, asked) = if running == asked {
+                    (format!("{running} ({})", a.image.digest.short()), format!("{asked} ({})", image.digest.short()))
+                } else {
+                    (running, asked)
+                };
+                return Err(ActorError::Running { name, running, asked });
+            }
             return Ok(a.info(self.node.id()));
         }
         self.claim(&name, &image.digest).await?;
@@ -224,15 +251,7 @@ impl Actors {
         image: ModuleImage,
         spec: ActorSpec,
     ) -> Result<ActorInfo, ActorError> {
-        let n = &image.manifest.needs;
-        let r = spec.replicas as u64;
-        let needs = Needs {
-            cpu: n.cpu * r as f64,
-            memory: tessera_core::ByteSize(n.memory.0 * r),
-            gpu: n.gpu * r as u32,
-            storage: tessera_core::ByteSize(n.storage.0 * r),
-            libraries: Vec::new(),
-        };
+        let needs = times(&image.manifest.needs, spec.replicas);
         let running: Vec<Running> = actors
             .values()
             .map(|a| Running { name: a.name.clone(), needs: a.reserved(), priority: a.priority, launched: a.launched })

@@ -267,20 +267,22 @@ impl Node {
 
     /// Fetches, verifies and unpacks a package (or takes it from the cache).
     /// Checks the package against the node's trust policy (signed by a trusted publisher of
-    /// its namespace) before anything of it runs.
+    /// its namespace) before anything of it runs, and, whatever the policy, that its own
+    /// manifest names the module and version the hub's record says: a hub cannot pass one
+    /// module off as another.
     pub async fn module(&self, digest: &Digest) -> Result<ModuleImage, NodeError> {
-        let mut expected_name = None;
-        if self.policy.require_signed_packages
-            && !self.trusted.lock().unwrap_or_else(|p| p.into_inner()).contains(digest)
-        {
+        let checked = self.trusted.lock().unwrap_or_else(|p| p.into_inner()).contains(digest);
+        let mut expected = None;
+        if !checked {
             let record = self.source.resolve(&PackageRef::Digest(*digest)).await.map_err(CacheError::from)?;
             self.policy.check_package(&record, digest).map_err(NodeError::Refused)?;
-            expected_name = Some((record.name, record.version));
+            expected = Some((record.name, record.version));
         }
         let image = self.cache.get(digest, self.source.as_ref(), self.identity.as_deref()).await?;
-        if let Some((name, version)) = expected_name {
-            // The hub's claim and the package's own manifest must agree.
-            if image.manifest.name.as_str() != name || image.manifest.version.to_string() != version {
+        if let Some((name, version)) = expected {
+            let same_version = tessera_core::version::Version::parse(&version)
+                .is_ok_and(|v| tessera_core::version::same_version(&v, &image.manifest.version));
+            if image.manifest.name.as_str() != name || !same_version {
                 return Err(NodeError::Refused(format!(
                     "package {digest} is published as {name}@{version} but its manifest says {}@{}",
                     image.manifest.name, image.manifest.version

@@ -9,6 +9,8 @@
 //!   - to: ed25519:…
 //!     modules: [fl.softmax]      # module-path prefixes ("" or "*": any)
 //!     datasets: [digits]
+//!     queues: [jobs]             # free-named gateway queues, by prefix (an actor's
+//!                                # <actor>.in/.out need a grant for its module)
 //!     expires: 2027-01-01T00:00:00Z
 //! quotas:
 //!   "ed25519:…": {compute_seconds: 3600, tasks: 10000}
@@ -65,6 +67,11 @@ pub struct Grant {
     /// Datasets the tasks may read (nothing else is visible to them).
     #[serde(default)]
     pub datasets: Vec<String>,
+    /// Queues outside any actor (`jobs`, `jobs.urgent`) the key may use through the
+    /// gateway, by prefix (`""` or `"*"`: any). An actor's `<actor>.in` and `<actor>.out`
+    /// are covered by a grant for its module instead.
+    #[serde(default)]
+    pub queues: Vec<String>,
     /// When the grant ends (`YYYY-MM-DDTHH:MM:SSZ`), if ever.
     #[serde(default)]
     pub expires: Option<String>,
@@ -167,6 +174,21 @@ impl NodePolicy {
             return Err(format!("the grant to {signer} for {module} has expired"));
         }
         Err(format!("{signer} has no grant to run {module} on this node"))
+    }
+
+    /// The grant that lets `signer` use the free-named queue `queue` now, or why none does.
+    pub fn queue_grant_for(&self, signer: &PublicKey, queue: &str, now_ms: u64) -> Result<&Grant, String> {
+        let mut expired = false;
+        for g in self.grants.iter().filter(|g| &g.to == signer && covers(&g.queues, queue)) {
+            match &g.expires {
+                Some(e) if parse_rfc3339(e).unwrap_or(0).saturating_mul(1000) <= now_ms => expired = true,
+                _ => return Ok(g),
+            }
+        }
+        if expired {
+            return Err(format!("the grant to {signer} for queue {queue} has expired"));
+        }
+        Err(format!("{signer} has no grant to use queue {queue} on this node"))
     }
 
     /// The quota of an account, if any.

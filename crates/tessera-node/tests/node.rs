@@ -374,3 +374,29 @@ async fn nodes_sharing_a_cache_directory_unpack_a_package_once() {
     assert_eq!(x.root, y.root);
     assert_eq!(std::fs::read(x.entry_path()).unwrap(), tessera_modules::TEST_PROGRAMS_WASM);
 }
+
+/// A source whose records claim every package is another module than it is.
+struct Renaming(LocalHub);
+
+#[async_trait]
+impl PackageSource for Renaming {
+    async fn resolve(&self, r: &PackageRef) -> Result<PackageRecord, SourceError> {
+        let mut record = self.0.resolve(r).await?;
+        record.name = "trusted.module".into();
+        Ok(record)
+    }
+    async fn fetch(&self, digest: &Digest) -> Result<Bytes, SourceError> {
+        self.0.fetch(digest).await
+    }
+}
+
+/// With no policy at all, a package runs only when its own manifest is the module the
+/// hub's record says it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_package_passed_off_as_another_module_never_runs() {
+    let s = setup(On::Memory).await;
+    let node = s.node_with("n4", Arc::new(Renaming(LocalHub(s.hub.clone()))), vec![Arc::new(BuiltinRuntime::new())]);
+    let reply = node.execute(&s.task("t", "n4", json!({"mode": "echo"}))).await;
+    let why = failed(&reply);
+    assert!(why.contains("published as trusted.module") && why.contains("test.programs"), "{reply:?}");
+}

@@ -238,6 +238,7 @@ async fn a_private_package_runs_only_where_it_can_be_opened() {
             sealed.len() as u64,
             &manifest,
             &PackageSignature::sign(&w.alice, &d),
+            None,
         )
         .unwrap();
 

@@ -33,6 +33,19 @@ pub enum BusError {
     /// The queue is full (bounded queues refuse rather than grow).
     #[error("queue {0} is full")]
     Full(String),
+    /// The queue holds too many bytes for this message (bounded queues refuse rather than
+    /// grow).
+    #[error("queue {queue} holds {held} bytes; {size} more is over its bound of {bound} bytes")]
+    FullBytes {
+        /// The queue.
+        queue: String,
+        /// Bytes waiting in it.
+        held: u64,
+        /// The message's size.
+        size: u64,
+        /// The bound.
+        bound: u64,
+    },
     /// The backend failed (connection lost, server error).
     #[error("bus backend: {0}")]
     Backend(String),
@@ -109,15 +122,41 @@ pub trait Bus: Send + Sync + 'static {
     async fn get(&self, queue: &str, wait: Duration) -> Result<Option<Delivery>, BusError>;
     /// Messages waiting in `queue` (not counting those taken and not yet acknowledged).
     async fn len(&self, queue: &str) -> Result<u64, BusError>;
-    /// Appends a message unless `queue` already holds `capacity` waiting messages
-    /// ([`BusError::Full`]): a bounded queue, so producers feel backpressure. The
+    /// Appends a message unless `queue` already holds `bound.messages` waiting messages
+    /// ([`BusError::Full`]) or the message would take its bytes past `bound.bytes`
+    /// ([`BusError::FullBytes`]): a bounded queue, so producers feel backpressure. The
     /// in-process bus checks and appends at once; a distributed bus checks, then appends,
-    /// so concurrent producers may overshoot the bound by at most their number.
-    async fn put_bounded(&self, queue: &str, payload: Bytes, capacity: u64) -> Result<(), BusError> {
-        if self.len(queue).await? >= capacity {
-            return Err(BusError::Full(queue.to_owned()));
+    /// so concurrent producers may overshoot the bound by at most their number of
+    /// messages. A message larger than `bound.bytes` is refused as [`BusError::TooLarge`].
+    async fn put_bounded(&self, queue: &str, payload: Bytes, bound: QueueBound) -> Result<(), BusError>;
+}
+
+/// The bound of a queue: waiting messages and the bytes they hold (taken but
+/// unacknowledged messages count too, since they may come back).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueBound {
+    /// Most messages.
+    pub messages: u64,
+    /// Most bytes of payload.
+    pub bytes: u64,
+}
+
+impl QueueBound {
+    /// A bound of `messages` messages and `bytes` bytes.
+    pub fn new(messages: u64, bytes: u64) -> Self {
+        QueueBound { messages, bytes }
+    }
+
+    /// Refuses a message larger than the whole bound.
+    pub fn check_size(&self, payload: &Bytes) -> Result<(), BusError> {
+        let size = payload.len() as u64;
+        if size > self.bytes {
+            return Err(BusError::TooLarge {
+                size: payload.len(),
+                limit: usize::try_from(self.bytes).unwrap_or(usize::MAX),
+            });
         }
-        self.put(queue, payload).await
+        Ok(())
     }
 }
 
@@ -139,6 +178,8 @@ struct Message {
 struct Queue {
     items: VecDeque<Message>,
     notify: Arc<Notify>,
+    /// Bytes of the messages in `items` and of those taken but not yet acknowledged.
+    bytes: u64,
 }
 
 type Queues = Arc<Mutex<HashMap<String, Queue>>>;
@@ -182,7 +223,7 @@ struct MemoryAcker {
 impl MemoryAcker {
     fn requeue(&mut self) {
         if let Some(mut m) = self.message.take() {
-            m.attempt += 1;
+            m.attempt = m.attempt.saturating_add(1);
             let mut qs = lock(&self.queues);
             let q = qs.entry(self.queue.clone()).or_default();
             q.items.push_front(m);
@@ -200,7 +241,12 @@ impl Drop for MemoryAcker {
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
-        self.message = None;
+        if let Some(m) = self.message.take() {
+            let mut qs = lock(&self.queues);
+            if let Some(q) = qs.get_mut(&self.queue) {
+                q.bytes = q.bytes.saturating_sub(m.payload.len() as u64);
+            }
+        }
         Ok(())
     }
     async fn nack(mut self: Box<Self>) -> Result<(), BusError> {
@@ -218,6 +264,7 @@ impl Bus for MemoryBus {
         }
         let mut qs = lock(&self.queues);
         let q = qs.entry(queue.to_owned()).or_default();
+        q.bytes = q.bytes.saturating_add(payload.len() as u64);
         q.items.push_back(Message { payload, attempt: 1 });
         q.notify.notify_one();
         Ok(())
@@ -273,16 +320,22 @@ impl Bus for MemoryBus {
         Ok(lock(&self.queues).get(queue).map_or(0, |q| q.items.len() as u64))
     }
 
-    async fn put_bounded(&self, queue: &str, payload: Bytes, capacity: u64) -> Result<(), BusError> {
+    async fn put_bounded(&self, queue: &str, payload: Bytes, bound: QueueBound) -> Result<(), BusError> {
         check_queue(queue)?;
         if payload.len() > self.max_message {
             return Err(BusError::TooLarge { size: payload.len(), limit: self.max_message });
         }
+        bound.check_size(&payload)?;
         let mut qs = lock(&self.queues);
         let q = qs.entry(queue.to_owned()).or_default();
-        if q.items.len() as u64 >= capacity {
+        if q.items.len() as u64 >= bound.messages {
             return Err(BusError::Full(queue.to_owned()));
         }
+        let size = payload.len() as u64;
+        if q.bytes.saturating_add(size) > bound.bytes {
+            return Err(BusError::FullBytes { queue: queue.to_owned(), held: q.bytes, size, bound: bound.bytes });
+        }
+        q.bytes = q.bytes.saturating_add(size);
         q.items.push_back(Message { payload, attempt: 1 });
         q.notify.notify_one();
         Ok(())

@@ -73,17 +73,45 @@ pub async fn bus_behaviour(bus: &dyn Bus) {
     }
 
     // A bounded queue refuses a put when full, and takes one again once a message left.
+    let two = crate::QueueBound::new(2, 1 << 20);
     for i in 0..2u8 {
-        bus.put_bounded("conf.bounded", Bytes::from(vec![i]), 2).await.unwrap();
+        bus.put_bounded("conf.bounded", Bytes::from(vec![i]), two).await.unwrap();
     }
     assert!(matches!(
-        bus.put_bounded("conf.bounded", Bytes::from_static(b"x"), 2).await,
+        bus.put_bounded("conf.bounded", Bytes::from_static(b"x"), two).await,
         Err(BusError::Full(q)) if q == "conf.bounded"
     ));
     assert_eq!(bus.len("conf.bounded").await.unwrap(), 2, "a refused put stores nothing");
     bus.get("conf.bounded", Duration::from_secs(1)).await.unwrap().unwrap().ack().await.unwrap();
-    bus.put_bounded("conf.bounded", Bytes::from_static(b"z"), 2).await.unwrap();
+    bus.put_bounded("conf.bounded", Bytes::from_static(b"z"), two).await.unwrap();
     assert_eq!(bus.len("conf.bounded").await.unwrap(), 2);
+
+    // Bounded in bytes too: 100 bytes hold two 40-byte messages, not a third, and a
+    // message larger than the whole bound is too large; taking one (acknowledged) frees
+    // its bytes.
+    let small = crate::QueueBound::new(100, 100);
+    let forty = Bytes::from(vec![7u8; 40]);
+    bus.put_bounded("conf.bytes", forty.clone(), small).await.unwrap();
+    bus.put_bounded("conf.bytes", forty.clone(), small).await.unwrap();
+    assert!(matches!(
+        bus.put_bounded("conf.bytes", forty.clone(), small).await,
+        Err(BusError::FullBytes { held: 80, size: 40, bound: 100, .. })
+    ));
+    assert!(matches!(
+        bus.put_bounded("conf.bytes2", Bytes::from(vec![0u8; 101]), small).await,
+        Err(BusError::TooLarge { .. })
+    ));
+    assert_eq!(bus.len("conf.bytes").await.unwrap(), 2);
+    let d = bus.get("conf.bytes", Duration::from_secs(1)).await.unwrap().unwrap();
+    assert!(
+        matches!(bus.put_bounded("conf.bytes", forty.clone(), small).await, Err(BusError::FullBytes { .. })),
+        "a taken, unacknowledged message still holds its bytes"
+    );
+    d.ack().await.unwrap();
+    bus.put_bounded("conf.bytes", forty.clone(), small).await.unwrap();
+    for _ in 0..2 {
+        bus.get("conf.bytes", Duration::from_secs(1)).await.unwrap().unwrap().ack().await.unwrap();
+    }
 
     // Bad names are refused.
     for bad in ["", "a b", "a..b", "a*", "a>", ".a"] {

@@ -25,7 +25,7 @@ pub mod source;
 pub mod world;
 
 pub use blob::{BlobError, BlobStore, FsBlobStore, MemoryBlobStore};
-pub use bus::{Bus, BusError, Delivery, MemoryBus};
+pub use bus::{Bus, BusError, Delivery, MemoryBus, QueueBound};
 pub use membership::{Membership, MemoryMembership};
 pub use runtime::{
     ContextError, Instance, Invocation, LogLevel, ModuleImage, Outputs, Runtime, RuntimeError, Stateless, TaskContext,

@@ -61,6 +61,13 @@ pub enum RuntimeError {
         /// The limit.
         limit_bytes: u64,
     },
+    /// The run gave more output (or passed more data to the node in one call) than its
+    /// limit allows; its outputs were refused.
+    #[error("stopped: the run's output exceeded its limit of {limit_bytes} bytes")]
+    OutputLimit {
+        /// The limit.
+        limit_bytes: u64,
+    },
     /// The module trapped (a crash: panic, out-of-bounds access, unreachable).
     #[error("module crashed: {0}")]
     Trap(String),

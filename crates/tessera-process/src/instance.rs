@@ -78,8 +78,8 @@ enum Failure {
     /// The module reported an error (or its output was refused after being read in
     /// full): the child is still usable.
     Module(String),
-    /// The output was refused without reading it: the stream is out of step.
-    ModuleBroken(String),
+    /// The output was over the limit (read and dropped, or refused unread when `true`).
+    OutputLimit(u64, bool),
     /// The child broke the protocol.
     Protocol(String),
     /// The child's stdout ended or its stdin broke: it exited, or is about to.
@@ -223,17 +223,22 @@ impl ProcessInstance {
             }
             Ok(Ok(outputs)) => Ok(outputs),
             Ok(Err(Failure::Module(msg))) => Err(RuntimeError::Module(msg)),
-            Ok(Err(Failure::ModuleBroken(msg))) => {
-                self.kill("output refused unread");
-                Err(RuntimeError::Module(msg))
+            Ok(Err(Failure::OutputLimit(limit_bytes, unread))) => {
+                if unread {
+                    self.kill("output refused unread");
+                }
+                Err(RuntimeError::OutputLimit { limit_bytes })
             }
             Ok(Err(Failure::Protocol(why))) => {
                 self.kill(&format!("protocol: {why}"));
                 Err(RuntimeError::Trap(format!("{}: protocol: {why}{}", self.label, self.tail.describe())))
             }
             Ok(Err(Failure::Gone)) => {
+                // The status as the child ended by itself, before `exit_report` kills a child
+                // that closed its output but lingers (that kill is not one from outside).
+                let ended = self.wait_exit().await;
                 let why = self.exit_report().await;
-                let killed = self.exit_status().is_some_and(|s| killed_from_outside(&s));
+                let killed = ended.is_some_and(|s| killed_from_outside(&s));
                 self.mark_broken(why.clone());
                 if killed {
                     // SIGKILL comes from outside (kill -9, the OOM killer), not from the
@@ -303,12 +308,11 @@ impl ProcessInstance {
         let total = header.blobs_len();
         let max_out = self.limits.max_output_bytes;
         if total > max_out {
-            let msg = format!("output of {total} bytes exceeds the limit of {max_out} bytes");
             if total <= self.limits.max_message_bytes {
                 frame::skip_blobs(&mut self.stdout, &header).await?;
-                return Err(Failure::Module(msg));
+                return Err(Failure::OutputLimit(max_out, false));
             }
-            return Err(Failure::ModuleBroken(msg));
+            return Err(Failure::OutputLimit(max_out, true));
         }
         let blobs = frame::read_blobs(&mut self.stdout, &header).await?;
         Ok(header.blobs.into_iter().zip(blobs).map(|(spec, bytes)| (spec.name, bytes)).collect())
@@ -431,20 +435,25 @@ impl ProcessInstance {
         }
     }
 
+    /// The child's exit status, waiting up to [`EXIT_GRACE`] for it to end by itself.
+    async fn wait_exit(&self) -> Option<ExitStatus> {
+        let deadline = tokio::time::Instant::now() + EXIT_GRACE;
+        loop {
+            if let Some(status) = self.exit_status() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Waits (a little) for the child to exit and its stderr to drain, then says how it
     /// ended: `process exited with <status>; last stderr lines: ...`. Kills a child that
     /// closed its stdout but does not exit.
     pub(crate) async fn exit_report(&mut self) -> String {
-        let deadline = tokio::time::Instant::now() + EXIT_GRACE;
-        let status = loop {
-            if let Some(status) = self.exit_status() {
-                break Some(status);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                break None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
+        let status = self.wait_exit().await;
         if status.is_none() {
             self.kill("closed its output without exiting");
         }

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use tessera_core::{Digest, RuntimeKind};
 use tessera_ports::{Invocation, LogLevel, ModuleImage, Outputs, Runtime, RuntimeError, TaskContext};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, Trap};
+use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -48,13 +48,15 @@ pub struct WasmLimits {
     pub max_memory: u64,
     /// Wall time a run may take.
     pub max_time: Duration,
-    /// Total size of a run's outputs.
+    /// Total size of a run's outputs, in bytes; it also bounds the data a module hands
+    /// the node in one host call (a world value, a log line). Past it the run ends with
+    /// [`RuntimeError::OutputLimit`] (the gateway's `limit`).
     pub max_output_bytes: u64,
 }
 
 impl Default for WasmLimits {
     fn default() -> Self {
-        WasmLimits { max_memory: 1 << 30, max_time: Duration::from_secs(300), max_output_bytes: 1 << 30 }
+        WasmLimits { max_memory: 1 << 30, max_time: Duration::from_secs(300), max_output_bytes: 256 << 20 }
     }
 }
 
@@ -188,7 +190,10 @@ impl WasmRuntime {
         };
         let mut store = Store::new(&self.inner.engine, host);
         store.limiter(|h| &mut h.limiter);
-        store.epoch_deadline_trap();
+        // The data a module may hand the node in one call (its outputs, a world value):
+        // the output limit, plus room for names and framing.
+        let fuel = self.inner.limits.max_output_bytes.saturating_add(1 << 20);
+        store.set_hostcall_fuel(usize::try_from(fuel).unwrap_or(usize::MAX));
         (store, stderr)
     }
 
@@ -199,11 +204,11 @@ impl WasmRuntime {
         module: &bindings::Module,
         stderr: &MemoryOutputPipe,
         invocation: Invocation,
+        abandoned: &Arc<AtomicBool>,
     ) -> Result<Outputs, RuntimeError> {
         let limits = &self.inner.limits;
         let limit = invocation.timeout.map_or(limits.max_time, |t| t.min(limits.max_time));
-        let ticks = (limit.as_millis() / TICK.as_millis()).max(1) as u64;
-        store.set_epoch_deadline(ticks);
+        arm(store, ticks_of(limit), abandoned.clone());
         let config = invocation.config.to_string();
         let inputs: Vec<bindings::Blob> =
             invocation.inputs.into_iter().map(|(name, data)| bindings::Blob { name, data: data.to_vec() }).collect();
@@ -223,10 +228,7 @@ impl WasmRuntime {
             Ok(Ok(outputs)) => {
                 let total: u64 = outputs.iter().map(|b| b.data.len() as u64).sum();
                 if total > limits.max_output_bytes {
-                    return Err(RuntimeError::Module(format!(
-                        "outputs total {total} bytes, over the limit of {}",
-                        limits.max_output_bytes
-                    )));
+                    return Err(RuntimeError::OutputLimit { limit_bytes: limits.max_output_bytes });
                 }
                 Ok(outputs.into_iter().map(|b| (b.name, Bytes::from(b.data))).collect())
             }
@@ -236,7 +238,14 @@ impl WasmRuntime {
                     return Err(RuntimeError::MemoryLimit { limit_bytes: limits.max_memory });
                 }
                 if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-                    return Err(RuntimeError::TimeLimit { limit_ms: time_limit.as_millis() as u64 });
+                    return Err(RuntimeError::TimeLimit {
+                        limit_ms: u64::try_from(time_limit.as_millis()).unwrap_or(u64::MAX),
+                    });
+                }
+                // wasmtime bounds the data a guest hands the host in one call ("hostcall
+                // fuel"), which the store sets from the output limit.
+                if format!("{err:#}").contains("fuel allocated for hostcalls has been exhausted") {
+                    return Err(RuntimeError::OutputLimit { limit_bytes: limits.max_output_bytes });
                 }
                 let stderr = String::from_utf8_lossy(&stderr.contents()).into_owned();
                 let tail: String =
@@ -259,12 +268,13 @@ impl WasmRuntime {
         invocation: Invocation,
         ctx: &Arc<dyn TaskContext>,
         rt: tokio::runtime::Handle,
+        abandoned: &Arc<AtomicBool>,
     ) -> Result<Outputs, RuntimeError> {
         let stdout = MemoryOutputPipe::new(1 << 20);
         let (mut store, stderr) = self.store(ctx, rt, Some(&stdout));
-        store.set_epoch_deadline((self.inner.limits.max_time.as_millis() / TICK.as_millis()).max(1) as u64);
+        arm(&mut store, ticks_of(self.inner.limits.max_time), abandoned.clone());
         let result = match pre.instantiate(&mut store) {
-            Ok(module) => self.invoke(&mut store, &module, &stderr, invocation),
+            Ok(module) => self.invoke(&mut store, &module, &stderr, invocation, abandoned),
             Err(e) => self.outcome(&store, &stderr, Err(e), self.inner.limits.max_time),
         };
         self.finish(result, &stdout, ctx)
@@ -304,8 +314,12 @@ impl tessera_ports::Instance for WasmInstance {
             .take()
             .ok_or_else(|| RuntimeError::Trap("the instance stopped after an earlier failure".into()))?;
         let runtime = self.runtime.clone();
+        // A caller that goes away (a cancelled call, a dropped request) stops the run within
+        // a tenth of a second instead of leaving it to burn its time limit.
+        let guard = Abandon::default();
+        let abandoned = guard.0.clone();
         let (result, back) = tokio::task::spawn_blocking(move || {
-            let result = runtime.invoke(&mut store, &module, &stderr, invocation);
+            let result = runtime.invoke(&mut store, &module, &stderr, invocation, &abandoned);
             // A trap leaves the instance in an unknown state: drop it.
             let keep = !matches!(
                 result,
@@ -315,6 +329,7 @@ impl tessera_ports::Instance for WasmInstance {
         })
         .await
         .map_err(|e| RuntimeError::Trap(format!("the call's thread failed: {e}")))?;
+        drop(guard);
         self.state = back;
         result
     }
@@ -339,12 +354,16 @@ impl Runtime for WasmRuntime {
         let this = self.clone();
         let module = module.clone();
         let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
+        let guard = Abandon::default();
+        let abandoned = guard.0.clone();
+        let result = tokio::task::spawn_blocking(move || {
             let pre = this.prepare(&module)?;
-            this.run_blocking(&pre, invocation, &ctx, rt)
+            this.run_blocking(&pre, invocation, &ctx, rt, &abandoned)
         })
         .await
-        .map_err(|e| RuntimeError::Trap(format!("the run's thread failed: {e}")))?
+        .map_err(|e| RuntimeError::Trap(format!("the run's thread failed: {e}")))?;
+        drop(guard);
+        result
     }
 
     async fn start(
@@ -358,7 +377,7 @@ impl Runtime for WasmRuntime {
         let state = tokio::task::spawn_blocking(move || {
             let pre = this.prepare(&module)?;
             let (mut store, stderr) = this.store(&ctx, rt, None);
-            store.set_epoch_deadline((this.inner.limits.max_time.as_millis() / TICK.as_millis()).max(1) as u64);
+            arm(&mut store, ticks_of(this.inner.limits.max_time), Arc::default());
             match pre.instantiate(&mut store) {
                 Ok(m) => Ok((store, m, stderr)),
                 Err(e) => Err(this
@@ -371,6 +390,41 @@ impl Runtime for WasmRuntime {
         .map_err(|e| RuntimeError::Trap(format!("the start's thread failed: {e}")))??;
         Ok(Some(Box::new(WasmInstance { runtime: self.clone(), state: Some(state) })))
     }
+}
+
+/// Set when the caller of a run went away (its future was dropped).
+#[derive(Default)]
+struct Abandon(Arc<AtomicBool>);
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Epoch ticks in `limit` (at least one).
+fn ticks_of(limit: Duration) -> u64 {
+    u64::try_from(limit.as_millis() / TICK.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Ticks between checks of whether a run was abandoned.
+const CHECK_TICKS: u64 = 10;
+
+/// Arms a store's time limit: the run is interrupted after `ticks` epoch ticks, or at the
+/// next check (every [`CHECK_TICKS`]) after `abandoned` is set.
+fn arm(store: &mut Store<Host>, ticks: u64, abandoned: Arc<AtomicBool>) {
+    let mut left = ticks;
+    let step = left.clamp(1, CHECK_TICKS);
+    left -= step;
+    store.set_epoch_deadline(step);
+    store.epoch_deadline_callback(move |_| {
+        if left == 0 || abandoned.load(Ordering::Relaxed) {
+            return Ok(UpdateDeadline::Interrupt);
+        }
+        let step = left.min(CHECK_TICKS);
+        left -= step;
+        Ok(UpdateDeadline::Continue(step))
+    });
 }
 
 struct MemoryLimiter {

@@ -1,0 +1,297 @@
+//! Model routes: records, binaries (with their metadata in one upload), versions.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::Response;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tessera_core::registry::ModelRecord;
+use tessera_core::wire::Lineage;
+use tessera_identity::PublicKey;
+use utoipa::ToSchema;
+
+use super::auth::{HeaderAuth, authenticate, check_headers, check_quota, meter_bytes, upload_slot};
+use super::body::{Received, check_length, receive_model};
+use super::packages::stream_file;
+use super::{ApiResult, AppState, ErrorBody, blocking, parse_json};
+use crate::store::{HubError, ModelUpload};
+
+/// A new model's record.
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateModel {
+    /// Model name (a module path).
+    pub name: String,
+    /// Semver version.
+    pub version: String,
+    /// Free-form metadata (library, description, metrics...): a JSON object of at most
+    /// 1 MiB.
+    #[serde(default = "empty_object")]
+    pub metadata: Value,
+    /// Where it came from.
+    #[serde(default)]
+    pub lineage: Option<Lineage>,
+}
+
+/// New metadata for a model, or the `meta` part of a multipart model upload.
+#[derive(Deserialize, Serialize, ToSchema, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ModelMeta {
+    /// Free-form metadata (a JSON object of at most 1 MiB); replaces the old.
+    #[serde(default = "empty_object")]
+    pub metadata: Value,
+    /// Lineage; kept when absent.
+    #[serde(default)]
+    pub lineage: Option<Lineage>,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+impl CreateModel {
+    /// Reads and checks a create-model body (JSON): the name is a module path, the version
+    /// semver, the metadata a JSON object and it and the lineage each at most 1 MiB. The
+    /// errors are the route's 400 and 413 answers; nothing panics, whatever the bytes.
+    pub fn parse(body: &[u8]) -> Result<CreateModel, HubError> {
+        let m: CreateModel = parse_json(body).map_err(|e| e.0)?;
+        crate::store::parse_name(&m.name)?;
+        crate::store::parse_version(&m.version)?;
+        crate::store::models::metadata_text(&m.metadata)?;
+        crate::store::models::lineage_text(m.lineage.as_ref())?;
+        Ok(m)
+    }
+}
+
+impl ModelMeta {
+    /// Reads and checks a metadata body (JSON): as [`CreateModel::parse`] for the metadata
+    /// and lineage.
+    pub fn parse(body: &[u8]) -> Result<ModelMeta, HubError> {
+        let m: ModelMeta = parse_json(body).map_err(|e| e.0)?;
+        crate::store::models::metadata_text(&m.metadata)?;
+        crate::store::models::lineage_text(m.lineage.as_ref())?;
+        Ok(m)
+    }
+}
+
+/// Creates a model record (metadata and lineage, no binary yet; `latest` skips it until
+/// its binary arrives). Signed by an owner of the namespace (or its first signed writer).
+#[utoipa::path(post, path = "/api/v1/models", tag = "models", request_body = CreateModel,
+    security((), ("tessera_signature" = [])),
+    responses((status = 201, body = ModelRecord), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn create_model(
+    State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
+    let actor = authenticate(&s, &method, &uri, &headers, &body, true)?;
+    let body = CreateModel::parse(&body)?;
+    let store = s.store.clone();
+    let m = blocking(move || {
+        store.create_model(&body.name, &body.version, &body.metadata, body.lineage.as_ref(), actor.as_ref())
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(m)))
+}
+
+/// Query for listing models.
+#[derive(Deserialize, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ModelQuery {
+    /// Name prefix, by segments.
+    pub prefix: Option<String>,
+}
+
+/// Lists models.
+#[utoipa::path(get, path = "/api/v1/models", tag = "models", params(ModelQuery), responses((status = 200, body = Vec<ModelRecord>)))]
+pub(super) async fn list_models(
+    State(s): State<AppState>,
+    Query(q): Query<ModelQuery>,
+) -> ApiResult<Json<Vec<ModelRecord>>> {
+    let store = s.store.clone();
+    Ok(Json(blocking(move || store.models(q.prefix.as_deref())).await?))
+}
+
+/// Checks an upload from its headers (signature, namespace rule, announced size, uploads
+/// in progress, quota), then receives it and accepts its signature.
+async fn receive_upload(
+    s: &AppState,
+    request: (&Method, &Uri, &HeaderMap),
+    name: &str,
+    body: Body,
+) -> ApiResult<(Received, Option<PublicKey>, super::auth::UploadSlot)> {
+    let (method, uri, headers) = request;
+    let auth: HeaderAuth = check_headers(s, method, uri, headers, true)?;
+    {
+        let (store, name, a) = (s.store.clone(), name.to_owned(), auth.signer().cloned());
+        blocking(move || {
+            crate::store::parse_name(&name)?;
+            store.may_write(&name, a.as_ref())
+        })
+        .await?;
+    }
+    let limit = s.policy.max_model_bytes;
+    check_length(headers, limit.saturating_add(4 << 20))?;
+    let slot = upload_slot(s, auth.signer())?;
+    check_quota(s, auth.signer(), 0)?;
+    let r = receive_model(&s.store, headers, body, limit).await?;
+    match auth.finish(s, &r.body_digest).and_then(|a| meter_bytes(s, a.as_ref(), r.size, 0).map(|()| a)) {
+        Ok(a) => Ok((r, a, slot)),
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&r.tmp).await;
+            Err(e)
+        }
+    }
+}
+
+/// Uploads a model's binary as `name@version` (creating its record if needed), signed by
+/// an owner. The body is the binary, or `multipart/form-data` with a `meta` part (JSON
+/// `{metadata, lineage}`) then a `file` part, stored together in one transaction. A binary,
+/// once stored, never changes: other bytes get 409 and change nothing, also for a deleted
+/// version; the same bytes again are a no-op (200) that sets the metadata sent with them.
+#[utoipa::path(put, path = "/api/v1/models/{name}/{version}", tag = "models",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Exact version")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    security((), ("tessera_signature" = [])),
+    responses((status = 201, body = ModelRecord), (status = 200, description = "The same bytes were already stored", body = ModelRecord), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub(super) async fn upload_model(
+    State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path((name, version)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
+    crate::store::parse_version(&version)?;
+    let (r, actor, _slot) = receive_upload(&s, (&method, &uri, &headers), &name, body).await?;
+    let store = s.store.clone();
+    let (m, created) = blocking(move || {
+        let meta = r.meta;
+        let upload = ModelUpload {
+            file: &r.tmp,
+            digest: r.digest,
+            size: r.size,
+            metadata: meta.as_ref().map(|m| m.metadata.clone()),
+            lineage: meta.and_then(|m| m.lineage),
+        };
+        store.put_model_file(&name, &version, upload, actor.as_ref())
+    })
+    .await?;
+    Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(m)))
+}
+
+/// Uploads a model's binary as a new version of `name`: the hub chooses the next patch
+/// version (after the highest it ever had; `0.1.0` for a new model) in the same transaction
+/// as the write, so concurrent uploads get distinct versions. Body as for
+/// `PUT /api/v1/models/{name}/{version}`.
+#[utoipa::path(post, path = "/api/v1/models/{name}", tag = "models",
+    params(("name" = String, Path, description = "Model name")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    security((), ("tessera_signature" = [])),
+    responses((status = 201, body = ModelRecord), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 413, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub(super) async fn upload_next_model(
+    State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
+    let (r, actor, _slot) = receive_upload(&s, (&method, &uri, &headers), &name, body).await?;
+    let store = s.store.clone();
+    let m = blocking(move || {
+        let meta = r.meta;
+        let upload = ModelUpload {
+            file: &r.tmp,
+            digest: r.digest,
+            size: r.size,
+            metadata: meta.as_ref().map(|m| m.metadata.clone()),
+            lineage: meta.and_then(|m| m.lineage),
+        };
+        store.put_model_next(&name, upload, actor.as_ref())
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(m)))
+}
+
+/// Downloads a model's binary; `version` may be `latest` (the highest version that has a
+/// binary).
+#[utoipa::path(get, path = "/api/v1/models/{name}/{version}", tag = "models",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Version or `latest`")),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody)))]
+pub(super) async fn download_model(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let store = s.store.clone();
+    let (m, digest, path) = blocking(move || {
+        let m = store.model(&name, &version)?;
+        let d =
+            m.digest.ok_or_else(|| HubError::NotFound(format!("model {}@{} has no binary yet", m.name, m.version)))?;
+        let p = store.blob_path(&d)?;
+        Ok((m, d, p))
+    })
+    .await?;
+    stream_file(path, &digest, Some(format!("{}-{}.safetensors", m.name, m.version))).await
+}
+
+/// Deletes a model version (signed by an owner) and its binary when nothing else uses it.
+/// A version that had a binary stays reserved for the same bytes.
+#[utoipa::path(delete, path = "/api/v1/models/{name}/{version}", tag = "models",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Exact version")),
+    security((), ("tessera_signature" = [])),
+    responses((status = 200, body = ModelRecord), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(super) async fn delete_model(
+    State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Json<ModelRecord>> {
+    let actor = authenticate(&s, &method, &uri, &headers, b"", true)?;
+    let store = s.store.clone();
+    Ok(Json(blocking(move || store.delete_model(&name, &version, actor.as_ref())).await?))
+}
+
+/// A model's record: metadata, lineage, digest, who signed what; `version` may be
+/// `latest`.
+#[utoipa::path(get, path = "/api/v1/models/{name}/{version}/meta", tag = "models",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Version or `latest`")),
+    responses((status = 200, body = ModelRecord), (status = 404, body = ErrorBody)))]
+pub(super) async fn show_model(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Json<ModelRecord>> {
+    let store = s.store.clone();
+    Ok(Json(blocking(move || store.model(&name, &version)).await?))
+}
+
+/// Replaces a model's metadata (and lineage, when given), signed by an owner.
+#[utoipa::path(put, path = "/api/v1/models/{name}/{version}/meta", tag = "models",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Exact version")),
+    request_body = ModelMeta,
+    security((), ("tessera_signature" = [])),
+    responses((status = 200, body = ModelRecord), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(super) async fn update_model_meta(
+    State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path((name, version)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<ModelRecord>> {
+    let actor = authenticate(&s, &method, &uri, &headers, &body, true)?;
+    let body = ModelMeta::parse(&body)?;
+    let store = s.store.clone();
+    Ok(Json(
+        blocking(move || {
+            store.update_model_meta(&name, &version, &body.metadata, body.lineage.as_ref(), actor.as_ref())
+        })
+        .await?,
+    ))
+}

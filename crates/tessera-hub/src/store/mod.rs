@@ -1,0 +1,352 @@
+//! The hub's storage: SQLite for metadata, a content-addressed directory for bytes.
+//!
+//! Invariants:
+//! - a row never points at a blob that is not on disk (the blob is moved into place before
+//!   its row is written, in the transaction that checks the version);
+//! - a version, once published, keeps its bytes forever (other bytes under it are a
+//!   conflict, even after a delete), for packages and models alike; versions that differ
+//!   only in build metadata (`1.0.0` and `1.0.0+hotfix`) are one version, as semver says;
+//! - every write goes through [`HubStore::write`]: one transaction that applies the
+//!   namespace rule (the first signed write under a namespace claims it, whatever it writes;
+//!   then only its owners change anything in it) and the write itself, so a refused write
+//!   leaves no trace, its claim included.
+
+mod accounts;
+mod grants;
+pub(crate) mod models;
+mod namespaces;
+mod packages;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{Connection, Transaction, params};
+use tessera_core::version::{BuildMetadata, Version};
+use tessera_core::{Digest, ModulePath};
+use tessera_identity::{KeyPair, KeyType, PublicKey};
+use tessera_package::{Limits, UnpackError};
+use tessera_ports::FsBlobStore;
+
+pub use accounts::UsageRecord;
+pub use grants::GrantRecord;
+pub use models::ModelUpload;
+pub use packages::{ListQuery, PublishCheck, Published};
+
+/// Why a hub operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// No such package, version, alias, model or blob.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The request conflicts with what is stored (an immutable version).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The request is malformed (bad name, version, digest, package).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The package was refused.
+    #[error("package refused: {0}")]
+    Package(#[from] UnpackError),
+    /// Over a size limit.
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// The request is not signed, or its signature is refused.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// The signer may not do this.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The account is over its quota, or has too many uploads running.
+    #[error("quota exceeded: {0}")]
+    Quota(String),
+    /// Storage failed.
+    #[error("hub storage: {0}")]
+    Storage(String),
+}
+
+impl From<rusqlite::Error> for HubError {
+    fn from(e: rusqlite::Error) -> Self {
+        HubError::Storage(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for HubError {
+    fn from(e: std::io::Error) -> Self {
+        HubError::Storage(e.to_string())
+    }
+}
+
+impl From<tessera_ports::BlobError> for HubError {
+    fn from(e: tessera_ports::BlobError) -> Self {
+        HubError::Storage(e.to_string())
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS packages (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    runtime TEXT NOT NULL,
+    description TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    manifest TEXT NOT NULL,
+    published_at TEXT NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (name, version)
+);
+CREATE INDEX IF NOT EXISTS packages_digest ON packages(digest);
+CREATE TABLE IF NOT EXISTS aliases (
+    name TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    version TEXT NOT NULL,
+    PRIMARY KEY (name, alias)
+);
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    digest TEXT,
+    size INTEGER,
+    metadata TEXT NOT NULL,
+    lineage TEXT,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE INDEX IF NOT EXISTS models_digest ON models(digest);
+CREATE TABLE IF NOT EXISTS namespaces (
+    namespace TEXT PRIMARY KEY,
+    owners TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS grants (
+    name TEXT NOT NULL,
+    grantee TEXT NOT NULL,
+    expires_ms INTEGER,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (name, grantee)
+);
+CREATE TABLE IF NOT EXISTS usage (
+    account TEXT PRIMARY KEY,
+    requests INTEGER NOT NULL DEFAULT 0,
+    bytes_in INTEGER NOT NULL DEFAULT 0,
+    bytes_out INTEGER NOT NULL DEFAULT 0
+);
+";
+
+/// Columns added after the first schema, with their definitions (added to older databases
+/// when they are opened).
+const ADDED_COLUMNS: [(&str, &str, &str); 9] = [
+    ("packages", "signer", "TEXT"),
+    ("packages", "signature", "TEXT"),
+    ("packages", "private", "INTEGER NOT NULL DEFAULT 0"),
+    // The version without build metadata: versions are one when these are equal.
+    ("packages", "vkey", "TEXT"),
+    // A private package's recipients (JSON list of keys).
+    ("packages", "recipients", "TEXT"),
+    ("models", "vkey", "TEXT"),
+    ("models", "deleted", "INTEGER NOT NULL DEFAULT 0"),
+    ("models", "signer", "TEXT"),
+    ("models", "meta_signer", "TEXT"),
+];
+
+/// The hub's store.
+pub struct HubStore {
+    db: Mutex<Connection>,
+    blobs: FsBlobStore,
+    limits: Limits,
+    dir: PathBuf,
+    key: KeyPair,
+}
+
+/// The namespace of a name: its first segment.
+pub(crate) fn namespace_of(name: &str) -> &str {
+    name.split('.').next().unwrap_or_default()
+}
+
+pub(crate) fn parse_name(name: &str) -> Result<ModulePath, HubError> {
+    name.parse().map_err(|e: tessera_core::name::NameError| HubError::BadRequest(e.to_string()))
+}
+
+pub(crate) fn parse_version(v: &str) -> Result<Version, HubError> {
+    Version::parse(v)
+        .map_err(|e| HubError::BadRequest(format!("invalid version {v:?}: {e} (versions are semver, e.g. 0.1.0)")))
+}
+
+pub(crate) fn parse_digest(d: &str) -> Result<Digest, HubError> {
+    d.parse().map_err(|e: tessera_core::digest::DigestError| HubError::BadRequest(e.to_string()))
+}
+
+/// The identity of a version: the version without its build metadata (semver 2.0 §10:
+/// build metadata does not take part in precedence, so `1.0.0+a` and `1.0.0+b` are one
+/// version).
+pub(crate) fn vkey(v: &Version) -> String {
+    let mut v = v.clone();
+    v.build = BuildMetadata::EMPTY;
+    v.to_string()
+}
+
+/// A list of keys as stored (JSON).
+pub(crate) fn keys_json(keys: &[PublicKey]) -> String {
+    serde_json::to_string(&keys.iter().map(PublicKey::to_string).collect::<Vec<_>>()).unwrap_or_default()
+}
+
+impl HubStore {
+    /// Opens (or creates) a hub in `dir`: `dir/hub.sqlite` and `dir/blobs/`.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, HubError> {
+        Self::open_with_limits(dir, Limits::default())
+    }
+
+    /// Opens a hub with package limits.
+    pub fn open_with_limits(dir: impl Into<PathBuf>, limits: Limits) -> Result<Self, HubError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir)?;
+        let conn = Connection::open(dir.join("hub.sqlite"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        for (table, column, def) in ADDED_COLUMNS {
+            let exists: bool = conn.query_row(
+                &format!("SELECT EXISTS(SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1)"),
+                params![column],
+                |r| r.get(0),
+            )?;
+            if !exists {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))?;
+            }
+        }
+        migrate(&conn)?;
+        let keys = tessera_identity::keystore::Keystore::open(dir.join("identity"))
+            .map_err(|e| HubError::Storage(e.to_string()))?;
+        let key = match keys.load("hub", None) {
+            Ok(k) => k,
+            Err(tessera_identity::keystore::KeystoreError::NotFound(_)) => {
+                keys.create("hub", KeyType::Ed25519, None).map_err(|e| HubError::Storage(e.to_string()))?;
+                keys.load("hub", None).map_err(|e| HubError::Storage(e.to_string()))?
+            }
+            Err(e) => return Err(HubError::Storage(format!("the hub's key: {e}"))),
+        };
+        let blobs = FsBlobStore::open(dir.join("blobs"))?;
+        Ok(HubStore { db: Mutex::new(conn), blobs, limits, dir, key })
+    }
+
+    /// The hub's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The package limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The blob directory.
+    pub fn blobs(&self) -> &FsBlobStore {
+        &self.blobs
+    }
+
+    /// The hub's own key (the audience of signed requests).
+    pub fn key(&self) -> &KeyPair {
+        &self.key
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a write under `name`'s namespace on behalf of `actor` (`None`: an unsigned
+    /// request, which the API lets through only on an open hub): in one transaction, the
+    /// namespace rule (an owned namespace takes writes from its owners only; an unowned one
+    /// is claimed by the first signed write, and takes unsigned writes without being
+    /// claimed), then `f`. When either refuses, nothing is written, the claim included.
+    pub(crate) fn write<T>(
+        &self,
+        name: &str,
+        actor: Option<&PublicKey>,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, HubError>,
+    ) -> Result<T, HubError> {
+        let mut db = self.db();
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        namespaces::check_write(&tx, namespace_of(name), actor)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// True when a live package or a model uses the blob.
+    fn blob_in_use(conn: &Connection, digest: &Digest) -> Result<bool, HubError> {
+        Ok(conn.query_row(
+            "SELECT EXISTS(SELECT 1 FROM packages WHERE digest = ?1 AND deleted = 0)
+                 OR EXISTS(SELECT 1 FROM models WHERE digest = ?1 AND deleted = 0)",
+            params![digest.to_string()],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// The file holding a blob the hub serves (a live package or a model binary).
+    pub fn blob_path(&self, digest: &Digest) -> Result<PathBuf, HubError> {
+        let path = self.blobs.path_of(digest);
+        if !Self::blob_in_use(&self.db(), digest)? || !path.exists() {
+            return Err(HubError::NotFound(digest.to_string()));
+        }
+        Ok(path)
+    }
+
+    /// Reads a served blob, verifying its digest.
+    pub fn blob_bytes(&self, digest: &Digest) -> Result<Vec<u8>, HubError> {
+        let bytes = std::fs::read(self.blob_path(digest)?)?;
+        if &Digest::of(&bytes) != digest {
+            return Err(HubError::Storage(format!("blob {digest} is corrupt on disk")));
+        }
+        Ok(bytes)
+    }
+
+    /// Removes a blob nothing uses any more (after the transaction that stopped using it).
+    fn collect_blob(&self, digest: &Digest) -> Result<(), HubError> {
+        if !Self::blob_in_use(&self.db(), digest)? {
+            let _ = std::fs::remove_file(self.blobs.path_of(digest));
+        }
+        Ok(())
+    }
+}
+
+/// Brings rows written by older versions of the hub up to date: version keys, and private
+/// packages' manifests reduced to their public part.
+fn migrate(conn: &Connection) -> Result<(), HubError> {
+    for table in ["packages", "models"] {
+        let rows: Vec<(String, String)> = conn
+            .prepare(&format!("SELECT name, version FROM {table} WHERE vkey IS NULL"))?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (name, version) in rows {
+            let key = Version::parse(&version).map(|v| vkey(&v)).unwrap_or(version.clone());
+            conn.execute(
+                &format!("UPDATE {table} SET vkey = ?3 WHERE name = ?1 AND version = ?2"),
+                params![name, version, key],
+            )?;
+        }
+    }
+    let private: Vec<(String, String, String)> = conn
+        .prepare("SELECT name, version, manifest FROM packages WHERE private = 1")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    for (name, version, text) in private {
+        let Ok(m) = serde_json::from_str::<tessera_core::Manifest>(&text) else { continue };
+        let public = serde_json::to_string(&m.public_part()).map_err(|e| HubError::Storage(e.to_string()))?;
+        if public != text {
+            conn.execute(
+                "UPDATE packages SET manifest = ?3 WHERE name = ?1 AND version = ?2",
+                params![name, version, public],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes a temporary upload file that was not moved into the store.
+pub(crate) fn remove_leftover(file: &Path) {
+    if file.exists() {
+        let _ = std::fs::remove_file(file);
+    }
+}
