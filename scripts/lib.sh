@@ -52,6 +52,11 @@ ensure_python_venv() {
             return 1
         }
     fi
+    # The SDK's distribution was once named `tessera` (a name taken on PyPI by another
+    # project): an old install of it goes first.
+    if "$py" -m pip show -q tessera >/dev/null 2>&1; then
+        "$py" -m pip uninstall -q -y tessera >/dev/null 2>&1 || true
+    fi
     # The SDK is reinstalled when it is missing or differs from ./sdk/python.
     if ! "$py" -c 'import sys, tessera, filecmp, os
 d = os.path.dirname(tessera.__file__); s = os.path.join(sys.argv[1], "tessera")

@@ -34,7 +34,8 @@ impl EndpointArg {
 
 #[derive(clap::Args)]
 pub struct LaunchArgs {
-    /// The module: `path[@version|@alias]` or a digest.
+    /// The module: `path[@version|@alias]`, a digest, or a module folder (development:
+    /// packed as `<version>-dev.<digest>`, published to --hub, then launched).
     module: String,
     /// The actor is named `path-tag`.
     #[arg(long)]
@@ -51,8 +52,14 @@ pub struct LaunchArgs {
     /// The node to run it on (default: the node behind --endpoint).
     #[arg(long)]
     node: Option<String>,
+    /// When an actor of that name runs another package, stop it and launch this one (its
+    /// saved state, if it has state hooks, carries over).
+    #[arg(long)]
+    replace: bool,
     #[command(flatten)]
     endpoint: EndpointArg,
+    #[command(flatten)]
+    hub: crate::HubArg,
 }
 
 #[derive(clap::Args)]
@@ -133,6 +140,10 @@ pub enum PipelineCommand {
         /// Write the results as JSON lines (`{"stage", "item", "value"}`) to this file.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Leave the actors the pipeline launched running (by default they are stopped when
+        /// it ends).
+        #[arg(long)]
+        keep: bool,
         #[command(flatten)]
         endpoint: EndpointArg,
     },
@@ -143,23 +154,74 @@ pub enum PipelineCommand {
     },
 }
 
+/// Accuracy of a stage's results, when they are scored: each a mapping with the true label
+/// `y` and the predicted `label`, and optionally `votes` (a label per model).
+fn scores(values: &[&Value]) -> String {
+    let scored: Vec<(&Value, &Value)> = values
+        .iter()
+        .filter_map(|v| Some((v.get("label")?, v.get("y")?)))
+        .filter(|(l, y)| l.is_number() && y.is_number())
+        .collect();
+    if scored.is_empty() || scored.len() != values.len() {
+        return String::new();
+    }
+    let n = scored.len() as f64;
+    let acc = scored.iter().filter(|(l, y)| l == y).count() as f64 / n;
+    let mut per_model: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for v in values {
+        if let (Some(votes), Some(y)) = (v.get("votes").and_then(Value::as_object), v.get("y")) {
+            for (model, label) in votes {
+                *per_model.entry(model.clone()).or_default() += usize::from(label == y);
+            }
+        }
+    }
+    let models: Vec<String> = per_model.iter().map(|(m, ok)| format!("{m} {:.3}", *ok as f64 / n)).collect();
+    if models.is_empty() {
+        format!("  (accuracy {acc:.3})")
+    } else {
+        format!("  (ensemble accuracy {acc:.3}; {})", models.join(", "))
+    }
+}
+
 pub async fn launch(a: LaunchArgs) -> anyhow::Result<()> {
     let mut config = json!({});
     apply_overrides(&mut config, a.set.iter().map(String::as_str))?;
-    let info = a
-        .endpoint
-        .client()?
-        .launch(&LaunchRequest {
-            module: a.module,
-            tag: a.tag,
-            replicas: a.replicas,
-            config,
-            priority: a.priority,
-            node: a.node,
-        })
-        .await?;
+    let folder = std::path::Path::new(&a.module);
+    let module = if folder.join(tessera_core::manifest::MANIFEST_FILE).is_file() {
+        // The development loop: this folder, as it is now, as a dev build.
+        let packed = tessera_package::pack_dir_dev(folder, &tessera_package::Limits::default())?;
+        let m = &packed.info.manifest;
+        let (name, version) = (m.name.to_string(), m.version.to_string());
+        let (rec, created) = a
+            .hub
+            .signed_client()?
+            .publish_declared(packed.bytes, Some((&name, &version)))
+            .await
+            .with_context(|| format!("publishing {} as {name}@{version}", folder.display()))?;
+        eprintln!("{} {name}@{version} ({})", if created { "published" } else { "unchanged:" }, rec.digest);
+        rec.digest.to_string()
+    } else {
+        a.module.clone()
+    };
+    let client = a.endpoint.client()?;
+    let req = LaunchRequest { module, tag: a.tag, replicas: a.replicas, config, priority: a.priority, node: a.node };
+    let info = match client.launch(&req).await {
+        Err(e) if a.replace && e.kind() == Some("conflict") => {
+            let name = running_name(&e).context("the conflict names no actor")?;
+            let old = client.kill(&name).await?;
+            eprintln!("stopped {} ({}) to replace it", old.name, old.module);
+            client.launch(&req).await?
+        }
+        other => other?,
+    };
     println!("{} on node {} ({}, {} replica(s))", info.name, info.node, info.module, info.replicas);
     Ok(())
+}
+
+/// The actor a launch conflicted with (the message starts with its name).
+fn running_name(e: &tessera_client::gateway::GatewayError) -> Option<String> {
+    let tessera_client::gateway::GatewayError::Api { message, .. } = e else { return None };
+    message.split_whitespace().next().map(str::to_owned)
 }
 
 pub async fn list(endpoint: EndpointArg, json_out: bool) -> anyhow::Result<()> {
@@ -323,15 +385,19 @@ pub async fn pipeline(c: PipelineCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        PipelineCommand::Run { file, timeout, out, endpoint } => {
+        PipelineCommand::Run { file, timeout, out, keep, endpoint } => {
             let p = read_pipeline(&file)?;
-            let report = tessera_client::pipeline::run(&endpoint.client()?, &p, timeout).await?;
-            for (stage, n) in &report.calls {
-                eprintln!("{stage}: {n} call(s)");
-            }
+            let client = endpoint.client()?;
+            let report = tessera_client::pipeline::run(&client, &p, timeout).await;
+            // The actors the pipeline launched stop with it, unless asked to stay (or the
+            // run failed half-way: then they stay, to be looked at).
+            let launched: Vec<&str> =
+                p.stages.iter().filter(|s| s.module.is_some()).map(|s| s.actor.as_str()).collect();
+            let report = report?;
             let mut lines = String::new();
             for (stage, items) in &report.results {
-                println!("{stage}: {} result(s) in {:.2} s", items.len(), report.seconds);
+                let values: Vec<&Value> = items.iter().map(|(_, v)| v).collect();
+                println!("{stage}: {} result(s) in {:.1} s{}", items.len(), report.seconds, scores(&values));
                 for (item, value) in items {
                     lines.push_str(&json!({"stage": stage, "item": item, "value": value}).to_string());
                     lines.push('\n');
@@ -340,6 +406,18 @@ pub async fn pipeline(c: PipelineCommand) -> anyhow::Result<()> {
             match out {
                 Some(path) => std::fs::write(&path, lines).with_context(|| format!("writing {}", path.display()))?,
                 None => print!("{lines}"),
+            }
+            if keep {
+                eprintln!("{} actor(s) left running (tessera actors lists them)", launched.len());
+            } else {
+                for a in &launched {
+                    if let Err(e) = client.kill(a).await
+                        && e.kind() != Some("not_found")
+                    {
+                        eprintln!("could not stop {a}: {e}");
+                    }
+                }
+                eprintln!("stopped the {} actor(s) the pipeline launched (--keep leaves them running)", launched.len());
             }
             Ok(())
         }

@@ -14,10 +14,10 @@ use tessera_core::config::apply_override;
 use tessera_core::registry::PackageRecord;
 use tessera_core::{ModulePath, PackageRef};
 use tessera_hub::{HubStore, LocalHub};
-use tessera_node::{BuiltinRuntime, Node, NodeConfig, NodePorts};
+use tessera_node::{NodeConfig, NodePorts};
 use tessera_package::{EXTENSION, Limits, inspect, pack_dir, unpack, verify};
 
-use tessera_ports::{Backend, Runtime};
+use tessera_ports::Backend;
 use tessera_wasm::{WasmLimits, WasmRuntime};
 
 use crate::HubArg;
@@ -35,6 +35,16 @@ pub enum Command {
         /// Its module path (default: from the folder name, e.g. my-model -> my-model).
         #[arg(long)]
         name: Option<String>,
+    },
+    /// Write a module that ships inside the binary to a folder, ready to publish: the
+    /// quickstart's federated worker `fl.softmax.worker`, and `tessera.fedavg-partial`
+    /// (the hierarchy's region aggregator). Without a name, lists them.
+    Example {
+        /// The module's name.
+        name: Option<String>,
+        /// The folder to write (default: the name).
+        #[arg(short, long)]
+        out: Option<PathBuf>,
     },
     /// Compile a WebAssembly module's Rust crate to `module.wasm` (installs the
     /// wasm32-wasip2 target if it is missing).
@@ -77,6 +87,28 @@ pub enum Command {
     Grants {
         /// The module path.
         name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Delete a published version (its number stays reserved: only the same bytes can be
+    /// published under it again).
+    Delete {
+        /// `name@version`.
+        reference: String,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Point an alias (such as `stable`) at a version; `latest` is computed and cannot be set.
+    Alias {
+        /// The module path.
+        name: String,
+        /// The alias.
+        alias: String,
+        /// The version it points at.
+        version: String,
         #[command(flatten)]
         hub: HubArg,
     },
@@ -180,22 +212,46 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
         Command::New { path, runtime, name } => new(&path, runtime, name),
         Command::Build { path } => build(&path),
         Command::Check { path } => check(&path),
+        Command::Example { name, out } => example(name.as_deref(), out),
         Command::Pack { path, out } => pack(&path, out),
         Command::Publish { path, private, to, hub } => publish(&path, private, &to, &hub).await,
-        Command::Grants { name, hub } => {
-            println!("{}", serde_json::to_string_pretty(&hub.signed_client()?.grants(&name).await?)?);
+        Command::Grants { name, json, hub } => {
+            let grants = hub.signed_client()?.grants(&name).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&grants)?);
+                return Ok(());
+            }
+            let list = grants.as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                eprintln!("no grants of {name}");
+            }
+            for g in list {
+                println!("{}", grant_line(&g));
+            }
             Ok(())
         }
         Command::Grant { name, grantee, expires, hub } => {
             let key: tessera_identity::PublicKey = grantee.parse()?;
             let g = hub.signed_client()?.set_grant(&name, &key, expires.as_deref(), false).await?;
-            println!("{}", serde_json::to_string(&g)?);
+            println!("{}", grant_line(&g));
             Ok(())
         }
         Command::Revoke { name, grantee, hub } => {
             let key: tessera_identity::PublicKey = grantee.parse()?;
             let g = hub.signed_client()?.set_grant(&name, &key, None, true).await?;
-            println!("{}", serde_json::to_string(&g)?);
+            println!("{}", grant_line(&g));
+            Ok(())
+        }
+        Command::Delete { reference, hub } => {
+            let (name, version) =
+                reference.split_once('@').ok_or_else(|| anyhow!("expected NAME@VERSION, got {reference:?}"))?;
+            let rec = hub.signed_client()?.delete(name, version).await?;
+            eprintln!("deleted {}@{} (the version stays reserved for the same bytes)", rec.name, rec.version);
+            Ok(())
+        }
+        Command::Alias { name, alias, version, hub } => {
+            let rec = hub.signed_client()?.set_alias(&name, &alias, &version).await?;
+            println!("{name}@{alias} -> {} ({})", rec.version, rec.digest);
             Ok(())
         }
         Command::Pull { reference, out, archive, hub } => pull(&reference, out, archive, &hub).await,
@@ -285,15 +341,68 @@ fn new(path: &Path, runtime: ScaffoldRuntime, name: Option<String>) -> anyhow::R
     };
     let _: ModulePath = name.parse().context("--name")?;
     scaffold(path, &name, runtime)?;
-    println!("created {} ({name}, {runtime:?})", path.display());
+    println!("created {} ({name}, {} runtime)", path.display(), runtime.name());
     match runtime {
         ScaffoldRuntime::Wasm => println!("next: tessera module build {0} && tessera module run {0}", path.display()),
         ScaffoldRuntime::Builtin => println!("next: tessera module run {}", path.display()),
+        ScaffoldRuntime::Python => println!(
+            "next: (cd {0} && python -m unittest) && tessera module run {0}  (with the SDK installed in $TESSERA_PYTHON)",
+            path.display()
+        ),
     }
     Ok(())
 }
 
 const WASM_TARGET: &str = "wasm32-wasip2";
+
+/// A grant as a line: the key, until when, and whether it was revoked.
+fn grant_line(g: &serde_json::Value) -> String {
+    let until = g["expires"].as_str().map_or("no end".to_owned(), |t| format!("until {t}"));
+    let expired = g["expires_ms"].as_u64().is_some_and(|e| e <= tessera_identity::now_ms());
+    let state = if g["revoked"].as_bool() == Some(true) {
+        "revoked"
+    } else if expired {
+        "expired"
+    } else {
+        "live"
+    };
+    format!("{:<60} {state:<8} {until}", g["grantee"].as_str().unwrap_or("?"))
+}
+
+/// The modules the binary carries: name, what it is, and how to write its folder.
+const EXAMPLES: [(&str, &str); 2] = [
+    ("fl.softmax.worker", "the quickstart's federated worker: softmax regression on digits (WebAssembly)"),
+    ("tessera.fedavg-partial", "a region aggregator for hierarchical FedAvg (the fedavg-partial builtin)"),
+];
+
+const FEDAVG_PARTIAL_MANIFEST: &str = "name: tessera.fedavg-partial\nversion: 0.1.0\nkind: task\nruntime: builtin\nentry: fedavg-partial\ndescription: A region aggregator's part of hierarchical FedAvg (the example-weighted sum of its region's updates).\nlicense: Apache-2.0\ntags: [fl, aggregation]\n";
+
+fn example(name: Option<&str>, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let Some(name) = name else {
+        for (n, what) in EXAMPLES {
+            println!("{n:<26} {what}");
+        }
+        return Ok(());
+    };
+    let dir = out.unwrap_or_else(|| PathBuf::from(name));
+    if dir.exists() {
+        bail!("{} exists already; choose another folder with --out", dir.display());
+    }
+    match name {
+        "fl.softmax.worker" => tessera_modules::write_softmax_worker(&dir)?,
+        "tessera.fedavg-partial" => {
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("module.yaml"), FEDAVG_PARTIAL_MANIFEST)?;
+        }
+        other => bail!(
+            "no module {other:?} ships with tessera (it has: {})",
+            EXAMPLES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+        ),
+    }
+    println!("{}", dir.display());
+    eprintln!("wrote {name} to {} (publish it with: tessera module publish {})", dir.display(), dir.display());
+    Ok(())
+}
 
 /// Installs the wasm32-wasip2 target when rustup knows it is missing.
 fn ensure_wasm_target() -> anyhow::Result<()> {
@@ -351,9 +460,26 @@ fn build(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses a builtin module whose entry names no builtin of this tessera.
+fn check_builtin(m: &tessera_core::Manifest) -> anyhow::Result<()> {
+    if m.runtime != tessera_core::RuntimeKind::Builtin {
+        return Ok(());
+    }
+    let known = tessera_node::BuiltinRuntime::new().names();
+    if !known.iter().any(|n| n == &m.entry) {
+        bail!(
+            "module.yaml: field `entry`: no builtin named {:?} in this tessera (it has: {})",
+            m.entry,
+            known.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn check(path: &Path) -> anyhow::Result<()> {
     let packed = pack_dir(path, &Limits::default())?;
     let m = &packed.info.manifest;
+    check_builtin(m)?;
     println!("{}@{} is valid ({} {}, entry {})", m.name, m.version, m.kind.as_str(), m.runtime, m.entry);
     for f in &packed.info.files {
         println!("  {:>10}  {}{}", f.size, f.path, if f.executable { " (executable)" } else { "" });
@@ -388,6 +514,15 @@ async fn publish(path: &Path, private: bool, to: &[String], hub: &HubArg) -> any
             let info = inspect(&bytes, &Limits::default())?;
             tessera_package::Packed { digest: info.digest, info, bytes }
         };
+        // Nothing goes in unseen: every file of the sealed package is listed.
+        eprintln!(
+            "sealing {} file(s) ({} leaves out what .tesseraignore names):",
+            packed.info.files.len(),
+            path.display()
+        );
+        for f in &packed.info.files {
+            eprintln!("  {} ({} bytes)", f.path, f.size);
+        }
         let recipients = to.iter().map(|k| k.parse()).collect::<Result<Vec<tessera_identity::PublicKey>, _>>()?;
         let sealed = tessera_identity::seal::seal(&packed.bytes, &recipients)?;
         let client = hub.signed_client()?;
@@ -497,12 +632,17 @@ async fn run_local(
     hub.publish(&packed.bytes, Some(packed.digest), None)?;
     let mut node_cfg = NodeConfig::new("local", tmp.path().join("cache"));
     node_cfg.datasets = crate::name_file_pairs(dataset, "dataset")?.into_iter().collect::<BTreeMap<_, _>>();
-    let wasm = WasmRuntime::new(WasmLimits { max_memory: memory, max_time: timeout, ..WasmLimits::default() })?;
-    let runtimes: Vec<Arc<dyn Runtime>> = vec![Arc::new(wasm), Arc::new(BuiltinRuntime::new())];
+    // Every runtime a node offers: WebAssembly, builtin, Python ($TESSERA_PYTHON) and process.
+    let limits = WasmLimits { max_memory: memory, max_time: timeout, ..WasmLimits::default() };
     let ports = NodePorts { backend: Backend::in_process(Duration::from_secs(60)), source: Arc::new(LocalHub(hub)) };
-    let node = Node::new(node_cfg, ports, runtimes)?;
+    let node = crate::node::build_node(node_cfg, ports, limits)?;
     let mut inputs = Vec::new();
+    let declared: Vec<&str> = packed.info.manifest.inputs.iter().map(|p| p.name.as_str()).collect();
     for (name, file) in crate::name_file_pairs(input, "input")? {
+        if !declared.contains(&name.as_str()) {
+            let has = if declared.is_empty() { "none".to_owned() } else { declared.join(", ") };
+            bail!("--input {name}: {} declares no input named {name:?} (its inputs: {has})", packed.info.manifest.name);
+        }
         let bytes = std::fs::read(&file).with_context(|| format!("reading input {name} from {}", file.display()))?;
         inputs.push((name, Bytes::from(bytes)));
     }

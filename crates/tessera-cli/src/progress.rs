@@ -42,11 +42,11 @@ impl Observer for Progress {
         self.bar.set_length(u64::from(rounds));
         self.bar.set_position(u64::from(done));
         self.line(format!(
-            "session {session}: {} rounds of {}@{} on {} nodes ({}){resumed}",
-            rounds,
+            "session {session}: {} of {}@{} on {} ({}){resumed}",
+            count(u64::from(rounds), "round"),
             module.name,
             module.version,
-            eligible.len(),
+            count(eligible.len() as u64, "node"),
             eligible.iter().map(|n| n.id.as_str()).collect::<Vec<_>>().join(", ")
         ));
     }
@@ -57,19 +57,44 @@ impl Observer for Progress {
         self.bar.inc(1);
         let acc = r.eval_accuracy.map_or("-".into(), |a| format!("{a:.3}"));
         let loss = r.eval_loss.map_or("-".into(), |l| format!("{l:.4}"));
-        let failed = if r.failures.is_empty() {
-            String::new()
-        } else {
-            format!(", failed: {}", r.failures.iter().map(|f| f.node.as_str()).collect::<Vec<_>>().join(", "))
-        };
+        let failed = failures(r);
+        // Simulated participants are `<node>.c<j>`: count participants then, not nodes.
+        let what = if r.contributed.iter().any(|p| p.contains(".c")) { "participant" } else { "node" };
         self.line(format!(
-            "round {:>2}  train loss {:.4}  test loss {loss}  test accuracy {acc}  ({} nodes{failed}, {:.0} ms)",
+            "round {:>2}  train loss {:.4}  test loss {loss}  test accuracy {acc}  ({}{failed}, {:.0} ms)",
             r.round,
             r.train_loss,
-            r.contributed.len(),
+            count(r.contributed.len() as u64, what),
             r.seconds * 1000.0
         ));
     }
+}
+
+/// `n thing` or `n things`.
+pub fn count(n: u64, thing: &str) -> String {
+    if n == 1 { format!("1 {thing}") } else { format!("{n} {thing}s") }
+}
+
+/// A round's failures for its line: the first few with their reason, then how many more.
+fn failures(r: &RoundReport) -> String {
+    const SHOWN: usize = 3;
+    if r.failures.is_empty() {
+        return String::new();
+    }
+    let mut parts: Vec<String> = r
+        .failures
+        .iter()
+        .take(SHOWN)
+        .map(|f| {
+            let why: String = f.error.chars().take(80).collect();
+            let cut = if f.error.chars().count() > 80 { "…" } else { "" };
+            format!("{} ({why}{cut})", f.node)
+        })
+        .collect();
+    if r.failures.len() > SHOWN {
+        parts.push(format!("and {} more", r.failures.len() - SHOWN));
+    }
+    format!("; {} failed: {}", r.failures.len(), parts.join(", "))
 }
 
 /// "rounds after the first: … ms on average: … node work, … evaluation, … overhead" (the

@@ -24,10 +24,10 @@ pub struct Args {
     #[arg(long, default_value_t = 4)]
     nodes: usize,
     /// Fraction of nodes asked each round.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = tessera_core::config::parse_finite)]
     ratio: f64,
     /// Learning rate (default: the worker's).
-    #[arg(long)]
+    #[arg(long, value_parser = tessera_core::config::parse_finite)]
     lr: Option<f64>,
     /// Seed for the data split, participant selection and shuffling.
     #[arg(long, default_value_t = 42)]
@@ -53,7 +53,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => std::env::temp_dir().join(format!("tessera-quickstart-{session}")),
     };
     std::fs::create_dir_all(&home).with_context(|| format!("creating {}", home.display()))?;
-    println!("Tessera quickstart: a hub, a coordinator and {} nodes in this process.", args.nodes);
+    println!(
+        "Tessera quickstart: a hub, a coordinator and {} in this process.",
+        crate::progress::count(args.nodes as u64, "node")
+    );
     println!("(Embedded mode: requests are not signed and nothing listens on the network.)");
     println!("home: {}", home.display());
 

@@ -11,6 +11,19 @@ pub enum Runtime {
     Wasm,
     /// A module whose code is compiled into tessera (`entry` names the builtin).
     Builtin,
+    /// A Python file with a `tessera.Task` subclass, run by the node's Python.
+    Python,
+}
+
+impl Runtime {
+    /// The name as `module.yaml` and the command line spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Runtime::Wasm => "wasm",
+            Runtime::Builtin => "builtin",
+            Runtime::Python => "python",
+        }
+    }
 }
 
 fn write(dir: &Path, rel: &str, text: &str) -> anyhow::Result<()> {
@@ -163,6 +176,121 @@ A Tessera module whose code is compiled into tessera (`runtime: builtin`).
 
     tessera module run . --set greeting=hi
     tessera module publish .
+"
+                ),
+            )?;
+        }
+        Runtime::Python => {
+            write(
+                dir,
+                "module.yaml",
+                &format!(
+                    "name: {name}
+version: 0.1.0
+kind: task
+runtime: python
+entry: module.py
+description: A new Tessera module in Python. Greets, and measures its input.
+license: Apache-2.0
+tags: [example]
+config:
+  greeting: hello
+inputs:
+  - name: data
+    type: bytes
+    optional: true
+outputs:
+  - name: message
+    type: json
+needs:
+  cpu: 1
+  memory: 256MiB
+  libraries: []        # what the module imports beyond the standard library
+"
+                ),
+            )?;
+            write(
+                dir,
+                "module.py",
+                &format!(
+                    r#""""{name}: a Tessera module in Python.
+
+`run` is the task entry point (`tessera module run .`); every other public method is a
+function its actors answer (`tessera launch {name}`, `tessera call {name} greet Ada`).
+`self.config` is the module's config with overrides, `self.local` its node (datasets,
+resources, state), `self.world` the run's shared state, `self.log` its log.
+"""
+
+import tessera
+
+
+class Module(tessera.Task):
+    def setup(self):
+        """Runs once, before the first call."""
+        self.greeting = self.config.get("greeting", "hello")
+
+    def greet(self, who="world"):
+        """An actor function: `tessera call {name} greet Ada`."""
+        return f"{{self.greeting}}, {{who}}!"
+
+    def run(self, data=None):
+        """The task: named outputs from the optional `data` input."""
+        size = 0 if data is None else len(data)
+        self.log.info(f"{{size}} bytes in")
+        return {{"message": f"{{self.greeting}}: {{size}} bytes in"}}
+"#
+                ),
+            )?;
+            write(
+                dir,
+                "test_module.py",
+                r#""""Tests of the module, without a node: `python -m unittest` in this folder."""
+
+import unittest
+
+from module import Module
+
+
+class ModuleTest(unittest.TestCase):
+    def setUp(self):
+        self.module = Module()
+        self.module.config = {"greeting": "hi"}
+        self.module.setup()
+
+    def test_greet(self):
+        self.assertEqual(self.module.greet("Ada"), "hi, Ada!")
+
+    def test_run_measures_its_input(self):
+        self.assertEqual(self.module.run(b"12345"), {"message": "hi: 5 bytes in"})
+        self.assertEqual(self.module.run(), {"message": "hi: 0 bytes in"})
+
+
+if __name__ == "__main__":
+    unittest.main()
+"#,
+            )?;
+            write(
+                dir,
+                ".tesseraignore",
+                "# Left out of the package (gitignore syntax).\n__pycache__/\n*.pyc\ntest_*.py\n",
+            )?;
+            write(
+                dir,
+                "README.md",
+                &format!(
+                    "# {name}
+
+A Tessera module in Python (`runtime: python`). It needs the Tessera Python SDK where it
+runs (`pip install ./sdk/python` from the Tessera repository); the node runs it with
+`$TESSERA_PYTHON` (default `python3`).
+
+    python -m unittest                  # its tests, without a node
+    tessera module run . --set greeting=hi --input data=module.py
+    tessera launch . --replace          # as an actor on a local node, from this folder
+    tessera call {name} greet Ada
+    tessera module publish .
+
+`.tesseraignore` (gitignore syntax) says what stays out of the package.
 "
                 ),
             )?;

@@ -36,12 +36,23 @@ pub enum Command {
         #[command(flatten)]
         coordinator: CoordinatorArgs,
     },
-    /// Continue a session whose coordinator stopped, from its last completed round.
+    /// Continue a session whose coordinator stopped, from its last completed round. The
+    /// coordinator's datasets recorded with the session are declared again (--dataset
+    /// adds to or replaces them).
     Resume {
         /// The session id.
         id: String,
         #[command(flatten)]
         coordinator: CoordinatorArgs,
+    },
+    /// List the sessions stored on NATS (newest first), with their state, so a crashed
+    /// coordinator's session can be found and resumed.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        nats: NatsArg,
     },
     /// Show a session's stored state.
     Status {
@@ -71,13 +82,22 @@ pub struct CoordinatorArgs {
 
 impl CoordinatorArgs {
     async fn coordinator(&self) -> anyhow::Result<(Coordinator, HubClient)> {
+        self.coordinator_with(std::collections::BTreeMap::new()).await
+    }
+
+    /// A coordinator whose node holds `recorded` datasets, and those given with --dataset.
+    async fn coordinator_with(
+        &self,
+        recorded: std::collections::BTreeMap<String, PathBuf>,
+    ) -> anyhow::Result<(Coordinator, HubClient)> {
         let backend = self.nats.backend().await?;
         let key = crate::key::load(&self.hub.key)?;
         let client = self.hub.client()?.with_signer(key.clone());
         let ports = NodePorts { backend: backend.clone(), source: Arc::new(client.clone()) };
         let cache = self.cache.clone().unwrap_or_else(|| crate::tessera_home().join("coordinator").join("cache"));
         let mut cfg = tessera_node::NodeConfig::new("coordinator", cache);
-        cfg.datasets = crate::node::datasets(&self.dataset)?;
+        cfg.datasets = recorded;
+        cfg.datasets.extend(crate::node::datasets(&self.dataset)?);
         // Private packages sealed for your key open on the coordinator's node.
         cfg.identity = Some(key.clone());
         let local = crate::node::build_node(cfg, ports, WasmLimits::default())?;
@@ -96,6 +116,8 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             }
             let id = id.unwrap_or_else(new_session_id);
             let (c, client) = coordinator.coordinator().await?;
+            // Refused before the session is announced: what the coordinator itself needs.
+            c.check_local_datasets(&cfg)?;
             println!(
                 "session {id}: coordinator {} on {}, hub {}",
                 client.signer().map(|k| k.public().to_string()).unwrap_or_default(),
@@ -109,13 +131,60 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             finish(result?, &cfg, &client, started).await
         }
         Command::Resume { id, coordinator } => {
-            let (c, client) = coordinator.coordinator().await?;
-            let state = c.state(&id).await?.ok_or_else(|| anyhow!("no session {id} on {}", coordinator.nats.nats))?;
+            let (c, _) = coordinator.coordinator().await?;
+            let state = c.state(&id).await?.ok_or_else(|| {
+                anyhow!("no session {id} on {} (tessera swarm list shows the sessions there)", coordinator.nats.nats)
+            })?;
+            let (c, client) = coordinator.coordinator_with(state.coordinator_datasets.clone()).await?;
+            c.check_local_datasets(&state.config)?;
             let progress = Progress::new(state.config.rounds);
             let started = Instant::now();
             let result = c.resume(&id, &progress).await;
             progress.finish();
             finish(result?, &state.config, &client, started).await
+        }
+        Command::List { json, nats } => {
+            let backend = nats.backend().await?;
+            let c =
+                Coordinator::new(backend, Arc::new(tessera_client::HubClient::new(tessera_client::DEFAULT_HUB)?), None);
+            let sessions = c.sessions().await?;
+            if json {
+                let rows: Vec<serde_json::Value> = sessions
+                    .iter()
+                    .map(|s| {
+                        json!({
+                            "id": s.id,
+                            "state": if s.finished() { "finished" } else { "stopped or running" },
+                            "completed_rounds": s.completed_rounds,
+                            "rounds": s.config.rounds,
+                            "module": s.module.module,
+                            "updated": tessera_core::time::format_rfc3339(s.updated_ms / 1000),
+                            "test_accuracy": s.reports.last().and_then(|r| r.eval_accuracy),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if sessions.is_empty() {
+                eprintln!("no sessions on {}", nats.nats);
+            } else {
+                println!(
+                    "{:<16} {:<20} {:<9} {:<28} {:<21} ACCURACY",
+                    "SESSION", "STATE", "ROUNDS", "WORKER", "UPDATED"
+                );
+                for s in &sessions {
+                    let state = if s.finished() { "finished" } else { "stopped or running" };
+                    let acc = s.reports.last().and_then(|r| r.eval_accuracy).map_or("-".into(), |a| format!("{a:.4}"));
+                    println!(
+                        "{:<16} {:<20} {:<9} {:<28} {:<21} {acc}",
+                        s.id,
+                        state,
+                        format!("{}/{}", s.completed_rounds, s.config.rounds),
+                        s.module.module,
+                        tessera_core::time::format_rfc3339(s.updated_ms / 1000)
+                    );
+                }
+            }
+            Ok(())
         }
         Command::Status { id, json, nats } => {
             let backend = nats.backend().await?;
@@ -131,7 +200,10 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
                 println!("  contributors: {}", state.contributors.iter().cloned().collect::<Vec<_>>().join(", "));
                 if let Some(r) = state.reports.last() {
                     let acc = r.eval_accuracy.map_or("-".into(), |a| format!("{a:.4}"));
-                    println!("  last round:   {} nodes, test accuracy {acc}", r.contributed.len());
+                    println!(
+                        "  last round:   {}, test accuracy {acc}",
+                        crate::progress::count(r.contributed.len() as u64, "participant")
+                    );
                 }
             }
             Ok(())

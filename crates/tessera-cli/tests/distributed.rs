@@ -75,6 +75,10 @@ impl Env {
         env
     }
 
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        tessera(self).args(args).output().unwrap()
+    }
+
     fn ok(&self, args: &[&str]) -> String {
         let out = tessera(self).args(args).output().unwrap();
         assert!(out.status.success(), "tessera {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -134,17 +138,19 @@ impl Env {
         p.to_str().unwrap().to_owned()
     }
 
-    /// Starts a coordinator command; its stdout lines arrive on the returned channel.
+    /// Starts a coordinator command with the coordinator's held-out dataset; its stdout
+    /// lines arrive on the returned channel.
     fn coordinator(&mut self, args: &[&str]) -> Receiver<String> {
+        let data = format!("digits-test={}", self.path("data/coordinator/digits-test.safetensors"));
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--dataset", &data]);
+        self.coordinator_bare(&all)
+    }
+
+    /// Starts a coordinator command as given.
+    fn coordinator_bare(&mut self, args: &[&str]) -> Receiver<String> {
         let log = std::fs::File::create(self.dir.path().join("coordinator.log")).unwrap();
-        let mut child = tessera(self)
-            .args(args)
-            .arg("--dataset")
-            .arg(format!("digits-test={}", self.path("data/coordinator/digits-test.safetensors")))
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut child = tessera(self).args(args).stdout(Stdio::piped()).stderr(log).spawn().unwrap();
         let out = child.stdout.take().unwrap();
         let (tx, rx) = channel();
         std::thread::spawn(move || {
@@ -298,14 +304,26 @@ fn a_coordinator_killed_mid_session_is_resumed() {
     }
     env.wait_for_nodes(3);
     let file = env.swarm_file(10, 3, 30.0);
+    // Without the coordinator's held-out data, the session is refused before it starts.
+    let out = env.run(&["swarm", "run", &file]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("digits-test") && err.contains("--dataset"), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("session"), "announced before it was refused");
+    assert!(!env.ok(&["swarm", "list"]).contains("s-"), "nothing stored");
+
     let rx = env.coordinator(&["swarm", "run", &file]);
     let lines = env.until(&rx, "round  3");
     let id = Env::session_id(&lines);
     env.kill("coordinator");
     let status = env.ok(&["swarm", "status", &id]);
     assert!(status.contains("of 10 rounds done"), "{status}");
+    // The dead coordinator's session is listed, so its id can be found again.
+    let list = env.ok(&["swarm", "list"]);
+    assert!(list.lines().any(|l| l.starts_with(&id) && l.contains("stopped or running")), "{list}");
 
-    let rx = env.coordinator(&["swarm", "resume", &id]);
+    // Resumed with no flags beyond the id: the coordinator's datasets were recorded.
+    let rx = env.coordinator_bare(&["swarm", "resume", &id]);
     let lines = env.until(&rx, "time:");
     assert!(env.wait_coordinator(), "{}", logs(env.dir.path()));
     assert!(lines.iter().any(|l| l.contains("resumed after round")), "{lines:?}");

@@ -246,11 +246,20 @@ print(sum(int(a == b) for a, b in zip(labels, s["y"])))
     let res = env.cmd().args(["pipeline", "run"]).arg(&file).arg("--out").arg(&out).output().unwrap();
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success(), "{stderr}");
-    for stage in
-        ["demo.scale", "demo.digits-model-logreg", "demo.digits-model-knn", "demo.digits-model-tree", "demo.vote"]
-    {
-        assert!(stderr.contains(&format!("{stage}: 80 call(s)")), "{stage}: {stderr}");
-    }
+    // The summary says how well the ensemble and each model did, and the actors it launched
+    // are stopped.
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    let summary =
+        stdout.lines().find(|l| l.starts_with("demo.vote: 80 result(s)")).unwrap_or_else(|| panic!("{stdout}"));
+    let ensemble: f64 = summary
+        .split("ensemble accuracy ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .and_then(|a| a.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{summary}"));
+    assert!(ensemble >= 0.9, "{summary}");
+    assert!(summary.contains("knn ") && summary.contains("logreg ") && summary.contains("tree "), "{summary}");
+    assert!(stderr.contains("stopped the 7 actor(s)"), "{stderr}");
     let rows: Vec<Value> =
         std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 80);
@@ -263,9 +272,49 @@ print(sum(int(a == b) for a, b in zip(labels, s["y"])))
         assert_eq!(r["value"]["votes"].as_object().unwrap().len(), 3, "three models voted: {r}");
     }
     let actors = env.json(&["actors", "--json"]);
+    assert_eq!(actors.as_array().unwrap().len(), 1, "only the actor launched before: {actors}");
+    // With --keep they stay.
+    let res = env.cmd().args(["pipeline", "run", "--keep"]).arg(&file).arg("--out").arg(&out).output().unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let actors = env.json(&["actors", "--json"]);
     assert_eq!(actors.as_array().unwrap().len(), 8, "{actors}");
     // Kill.
     env.ok(&["kill", "demo.vote"]);
     let e = env.fails(&["kill", "demo.vote"]);
     assert!(e.contains("demo.vote"), "{e}");
+}
+
+/// The Python developer loop: a new module from the template, its own tests, a run, then
+/// launched from its folder, changed and relaunched with --replace; launching another
+/// package under a running name without --replace is refused and says how.
+#[test]
+fn a_python_module_from_new_to_a_replaced_actor() {
+    let env = Env::start();
+    let dir = env.dir.path().join("greeter");
+    let d = dir.to_str().unwrap();
+    env.ok(&["module", "new", d, "--runtime", "python", "--name", "demo.greeter"]);
+    // The template's tests pass without a node.
+    let t = Command::new(&env.python).args(["-m", "unittest", "-q"]).current_dir(&dir).output().unwrap();
+    assert!(t.status.success(), "{}", String::from_utf8_lossy(&t.stderr));
+    let out = env.ok(&["module", "run", d, "--set", "greeting=hi", "--input", &format!("data={d}/module.py")]);
+    assert!(out.contains("message: \"hi: "), "{out}");
+
+    env.ok(&["launch", d]);
+    assert_eq!(env.ok(&["call", "demo.greeter", "greet", "Ada"]).trim(), "\"hello, Ada!\"");
+    // A change: launching without --replace is refused, and the answer says how.
+    let code = std::fs::read_to_string(dir.join("module.py")).unwrap().replace("{who}!", "{who}, again!");
+    std::fs::write(dir.join("module.py"), code).unwrap();
+    let err = env.fails(&["launch", d]);
+    assert!(err.contains("kill it first") && err.contains("--tag"), "{err}");
+    env.ok(&["launch", d, "--replace"]);
+    assert_eq!(env.ok(&["call", "demo.greeter", "greet", "Ada"]).trim(), "\"hello, Ada, again!\"");
+    let shown: Value = serde_json::from_str(&env.ok(&["module", "list", "--all", "--json"])).unwrap();
+    let builds: Vec<&str> = shown.as_array().unwrap().iter().filter_map(|r| r["version"].as_str()).collect();
+    assert_eq!(builds.len(), 2, "two dev builds: {builds:?}");
+    assert!(builds.iter().all(|v| v.starts_with("0.1.0-dev.")), "{builds:?}");
+    // The test file stayed out of the package (.tesseraignore).
+    let pulled = env.dir.path().join("pulled");
+    env.ok(&["module", "pull", &format!("demo.greeter@{}", builds[1]), "--out", pulled.to_str().unwrap()]);
+    assert!(pulled.join("module.py").exists() && !pulled.join("test_module.py").exists());
+    env.ok(&["kill", "demo.greeter"]);
 }

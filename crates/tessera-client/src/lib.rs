@@ -43,7 +43,9 @@ pub enum ClientError {
         message: String,
     },
     /// The hub could not be reached.
-    #[error("cannot reach the hub at {url}: {message}")]
+    #[error(
+        "cannot reach the hub at {url}: {message} (is `tessera hub serve` running there? --hub or TESSERA_HUB say where the hub is)"
+    )]
     Transport {
         /// Where.
         url: String,
@@ -87,6 +89,11 @@ impl ClientError {
     /// True for 409.
     pub fn is_conflict(&self) -> bool {
         matches!(self, ClientError::Status { status: 409, .. })
+    }
+    /// True when the hub is busy with the account's other uploads (429 `busy`): worth
+    /// trying again shortly, unlike a quota.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, ClientError::Status { status: 429, message } if message.starts_with("busy:"))
     }
 }
 
@@ -222,8 +229,7 @@ impl HubClient {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, ClientError> {
-        let resp =
-            req.send().await.map_err(|e| ClientError::Transport { url: url.to_owned(), message: e.to_string() })?;
+        let resp = req.send().await.map_err(|e| ClientError::Transport { url: url.to_owned(), message: causes(&e) })?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -564,6 +570,22 @@ pub fn check_record(reference: &PackageRef, record: &PackageRecord) -> Result<()
         }
     }
     Ok(())
+}
+
+/// An error's message with its causes (reqwest's own message hides them: "error sending
+/// request" says nothing of the refused connection underneath).
+pub(crate) fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 fn source_err(e: ClientError) -> SourceError {

@@ -139,25 +139,41 @@ impl HubClient {
             h.finish()
         };
         let total = prefix.len() as u64 + content_len + suffix.len() as u64;
-        let content: futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>> = match source {
-            ModelSource::Bytes(b) => futures::stream::once(async move { Ok(b) }).boxed(),
-            ModelSource::File(p) => {
-                let f = tokio::fs::File::open(&p).await.map_err(|e| io_err(&p, e))?;
-                tokio_util::io::ReaderStream::with_capacity(f, CHUNK).boxed()
+        // The hub takes a few uploads per account at once and answers the next `busy`:
+        // wait and send again (a fresh signature each time).
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(300);
+        let mut pause = std::time::Duration::from_millis(200);
+        loop {
+            let content: futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>> = match &source {
+                ModelSource::Bytes(b) => {
+                    let b = b.clone();
+                    futures::stream::once(async move { Ok(b) }).boxed()
+                }
+                ModelSource::File(p) => {
+                    let f = tokio::fs::File::open(p).await.map_err(|e| io_err(p, e))?;
+                    tokio_util::io::ReaderStream::with_capacity(f, CHUNK).boxed()
+                }
+            };
+            let (pre, post) = (Bytes::from(prefix.clone()), Bytes::from(suffix.clone()));
+            let stream = futures::stream::once(async move { Ok(pre) })
+                .chain(content)
+                .chain(futures::stream::once(async move { Ok(post) }));
+            let req = match method {
+                "POST" => self.http.post(url),
+                _ => self.http.put(url),
             }
-        };
-        let stream = futures::stream::once(async move { Ok(Bytes::from(prefix)) })
-            .chain(content)
-            .chain(futures::stream::once(async move { Ok(Bytes::from(suffix)) }));
-        let req = match method {
-            "POST" => self.http.post(url),
-            _ => self.http.put(url),
+            .header("content-type", ctype.as_str())
+            .header("content-length", total)
+            .header("x-tessera-digest", content_digest.to_string());
+            let req = self.sign_digest(req, method, url, body_digest).await?.body(reqwest::Body::wrap_stream(stream));
+            match self.json(req, url).await {
+                Err(e) if e.is_busy() && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                }
+                other => return other,
+            }
         }
-        .header("content-type", ctype)
-        .header("content-length", total)
-        .header("x-tessera-digest", content_digest.to_string());
-        let req = self.sign_digest(req, method, url, body_digest).await?.body(reqwest::Body::wrap_stream(stream));
-        self.json(req, url).await
     }
 
     /// Downloads a model's binary (`version` may be `latest`) into `dest`, streaming: the

@@ -264,21 +264,14 @@ fn empty() -> Value {
 impl SessionConfig {
     /// Reads a swarm file (YAML). Errors name the field and the line.
     pub fn from_yaml(text: &str) -> Result<Self, SessionError> {
-        let options = serde_saphyr::options! {
-            with_snippet: false,
-            duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
-        };
-        let cfg: SessionConfig = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
-            let loc = e.location().filter(|l| l.line() > 0);
-            let mut msg = e.to_string();
-            if let Some(i) = msg.find(" at line ") {
-                msg.truncate(i);
-            }
-            match loc {
-                Some(l) => SessionError::Config(format!("line {}, column {}: {msg}", l.line(), l.column())),
-                None => SessionError::Config(msg),
-            }
-        })?;
+        let cfg: SessionConfig =
+            serde_saphyr::from_str_with_options(text, tessera_core::yaml::options()).map_err(|e| {
+                let msg = tessera_core::yaml::message(&e);
+                match tessera_core::yaml::location(&e) {
+                    Some((line, column)) => SessionError::Config(format!("line {line}, column {column}: {msg}")),
+                    None => SessionError::Config(msg),
+                }
+            })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -495,6 +488,20 @@ pub struct SessionState {
     /// moments), in the blob store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy_state: Option<Digest>,
+    /// The datasets the coordinator's own node held (name -> file), so a resumed
+    /// coordinator declares the same ones without being told.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub coordinator_datasets: BTreeMap<String, std::path::PathBuf>,
+    /// When the state was last saved (milliseconds since the Unix epoch).
+    #[serde(default)]
+    pub updated_ms: u64,
+}
+
+impl SessionState {
+    /// True once every round is done.
+    pub fn finished(&self) -> bool {
+        self.completed_rounds >= self.config.rounds
+    }
 }
 
 /// What a finished session gives back.
@@ -576,6 +583,14 @@ impl Transient for BlobError {
     fn transient(&self) -> bool {
         matches!(self, BlobError::Backend(_) | BlobError::Io { .. })
     }
+}
+
+/// An error's message said of `round`: prefixed with `round N: ` unless it already is
+/// (strategies' errors name their round themselves).
+fn in_round(round: u32, e: &dyn std::fmt::Display) -> String {
+    let text = e.to_string();
+    let prefix = format!("round {round}: ");
+    if text.starts_with(&prefix) { text } else { format!("{prefix}{text}") }
 }
 
 /// The world key of a session's state.
@@ -687,6 +702,7 @@ impl Coordinator {
     ) -> Result<SessionResult, SessionError> {
         check_ident("session id", id).map_err(|e| SessionError::Config(e.to_string()))?;
         let module_ref = cfg.validate()?;
+        self.check_local_datasets(cfg)?;
         if self.state(id).await?.is_some() {
             return Err(SessionError::Config(format!("session {id} exists already; resume it or pick another id")));
         }
@@ -723,9 +739,45 @@ impl Coordinator {
             reports: Vec::new(),
             node_modules: workers.uses(),
             strategy_state: None,
+            coordinator_datasets: self.local.as_ref().map(|n| (*n.datasets()).clone()).unwrap_or_default(),
+            updated_ms: 0,
         };
         self.save(&state).await?;
         self.drive(state, &workers, observer).await
+    }
+
+    /// Refuses a session whose evaluation dataset the coordinator's own node does not hold,
+    /// before anything is announced or stored.
+    pub fn check_local_datasets(&self, cfg: &SessionConfig) -> Result<(), SessionError> {
+        let Some(eval) = &cfg.eval_dataset else { return Ok(()) };
+        let held: Vec<String> = self.local.as_ref().map(|n| n.datasets().keys().cloned().collect()).unwrap_or_default();
+        if held.iter().any(|d| d == eval) {
+            return Ok(());
+        }
+        let has = if held.is_empty() { "none".to_owned() } else { held.join(", ") };
+        Err(SessionError::Config(format!(
+            "the session evaluates on dataset {eval:?}, which the coordinator does not hold (it has: {has}); \
+             give it with --dataset {eval}=FILE"
+        )))
+    }
+
+    /// Every session stored in world state, newest first.
+    pub async fn sessions(&self) -> Result<Vec<SessionState>, SessionError> {
+        let keys = self.retry("listing sessions", || self.backend.world.keys("sessions/")).await?;
+        let mut out = Vec::new();
+        for key in keys {
+            let Some(id) = key.strip_prefix("sessions/") else { continue };
+            if id.contains('/') {
+                continue;
+            }
+            match self.state(id).await {
+                Ok(Some(s)) => out.push(s),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(session = id, "unreadable session state: {e}"),
+            }
+        }
+        out.sort_by(|a, b| b.updated_ms.cmp(&a.updated_ms).then(a.id.cmp(&b.id)));
+        Ok(out)
     }
 
     /// Continues a session from its last completed round (after its coordinator died).
@@ -832,7 +884,9 @@ impl Coordinator {
     }
 
     async fn save(&self, state: &SessionState) -> Result<(), SessionError> {
-        let bytes = Bytes::from(serde_json::to_vec(state).map_err(|e| SessionError::Aggregate(e.to_string()))?);
+        let mut state = state.clone();
+        state.updated_ms = tessera_identity::now_ms();
+        let bytes = Bytes::from(serde_json::to_vec(&state).map_err(|e| SessionError::Aggregate(e.to_string()))?);
         let key = state_key(&state.id);
         self.retry("saving the session state", || self.backend.world.put(&key, bytes.clone())).await?;
         Ok(())
@@ -1068,7 +1122,7 @@ impl Coordinator {
         let available = participants_of(cfg, nodes);
         let plan = strategy
             .configure_fit(round, &available, cfg.seed ^ u64::from(round).wrapping_mul(0x9E37_79B9))
-            .map_err(|e| SessionError::Participants(format!("round {round}: {e}")))?;
+            .map_err(|e| SessionError::Participants(in_round(round, &e)))?;
         let selected = plan.participants;
         observer.round_started(round, &selected);
 
@@ -1149,7 +1203,7 @@ impl Coordinator {
             failures.iter().map(|f| FitFailure { node: f.node.clone(), error: f.error.clone() }).collect();
         let mut aggregate = strategy
             .aggregate_fit(round, &base, &results, &failed)
-            .map_err(|e| SessionError::Aggregate(format!("round {round}: {e}")))?;
+            .map_err(|e| SessionError::Aggregate(in_round(round, &e)))?;
         let mut dp_epsilon = None;
         let mut dp_sample_rate = None;
         if let Some(dp) = &cfg.differential_privacy {
@@ -1161,7 +1215,7 @@ impl Coordinator {
             });
             for t in aggregate.0.values_mut() {
                 privacy::add_gaussian_noise(&mut t.data, sigma, &mut rng)
-                    .map_err(|e| SessionError::Aggregate(format!("round {round}: {e}")))?;
+                    .map_err(|e| SessionError::Aggregate(in_round(round, &e)))?;
             }
             let q = (selected.len() as f64 / available.len().max(1) as f64).min(1.0);
             accountant.step(dp.noise_multiplier, q, 1).map_err(|e| SessionError::Aggregate(e.to_string()))?;

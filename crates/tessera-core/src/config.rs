@@ -63,14 +63,23 @@ pub fn parse_value(raw: &str) -> Result<Value, String> {
     if raw.trim().is_empty() {
         return Ok(Value::String(String::new()));
     }
-    let options = serde_saphyr::options! { with_snippet: false };
-    serde_saphyr::from_str_with_options::<Value>(raw, options).map_err(|e| {
-        let mut m = e.to_string();
-        if let Some(i) = m.find(" at line ") {
-            m.truncate(i);
-        }
-        m
-    })
+    let v = serde_saphyr::from_str_with_options::<Value>(raw, crate::yaml::options())
+        .map_err(|e| crate::yaml::message(&e))?;
+    // YAML's .nan and .inf read as numbers JSON cannot hold (they would become null).
+    if v.is_null() && !matches!(raw.trim(), "null" | "Null" | "NULL" | "~") {
+        return Err(format!("{} is not a finite number", raw.trim()));
+    }
+    Ok(v)
+}
+
+/// Parses a command-line number that must be finite (`nan` and `inf` are refused, as JSON
+/// configs cannot hold them).
+pub fn parse_finite(text: &str) -> Result<f64, String> {
+    let v: f64 = text.trim().parse().map_err(|_| format!("{text:?} is not a number"))?;
+    if !v.is_finite() {
+        return Err(format!("{text} is not a finite number"));
+    }
+    Ok(v)
 }
 
 /// Applies one `key.path=value` override to a config tree, keeping the type of the value

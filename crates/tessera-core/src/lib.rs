@@ -31,6 +31,7 @@ pub mod tensor;
 pub mod time;
 pub mod version;
 pub mod wire;
+pub mod yaml;
 
 pub use digest::{Digest, DigestWriter};
 pub use manifest::{Access, Kind, Manifest, Role, RuntimeKind};

@@ -348,32 +348,24 @@ impl Manifest {
             });
         }
         let path = RefCell::new(None::<String>);
-        let options = serde_saphyr::options! {
-            with_snippet: false,
-            duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
-        };
-        let raw: Result<RawManifest, _> = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
-            serde_path_to_error::deserialize(de).map_err(|e| {
-                // `Spanned` wrappers show up as a `value` segment; the user never wrote it.
-                let p = e.path().to_string().replace(".value", "");
-                if p != "." && !p.is_empty() {
-                    *path.borrow_mut() = Some(p);
-                }
-                e.into_inner()
-            })
-        });
+        let raw: Result<RawManifest, _> =
+            serde_saphyr::with_deserializer_from_str_with_options(text, crate::yaml::options(), |de| {
+                serde_path_to_error::deserialize(de).map_err(|e| {
+                    // `Spanned` wrappers show up as a `value` segment; the user never wrote it.
+                    let p = e.path().to_string().replace(".value", "");
+                    if p != "." && p != "?" && !p.is_empty() {
+                        *path.borrow_mut() = Some(p);
+                    }
+                    e.into_inner()
+                })
+            });
         let raw = raw.map_err(|e| {
-            let loc = e.location();
-            let mut message = e.to_string();
-            // The YAML library appends its own position; we report it as fields.
-            if let Some(i) = message.find(" at line ") {
-                message.truncate(i);
-            }
+            let loc = crate::yaml::location(&e);
             ManifestError {
                 field: path.into_inner(),
-                line: loc.filter(|l| l.line() > 0).map(|l| l.line() as usize),
-                column: loc.filter(|l| l.line() > 0).map(|l| l.column() as usize),
-                message,
+                line: loc.map(|l| l.0),
+                column: loc.map(|l| l.1),
+                message: crate::yaml::message(&e),
             }
         })?;
         raw.validate()

@@ -202,29 +202,20 @@ impl Pipeline {
             });
         }
         let path = RefCell::new(None::<String>);
-        let options = serde_saphyr::options! {
-            with_snippet: false,
-            duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
-        };
-        let raw: Result<RawPipeline, _> = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
-            serde_path_to_error::deserialize(de).map_err(|e| {
-                let p = e.path().to_string();
-                if p != "." && !p.is_empty() {
-                    *path.borrow_mut() = Some(p);
-                }
-                e.into_inner()
-            })
-        });
-        let raw = raw.map_err(|e| {
-            let mut message = e.to_string();
-            if let Some(i) = message.find(" at line ") {
-                message.truncate(i);
-            }
-            PipelineError {
-                field: path.into_inner(),
-                line: e.location().filter(|l| l.line() > 0).map(|l| l.line() as usize),
-                message,
-            }
+        let raw: Result<RawPipeline, _> =
+            serde_saphyr::with_deserializer_from_str_with_options(text, crate::yaml::options(), |de| {
+                serde_path_to_error::deserialize(de).map_err(|e| {
+                    let p = e.path().to_string();
+                    if p != "." && p != "?" && !p.is_empty() {
+                        *path.borrow_mut() = Some(p);
+                    }
+                    e.into_inner()
+                })
+            });
+        let raw = raw.map_err(|e| PipelineError {
+            field: path.into_inner(),
+            line: crate::yaml::location(&e).map(|l| l.0),
+            message: crate::yaml::message(&e),
         })?;
         raw.check()
     }

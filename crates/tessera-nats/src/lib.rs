@@ -79,7 +79,11 @@ pub struct Nats {
     pub js: jetstream::Context,
 }
 
-/// Connects to NATS (retrying until the server answers, then reconnecting forever).
+/// How long the first connection may take before [`connect`] gives up.
+pub const FIRST_CONNECT: Duration = Duration::from_secs(10);
+
+/// Connects to NATS: waits up to [`FIRST_CONNECT`] for the server to answer, then
+/// reconnects forever when the connection is lost.
 pub async fn connect(url: &str) -> Result<Nats, NatsError> {
     let client = async_nats::ConnectOptions::new()
         .name("tessera")
@@ -96,6 +100,21 @@ pub async fn connect(url: &str) -> Result<Nats, NatsError> {
         .connect(url)
         .await
         .map_err(|e| NatsError::Connect { url: url.to_owned(), message: e.to_string() })?;
+    // The first connection is retried in the background; wait for it a little, so a server
+    // that is not there is named as such, not as a JetStream failure later.
+    let deadline = tokio::time::Instant::now() + FIRST_CONNECT;
+    while client.connection_state() != async_nats::connection::State::Connected {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(NatsError::Connect {
+                url: url.to_owned(),
+                message: format!(
+                    "nothing answered within {} s (is nats-server running there? start one with `nats-server -js`, or point --nats / TESSERA_NATS at one)",
+                    FIRST_CONNECT.as_secs()
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut js = jetstream::new(client.clone());
     js.set_timeout(Duration::from_secs(10));
     Ok(Nats { client, js })

@@ -102,16 +102,10 @@ impl NodePolicy {
 
     /// Reads a policy file. Errors name the line.
     pub fn from_yaml(text: &str) -> Result<Self, String> {
-        let options =
-            serde_saphyr::options! { with_snippet: false, duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error };
-        let p: NodePolicy = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
-            let loc = e.location().filter(|l| l.line() > 0);
-            let mut msg = e.to_string();
-            if let Some(i) = msg.find(" at line ") {
-                msg.truncate(i);
-            }
-            match loc {
-                Some(l) => format!("line {}: {msg}", l.line()),
+        let p: NodePolicy = serde_saphyr::from_str_with_options(text, tessera_core::yaml::options()).map_err(|e| {
+            let msg = tessera_core::yaml::message(&e);
+            match tessera_core::yaml::location(&e) {
+                Some((line, _)) => format!("line {line}: {msg}"),
                 None => msg,
             }
         })?;

@@ -24,7 +24,7 @@
 mod pack;
 mod unpack;
 
-pub use pack::{PackError, Packed, pack_dir};
+pub use pack::{PackError, Packed, pack_dir, pack_dir_dev};
 pub use unpack::{UnpackError, inspect, inspect_reader, unpack, verify};
 
 use tessera_core::manifest::Manifest;
@@ -35,6 +35,10 @@ pub const EXTENSION: &str = "tpkg";
 
 /// Directories never packed: build output and version-control data.
 pub const IGNORED_DIRS: [&str; 4] = [".git", "target", "__pycache__", ".venv"];
+
+/// The file in a module folder that says, in gitignore syntax, what stays out of its
+/// package (besides [`IGNORED_DIRS`]); `module.yaml` always goes in.
+pub const IGNORE_FILE: &str = ".tesseraignore";
 
 /// zstd level used for packing (fixed: the level is part of what makes bytes repeatable).
 pub const ZSTD_LEVEL: i32 = 9;

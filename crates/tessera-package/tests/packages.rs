@@ -381,3 +381,50 @@ fn unpack_leaves_nothing_when_an_entry_fails_midway() {
     f.write_all(b"still here").unwrap();
     assert_eq!(fs::read_dir(t.path()).unwrap().count(), 1);
 }
+
+/// `.tesseraignore` (gitignore syntax) keeps files out of the package; `module.yaml` always
+/// goes in, and ignoring the entry is an error that names it.
+#[test]
+fn the_ignore_file_keeps_files_out() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = module_dir(t.path());
+    fs::create_dir_all(dir.join("src")).unwrap();
+    fs::write(dir.join("src/secret.rs"), "fn main() {}").unwrap();
+    fs::write(dir.join("notes.tmp"), "x").unwrap();
+    fs::write(dir.join("data/keep.tmp"), "x").unwrap();
+    fs::write(dir.join(".tesseraignore"), "# not in the package\nsrc/\n*.tmp\n!data/keep.tmp\nmodule.yaml\n").unwrap();
+    let packed = pack_dir(&dir, &Limits::default()).unwrap();
+    let files: Vec<&str> = packed.info.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(
+        files,
+        [".tesseraignore", "README.md", "data/keep.tmp", "data/nested/weights.bin", "module.wasm", "module.yaml"]
+    );
+    // The package unpacks with exactly those files.
+    let out = t.path().join("out");
+    unpack(&packed.bytes, &out, &Limits::default()).unwrap();
+    assert!(!out.join("src").exists() && !out.join("notes.tmp").exists());
+
+    fs::write(dir.join(".tesseraignore"), "*.wasm\n").unwrap();
+    let e = pack_dir(&dir, &Limits::default()).unwrap_err().to_string();
+    assert!(e.contains("module.wasm"), "{e}");
+}
+
+/// A development build carries a pre-release version named after the folder's contents:
+/// the same folder, the same version and bytes; a change, another version.
+#[test]
+fn development_builds_are_named_by_their_contents() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = module_dir(t.path());
+    let plain = tessera_package::pack_dir(&dir, &Limits::default()).unwrap();
+    let a = tessera_package::pack_dir_dev(&dir, &Limits::default()).unwrap();
+    let b = tessera_package::pack_dir_dev(&dir, &Limits::default()).unwrap();
+    assert_eq!(a.bytes, b.bytes);
+    let v = a.info.manifest.version.to_string();
+    assert_eq!(v, format!("0.1.0-dev.{}", &plain.digest.hex()[..12]));
+    let unpacked = inspect(&a.bytes, &Limits::default()).unwrap();
+    assert_eq!(unpacked.manifest.version.to_string(), v, "the packed module.yaml says so");
+    assert_eq!(fs::read_to_string(dir.join("module.yaml")).unwrap(), MANIFEST, "the folder is untouched");
+    fs::write(dir.join("README.md"), "# changed\n").unwrap();
+    let c = tessera_package::pack_dir_dev(&dir, &Limits::default()).unwrap();
+    assert_ne!(c.info.manifest.version.to_string(), v);
+}

@@ -34,9 +34,14 @@ def _metadata():
     return "\n".join(lines) + "\n"
 
 
+def _normalized(name):
+    """The distribution name as wheel and dist-info file names spell it (PEP 427)."""
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
 def _dist_info():
     name, version, _, _ = _project()
-    return "%s-%s.dist-info" % (name, version)
+    return "%s-%s.dist-info" % (_normalized(name), version)
 
 
 def _files():
@@ -48,7 +53,7 @@ def _files():
 
 def _wheel(directory, files):
     name, version, _, _ = _project()
-    wheel_name = "%s-%s-py3-none-any.whl" % (name, version)
+    wheel_name = "%s-%s-py3-none-any.whl" % (_normalized(name), version)
     info = _dist_info()
     entries = list(files) + [
         (info + "/METADATA", _metadata().encode()),
@@ -102,7 +107,7 @@ def build_editable(wheel_directory, config_settings=None, metadata_directory=Non
 
 def build_sdist(sdist_directory, config_settings=None):
     name, version, _, _ = _project()
-    base = "%s-%s" % (name, version)
+    base = "%s-%s" % (_normalized(name), version)
     path = os.path.join(sdist_directory, base + ".tar.gz")
     with tarfile.open(path, "w:gz") as tar:
         for rel in ["pyproject.toml", "README.md", "_build/tessera_build.py"] + [a for a, _ in _files()]:

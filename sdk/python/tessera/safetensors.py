@@ -64,6 +64,8 @@ def encode(tensors, metadata=None):
     for name in sorted(tensors):
         if not isinstance(name, str):
             raise SafetensorsError("tensor names must be strings, not %r" % (name,))
+        if name == "__metadata__":
+            raise SafetensorsError("a tensor cannot be named __metadata__ (the header's metadata has that name)")
         arr = np.asarray(tensors[name])
         code = _code(np, arr.dtype)
         data = np.ascontiguousarray(arr, dtype=np.dtype(DTYPES[code])).tobytes()
@@ -91,7 +93,17 @@ def decode_header(buf):
         raise SafetensorsError("invalid header: %s" % e)
     if not isinstance(header, dict):
         raise SafetensorsError("the header is not a JSON object")
+    meta = header.get("__metadata__")
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    ):
+        raise SafetensorsError("__metadata__ must map strings to strings")
     return header, 8 + n
+
+
+def _is_index(v):
+    """A non-negative integer (JSON true and false are not integers here)."""
+    return type(v) is int and v >= 0
 
 
 def decode(buf):
@@ -119,10 +131,10 @@ def decode(buf):
             raise SafetensorsError("tensor %r: unsupported dtype %r" % (name, code))
         shape = info.get("shape")
         offsets = info.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise SafetensorsError("tensor %r: invalid shape" % name)
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise SafetensorsError("tensor %r: invalid data_offsets" % name)
+        if not (isinstance(shape, list) and all(_is_index(d) for d in shape)):
+            raise SafetensorsError("tensor %r: invalid shape %r (a list of non-negative integers)" % (name, shape))
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_index(o) for o in offsets)):
+            raise SafetensorsError("tensor %r: invalid data_offsets %r (two non-negative integers)" % (name, offsets))
         begin, end = offsets
         dtype = np.dtype(DTYPES[code])
         count = 1

@@ -1,4 +1,5 @@
 import json
+import os
 import struct
 import unittest
 
@@ -85,3 +86,45 @@ class SafetensorsTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class SharedCorpusTest(unittest.TestCase):
+    """The corpus the Rust tests read too (crates/tessera-core/tests/fixtures/safetensors)."""
+
+    def setUp(self):
+        self.np = _path.require_numpy()
+        import safetensors_corpus
+
+        self.corpus_module = safetensors_corpus
+        with open(os.path.join(safetensors_corpus.CORPUS, "corpus.json")) as f:
+            self.corpus = json.load(f)
+
+    def read(self, name):
+        with open(os.path.join(self.corpus_module.CORPUS, name), "rb") as f:
+            return f.read()
+
+    def test_every_valid_file_decodes_to_its_values(self):
+        np = self.np
+        for name, spec in self.corpus["valid"].items():
+            data = self.read(name)
+            back = safetensors.decode(data)
+            self.assertEqual(sorted(back), sorted(spec["tensors"]), name)
+            for t, want in self.corpus_module.arrays(np, spec).items():
+                self.assertEqual(back[t].dtype, want.dtype, "%s/%s" % (name, t))
+                self.assertEqual(back[t].shape, want.shape, "%s/%s" % (name, t))
+                np.testing.assert_array_equal(back[t], want, "%s/%s" % (name, t))
+            self.assertEqual(safetensors.metadata(data), spec["metadata"], name)
+            if spec["writer"] == "python":
+                again = safetensors.encode(self.corpus_module.arrays(np, spec), metadata=spec["metadata"] or None)
+                self.assertEqual(again, data, "%s: the Python writer no longer writes these bytes" % name)
+
+    def test_every_invalid_file_is_refused_with_the_sdks_error(self):
+        for name, why in self.corpus["invalid"].items():
+            with self.assertRaises(safetensors.SafetensorsError, msg="%s (%s)" % (name, why)):
+                safetensors.decode(self.read(name))
+            self.assertFalse(safetensors.is_safetensors(self.read(name)) and name.startswith("header"), name)
+
+    def test_a_tensor_named_like_the_metadata_is_refused_when_written(self):
+        np = self.np
+        with self.assertRaises(safetensors.SafetensorsError):
+            safetensors.encode({"__metadata__": np.zeros(2)})

@@ -129,7 +129,7 @@ pub(crate) fn upload_slot(s: &AppState, signer: Option<&PublicKey>) -> ApiResult
     let n = g.entry(account.clone()).or_default();
     if *n >= s.policy.max_uploads_per_account {
         let who = if account.is_empty() { "unsigned clients".to_owned() } else { account };
-        return Err(ApiError(HubError::Quota(format!(
+        return Err(ApiError(HubError::Busy(format!(
             "{who} already has {} uploads in progress; wait for one to finish",
             s.policy.max_uploads_per_account
         ))));

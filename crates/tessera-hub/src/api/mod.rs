@@ -122,13 +122,19 @@ impl IntoResponse for ApiError {
             HubError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             HubError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             HubError::Forbidden(_) => StatusCode::FORBIDDEN,
-            HubError::Quota(_) => StatusCode::TOO_MANY_REQUESTS,
+            HubError::Quota(_) | HubError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             HubError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!("hub: {}", self.0);
         }
-        (status, Json(ErrorBody { error: self.0.to_string() })).into_response()
+        let busy = matches!(self.0, HubError::Busy(_));
+        let mut resp = (status, Json(ErrorBody { error: self.0.to_string() })).into_response();
+        if busy {
+            // Worth retrying: an upload of the account will end.
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
+        resp
     }
 }
 

@@ -56,9 +56,12 @@ pub enum HubError {
     /// The signer may not do this.
     #[error("forbidden: {0}")]
     Forbidden(String),
-    /// The account is over its quota, or has too many uploads running.
+    /// The account is over its quota.
     #[error("quota exceeded: {0}")]
     Quota(String),
+    /// The account has as many uploads in progress as it may: try again shortly.
+    #[error("busy: {0}")]
+    Busy(String),
     /// Storage failed.
     #[error("hub storage: {0}")]
     Storage(String),

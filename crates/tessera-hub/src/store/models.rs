@@ -108,6 +108,16 @@ pub(crate) fn lineage_text(lineage: Option<&Lineage>) -> Result<Option<String>, 
     Ok(Some(text))
 }
 
+/// Checks the metadata and lineage sent with a binary before anything is written (a refused
+/// upload leaves no blob behind).
+fn check_upload_meta(upload: &ModelUpload<'_>) -> Result<(), HubError> {
+    if let Some(m) = &upload.metadata {
+        metadata_text(m)?;
+    }
+    lineage_text(upload.lineage.as_ref())?;
+    Ok(())
+}
+
 /// A stored version of a model (build metadata aside), deleted or not.
 struct Stored {
     version: String,
@@ -266,6 +276,7 @@ impl HubStore {
     ) -> Result<(ModelRecord, bool), HubError> {
         parse_name(name)?;
         let v = parse_version(version)?;
+        check_upload_meta(upload)?;
         let digest = upload.digest.to_string();
         let signer = actor.map(ToString::to_string);
         self.write(name, actor, |tx| {
@@ -311,6 +322,7 @@ impl HubStore {
         let file = upload.file;
         let result = (|| {
             parse_name(name)?;
+            check_upload_meta(&upload)?;
             self.write(name, actor, |tx| {
                 let v = next_version(tx, name)?;
                 self.blobs.adopt_file(upload.file, &upload.digest)?;
