@@ -295,6 +295,11 @@ struct HubArg {
     /// The key that signs requests (`tessera key list`); `default` is made on first use.
     #[arg(long, env = "TESSERA_KEY", default_value = "default")]
     key: String,
+    /// The hub's own key (its health page says it): requests are signed for this key only.
+    /// Without it, the key a hub answers with the first time is remembered
+    /// ($TESSERA_HOME/known-hubs.json) and a change is refused.
+    #[arg(long, env = "TESSERA_HUB_KEY", value_name = "KEY")]
+    hub_key: Option<String>,
 }
 
 impl HubArg {
@@ -304,7 +309,11 @@ impl HubArg {
     }
     /// A client that signs its requests with the user's key.
     fn signed_client(&self) -> anyhow::Result<tessera_client::HubClient> {
-        Ok(self.client()?.with_signer(key::load(&self.key)?))
+        let client = self.client()?.with_signer(key::load(&self.key)?);
+        Ok(match &self.hub_key {
+            Some(k) => client.with_hub_key(k.parse().map_err(|e| anyhow::anyhow!("--hub-key: {e}"))?),
+            None => client.with_known_hubs(tessera_home().join("known-hubs.json")),
+        })
     }
 }
 

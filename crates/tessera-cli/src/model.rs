@@ -126,8 +126,15 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
                 checked_name.as_str() == name,
                 "asked for model {name}, the hub answered with {checked_name}"
             );
+            if let Ok(asked) = tessera_core::version::Version::parse(version) {
+                anyhow::ensure!(
+                    tessera_core::version::same_version(&asked, &checked_version),
+                    "asked for {name}@{asked}, the hub answered with version {checked_version}"
+                );
+            }
             let out = out.unwrap_or_else(|| PathBuf::from(format!("{checked_name}-{checked_version}.safetensors")));
-            let rec = client.pull_model_to(name, &rec.version, &out).await?;
+            // The download is of the record checked here, not of another answer.
+            let rec = client.pull_model_record(rec, &out).await?;
             println!("{}", out.display());
             eprintln!(
                 "pulled {}@{} ({} bytes, {})",

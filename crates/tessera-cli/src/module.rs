@@ -108,7 +108,8 @@ pub enum Command {
         /// The alias.
         alias: String,
         /// The version it points at.
-        version: String,
+        #[arg(value_name = "VERSION")]
+        target: String,
         #[command(flatten)]
         hub: HubArg,
     },
@@ -249,8 +250,8 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             eprintln!("deleted {}@{} (the version stays reserved for the same bytes)", rec.name, rec.version);
             Ok(())
         }
-        Command::Alias { name, alias, version, hub } => {
-            let rec = hub.signed_client()?.set_alias(&name, &alias, &version).await?;
+        Command::Alias { name, alias, target, hub } => {
+            let rec = hub.signed_client()?.set_alias(&name, &alias, &target).await?;
             println!("{name}@{alias} -> {} ({})", rec.version, rec.digest);
             Ok(())
         }

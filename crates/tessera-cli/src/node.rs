@@ -48,8 +48,9 @@ pub struct RunArgs {
     /// The gateway address other nodes and clients use (default: http://<--listen>).
     #[arg(long, value_name = "URL", requires = "listen")]
     advertise: Option<String>,
-    /// Run on one machine without NATS: queues, world state and blobs in this process.
-    #[arg(long, conflicts_with = "nats")]
+    /// Run on one machine without NATS: queues, world state and blobs in this process
+    /// (--nats and TESSERA_NATS are then not used).
+    #[arg(long)]
     embedded: bool,
     /// A call to an actor that is not running does not launch it.
     #[arg(long)]

@@ -110,3 +110,28 @@ pub fn round_summary_line(reports: &[RoundReport]) -> Option<String> {
         overhead * 1e3
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_core::wire::Failure;
+
+    #[test]
+    fn counts_and_failures_read_well() {
+        assert_eq!(count(1, "node"), "1 node");
+        assert_eq!(count(4, "node"), "4 nodes");
+        let mut r: RoundReport = serde_json::from_value(serde_json::json!({
+            "round": 1, "selected": [], "contributed": [], "failures": [], "examples": 0, "train_loss": 0.0,
+            "eval_loss": null, "eval_accuracy": null, "model": tessera_core::Digest::of(b"m").to_string(), "seconds": 0.1
+        }))
+        .unwrap();
+        assert_eq!(failures(&r), "");
+        r.failures = (0..2000)
+            .map(|i| Failure { node: format!("node-0.c{i}"), error: "no reply within the round's time-out".into() })
+            .collect();
+        let line = failures(&r);
+        assert!(line.starts_with("; 2000 failed: node-0.c0 (no reply within the round's time-out)"), "{line}");
+        assert!(line.ends_with("and 1997 more"), "{line}");
+        assert!(line.len() < 300, "a round line stays one line: {line}");
+    }
+}

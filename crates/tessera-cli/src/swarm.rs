@@ -92,7 +92,7 @@ impl CoordinatorArgs {
     ) -> anyhow::Result<(Coordinator, HubClient)> {
         let backend = self.nats.backend().await?;
         let key = crate::key::load(&self.hub.key)?;
-        let client = self.hub.client()?.with_signer(key.clone());
+        let client = self.hub.signed_client()?;
         let ports = NodePorts { backend: backend.clone(), source: Arc::new(client.clone()) };
         let cache = self.cache.clone().unwrap_or_else(|| crate::tessera_home().join("coordinator").join("cache"));
         let mut cfg = tessera_node::NodeConfig::new("coordinator", cache);

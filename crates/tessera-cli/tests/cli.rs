@@ -284,3 +284,48 @@ fn keys_and_namespace_ownership() {
     let shown = ok(&["module", "show", "demo.m@0.2.0"], w, url);
     assert!(shown.contains("0.2.0"), "{shown}");
 }
+
+/// Error texts read once, name the cause and, where there is one, the fix.
+#[test]
+fn error_texts_read_once_and_say_what_to_do() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let once = |err: &str| {
+        // No part of the message is said twice in a row ("x: x").
+        let parts: Vec<&str> = err.trim().trim_start_matches("error: ").split(": ").collect();
+        for pair in parts.windows(2) {
+            assert_ne!(pair[0], pair[1], "repeated: {err}");
+        }
+    };
+    // A hub that is not there: the cause and where to point instead.
+    let err = fails(&["module", "list"], w, Some("http://127.0.0.1:9"));
+    assert!(err.contains("Connection refused") && err.contains("TESSERA_HUB"), "{err}");
+    once(&err);
+    // A manifest with a key twice: the key and the line, no library advice.
+    ok(&["module", "new", "m", "--runtime", "builtin", "--name", "demo.m"], w, None);
+    let yaml = std::fs::read_to_string(w.join("m/module.yaml")).unwrap();
+    std::fs::write(w.join("m/module.yaml"), format!("{yaml}name: demo.other\n")).unwrap();
+    let err = fails(&["module", "check", "m"], w, None);
+    assert!(err.contains("duplicate key `name`") && !err.contains("DuplicateKeyPolicy"), "{err}");
+    std::fs::write(w.join("m/module.yaml"), yaml.replace("entry: echo", "entry: nosuch")).unwrap();
+    let err = fails(&["module", "check", "m"], w, None);
+    assert!(err.contains("no builtin named \"nosuch\"") && err.contains("echo"), "{err}");
+    std::fs::write(w.join("m/module.yaml"), &yaml).unwrap();
+    // An input the module does not declare.
+    std::fs::write(w.join("in.bin"), b"x").unwrap();
+    let err = fails(&["module", "run", "m", "--input", "nosuch=in.bin"], w, None);
+    assert!(err.contains("declares no input named \"nosuch\""), "{err}");
+    // Numbers JSON cannot hold.
+    let err = fails(&["quickstart", "--lr", "nan"], w, None);
+    assert!(err.contains("nan is not a finite number") && err.matches("finite").count() == 1, "{err}");
+    // Runtimes are named as module.yaml spells them.
+    let out = ok(&["module", "new", "p", "--runtime", "python", "--name", "demo.p"], w, None);
+    assert!(out.contains("python runtime") && !out.contains("Python,"), "{out}");
+    // Unpacking over an existing folder: the cause once.
+    let hub = start_hub(&w.join("hub-data"));
+    ok(&["module", "publish", "m"], w, Some(&hub.url));
+    let err = fails(&["module", "pull", "demo.m@0.1.0", "--out", "m"], w, Some(&hub.url));
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(err.matches("already exists").count(), 1, "{err}");
+    once(&err);
+}

@@ -242,3 +242,30 @@ fn huge_numbers_on_the_command_line_are_refused() {
         assert!(err.contains(flag) && !err.contains("panicked"), "{flag} {value}: {err}");
     }
 }
+
+/// A server that announces another hub's key gets nothing signed: it could pass on what is
+/// signed for it to that hub.
+#[test]
+fn a_server_announcing_another_hubs_key_gets_nothing_signed() {
+    let work = tempfile::tempdir().unwrap();
+    let good = package(work.path(), "pk.good", "1.0.0");
+    let health = health();
+    let routes = || {
+        HashMap::from([
+            ("/api/v1/health".to_owned(), health.clone()),
+            (
+                "/api/v1/packages/pk.good/1.0.0".to_owned(),
+                record("pk.good", "1.0.0", "pk.good", &good).to_string().into_bytes(),
+            ),
+            (format!("/api/v1/blobs/{}", Digest::of(&good)), good.clone()),
+        ])
+    };
+    let real = fake_hub(routes());
+    let out = tessera(&["module", "pull", "pk.good@1.0.0", "--out", "first"], work.path(), &real.url);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let relay = fake_hub(routes());
+    let out = tessera(&["module", "pull", "pk.good@1.0.0", "--out", "second"], work.path(), &relay.url);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("announces the key of the hub at"), "{err}");
+    assert!(!work.path().join("second").exists());
+}

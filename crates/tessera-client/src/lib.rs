@@ -106,6 +106,7 @@ pub struct HubClient {
     http: reqwest::Client,
     signer: Option<Arc<KeyPair>>,
     audience: Arc<tokio::sync::OnceCell<PublicKey>>,
+    known_hubs: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for HubClient {
@@ -159,7 +160,7 @@ impl HubClient {
             .connect_timeout(std::time::Duration::from_secs(10))
             .build()
             .map_err(|e| ClientError::Transport { url: base.clone(), message: e.to_string() })?;
-        Ok(HubClient { base, http, signer: None, audience: Arc::default() })
+        Ok(HubClient { base, http, signer: None, audience: Arc::default(), known_hubs: None })
     }
 
     /// Signs mutating requests (and published packages) with `key`.
@@ -174,6 +175,48 @@ impl HubClient {
         self
     }
 
+    /// Remembers the key each hub address answered with the first time (a JSON file of
+    /// address -> key, like SSH's known hosts), and refuses to sign for a hub whose key
+    /// changed, or whose key is already known for another address: a server that relays
+    /// what it is sent to the hub whose key it announces gets nothing signed.
+    pub fn with_known_hubs(mut self, path: std::path::PathBuf) -> Self {
+        self.known_hubs = Some(path);
+        self
+    }
+
+    fn check_known(&self, key: &PublicKey) -> Result<(), ClientError> {
+        let Some(path) = &self.known_hubs else { return Ok(()) };
+        let mut known: std::collections::BTreeMap<String, String> = match std::fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| ClientError::Local(format!("{}: {e}", path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+            Err(e) => return Err(ClientError::Local(format!("{}: {e}", path.display()))),
+        };
+        let key_text = key.to_string();
+        match known.get(&self.base) {
+            Some(k) if k == &key_text => return Ok(()),
+            Some(k) => {
+                return Err(ClientError::Untrusted(format!(
+                    "the hub at {} now answers with the key {key_text}, but it was {k} when first seen; if its key really changed, remove it from {} (or pin it with --hub-key)",
+                    self.base,
+                    path.display()
+                )));
+            }
+            None => {}
+        }
+        if let Some((other, _)) = known.iter().find(|(_, k)| *k == &key_text) {
+            return Err(ClientError::Untrusted(format!(
+                "the server at {} announces the key of the hub at {other}: it could pass on what is signed for it; if it is the same hub, pin its key with --hub-key",
+                self.base
+            )));
+        }
+        known.insert(self.base.clone(), key_text);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| ClientError::Local(format!("{}: {e}", dir.display())))?;
+        }
+        let text = serde_json::to_vec_pretty(&known).map_err(|e| ClientError::Local(e.to_string()))?;
+        std::fs::write(path, text).map_err(|e| ClientError::Local(format!("{}: {e}", path.display())))
+    }
+
     /// The signing key, if any.
     pub fn signer(&self) -> Option<&KeyPair> {
         self.signer.as_deref()
@@ -186,8 +229,11 @@ impl HubClient {
             .get_or_try_init(|| async {
                 let h = self.health().await?;
                 let text = h["key"].as_str().unwrap_or_default().to_owned();
-                text.parse::<PublicKey>()
-                    .map_err(|e| ClientError::Decode { url: self.url("/health"), message: format!("hub key: {e}") })
+                let key = text
+                    .parse::<PublicKey>()
+                    .map_err(|e| ClientError::Decode { url: self.url("/health"), message: format!("hub key: {e}") })?;
+                self.check_known(&key)?;
+                Ok::<_, ClientError>(key)
             })
             .await?;
         Ok(key.clone())

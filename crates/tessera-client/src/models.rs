@@ -181,6 +181,12 @@ impl HubClient {
     /// replace `dest` only when they match. Returns the record.
     pub async fn pull_model_to(&self, name: &str, version: &str, dest: &Path) -> Result<ModelRecord, ClientError> {
         let record = self.model(name, version).await?;
+        self.pull_model_record(record, dest).await
+    }
+
+    /// Downloads the binary a model record names (a record the caller has checked) into
+    /// `dest`, as [`HubClient::pull_model_to`] does.
+    pub async fn pull_model_record(&self, record: ModelRecord, dest: &Path) -> Result<ModelRecord, ClientError> {
         let digest = record.digest.ok_or_else(|| ClientError::Status {
             status: 404,
             message: format!("model {}@{} has no binary yet", record.name, record.version),

@@ -45,7 +45,7 @@ pub(crate) async fn launch(
     }
     let digest = gw.resolve(&req.module).await?;
     let image = gw.node.module(&digest).await?;
-    gw.authorize_module(&caller, &image)?;
+    gw.authorize_launch(&caller, &image, req.priority, req.replicas)?;
     let spec =
         ActorSpec { module: digest, tag: req.tag, replicas: req.replicas, config: req.config, priority: req.priority };
     match gw.actors.launch(spec).await {

@@ -178,8 +178,10 @@ impl Gateway {
         let text = h.to_str().map_err(|_| unauthorized(format!("{SIGNATURE_HEADER} is not text")))?;
         let env = Envelope::parse(text).map_err(|e| unauthorized(format!("{SIGNATURE_HEADER}: {e}")))?;
         let method = parts.method.as_str().to_owned();
-        // Everything but the body first: a bad signature costs the node no bytes.
-        drop(v.check_header(&env, &method, &path, now_ms()).map_err(|e| unauthorized(format!("signature: {e}")))?);
+        // Everything but the body first: a bad signature costs the node no bytes. The window
+        // is the request's start, however long its body takes.
+        let checked_at = now_ms();
+        drop(v.check_header(&env, &method, &path, checked_at).map_err(|e| unauthorized(format!("signature: {e}")))?);
         let bytes = axum::body::to_bytes(body, self.config.max_body).await.map_err(|_| {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -187,10 +189,9 @@ impl Gateway {
                 format!("the request body is over the limit of {} bytes", self.config.max_body),
             )
         })?;
-        let now = now_ms();
         let key = v
-            .check_header(&env, &method, &path, now)
-            .and_then(|c| c.finish(&Digest::of(&bytes), now))
+            .check_header(&env, &method, &path, checked_at)
+            .and_then(|c| c.finish(&Digest::of(&bytes), now_ms()))
             .map_err(|e| unauthorized(format!("signature: {e}")))?;
         parts.extensions.insert(Caller(Some(key)));
         Ok(Request::from_parts(parts, Body::from(bytes)))
@@ -252,7 +253,7 @@ impl From<ActorError> for ApiError {
         let (status, kind) = match &e {
             ActorError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ActorError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ActorError::Running { .. } => (StatusCode::CONFLICT, "conflict"),
+            ActorError::Running { .. } | ActorError::ConfigConflict { .. } => (StatusCode::CONFLICT, "conflict"),
             ActorError::NoRoom { .. } => (StatusCode::SERVICE_UNAVAILABLE, "no_room"),
             ActorError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ActorError::Elsewhere { .. } => (StatusCode::MISDIRECTED_REQUEST, "elsewhere"),

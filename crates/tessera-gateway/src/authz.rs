@@ -22,6 +22,10 @@ use tessera_ports::ModuleImage;
 
 use crate::api::{ApiError, Gateway};
 
+/// Queue name prefixes Tessera uses itself (task queues of nodes, reply queues of
+/// sessions): refused on every gateway route, whatever the grant.
+pub const RESERVED_QUEUES: [&str; 2] = ["tessera.node.", "tessera.session."];
+
 /// Who made a request: the verified signer, or `None` for an unsigned request. Set by the
 /// authentication layer on every route.
 #[derive(Clone, Debug)]
@@ -60,6 +64,37 @@ impl Gateway {
         self.node.authorize_call(image, function, caller.key()).await.map_err(ApiError::from)
     }
 
+    /// May `caller` launch `image` with this priority and this many replicas? Within its
+    /// grant's `max_priority` and `max_replicas` on a node that checks grants.
+    pub(crate) fn authorize_launch(
+        &self,
+        caller: &Caller,
+        image: &ModuleImage,
+        priority: i32,
+        replicas: usize,
+    ) -> Result<(), ApiError> {
+        self.authorize_module(caller, image)?;
+        let policy = self.node.policy();
+        let Some(k) = caller.key() else { return Ok(()) };
+        if !policy.checks_grants() {
+            return Ok(());
+        }
+        let g = policy.grant_for(k, image.manifest.name.as_str(), now_ms()).map_err(ApiError::refused)?;
+        if priority > g.max_priority {
+            return Err(ApiError::refused(format!(
+                "priority {priority} is over what {k}'s grant allows on this node ({})",
+                g.max_priority
+            )));
+        }
+        if replicas > g.max_replicas {
+            return Err(ApiError::refused(format!(
+                "{replicas} replicas are over what {k}'s grant allows on this node ({})",
+                g.max_replicas
+            )));
+        }
+        Ok(())
+    }
+
     /// May `caller` touch things of the module named `module` (by name, for actors whose
     /// package this node has not loaded)?
     pub(crate) fn authorize_module_name(&self, caller: &Caller, module: &str) -> Result<(), ApiError> {
@@ -86,6 +121,13 @@ impl Gateway {
     /// actor's module; other queues need a grant naming them.
     pub(crate) async fn authorize_queue(&self, caller: &Caller, queue: &str) -> Result<(), ApiError> {
         tessera_ports::bus::check_queue(queue)?;
+        // The node's and sessions' own queues are never reached through the gateway.
+        if RESERVED_QUEUES.iter().any(|p| queue.starts_with(p)) {
+            return Err(ApiError::refused(format!(
+                "{queue} is one of Tessera's own queues ({}…); the gateway serves other queues",
+                RESERVED_QUEUES.join("…, ")
+            )));
+        }
         let Some(k) = caller.key() else { return Ok(()) };
         let policy = self.node.policy();
         if !policy.checks_grants() {

@@ -26,10 +26,24 @@ pub(crate) type CallRegistry = Mutex<HashMap<(String, String), CallEntry>>;
 
 /// A running call.
 pub(crate) struct CallEntry {
-    abort: tokio::task::AbortHandle,
+    /// Stops it (set once its task is spawned).
+    abort: Option<tokio::task::AbortHandle>,
     /// The called module's package, when known before the call ran.
     module: Option<Digest>,
+    /// Which call of that id this is (ids come back once a call ends).
+    seq: u64,
 }
+
+impl CallEntry {
+    fn stop(&self) {
+        if let Some(a) = &self.abort {
+            a.abort();
+        }
+    }
+}
+
+/// Numbers calls, so an ending call removes its own entry and no later one of the same id.
+static CALL_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Which accounts made the call outputs kept as blobs (so only they read them back on a
 /// node that checks grants). Bounded: the oldest records go first.
@@ -243,6 +257,15 @@ pub(crate) async fn call(
     };
     let key = (caller.account(), id.clone());
     let module = gw.module_hint(&checked.request).await;
+    let seq = CALL_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // The id is taken before anything runs: a duplicate is refused having done nothing.
+    {
+        let mut calls = gw.calls.lock().unwrap_or_else(|p| p.into_inner());
+        if calls.contains_key(&key) {
+            return Err(ApiError::new(StatusCode::CONFLICT, "duplicate", format!("a call with id {id:?} is running")));
+        }
+        calls.insert(key.clone(), CallEntry { abort: None, module, seq });
+    }
     // A call with an id runs as its own task, so `POST /calls/<id>/cancel` can stop it.
     let task = {
         let gw = gw.clone();
@@ -251,11 +274,11 @@ pub(crate) async fn call(
     };
     {
         let mut calls = gw.calls.lock().unwrap_or_else(|p| p.into_inner());
-        if calls.contains_key(&key) {
-            task.abort();
-            return Err(ApiError::new(StatusCode::CONFLICT, "duplicate", format!("a call with id {id:?} is running")));
+        match calls.get_mut(&key) {
+            Some(e) if e.seq == seq => e.abort = Some(task.abort_handle()),
+            // Cancelled before its task started.
+            _ => task.abort(),
         }
-        calls.insert(key.clone(), CallEntry { abort: task.abort_handle(), module });
     }
     // Aborted too when the caller goes away (this future is dropped).
     struct AbortOnDrop(tokio::task::AbortHandle);
@@ -266,7 +289,12 @@ pub(crate) async fn call(
     }
     let _guard = AbortOnDrop(task.abort_handle());
     let result = task.await;
-    gw.calls.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+    {
+        let mut calls = gw.calls.lock().unwrap_or_else(|p| p.into_inner());
+        if calls.get(&key).is_some_and(|e| e.seq == seq) {
+            calls.remove(&key);
+        }
+    }
     match result {
         Ok(r) => r,
         Err(e) if e.is_cancelled() => {
@@ -299,7 +327,7 @@ pub(crate) async fn cancel(
 ) -> Result<Json<Value>, ApiError> {
     let own = gw.calls.lock().unwrap_or_else(|p| p.into_inner()).remove(&(caller.account(), id.clone()));
     if let Some(entry) = own {
-        entry.abort.abort();
+        entry.stop();
         return Ok(Json(json!({"cancelled": id})));
     }
     // Someone else's call of that id, of a module whose package this caller signed.
@@ -317,7 +345,7 @@ pub(crate) async fn cancel(
             let owner = gw.node.resolve(&PackageRef::Digest(d)).await.ok().and_then(|r| r.signer);
             if owner.as_deref() == Some(&k.to_string()) {
                 if let Some(entry) = gw.calls.lock().unwrap_or_else(|p| p.into_inner()).remove(&key) {
-                    entry.abort.abort();
+                    entry.stop();
                 }
                 return Ok(Json(json!({"cancelled": id})));
             }

@@ -19,7 +19,11 @@ use tessera_identity::envelope::HEADER;
 use tessera_identity::{Envelope, KeyPair, now_ms};
 use tessera_node::{Grant, NodePolicy};
 
-on_both_backends!(a_key_without_a_grant_changes_nothing_and_reads_nothing_on_any_route);
+on_both_backends!(
+    a_key_without_a_grant_changes_nothing_and_reads_nothing_on_any_route,
+    ungranted_launches_evict_nothing,
+    extreme_numbers_do_not_panic
+);
 
 struct Node {
     url: String,
@@ -39,7 +43,9 @@ async fn policy_node(c: &Cluster, config: GatewayConfig) -> Node {
             to: alice.public().clone(),
             modules: vec!["demo".into()],
             datasets: vec![],
-            queues: vec!["demo.jobs".into()],
+            queues: vec!["demo.jobs".into(), "*".into()],
+            max_priority: 0,
+            max_replicas: 4,
             expires: None,
         }],
         ..NodePolicy::open()
@@ -191,9 +197,8 @@ async fn a_key_without_a_grant_changes_nothing_and_reads_nothing_on_any_route(on
 
 /// A launch the caller was not granted never evicts anything; a granted one evicts only
 /// actors whose release frees what it lacks.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ungranted_launches_evict_nothing() {
-    let c = cluster(On::Memory).await;
+async fn ungranted_launches_evict_nothing(on: On) {
+    let c = cluster(on).await;
     let n = policy_node(&c, GatewayConfig::default()).await;
     let alice = n.client(&n.alice);
     let launch = |tag: &str, priority: i32| tessera_core::wire::LaunchRequest {
@@ -207,15 +212,33 @@ async fn ungranted_launches_evict_nothing() {
     alice.launch(&launch("a", 0)).await.unwrap();
     let e = n.client(&n.mallory).launch(&launch("evil", 1000)).await.unwrap_err();
     assert_eq!(e.kind(), Some("refused"), "{e}");
+    // A granted key launches within its grant: priority and replicas are capped.
+    let e = alice.launch(&launch("b", 5)).await.unwrap_err();
+    assert!(e.kind() == Some("refused") && e.to_string().contains("priority 5"), "{e}");
+    let mut many = launch("b", 0);
+    many.replicas = 5;
+    let e = alice.launch(&many).await.unwrap_err();
+    assert!(e.kind() == Some("refused") && e.to_string().contains("5 replicas"), "{e}");
+    // A tag may not make another module's actor name (and take its queues and state).
+    c.publish("demo.counter-x", "wasm", "module.wasm");
+    let e = alice.launch(&launch("x", 0)).await.unwrap_err();
+    assert!(e.to_string().contains("is the name of the module demo.counter-x"), "{e}");
+    // Get-or-create with another config is refused, not answered with the running actor.
+    let mut other = launch("a", 0);
+    other.config = json!({"bytes": 7});
+    let e = alice.launch(&other).await.unwrap_err();
+    assert!(e.kind() == Some("conflict") && e.to_string().contains("config"), "{e}");
     let names: Vec<String> = alice.actors().await.unwrap().into_iter().map(|a| a.name).collect();
     assert_eq!(names, ["demo.counter-a"]);
+    // Tessera's own queues are out of reach, even with a grant for every queue.
+    let e = alice.queue_get("tessera.node.n1.tasks", Duration::from_millis(10)).await.unwrap_err();
+    assert!(e.kind() == Some("refused") && e.to_string().contains("Tessera's own queues"), "{e}");
 }
 
 /// Numbers that used to panic a handler: a call time-out of 1e20 s, a signature timestamp
 /// at the end of time.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn extreme_numbers_do_not_panic() {
-    let c = cluster(On::Memory).await;
+async fn extreme_numbers_do_not_panic(on: On) {
+    let c = cluster(on).await;
     let n = policy_node(&c, GatewayConfig::default()).await;
     let alice = n.client(&n.alice);
     let mut req = tessera_core::wire::CallRequest::new("demo.counter", "count", vec![]);

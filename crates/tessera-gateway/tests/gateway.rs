@@ -34,6 +34,8 @@ async fn a_node_with_a_policy_takes_only_signed_granted_requests() {
             modules: vec!["demo".into()],
             datasets: vec![],
             queues: vec!["demo.q".into()],
+            max_priority: 0,
+            max_replicas: 4,
             expires: None,
         }],
         ..NodePolicy::open()

@@ -134,7 +134,14 @@ fn publish(h: &Hub, key: &KeyPair, bytes: Vec<u8>) -> Req {
     let sig = PackageSignature::sign(key, &Digest::of(&bytes));
     let mut r = signed(key, &h.key(), "POST", "/api/v1/packages", bytes);
     r.headers.push((PACKAGE_SIGNATURE_HEADER.into(), sig.to_header()));
+    r.headers.extend(declared(&r.body));
     r
+}
+
+/// The `x-tessera-package` declaration of a (plain) package's bytes; none for anything else.
+fn declared(bytes: &[u8]) -> Option<(String, String)> {
+    let m = tessera_package::inspect(bytes, &tessera_package::Limits::default()).ok()?.manifest;
+    Some(("x-tessera-package".into(), format!("{}@{}", m.name, m.version)))
 }
 
 fn private_manifest(name: &str) -> String {
@@ -539,4 +546,93 @@ async fn unowned_namespaces_go_to_the_hubs_key_and_the_operator_hands_them_on() 
     store.assign_owners("oldmodels", &[team.public().clone()]).unwrap();
     store.put_model("oldmodels.w", "2.0.0", b"ours", Some(team.public())).unwrap();
     assert!(store.adopt_unowned().unwrap().is_empty());
+}
+
+/// A package signature is public (it is on the record): on an open hub, sending it with an
+/// unsigned request does not act as its signer.
+#[tokio::test]
+async fn a_copied_package_signature_does_not_act_as_its_signer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
+    let h = Hub {
+        app: app(AppState::new(store.clone(), HubPolicy::open())),
+        store,
+        work: tempfile::tempdir().unwrap(),
+        _dir: dir,
+    };
+    let owner = KeyPair::generate(KeyType::Ed25519);
+    let bytes = h.package("acme.tool", "1.2.0", "withdrawn");
+    assert_eq!(h.send(publish(&h, &owner, bytes.clone())).await.0, StatusCode::CREATED);
+    assert_eq!(
+        h.send(signed(&owner, &h.key(), "DELETE", "/api/v1/packages/acme.tool/1.2.0", vec![])).await.0,
+        StatusCode::OK
+    );
+    // The replay: the owner's package signature, no request signature.
+    let sig = PackageSignature::sign(&owner, &Digest::of(&bytes));
+    let r = Req {
+        method: "POST",
+        path: "/api/v1/packages".into(),
+        body: bytes,
+        headers: vec![
+            (PACKAGE_SIGNATURE_HEADER.into(), sig.to_header()),
+            ("x-tessera-package".into(), "acme.tool@1.2.0".into()),
+        ],
+    };
+    assert_eq!(h.send(r).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(h.send(get("/api/v1/packages/acme.tool/1.2.0")).await.0, StatusCode::NOT_FOUND, "still withdrawn");
+}
+
+/// A signed upload is judged by when it started: a body that takes longer than the window
+/// to arrive is still accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_judged_by_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
+    let policy = HubPolicy { window_ms: 500, ..HubPolicy::signed() };
+    let router = app(AppState::new(store.clone(), policy));
+    let owner = KeyPair::generate(KeyType::Ed25519);
+    let path = "/api/v1/models/team.slow/1.0.0";
+    let body = b"slowly arriving weights".to_vec();
+    let env = Envelope::sign(&owner, store.key().public(), "PUT", path, &body, now_ms());
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(1);
+    let req = Request::builder()
+        .method("PUT")
+        .uri(path)
+        .header(HEADER, env.to_header())
+        .body(Body::from_stream(tokio_stream_from(rx)))
+        .unwrap();
+    let send = tokio::spawn(async move { router.oneshot(req).await.unwrap().status() });
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    tx.send(Ok(bytes::Bytes::from(body))).await.unwrap();
+    drop(tx);
+    assert_eq!(send.await.unwrap(), StatusCode::CREATED);
+}
+
+/// Publishing the same bytes again restores what was lost: a deleted private version comes
+/// back, and a blob missing from disk is written again.
+#[tokio::test]
+async fn the_same_bytes_again_restore_what_was_lost() {
+    let h = hub();
+    let owner = KeyPair::generate(KeyType::Ed25519);
+    let reader = KeyPair::generate(KeyType::Ed25519);
+    let sealed =
+        tessera_identity::seal::seal(&h.package("team.secret", "1.0.0", "s"), &[reader.public().clone()]).unwrap();
+    let private = |h: &Hub| {
+        let mut r = publish(h, &owner, sealed.clone());
+        r.headers.push(("x-tessera-manifest".into(), private_manifest("team.secret")));
+        r
+    };
+    assert_eq!(h.send(private(&h)).await.0, StatusCode::CREATED);
+    let del = signed(&owner, &h.key(), "DELETE", "/api/v1/packages/team.secret/1.0.0", vec![]);
+    assert_eq!(h.send(del).await.0, StatusCode::OK);
+    let (s, rec) = h.json(private(&h)).await;
+    assert_eq!(s, StatusCode::CREATED, "{rec}");
+    assert_eq!(rec["signer"], owner.public().to_string());
+    // A blob lost from disk comes back with the same bytes.
+    let bytes = h.package("team.pkg", "1.0.0", "p");
+    let (_, rec) = h.json(publish(&h, &owner, bytes.clone())).await;
+    let digest: Digest = rec["digest"].as_str().unwrap().parse().unwrap();
+    std::fs::remove_file(h.store.blobs().path_of(&digest)).unwrap();
+    assert_eq!(h.send(publish(&h, &owner, bytes)).await.0, StatusCode::OK);
+    assert!(h.store.blobs().path_of(&digest).exists());
 }

@@ -111,7 +111,14 @@ fn publish(h: &Hub, key: &KeyPair, bytes: Vec<u8>) -> Req {
     let sig = PackageSignature::sign(key, &Digest::of(&bytes));
     let mut r = signed(h, key, "POST", "/api/v1/packages", bytes);
     r.headers.push((PACKAGE_SIGNATURE_HEADER.into(), sig.to_header()));
+    r.headers.extend(declared(&r.body));
     r
+}
+
+/// The `x-tessera-package` declaration of a (plain) package's bytes; none for anything else.
+fn declared(bytes: &[u8]) -> Option<(String, String)> {
+    let m = tessera_package::inspect(bytes, &tessera_package::Limits::default()).ok()?.manifest;
+    Some(("x-tessera-package".into(), format!("{}@{}", m.name, m.version)))
 }
 
 /// A multipart model upload: metadata, then the binary.

@@ -88,7 +88,14 @@ fn publish<'a>(hub: &Hub, key: &KeyPair, publisher: &KeyPair, bytes: Vec<u8>) ->
     let sig = PackageSignature::sign(publisher, &Digest::of(&bytes));
     let mut r = signed(key, &hub.key(), "POST", "/api/v1/packages", bytes, now_ms());
     r.headers.push((PACKAGE_SIGNATURE_HEADER.into(), sig.to_header()));
+    r.headers.extend(declared(&r.body));
     r
+}
+
+/// The `x-tessera-package` declaration of a (plain) package's bytes; none for anything else.
+fn declared(bytes: &[u8]) -> Option<(String, String)> {
+    let m = tessera_package::inspect(bytes, &tessera_package::Limits::default()).ok()?.manifest;
+    Some(("x-tessera-package".into(), format!("{}@{}", m.name, m.version)))
 }
 
 fn error(v: &Value) -> String {
@@ -185,6 +192,7 @@ async fn every_refusal_changes_nothing() {
     let mut r = signed(&alice, &hub_key, "POST", "/api/v1/packages", bytes.clone(), now_ms());
     let other = PackageSignature::sign(&alice, &Digest::of(b"other bytes"));
     r.headers.push((PACKAGE_SIGNATURE_HEADER.into(), other.to_header()));
+    r.headers.extend(declared(&bytes));
     let (s, body) = h.send(r).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
     assert!(error(&body).contains("does not verify"), "{body}");

@@ -16,7 +16,7 @@
 //! compare-and-set, so two nodes launching one name make one actor; a name held by a live
 //! node is answered with [`ActorError::Elsewhere`] (the caller forwards there), and a name
 //! whose node has left the membership is taken over. State saved by the hooks is kept
-//! under the actor's name (`actor-state/<actor>`), so an actor relaunched on another node
+//! under the actor's name (`actor-state/<actor>/<module>`), so an actor relaunched on another node
 //! comes back with it.
 
 use std::collections::BTreeMap;
@@ -65,6 +65,18 @@ pub enum ActorError {
     /// The request is malformed.
     #[error("{0}")]
     Invalid(String),
+    /// A launch names a running actor with another config than it was launched with.
+    #[error(
+        "{name} runs with the config {running}; a launch asking for {asked} would not get it: kill it first (tessera kill {name}), or launch under another name (--tag)"
+    )]
+    ConfigConflict {
+        /// The actor.
+        name: String,
+        /// The overrides it runs with (JSON).
+        running: String,
+        /// The overrides asked for (JSON).
+        asked: String,
+    },
     /// A launch names an actor that runs another package.
     #[error(
         "{name} runs {running}; to replace it with {asked}, kill it first (tessera kill {name}), or launch {asked} under another name (--tag)"
@@ -135,6 +147,8 @@ struct Actor {
     name: String,
     image: ModuleImage,
     config: Value,
+    /// The config overrides it was launched with.
+    overrides: Value,
     priority: i32,
     launched: u64,
     replicas: Vec<Replica>,
@@ -232,7 +246,33 @@ impl Actors {
                 };
                 return Err(ActorError::Running { name, running, asked });
             }
+            let asked = if spec.config.is_null() { json!({}) } else { spec.config.clone() };
+            if asked.as_object().is_some_and(|o| !o.is_empty()) && asked != a.overrides {
+                return Err(ActorError::ConfigConflict {
+                    name,
+                    running: a.overrides.to_string(),
+                    asked: asked.to_string(),
+                });
+            }
             return Ok(a.info(self.node.id()));
+        }
+        // A tagged name (`path-tag`) that is another module's own name would take that
+        // module's actor name, queues and saved state: refused.
+        if spec.tag.is_some()
+            && let Ok(path) = name.parse::<ModulePath>()
+            && let Ok(other) = self
+                .node
+                .resolve(&tessera_core::PackageRef::Named {
+                    name: path,
+                    selector: tessera_core::version::Selector::Alias(tessera_core::version::LATEST.into()),
+                })
+                .await
+            && other.name != image.manifest.name.as_str()
+        {
+            return Err(ActorError::Invalid(format!(
+                "the actor name {name} is the name of the module {}: launch {} with another tag",
+                other.name, image.manifest.name
+            )));
         }
         self.claim(&name, &image.digest).await?;
         match self.launch_claimed(&mut actors, name.clone(), image, spec).await {
@@ -270,11 +310,13 @@ impl Actors {
             Admission::Refuse(why) => return Err(ActorError::NoRoom { name, why }),
         }
         let mut config = image.manifest.config.clone();
-        deep_merge(&mut config, &if spec.config.is_null() { json!({}) } else { spec.config.clone() });
+        let overrides = if spec.config.is_null() { json!({}) } else { spec.config.clone() };
+        deep_merge(&mut config, &overrides);
         let actor = Arc::new(Actor {
             name: name.clone(),
             image,
             config,
+            overrides,
             priority: spec.priority,
             launched: self.seq.fetch_add(1, Ordering::Relaxed),
             replicas: (0..spec.replicas)
@@ -383,8 +425,10 @@ impl Actors {
         Ok(inst)
     }
 
+    /// Where an actor's state is kept: by actor name and module, so a module launched
+    /// under another's actor name neither reads nor overwrites that one's state.
     fn state_key(&self, actor: &Actor) -> String {
-        format!("actor-state/{}", actor.name)
+        format!("actor-state/{}/{}", actor.name, actor.image.manifest.name)
     }
 
     async fn saved_state(&self, actor: &Actor) -> Result<Option<Bytes>, ActorError> {

@@ -11,6 +11,8 @@
 //!     datasets: [digits]
 //!     queues: [jobs]             # free-named gateway queues, by prefix (an actor's
 //!                                # <actor>.in/.out need a grant for its module)
+//!     max_priority: 0            # highest launch priority (default 0)
+//!     max_replicas: 4            # most replicas per actor (default 4)
 //!     expires: 2027-01-01T00:00:00Z
 //! quotas:
 //!   "ed25519:…": {compute_seconds: 3600, tasks: 10000}
@@ -55,6 +57,10 @@ fn default_window() -> u64 {
     3600
 }
 
+fn default_max_replicas() -> usize {
+    4
+}
+
 /// The right to run modules on datasets of this node.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,6 +78,13 @@ pub struct Grant {
     /// are covered by a grant for its module instead.
     #[serde(default)]
     pub queues: Vec<String>,
+    /// The highest priority the key may launch actors with (default 0: it never evicts
+    /// actors that matter more than the default).
+    #[serde(default)]
+    pub max_priority: i32,
+    /// The most replicas one of its actors may have (default 4).
+    #[serde(default = "default_max_replicas")]
+    pub max_replicas: usize,
     /// When the grant ends (`YYYY-MM-DDTHH:MM:SSZ`), if ever.
     #[serde(default)]
     pub expires: Option<String>,

@@ -92,11 +92,20 @@ impl ProcessRuntime {
 
     /// The `python` runtime with the interpreter from `TESSERA_PYTHON` (else `python3` on
     /// the `PATH`) and the embedded SDK written once under
-    /// `cache_dir/python-sdk/<sdk version>`.
+    /// `cache_dir/python-sdk/<sdk version>`. A relative `TESSERA_PYTHON` with a directory in
+    /// it (`target/venv/bin/python`) is taken from the current directory (module processes
+    /// run in their module's folder); a bare name is looked up on the `PATH`.
     pub fn python_default(cache_dir: &Path, limits: ProcessLimits) -> Result<Self, SdkError> {
         let interpreter = std::env::var_os("TESSERA_PYTHON")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
+            .map(|p| {
+                if p.is_relative() && p.components().count() > 1 {
+                    std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p)
+                } else {
+                    p
+                }
+            })
             .unwrap_or_else(|| PathBuf::from("python3"));
         let sdk_dir = sdk::cached_sdk(cache_dir)?;
         Ok(Self::python(interpreter, sdk_dir, limits))

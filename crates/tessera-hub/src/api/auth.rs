@@ -25,6 +25,9 @@ pub(crate) struct HeaderAuth {
     envelope: Option<Envelope>,
     method: Method,
     path: String,
+    /// When the headers were checked: the window is the request's start, however long its
+    /// body takes to arrive.
+    checked_at: u64,
 }
 
 impl HeaderAuth {
@@ -37,11 +40,10 @@ impl HeaderAuth {
     /// Accepts the request once its body has arrived with digest `body`: returns the signer.
     pub(crate) fn finish(self, s: &AppState, body: &Digest) -> ApiResult<Option<PublicKey>> {
         let Some(env) = self.envelope else { return Ok(None) };
-        let now = now_ms();
         let key = s
             .verifier
-            .check_header(&env, self.method.as_str(), &self.path, now)
-            .and_then(|c| c.finish(body, now))
+            .check_header(&env, self.method.as_str(), &self.path, self.checked_at)
+            .and_then(|c| c.finish(body, now_ms()))
             .map_err(unauthorized)?;
         if let Err(e) = s.store.meter(&key, 1, 0, 0) {
             tracing::warn!("metering: {e}");
@@ -61,6 +63,7 @@ pub(crate) fn check_headers(
     write: bool,
 ) -> ApiResult<HeaderAuth> {
     let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str()).to_owned();
+    let checked_at = now_ms();
     let envelope = match headers.get(SIGNATURE_HEADER) {
         None if write && s.policy.require_signatures => return Err(unauthorized(VerifyError::Missing)),
         None => None,
@@ -68,11 +71,11 @@ pub(crate) fn check_headers(
             let text = h.to_str().map_err(|_| unauthorized(format!("{SIGNATURE_HEADER} is not text")))?;
             let env = Envelope::parse(text).map_err(|e| unauthorized(VerifyError::Malformed(e)))?;
             // Everything but the body, now: a bad signature costs the hub no bytes.
-            drop(s.verifier.check_header(&env, method.as_str(), &path, now_ms()).map_err(unauthorized)?);
+            drop(s.verifier.check_header(&env, method.as_str(), &path, checked_at).map_err(unauthorized)?);
             Some(env)
         }
     };
-    Ok(HeaderAuth { envelope, method: method.clone(), path })
+    Ok(HeaderAuth { envelope, method: method.clone(), path, checked_at })
 }
 
 /// Authenticates a request whose (small) body is already read: the signer, if signed.

@@ -88,16 +88,36 @@ pub(super) async fn publish_package(
     // Everything the headers can tell, before a byte of the body.
     let auth = check_headers(&s, &method, &uri, &headers, true)?;
     let sig = package_signature(&s, &headers, auth.signer())?;
-    let actor = auth.signer().or(sig.as_ref().map(|g| &g.key)).cloned();
+    // Who acts is who signed the request: a package signature proves who made the bytes,
+    // not who sends them (it is public, on the package's record).
+    let actor = auth.signer().cloned();
     let expected = expected_digest(&headers)?;
     let private = if headers.contains_key(super::MANIFEST_HEADER) { Some(private_manifest(&headers)?) } else { None };
     let declared = match &private {
         Some(m) => Some((m.name.to_string(), m.version.to_string())),
         None => declared_package(&headers)?,
     };
-    if let Some((name, _)) = &declared {
-        let (store, name, a) = (s.store.clone(), name.clone(), actor.clone());
-        blocking(move || store.may_write(&name, a.as_ref())).await?;
+    match &declared {
+        Some((name, _)) => {
+            let (store, name, a) = (s.store.clone(), name.clone(), actor.clone());
+            blocking(move || store.may_write(&name, a.as_ref())).await?;
+        }
+        // A hub that checks signatures checks them before it reads a byte: the upload says
+        // what it holds.
+        None if s.policy.require_signatures => {
+            return Err(ApiError(HubError::BadRequest(format!(
+                "say what the package holds, in {} (name@version) or, for a private package, {} (its manifest): this hub authorizes uploads before reading them",
+                super::PACKAGE_HEADER,
+                super::MANIFEST_HEADER
+            ))));
+        }
+        None => {}
+    }
+    if private.is_some() && actor.is_none() {
+        return Err(ApiError(HubError::Unauthorized(format!(
+            "private packages are published with a signed request ({})",
+            tessera_identity::envelope::HEADER
+        ))));
     }
     let limit = s.store.limits().max_package_bytes;
     check_length(&headers, limit)?;

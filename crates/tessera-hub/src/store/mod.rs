@@ -305,11 +305,15 @@ impl HubStore {
         Ok(bytes)
     }
 
-    /// Removes a blob nothing uses any more (after the transaction that stopped using it).
+    /// Removes a blob nothing uses any more (after the transaction that stopped using it),
+    /// holding the database lock meanwhile, so no write adopts the same blob between the
+    /// check and the removal.
     fn collect_blob(&self, digest: &Digest) -> Result<(), HubError> {
-        if !Self::blob_in_use(&self.db(), digest)? {
+        let db = self.db();
+        if !Self::blob_in_use(&db, digest)? {
             let _ = std::fs::remove_file(self.blobs.path_of(digest));
         }
+        drop(db);
         Ok(())
     }
 }

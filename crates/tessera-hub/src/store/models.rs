@@ -288,6 +288,10 @@ impl HubStore {
                     )));
                 }
                 Some(Stored { digest: Some(_), version: sv, deleted: false }) => {
+                    // The same bytes again: a no-op that brings back a missing blob.
+                    if !self.blobs.path_of(&upload.digest).exists() {
+                        self.blobs.adopt_file(upload.file, &upload.digest)?;
+                    }
                     set_meta(tx, name, &sv, upload, actor)?;
                     false
                 }

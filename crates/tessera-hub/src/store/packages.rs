@@ -262,13 +262,18 @@ impl HubStore {
                 return Err(e);
             }
             match stored {
-                Some((_, _, false)) => Ok(false),
+                Some((_, _, false)) => {
+                    // The same bytes again: a no-op, but one that brings back a missing blob.
+                    if !self.blobs.path_of(&digest).exists() {
+                        self.blobs.adopt_file(file, &digest)?;
+                    }
+                    Ok(false)
+                }
                 Some((v, _, true)) => {
+                    // The same bytes under a deleted version: live again, with the signer it
+                    // was first published with (the module's `owner` role is its signer).
                     self.blobs.adopt_file(file, &digest)?;
-                    tx.execute(
-                        "UPDATE packages SET deleted = 0, signer = ?3, signature = ?4 WHERE name = ?1 AND version = ?2",
-                        params![name, v, signature.map(|s| s.key.to_string()), signature.map(|s| s.sig.to_text())],
-                    )?;
+                    tx.execute("UPDATE packages SET deleted = 0 WHERE name = ?1 AND version = ?2", params![name, v])?;
                     Ok(true)
                 }
                 None => {
@@ -332,6 +337,8 @@ impl HubStore {
         let public = declared.public_part();
         let name = public.name.to_string();
         let version = public.version.clone();
+        // In-process callers publish as the package's signer; the API always passes the
+        // request's signer.
         let actor = actor.unwrap_or(&signature.key);
         let created = self.write(&name, Some(actor), |tx| {
             let stored = existing(tx, &name, &version)?;
@@ -340,8 +347,19 @@ impl HubStore {
             {
                 return Err(e);
             }
-            if stored.is_some() {
-                return Ok(false);
+            match stored {
+                Some((_, _, false)) => {
+                    if !self.blobs.path_of(&digest).exists() {
+                        self.blobs.adopt_file(file, &digest)?;
+                    }
+                    return Ok(false);
+                }
+                Some((v, _, true)) => {
+                    self.blobs.adopt_file(file, &digest)?;
+                    tx.execute("UPDATE packages SET deleted = 0 WHERE name = ?1 AND version = ?2", params![name, v])?;
+                    return Ok(true);
+                }
+                None => {}
             }
             self.blobs.adopt_file(file, &digest)?;
             insert_package(tx, &public, &digest, size, Some(signature), true, Some(&recipients))?;
