@@ -10,6 +10,7 @@ mod module;
 mod node;
 mod progress;
 mod quickstart;
+mod runs;
 mod scaffold;
 mod swarm;
 

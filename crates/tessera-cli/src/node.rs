@@ -22,6 +22,9 @@ pub struct RunArgs {
     /// node: tasks read it through the task context.
     #[arg(long = "dataset", value_name = "NAME=FILE")]
     dataset: Vec<String>,
+    /// A label swarm tasks select nodes by, `key=value` (repeatable), e.g. `region=eu`.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    label: Vec<String>,
     /// Where packages are cached (default: $TESSERA_HOME/nodes/<id>/cache).
     #[arg(long)]
     cache: Option<PathBuf>,
@@ -103,6 +106,18 @@ pub fn print_key(id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Parses `--label key=value` values.
+pub fn labels(items: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for item in items {
+        let (k, v) = item.split_once('=').ok_or_else(|| anyhow::anyhow!("--label {item:?}: expected KEY=VALUE"))?;
+        if out.insert(k.to_owned(), v.to_owned()).is_some() {
+            anyhow::bail!("--label {k} is given twice");
+        }
+    }
+    Ok(out)
+}
+
 /// Parses `--dataset name=FILE` values.
 pub fn datasets(items: &[String]) -> anyhow::Result<BTreeMap<String, PathBuf>> {
     Ok(crate::name_file_pairs(items, "dataset")?.into_iter().collect())
@@ -159,6 +174,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut cfg = NodeConfig::new(&id, cache);
     cfg.datasets = datasets(&args.dataset)?;
+    cfg.labels = labels(&args.label)?;
     cfg.policy = policy;
     cfg.identity = Some(identity.clone());
     cfg.endpoint = endpoint.clone();

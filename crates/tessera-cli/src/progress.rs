@@ -1,9 +1,10 @@
 //! Per-round progress of a session on the terminal.
 
 use indicatif::{ProgressBar, ProgressStyle};
-use tessera_coordinator::Observer;
+use tessera_coordinator::{IterationReport, Observer, StageReport};
 use tessera_core::registry::PackageRecord;
 use tessera_core::wire::{NodeRecord, RoundReport};
+use tessera_swarm::SwarmSpec;
 
 /// A progress bar, and one line per finished round (printed plainly when the output is not
 /// a terminal).
@@ -65,6 +66,45 @@ impl Observer for Progress {
             r.round,
             r.train_loss,
             count(r.contributed.len() as u64, what),
+            r.seconds * 1000.0
+        ));
+    }
+    fn swarm_started(&self, run: &str, spec: &SwarmSpec, done: u32) {
+        let resumed = if done > 0 { format!(", resumed after iteration {done}") } else { String::new() };
+        self.bar.set_length(u64::from(spec.iterations));
+        self.bar.set_position(u64::from(done));
+        self.line(format!(
+            "swarm {run}: up to {} of {}{resumed}",
+            count(u64::from(spec.iterations), "iteration"),
+            spec.stages().join(" -> ")
+        ));
+    }
+    fn stage_finished(&self, iteration: u32, s: &StageReport) {
+        self.bar.set_message(format!(
+            "iteration {iteration}: {} done on {}",
+            s.task,
+            count(s.succeeded.len() as u64, "node")
+        ));
+    }
+    fn iteration_finished(&self, r: &IterationReport) {
+        self.bar.inc(1);
+        let stages: Vec<String> = r
+            .stages
+            .iter()
+            .map(|s| {
+                let failed =
+                    if s.failures.is_empty() { String::new() } else { format!(", {} failed", s.failures.len()) };
+                format!("{} on {}{failed}", s.task, count(s.succeeded.len() as u64, "node"))
+            })
+            .collect();
+        let answer = match r.proceed {
+            Some(false) => "; the scheduler ends the run",
+            _ => "",
+        };
+        self.line(format!(
+            "iteration {:>2}  {}{answer}  ({:.0} ms)",
+            r.iteration,
+            stages.join(", "),
             r.seconds * 1000.0
         ));
     }

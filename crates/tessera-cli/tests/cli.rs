@@ -329,3 +329,40 @@ fn error_texts_read_once_and_say_what_to_do() {
     assert_eq!(err.matches("already exists").count(), 1, "{err}");
     once(&err);
 }
+
+#[test]
+fn bad_swarm_files_are_refused_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("w")).unwrap();
+    std::fs::write(d.join("w/module.yaml"), "name: t.w\nversion: 1.0.0\nkind: task\nruntime: python\nentry: w.py\n")
+        .unwrap();
+    std::fs::write(d.join("w/w.py"), "import tessera\nclass W(tessera.Task):\n    def run(self):\n        return 1\n")
+        .unwrap();
+    let head = "tasks:\n  w:\n    module: ./w\n  a:\n    module: ./w\n    method: any\n";
+    let cases = [
+        // (file body, what the error names)
+        (format!("{head}flow: [w -> a -> b]\n"), "line 7", "unknown task `b`"),
+        (format!("{head}flow: [w -> a, a -> w]\n"), "line 7", "cycle"),
+        (format!("{head}    maximum: 1.5\nflow: [w -> a]\n"), "line 7", "maximum"),
+        (
+            "tasks:\n  w:\n    module: t.w\n    versions: {1.0.0: 0.8, 1.1.0: 0.3}\nflow: [w]\n".to_string(),
+            "line 4",
+            "sum",
+        ),
+        (format!("{head}  s:\n    module: ./nothing-here\nflow: [w -> a -> s]\n"), "line 8", "no module folder"),
+        ("tasks:\n  w:\n    module: t.unknown@1.0.0\nflow: [w]\n".to_string(), "line 3", "t.unknown@1.0.0"),
+    ];
+    for (i, (body, line, what)) in cases.iter().enumerate() {
+        let file = d.join(format!("bad-{i}.yaml"));
+        std::fs::write(&file, body).unwrap();
+        // Nothing listens on port 9: a module the hub would give cannot be fetched.
+        let err = fails(
+            &["swarm", "run", file.to_str().unwrap(), "--embedded", "--node", "n0"],
+            d,
+            Some("http://127.0.0.1:9"),
+        );
+        assert!(err.contains(&format!("bad-{i}.yaml {line}")), "case {i}: {err}");
+        assert!(err.contains(what), "case {i}: {err}");
+    }
+}

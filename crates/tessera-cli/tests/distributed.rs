@@ -440,3 +440,79 @@ fn two_accounts_private_module_walkthrough() {
     let usage = person_ok(&env, "bob", &["usage", "--nats", &env.nats.url()]);
     assert!(usage.contains("node bob-node:") && usage.contains("tasks"), "{usage}");
 }
+
+/// The value after `prefix` on the first line that has it.
+fn after<'a>(lines: &'a [String], prefix: &str) -> &'a str {
+    lines.iter().find_map(|l| l.strip_prefix(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in {lines:#?}"))
+}
+
+/// Accuracy of a softmax model `{w: [10, 64], b: [10]}` on the held-out digits rows.
+fn test_accuracy(model: &[u8]) -> f64 {
+    use tessera_core::tensor::{TensorLimits, Tensors};
+    let (_, rows) = tessera_cluster::digits::split(4, 0.2, 42);
+    let t = Tensors::decode(model, TensorLimits::default()).unwrap();
+    let (w, b) = (&t.0["w"].data, &t.0["b"].data);
+    let f = tessera_cluster::digits::FEATURES;
+    let score = |x: &[f32], c: usize| b[c] + (0..f).map(|j| w[c * f + j] * x[j]).sum::<f32>();
+    let correct = (0..rows.len())
+        .filter(|&i| {
+            let x = &rows.x[i * f..(i + 1) * f];
+            (0..10).max_by(|&a, &c| score(x, a).total_cmp(&score(x, c))).unwrap() as i64 == rows.y[i]
+        })
+        .count();
+    correct as f64 / rows.len() as f64
+}
+
+#[test]
+fn the_python_manta_swarm_on_four_node_processes_matches_the_embedded_run() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::start();
+    for k in 0..4 {
+        env.node(k);
+    }
+    env.wait_for_nodes(4);
+    let swarm = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/swarms/manta-fl/swarm.py");
+    let swarm = swarm.to_str().unwrap();
+    let rx = env.coordinator_bare(&["swarm", "run", swarm]);
+    let lines = env.until(&rx, "time:");
+    assert!(env.wait_coordinator(), "{}", logs(env.dir.path()));
+    let ended = lines.iter().find(|l| l.contains("finished (its scheduler stopped it) after")).unwrap_or_else(|| {
+        panic!("the scheduler did not stop the run early: {lines:#?}");
+    });
+    let run = ended.strip_prefix("run ").unwrap().split(':').next().unwrap().to_owned();
+    let iterations: u32 = ended.rsplit("after ").next().unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    assert!(iterations < 30, "{ended}");
+    let model: tessera_core::Digest = after(&lines, "global model: ").parse().unwrap();
+    let bytes = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let b = tessera_nats::backend(&env.nats.url(), &tessera_nats::NatsOptions::default()).await.unwrap();
+        b.blobs.get(&model).await.unwrap().expect("the model is in the blob store")
+    });
+    let acc = test_accuracy(&bytes);
+    assert!(acc >= 0.90, "held-out accuracy {acc}");
+
+    // Operating the run: listed with its state, shown, its task logs per node.
+    let list = env.ok(&["swarm", "list"]);
+    assert!(list.lines().any(|l| l.starts_with(&run) && l.contains("swarm") && l.contains("scheduler")), "{list}");
+    let status = env.ok(&["swarm", "status", &run]);
+    assert!(status.contains(&format!("{iterations} of at most 30 iterations done")), "{status}");
+    let logs_out = env.ok(&["swarm", "logs", &run, "--iteration", "1", "--task", "worker"]);
+    let nodes: Vec<&str> = logs_out.lines().map(|l| l.split_whitespace().nth(2).unwrap()).collect();
+    assert_eq!(nodes, ["node-0]", "node-1]", "node-2]", "node-3]"], "{logs_out}");
+    assert!(logs_out.lines().all(|l| l.contains("INFO") && l.contains("held-out rows")), "{logs_out}");
+    let stop = env.run(&["swarm", "stop", &run]);
+    assert!(!stop.status.success(), "an ended run cannot be stopped");
+    let bad = env.run(&["swarm", "logs", "../../etc"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("run id"), "{}", String::from_utf8_lossy(&bad.stderr));
+
+    // The same swarm in one process gives the same model.
+    let mut args: Vec<String> = vec!["swarm".into(), "run".into(), swarm.into(), "--embedded".into()];
+    for k in 0..4 {
+        args.push("--node".into());
+        args.push(format!("node-{k}:digits={}", env.path(&format!("data/node-{k}/digits.safetensors"))));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let embedded = env.ok(&args);
+    let embedded: Vec<String> = embedded.lines().map(str::to_owned).collect();
+    assert_eq!(after(&embedded, "global model: "), model.to_string(), "{embedded:#?}");
+    assert!(embedded.iter().any(|l| l.contains(&format!("after {iterations} iterations"))), "{embedded:#?}");
+}

@@ -608,6 +608,11 @@ pub fn check_record(reference: &PackageRef, record: &PackageRecord) -> Result<()
             {
                 return Err(untrusted(format!("asked for {asked}@{v}, the hub answered with version {version}")));
             }
+            if let tessera_core::version::Selector::Range(req) = selector
+                && !req.matches(&version)
+            {
+                return Err(untrusted(format!("asked for {asked}@{req}, the hub answered with version {version}")));
+            }
         }
         PackageRef::Digest(d) => {
             if d != &record.digest {

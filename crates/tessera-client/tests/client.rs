@@ -86,3 +86,21 @@ async fn unreachable_and_bad_addresses() {
     assert!(matches!(e, ClientError::Transport { .. }), "{e}");
     assert!(e.to_string().contains("127.0.0.1:9"));
 }
+
+#[tokio::test]
+async fn version_ranges_resolve_to_the_highest_match_over_http() {
+    let (client, _store, dir) = serve().await;
+    for v in ["1.0.0", "1.2.0", "1.3.0-rc.1", "2.0.0"] {
+        client.publish(package(dir.path(), v, v)).await.unwrap();
+    }
+    let resolve = |r: &str| {
+        let client = client.clone();
+        let r: PackageRef = r.parse().unwrap();
+        async move { client.download(&r).await.map(|(rec, _)| rec.version) }
+    };
+    assert_eq!(resolve("demo.echo@^1").await.unwrap(), "1.2.0", "pre-releases only when asked for");
+    assert_eq!(resolve("demo.echo@>=1.0, <1.2").await.unwrap(), "1.0.0");
+    assert_eq!(resolve("demo.echo@>=1").await.unwrap(), "2.0.0");
+    let none = resolve("demo.echo@^3").await.unwrap_err();
+    assert!(none.to_string().contains("^3"), "{none}");
+}

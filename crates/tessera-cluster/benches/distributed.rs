@@ -107,6 +107,7 @@ async fn dispatch_rate(backend: Backend, dir: &std::path::Path) -> f64 {
                 inputs: vec![],
                 reply_to: reply_to.into(),
                 dispatch: dispatch.clone(),
+                world: None,
                 auth: None,
             };
             backend.bus.put(&task_queue(node), Bytes::from(wire::encode(&task))).await.unwrap();

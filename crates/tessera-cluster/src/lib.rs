@@ -186,6 +186,20 @@ impl Cluster {
         Ok(self.hub.publish(&packed.bytes, Some(packed.digest), None)?.record)
     }
 
+    /// Kills a node as a crash would: its serving stops at once (a task it runs is
+    /// dropped, its process killed), it sends no reply and no heartbeat, and it does not
+    /// withdraw its announcement, which expires after the membership's time-to-live.
+    /// False when no such node is serving.
+    pub fn kill_node(&mut self, id: &str) -> bool {
+        match self.nodes.iter().position(|n| n.id() == id) {
+            Some(i) if !self.serving[i].is_finished() => {
+                self.serving[i].abort();
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Stops the nodes (they withdraw their announcements) and waits for them.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);

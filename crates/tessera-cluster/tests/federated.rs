@@ -123,6 +123,8 @@ async fn register_silent_node(cluster: &Cluster, id: &str) {
         task_queue: tessera_node::task_queue(id),
         key: None,
         endpoint: None,
+        labels: Default::default(),
+        libraries: Vec::new(),
     };
     cluster.backend.members.announce(id, bytes::Bytes::from(tessera_core::wire::encode(&record))).await.unwrap();
 }

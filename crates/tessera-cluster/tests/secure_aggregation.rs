@@ -42,6 +42,9 @@ impl WorldState for DropsBeforeMasking {
     async fn select_results(&self, key: &str, node: Option<&str>) -> Result<Vec<ResultEntry>, WorldError> {
         self.0.select_results(key, node).await
     }
+    async fn clear_results(&self, prefix: &str) -> Result<usize, WorldError> {
+        self.0.clear_results(prefix).await
+    }
 }
 
 fn drops(inner: Arc<dyn WorldState>) -> Arc<dyn WorldState> {

@@ -1,20 +1,36 @@
-//! Tessera's coordinator: runs federated learning sessions.
+//! Tessera's coordinator: runs federated learning sessions and swarms of user-written
+//! tasks on one engine.
 //!
-//! A session picks participants each round among the registered nodes that hold the
-//! session's dataset, sends each a task (the worker package by digest, the global model as
-//! a blob), waits for replies until everyone answered or the round's time-out, aggregates
-//! the updates with FedAvg weighted by example counts, evaluates the new global model on
-//! the coordinator's held-out data, and records the session's state in world state after
-//! every round. Model parameters travel as safetensors blobs; only digests travel on the
-//! bus.
+//! A run is a loop of iterations ([`engine`]). A federated session's iteration is a
+//! round: participants picked by the strategy among the nodes holding the dataset train
+//! the global model, the built-in strategy aggregates (with differential privacy, secure or
+//! hierarchical aggregation when asked), the coordinator evaluates, and the round limit is
+//! the scheduler ([`fl`]). A swarm's iteration runs its flow of stages, each a module
+//! placed on nodes by its task's method and the module's `needs`, and its scheduler's
+//! answer ends the run ([`swarm`]). Both dispatch and collect through the same code, keep
+//! their state at `sessions/<id>` after every iteration, and can be listed, stopped and
+//! resumed alike ([`state`]). Model parameters and outputs travel as blobs; only digests
+//! travel on the bus.
 //!
 //! The coordinator is written against the ports (bus, world state, blob store, package
 //! source): the same code runs embedded and distributed. It does not know HTTP, SQLite,
-//! NATS or wasmtime.
+//! NATS or wasmtime, and it does not parse swarm specs (`tessera-swarm` does).
 
-mod session;
+mod config;
+mod dispatch;
+mod engine;
+mod error;
+mod fl;
+mod hierarchy;
+pub mod logs;
+mod placement;
+mod secure;
+pub mod state;
+pub mod swarm;
 
-pub use session::{
-    Coordinator, DpConfig, DpSide, Hierarchy, Observer, Quiet, Region, SecAggSettings, SessionConfig, SessionError,
-    SessionResult, SessionState, StrategySpec, new_session_id, reply_queue, state_key,
-};
+pub use config::{DpConfig, DpSide, Hierarchy, Region, SecAggSettings, SessionConfig, StrategySpec, SwarmFile};
+pub use dispatch::reply_queue;
+pub use engine::{Coordinator, Observer, Quiet};
+pub use error::SessionError;
+pub use state::{Ending, RunRecord, SessionResult, SessionState, new_session_id, state_key, stop_key};
+pub use swarm::{IterationReport, StageReport, SwarmResult, SwarmState};

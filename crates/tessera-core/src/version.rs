@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-pub use semver::{BuildMetadata, Prerelease, Version};
+pub use semver::{BuildMetadata, Prerelease, Version, VersionReq};
 
 use crate::name::{NameError, check_ident};
 use crate::{Digest, ModulePath};
@@ -20,6 +20,10 @@ pub enum Selector {
     Exact(Version),
     /// An alias (`latest`, or one set by the owner, e.g. `stable`).
     Alias(String),
+    /// A range (`^1.2`, `~1.2.3`, `>=1.0, <2.0`): the highest published version in it,
+    /// with Cargo's reading of semver requirements (pre-releases only when the range names
+    /// one of the same `major.minor.patch`).
+    Range(VersionReq),
 }
 
 impl fmt::Display for Selector {
@@ -27,6 +31,7 @@ impl fmt::Display for Selector {
         match self {
             Selector::Exact(v) => write!(f, "{v}"),
             Selector::Alias(a) => f.write_str(a),
+            Selector::Range(r) => write!(f, "{r}"),
         }
     }
 }
@@ -38,6 +43,14 @@ impl FromStr for Selector {
             return Version::parse(s)
                 .map(Selector::Exact)
                 .map_err(|e| RefError::Version(s.chars().take(80).collect(), e.to_string()));
+        }
+        if s.starts_with(['^', '~', '=', '>', '<', '*']) {
+            if s.len() > 200 {
+                return Err(RefError::Range(s.chars().take(80).collect(), "it is longer than 200 characters".into()));
+            }
+            return VersionReq::parse(s)
+                .map(Selector::Range)
+                .map_err(|e| RefError::Range(s.chars().take(80).collect(), e.to_string()));
         }
         check_alias(s)?;
         Ok(Selector::Alias(s.to_owned()))
@@ -76,6 +89,9 @@ pub enum RefError {
     /// The version part is not semver.
     #[error("invalid version {0:?}: {1} (versions are semver, e.g. 0.1.0)")]
     Version(String, String),
+    /// The range part is not a semver requirement.
+    #[error("invalid version range {0:?}: {1} (ranges are semver requirements, e.g. ^1.2 or >=1.0, <2.0)")]
+    Range(String, String),
     /// The alias part is not an identifier.
     #[error("invalid alias {0:?}: an alias starts with a letter")]
     Alias(String),
@@ -123,6 +139,11 @@ pub fn latest<'a>(versions: impl IntoIterator<Item = &'a Version>) -> Option<&'a
     best_release.or(best_any)
 }
 
+/// The highest of `versions` in `range` (Cargo's semver matching).
+pub fn highest_in<'a>(range: &VersionReq, versions: impl IntoIterator<Item = &'a Version>) -> Option<&'a Version> {
+    versions.into_iter().filter(|v| range.matches(v)).max()
+}
+
 /// True when `a` and `b` are one version: equal but for build metadata, which semver 2.0
 /// (§10) leaves out of precedence (`1.0.0+a` is `1.0.0`).
 pub fn same_version(a: &Version, b: &Version) -> bool {
@@ -142,6 +163,21 @@ pub fn next_patch(latest: Option<&Version>) -> Option<Version> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_pick_the_highest_version_in_them() {
+        let r: PackageRef = "fl.softmax.worker@^1.2".parse().unwrap();
+        let PackageRef::Named { selector: Selector::Range(req), .. } = &r else { panic!("{r:?}") };
+        assert_eq!(r.to_string(), "fl.softmax.worker@^1.2");
+        let vs: Vec<Version> =
+            ["1.1.0", "1.2.0", "1.9.3", "2.0.0", "1.10.0-rc.1"].iter().map(|v| Version::parse(v).unwrap()).collect();
+        assert_eq!(highest_in(req, &vs).unwrap().to_string(), "1.9.3");
+        let r: Selector = ">=1.0, <1.5".parse().unwrap();
+        let Selector::Range(req) = r else { panic!() };
+        assert_eq!(highest_in(&req, &vs).unwrap().to_string(), "1.2.0");
+        assert!(matches!("x@^".parse::<PackageRef>(), Err(RefError::Range(..))));
+        assert!(matches!(format!("x@>{}", "1".repeat(300)).parse::<PackageRef>(), Err(RefError::Range(..))));
+    }
 
     #[test]
     fn parses_references() {

@@ -91,10 +91,30 @@ pub struct TaskMessage {
     /// (which the bus would drop as duplicates).
     #[serde(default)]
     pub dispatch: String,
+    /// The swarm iteration's world state the task sees, for tasks of user-written swarms
+    /// (none for federated rounds and calls).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world: Option<WorldScope>,
     /// The sender's signature envelope over this message without this field (method
     /// `TASK`, path the node's task queue, audience the node's key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<String>,
+}
+
+/// The part of a run's world state one swarm task sees: the globals and results of one
+/// attempt at one iteration, `runs/<session>/<scope>/globals/<key>` and
+/// `runs/<session>/<scope>/results/<key>`. The coordinator copies the globals of the last
+/// completed iteration into a new scope before the iteration's first stage, so a task reads
+/// what the previous iteration left, and an iteration started again after a crash starts
+/// from the same globals.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorldScope {
+    /// The scope: `i<iteration>.a<attempt>`.
+    pub scope: String,
+    /// When given, the only nodes whose results `select` returns; every node's when absent
+    /// (the coordinator merges results only from tasks that succeeded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<Vec<String>>,
 }
 
 /// What a node answers.
@@ -172,6 +192,13 @@ pub struct NodeRecord {
     /// actors are forwarded there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// Labels its operator gave it (`zone: eu`), which swarm tasks select nodes by.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The libraries its runtimes offer, `name==version` (Python distributions for the
+    /// `python` runtime), which modules' `needs.libraries` are matched against.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub libraries: Vec<String>,
 }
 
 /// The metrics a worker reports in its `metrics` output.
@@ -289,6 +316,10 @@ pub struct Lineage {
     pub rounds: u32,
     /// Per-round metrics.
     pub metrics: Vec<RoundReport>,
+    /// Which node ran which module version for each task of a swarm: node -> task ->
+    /// `name@version` (empty for federated sessions, whose `modules` say it).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub placements: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// A package used by a run.
@@ -452,6 +483,7 @@ mod tests {
             inputs: vec![BlobRef { name: "model".into(), digest: Digest::of(b"w"), size: 1 }],
             reply_to: "tessera.session.s1.replies".into(),
             dispatch: "d1".into(),
+            world: None,
             auth: None,
         }
     }

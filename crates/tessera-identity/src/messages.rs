@@ -79,6 +79,7 @@ mod tests {
             inputs: vec![],
             reply_to: "q.replies".into(),
             dispatch: "d".into(),
+            world: None,
             auth: None,
         }
     }

@@ -146,4 +146,23 @@ impl WorldState for NatsWorld {
         out.sort_by_key(|r| r.sequence);
         Ok(out)
     }
+
+    async fn clear_results(&self, prefix: &str) -> Result<usize, WorldError> {
+        let keys: Vec<String> = self
+            .results
+            .keys()
+            .await
+            .map_err(backend)?
+            .try_filter(|k| futures::future::ready(k.starts_with(prefix)))
+            .try_collect()
+            .await
+            .map_err(backend)?;
+        let mut n = 0;
+        for k in keys {
+            // Purged, not only deleted: nothing of it stays in the stream.
+            self.results.purge(k.as_str()).await.map_err(backend)?;
+            n += 1;
+        }
+        Ok(n)
+    }
 }

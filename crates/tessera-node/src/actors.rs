@@ -406,6 +406,8 @@ impl Actors {
             datasets: self.node.datasets(),
             resources: self.node.record().resources,
             world: self.node.world(),
+            scope: None,
+            logs: None,
         });
         let runtime = self.node.runtime(actor.image.manifest.runtime)?;
         let mut inst: Box<dyn Instance> = match runtime.start(&actor.image, ctx.clone()).await? {

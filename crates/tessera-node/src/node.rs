@@ -43,6 +43,8 @@ pub struct NodeConfig {
     pub identity: Option<Arc<KeyPair>>,
     /// Where the node's HTTP gateway listens, announced so other nodes forward calls.
     pub endpoint: Option<String>,
+    /// Labels announced with the node (`zone: eu`), which swarm tasks select nodes by.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl NodeConfig {
@@ -57,6 +59,7 @@ impl NodeConfig {
             policy: NodePolicy::open(),
             identity: None,
             endpoint: None,
+            labels: BTreeMap::new(),
         }
     }
     /// Declares a dataset.
@@ -100,6 +103,14 @@ pub enum NodeError {
     Refused(String),
 }
 
+/// Where a run's world state and log go.
+struct Scope<'a> {
+    session: &'a str,
+    task: &'a str,
+    world: Option<tessera_core::wire::WorldScope>,
+    logs: Option<Arc<crate::context::TaskLog>>,
+}
+
 /// How many answered tasks a node remembers, so a redelivered task is answered again
 /// without running twice.
 const REPLY_MEMORY: usize = 1024;
@@ -121,6 +132,8 @@ pub struct Node {
     trusted: Mutex<HashSet<Digest>>,
     usage: Mutex<BTreeMap<String, Usage>>,
     endpoint: Option<String>,
+    labels: BTreeMap<String, String>,
+    libraries: Vec<String>,
 }
 
 /// What one account has used on a node.
@@ -163,7 +176,14 @@ impl Node {
                 return Err(NodeError::Config(format!("dataset {name}: {} is not a readable file", path.display())));
             }
         }
+        for (k, v) in &config.labels {
+            check_ident("label name", k).map_err(|e| NodeError::Config(e.to_string()))?;
+            check_ident("label value", v).map_err(|e| NodeError::Config(format!("label {k}: {e}")))?;
+        }
         let cache = PackageCache::open(&config.cache_dir, config.package_limits.clone())?;
+        let mut libraries: Vec<String> = runtimes.iter().flat_map(|r| r.libraries()).collect();
+        libraries.sort();
+        libraries.dedup();
         let resources = config.resources.clone().unwrap_or_else(|| crate::resources::detect(&config.cache_dir));
         Ok(Node {
             id: config.id,
@@ -185,6 +205,8 @@ impl Node {
             trusted: Mutex::new(HashSet::new()),
             usage: Mutex::new(BTreeMap::new()),
             endpoint: config.endpoint,
+            labels: config.labels,
+            libraries,
         })
     }
 
@@ -249,6 +271,8 @@ impl Node {
             task_queue: self.task_queue(),
             key: self.identity.as_ref().map(|k| k.public().to_string()),
             endpoint: self.endpoint.clone(),
+            labels: self.labels.clone(),
+            libraries: self.libraries.clone(),
         }
     }
 
@@ -449,7 +473,8 @@ impl Node {
         task: &str,
     ) -> Result<Outputs, NodeError> {
         let image = self.module(digest).await?;
-        self.run_image(&image, self.datasets.clone(), config, inputs, session, task).await
+        self.run_image(&image, self.datasets.clone(), config, inputs, Scope { session, task, world: None, logs: None })
+            .await
     }
 
     async fn run_image(
@@ -458,9 +483,9 @@ impl Node {
         datasets: Arc<BTreeMap<String, PathBuf>>,
         config: &Value,
         inputs: Vec<(String, Bytes)>,
-        session: &str,
-        task: &str,
+        scope: Scope<'_>,
     ) -> Result<Outputs, NodeError> {
+        let Scope { session, task, world, logs } = scope;
         let kind = image.manifest.runtime;
         let runtime = self.runtimes.get(&kind).ok_or(RuntimeError::Unsupported(kind))?;
         let mut merged = image.manifest.config.clone();
@@ -472,6 +497,8 @@ impl Node {
             datasets,
             resources: self.resources.clone(),
             world: self.backend.world.clone(),
+            scope: world,
+            logs,
         });
         Ok(runtime.run(image, Invocation { config: merged, inputs, timeout: None }, ctx).await?)
     }
@@ -561,8 +588,13 @@ impl Node {
             inputs.push((r.name.clone(), bytes));
         }
         let base = inputs.iter().find(|(n, _)| n == "model").map(|(_, b)| b.clone());
-        let outputs =
-            self.run_image(&image, Arc::new(datasets), &task.config, inputs, &task.session, &task.task_id).await;
+        let logs = crate::context::TaskLog::new(&task.session, &task.task_id, self.backend.world.clone());
+        let scope =
+            Scope { session: &task.session, task: &task.task_id, world: task.world.clone(), logs: logs.clone() };
+        let outputs = self.run_image(&image, Arc::new(datasets), &task.config, inputs, scope).await;
+        if let Some(l) = &logs {
+            l.flush().await;
+        }
         // Client-side differential privacy: the update is clipped here, before it leaves.
         let outputs = match (outputs, task.config.get("dp_clipping_norm").and_then(|v| v.as_f64())) {
             (Ok(out), Some(clip)) => clip_model_output(out, base.as_deref(), clip),
@@ -605,7 +637,9 @@ impl Node {
         let queue = self.task_queue();
         self.register().await?;
         tracing::info!(node = %self.id, %queue, "node serving");
-        let heartbeat = tokio::spawn(self.clone().heartbeat(shutdown.clone()));
+        // Dropped with this future: a node whose serving was dropped (killed) stops
+        // announcing itself, and its announcement expires.
+        let heartbeat = AbortOnDrop(tokio::spawn(self.clone().heartbeat(shutdown.clone())));
         loop {
             if *shutdown.borrow() {
                 break;
@@ -625,7 +659,7 @@ impl Node {
             };
             self.handle(delivery, &queue, &mut shutdown).await;
         }
-        heartbeat.abort();
+        drop(heartbeat);
         if let Err(e) = self.deregister().await {
             tracing::warn!(node = %self.id, "could not withdraw the node's announcement: {e}");
         }
@@ -749,4 +783,13 @@ pub async fn list_nodes(members: &dyn Membership) -> Result<Vec<NodeRecord>, Wor
         }
     }
     Ok(out)
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

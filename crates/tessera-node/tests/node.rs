@@ -147,6 +147,7 @@ impl Setup {
             inputs: vec![],
             reply_to: "test.replies".into(),
             dispatch: "d1".into(),
+            world: None,
             auth: None,
         }
         .with_node(node)

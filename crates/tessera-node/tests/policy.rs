@@ -90,6 +90,7 @@ fn task(id: &str, module: Digest, config: serde_json::Value) -> TaskMessage {
         inputs: vec![],
         reply_to: "replies".into(),
         dispatch: "d1".into(),
+        world: None,
         auth: None,
     }
 }

@@ -156,6 +156,13 @@ pub async fn world_behaviour(world: &dyn WorldState) {
     assert_eq!(a.len(), 2);
     assert!(a.iter().all(|r| r.node == "node-a"));
     assert!(world.select_results("conf/none", None).await.unwrap().is_empty());
+    world.add_result("conf/metricsx", "node-a", Bytes::from_static(b"x")).await.unwrap();
+    world.add_result("conf/other", "node-a", Bytes::from_static(b"o")).await.unwrap();
+    assert_eq!(world.clear_results("conf/metrics").await.unwrap(), 4);
+    assert!(world.select_results("conf/metrics", None).await.unwrap().is_empty());
+    assert!(world.select_results("conf/metricsx", None).await.unwrap().is_empty());
+    assert_eq!(world.select_results("conf/other", None).await.unwrap().len(), 1, "other prefixes stay");
+    assert_eq!(world.clear_results("conf/metrics").await.unwrap(), 0);
 
     for bad in ["", "a b", "/a", "a/", "a..b", "a*"] {
         assert!(matches!(world.put(bad, Bytes::new()).await, Err(WorldError::Key(_))), "{bad:?}");

@@ -151,6 +151,12 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> Result<Option<Box<dyn Instance>>, RuntimeError> {
         Ok(None)
     }
+    /// The libraries this runtime offers modules, `name==version` (for the `python`
+    /// runtime, the interpreter's installed distributions); matched against modules'
+    /// `needs.libraries` when tasks are placed. Called once, when a node starts.
+    fn libraries(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A started module: one replica of an actor. Calls run one at a time.

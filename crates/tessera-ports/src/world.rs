@@ -81,6 +81,9 @@ pub trait WorldState: Send + Sync + 'static {
     async fn add_result(&self, key: &str, node: &str, value: Bytes) -> Result<(), WorldError>;
     /// Results under `key` in arrival order, from every node or only `node`.
     async fn select_results(&self, key: &str, node: Option<&str>) -> Result<Vec<ResultEntry>, WorldError>;
+    /// Deletes every result whose key starts with `prefix` (what a finished iteration
+    /// left); returns how many there were.
+    async fn clear_results(&self, prefix: &str) -> Result<usize, WorldError>;
 }
 
 /// Checks a world key.
@@ -184,5 +187,15 @@ impl WorldState for MemoryWorld {
             .get(key)
             .map(|v| v.iter().filter(|r| node.is_none_or(|n| r.node == n)).cloned().collect())
             .unwrap_or_default())
+    }
+
+    async fn clear_results(&self, prefix: &str) -> Result<usize, WorldError> {
+        let mut g = self.lock();
+        let doomed: Vec<String> = g.results.keys().filter(|k| k.starts_with(prefix)).cloned().collect();
+        let mut n = 0;
+        for k in doomed {
+            n += g.results.remove(&k).map_or(0, |v| v.len());
+        }
+        Ok(n)
     }
 }

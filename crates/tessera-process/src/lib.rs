@@ -38,7 +38,7 @@ use tokio::process::Command;
 
 pub use frame::{BlobKind, FrameError, PROTOCOL_VERSION};
 pub use instance::ProcessInstance;
-pub use sdk::{SDK_FILES, SdkError, sdk_version};
+pub use sdk::{SDK_FILES, SdkError, cached_sdk, sdk_version};
 
 /// Limits applied to every child.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,6 +75,8 @@ enum Mode {
 pub struct ProcessRuntime {
     mode: Mode,
     limits: ProcessLimits,
+    /// The interpreter's libraries, listed once.
+    libraries: std::sync::OnceLock<Vec<String>>,
 }
 
 /// The function a call's config names (`config.function`, else `"run"`).
@@ -82,12 +84,70 @@ pub(crate) fn function_of(config: &Value) -> String {
     config.get("function").and_then(Value::as_str).unwrap_or("run").to_owned()
 }
 
+/// The Python interpreter modules run with: `TESSERA_PYTHON` (a relative path with a
+/// directory in it is taken from the current directory), else `python3` on the `PATH`.
+pub fn default_interpreter() -> PathBuf {
+    std::env::var_os("TESSERA_PYTHON")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .map(|p| {
+            if p.is_relative() && p.components().count() > 1 {
+                std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p)
+            } else {
+                p
+            }
+        })
+        .unwrap_or_else(|| PathBuf::from("python3"))
+}
+
+/// The distributions installed for `interpreter`, `name==version` with names normalised
+/// as PEP 503 says (lower case, runs of `-_.` as one `-`); empty when the interpreter does
+/// not start (the node then offers no libraries, and modules that need some are not placed
+/// on it).
+pub fn python_libraries(interpreter: &Path) -> Vec<String> {
+    const LIST: &str = "import importlib.metadata as m\nfor d in m.distributions():\n    n = d.metadata['Name']\n    if n: print(n + '==' + d.version)\n";
+    let out = std::process::Command::new(interpreter)
+        .args(["-I", "-c", LIST])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output();
+    let Ok(out) = out.inspect_err(|e| tracing::warn!("listing {}'s libraries: {e}", interpreter.display())) else {
+        return Vec::new();
+    };
+    let mut libs: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (name, version) = l.split_once("==")?;
+            Some(format!("{}=={}", normalize_distribution(name), version.trim()))
+        })
+        .collect();
+    libs.sort();
+    libs.dedup();
+    libs
+}
+
+/// A distribution name as PEP 503 normalises it: lower case, runs of `-`, `_` and `.` as
+/// one `-`.
+pub fn normalize_distribution(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.trim().chars() {
+        if matches!(c, '-' | '_' | '.') {
+            if !out.ends_with('-') {
+                out.push('-');
+            }
+        } else {
+            out.push(c.to_ascii_lowercase());
+        }
+    }
+    out
+}
+
 impl ProcessRuntime {
     /// The `python` runtime: runs `interpreter -u -m tessera.host <entry>` with `sdk_dir`
     /// (a folder holding the `tessera` package, see [`ProcessRuntime::write_sdk`]) first
     /// on `PYTHONPATH`.
     pub fn python(interpreter: PathBuf, sdk_dir: PathBuf, limits: ProcessLimits) -> Self {
-        ProcessRuntime { mode: Mode::Python { interpreter, sdk_dir }, limits }
+        ProcessRuntime { mode: Mode::Python { interpreter, sdk_dir }, limits, libraries: Default::default() }
     }
 
     /// The `python` runtime with the interpreter from `TESSERA_PYTHON` (else `python3` on
@@ -96,24 +156,13 @@ impl ProcessRuntime {
     /// it (`target/venv/bin/python`) is taken from the current directory (module processes
     /// run in their module's folder); a bare name is looked up on the `PATH`.
     pub fn python_default(cache_dir: &Path, limits: ProcessLimits) -> Result<Self, SdkError> {
-        let interpreter = std::env::var_os("TESSERA_PYTHON")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .map(|p| {
-                if p.is_relative() && p.components().count() > 1 {
-                    std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p)
-                } else {
-                    p
-                }
-            })
-            .unwrap_or_else(|| PathBuf::from("python3"));
         let sdk_dir = sdk::cached_sdk(cache_dir)?;
-        Ok(Self::python(interpreter, sdk_dir, limits))
+        Ok(Self::python(default_interpreter(), sdk_dir, limits))
     }
 
     /// The `process` runtime: runs the module's entry file, which must be executable.
     pub fn process(limits: ProcessLimits) -> Self {
-        ProcessRuntime { mode: Mode::Process, limits }
+        ProcessRuntime { mode: Mode::Process, limits, libraries: Default::default() }
     }
 
     /// Writes the embedded Python SDK under `dir` (as `dir/tessera/*.py`): `dir` is then a
@@ -259,6 +308,13 @@ impl Runtime for ProcessRuntime {
         match self.mode {
             Mode::Python { .. } => RuntimeKind::Python,
             Mode::Process => RuntimeKind::Process,
+        }
+    }
+
+    fn libraries(&self) -> Vec<String> {
+        match &self.mode {
+            Mode::Python { interpreter, .. } => self.libraries.get_or_init(|| python_libraries(interpreter)).clone(),
+            Mode::Process => Vec::new(),
         }
     }
 

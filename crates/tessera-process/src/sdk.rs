@@ -11,6 +11,7 @@ pub const SDK_FILES: &[(&str, &str)] = &[
     ("tessera/host.py", include_str!("../../../sdk/python/tessera/host.py")),
     ("tessera/protocol.py", include_str!("../../../sdk/python/tessera/protocol.py")),
     ("tessera/safetensors.py", include_str!("../../../sdk/python/tessera/safetensors.py")),
+    ("tessera/swarm.py", include_str!("../../../sdk/python/tessera/swarm.py")),
     ("tessera/task.py", include_str!("../../../sdk/python/tessera/task.py")),
 ];
 

@@ -22,7 +22,7 @@ import typing
 from . import protocol
 from . import safetensors
 from . import task as _task
-from .task import Blobs, ContextError, Task, json_default
+from .task import Blobs, ContextError, Inputs, Task, json_default
 
 HOOKS = ("save_state", "restore_state")
 RESERVED = frozenset(("setup",) + HOOKS)
@@ -335,19 +335,20 @@ class Host:
         if function in HOOKS:
             if function not in self.hooks:
                 raise self._unknown(function)
-            inst.inputs = {}
+            inst.inputs = Inputs()
             self._setup()
             return self._hook(function, raw)
 
         attr = self.functions.get(function)
         if attr is None:
             raise self._unknown(function)
-        inputs = {}
+        pairs = []
         for spec, blob in zip(specs, blobs):
             try:
-                inputs[spec["name"]] = decode_input(spec.get("kind", "bytes"), blob)
+                pairs.append((spec["name"], decode_input(spec.get("kind", "bytes"), blob)))
             except Exception as e:
                 raise CallFailure("exception", "cannot decode input %r: %s" % (spec["name"], _describe(e)))
+        inputs = Inputs(pairs)
         inst.inputs = inputs
         method = getattr(inst, attr)
         try:

@@ -81,6 +81,42 @@ def json_default(o):
     raise TypeError("%s is not JSON-serializable" % type(o).__name__)
 
 
+class Inputs(dict):
+    """A call's inputs by name.
+
+    In a swarm, the outputs of the stages feeding a task arrive named `<output>@<node>`
+    (the node that produced them), decoded as they were returned (JSON values as values,
+    safetensors as arrays, other bytes as bytes). `inputs["model"]` is then the `model` output when
+    exactly one node sent one; `inputs.select("model")` gives every node's, as
+    [(node, value)] sorted by node, as `world.results.select` does.
+    """
+
+    def __init__(self, pairs=()):
+        super().__init__()
+        self._by_node = {}
+        for name, value in pairs:
+            base, sep, node = name.rpartition("@")
+            if sep and base and node:
+                # What an earlier stage returned: JSON values come back as values.
+                if isinstance(value, (bytes, bytearray)):
+                    value = decode_value(value)
+                self._by_node.setdefault(base, []).append((node, value))
+            dict.__setitem__(self, name, value)
+        for base, items in self._by_node.items():
+            items.sort(key=lambda p: p[0])
+            if len(items) == 1 and base not in self:
+                dict.__setitem__(self, base, items[0][1])
+
+    def select(self, name):
+        """Every node's input `name`, as [(node, value)] sorted by node (a plain input
+        gives [(None, value)])."""
+        if name in self._by_node:
+            return list(self._by_node[name])
+        if name in self:
+            return [(None, self[name])]
+        return []
+
+
 class Dataset:
     """A dataset of the node, read-only. Read it in chunks; it may be large."""
 
@@ -262,5 +298,5 @@ class Task:
         self.log = Log()
         # The current call's config and decoded inputs.
         self.config = {}
-        self.inputs = {}
+        self.inputs = Inputs()
         return self

@@ -434,6 +434,13 @@ impl HubStore {
                 best.and_then(|v| versions.into_iter().find(|r| r.manifest.version == v))
                     .ok_or_else(|| HubError::NotFound(format!("{name} has no published versions")))
             }
+            Selector::Range(req) => {
+                let versions = self.versions(name)?;
+                let best =
+                    tessera_core::version::highest_in(req, versions.iter().map(|r| &r.manifest.version)).cloned();
+                best.and_then(|v| versions.into_iter().find(|r| r.manifest.version == v))
+                    .ok_or_else(|| HubError::NotFound(format!("{name} has no published version in {req}")))
+            }
             Selector::Alias(a) => {
                 let db = self.db();
                 let v: Option<String> = db

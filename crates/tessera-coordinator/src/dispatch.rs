@@ -1,0 +1,211 @@
+//! Dispatch and collection: tasks out to the nodes' queues, replies back from the run's
+//! reply queue, with the faults a distributed run meets: nodes that leave while a stage
+//! waits for them, replies that never come, duplicates, strays from other rounds or runs,
+//! and replies not signed by the node they claim. Every federated round, evaluation,
+//! region aggregation and swarm stage goes through [`Coordinator::send_and_collect`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::Value;
+use tessera_core::Digest;
+use tessera_core::wire::{self, BlobRef, SCHEMA_VERSION, TaskMessage, TaskReply, WorldScope};
+use tessera_identity::{PublicKey, Verifier, messages, now_ms};
+use tessera_node::{list_nodes, task_queue};
+
+use crate::SessionError;
+use crate::engine::Coordinator;
+use crate::placement::Workers;
+
+/// What a round's wait collected.
+pub(crate) struct Replies {
+    /// Replies by participant.
+    pub(crate) replies: BTreeMap<String, TaskReply>,
+    /// Participants whose node left while the round waited for them.
+    pub(crate) gone: BTreeSet<String>,
+}
+
+/// A participant: a node, or (simulating) one of a node's virtual clients `<node>.c<j>`.
+pub(crate) fn participant_node(participant: &str) -> &str {
+    participant.rsplit_once(".c").filter(|(_, j)| j.parse::<usize>().is_ok()).map_or(participant, |(n, _)| n)
+}
+
+/// One task to send.
+pub(crate) struct Outgoing {
+    /// Who answers it (a node, or a simulated client of one); replies are keyed by it.
+    pub participant: String,
+    /// Unique per attempt and target.
+    pub task_id: String,
+    /// The package to run.
+    pub module: Digest,
+    /// Its config.
+    pub config: Value,
+    /// Its inputs.
+    pub inputs: Vec<BlobRef>,
+    /// The swarm iteration's world state it sees.
+    pub world: Option<WorldScope>,
+}
+
+/// The queue a session's replies come back on.
+pub fn reply_queue(id: &str) -> String {
+    format!("tessera.session.{id}.replies")
+}
+
+impl Coordinator {
+    /// Sends one task per participant of a federated round (task ids
+    /// `<id>.r<round><attempt>.<participant>`) and collects the replies.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn dispatch(
+        &self,
+        id: &str,
+        round: u32,
+        participants: &[String],
+        attempt: &str,
+        workers: &Workers,
+        config_for: impl Fn(usize, &str) -> Value,
+        inputs_for: impl Fn(usize, &str) -> Vec<BlobRef>,
+        timeout: Duration,
+    ) -> Result<Replies, SessionError> {
+        let tasks = participants
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Outgoing {
+                participant: p.clone(),
+                task_id: format!("{id}.r{round}{attempt}.{p}"),
+                module: workers.for_node(participant_node(p)).digest,
+                config: config_for(i, p),
+                inputs: inputs_for(i, p),
+                world: None,
+            })
+            .collect();
+        self.send_and_collect(id, round, tasks, timeout).await
+    }
+
+    /// Sends `tasks` and collects replies until all answered, `timeout` passed, or the
+    /// nodes still pending left (their announcement lapsed). Replies are matched by task
+    /// id: duplicates, strays from other rounds and malformed messages are logged and
+    /// dropped. Ends with [`SessionError::Stopped`] when the run is asked to stop.
+    pub(crate) async fn send_and_collect(
+        &self,
+        id: &str,
+        round: u32,
+        tasks: Vec<Outgoing>,
+        timeout: Duration,
+    ) -> Result<Replies, SessionError> {
+        let reply_to = reply_queue(id);
+        let mut pending: BTreeMap<String, String> = BTreeMap::new();
+        // The keys nodes announced: tasks are signed for them, replies checked against them.
+        let node_keys: BTreeMap<String, PublicKey> = match &self.identity {
+            None => BTreeMap::new(),
+            Some(_) => self
+                .retry("listing nodes", || list_nodes(self.backend.members.as_ref()))
+                .await?
+                .into_iter()
+                .filter_map(|n| Some((n.id.clone(), n.key.as_deref()?.parse().ok()?)))
+                .collect(),
+        };
+        let reply_verifier = self
+            .identity
+            .as_ref()
+            .map(|k| Verifier::new(k.public().clone()).with_window_ms(3_600_000).without_replay_check());
+        for t in tasks {
+            let node = participant_node(&t.participant).to_owned();
+            let mut task = TaskMessage {
+                schema: SCHEMA_VERSION,
+                task_id: t.task_id.clone(),
+                session: id.to_owned(),
+                round,
+                module: t.module,
+                config: t.config,
+                inputs: t.inputs,
+                reply_to: reply_to.clone(),
+                dispatch: self.dispatch.clone(),
+                world: t.world,
+                auth: None,
+            };
+            let queue = task_queue(&node);
+            if let (Some(key), Some(node_key)) = (&self.identity, node_keys.get(&node)) {
+                messages::sign_task(&mut task, key, node_key, &queue, now_ms());
+            }
+            let bytes = Bytes::from(wire::encode(&task));
+            let msg_id = format!("{}.{}", t.task_id, self.dispatch);
+            self.retry("sending a task", || self.backend.bus.put_once(&queue, &msg_id, bytes.clone())).await?;
+            pending.insert(t.task_id, t.participant);
+        }
+        let deadline = Instant::now() + timeout;
+        let mut replies = BTreeMap::new();
+        let mut gone = BTreeSet::new();
+        // A node whose announcement lapses (killed, disconnected) is not waited for.
+        let check_every = (self.backend.members.ttl() / 2).max(Duration::from_millis(200));
+        let mut last_check = Instant::now();
+        while !pending.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if last_check.elapsed() >= check_every {
+                last_check = Instant::now();
+                if self.stop_requested(id).await {
+                    return Err(SessionError::Stopped);
+                }
+                if let Ok(nodes) = list_nodes(self.backend.members.as_ref()).await {
+                    let alive: BTreeSet<String> = nodes.into_iter().map(|n| n.id).collect();
+                    pending.retain(|task, participant| {
+                        let node = participant_node(participant);
+                        let keep = alive.contains(node);
+                        if !keep {
+                            tracing::warn!(%task, %node, "node left during the round");
+                            gone.insert(participant.clone());
+                        }
+                        keep
+                    });
+                    if pending.is_empty() {
+                        break;
+                    }
+                }
+            }
+            let d = match self.backend.bus.get(&reply_to, left.min(check_every)).await {
+                Ok(Some(d)) => d,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!("waiting for replies: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(200).min(left)).await;
+                    continue;
+                }
+            };
+            let decoded = wire::decode::<TaskReply>(&d.payload).map_err(|e| e.to_string()).and_then(|r| {
+                // A node that announced a key must sign its replies for this coordinator.
+                match (node_keys.get(&r.node), &reply_verifier) {
+                    (Some(expected), Some(v)) => match messages::verify_reply(&r, v, &reply_to, now_ms()) {
+                        Ok(Some(signer)) if &signer == expected => Ok(r),
+                        Ok(Some(signer)) => Err(format!("reply for {} signed by {signer}, not by the node", r.task_id)),
+                        Ok(None) => Err(format!("unsigned reply for {} from a node with a key", r.task_id)),
+                        Err(e) => Err(format!("reply for {}: {e}", r.task_id)),
+                    },
+                    _ => Ok(r),
+                }
+            });
+            match decoded {
+                Ok(r) if r.session == id && r.round == round => match pending.remove(&r.task_id) {
+                    Some(participant) if participant_node(&participant) == r.node => {
+                        replies.insert(participant, r);
+                    }
+                    Some(participant) => {
+                        tracing::warn!(task = %r.task_id, "reply claims node {} but the task went to {participant}; ignored", r.node);
+                        pending.insert(r.task_id.clone(), participant);
+                    }
+                    None => tracing::info!(task = %r.task_id, "duplicate or unexpected reply ignored"),
+                },
+                Ok(r) => {
+                    tracing::info!(task = %r.task_id, session = %r.session, "reply for another round or session ignored")
+                }
+                Err(e) => tracing::warn!("refused a message on {reply_to}: {e}"),
+            }
+            if let Err(e) = d.ack().await {
+                tracing::debug!("ack of a reply failed: {e}");
+            }
+        }
+        Ok(Replies { replies, gone })
+    }
+}

@@ -1,0 +1,156 @@
+//! The engine: one coordinator, one loop over iterations for every kind of run. A
+//! federated round and an iteration of a user-written swarm are both a [`Program`]
+//! iteration; placement, dispatch and reply collection, retries of transient backend
+//! failures, stop requests and the stored state are the engine's, shared by both.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tessera_core::registry::PackageRecord;
+use tessera_core::wire::{NodeRecord, RoundReport};
+use tessera_identity::KeyPair;
+use tessera_node::Node;
+use tessera_ports::{Backend, BlobError, BusError, PackageSource, WorldError};
+use tessera_swarm::SwarmSpec;
+
+use crate::state::Ending;
+use crate::swarm::{IterationReport, StageReport};
+use crate::{SessionError, new_session_id};
+
+/// Runs federated sessions and swarms.
+pub struct Coordinator {
+    /// Signs tasks for nodes that have keys, and checks their replies.
+    pub(crate) identity: Option<Arc<KeyPair>>,
+    /// Unique to this coordinator instance: tasks it sends carry it (see
+    /// [`TaskMessage::dispatch`]).
+    pub(crate) dispatch: String,
+    pub(crate) backend: Backend,
+    pub(crate) source: Arc<dyn PackageSource>,
+    pub(crate) local: Option<Arc<Node>>,
+    pub(crate) threads: usize,
+    pub(crate) retry_for: Duration,
+}
+
+/// Watches a run's progress.
+pub trait Observer: Send + Sync {
+    /// The session resolved its module and found its nodes (`done` rounds already
+    /// completed when it resumes).
+    fn started(&self, _session: &str, _module: &PackageRecord, _eligible: &[NodeRecord], _rounds: u32, _done: u32) {}
+    /// A round sent its tasks.
+    fn round_started(&self, _round: u32, _selected: &[String]) {}
+    /// A round finished.
+    fn round_finished(&self, _report: &RoundReport) {}
+    /// A swarm of tasks resolved its modules and placed its tasks (`done` iterations
+    /// already completed when it resumes).
+    fn swarm_started(&self, _run: &str, _spec: &SwarmSpec, _done: u32) {}
+    /// A stage of a swarm iteration finished.
+    fn stage_finished(&self, _iteration: u32, _stage: &StageReport) {}
+    /// A swarm iteration finished.
+    fn iteration_finished(&self, _report: &IterationReport) {}
+}
+
+/// Observes nothing.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// Errors worth retrying: the backend may come back (a restarting server, a lost
+/// connection); bad names and oversized values will not.
+pub(crate) trait Transient {
+    fn transient(&self) -> bool;
+}
+impl Transient for BusError {
+    fn transient(&self) -> bool {
+        matches!(self, BusError::Backend(_))
+    }
+}
+impl Transient for WorldError {
+    fn transient(&self) -> bool {
+        matches!(self, WorldError::Backend(_))
+    }
+}
+impl Transient for BlobError {
+    fn transient(&self) -> bool {
+        matches!(self, BlobError::Backend(_) | BlobError::Io { .. })
+    }
+}
+
+impl Coordinator {
+    /// A coordinator over a backend and a package source. `local` is the coordinator's
+    /// own node: it creates the initial model and evaluates each global model on its
+    /// held-out data.
+    pub fn new(backend: Backend, source: Arc<dyn PackageSource>, local: Option<Arc<Node>>) -> Self {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let dispatch = new_session_id().replacen("s-", "d-", 1);
+        Coordinator { identity: None, dispatch, backend, source, local, threads, retry_for: Duration::from_secs(60) }
+    }
+
+    /// Signs tasks with `key` (for nodes that announce a key) and accepts from such nodes
+    /// only replies they signed for it.
+    pub fn with_identity(mut self, key: Arc<KeyPair>) -> Self {
+        self.identity = Some(key);
+        self
+    }
+
+    /// How long backend failures are retried before the session gives up (default 60 s).
+    pub fn with_retry_window(mut self, window: Duration) -> Self {
+        self.retry_for = window;
+        self
+    }
+
+    pub(crate) async fn retry<T, E, F, Fut>(&self, what: &str, mut f: F) -> Result<T, E>
+    where
+        E: Transient + std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let deadline = Instant::now() + self.retry_for;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.transient() && Instant::now() < deadline => {
+                    tracing::warn!("{what}: {e}; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Runs `program`'s iterations from the one after those it completed to its limit,
+    /// until its scheduler ends it or someone asks the run to stop. Each iteration saves
+    /// the program's state when it completes, so a coordinator that dies between two
+    /// iterations is resumed from the last one completed.
+    pub(crate) async fn iterate(&self, program: &mut dyn Program) -> Result<Ending, SessionError> {
+        for i in program.completed() + 1..=program.limit() {
+            if self.stop_requested(program.run_id()).await {
+                return Ok(Ending::Stopped);
+            }
+            match program.iteration(self, i).await {
+                Ok(true) => return Ok(Ending::Scheduler),
+                Ok(false) => {}
+                Err(SessionError::Stopped) => return Ok(Ending::Stopped),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Ending::Limit)
+    }
+}
+
+/// What one iteration of a run does. The federated session's round (select participants,
+/// train, aggregate with the strategy, evaluate) and a swarm's iteration (its stages in
+/// flow order, then its scheduler's answer) are the two programs.
+#[async_trait]
+pub(crate) trait Program: Send {
+    /// The run's id.
+    fn run_id(&self) -> &str;
+    /// Iterations completed (and saved) so far.
+    fn completed(&self) -> u32;
+    /// The most iterations the run may have.
+    fn limit(&self) -> u32;
+    /// Runs iteration `i` (1-based) and saves the state after it; `true` when the run's
+    /// scheduler ends the run after it.
+    async fn iteration(&mut self, c: &Coordinator, i: u32) -> Result<bool, SessionError>;
+}

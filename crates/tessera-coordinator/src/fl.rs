@@ -1,0 +1,653 @@
+//! Federated sessions on the engine: the worker stage is the strategy's participants
+//! training the global model, the aggregator is the built-in strategy machinery
+//! (FedAvg and the others, differential privacy; secure and hierarchical rounds in their
+//! own files), the scheduler is the round limit. The initial model, the coordinator's
+//! evaluation and federated evaluation are here too.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tessera_core::config::deep_merge;
+use tessera_core::name::check_ident;
+use tessera_core::privacy;
+use tessera_core::registry::PackageRecord;
+use tessera_core::strategy::{FitFailure, FitResult, Strategy};
+use tessera_core::tensor::{TensorLimits, Tensors};
+use tessera_core::wire::{
+    BlobRef, Failure, Lineage, NodeRecord, RoundReport, SCHEMA_VERSION, TaskOutcome, TaskReply, WorkerMetrics,
+};
+use tessera_core::{Digest, PackageRef};
+
+use crate::dispatch::participant_node;
+use crate::engine::{Coordinator, Observer, Program};
+use crate::placement::{Workers, module_use};
+use crate::state::Ending;
+use crate::{DpSide, SessionConfig, SessionError, SessionResult, SessionState};
+
+/// An error's message said of `round`: prefixed with `round N: ` unless it already is
+/// (strategies' errors name their round themselves).
+pub(crate) fn in_round(round: u32, e: &dyn std::fmt::Display) -> String {
+    let text = e.to_string();
+    let prefix = format!("round {round}: ");
+    if text.starts_with(&prefix) { text } else { format!("{prefix}{text}") }
+}
+
+/// The participants of a round drawn from `nodes`: the nodes, or their virtual clients.
+pub(crate) fn participants_of(cfg: &SessionConfig, nodes: Vec<String>) -> Vec<String> {
+    match cfg.clients_per_node {
+        None => nodes,
+        Some(k) => nodes.iter().flat_map(|n| (0..k).map(move |j| format!("{n}.c{j}"))).collect(),
+    }
+}
+
+/// The worker config a participant adds: its share of the node's data when simulating.
+pub(crate) fn partition_config(cfg: &SessionConfig, participant: &str) -> Value {
+    match (cfg.clients_per_node, participant.rsplit_once(".c")) {
+        (Some(k), Some((_, j))) => json!({"partition": j.parse::<usize>().unwrap_or(0), "partitions": k}),
+        _ => json!({}),
+    }
+}
+
+pub(crate) struct Update {
+    pub(crate) node: String,
+    pub(crate) tensors: Tensors,
+    pub(crate) metrics: WorkerMetrics,
+    pub(crate) seconds: f64,
+}
+
+/// A federated session as the engine's program: one round per iteration.
+struct FlRun<'a> {
+    state: SessionState,
+    workers: &'a Workers,
+    strategy: Box<dyn Strategy>,
+    accountant: privacy::RdpAccountant,
+    observer: &'a dyn Observer,
+}
+
+#[async_trait]
+impl Program for FlRun<'_> {
+    fn run_id(&self) -> &str {
+        &self.state.id
+    }
+    fn completed(&self) -> u32 {
+        self.state.completed_rounds
+    }
+    fn limit(&self) -> u32 {
+        self.state.config.rounds
+    }
+    async fn iteration(&mut self, c: &Coordinator, round: u32) -> Result<bool, SessionError> {
+        let report = c
+            .round(&self.state, self.workers, self.strategy.as_mut(), &mut self.accountant, round, self.observer)
+            .await?;
+        let saved = Bytes::from(self.strategy.state());
+        self.state.strategy_state =
+            Some(c.retry("saving the strategy's state", || c.backend.blobs.put(saved.clone())).await?);
+        self.state.completed_rounds = round;
+        self.state.model = report.model;
+        self.state.contributors.extend(report.contributed.iter().map(|p| participant_node(p).to_owned()));
+        self.state.reports.push(report.clone());
+        if round >= self.state.config.rounds {
+            self.state.ending = Some(Ending::Limit);
+        }
+        c.save(&self.state).await?;
+        self.observer.round_finished(&report);
+        // The round limit is the scheduler: the engine stops at it.
+        Ok(false)
+    }
+}
+
+impl Coordinator {
+    /// Runs a new session to the end. An id that already has a session is refused (use
+    /// [`Coordinator::resume`]).
+    pub async fn run(
+        &self,
+        id: &str,
+        cfg: &SessionConfig,
+        observer: &dyn Observer,
+    ) -> Result<SessionResult, SessionError> {
+        check_ident("session id", id).map_err(|e| SessionError::Config(e.to_string()))?;
+        let module_ref = cfg.validate()?;
+        self.check_local_datasets(cfg)?;
+        if self.state(id).await?.is_some() {
+            return Err(SessionError::Config(format!("session {id} exists already; resume it or pick another id")));
+        }
+        let record = self.source.resolve(&module_ref).await?;
+        let module_use = module_use(&record);
+        let mut nodes = BTreeMap::new();
+        for (node, m) in &cfg.node_modules {
+            let r: PackageRef = m.parse().map_err(|e| SessionError::Config(format!("node_modules.{node}: {e}")))?;
+            nodes.insert(node.clone(), self.source.resolve(&r).await?);
+        }
+        let workers = Workers { default: record.clone(), nodes };
+        let eligible = self.eligible(cfg, &workers).await?;
+        let participants = eligible.len() * cfg.clients_per_node.unwrap_or(1);
+        if participants < cfg.min_participants {
+            if eligible.is_empty()
+                && let Some(why) = self.why_not_placed(cfg, &workers).await
+            {
+                return Err(SessionError::Participants(why));
+            }
+            return Err(SessionError::Participants(format!(
+                "{} node(s) hold dataset {:?} and run {} modules; the session needs at least {}",
+                eligible.len(),
+                cfg.dataset,
+                record.runtime,
+                cfg.min_participants
+            )));
+        }
+        observer.started(id, &record, &eligible, cfg.rounds, 0);
+        let model = self.initial_model(id, cfg, &workers, &eligible).await?;
+        let model = self.retry("storing the initial model", || self.backend.blobs.put(model.clone())).await?;
+        let state = SessionState {
+            schema: SCHEMA_VERSION,
+            id: id.to_owned(),
+            config: cfg.clone(),
+            module: module_use,
+            completed_rounds: 0,
+            model,
+            contributors: BTreeSet::new(),
+            reports: Vec::new(),
+            node_modules: workers.uses(),
+            strategy_state: None,
+            coordinator_datasets: self.local.as_ref().map(|n| (*n.datasets()).clone()).unwrap_or_default(),
+            updated_ms: 0,
+            ending: None,
+        };
+        self.save(&state).await?;
+        self.drive(state, &workers, observer).await
+    }
+
+    /// Refuses a session whose evaluation dataset the coordinator's own node does not hold,
+    /// before anything is announced or stored.
+    pub fn check_local_datasets(&self, cfg: &SessionConfig) -> Result<(), SessionError> {
+        let Some(eval) = &cfg.eval_dataset else { return Ok(()) };
+        let held: Vec<String> = self.local.as_ref().map(|n| n.datasets().keys().cloned().collect()).unwrap_or_default();
+        if held.iter().any(|d| d == eval) {
+            return Ok(());
+        }
+        let has = if held.is_empty() { "none".to_owned() } else { held.join(", ") };
+        Err(SessionError::Config(format!(
+            "the session evaluates on dataset {eval:?}, which the coordinator does not hold (it has: {has}); \
+             give it with --dataset {eval}=FILE"
+        )))
+    }
+
+    /// Continues a session from its last completed round (after its coordinator died).
+    /// A finished session gives its result again without running anything.
+    pub async fn resume(&self, id: &str, observer: &dyn Observer) -> Result<SessionResult, SessionError> {
+        check_ident("session id", id).map_err(|e| SessionError::Config(e.to_string()))?;
+        let state = self.state(id).await?.ok_or_else(|| SessionError::Unknown(id.to_owned()))?;
+        let module_ref: PackageRef =
+            state.module.module.parse().map_err(|e| SessionError::Config(format!("stored module reference: {e}")))?;
+        let record = self.source.resolve(&module_ref).await?;
+        if record.digest != state.module.digest {
+            return Err(SessionError::Config(format!(
+                "{} is now {}, but the session ran {}",
+                state.module.module, record.digest, state.module.digest
+            )));
+        }
+        let mut nodes = BTreeMap::new();
+        for (node, used) in &state.node_modules {
+            let r: PackageRef =
+                used.module.parse().map_err(|e| SessionError::Config(format!("stored module reference: {e}")))?;
+            let rec = self.source.resolve(&r).await?;
+            if rec.digest != used.digest {
+                return Err(SessionError::Config(format!(
+                    "{} is now {}, but node {node} ran {}",
+                    used.module, rec.digest, used.digest
+                )));
+            }
+            nodes.insert(node.clone(), rec);
+        }
+        let workers = Workers { default: record.clone(), nodes };
+        let eligible = self.eligible(&state.config, &workers).await?;
+        observer.started(id, &record, &eligible, state.config.rounds, state.completed_rounds);
+        tracing::info!(session = id, done = state.completed_rounds, "resuming");
+        self.drive(state, &workers, observer).await
+    }
+
+    async fn drive(
+        &self,
+        state: SessionState,
+        workers: &Workers,
+        observer: &dyn Observer,
+    ) -> Result<SessionResult, SessionError> {
+        let cfg = state.config.clone();
+        let mut strategy = cfg.build_strategy().map_err(|e| SessionError::Config(format!("strategy: {e}")))?;
+        strategy.set_threads(self.threads);
+        if let Some(d) = state.strategy_state {
+            let bytes = self
+                .retry("reading the strategy's state", || self.backend.blobs.get(&d))
+                .await?
+                .ok_or_else(|| SessionError::Aggregate("the strategy's saved state is missing".into()))?;
+            strategy.restore(&bytes).map_err(|e| SessionError::Aggregate(format!("strategy state: {e}")))?;
+        }
+        // The privacy spent so far, replayed from the rounds done.
+        let mut accountant = privacy::RdpAccountant::new();
+        if let Some(dp) = &cfg.differential_privacy {
+            for r in &state.reports {
+                if let Some(q) = r.dp_sample_rate {
+                    accountant.step(dp.noise_multiplier, q, 1).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+                }
+            }
+        }
+        let mut program = FlRun { state, workers, strategy, accountant, observer };
+        let ending = self.iterate(&mut program).await?;
+        let mut state = program.state;
+        if ending == Ending::Stopped || state.ending.is_none() {
+            state.ending = Some(ending);
+            self.save(&state).await?;
+        }
+        let model = self
+            .retry("reading the final model", || self.backend.blobs.get(&state.model))
+            .await?
+            .ok_or_else(|| SessionError::Aggregate("the final model vanished from the blob store".into()))?;
+        let final_metrics = state.reports.last().and_then(|r| {
+            Some(WorkerMetrics { num_examples: r.eval_examples?, loss: r.eval_loss?, accuracy: r.eval_accuracy })
+        });
+        let lineage = Lineage {
+            session: state.id.clone(),
+            strategy: cfg.strategy.name.clone(),
+            modules: {
+                let mut seen = BTreeSet::new();
+                std::iter::once(&state.module)
+                    .chain(state.node_modules.values())
+                    .filter(|m| seen.insert(m.digest))
+                    .cloned()
+                    .collect()
+            },
+            nodes: state.contributors.iter().cloned().collect(),
+            rounds: state.completed_rounds,
+            metrics: state.reports.clone(),
+            placements: BTreeMap::new(),
+        };
+        Ok(SessionResult {
+            session: state.id,
+            model_digest: state.model,
+            model,
+            reports: state.reports,
+            lineage,
+            final_metrics,
+            ending: state.ending.unwrap_or(Ending::Limit),
+        })
+    }
+
+    pub(crate) fn worker_config(cfg: &SessionConfig, mode: &str, seed: u64) -> Value {
+        let mut c = cfg.config.clone();
+        deep_merge(&mut c, &json!({"mode": mode, "seed": seed, "dataset": cfg.dataset}));
+        c
+    }
+
+    async fn initial_model(
+        &self,
+        id: &str,
+        cfg: &SessionConfig,
+        workers: &Workers,
+        eligible: &[NodeRecord],
+    ) -> Result<Bytes, SessionError> {
+        let config = Self::worker_config(cfg, "init", cfg.seed);
+        if let Some(local) = &self.local {
+            let out = local.run(&workers.default.digest, &config, Vec::new(), id, &format!("{id}.init")).await?;
+            return out
+                .into_iter()
+                .find(|(n, _)| n == "model")
+                .map(|(_, b)| b)
+                .ok_or_else(|| SessionError::Aggregate("the worker's init gave no `model` output".into()));
+        }
+        // No local node: ask the first eligible node.
+        let first = vec![eligible[0].id.clone()];
+        let timeout = Duration::from_secs_f64(cfg.round_timeout_secs);
+        let replies =
+            self.dispatch(id, 0, &first, "", workers, |_, _| config.clone(), |_, _| Vec::new(), timeout).await?;
+        for r in replies.replies.into_values() {
+            if let TaskOutcome::Ok { outputs, .. } = r.outcome
+                && let Some(m) = outputs.iter().find(|o| o.name == "model")
+                && let Some(b) = self.retry("reading the initial model", || self.backend.blobs.get(&m.digest)).await?
+            {
+                return Ok(b);
+            }
+        }
+        Err(SessionError::Aggregate("no node produced an initial model".into()))
+    }
+
+    pub(crate) async fn collect(&self, participant: &str, reply: &TaskReply) -> Result<Update, String> {
+        let (outputs, seconds) = match &reply.outcome {
+            TaskOutcome::Ok { outputs, seconds } => (outputs, *seconds),
+            TaskOutcome::Failed { error } => return Err(error.clone()),
+        };
+        let get = |name: &str| outputs.iter().find(|o| o.name == name).map(|o| o.digest);
+        let model = get("model").ok_or("no `model` output")?;
+        let metrics = get("metrics").ok_or("no `metrics` output")?;
+        let model = self
+            .retry("reading an update", || self.backend.blobs.get(&model))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the `model` blob is missing")?;
+        let metrics = self
+            .retry("reading metrics", || self.backend.blobs.get(&metrics))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the `metrics` blob is missing")?;
+        let tensors = Tensors::decode(&model, TensorLimits::default()).map_err(|e| e.to_string())?;
+        let metrics: WorkerMetrics = serde_json::from_slice(&metrics).map_err(|e| format!("metrics: {e}"))?;
+        if metrics.num_examples == 0 {
+            return Err("the update is based on zero examples".into());
+        }
+        Ok(Update { node: participant.to_owned(), tensors, metrics, seconds })
+    }
+
+    pub(crate) async fn round(
+        &self,
+        state: &SessionState,
+        workers: &Workers,
+        strategy: &mut dyn Strategy,
+        accountant: &mut privacy::RdpAccountant,
+        round: u32,
+        observer: &dyn Observer,
+    ) -> Result<RoundReport, SessionError> {
+        let cfg = &state.config;
+        let id = state.id.as_str();
+        let started = Instant::now();
+        // Nodes may come and go between rounds.
+        let nodes: Vec<String> = self.eligible(cfg, workers).await?.into_iter().map(|n| n.id).collect();
+        let available = participants_of(cfg, nodes);
+        let plan = strategy
+            .configure_fit(round, &available, cfg.seed ^ u64::from(round).wrapping_mul(0x9E37_79B9))
+            .map_err(|e| SessionError::Participants(in_round(round, &e)))?;
+        let selected = plan.participants;
+        observer.round_started(round, &selected);
+
+        let global = self
+            .retry("reading the global model", || self.backend.blobs.get(&state.model))
+            .await?
+            .ok_or_else(|| SessionError::Aggregate("the global model is missing".into()))?;
+        let global_ref = BlobRef { name: "model".into(), digest: state.model, size: global.len() as u64 };
+        let seed_base = cfg.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round) * 1009);
+        if let Some(sa) = &cfg.secure_aggregation {
+            let ctx = RoundCtx { state, workers, round, started, selected, available, global, global_ref, seed_base };
+            return self.secure_round(ctx, sa, &plan.config).await;
+        }
+        let replies = self
+            .dispatch(
+                id,
+                round,
+                &selected,
+                "",
+                workers,
+                |i, participant| {
+                    let mut c = Self::worker_config(cfg, "train", seed_base + i as u64);
+                    deep_merge(&mut c, &plan.config);
+                    deep_merge(&mut c, &partition_config(cfg, participant));
+                    if let Some(dp) = cfg.differential_privacy.as_ref().filter(|d| d.side == DpSide::Client) {
+                        // The node clips the update before it leaves (see tessera-node).
+                        deep_merge(&mut c, &json!({ "dp_clipping_norm": dp.clipping_norm }));
+                    }
+                    c
+                },
+                |_, _| vec![global_ref.clone()],
+                Duration::from_secs_f64(cfg.round_timeout_secs),
+            )
+            .await?;
+        if let Some(h) = &cfg.hierarchy {
+            let ctx = RoundCtx { state, workers, round, started, selected, available, global, global_ref, seed_base };
+            return self.hierarchical_round(ctx, h, replies).await;
+        }
+
+        let mut updates = Vec::new();
+        let mut failures = Vec::new();
+        for node in &selected {
+            match replies.replies.get(node) {
+                None if replies.gone.contains(node) => {
+                    failures.push(Failure { node: node.clone(), error: "the node left (its heartbeat stopped)".into() })
+                }
+                None => failures.push(Failure {
+                    node: node.clone(),
+                    error: format!("no reply within {}s", cfg.round_timeout_secs),
+                }),
+                Some(r) => match self.collect(node, r).await {
+                    Ok(u) => updates.push(u),
+                    Err(error) => failures.push(Failure { node: node.clone(), error }),
+                },
+            }
+        }
+        let base =
+            Tensors::decode(&global, TensorLimits::default()).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+        let mut usable = Vec::new();
+        for u in updates {
+            match base.check_same_layout(&u.tensors) {
+                Ok(()) => usable.push(u),
+                Err(e) => failures.push(Failure { node: u.node.clone(), error: format!("update refused: {e}") }),
+            }
+        }
+        if usable.len() < cfg.min_participants {
+            return Err(too_few(round, usable.len(), cfg.min_participants, &failures));
+        }
+        let results: Vec<FitResult> = usable
+            .iter()
+            .map(|u| FitResult {
+                node: u.node.clone(),
+                update: u.tensors.clone(),
+                num_examples: u.metrics.num_examples,
+            })
+            .collect();
+        let failed: Vec<FitFailure> =
+            failures.iter().map(|f| FitFailure { node: f.node.clone(), error: f.error.clone() }).collect();
+        let mut aggregate = strategy
+            .aggregate_fit(round, &base, &results, &failed)
+            .map_err(|e| SessionError::Aggregate(in_round(round, &e)))?;
+        let mut dp_epsilon = None;
+        let mut dp_sample_rate = None;
+        if let Some(dp) = &cfg.differential_privacy {
+            let sigma = dp.noise_multiplier * dp.clipping_norm / results.len() as f64;
+            let mut rng = privacy::BoxMuller::new(|| {
+                let mut b = [0u8; 8];
+                getrandom::fill(&mut b).expect("the operating system's random source works");
+                u64::from_le_bytes(b)
+            });
+            for t in aggregate.0.values_mut() {
+                privacy::add_gaussian_noise(&mut t.data, sigma, &mut rng)
+                    .map_err(|e| SessionError::Aggregate(in_round(round, &e)))?;
+            }
+            let q = (selected.len() as f64 / available.len().max(1) as f64).min(1.0);
+            accountant.step(dp.noise_multiplier, q, 1).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+            dp_epsilon = Some(accountant.epsilon(dp.delta).map_err(|e| SessionError::Aggregate(e.to_string()))?.0);
+            dp_sample_rate = Some(q);
+        }
+        drop(results);
+        let examples: u64 = usable.iter().map(|u| u.metrics.num_examples).sum();
+        let train_loss =
+            usable.iter().map(|u| u.metrics.loss * u.metrics.num_examples as f64).sum::<f64>() / examples as f64;
+        let done = Aggregated {
+            contributed: usable.iter().map(|u| u.node.clone()).collect(),
+            compute_seconds: usable.iter().map(|u| u.seconds).fold(0.0, f64::max),
+            selected,
+            failures,
+            examples,
+            train_loss,
+            model: aggregate,
+            dp_epsilon,
+            dp_sample_rate,
+        };
+        let ctx =
+            RoundCtx { state, workers, round, started, selected: Vec::new(), available, global, global_ref, seed_base };
+        self.finish_round(&ctx, &*strategy, done).await
+    }
+
+    /// The end of every round: stores the new global model, evaluates it (at the
+    /// coordinator and, when asked, on participants) and writes the report.
+    pub(crate) async fn finish_round(
+        &self,
+        ctx: &RoundCtx<'_>,
+        strategy: &dyn Strategy,
+        done: Aggregated,
+    ) -> Result<RoundReport, SessionError> {
+        let cfg = &ctx.state.config;
+        let id = ctx.state.id.as_str();
+        let model_bytes = Bytes::from(done.model.encode());
+        let model = self.retry("storing the global model", || self.backend.blobs.put(model_bytes.clone())).await?;
+        let eval_started = Instant::now();
+        let (metrics, fed) = tokio::try_join!(
+            self.evaluate(id, cfg, &ctx.workers.default, model_bytes, ctx.round),
+            self.evaluate_federated(
+                id,
+                cfg,
+                ctx.workers,
+                strategy,
+                &ctx.available,
+                ctx.round,
+                &model,
+                ctx.global_ref.size
+            ),
+        )?;
+        Ok(RoundReport {
+            round: ctx.round,
+            selected: done.selected,
+            contributed: done.contributed,
+            failures: done.failures,
+            examples: done.examples,
+            train_loss: done.train_loss,
+            eval_loss: metrics.as_ref().map(|m| m.loss),
+            eval_accuracy: metrics.as_ref().and_then(|m| m.accuracy),
+            eval_examples: metrics.as_ref().map(|m| m.num_examples),
+            model,
+            seconds: ctx.started.elapsed().as_secs_f64(),
+            compute_seconds: done.compute_seconds,
+            eval_seconds: eval_started.elapsed().as_secs_f64(),
+            fed_eval_loss: fed.as_ref().map(|f| f.0),
+            fed_eval_accuracy: fed.as_ref().and_then(|f| f.1),
+            fed_evaluated: fed.map(|f| f.2).unwrap_or_default(),
+            dp_epsilon: done.dp_epsilon,
+            dp_sample_rate: done.dp_sample_rate,
+        })
+    }
+
+    /// Federated evaluation: the participants the strategy picks evaluate the new model on
+    /// their own data; their metrics are averaged by example counts. Nodes that fail are
+    /// left out.
+    #[allow(clippy::too_many_arguments)]
+    async fn evaluate_federated(
+        &self,
+        id: &str,
+        cfg: &SessionConfig,
+        workers: &Workers,
+        strategy: &dyn Strategy,
+        available: &[String],
+        round: u32,
+        model: &Digest,
+        size: u64,
+    ) -> Result<Option<(f64, Option<f64>, Vec<String>)>, SessionError> {
+        if cfg.fraction_evaluate <= 0.0 {
+            return Ok(None);
+        }
+        let nodes = strategy
+            .configure_evaluate(round, available, cfg.seed ^ 0x5EED_E7A1 ^ u64::from(round))
+            .map_err(|e| SessionError::Participants(format!("round {round} evaluation: {e}")))?;
+        if nodes.is_empty() {
+            return Ok(None);
+        }
+        let input = BlobRef { name: "model".into(), digest: *model, size };
+        // Evaluation tasks are a round of their own on the reply queue (round numbers of
+        // evaluation are offset so their replies never mix with training's).
+        let replies = self
+            .dispatch(
+                id,
+                EVAL_ROUND_BASE + round,
+                &nodes,
+                "",
+                workers,
+                |_, participant| {
+                    let mut c = Self::worker_config(cfg, "evaluate", cfg.seed);
+                    deep_merge(&mut c, &partition_config(cfg, participant));
+                    c
+                },
+                |_, _| vec![input.clone()],
+                Duration::from_secs_f64(cfg.round_timeout_secs),
+            )
+            .await?;
+        let mut results = Vec::new();
+        let mut evaluated = Vec::new();
+        for (node, r) in &replies.replies {
+            let TaskOutcome::Ok { outputs, .. } = &r.outcome else { continue };
+            let Some(m) = outputs.iter().find(|o| o.name == "metrics") else { continue };
+            let Ok(Some(bytes)) = self.backend.blobs.get(&m.digest).await else { continue };
+            if let Ok(w) = serde_json::from_slice::<WorkerMetrics>(&bytes)
+                && w.num_examples > 0
+                && w.loss.is_finite()
+            {
+                results.push((w.num_examples, w.loss, w.accuracy));
+                evaluated.push(node.clone());
+            }
+        }
+        Ok(strategy.aggregate_evaluate(&results).map(|(l, a)| (l, a, evaluated)))
+    }
+
+    async fn evaluate(
+        &self,
+        id: &str,
+        cfg: &SessionConfig,
+        record: &PackageRecord,
+        model: Bytes,
+        round: u32,
+    ) -> Result<Option<WorkerMetrics>, SessionError> {
+        let (Some(local), Some(dataset)) = (&self.local, &cfg.eval_dataset) else {
+            return Ok(None);
+        };
+        let mut config = Self::worker_config(cfg, "evaluate", cfg.seed);
+        deep_merge(&mut config, &json!({"dataset": dataset}));
+        let out = local
+            .run(&record.digest, &config, vec![("model".into(), model)], id, &format!("{id}.r{round}.eval"))
+            .await?;
+        let metrics = out
+            .into_iter()
+            .find(|(n, _)| n == "metrics")
+            .ok_or_else(|| SessionError::Aggregate("evaluation gave no `metrics` output".into()))?;
+        serde_json::from_slice(&metrics.1)
+            .map(Some)
+            .map_err(|e| SessionError::Aggregate(format!("evaluation metrics: {e}")))
+    }
+}
+
+/// What a round has when its participants are chosen.
+pub(crate) struct RoundCtx<'a> {
+    pub(crate) state: &'a SessionState,
+    pub(crate) workers: &'a Workers,
+    pub(crate) round: u32,
+    pub(crate) started: Instant,
+    pub(crate) selected: Vec<String>,
+    pub(crate) available: Vec<String>,
+    pub(crate) global: Bytes,
+    pub(crate) global_ref: BlobRef,
+    pub(crate) seed_base: u64,
+}
+
+/// A round that ended with fewer usable updates than the session needs.
+pub(crate) fn too_few(round: u32, got: usize, min: usize, failures: &[Failure]) -> SessionError {
+    SessionError::RoundFailed {
+        round,
+        got,
+        min,
+        failures: failures.iter().map(|f| format!("{}: {}", f.node, f.error)).collect::<Vec<_>>().join("; "),
+    }
+}
+
+/// What a round aggregated, before the new model is stored and evaluated.
+pub(crate) struct Aggregated {
+    pub(crate) selected: Vec<String>,
+    pub(crate) contributed: Vec<String>,
+    pub(crate) failures: Vec<Failure>,
+    pub(crate) examples: u64,
+    pub(crate) train_loss: f64,
+    pub(crate) compute_seconds: f64,
+    pub(crate) model: Tensors,
+    pub(crate) dp_epsilon: Option<f64>,
+    pub(crate) dp_sample_rate: Option<f64>,
+}
+
+/// Region aggregation tasks of round `r` are numbered `AGG_ROUND_BASE + r`.
+pub(crate) const AGG_ROUND_BASE: u32 = 1 << 29;
+
+/// Evaluation tasks of round `r` are numbered `EVAL_ROUND_BASE + r`.
+pub(crate) const EVAL_ROUND_BASE: u32 = 1 << 30;

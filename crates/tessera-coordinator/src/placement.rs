@@ -1,0 +1,73 @@
+//! Placement: the nodes a run can use. Every kind of run places through
+//! `tessera_swarm::placement`: datasets, runtime, labels, GPU and the module's `needs`
+//! against what each node announces. The coordinator's own node is never a participant.
+
+use std::collections::BTreeMap;
+
+use tessera_core::registry::PackageRecord;
+use tessera_core::wire::{ModuleUse, NodeRecord};
+use tessera_node::list_nodes;
+use tessera_swarm::TaskSpec;
+use tessera_swarm::placement::{self, ModuleFacts};
+
+use crate::engine::Coordinator;
+use crate::{SessionConfig, SessionError};
+
+/// The worker packages of a session: one for every node, and overrides for some.
+#[derive(Clone, Debug)]
+pub(crate) struct Workers {
+    pub(crate) default: PackageRecord,
+    pub(crate) nodes: BTreeMap<String, PackageRecord>,
+}
+
+impl Workers {
+    pub(crate) fn for_node(&self, node: &str) -> &PackageRecord {
+        self.nodes.get(node).unwrap_or(&self.default)
+    }
+
+    pub(crate) fn uses(&self) -> BTreeMap<String, ModuleUse> {
+        self.nodes.iter().map(|(n, r)| (n.clone(), module_use(r))).collect()
+    }
+}
+
+pub(crate) fn module_use(r: &PackageRecord) -> ModuleUse {
+    ModuleUse { module: format!("{}@{}", r.name, r.version), digest: r.digest, role: "worker".into() }
+}
+
+/// What placement needs to know of a package.
+pub(crate) fn facts(r: &PackageRecord) -> ModuleFacts {
+    ModuleFacts { name: format!("{}@{}", r.name, r.version), runtime: r.runtime, needs: r.manifest.needs.clone() }
+}
+
+impl Coordinator {
+    /// The nodes announced now, but the coordinator's own.
+    pub(crate) async fn nodes(&self) -> Result<Vec<NodeRecord>, SessionError> {
+        let nodes = self.retry("listing nodes", || list_nodes(self.backend.members.as_ref())).await?;
+        let local = self.local.as_ref().map(|n| n.id().to_owned());
+        Ok(nodes.into_iter().filter(|n| Some(&n.id) != local.as_ref()).collect())
+    }
+
+    /// The nodes that can take part in a federated session: they hold its dataset and can
+    /// run their worker package (its runtime and `needs`).
+    pub(crate) async fn eligible(
+        &self,
+        cfg: &SessionConfig,
+        workers: &Workers,
+    ) -> Result<Vec<NodeRecord>, SessionError> {
+        let task = TaskSpec::on_all(cfg.module.clone(), vec![cfg.dataset.clone()]);
+        Ok(self
+            .nodes()
+            .await?
+            .into_iter()
+            .filter(|n| placement::fits(&task, &[facts(workers.for_node(&n.id))], n).is_ok())
+            .collect())
+    }
+
+    /// Why no node can take part in a federated session, when none can: the placement
+    /// refusal naming the field (`datasets`, `runtime`, `needs.memory`...).
+    pub(crate) async fn why_not_placed(&self, cfg: &SessionConfig, workers: &Workers) -> Option<String> {
+        let task = TaskSpec::on_all(cfg.module.clone(), vec![cfg.dataset.clone()]);
+        let nodes = self.nodes().await.ok()?;
+        placement::eligible("worker", &task, &[facts(&workers.default)], &nodes).err().map(|e| e.to_string())
+    }
+}

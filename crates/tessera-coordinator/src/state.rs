@@ -1,0 +1,270 @@
+//! What a run leaves in world state (`sessions/<id>`), so that it can be listed, shown,
+//! stopped and resumed by another coordinator: federated sessions and swarms of tasks
+//! alike.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tessera_core::Digest;
+use tessera_core::wire::{Lineage, ModuleUse, RoundReport, WorkerMetrics};
+
+use crate::engine::Coordinator;
+use crate::swarm::SwarmState;
+use crate::{SessionConfig, SessionError};
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ending {
+    /// It ran every iteration (round) it allows.
+    Limit,
+    /// Its scheduler said no further iteration should run.
+    Scheduler,
+    /// Someone asked it to stop (`tessera swarm stop`).
+    Stopped,
+    /// It stopped on an error (a stage with too few successes, a backend that stayed
+    /// away); `resume` tries again from the last completed iteration.
+    Failed,
+}
+
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Ending::Limit => "finished",
+            Ending::Scheduler => "finished (its scheduler stopped it)",
+            Ending::Stopped => "stopped",
+            Ending::Failed => "failed",
+        })
+    }
+}
+
+/// What a session has done so far, stored at `sessions/<id>` after every round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionState {
+    /// Always the wire schema version.
+    pub schema: u32,
+    /// The session id.
+    pub id: String,
+    /// Its config.
+    pub config: SessionConfig,
+    /// The worker package.
+    pub module: ModuleUse,
+    /// Rounds completed.
+    pub completed_rounds: u32,
+    /// The current global model.
+    pub model: Digest,
+    /// Nodes that contributed to at least one round.
+    pub contributors: BTreeSet<String>,
+    /// Reports of completed rounds.
+    pub reports: Vec<RoundReport>,
+    /// The worker packages of nodes with their own (`node_modules`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_modules: BTreeMap<String, ModuleUse>,
+    /// The strategy's server-side state after the last completed round (momentum,
+    /// moments), in the blob store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy_state: Option<Digest>,
+    /// The datasets the coordinator's own node held (name -> file), so a resumed
+    /// coordinator declares the same ones without being told.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub coordinator_datasets: BTreeMap<String, std::path::PathBuf>,
+    /// When the state was last saved (milliseconds since the Unix epoch).
+    #[serde(default)]
+    pub updated_ms: u64,
+    /// How the session ended, once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ending: Option<Ending>,
+}
+
+impl SessionState {
+    /// True once every round is done, or the session was stopped.
+    pub fn finished(&self) -> bool {
+        self.completed_rounds >= self.config.rounds || self.ending.is_some()
+    }
+}
+
+/// What a finished session gives back.
+#[derive(Clone, Debug)]
+pub struct SessionResult {
+    /// The session id.
+    pub session: String,
+    /// The final global model (safetensors).
+    pub model: Bytes,
+    /// Its digest.
+    pub model_digest: Digest,
+    /// One report per round.
+    pub reports: Vec<RoundReport>,
+    /// Where the model came from.
+    pub lineage: Lineage,
+    /// Evaluation of the final model on the coordinator's held-out data.
+    pub final_metrics: Option<WorkerMetrics>,
+    /// How it ended.
+    pub ending: Ending,
+}
+
+/// A fresh session id: `s-` and 12 hex digits.
+pub fn new_session_id() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let seed = format!("{t}-{}-{:?}", std::process::id(), std::thread::current().id());
+    format!("s-{}", &Digest::of(seed.as_bytes()).hex()[..12])
+}
+
+/// The world key of a session's state.
+pub fn state_key(id: &str) -> String {
+    format!("sessions/{id}")
+}
+
+/// The world key that asks a run to stop.
+pub fn stop_key(id: &str) -> String {
+    format!("runs/{id}/stop")
+}
+
+/// A stored run: a federated session or a swarm of tasks.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunRecord {
+    /// A federated session.
+    Session(SessionState),
+    /// A swarm of tasks.
+    Swarm(SwarmState),
+}
+
+impl RunRecord {
+    /// The run's id.
+    pub fn id(&self) -> &str {
+        match self {
+            RunRecord::Session(s) => &s.id,
+            RunRecord::Swarm(s) => &s.id,
+        }
+    }
+    /// When it was last saved (milliseconds since the Unix epoch).
+    pub fn updated_ms(&self) -> u64 {
+        match self {
+            RunRecord::Session(s) => s.updated_ms,
+            RunRecord::Swarm(s) => s.updated_ms,
+        }
+    }
+    /// True once it ended.
+    pub fn finished(&self) -> bool {
+        match self {
+            RunRecord::Session(s) => s.finished(),
+            RunRecord::Swarm(s) => s.ending.is_some(),
+        }
+    }
+    /// How it ended, once it has.
+    pub fn ending(&self) -> Option<Ending> {
+        match self {
+            RunRecord::Session(s) => s.ending.or(s.finished().then_some(Ending::Limit)),
+            RunRecord::Swarm(s) => s.ending,
+        }
+    }
+
+    fn parse(bytes: &[u8]) -> Result<RunRecord, SessionError> {
+        #[derive(Deserialize)]
+        struct Kind {
+            #[serde(default)]
+            kind: Option<String>,
+        }
+        let kind: Kind =
+            serde_json::from_slice(bytes).map_err(|e| SessionError::Config(format!("stored run state: {e}")))?;
+        match kind.kind.as_deref() {
+            Some("swarm") => serde_json::from_slice(bytes)
+                .map(RunRecord::Swarm)
+                .map_err(|e| SessionError::Config(format!("stored swarm state: {e}"))),
+            _ => serde_json::from_slice(bytes)
+                .map(RunRecord::Session)
+                .map_err(|e| SessionError::Config(format!("stored session state: {e}"))),
+        }
+    }
+}
+
+impl Coordinator {
+    /// Writes a run's state under `sessions/<id>`.
+    pub(crate) async fn save_record(&self, id: &str, value: &impl Serialize) -> Result<(), SessionError> {
+        let bytes = Bytes::from(serde_json::to_vec(value).map_err(|e| SessionError::Aggregate(e.to_string()))?);
+        let key = state_key(id);
+        self.retry("saving the run's state", || self.backend.world.put(&key, bytes.clone())).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn save(&self, state: &SessionState) -> Result<(), SessionError> {
+        let mut state = state.clone();
+        state.updated_ms = tessera_identity::now_ms();
+        self.save_record(&state.id, &state).await
+    }
+
+    /// Reads a stored run. Every way in by run id (status, logs, stop, resume) goes
+    /// through here: an id that is not a plain name is refused.
+    pub async fn record(&self, id: &str) -> Result<Option<RunRecord>, SessionError> {
+        tessera_core::name::check_ident("run id", id).map_err(|e| SessionError::Config(e.to_string()))?;
+        let key = state_key(id);
+        match self.retry("reading the run's state", || self.backend.world.get(&key)).await? {
+            None => Ok(None),
+            Some(e) => RunRecord::parse(&e.value).map(Some),
+        }
+    }
+
+    /// Reads a federated session's stored state (`None` when there is no such session; an
+    /// error when the id belongs to a swarm of tasks).
+    pub async fn state(&self, id: &str) -> Result<Option<SessionState>, SessionError> {
+        match self.record(id).await? {
+            None => Ok(None),
+            Some(RunRecord::Session(s)) => Ok(Some(s)),
+            Some(RunRecord::Swarm(_)) => {
+                Err(SessionError::Config(format!("{id} is a swarm of tasks, not a federated session")))
+            }
+        }
+    }
+
+    /// Every run stored in world state, newest first.
+    pub async fn runs(&self) -> Result<Vec<RunRecord>, SessionError> {
+        let keys = self.retry("listing runs", || self.backend.world.keys("sessions/")).await?;
+        let mut out = Vec::new();
+        for key in keys {
+            let Some(id) = key.strip_prefix("sessions/") else { continue };
+            if id.contains('/') {
+                continue;
+            }
+            match self.record(id).await {
+                Ok(Some(s)) => out.push(s),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(session = id, "unreadable run state: {e}"),
+            }
+        }
+        out.sort_by(|a, b| b.updated_ms().cmp(&a.updated_ms()).then(a.id().cmp(b.id())));
+        Ok(out)
+    }
+
+    /// Every federated session stored in world state, newest first.
+    pub async fn sessions(&self) -> Result<Vec<SessionState>, SessionError> {
+        Ok(self
+            .runs()
+            .await?
+            .into_iter()
+            .filter_map(|r| match r {
+                RunRecord::Session(s) => Some(s),
+                RunRecord::Swarm(_) => None,
+            })
+            .collect())
+    }
+
+    /// Asks a run to stop: its coordinator ends it cleanly at its next check (at the
+    /// latest when the stage under way has waited a membership check interval), records it
+    /// as stopped, and gives back what it had. Refused for unknown and finished runs.
+    pub async fn request_stop(&self, id: &str) -> Result<(), SessionError> {
+        tessera_core::name::check_ident("run id", id).map_err(|e| SessionError::Config(e.to_string()))?;
+        let record = self.record(id).await?.ok_or_else(|| SessionError::Unknown(id.to_owned()))?;
+        if record.finished() {
+            return Err(SessionError::Config(format!("run {id} has already ended")));
+        }
+        let at = tessera_identity::now_ms().to_string();
+        let key = stop_key(id);
+        self.retry("asking the run to stop", || self.backend.world.put(&key, Bytes::from(at.clone()))).await?;
+        Ok(())
+    }
+
+    /// True when someone asked the run to stop.
+    pub(crate) async fn stop_requested(&self, id: &str) -> bool {
+        matches!(self.backend.world.get(&stop_key(id)).await, Ok(Some(_)))
+    }
+}
