@@ -446,23 +446,6 @@ fn after<'a>(lines: &'a [String], prefix: &str) -> &'a str {
     lines.iter().find_map(|l| l.strip_prefix(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in {lines:#?}"))
 }
 
-/// Accuracy of a softmax model `{w: [10, 64], b: [10]}` on the held-out digits rows.
-fn test_accuracy(model: &[u8]) -> f64 {
-    use tessera_core::tensor::{TensorLimits, Tensors};
-    let (_, rows) = tessera_cluster::digits::split(4, 0.2, 42);
-    let t = Tensors::decode(model, TensorLimits::default()).unwrap();
-    let (w, b) = (&t.0["w"].data, &t.0["b"].data);
-    let f = tessera_cluster::digits::FEATURES;
-    let score = |x: &[f32], c: usize| b[c] + (0..f).map(|j| w[c * f + j] * x[j]).sum::<f32>();
-    let correct = (0..rows.len())
-        .filter(|&i| {
-            let x = &rows.x[i * f..(i + 1) * f];
-            (0..10).max_by(|&a, &c| score(x, a).total_cmp(&score(x, c))).unwrap() as i64 == rows.y[i]
-        })
-        .count();
-    correct as f64 / rows.len() as f64
-}
-
 #[test]
 fn the_python_manta_swarm_on_four_node_processes_matches_the_embedded_run() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
@@ -487,7 +470,8 @@ fn the_python_manta_swarm_on_four_node_processes_matches_the_embedded_run() {
         let b = tessera_nats::backend(&env.nats.url(), &tessera_nats::NatsOptions::default()).await.unwrap();
         b.blobs.get(&model).await.unwrap().expect("the model is in the blob store")
     });
-    let acc = test_accuracy(&bytes);
+    let (_, held_out) = tessera_cluster::digits::split(4, 0.2, 42);
+    let acc = tessera_cluster::digits::accuracy(&bytes, &held_out).unwrap();
     assert!(acc >= 0.90, "held-out accuracy {acc}");
 
     // Operating the run: listed with its state, shown, its task logs per node.

@@ -80,6 +80,32 @@ pub fn split(shards: usize, test_fraction: f64, seed: u64) -> (Vec<Rows>, Rows) 
     (train, test)
 }
 
+/// The share of `rows` a softmax-regression model classifies right: the model is
+/// safetensors with `w` (f32 [classes, FEATURES]) and `b` (f32 [classes]), the class the
+/// argmax of `w x + b`. Errors when the bytes are not such a model.
+pub fn accuracy(model: &[u8], rows: &Rows) -> Result<f64, String> {
+    use tessera_core::tensor::{TensorLimits, Tensors};
+    let t = Tensors::decode(model, TensorLimits::default()).map_err(|e| e.to_string())?;
+    let (Some(w), Some(b)) = (t.0.get("w"), t.0.get("b")) else {
+        return Err("the model has no `w` and `b`".into());
+    };
+    let classes = b.data.len();
+    if classes == 0 || w.data.len() != classes * FEATURES {
+        return Err(format!("`w` has {} values; expected {classes} x {FEATURES}", w.data.len()));
+    }
+    if rows.is_empty() {
+        return Err("no rows".into());
+    }
+    let correct = (0..rows.len())
+        .filter(|&i| {
+            let x = &rows.x[i * FEATURES..(i + 1) * FEATURES];
+            let score = |c: usize| b.data[c] + (0..FEATURES).map(|j| w.data[c * FEATURES + j] * x[j]).sum::<f32>();
+            (0..classes).max_by(|&a, &c| score(a).total_cmp(&score(c))).is_some_and(|best| best as i64 == rows.y[i])
+        })
+        .count();
+    Ok(correct as f64 / rows.len() as f64)
+}
+
 /// Files written by [`prepare`].
 #[derive(Clone, Debug)]
 pub struct Prepared {
@@ -116,6 +142,27 @@ pub fn prepare(dir: &Path, shards: usize, test_fraction: f64, seed: u64) -> std:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accuracy_scores_a_softmax_model() {
+        use tessera_core::tensor::{Tensor, Tensors};
+        let (_, test) = split(4, 0.2, 7);
+        // A model that always answers 3 is right on exactly the rows labelled 3.
+        let mut b = vec![0.0f32; CLASSES];
+        b[3] = 1.0;
+        let model = Tensors(
+            [
+                ("w".to_string(), Tensor { shape: vec![CLASSES, FEATURES], data: vec![0.0; CLASSES * FEATURES] }),
+                ("b".to_string(), Tensor { shape: vec![CLASSES], data: b }),
+            ]
+            .into(),
+        )
+        .encode();
+        let threes = test.y.iter().filter(|&&y| y == 3).count() as f64 / test.len() as f64;
+        assert!((accuracy(&model, &test).unwrap() - threes).abs() < 1e-12);
+        assert!(accuracy(b"not a model", &test).is_err());
+        assert!(accuracy(&model, &Rows::default()).is_err());
+    }
 
     #[test]
     fn splits_cover_the_data_set_once() {

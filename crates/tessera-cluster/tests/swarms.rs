@@ -125,23 +125,6 @@ async fn federated_analytics_gives_the_exact_label_histogram(on: On) {
     cluster.stop().await;
 }
 
-/// Accuracy of a softmax model `{w: [10, 64], b: [10]}` on rows.
-fn accuracy(model: &[u8], rows: &digits::Rows) -> f64 {
-    use tessera_core::tensor::{TensorLimits, Tensors};
-    let t = Tensors::decode(model, TensorLimits::default()).unwrap();
-    let (w, b) = (&t.0["w"].data, &t.0["b"].data);
-    let f = digits::FEATURES;
-    let correct = (0..rows.len())
-        .filter(|&i| {
-            let x = &rows.x[i * f..(i + 1) * f];
-            let score = |c: usize| b[c] + (0..f).map(|j| w[c * f + j] * x[j]).sum::<f32>();
-            let best = (0..10).max_by(|&a, &c| score(a).total_cmp(&score(c))).unwrap();
-            best as i64 == rows.y[i]
-        })
-        .count();
-    correct as f64 / rows.len() as f64
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_manta_swarm_learns_digits_stops_early_and_gives_one_model_on_both_backends() {
     let spec = python_spec(&repo().join("examples/swarms/manta-fl/swarm.py"));
@@ -155,7 +138,7 @@ async fn the_manta_swarm_learns_digits_stops_early_and_gives_one_model_on_both_b
         let result = cluster.coordinator().run_swarm("manta-1", &spec, &Quiet).await.unwrap();
         assert_eq!(result.ending, Ending::Scheduler, "the scheduler stops it on the target accuracy");
         assert!(result.iterations < spec.iterations, "{} iterations", result.iterations);
-        let acc = accuracy(&result.globals["model"], &test);
+        let acc = digits::accuracy(&result.globals["model"], &test).unwrap();
         assert!(acc >= 0.90, "test accuracy {acc}");
         digests.push(result.model.unwrap());
         cluster.stop().await;

@@ -137,6 +137,22 @@ pub enum PortType {
     Bytes,
 }
 
+/// A Python distribution name as PEP 503 normalises it: lower case, runs of `-`, `_` and
+/// `.` as one `-` (how `needs.libraries` names are compared with what a node has).
+pub fn normalize_distribution(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.trim().chars() {
+        if matches!(c, '-' | '_' | '.') {
+            if !out.ends_with('-') {
+                out.push('-');
+            }
+        } else {
+            out.push(c.to_ascii_lowercase());
+        }
+    }
+    out
+}
+
 /// What a module needs from the node that runs it.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -126,21 +126,7 @@ pub fn python_libraries(interpreter: &Path) -> Vec<String> {
     libs
 }
 
-/// A distribution name as PEP 503 normalises it: lower case, runs of `-`, `_` and `.` as
-/// one `-`.
-pub fn normalize_distribution(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    for c in name.trim().chars() {
-        if matches!(c, '-' | '_' | '.') {
-            if !out.ends_with('-') {
-                out.push('-');
-            }
-        } else {
-            out.push(c.to_ascii_lowercase());
-        }
-    }
-    out
-}
+pub use tessera_core::manifest::normalize_distribution;
 
 impl ProcessRuntime {
     /// The `python` runtime: runs `interpreter -u -m tessera.host <entry>` with `sdk_dir`

@@ -315,7 +315,7 @@ impl Requirement {
         }
         let rest = rest.trim_start_matches('(').trim_end_matches(')');
         let specifiers = pep440_rs::VersionSpecifiers::from_str(rest).map_err(|e| format!("{text:?}: {e}"))?;
-        Ok(Requirement { name: normalize(name), specifiers })
+        Ok(Requirement { name: tessera_core::manifest::normalize_distribution(name), specifiers })
     }
 
     /// True when `offered` (`name==version` items) has the library in a version the
@@ -323,25 +323,10 @@ impl Requirement {
     pub fn met_by(&self, offered: &[String]) -> bool {
         offered.iter().any(|o| {
             let Some((name, version)) = o.split_once("==") else { return false };
-            normalize(name) == self.name
+            tessera_core::manifest::normalize_distribution(name) == self.name
                 && pep440_rs::Version::from_str(version.trim()).is_ok_and(|v| self.specifiers.contains(&v))
         })
     }
-}
-
-/// A distribution name as PEP 503 normalises it.
-fn normalize(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    for c in name.trim().chars() {
-        if matches!(c, '-' | '_' | '.') {
-            if !out.ends_with('-') {
-                out.push('-');
-            }
-        } else {
-            out.push(c.to_ascii_lowercase());
-        }
-    }
-    out
 }
 
 #[cfg(test)]
