@@ -48,7 +48,7 @@ def main():
                     print(line)
                     continue
                 print('echo "\\$ %s" >&2' % code.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$").replace("`", "\\`"))
-                if code.startswith("tessera swarm run"):
+                if code.startswith(("tessera swarm run", "tessera flow run")):
                     print("wait_nodes")
                 print(line)
                 if code.endswith("&"):

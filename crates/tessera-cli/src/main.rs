@@ -3,6 +3,7 @@
 
 mod actors;
 mod dataset;
+mod flow;
 mod hub;
 mod key;
 mod model;
@@ -60,9 +61,13 @@ enum Command {
     /// and runs the tasks sent to it, next to its datasets.
     #[command(subcommand)]
     Node(NodeCommand),
-    /// Run, resume and inspect federated sessions across machines (over NATS).
+    /// Run swarms (federated sessions and swarms of your own tasks) across machines over
+    /// NATS or in this process, and list, show, follow, stop and resume their runs.
     #[command(subcommand)]
     Swarm(swarm::Command),
+    /// Check, draw and run dataflows (typed operations wired by definition).
+    #[command(subcommand)]
+    Flow(flow::Command),
     /// Make, list, show, export and import key pairs (your identity when you publish,
     /// call and grant).
     #[command(subcommand)]
@@ -174,6 +179,7 @@ fn main() -> std::process::ExitCode {
             Command::Node(NodeCommand::Run(args)) => node::run(args).await,
             Command::Node(NodeCommand::Key { id }) => node::print_key(&id),
             Command::Swarm(c) => swarm::run(c).await,
+            Command::Flow(c) => flow::run(c).await,
             Command::Key(c) => key::run(c),
             Command::Usage { nats, hub } => usage(nats, &hub).await,
             Command::Namespace(c) => namespace(c).await,

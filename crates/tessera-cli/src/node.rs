@@ -25,6 +25,10 @@ pub struct RunArgs {
     /// A label swarm tasks select nodes by, `key=value` (repeatable), e.g. `region=eu`.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     label: Vec<String>,
+    /// Dataflow operations this node runs, by their names in flow files (comma-separated or
+    /// repeated), e.g. `--ops parse,add`.
+    #[arg(long = "ops", value_name = "OPERATION", value_delimiter = ',')]
+    ops: Vec<String>,
     /// Where packages are cached (default: $TESSERA_HOME/nodes/<id>/cache).
     #[arg(long)]
     cache: Option<PathBuf>,
@@ -175,6 +179,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut cfg = NodeConfig::new(&id, cache);
     cfg.datasets = datasets(&args.dataset)?;
     cfg.labels = labels(&args.label)?;
+    cfg.operations = args.ops.clone();
     cfg.policy = policy;
     cfg.identity = Some(identity.clone());
     cfg.endpoint = endpoint.clone();

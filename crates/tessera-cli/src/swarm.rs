@@ -472,6 +472,7 @@ async fn start_embedded(id: &str, nodes: &[String], args: &CoordinatorArgs) -> a
                     datasets: BTreeMap::new(),
                     wasm_wrapper: None,
                     world_wrapper: None,
+                    operations: Vec::new(),
                 });
                 specs.len() - 1
             }

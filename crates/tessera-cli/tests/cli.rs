@@ -366,3 +366,26 @@ fn bad_swarm_files_are_refused_naming_the_line() {
         assert!(err.contains(what), "case {i}: {err}");
     }
 }
+
+#[test]
+fn flow_files_are_checked_and_drawn() {
+    let dir = tempfile::tempdir().unwrap();
+    let calc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/dataflows/calc.yaml");
+    let calc = calc.to_str().unwrap();
+    let out = ok(&["flow", "check", calc], dir.path(), None);
+    assert!(out.contains("5 definitions, 3 operations; inputs: calc_string"), "{out}");
+    let mermaid = ok(&["flow", "graph", calc], dir.path(), None);
+    assert!(mermaid.contains("parse -->|is_add?| add"), "{mermaid}");
+    let dot = ok(&["flow", "graph", "--format", "dot", calc], dir.path(), None);
+    assert!(dot.starts_with("digraph dataflow {"), "{dot}");
+    let bad = dir.path().join("bad.yaml");
+    let text = std::fs::read_to_string(calc)
+        .unwrap()
+        .replace("inputs: {numbers: numbers}\n    outputs: {sum", "inputs: {numbers: numberz}\n    outputs: {sum");
+    std::fs::write(&bad, text).unwrap();
+    let err = fails(&["flow", "check", bad.to_str().unwrap()], dir.path(), None);
+    assert!(err.contains("bad.yaml line 18") && err.contains("add"), "{err}");
+    std::fs::write(&bad, vec![b'#'; 300_000]).unwrap();
+    let err = fails(&["flow", "check", bad.to_str().unwrap()], dir.path(), None);
+    assert!(err.contains("at most"), "{err}");
+}

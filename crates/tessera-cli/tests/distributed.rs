@@ -500,3 +500,34 @@ fn the_python_manta_swarm_on_four_node_processes_matches_the_embedded_run() {
     assert_eq!(after(&embedded, "global model: "), model.to_string(), "{embedded:#?}");
     assert!(embedded.iter().any(|l| l.contains(&format!("after {iterations} iterations"))), "{embedded:#?}");
 }
+
+#[test]
+fn the_calculator_flow_runs_add_and_mult_on_two_node_processes() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::start();
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/dataflows");
+    env.ok(&["module", "publish", examples.join("calc-ops").to_str().unwrap()]);
+    for (id, ops) in [("node-add", "parse,add"), ("node-mult", "mult")] {
+        let log = std::fs::File::create(env.dir.path().join(format!("{id}.log"))).unwrap();
+        let child = tessera(&env)
+            .args(["node", "run", "--open", "--id", id, "--ops", ops])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        env.procs.push(Proc { child, name: id.into() });
+    }
+    env.wait_for_nodes(2);
+    let flow = examples.join("calc.yaml");
+    let flow = flow.to_str().unwrap();
+    for (line, want) in [("add 40 and 2", 42), ("multiply 42 and 10", 420)] {
+        let out = env.ok(&["flow", "run", flow, "--input", &format!("calc_string={line}")]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(v["get_single"]["result"], want, "{out}");
+    }
+    // The same context id again is a new run, not the earlier run's answers.
+    let again = env.ok(&["flow", "run", flow, "--context", "c-1", "--input", "calc_string=add 1 and 2"]);
+    assert!(again.contains("\"result\": 3"), "{again}");
+    let again = env.ok(&["flow", "run", flow, "--context", "c-1", "--input", "calc_string=multiply 3 and 4"]);
+    assert!(again.contains("\"result\": 12"), "{again}");
+}

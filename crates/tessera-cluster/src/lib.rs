@@ -61,6 +61,8 @@ pub struct NodeSpec {
     pub wasm_wrapper: Option<RuntimeWrapper>,
     /// Wraps its world state, if set.
     pub world_wrapper: Option<WorldWrapper>,
+    /// The dataflow operations it offers.
+    pub operations: Vec<String>,
 }
 
 /// How to build the cluster.
@@ -91,6 +93,7 @@ impl ClusterConfig {
                 datasets: BTreeMap::from([("digits".to_string(), p.clone())]),
                 wasm_wrapper: None,
                 world_wrapper: None,
+                operations: Vec::new(),
             })
             .collect();
         ClusterConfig {
@@ -143,11 +146,13 @@ impl Cluster {
 
         let make = |id: &str,
                     datasets: &BTreeMap<String, PathBuf>,
+                    operations: &[String],
                     wrap: Option<RuntimeWrapper>,
                     world: Option<WorldWrapper>|
          -> Result<Arc<Node>, NodeError> {
             let mut c = NodeConfig::new(id, config.home.join("nodes").join(id).join("cache"));
             c.datasets = datasets.clone();
+            c.operations = operations.to_vec();
             let mut runtimes = vec![wrap.map_or_else(|| wasm.clone(), |w| w(wasm.clone()))];
             runtimes.extend(others.iter().cloned());
             let mut ports = ports.clone();
@@ -156,10 +161,10 @@ impl Cluster {
             }
             Ok(Arc::new(Node::new(c, ports, runtimes)?))
         };
-        let coordinator_node = make("coordinator", &config.coordinator_datasets, None, None)?;
+        let coordinator_node = make("coordinator", &config.coordinator_datasets, &[], None, None)?;
         let mut nodes = Vec::new();
         for spec in &config.nodes {
-            nodes.push(make(&spec.id, &spec.datasets, spec.wasm_wrapper, spec.world_wrapper)?);
+            nodes.push(make(&spec.id, &spec.datasets, &spec.operations, spec.wasm_wrapper, spec.world_wrapper)?);
         }
         let (shutdown, rx) = watch::channel(false);
         let mut serving = Vec::new();

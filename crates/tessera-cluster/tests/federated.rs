@@ -125,6 +125,7 @@ async fn register_silent_node(cluster: &Cluster, id: &str) {
         endpoint: None,
         labels: Default::default(),
         libraries: Vec::new(),
+        operations: Vec::new(),
     };
     cluster.backend.members.announce(id, bytes::Bytes::from(tessera_core::wire::encode(&record))).await.unwrap();
 }

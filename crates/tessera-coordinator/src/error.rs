@@ -48,6 +48,9 @@ pub enum SessionError {
     /// A swarm file was refused.
     #[error("{0}")]
     Spec(#[from] tessera_swarm::SpecError),
+    /// A dataflow context failed.
+    #[error(transparent)]
+    Flow(#[from] tessera_dataflow::DataflowError),
     /// A task cannot be placed on the nodes there are.
     #[error("{0}")]
     Placement(#[from] tessera_swarm::PlacementError),

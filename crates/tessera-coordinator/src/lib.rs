@@ -17,6 +17,7 @@
 //! NATS or wasmtime, and it does not parse swarm specs (`tessera-swarm` does).
 
 mod config;
+pub mod dataflow;
 mod dispatch;
 mod engine;
 mod error;

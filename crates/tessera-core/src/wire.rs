@@ -199,6 +199,10 @@ pub struct NodeRecord {
     /// `python` runtime), which modules' `needs.libraries` are matched against.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub libraries: Vec<String>,
+    /// The dataflow operations it runs (`tessera node run --ops parse,add`): parameter sets
+    /// of these go to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub operations: Vec<String>,
 }
 
 /// The metrics a worker reports in its `metrics` output.

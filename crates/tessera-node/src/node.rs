@@ -45,6 +45,8 @@ pub struct NodeConfig {
     pub endpoint: Option<String>,
     /// Labels announced with the node (`zone: eu`), which swarm tasks select nodes by.
     pub labels: BTreeMap<String, String>,
+    /// Dataflow operations it runs (announced; parameter sets of these come to it).
+    pub operations: Vec<String>,
 }
 
 impl NodeConfig {
@@ -60,6 +62,7 @@ impl NodeConfig {
             identity: None,
             endpoint: None,
             labels: BTreeMap::new(),
+            operations: Vec::new(),
         }
     }
     /// Declares a dataset.
@@ -134,6 +137,7 @@ pub struct Node {
     endpoint: Option<String>,
     labels: BTreeMap<String, String>,
     libraries: Vec<String>,
+    operations: Vec<String>,
 }
 
 /// What one account has used on a node.
@@ -180,6 +184,9 @@ impl Node {
             check_ident("label name", k).map_err(|e| NodeError::Config(e.to_string()))?;
             check_ident("label value", v).map_err(|e| NodeError::Config(format!("label {k}: {e}")))?;
         }
+        for op in &config.operations {
+            check_ident("operation name", op).map_err(|e| NodeError::Config(e.to_string()))?;
+        }
         let cache = PackageCache::open(&config.cache_dir, config.package_limits.clone())?;
         let mut libraries: Vec<String> = runtimes.iter().flat_map(|r| r.libraries()).collect();
         libraries.sort();
@@ -207,6 +214,7 @@ impl Node {
             endpoint: config.endpoint,
             labels: config.labels,
             libraries,
+            operations: config.operations,
         })
     }
 
@@ -273,6 +281,7 @@ impl Node {
             endpoint: self.endpoint.clone(),
             labels: self.labels.clone(),
             libraries: self.libraries.clone(),
+            operations: self.operations.clone(),
         }
     }
 

@@ -348,6 +348,7 @@ mod tests {
             endpoint: None,
             labels: BTreeMap::new(),
             libraries: vec!["numpy==2.1.3".into(), "scikit-learn==1.5.2".into()],
+            operations: Vec::new(),
         }
     }
 

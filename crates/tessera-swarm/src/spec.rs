@@ -10,7 +10,6 @@
 //! globals: {target_accuracy: 0.9}
 //! ```
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -23,6 +22,8 @@ use tessera_core::version::Version;
 use tessera_core::{ModulePath, PackageRef};
 
 use crate::flow::{self, Edge};
+use tessera_core::yaml::At;
+pub use tessera_core::yaml::SpecError;
 
 /// Largest swarm file read, and largest spec, in bytes (a run's stored state holds its
 /// spec and must stay well within a world-state value, 1 MiB).
@@ -269,57 +270,6 @@ pub struct SourceLine {
     pub line: usize,
 }
 
-/// Why a swarm file was refused: where, which field, and what is wrong.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub struct SpecError {
-    /// The file the line is in, when it is not the file being read (a Python swarm).
-    pub file: Option<String>,
-    /// 1-based line, when known.
-    pub line: Option<usize>,
-    /// 1-based column, when known.
-    pub column: Option<usize>,
-    /// Dotted path of the field (`tasks.worker.maximum`), when known.
-    pub field: Option<String>,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl fmt::Display for SpecError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut parts = Vec::new();
-        match (&self.file, self.line, self.column) {
-            (Some(file), Some(l), _) => parts.push(format!("{file} line {l}")),
-            (None, Some(l), Some(c)) => parts.push(format!("line {l}, column {c}")),
-            (None, Some(l), None) => parts.push(format!("line {l}")),
-            (Some(file), None, _) => parts.push(file.clone()),
-            (None, None, _) => {}
-        }
-        if let Some(field) = &self.field {
-            parts.push(field.clone());
-        }
-        parts.push(self.message.clone());
-        f.write_str(&parts.join(": "))
-    }
-}
-
-/// Where a field was written.
-#[derive(Clone, Copy, Debug, Default)]
-struct At {
-    line: Option<usize>,
-    column: Option<usize>,
-}
-
-impl At {
-    fn of<T>(s: &Spanned<T>) -> At {
-        let l = s.referenced;
-        if l.line() > 0 {
-            At { line: Some(l.line() as usize), column: Some(l.column() as usize) }
-        } else {
-            At::default()
-        }
-    }
-}
-
 /// Source lines a Python swarm reports for its parts (`tasks.worker` -> 12), so errors name
 /// the line of the Python file rather than of the JSON it produced.
 #[derive(Debug, Default, Deserialize)]
@@ -440,27 +390,7 @@ impl SwarmSpec {
                 message: format!("the file is {} bytes; the limit is {MAX_SPEC_BYTES}", text.len()),
             });
         }
-        let path = RefCell::new(None::<String>);
-        let raw: Result<RawSpec, _> =
-            serde_saphyr::with_deserializer_from_str_with_options(text, tessera_core::yaml::options(), |de| {
-                serde_path_to_error::deserialize(de).map_err(|e| {
-                    let p = e.path().to_string().replace(".value", "");
-                    if p != "." && p != "?" && !p.is_empty() {
-                        *path.borrow_mut() = Some(p);
-                    }
-                    e.into_inner()
-                })
-            });
-        let raw = raw.map_err(|e| {
-            let loc = tessera_core::yaml::location(&e);
-            SpecError {
-                file: None,
-                line: loc.map(|l| l.0),
-                column: loc.map(|l| l.1),
-                field: path.into_inner(),
-                message: tessera_core::yaml::message(&e),
-            }
-        })?;
+        let raw: RawSpec = tessera_core::yaml::from_str_located(text)?;
         raw.check()
     }
 

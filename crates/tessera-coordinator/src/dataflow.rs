@@ -1,0 +1,153 @@
+//! Dataflows on the engine, as DFFML's distributed orchestrator proposed: the
+//! orchestrator (`tessera_dataflow`) forms parameter sets; each goes as a task to a node
+//! that offers its operation (`tessera node run --ops parse,add`), calling the operation's
+//! module function with the parameter set's values as keyword arguments (`config.kwargs`;
+//! so operations are module functions of the `python` and `process` runtimes); the node
+//! answers with the function's result. Delivery is the engine's (at least once, answered
+//! once per task id); a node that leaves or does not answer has the parameter set run on
+//! another node that offers the operation. The first answer is the one used, so each
+//! parameter set is applied once, though a node that was only slow may still run it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use tessera_core::name::check_ident;
+use tessera_core::wire::{BlobRef, TaskOutcome};
+use tessera_core::{Digest, PackageRef};
+use tessera_dataflow::{ContextResult, DataFlow, Operation, OperationNetwork, Orchestrator};
+
+use crate::SessionError;
+use crate::dispatch::Outgoing;
+use crate::engine::Coordinator;
+
+/// Runs operations on the nodes that offer them.
+struct FlowNetwork<'a> {
+    c: &'a Coordinator,
+    run: String,
+    /// The package of each operation.
+    modules: BTreeMap<String, Digest>,
+    next: AtomicU64,
+    timeout: Duration,
+}
+
+impl Coordinator {
+    /// Runs one context of `flow` (its seed and `inputs`, definition and value) with its
+    /// operations on the nodes that offer them; `timeout` bounds each operation's run. An
+    /// operation's module reference is resolved once, before anything runs.
+    pub async fn run_flow(
+        &self,
+        run: &str,
+        flow: &DataFlow,
+        inputs: Vec<(String, Value)>,
+        timeout: Duration,
+    ) -> Result<ContextResult, SessionError> {
+        check_ident("run id", run).map_err(|e| SessionError::Config(e.to_string()))?;
+        flow.check().map_err(|(field, m)| SessionError::Config(format!("{field}: {m}")))?;
+        let mut modules = BTreeMap::new();
+        for (name, op) in &flow.operations {
+            let r: PackageRef =
+                op.module.parse().map_err(|e| SessionError::Config(format!("operation {name}: module: {e}")))?;
+            let rec = self
+                .source
+                .resolve(&r)
+                .await
+                .map_err(|e| SessionError::Config(format!("operation {name}: module {r}: {e}")))?;
+            modules.insert(name.clone(), rec.digest);
+        }
+        // Task ids are unique to this run of the context, so a node never answers a task of
+        // an earlier run with the same context id from its memory of answered tasks.
+        let nonce = crate::new_session_id();
+        let nonce = nonce.trim_start_matches("s-");
+        let net = FlowNetwork { c: self, run: format!("{run}-{nonce}"), modules, next: AtomicU64::new(0), timeout };
+        Ok(Orchestrator::new(flow, &net).run_context(inputs).await?)
+    }
+}
+
+#[async_trait]
+impl OperationNetwork for FlowNetwork<'_> {
+    async fn run(
+        &self,
+        name: &str,
+        op: &Operation,
+        inputs: BTreeMap<String, Value>,
+    ) -> Result<BTreeMap<String, Value>, String> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let module = *self.modules.get(name).ok_or_else(|| format!("no package for operation {name}"))?;
+        // The values go as the function's keyword arguments (tensors and blobs are digests).
+        let config = json!({"function": op.function, "kwargs": inputs});
+        let mut tried: BTreeSet<String> = BTreeSet::new();
+        loop {
+            let nodes = self.c.nodes().await.map_err(|e| e.to_string())?;
+            let offering: Vec<String> =
+                nodes.iter().filter(|r| r.operations.iter().any(|o| o == name)).map(|r| r.id.clone()).collect();
+            if offering.is_empty() {
+                return Err(format!(
+                    "no node offers operation `{name}` (start one with `tessera node run --ops {name}`)"
+                ));
+            }
+            let fresh: Vec<&String> = offering.iter().filter(|id| !tried.contains(*id)).collect();
+            let Some(node) = fresh.get(n as usize % fresh.len().max(1)).map(|s| (*s).clone()) else {
+                return Err(format!(
+                    "every node offering `{name}` left or did not answer: {}",
+                    tried.into_iter().collect::<Vec<_>>().join(", ")
+                ));
+            };
+            tried.insert(node.clone());
+            // One reply queue per attempt: parameter sets in flight do not share one.
+            let id = format!("{}-p{n}-{}", self.run, tried.len());
+            let task = Outgoing {
+                participant: node.clone(),
+                task_id: format!("{id}.{node}"),
+                module,
+                config: config.clone(),
+                inputs: Vec::new(),
+                world: None,
+            };
+            let replies = self.c.send_and_collect(&id, 0, vec![task], self.timeout).await.map_err(|e| e.to_string())?;
+            match replies.replies.get(&node).map(|r| &r.outcome) {
+                Some(TaskOutcome::Ok { outputs, .. }) => return self.outputs(name, op, outputs).await,
+                Some(TaskOutcome::Failed { error }) => return Err(error.clone()),
+                None => {
+                    let why = if replies.gone.contains(&node) { "left" } else { "did not answer in time" };
+                    tracing::warn!(operation = name, node, "{why}; running the parameter set on another node");
+                }
+            }
+        }
+    }
+}
+
+impl FlowNetwork<'_> {
+    /// The operation's outputs from the function's result: its value when the operation
+    /// has one output (or a mapping holding it), else a mapping of every output.
+    async fn outputs(&self, name: &str, op: &Operation, refs: &[BlobRef]) -> Result<BTreeMap<String, Value>, String> {
+        let r = refs.iter().find(|r| r.name == "result").ok_or_else(|| format!("{name} gave no result"))?;
+        let bytes = self
+            .c
+            .retry("reading a result", || self.c.backend.blobs.get(&r.digest))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{name}'s result is not in the blob store"))?;
+        let value: Value = serde_json::from_slice(&bytes).map_err(|e| format!("{name}'s result is not JSON: {e}"))?;
+        let mut out = BTreeMap::new();
+        if op.outputs.len() == 1 {
+            let key = op.outputs.keys().next().cloned().unwrap_or_default();
+            let v = match value {
+                Value::Object(mut m) if m.contains_key(&key) => m.remove(&key).unwrap_or(Value::Null),
+                other => other,
+            };
+            out.insert(key, v);
+            return Ok(out);
+        }
+        let Value::Object(mut m) = value else {
+            return Err(format!("{name} has {} outputs; its function returns a mapping of them", op.outputs.len()));
+        };
+        for key in op.outputs.keys() {
+            let v = m.remove(key).ok_or_else(|| format!("{name}'s result has no `{key}`"))?;
+            out.insert(key.clone(), v);
+        }
+        Ok(out)
+    }
+}

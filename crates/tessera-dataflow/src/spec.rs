@@ -1,0 +1,545 @@
+//! Flow files: definitions, operations, how operations' inputs are wired, seed inputs and
+//! the outputs a context gives back, read from YAML with errors naming the line.
+//!
+//! ```yaml
+//! definitions:
+//!   calc_string: {type: str}
+//!   is_add: {type: bool}
+//!   numbers: {type: json}
+//!   result: {type: int}
+//! operations:
+//!   parse: {module: calc.ops@0.1.0, function: parse,
+//!           inputs: {line: calc_string}, outputs: {add: is_add, numbers: numbers}}
+//!   add:   {module: calc.ops@0.1.0, function: add, inputs: {numbers: numbers},
+//!           outputs: {sum: result}, conditions: [is_add]}
+//! inputs: [calc_string]
+//! output: {get_single: [result]}
+//! ```
+//!
+//! An operation's input is fed by every value of its definition (DFFML's wiring by
+//! definition) unless `flow` names where it comes from: `seed` (values given to the
+//! context) or `<operation>.<output>`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use serde_saphyr::Spanned;
+use tessera_core::PackageRef;
+use tessera_core::name::check_ident;
+use tessera_core::yaml::At;
+pub use tessera_core::yaml::SpecError;
+
+/// Largest flow file read, in bytes.
+pub const MAX_FLOW_BYTES: usize = 256 * 1024;
+/// Most definitions in a flow.
+pub const MAX_DEFINITIONS: usize = 1024;
+/// Most operations in a flow.
+pub const MAX_OPERATIONS: usize = 256;
+
+/// What values of a definition are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Primitive {
+    /// A whole number (JSON integer, 64 bits).
+    Int,
+    /// A number (JSON number, f64).
+    Float,
+    /// A string.
+    Str,
+    /// `true` or `false`.
+    Bool,
+    /// Any JSON value.
+    Json,
+    /// A tensor, as a blob digest (`b3:<hex>`) of its safetensors bytes.
+    Tensor,
+    /// Bytes, as a blob digest (`b3:<hex>`).
+    Blob,
+}
+
+impl Primitive {
+    /// True when `v` is a value of this type.
+    pub fn admits(self, v: &Value) -> bool {
+        match self {
+            Primitive::Int => v.is_i64() || v.is_u64(),
+            Primitive::Float => v.is_number(),
+            Primitive::Str => v.is_string(),
+            Primitive::Bool => v.is_boolean(),
+            Primitive::Json => true,
+            Primitive::Tensor | Primitive::Blob => {
+                v.as_str().is_some_and(|s| s.parse::<tessera_core::Digest>().is_ok())
+            }
+        }
+    }
+}
+
+/// A kind of value that flows between operations.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Definition {
+    /// Its type.
+    #[serde(rename = "type")]
+    pub primitive: Primitive,
+    /// A value of it is used by one operation at a time.
+    #[serde(default)]
+    pub lock: bool,
+    /// An operation every new value of it goes through first (one input, one output of
+    /// this definition); the value it gives is the one used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validate: Option<String>,
+}
+
+/// A module function with inputs and outputs bound to definitions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Operation {
+    /// The module: `name@version`, a range, an alias or a digest.
+    pub module: String,
+    /// The function called.
+    pub function: String,
+    /// Parameter name -> definition.
+    #[serde(default)]
+    pub inputs: BTreeMap<String, String>,
+    /// Output name -> definition.
+    #[serde(default)]
+    pub outputs: BTreeMap<String, String>,
+    /// Boolean definitions that must all be `true` for it to run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<String>,
+}
+
+/// Where a value comes from.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Origin {
+    /// Given to the context (a seed or a caller's input).
+    Seed,
+    /// An operation's output.
+    Output {
+        /// The operation.
+        operation: String,
+        /// Its output.
+        output: String,
+    },
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Seed => f.write_str("seed"),
+            Origin::Output { operation, output } => write!(f, "{operation}.{output}"),
+        }
+    }
+}
+
+/// A whole flow.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataFlow {
+    /// Definitions by name.
+    pub definitions: BTreeMap<String, Definition>,
+    /// Operations by name.
+    pub operations: BTreeMap<String, Operation>,
+    /// Explicit wiring: operation -> parameter (or `conditions`) -> the origins allowed.
+    /// Parameters not named take every value of their definition.
+    #[serde(default)]
+    pub flow: BTreeMap<String, BTreeMap<String, Vec<Origin>>>,
+    /// Definitions a caller gives values of (besides `seed`).
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    /// Values every context starts with: definition -> values.
+    #[serde(default)]
+    pub seed: Vec<(String, Value)>,
+    /// What a context gives back.
+    pub output: Output,
+}
+
+/// What a context gives back: the last value of each `get_single` definition, every value
+/// of each `get_multi` one (DFFML's `GetSingle` and `GetMulti`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Output {
+    /// Definitions given back as their last value.
+    #[serde(default)]
+    pub get_single: Vec<String>,
+    /// Definitions given back as every value, in order.
+    #[serde(default)]
+    pub get_multi: Vec<String>,
+}
+
+/// `flow:` as written: operation -> parameter -> origins.
+type RawWiring = BTreeMap<String, BTreeMap<String, Vec<String>>>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlow {
+    definitions: Spanned<BTreeMap<String, Spanned<Definition>>>,
+    operations: Spanned<BTreeMap<String, Spanned<RawOperation>>>,
+    #[serde(default)]
+    flow: Option<Spanned<RawWiring>>,
+    #[serde(default)]
+    inputs: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    seed: Option<Spanned<Vec<BTreeMap<String, Value>>>>,
+    output: Spanned<Output>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOperation {
+    module: String,
+    function: String,
+    #[serde(default)]
+    inputs: BTreeMap<String, String>,
+    #[serde(default)]
+    outputs: BTreeMap<String, String>,
+    #[serde(default)]
+    conditions: Vec<String>,
+}
+
+fn parse_origin(s: &str) -> Result<Origin, String> {
+    if s == "seed" {
+        return Ok(Origin::Seed);
+    }
+    match s.split_once('.') {
+        Some((op, out)) if !op.is_empty() && !out.is_empty() => {
+            Ok(Origin::Output { operation: op.to_owned(), output: out.to_owned() })
+        }
+        _ => Err(format!("origin {s:?} is neither `seed` nor `<operation>.<output>`")),
+    }
+}
+
+impl DataFlow {
+    /// Reads and checks a flow file ([`DataFlow::check`]); errors name the line.
+    pub fn from_yaml(text: &str) -> Result<DataFlow, SpecError> {
+        if text.len() > MAX_FLOW_BYTES {
+            return Err(SpecError::at(
+                At::default(),
+                "file",
+                format!("the file is {} bytes; the limit is {MAX_FLOW_BYTES}", text.len()),
+            ));
+        }
+        let raw: RawFlow = tessera_core::yaml::from_str_located(text)?;
+        let mut lines: BTreeMap<String, At> = BTreeMap::new();
+        lines.insert("definitions".into(), At::of(&raw.definitions));
+        lines.insert("operations".into(), At::of(&raw.operations));
+        lines.insert("output".into(), At::of(&raw.output));
+        let definitions = raw
+            .definitions
+            .value
+            .into_iter()
+            .map(|(k, v)| {
+                lines.insert(format!("definitions.{k}"), At::of(&v));
+                (k, v.value)
+            })
+            .collect();
+        let operations = raw
+            .operations
+            .value
+            .into_iter()
+            .map(|(k, v)| {
+                lines.insert(format!("operations.{k}"), At::of(&v));
+                let r = v.value;
+                let op = Operation {
+                    module: r.module,
+                    function: r.function,
+                    inputs: r.inputs,
+                    outputs: r.outputs,
+                    conditions: r.conditions,
+                };
+                (k, op)
+            })
+            .collect();
+        let mut flow = BTreeMap::new();
+        if let Some(f) = raw.flow {
+            let at = At::of(&f);
+            lines.insert("flow".into(), at);
+            for (op, params) in f.value {
+                let mut wired = BTreeMap::new();
+                for (param, origins) in params {
+                    let parsed: Result<Vec<Origin>, String> = origins.iter().map(|o| parse_origin(o)).collect();
+                    wired.insert(
+                        param.clone(),
+                        parsed.map_err(|m| SpecError::at(at, &format!("flow.{op}.{param}"), m))?,
+                    );
+                }
+                flow.insert(op, wired);
+            }
+        }
+        let inputs = match raw.inputs {
+            Some(i) => {
+                lines.insert("inputs".into(), At::of(&i));
+                i.value
+            }
+            None => Vec::new(),
+        };
+        let mut seed = Vec::new();
+        if let Some(s) = raw.seed {
+            let at = At::of(&s);
+            lines.insert("seed".into(), at);
+            for item in s.value {
+                if item.len() != 1 {
+                    return Err(SpecError::at(at, "seed", "each seed item is one `definition: value`"));
+                }
+                seed.extend(item);
+            }
+        }
+        let flow = DataFlow { definitions, operations, flow, inputs, seed, output: raw.output.value };
+        flow.check().map_err(|(field, message)| {
+            // The line of the most specific part named.
+            let parts: Vec<&str> = field.split('.').collect();
+            let at = (1..=parts.len().min(2))
+                .rev()
+                .find_map(|n| lines.get(&parts[..n].join(".")))
+                .copied()
+                .unwrap_or_default();
+            SpecError::at(at, &field, message)
+        })?;
+        Ok(flow)
+    }
+
+    /// The origins feeding an operation's parameter (or its `conditions`): those `flow`
+    /// names, else the seed and every output of the parameter's definition.
+    pub fn origins(&self, op: &str, param: &str, definition: &str) -> Vec<Origin> {
+        if let Some(o) = self.flow.get(op).and_then(|p| p.get(param)) {
+            return o.clone();
+        }
+        let mut out = vec![Origin::Seed];
+        for (name, o) in &self.operations {
+            for (output, def) in &o.outputs {
+                if def == definition {
+                    out.push(Origin::Output { operation: name.clone(), output: output.clone() });
+                }
+            }
+        }
+        out
+    }
+
+    /// Checks the flow: names, types of wired values, conditions, validation operations,
+    /// inputs nothing can feed, operations that can never run, and cycles no condition
+    /// guards. Gives the dotted field and what is wrong.
+    pub fn check(&self) -> Result<(), (String, String)> {
+        if self.definitions.is_empty() || self.definitions.len() > MAX_DEFINITIONS {
+            return Err(("definitions".into(), format!("a flow has 1 to {MAX_DEFINITIONS} definitions")));
+        }
+        if self.operations.is_empty() || self.operations.len() > MAX_OPERATIONS {
+            return Err(("operations".into(), format!("a flow has 1 to {MAX_OPERATIONS} operations")));
+        }
+        let def = |field: &str, name: &str| -> Result<&Definition, (String, String)> {
+            self.definitions.get(name).ok_or_else(|| {
+                (field.to_owned(), format!("unknown definition `{name}` (definitions: {})", self.names()))
+            })
+        };
+        for (name, d) in &self.definitions {
+            check_ident("definition name", name).map_err(|e| (format!("definitions.{name}"), e.to_string()))?;
+            if let Some(v) = &d.validate {
+                let field = format!("definitions.{name}.validate");
+                let op = self.operations.get(v).ok_or_else(|| (field.clone(), format!("unknown operation `{v}`")))?;
+                let one_in = op.inputs.len() == 1 && op.inputs.values().all(|i| i == name);
+                let one_out = op.outputs.len() == 1 && op.outputs.values().all(|o| o == name);
+                if !(one_in && one_out) {
+                    return Err((field, format!("`{v}` must take one `{name}` and give one `{name}`")));
+                }
+            }
+        }
+        for (name, op) in &self.operations {
+            let at = format!("operations.{name}");
+            check_ident("operation name", name).map_err(|e| (at.clone(), e.to_string()))?;
+            op.module.parse::<PackageRef>().map_err(|e| (format!("{at}.module"), e.to_string()))?;
+            check_ident("function name", &op.function).map_err(|e| (format!("{at}.function"), e.to_string()))?;
+            if op.outputs.is_empty() {
+                return Err((format!("{at}.outputs"), "an operation gives at least one output".into()));
+            }
+            if op.inputs.is_empty() {
+                return Err((format!("{at}.inputs"), "an operation takes at least one input".into()));
+            }
+            if op.inputs.contains_key("conditions") {
+                return Err((
+                    format!("{at}.inputs"),
+                    "`conditions` is not a parameter name (it names the conditions in `flow`)".into(),
+                ));
+            }
+            for (p, d) in op.inputs.iter().chain(&op.outputs) {
+                check_ident("parameter name", p).map_err(|e| (format!("{at}.{p}"), e.to_string()))?;
+                def(&format!("{at}.{p}"), d)?;
+            }
+            for c in &op.conditions {
+                if def(&format!("{at}.conditions"), c)?.primitive != Primitive::Bool {
+                    return Err((format!("{at}.conditions"), format!("condition `{c}` is not a bool definition")));
+                }
+            }
+        }
+        for (op, params) in &self.flow {
+            let o =
+                self.operations.get(op).ok_or_else(|| (format!("flow.{op}"), format!("unknown operation `{op}`")))?;
+            for (param, origins) in params {
+                let field = format!("flow.{op}.{param}");
+                let want: Vec<&String> = if param == "conditions" {
+                    o.conditions.iter().collect()
+                } else {
+                    vec![o.inputs.get(param).ok_or_else(|| (field.clone(), format!("`{op}` has no input `{param}`")))?]
+                };
+                for origin in origins {
+                    let Origin::Output { operation, output } = origin else { continue };
+                    let from = self
+                        .operations
+                        .get(operation)
+                        .and_then(|f| f.outputs.get(output))
+                        .ok_or_else(|| (field.clone(), format!("`{origin}` is not an operation's output")))?;
+                    let from_type = self.definitions[from].primitive;
+                    // Values keep their definition: an input takes values of its own.
+                    if let Some(w) = want.iter().find(|w| **w != from) {
+                        return Err((
+                            field,
+                            format!(
+                                "type mismatch: `{origin}` gives {from} ({from_type:?}) where `{w}` ({:?}) is wanted; \
+                                 an input takes values of its own definition",
+                                self.definitions[*w].primitive
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        for (i, d) in self.inputs.iter().enumerate() {
+            def(&format!("inputs.{i}"), d)?;
+        }
+        for (d, v) in &self.seed {
+            let definition = def("seed", d)?;
+            if !definition.primitive.admits(v) {
+                return Err(("seed".into(), format!("{v} is not a {:?} value of `{d}`", definition.primitive)));
+            }
+        }
+        for d in self.output.get_single.iter().chain(&self.output.get_multi) {
+            def("output", d)?;
+        }
+        self.check_reachable()?;
+        self.check_cycles()
+    }
+
+    /// True for an operation that validates a definition: it runs on values as they
+    /// arrive, not on parameter sets.
+    pub fn is_validator(&self, op: &str) -> bool {
+        self.definitions.values().any(|d| d.validate.as_deref() == Some(op))
+    }
+
+    fn names(&self) -> String {
+        self.definitions.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
+
+    /// Every operation can run: each of its inputs and conditions has an origin that can
+    /// have a value (a seed or caller input, or an operation that can run).
+    fn check_reachable(&self) -> Result<(), (String, String)> {
+        let given: BTreeSet<&str> =
+            self.inputs.iter().map(String::as_str).chain(self.seed.iter().map(|(d, _)| d.as_str())).collect();
+        let mut runs: BTreeSet<&str> = BTreeSet::new();
+        loop {
+            let before = runs.len();
+            for (name, op) in &self.operations {
+                if runs.contains(name.as_str()) || self.is_validator(name) {
+                    continue;
+                }
+                let fed = |param: &str, d: &str| {
+                    self.origins(name, param, d).iter().any(|o| match o {
+                        Origin::Seed => given.contains(d),
+                        Origin::Output { operation, .. } => runs.contains(operation.as_str()),
+                    })
+                };
+                if op.inputs.iter().all(|(p, d)| fed(p, d)) && op.conditions.iter().all(|c| fed("conditions", c)) {
+                    runs.insert(name);
+                }
+            }
+            if runs.len() == before {
+                break;
+            }
+        }
+        let stuck: Vec<(&String, &Operation)> =
+            self.operations.iter().filter(|(n, _)| !runs.contains(n.as_str()) && !self.is_validator(n)).collect();
+        // Name the root cause: an operation needing what nothing at all gives; else the
+        // first one stuck behind others.
+        let nothing_gives = |d: &String| {
+            !given.contains(d.as_str()) && !self.operations.values().any(|o| o.outputs.values().any(|x| x == d))
+        };
+        let root =
+            stuck.iter().find(|(_, op)| op.inputs.values().chain(&op.conditions).any(nothing_gives)).or(stuck.first());
+        if let Some((name, op)) = root {
+            let mut missing: Vec<&str> =
+                op.inputs.values().chain(&op.conditions).filter(|d| nothing_gives(d)).map(String::as_str).collect();
+            if missing.is_empty() {
+                missing = op.inputs.values().chain(&op.conditions).map(String::as_str).collect();
+            }
+            return Err((
+                format!("operations.{name}"),
+                format!(
+                    "`{name}` can never run: nothing gives {} (give it in `inputs` or `seed`, or add an operation that outputs it)",
+                    missing.join(", ")
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A cycle of operations (each feeding the next) runs for ever unless one of them has
+    /// a condition to stop it.
+    fn check_cycles(&self) -> Result<(), (String, String)> {
+        let mut feeds: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (name, op) in self.operations.iter().filter(|(n, _)| !self.is_validator(n)) {
+            for (param, d) in
+                op.inputs.iter().map(|(p, d)| (p.as_str(), d)).chain(op.conditions.iter().map(|c| ("conditions", c)))
+            {
+                for o in self.origins(name, param, d) {
+                    if let Origin::Output { operation, .. } = o
+                        && let Some((k, _)) = self.operations.get_key_value(&operation)
+                        && !self.is_validator(k)
+                    {
+                        feeds.entry(k.as_str()).or_default().insert(name.as_str());
+                    }
+                }
+            }
+        }
+        // Depth-first search for a cycle through unguarded operations only.
+        let guarded = |n: &str| !self.operations[n].conditions.is_empty();
+        let mut state: BTreeMap<&str, u8> = BTreeMap::new(); // 1 on the path, 2 done
+        fn visit<'a>(
+            n: &'a str,
+            feeds: &BTreeMap<&'a str, BTreeSet<&'a str>>,
+            guarded: &dyn Fn(&str) -> bool,
+            state: &mut BTreeMap<&'a str, u8>,
+            path: &mut Vec<&'a str>,
+        ) -> Option<Vec<&'a str>> {
+            state.insert(n, 1);
+            path.push(n);
+            for &m in feeds.get(n).into_iter().flatten() {
+                if guarded(m) {
+                    continue;
+                }
+                match state.get(m) {
+                    Some(1) => {
+                        let from = path.iter().position(|p| *p == m).unwrap_or(0);
+                        let mut cycle = path[from..].to_vec();
+                        cycle.push(m);
+                        return Some(cycle);
+                    }
+                    Some(_) => {}
+                    None => {
+                        if let Some(c) = visit(m, feeds, guarded, state, path) {
+                            return Some(c);
+                        }
+                    }
+                }
+            }
+            path.pop();
+            state.insert(n, 2);
+            None
+        }
+        for n in self.operations.keys() {
+            if guarded(n) || self.is_validator(n) || state.contains_key(n.as_str()) {
+                continue;
+            }
+            if let Some(c) = visit(n, &feeds, &guarded, &mut state, &mut Vec::new()) {
+                return Err((
+                    format!("operations.{}", c[0]),
+                    format!("the operations {} feed each other with no condition to stop them", c.join(" -> ")),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
