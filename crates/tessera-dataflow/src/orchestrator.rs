@@ -22,6 +22,9 @@ use crate::spec::{DataFlow, Operation, Origin};
 /// that would never end).
 pub const MAX_PARAMETER_SETS: usize = 100_000;
 
+/// Most operations running at once in one context; further parameter sets wait.
+pub const MAX_IN_FLIGHT: usize = 64;
+
 /// Runs operations.
 #[async_trait]
 pub trait OperationNetwork: Send + Sync {
@@ -91,7 +94,7 @@ pub struct Orchestrator<'a> {
     network: &'a dyn OperationNetwork,
 }
 
-/// A parameter set: the item ids of its inputs (by parameter) and conditions.
+/// A parameter set: the item ids of its inputs (by parameter) and of its conditions.
 type ParameterSet = (BTreeMap<String, usize>, Vec<usize>);
 
 impl<'a> Orchestrator<'a> {
@@ -113,42 +116,56 @@ impl<'a> Orchestrator<'a> {
             let value = self.admit(&d, v, &Origin::Seed).await?;
             items.push(Item { id: items.len(), definition: d, value, origin: Origin::Seed });
         }
-        let mut seen: BTreeSet<(String, ParameterSet)> = BTreeSet::new();
         let mut runs: BTreeMap<String, usize> = BTreeMap::new();
+        // Parameter sets formed so far, per operation (bounded by MAX_PARAMETER_SETS).
+        let mut formed: BTreeMap<String, usize> = BTreeMap::new();
         // Values of `lock` definitions used by a running operation.
         let mut held: BTreeSet<usize> = BTreeSet::new();
+        // Sets formed but not started: their locked values were in use, or too many ran.
+        let mut waiting: Vec<(String, ParameterSet)> = Vec::new();
+        // Items before this one have been combined into parameter sets.
+        let mut combined = 0;
         let mut running = FuturesUnordered::new();
         loop {
-            for (name, op) in &self.flow.operations {
-                for set in self.parameter_sets(name, op, &items)? {
-                    let key = (name.clone(), set.clone());
-                    if seen.contains(&key) {
-                        continue;
+            // Only sets with a value that arrived since the last pass are new: each set is
+            // formed once.
+            let mut ready = std::mem::take(&mut waiting);
+            if combined < items.len() {
+                for (name, op) in &self.flow.operations {
+                    let sets = self.new_parameter_sets(name, op, &items, combined)?;
+                    let total = formed.entry(name.clone()).or_default();
+                    *total = total.saturating_add(sets.len());
+                    if *total > MAX_PARAMETER_SETS {
+                        return Err(DataflowError::FanOut { operation: name.clone(), count: *total });
                     }
-                    let locked: Vec<usize> = set
-                        .0
-                        .values()
-                        .chain(&set.1)
-                        .copied()
-                        .filter(|id| self.flow.definitions[&items[*id].definition].lock)
-                        .collect();
-                    if locked.iter().any(|id| held.contains(id)) {
-                        continue; // formed again once the value is free
-                    }
-                    seen.insert(key);
-                    if !set.1.iter().all(|id| items[*id].value == Value::Bool(true)) {
-                        continue;
-                    }
-                    held.extend(&locked);
-                    *runs.entry(name.clone()).or_default() += 1;
-                    let args: BTreeMap<String, Value> =
-                        set.0.iter().map(|(p, id)| (p.clone(), items[*id].value.clone())).collect();
-                    let name = name.clone();
-                    running.push(async move {
-                        let out = self.network.run(&name, op, args).await;
-                        (name, locked, out)
-                    });
+                    ready.extend(sets.into_iter().map(|s| (name.clone(), s)));
                 }
+                combined = items.len();
+            }
+            for (name, set) in ready {
+                if !set.1.iter().all(|id| items[*id].value == Value::Bool(true)) {
+                    continue;
+                }
+                let locked: Vec<usize> = set
+                    .0
+                    .values()
+                    .chain(&set.1)
+                    .copied()
+                    .filter(|id| self.flow.definitions[&items[*id].definition].lock)
+                    .collect();
+                if running.len() >= MAX_IN_FLIGHT || locked.iter().any(|id| held.contains(id)) {
+                    waiting.push((name, set)); // started once the value is free
+                    continue;
+                }
+                let op = &self.flow.operations[&name];
+                held.extend(&locked);
+                *runs.entry(name.clone()).or_default() += 1;
+                let args: BTreeMap<String, Value> =
+                    set.0.iter().map(|(p, id)| (p.clone(), items[*id].value.clone())).collect();
+                running.push(async move {
+                    let out = self.network.run(&name, op, args).await;
+                    (name, locked, out)
+                });
             }
             let Some((name, locked, out)) = running.next().await else { break };
             for id in locked {
@@ -216,10 +233,18 @@ impl<'a> Orchestrator<'a> {
         Ok(valid)
     }
 
-    /// Every parameter set of `op` the items allow: one item per input and per condition,
-    /// each from an origin wired to it. Operations used as validators only run on values
-    /// as they arrive.
-    fn parameter_sets(&self, name: &str, op: &Operation, items: &[Item]) -> Result<Vec<ParameterSet>, DataflowError> {
+    /// The parameter sets of `op` with at least one item from `new_from` on: one item per
+    /// input and per condition, each from an origin wired to it. For each slot j, the slots
+    /// before it take older items, slot j a new one, the slots after it any: every set with
+    /// a new item comes out exactly once. Operations that validate a definition run on
+    /// values as they arrive instead.
+    fn new_parameter_sets(
+        &self,
+        name: &str,
+        op: &Operation,
+        items: &[Item],
+        new_from: usize,
+    ) -> Result<Vec<ParameterSet>, DataflowError> {
         if self.flow.is_validator(name) {
             return Ok(Vec::new());
         }
@@ -227,45 +252,57 @@ impl<'a> Orchestrator<'a> {
             let origins = self.flow.origins(name, param, d);
             items.iter().filter(|i| i.definition == d && origins.contains(&i.origin)).map(|i| i.id).collect()
         };
-        let params: Vec<(String, Vec<usize>)> = op.inputs.iter().map(|(p, d)| (p.clone(), candidates(p, d))).collect();
-        let conditions: Vec<Vec<usize>> = op.conditions.iter().map(|c| candidates("conditions", c)).collect();
-        let count = params
+        // Slots: the inputs, then the conditions.
+        let params: Vec<&String> = op.inputs.keys().collect();
+        let slots: Vec<Vec<usize>> = op
+            .inputs
             .iter()
-            .map(|(_, c)| c.len())
-            .chain(conditions.iter().map(Vec::len))
-            .try_fold(1usize, |acc, n| acc.checked_mul(n))
-            .unwrap_or(usize::MAX);
-        if count > MAX_PARAMETER_SETS {
-            return Err(DataflowError::FanOut { operation: name.to_owned(), count });
-        }
-        if count == 0 || (op.inputs.is_empty() && op.conditions.is_empty()) {
-            return Ok(Vec::new());
-        }
-        let mut sets: Vec<ParameterSet> = vec![(BTreeMap::new(), Vec::new())];
-        for (p, ids) in &params {
-            sets = sets
-                .into_iter()
-                .flat_map(|s| {
-                    ids.iter().map(move |id| {
-                        let mut s = s.clone();
-                        s.0.insert(p.clone(), *id);
-                        s
+            .map(|(p, d)| candidates(p, d))
+            .chain(op.conditions.iter().map(|c| candidates("conditions", c)))
+            .collect();
+        let mut out: Vec<ParameterSet> = Vec::new();
+        for j in 0..slots.len() {
+            let pick = |k: usize| -> Vec<usize> {
+                slots[k]
+                    .iter()
+                    .copied()
+                    .filter(|id| {
+                        if k < j {
+                            *id < new_from
+                        } else if k == j {
+                            *id >= new_from
+                        } else {
+                            true
+                        }
                     })
-                })
-                .collect();
-        }
-        for ids in &conditions {
-            sets = sets
-                .into_iter()
-                .flat_map(|s| {
-                    ids.iter().map(move |id| {
-                        let mut s = s.clone();
-                        s.1.push(*id);
-                        s
+                    .collect()
+            };
+            let choices: Vec<Vec<usize>> = (0..slots.len()).map(pick).collect();
+            let count = choices.iter().try_fold(1usize, |acc, c| acc.checked_mul(c.len())).unwrap_or(usize::MAX);
+            if count == 0 {
+                continue;
+            }
+            if count > MAX_PARAMETER_SETS {
+                return Err(DataflowError::FanOut { operation: name.to_owned(), count });
+            }
+            let mut sets: Vec<Vec<usize>> = vec![Vec::new()];
+            for c in &choices {
+                sets = sets
+                    .into_iter()
+                    .flat_map(|s| {
+                        c.iter().map(move |id| {
+                            let mut s = s.clone();
+                            s.push(*id);
+                            s
+                        })
                     })
-                })
-                .collect();
+                    .collect();
+            }
+            for ids in sets {
+                let inputs = params.iter().zip(&ids).map(|(p, id)| ((*p).clone(), *id)).collect();
+                out.push((inputs, ids[params.len()..].to_vec()));
+            }
         }
-        Ok(sets)
+        Ok(out)
     }
 }

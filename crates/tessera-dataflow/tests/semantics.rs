@@ -263,3 +263,25 @@ fn the_calculator_as_a_graph() {
     let dot = render(&flow, Format::Dot);
     assert!(dot.contains("\"parse\" -> \"mult\" [label=\"is_mult?\"];") && dot.ends_with("}\n"), "{dot}");
 }
+
+#[tokio::test]
+async fn values_arriving_later_form_only_the_new_parameter_sets() {
+    let flow = DataFlow::from_yaml(
+        "definitions:\n  num: {type: int}\n  seedling: {type: int}\n  text: {type: str}\noperations:\n  \
+         pair: {module: t.ops@1.0.0, function: pair, inputs: {a: num, b: num}, outputs: {out: text}}\n  \
+         grow: {module: t.ops@1.0.0, function: double, inputs: {age: seedling}, outputs: {twice: num}}\n\
+         inputs: [num, seedling]\noutput: {get_multi: [text]}\n",
+    )
+    .unwrap();
+    let net = Calc::default();
+    let r = Orchestrator::new(&flow, &net)
+        .run_context(vec![("num".into(), json!(1)), ("num".into(), json!(2)), ("seedling".into(), json!(5))])
+        .await
+        .unwrap();
+    // {1, 2} first, then 10 from `grow`: every pair of {1, 2, 10} once.
+    assert_eq!(r.runs["pair"], 9);
+    let mut texts: Vec<String> = r.multi["text"].iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+    texts.sort();
+    texts.dedup();
+    assert_eq!(texts.len(), 9, "{texts:?}");
+}
