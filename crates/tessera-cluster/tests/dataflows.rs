@@ -4,37 +4,22 @@
 //! Needs a Python (the operations are a Python module): `scripts/test` exports
 //! `TESSERA_PYTHON`.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
 use tessera_cluster::{Cluster, ClusterConfig, NodeSpec};
 use tessera_dataflow::DataFlow;
-use tessera_nats::testing::NatsServer;
-use tessera_ports::Backend;
 use tessera_wasm::WasmLimits;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-enum On {
-    Memory,
-    Nats(NatsServer),
-}
-
-const TTL: Duration = Duration::from_secs(3);
+use common::{On, python, repo};
 
 /// Nodes `(id, operations)`, running Python modules.
 async fn cluster(on: &On, home: &Path, nodes: &[(&str, &[&str])]) -> Cluster {
-    let backend = match on {
-        On::Memory => Backend::in_process(TTL),
-        On::Nats(server) => {
-            let options = tessera_nats::NatsOptions { member_ttl: TTL, ..Default::default() };
-            tessera_nats::backend(&server.url(), &options).await.unwrap()
-        }
-    };
+    let backend = on.backend().await;
     let config = ClusterConfig {
         home: home.to_owned(),
         nodes: nodes
@@ -49,28 +34,13 @@ async fn cluster(on: &On, home: &Path, nodes: &[(&str, &[&str])]) -> Cluster {
             .collect(),
         coordinator_datasets: BTreeMap::new(),
         wasm_limits: WasmLimits::default(),
-        python: Some(PathBuf::from(std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| "python3".into()))),
+        python: Some(python()),
     };
     Cluster::start_on(config, backend).await.unwrap()
 }
 
 fn calc() -> DataFlow {
     DataFlow::from_yaml(&std::fs::read_to_string(repo().join("examples/dataflows/calc.yaml")).unwrap()).unwrap()
-}
-
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn in_process() {
-                super::$name(super::On::Memory).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn nats() {
-                super::$name(super::On::Nats(tessera_nats::testing::NatsServer::start())).await
-            }
-        }
-    )*};
 }
 
 async fn the_calculator_runs_its_operations_on_the_nodes_that_offer_them(on: On) {

@@ -5,6 +5,8 @@
 //!
 //! Needs a Python with numpy: `scripts/test` makes one and exports `TESSERA_PYTHON`.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,57 +14,18 @@ use std::time::Duration;
 use tessera_cluster::{Cluster, ClusterConfig, digits};
 use tessera_coordinator::{Ending, IterationReport, Observer, Quiet, SessionError, SwarmResult};
 use tessera_nats::testing::NatsServer;
-use tessera_ports::Backend;
 use tessera_swarm::SwarmSpec;
 use tessera_wasm::WasmLimits;
 
-fn python() -> PathBuf {
-    let py = std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = std::process::Command::new(&py).args(["-c", "import numpy"]).status().is_ok_and(|s| s.success());
-    assert!(ok, "{py} lacks numpy: run scripts/test (it makes target/venv) or set TESSERA_PYTHON");
-    PathBuf::from(py)
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-enum On {
-    Memory,
-    Nats(NatsServer),
-}
-
-/// Membership time-to-live: short, so a killed node is noticed in seconds.
-const TTL: Duration = Duration::from_secs(3);
+use common::{On, python, repo};
 
 /// A cluster of `nodes` nodes, each holding a digits shard, running Python modules.
 async fn cluster(on: &On, home: &Path, nodes: usize) -> Cluster {
-    let backend = match on {
-        On::Memory => Backend::in_process(TTL),
-        On::Nats(server) => {
-            let options = tessera_nats::NatsOptions { member_ttl: TTL, ..Default::default() };
-            tessera_nats::backend(&server.url(), &options).await.unwrap()
-        }
-    };
+    let backend = on.backend().await;
     let data = digits::prepare(&home.join("data"), nodes, 0.2, 42).unwrap();
     let mut config = ClusterConfig::digits(home, &data, WasmLimits::default());
     config.python = Some(python());
     Cluster::start_on(config, backend).await.unwrap()
-}
-
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn in_process() {
-                super::$name(super::On::Memory).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn nats() {
-                super::$name(super::On::Nats(tessera_nats::testing::NatsServer::start())).await
-            }
-        }
-    )*};
 }
 
 /// A swarm file's spec with its folder modules published to the cluster's hub.
