@@ -175,9 +175,9 @@ impl Env {
                     }
                 }
                 Err(_) => panic!(
-                    "no line starting with {prefix:?}; got:\n{}\ncoordinator log:\n{}",
+                    "no line starting with {prefix:?}; got:\n{}\nlogs:\n{}",
                     lines.join("\n"),
-                    std::fs::read_to_string(self.dir.path().join("coordinator.log")).unwrap_or_default()
+                    logs(self.dir.path())
                 ),
             }
         }

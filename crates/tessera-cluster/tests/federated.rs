@@ -53,6 +53,7 @@ on_both_backends!(
     a_partial_ratio_picks_fewer_nodes_and_sessions_check_their_nodes,
     a_round_times_out_on_a_silent_node_and_completes_with_the_others,
     a_session_whose_coordinator_stopped_resumes_from_its_last_round,
+    a_round_waits_for_a_node_whose_announcement_lapsed,
 );
 
 async fn a_short_session_learns_digits(on: On) {
@@ -194,6 +195,50 @@ async fn a_session_whose_coordinator_stopped_resumes_from_its_last_round(on: On)
         cluster.coordinator().resume("s-nothing", &Quiet).await,
         Err(tessera_coordinator::SessionError::Unknown(_))
     ));
+}
+
+/// Withdraws a node's announcement when round 1 finishes, before round 2 picks its nodes
+/// (the observer runs on the coordinator's task).
+struct LapseAfterRound1 {
+    backend: tessera_ports::Backend,
+    node: &'static str,
+    rounds: tokio::sync::mpsc::UnboundedSender<u32>,
+}
+impl tessera_coordinator::Observer for LapseAfterRound1 {
+    fn round_finished(&self, r: &tessera_core::wire::RoundReport) {
+        if r.round == 1 {
+            let members = self.backend.members.clone();
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(members.withdraw(self.node)).unwrap();
+            });
+        }
+        let _ = self.rounds.send(r.round);
+    }
+}
+
+/// A node whose announcement lapses between rounds (a restart, a heartbeat late under
+/// load) is waited for, as Flower's `ClientManager.wait_for` does, instead of the round
+/// failing for want of `min_available` nodes.
+async fn a_round_waits_for_a_node_whose_announcement_lapsed(on: On) {
+    let home = tempfile::tempdir().unwrap();
+    let cluster = std::sync::Arc::new(cluster(&on, home.path(), 3).await);
+    let mut cfg = SessionConfig::new("fl.softmax.worker");
+    cfg.rounds = 3;
+    cfg.min_participants = 3;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let observer = LapseAfterRound1 { backend: cluster.backend.clone(), node: "node-2", rounds: tx };
+    let c = cluster.clone();
+    let run = tokio::spawn(async move { c.coordinator().run("s-lapse", &cfg, &observer).await });
+    while rx.recv().await != Some(1) {}
+    // Round 2 now finds two nodes; node-2 comes back a moment later.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!run.is_finished(), "round 2 did not wait: {:?}", run.await.unwrap().map(|r| r.reports.len()));
+    cluster.nodes[2].register().await.unwrap();
+    let result = run.await.unwrap().unwrap();
+    assert_eq!(result.reports.len(), 3);
+    for r in &result.reports {
+        assert_eq!(r.contributed, vec!["node-0", "node-1", "node-2"], "round {}", r.round);
+    }
 }
 
 async fn bad_replies_never_stop_a_session(on: On) {

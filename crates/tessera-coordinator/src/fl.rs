@@ -23,7 +23,7 @@ use tessera_core::{Digest, PackageRef};
 
 use crate::dispatch::participant_node;
 use crate::engine::{Coordinator, Observer, Program};
-use crate::placement::{Workers, module_use};
+use crate::placement::{Workers, eligible_of, module_use};
 use crate::state::Ending;
 use crate::{DpSide, SessionConfig, SessionError, SessionResult, SessionState};
 
@@ -351,11 +351,16 @@ impl Coordinator {
         let cfg = &state.config;
         let id = state.id.as_str();
         let started = Instant::now();
-        // Nodes may come and go between rounds.
-        let nodes: Vec<String> = self.eligible(cfg, workers).await?.into_iter().map(|n| n.id).collect();
-        let available = participants_of(cfg, nodes);
-        let plan = strategy
-            .configure_fit(round, &available, cfg.seed ^ u64::from(round).wrapping_mul(0x9E37_79B9))
+        // Nodes may come and go between rounds; a round short of them waits (up to its
+        // time-out) for them to come back.
+        let seed = cfg.seed ^ u64::from(round).wrapping_mul(0x9E37_79B9);
+        let (available, plan) = self
+            .wait_for_nodes(id, Duration::from_secs_f64(cfg.round_timeout_secs), |nodes| {
+                let available =
+                    participants_of(cfg, eligible_of(cfg, workers, nodes).into_iter().map(|n| n.id).collect());
+                strategy.configure_fit(round, &available, seed).map(|plan| (available, plan))
+            })
+            .await?
             .map_err(|e| SessionError::Participants(in_round(round, &e)))?;
         let selected = plan.participants;
         observer.round_started(round, &selected);

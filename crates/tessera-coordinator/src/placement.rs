@@ -3,6 +3,7 @@
 //! against what each node announces. The coordinator's own node is never a participant.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use tessera_core::registry::PackageRecord;
 use tessera_core::wire::{ModuleUse, NodeRecord};
@@ -34,6 +35,12 @@ pub(crate) fn module_use(r: &PackageRecord) -> ModuleUse {
     ModuleUse { module: format!("{}@{}", r.name, r.version), digest: r.digest, role: "worker".into() }
 }
 
+/// Those of `nodes` that can take part in a federated session (see [`Coordinator::eligible`]).
+pub(crate) fn eligible_of(cfg: &SessionConfig, workers: &Workers, nodes: Vec<NodeRecord>) -> Vec<NodeRecord> {
+    let task = TaskSpec::on_all(cfg.module.clone(), vec![cfg.dataset.clone()]);
+    nodes.into_iter().filter(|n| placement::fits(&task, &[facts(workers.for_node(&n.id))], n).is_ok()).collect()
+}
+
 /// What placement needs to know of a package.
 pub(crate) fn facts(r: &PackageRecord) -> ModuleFacts {
     ModuleFacts { name: format!("{}@{}", r.name, r.version), runtime: r.runtime, needs: r.manifest.needs.clone() }
@@ -47,6 +54,30 @@ impl Coordinator {
         Ok(nodes.into_iter().filter(|n| Some(&n.id) != local.as_ref()).collect())
     }
 
+    /// Lists the nodes until `fits` accepts them or `wait` has passed, listing again every
+    /// third of the membership's time-to-live (100 ms to 1 s). Like Flower's
+    /// `ClientManager.wait_for`, a round or iteration short of nodes waits for them: a node
+    /// restarting, or one whose announcement lapsed under load, comes back. Returns what
+    /// `fits` gave last (its refusal when the wait ran out).
+    pub(crate) async fn wait_for_nodes<T, E: std::fmt::Display>(
+        &self,
+        run: &str,
+        wait: Duration,
+        mut fits: impl FnMut(Vec<NodeRecord>) -> Result<T, E>,
+    ) -> Result<Result<T, E>, SessionError> {
+        let deadline = Instant::now() + wait;
+        let poll = (self.backend.members.ttl() / 3).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        loop {
+            match fits(self.nodes().await?) {
+                Err(e) if Instant::now() + poll < deadline => {
+                    tracing::info!(run, "{e}; waiting for nodes");
+                    tokio::time::sleep(poll).await;
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
     /// The nodes that can take part in a federated session: they hold its dataset and can
     /// run their worker package (its runtime and `needs`).
     pub(crate) async fn eligible(
@@ -54,13 +85,7 @@ impl Coordinator {
         cfg: &SessionConfig,
         workers: &Workers,
     ) -> Result<Vec<NodeRecord>, SessionError> {
-        let task = TaskSpec::on_all(cfg.module.clone(), vec![cfg.dataset.clone()]);
-        Ok(self
-            .nodes()
-            .await?
-            .into_iter()
-            .filter(|n| placement::fits(&task, &[facts(workers.for_node(&n.id))], n).is_ok())
-            .collect())
+        Ok(eligible_of(cfg, workers, self.nodes().await?))
     }
 
     /// Why no node can take part in a federated session, when none can: the placement

@@ -492,7 +492,18 @@ impl Program for SwarmRun<'_> {
         c.save_swarm(&self.state).await?;
         let scope = format!("i{i}.a{attempt}");
         c.seed_globals(&id, self.state.scope.as_deref(), &self.state.spec.globals, &scope).await?;
-        let nodes = c.nodes().await?;
+        // An iteration short of nodes for one of its stages waits for them (up to a
+        // stage's time-out), then refuses naming the task and field.
+        let spec = &self.state.spec;
+        let packages = &self.packages;
+        let nodes = c
+            .wait_for_nodes(&id, Duration::from_secs_f64(spec.timeout_secs), |nodes| {
+                for (name, task) in &spec.tasks {
+                    placement::eligible(name, task, &task_facts(&packages[name]), &nodes)?;
+                }
+                Ok::<_, placement::PlacementError>(nodes)
+            })
+            .await??;
         let mut it =
             Iteration { i, attempt, scope: &scope, nodes: &nodes, outputs: BTreeMap::new(), lost: BTreeSet::new() };
         let mut stages = Vec::new();
