@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, anyhow};
+use anyhow::anyhow;
 use clap::{Subcommand, ValueEnum};
 use tessera_dataflow::DataFlow;
 use tessera_dataflow::graph::{Format, render};
@@ -30,6 +30,10 @@ pub enum Command {
         /// with an id used before.
         #[arg(long)]
         context: Option<String>,
+        /// Run operations marked `cache: true` even when their module, function and inputs
+        /// were seen before (their results are still kept).
+        #[arg(long)]
+        no_cache: bool,
         /// Time one operation may take, in seconds.
         #[arg(long, default_value = "300", value_parser = tessera_core::time::parse_seconds)]
         timeout: std::time::Duration,
@@ -56,7 +60,7 @@ pub enum GraphFormat {
 
 pub async fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
-        Command::Run { file, input, context, timeout, nats, hub } => {
+        Command::Run { file, input, context, no_cache, timeout, nats, hub } => {
             let flow = read(&file)?;
             let mut inputs = Vec::new();
             for item in &input {
@@ -77,12 +81,13 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             let key = crate::key::load(&hub.key)?;
             let c =
                 tessera_coordinator::Coordinator::new(backend, std::sync::Arc::new(client), None).with_identity(key);
-            let result = c.run_flow(&id, &flow, inputs, timeout).await?;
+            let result = c.run_flow(&id, &flow, inputs, timeout, !no_cache).await?;
             let out = serde_json::json!({
                 "context": id,
                 "get_single": result.single,
                 "get_multi": result.multi,
                 "runs": result.runs,
+                "cached": result.cached,
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
@@ -110,21 +115,8 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
     }
 }
 
-/// Reads a flow file (at most [`tessera_dataflow::spec::MAX_FLOW_BYTES`]); errors name the
-/// file and the line.
+/// Reads a flow file and its subflows (each at most
+/// [`tessera_dataflow::spec::MAX_FLOW_BYTES`]); errors name the file and the line.
 fn read(file: &Path) -> anyhow::Result<DataFlow> {
-    use std::io::Read;
-    let limit = tessera_dataflow::spec::MAX_FLOW_BYTES;
-    let mut bytes = Vec::new();
-    std::fs::File::open(file)
-        .and_then(|f| f.take(limit as u64 + 1).read_to_end(&mut bytes))
-        .with_context(|| format!("reading {}", file.display()))?;
-    if bytes.len() > limit {
-        return Err(anyhow!("{}: a flow file is at most {limit} bytes", file.display()));
-    }
-    let text = String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8 text", file.display()))?;
-    DataFlow::from_yaml(&text).map_err(|mut e| {
-        e.file = Some(file.display().to_string());
-        anyhow!("{e}")
-    })
+    DataFlow::from_file(file).map_err(|e| anyhow!("{e}"))
 }

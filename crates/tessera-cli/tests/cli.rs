@@ -388,4 +388,21 @@ fn flow_files_are_checked_and_drawn() {
     std::fs::write(&bad, vec![b'#'; 300_000]).unwrap();
     let err = fails(&["flow", "check", bad.to_str().unwrap()], dir.path(), None);
     assert!(err.contains("at most"), "{err}");
+    // The ML example and its model subflow; an error inside the subflow names its file.
+    let ml = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/dataflows/ml");
+    let out = ok(&["flow", "check", ml.join("flow.yaml").to_str().unwrap()], dir.path(), None);
+    assert!(out.contains("6 definitions, 3 operations; inputs: dataset"), "{out}");
+    let mermaid = ok(&["flow", "graph", ml.join("flow.yaml").to_str().unwrap()], dir.path(), None);
+    assert!(
+        mermaid.contains("model[\"model<br/>subflow\"]") && mermaid.contains("scale -->|scaled| model"),
+        "{mermaid}"
+    );
+    let copy = dir.path().join("ml");
+    std::fs::create_dir_all(&copy).unwrap();
+    std::fs::copy(ml.join("flow.yaml"), copy.join("flow.yaml")).unwrap();
+    let model = std::fs::read_to_string(ml.join("model.yaml")).unwrap();
+    std::fs::write(copy.join("model.yaml"), model.replace("function: score", "function: score\n    retries: 2"))
+        .unwrap();
+    let err = fails(&["flow", "check", copy.join("flow.yaml").to_str().unwrap()], dir.path(), None);
+    assert!(err.contains("model.yaml line") && err.contains("unknown field"), "{err}");
 }

@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::json;
@@ -19,6 +19,16 @@ use common::{On, python, repo};
 
 /// Nodes `(id, operations)`, running Python modules.
 async fn cluster(on: &On, home: &Path, nodes: &[(&str, &[&str])]) -> Cluster {
+    cluster_with(on, home, nodes, BTreeMap::new()).await
+}
+
+/// Nodes `(id, operations)` with datasets (node -> name -> file), running Python modules.
+async fn cluster_with(
+    on: &On,
+    home: &Path,
+    nodes: &[(&str, &[&str])],
+    mut datasets: BTreeMap<&str, BTreeMap<String, PathBuf>>,
+) -> Cluster {
     let backend = on.backend().await;
     let config = ClusterConfig {
         home: home.to_owned(),
@@ -26,7 +36,7 @@ async fn cluster(on: &On, home: &Path, nodes: &[(&str, &[&str])]) -> Cluster {
             .iter()
             .map(|(id, ops)| NodeSpec {
                 id: (*id).to_owned(),
-                datasets: BTreeMap::new(),
+                datasets: datasets.remove(id).unwrap_or_default(),
                 wasm_wrapper: None,
                 world_wrapper: None,
                 operations: ops.iter().map(|o| (*o).to_owned()).collect(),
@@ -50,16 +60,20 @@ async fn the_calculator_runs_its_operations_on_the_nodes_that_offer_them(on: On)
     let flow = calc();
     let c = cluster.coordinator();
     let t = Duration::from_secs(60);
-    let add = c.run_flow("calc-1", &flow, vec![("calc_string".into(), json!("add 40 and 2"))], t).await.unwrap();
+    let add = c.run_flow("calc-1", &flow, vec![("calc_string".into(), json!("add 40 and 2"))], t, true).await.unwrap();
     assert_eq!(add.single["result"], json!(42));
-    let mult = c.run_flow("calc-2", &flow, vec![("calc_string".into(), json!("multiply 42 and 10"))], t).await.unwrap();
+    let mult =
+        c.run_flow("calc-2", &flow, vec![("calc_string".into(), json!("multiply 42 and 10"))], t, true).await.unwrap();
     assert_eq!(mult.single["result"], json!(420));
     assert_eq!(mult.runs, BTreeMap::from([("mult".to_string(), 1), ("parse".to_string(), 1)]));
     // An operation no node offers is named.
     let mut times = flow.clone();
     let op = times.operations.remove("mult").unwrap();
     times.operations.insert("times".into(), op);
-    let e = c.run_flow("calc-3", &times, vec![("calc_string".into(), json!("multiply 2 and 3"))], t).await.unwrap_err();
+    let e = c
+        .run_flow("calc-3", &times, vec![("calc_string".into(), json!("multiply 2 and 3"))], t, true)
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("no node offers operation `times`"), "{e}");
     cluster.stop().await;
 }
@@ -89,8 +103,14 @@ async fn a_node_killed_while_it_runs_an_operation_has_it_run_elsewhere_once(on: 
     flow.output.get_multi = vec!["result".into()];
     let c = cluster.coordinator();
     let run = tokio::spawn(async move {
-        c.run_flow("kill-1", &flow, vec![("calc_string".into(), json!("multiply 42 and 10"))], Duration::from_secs(60))
-            .await
+        c.run_flow(
+            "kill-1",
+            &flow,
+            vec![("calc_string".into(), json!("multiply 42 and 10"))],
+            Duration::from_secs(60),
+            true,
+        )
+        .await
     });
     // The second parameter set of the run (mult's) goes to the second node offering it,
     // node-2: kill it once its log shows it is multiplying. (Task ids are
@@ -113,7 +133,52 @@ async fn a_node_killed_while_it_runs_an_operation_has_it_run_elsewhere_once(on: 
     cluster.stop().await;
 }
 
+/// The ML example: node-0 holds the digits split and prepares it, node-1 runs the model
+/// subflow; the accuracy it reports is the share of held-out predictions that are right.
+/// Run again, the standardized features come from the cache.
+async fn the_ml_flow_scales_its_data_and_runs_the_model_as_a_subflow(on: On) {
+    let home = tempfile::tempdir().unwrap();
+    let data = tessera_cluster::digits::prepare(&home.path().join("data"), 1, 0.2, 42).unwrap();
+    let (_, test) = tessera_cluster::digits::split(1, 0.2, 42);
+    let datasets = BTreeMap::from([("node-0", BTreeMap::from([("digits".to_string(), data.test.clone())]))]);
+    let cluster = cluster_with(
+        &on,
+        home.path(),
+        &[("node-0", &["load", "scale"]), ("node-1", &["fit", "predict", "score"])],
+        datasets,
+    )
+    .await;
+    let ml = repo().join("examples/dataflows/ml");
+    cluster.publish_dir(&ml.join("prep")).unwrap();
+    cluster.publish_dir(&ml.join("centroid")).unwrap();
+    let flow = DataFlow::from_file(&ml.join("flow.yaml")).unwrap();
+    let c = cluster.coordinator();
+    let t = Duration::from_secs(120);
+    let r = c.run_flow("ml-1", &flow, vec![("dataset".into(), json!("digits"))], t, true).await.unwrap();
+    let want = |pairs: &[(&str, usize)]| pairs.iter().map(|(k, n)| (k.to_string(), *n)).collect::<BTreeMap<_, _>>();
+    assert_eq!(
+        r.runs,
+        want(&[("load", 1), ("model", 1), ("model.fit", 1), ("model.predict", 1), ("model.score", 1), ("scale", 1)])
+    );
+    let predictions: Vec<i64> = serde_json::from_value(r.single["predictions"].clone()).unwrap();
+    assert_eq!(predictions.len(), test.len());
+    let k = (test.len() as f64 * 0.7) as usize;
+    let right = predictions[k..].iter().zip(&test.y[k..]).filter(|(p, y)| p == y).count();
+    let accuracy = r.single["accuracy"].as_f64().unwrap();
+    assert!((accuracy - right as f64 / (test.len() - k) as f64).abs() < 1e-12, "{accuracy}");
+    assert!(accuracy > 0.85, "a nearest-centroid model on standardized digits: {accuracy}");
+    // The same data again: `scale` (cache: true) is answered from world state.
+    let again = c.run_flow("ml-2", &flow, vec![("dataset".into(), json!("digits"))], t, true).await.unwrap();
+    assert_eq!((again.cached.get("scale"), again.runs.get("scale")), (Some(&1), None));
+    assert_eq!(again.single, r.single);
+    // Without the cache it runs.
+    let plain = c.run_flow("ml-3", &flow, vec![("dataset".into(), json!("digits"))], t, false).await.unwrap();
+    assert_eq!((plain.cached.get("scale"), plain.runs.get("scale")), (None, Some(&1)));
+    cluster.stop().await;
+}
+
 on_both_backends!(
+    the_ml_flow_scales_its_data_and_runs_the_model_as_a_subflow,
     the_calculator_runs_its_operations_on_the_nodes_that_offer_them,
     a_node_killed_while_it_runs_an_operation_has_it_run_elsewhere_once,
 );

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tessera_core::name::check_ident;
 use tessera_core::wire::{BlobRef, TaskOutcome};
 use tessera_core::{Digest, PackageRef};
-use tessera_dataflow::{ContextResult, DataFlow, Operation, OperationNetwork, Orchestrator};
+use tessera_dataflow::{ContextResult, DataFlow, Operation, OperationNetwork, Orchestrator, ResultCache};
 
 use crate::SessionError;
 use crate::dispatch::Outgoing;
@@ -27,7 +27,7 @@ use crate::engine::Coordinator;
 struct FlowNetwork<'a> {
     c: &'a Coordinator,
     run: String,
-    /// The package of each operation.
+    /// The package of each module reference.
     modules: BTreeMap<String, Digest>,
     next: AtomicU64,
     timeout: Duration,
@@ -35,34 +35,90 @@ struct FlowNetwork<'a> {
 
 impl Coordinator {
     /// Runs one context of `flow` (its seed and `inputs`, definition and value) with its
-    /// operations on the nodes that offer them; `timeout` bounds each operation's run. An
-    /// operation's module reference is resolved once, before anything runs.
+    /// operations on the nodes that offer them (a subflow's operations too); `timeout`
+    /// bounds each operation's run. An operation's module reference is resolved once,
+    /// before anything runs. With `cache`, operations marked `cache: true` are answered
+    /// from results kept in world state when their module digest, function and inputs
+    /// were seen before.
     pub async fn run_flow(
         &self,
         run: &str,
         flow: &DataFlow,
         inputs: Vec<(String, Value)>,
         timeout: Duration,
+        cache: bool,
     ) -> Result<ContextResult, SessionError> {
         check_ident("run id", run).map_err(|e| SessionError::Config(e.to_string()))?;
         flow.check().map_err(|(field, m)| SessionError::Config(format!("{field}: {m}")))?;
         let mut modules = BTreeMap::new();
-        for (name, op) in &flow.operations {
-            let r: PackageRef =
-                op.module.parse().map_err(|e| SessionError::Config(format!("operation {name}: module: {e}")))?;
-            let rec = self
-                .source
-                .resolve(&r)
-                .await
-                .map_err(|e| SessionError::Config(format!("operation {name}: module {r}: {e}")))?;
-            modules.insert(name.clone(), rec.digest);
-        }
+        self.resolve_operations(flow, "", &mut modules).await?;
         // Task ids are unique to this run of the context, so a node never answers a task of
         // an earlier run with the same context id from its memory of answered tasks.
         let nonce = crate::new_session_id();
         let nonce = nonce.trim_start_matches("s-");
         let net = FlowNetwork { c: self, run: format!("{run}-{nonce}"), modules, next: AtomicU64::new(0), timeout };
-        Ok(Orchestrator::new(flow, &net).run_context(inputs).await?)
+        let world = WorldCache(self);
+        let mut orchestrator = Orchestrator::new(flow, &net);
+        if cache {
+            orchestrator = orchestrator.with_cache(&world);
+        }
+        Ok(orchestrator.run_context(inputs).await?)
+    }
+
+    /// Resolves every operation's module (those of subflows too) to its package digest,
+    /// once, before anything runs.
+    async fn resolve_operations(
+        &self,
+        flow: &DataFlow,
+        at: &str,
+        modules: &mut BTreeMap<String, Digest>,
+    ) -> Result<(), SessionError> {
+        for (name, op) in &flow.operations {
+            if let Some(sub) = &op.subflow {
+                Box::pin(self.resolve_operations(sub, &format!("{at}{name}."), modules)).await?;
+                continue;
+            }
+            if modules.contains_key(&op.module) {
+                continue;
+            }
+            let r: PackageRef =
+                op.module.parse().map_err(|e| SessionError::Config(format!("operation {at}{name}: module: {e}")))?;
+            let rec = self
+                .source
+                .resolve(&r)
+                .await
+                .map_err(|e| SessionError::Config(format!("operation {at}{name}: module {r}: {e}")))?;
+            modules.insert(op.module.clone(), rec.digest);
+        }
+        Ok(())
+    }
+}
+
+/// Results of cached operations, in world state under `flows/cache/<key>` (JSON of the
+/// outputs), shared by every coordinator on the backend.
+struct WorldCache<'a>(&'a Coordinator);
+
+impl WorldCache<'_> {
+    fn key(key: &str) -> String {
+        format!("flows/cache/{key}")
+    }
+}
+
+#[async_trait]
+impl ResultCache for WorldCache<'_> {
+    async fn get(&self, key: &str) -> Option<BTreeMap<String, Value>> {
+        let entry = self.0.backend.world.get(&Self::key(key)).await.ok()??;
+        serde_json::from_slice(&entry.value).ok()
+    }
+
+    async fn put(&self, key: &str, outputs: &BTreeMap<String, Value>) {
+        let bytes = match serde_json::to_vec(outputs) {
+            Ok(b) => b,
+            Err(e) => return tracing::warn!("not caching a result: {e}"),
+        };
+        if let Err(e) = self.0.backend.world.put(&Self::key(key), bytes.into()).await {
+            tracing::warn!("not caching a result: {e}");
+        }
     }
 }
 
@@ -75,7 +131,7 @@ impl OperationNetwork for FlowNetwork<'_> {
         inputs: BTreeMap<String, Value>,
     ) -> Result<BTreeMap<String, Value>, String> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let module = *self.modules.get(name).ok_or_else(|| format!("no package for operation {name}"))?;
+        let module = *self.modules.get(&op.module).ok_or_else(|| format!("no package for operation {name}"))?;
         // The values go as the function's keyword arguments (tensors and blobs are digests).
         let config = json!({"function": op.function, "kwargs": inputs});
         let mut tried: BTreeSet<String> = BTreeSet::new();
@@ -117,9 +173,17 @@ impl OperationNetwork for FlowNetwork<'_> {
             }
         }
     }
+
+    fn implementation(&self, _name: &str, op: &Operation) -> Option<String> {
+        self.digest(op).map(|d| d.to_string())
+    }
 }
 
 impl FlowNetwork<'_> {
+    fn digest(&self, op: &Operation) -> Option<Digest> {
+        self.modules.get(&op.module).copied()
+    }
+
     /// The operation's outputs from the function's result: its value when the operation
     /// has one output (or a mapping holding it), else a mapping of every output.
     async fn outputs(&self, name: &str, op: &Operation, refs: &[BlobRef]) -> Result<BTreeMap<String, Value>, String> {

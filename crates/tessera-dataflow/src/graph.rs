@@ -51,13 +51,14 @@ pub fn edges(flow: &DataFlow) -> Vec<(String, String, String)> {
 /// The graph as text.
 pub fn render(flow: &DataFlow, format: Format) -> String {
     let edges = edges(flow);
+    let what = |op: &crate::Operation| if op.subflow.is_some() { "subflow".to_owned() } else { op.function.clone() };
     let mut text = String::new();
     match format {
         Format::Mermaid => {
             text.push_str("flowchart LR\n");
             text.push_str("    inputs([inputs])\n");
             for (name, op) in &flow.operations {
-                text.push_str(&format!("    {name}[\"{name}<br/>{}\"]\n", op.function));
+                text.push_str(&format!("    {name}[\"{name}<br/>{}\"]\n", what(op)));
             }
             for (from, to, label) in &edges {
                 text.push_str(&format!("    {from} -->|{label}| {to}\n"));
@@ -66,7 +67,7 @@ pub fn render(flow: &DataFlow, format: Format) -> String {
         Format::Dot => {
             text.push_str("digraph dataflow {\n    rankdir=LR;\n    inputs [shape=oval];\n");
             for (name, op) in &flow.operations {
-                text.push_str(&format!("    \"{name}\" [shape=box, label=\"{name}\\n{}\"];\n", op.function));
+                text.push_str(&format!("    \"{name}\" [shape=box, label=\"{name}\\n{}\"];\n", what(op)));
             }
             for (from, to, label) in &edges {
                 text.push_str(&format!("    \"{from}\" -> \"{to}\" [label=\"{label}\"];\n"));

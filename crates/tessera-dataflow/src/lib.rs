@@ -12,5 +12,5 @@ pub mod graph;
 pub mod orchestrator;
 pub mod spec;
 
-pub use orchestrator::{ContextResult, DataflowError, Item, OperationNetwork, Orchestrator};
+pub use orchestrator::{ContextResult, DataflowError, Item, OperationNetwork, Orchestrator, ResultCache, cache_key};
 pub use spec::{DataFlow, Definition, Operation, Origin, Output, Primitive, SpecError};

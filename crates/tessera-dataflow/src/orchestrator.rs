@@ -25,6 +25,13 @@ pub const MAX_PARAMETER_SETS: usize = 100_000;
 /// Most operations running at once in one context; further parameter sets wait.
 pub const MAX_IN_FLIGHT: usize = 64;
 
+/// Most values one context may hold (its seed and inputs, every output, and those of the
+/// subflows it runs are counted in their own contexts).
+pub const MAX_ITEMS: usize = 1_000_000;
+
+/// Most bytes of values (as JSON) one context may hold.
+pub const MAX_CONTEXT_BYTES: usize = 512 * 1024 * 1024;
+
 /// Runs operations.
 #[async_trait]
 pub trait OperationNetwork: Send + Sync {
@@ -36,6 +43,36 @@ pub trait OperationNetwork: Send + Sync {
         op: &Operation,
         inputs: BTreeMap<String, Value>,
     ) -> Result<BTreeMap<String, Value>, String>;
+
+    /// What identifies the code `op` runs, for caching its results: the digest of its
+    /// module. `None` (the default) when the network cannot say, and nothing is cached.
+    fn implementation(&self, _name: &str, _op: &Operation) -> Option<String> {
+        None
+    }
+}
+
+/// Where results of operations marked `cache: true` are kept, by a key naming the code
+/// (module digest and function) and the inputs ([`cache_key`]).
+#[async_trait]
+pub trait ResultCache: Send + Sync {
+    /// The outputs kept under `key`, if any.
+    async fn get(&self, key: &str) -> Option<BTreeMap<String, Value>>;
+    /// Keeps `outputs` under `key` (failures to keep are the cache's to log: a result not
+    /// kept is computed again).
+    async fn put(&self, key: &str, outputs: &BTreeMap<String, Value>);
+}
+
+/// The cache key of a parameter set: BLAKE3 (hex) of the implementation, the function and
+/// the inputs as canonical JSON (keys sorted).
+pub fn cache_key(implementation: &str, function: &str, inputs: &BTreeMap<String, Value>) -> String {
+    let mut bytes = Vec::with_capacity(128);
+    for part in [implementation.as_bytes(), function.as_bytes()] {
+        bytes.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(part);
+    }
+    // serde_json's maps are sorted by key: the same inputs give the same bytes.
+    bytes.extend_from_slice(&serde_json::to_vec(inputs).unwrap_or_default());
+    tessera_core::Digest::of(&bytes).hex()
 }
 
 /// Why a context failed.
@@ -52,6 +89,9 @@ pub enum DataflowError {
     /// A value does not fit its definition (a caller's input or an operation's output).
     #[error("{0}")]
     Value(String),
+    /// A context holds too many values or bytes.
+    #[error("the context holds more than {0}")]
+    TooBig(String),
     /// Too many parameter sets.
     #[error("operation {operation} would run on {count} parameter sets (at most {MAX_PARAMETER_SETS})")]
     FanOut {
@@ -82,8 +122,11 @@ pub struct ContextResult {
     pub single: BTreeMap<String, Value>,
     /// `get_multi` definitions: every value, in order.
     pub multi: BTreeMap<String, Vec<Value>>,
-    /// How many times each operation ran.
+    /// How many times each operation ran (those of a subflow as `<operation>.<its
+    /// operation>`).
     pub runs: BTreeMap<String, usize>,
+    /// How many parameter sets were answered from the cache, by operation.
+    pub cached: BTreeMap<String, usize>,
     /// Every value the context saw.
     pub items: Vec<Item>,
 }
@@ -92,6 +135,14 @@ pub struct ContextResult {
 pub struct Orchestrator<'a> {
     flow: &'a DataFlow,
     network: &'a dyn OperationNetwork,
+    cache: Option<&'a dyn ResultCache>,
+}
+
+/// What running one parameter set gave: outputs, and the runs of a subflow's operations.
+struct Ran {
+    outputs: Result<BTreeMap<String, Value>, String>,
+    inner: BTreeMap<String, usize>,
+    cached: bool,
 }
 
 /// A parameter set: the item ids of its inputs (by parameter) and of its conditions.
@@ -100,12 +151,77 @@ type ParameterSet = (BTreeMap<String, usize>, Vec<usize>);
 impl<'a> Orchestrator<'a> {
     /// An orchestrator of `flow` running operations on `network`.
     pub fn new(flow: &'a DataFlow, network: &'a dyn OperationNetwork) -> Self {
-        Orchestrator { flow, network }
+        Orchestrator { flow, network, cache: None }
+    }
+
+    /// Answers parameter sets of operations marked `cache: true` from `cache` when it
+    /// holds them, and keeps new results there.
+    pub fn with_cache(mut self, cache: &'a dyn ResultCache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// Runs one parameter set: a subflow in a context of its own, else through the cache
+    /// (when the operation asks for it) or the network.
+    async fn run_set(&self, name: &str, op: &Operation, args: BTreeMap<String, Value>) -> Ran {
+        if let Some(sub) = &op.subflow {
+            let inner = Orchestrator { flow: sub, network: self.network, cache: self.cache };
+            // A subflow runs in this task: the recursion is boxed.
+            let result: Result<ContextResult, DataflowError> =
+                Box::pin(inner.run_context(args.into_iter().collect())).await;
+            return match result {
+                Ok(r) => {
+                    let mut outputs = BTreeMap::new();
+                    let mut missing = None;
+                    for o in op.outputs.keys() {
+                        match r.single.get(o) {
+                            Some(v) => {
+                                outputs.insert(o.clone(), v.clone());
+                            }
+                            None => missing = Some(o.clone()),
+                        }
+                    }
+                    let inner = r.runs.into_iter().map(|(k, n)| (format!("{name}.{k}"), n)).collect();
+                    let outputs = match missing {
+                        Some(o) => Err(format!("the subflow gave no `{o}`")),
+                        None => Ok(outputs),
+                    };
+                    Ran { outputs, inner, cached: false }
+                }
+                Err(e) => Ran { outputs: Err(format!("subflow: {e}")), inner: BTreeMap::new(), cached: false },
+            };
+        }
+        let key = match (op.cache, self.cache) {
+            (true, Some(_)) => self.network.implementation(name, op).map(|i| cache_key(&i, &op.function, &args)),
+            _ => None,
+        };
+        if let (Some(k), Some(c)) = (&key, self.cache)
+            && let Some(hit) = c.get(k).await
+            && op.outputs.keys().all(|o| hit.contains_key(o))
+        {
+            return Ran { outputs: Ok(hit), inner: BTreeMap::new(), cached: true };
+        }
+        let outputs = self.network.run(name, op, args).await;
+        if let (Some(k), Some(c), Ok(out)) = (&key, self.cache, &outputs) {
+            c.put(k, out).await;
+        }
+        Ran { outputs, inner: BTreeMap::new(), cached: false }
     }
 
     /// Runs one context from the flow's seed and `inputs` (definition, value) to its end.
     pub async fn run_context(&self, inputs: Vec<(String, Value)>) -> Result<ContextResult, DataflowError> {
         let mut items: Vec<Item> = Vec::new();
+        let mut bytes = 0usize;
+        let mut hold = |items: &Vec<Item>, v: &Value| -> Result<(), DataflowError> {
+            if items.len() >= MAX_ITEMS {
+                return Err(DataflowError::TooBig(format!("{MAX_ITEMS} values")));
+            }
+            bytes = bytes.saturating_add(serde_json::to_vec(v).map_or(0, |b| b.len()));
+            if bytes > MAX_CONTEXT_BYTES {
+                return Err(DataflowError::TooBig(format!("{MAX_CONTEXT_BYTES} bytes of values")));
+            }
+            Ok(())
+        };
         for (d, v) in self.flow.seed.iter().cloned().chain(inputs) {
             if !self.flow.seed.iter().any(|(s, _)| s == &d) && !self.flow.inputs.contains(&d) {
                 return Err(DataflowError::Value(format!(
@@ -114,9 +230,11 @@ impl<'a> Orchestrator<'a> {
                 )));
             }
             let value = self.admit(&d, v, &Origin::Seed).await?;
+            hold(&items, &value)?;
             items.push(Item { id: items.len(), definition: d, value, origin: Origin::Seed });
         }
         let mut runs: BTreeMap<String, usize> = BTreeMap::new();
+        let mut cached: BTreeMap<String, usize> = BTreeMap::new();
         // Parameter sets formed so far, per operation (bounded by MAX_PARAMETER_SETS).
         let mut formed: BTreeMap<String, usize> = BTreeMap::new();
         // Values of `lock` definitions used by a running operation.
@@ -159,19 +277,22 @@ impl<'a> Orchestrator<'a> {
                 }
                 let op = &self.flow.operations[&name];
                 held.extend(&locked);
-                *runs.entry(name.clone()).or_default() += 1;
                 let args: BTreeMap<String, Value> =
                     set.0.iter().map(|(p, id)| (p.clone(), items[*id].value.clone())).collect();
                 running.push(async move {
-                    let out = self.network.run(&name, op, args).await;
-                    (name, locked, out)
+                    let ran = self.run_set(&name, op, args).await;
+                    (name, locked, ran)
                 });
             }
-            let Some((name, locked, out)) = running.next().await else { break };
+            let Some((name, locked, ran)) = running.next().await else { break };
             for id in locked {
                 held.remove(&id);
             }
-            let out = out.map_err(|error| DataflowError::Operation { operation: name.clone(), error })?;
+            *(if ran.cached { &mut cached } else { &mut runs }).entry(name.clone()).or_default() += 1;
+            for (k, n) in ran.inner {
+                *runs.entry(k).or_default() += n;
+            }
+            let out = ran.outputs.map_err(|error| DataflowError::Operation { operation: name.clone(), error })?;
             let op = &self.flow.operations[&name];
             for (output, d) in &op.outputs {
                 let Some(v) = out.get(output) else {
@@ -182,10 +303,11 @@ impl<'a> Orchestrator<'a> {
                 };
                 let origin = Origin::Output { operation: name.clone(), output: output.clone() };
                 let value = self.admit(d, v.clone(), &origin).await?;
+                hold(&items, &value)?;
                 items.push(Item { id: items.len(), definition: d.clone(), value, origin });
             }
         }
-        let mut result = ContextResult { runs, ..ContextResult::default() };
+        let mut result = ContextResult { runs, cached, ..ContextResult::default() };
         for d in &self.flow.output.get_single {
             if let Some(last) = items.iter().rev().find(|i| &i.definition == d) {
                 result.single.insert(d.clone(), last.value.clone());

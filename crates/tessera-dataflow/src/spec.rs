@@ -89,13 +89,25 @@ pub struct Definition {
     pub validate: Option<String>,
 }
 
-/// A module function with inputs and outputs bound to definitions.
+/// A module function (or a subflow) with inputs and outputs bound to definitions.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Operation {
-    /// The module: `name@version`, a range, an alias or a digest.
+    /// The module: `name@version`, a range, an alias or a digest (empty for a subflow).
+    #[serde(default)]
     pub module: String,
-    /// The function called.
+    /// The function called (empty for a subflow).
+    #[serde(default)]
     pub function: String,
+    /// A whole flow this operation runs, one context per parameter set (DFFML's
+    /// `run_dataflow`): each input goes to the subflow's input of the same name, each
+    /// output is the subflow's `get_single` value of the same name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subflow: Option<Box<DataFlow>>,
+    /// Results are kept by the digest of the module, the function and the inputs, and a
+    /// parameter set seen before is answered from them without running (for functions
+    /// whose result depends on their inputs alone).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cache: bool,
     /// Parameter name -> definition.
     #[serde(default)]
     pub inputs: BTreeMap<String, String>,
@@ -184,8 +196,14 @@ struct RawFlow {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawOperation {
-    module: String,
-    function: String,
+    #[serde(default)]
+    module: Option<String>,
+    #[serde(default)]
+    function: Option<String>,
+    #[serde(default)]
+    subflow: Option<String>,
+    #[serde(default)]
+    cache: bool,
     #[serde(default)]
     inputs: BTreeMap<String, String>,
     #[serde(default)]
@@ -206,9 +224,61 @@ fn parse_origin(s: &str) -> Result<Origin, String> {
     }
 }
 
+/// Deepest nesting of subflows.
+pub const MAX_SUBFLOW_DEPTH: usize = 8;
+
 impl DataFlow {
-    /// Reads and checks a flow file ([`DataFlow::check`]); errors name the line.
+    /// Reads and checks a flow given as text ([`DataFlow::check`]); errors name the line.
+    /// Subflows name files, so a flow with subflows is read with [`DataFlow::from_file`].
     pub fn from_yaml(text: &str) -> Result<DataFlow, SpecError> {
+        Self::parse(text, None)
+    }
+
+    /// Reads and checks a flow file and the subflow files it names (relative to its own
+    /// folder, at most [`MAX_SUBFLOW_DEPTH`] deep, none including itself); errors name the
+    /// file and the line.
+    pub fn from_file(path: &std::path::Path) -> Result<DataFlow, SpecError> {
+        Self::read_file(path, &mut Vec::new())
+    }
+
+    fn read_file(path: &std::path::Path, stack: &mut Vec<std::path::PathBuf>) -> Result<DataFlow, SpecError> {
+        use std::io::Read;
+        let named = |message: String| {
+            let mut e = SpecError::at(At::default(), "file", message);
+            e.file = Some(path.display().to_string());
+            e
+        };
+        let canonical = path.canonicalize().map_err(|e| named(format!("cannot read it: {e}")))?;
+        if stack.contains(&canonical) {
+            return Err(named("the flow runs itself as a subflow".into()));
+        }
+        if stack.len() >= MAX_SUBFLOW_DEPTH {
+            return Err(named(format!("subflows nest at most {MAX_SUBFLOW_DEPTH} deep")));
+        }
+        let mut bytes = Vec::new();
+        std::fs::File::open(&canonical)
+            .and_then(|f| f.take(MAX_FLOW_BYTES as u64 + 1).read_to_end(&mut bytes))
+            .map_err(|e| named(format!("cannot read it: {e}")))?;
+        if bytes.len() > MAX_FLOW_BYTES {
+            return Err(named(format!("a flow file is at most {MAX_FLOW_BYTES} bytes")));
+        }
+        let text = String::from_utf8(bytes).map_err(|_| named("it is not UTF-8 text".into()))?;
+        stack.push(canonical.clone());
+        let base = canonical.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+        let flow = Self::parse(&text, Some((&base, stack))).map_err(|mut e| {
+            if e.file.is_none() {
+                e.file = Some(path.display().to_string());
+            }
+            e
+        });
+        stack.pop();
+        flow
+    }
+
+    fn parse(
+        text: &str,
+        mut files: Option<(&std::path::Path, &mut Vec<std::path::PathBuf>)>,
+    ) -> Result<DataFlow, SpecError> {
         if text.len() > MAX_FLOW_BYTES {
             return Err(SpecError::at(
                 At::default(),
@@ -230,23 +300,50 @@ impl DataFlow {
                 (k, v.value)
             })
             .collect();
-        let operations = raw
-            .operations
-            .value
-            .into_iter()
-            .map(|(k, v)| {
-                lines.insert(format!("operations.{k}"), At::of(&v));
-                let r = v.value;
-                let op = Operation {
-                    module: r.module,
-                    function: r.function,
-                    inputs: r.inputs,
-                    outputs: r.outputs,
-                    conditions: r.conditions,
-                };
-                (k, op)
-            })
-            .collect();
+        let mut operations = BTreeMap::new();
+        for (k, v) in raw.operations.value {
+            let at = At::of(&v);
+            lines.insert(format!("operations.{k}"), at);
+            let r = v.value;
+            let subflow = match (&r.subflow, &r.module, &r.function) {
+                (Some(file), None, None) => {
+                    let Some((base, stack)) = files.as_mut() else {
+                        return Err(SpecError::at(
+                            at,
+                            &format!("operations.{k}.subflow"),
+                            "a subflow names a file; read this flow from its file",
+                        ));
+                    };
+                    let sub = std::path::Path::new(file);
+                    if sub.is_absolute() || sub.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                        return Err(SpecError::at(
+                            at,
+                            &format!("operations.{k}.subflow"),
+                            format!("{file:?}: a subflow is a file in this flow's folder or below it"),
+                        ));
+                    }
+                    Some(Box::new(Self::read_file(&base.join(sub), stack)?))
+                }
+                (None, Some(_), Some(_)) => None,
+                _ => {
+                    return Err(SpecError::at(
+                        at,
+                        &format!("operations.{k}"),
+                        "an operation has `module` and `function`, or `subflow`",
+                    ));
+                }
+            };
+            let op = Operation {
+                module: r.module.unwrap_or_default(),
+                function: r.function.unwrap_or_default(),
+                subflow,
+                cache: r.cache,
+                inputs: r.inputs,
+                outputs: r.outputs,
+                conditions: r.conditions,
+            };
+            operations.insert(k, op);
+        }
         let mut flow = BTreeMap::new();
         if let Some(f) = raw.flow {
             let at = At::of(&f);
@@ -342,8 +439,12 @@ impl DataFlow {
         for (name, op) in &self.operations {
             let at = format!("operations.{name}");
             check_ident("operation name", name).map_err(|e| (at.clone(), e.to_string()))?;
-            op.module.parse::<PackageRef>().map_err(|e| (format!("{at}.module"), e.to_string()))?;
-            check_ident("function name", &op.function).map_err(|e| (format!("{at}.function"), e.to_string()))?;
+            if let Some(sub) = &op.subflow {
+                self.check_subflow(name, op, sub)?;
+            } else {
+                op.module.parse::<PackageRef>().map_err(|e| (format!("{at}.module"), e.to_string()))?;
+                check_ident("function name", &op.function).map_err(|e| (format!("{at}.function"), e.to_string()))?;
+            }
             if op.outputs.is_empty() {
                 return Err((format!("{at}.outputs"), "an operation gives at least one output".into()));
             }
@@ -412,6 +513,44 @@ impl DataFlow {
         }
         self.check_reachable()?;
         self.check_cycles()
+    }
+
+    /// A subflow operation's inputs are the subflow's inputs and its outputs the subflow's
+    /// `get_single` definitions, by name, of the same types; caching is for module
+    /// functions.
+    fn check_subflow(&self, name: &str, op: &Operation, sub: &DataFlow) -> Result<(), (String, String)> {
+        let at = format!("operations.{name}");
+        sub.check().map_err(|(f, m)| (format!("{at}.subflow"), format!("{f}: {m}")))?;
+        if op.cache {
+            return Err((format!("{at}.cache"), "a subflow is not cached; cache its operations".into()));
+        }
+        let same = |field: &str, p: &str, here: &str, there: &[String], what: &str| {
+            if !there.iter().any(|t| t == p) {
+                return Err((
+                    format!("{at}.{field}"),
+                    format!("`{p}` is not one of the subflow's {what} ({})", there.join(", ")),
+                ));
+            }
+            let (a, b) = (self.definitions[here].primitive, sub.definitions[p].primitive);
+            if a != b {
+                return Err((
+                    format!("{at}.{field}"),
+                    format!("type mismatch: `{here}` is {a:?} but the subflow's `{p}` is {b:?}"),
+                ));
+            }
+            Ok(())
+        };
+        for (p, d) in &op.inputs {
+            if self.definitions.contains_key(d) {
+                same("inputs", p, d, &sub.inputs, "inputs")?;
+            }
+        }
+        for (o, d) in &op.outputs {
+            if self.definitions.contains_key(d) {
+                same("outputs", o, d, &sub.output.get_single, "get_single outputs")?;
+            }
+        }
+        Ok(())
     }
 
     /// True for an operation that validates a definition: it runs on values as they

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
-use tessera_dataflow::{DataFlow, DataflowError, Operation, OperationNetwork, Orchestrator};
+use tessera_dataflow::{DataFlow, DataflowError, Operation, OperationNetwork, Orchestrator, ResultCache};
 
 const CALC: &str = "\
 definitions:
@@ -44,6 +44,7 @@ output: {get_single: [result]}
 #[derive(Default)]
 struct Calc {
     busy: Mutex<BTreeMap<String, (usize, usize)>>, // value -> (now, most at once)
+    called: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait]
@@ -55,6 +56,7 @@ impl OperationNetwork for Calc {
         inputs: BTreeMap<String, Value>,
     ) -> Result<BTreeMap<String, Value>, String> {
         let num = |v: &Value| v.as_i64().ok_or("not a number");
+        self.called.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(match op.function.as_str() {
             "parse" => {
                 let line = inputs["line"].as_str().unwrap_or_default();
@@ -92,6 +94,11 @@ impl OperationNetwork for Calc {
             }
             other => return Err(format!("no function {other}")),
         })
+    }
+
+    /// The module reference stands for the code's digest here.
+    fn implementation(&self, _: &str, op: &Operation) -> Option<String> {
+        Some(op.module.clone())
     }
 }
 
@@ -284,4 +291,148 @@ async fn values_arriving_later_form_only_the_new_parameter_sets() {
     texts.sort();
     texts.dedup();
     assert_eq!(texts.len(), 9, "{texts:?}");
+}
+
+/// The calculator with its arithmetic in a subflow: `parse` in the outer flow, `add` and
+/// `mult` in `arith.yaml`, forwarded the numbers and both flags.
+fn calc_with_subflow(dir: &std::path::Path) -> std::path::PathBuf {
+    let arith = CALC
+        .replace(
+            "  parse:\n    module: calc.ops@0.1.0\n    function: parse\n    inputs: {line: calc_string}\n    \
+             outputs: {add: is_add, mult: is_mult, numbers: numbers}\n",
+            "",
+        )
+        .replace("  calc_string: {type: str}\n", "")
+        .replace("inputs: [calc_string]", "inputs: [numbers, is_add, is_mult]");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("sub/arith.yaml"), arith).unwrap();
+    let outer = "definitions:\n  calc_string: {type: str}\n  is_add: {type: bool}\n  is_mult: {type: bool}\n  \
+                 numbers: {type: json}\n  result: {type: int}\noperations:\n  parse:\n    module: calc.ops@0.1.0\n    \
+                 function: parse\n    inputs: {line: calc_string}\n    outputs: {add: is_add, mult: is_mult, numbers: numbers}\n  \
+                 arith:\n    subflow: sub/arith.yaml\n    inputs: {numbers: numbers, is_add: is_add, is_mult: is_mult}\n    \
+                 outputs: {result: result}\ninputs: [calc_string]\noutput: {get_single: [result]}\n";
+    std::fs::write(dir.join("calc.yaml"), outer).unwrap();
+    dir.join("calc.yaml")
+}
+
+#[tokio::test]
+async fn a_subflow_runs_a_whole_flow_on_each_parameter_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let flow = DataFlow::from_file(&calc_with_subflow(dir.path())).unwrap();
+    assert!(flow.operations["arith"].subflow.is_some());
+    let r = run(&flow, "add 40 and 2").await;
+    assert_eq!(r.single["result"], json!(42));
+    let want = |pairs: &[(&str, usize)]| pairs.iter().map(|(k, n)| (k.to_string(), *n)).collect::<BTreeMap<_, _>>();
+    assert_eq!(
+        r.runs,
+        want(&[("arith", 1), ("arith.add", 1), ("parse", 1)]),
+        "mult's condition is false in the subflow"
+    );
+    let r = run(&flow, "multiply 42 and 10").await;
+    assert_eq!(r.single["result"], json!(420));
+    assert_eq!(r.runs, want(&[("arith", 1), ("arith.mult", 1), ("parse", 1)]));
+    // A subflow that gives nothing for an output fails the operation, naming it.
+    let r = Orchestrator::new(&flow, &Calc::default())
+        .run_context(vec![("calc_string".into(), json!("divide 1 by 2"))])
+        .await
+        .unwrap_err();
+    assert!(r.to_string().contains("arith") && r.to_string().contains("gave no `result`"), "{r}");
+    let graph = tessera_dataflow::graph::render(&flow, tessera_dataflow::graph::Format::Mermaid);
+    assert!(graph.contains("arith[\"arith<br/>subflow\"]"), "{graph}");
+}
+
+#[test]
+fn hostile_subflows_are_refused_naming_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = calc_with_subflow(dir.path());
+    let outer = std::fs::read_to_string(&path).unwrap();
+    let write = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        DataFlow::from_file(&path).unwrap_err()
+    };
+    // Given as text, a flow cannot name files.
+    let e = DataFlow::from_yaml(&outer).unwrap_err();
+    assert!(e.to_string().contains("subflow names a file") && e.line == Some(14), "{e}");
+    for (text, line, what) in [
+        (outer.replace("sub/arith.yaml", "../arith.yaml"), 14, "this flow's folder"),
+        (outer.replace("sub/arith.yaml", "/etc/passwd"), 14, "this flow's folder"),
+        (outer.replace("sub/arith.yaml", "calc.yaml"), 0, "runs itself"),
+        (outer.replace("sub/arith.yaml", "sub/none.yaml"), 0, "cannot read"),
+        (outer.replace("  result: {type: int}", "  result: {type: str}"), 14, "type mismatch"),
+        (outer.replace("outputs: {result: result}", "outputs: {sum: result}"), 14, "get_single"),
+        (
+            outer.replace("is_mult: is_mult}", "is_mult: is_mult, line: calc_string}"),
+            14,
+            "not one of the subflow's inputs",
+        ),
+        (outer.replace("subflow: sub/arith.yaml", "subflow: sub/arith.yaml\n    function: add"), 14, "or `subflow`"),
+        (outer.replace("subflow: sub/arith.yaml", "subflow: sub/arith.yaml\n    cache: true"), 14, "not cached"),
+    ] {
+        let e = write(&text);
+        assert!(e.to_string().contains(what), "{what}: {e}");
+        if line > 0 {
+            assert_eq!(e.line, Some(line), "{what}: {e}");
+        }
+        assert!(e.to_string().contains("calc.yaml") || e.to_string().contains("none.yaml"), "the file is named: {e}");
+    }
+    // An error inside the subflow names the subflow's file and line.
+    std::fs::write(&path, &outer).unwrap();
+    let arith = std::fs::read_to_string(dir.path().join("sub/arith.yaml")).unwrap();
+    std::fs::write(dir.path().join("sub/arith.yaml"), arith.replace("function: add", "function: add\n    retries: 1"))
+        .unwrap();
+    let e = DataFlow::from_file(&path).unwrap_err();
+    assert!(e.to_string().contains("arith.yaml") && e.to_string().contains("unknown field"), "{e}");
+}
+
+/// Results kept in memory, counting what was asked.
+#[derive(Default)]
+struct Memo(Mutex<BTreeMap<String, BTreeMap<String, Value>>>);
+
+#[async_trait]
+impl ResultCache for Memo {
+    async fn get(&self, key: &str) -> Option<BTreeMap<String, Value>> {
+        self.0.lock().unwrap().get(key).cloned()
+    }
+    async fn put(&self, key: &str, outputs: &BTreeMap<String, Value>) {
+        self.0.lock().unwrap().insert(key.to_owned(), outputs.clone());
+    }
+}
+
+#[tokio::test]
+async fn cached_operations_answer_a_parameter_set_seen_before_without_running() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let flow = DataFlow::from_yaml(&CALC.replace("function: parse\n", "function: parse\n    cache: true\n")).unwrap();
+    let (net, memo) = (Calc::default(), Memo::default());
+    let o = Orchestrator::new(&flow, &net).with_cache(&memo);
+    let line = |l: &str| vec![("calc_string".to_string(), json!(l))];
+    let first = o.run_context(line("add 40 and 2")).await.unwrap();
+    assert_eq!((first.runs["parse"], first.cached.get("parse")), (1, None));
+    assert_eq!(net.called.load(SeqCst), 2, "parse and add ran");
+    // The same line: parse is answered from the cache, add (not cached) runs.
+    let again = o.run_context(line("add 40 and 2")).await.unwrap();
+    assert_eq!(again.single["result"], json!(42));
+    assert_eq!((again.runs.get("parse"), again.cached["parse"], again.runs["add"]), (None, 1, 1));
+    assert_eq!(net.called.load(SeqCst), 3);
+    // Other inputs, or other code, are other keys.
+    o.run_context(line("add 40 and 3")).await.unwrap();
+    assert_eq!(net.called.load(SeqCst), 5);
+    let other = DataFlow::from_yaml(&CALC.replace("function: parse\n", "function: parse\n    cache: true\n").replacen(
+        "calc.ops@0.1.0",
+        "calc.ops@0.2.0",
+        1,
+    ))
+    .unwrap();
+    let r = Orchestrator::new(&other, &net).with_cache(&memo).run_context(line("add 40 and 2")).await.unwrap();
+    assert_eq!((r.runs["parse"], r.cached.get("parse")), (1, None), "a new module version runs again");
+    // A kept entry missing an output is not trusted.
+    for v in memo.0.lock().unwrap().values_mut() {
+        v.remove("numbers");
+    }
+    let r = o.run_context(line("add 40 and 2")).await.unwrap();
+    assert_eq!((r.runs["parse"], r.single["result"].clone()), (1, json!(42)));
+    // Without `cache: true`, nothing is kept.
+    let plain = DataFlow::from_yaml(CALC).unwrap();
+    let memo = Memo::default();
+    Orchestrator::new(&plain, &net).with_cache(&memo).run_context(line("add 1 and 2")).await.unwrap();
+    assert!(memo.0.lock().unwrap().is_empty());
 }
