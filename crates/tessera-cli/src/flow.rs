@@ -14,13 +14,13 @@ pub enum Command {
     /// operations, inputs nothing gives, operations that can never run, and cycles no
     /// condition guards; errors name the line.
     Check {
-        /// The flow file (YAML).
+        /// The flow file (YAML, or Python declaring a `tessera.dataflow.DataFlow`).
         file: PathBuf,
     },
     /// Run one context of a flow: its operations on the nodes that offer them
     /// (`tessera node run --ops ...`); prints the outputs as JSON.
     Run {
-        /// The flow file (YAML).
+        /// The flow file (YAML, or Python declaring a `tessera.dataflow.DataFlow`).
         file: PathBuf,
         /// A value given to the context, `DEFINITION=VALUE` (repeatable); the text as it is
         /// for a `str` definition, else read as JSON.
@@ -44,7 +44,7 @@ pub enum Command {
     },
     /// Print a flow as a graph: Mermaid (default) or Graphviz text.
     Graph {
-        /// The flow file (YAML).
+        /// The flow file (YAML, or Python declaring a `tessera.dataflow.DataFlow`).
         file: PathBuf,
         /// The text format.
         #[arg(long, value_enum, default_value = "mermaid")]
@@ -115,8 +115,14 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
     }
 }
 
-/// Reads a flow file and its subflows (each at most
-/// [`tessera_dataflow::spec::MAX_FLOW_BYTES`]); errors name the file and the line.
+/// Reads a flow file (YAML, or Python declaring a `tessera.dataflow.DataFlow`) and its
+/// subflows (each at most [`tessera_dataflow::spec::MAX_FLOW_BYTES`]); errors name the
+/// file and the line.
 fn read(file: &Path) -> anyhow::Result<DataFlow> {
+    if file.extension().is_some_and(|e| e == "py") {
+        let text = crate::swarm::python_spec(file, "tessera.dataflow")?;
+        let base = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        return DataFlow::from_yaml_in(&text, base).map_err(|e| anyhow!("{e}"));
+    }
     DataFlow::from_file(file).map_err(|e| anyhow!("{e}"))
 }

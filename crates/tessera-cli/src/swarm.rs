@@ -312,7 +312,7 @@ fn announce(id: &str, place: &Place, args: &CoordinatorArgs) {
 pub fn read_swarm_file(file: &Path) -> anyhow::Result<SwarmFile> {
     let name = file.display().to_string();
     if file.extension().is_some_and(|e| e == "py") {
-        let text = python_spec(file)?;
+        let text = python_spec(file, "tessera.swarm")?;
         return SwarmFile::from_yaml(&text).map_err(|e| anyhow!("{name}: {e}"));
     }
     let text = read_bounded(std::fs::File::open(file).with_context(|| format!("reading {name}"))?)
@@ -346,8 +346,9 @@ fn in_file(e: SessionError, file: &Path) -> anyhow::Error {
     }
 }
 
-/// The JSON spec of a Python swarm file.
-fn python_spec(file: &Path) -> anyhow::Result<String> {
+/// The JSON spec a Python swarm or flow file declares (`python -m MODULE FILE`, with the
+/// SDK this binary ships: `tessera.swarm` or `tessera.dataflow`).
+pub(crate) fn python_spec(file: &Path, module: &str) -> anyhow::Result<String> {
     let sdk = tessera_process::cached_sdk(&crate::tessera_home()).context("writing the Python SDK")?;
     let python = tessera_process::default_interpreter();
     let mut path = std::ffi::OsString::from(&sdk);
@@ -357,7 +358,7 @@ fn python_spec(file: &Path) -> anyhow::Result<String> {
     }
     let mut child = std::process::Command::new(&python)
         .arg("-m")
-        .arg("tessera.swarm")
+        .arg(module)
         .arg(file)
         .env("PYTHONPATH", path)
         .stdout(std::process::Stdio::piped())

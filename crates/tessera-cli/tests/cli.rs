@@ -388,6 +388,19 @@ fn flow_files_are_checked_and_drawn() {
     std::fs::write(&bad, vec![b'#'; 300_000]).unwrap();
     let err = fails(&["flow", "check", bad.to_str().unwrap()], dir.path(), None);
     assert!(err.contains("at most"), "{err}");
+    // The Python form of the calculator is the same flow.
+    let calc_py = calc.replace("calc.yaml", "calc.py");
+    assert_eq!(ok(&["flow", "graph", &calc_py], dir.path(), None), mermaid);
+    let out = ok(&["flow", "check", &calc_py], dir.path(), None);
+    assert!(out.contains("5 definitions, 3 operations; inputs: calc_string"), "{out}");
+    // Its errors name the Python file's line.
+    let py = std::fs::read_to_string(&calc_py)
+        .unwrap()
+        .replace("mult = Operation(\"mult\", module=MODULE,", "mult = Operation(\"mult\", module=\"../calc\",");
+    let bad_py = dir.path().join("bad_calc.py");
+    std::fs::write(&bad_py, py).unwrap();
+    let err = fails(&["flow", "check", bad_py.to_str().unwrap()], dir.path(), None);
+    assert!(err.contains("bad_calc.py line 20") && err.contains("operations.mult.module"), "{err}");
     // The ML example and its model subflow; an error inside the subflow names its file.
     let ml = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/dataflows/ml");
     let out = ok(&["flow", "check", ml.join("flow.yaml").to_str().unwrap()], dir.path(), None);

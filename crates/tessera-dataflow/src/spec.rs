@@ -191,6 +191,18 @@ struct RawFlow {
     #[serde(default)]
     seed: Option<Spanned<Vec<BTreeMap<String, Value>>>>,
     output: Spanned<Output>,
+    /// Where a flow written in Python declared its parts (`operations.parse` -> line), so
+    /// errors name lines of the Python file.
+    #[serde(default)]
+    source: Option<Source>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Source {
+    file: String,
+    #[serde(default)]
+    lines: BTreeMap<String, usize>,
 }
 
 #[derive(Deserialize)]
@@ -232,6 +244,12 @@ impl DataFlow {
     /// Subflows name files, so a flow with subflows is read with [`DataFlow::from_file`].
     pub fn from_yaml(text: &str) -> Result<DataFlow, SpecError> {
         Self::parse(text, None)
+    }
+
+    /// Reads and checks a flow given as text whose subflow files are relative to `base`
+    /// (the spec a Python flow file prints, `base` its folder).
+    pub fn from_yaml_in(text: &str, base: &std::path::Path) -> Result<DataFlow, SpecError> {
+        Self::parse(text, Some((base, &mut Vec::new())))
     }
 
     /// Reads and checks a flow file and the subflow files it names (relative to its own
@@ -277,7 +295,7 @@ impl DataFlow {
 
     fn parse(
         text: &str,
-        mut files: Option<(&std::path::Path, &mut Vec<std::path::PathBuf>)>,
+        files: Option<(&std::path::Path, &mut Vec<std::path::PathBuf>)>,
     ) -> Result<DataFlow, SpecError> {
         if text.len() > MAX_FLOW_BYTES {
             return Err(SpecError::at(
@@ -286,7 +304,26 @@ impl DataFlow {
                 format!("the file is {} bytes; the limit is {MAX_FLOW_BYTES}", text.len()),
             ));
         }
-        let raw: RawFlow = tessera_core::yaml::from_str_located(text)?;
+        let mut raw: RawFlow = tessera_core::yaml::from_str_located(text)?;
+        let source = raw.source.take();
+        Self::build(raw, files).map_err(|mut e| {
+            // A flow written in Python: the line of its part in the Python file.
+            if let Some(src) = &source {
+                let field = e.field.clone().unwrap_or_default();
+                let parts: Vec<&str> = field.split('.').collect();
+                let line = (1..=parts.len().min(2)).rev().find_map(|n| src.lines.get(&parts[..n].join(".")));
+                e.file = Some(src.file.clone());
+                e.line = line.copied();
+                e.column = None;
+            }
+            e
+        })
+    }
+
+    fn build(
+        raw: RawFlow,
+        mut files: Option<(&std::path::Path, &mut Vec<std::path::PathBuf>)>,
+    ) -> Result<DataFlow, SpecError> {
         let mut lines: BTreeMap<String, At> = BTreeMap::new();
         lines.insert("definitions".into(), At::of(&raw.definitions));
         lines.insert("operations".into(), At::of(&raw.operations));

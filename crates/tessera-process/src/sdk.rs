@@ -8,6 +8,7 @@ use tessera_core::Digest;
 pub const SDK_FILES: &[(&str, &str)] = &[
     ("tessera/__init__.py", include_str!("../../../sdk/python/tessera/__init__.py")),
     ("tessera/client.py", include_str!("../../../sdk/python/tessera/client.py")),
+    ("tessera/dataflow.py", include_str!("../../../sdk/python/tessera/dataflow.py")),
     ("tessera/host.py", include_str!("../../../sdk/python/tessera/host.py")),
     ("tessera/protocol.py", include_str!("../../../sdk/python/tessera/protocol.py")),
     ("tessera/safetensors.py", include_str!("../../../sdk/python/tessera/safetensors.py")),
