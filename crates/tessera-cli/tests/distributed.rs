@@ -531,3 +531,74 @@ fn the_calculator_flow_runs_add_and_mult_on_two_node_processes() {
     let again = env.ok(&["flow", "run", flow, "--context", "c-1", "--input", "calc_string=multiply 3 and 4"]);
     assert!(again.contains("\"result\": 12"), "{again}");
 }
+
+impl Env {
+    /// Starts `tessera node run --ops OPS` named `id`; its log goes to `<id>.log`.
+    fn ops_node(&mut self, id: &str, ops: &str) {
+        let log = std::fs::File::create(self.dir.path().join(format!("{id}.log"))).unwrap();
+        let child = tessera(self)
+            .args(["node", "run", "--open", "--id", id, "--ops", ops])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.procs.push(Proc { child, name: id.into() });
+    }
+}
+
+#[test]
+fn the_node_process_running_mult_killed_mid_flow_still_gives_420_once() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut env = Env::start();
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/dataflows");
+    // A slow `mult` (calc.ops@0.2.0): it says so in its log, then takes its time.
+    let slow = env.dir.path().join("slow-ops");
+    std::fs::create_dir_all(&slow).unwrap();
+    let manifest = std::fs::read_to_string(examples.join("calc-ops/module.yaml")).unwrap();
+    std::fs::write(slow.join("module.yaml"), manifest.replace("version: 0.1.0", "version: 0.2.0")).unwrap();
+    let ops = std::fs::read_to_string(examples.join("calc-ops/ops.py")).unwrap().replace(
+        "    def mult(self, numbers):\n",
+        "    def mult(self, numbers):\n        import time\n        self.log.info('multiplying')\n        time.sleep(5)\n",
+    );
+    std::fs::write(slow.join("ops.py"), ops).unwrap();
+    env.ok(&["module", "publish", slow.to_str().unwrap()]);
+    let flow = std::fs::read_to_string(examples.join("calc.yaml"))
+        .unwrap()
+        .replace("calc.ops@0.1.0", "calc.ops@0.2.0")
+        .replace("output: {get_single: [result]}", "output: {get_multi: [result]}");
+    let flow_file = env.dir.path().join("slow-calc.yaml");
+    std::fs::write(&flow_file, flow).unwrap();
+    env.ops_node("node-parse", "parse,add");
+    env.ops_node("node-m0", "mult");
+    env.ops_node("node-m1", "mult");
+    env.wait_for_nodes(3);
+    let rx = env.coordinator_bare(&[
+        "flow",
+        "run",
+        flow_file.to_str().unwrap(),
+        "--input",
+        "calc_string=multiply 42 and 10",
+    ]);
+    // Kill whichever mult node is multiplying.
+    let started = Instant::now();
+    let victim = loop {
+        let found = ["node-m0", "node-m1"].into_iter().find(|id| {
+            std::fs::read_to_string(env.dir.path().join(format!("{id}.log"))).is_ok_and(|l| l.contains("multiplying"))
+        });
+        if let Some(id) = found {
+            break id;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "no node started multiplying:\n{}", logs(env.dir.path()));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    env.kill(victim);
+    let out: Vec<String> = rx.iter().collect();
+    assert!(env.wait_coordinator(), "{}", logs(env.dir.path()));
+    let v: serde_json::Value = serde_json::from_str(&out.join("\n")).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert_eq!(v["get_multi"]["result"], serde_json::json!([420]), "420, once: {v}");
+    assert_eq!(v["runs"]["mult"], 1, "{v}");
+    // The other mult node ran it.
+    let other = if victim == "node-m0" { "node-m1" } else { "node-m0" };
+    let log = std::fs::read_to_string(env.dir.path().join(format!("{other}.log"))).unwrap();
+    assert!(log.contains("multiplying"), "{}", logs(env.dir.path()));
+}

@@ -22,6 +22,9 @@ const STREAM: &str = "TESSERA_QUEUES";
 /// its first stored message (taken but unacknowledged messages are still stored).
 const PUT_TOTAL: &str = "Tessera-Put-Total";
 
+/// Most consumer handles a bus keeps at hand.
+const MAX_CONSUMER_HANDLES: usize = 4096;
+
 /// Queues on JetStream.
 pub struct NatsBus {
     js: jetstream::Context,
@@ -76,6 +79,11 @@ impl NatsBus {
         if let Some(c) = g.get(queue) {
             return Ok(c.clone());
         }
+        // Handles of queues used once would pile up: past the bound, start afresh (a
+        // handle is fetched again from the server when next needed).
+        if g.len() >= MAX_CONSUMER_HANDLES {
+            g.clear();
+        }
         let name = consumer_name(queue);
         let config = pull::Config {
             durable_name: Some(name.clone()),
@@ -85,6 +93,7 @@ impl NatsBus {
             max_deliver: self.options.max_deliver,
             deliver_policy: DeliverPolicy::All,
             max_ack_pending: 10_000,
+            inactive_threshold: self.options.consumer_inactive,
             ..Default::default()
         };
         let c = self.stream.get_or_create_consumer(&name, config).await.map_err(backend)?;
@@ -198,7 +207,12 @@ impl Bus for NatsBus {
                 self.forget(queue).await;
                 return Err(backend(e));
             }
-            Ok(None) | Err(_) => return Ok(None),
+            Ok(None) | Err(_) => {
+                // Nothing came: the consumer may have been removed for inactivity, so the
+                // next get fetches (or re-creates) it rather than waiting on a stale handle.
+                self.forget(queue).await;
+                return Ok(None);
+            }
         };
         let attempt = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
         let payload = msg.payload.clone();

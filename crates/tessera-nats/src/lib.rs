@@ -62,11 +62,21 @@ pub struct NatsOptions {
     pub max_deliver: i64,
     /// How long a member's announcement lasts.
     pub member_ttl: Duration,
+    /// How long a queue's durable consumer may go unread before the server removes it
+    /// (JetStream's `inactive_threshold`). Its messages stay in the stream, and the next
+    /// reader of the queue gets them; so queues used once (a round's or a parameter set's
+    /// replies) do not leave consumers behind for ever.
+    pub consumer_inactive: Duration,
 }
 
 impl Default for NatsOptions {
     fn default() -> Self {
-        NatsOptions { ack_wait: Duration::from_secs(30), max_deliver: 20, member_ttl: Duration::from_secs(15) }
+        NatsOptions {
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 20,
+            member_ttl: Duration::from_secs(15),
+            consumer_inactive: Duration::from_secs(3600),
+        }
     }
 }
 

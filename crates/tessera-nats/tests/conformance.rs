@@ -64,3 +64,41 @@ async fn unacknowledged_messages_come_back_after_the_ack_wait_and_progress_holds
     let big = Bytes::from(vec![0u8; 2 << 20]);
     assert!(matches!(bus.put("q", big).await, Err(BusError::TooLarge { .. })));
 }
+
+#[tokio::test]
+async fn a_queue_nobody_reads_loses_its_consumer_but_not_its_messages() {
+    use bytes::Bytes;
+    use tessera_ports::Bus;
+    let server = NatsServer::start();
+    let nats = connect(&server.url()).await.unwrap();
+    let options = NatsOptions { consumer_inactive: Duration::from_secs(1), ..NatsOptions::default() };
+    let bus = NatsBus::open(&nats, &options).await.unwrap();
+    let consumers = || async {
+        let mut stream = nats.js.get_stream("TESSERA_QUEUES").await.unwrap();
+        stream.info().await.unwrap().state.consumer_count
+    };
+    for k in 0..5 {
+        assert!(bus.get(&format!("replies-{k}"), Duration::from_millis(10)).await.unwrap().is_none());
+    }
+    assert_eq!(consumers().await, 5);
+    bus.put("replies-0", Bytes::from_static(b"late")).await.unwrap();
+    // Unread for longer than the threshold: the server removes the consumers.
+    let mut waited = 0;
+    while consumers().await > 0 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        waited += 1;
+        assert!(waited < 40, "consumers still there: {}", consumers().await);
+    }
+    // The message put meanwhile is still delivered: a handle of the removed consumer is
+    // dropped after one empty wait, and the consumer made again.
+    let mut tries = 0;
+    let d = loop {
+        if let Some(d) = bus.get("replies-0", Duration::from_millis(500)).await.unwrap() {
+            break d;
+        }
+        tries += 1;
+        assert!(tries < 3, "the message kept in the stream never came");
+    };
+    assert_eq!(&d.payload[..], b"late");
+    d.ack().await.unwrap();
+}
