@@ -75,6 +75,23 @@ async fn the_calculator_runs_its_operations_on_the_nodes_that_offer_them(on: On)
         .await
         .unwrap_err();
     assert!(e.to_string().contains("no node offers operation `times`"), "{e}");
+    // Nodes offering an operation whose module needs more than they have are passed over,
+    // and the error says what they lack.
+    let big = home.path().join("big-ops");
+    std::fs::create_dir_all(&big).unwrap();
+    let ops = repo().join("examples/dataflows/calc-ops");
+    std::fs::copy(ops.join("ops.py"), big.join("ops.py")).unwrap();
+    let manifest = std::fs::read_to_string(ops.join("module.yaml")).unwrap();
+    std::fs::write(
+        big.join("module.yaml"),
+        manifest.replace("version: 0.1.0", "version: 0.3.0").replace("memory: 32MiB", "memory: 100TiB"),
+    )
+    .unwrap();
+    cluster.publish_dir(&big).unwrap();
+    let mut huge = flow.clone();
+    huge.operations.get_mut("parse").unwrap().module = "calc.ops@0.3.0".into();
+    let e = c.run_flow("calc-4", &huge, vec![("calc_string".into(), json!("add 1 and 2"))], t, true).await.unwrap_err();
+    assert!(e.to_string().contains("cannot run calc.ops@0.3.0") && e.to_string().contains("memory"), "{e}");
     cluster.stop().await;
 }
 

@@ -3,10 +3,13 @@
 //! that offers its operation (`tessera node run --ops parse,add`), calling the operation's
 //! module function with the parameter set's values as keyword arguments (`config.kwargs`;
 //! so operations are module functions of the `python` and `process` runtimes); the node
-//! answers with the function's result. Delivery is the engine's (at least once, answered
-//! once per task id); a node that leaves or does not answer has the parameter set run on
-//! another node that offers the operation. The first answer is the one used, so each
-//! parameter set is applied once, though a node that was only slow may still run it.
+//! answers with the function's result. A node offering an operation is used only if it
+//! also runs its module (the runtime and `needs`, as placement checks them). Delivery is
+//! the engine's (at least once, answered once per task id); a node that leaves or does not
+//! answer has the parameter set run on another node that offers the operation. The first
+//! answer is the one used, so each parameter set is applied once, though a node that was
+//! only slow may still run it. A function that fails is not run again elsewhere (as Ray
+//! retries tasks whose worker died, not those that raised): its error fails the context.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,20 +18,24 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 use tessera_core::name::check_ident;
-use tessera_core::wire::{BlobRef, TaskOutcome};
+use tessera_core::registry::PackageRecord;
+use tessera_core::wire::{BlobRef, NodeRecord, TaskOutcome};
 use tessera_core::{Digest, PackageRef};
 use tessera_dataflow::{ContextResult, DataFlow, Operation, OperationNetwork, Orchestrator, ResultCache};
 
 use crate::SessionError;
 use crate::dispatch::Outgoing;
 use crate::engine::Coordinator;
+use crate::placement::facts;
+use tessera_swarm::TaskSpec;
+use tessera_swarm::placement;
 
 /// Runs operations on the nodes that offer them.
 struct FlowNetwork<'a> {
     c: &'a Coordinator,
     run: String,
     /// The package of each module reference.
-    modules: BTreeMap<String, Digest>,
+    modules: BTreeMap<String, PackageRecord>,
     next: AtomicU64,
     timeout: Duration,
 }
@@ -71,7 +78,7 @@ impl Coordinator {
         &self,
         flow: &DataFlow,
         at: &str,
-        modules: &mut BTreeMap<String, Digest>,
+        modules: &mut BTreeMap<String, PackageRecord>,
     ) -> Result<(), SessionError> {
         for (name, op) in &flow.operations {
             if let Some(sub) = &op.subflow {
@@ -88,7 +95,7 @@ impl Coordinator {
                 .resolve(&r)
                 .await
                 .map_err(|e| SessionError::Config(format!("operation {at}{name}: module {r}: {e}")))?;
-            modules.insert(op.module.clone(), rec.digest);
+            modules.insert(op.module.clone(), rec);
         }
         Ok(())
     }
@@ -131,17 +138,36 @@ impl OperationNetwork for FlowNetwork<'_> {
         inputs: BTreeMap<String, Value>,
     ) -> Result<BTreeMap<String, Value>, String> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let module = *self.modules.get(&op.module).ok_or_else(|| format!("no package for operation {name}"))?;
+        let record = self.modules.get(&op.module).ok_or_else(|| format!("no package for operation {name}"))?;
+        let module = record.digest;
+        // A node offering the operation must also run its module: its runtime and `needs`.
+        let task = TaskSpec::on_all(op.module.clone(), Vec::new());
+        let module_facts = [facts(record)];
         // The values go as the function's keyword arguments (tensors and blobs are digests).
         let config = json!({"function": op.function, "kwargs": inputs});
         let mut tried: BTreeSet<String> = BTreeSet::new();
         loop {
             let nodes = self.c.nodes().await.map_err(|e| e.to_string())?;
-            let offering: Vec<String> =
-                nodes.iter().filter(|r| r.operations.iter().any(|o| o == name)).map(|r| r.id.clone()).collect();
-            if offering.is_empty() {
+            let announcing: Vec<&NodeRecord> = nodes.iter().filter(|r| r.operations.iter().any(|o| o == name)).collect();
+            if announcing.is_empty() {
                 return Err(format!(
                     "no node offers operation `{name}` (start one with `tessera node run --ops {name}`)"
+                ));
+            }
+            let mut unfit = Vec::new();
+            let mut offering = Vec::new();
+            for r in announcing {
+                match placement::fits(&task, &module_facts, r) {
+                    Ok(()) => offering.push(r.id.clone()),
+                    Err(lacks) => unfit.push(format!("{}: {}", r.id, lacks.join("; "))),
+                }
+            }
+            if offering.is_empty() {
+                return Err(format!(
+                    "the nodes offering `{name}` cannot run {}@{}: {}",
+                    record.name,
+                    record.version,
+                    unfit.join(" | ")
                 ));
             }
             let fresh: Vec<&String> = offering.iter().filter(|id| !tried.contains(*id)).collect();
@@ -181,7 +207,7 @@ impl OperationNetwork for FlowNetwork<'_> {
 
 impl FlowNetwork<'_> {
     fn digest(&self, op: &Operation) -> Option<Digest> {
-        self.modules.get(&op.module).copied()
+        self.modules.get(&op.module).map(|r| r.digest)
     }
 
     /// The operation's outputs from the function's result: its value when the operation
