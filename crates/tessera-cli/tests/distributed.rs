@@ -530,6 +530,28 @@ fn the_calculator_flow_runs_add_and_mult_on_two_node_processes() {
     assert!(again.contains("\"result\": 3"), "{again}");
     let again = env.ok(&["flow", "run", flow, "--context", "c-1", "--input", "calc_string=multiply 3 and 4"]);
     assert!(again.contains("\"result\": 12"), "{again}");
+    // One context per record, printed in the records' order.
+    let records = env.dir.path().join("lines.jsonl");
+    let lines: Vec<String> = (0..20)
+        .map(|i| {
+            let line = if i % 2 == 0 { format!("add {i} and 2") } else { format!("multiply {i} and 10") };
+            serde_json::json!({ "calc_string": line }).to_string()
+        })
+        .collect();
+    std::fs::write(&records, lines.join("\n") + "\n\n").unwrap();
+    let out = env.ok(&["flow", "run", flow, "--context", "batch", "--records", records.to_str().unwrap()]);
+    let got: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(got.len(), 20, "{out}");
+    for (i, v) in got.iter().enumerate() {
+        let want = if i % 2 == 0 { i + 2 } else { i * 10 };
+        assert_eq!(v["context"], format!("batch-{}", i + 1));
+        assert_eq!(v["get_single"]["result"], want, "{v}");
+    }
+    // A bad record is refused naming its line, before anything runs.
+    std::fs::write(&records, format!("{}\n[1, 2]\n", lines[0])).unwrap();
+    let out = tessera(&env).args(["flow", "run", flow, "--records", records.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("lines.jsonl line 2"), "{err}");
 }
 
 impl Env {

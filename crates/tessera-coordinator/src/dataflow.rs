@@ -148,7 +148,8 @@ impl OperationNetwork for FlowNetwork<'_> {
         let mut tried: BTreeSet<String> = BTreeSet::new();
         loop {
             let nodes = self.c.nodes().await.map_err(|e| e.to_string())?;
-            let announcing: Vec<&NodeRecord> = nodes.iter().filter(|r| r.operations.iter().any(|o| o == name)).collect();
+            let announcing: Vec<&NodeRecord> =
+                nodes.iter().filter(|r| r.operations.iter().any(|o| o == name)).collect();
             if announcing.is_empty() {
                 return Err(format!(
                     "no node offers operation `{name}` (start one with `tessera node run --ops {name}`)"
