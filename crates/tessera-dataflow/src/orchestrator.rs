@@ -138,6 +138,15 @@ pub struct Orchestrator<'a> {
     cache: Option<&'a dyn ResultCache>,
 }
 
+/// What finished in a context: a parameter set's run, or a new value's validation.
+enum Done {
+    Ran { name: String, locked: Vec<usize>, ran: Ran },
+    Admitted { definition: String, origin: Origin, value: Result<Value, DataflowError> },
+}
+
+/// Work in flight in a context.
+type Work<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Done> + Send + 'a>>;
+
 /// What running one parameter set gave: outputs, and the runs of a subflow's operations.
 struct Ran {
     outputs: Result<BTreeMap<String, Value>, String>,
@@ -166,9 +175,8 @@ impl<'a> Orchestrator<'a> {
     async fn run_set(&self, name: &str, op: &Operation, args: BTreeMap<String, Value>) -> Ran {
         if let Some(sub) = &op.subflow {
             let inner = Orchestrator { flow: sub, network: self.network, cache: self.cache };
-            // A subflow runs in this task: the recursion is boxed.
-            let result: Result<ContextResult, DataflowError> =
-                Box::pin(inner.run_context(args.into_iter().collect())).await;
+            // A subflow runs in this task (`run_context` boxes the recursion).
+            let result = inner.run_context(args.into_iter().collect()).await;
             return match result {
                 Ok(r) => {
                     let mut outputs = BTreeMap::new();
@@ -209,7 +217,15 @@ impl<'a> Orchestrator<'a> {
     }
 
     /// Runs one context from the flow's seed and `inputs` (definition, value) to its end.
-    pub async fn run_context(&self, inputs: Vec<(String, Value)>) -> Result<ContextResult, DataflowError> {
+    /// (A boxed future: a subflow runs a context inside a context.)
+    pub fn run_context(
+        &self,
+        inputs: Vec<(String, Value)>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<ContextResult, DataflowError>> + Send + '_>> {
+        Box::pin(self.context(inputs))
+    }
+
+    async fn context(&self, inputs: Vec<(String, Value)>) -> Result<ContextResult, DataflowError> {
         let mut items: Vec<Item> = Vec::new();
         let mut bytes = 0usize;
         let mut hold = |items: &Vec<Item>, v: &Value| -> Result<(), DataflowError> {
@@ -243,7 +259,7 @@ impl<'a> Orchestrator<'a> {
         let mut waiting: Vec<(String, ParameterSet)> = Vec::new();
         // Items before this one have been combined into parameter sets.
         let mut combined = 0;
-        let mut running = FuturesUnordered::new();
+        let mut running: FuturesUnordered<Work<'_>> = FuturesUnordered::new();
         loop {
             // Only sets with a value that arrived since the last pass are new: each set is
             // formed once.
@@ -279,12 +295,23 @@ impl<'a> Orchestrator<'a> {
                 held.extend(&locked);
                 let args: BTreeMap<String, Value> =
                     set.0.iter().map(|(p, id)| (p.clone(), items[*id].value.clone())).collect();
-                running.push(async move {
+                let work: Work<'_> = Box::pin(async move {
                     let ran = self.run_set(&name, op, args).await;
-                    (name, locked, ran)
+                    Done::Ran { name, locked, ran }
                 });
+                running.push(work);
             }
-            let Some((name, locked, ran)) = running.next().await else { break };
+            let (name, locked, ran) = match running.next().await {
+                None => break,
+                // A value back from its validation operation (run beside the others).
+                Some(Done::Admitted { definition, origin, value }) => {
+                    let value = value?;
+                    hold(&items, &value)?;
+                    items.push(Item { id: items.len(), definition, value, origin });
+                    continue;
+                }
+                Some(Done::Ran { name, locked, ran }) => (name, locked, ran),
+            };
             for id in locked {
                 held.remove(&id);
             }
@@ -302,6 +329,15 @@ impl<'a> Orchestrator<'a> {
                     });
                 };
                 let origin = Origin::Output { operation: name.clone(), output: output.clone() };
+                if self.flow.definitions[d].validate.is_some() {
+                    let (definition, v) = (d.clone(), v.clone());
+                    let work: Work<'_> = Box::pin(async move {
+                        let value = self.admit(&definition, v, &origin).await;
+                        Done::Admitted { definition, origin, value }
+                    });
+                    running.push(work);
+                    continue;
+                }
                 let value = self.admit(d, v.clone(), &origin).await?;
                 hold(&items, &value)?;
                 items.push(Item { id: items.len(), definition: d.clone(), value, origin });

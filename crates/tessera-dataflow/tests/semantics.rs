@@ -436,3 +436,59 @@ async fn cached_operations_answer_a_parameter_set_seen_before_without_running() 
     Orchestrator::new(&plain, &net).with_cache(&memo).run_context(line("add 1 and 2")).await.unwrap();
     assert!(memo.0.lock().unwrap().is_empty());
 }
+
+/// `check` validates `v` and can only finish once `side` has run while it waits: it
+/// signals `a` and waits for `b`, which `side` sends when it sees `a`.
+#[derive(Default)]
+struct Handshake {
+    a: tokio::sync::Notify,
+    b: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl OperationNetwork for Handshake {
+    async fn run(
+        &self,
+        _: &str,
+        op: &Operation,
+        inputs: BTreeMap<String, Value>,
+    ) -> Result<BTreeMap<String, Value>, String> {
+        Ok(match op.function.as_str() {
+            "emit" => BTreeMap::from([("v".into(), inputs["x"].clone())]),
+            "side" => {
+                self.a.notified().await;
+                self.b.notify_one();
+                BTreeMap::from([("w".into(), json!(true))])
+            }
+            "check" => {
+                self.a.notify_one();
+                self.b.notified().await;
+                BTreeMap::from([("v".into(), inputs["v"].clone())])
+            }
+            other => return Err(format!("no function {other}")),
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_validation_runs_beside_the_operations_in_flight() {
+    let flow = DataFlow::from_yaml(
+        "definitions:\n  x: {type: int}\n  v: {type: int, validate: check}\n  w: {type: bool}\noperations:\n  \
+         emit: {module: t.ops@1.0.0, function: emit, inputs: {x: x}, outputs: {v: v}}\n  \
+         side: {module: t.ops@1.0.0, function: side, inputs: {x: x}, outputs: {w: w}}\n  \
+         check: {module: t.ops@1.0.0, function: check, inputs: {v: v}, outputs: {v: v}}\n\
+         inputs: [x]\noutput: {get_single: [v, w]}\n",
+    )
+    .unwrap();
+    let net = Handshake::default();
+    // Were the validation awaited in line, `side` would never be polled while `check`
+    // waits for it: the context would never end.
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        Orchestrator::new(&flow, &net).run_context(vec![("x".into(), json!(7))]),
+    )
+    .await
+    .expect("the validation stalled the operation in flight")
+    .unwrap();
+    assert_eq!((r.single["v"].clone(), r.single["w"].clone()), (json!(7), json!(true)));
+}
