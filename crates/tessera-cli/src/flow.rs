@@ -68,12 +68,12 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Run { file, input, context, records, no_cache, timeout, nats, hub } => {
             let flow = read(&file)?;
+            let backend = nats.backend().await?;
             let contexts = match &records {
                 Some(path) => read_records(path)?,
-                None => vec![parse_inputs(&flow, &input)?],
+                None => vec![parse_inputs(&flow, &input, &backend).await?],
             };
             let id = context.unwrap_or_else(tessera_coordinator::new_session_id);
-            let backend = nats.backend().await?;
             let client = hub.signed_client()?;
             let key = crate::key::load(&hub.key)?;
             let c =
@@ -144,13 +144,28 @@ fn summary(id: &str, result: &tessera_dataflow::ContextResult) -> serde_json::Va
     })
 }
 
-/// `--input DEFINITION=VALUE`s: the text as it is for a `str` definition, else read as
-/// JSON (text that is not JSON stays text).
-fn parse_inputs(flow: &DataFlow, input: &[String]) -> anyhow::Result<Vec<(String, serde_json::Value)>> {
+/// `--input DEFINITION=VALUE`s: the text as it is for a `str` definition; for a `tensor` or
+/// `blob` definition, `@FILE` puts the file in the blob store and gives its digest; else
+/// read as JSON (text that is not JSON stays text).
+async fn parse_inputs(
+    flow: &DataFlow,
+    input: &[String],
+    backend: &tessera_ports::Backend,
+) -> anyhow::Result<Vec<(String, serde_json::Value)>> {
+    use tessera_dataflow::Primitive;
     let mut inputs = Vec::new();
     for item in input {
         let (d, v) = item.split_once('=').ok_or_else(|| anyhow!("--input {item:?}: expected DEFINITION=VALUE"))?;
-        let text = flow.definitions.get(d).is_some_and(|x| x.primitive == tessera_dataflow::Primitive::Str);
+        let primitive = flow.definitions.get(d).map(|x| x.primitive);
+        if matches!(primitive, Some(Primitive::Tensor | Primitive::Blob))
+            && let Some(path) = v.strip_prefix('@')
+        {
+            let bytes = std::fs::read(path).map_err(|e| anyhow!("--input {d}=@{path}: {e}"))?;
+            let digest = backend.blobs.put(bytes.into()).await.map_err(|e| anyhow!("--input {d}=@{path}: {e}"))?;
+            inputs.push((d.to_owned(), serde_json::Value::String(digest.to_string())));
+            continue;
+        }
+        let text = primitive == Some(Primitive::Str);
         let value = if text {
             serde_json::Value::String(v.to_owned())
         } else {

@@ -404,7 +404,7 @@ fn flow_files_are_checked_and_drawn() {
     // The ML example and its model subflow; an error inside the subflow names its file.
     let ml = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/dataflows/ml");
     let out = ok(&["flow", "check", ml.join("flow.yaml").to_str().unwrap()], dir.path(), None);
-    assert!(out.contains("6 definitions, 3 operations; inputs: dataset"), "{out}");
+    assert!(out.contains("6 definitions, 4 operations; inputs: dataset"), "{out}");
     let mermaid = ok(&["flow", "graph", ml.join("flow.yaml").to_str().unwrap()], dir.path(), None);
     assert!(
         mermaid.contains("model[\"model<br/>subflow\"]") && mermaid.contains("scale -->|scaled| model"),

@@ -547,6 +547,29 @@ fn the_calculator_flow_runs_add_and_mult_on_two_node_processes() {
         assert_eq!(v["context"], format!("batch-{}", i + 1));
         assert_eq!(v["get_single"]["result"], want, "{v}");
     }
+    // A tensor given as a file: `add` gets it as a numpy array, [6, 7] -> 13.
+    let tensor_flow = env.dir.path().join("tensor-add.yaml");
+    std::fs::write(
+        &tensor_flow,
+        "definitions:\n  numbers: {type: tensor, dtype: F32, shape: [null]}\n  result: {type: float}\noperations:\n  \
+         add: {module: calc.ops@0.1.0, function: add, inputs: {numbers: numbers}, outputs: {sum: result}}\n\
+         inputs: [numbers]\noutput: {get_single: [result]}\n",
+    )
+    .unwrap();
+    let mut header = br#"{"data":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#.to_vec();
+    while !header.len().is_multiple_of(8) {
+        header.push(b' ');
+    }
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(header);
+    file.extend(6f32.to_le_bytes());
+    file.extend(7f32.to_le_bytes());
+    let numbers = env.dir.path().join("numbers.safetensors");
+    std::fs::write(&numbers, file).unwrap();
+    let input = format!("numbers=@{}", numbers.display());
+    let out = env.ok(&["flow", "run", tensor_flow.to_str().unwrap(), "--input", &input]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["get_single"]["result"], 13.0, "{out}");
     // A bad record is refused naming its line, before anything runs.
     std::fs::write(&records, format!("{}\n[1, 2]\n", lines[0])).unwrap();
     let out = tessera(&env).args(["flow", "run", flow, "--records", records.to_str().unwrap()]).output().unwrap();

@@ -63,6 +63,7 @@ impl OperationNetwork for Calc {
         &self,
         _: &str,
         op: &Operation,
+        _: &BTreeMap<String, tessera_dataflow::Definition>,
         inputs: BTreeMap<String, Value>,
     ) -> Result<BTreeMap<String, Value>, String> {
         Ok(match op.function.as_str() {

@@ -161,7 +161,7 @@ async fn the_ml_flow_scales_its_data_and_runs_the_model_as_a_subflow(on: On) {
     let cluster = cluster_with(
         &on,
         home.path(),
-        &[("node-0", &["load", "scale"]), ("node-1", &["fit", "predict", "score"])],
+        &[("node-0", &["read_features", "read_labels", "scale"]), ("node-1", &["fit", "predict", "score"])],
         datasets,
     )
     .await;
@@ -175,8 +175,23 @@ async fn the_ml_flow_scales_its_data_and_runs_the_model_as_a_subflow(on: On) {
     let want = |pairs: &[(&str, usize)]| pairs.iter().map(|(k, n)| (k.to_string(), *n)).collect::<BTreeMap<_, _>>();
     assert_eq!(
         r.runs,
-        want(&[("load", 1), ("model", 1), ("model.fit", 1), ("model.predict", 1), ("model.score", 1), ("scale", 1)])
+        want(&[
+            ("model", 1),
+            ("model.fit", 1),
+            ("model.predict", 1),
+            ("model.score", 1),
+            ("read_features", 1),
+            ("read_labels", 1),
+            ("scale", 1)
+        ])
     );
+    // The features travelled as tensor blobs: the standardized ones are F64 [rows, 64].
+    let scaled = r.items.iter().find(|i| i.definition == "scaled").unwrap();
+    let digest: tessera_core::Digest = scaled.value.as_str().unwrap().parse().unwrap();
+    let bytes = cluster.backend.blobs.get(&digest).await.unwrap().unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let info = meta.tensors().into_values().next().unwrap();
+    assert_eq!((format!("{:?}", info.dtype), info.shape.clone()), ("F64".to_string(), vec![test.len(), 64]));
     let predictions: Vec<i64> = serde_json::from_value(r.single["predictions"].clone()).unwrap();
     assert_eq!(predictions.len(), test.len());
     let k = (test.len() as f64 * 0.7) as usize;

@@ -21,7 +21,9 @@ use tessera_core::name::check_ident;
 use tessera_core::registry::PackageRecord;
 use tessera_core::wire::{BlobRef, NodeRecord, TaskOutcome};
 use tessera_core::{Digest, PackageRef};
-use tessera_dataflow::{ContextResult, DataFlow, Operation, OperationNetwork, Orchestrator, ResultCache};
+use tessera_dataflow::{
+    ContextResult, DataFlow, Definition, Operation, OperationNetwork, Orchestrator, Primitive, ResultCache,
+};
 
 use crate::SessionError;
 use crate::dispatch::Outgoing;
@@ -135,16 +137,43 @@ impl OperationNetwork for FlowNetwork<'_> {
         &self,
         name: &str,
         op: &Operation,
+        definitions: &BTreeMap<String, Definition>,
         inputs: BTreeMap<String, Value>,
     ) -> Result<BTreeMap<String, Value>, String> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
+        // Values of tensor and blob definitions go as the task's input blobs (a Python
+        // function gets a tensor as a numpy array), the others as keyword arguments.
+        let is_blob = |d: Option<&String>| {
+            d.and_then(|d| definitions.get(d))
+                .is_some_and(|d| matches!(d.primitive, Primitive::Tensor | Primitive::Blob))
+        };
+        let mut kwargs = serde_json::Map::new();
+        let mut blobs = Vec::new();
+        for (param, value) in inputs {
+            if is_blob(op.inputs.get(&param)) {
+                let digest: Digest = value
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| format!("{param}: {value} is not a blob digest"))?;
+                blobs.push(BlobRef { name: param, digest, size: 0 });
+            } else {
+                kwargs.insert(param, value);
+            }
+        }
+        let blob_outputs: Vec<&String> = op.outputs.iter().filter(|(_, d)| is_blob(Some(d))).map(|(o, _)| o).collect();
+        if !blob_outputs.is_empty() && op.outputs.len() > 1 {
+            return Err(format!(
+                "{name}: a tensor or blob output is its operation's only output (the function's result), \
+                 but it has {}",
+                op.outputs.len()
+            ));
+        }
         let record = self.modules.get(&op.module).ok_or_else(|| format!("no package for operation {name}"))?;
         let module = record.digest;
         // A node offering the operation must also run its module: its runtime and `needs`.
         let task = TaskSpec::on_all(op.module.clone(), Vec::new());
         let module_facts = [facts(record)];
-        // The values go as the function's keyword arguments (tensors and blobs are digests).
-        let config = json!({"function": op.function, "kwargs": inputs});
+        let config = json!({"function": op.function, "kwargs": kwargs});
         let mut tried: BTreeSet<String> = BTreeSet::new();
         loop {
             let nodes = self.c.nodes().await.map_err(|e| e.to_string())?;
@@ -186,11 +215,17 @@ impl OperationNetwork for FlowNetwork<'_> {
                 task_id: format!("{id}.{node}"),
                 module,
                 config: config.clone(),
-                inputs: Vec::new(),
+                inputs: blobs.clone(),
                 world: None,
             };
             let replies = self.c.send_and_collect(&id, 0, vec![task], self.timeout).await.map_err(|e| e.to_string())?;
             match replies.replies.get(&node).map(|r| &r.outcome) {
+                Some(TaskOutcome::Ok { outputs, .. }) if !blob_outputs.is_empty() => {
+                    // The result blob is the value: its digest.
+                    let r =
+                        outputs.iter().find(|r| r.name == "result").ok_or_else(|| format!("{name} gave no result"))?;
+                    return Ok(BTreeMap::from([(blob_outputs[0].clone(), Value::String(r.digest.to_string()))]));
+                }
                 Some(TaskOutcome::Ok { outputs, .. }) => return self.outputs(name, op, outputs).await,
                 Some(TaskOutcome::Failed { error }) => return Err(error.clone()),
                 None => {
@@ -203,6 +238,16 @@ impl OperationNetwork for FlowNetwork<'_> {
 
     fn implementation(&self, _name: &str, op: &Operation) -> Option<String> {
         self.digest(op).map(|d| d.to_string())
+    }
+
+    async fn blob(&self, digest: &str) -> Result<Vec<u8>, String> {
+        let d: Digest = digest.parse().map_err(|_| format!("{digest:?} is not a blob digest"))?;
+        self.c
+            .retry("reading a tensor", || self.c.backend.blobs.get(&d))
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|b| b.to_vec())
+            .ok_or_else(|| format!("blob {digest} is not in the blob store"))
     }
 }
 

@@ -58,7 +58,8 @@ impl Coordinator {
     /// third of the membership's time-to-live (100 ms to 1 s). Like Flower's
     /// `ClientManager.wait_for`, a round or iteration short of nodes waits for them: a node
     /// restarting, or one whose announcement lapsed under load, comes back. Returns what
-    /// `fits` gave last (its refusal when the wait ran out).
+    /// `fits` gave last (its refusal when the wait ran out), or [`SessionError::Stopped`]
+    /// when the run is asked to stop meanwhile.
     pub(crate) async fn wait_for_nodes<T, E: std::fmt::Display>(
         &self,
         run: &str,
@@ -68,6 +69,9 @@ impl Coordinator {
         let deadline = Instant::now() + wait;
         let poll = (self.backend.members.ttl() / 3).clamp(Duration::from_millis(100), Duration::from_secs(1));
         loop {
+            if self.stop_requested(run).await {
+                return Err(SessionError::Stopped);
+            }
             match fits(self.nodes().await?) {
                 Err(e) if Instant::now() + poll < deadline => {
                     tracing::info!(run, "{e}; waiting for nodes");

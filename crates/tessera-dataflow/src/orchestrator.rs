@@ -16,7 +16,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use serde_json::Value;
 
-use crate::spec::{DataFlow, Operation, Origin};
+use crate::spec::{DataFlow, Definition, Operation, Origin, Schema};
 
 /// Most parameter sets one operation may form in one context (a guard against fan-out
 /// that would never end).
@@ -37,10 +37,14 @@ pub const MAX_CONTEXT_BYTES: usize = 512 * 1024 * 1024;
 pub trait OperationNetwork: Send + Sync {
     /// Runs `op` (named `name`) on one parameter set: parameter name -> value. Gives
     /// output name -> value, or why it failed.
+    ///
+    /// `definitions` are those of the flow `op` is in: values of `tensor` and `blob`
+    /// definitions are blob digests (`b3:<hex>`) a network may hand over as blobs.
     async fn run(
         &self,
         name: &str,
         op: &Operation,
+        definitions: &BTreeMap<String, Definition>,
         inputs: BTreeMap<String, Value>,
     ) -> Result<BTreeMap<String, Value>, String>;
 
@@ -48,6 +52,12 @@ pub trait OperationNetwork: Send + Sync {
     /// module. `None` (the default) when the network cannot say, and nothing is cached.
     fn implementation(&self, _name: &str, _op: &Operation) -> Option<String> {
         None
+    }
+
+    /// The bytes of the blob a `tensor` or `blob` value names (`b3:<hex>`), to check a
+    /// tensor's dtype and shape. The default holds no blobs.
+    async fn blob(&self, digest: &str) -> Result<Vec<u8>, String> {
+        Err(format!("no blob store to read {digest} from"))
     }
 }
 
@@ -125,7 +135,8 @@ pub struct ContextResult {
     /// How many times each operation ran (those of a subflow as `<operation>.<its
     /// operation>`).
     pub runs: BTreeMap<String, usize>,
-    /// How many parameter sets were answered from the cache, by operation.
+    /// How many parameter sets were answered from the cache, by operation (those of a
+    /// subflow as `<operation>.<its operation>`).
     pub cached: BTreeMap<String, usize>,
     /// Every value the context saw.
     pub items: Vec<Item>,
@@ -150,7 +161,10 @@ type Work<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Done> + Send 
 /// What running one parameter set gave: outputs, and the runs of a subflow's operations.
 struct Ran {
     outputs: Result<BTreeMap<String, Value>, String>,
+    /// Runs of a subflow's operations, as `<operation>.<its operation>`.
     inner: BTreeMap<String, usize>,
+    /// A subflow's parameter sets answered from the cache, named the same way.
+    inner_cached: BTreeMap<String, usize>,
     cached: bool,
 }
 
@@ -190,30 +204,44 @@ impl<'a> Orchestrator<'a> {
                         }
                     }
                     let inner = r.runs.into_iter().map(|(k, n)| (format!("{name}.{k}"), n)).collect();
+                    let inner_cached = r.cached.into_iter().map(|(k, n)| (format!("{name}.{k}"), n)).collect();
                     let outputs = match missing {
                         Some(o) => Err(format!("the subflow gave no `{o}`")),
                         None => Ok(outputs),
                     };
-                    Ran { outputs, inner, cached: false }
+                    Ran { outputs, inner, inner_cached, cached: false }
                 }
-                Err(e) => Ran { outputs: Err(format!("subflow: {e}")), inner: BTreeMap::new(), cached: false },
+                Err(e) => Ran {
+                    outputs: Err(format!("subflow: {e}")),
+                    inner: BTreeMap::new(),
+                    inner_cached: BTreeMap::new(),
+                    cached: false,
+                },
             };
         }
         let key = match (op.cache, self.cache) {
             (true, Some(_)) => self.network.implementation(name, op).map(|i| cache_key(&i, &op.function, &args)),
             _ => None,
         };
+        // Only outputs of the operation's types are kept, and only such entries are used.
+        let fits = |out: &BTreeMap<String, Value>| {
+            op.outputs.iter().all(|(o, d)| {
+                out.get(o).is_some_and(|v| self.flow.definitions.get(d).is_some_and(|d| d.primitive.admits(v)))
+            })
+        };
         if let (Some(k), Some(c)) = (&key, self.cache)
             && let Some(hit) = c.get(k).await
-            && op.outputs.keys().all(|o| hit.contains_key(o))
+            && fits(&hit)
         {
-            return Ran { outputs: Ok(hit), inner: BTreeMap::new(), cached: true };
+            return Ran { outputs: Ok(hit), inner: BTreeMap::new(), inner_cached: BTreeMap::new(), cached: true };
         }
-        let outputs = self.network.run(name, op, args).await;
-        if let (Some(k), Some(c), Ok(out)) = (&key, self.cache, &outputs) {
+        let outputs = self.network.run(name, op, &self.flow.definitions, args).await;
+        if let (Some(k), Some(c), Ok(out)) = (&key, self.cache, &outputs)
+            && fits(out)
+        {
             c.put(k, out).await;
         }
-        Ran { outputs, inner: BTreeMap::new(), cached: false }
+        Ran { outputs, inner: BTreeMap::new(), inner_cached: BTreeMap::new(), cached: false }
     }
 
     /// Runs one context from the flow's seed and `inputs` (definition, value) to its end.
@@ -319,6 +347,9 @@ impl<'a> Orchestrator<'a> {
             for (k, n) in ran.inner {
                 *runs.entry(k).or_default() += n;
             }
+            for (k, n) in ran.inner_cached {
+                *cached.entry(k).or_default() += n;
+            }
             let out = ran.outputs.map_err(|error| DataflowError::Operation { operation: name.clone(), error })?;
             let op = &self.flow.operations[&name];
             for (output, d) in &op.outputs {
@@ -358,7 +389,8 @@ impl<'a> Orchestrator<'a> {
         Ok(result)
     }
 
-    /// A new value of `definition`: type-checked, then through its validation operation.
+    /// A new value of `definition`: type-checked, through its validation operation, then
+    /// checked against the definition's schema, or its tensor dtype and shape.
     async fn admit(&self, definition: &str, value: Value, origin: &Origin) -> Result<Value, DataflowError> {
         let d = &self.flow.definitions[definition];
         if !d.primitive.admits(&value) {
@@ -367,7 +399,10 @@ impl<'a> Orchestrator<'a> {
                 d.primitive
             )));
         }
-        let Some(v) = &d.validate else { return Ok(value) };
+        let Some(v) = &d.validate else {
+            self.conforms(definition, d, &value, &origin.to_string()).await?;
+            return Ok(value);
+        };
         let op = &self.flow.operations[v];
         let (param, _) =
             op.inputs.iter().next().ok_or_else(|| DataflowError::Value(format!("`{v}` takes no input")))?;
@@ -375,7 +410,7 @@ impl<'a> Orchestrator<'a> {
             op.outputs.iter().next().ok_or_else(|| DataflowError::Value(format!("`{v}` gives no output")))?;
         let out = self
             .network
-            .run(v, op, BTreeMap::from([(param.clone(), value)]))
+            .run(v, op, &self.flow.definitions, BTreeMap::from([(param.clone(), value)]))
             .await
             .map_err(|error| DataflowError::Operation { operation: v.clone(), error })?;
         let valid = out.get(output).cloned().ok_or_else(|| DataflowError::Operation {
@@ -388,7 +423,23 @@ impl<'a> Orchestrator<'a> {
                 d.primitive
             )));
         }
+        self.conforms(definition, d, &valid, v).await?;
         Ok(valid)
+    }
+
+    /// A value meets its definition's schema (`json`), or dtype and shape (`tensor`: the
+    /// blob is read through the network).
+    async fn conforms(&self, definition: &str, d: &Definition, value: &Value, from: &str) -> Result<(), DataflowError> {
+        let refuse = |why: String| DataflowError::Value(format!("the value of `{definition}` from {from}: {why}"));
+        if let Some(schema) = &d.schema {
+            Schema::compile(schema).and_then(|s| s.check(value)).map_err(refuse)?;
+        }
+        if d.dtype.is_some() || d.shape.is_some() {
+            let digest = value.as_str().unwrap_or_default();
+            let bytes = self.network.blob(digest).await.map_err(refuse)?;
+            d.check_tensor(&bytes).map_err(refuse)?;
+        }
+        Ok(())
     }
 
     /// The parameter sets of `op` with at least one item from `new_from` on: one item per

@@ -87,6 +87,82 @@ pub struct Definition {
     /// this definition); the value it gives is the one used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validate: Option<String>,
+    /// For `json` values: a JSON Schema every value meets (the draft its `$schema` names,
+    /// else 2020-12; checked with the `boon` crate; no remote `$ref`s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<Value>,
+    /// For `tensor` values: the safetensors dtype of the one tensor in the blob (`F32`,
+    /// `F64`, `I64`, `U8`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
+    /// For `tensor` values: its shape, `null` for a dimension of any size (`[null, 64]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<Vec<Option<u64>>>,
+}
+
+/// Most dimensions a tensor definition's `shape` names.
+pub const MAX_RANK: usize = 32;
+
+/// A definition's JSON Schema, compiled.
+pub struct Schema {
+    schemas: boon::Schemas,
+    index: boon::SchemaIndex,
+}
+
+impl Schema {
+    /// Compiles `schema` (no remote references are fetched). Errors say why it is not a
+    /// schema.
+    pub fn compile(schema: &Value) -> Result<Schema, String> {
+        let mut schemas = boon::Schemas::new();
+        let mut compiler = boon::Compiler::new();
+        let url = "urn:tessera:definition";
+        compiler.add_resource(url, schema.clone()).map_err(|e| first_line(&e.to_string()))?;
+        let index = compiler.compile(url, &mut schemas).map_err(|e| first_line(&format!("{e:#}")))?;
+        Ok(Schema { schemas, index })
+    }
+
+    /// Checks `value` against the schema; the error names where it fails.
+    pub fn check(&self, value: &Value) -> Result<(), String> {
+        self.schemas.validate(value, self.index).map_err(|e| first_line(&format!("{e}")))
+    }
+}
+
+fn first_line(text: &str) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    line.chars().take(300).collect()
+}
+
+impl Definition {
+    /// A definition of `primitive` values with nothing else asked of them.
+    pub fn of(primitive: Primitive) -> Definition {
+        Definition { primitive, lock: false, validate: None, schema: None, dtype: None, shape: None }
+    }
+
+    /// Checks a tensor value's safetensors bytes against `dtype` and `shape`: the blob
+    /// holds one tensor, of that dtype, of that shape (`null` matching any size).
+    pub fn check_tensor(&self, bytes: &[u8]) -> Result<(), String> {
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| format!("not safetensors: {e}"))?;
+        let tensors = meta.tensors();
+        let mut infos = tensors.values();
+        let (Some(info), None) = (infos.next(), infos.next()) else {
+            return Err(format!("the blob holds {} tensors, not one", tensors.len()));
+        };
+        if let Some(want) = &self.dtype {
+            let got = format!("{:?}", info.dtype);
+            if !got.eq_ignore_ascii_case(want) {
+                return Err(format!("dtype {got}, not {want}"));
+            }
+        }
+        if let Some(want) = &self.shape {
+            let fits = want.len() == info.shape.len()
+                && want.iter().zip(&info.shape).all(|(w, g)| w.is_none_or(|w| w == *g as u64));
+            if !fits {
+                let show: Vec<String> = want.iter().map(|d| d.map_or("null".into(), |n| n.to_string())).collect();
+                return Err(format!("shape {:?}, not [{}]", info.shape, show.join(", ")));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A module function (or a subflow) with inputs and outputs bound to definitions.
@@ -239,6 +315,20 @@ fn parse_origin(s: &str) -> Result<Origin, String> {
 /// Deepest nesting of subflows.
 pub const MAX_SUBFLOW_DEPTH: usize = 8;
 
+/// Most subflow operations in a flow and all its subflows, counted as they nest (each
+/// names a file read and checked on its own), so a few small files cannot make reading
+/// a flow take exponential time.
+pub const MAX_SUBFLOW_OPERATIONS: usize = 256;
+
+/// Where reading a flow file and its subflows stands.
+#[derive(Default)]
+struct Reading {
+    /// The files being read, outermost first.
+    stack: Vec<std::path::PathBuf>,
+    /// Subflow operations met so far.
+    operations: usize,
+}
+
 impl DataFlow {
     /// Reads and checks a flow given as text ([`DataFlow::check`]); errors name the line.
     /// Subflows name files, so a flow with subflows is read with [`DataFlow::from_file`].
@@ -249,17 +339,17 @@ impl DataFlow {
     /// Reads and checks a flow given as text whose subflow files are relative to `base`
     /// (the spec a Python flow file prints, `base` its folder).
     pub fn from_yaml_in(text: &str, base: &std::path::Path) -> Result<DataFlow, SpecError> {
-        Self::parse(text, Some((base, &mut Vec::new())))
+        Self::parse(text, Some((base, &mut Reading::default())))
     }
 
     /// Reads and checks a flow file and the subflow files it names (relative to its own
     /// folder, at most [`MAX_SUBFLOW_DEPTH`] deep, none including itself); errors name the
     /// file and the line.
     pub fn from_file(path: &std::path::Path) -> Result<DataFlow, SpecError> {
-        Self::read_file(path, &mut Vec::new())
+        Self::read_file(path, &mut Reading::default())
     }
 
-    fn read_file(path: &std::path::Path, stack: &mut Vec<std::path::PathBuf>) -> Result<DataFlow, SpecError> {
+    fn read_file(path: &std::path::Path, stack: &mut Reading) -> Result<DataFlow, SpecError> {
         use std::io::Read;
         let named = |message: String| {
             let mut e = SpecError::at(At::default(), "file", message);
@@ -267,10 +357,14 @@ impl DataFlow {
             e
         };
         let canonical = path.canonicalize().map_err(|e| named(format!("cannot read it: {e}")))?;
-        if stack.contains(&canonical) {
+        if stack.stack.contains(&canonical) {
             return Err(named("the flow runs itself as a subflow".into()));
         }
-        if stack.len() >= MAX_SUBFLOW_DEPTH {
+        // Not a pipe or a device: opening one could wait for ever.
+        if !std::fs::metadata(&canonical).is_ok_and(|m| m.is_file()) {
+            return Err(named("it is not a regular file".into()));
+        }
+        if stack.stack.len() >= MAX_SUBFLOW_DEPTH {
             return Err(named(format!("subflows nest at most {MAX_SUBFLOW_DEPTH} deep")));
         }
         let mut bytes = Vec::new();
@@ -281,7 +375,7 @@ impl DataFlow {
             return Err(named(format!("a flow file is at most {MAX_FLOW_BYTES} bytes")));
         }
         let text = String::from_utf8(bytes).map_err(|_| named("it is not UTF-8 text".into()))?;
-        stack.push(canonical.clone());
+        stack.stack.push(canonical.clone());
         let base = canonical.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
         let flow = Self::parse(&text, Some((&base, stack))).map_err(|mut e| {
             if e.file.is_none() {
@@ -289,14 +383,11 @@ impl DataFlow {
             }
             e
         });
-        stack.pop();
+        stack.stack.pop();
         flow
     }
 
-    fn parse(
-        text: &str,
-        files: Option<(&std::path::Path, &mut Vec<std::path::PathBuf>)>,
-    ) -> Result<DataFlow, SpecError> {
+    fn parse(text: &str, files: Option<(&std::path::Path, &mut Reading)>) -> Result<DataFlow, SpecError> {
         if text.len() > MAX_FLOW_BYTES {
             return Err(SpecError::at(
                 At::default(),
@@ -308,7 +399,9 @@ impl DataFlow {
         let source = raw.source.take();
         Self::build(raw, files).map_err(|mut e| {
             // A flow written in Python: the line of its part in the Python file.
-            if let Some(src) = &source {
+            if let Some(src) = &source
+                && e.file.is_none()
+            {
                 let field = e.field.clone().unwrap_or_default();
                 let parts: Vec<&str> = field.split('.').collect();
                 let line = (1..=parts.len().min(2)).rev().find_map(|n| src.lines.get(&parts[..n].join(".")));
@@ -320,10 +413,7 @@ impl DataFlow {
         })
     }
 
-    fn build(
-        raw: RawFlow,
-        mut files: Option<(&std::path::Path, &mut Vec<std::path::PathBuf>)>,
-    ) -> Result<DataFlow, SpecError> {
+    fn build(raw: RawFlow, mut files: Option<(&std::path::Path, &mut Reading)>) -> Result<DataFlow, SpecError> {
         let mut lines: BTreeMap<String, At> = BTreeMap::new();
         lines.insert("definitions".into(), At::of(&raw.definitions));
         lines.insert("operations".into(), At::of(&raw.operations));
@@ -352,14 +442,33 @@ impl DataFlow {
                         ));
                     };
                     let sub = std::path::Path::new(file);
-                    if sub.is_absolute() || sub.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-                        return Err(SpecError::at(
+                    let outside = || {
+                        SpecError::at(
                             at,
                             &format!("operations.{k}.subflow"),
                             format!("{file:?}: a subflow is a file in this flow's folder or below it"),
+                        )
+                    };
+                    if !sub
+                        .components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+                    {
+                        return Err(outside());
+                    }
+                    // Links are followed: where one leads must be inside too.
+                    let full = base.join(sub);
+                    if full.canonicalize().is_ok_and(|c| !c.starts_with(&**base)) {
+                        return Err(outside());
+                    }
+                    stack.operations = stack.operations.saturating_add(1);
+                    if stack.operations > MAX_SUBFLOW_OPERATIONS {
+                        return Err(SpecError::at(
+                            at,
+                            &format!("operations.{k}.subflow"),
+                            format!("a flow and its subflows run at most {MAX_SUBFLOW_OPERATIONS} subflows"),
                         ));
                     }
-                    Some(Box::new(Self::read_file(&base.join(sub), stack)?))
+                    Some(Box::new(Self::read_file(&full, stack)?))
                 }
                 (None, Some(_), Some(_)) => None,
                 _ => {
@@ -463,6 +572,27 @@ impl DataFlow {
         };
         for (name, d) in &self.definitions {
             check_ident("definition name", name).map_err(|e| (format!("definitions.{name}"), e.to_string()))?;
+            let at = format!("definitions.{name}");
+            if let Some(schema) = &d.schema {
+                if d.primitive != Primitive::Json {
+                    return Err((format!("{at}.schema"), "a schema is for `json` definitions".into()));
+                }
+                Schema::compile(schema).map_err(|e| (format!("{at}.schema"), format!("not a JSON Schema: {e}")))?;
+            }
+            if (d.dtype.is_some() || d.shape.is_some()) && d.primitive != Primitive::Tensor {
+                return Err((at, "`dtype` and `shape` are for `tensor` definitions".into()));
+            }
+            if let Some(dtype) = &d.dtype
+                && serde_json::from_value::<safetensors::Dtype>(Value::String(dtype.to_ascii_uppercase())).is_err()
+            {
+                return Err((
+                    format!("{at}.dtype"),
+                    format!("{dtype:?} is not a safetensors dtype (F32, F64, I64, U8, ...)"),
+                ));
+            }
+            if d.shape.as_ref().is_some_and(|s| s.len() > MAX_RANK) {
+                return Err((format!("{at}.shape"), format!("a shape has at most {MAX_RANK} dimensions")));
+            }
             if let Some(v) = &d.validate {
                 let field = format!("definitions.{name}.validate");
                 let op = self.operations.get(v).ok_or_else(|| (field.clone(), format!("unknown operation `{v}`")))?;
@@ -549,7 +679,39 @@ impl DataFlow {
             def("output", d)?;
         }
         self.check_reachable()?;
-        self.check_cycles()
+        self.check_cycles()?;
+        self.check_seed_fan_out()
+    }
+
+    /// An operation whose inputs can only come from the seed forms every combination of
+    /// the seed's values: more than [`crate::orchestrator::MAX_PARAMETER_SETS`] is refused
+    /// before anything runs (values formed at run time are bounded as they come).
+    fn check_seed_fan_out(&self) -> Result<(), (String, String)> {
+        let limit = crate::orchestrator::MAX_PARAMETER_SETS;
+        let mut seeds: BTreeMap<&str, usize> = BTreeMap::new();
+        for (d, _) in &self.seed {
+            *seeds.entry(d.as_str()).or_default() += 1;
+        }
+        for (name, op) in self.operations.iter().filter(|(n, _)| !self.is_validator(n)) {
+            let seed_only = |p: &str, d: &String| {
+                !self.inputs.contains(d) && self.origins(name, p, d).iter().all(|o| *o == Origin::Seed)
+            };
+            if !op.inputs.iter().all(|(p, d)| seed_only(p, d)) {
+                continue;
+            }
+            let count = op
+                .inputs
+                .values()
+                .try_fold(1usize, |acc, d| acc.checked_mul(seeds.get(d.as_str()).copied().unwrap_or(0)))
+                .unwrap_or(usize::MAX);
+            if count > limit {
+                return Err((
+                    format!("operations.{name}"),
+                    format!("`{name}` would run on {count} parameter sets of the seed's values (at most {limit})"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// A subflow operation's inputs are the subflow's inputs and its outputs the subflow's

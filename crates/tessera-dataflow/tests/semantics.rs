@@ -53,6 +53,7 @@ impl OperationNetwork for Calc {
         &self,
         _: &str,
         op: &Operation,
+        _: &BTreeMap<String, tessera_dataflow::Definition>,
         inputs: BTreeMap<String, Value>,
     ) -> Result<BTreeMap<String, Value>, String> {
         let num = |v: &Value| v.as_i64().ok_or("not a number");
@@ -252,6 +253,11 @@ fn hostile_flow_files_are_refused_naming_the_line() {
         .replace("inputs: [n]", "inputs: [n, more]");
     assert!(DataFlow::from_yaml(&guarded).is_ok());
     assert!(DataFlow::from_yaml(&"#".repeat(300_000)).is_err());
+    // A fan-out the seed alone makes too big: 400 x 400 parameter sets.
+    let seeds: String = (0..400).map(|i| format!("  - num: {i}\n")).collect();
+    let fan = PAIRS.replace("inputs: [num]\n", &format!("seed:\n{seeds}"));
+    let e = DataFlow::from_yaml(&fan).unwrap_err();
+    assert!(e.to_string().contains("160000 parameter sets") && e.line == Some(5), "{e}");
 }
 
 #[test]
@@ -375,6 +381,35 @@ fn hostile_subflows_are_refused_naming_the_file_and_line() {
         }
         assert!(e.to_string().contains("calc.yaml") || e.to_string().contains("none.yaml"), "the file is named: {e}");
     }
+    // A link leading out of the flow's folder, a pipe, and subflows nesting without bound.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.path().join("sub/arith.yaml"), outside.path().join("arith.yaml")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("arith.yaml"), dir.path().join("sub/link.yaml")).unwrap();
+    let e = write(&outer.replace("sub/arith.yaml", "sub/link.yaml"));
+    assert!(e.to_string().contains("this flow's folder") && e.line == Some(14), "{e}");
+    let made = std::process::Command::new("mkfifo").arg(dir.path().join("sub/pipe.yaml")).status();
+    if made.is_ok_and(|s| s.success()) {
+        let e = write(&outer.replace("sub/arith.yaml", "sub/pipe.yaml"));
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+    // Each level runs the next three times: 3^6 subflows from six small files.
+    for level in 0..6 {
+        let ops: String = (0..3)
+            .map(|i| format!("  s{i}: {{subflow: l{}.yaml, inputs: {{n: n}}, outputs: {{m: m}}}}\n", level + 1))
+            .collect();
+        let text = format!(
+            "definitions:\n  n: {{type: int}}\n  m: {{type: int}}\noperations:\n{ops}inputs: [n]\noutput: {{get_single: [m]}}\n"
+        );
+        std::fs::write(dir.path().join(format!("l{level}.yaml")), text).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("l6.yaml"),
+        "definitions:\n  n: {type: int}\n  m: {type: int}\noperations:\n  \
+         inc: {module: t.ops@1.0.0, function: clamp, inputs: {n: n}, outputs: {m: m}}\ninputs: [n]\noutput: {get_single: [m]}\n",
+    )
+    .unwrap();
+    let e = DataFlow::from_file(&dir.path().join("l0.yaml")).unwrap_err();
+    assert!(e.to_string().contains("at most 256 subflows"), "{e}");
     // An error inside the subflow names the subflow's file and line.
     std::fs::write(&path, &outer).unwrap();
     let arith = std::fs::read_to_string(dir.path().join("sub/arith.yaml")).unwrap();
@@ -430,6 +465,18 @@ async fn cached_operations_answer_a_parameter_set_seen_before_without_running() 
     }
     let r = o.run_context(line("add 40 and 2")).await.unwrap();
     assert_eq!((r.runs["parse"], r.single["result"].clone()), (1, json!(42)));
+    // A result of the wrong type is not kept (and the context fails on it).
+    let wrong = DataFlow::from_yaml(
+        &CALC
+            .replace("function: parse\n", "function: parse\n    cache: true\n")
+            .replace("numbers: {type: json}", "numbers: {type: str}")
+            .replace("calc.ops@0.1.0", "calc.ops@9.0.0"),
+    )
+    .unwrap();
+    let fresh = Memo::default();
+    let e = Orchestrator::new(&wrong, &net).with_cache(&fresh).run_context(line("add 1 and 2")).await.unwrap_err();
+    assert!(matches!(e, DataflowError::Value(_)), "{e}");
+    assert!(fresh.0.lock().unwrap().is_empty(), "a wrong-typed result was kept");
     // Without `cache: true`, nothing is kept.
     let plain = DataFlow::from_yaml(CALC).unwrap();
     let memo = Memo::default();
@@ -451,6 +498,7 @@ impl OperationNetwork for Handshake {
         &self,
         _: &str,
         op: &Operation,
+        _: &BTreeMap<String, tessera_dataflow::Definition>,
         inputs: BTreeMap<String, Value>,
     ) -> Result<BTreeMap<String, Value>, String> {
         Ok(match op.function.as_str() {
@@ -491,4 +539,87 @@ async fn a_validation_runs_beside_the_operations_in_flight() {
     .expect("the validation stalled the operation in flight")
     .unwrap();
     assert_eq!((r.single["v"].clone(), r.single["w"].clone()), (json!(7), json!(true)));
+}
+
+#[tokio::test]
+async fn json_values_meet_their_schema() {
+    let flow = DataFlow::from_yaml(&CALC.replace(
+        "numbers: {type: json}",
+        "numbers: {type: json, schema: {type: array, items: {type: integer}, maxItems: 3}}",
+    ))
+    .unwrap();
+    assert_eq!(run(&flow, "add 40 and 2").await.single["result"], json!(42));
+    let e = Orchestrator::new(&flow, &Calc::default())
+        .run_context(vec![("calc_string".into(), json!("add 1 and 2 and 3 and 4"))])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DataflowError::Value(_)) && e.to_string().contains("`numbers` from parse.numbers"), "{e}");
+    // Schemas and tensor fields where they do not belong, or that are not schemas.
+    for (change, line, what) in [
+        ("result: {type: int, schema: {type: integer}}", 6, "for `json` definitions"),
+        ("result: {type: int, dtype: F32}", 6, "for `tensor` definitions"),
+        ("result: {type: tensor, dtype: F99}", 6, "not a safetensors dtype"),
+        ("result: {type: json, schema: {type: 12}}", 6, "not a JSON Schema"),
+    ] {
+        let e = DataFlow::from_yaml(&CALC.replace("result: {type: int}", change)).unwrap_err();
+        assert!(e.to_string().contains(what) && e.line == Some(line), "{change}: {e}");
+    }
+}
+
+/// Tensors in a blob store of this process.
+#[derive(Default)]
+struct Blobs(BTreeMap<String, Vec<u8>>);
+
+#[async_trait]
+impl OperationNetwork for Blobs {
+    async fn run(
+        &self,
+        _: &str,
+        _: &Operation,
+        _: &BTreeMap<String, tessera_dataflow::Definition>,
+        inputs: BTreeMap<String, Value>,
+    ) -> Result<BTreeMap<String, Value>, String> {
+        Ok(BTreeMap::from([("same".into(), inputs["t"].clone())]))
+    }
+
+    async fn blob(&self, digest: &str) -> Result<Vec<u8>, String> {
+        self.0.get(digest).cloned().ok_or_else(|| format!("no blob {digest}"))
+    }
+}
+
+fn tensor(dtype: safetensors::Dtype, shape: &[usize]) -> Vec<u8> {
+    let size = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+    let data = vec![0u8; size];
+    let view = safetensors::tensor::TensorView::new(dtype, shape.to_vec(), &data).unwrap();
+    safetensors::serialize(vec![("data".to_string(), view)], None).unwrap()
+}
+
+#[tokio::test]
+async fn tensor_values_have_their_dtype_and_shape() {
+    let flow = DataFlow::from_yaml(
+        "definitions:\n  t: {type: tensor, dtype: F32, shape: [null, 2]}\n  u: {type: tensor}\noperations:\n  \
+         pass: {module: t.ops@1.0.0, function: pass, inputs: {t: t}, outputs: {same: u}}\n\
+         inputs: [t]\noutput: {get_single: [u]}\n",
+    )
+    .unwrap();
+    let mut net = Blobs::default();
+    let mut put = |bytes: Vec<u8>| {
+        let d = tessera_core::Digest::of(&bytes).to_string();
+        net.0.insert(d.clone(), bytes);
+        d
+    };
+    let good = put(tensor(safetensors::Dtype::F32, &[5, 2]));
+    let long = put(tensor(safetensors::Dtype::F32, &[5, 3]));
+    let wide = put(tensor(safetensors::Dtype::F64, &[5, 2]));
+    let flat = put(tensor(safetensors::Dtype::F32, &[10]));
+    let o = Orchestrator::new(&flow, &net);
+    let r = o.run_context(vec![("t".into(), json!(good))]).await.unwrap();
+    assert_eq!(r.single["u"], json!(good));
+    for (digest, what) in [(&long, "shape [5, 3]"), (&wide, "dtype F64"), (&flat, "shape [10]")] {
+        let e = o.run_context(vec![("t".into(), json!(digest))]).await.unwrap_err();
+        assert!(matches!(e, DataflowError::Value(_)) && e.to_string().contains(what), "{what}: {e}");
+    }
+    let missing = tessera_core::Digest::of(b"nothing").to_string();
+    let e = o.run_context(vec![("t".into(), json!(missing))]).await.unwrap_err();
+    assert!(e.to_string().contains("no blob"), "{e}");
 }

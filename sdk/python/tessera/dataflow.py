@@ -100,7 +100,9 @@ class Operation:
                  subflow=None, cache=False):
         if not isinstance(name, str) or not name:
             raise DataflowError("Operation: a name is a non-empty string")
-        if (subflow is None) == (module is None or function is None):
+        a_function = module is not None and function is not None and subflow is None
+        a_subflow = subflow is not None and module is None and function is None
+        if not (a_function or a_subflow):
             raise DataflowError("operation %s: give `module` and `function`, or `subflow`" % name)
         self.name = name
         self.module = module

@@ -58,6 +58,8 @@ class TestDataflow(unittest.TestCase):
             Operation("op", module="m@1.0.0", function="f", subflow="s.yaml", inputs={"a": a}, outputs={"a": a})
         with self.assertRaisesRegex(DataflowError, "module` and `function`, or `subflow"):
             Operation("op", module="m@1.0.0", inputs={"a": a}, outputs={"a": a})
+        with self.assertRaisesRegex(DataflowError, "module` and `function`, or `subflow"):
+            Operation("op", module="m@1.0.0", subflow="s.yaml", inputs={"a": a}, outputs={"a": a})
         with self.assertRaisesRegex(DataflowError, "input 'a' is not a Definition"):
             Operation("op", module="m@1.0.0", function="f", inputs={"a": "a"}, outputs={"a": a})
         op = Operation("op", module="m@1.0.0", function="f", inputs={"a": a}, outputs={"b": Definition("a", "str")})

@@ -14,7 +14,7 @@ def _train_rows(n):
 
 class Centroid(tessera.Task):
     def fit(self, features, labels):
-        """features: [[float]] n x d, labels: [int] n -> {class: [float] d}, the mean row of
+        """features: float64 [n, d], labels: [int] n -> {class: [float] d}, the mean row of
         each class among the first 70% of rows."""
         x = np.asarray(features, dtype=np.float64)
         y = np.asarray(labels)
@@ -23,7 +23,7 @@ class Centroid(tessera.Task):
         return {str(int(c)): x[y == c].mean(axis=0).tolist() for c in np.unique(y)}
 
     def predict(self, centroids, features):
-        """centroids: {class: [float] d}, features: [[float]] n x d -> [int] n, the class of
+        """centroids: {class: [float] d}, features: float64 [n, d] -> [int] n, the class of
         the nearest centroid (Euclidean) for each row."""
         classes = sorted(centroids, key=int)
         c = np.asarray([centroids[k] for k in classes], dtype=np.float64)
