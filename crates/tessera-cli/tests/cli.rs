@@ -401,6 +401,24 @@ fn flow_files_are_checked_and_drawn() {
     std::fs::write(&bad_py, py).unwrap();
     let err = fails(&["flow", "check", bad_py.to_str().unwrap()], dir.path(), None);
     assert!(err.contains("bad_calc.py line 20") && err.contains("operations.mult.module"), "{err}");
+    // A Python flow running a subflow, named by a path relative to the working folder.
+    let pyflow = dir.path().join("pyflow");
+    std::fs::create_dir_all(&pyflow).unwrap();
+    std::fs::write(
+        pyflow.join("inner.yaml"),
+        "definitions:\n  n: {type: int}\n  m: {type: int}\noperations:\n  \
+         inc: {module: t.ops@1.0.0, function: inc, inputs: {n: n}, outputs: {m: m}}\ninputs: [n]\noutput: {get_single: [m]}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        pyflow.join("outer.py"),
+        "from tessera.dataflow import DataFlow, Definition, GetSingle, Operation\n\
+         n = Definition('n', 'int')\nm = Definition('m', 'int')\n\
+         flow = DataFlow(Operation('sub', subflow='inner.yaml', inputs={'n': n}, outputs={'m': m}), inputs=[n], output=GetSingle(m))\n",
+    )
+    .unwrap();
+    let out = ok(&["flow", "check", "pyflow/outer.py"], dir.path(), None);
+    assert!(out.contains("2 definitions, 1 operations"), "{out}");
     // The ML example and its model subflow; an error inside the subflow names its file.
     let ml = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/dataflows/ml");
     let out = ok(&["flow", "check", ml.join("flow.yaml").to_str().unwrap()], dir.path(), None);

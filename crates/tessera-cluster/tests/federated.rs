@@ -54,6 +54,7 @@ on_both_backends!(
     a_round_times_out_on_a_silent_node_and_completes_with_the_others,
     a_session_whose_coordinator_stopped_resumes_from_its_last_round,
     a_round_waits_for_a_node_whose_announcement_lapsed,
+    a_stop_request_ends_a_round_waiting_for_nodes,
 );
 
 async fn a_short_session_learns_digits(on: On) {
@@ -239,6 +240,32 @@ async fn a_round_waits_for_a_node_whose_announcement_lapsed(on: On) {
     for r in &result.reports {
         assert_eq!(r.contributed, vec!["node-0", "node-1", "node-2"], "round {}", r.round);
     }
+}
+
+/// A round waiting for a node that never comes back ends on a stop request, not after its
+/// (long) time-out.
+async fn a_stop_request_ends_a_round_waiting_for_nodes(on: On) {
+    let home = tempfile::tempdir().unwrap();
+    let mut cluster = cluster(&on, home.path(), 3).await;
+    let mut cfg = SessionConfig::new("fl.softmax.worker");
+    cfg.rounds = 3;
+    cfg.min_participants = 3;
+    cfg.round_timeout_secs = 600.0;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let observer = LapseAfterRound1 { backend: cluster.backend.clone(), node: "node-2", rounds: tx };
+    let c = cluster.coordinator();
+    let run = tokio::spawn(async move { c.run("s-lapse-stop", &cfg, &observer).await });
+    while rx.recv().await != Some(1) {}
+    // node-2 is gone for good: no heartbeat, no announcement.
+    assert!(cluster.kill_node("node-2"));
+    cluster.backend.members.withdraw("node-2").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!run.is_finished(), "round 2 did not wait");
+    cluster.coordinator().request_stop("s-lapse-stop").await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(60), run).await.expect("the wait ignored the stop request");
+    // A stopped run ends cleanly with the rounds it completed.
+    let result = ended.unwrap().unwrap();
+    assert_eq!(result.reports.len(), 1);
 }
 
 async fn bad_replies_never_stop_a_session(on: On) {

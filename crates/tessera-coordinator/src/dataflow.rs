@@ -240,14 +240,17 @@ impl OperationNetwork for FlowNetwork<'_> {
         self.digest(op).map(|d| d.to_string())
     }
 
-    async fn blob(&self, digest: &str) -> Result<Vec<u8>, String> {
+    async fn tensor_header(&self, digest: &str) -> Result<Vec<u8>, String> {
         let d: Digest = digest.parse().map_err(|_| format!("{digest:?} is not a blob digest"))?;
-        self.c
+        let bytes = self
+            .c
             .retry("reading a tensor", || self.c.backend.blobs.get(&d))
             .await
             .map_err(|e| e.to_string())?
-            .map(|b| b.to_vec())
-            .ok_or_else(|| format!("blob {digest} is not in the blob store"))
+            .ok_or_else(|| format!("blob {digest} is not in the blob store"))?;
+        // Only the header is kept: the data may be large.
+        let end = tessera_dataflow::spec::tensor_header_len(&bytes).unwrap_or(8).min(bytes.len());
+        Ok(bytes[..end].to_vec())
     }
 }
 

@@ -54,9 +54,10 @@ pub trait OperationNetwork: Send + Sync {
         None
     }
 
-    /// The bytes of the blob a `tensor` or `blob` value names (`b3:<hex>`), to check a
-    /// tensor's dtype and shape. The default holds no blobs.
-    async fn blob(&self, digest: &str) -> Result<Vec<u8>, String> {
+    /// The start of the blob a `tensor` value names (`b3:<hex>`), at least its
+    /// safetensors header ([`crate::spec::tensor_header_len`]), to check the value is one
+    /// tensor of its definition's dtype and shape. The default holds no blobs.
+    async fn tensor_header(&self, digest: &str) -> Result<Vec<u8>, String> {
         Err(format!("no blob store to read {digest} from"))
     }
 }
@@ -147,6 +148,8 @@ pub struct Orchestrator<'a> {
     flow: &'a DataFlow,
     network: &'a dyn OperationNetwork,
     cache: Option<&'a dyn ResultCache>,
+    /// The definitions' schemas, compiled when first needed.
+    schemas: std::sync::OnceLock<BTreeMap<String, Result<Schema, String>>>,
 }
 
 /// What finished in a context: a parameter set's run, or a new value's validation.
@@ -174,7 +177,7 @@ type ParameterSet = (BTreeMap<String, usize>, Vec<usize>);
 impl<'a> Orchestrator<'a> {
     /// An orchestrator of `flow` running operations on `network`.
     pub fn new(flow: &'a DataFlow, network: &'a dyn OperationNetwork) -> Self {
-        Orchestrator { flow, network, cache: None }
+        Orchestrator { flow, network, cache: None, schemas: std::sync::OnceLock::new() }
     }
 
     /// Answers parameter sets of operations marked `cache: true` from `cache` when it
@@ -188,7 +191,11 @@ impl<'a> Orchestrator<'a> {
     /// (when the operation asks for it) or the network.
     async fn run_set(&self, name: &str, op: &Operation, args: BTreeMap<String, Value>) -> Ran {
         if let Some(sub) = &op.subflow {
-            let inner = Orchestrator { flow: sub, network: self.network, cache: self.cache };
+            let inner = Orchestrator::new(sub, self.network);
+            let inner = match self.cache {
+                Some(c) => inner.with_cache(c),
+                None => inner,
+            };
             // A subflow runs in this task (`run_context` boxes the recursion).
             let result = inner.run_context(args.into_iter().collect()).await;
             return match result {
@@ -431,13 +438,24 @@ impl<'a> Orchestrator<'a> {
     /// blob is read through the network).
     async fn conforms(&self, definition: &str, d: &Definition, value: &Value, from: &str) -> Result<(), DataflowError> {
         let refuse = |why: String| DataflowError::Value(format!("the value of `{definition}` from {from}: {why}"));
-        if let Some(schema) = &d.schema {
-            Schema::compile(schema).and_then(|s| s.check(value)).map_err(refuse)?;
+        if d.schema.is_some() {
+            let compiled = self.schemas.get_or_init(|| {
+                self.flow
+                    .definitions
+                    .iter()
+                    .filter_map(|(n, d)| Some((n.clone(), Schema::compile(d.schema.as_ref()?))))
+                    .collect()
+            });
+            match compiled.get(definition) {
+                Some(Ok(s)) => s.check(value).map_err(refuse)?,
+                Some(Err(e)) => return Err(refuse(format!("its schema: {e}"))),
+                None => {}
+            }
         }
-        if d.dtype.is_some() || d.shape.is_some() {
+        if d.primitive == crate::spec::Primitive::Tensor {
             let digest = value.as_str().unwrap_or_default();
-            let bytes = self.network.blob(digest).await.map_err(refuse)?;
-            d.check_tensor(&bytes).map_err(refuse)?;
+            let head = self.network.tensor_header(digest).await.map_err(refuse)?;
+            d.check_tensor(&head).map_err(refuse)?;
         }
         Ok(())
     }

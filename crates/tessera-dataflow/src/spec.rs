@@ -103,6 +103,34 @@ pub struct Definition {
 /// Most dimensions a tensor definition's `shape` names.
 pub const MAX_RANK: usize = 32;
 
+/// Largest safetensors header read, in bytes (the format's own limit).
+pub const MAX_TENSOR_HEADER: usize = 100_000_000;
+
+/// How many bytes at the start of a blob hold its safetensors header (the length and the
+/// header), from its first 8 bytes; `None` when they are not a safetensors start.
+pub fn tensor_header_len(first8: &[u8]) -> Option<usize> {
+    let n = u64::from_le_bytes(first8.get(..8)?.try_into().ok()?);
+    let n = usize::try_from(n).ok().filter(|n| *n <= MAX_TENSOR_HEADER)?;
+    Some(8 + n)
+}
+
+/// The dtype and shape of the one tensor a safetensors header describes (`head`: at least
+/// its length and header).
+fn tensor_header(head: &[u8]) -> Result<(String, Vec<u64>), String> {
+    let not = |why: &str| format!("not a safetensors tensor: {why}");
+    let end = tensor_header_len(head).ok_or_else(|| not("no header length"))?;
+    let header = head.get(8..end).ok_or_else(|| not("the header is cut short"))?;
+    let entries: BTreeMap<String, Value> = serde_json::from_slice(header).map_err(|e| not(&e.to_string()))?;
+    let tensors: Vec<&Value> = entries.iter().filter(|(k, _)| *k != "__metadata__").map(|(_, v)| v).collect();
+    let [info] = tensors.as_slice() else {
+        return Err(format!("the blob holds {} tensors, not one", tensors.len()));
+    };
+    let dtype = info.get("dtype").and_then(Value::as_str).ok_or_else(|| not("no dtype"))?;
+    let shape: Option<Vec<u64>> =
+        info.get("shape").and_then(Value::as_array).and_then(|s| s.iter().map(Value::as_u64).collect());
+    Ok((dtype.to_owned(), shape.ok_or_else(|| not("no shape"))?))
+}
+
 /// A definition's JSON Schema, compiled.
 pub struct Schema {
     schemas: boon::Schemas,
@@ -115,6 +143,8 @@ impl Schema {
     pub fn compile(schema: &Value) -> Result<Schema, String> {
         let mut schemas = boon::Schemas::new();
         let mut compiler = boon::Compiler::new();
+        // Nothing is fetched: not files, not URLs (only the drafts' own meta-schemas).
+        compiler.use_loader(Box::new(NoLoader));
         let url = "urn:tessera:definition";
         compiler.add_resource(url, schema.clone()).map_err(|e| first_line(&e.to_string()))?;
         let index = compiler.compile(url, &mut schemas).map_err(|e| first_line(&format!("{e:#}")))?;
@@ -124,6 +154,15 @@ impl Schema {
     /// Checks `value` against the schema; the error names where it fails.
     pub fn check(&self, value: &Value) -> Result<(), String> {
         self.schemas.validate(value, self.index).map_err(|e| first_line(&format!("{e}")))
+    }
+}
+
+/// Refuses every schema a `$ref` or `$schema` would load.
+struct NoLoader;
+
+impl boon::UrlLoader for NoLoader {
+    fn load(&self, url: &str) -> Result<Value, Box<dyn std::error::Error>> {
+        Err(format!("{url}: a flow's schemas refer to nothing outside themselves").into())
     }
 }
 
@@ -138,27 +177,22 @@ impl Definition {
         Definition { primitive, lock: false, validate: None, schema: None, dtype: None, shape: None }
     }
 
-    /// Checks a tensor value's safetensors bytes against `dtype` and `shape`: the blob
-    /// holds one tensor, of that dtype, of that shape (`null` matching any size).
+    /// Checks a tensor value against `dtype` and `shape` from the start of its safetensors
+    /// blob (`bytes`: at least the 8-byte header length and the JSON header; the data is
+    /// not needed): the blob holds one tensor, of that dtype, of that shape (`null`
+    /// matching any size). Errors say what the blob holds instead.
     pub fn check_tensor(&self, bytes: &[u8]) -> Result<(), String> {
-        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| format!("not safetensors: {e}"))?;
-        let tensors = meta.tensors();
-        let mut infos = tensors.values();
-        let (Some(info), None) = (infos.next(), infos.next()) else {
-            return Err(format!("the blob holds {} tensors, not one", tensors.len()));
-        };
-        if let Some(want) = &self.dtype {
-            let got = format!("{:?}", info.dtype);
-            if !got.eq_ignore_ascii_case(want) {
-                return Err(format!("dtype {got}, not {want}"));
-            }
+        let (dtype, shape) = tensor_header(bytes)?;
+        if let Some(want) = &self.dtype
+            && !dtype.eq_ignore_ascii_case(want)
+        {
+            return Err(format!("dtype {dtype}, not {want}"));
         }
         if let Some(want) = &self.shape {
-            let fits = want.len() == info.shape.len()
-                && want.iter().zip(&info.shape).all(|(w, g)| w.is_none_or(|w| w == *g as u64));
+            let fits = want.len() == shape.len() && want.iter().zip(&shape).all(|(w, g)| w.is_none_or(|w| w == *g));
             if !fits {
                 let show: Vec<String> = want.iter().map(|d| d.map_or("null".into(), |n| n.to_string())).collect();
-                return Err(format!("shape {:?}, not [{}]", info.shape, show.join(", ")));
+                return Err(format!("shape {shape:?}, not [{}]", show.join(", ")));
             }
         }
         Ok(())
@@ -339,7 +373,9 @@ impl DataFlow {
     /// Reads and checks a flow given as text whose subflow files are relative to `base`
     /// (the spec a Python flow file prints, `base` its folder).
     pub fn from_yaml_in(text: &str, base: &std::path::Path) -> Result<DataFlow, SpecError> {
-        Self::parse(text, Some((base, &mut Reading::default())))
+        // Subflow paths are compared with the folder resolved, as `read_file` resolves its own.
+        let base = base.canonicalize().unwrap_or_else(|_| base.to_path_buf());
+        Self::parse(text, Some((&base, &mut Reading::default())))
     }
 
     /// Reads and checks a flow file and the subflow files it names (relative to its own
@@ -465,7 +501,7 @@ impl DataFlow {
                         return Err(SpecError::at(
                             at,
                             &format!("operations.{k}.subflow"),
-                            format!("a flow and its subflows run at most {MAX_SUBFLOW_OPERATIONS} subflows"),
+                            format!("a flow and its subflows hold at most {MAX_SUBFLOW_OPERATIONS} subflow operations"),
                         ));
                     }
                     Some(Box::new(Self::read_file(&full, stack)?))
@@ -618,6 +654,19 @@ impl DataFlow {
             if op.inputs.is_empty() {
                 return Err((format!("{at}.inputs"), "an operation takes at least one input".into()));
             }
+            let blob_outputs = op
+                .outputs
+                .values()
+                .filter(|d| {
+                    self.definitions.get(*d).is_some_and(|d| matches!(d.primitive, Primitive::Tensor | Primitive::Blob))
+                })
+                .count();
+            if op.subflow.is_none() && blob_outputs > 0 && op.outputs.len() > 1 {
+                return Err((
+                    format!("{at}.outputs"),
+                    "a tensor or blob output is the operation's only output (its function's result)".into(),
+                ));
+            }
             if op.inputs.contains_key("conditions") {
                 return Err((
                     format!("{at}.inputs"),
@@ -730,12 +779,18 @@ impl DataFlow {
                     format!("`{p}` is not one of the subflow's {what} ({})", there.join(", ")),
                 ));
             }
-            let (a, b) = (self.definitions[here].primitive, sub.definitions[p].primitive);
-            if a != b {
-                return Err((
-                    format!("{at}.{field}"),
-                    format!("type mismatch: `{here}` is {a:?} but the subflow's `{p}` is {b:?}"),
-                ));
+            let (a, b) = (&self.definitions[here], &sub.definitions[p]);
+            let differs = if a.primitive != b.primitive {
+                Some(format!("is {:?} but the subflow's `{p}` is {:?}", a.primitive, b.primitive))
+            } else if a.schema != b.schema {
+                Some(format!("and the subflow's `{p}` have different schemas"))
+            } else if a.dtype != b.dtype || a.shape != b.shape {
+                Some(format!("and the subflow's `{p}` have different dtypes or shapes"))
+            } else {
+                None
+            };
+            if let Some(why) = differs {
+                return Err((format!("{at}.{field}"), format!("type mismatch: `{here}` {why}")));
             }
             Ok(())
         };

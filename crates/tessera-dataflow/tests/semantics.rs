@@ -409,7 +409,7 @@ fn hostile_subflows_are_refused_naming_the_file_and_line() {
     )
     .unwrap();
     let e = DataFlow::from_file(&dir.path().join("l0.yaml")).unwrap_err();
-    assert!(e.to_string().contains("at most 256 subflows"), "{e}");
+    assert!(e.to_string().contains("at most 256 subflow operations"), "{e}");
     // An error inside the subflow names the subflow's file and line.
     std::fs::write(&path, &outer).unwrap();
     let arith = std::fs::read_to_string(dir.path().join("sub/arith.yaml")).unwrap();
@@ -560,6 +560,7 @@ async fn json_values_meet_their_schema() {
         ("result: {type: int, dtype: F32}", 6, "for `tensor` definitions"),
         ("result: {type: tensor, dtype: F99}", 6, "not a safetensors dtype"),
         ("result: {type: json, schema: {type: 12}}", 6, "not a JSON Schema"),
+        ("result: {type: json, schema: {\"$ref\": \"file:///etc/hostname\"}}", 6, "nothing outside"),
     ] {
         let e = DataFlow::from_yaml(&CALC.replace("result: {type: int}", change)).unwrap_err();
         assert!(e.to_string().contains(what) && e.line == Some(line), "{change}: {e}");
@@ -582,7 +583,7 @@ impl OperationNetwork for Blobs {
         Ok(BTreeMap::from([("same".into(), inputs["t"].clone())]))
     }
 
-    async fn blob(&self, digest: &str) -> Result<Vec<u8>, String> {
+    async fn tensor_header(&self, digest: &str) -> Result<Vec<u8>, String> {
         self.0.get(digest).cloned().ok_or_else(|| format!("no blob {digest}"))
     }
 }
@@ -612,6 +613,7 @@ async fn tensor_values_have_their_dtype_and_shape() {
     let long = put(tensor(safetensors::Dtype::F32, &[5, 3]));
     let wide = put(tensor(safetensors::Dtype::F64, &[5, 2]));
     let flat = put(tensor(safetensors::Dtype::F32, &[10]));
+    let json = put(b"{\"not\": \"a tensor\"}".to_vec());
     let o = Orchestrator::new(&flow, &net);
     let r = o.run_context(vec![("t".into(), json!(good))]).await.unwrap();
     assert_eq!(r.single["u"], json!(good));
@@ -619,6 +621,12 @@ async fn tensor_values_have_their_dtype_and_shape() {
         let e = o.run_context(vec![("t".into(), json!(digest))]).await.unwrap_err();
         assert!(matches!(e, DataflowError::Value(_)) && e.to_string().contains(what), "{what}: {e}");
     }
+    // A tensor output is its operation's only output.
+    let e = DataFlow::from_yaml(&CALC.replace("numbers: {type: json}", "numbers: {type: tensor}")).unwrap_err();
+    assert!(e.to_string().contains("only output") && e.line == Some(9), "{e}");
+    // Not a tensor at all.
+    let e = o.run_context(vec![("t".into(), json!(json))]).await.unwrap_err();
+    assert!(e.to_string().contains("not a safetensors tensor"), "{e}");
     let missing = tessera_core::Digest::of(b"nothing").to_string();
     let e = o.run_context(vec![("t".into(), json!(missing))]).await.unwrap_err();
     assert!(e.to_string().contains("no blob"), "{e}");

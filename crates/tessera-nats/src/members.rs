@@ -5,7 +5,6 @@ use std::time::Duration;
 use async_nats::jetstream::kv::{self, Operation};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::TryStreamExt;
 use tessera_core::name::check_ident;
 use tessera_ports::{Membership, WorldError};
 
@@ -51,10 +50,7 @@ impl Membership for NatsMembership {
     }
 
     async fn members(&self) -> Result<Vec<(String, Bytes)>, WorldError> {
-        let mut keys: Vec<String> = self.kv.keys().await.map_err(backend)?.try_collect().await.map_err(backend)?;
-        // A key updated while it is listed (a heartbeat) can come twice.
-        keys.sort();
-        keys.dedup();
+        let keys = crate::list_keys(&self.kv, "").await?;
         let mut out = Vec::new();
         for k in keys {
             if let Some(e) = self.kv.entry(k.as_str()).await.map_err(backend)?

@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_nats::jetstream::kv::{self, Operation};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::TryStreamExt;
 use tessera_core::name::check_ident;
 use tessera_ports::world::{MAX_VALUE_BYTES, check_world_key};
 use tessera_ports::{Entry, ResultEntry, WorldError, WorldState};
@@ -97,13 +96,7 @@ impl WorldState for NatsWorld {
     }
 
     async fn keys(&self, prefix: &str) -> Result<Vec<String>, WorldError> {
-        let keys = self.globals.keys().await.map_err(backend)?;
-        let mut out: Vec<String> =
-            keys.try_filter(|k| futures::future::ready(k.starts_with(prefix))).try_collect().await.map_err(backend)?;
-        // A key updated while it is listed can come twice.
-        out.sort();
-        out.dedup();
-        Ok(out)
+        crate::list_keys(&self.globals, prefix).await
     }
 
     async fn add_result(&self, key: &str, node: &str, value: Bytes) -> Result<(), WorldError> {
@@ -117,18 +110,7 @@ impl WorldState for NatsWorld {
     async fn select_results(&self, key: &str, node: Option<&str>) -> Result<Vec<ResultEntry>, WorldError> {
         check_world_key(key)?;
         let prefix = format!("{key}/");
-        let keys: Vec<String> = self
-            .results
-            .keys()
-            .await
-            .map_err(backend)?
-            .try_filter(|k| futures::future::ready(k.starts_with(&prefix)))
-            .try_collect()
-            .await
-            .map_err(backend)?;
-        let mut keys = keys;
-        keys.sort();
-        keys.dedup();
+        let keys = crate::list_keys(&self.results, &prefix).await?;
         let mut out = Vec::new();
         for k in keys {
             // `<key>/<node>/<unique>`: exactly two segments after the key.
@@ -148,15 +130,7 @@ impl WorldState for NatsWorld {
     }
 
     async fn clear_results(&self, prefix: &str) -> Result<usize, WorldError> {
-        let keys: Vec<String> = self
-            .results
-            .keys()
-            .await
-            .map_err(backend)?
-            .try_filter(|k| futures::future::ready(k.starts_with(prefix)))
-            .try_collect()
-            .await
-            .map_err(backend)?;
+        let keys = crate::list_keys(&self.results, prefix).await?;
         let mut n = 0;
         for k in keys {
             // Purged, not only deleted: nothing of it stays in the stream.

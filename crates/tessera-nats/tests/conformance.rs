@@ -102,3 +102,17 @@ async fn a_queue_nobody_reads_loses_its_consumer_but_not_its_messages() {
     assert_eq!(&d.payload[..], b"late");
     d.ack().await.unwrap();
 }
+
+/// Every listing of KV keys goes through `list_keys`, which bounds it in time: a listing
+/// can block for ever when keys expire meanwhile (nats-io/nats-server#3481).
+#[test]
+fn every_key_listing_has_a_deadline() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let listings = text.matches(".keys().await").count();
+        let allowed = usize::from(path.ends_with("lib.rs"));
+        assert_eq!(listings, allowed, "{}: list keys with crate::list_keys", path.display());
+    }
+}

@@ -56,9 +56,11 @@ def _caller_line(depth=2):
 class Definition:
     """A kind of value: `name`, `type` (one of int, float, str, bool, json, tensor, blob),
     `lock` (a value used by one operation at a time), `validate` (an Operation, or its
-    name, every new value goes through)."""
+    name, every new value goes through), `schema` (a JSON Schema, for json), `dtype` and
+    `shape` (for tensor: a safetensors dtype such as "F32", and a list of sizes with None
+    for any)."""
 
-    def __init__(self, name, type, lock=False, validate=None):
+    def __init__(self, name, type, lock=False, validate=None, schema=None, dtype=None, shape=None):
         if not isinstance(name, str) or not name:
             raise DataflowError("Definition: a name is a non-empty string")
         if type not in TYPES:
@@ -67,6 +69,9 @@ class Definition:
         self.type = type
         self.lock = bool(lock)
         self.validate = validate
+        self.schema = schema
+        self.dtype = dtype
+        self.shape = None if shape is None else list(shape)
         self._line, self._file = _caller_line()
 
     def spec(self):
@@ -75,6 +80,12 @@ class Definition:
             out["lock"] = True
         if self.validate is not None:
             out["validate"] = self.validate.name if isinstance(self.validate, Operation) else str(self.validate)
+        if self.schema is not None:
+            out["schema"] = self.schema
+        if self.dtype is not None:
+            out["dtype"] = self.dtype
+        if self.shape is not None:
+            out["shape"] = self.shape
         return out
 
     def __repr__(self):
