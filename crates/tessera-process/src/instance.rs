@@ -98,6 +98,8 @@ impl From<FrameError> for Failure {
 /// when the instance is dropped; an orderly drop first sends `shutdown` and gives it
 /// [`EXIT_GRACE`] to exit (when a Tokio runtime is available).
 pub struct ProcessInstance {
+    /// The child's HOME and TMPDIR, removed when the instance goes.
+    pub(crate) scratch: Option<tempfile::TempDir>,
     pub(crate) label: String,
     pub(crate) child: Mutex<Option<Child>>,
     pub(crate) stdin: Option<ChildStdin>,
@@ -427,6 +429,7 @@ impl ProcessInstance {
         if let Some(child) = guard.as_mut() {
             let _ = child.start_kill();
         }
+        kill_group(self.pid);
     }
 
     fn mark_broken(&mut self, why: String) {
@@ -475,24 +478,38 @@ impl ProcessInstance {
         let stdin = self.stdin.take();
         if let Some(child) = child {
             let orderly = self.broken.is_none() && !self.in_call;
-            close_child(child, stdin, orderly).await;
+            close_child(child, stdin, orderly, self.scratch.take()).await;
         }
     }
 }
 
-/// Ends a child: `shutdown` and a grace period when `orderly`, then a kill.
-async fn close_child(mut child: Child, stdin: Option<ChildStdin>, orderly: bool) {
+/// Kills every process left in the child's process group (what it started), the child
+/// included. The group is the child's pid: it was started as the leader of its own.
+pub(crate) fn kill_group(pid: Option<u32>) {
+    #[cfg(unix)]
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()).and_then(rustix::process::Pid::from_raw) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+}
+
+/// Ends a child: `shutdown` and a grace period when `orderly`, then a kill; then whatever
+/// it left running in its process group, then its scratch folder.
+async fn close_child(mut child: Child, stdin: Option<ChildStdin>, orderly: bool, scratch: Option<tempfile::TempDir>) {
+    let pid = child.id();
+    let mut ended = false;
     if orderly && let Some(mut stdin) = stdin {
         let header = json!({"type": "shutdown"});
         let bye = frame::write_frame(&mut stdin, &header, &[]);
         if tokio::time::timeout(EXIT_GRACE, bye).await.is_ok_and(|r| r.is_ok()) {
             drop(stdin);
-            if tokio::time::timeout(EXIT_GRACE, child.wait()).await.is_ok() {
-                return;
-            }
+            ended = tokio::time::timeout(EXIT_GRACE, child.wait()).await.is_ok();
         }
     }
-    let _ = child.kill().await;
+    kill_group(pid);
+    if !ended {
+        let _ = child.kill().await;
+    }
+    drop(scratch);
 }
 
 impl Drop for ProcessInstance {
@@ -501,12 +518,14 @@ impl Drop for ProcessInstance {
         let Some(mut child) = child else { return };
         let orderly = self.broken.is_none() && !self.in_call;
         let stdin = self.stdin.take();
+        let scratch = self.scratch.take();
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                handle.spawn(close_child(child, stdin, orderly));
+                handle.spawn(close_child(child, stdin, orderly, scratch));
             }
             // No runtime to wait in: kill now (the child is also `kill_on_drop`).
             Err(_) => {
+                kill_group(child.id());
                 let _ = child.start_kill();
             }
         }

@@ -40,6 +40,9 @@ pub use frame::{BlobKind, FrameError, PROTOCOL_VERSION};
 pub use instance::ProcessInstance;
 pub use sdk::{SDK_FILES, SdkError, cached_sdk, sdk_version};
 
+/// The `PATH` a child gets.
+pub const CHILD_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
 /// Limits applied to every child.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessLimits {
@@ -203,7 +206,7 @@ impl ProcessRuntime {
                     path.push(":");
                     path.push(old);
                 }
-                cmd.env("PYTHONPATH", path).env("PYTHONDONTWRITEBYTECODE", "1").env("PYTHONUNBUFFERED", "1");
+                cmd.env("PYTHONPATH", path);
                 cmd
             }
             Mode::Process => {
@@ -216,13 +219,26 @@ impl ProcessRuntime {
                 Command::new(&entry)
             }
         };
-        // The node's own settings and secrets (TESSERA_PASSPHRASE, TESSERA_KEY, ...) are not
-        // the module's business.
-        for (key, _) in std::env::vars_os() {
-            if key.to_str().is_some_and(|k| k.starts_with("TESSERA_")) {
-                cmd.env_remove(key);
-            }
+        // A minimal environment: nothing of the node's (its secrets, TESSERA_PASSPHRASE,
+        // cloud credentials...), a fixed PATH, and HOME and TMPDIR in a scratch folder of
+        // this process's own, removed when it ends.
+        let scratch = tempfile::Builder::new()
+            .prefix("tessera-scratch-")
+            .tempdir()
+            .map_err(|e| RuntimeError::Load(format!("{label}: cannot make a scratch folder: {e}")))?;
+        let python_path =
+            cmd.as_std().get_envs().find(|(k, _)| *k == "PYTHONPATH").and_then(|(_, v)| v.map(ToOwned::to_owned));
+        cmd.env_clear()
+            .env("PATH", CHILD_PATH)
+            .env("LANG", "C.UTF-8")
+            .env("HOME", scratch.path())
+            .env("TMPDIR", scratch.path());
+        if let Some(p) = python_path {
+            cmd.env("PYTHONPATH", p).env("PYTHONDONTWRITEBYTECODE", "1").env("PYTHONUNBUFFERED", "1");
         }
+        // Its own process group: whatever it starts is ended with it.
+        #[cfg(unix)]
+        cmd.process_group(0);
         cmd.current_dir(&root)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -246,6 +262,7 @@ impl ProcessRuntime {
         let tail = instance::StderrTail::default();
         let stderr_task = instance::pump_stderr(stderr, ctx.clone(), tail.clone());
         let mut instance = ProcessInstance {
+            scratch: Some(scratch),
             label,
             child: Mutex::new(Some(child)),
             stdin: Some(stdin),
