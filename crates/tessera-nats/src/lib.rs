@@ -141,30 +141,30 @@ pub async fn backend(url: &str, options: &NatsOptions) -> Result<Backend, NatsEr
     })
 }
 
-/// How long listing a KV bucket's keys may take before it is given up (and retried by
-/// the caller): a listing can wait for ever when keys expire while it runs
+/// How long listing a KV bucket's keys may wait for its next key before it is given up
+/// (and retried by the caller): a listing can wait for ever when keys expire while it runs
 /// (nats-io/nats-server#3481), and membership keys expire all the time.
-pub const KEY_LISTING_DEADLINE: Duration = Duration::from_secs(5);
+pub const KEY_LISTING_STALL: Duration = Duration::from_secs(5);
 
 /// The keys of a KV bucket starting with `prefix`, sorted, each once (a key updated while
-/// it is listed can come twice), within [`KEY_LISTING_DEADLINE`]. Every listing of keys in
-/// this crate goes through here.
+/// it is listed can come twice); an error when the listing waits more than
+/// [`KEY_LISTING_STALL`] for a key. Every listing of keys in this crate goes through here.
 pub(crate) async fn list_keys(
     kv: &async_nats::jetstream::kv::Store,
     prefix: &str,
 ) -> Result<Vec<String>, tessera_ports::WorldError> {
-    use futures::TryStreamExt;
-    let backend = |e: String| tessera_ports::WorldError::Backend(e);
-    let listing = async {
-        let keys = kv.keys().await.map_err(|e| backend(e.to_string()))?;
-        keys.try_filter(|k| futures::future::ready(k.starts_with(prefix)))
-            .try_collect::<Vec<String>>()
-            .await
-            .map_err(|e| backend(e.to_string()))
-    };
-    let mut keys = tokio::time::timeout(KEY_LISTING_DEADLINE, listing)
-        .await
-        .map_err(|_| backend(format!("listing keys took over {KEY_LISTING_DEADLINE:?}")))??;
+    use futures::StreamExt;
+    let stalled = || tessera_ports::WorldError::Backend(format!("listing keys: no key for {KEY_LISTING_STALL:?}"));
+    let backend = |e: &dyn std::fmt::Display| tessera_ports::WorldError::Backend(e.to_string());
+    let mut listing =
+        tokio::time::timeout(KEY_LISTING_STALL, kv.keys()).await.map_err(|_| stalled())?.map_err(|e| backend(&e))?;
+    let mut keys = Vec::new();
+    while let Some(key) = tokio::time::timeout(KEY_LISTING_STALL, listing.next()).await.map_err(|_| stalled())? {
+        let key = key.map_err(|e| backend(&e))?;
+        if key.starts_with(prefix) {
+            keys.push(key);
+        }
+    }
     keys.sort();
     keys.dedup();
     Ok(keys)

@@ -478,13 +478,15 @@ impl ProcessInstance {
         let stdin = self.stdin.take();
         if let Some(child) = child {
             let orderly = self.broken.is_none() && !self.in_call;
-            close_child(child, stdin, orderly, self.scratch.take()).await;
+            close_child(child, self.pid, stdin, orderly, self.scratch.take()).await;
         }
     }
 }
 
 /// Kills every process left in the child's process group (what it started), the child
-/// included. The group is the child's pid: it was started as the leader of its own.
+/// included. The group is the child's pid, recorded when it started as the leader of its
+/// own (tokio forgets it once the child is reaped; the group outlives its leader while
+/// anything it started runs, and Linux gives no new process that id meanwhile).
 pub(crate) fn kill_group(pid: Option<u32>) {
     #[cfg(unix)]
     if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()).and_then(rustix::process::Pid::from_raw) {
@@ -494,8 +496,15 @@ pub(crate) fn kill_group(pid: Option<u32>) {
 
 /// Ends a child: `shutdown` and a grace period when `orderly`, then a kill; then whatever
 /// it left running in its process group, then its scratch folder.
-async fn close_child(mut child: Child, stdin: Option<ChildStdin>, orderly: bool, scratch: Option<tempfile::TempDir>) {
-    let pid = child.id();
+async fn close_child(
+    mut child: Child,
+    pid: Option<u32>,
+    stdin: Option<ChildStdin>,
+    orderly: bool,
+    scratch: Option<tempfile::TempDir>,
+) {
+    // Killed also when this is dropped unfinished (a runtime shutting down).
+    let _group = GroupGuard(pid);
     let mut ended = false;
     if orderly && let Some(mut stdin) = stdin {
         let header = json!({"type": "shutdown"});
@@ -512,6 +521,15 @@ async fn close_child(mut child: Child, stdin: Option<ChildStdin>, orderly: bool,
     drop(scratch);
 }
 
+/// Kills a process group when dropped.
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        kill_group(self.0);
+    }
+}
+
 impl Drop for ProcessInstance {
     fn drop(&mut self) {
         let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner()).take();
@@ -521,11 +539,11 @@ impl Drop for ProcessInstance {
         let scratch = self.scratch.take();
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                handle.spawn(close_child(child, stdin, orderly, scratch));
+                handle.spawn(close_child(child, self.pid, stdin, orderly, scratch));
             }
             // No runtime to wait in: kill now (the child is also `kill_on_drop`).
             Err(_) => {
-                kill_group(child.id());
+                kill_group(self.pid);
                 let _ = child.start_kill();
             }
         }

@@ -40,6 +40,33 @@ pub use frame::{BlobKind, FrameError, PROTOCOL_VERSION};
 pub use instance::ProcessInstance;
 pub use sdk::{SDK_FILES, SdkError, cached_sdk, sdk_version};
 
+/// A bare program name (`python3`) as the node's PATH finds it; anything else, or a name
+/// PATH does not find, as it is.
+fn on_path(program: &Path) -> PathBuf {
+    if program.components().count() != 1 {
+        return program.to_owned();
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(program))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && is_executable(&m)))
+        .unwrap_or_else(|| program.to_owned())
+}
+
+/// Variables of the node's environment a child keeps: where libraries and certificates
+/// are, which GPUs it may use, thread counts, the time zone. Nothing else is passed on.
+pub const CHILD_ENV_KEPT: &[&str] = &[
+    "LD_LIBRARY_PATH",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "CUDA_VISIBLE_DEVICES",
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "TZ",
+];
+
 /// The `PATH` a child gets.
 pub const CHILD_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
@@ -136,6 +163,8 @@ impl ProcessRuntime {
     /// (a folder holding the `tessera` package, see [`ProcessRuntime::write_sdk`]) first
     /// on `PYTHONPATH`.
     pub fn python(interpreter: PathBuf, sdk_dir: PathBuf, limits: ProcessLimits) -> Self {
+        // Looked up on the node's PATH, once: children get a fixed PATH of their own.
+        let interpreter = on_path(&interpreter);
         ProcessRuntime { mode: Mode::Python { interpreter, sdk_dir }, limits, libraries: Default::default() }
     }
 
@@ -233,6 +262,11 @@ impl ProcessRuntime {
             .env("LANG", "C.UTF-8")
             .env("HOME", scratch.path())
             .env("TMPDIR", scratch.path());
+        for key in CHILD_ENV_KEPT {
+            if let Some(v) = std::env::var_os(key) {
+                cmd.env(key, v);
+            }
+        }
         if let Some(p) = python_path {
             cmd.env("PYTHONPATH", p).env("PYTHONDONTWRITEBYTECODE", "1").env("PYTHONUNBUFFERED", "1");
         }

@@ -1,5 +1,6 @@
 //! What a module's process gets and leaves: a minimal environment with a scratch HOME,
-//! and nothing it started outlives it (time-out, shutdown).
+//! and nothing it started outlives it (time-out, shutdown, its own exit, a drop).
+#![cfg(target_os = "linux")]
 
 mod common;
 
@@ -32,6 +33,10 @@ class Escape(tessera.Task):
             while True:
                 time.sleep(0.1)
         return p.pid
+
+    def exit_leaving_a_child(self, pidfile):
+        self.leave_a_child(pidfile, False)
+        os._exit(3)
 "#;
 
 /// True while `pid` runs (a zombie waiting to be reaped has ended).
@@ -42,15 +47,27 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-fn gone_soon(pid: u32) -> bool {
+/// Waits (without blocking the runtime, where the ending of a dropped instance runs) up
+/// to 10 s for `pid` to end.
+async fn gone_soon(pid: u32) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if !alive(pid) {
             return true;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+/// The runtime with the interpreter itself, not a wrapper script (such as pyenv's shims,
+/// which set variables of their own).
+fn runtime(limits: ProcessLimits) -> Python {
+    let out = std::process::Command::new(python()).args(["-c", "import sys; print(sys.executable)"]).output().unwrap();
+    let exe = std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let sdk = tempfile::tempdir().unwrap();
+    tessera_process::ProcessRuntime::write_sdk(sdk.path()).unwrap();
+    Python { runtime: tessera_process::ProcessRuntime::python(exe, sdk.path().to_owned(), limits), _sdk: sdk }
 }
 
 fn read_pid(file: &Path) -> u32 {
@@ -59,7 +76,7 @@ fn read_pid(file: &Path) -> u32 {
 
 #[tokio::test]
 async fn a_module_gets_a_minimal_environment_and_a_scratch_home() {
-    let py = python_runtime(ProcessLimits::default());
+    let py = runtime(ProcessLimits::default());
     let m = py_module(ESCAPE);
     let mut inst = py.runtime.spawn(&m.image, Ctx::new()).await.unwrap();
     let out = result_json(&inst.call(call("environment", json!([]), json!({}))).await);
@@ -77,6 +94,7 @@ async fn a_module_gets_a_minimal_environment_and_a_scratch_home() {
         "TESSERA_CLASS",
         "LC_CTYPE",
     ];
+    let allowed: Vec<&str> = allowed.into_iter().chain(tessera_process::CHILD_ENV_KEPT.iter().copied()).collect();
     let extra: Vec<&String> = env.keys().filter(|k| !allowed.contains(&k.as_str())).collect();
     assert!(extra.is_empty(), "inherited from the node: {extra:?}");
     assert_eq!(env["PATH"], json!(tessera_process::CHILD_PATH));
@@ -89,7 +107,7 @@ async fn a_module_gets_a_minimal_environment_and_a_scratch_home() {
 
 #[tokio::test]
 async fn nothing_a_module_started_outlives_its_time_out() {
-    let py = python_runtime(ProcessLimits { max_time: Duration::from_secs(2), ..ProcessLimits::default() });
+    let py = runtime(ProcessLimits { max_time: Duration::from_secs(2), ..ProcessLimits::default() });
     let m = py_module(ESCAPE);
     let pidfile = m.dir.path().join("child.pid");
     let mut inst = py.runtime.spawn(&m.image, Ctx::new()).await.unwrap();
@@ -97,7 +115,7 @@ async fn nothing_a_module_started_outlives_its_time_out() {
     let e = r.unwrap_err().to_string();
     assert!(e.contains("time limit"), "{e}");
     let child = read_pid(&pidfile);
-    assert!(gone_soon(child), "the module's child {child} survived the time-out");
+    assert!(gone_soon(child).await, "the module's child {child} survived the time-out");
     // The runtime serves the next instance.
     let mut next = py.runtime.spawn(&m.image, Ctx::new()).await.unwrap();
     let out = next.call(call("environment", json!([]), json!({}))).await;
@@ -106,7 +124,7 @@ async fn nothing_a_module_started_outlives_its_time_out() {
 
 #[tokio::test]
 async fn nothing_a_module_started_outlives_its_shutdown() {
-    let py = python_runtime(ProcessLimits::default());
+    let py = runtime(ProcessLimits::default());
     let m = py_module(ESCAPE);
     let pidfile = m.dir.path().join("child.pid");
     let mut inst = py.runtime.spawn(&m.image, Ctx::new()).await.unwrap();
@@ -115,5 +133,31 @@ async fn nothing_a_module_started_outlives_its_shutdown() {
     assert_eq!(child, read_pid(&pidfile));
     assert!(alive(child));
     inst.shutdown().await;
-    assert!(gone_soon(child), "the module's child {child} survived its shutdown");
+    assert!(gone_soon(child).await, "the module's child {child} survived its shutdown");
+}
+
+#[tokio::test]
+async fn nothing_a_module_started_outlives_its_own_exit() {
+    let py = runtime(ProcessLimits::default());
+    let m = py_module(ESCAPE);
+    let pidfile = m.dir.path().join("child.pid");
+    let mut inst = py.runtime.spawn(&m.image, Ctx::new()).await.unwrap();
+    let r = inst.call(call("exit_leaving_a_child", json!([]), json!({"pidfile": pidfile}))).await;
+    assert!(r.unwrap_err().to_string().contains("exited"));
+    let child = read_pid(&pidfile);
+    assert!(!inst.healthy());
+    drop(inst);
+    assert!(gone_soon(child).await, "the child {child} of a module that exited survived it");
+}
+
+#[tokio::test]
+async fn nothing_a_module_started_outlives_a_drop() {
+    let py = runtime(ProcessLimits::default());
+    let m = py_module(ESCAPE);
+    let pidfile = m.dir.path().join("child.pid");
+    let mut inst = py.runtime.spawn(&m.image, Ctx::new()).await.unwrap();
+    let r = inst.call(call("leave_a_child", json!([]), json!({"pidfile": pidfile, "wait": false}))).await;
+    let child = result_json(&r).as_u64().unwrap() as u32;
+    drop(inst);
+    assert!(gone_soon(child).await, "the child {child} survived its instance being dropped");
 }

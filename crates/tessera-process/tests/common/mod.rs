@@ -137,7 +137,7 @@ pub fn py_module(code: &str) -> Module {
 /// The python runtime with the embedded SDK written to a fresh folder.
 pub struct Python {
     pub runtime: ProcessRuntime,
-    _sdk: tempfile::TempDir,
+    pub _sdk: tempfile::TempDir,
 }
 
 pub fn python_runtime(limits: ProcessLimits) -> Python {
