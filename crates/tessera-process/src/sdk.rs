@@ -7,6 +7,7 @@ use tessera_core::Digest;
 /// The SDK's files: path under the SDK folder (what goes on `PYTHONPATH`) and text.
 pub const SDK_FILES: &[(&str, &str)] = &[
     ("tessera/__init__.py", include_str!("../../../sdk/python/tessera/__init__.py")),
+    ("tessera/_declare.py", include_str!("../../../sdk/python/tessera/_declare.py")),
     ("tessera/client.py", include_str!("../../../sdk/python/tessera/client.py")),
     ("tessera/dataflow.py", include_str!("../../../sdk/python/tessera/dataflow.py")),
     ("tessera/host.py", include_str!("../../../sdk/python/tessera/host.py")),

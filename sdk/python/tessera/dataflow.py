@@ -27,10 +27,11 @@ A subflow is a flow file (`Operation("model", subflow="model.yaml", ...)`), rela
 the Python file's folder.
 """
 
-import inspect
 import json
 import os
 import sys
+
+from ._declare import caller_line, run_file
 
 __all__ = ["DataFlow", "DataflowError", "Definition", "GetMulti", "GetSingle", "Operation"]
 
@@ -39,18 +40,6 @@ TYPES = ("int", "float", "str", "bool", "json", "tensor", "blob")
 
 class DataflowError(Exception):
     """A flow declaration is wrong (the message names the operation or definition)."""
-
-
-def _caller_line(depth=2):
-    frame = inspect.currentframe()
-    try:
-        for _ in range(depth):
-            frame = frame.f_back
-        return frame.f_lineno, frame.f_code.co_filename
-    except AttributeError:
-        return None, None
-    finally:
-        del frame
 
 
 class Definition:
@@ -72,7 +61,7 @@ class Definition:
         self.schema = schema
         self.dtype = dtype
         self.shape = None if shape is None else list(shape)
-        self._line, self._file = _caller_line()
+        self._line, self._file = caller_line()
 
     def spec(self):
         out = {"type": self.type}
@@ -126,7 +115,7 @@ class Operation:
         for c in self.conditions:
             if not isinstance(c, Definition):
                 raise DataflowError("operation %s: condition %r is not a Definition" % (name, c))
-        self._line, self._file = _caller_line()
+        self._line, self._file = caller_line()
 
     def definitions(self):
         return list(self.inputs.values()) + list(self.outputs.values()) + self.conditions
@@ -243,18 +232,7 @@ class DataFlow:
 
 def load(path):
     """The flow a Python file declares: a module-level `flow`, else its one DataFlow."""
-    import importlib.util
-
-    path = os.path.abspath(path)
-    spec = importlib.util.spec_from_file_location("_tessera_flow_file", path)
-    if spec is None or spec.loader is None:
-        raise DataflowError("%s is not a Python file" % path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, os.path.dirname(path))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.pop(0)
+    module = run_file(path, "_tessera_flow_file", DataflowError)
     flow = getattr(module, "flow", None)
     if isinstance(flow, DataFlow):
         return flow

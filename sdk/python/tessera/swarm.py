@@ -36,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 
+from ._declare import caller_line, run_file
+
 __all__ = ["Module", "Swarm", "SwarmError", "Task"]
 
 METHODS = ("all", "any", "random")
@@ -43,18 +45,6 @@ METHODS = ("all", "any", "random")
 
 class SwarmError(Exception):
     """A swarm declaration is wrong (the message names the task and the field)."""
-
-
-def _caller_line(depth=2):
-    frame = inspect.currentframe()
-    try:
-        for _ in range(depth):
-            frame = frame.f_back
-        return frame.f_lineno, frame.f_code.co_filename
-    except AttributeError:
-        return None, None
-    finally:
-        del frame
 
 
 class Module:
@@ -77,7 +67,7 @@ class Module:
         self.name = name
         self.config = dict(config or {})
         self.versions = dict(versions or {})
-        self._line, self._file = _caller_line()
+        self._line, self._file = caller_line()
 
     def reference(self, base_dir):
         """What goes in the spec's `module`: an absolute folder, or the reference as given."""
@@ -133,7 +123,7 @@ class Task:
         self.inputs = inputs
         self.config = dict(config or {})
         self.name = None
-        self._line, self._file = _caller_line()
+        self._line, self._file = caller_line()
 
     def __call__(self, *upstream):
         swarm = Swarm._tracing
@@ -291,18 +281,7 @@ class Swarm:
 def load(path):
     """The swarm a Python file declares: a module-level `swarm` instance, else the one
     Swarm subclass defined in the file, instantiated."""
-    import importlib.util
-
-    path = os.path.abspath(path)
-    spec = importlib.util.spec_from_file_location("_tessera_swarm_file", path)
-    if spec is None or spec.loader is None:
-        raise SwarmError("%s is not a Python file" % path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, os.path.dirname(path))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.pop(0)
+    module = run_file(path, "_tessera_swarm_file", SwarmError)
     instance = getattr(module, "swarm", None)
     if isinstance(instance, Swarm):
         return instance
