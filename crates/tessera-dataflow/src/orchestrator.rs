@@ -73,6 +73,23 @@ pub trait ResultCache: Send + Sync {
     async fn put(&self, key: &str, outputs: &BTreeMap<String, Value>);
 }
 
+/// The length of a value as compact JSON, counted without writing it anywhere.
+fn json_len(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 = self.0.saturating_add(buf.len());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = serde_json::to_writer(&mut count, v);
+    count.0
+}
+
 /// The cache key of a parameter set: BLAKE3 (hex) of the implementation, the function and
 /// the inputs as canonical JSON (keys sorted).
 pub fn cache_key(implementation: &str, function: &str, inputs: &BTreeMap<String, Value>) -> String {
@@ -267,7 +284,7 @@ impl<'a> Orchestrator<'a> {
             if items.len() >= MAX_ITEMS {
                 return Err(DataflowError::TooBig(format!("{MAX_ITEMS} values")));
             }
-            bytes = bytes.saturating_add(serde_json::to_vec(v).map_or(0, |b| b.len()));
+            bytes = bytes.saturating_add(json_len(v));
             if bytes > MAX_CONTEXT_BYTES {
                 return Err(DataflowError::TooBig(format!("{MAX_CONTEXT_BYTES} bytes of values")));
             }
@@ -531,5 +548,17 @@ impl<'a> Orchestrator<'a> {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn json_len_counts_what_serialization_writes() {
+        for v in [json!(null), json!("ä \"quoted\""), json!({"a": [1, 2.5, {"b": true}], "c": "x"}), json!(u64::MAX)] {
+            assert_eq!(super::json_len(&v), serde_json::to_vec(&v).unwrap().len(), "{v}");
+        }
     }
 }
