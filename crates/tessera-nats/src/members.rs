@@ -50,16 +50,7 @@ impl Membership for NatsMembership {
     }
 
     async fn members(&self) -> Result<Vec<(String, Bytes)>, WorldError> {
-        let keys = crate::list_keys(&self.kv, "").await?;
-        let mut out = Vec::new();
-        for k in keys {
-            if let Some(e) = self.kv.entry(k.as_str()).await.map_err(backend)?
-                && e.operation == Operation::Put
-            {
-                out.push((k, e.value));
-            }
-        }
-        Ok(out)
+        Ok(crate::list_entries(&self.kv, "").await?.into_iter().map(|e| (e.key, e.value)).collect())
     }
 
     fn ttl(&self) -> Duration {

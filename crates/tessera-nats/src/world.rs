@@ -96,7 +96,7 @@ impl WorldState for NatsWorld {
     }
 
     async fn keys(&self, prefix: &str) -> Result<Vec<String>, WorldError> {
-        crate::list_keys(&self.globals, prefix).await
+        Ok(crate::list_entries(&self.globals, prefix).await?.into_iter().map(|e| e.key).collect())
     }
 
     async fn add_result(&self, key: &str, node: &str, value: Bytes) -> Result<(), WorldError> {
@@ -110,31 +110,25 @@ impl WorldState for NatsWorld {
     async fn select_results(&self, key: &str, node: Option<&str>) -> Result<Vec<ResultEntry>, WorldError> {
         check_world_key(key)?;
         let prefix = format!("{key}/");
-        let keys = crate::list_keys(&self.results, &prefix).await?;
         let mut out = Vec::new();
-        for k in keys {
+        for e in crate::list_entries(&self.results, &prefix).await? {
             // `<key>/<node>/<unique>`: exactly two segments after the key.
-            let mut rest = k[prefix.len()..].split('/');
+            let mut rest = e.key[prefix.len()..].split('/');
             let (Some(from), Some(_), None) = (rest.next(), rest.next(), rest.next()) else { continue };
             if node.is_some_and(|n| n != from) {
                 continue;
             }
-            if let Some(e) = self.results.entry(k.as_str()).await.map_err(backend)?
-                && e.operation == Operation::Put
-            {
-                out.push(ResultEntry { node: from.to_owned(), value: e.value, sequence: e.revision });
-            }
+            out.push(ResultEntry { node: from.to_owned(), value: e.value, sequence: e.revision });
         }
         out.sort_by_key(|r| r.sequence);
         Ok(out)
     }
 
     async fn clear_results(&self, prefix: &str) -> Result<usize, WorldError> {
-        let keys = crate::list_keys(&self.results, prefix).await?;
         let mut n = 0;
-        for k in keys {
+        for e in crate::list_entries(&self.results, prefix).await? {
             // Purged, not only deleted: nothing of it stays in the stream.
-            self.results.purge(k.as_str()).await.map_err(backend)?;
+            self.results.purge(e.key.as_str()).await.map_err(backend)?;
             n += 1;
         }
         Ok(n)

@@ -103,10 +103,12 @@ async fn a_queue_nobody_reads_loses_its_consumer_but_not_its_messages() {
     d.ack().await.unwrap();
 }
 
-/// Every listing of KV keys goes through `list_keys`, which bounds its stalls: a listing
-/// can block for ever when keys expire meanwhile (nats-io/nats-server#3481).
+/// Every listing of a KV bucket goes through `list_entries`, which reads the stream's
+/// subjects in one request: a KV watcher's listing (`.keys()`, `.watch*()`) ends early
+/// when keys are written meanwhile and can block for ever when they expire
+/// (nats-io/nats-server#3481).
 #[test]
-fn every_key_listing_has_a_deadline() {
+fn every_key_listing_reads_the_stream_state() {
     fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
@@ -121,13 +123,16 @@ fn every_key_listing_has_a_deadline() {
     sources(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
     let mut total = 0;
     for path in files {
-        // `.keys()` called on anything (split over lines by rustfmt or not).
+        // Split over lines by rustfmt or not.
         let text: String = std::fs::read_to_string(&path).unwrap().split_whitespace().collect();
-        let listings = text.matches(".keys()").count();
+        for watcher in [".keys()", ".watch(", ".watch_all(", ".watch_with_history("] {
+            assert_eq!(text.matches(watcher).count(), 0, "{}: list keys with crate::list_entries", path.display());
+        }
+        let listings = text.matches(".info_with_subjects(").count();
         total += listings;
         if !path.ends_with("lib.rs") {
-            assert_eq!(listings, 0, "{}: list keys with crate::list_keys", path.display());
+            assert_eq!(listings, 0, "{}: list keys with crate::list_entries", path.display());
         }
     }
-    assert_eq!(total, 1, "list_keys itself lists keys once");
+    assert_eq!(total, 1, "list_entries itself reads the subjects once");
 }

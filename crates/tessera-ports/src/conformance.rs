@@ -206,7 +206,10 @@ pub async fn membership_behaviour(members: &dyn Membership) {
     members.withdraw("node-b").await.unwrap();
     members.withdraw("node-never").await.unwrap();
     assert_eq!(members.members().await.unwrap().len(), 1);
+    members.withdraw("node-a").await.unwrap();
+    every_member_is_listed_while_all_announce(members).await;
     // Refreshing keeps a member; silence lets it go.
+    members.announce("node-a", Bytes::from_static(b"a2")).await.unwrap();
     let half = ttl / 2;
     tokio::time::sleep(half).await;
     members.announce("node-a", Bytes::from_static(b"a3")).await.unwrap();
@@ -215,4 +218,38 @@ pub async fn membership_behaviour(members: &dyn Membership) {
     tokio::time::sleep(ttl + ttl / 2).await;
     assert!(members.members().await.unwrap().is_empty(), "expired after the ttl");
     assert!(matches!(members.announce("bad id", Bytes::new()).await, Err(WorldError::Key(_))));
+}
+
+/// Members announcing themselves while the membership is listed are all listed, every
+/// time: a listing must not end early when entries are rewritten under it.
+async fn every_member_is_listed_while_all_announce(members: &dyn Membership) {
+    let ids: Vec<String> = (0..4).map(|i| format!("busy-{i}")).collect();
+    for id in &ids {
+        members.announce(id, Bytes::from(vec![b'x'; 2000])).await.unwrap();
+    }
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let announce = async {
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            for id in &ids {
+                members.announce(id, Bytes::from(vec![b'x'; 2000])).await.unwrap();
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    let list = async {
+        let mut short = Vec::new();
+        for i in 0..200 {
+            let listed = members.members().await.unwrap();
+            if listed.len() != ids.len() {
+                short.push((i, listed.into_iter().map(|(id, _)| id).collect::<Vec<_>>()));
+            }
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        short
+    };
+    let ((), short) = tokio::join!(announce, list);
+    assert!(short.is_empty(), "listings missing members while they announced: {short:?}");
+    for id in &ids {
+        members.withdraw(id).await.unwrap();
+    }
 }
