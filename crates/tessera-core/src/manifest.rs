@@ -173,6 +173,11 @@ pub struct Needs {
     /// Libraries the node must offer (`numpy>=1.26`, `torch`).
     #[serde(default)]
     pub libraries: Vec<String>,
+    /// Whether its processes open sockets. A node runs such a module only if its sandbox
+    /// policy grants it the network (`sandbox.network_modules`); every other module
+    /// process is refused sockets.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub network: bool,
 }
 
 /// Who may call a module's functions.

@@ -167,6 +167,7 @@ fn times(n: &Needs, replicas: usize) -> Needs {
         gpu: n.gpu.saturating_mul(u32::try_from(replicas).unwrap_or(u32::MAX)),
         storage: tessera_core::ByteSize(n.storage.0.saturating_mul(r)),
         libraries: Vec::new(),
+        network: n.network,
     }
 }
 

@@ -13,8 +13,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout};
 use tokio::task::JoinHandle;
 
-use crate::ProcessLimits;
 use crate::frame::{self, BlobKind, FrameError, Header, PROTOCOL_VERSION};
+use crate::{ProcessLimits, sandbox};
 
 /// How many stderr lines are kept for error messages.
 const TAIL_LINES: usize = 20;
@@ -25,22 +25,37 @@ const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// Largest read a `dataset_read` request gets in one reply.
 const MAX_DATASET_READ: u64 = 16 << 20;
 
-/// The last lines a child wrote to stderr.
+/// The last lines a child wrote to stderr, and how much it wrote since the last call
+/// started.
 #[derive(Clone, Default)]
-pub(crate) struct StderrTail(Arc<Mutex<VecDeque<String>>>);
+pub(crate) struct StderrTail(Arc<TailInner>);
+
+#[derive(Default)]
+pub(crate) struct TailInner {
+    lines: Mutex<VecDeque<String>>,
+    /// Bytes logged since the current call (or the start) began.
+    logged: std::sync::atomic::AtomicU64,
+    /// Set once the child went past its log limit (and was killed for it).
+    flooded: std::sync::atomic::AtomicBool,
+}
 
 impl StderrTail {
     fn push(&self, line: String) {
-        let mut tail = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tail = self.0.lines.lock().unwrap_or_else(|e| e.into_inner());
         if tail.len() == TAIL_LINES {
             tail.pop_front();
         }
         tail.push_back(line);
     }
 
+    /// A call starts: its log allowance starts afresh.
+    fn new_call(&self) {
+        self.0.logged.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// `"; last stderr lines:\n..."`, or a note that there were none.
     fn describe(&self) -> String {
-        let tail = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let tail = self.0.lines.lock().unwrap_or_else(|e| e.into_inner());
         if tail.is_empty() {
             "; last stderr lines: (none)".into()
         } else {
@@ -50,8 +65,17 @@ impl StderrTail {
     }
 }
 
-/// Passes the child's stderr lines to the task's log, keeping the last few.
-pub(crate) fn pump_stderr(stderr: ChildStderr, ctx: Arc<dyn TaskContext>, tail: StderrTail) -> JoinHandle<()> {
+/// Passes the child's stderr lines to the task's log, keeping the last few. A child
+/// writing more than `max_bytes` while it starts or during one call has its process
+/// group killed (and its further output read and dropped).
+pub(crate) fn pump_stderr(
+    stderr: ChildStderr,
+    ctx: Arc<dyn TaskContext>,
+    tail: StderrTail,
+    max_bytes: u64,
+    pid: Option<u32>,
+) -> JoinHandle<()> {
+    use std::sync::atomic::Ordering;
     tokio::spawn(async move {
         let mut reader = BufReader::new(stderr);
         let mut line = Vec::new();
@@ -59,7 +83,23 @@ pub(crate) fn pump_stderr(stderr: ChildStderr, ctx: Arc<dyn TaskContext>, tail: 
             line.clear();
             match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut line).await {
                 Ok(0) | Err(_) => break,
-                Ok(_) => {
+                Ok(n) => {
+                    if tail.0.flooded.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    if tail.0.logged.fetch_add(n as u64, Ordering::Relaxed) + n as u64 > max_bytes {
+                        tail.0.flooded.store(true, Ordering::Relaxed);
+                        let why = format!("wrote more than {max_bytes} bytes to its log in one call");
+                        ctx.log(LogLevel::Error, &format!("module process {why}: killed"));
+                        tail.push(why);
+                        #[cfg(unix)]
+                        if let Some(pid) =
+                            pid.and_then(|p| i32::try_from(p).ok()).and_then(rustix::process::Pid::from_raw)
+                        {
+                            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+                        }
+                        continue;
+                    }
                     while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
                         line.pop();
                     }
@@ -98,8 +138,8 @@ impl From<FrameError> for Failure {
 /// when the instance is dropped; an orderly drop first sends `shutdown` and gives it
 /// [`EXIT_GRACE`] to exit (when a Tokio runtime is available).
 pub struct ProcessInstance {
-    /// The child's HOME and TMPDIR, removed when the instance goes.
-    pub(crate) scratch: Option<tempfile::TempDir>,
+    /// What the child leaves to end: its process group, its cgroup, its scratch folder.
+    pub(crate) tree: Option<Tree>,
     pub(crate) label: String,
     pub(crate) child: Mutex<Option<Child>>,
     pub(crate) stdin: Option<ChildStdin>,
@@ -215,6 +255,7 @@ impl ProcessInstance {
         let id = self.next_id;
         self.next_id += 1;
         self.in_call = true;
+        self.tail.new_call();
         let result = tokio::time::timeout(limit, self.exchange(id, function, invocation)).await;
         self.in_call = false;
         match result {
@@ -429,7 +470,9 @@ impl ProcessInstance {
         if let Some(child) = guard.as_mut() {
             let _ = child.start_kill();
         }
-        kill_group(self.pid);
+        if let Some(tree) = &self.tree {
+            tree.kill();
+        }
     }
 
     fn mark_broken(&mut self, why: String) {
@@ -464,7 +507,14 @@ impl ProcessInstance {
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
         }
         let tail = self.tail.describe();
+        let oom = self.tree.as_ref().and_then(|t| t.cgroup.as_ref()).is_some_and(sandbox::Cgroup::oom_killed);
+        let flooded = self.tail.0.flooded.load(std::sync::atomic::Ordering::Relaxed);
         let why = match status {
+            Some(status) if flooded => format!(
+                "process wrote more than {} bytes to its log in one call and was killed ({status}){tail}",
+                self.limits.max_log_bytes
+            ),
+            Some(status) if oom => format!("process exceeded its memory limit and was killed ({status}){tail}"),
             Some(status) => format!("process exited with {status}{tail}"),
             None => format!("protocol: the process closed its output without exiting{tail}"),
         };
@@ -478,33 +528,51 @@ impl ProcessInstance {
         let stdin = self.stdin.take();
         if let Some(child) = child {
             let orderly = self.broken.is_none() && !self.in_call;
-            close_child(child, self.pid, stdin, orderly, self.scratch.take()).await;
+            close_child(child, stdin, orderly, self.tree.take()).await;
         }
     }
 }
 
-/// Kills every process left in the child's process group (what it started), the child
-/// included. The group is the child's pid, recorded when it started as the leader of its
-/// own (tokio forgets it once the child is reaped; the group outlives its leader while
-/// anything it started runs, and Linux gives no new process that id meanwhile).
-pub(crate) fn kill_group(pid: Option<u32>) {
-    #[cfg(unix)]
-    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()).and_then(rustix::process::Pid::from_raw) {
-        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+/// What a child leaves to end, ended when dropped: every process in its process group
+/// and its cgroup (what it started, however it detached), then the cgroup and the scratch
+/// folder themselves.
+pub(crate) struct Tree {
+    /// The child's pid, recorded when it started as the leader of its own process group
+    /// (tokio forgets it once the child is reaped; the group outlives its leader while
+    /// anything it started runs, and Linux gives no new process that id meanwhile).
+    pub(crate) pid: Option<u32>,
+    /// Its cgroup, where the machine has one.
+    pub(crate) cgroup: Option<sandbox::Cgroup>,
+    /// Its HOME and TMPDIR.
+    pub(crate) _scratch: Option<tempfile::TempDir>,
+}
+
+impl Tree {
+    /// Kills every process of the tree, the child included.
+    pub(crate) fn kill(&self) {
+        #[cfg(unix)]
+        if let Some(pid) = self.pid.and_then(|p| i32::try_from(p).ok()).and_then(rustix::process::Pid::from_raw) {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+        if let Some(group) = &self.cgroup {
+            group.kill();
+        }
+    }
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        self.kill();
+        if let Some(group) = self.cgroup.take() {
+            group.remove();
+        }
     }
 }
 
 /// Ends a child: `shutdown` and a grace period when `orderly`, then a kill; then whatever
-/// it left running in its process group, then its scratch folder.
-async fn close_child(
-    mut child: Child,
-    pid: Option<u32>,
-    stdin: Option<ChildStdin>,
-    orderly: bool,
-    scratch: Option<tempfile::TempDir>,
-) {
-    // Killed also when this is dropped unfinished (a runtime shutting down).
-    let _group = GroupGuard(pid);
+/// it left running (its [`Tree`], also when this is dropped unfinished, as by a runtime
+/// shutting down).
+async fn close_child(mut child: Child, stdin: Option<ChildStdin>, orderly: bool, tree: Option<Tree>) {
     let mut ended = false;
     if orderly && let Some(mut stdin) = stdin {
         let header = json!({"type": "shutdown"});
@@ -514,20 +582,13 @@ async fn close_child(
             ended = tokio::time::timeout(EXIT_GRACE, child.wait()).await.is_ok();
         }
     }
-    kill_group(pid);
+    if let Some(tree) = &tree {
+        tree.kill();
+    }
     if !ended {
         let _ = child.kill().await;
     }
-    drop(scratch);
-}
-
-/// Kills a process group when dropped.
-struct GroupGuard(Option<u32>);
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        kill_group(self.0);
-    }
+    drop(tree);
 }
 
 impl Drop for ProcessInstance {
@@ -536,14 +597,14 @@ impl Drop for ProcessInstance {
         let Some(mut child) = child else { return };
         let orderly = self.broken.is_none() && !self.in_call;
         let stdin = self.stdin.take();
-        let scratch = self.scratch.take();
+        let tree = self.tree.take();
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                handle.spawn(close_child(child, self.pid, stdin, orderly, scratch));
+                handle.spawn(close_child(child, stdin, orderly, tree));
             }
             // No runtime to wait in: kill now (the child is also `kill_on_drop`).
             Err(_) => {
-                kill_group(self.pid);
+                drop(tree);
                 let _ = child.start_kill();
             }
         }

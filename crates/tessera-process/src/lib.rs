@@ -16,12 +16,16 @@
 //! limit, and every frame and output a size limit; a child that breaks the protocol,
 //! exits, or runs out of time is killed and its instance reports itself unhealthy.
 //!
-//! This is **not** a sandbox: the child runs with the node's user, files and network.
-//! Run only modules the node's policy trusts. The limits protect the node from a
-//! misbehaving module (hangs, floods, garbage), not from a hostile one.
+//! Every child is contained by the node's [`Sandbox`] (see [`sandbox`]): Landlock
+//! file-system rules (its code, its interpreter's environment and system libraries
+//! read-only, a scratch folder of its own writable), no sockets unless its policy grants
+//! the network, and a cgroup bounding its memory, processes and CPU, whose processes all
+//! die with it. On a machine without those kernel features the node says what is missing
+//! ([`Sandbox::check`], `tessera node doctor`).
 
 pub mod frame;
 mod instance;
+pub mod sandbox;
 mod sdk;
 
 use std::path::{Path, PathBuf};
@@ -38,6 +42,7 @@ use tokio::process::Command;
 
 pub use frame::{BlobKind, FrameError, PROTOCOL_VERSION};
 pub use instance::ProcessInstance;
+pub use sandbox::{Protection, Sandbox, SandboxPolicy, Support, Unenforceable};
 pub use sdk::{SDK_FILES, SdkError, cached_sdk, sdk_version};
 
 /// A bare program name (`python3`) as the node's PATH finds it; anything else, or a name
@@ -81,6 +86,9 @@ pub struct ProcessLimits {
     pub max_message_bytes: u64,
     /// Time a child has to send its `hello`.
     pub start_timeout: Duration,
+    /// Bytes a child may write to its log (stderr, and `print()` in Python) while it
+    /// starts or during one call; past it the child is killed and the call fails.
+    pub max_log_bytes: u64,
 }
 
 impl Default for ProcessLimits {
@@ -90,6 +98,7 @@ impl Default for ProcessLimits {
             max_output_bytes: 64 << 20,
             max_message_bytes: 256 << 20,
             start_timeout: Duration::from_secs(30),
+            max_log_bytes: 16 << 20,
         }
     }
 }
@@ -107,6 +116,16 @@ pub struct ProcessRuntime {
     limits: ProcessLimits,
     /// The interpreter's libraries, listed once.
     libraries: std::sync::OnceLock<Vec<String>>,
+    /// The interpreter's environment folders, found once.
+    interpreter_dirs: std::sync::OnceLock<Vec<PathBuf>>,
+    /// How children are contained.
+    sandbox: Arc<Sandbox>,
+}
+
+/// The sandbox runtimes get unless given one: the default policy on this machine.
+fn default_sandbox() -> Arc<Sandbox> {
+    static DEFAULT: std::sync::OnceLock<Arc<Sandbox>> = std::sync::OnceLock::new();
+    DEFAULT.get_or_init(|| Arc::new(Sandbox::new(SandboxPolicy::default()))).clone()
 }
 
 /// The function a call's config names (`config.function`, else `"run"`).
@@ -165,7 +184,13 @@ impl ProcessRuntime {
     pub fn python(interpreter: PathBuf, sdk_dir: PathBuf, limits: ProcessLimits) -> Self {
         // Looked up on the node's PATH, once: children get a fixed PATH of their own.
         let interpreter = on_path(&interpreter);
-        ProcessRuntime { mode: Mode::Python { interpreter, sdk_dir }, limits, libraries: Default::default() }
+        ProcessRuntime {
+            mode: Mode::Python { interpreter, sdk_dir },
+            limits,
+            libraries: Default::default(),
+            interpreter_dirs: Default::default(),
+            sandbox: default_sandbox(),
+        }
     }
 
     /// The `python` runtime with the interpreter from `TESSERA_PYTHON` (else `python3` on
@@ -180,7 +205,26 @@ impl ProcessRuntime {
 
     /// The `process` runtime: runs the module's entry file, which must be executable.
     pub fn process(limits: ProcessLimits) -> Self {
-        ProcessRuntime { mode: Mode::Process, limits, libraries: Default::default() }
+        ProcessRuntime {
+            mode: Mode::Process,
+            limits,
+            libraries: Default::default(),
+            interpreter_dirs: Default::default(),
+            sandbox: default_sandbox(),
+        }
+    }
+
+    /// The same runtime, containing its children with `sandbox` (by default, every
+    /// protection this machine supports, with the default [`SandboxPolicy`]).
+    #[must_use]
+    pub fn with_sandbox(mut self, sandbox: Arc<Sandbox>) -> Self {
+        self.sandbox = sandbox;
+        self
+    }
+
+    /// The sandbox.
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
     }
 
     /// Writes the embedded Python SDK under `dir` (as `dir/tessera/*.py`): `dir` is then a
@@ -284,19 +328,32 @@ impl ProcessRuntime {
             Some(class) => cmd.env("TESSERA_CLASS", class),
             None => cmd.env_remove("TESSERA_CLASS"),
         };
+        let name = module.manifest.name.to_string();
+        if module.manifest.needs.network && !self.sandbox.policy().allows_network(&name) {
+            return Err(RuntimeError::Load(format!(
+                "{label} needs the network (needs.network) and this node's sandbox policy does not grant it \
+                 (sandbox.network_modules)"
+            )));
+        }
+        let plan = self.plan(module, &root, scratch.path());
         let program = cmd.as_std().get_program().to_owned();
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| RuntimeError::Load(format!("{label}: cannot start {}: {e}", Path::new(&program).display())))?;
+        let (mut child, cgroup) = self.sandbox.spawn(cmd, plan).await.map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                " (a module process may run only its own files and the system's programs)"
+            } else {
+                ""
+            };
+            RuntimeError::Load(format!("{label}: cannot start {}: {e}{hint}", Path::new(&program).display()))
+        })?;
         let pid = child.id();
         let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
             return Err(RuntimeError::Load(format!("{label}: the child's standard streams are missing")));
         };
         let tail = instance::StderrTail::default();
-        let stderr_task = instance::pump_stderr(stderr, ctx.clone(), tail.clone());
+        let stderr_task = instance::pump_stderr(stderr, ctx.clone(), tail.clone(), self.limits.max_log_bytes, pid);
         let mut instance = ProcessInstance {
-            scratch: Some(scratch),
+            tree: Some(instance::Tree { pid, cgroup, _scratch: Some(scratch) }),
             label,
             child: Mutex::new(Some(child)),
             stdin: Some(stdin),
@@ -314,6 +371,33 @@ impl ProcessRuntime {
         };
         instance.handshake().await?;
         Ok(instance)
+    }
+
+    /// What a child of `module` may use: its folder (read-only), the interpreter's
+    /// environment and the SDK (read-only), its scratch folder; the network if it asks
+    /// and the policy grants it; the memory and CPU it declares.
+    fn plan(&self, module: &ModuleImage, root: &Path, scratch: &Path) -> sandbox::Plan {
+        let mut read = vec![root.to_owned()];
+        if let Mode::Python { interpreter, sdk_dir } = &self.mode {
+            let env = self.interpreter_dirs.get_or_init(|| sandbox::interpreter_dirs(interpreter));
+            // Never a folder holding the SDK's cache (the node's home, its keys).
+            read.extend(env.iter().filter(|d| !sdk_dir.starts_with(d)).cloned());
+            read.push(sdk_dir.clone());
+            read.extend(
+                std::env::var_os("PYTHONPATH")
+                    .iter()
+                    .flat_map(std::env::split_paths)
+                    .filter(|p| p.is_absolute() && !sdk_dir.starts_with(p)),
+            );
+        }
+        let needs = &module.manifest.needs;
+        sandbox::Plan {
+            read,
+            write: vec![scratch.to_owned()],
+            network: needs.network,
+            memory: (needs.memory.0 > 0).then_some(needs.memory.0),
+            cpu: (needs.cpu > 0.0).then_some(needs.cpu),
+        }
     }
 
     /// Starts `module` as a long-lived instance (what [`Runtime::start`] boxes), with its

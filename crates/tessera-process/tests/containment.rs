@@ -15,6 +15,7 @@ use tessera_process::ProcessLimits;
 const ESCAPE: &str = r#"
 import os
 import subprocess
+import sys
 import time
 import tessera
 
@@ -25,17 +26,17 @@ class Escape(tessera.Task):
             f.write("scratch is writable")
         return {"env": dict(os.environ), "cwd": os.getcwd()}
 
-    def leave_a_child(self, pidfile, wait):
-        p = subprocess.Popen(["sleep", "300"])
-        with open(pidfile, "w") as f:
-            f.write(str(p.pid))
+    def leave_a_child(self, wait, detach=False):
+        # Detached: a session (and process group) of its own, out of the module's group.
+        p = subprocess.Popen(["sleep", "300"], start_new_session=detach)
+        print("child-pid", p.pid, file=sys.stderr, flush=True)
         if wait:
             while True:
                 time.sleep(0.1)
         return p.pid
 
-    def exit_leaving_a_child(self, pidfile):
-        self.leave_a_child(pidfile, False)
+    def exit_leaving_a_child(self):
+        self.leave_a_child(False)
         os._exit(3)
 "#;
 
@@ -70,8 +71,11 @@ fn runtime(limits: ProcessLimits) -> Python {
     Python { runtime: tessera_process::ProcessRuntime::python(exe, sdk.path().to_owned(), limits), _sdk: sdk }
 }
 
-fn read_pid(file: &Path) -> u32 {
-    std::fs::read_to_string(file).unwrap().trim().parse().unwrap()
+/// The pid the module logged as `child-pid N`.
+fn logged_pid(ctx: &Ctx) -> u32 {
+    let logs = ctx.logs();
+    let line = logs.iter().find_map(|(_, m)| m.strip_prefix("child-pid ")).expect("the module logged its child");
+    line.trim().parse().unwrap()
 }
 
 #[tokio::test]
@@ -109,12 +113,13 @@ async fn a_module_gets_a_minimal_environment_and_a_scratch_home() {
 async fn nothing_a_module_started_outlives_its_time_out() {
     let py = runtime(ProcessLimits { max_time: Duration::from_secs(2), ..ProcessLimits::default() });
     let m = py_module(ESCAPE);
-    let pidfile = m.dir.path().join("child.pid");
-    let mut inst = py.runtime.spawn(&m.image, Ctx::new()).await.unwrap();
-    let r = inst.call(call("leave_a_child", json!([]), json!({"pidfile": pidfile, "wait": true}))).await;
+    let ctx = Ctx::new();
+    let mut inst = py.runtime.spawn(&m.image, ctx.clone()).await.unwrap();
+    // A child in a session of its own: out of the process group, not out of the cgroup.
+    let r = inst.call(call("leave_a_child", json!([]), json!({"wait": true, "detach": true}))).await;
     let e = r.unwrap_err().to_string();
     assert!(e.contains("time limit"), "{e}");
-    let child = read_pid(&pidfile);
+    let child = logged_pid(&ctx);
     assert!(gone_soon(child).await, "the module's child {child} survived the time-out");
     // The runtime serves the next instance.
     let mut next = py.runtime.spawn(&m.image, Ctx::new()).await.unwrap();
@@ -126,11 +131,11 @@ async fn nothing_a_module_started_outlives_its_time_out() {
 async fn nothing_a_module_started_outlives_its_shutdown() {
     let py = runtime(ProcessLimits::default());
     let m = py_module(ESCAPE);
-    let pidfile = m.dir.path().join("child.pid");
-    let mut inst = py.runtime.spawn(&m.image, Ctx::new()).await.unwrap();
-    let r = inst.call(call("leave_a_child", json!([]), json!({"pidfile": pidfile, "wait": false}))).await;
+    let ctx = Ctx::new();
+    let mut inst = py.runtime.spawn(&m.image, ctx.clone()).await.unwrap();
+    let r = inst.call(call("leave_a_child", json!([]), json!({"wait": false}))).await;
     let child = result_json(&r).as_u64().unwrap() as u32;
-    assert_eq!(child, read_pid(&pidfile));
+    assert_eq!(child, logged_pid(&ctx));
     assert!(alive(child));
     inst.shutdown().await;
     assert!(gone_soon(child).await, "the module's child {child} survived its shutdown");
@@ -140,11 +145,11 @@ async fn nothing_a_module_started_outlives_its_shutdown() {
 async fn nothing_a_module_started_outlives_its_own_exit() {
     let py = runtime(ProcessLimits::default());
     let m = py_module(ESCAPE);
-    let pidfile = m.dir.path().join("child.pid");
-    let mut inst = py.runtime.spawn(&m.image, Ctx::new()).await.unwrap();
-    let r = inst.call(call("exit_leaving_a_child", json!([]), json!({"pidfile": pidfile}))).await;
+    let ctx = Ctx::new();
+    let mut inst = py.runtime.spawn(&m.image, ctx.clone()).await.unwrap();
+    let r = inst.call(call("exit_leaving_a_child", json!([]), json!({}))).await;
     assert!(r.unwrap_err().to_string().contains("exited"));
-    let child = read_pid(&pidfile);
+    let child = logged_pid(&ctx);
     assert!(!inst.healthy());
     drop(inst);
     assert!(gone_soon(child).await, "the child {child} of a module that exited survived it");
@@ -154,9 +159,8 @@ async fn nothing_a_module_started_outlives_its_own_exit() {
 async fn nothing_a_module_started_outlives_a_drop() {
     let py = runtime(ProcessLimits::default());
     let m = py_module(ESCAPE);
-    let pidfile = m.dir.path().join("child.pid");
     let mut inst = py.runtime.spawn(&m.image, Ctx::new()).await.unwrap();
-    let r = inst.call(call("leave_a_child", json!([]), json!({"pidfile": pidfile, "wait": false}))).await;
+    let r = inst.call(call("leave_a_child", json!([]), json!({"wait": false, "detach": true}))).await;
     let child = result_json(&r).as_u64().unwrap() as u32;
     drop(inst);
     assert!(gone_soon(child).await, "the child {child} survived its instance being dropped");

@@ -75,9 +75,10 @@ async fn a_shell_script_speaks_the_protocol() {
 
 #[tokio::test]
 async fn a_python_script_without_the_sdk_speaks_the_protocol() {
+    // The system's python3, on the fixed PATH a module process gets: its sandbox lets it
+    // run system programs, not other folders' (a virtual environment's, pyenv's).
     let script = format!(
-        "#!{}\n{}",
-        which_python(),
+        "#!/usr/bin/env python3\n{}",
         r#"
 import json, struct, sys
 rd, wr = sys.stdin.buffer, sys.stdout.buffer
@@ -116,14 +117,6 @@ while True:
     let out = rt.run(&m.image, inv, ctx.clone()).await.unwrap();
     assert_eq!(out, vec![("reversed".to_string(), bytes::Bytes::from_static(b"cba"))]);
     assert_eq!(ctx.globals.lock().unwrap().get("seen").unwrap().as_ref(), b"yes");
-}
-
-fn which_python() -> String {
-    let out = std::process::Command::new(python())
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .expect("a python interpreter");
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 #[tokio::test]
