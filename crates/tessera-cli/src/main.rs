@@ -178,6 +178,7 @@ fn main() -> std::process::ExitCode {
             Command::Dataset(c) => dataset::run(c),
             Command::Node(NodeCommand::Run(args)) => node::run(args).await,
             Command::Node(NodeCommand::Key { id }) => node::print_key(&id),
+            Command::Node(NodeCommand::Doctor { policy }) => node::doctor(policy.as_deref()),
             Command::Swarm(c) => swarm::run(c).await,
             Command::Flow(c) => flow::run(c).await,
             Command::Key(c) => key::run(c),
@@ -226,6 +227,12 @@ fn node_info(dir: &std::path::Path) -> anyhow::Result<()> {
     println!("gpu:      {}", r.gpu);
     println!("disk:     {} free at {}", r.disk, dir.display());
     println!("runtimes: wasm, builtin, python ($TESSERA_PYTHON or python3), process");
+    let sandbox = tessera_process::Sandbox::new(tessera_process::SandboxPolicy::default());
+    let enforced: Vec<String> = sandbox.support().enforced().iter().map(ToString::to_string).collect();
+    println!(
+        "sandbox:  {} (`tessera node doctor` says more)",
+        if enforced.is_empty() { "no protection available".to_owned() } else { enforced.join(", ") }
+    );
     Ok(())
 }
 
@@ -239,6 +246,15 @@ enum NodeCommand {
         /// The node's id.
         #[arg(long)]
         id: String,
+    },
+    /// Which sandbox protections this machine can enforce around module processes
+    /// (Landlock, seccomp, cgroups), and whether they meet a policy's `sandbox.require`
+    /// (fails when they do not).
+    Doctor {
+        /// The node's policy (default: the open policy, which requires filesystem and
+        /// network protection).
+        #[arg(long)]
+        policy: Option<std::path::PathBuf>,
     },
 }
 

@@ -636,7 +636,8 @@ async fn run_local(
     // Every runtime a node offers: WebAssembly, builtin, Python ($TESSERA_PYTHON) and process.
     let limits = WasmLimits { max_memory: memory, max_time: timeout, ..WasmLimits::default() };
     let ports = NodePorts { backend: Backend::in_process(Duration::from_secs(60)), source: Arc::new(LocalHub(hub)) };
-    let node = crate::node::build_node(node_cfg, ports, limits)?;
+    // Your own machine, running your module: contained as far as it can be.
+    let node = crate::node::build_node(node_cfg, ports, limits, true)?;
     let mut inputs = Vec::new();
     let declared: Vec<&str> = packed.info.manifest.inputs.iter().map(|p| p.name.as_str()).collect();
     for (name, file) in crate::name_file_pairs(input, "input")? {

@@ -49,6 +49,10 @@ pub struct RunArgs {
     /// Run any package for anyone, signed or not (a node on a trusted network only).
     #[arg(long)]
     open: bool,
+    /// Start even when this machine cannot enforce a sandbox protection the policy
+    /// requires (`tessera node doctor` says which); the node announces itself degraded.
+    #[arg(long)]
+    degraded: bool,
     /// Serve the node's gateway (actors, calls, queues) on this address, e.g. 127.0.0.1:7710.
     #[arg(long, value_name = "HOST:PORT")]
     listen: Option<std::net::SocketAddr>,
@@ -128,29 +132,69 @@ pub fn datasets(items: &[String]) -> anyhow::Result<BTreeMap<String, PathBuf>> {
 }
 
 /// A node over the given ports with every runtime: WebAssembly, builtin, Python (with
-/// `$TESSERA_PYTHON`, else `python3`) and process.
-pub fn build_node(cfg: NodeConfig, ports: NodePorts, limits: WasmLimits) -> anyhow::Result<Node> {
+/// `$TESSERA_PYTHON`, else `python3`) and process, the last two contained by the sandbox
+/// its policy asks for. Refuses to build a node whose policy requires a protection this
+/// machine cannot enforce, unless `degraded` (then it warns, and announces itself so).
+pub fn build_node(mut cfg: NodeConfig, ports: NodePorts, limits: WasmLimits, degraded: bool) -> anyhow::Result<Node> {
     let process_limits = tessera_process::ProcessLimits {
         max_time: limits.max_time,
         max_output_bytes: limits.max_output_bytes,
         ..tessera_process::ProcessLimits::default()
     };
-    let python = tessera_process::ProcessRuntime::python_default(&cfg.cache_dir, process_limits.clone())?;
+    let sandbox = Arc::new(tessera_process::Sandbox::new(cfg.policy.sandbox.clone()));
+    if let Err(e) = sandbox.check() {
+        if !degraded {
+            anyhow::bail!("{e}; `tessera node doctor` shows what this machine offers, and --degraded starts anyway");
+        }
+        tracing::warn!("{e}: running degraded");
+        cfg.degraded = true;
+    }
+    cfg.protections = sandbox.support().enforced().iter().map(ToString::to_string).collect();
+    let python = tessera_process::ProcessRuntime::python_default(&cfg.cache_dir, process_limits.clone())?
+        .with_sandbox(sandbox.clone());
     let runtimes: Vec<Arc<dyn Runtime>> = vec![
         Arc::new(WasmRuntime::new(limits)?),
         Arc::new(BuiltinRuntime::new()),
         Arc::new(python),
-        Arc::new(tessera_process::ProcessRuntime::process(process_limits)),
+        Arc::new(tessera_process::ProcessRuntime::process(process_limits).with_sandbox(sandbox)),
     ];
     Ok(Node::new(cfg, ports, runtimes)?)
 }
 
+/// Reads a node policy file, or the open policy.
+fn read_policy(path: Option<&std::path::Path>) -> anyhow::Result<NodePolicy> {
+    match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            NodePolicy::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+        }
+        None => Ok(NodePolicy::open()),
+    }
+}
+
+/// `tessera node doctor`: what this machine can enforce around module processes, and
+/// whether that meets the policy's `sandbox.require`. Fails when it does not.
+pub fn doctor(policy: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let policy = read_policy(policy)?;
+    let sandbox = tessera_process::Sandbox::new(policy.sandbox.clone());
+    let support = sandbox.support();
+    println!("kernel:     {}", std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim());
+    for (mechanism, state) in support.report() {
+        println!("{:<11} {state}", format!("{mechanism}:"));
+    }
+    for p in tessera_process::Protection::ALL {
+        let required = if policy.sandbox.require.contains(&p) { "required" } else { "optional" };
+        let state = if support.enforces(p) { "enforced" } else { "NOT enforced" };
+        println!("{:<11} {state} ({required})", format!("{p}:"));
+    }
+    sandbox.check()?;
+    println!("the policy's sandbox requirements are met");
+    Ok(())
+}
+
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let policy = match (&args.policy, args.open) {
-        (Some(p), _) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            NodePolicy::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
-        }
+        (Some(p), _) => read_policy(Some(p))?,
         (None, true) => NodePolicy::open(),
         (None, false) => anyhow::bail!(
             "a node needs --policy FILE (who may publish what runs here, and who may compute on which data) or --open"
@@ -183,12 +227,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     cfg.policy = policy;
     cfg.identity = Some(identity.clone());
     cfg.endpoint = endpoint.clone();
-    let node = Arc::new(build_node(cfg, ports, limits)?);
+    let node = Arc::new(build_node(cfg, ports, limits, args.degraded)?);
     let record = node.record();
     eprintln!(
         "node key: {}; {}",
         identity.public(),
         if args.open { "open: runs anything for anyone" } else { "policy enforced" }
+    );
+    eprintln!(
+        "sandbox: {}{}",
+        if record.protections.is_empty() { "none".to_owned() } else { record.protections.join(", ") },
+        if record.degraded { " (DEGRADED: the policy requires more)" } else { "" }
     );
     eprintln!(
         "node {id}: datasets [{}], {} cores, {} memory; tasks from {} on {}; packages from {}",

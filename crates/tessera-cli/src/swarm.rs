@@ -143,7 +143,8 @@ impl CoordinatorArgs {
         cfg.datasets.extend(crate::node::datasets(&self.dataset)?);
         // Private packages sealed for your key open on the coordinator's node.
         cfg.identity = Some(key.clone());
-        let local = crate::node::build_node(cfg, ports, WasmLimits::default())?;
+        // Your own machine, running what you submit: contained as far as it can be.
+        let local = crate::node::build_node(cfg, ports, WasmLimits::default(), true)?;
         let coordinator = Coordinator::new(backend, Arc::new(client.clone()), Some(Arc::new(local))).with_identity(key);
         Ok((coordinator, client))
     }

@@ -128,6 +128,8 @@ async fn register_silent_node(cluster: &Cluster, id: &str) {
         labels: Default::default(),
         libraries: Vec::new(),
         operations: Vec::new(),
+        protections: Vec::new(),
+        degraded: false,
     };
     cluster.backend.members.announce(id, bytes::Bytes::from(tessera_core::wire::encode(&record))).await.unwrap();
 }

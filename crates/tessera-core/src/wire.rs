@@ -203,6 +203,13 @@ pub struct NodeRecord {
     /// of these go to it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub operations: Vec<String>,
+    /// The sandbox protections its module processes run under (`filesystem`, `network`,
+    /// `memory`, `processes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub protections: Vec<String>,
+    /// True when the node runs without a protection its policy requires (`--degraded`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub degraded: bool,
 }
 
 /// The metrics a worker reports in its `metrics` output.

@@ -47,6 +47,10 @@ pub struct NodeConfig {
     pub labels: BTreeMap<String, String>,
     /// Dataflow operations it runs (announced; parameter sets of these come to it).
     pub operations: Vec<String>,
+    /// The sandbox protections its runtimes enforce (announced).
+    pub protections: Vec<String>,
+    /// Whether it runs without a protection its policy requires (announced).
+    pub degraded: bool,
 }
 
 impl NodeConfig {
@@ -63,6 +67,8 @@ impl NodeConfig {
             endpoint: None,
             labels: BTreeMap::new(),
             operations: Vec::new(),
+            protections: Vec::new(),
+            degraded: false,
         }
     }
     /// Declares a dataset.
@@ -138,6 +144,8 @@ pub struct Node {
     labels: BTreeMap<String, String>,
     libraries: Vec<String>,
     operations: Vec<String>,
+    protections: Vec<String>,
+    degraded: bool,
 }
 
 /// What one account has used on a node.
@@ -215,6 +223,8 @@ impl Node {
             labels: config.labels,
             libraries,
             operations: config.operations,
+            protections: config.protections,
+            degraded: config.degraded,
         })
     }
 
@@ -282,6 +292,8 @@ impl Node {
             labels: self.labels.clone(),
             libraries: self.libraries.clone(),
             operations: self.operations.clone(),
+            protections: self.protections.clone(),
+            degraded: self.degraded,
         }
     }
 

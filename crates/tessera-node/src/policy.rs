@@ -51,6 +51,10 @@ pub struct NodePolicy {
     /// How old a signed task may be when it arrives, in seconds (tasks can wait in a queue).
     #[serde(default = "default_window")]
     pub task_window_secs: u64,
+    /// How module processes are contained: the protections the node requires, which
+    /// modules may use the network, process and memory limits.
+    #[serde(default)]
+    pub sandbox: tessera_process::SandboxPolicy,
 }
 
 fn default_window() -> u64 {

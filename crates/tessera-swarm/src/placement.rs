@@ -349,6 +349,8 @@ mod tests {
             labels: BTreeMap::new(),
             libraries: vec!["numpy==2.1.3".into(), "scikit-learn==1.5.2".into()],
             operations: Vec::new(),
+            protections: Vec::new(),
+            degraded: false,
         }
     }
 
