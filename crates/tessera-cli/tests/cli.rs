@@ -437,3 +437,22 @@ fn flow_files_are_checked_and_drawn() {
     let err = fails(&["flow", "check", copy.join("flow.yaml").to_str().unwrap()], dir.path(), None);
     assert!(err.contains("model.yaml line") && err.contains("unknown field"), "{err}");
 }
+
+#[test]
+fn node_doctor_says_what_the_machine_enforces() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(&["node", "doctor"], dir.path(), None);
+    for line in ["landlock:   on: ABI", "seccomp:    on", "cgroup:     on", "filesystem: enforced (required)"] {
+        assert!(out.contains(line), "{line:?} missing from:\n{out}");
+    }
+    assert!(out.contains("requirements are met"), "{out}");
+    // A policy requiring every protection: this machine has them all.
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "sandbox:\n  require: [filesystem, network, memory, processes]\n").unwrap();
+    let out = ok(&["node", "doctor", "--policy", policy.to_str().unwrap()], dir.path(), None);
+    assert!(out.contains("memory:     enforced (required)"), "{out}");
+    // A protection nobody knows is named.
+    std::fs::write(&policy, "sandbox:\n  require: [gpu]\n").unwrap();
+    let e = fails(&["node", "doctor", "--policy", policy.to_str().unwrap()], dir.path(), None);
+    assert!(e.contains("unknown variant `gpu`") && e.contains("line 2"), "{e}");
+}

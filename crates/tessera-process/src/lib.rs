@@ -313,6 +313,9 @@ impl ProcessRuntime {
         }
         if let Some(p) = python_path {
             cmd.env("PYTHONPATH", p).env("PYTHONDONTWRITEBYTECODE", "1").env("PYTHONUNBUFFERED", "1");
+            // The sandbox leaves no shared /dev/shm for process pools' semaphores: joblib
+            // (scikit-learn's parallelism) is told so rather than finding out with a warning.
+            cmd.env("JOBLIB_MULTIPROCESSING", "0");
         }
         // Its own process group: whatever it starts is ended with it.
         #[cfg(unix)]

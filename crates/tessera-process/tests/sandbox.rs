@@ -297,3 +297,31 @@ async fn gigabytes_of_log_are_cut_off() {
         assert_eq!(result_json(&r), json!("pong"), "{name}");
     }
 }
+
+/// Every child process is started by `Sandbox::spawn`: a `Command` spawned anywhere else
+/// in the crate (`.spawn()` with no arguments is `Command::spawn`) would run uncontained.
+#[test]
+fn every_child_is_spawned_by_the_sandbox() {
+    fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    sources(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+    let mut total = 0;
+    for path in files {
+        let text: String = std::fs::read_to_string(&path).unwrap().split_whitespace().collect();
+        let spawns = text.matches(".spawn()").count();
+        total += spawns;
+        if !path.ends_with("sandbox/mod.rs") {
+            assert_eq!(spawns, 0, "{}: start module processes with Sandbox::spawn", path.display());
+        }
+    }
+    assert_eq!(total, 1, "Sandbox::spawn itself spawns once");
+}

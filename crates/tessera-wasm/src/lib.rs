@@ -4,8 +4,11 @@
 //! A module is a WebAssembly component implementing the `tessera:module` world
 //! (`wit/tessera.wit`): it exports `run(config, inputs) -> result<outputs, string>` and
 //! imports the task context (its node's datasets, read-only; the run's world state; a log).
-//! It gets WASI's standard streams (captured) and nothing else: no files, no network, no
-//! environment.
+//! It gets WASI's standard streams (captured: stdout is a run's log, up to 1 MiB each) and
+//! a scratch folder of its own at `/scratch` (read-write, one per run or instance,
+//! removed with it), and nothing else: no other files, no sockets (TCP, UDP and name
+//! lookups are refused), no environment. Datasets are read through the context imports
+//! (`local.dataset-read`), which check the task's grants.
 //!
 //! Limits: the time limit uses epoch interruption (a ticker thread advances the engine's
 //! epoch every [`TICK`]); the memory limit is enforced by a resource limiter on every
@@ -167,21 +170,32 @@ impl WasmRuntime {
             .map_err(|e| RuntimeError::Load(format!("the component does not export the tessera:module world: {e:#}")))
     }
 
-    /// A fresh store for one run, or for the lifetime of an instance.
+    /// A fresh store for one run, or for the lifetime of an instance, with a scratch
+    /// folder of its own at `/scratch`.
     fn store(
         &self,
         ctx: &Arc<dyn TaskContext>,
         rt: tokio::runtime::Handle,
         stdout: Option<&MemoryOutputPipe>,
-    ) -> (Store<Host>, MemoryOutputPipe) {
+    ) -> Result<(Store<Host>, MemoryOutputPipe), RuntimeError> {
         let stderr = MemoryOutputPipe::new(1 << 20);
+        let scratch = tempfile::Builder::new()
+            .prefix("tessera-wasm-scratch-")
+            .tempdir()
+            .map_err(|e| RuntimeError::Load(format!("cannot make a scratch folder: {e}")))?;
         let mut builder = WasiCtx::builder();
         match stdout {
             Some(out) => builder.stdout(out.clone()),
             None => builder.stdout(wasmtime_wasi::p2::pipe::SinkOutputStream),
         };
+        builder
+            .preopened_dir(scratch.path(), "/scratch", wasmtime_wasi::FsPerms::ReadWrite)
+            .map_err(|e| RuntimeError::Load(format!("cannot open the scratch folder: {e:#}")))?;
+        // Refused anyway by the default address check; said outright.
+        builder.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
         let wasi = builder.stderr(stderr.clone()).build();
         let host = Host {
+            _scratch: scratch,
             wasi,
             table: ResourceTable::new(),
             limiter: MemoryLimiter { max: self.inner.limits.max_memory, total: 0, hit: false },
@@ -194,7 +208,7 @@ impl WasmRuntime {
         // the output limit, plus room for names and framing.
         let fuel = self.inner.limits.max_output_bytes.saturating_add(1 << 20);
         store.set_hostcall_fuel(usize::try_from(fuel).unwrap_or(usize::MAX));
-        (store, stderr)
+        Ok((store, stderr))
     }
 
     /// One call of `run` on an instantiated module, with the time limit armed.
@@ -271,7 +285,7 @@ impl WasmRuntime {
         abandoned: &Arc<AtomicBool>,
     ) -> Result<Outputs, RuntimeError> {
         let stdout = MemoryOutputPipe::new(1 << 20);
-        let (mut store, stderr) = self.store(ctx, rt, Some(&stdout));
+        let (mut store, stderr) = self.store(ctx, rt, Some(&stdout))?;
         arm(&mut store, ticks_of(self.inner.limits.max_time), abandoned.clone());
         let result = match pre.instantiate(&mut store) {
             Ok(module) => self.invoke(&mut store, &module, &stderr, invocation, abandoned),
@@ -376,7 +390,7 @@ impl Runtime for WasmRuntime {
         let rt = tokio::runtime::Handle::current();
         let state = tokio::task::spawn_blocking(move || {
             let pre = this.prepare(&module)?;
-            let (mut store, stderr) = this.store(&ctx, rt, None);
+            let (mut store, stderr) = this.store(&ctx, rt, None)?;
             arm(&mut store, ticks_of(this.inner.limits.max_time), Arc::default());
             match pre.instantiate(&mut store) {
                 Ok(m) => Ok((store, m, stderr)),
@@ -450,6 +464,8 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 }
 
 struct Host {
+    /// The run's (or instance's) `/scratch`, removed with the store.
+    _scratch: tempfile::TempDir,
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: MemoryLimiter,

@@ -219,3 +219,57 @@ async fn a_run_whose_caller_went_away_stops() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(ctx.results_select("work").await.unwrap().len(), 1, "the abandoned runs never finished their work");
 }
+
+/// Escape attempts from a component: each fails with its error at the caller, and the
+/// next run works. (A component has no processes: fork bombs and children left behind
+/// cannot be tried; memory and endless loops are tried above.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escape_attempts_fail_and_the_next_run_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let img = image(dir.path(), tessera_modules::TEST_PROGRAMS_WASM);
+    let node_home = tempfile::tempdir().unwrap();
+    let key = node_home.path().join("nodes/node-a/keys/node.json");
+    std::fs::create_dir_all(key.parent().unwrap()).unwrap();
+    std::fs::write(&key, "secret").unwrap();
+    let user_home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let outside = std::env::temp_dir().join(format!("tessera-wasm-escape-{}", std::process::id()));
+    let attempts = [
+        ("read-file", "/etc/passwd".to_owned()),
+        ("read-file", key.display().to_string()),
+        ("read-file", dir.path().join("module.wasm").display().to_string()),
+        ("list-dir", user_home.clone()),
+        ("list-dir", "/".into()),
+        ("list-dir", node_home.path().display().to_string()),
+        ("write-file", outside.display().to_string()),
+        ("write-file", dir.path().join("planted").display().to_string()),
+        ("write-file", "/scratch/../planted".into()),
+    ];
+    for (mode, path) in attempts {
+        let r = rt.run(&img, call(json!({"mode": mode, "path": path})), Ctx::new()).await;
+        assert!(matches!(&r, Err(RuntimeError::Module(m)) if m.contains(&path)), "{mode} {path}: {r:?}");
+        echo_still_works(&rt, &img).await;
+    }
+    assert!(!outside.exists() && !dir.path().join("planted").exists());
+
+    // Its own scratch folder is writable, and is its own: the next run starts with an
+    // empty one.
+    let out = rt.run(&img, call(json!({"mode": "write-file", "path": "/scratch/note"})), Ctx::new()).await.unwrap();
+    assert_eq!(out[0].1.as_ref(), b"7");
+    let r = rt.run(&img, call(json!({"mode": "read-file", "path": "/scratch/note"})), Ctx::new()).await;
+    assert!(matches!(&r, Err(RuntimeError::Module(m)) if m.contains("/scratch/note")), "{r:?}");
+
+    // No sockets.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let r = rt.run(&img, call(json!({"mode": "connect", "port": port})), Ctx::new()).await;
+    assert!(matches!(&r, Err(RuntimeError::Module(m)) if m.contains("connect")), "{r:?}");
+    assert!(listener.accept().is_err(), "nothing connected");
+    echo_still_works(&rt, &img).await;
+
+    // Gigabytes to stdout: the captured stream is bounded, and the run fails.
+    let r = rt.run(&img, call(json!({"mode": "print", "bytes": 4u64 << 30})), Ctx::new()).await;
+    assert!(r.is_err(), "{r:?}");
+    echo_still_works(&rt, &img).await;
+}

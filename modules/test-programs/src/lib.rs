@@ -1,6 +1,8 @@
 //! A module whose behaviour the config picks: `echo`, `spin`, `alloc`, `panic`, `fail`,
 //! `context` (uses every import), `big-output`, `work` (busy for `ms`, then adds a result),
-//! and for actors `count` (a counter kept in memory) with `save_state` / `restore_state`.
+//! and for actors `count` (a counter kept in memory) with `save_state` / `restore_state`;
+//! escape attempts `read-file`, `list-dir`, `write-file` (`path`), `connect` (`port`) and
+//! `print` (`bytes` to stdout).
 
 wit_bindgen::generate!({ path: "../../wit", world: "module" });
 
@@ -30,6 +32,17 @@ struct Config {
     /// A call's positional arguments.
     #[serde(default)]
     args: Vec<serde_json::Value>,
+    /// A file or folder to try (`read-file`, `list-dir`, `write-file`).
+    #[serde(default)]
+    path: String,
+    /// A TCP port on 127.0.0.1 to try (`connect`).
+    #[serde(default)]
+    port: u16,
+}
+
+/// A JSON `result` output, the only one.
+fn result(value: impl serde::Serialize) -> Vec<Blob> {
+    vec![Blob { name: "result".into(), data: serde_json::to_vec(&value).unwrap_or_default() }]
 }
 
 impl Guest for Programs {
@@ -84,6 +97,29 @@ impl Guest for Programs {
                 }
                 world_state::results_add("work", local::node().as_bytes())?;
                 Ok(vec![Blob { name: "done".into(), data: cfg.ms.to_le_bytes().to_vec() }])
+            }
+            // Escape attempts: each answers what it got, the error's text included.
+            "read-file" => {
+                std::fs::read(&cfg.path).map(|d| result(d.len())).map_err(|e| format!("read {}: {e}", cfg.path))
+            }
+            "list-dir" => {
+                std::fs::read_dir(&cfg.path).map(|d| result(d.count())).map_err(|e| format!("list {}: {e}", cfg.path))
+            }
+            "write-file" => {
+                std::fs::write(&cfg.path, b"written").map_err(|e| format!("write {}: {e}", cfg.path))?;
+                let back = std::fs::read(&cfg.path).map_err(|e| format!("read back {}: {e}", cfg.path))?;
+                Ok(result(back.len()))
+            }
+            "connect" => std::net::TcpStream::connect(("127.0.0.1", cfg.port))
+                .map(|_| result("connected"))
+                .map_err(|e| format!("connect to port {}: {e}", cfg.port)),
+            "print" => {
+                // `bytes` to stdout, in 64 KiB lines.
+                let line = "x".repeat(65535);
+                for _ in 0..cfg.bytes / 65536 {
+                    println!("{line}");
+                }
+                Ok(result("printed"))
             }
             "panic" => panic!("deliberate panic"),
             "fail" => Err("deliberate failure".into()),

@@ -82,7 +82,7 @@ pub struct SandboxPolicy {
     #[serde(default = "default_require")]
     pub require: Vec<Protection>,
     /// Modules whose processes may use the network: names or name prefixes ending in
-    /// `.` (`acme.fetch`, `acme.`). A module asking for it (`needs.network: true`) that is
+    /// `.` (`acme.fetch`, `acme.`), or `*` for any. A module asking for it (`needs.network: true`) that is
     /// not listed is refused at launch.
     #[serde(default)]
     pub network_modules: Vec<String>,
@@ -286,4 +286,48 @@ pub(crate) struct Plan {
     pub memory: Option<u64>,
     /// Its CPU cores (`needs.cpu`), when declared.
     pub cpu: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sandbox(policy: SandboxPolicy, cgroup: Result<String, String>) -> Sandbox {
+        Sandbox { policy, support: Support { landlock: Ok(6), seccomp: Ok(()), cgroup }, cgroups: None }
+    }
+
+    #[test]
+    fn a_missing_required_protection_is_named_with_why() {
+        let all = SandboxPolicy { require: Protection::ALL.to_vec(), ..SandboxPolicy::default() };
+        let e = sandbox(all.clone(), Err("no cgroup v1 memory".into())).check().unwrap_err();
+        assert_eq!(e.missing.iter().map(|(p, _)| *p).collect::<Vec<_>>(), [Protection::Memory, Protection::Processes]);
+        assert!(e.to_string().contains("memory (no cgroup v1 memory)"), "{e}");
+        // Not required: the node starts, without it.
+        let s = sandbox(SandboxPolicy::default(), Err("none".into()));
+        assert!(s.check().is_ok());
+        assert_eq!(s.support().enforced(), [Protection::Filesystem, Protection::Network]);
+        assert!(sandbox(all, Ok("v2".into())).check().is_ok());
+        // Turned off: nothing is enforced, nothing required.
+        assert!(Sandbox::off().support().enforced().is_empty());
+        assert!(Sandbox::off().check().is_ok());
+    }
+
+    #[test]
+    fn network_grants_match_names_and_prefixes() {
+        let p = SandboxPolicy { network_modules: vec!["acme.fetch".into(), "weather.".into()], ..Default::default() };
+        assert!(p.allows_network("acme.fetch"));
+        assert!(!p.allows_network("acme.fetcher"), "a name is not a prefix");
+        assert!(p.allows_network("weather.radar"));
+        assert!(!p.allows_network("weatherman.x"));
+        assert!(!SandboxPolicy::default().allows_network("acme.fetch"));
+    }
+
+    #[test]
+    fn the_policy_section_parses_and_refuses_unknown_fields() {
+        let p: SandboxPolicy = serde_json::from_str(r#"{"require": ["memory"], "default_memory": "1GiB"}"#).unwrap();
+        assert_eq!(p.require, [Protection::Memory]);
+        assert_eq!(p.default_memory, ByteSize(1 << 30));
+        assert_eq!(p.max_processes, 256);
+        assert!(serde_json::from_str::<SandboxPolicy>(r#"{"requires": []}"#).is_err());
+    }
 }
