@@ -52,6 +52,14 @@ ensure_python_venv() {
             return 1
         }
     fi
+    # uv builds Python environments per module (a node finds it beside the interpreter).
+    if [ ! -x "$venv/bin/uv" ]; then
+        echo "installing uv into $venv" >&2
+        "$py" -m pip install -q --disable-pip-version-check uv || {
+            echo "error: could not install uv from PyPI into $venv" >&2
+            return 1
+        }
+    fi
     # The SDK's distribution was once named `tessera` (a name taken on PyPI by another
     # project): an old install of it goes first.
     if "$py" -m pip show -q tessera >/dev/null 2>&1; then

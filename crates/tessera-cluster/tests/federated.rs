@@ -129,6 +129,7 @@ async fn register_silent_node(cluster: &Cluster, id: &str) {
         libraries: Vec::new(),
         operations: Vec::new(),
         protections: Vec::new(),
+        installs_libraries: false,
         degraded: false,
     };
     cluster.backend.members.announce(id, bytes::Bytes::from(tessera_core::wire::encode(&record))).await.unwrap();

@@ -24,6 +24,7 @@ pub mod name;
 pub mod pipeline;
 pub mod privacy;
 pub mod registry;
+pub mod requirement;
 pub mod select;
 pub mod size;
 pub mod strategy;

@@ -207,6 +207,10 @@ pub struct NodeRecord {
     /// `memory`, `processes`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub protections: Vec<String>,
+    /// True when the node installs the Python libraries a module needs that it does not
+    /// offer (an environment per module): placed whatever `needs.libraries` says.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub installs_libraries: bool,
     /// True when the node runs without a protection its policy requires (`--degraded`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub degraded: bool,

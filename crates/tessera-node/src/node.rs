@@ -146,6 +146,7 @@ pub struct Node {
     operations: Vec<String>,
     protections: Vec<String>,
     degraded: bool,
+    installs_libraries: bool,
 }
 
 /// What one account has used on a node.
@@ -196,6 +197,7 @@ impl Node {
             check_ident("operation name", op).map_err(|e| NodeError::Config(e.to_string()))?;
         }
         let cache = PackageCache::open(&config.cache_dir, config.package_limits.clone())?;
+        let installs_libraries = runtimes.iter().any(|r| r.installs_libraries());
         let mut libraries: Vec<String> = runtimes.iter().flat_map(|r| r.libraries()).collect();
         libraries.sort();
         libraries.dedup();
@@ -225,6 +227,7 @@ impl Node {
             operations: config.operations,
             protections: config.protections,
             degraded: config.degraded,
+            installs_libraries,
         })
     }
 
@@ -293,6 +296,7 @@ impl Node {
             libraries: self.libraries.clone(),
             operations: self.operations.clone(),
             protections: self.protections.clone(),
+            installs_libraries: self.installs_libraries,
             degraded: self.degraded,
         }
     }

@@ -157,6 +157,13 @@ pub trait Runtime: Send + Sync + 'static {
     fn libraries(&self) -> Vec<String> {
         Vec::new()
     }
+    /// Whether this runtime installs what a module's `needs.libraries` asks for that it
+    /// does not offer (the `python` runtime with per-module environments): such a node
+    /// is placed whatever libraries a module needs, and refuses at launch what cannot be
+    /// installed.
+    fn installs_libraries(&self) -> bool {
+        false
+    }
 }
 
 /// A started module: one replica of an actor. Calls run one at a time.

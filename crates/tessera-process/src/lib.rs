@@ -23,6 +23,7 @@
 //! die with it. On a machine without those kernel features the node says what is missing
 //! ([`Sandbox::check`], `tessera node doctor`).
 
+pub mod environments;
 pub mod frame;
 mod instance;
 pub mod sandbox;
@@ -40,6 +41,7 @@ use tessera_ports::{Instance, Invocation, ModuleImage, Outputs, Runtime, Runtime
 use tokio::io::BufReader;
 use tokio::process::Command;
 
+pub use environments::Environments;
 pub use frame::{BlobKind, FrameError, PROTOCOL_VERSION};
 pub use instance::ProcessInstance;
 pub use sandbox::{Protection, Sandbox, SandboxPolicy, Support, Unenforceable};
@@ -116,8 +118,10 @@ pub struct ProcessRuntime {
     limits: ProcessLimits,
     /// The interpreter's libraries, listed once.
     libraries: std::sync::OnceLock<Vec<String>>,
-    /// The interpreter's environment folders, found once.
-    interpreter_dirs: std::sync::OnceLock<Vec<PathBuf>>,
+    /// Each interpreter's environment folders, found once.
+    interpreter_dirs: Arc<Mutex<std::collections::HashMap<PathBuf, Vec<PathBuf>>>>,
+    /// Environments per module, when the node builds them.
+    environments: Option<Arc<Environments>>,
     /// How children are contained.
     sandbox: Arc<Sandbox>,
 }
@@ -189,6 +193,7 @@ impl ProcessRuntime {
             limits,
             libraries: Default::default(),
             interpreter_dirs: Default::default(),
+            environments: None,
             sandbox: default_sandbox(),
         }
     }
@@ -198,9 +203,23 @@ impl ProcessRuntime {
     /// `cache_dir/python-sdk/<sdk version>`. A relative `TESSERA_PYTHON` with a directory in
     /// it (`target/venv/bin/python`) is taken from the current directory (module processes
     /// run in their module's folder); a bare name is looked up on the `PATH`.
+    ///
+    /// When `uv` is found ([`environments::find_uv`]), modules whose requirements the
+    /// interpreter does not meet get environments of their own under
+    /// `cache_dir/python-envs`, with the wheels in `TESSERA_WHEELHOUSE` (a folder) offered
+    /// beside the index.
     pub fn python_default(cache_dir: &Path, limits: ProcessLimits) -> Result<Self, SdkError> {
         let sdk_dir = sdk::cached_sdk(cache_dir)?;
-        Ok(Self::python(default_interpreter(), sdk_dir, limits))
+        let runtime = Self::python(default_interpreter(), sdk_dir, limits);
+        let Mode::Python { interpreter, .. } = &runtime.mode else { return Ok(runtime) };
+        Ok(match environments::find_uv(interpreter) {
+            Some(uv) => {
+                let wheels = std::env::var_os("TESSERA_WHEELHOUSE").filter(|v| !v.is_empty()).map(PathBuf::from);
+                let envs = Environments::new(uv, cache_dir.join("python-envs"), interpreter.clone(), wheels);
+                runtime.with_environments(Arc::new(envs))
+            }
+            None => runtime,
+        })
     }
 
     /// The `process` runtime: runs the module's entry file, which must be executable.
@@ -210,6 +229,7 @@ impl ProcessRuntime {
             limits,
             libraries: Default::default(),
             interpreter_dirs: Default::default(),
+            environments: None,
             sandbox: default_sandbox(),
         }
     }
@@ -225,6 +245,19 @@ impl ProcessRuntime {
     /// The sandbox.
     pub fn sandbox(&self) -> &Sandbox {
         &self.sandbox
+    }
+
+    /// The same runtime, running each Python module whose requirements the interpreter
+    /// does not meet in an environment of its own from `environments`.
+    #[must_use]
+    pub fn with_environments(mut self, environments: Arc<Environments>) -> Self {
+        self.environments = Some(environments);
+        self
+    }
+
+    /// The environments, when the runtime builds them.
+    pub fn environments(&self) -> Option<&Arc<Environments>> {
+        self.environments.as_ref()
     }
 
     /// Writes the embedded Python SDK under `dir` (as `dir/tessera/*.py`): `dir` is then a
@@ -270,9 +303,15 @@ impl ProcessRuntime {
         if !meta.is_file() {
             return Err(RuntimeError::Load(format!("{label}: entry {} is not a file", entry.display())));
         }
+        let mut interpreter_used = None;
         let mut cmd = match &self.mode {
             Mode::Python { interpreter, sdk_dir } => {
-                let mut cmd = Command::new(interpreter);
+                let interpreter = match &self.environments {
+                    Some(envs) => envs.interpreter(module, &self.libraries()).await?,
+                    None => interpreter.clone(),
+                };
+                let mut cmd = Command::new(&interpreter);
+                interpreter_used = Some(interpreter);
                 cmd.arg("-u").arg("-m").arg("tessera.host").arg(&entry);
                 let mut path = std::ffi::OsString::from(sdk_dir.as_os_str());
                 if let Some(old) = std::env::var_os("PYTHONPATH").filter(|p| !p.is_empty()) {
@@ -338,7 +377,7 @@ impl ProcessRuntime {
                  (sandbox.network_modules)"
             )));
         }
-        let plan = self.plan(module, &root, scratch.path());
+        let plan = self.plan(module, &root, scratch.path(), interpreter_used.as_deref());
         let program = cmd.as_std().get_program().to_owned();
         let (mut child, cgroup) = self.sandbox.spawn(cmd, plan).await.map_err(|e| {
             let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
@@ -379,12 +418,15 @@ impl ProcessRuntime {
     /// What a child of `module` may use: its folder (read-only), the interpreter's
     /// environment and the SDK (read-only), its scratch folder; the network if it asks
     /// and the policy grants it; the memory and CPU it declares.
-    fn plan(&self, module: &ModuleImage, root: &Path, scratch: &Path) -> sandbox::Plan {
+    fn plan(&self, module: &ModuleImage, root: &Path, scratch: &Path, interpreter: Option<&Path>) -> sandbox::Plan {
         let mut read = vec![root.to_owned()];
-        if let Mode::Python { interpreter, sdk_dir } = &self.mode {
-            let env = self.interpreter_dirs.get_or_init(|| sandbox::interpreter_dirs(interpreter));
+        if let (Mode::Python { sdk_dir, .. }, Some(interpreter)) = (&self.mode, interpreter) {
+            let env = {
+                let mut dirs = self.interpreter_dirs.lock().unwrap_or_else(|e| e.into_inner());
+                dirs.entry(interpreter.to_owned()).or_insert_with(|| sandbox::interpreter_dirs(interpreter)).clone()
+            };
             // Never a folder holding the SDK's cache (the node's home, its keys).
-            read.extend(env.iter().filter(|d| !sdk_dir.starts_with(d)).cloned());
+            read.extend(env.into_iter().filter(|d| !sdk_dir.starts_with(d)));
             read.push(sdk_dir.clone());
             read.extend(
                 std::env::var_os("PYTHONPATH")
@@ -433,6 +475,10 @@ impl Runtime for ProcessRuntime {
             Mode::Python { .. } => RuntimeKind::Python,
             Mode::Process => RuntimeKind::Process,
         }
+    }
+
+    fn installs_libraries(&self) -> bool {
+        matches!(self.mode, Mode::Python { .. }) && self.environments.is_some()
     }
 
     fn libraries(&self) -> Vec<String> {

@@ -9,7 +9,6 @@
 //! and why, so a swarm that cannot be placed is refused before anything starts.
 
 use std::collections::BTreeMap;
-use std::str::FromStr;
 
 use tessera_core::RuntimeKind;
 use tessera_core::manifest::Needs;
@@ -164,11 +163,13 @@ fn criteria(task: &TaskSpec, modules: &[ModuleFacts]) -> Vec<Criterion> {
             let lib2 = lib.clone();
             out.push(Criterion {
                 field: "needs.libraries".into(),
-                test: Box::new(
-                    move |n| {
-                        if req.met_by(&n.libraries) { Ok(()) } else { Err(format!("does not offer {lib2}")) }
-                    },
-                ),
+                test: Box::new(move |n| {
+                    if n.installs_libraries || req.met_by(&n.libraries) {
+                        Ok(())
+                    } else {
+                        Err(format!("does not offer {lib2}"))
+                    }
+                }),
                 none: format!("{name} needs the library {lib}, which no node offers"),
             });
         }
@@ -291,43 +292,7 @@ fn shuffle<T>(v: &mut [T], seed: u64) {
         v.swap(i, j);
     }
 }
-
-/// A library requirement as PEP 508 writes its name and version part (`numpy>=1.26`,
-/// `torch`, `scikit-learn==1.5.*`); extras and environment markers are not read.
-#[derive(Clone, Debug)]
-pub struct Requirement {
-    name: String,
-    specifiers: pep440_rs::VersionSpecifiers,
-}
-
-impl Requirement {
-    /// Parses a requirement.
-    pub fn parse(text: &str) -> Result<Requirement, String> {
-        let text = text.split(';').next().unwrap_or_default().trim();
-        let at = text.find(['<', '>', '=', '!', '~', '[', '(', ' ']).unwrap_or(text.len());
-        let name = &text[..at];
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
-            return Err(format!("{text:?} does not start with a distribution name"));
-        }
-        let mut rest = text[at..].trim();
-        if rest.starts_with('[') {
-            rest = rest.split_once(']').map_or("", |(_, r)| r).trim();
-        }
-        let rest = rest.trim_start_matches('(').trim_end_matches(')');
-        let specifiers = pep440_rs::VersionSpecifiers::from_str(rest).map_err(|e| format!("{text:?}: {e}"))?;
-        Ok(Requirement { name: tessera_core::manifest::normalize_distribution(name), specifiers })
-    }
-
-    /// True when `offered` (`name==version` items) has the library in a version the
-    /// requirement accepts.
-    pub fn met_by(&self, offered: &[String]) -> bool {
-        offered.iter().any(|o| {
-            let Some((name, version)) = o.split_once("==") else { return false };
-            tessera_core::manifest::normalize_distribution(name) == self.name
-                && pep440_rs::Version::from_str(version.trim()).is_ok_and(|v| self.specifiers.contains(&v))
-        })
-    }
-}
+pub use tessera_core::requirement::Requirement;
 
 #[cfg(test)]
 mod tests {
@@ -350,6 +315,7 @@ mod tests {
             libraries: vec!["numpy==2.1.3".into(), "scikit-learn==1.5.2".into()],
             operations: Vec::new(),
             protections: Vec::new(),
+            installs_libraries: false,
             degraded: false,
         }
     }
@@ -425,7 +391,12 @@ mod tests {
         let numpy = Needs { libraries: vec!["NumPy>=1.26,<3".into(), "scikit_learn".into()], ..Needs::default() };
         assert_eq!(eligible("w", &task("{module: x.m@1.0.0}"), &facts(numpy), &nodes).unwrap().len(), 10);
         let old = Needs { libraries: vec!["numpy<2".into()], ..Needs::default() };
-        assert!(eligible("w", &task("{module: x.m@1.0.0}"), &facts(old), &nodes).is_err());
+        assert!(eligible("w", &task("{module: x.m@1.0.0}"), &facts(old.clone()), &nodes).is_err());
+        // A node that installs libraries takes it (and refuses at launch what it cannot).
+        let mut installs = nodes.clone();
+        installs[3].installs_libraries = true;
+        let placed = eligible("w", &task("{module: x.m@1.0.0}"), &facts(old), &installs).unwrap();
+        assert_eq!(placed.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), [installs[3].id.as_str()]);
 
         let e =
             eligible("w", &task("{module: x.m@1.0.0, method: all, min_nodes: 11}"), &facts(Needs::default()), &nodes)
