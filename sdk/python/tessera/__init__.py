@@ -12,8 +12,20 @@ gateway (see tessera.client).
 numpy is needed only for tensors.
 """
 
-from .client import CallError, Client, Handle, Queue, connect
 from .task import ContextError, Dataset, Inputs, Task, expose
+
+# The client (http.client, ssl: most of the SDK's import time) loads on first use, so a
+# module process, which never calls out, starts without it (PEP 562).
+_CLIENT = ("CallError", "Client", "Handle", "Queue", "connect")
+
+
+def __getattr__(name):
+    if name in _CLIENT:
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'tessera' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

@@ -10,14 +10,14 @@ loaded; 2 on a protocol error.
 """
 
 import importlib.util
-import inspect
 import json
 import os
-import pickle
 import sys
 import threading
-import traceback
-import typing
+import types
+
+# inspect, pickle, traceback and typing are imported where they are used: a module
+# process starts (and says hello) without paying for them.
 
 from . import protocol
 from . import safetensors
@@ -67,7 +67,7 @@ def find_task_class(module, wanted=None):
     classes = [
         obj
         for obj in vars(module).values()
-        if inspect.isclass(obj) and issubclass(obj, Task) and obj is not Task and obj.__module__ == module.__name__
+        if isinstance(obj, type) and issubclass(obj, Task) and obj is not Task and obj.__module__ == module.__name__
     ]
     names = ", ".join(sorted(c.__name__ for c in classes))
     if wanted:
@@ -98,7 +98,7 @@ def exposed_functions(cls):
             for name in [n for n, a in out.items() if a == attr]:
                 del out[name]
             fn = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
-            if not inspect.isfunction(fn):
+            if not isinstance(fn, types.FunctionType):
                 continue
             mark = getattr(fn, "__tessera_expose__", None)
             if mark:
@@ -161,6 +161,8 @@ def decode_input(kind, data):
 
 def _user_traceback(exc):
     """The exception's traceback without the host's own frames or the import machinery's."""
+    import traceback
+
     here = os.path.abspath(__file__)
     frames = [
         f
@@ -181,6 +183,8 @@ def _describe(exc):
 def check_types(function, method, sig, bound):
     """bad_args when an argument annotated with a simple type (int, float, str, bool,
     list, dict, bytes) gets a value of another type (an int is a float; a bool is not an int)."""
+    import typing
+
     try:
         hints = typing.get_type_hints(method)
     except Exception:
@@ -351,6 +355,8 @@ class Host:
         inputs = Inputs(pairs)
         inst.inputs = inputs
         method = getattr(inst, attr)
+        import inspect
+
         try:
             sig = inspect.signature(method)
         except (TypeError, ValueError):
@@ -380,6 +386,8 @@ class Host:
         return CallFailure("unknown_function", 'unknown function "%s" (exposed: %s)' % (function, names))
 
     def _hook(self, function, raw):
+        import pickle
+
         inst = self.instance
         custom = callable(getattr(type(inst), function, None))
         try:

@@ -81,9 +81,9 @@ pub struct SandboxPolicy {
     /// and `network` (Landlock and seccomp, on any Linux since 5.13).
     #[serde(default = "default_require")]
     pub require: Vec<Protection>,
-    /// Modules whose processes may use the network: names or name prefixes ending in
-    /// `.` (`acme.fetch`, `acme.`), or `*` for any. A module asking for it (`needs.network: true`) that is
-    /// not listed is refused at launch.
+    /// Modules whose processes may use the network: names, name prefixes ending in `.`
+    /// (`acme.fetch`, `acme.`), or `*` for any. A module asking for it
+    /// (`needs.network: true`) that is not listed is refused at launch.
     #[serde(default)]
     pub network_modules: Vec<String>,
     /// Processes and threads one module instance may have at once (cgroup `pids.max`).
