@@ -238,11 +238,12 @@ pub async fn list(endpoint: EndpointArg, json_out: bool) -> anyhow::Result<()> {
         "{:<32} {:<12} {:<28} {:>4} {:>8} {:>5} {:>9} {:>6}",
         "NAME", "NODE", "MODULE", "REPL", "CALLS", "BUSY", "MEMORY", "CPU"
     );
+    let degraded = actors.iter().any(|a| a.degraded);
     for a in actors {
         println!(
             "{:<32} {:<12} {:<28} {:>4} {:>8} {:>5} {:>9} {:>6}",
             a.name,
-            a.node,
+            if a.degraded { format!("{}*", a.node) } else { a.node },
             a.module,
             a.replicas,
             a.calls,
@@ -250,6 +251,9 @@ pub async fn list(endpoint: EndpointArg, json_out: bool) -> anyhow::Result<()> {
             a.reserved.memory.to_string(),
             a.reserved.cpu
         );
+    }
+    if degraded {
+        println!("* a degraded node: it runs without a sandbox protection its policy requires");
     }
     Ok(())
 }

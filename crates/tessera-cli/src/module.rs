@@ -637,7 +637,8 @@ async fn run_local(
     let limits = WasmLimits { max_memory: memory, max_time: timeout, ..WasmLimits::default() };
     let ports = NodePorts { backend: Backend::in_process(Duration::from_secs(60)), source: Arc::new(LocalHub(hub)) };
     // Your own machine, running your module: contained as far as it can be.
-    let node = crate::node::build_node(node_cfg, ports, limits, true)?;
+    let node =
+        crate::node::build_node(node_cfg, ports, limits, crate::node::NodeOptions { degraded: true, prestart: None })?;
     let mut inputs = Vec::new();
     let declared: Vec<&str> = packed.info.manifest.inputs.iter().map(|p| p.name.as_str()).collect();
     for (name, file) in crate::name_file_pairs(input, "input")? {

@@ -53,6 +53,10 @@ pub struct RunArgs {
     /// requires (`tessera node doctor` says which); the node announces itself degraded.
     #[arg(long)]
     degraded: bool,
+    /// Do not start a Python or process module's next instance ahead of its next start
+    /// (by default one is kept ready, for up to 60 s, after each start).
+    #[arg(long)]
+    no_prestart: bool,
     /// Serve the node's gateway (actors, calls, queues) on this address, e.g. 127.0.0.1:7710.
     #[arg(long, value_name = "HOST:PORT")]
     listen: Option<std::net::SocketAddr>,
@@ -131,11 +135,30 @@ pub fn datasets(items: &[String]) -> anyhow::Result<BTreeMap<String, PathBuf>> {
     Ok(crate::name_file_pairs(items, "dataset")?.into_iter().collect())
 }
 
+/// How [`build_node`] treats the machine and module processes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NodeOptions {
+    /// Start even without a protection the policy requires.
+    pub degraded: bool,
+    /// Keep a Python or process module's next instance started ahead, this long.
+    pub prestart: Option<Duration>,
+}
+
+/// How long a prestarted module instance is kept for its module's next start.
+pub const PRESTART_IDLE: Duration = Duration::from_secs(60);
+
 /// A node over the given ports with every runtime: WebAssembly, builtin, Python (with
 /// `$TESSERA_PYTHON`, else `python3`) and process, the last two contained by the sandbox
 /// its policy asks for. Refuses to build a node whose policy requires a protection this
-/// machine cannot enforce, unless `degraded` (then it warns, and announces itself so).
-pub fn build_node(mut cfg: NodeConfig, ports: NodePorts, limits: WasmLimits, degraded: bool) -> anyhow::Result<Node> {
+/// machine cannot enforce, unless `options.degraded` (then it warns, and announces itself
+/// so).
+pub fn build_node(
+    mut cfg: NodeConfig,
+    ports: NodePorts,
+    limits: WasmLimits,
+    options: NodeOptions,
+) -> anyhow::Result<Node> {
+    let degraded = options.degraded;
     let process_limits = tessera_process::ProcessLimits {
         max_time: limits.max_time,
         max_output_bytes: limits.max_output_bytes,
@@ -150,14 +173,15 @@ pub fn build_node(mut cfg: NodeConfig, ports: NodePorts, limits: WasmLimits, deg
         cfg.degraded = true;
     }
     cfg.protections = sandbox.support().enforced().iter().map(ToString::to_string).collect();
-    let python = tessera_process::ProcessRuntime::python_default(&cfg.cache_dir, process_limits.clone())?
+    let mut python = tessera_process::ProcessRuntime::python_default(&cfg.cache_dir, process_limits.clone())?
         .with_sandbox(sandbox.clone());
-    let runtimes: Vec<Arc<dyn Runtime>> = vec![
-        Arc::new(WasmRuntime::new(limits)?),
-        Arc::new(BuiltinRuntime::new()),
-        Arc::new(python),
-        Arc::new(tessera_process::ProcessRuntime::process(process_limits).with_sandbox(sandbox)),
-    ];
+    let mut process = tessera_process::ProcessRuntime::process(process_limits).with_sandbox(sandbox);
+    if let Some(idle) = options.prestart {
+        python = python.with_prestart(idle);
+        process = process.with_prestart(idle);
+    }
+    let runtimes: Vec<Arc<dyn Runtime>> =
+        vec![Arc::new(WasmRuntime::new(limits)?), Arc::new(BuiltinRuntime::new()), Arc::new(python), Arc::new(process)];
     Ok(Node::new(cfg, ports, runtimes)?)
 }
 
@@ -227,7 +251,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     cfg.policy = policy;
     cfg.identity = Some(identity.clone());
     cfg.endpoint = endpoint.clone();
-    let node = Arc::new(build_node(cfg, ports, limits, args.degraded)?);
+    let options = NodeOptions { degraded: args.degraded, prestart: (!args.no_prestart).then_some(PRESTART_IDLE) };
+    let node = Arc::new(build_node(cfg, ports, limits, options)?);
     let record = node.record();
     eprintln!(
         "node key: {}; {}",

@@ -144,7 +144,12 @@ impl CoordinatorArgs {
         // Private packages sealed for your key open on the coordinator's node.
         cfg.identity = Some(key.clone());
         // Your own machine, running what you submit: contained as far as it can be.
-        let local = crate::node::build_node(cfg, ports, WasmLimits::default(), true)?;
+        let local = crate::node::build_node(
+            cfg,
+            ports,
+            WasmLimits::default(),
+            crate::node::NodeOptions { degraded: true, prestart: None },
+        )?;
         let coordinator = Coordinator::new(backend, Arc::new(client.clone()), Some(Arc::new(local))).with_identity(key);
         Ok((coordinator, client))
     }

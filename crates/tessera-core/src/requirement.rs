@@ -18,7 +18,12 @@ impl Requirement {
         let text = text.split(';').next().unwrap_or_default().trim();
         let at = text.find(['<', '>', '=', '!', '~', '[', '(', ' ']).unwrap_or(text.len());
         let name = &text[..at];
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+        // PEP 508: letters and digits at both ends, `-`, `_` and `.` only inside.
+        let ends = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+        if !ends(name.chars().next())
+            || !ends(name.chars().last())
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
             return Err(format!("{text:?} does not start with a distribution name"));
         }
         let mut rest = text[at..].trim();

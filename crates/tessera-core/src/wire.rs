@@ -358,6 +358,10 @@ pub struct ActorInfo {
     /// The node it runs on.
     #[serde(default)]
     pub node: String,
+    /// True when that node runs without a sandbox protection its policy requires
+    /// (`tessera node run --degraded`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub degraded: bool,
     /// `name@version` of its module.
     pub module: String,
     /// The package digest.

@@ -176,11 +176,12 @@ impl Actor {
         times(&self.image.manifest.needs, self.replicas.len())
     }
 
-    fn info(&self, node: &str) -> ActorInfo {
+    fn info(&self, node: &Node) -> ActorInfo {
         let n = self.reserved();
         ActorInfo {
             name: self.name.clone(),
-            node: node.to_owned(),
+            node: node.id().to_owned(),
+            degraded: node.degraded(),
             module: format!("{}@{}", self.image.manifest.name, self.image.manifest.version),
             digest: self.image.digest,
             replicas: self.replicas.len(),
@@ -255,7 +256,7 @@ impl Actors {
                     asked: asked.to_string(),
                 });
             }
-            return Ok(a.info(self.node.id()));
+            return Ok(a.info(&self.node));
         }
         // A tagged name (`path-tag`) that is another module's own name would take that
         // module's actor name, queues and saved state: refused.
@@ -332,7 +333,7 @@ impl Actors {
             *r.slot.lock().await = Some(inst);
         }
         actors.insert(name, actor.clone());
-        Ok(actor.info(self.node.id()))
+        Ok(actor.info(&self.node))
     }
 
     fn placement(&self, digest: &Digest) -> Placement {
@@ -592,7 +593,7 @@ impl Actors {
         let actor = self.actors.lock().await.remove(name).ok_or_else(|| ActorError::NotFound(name.to_owned()))?;
         self.save_all(&actor).await;
         self.release(name).await;
-        Ok(actor.info(self.node.id()))
+        Ok(actor.info(&self.node))
     }
 
     /// The module an actor here runs.
@@ -602,7 +603,7 @@ impl Actors {
 
     /// The running actors.
     pub async fn list(&self) -> Vec<ActorInfo> {
-        self.actors.lock().await.values().map(|a| a.info(self.node.id())).collect()
+        self.actors.lock().await.values().map(|a| a.info(&self.node)).collect()
     }
 }
 

@@ -281,6 +281,11 @@ impl Node {
         task_queue(&self.id)
     }
 
+    /// Whether the node runs without a sandbox protection its policy requires.
+    pub fn degraded(&self) -> bool {
+        self.degraded
+    }
+
     /// What the node tells the world about itself.
     pub fn record(&self) -> NodeRecord {
         NodeRecord {

@@ -4,7 +4,9 @@
 //!
 //! - cold start: the first instance of a fresh runtime (the sandboxed one also finds the
 //!   interpreter's folders then), from spawn to the child's `hello`;
-//! - warm start: later instances of the same module (median and 90th percentile);
+//! - warm start: later instances of the same module (median and 90th percentile); in the
+//!   `prestarted` setting (sandboxed, `with_prestart`), each start takes the process
+//!   started ahead of it, the bench waiting for it to be ready between starts;
 //! - call: a call of a function returning a short string on a started instance (median
 //!   and 99th percentile).
 //!
@@ -37,9 +39,12 @@ fn quantile(v: &mut [Duration], q: f64) -> f64 {
     v[i].as_secs_f64() * 1000.0
 }
 
-async fn measure(label: &str, round: usize, sandbox: Arc<Sandbox>, starts: usize, calls: usize) {
+async fn measure(label: &str, round: usize, sandbox: Arc<Sandbox>, prestart: bool, starts: usize, calls: usize) {
     let mut py = python_runtime(ProcessLimits::default());
     py.runtime = py.runtime.with_sandbox(sandbox);
+    if prestart {
+        py.runtime = py.runtime.with_prestart(Duration::from_secs(60));
+    }
     let m = py_module(ACTOR);
     let t = Instant::now();
     let first = py.runtime.spawn(&m.image, Ctx::new()).await.unwrap();
@@ -47,6 +52,9 @@ async fn measure(label: &str, round: usize, sandbox: Arc<Sandbox>, starts: usize
     first.shutdown().await;
     let mut warm = Vec::new();
     for _ in 0..starts {
+        while prestart && py.runtime.prestarted() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let t = Instant::now();
         let inst = py.runtime.spawn(&m.image, Ctx::new()).await.unwrap();
         warm.push(t.elapsed());
@@ -87,8 +95,9 @@ fn main() {
         eprintln!("sandbox: {:?}", on.support().enforced());
         let off = Arc::new(Sandbox::off());
         for round in 0..2 {
-            measure("unsandboxed", round, off.clone(), starts, calls).await;
-            measure("sandboxed", round, on.clone(), starts, calls).await;
+            measure("unsandboxed", round, off.clone(), false, starts, calls).await;
+            measure("sandboxed", round, on.clone(), false, starts, calls).await;
+            measure("prestarted", round, on.clone(), true, starts, calls).await;
         }
     });
 }

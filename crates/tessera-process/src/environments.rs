@@ -1,9 +1,9 @@
 //! Python environments per module, built with `uv` (from PyPI, a configured index, or a
 //! local wheelhouse) and shared between modules that resolve to the same set.
 //!
-//! A module's requirements are its `needs.libraries` and the lines of a
-//! `requirements.txt` in its folder, each a name and version specifiers (PEP 508's; URLs,
-//! paths and options are refused). When the node's own interpreter already meets them all,
+//! A module's requirements are its `needs.libraries`, the lines of a `requirements.txt`
+//! in its folder and the `project.dependencies` of a `pyproject.toml` there (PEP 621), each
+//! a name and version specifiers (PEP 508's; URLs, paths and options are refused). When the node's own interpreter already meets them all,
 //! the module runs with it. Otherwise the node resolves them once (`uv pip compile`) and
 //! keeps the resolution under the digest of what was declared
 //! (`<root>/resolved/<digest>.txt`), then builds an environment (`uv venv`, `uv pip sync`)
@@ -22,8 +22,38 @@ use tessera_ports::{ModuleImage, RuntimeError};
 
 /// The `requirements.txt` a module folder may hold.
 pub const REQUIREMENTS_FILE: &str = "requirements.txt";
-/// Largest `requirements.txt` read.
+/// The `pyproject.toml` a module folder may hold.
+pub const PYPROJECT_FILE: &str = "pyproject.toml";
+/// Largest `requirements.txt` or `pyproject.toml` read.
 const MAX_REQUIREMENTS_BYTES: u64 = 64 << 10;
+
+/// The text of `file` in a module folder, if there is one; `Err` when it is not a plain
+/// file of at most [`MAX_REQUIREMENTS_BYTES`].
+fn read_small(label: &str, root: &Path, file: &str) -> Result<Option<String>, RuntimeError> {
+    let path = root.join(file);
+    let Ok(meta) = std::fs::symlink_metadata(&path) else { return Ok(None) };
+    if !meta.is_file() || meta.len() > MAX_REQUIREMENTS_BYTES {
+        return Err(load(label, format!("{file} must be a file of at most {MAX_REQUIREMENTS_BYTES} bytes")));
+    }
+    std::fs::read_to_string(&path).map(Some).map_err(|e| load(label, format!("{file}: {e}")))
+}
+
+/// `project.dependencies` of a `pyproject.toml`.
+fn pyproject_dependencies(label: &str, text: &str) -> Result<Vec<String>, RuntimeError> {
+    let doc: toml::Table = toml::from_str(text).map_err(|e| load(label, format!("{PYPROJECT_FILE}: {e}")))?;
+    let Some(deps) = doc.get("project").and_then(|p| p.get("dependencies")) else { return Ok(Vec::new()) };
+    let deps = deps
+        .as_array()
+        .ok_or_else(|| load(label, format!("{PYPROJECT_FILE}: project.dependencies must be a list of strings")))?;
+    deps.iter()
+        .enumerate()
+        .map(|(i, d)| {
+            d.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| load(label, format!("{PYPROJECT_FILE}: project.dependencies[{i}] must be a string")))
+        })
+        .collect()
+}
 
 /// Builds and keeps module environments for one base interpreter.
 #[derive(Debug)]
@@ -80,24 +110,16 @@ impl Environments {
         self.builds.load(Ordering::Relaxed)
     }
 
-    /// A module's requirements: `needs.libraries`, then its `requirements.txt` (comments
-    /// and blank lines skipped), in canonical form, sorted. `Err` names the line that is
-    /// not a requirement.
+    /// A module's requirements: `needs.libraries`, its `requirements.txt` (comments and
+    /// blank lines skipped) and its `pyproject.toml`'s `project.dependencies`, in canonical
+    /// form, sorted. `Err` names the line or entry that is not a requirement.
     pub fn requirements(module: &ModuleImage) -> Result<Vec<Requirement>, RuntimeError> {
         let label = format!("{}@{}", module.manifest.name, module.manifest.version);
         let mut out = Vec::new();
         for lib in &module.manifest.needs.libraries {
             out.push(Requirement::parse(lib).map_err(|e| load(&label, format!("needs.libraries: {e}")))?);
         }
-        let file = module.root.join(REQUIREMENTS_FILE);
-        if let Ok(meta) = std::fs::symlink_metadata(&file) {
-            if !meta.is_file() || meta.len() > MAX_REQUIREMENTS_BYTES {
-                return Err(load(
-                    &label,
-                    format!("{REQUIREMENTS_FILE} must be a file of at most {MAX_REQUIREMENTS_BYTES} bytes"),
-                ));
-            }
-            let text = std::fs::read_to_string(&file).map_err(|e| load(&label, format!("{REQUIREMENTS_FILE}: {e}")))?;
+        if let Some(text) = read_small(&label, &module.root, REQUIREMENTS_FILE)? {
             for (n, line) in text.lines().enumerate() {
                 let line = line.split('#').next().unwrap_or_default().trim();
                 if line.is_empty() {
@@ -106,6 +128,14 @@ impl Environments {
                 out.push(
                     Requirement::parse(line)
                         .map_err(|e| load(&label, format!("{REQUIREMENTS_FILE} line {}: {e}", n + 1)))?,
+                );
+            }
+        }
+        if let Some(text) = read_small(&label, &module.root, PYPROJECT_FILE)? {
+            for (i, dep) in pyproject_dependencies(&label, &text)?.iter().enumerate() {
+                out.push(
+                    Requirement::parse(dep)
+                        .map_err(|e| load(&label, format!("{PYPROJECT_FILE} project.dependencies[{i}]: {e}")))?,
                 );
             }
         }

@@ -26,6 +26,7 @@
 pub mod environments;
 pub mod frame;
 mod instance;
+mod prestart;
 pub mod sandbox;
 mod sdk;
 
@@ -122,6 +123,8 @@ pub struct ProcessRuntime {
     interpreter_dirs: Arc<Mutex<std::collections::HashMap<PathBuf, Vec<PathBuf>>>>,
     /// Environments per module, when the node builds them.
     environments: Option<Arc<Environments>>,
+    /// Instances started ahead of the next start of their module, when on.
+    spares: Option<Arc<prestart::Spares>>,
     /// How children are contained.
     sandbox: Arc<Sandbox>,
 }
@@ -194,6 +197,7 @@ impl ProcessRuntime {
             libraries: Default::default(),
             interpreter_dirs: Default::default(),
             environments: None,
+            spares: None,
             sandbox: default_sandbox(),
         }
     }
@@ -230,6 +234,7 @@ impl ProcessRuntime {
             libraries: Default::default(),
             interpreter_dirs: Default::default(),
             environments: None,
+            spares: None,
             sandbox: default_sandbox(),
         }
     }
@@ -253,6 +258,50 @@ impl ProcessRuntime {
     pub fn with_environments(mut self, environments: Arc<Environments>) -> Self {
         self.environments = Some(environments);
         self
+    }
+
+    /// The same runtime, starting one instance of a module ahead of its next start each
+    /// time one starts (see [`prestart`](crate::prestart)): the next start takes it
+    /// ready, having said `hello`. A spare not taken within `idle` is shut down.
+    #[must_use]
+    pub fn with_prestart(mut self, idle: Duration) -> Self {
+        self.spares = Some(Arc::new(prestart::Spares::new(idle)));
+        self
+    }
+
+    /// How many prestarted instances are ready.
+    pub fn prestarted(&self) -> usize {
+        self.spares.as_ref().map_or(0, |s| s.ready())
+    }
+
+    /// An instance of `module` for the task of `ctx`: a prestarted one when ready, else a
+    /// new one; either way, with prestarting on, another is started for the next start.
+    async fn instance(
+        &self,
+        module: &ModuleImage,
+        ctx: Arc<dyn TaskContext>,
+        class: Option<&str>,
+    ) -> Result<ProcessInstance, RuntimeError> {
+        let Some(spares) = &self.spares else { return self.launch(module, ctx, class).await };
+        let key: prestart::Key = (module.digest, class.map(str::to_owned));
+        let taken = spares.take(&key);
+        let this = self.clone();
+        let (next_module, next_key, node) = (module.clone(), key.clone(), ctx.node().to_owned());
+        let spares = spares.clone();
+        tokio::spawn(async move {
+            let swap = prestart::SwapCtx::idle(&node);
+            match this.launch(&next_module, swap.clone(), next_key.1.as_deref()).await {
+                Ok(inst) => spares.put(next_key, inst, swap),
+                Err(e) => tracing::debug!("prestarting {}: {e}", next_module.manifest.name),
+            }
+        });
+        match taken {
+            Some((inst, swap)) if inst.healthy() && inst.exit_status().is_none() => {
+                swap.set(ctx);
+                Ok(inst)
+            }
+            _ => self.launch(module, ctx, class).await,
+        }
     }
 
     /// The environments, when the runtime builds them.
@@ -453,7 +502,7 @@ impl ProcessRuntime {
         ctx: Arc<dyn TaskContext>,
     ) -> Result<ProcessInstance, RuntimeError> {
         let class = module.manifest.config.get("class").and_then(Value::as_str);
-        self.launch(module, ctx, class).await
+        self.instance(module, ctx, class).await
     }
 }
 
@@ -500,7 +549,7 @@ impl Runtime for ProcessRuntime {
             .or_else(|| module.manifest.config.get("class"))
             .and_then(Value::as_str)
             .map(str::to_owned);
-        let mut instance = self.launch(module, ctx, class.as_deref()).await?;
+        let mut instance = self.instance(module, ctx, class.as_deref()).await?;
         let function = function_of(&invocation.config);
         let result = instance.call_function(&function, invocation).await;
         instance.shutdown().await;

@@ -71,11 +71,19 @@ fn runtime(limits: ProcessLimits) -> Python {
     Python { runtime: tessera_process::ProcessRuntime::python(exe, sdk.path().to_owned(), limits), _sdk: sdk }
 }
 
-/// The pid the module logged as `child-pid N`.
-fn logged_pid(ctx: &Ctx) -> u32 {
-    let logs = ctx.logs();
-    let line = logs.iter().find_map(|(_, m)| m.strip_prefix("child-pid ")).expect("the module logged its child");
-    line.trim().parse().unwrap()
+/// The pid the module logged as `child-pid N` (its stderr is read beside its replies:
+/// waits up to 10 s for the line).
+async fn logged_pid(ctx: &Ctx) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(pid) =
+            ctx.logs().iter().find_map(|(_, m)| m.strip_prefix("child-pid ").map(|p| p.trim().to_owned()))
+        {
+            return pid.parse().unwrap();
+        }
+        assert!(Instant::now() < deadline, "the module logged its child");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -93,6 +101,7 @@ async fn a_module_gets_a_minimal_environment_and_a_scratch_home() {
         "PYTHONPATH",
         "PYTHONDONTWRITEBYTECODE",
         "PYTHONUNBUFFERED",
+        "JOBLIB_MULTIPROCESSING",
         "TESSERA_PROTOCOL",
         "TESSERA_MODULE",
         "TESSERA_CLASS",
@@ -119,7 +128,7 @@ async fn nothing_a_module_started_outlives_its_time_out() {
     let r = inst.call(call("leave_a_child", json!([]), json!({"wait": true, "detach": true}))).await;
     let e = r.unwrap_err().to_string();
     assert!(e.contains("time limit"), "{e}");
-    let child = logged_pid(&ctx);
+    let child = logged_pid(&ctx).await;
     assert!(gone_soon(child).await, "the module's child {child} survived the time-out");
     // The runtime serves the next instance.
     let mut next = py.runtime.spawn(&m.image, Ctx::new()).await.unwrap();
@@ -135,7 +144,7 @@ async fn nothing_a_module_started_outlives_its_shutdown() {
     let mut inst = py.runtime.spawn(&m.image, ctx.clone()).await.unwrap();
     let r = inst.call(call("leave_a_child", json!([]), json!({"wait": false}))).await;
     let child = result_json(&r).as_u64().unwrap() as u32;
-    assert_eq!(child, logged_pid(&ctx));
+    assert_eq!(child, logged_pid(&ctx).await);
     assert!(alive(child));
     inst.shutdown().await;
     assert!(gone_soon(child).await, "the module's child {child} survived its shutdown");
@@ -149,7 +158,7 @@ async fn nothing_a_module_started_outlives_its_own_exit() {
     let mut inst = py.runtime.spawn(&m.image, ctx.clone()).await.unwrap();
     let r = inst.call(call("exit_leaving_a_child", json!([]), json!({}))).await;
     assert!(r.unwrap_err().to_string().contains("exited"));
-    let child = logged_pid(&ctx);
+    let child = logged_pid(&ctx).await;
     assert!(!inst.healthy());
     drop(inst);
     assert!(gone_soon(child).await, "the child {child} of a module that exited survived it");

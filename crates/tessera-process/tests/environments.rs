@@ -73,11 +73,14 @@ async fn two_scikit_learn_versions_run_side_by_side_and_environments_are_reused(
     assert_ne!(a["python"], b["python"], "each in its own environment");
     assert_eq!((s.envs.resolves(), s.envs.builds()), (2, 2));
 
-    // The same set declared again (another module, the other way of declaring it): no
+    // The same set declared again (other modules, the other ways of declaring it): no
     // resolve, no build, the same environment.
     let again = with_files("", &[("requirements.txt", "scikit_learn == 1.5.2\n")]);
     let c = versions(&s, &again).await;
     assert_eq!(c, a);
+    let pyproject = "[project]\nname = \"m\"\ndependencies = [\"Scikit-Learn==1.5.2\"]\n";
+    let d = versions(&s, &with_files("", &[("pyproject.toml", pyproject)])).await;
+    assert_eq!(d, a);
     assert_eq!((s.envs.resolves(), s.envs.builds()), (2, 2), "the cached environment was reused");
 }
 
@@ -106,6 +109,16 @@ async fn requirements_that_cannot_be_met_are_refused_at_launch_naming_the_packag
         let m = with_files("", &[("requirements.txt", &format!("numpy\n{line}\n"))]);
         let e = s.py.runtime.spawn(&m.image, Ctx::new()).await.unwrap_err().to_string();
         assert!(e.contains("requirements.txt line 2"), "{line}: {e}");
+    }
+    for (text, says) in [
+        ("[project]\ndependencies = \"numpy\"\n", "must be a list"),
+        ("[project]\ndependencies = [\"numpy\", 3]\n", "project.dependencies[1] must be a string"),
+        ("[project]\ndependencies = [\"numpy\", \"--pre\"]\n", "project.dependencies[1]"),
+        ("[project\n", "pyproject.toml"),
+    ] {
+        let m = with_files("", &[("pyproject.toml", text)]);
+        let e = s.py.runtime.spawn(&m.image, Ctx::new()).await.unwrap_err().to_string();
+        assert!(e.contains(says), "{text}: {e}");
     }
     assert_eq!(s.envs.builds(), 0);
 }

@@ -66,30 +66,47 @@ def flood(gib):
         sys.stderr.write(line)
     return "flooded"
 
+def open_files(n):
+    held = [open("/dev/null") for _ in range(n)]
+    return len(held)
+
 def ping():
     return "pong"
 "#;
+
+/// The attempts' names.
+const FUNCTIONS: &[&str] = &[
+    "read",
+    "list_dir",
+    "write",
+    "home",
+    "connect",
+    "udp",
+    "fork_bomb",
+    "allocate",
+    "spin",
+    "flood",
+    "open_files",
+    "ping",
+];
 
 /// The SDK form: the attempts as methods.
 fn sdk_module(extra_yaml: &str) -> Module {
     let code = format!(
         "{ATTEMPTS}\nimport tessera\n\nclass Escape(tessera.Task):\n{}",
-        ["read", "list_dir", "write", "home", "connect", "udp", "fork_bomb", "allocate", "spin", "flood", "ping",]
-            .iter()
-            .map(|f| format!("    def {f}(self, *a):\n        return {f}(*a)\n"))
-            .collect::<String>()
+        FUNCTIONS.iter().map(|f| format!("    def {f}(self, *a):\n        return {f}(*a)\n")).collect::<String>()
     );
     module("python", "model.py", &[("model.py", &code, false)], extra_yaml)
 }
 
 /// The bare form: a script speaking the protocol itself, run by the system's python3.
 fn bare_module(extra_yaml: &str) -> Module {
+    let names = serde_json::to_string(FUNCTIONS).unwrap();
     let script = format!(
-        "#!/usr/bin/env python3\n{ATTEMPTS}{}",
+        "#!/usr/bin/env python3\n{ATTEMPTS}\nFUNCTIONS = {names}\n{}",
         r#"
 import json, struct
 rd, wr = sys.stdin.buffer, sys.stdout.buffer
-FUNCTIONS = ["read", "list_dir", "write", "home", "connect", "udp", "fork_bomb", "allocate", "spin", "flood", "ping"]
 
 def send(h, body=None):
     blobs = [] if body is None else [body]
@@ -251,6 +268,19 @@ async fn a_fork_bomb_hits_the_process_limit() {
         let mut inst = s.runtime.spawn(&m.image, Ctx::new()).await.unwrap();
         let e = attempt(&mut inst, "fork_bomb", json!([])).await.expect_err(name);
         assert!(e.contains("Resource temporarily unavailable") || e.contains("BlockingIOError"), "{name}: {e}");
+        assert_eq!(attempt(&mut inst, "ping", json!([])).await, Ok(json!("pong")), "{name}");
+        inst.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn open_files_are_bounded() {
+    for (name, s) in subjects(limits()) {
+        let m = (s.make)("");
+        let mut inst = s.runtime.spawn(&m.image, Ctx::new()).await.unwrap();
+        assert_eq!(attempt(&mut inst, "open_files", json!([100])).await, Ok(json!(100)), "{name}");
+        let e = attempt(&mut inst, "open_files", json!([5000])).await.expect_err(name);
+        assert!(e.contains("Too many open files"), "{name}: {e}");
         assert_eq!(attempt(&mut inst, "ping", json!([])).await, Ok(json!("pong")), "{name}");
         inst.shutdown().await;
     }

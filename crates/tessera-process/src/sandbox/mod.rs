@@ -9,6 +9,7 @@
 //! | `network` | seccomp (`seccompiler`): `socket(2)` and `io_uring_setup(2)` fail with `EACCES`; Landlock ABI 4+ also refuses TCP `bind`/`connect` | any socket but the pipes to the node (`socketpair(2)` stays) |
 //! | `signals` | Landlock ABI 6+ scopes | signalling processes outside the module's own tree, connecting to abstract UNIX sockets |
 //! | `memory`, `processes` | a cgroup per process tree (v1 or v2): `memory.max`, `pids.max`, `cpu.max` | using more memory than declared, fork bombs, more CPU than declared |
+//! | (always) | `prlimit(2)`: `RLIMIT_NOFILE`, `RLIMIT_CORE` 0, `RLIMIT_CPU` when the policy sets it | exhausting file descriptors, core dumps of module memory on disk |
 //!
 //! The restrictions are put on a fresh thread that then spawns the child (Landlock
 //! domains, seccomp filters and `no_new_privs` belong to a thread and pass to the
@@ -70,6 +71,9 @@ fn default_max_processes() -> u64 {
 fn default_memory() -> ByteSize {
     ByteSize(4 << 30)
 }
+fn default_max_open_files() -> u64 {
+    1024
+}
 
 /// What a node asks of its module processes' containment: the `sandbox:` section of its
 /// policy file. Every protection the machine supports is always applied; `require` says
@@ -92,6 +96,15 @@ pub struct SandboxPolicy {
     /// Memory of a module that declares none (`needs.memory`). Default 4 GiB.
     #[serde(default = "default_memory")]
     pub default_memory: ByteSize,
+    /// Files (and sockets, pipes) one module process may have open at once
+    /// (`RLIMIT_NOFILE`).
+    #[serde(default = "default_max_open_files")]
+    pub max_open_files: u64,
+    /// CPU seconds one module process may use in its life (`RLIMIT_CPU`; past it the
+    /// kernel kills it). None by default: calls have wall-time limits, and an actor lives
+    /// across many calls.
+    #[serde(default)]
+    pub max_cpu_seconds: Option<u64>,
 }
 
 impl Default for SandboxPolicy {
@@ -101,6 +114,8 @@ impl Default for SandboxPolicy {
             network_modules: Vec::new(),
             max_processes: default_max_processes(),
             default_memory: default_memory(),
+            max_open_files: default_max_open_files(),
+            max_cpu_seconds: None,
         }
     }
 }
@@ -264,12 +279,28 @@ impl Sandbox {
             let _ = tx.send(spawned);
         })?;
         let child = rx.await.map_err(|_| std::io::Error::other("the spawning thread ended without a child"))??;
-        if let (Some(group), Some(pid)) = (&group, child.id()) {
-            // The child is a fresh interpreter or executable: it is moved before it has
-            // had time to start anything of its own.
-            group.add(pid)?;
+        // The child is a fresh interpreter or executable: its limits are set and it is
+        // moved into its group before it has had time to start anything of its own.
+        if let Some(pid) = child.id() {
+            self.limit(pid)?;
+            if let Some(group) = &group {
+                group.add(pid)?;
+            }
         }
         Ok((child, group))
+    }
+
+    /// Sets a child's open-file and CPU-time limits (`prlimit(2)`).
+    fn limit(&self, pid: u32) -> std::io::Result<()> {
+        use rustix::process::{Pid, Resource, Rlimit, prlimit};
+        let pid = i32::try_from(pid).ok().and_then(Pid::from_raw);
+        let files = self.policy.max_open_files.max(16);
+        prlimit(pid, Resource::Nofile, Rlimit { current: Some(files), maximum: Some(files) })?;
+        prlimit(pid, Resource::Core, Rlimit { current: Some(0), maximum: Some(0) })?;
+        if let Some(secs) = self.policy.max_cpu_seconds {
+            prlimit(pid, Resource::Cpu, Rlimit { current: Some(secs), maximum: Some(secs.saturating_add(1)) })?;
+        }
+        Ok(())
     }
 }
 
