@@ -180,8 +180,13 @@ pub fn build_node(
         python = python.with_prestart(idle);
         process = process.with_prestart(idle);
     }
+    // Runs' scratch and dataset folders beside the cache: datasets are mounted into
+    // WebAssembly runs by hard links, so on the file system the node's files are on.
+    let wasm_runs = cfg.cache_dir.join("wasm-runs");
+    std::fs::create_dir_all(&wasm_runs).with_context(|| format!("making {}", wasm_runs.display()))?;
+    let wasm = WasmRuntime::new(limits)?.with_scratch_root(wasm_runs);
     let runtimes: Vec<Arc<dyn Runtime>> =
-        vec![Arc::new(WasmRuntime::new(limits)?), Arc::new(BuiltinRuntime::new()), Arc::new(python), Arc::new(process)];
+        vec![Arc::new(wasm), Arc::new(BuiltinRuntime::new()), Arc::new(python), Arc::new(process)];
     Ok(Node::new(cfg, ports, runtimes)?)
 }
 

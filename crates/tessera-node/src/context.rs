@@ -87,6 +87,9 @@ impl TaskContext for NodeContext {
         f.take(u64::from(len)).read_to_end(&mut buf).await.map_err(ctx_err)?;
         Ok(Bytes::from(buf))
     }
+    fn dataset_file(&self, name: &str) -> Option<PathBuf> {
+        self.datasets.get(name).cloned()
+    }
     fn resources(&self) -> Resources {
         self.resources.clone()
     }

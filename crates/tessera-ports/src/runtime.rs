@@ -115,6 +115,11 @@ pub trait TaskContext: Send + Sync {
     async fn dataset_size(&self, name: &str) -> Result<u64, ContextError>;
     /// Reads up to `len` bytes of a dataset from `offset`.
     async fn dataset_read(&self, name: &str, offset: u64, len: u32) -> Result<Bytes, ContextError>;
+    /// The file behind a dataset this task may read, for runtimes that mount datasets
+    /// read-only (WebAssembly's `/datasets/<name>`); `None` when it has none or may not.
+    fn dataset_file(&self, _name: &str) -> Option<std::path::PathBuf> {
+        None
+    }
     /// The node's resources.
     fn resources(&self) -> Resources;
     /// Reads a run global.

@@ -61,6 +61,9 @@ impl TaskContext for SwapCtx {
     async fn dataset_read(&self, name: &str, offset: u64, len: u32) -> Result<Bytes, ContextError> {
         self.current().dataset_read(name, offset, len).await
     }
+    fn dataset_file(&self, name: &str) -> Option<std::path::PathBuf> {
+        self.current().dataset_file(name)
+    }
     fn resources(&self) -> Resources {
         self.current().resources()
     }

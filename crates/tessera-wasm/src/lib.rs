@@ -4,11 +4,14 @@
 //! A module is a WebAssembly component implementing the `tessera:module` world
 //! (`wit/tessera.wit`): it exports `run(config, inputs) -> result<outputs, string>` and
 //! imports the task context (its node's datasets, read-only; the run's world state; a log).
-//! It gets WASI's standard streams (captured: stdout is a run's log, up to 1 MiB each) and
-//! a scratch folder of its own at `/scratch` (read-write, one per run or instance,
-//! removed with it), and nothing else: no other files, no sockets (TCP, UDP and name
-//! lookups are refused), no environment. Datasets are read through the context imports
-//! (`local.dataset-read`), which check the task's grants.
+//! It gets WASI's standard streams (captured: stdout is a run's log, up to 1 MiB each), a
+//! scratch folder of its own at `/scratch` (read-write, one per run or instance, removed
+//! with it), the datasets its task may read at `/datasets/<name>` (read-only), and nothing
+//! else: no other files, no sockets (TCP, UDP and name lookups are refused), no
+//! environment. A dataset is mounted by a hard link to its file in a folder made for the
+//! run beside the scratch folder, so it must be on the same file system as the runtime's
+//! scratch root ([`WasmRuntime::with_scratch_root`]); one that is not is still read through
+//! the context imports (`local.dataset-read`), and the run's log says so.
 //!
 //! Limits: the time limit uses epoch interruption (a ticker thread advances the engine's
 //! epoch every [`TICK`]); the memory limit is enforced by a resource limiter on every
@@ -86,6 +89,8 @@ struct Inner {
     /// once compile it once (the compiler uses every core by itself).
     compiling: Mutex<()>,
     limits: WasmLimits,
+    /// Where runs' `/scratch` and `/datasets` folders are made.
+    scratch_root: std::path::PathBuf,
     _ticker: Ticker,
 }
 
@@ -130,9 +135,23 @@ impl WasmRuntime {
                 compiled: Mutex::new(HashMap::new()),
                 compiling: Mutex::new(()),
                 limits,
+                scratch_root: std::env::temp_dir(),
                 _ticker: Ticker { stop },
             }),
         })
+    }
+
+    /// Makes runs' `/scratch` and `/datasets` folders under `dir` (default: the system's
+    /// temporary folder). Put it on the file system the node's datasets are on: they are
+    /// mounted by hard links. Call it on a new runtime, before it is cloned (a clone keeps
+    /// the folder it had).
+    #[must_use]
+    pub fn with_scratch_root(mut self, dir: std::path::PathBuf) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.scratch_root = dir,
+            None => tracing::warn!("the WebAssembly runtime is shared already: its scratch root stays"),
+        }
+        self
     }
 
     /// The limits each run gets.
@@ -170,8 +189,34 @@ impl WasmRuntime {
             .map_err(|e| RuntimeError::Load(format!("the component does not export the tessera:module world: {e:#}")))
     }
 
+    /// A folder holding a hard link to each dataset file the task of `ctx` may read,
+    /// named by the dataset: what a run sees at `/datasets`. A dataset whose file cannot be
+    /// linked (another file system) is left out, and the task's log says so.
+    fn dataset_view(&self, ctx: &Arc<dyn TaskContext>) -> Result<tempfile::TempDir, RuntimeError> {
+        let view = tempfile::Builder::new()
+            .prefix("tessera-wasm-datasets-")
+            .tempdir_in(&self.inner.scratch_root)
+            .map_err(|e| RuntimeError::Load(format!("cannot make the datasets folder: {e}")))?;
+        for name in ctx.datasets() {
+            let Some(file) = ctx.dataset_file(&name) else { continue };
+            // Dataset names are identifiers (the node checks them): no separators.
+            if name.contains(['/', '\\']) || name.starts_with('.') {
+                continue;
+            }
+            if let Err(e) = std::fs::hard_link(&file, view.path().join(&name)) {
+                ctx.log(
+                    LogLevel::Warn,
+                    &format!(
+                        "dataset {name} is not mounted at /datasets/{name} ({e}); read it with local.dataset-read"
+                    ),
+                );
+            }
+        }
+        Ok(view)
+    }
+
     /// A fresh store for one run, or for the lifetime of an instance, with a scratch
-    /// folder of its own at `/scratch`.
+    /// folder of its own at `/scratch` and its task's datasets at `/datasets`.
     fn store(
         &self,
         ctx: &Arc<dyn TaskContext>,
@@ -181,8 +226,9 @@ impl WasmRuntime {
         let stderr = MemoryOutputPipe::new(1 << 20);
         let scratch = tempfile::Builder::new()
             .prefix("tessera-wasm-scratch-")
-            .tempdir()
+            .tempdir_in(&self.inner.scratch_root)
             .map_err(|e| RuntimeError::Load(format!("cannot make a scratch folder: {e}")))?;
+        let view = self.dataset_view(ctx)?;
         let mut builder = WasiCtx::builder();
         match stdout {
             Some(out) => builder.stdout(out.clone()),
@@ -191,11 +237,14 @@ impl WasmRuntime {
         builder
             .preopened_dir(scratch.path(), "/scratch", wasmtime_wasi::FsPerms::ReadWrite)
             .map_err(|e| RuntimeError::Load(format!("cannot open the scratch folder: {e:#}")))?;
+        builder
+            .preopened_dir(view.path(), "/datasets", wasmtime_wasi::FsPerms::ReadOnly)
+            .map_err(|e| RuntimeError::Load(format!("cannot open the datasets folder: {e:#}")))?;
         // Refused anyway by the default address check; said outright.
         builder.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
         let wasi = builder.stderr(stderr.clone()).build();
         let host = Host {
-            _scratch: scratch,
+            _scratch: (scratch, view),
             wasi,
             table: ResourceTable::new(),
             limiter: MemoryLimiter { max: self.inner.limits.max_memory, total: 0, hit: false },
@@ -464,8 +513,8 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 }
 
 struct Host {
-    /// The run's (or instance's) `/scratch`, removed with the store.
-    _scratch: tempfile::TempDir,
+    /// The run's (or instance's) `/scratch` and `/datasets`, removed with the store.
+    _scratch: (tempfile::TempDir, tempfile::TempDir),
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: MemoryLimiter,

@@ -18,6 +18,8 @@ use tessera_wasm::{WasmLimits, WasmRuntime};
 /// A task context over in-memory datasets and the in-process world state.
 struct Ctx {
     datasets: BTreeMap<String, Bytes>,
+    /// Files behind datasets, for mounting.
+    files: BTreeMap<String, std::path::PathBuf>,
     world: MemoryWorld,
     logs: Mutex<Vec<String>>,
 }
@@ -26,7 +28,15 @@ impl Ctx {
     fn new() -> Arc<Self> {
         let mut datasets = BTreeMap::new();
         datasets.insert("digits".to_string(), Bytes::from_static(b"0123456789"));
-        Arc::new(Ctx { datasets, world: MemoryWorld::new(), logs: Mutex::new(Vec::new()) })
+        Arc::new(Ctx { datasets, files: BTreeMap::new(), world: MemoryWorld::new(), logs: Mutex::new(Vec::new()) })
+    }
+
+    /// The `digits` dataset backed by `file`.
+    fn with_file(file: &std::path::Path) -> Arc<Self> {
+        let mut datasets = BTreeMap::new();
+        datasets.insert("digits".to_string(), Bytes::from(std::fs::read(file).unwrap()));
+        let files = [("digits".to_string(), file.to_owned())].into();
+        Arc::new(Ctx { datasets, files, world: MemoryWorld::new(), logs: Mutex::new(Vec::new()) })
     }
 }
 
@@ -46,6 +56,9 @@ impl TaskContext for Ctx {
         let start = (offset as usize).min(d.len());
         let end = (start + len as usize).min(d.len());
         Ok(d.slice(start..end))
+    }
+    fn dataset_file(&self, name: &str) -> Option<std::path::PathBuf> {
+        self.files.get(name).cloned()
     }
     fn resources(&self) -> Resources {
         Resources { cpu: 2.0, memory: ByteSize(1 << 30), gpu: 0, disk: ByteSize(0) }
@@ -272,4 +285,35 @@ async fn escape_attempts_fail_and_the_next_run_works() {
     let r = rt.run(&img, call(json!({"mode": "print", "bytes": 4u64 << 30})), Ctx::new()).await;
     assert!(r.is_err(), "{r:?}");
     echo_still_works(&rt, &img).await;
+}
+
+/// The task's datasets are at `/datasets/<name>`, read-only; nothing else is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datasets_are_mounted_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let file = data.path().join("digits.csv");
+    std::fs::write(&file, "0,1,2,3,4\n5,6,7,8,9\n").unwrap();
+    let rt = runtime().with_scratch_root(data.path().to_owned());
+    let img = image(dir.path(), tessera_modules::TEST_PROGRAMS_WASM);
+    let run = |mode: &str, path: &str, ctx: Arc<Ctx>| {
+        let (rt, img) = (&rt, &img);
+        let config = json!({"mode": mode, "path": path});
+        async move { rt.run(img, call(config), ctx).await }
+    };
+    let out = run("read-file", "/datasets/digits", Ctx::with_file(&file)).await.unwrap();
+    assert_eq!(out[0].1.as_ref(), b"20");
+    let out = run("list-dir", "/datasets", Ctx::with_file(&file)).await.unwrap();
+    assert_eq!(out[0].1.as_ref(), b"1");
+    let r = run("write-file", "/datasets/digits", Ctx::with_file(&file)).await;
+    assert!(matches!(&r, Err(RuntimeError::Module(m)) if m.contains("/datasets/digits")), "{r:?}");
+    let r = run("write-file", "/datasets/planted", Ctx::with_file(&file)).await;
+    assert!(matches!(&r, Err(RuntimeError::Module(m)) if m.contains("/datasets/planted")), "{r:?}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "0,1,2,3,4\n5,6,7,8,9\n");
+    // A task without the dataset's file sees none.
+    let out = run("list-dir", "/datasets", Ctx::new()).await.unwrap();
+    assert_eq!(out[0].1.as_ref(), b"0");
+    // The run's folders are gone with it.
+    let left: Vec<_> = std::fs::read_dir(data.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("digits.csv")]);
 }
