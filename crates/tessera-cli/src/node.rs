@@ -164,7 +164,10 @@ pub fn build_node(
         max_output_bytes: limits.max_output_bytes,
         ..tessera_process::ProcessLimits::default()
     };
-    let sandbox = Arc::new(tessera_process::Sandbox::new(cfg.policy.sandbox.clone()));
+    // Never opened to a module: the node's home (its keys), its cache (other packages),
+    // its dataset files (read through the node, which checks grants).
+    let protected = [crate::tessera_home(), cfg.cache_dir.clone()].into_iter().chain(cfg.datasets.values().cloned());
+    let sandbox = Arc::new(tessera_process::Sandbox::new(cfg.policy.sandbox.clone()).with_protected(protected));
     if let Err(e) = sandbox.check() {
         if !degraded {
             anyhow::bail!("{e}; `tessera node doctor` shows what this machine offers, and --degraded starts anyway");

@@ -148,11 +148,20 @@ impl Environments {
     /// requirements (`offered`: its libraries, `name==version`), else the python of the
     /// module's environment, resolved and built if need be. `Err` (a load error, before
     /// any call) names what could not be met, in uv's words.
-    pub async fn interpreter(&self, module: &ModuleImage, offered: &[String]) -> Result<PathBuf, RuntimeError> {
+    ///
+    /// Returns the python and, for an environment of its own, the environment's folder
+    /// (what the module's sandbox opens beside the base interpreter's folders). Nothing
+    /// of the module's environment runs on the node: `uv` installs wheels only
+    /// (`--no-build`: no package's build code runs), with a minimal environment of its own.
+    pub async fn interpreter(
+        &self,
+        module: &ModuleImage,
+        offered: &[String],
+    ) -> Result<(PathBuf, Option<PathBuf>), RuntimeError> {
         let label = format!("{}@{}", module.manifest.name, module.manifest.version);
         let reqs = Self::requirements(module)?;
         if reqs.iter().all(|r| r.met_by(offered)) {
-            return Ok(self.base.clone());
+            return Ok((self.base.clone(), None));
         }
         let declared: String = reqs.iter().map(|r| format!("{r}\n")).collect();
         let key =
@@ -167,17 +176,19 @@ impl Environments {
                 std::fs::create_dir_all(&resolved_dir).map_err(|e| load(&label, e))?;
                 let input = tempfile::NamedTempFile::new_in(&resolved_dir).map_err(|e| load(&label, e))?;
                 std::fs::write(input.path(), &declared).map_err(|e| load(&label, e))?;
-                let out = resolved_dir.join(format!("{key}.tmp"));
+                // A file of this resolution's own (nodes sharing a cache may resolve the
+                // same set at once), renamed into place whole.
+                let out = tempfile::NamedTempFile::new_in(&resolved_dir).map_err(|e| load(&label, e))?;
                 self.resolves.fetch_add(1, Ordering::Relaxed);
                 let mut cmd = self.uv_command();
-                cmd.args(["pip", "compile", "--quiet", "--no-header", "--python"])
+                cmd.args(["pip", "compile", "--quiet", "--no-header", "--no-build", "--python"])
                     .arg(&self.base)
                     .arg(input.path())
                     .arg("-o")
-                    .arg(&out);
+                    .arg(out.path());
                 self.run(&label, "resolving its requirements", cmd).await?;
-                let text = std::fs::read_to_string(&out).map_err(|e| load(&label, e))?;
-                std::fs::rename(&out, &resolved_file).map_err(|e| load(&label, e))?;
+                let text = std::fs::read_to_string(out.path()).map_err(|e| load(&label, e))?;
+                out.persist(&resolved_file).map_err(|e| load(&label, e))?;
                 text
             }
         };
@@ -185,8 +196,11 @@ impl Environments {
             tessera_core::Digest::of(format!("{}\n{resolved}", self.base.display()).as_bytes()).hex()[..32].to_owned();
         let env = self.root.join(&env_key);
         let python = env.join("bin").join("python");
+        // One build per environment at a time, whatever set resolved to it.
+        let env_lock = self.lock(&env_key).await;
+        let _env_building = env_lock.lock().await;
         if python.exists() {
-            return Ok(python);
+            return Ok((python, Some(env)));
         }
         let building = tempfile::Builder::new()
             .prefix(&format!(".{env_key}-"))
@@ -196,11 +210,11 @@ impl Environments {
         venv.args(["venv", "--quiet", "--python"]).arg(&self.base).arg(building.path());
         self.run(&label, "making its environment", venv).await?;
         let mut sync = self.uv_command();
-        sync.args(["pip", "sync", "--quiet", "--python"])
+        sync.args(["pip", "sync", "--quiet", "--no-build", "--python"])
             .arg(building.path().join("bin").join("python"))
             .arg(&resolved_file);
         self.run(&label, "installing its requirements", sync).await?;
-        // The environment's scripts name its folder; it is made where it stays.
+        // Renamed into place whole (a python's prefix is found from where it is run).
         let made = building.keep();
         if let Err(e) = std::fs::rename(&made, &env) {
             let _ = std::fs::remove_dir_all(&made);
@@ -209,15 +223,34 @@ impl Environments {
             }
         }
         self.builds.fetch_add(1, Ordering::Relaxed);
-        Ok(python)
+        Ok((python, Some(env)))
     }
 
     async fn lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.building.lock().await.entry(key.to_owned()).or_default().clone()
     }
 
+    /// `uv` with a minimal environment (its own settings, where the certificates and
+    /// proxies are), no configuration files, in the environments' folder.
     fn uv_command(&self) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(&self.uv);
+        cmd.env_clear();
+        for (k, v) in std::env::vars_os() {
+            let name = k.to_string_lossy();
+            let kept = name.starts_with("UV_")
+                || matches!(
+                    name.as_ref(),
+                    "PATH" | "HOME" | "XDG_CACHE_HOME" | "SSL_CERT_FILE" | "SSL_CERT_DIR" | "LANG" | "TMPDIR"
+                )
+                || name.eq_ignore_ascii_case("http_proxy")
+                || name.eq_ignore_ascii_case("https_proxy")
+                || name.eq_ignore_ascii_case("no_proxy");
+            if kept {
+                cmd.env(k, v);
+            }
+        }
+        let _ = std::fs::create_dir_all(&self.root);
+        cmd.current_dir(&self.root).arg("--no-config");
         cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
         if let Some(dir) = &self.find_links {
             cmd.env("UV_FIND_LINKS", dir);

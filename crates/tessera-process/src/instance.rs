@@ -539,7 +539,8 @@ impl ProcessInstance {
 pub(crate) struct Tree {
     /// The child's pid, recorded when it started as the leader of its own process group
     /// (tokio forgets it once the child is reaped; the group outlives its leader while
-    /// anything it started runs, and Linux gives no new process that id meanwhile).
+    /// anything it started runs, and Linux gives no new process that id meanwhile). Used
+    /// only where there is no cgroup: once the group is empty its id can be reused.
     pub(crate) pid: Option<u32>,
     /// Its cgroup, where the machine has one.
     pub(crate) cgroup: Option<sandbox::Cgroup>,
@@ -548,24 +549,25 @@ pub(crate) struct Tree {
 }
 
 impl Tree {
-    /// Kills every process of the tree, the child included.
+    /// Kills every process of the tree, the child included: everything in its cgroup
+    /// (which nothing it starts can leave), else its process group.
     pub(crate) fn kill(&self) {
+        if let Some(group) = &self.cgroup {
+            group.kill();
+            return;
+        }
         #[cfg(unix)]
         if let Some(pid) = self.pid.and_then(|p| i32::try_from(p).ok()).and_then(rustix::process::Pid::from_raw) {
             let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-        }
-        if let Some(group) = &self.cgroup {
-            group.kill();
         }
     }
 }
 
 impl Drop for Tree {
+    /// Kills the tree; the cgroup removes itself when dropped, then the scratch folder
+    /// goes.
     fn drop(&mut self) {
         self.kill();
-        if let Some(group) = self.cgroup.take() {
-            group.remove();
-        }
     }
 }
 

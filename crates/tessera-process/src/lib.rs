@@ -119,8 +119,9 @@ pub struct ProcessRuntime {
     limits: ProcessLimits,
     /// The interpreter's libraries, listed once.
     libraries: std::sync::OnceLock<Vec<String>>,
-    /// Each interpreter's environment folders, found once.
-    interpreter_dirs: Arc<Mutex<std::collections::HashMap<PathBuf, Vec<PathBuf>>>>,
+    /// The node's interpreter's folders, found once (it is the node's own, trusted; a
+    /// module's environment is never run on the node).
+    interpreter_dirs: Arc<std::sync::OnceLock<Vec<PathBuf>>>,
     /// Environments per module, when the node builds them.
     environments: Option<Arc<Environments>>,
     /// Instances started ahead of the next start of their module, when on.
@@ -284,24 +285,29 @@ impl ProcessRuntime {
     ) -> Result<ProcessInstance, RuntimeError> {
         let Some(spares) = &self.spares else { return self.launch(module, ctx, class).await };
         let key: prestart::Key = (module.digest, class.map(str::to_owned));
-        let taken = spares.take(&key);
-        let this = self.clone();
-        let (next_module, next_key, node) = (module.clone(), key.clone(), ctx.node().to_owned());
-        let spares = spares.clone();
-        tokio::spawn(async move {
-            let swap = prestart::SwapCtx::idle(&node);
-            match this.launch(&next_module, swap.clone(), next_key.1.as_deref()).await {
-                Ok(inst) => spares.put(next_key, inst, swap),
-                Err(e) => tracing::debug!("prestarting {}: {e}", next_module.manifest.name),
-            }
-        });
-        match taken {
+        let node = ctx.node().to_owned();
+        let instance = match spares.take(&key) {
             Some((inst, swap)) if inst.healthy() && inst.exit_status().is_none() => {
                 swap.set(ctx);
-                Ok(inst)
+                inst
             }
-            _ => self.launch(module, ctx, class).await,
+            _ => self.launch(module, ctx, class).await?,
+        };
+        // The next one, unless one is ready or on its way (after a failed start, none).
+        if spares.begin(&key) {
+            let (this, spares, module) = (self.clone(), spares.clone(), module.clone());
+            tokio::spawn(async move {
+                let swap = prestart::SwapCtx::idle(&node);
+                match this.launch(&module, swap.clone(), key.1.as_deref()).await {
+                    Ok(inst) => spares.put(key, inst, swap),
+                    Err(e) => {
+                        spares.abandon(&key);
+                        tracing::debug!("prestarting {}: {e}", module.manifest.name);
+                    }
+                }
+            });
         }
+        Ok(instance)
     }
 
     /// The environments, when the runtime builds them.
@@ -352,22 +358,21 @@ impl ProcessRuntime {
         if !meta.is_file() {
             return Err(RuntimeError::Load(format!("{label}: entry {} is not a file", entry.display())));
         }
-        let mut interpreter_used = None;
+        let mut env_dir = None;
         let mut cmd = match &self.mode {
             Mode::Python { interpreter, sdk_dir } => {
                 let interpreter = match &self.environments {
-                    Some(envs) => envs.interpreter(module, &self.libraries()).await?,
+                    Some(envs) => {
+                        let (python, env) = envs.interpreter(module, &self.libraries()).await?;
+                        env_dir = env;
+                        python
+                    }
                     None => interpreter.clone(),
                 };
                 let mut cmd = Command::new(&interpreter);
-                interpreter_used = Some(interpreter);
                 cmd.arg("-u").arg("-m").arg("tessera.host").arg(&entry);
-                let mut path = std::ffi::OsString::from(sdk_dir.as_os_str());
-                if let Some(old) = std::env::var_os("PYTHONPATH").filter(|p| !p.is_empty()) {
-                    path.push(":");
-                    path.push(old);
-                }
-                cmd.env("PYTHONPATH", path);
+                // The SDK only: the node's own PYTHONPATH is not the module's to read.
+                cmd.env("PYTHONPATH", sdk_dir);
                 cmd
             }
             Mode::Process => {
@@ -426,7 +431,7 @@ impl ProcessRuntime {
                  (sandbox.network_modules)"
             )));
         }
-        let plan = self.plan(module, &root, scratch.path(), interpreter_used.as_deref());
+        let plan = self.plan(module, &root, scratch.path(), env_dir);
         let program = cmd.as_std().get_program().to_owned();
         let (mut child, cgroup) = self.sandbox.spawn(cmd, plan).await.map_err(|e| {
             let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
@@ -464,25 +469,17 @@ impl ProcessRuntime {
         Ok(instance)
     }
 
-    /// What a child of `module` may use: its folder (read-only), the interpreter's
-    /// environment and the SDK (read-only), its scratch folder; the network if it asks
-    /// and the policy grants it; the memory and CPU it declares.
-    fn plan(&self, module: &ModuleImage, root: &Path, scratch: &Path, interpreter: Option<&Path>) -> sandbox::Plan {
+    /// What a child of `module` may use: its folder (read-only), the node's interpreter's
+    /// folders, the module's environment (`env`) and the SDK (read-only), its scratch
+    /// folder; the network if it asks and the policy grants it; the memory and CPU it
+    /// declares. The sandbox drops any folder holding a path it protects.
+    fn plan(&self, module: &ModuleImage, root: &Path, scratch: &Path, env: Option<PathBuf>) -> sandbox::Plan {
         let mut read = vec![root.to_owned()];
-        if let (Mode::Python { sdk_dir, .. }, Some(interpreter)) = (&self.mode, interpreter) {
-            let env = {
-                let mut dirs = self.interpreter_dirs.lock().unwrap_or_else(|e| e.into_inner());
-                dirs.entry(interpreter.to_owned()).or_insert_with(|| sandbox::interpreter_dirs(interpreter)).clone()
-            };
-            // Never a folder holding the SDK's cache (the node's home, its keys).
-            read.extend(env.into_iter().filter(|d| !sdk_dir.starts_with(d)));
+        if let Mode::Python { sdk_dir, interpreter } = &self.mode {
+            let base = self.interpreter_dirs.get_or_init(|| sandbox::interpreter_dirs(interpreter));
+            read.extend(base.iter().cloned());
+            read.extend(env);
             read.push(sdk_dir.clone());
-            read.extend(
-                std::env::var_os("PYTHONPATH")
-                    .iter()
-                    .flat_map(std::env::split_paths)
-                    .filter(|p| p.is_absolute() && !sdk_dir.starts_with(p)),
-            );
         }
         let needs = &module.manifest.needs;
         sandbox::Plan {

@@ -135,6 +135,8 @@ pub(crate) struct Spares {
 struct Inner {
     next: u64,
     ready: HashMap<Key, (u64, ProcessInstance, Arc<SwapCtx>)>,
+    /// Spares being started.
+    pending: std::collections::HashSet<Key>,
 }
 
 impl std::fmt::Debug for Spares {
@@ -157,6 +159,22 @@ impl Spares {
         self.lock().ready.len()
     }
 
+    /// Whether to start a spare for `key`: not when one is ready or being started (then
+    /// it is marked as being started).
+    pub(crate) fn begin(&self, key: &Key) -> bool {
+        let mut inner = self.lock();
+        if inner.ready.contains_key(key) || inner.pending.contains(key) {
+            return false;
+        }
+        inner.pending.insert(key.clone());
+        true
+    }
+
+    /// A spare for `key` could not be started.
+    pub(crate) fn abandon(&self, key: &Key) {
+        self.lock().pending.remove(key);
+    }
+
     /// The spare for `key`, if one is ready.
     pub(crate) fn take(&self, key: &Key) -> Option<(ProcessInstance, Arc<SwapCtx>)> {
         self.lock().ready.remove(key).map(|(_, inst, ctx)| (inst, ctx))
@@ -169,6 +187,7 @@ impl Spares {
         let generation;
         {
             let mut inner = self.lock();
+            inner.pending.remove(&key);
             inner.next += 1;
             generation = inner.next;
             let mut out = inner.ready.insert(key.clone(), (generation, inst, ctx)).map(|(_, i, _)| i);

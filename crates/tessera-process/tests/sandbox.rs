@@ -70,24 +70,36 @@ def open_files(n):
     held = [open("/dev/null") for _ in range(n)]
     return len(held)
 
+def chmod(path):
+    os.chmod(path, 0o777)
+    return "changed"
+
+def renice_parent():
+    os.setpriority(os.PRIO_PROCESS, os.getppid(), 19)
+    return "reniced"
+
+def limit_parent():
+    import resource
+    resource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (16, 16))
+    return "limited"
+
+def signal_parent():
+    os.kill(os.getppid(), 0)
+    return "signalled"
+
+def unix_socket():
+    socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    return "made"
+
 def ping():
     return "pong"
 "#;
 
 /// The attempts' names.
+#[rustfmt::skip]
 const FUNCTIONS: &[&str] = &[
-    "read",
-    "list_dir",
-    "write",
-    "home",
-    "connect",
-    "udp",
-    "fork_bomb",
-    "allocate",
-    "spin",
-    "flood",
-    "open_files",
-    "ping",
+    "read", "list_dir", "write", "home", "connect", "udp", "fork_bomb", "allocate", "spin", "flood", "open_files",
+    "chmod", "renice_parent", "limit_parent", "signal_parent", "unix_socket", "ping",
 ];
 
 /// The SDK form: the attempts as methods.
@@ -255,8 +267,9 @@ async fn a_module_asking_for_the_network_needs_a_grant() {
         let port = listener.local_addr().unwrap().port();
         let mut inst = rt.spawn(&m.image, Ctx::new()).await.unwrap();
         assert_eq!(attempt(&mut inst, "connect", json!([port])).await, Ok(json!("connected")), "{name}");
-        // Its files stay closed.
+        // Its files stay closed, and only IP sockets open.
         refused(&mut inst, name, "read", json!(["/etc/passwd"])).await;
+        refused(&mut inst, name, "unix_socket", json!([])).await;
         inst.shutdown().await;
     }
 }
@@ -269,6 +282,23 @@ async fn a_fork_bomb_hits_the_process_limit() {
         let e = attempt(&mut inst, "fork_bomb", json!([])).await.expect_err(name);
         assert!(e.contains("Resource temporarily unavailable") || e.contains("BlockingIOError"), "{name}: {e}");
         assert_eq!(attempt(&mut inst, "ping", json!([])).await, Ok(json!("pong")), "{name}");
+        inst.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn the_node_and_shared_files_are_out_of_reach() {
+    for (name, s) in subjects(limits()) {
+        let m = (s.make)("");
+        let mut inst = s.runtime.spawn(&m.image, Ctx::new()).await.unwrap();
+        let entry = if name == "python" { "model.py" } else { "escape.py" };
+        let before = std::fs::metadata(m.dir.path().join(entry)).unwrap().permissions();
+        refused(&mut inst, name, "chmod", json!([m.dir.path().join(entry)])).await;
+        assert_eq!(std::fs::metadata(m.dir.path().join(entry)).unwrap().permissions(), before);
+        refused(&mut inst, name, "renice_parent", json!([])).await;
+        refused(&mut inst, name, "limit_parent", json!([])).await;
+        refused(&mut inst, name, "signal_parent", json!([])).await;
+        refused(&mut inst, name, "unix_socket", json!([])).await;
         inst.shutdown().await;
     }
 }
@@ -330,6 +360,9 @@ async fn gigabytes_of_log_are_cut_off() {
 
 /// Every child process is started by `Sandbox::spawn`: a `Command` spawned anywhere else
 /// in the crate (`.spawn()` with no arguments is `Command::spawn`) would run uncontained.
+/// The node's own tools run outside it, each named here: the node's interpreter asked
+/// for its libraries and folders (`-I`, `-I -S`), and `uv` installing wheels only; a new
+/// `.output()` or `.status()` fails this until it is added, after a look at what it runs.
 #[test]
 fn every_child_is_spawned_by_the_sandbox() {
     fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
@@ -342,16 +375,26 @@ fn every_child_is_spawned_by_the_sandbox() {
             }
         }
     }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
-    sources(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
-    let mut total = 0;
+    sources(&src, &mut files);
+    let mut spawns = Vec::new();
+    let mut tools = Vec::new();
     for path in files {
         let text: String = std::fs::read_to_string(&path).unwrap().split_whitespace().collect();
-        let spawns = text.matches(".spawn()").count();
-        total += spawns;
-        if !path.ends_with("sandbox/mod.rs") {
-            assert_eq!(spawns, 0, "{}: start module processes with Sandbox::spawn", path.display());
+        let name = path.strip_prefix(&src).unwrap().display().to_string();
+        for _ in 0..text.matches(".spawn()").count() {
+            spawns.push(name.clone());
+        }
+        for _ in 0..text.matches(".output()").count() + text.matches(".status()").count() {
+            tools.push(name.clone());
         }
     }
-    assert_eq!(total, 1, "Sandbox::spawn itself spawns once");
+    assert_eq!(spawns, ["sandbox/mod.rs"], "start module processes with Sandbox::spawn");
+    tools.sort();
+    assert_eq!(
+        tools,
+        ["environments.rs", "lib.rs", "sandbox/rules.rs"],
+        "a new tool the node runs outside the sandbox"
+    );
 }

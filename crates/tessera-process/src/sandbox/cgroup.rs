@@ -27,7 +27,8 @@ pub(crate) struct CgroupRoot {
     next: AtomicU64,
 }
 
-/// A module's group: created before its process starts, emptied and removed after.
+/// A module's group: created before its process starts, emptied and removed when
+/// dropped (whatever happened in between, a failed start included).
 #[derive(Debug)]
 pub(crate) struct Cgroup {
     /// The group's folder in each hierarchy; the first holds `pids` (where processes are
@@ -91,7 +92,12 @@ impl CgroupRoot {
                 }
                 make(dir).map_err(|e| format!("cgroup v1: cannot make {}: {e}", dir.display()))?;
             }
-            let cpu = v1("cpu").filter(|d| make(d).is_ok());
+            let cpu = v1("cpu").filter(|d| {
+                if let Some(parent) = d.parent() {
+                    remove_stale(parent);
+                }
+                make(d).is_ok()
+            });
             Controllers::V1 { memory, pids, cpu }
         } else {
             let available = std::fs::read_to_string(mount.join("cgroup.controllers"))
@@ -158,14 +164,8 @@ impl CgroupRoot {
                 Cgroup { memory: (dirs[1].clone(), false), dirs }
             }
         };
-        // From here on, a failure removes the folders again.
-        let fail = |group: Cgroup, e: std::io::Error| {
-            group.remove();
-            Err(e)
-        };
-        if let Err(e) = group.limit(&self.controllers, limits) {
-            return fail(group, e);
-        }
+        // A failure from here on drops the group, which removes its folders.
+        group.limit(&self.controllers, limits)?;
         Ok(group)
     }
 }
@@ -203,6 +203,13 @@ impl Cgroup {
         Ok(())
     }
 
+    /// cgroup v1's per-thread `tasks` files, one per hierarchy: a thread written there
+    /// moves alone, and what it starts is born in the group. `None` on v2, where only
+    /// whole processes move.
+    pub(crate) fn thread_files(&self) -> Option<Vec<PathBuf>> {
+        (!self.memory.1).then(|| self.dirs.iter().map(|d| d.join("tasks")).collect())
+    }
+
     /// Moves process `pid` (and so all it starts from now on) into the group.
     pub(crate) fn add(&self, pid: u32) -> std::io::Result<()> {
         for d in &self.dirs {
@@ -211,30 +218,15 @@ impl Cgroup {
         Ok(())
     }
 
-    /// The processes in the group.
-    fn procs(&self) -> Vec<i32> {
-        std::fs::read_to_string(self.dirs[0].join("cgroup.procs"))
-            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
-            .unwrap_or_default()
-    }
-
     /// Kills every process in the group (v2's `cgroup.kill` where the kernel has it,
     /// else each listed process, again until none is left or a few rounds passed: a
     /// process forking meanwhile is bounded by `pids.max`).
     pub(crate) fn kill(&self) {
-        let (dir, v2) = (&self.dirs[0], self.memory.1);
-        if v2 && write(&dir.join("cgroup.kill"), "1").is_ok() {
+        let Some(dir) = self.dirs.first() else { return };
+        if self.memory.1 && write(&dir.join("cgroup.kill"), "1").is_ok() {
             return;
         }
-        for _ in 0..16 {
-            let procs = self.procs();
-            if procs.is_empty() {
-                return;
-            }
-            for pid in procs.into_iter().filter_map(rustix::process::Pid::from_raw) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            }
-        }
+        kill_listed(dir);
     }
 
     /// True once the kernel's out-of-memory killer has killed something in the group.
@@ -246,20 +238,51 @@ impl Cgroup {
                 .any(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse::<u64>().ok()).is_some_and(|n| n > 0))
         })
     }
+}
 
+/// Moves the calling thread into the groups whose `tasks` files are `files` (cgroup v1;
+/// `0` names the writer).
+pub(crate) fn join_this_thread(files: &[PathBuf]) -> std::io::Result<()> {
+    for f in files {
+        write(f, "0")?;
+    }
+    Ok(())
+}
+
+/// Kills every process listed in `dir`'s `cgroup.procs`, again until none is left or a
+/// few rounds passed.
+fn kill_listed(dir: &Path) {
+    for _ in 0..16 {
+        let procs: Vec<i32> = std::fs::read_to_string(dir.join("cgroup.procs"))
+            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default();
+        if procs.is_empty() {
+            return;
+        }
+        for pid in procs.into_iter().filter_map(rustix::process::Pid::from_raw) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+impl Drop for Cgroup {
     /// Kills what is left and removes the group's folders, in the background: a folder
     /// goes only once the kernel has reaped every process that was in it.
-    pub(crate) fn remove(self) {
+    fn drop(&mut self) {
         self.kill();
+        let dirs = std::mem::take(&mut self.dirs);
+        if dirs.is_empty() {
+            return;
+        }
         let attempt = move || {
             for _ in 0..200 {
-                if self.dirs.iter().all(|d| std::fs::remove_dir(d).is_ok() || !d.exists()) {
+                if dirs.iter().all(|d| std::fs::remove_dir(d).is_ok() || !d.exists()) {
                     return;
                 }
-                self.kill();
+                kill_listed(&dirs[0]);
                 std::thread::sleep(std::time::Duration::from_millis(25));
             }
-            tracing::warn!("module cgroup {} could not be removed", self.dirs[0].display());
+            tracing::warn!("module cgroup {} could not be removed", dirs[0].display());
         };
         let _ = std::thread::Builder::new().name("tessera-cgroup-rm".into()).spawn(attempt);
     }
@@ -277,6 +300,8 @@ fn remove_stale(parent: &Path) {
         }
         if let Ok(groups) = std::fs::read_dir(entry.path()) {
             for g in groups.flatten().filter(|g| g.path().is_dir()) {
+                // What a node that died left running goes with its group.
+                kill_listed(&g.path());
                 let _ = std::fs::remove_dir(g.path());
             }
         }

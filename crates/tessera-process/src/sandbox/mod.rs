@@ -6,7 +6,8 @@
 //! | protection | mechanism | what it stops |
 //! |---|---|---|
 //! | `filesystem` | Landlock (`landlock` crate, ABI 1+) | reading or writing anything but the module's code, its interpreter's environment, system libraries, and its own scratch folder (writable) |
-//! | `network` | seccomp (`seccompiler`): `socket(2)` and `io_uring_setup(2)` fail with `EACCES`; Landlock ABI 4+ also refuses TCP `bind`/`connect` | any socket but the pipes to the node (`socketpair(2)` stays) |
+//! | `network` | seccomp (`seccompiler`): `socket(2)` and `io_uring_setup(2)` fail with `EACCES` (with a grant, only IPv4 and IPv6 sockets are allowed); Landlock ABI 4+ also refuses TCP `bind`/`connect` | any socket but the pipes to the node (`socketpair(2)` stays) |
+//! | (with `network`) | the same filter: `chmod`/`chown`/`*xattr` calls, and `prlimit64`, `setpriority`, `sched_setaffinity`, `ioprio_set` on another process, fail | changing the modes or owners of shared files (the SDK, environments), throttling the node |
 //! | `signals` | Landlock ABI 6+ scopes | signalling processes outside the module's own tree, connecting to abstract UNIX sockets |
 //! | `memory`, `processes` | a cgroup per process tree (v1 or v2): `memory.max`, `pids.max`, `cpu.max` | using more memory than declared, fork bombs, more CPU than declared |
 //! | (always) | `prlimit(2)`: `RLIMIT_NOFILE`, `RLIMIT_CORE` 0, `RLIMIT_CPU` when the policy sets it | exhausting file descriptors, core dumps of module memory on disk |
@@ -175,7 +176,11 @@ impl Support {
             ),
             (
                 "seccomp".into(),
-                line(self.seccomp.clone().map(|()| "socket(2) and io_uring refused without a grant".into())),
+                line(self.seccomp.clone().map(|()| {
+                    "sockets refused without a grant, io_uring, chmod/chown/xattr and resource calls on other \
+                     processes refused"
+                        .into()
+                })),
             ),
             ("cgroup".into(), line(self.cgroup.clone())),
         ]
@@ -188,6 +193,9 @@ pub struct Sandbox {
     policy: SandboxPolicy,
     support: Support,
     cgroups: Option<Arc<CgroupRoot>>,
+    /// Paths no module may read, nor any folder holding them (the node's home and keys,
+    /// its cache, its dataset files).
+    protected: Vec<PathBuf>,
 }
 
 /// What the machine offers, tried once per process.
@@ -216,7 +224,15 @@ impl Sandbox {
     /// The sandbox for `policy` on this machine: every protection the machine supports.
     pub fn new(policy: SandboxPolicy) -> Self {
         let (support, cgroups) = machine().clone();
-        Sandbox { policy, support, cgroups }
+        Sandbox { policy, support, cgroups, protected: Vec::new() }
+    }
+
+    /// The same sandbox, never opening to a module a folder that holds one of `paths`
+    /// (a read folder the runtime asks for that does is left out, with a warning).
+    #[must_use]
+    pub fn with_protected(mut self, paths: impl IntoIterator<Item = PathBuf>) -> Self {
+        self.protected.extend(paths.into_iter().map(|p| std::path::absolute(&p).unwrap_or(p)));
+        self
     }
 
     /// No containment at all (modules run as the node's user, with its files and
@@ -227,6 +243,7 @@ impl Sandbox {
             policy: SandboxPolicy { require: Vec::new(), ..SandboxPolicy::default() },
             support: Support { landlock: Err("turned off".into()), seccomp: none(), cgroup: Err("turned off".into()) },
             cgroups: None,
+            protected: Vec::new(),
         }
     }
 
@@ -252,26 +269,34 @@ impl Sandbox {
         if missing.is_empty() { Ok(()) } else { Err(Unenforceable { missing }) }
     }
 
-    /// Spawns `cmd` contained by `plan`: on a fresh thread that takes on the Landlock
-    /// rules and seccomp filter first, then in a new cgroup with the plan's limits.
-    pub(crate) async fn spawn(&self, mut cmd: Command, plan: Plan) -> std::io::Result<(Child, Option<Cgroup>)> {
+    /// Spawns `cmd` contained by `plan`: on a fresh thread that joins the child's cgroup
+    /// (cgroup v1 moves a thread; on v2 the child is moved right after it starts) and
+    /// takes on the Landlock rules and the seccomp filter, then spawns the child, which
+    /// inherits all three before it runs an instruction of its own.
+    pub(crate) async fn spawn(&self, mut cmd: Command, mut plan: Plan) -> std::io::Result<(Child, Option<Cgroup>)> {
+        plan.read = self.open_to_modules(std::mem::take(&mut plan.read));
         let limits = GroupLimits {
             memory: Some(plan.memory.unwrap_or(self.policy.default_memory.0)),
             processes: Some(self.policy.max_processes),
             cpu: plan.cpu,
         };
         let group = self.cgroups.as_ref().map(|root| root.create(limits)).transpose()?;
+        let thread_join = group.as_ref().and_then(Cgroup::thread_files);
         let landlock = self.support.landlock.is_ok();
-        let seccomp = self.support.seccomp.is_ok() && !plan.network;
+        let seccomp = self.support.seccomp.is_ok();
+        let network = plan.network;
         let handle = tokio::runtime::Handle::current();
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new().name("tessera-spawn".into()).spawn(move || {
             let spawned = (|| {
+                if let Some(files) = &thread_join {
+                    cgroup::join_this_thread(files)?;
+                }
                 if landlock {
                     rules::restrict_files(&plan)?;
                 }
                 if seccomp {
-                    rules::refuse_sockets()?;
+                    rules::apply_filter(network)?;
                 }
                 let _runtime = handle.enter();
                 cmd.spawn()
@@ -279,15 +304,28 @@ impl Sandbox {
             let _ = tx.send(spawned);
         })?;
         let child = rx.await.map_err(|_| std::io::Error::other("the spawning thread ended without a child"))??;
-        // The child is a fresh interpreter or executable: its limits are set and it is
-        // moved into its group before it has had time to start anything of its own.
         if let Some(pid) = child.id() {
             self.limit(pid)?;
-            if let Some(group) = &group {
+            if let Some(group) = &group
+                && group.thread_files().is_none()
+            {
                 group.add(pid)?;
             }
         }
         Ok((child, group))
+    }
+
+    /// `read` without the folders holding a protected path (each left out with a warning).
+    fn open_to_modules(&self, mut read: Vec<PathBuf>) -> Vec<PathBuf> {
+        read.retain(|dir| {
+            let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+            let holds = self.protected.iter().find(|p| p.starts_with(&dir));
+            if let Some(p) = holds {
+                tracing::warn!("not opening {} to a module: it holds {}", dir.display(), p.display());
+            }
+            holds.is_none()
+        });
+        read
     }
 
     /// Sets a child's open-file and CPU-time limits (`prlimit(2)`).
@@ -324,7 +362,12 @@ mod tests {
     use super::*;
 
     fn sandbox(policy: SandboxPolicy, cgroup: Result<String, String>) -> Sandbox {
-        Sandbox { policy, support: Support { landlock: Ok(6), seccomp: Ok(()), cgroup }, cgroups: None }
+        Sandbox {
+            policy,
+            support: Support { landlock: Ok(6), seccomp: Ok(()), cgroup },
+            cgroups: None,
+            protected: Vec::new(),
+        }
     }
 
     #[test]
@@ -341,6 +384,15 @@ mod tests {
         // Turned off: nothing is enforced, nothing required.
         assert!(Sandbox::off().support().enforced().is_empty());
         assert!(Sandbox::off().check().is_ok());
+    }
+
+    #[test]
+    fn folders_holding_protected_paths_are_not_opened() {
+        let s =
+            Sandbox::off().with_protected([PathBuf::from("/home/node/.tessera"), PathBuf::from("/data/digits.csv")]);
+        let read = ["/home/node", "/home/node/.tessera", "/home/node/.tessera/nodes/n/cache/pkg", "/data", "/usr", "/"];
+        let kept = s.open_to_modules(read.iter().map(PathBuf::from).collect());
+        assert_eq!(kept, [PathBuf::from("/home/node/.tessera/nodes/n/cache/pkg"), PathBuf::from("/usr")]);
     }
 
     #[test]
