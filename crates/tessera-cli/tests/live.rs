@@ -94,6 +94,9 @@ impl Env {
             "n1",
             "--listen",
             "127.0.0.1:0",
+            // One Python process per actor: the one the test kills from outside is the
+            // actor's (prestarting is tested in tessera-process).
+            "--no-prestart",
         ]);
         let (child, url) = spawn_announcing(node, "gateway: ", env.dir.path().join("node.log"));
         env.node_pid = child.id();

@@ -250,11 +250,13 @@ pub(crate) fn join_this_thread(files: &[PathBuf]) -> std::io::Result<()> {
 }
 
 /// Kills every process listed in `dir`'s `cgroup.procs`, again until none is left or a
-/// few rounds passed.
+/// few rounds passed. Never this process: on cgroup v1 the thread that spawned a child
+/// is in the child's group until it ends, which lists this process there.
 fn kill_listed(dir: &Path) {
+    let me = i32::try_from(std::process::id()).unwrap_or(0);
     for _ in 0..16 {
         let procs: Vec<i32> = std::fs::read_to_string(dir.join("cgroup.procs"))
-            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).filter(|p| *p != me).collect())
             .unwrap_or_default();
         if procs.is_empty() {
             return;

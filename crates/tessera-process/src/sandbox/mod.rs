@@ -287,7 +287,7 @@ impl Sandbox {
         let network = plan.network;
         let handle = tokio::runtime::Handle::current();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new().name("tessera-spawn".into()).spawn(move || {
+        let thread = std::thread::Builder::new().name("tessera-spawn".into()).spawn(move || {
             let spawned = (|| {
                 if let Some(files) = &thread_join {
                     cgroup::join_this_thread(files)?;
@@ -304,6 +304,9 @@ impl Sandbox {
             let _ = tx.send(spawned);
         })?;
         let child = rx.await.map_err(|_| std::io::Error::other("the spawning thread ended without a child"))??;
+        // Gone before the child runs on its own: on cgroup v1 the thread sits in the
+        // child's group (counted by its limits, listed among its processes) until it ends.
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         if let Some(pid) = child.id() {
             self.limit(pid)?;
             if let Some(group) = &group
