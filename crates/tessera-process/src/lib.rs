@@ -192,8 +192,12 @@ impl ProcessRuntime {
     pub fn python(interpreter: PathBuf, sdk_dir: PathBuf, limits: ProcessLimits) -> Self {
         // Looked up on the node's PATH, once: children get a fixed PATH of their own.
         let interpreter = on_path(&interpreter);
+        Self::with_mode(Mode::Python { interpreter, sdk_dir }, limits)
+    }
+
+    fn with_mode(mode: Mode, limits: ProcessLimits) -> Self {
         ProcessRuntime {
-            mode: Mode::Python { interpreter, sdk_dir },
+            mode,
             limits,
             libraries: Default::default(),
             interpreter_dirs: Default::default(),
@@ -229,15 +233,7 @@ impl ProcessRuntime {
 
     /// The `process` runtime: runs the module's entry file, which must be executable.
     pub fn process(limits: ProcessLimits) -> Self {
-        ProcessRuntime {
-            mode: Mode::Process,
-            limits,
-            libraries: Default::default(),
-            interpreter_dirs: Default::default(),
-            environments: None,
-            spares: None,
-            sandbox: default_sandbox(),
-        }
+        Self::with_mode(Mode::Process, limits)
     }
 
     /// The same runtime, containing its children with `sandbox` (by default, every
