@@ -334,7 +334,13 @@ impl Sandbox {
     /// Sets a child's open-file and CPU-time limits (`prlimit(2)`).
     fn limit(&self, pid: u32) -> std::io::Result<()> {
         use rustix::process::{Pid, Resource, Rlimit, prlimit};
-        let pid = i32::try_from(pid).ok().and_then(Pid::from_raw);
+        // `None` would mean this process: a child without a valid pid is refused instead.
+        let pid = Some(
+            i32::try_from(pid)
+                .ok()
+                .and_then(Pid::from_raw)
+                .ok_or_else(|| std::io::Error::other(format!("the child has no valid pid ({pid})")))?,
+        );
         let files = self.policy.max_open_files.max(16);
         prlimit(pid, Resource::Nofile, Rlimit { current: Some(files), maximum: Some(files) })?;
         prlimit(pid, Resource::Core, Rlimit { current: Some(0), maximum: Some(0) })?;
