@@ -261,9 +261,15 @@ enum NodeCommand {
 /// The NATS server from `--nats` or `TESSERA_NATS`.
 #[derive(clap::Args, Clone)]
 struct NatsArg {
-    /// The NATS server (with JetStream).
+    /// The NATS server (with JetStream), or the servers of a NATS cluster, comma-separated
+    /// (`nats://a:4222,nats://b:4222,nats://c:4222`).
     #[arg(long, env = "TESSERA_NATS", default_value = "nats://127.0.0.1:4222")]
     nats: String,
+    /// Copies NATS keeps of every stream, bucket and object store Tessera creates (1 to 5;
+    /// default: 1 on a single server, 3 on a cluster of three or more). Streams that exist
+    /// keep the count they were created with.
+    #[arg(long, env = "TESSERA_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
+    replicas: Option<u8>,
     /// How long a node's announcement lasts without a heartbeat, in seconds. Every process
     /// on one NATS must use the same value.
     #[arg(long, env = "TESSERA_MEMBER_TTL", default_value = "15", value_parser = tessera_core::time::parse_seconds)]
@@ -282,6 +288,7 @@ impl NatsArg {
         let options = tessera_nats::NatsOptions {
             member_ttl: self.member_ttl,
             ack_wait: self.ack_wait,
+            replicas: self.replicas.map(usize::from),
             ..tessera_nats::NatsOptions::default()
         };
         Ok(tessera_nats::backend(&self.nats, &options).await?)

@@ -57,6 +57,10 @@ pub struct RunArgs {
     /// (by default one is kept ready, for up to 60 s, after each start).
     #[arg(long)]
     no_prestart: bool,
+    /// Most tasks run at once (default: this machine's cores). Tasks whose modules declare
+    /// `needs` (cpu, memory, gpu) also wait for those to be free.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    max_tasks: Option<u16>,
     /// Serve the node's gateway (actors, calls, queues) on this address, e.g. 127.0.0.1:7710.
     #[arg(long, value_name = "HOST:PORT")]
     listen: Option<std::net::SocketAddr>,
@@ -255,6 +259,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut cfg = NodeConfig::new(&id, cache);
     cfg.datasets = datasets(&args.dataset)?;
     cfg.labels = labels(&args.label)?;
+    if let Some(n) = args.max_tasks {
+        cfg.max_tasks = usize::from(n);
+    }
     cfg.operations = args.ops.clone();
     cfg.policy = policy;
     cfg.identity = Some(identity.clone());

@@ -142,12 +142,19 @@ fn failures(r: &RoundReport) -> String {
 pub fn round_summary_line(reports: &[RoundReport]) -> Option<String> {
     let steady = if reports.len() > 1 { &reports[1..] } else { reports };
     let (round, compute, eval, overhead) = tessera_core::wire::round_summary(steady)?;
+    let n = steady.len() as f64;
+    let mean = |f: &dyn Fn(&RoundReport) -> f64| steady.iter().map(f).sum::<f64>() / n * 1e3;
     Some(format!(
-        "rounds after the first: {:.1} ms on average: {:.1} ms node work, {:.1} ms evaluation, {:.1} ms overhead",
+        "rounds after the first: {:.1} ms on average: {:.1} ms node work, {:.1} ms evaluation, {:.1} ms overhead \
+         (dispatch {:.1} ms, to the nodes and back {:.1} ms, transfer {:.1} ms, aggregation {:.1} ms)",
         round * 1e3,
         compute * 1e3,
         eval * 1e3,
-        overhead * 1e3
+        overhead * 1e3,
+        mean(&|r| r.timings.dispatch),
+        mean(&|r| (r.timings.waiting - r.compute_seconds).max(0.0)),
+        mean(&|r| r.timings.transfer),
+        mean(&|r| r.timings.aggregation),
     ))
 }
 

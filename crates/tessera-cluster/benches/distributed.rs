@@ -3,11 +3,15 @@
 //!
 //! `cargo bench -p tessera-cluster --bench distributed`
 //!
-//! - queue put: messages appended per second (each put waits for its acknowledgement);
-//!   raw async-nats `publish(...).await?.await?` on the same server, the same way;
-//! - queue get: messages taken and acknowledged per second;
-//! - no-op tasks: tasks (the builtin `echo`) dispatched to two nodes and answered, per
-//!   second, end to end (task out, run, reply back).
+//! - queue put: messages appended per second, one by one (each put waits for its
+//!   acknowledgement) and batched (`put_batch`, acknowledgements awaited together); raw
+//!   async-nats on the same server the same two ways (`publish(..).await?.await?`, and
+//!   1,024 publishes in flight);
+//! - queue get: messages taken and acknowledged per second, one by one and batched
+//!   (`get_batch` of 500); raw async-nats pull fetches of 500, each message acknowledged;
+//! - no-op tasks: tasks (the builtin `echo`) dispatched to two nodes (each running up to 64
+//!   at once) and answered, per second, end to end (task out, run, answer recorded, output
+//!   stored, reply back, acks), 256 in flight, sent and collected in batches.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,7 +26,14 @@ use tessera_package::{Limits, pack_dir};
 use tessera_ports::{Backend, Runtime};
 
 const MESSAGES: usize = 5_000;
-const TASKS: usize = 2_000;
+/// Messages for the batched forms (which are fast enough to need more to time).
+const BATCHED: usize = 100_000;
+/// Publishes in flight / messages per fetch, for the batched forms and raw JetStream.
+const IN_FLIGHT: usize = 1024;
+const FETCH: usize = 500;
+const TASKS: usize = 10_000;
+/// Tasks a bench node runs at once.
+const NODE_TASKS: usize = 64;
 const PAYLOAD: usize = 256;
 
 fn rate(n: usize, d: Duration) -> f64 {
@@ -45,6 +56,82 @@ async fn get_rate(backend: &Backend, queue: &str) -> f64 {
         d.ack().await.unwrap();
     }
     rate(MESSAGES, t.elapsed())
+}
+
+async fn put_batch_rate(backend: &Backend, queue: &str) -> f64 {
+    let payload = Bytes::from(vec![7u8; PAYLOAD]);
+    let t = Instant::now();
+    for _ in 0..BATCHED / IN_FLIGHT {
+        let puts = (0..IN_FLIGHT).map(|_| tessera_ports::Put::new(queue, payload.clone())).collect();
+        backend.bus.put_batch(puts).await.unwrap();
+    }
+    rate(BATCHED / IN_FLIGHT * IN_FLIGHT, t.elapsed())
+}
+
+async fn get_batch_rate(backend: &Backend, queue: &str) -> f64 {
+    let want = BATCHED / IN_FLIGHT * IN_FLIGHT;
+    let t = Instant::now();
+    let mut got = 0;
+    while got < want {
+        let batch = backend.bus.get_batch(queue, FETCH, Duration::from_secs(5)).await.unwrap();
+        assert!(!batch.is_empty(), "messages left after {got}");
+        got += batch.len();
+        for d in batch {
+            d.ack().await.unwrap();
+        }
+    }
+    rate(got, t.elapsed())
+}
+
+/// Raw JetStream: pipelined publishes (`IN_FLIGHT` acknowledgements awaited together),
+/// then pull fetches of `FETCH`, each message acknowledged.
+async fn raw_batched_rates(url: &str) -> (f64, f64) {
+    use futures::StreamExt;
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: "RAWB".into(),
+            subjects: vec!["rawb.>".into()],
+            retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let payload = Bytes::from(vec![7u8; PAYLOAD]);
+    let want = BATCHED / IN_FLIGHT * IN_FLIGHT;
+    let t = Instant::now();
+    for _ in 0..BATCHED / IN_FLIGHT {
+        let mut acks = Vec::with_capacity(IN_FLIGHT);
+        for _ in 0..IN_FLIGHT {
+            acks.push(js.publish("rawb.q", payload.clone()).await.unwrap().into_future());
+        }
+        futures::future::try_join_all(acks).await.unwrap();
+    }
+    let publish = rate(want, t.elapsed());
+    let consumer = stream
+        .get_or_create_consumer(
+            "rawb",
+            async_nats::jetstream::consumer::pull::Config {
+                durable_name: Some("rawb".into()),
+                ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+                max_ack_pending: 10_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let mut got = 0;
+    while got < want {
+        let mut batch = consumer.fetch().max_messages(FETCH).messages().await.unwrap();
+        while let Some(m) = batch.next().await {
+            m.unwrap().ack().await.unwrap();
+            got += 1;
+        }
+    }
+    (publish, rate(got, t.elapsed()))
 }
 
 async fn raw_publish_rate(url: &str) -> f64 {
@@ -84,7 +171,10 @@ async fn dispatch_rate(backend: Backend, dir: &std::path::Path) -> f64 {
     for id in ["bench-a", "bench-b"] {
         let ports = NodePorts { backend: backend.clone(), source: Arc::new(LocalHub(hub.clone())) };
         let runtimes: Vec<Arc<dyn Runtime>> = vec![Arc::new(BuiltinRuntime::new())];
-        let node = Arc::new(Node::new(NodeConfig::new(id, dir.join(id)), ports, runtimes).unwrap());
+        let mut config = NodeConfig::new(id, dir.join(id));
+        // No-op tasks wait on the server, not on a core.
+        config.max_tasks = NODE_TASKS;
+        let node = Arc::new(Node::new(config, ports, runtimes).unwrap());
         serving.push(tokio::spawn(node.serve(rx.clone())));
     }
     let reply_to = "bench.replies";
@@ -92,10 +182,13 @@ async fn dispatch_rate(backend: Backend, dir: &std::path::Path) -> f64 {
     let t = Instant::now();
     let mut sent = 0;
     let mut got = BTreeMap::new();
-    // Keep a window of tasks in flight, as a coordinator does for a round.
-    const WINDOW: usize = 64;
+    // Keep a window of tasks in flight, as a coordinator does for a round: tasks out in one
+    // batched put, replies taken in batches.
+    const WINDOW: usize = 256;
     while got.len() < TASKS {
-        while sent < TASKS && sent - got.len() < WINDOW {
+        let mut puts = Vec::new();
+        while sent + puts.len() < TASKS && sent + puts.len() - got.len() < WINDOW {
+            let sent = sent + puts.len();
             let node = if sent % 2 == 0 { "bench-a" } else { "bench-b" };
             let task = TaskMessage {
                 schema: SCHEMA_VERSION,
@@ -109,14 +202,19 @@ async fn dispatch_rate(backend: Backend, dir: &std::path::Path) -> f64 {
                 dispatch: dispatch.clone(),
                 world: None,
                 auth: None,
+                inline_outputs: 1 << 10,
             };
-            backend.bus.put(&task_queue(node), Bytes::from(wire::encode(&task))).await.unwrap();
-            sent += 1;
+            puts.push(tessera_ports::Put::new(task_queue(node), Bytes::from(wire::encode(&task))));
         }
-        let d = backend.bus.get(reply_to, Duration::from_secs(30)).await.unwrap().expect("a reply");
-        let r: TaskReply = wire::decode(&d.payload).unwrap();
-        got.insert(r.task_id, ());
-        d.ack().await.unwrap();
+        sent += puts.len();
+        backend.bus.put_batch(puts).await.unwrap();
+        let batch = backend.bus.get_batch(reply_to, WINDOW, Duration::from_secs(30)).await.unwrap();
+        assert!(!batch.is_empty(), "a reply within 30 s");
+        for d in batch {
+            let r: TaskReply = wire::decode(&d.payload).unwrap();
+            got.insert(r.task_id, ());
+            d.ack().await.unwrap();
+        }
     }
     let r = rate(TASKS, t.elapsed());
     let _ = tx.send(true);
@@ -138,6 +236,11 @@ fn main() {
         let nats_get = get_rate(&nats, "bench.q").await;
         let mem_put = put_rate(&memory, "bench.q").await;
         let mem_get = get_rate(&memory, "bench.q").await;
+        let (raw_pipelined, raw_fetch) = raw_batched_rates(&server.url()).await;
+        let nats_put_batch = put_batch_rate(&nats, "bench.b").await;
+        let nats_get_batch = get_batch_rate(&nats, "bench.b").await;
+        let mem_put_batch = put_batch_rate(&memory, "bench.b").await;
+        let mem_get_batch = get_batch_rate(&memory, "bench.b").await;
 
         let dir = tempfile::tempdir().unwrap();
         let mem_tasks = dispatch_rate(memory, &dir.path().join("memory")).await;
@@ -149,6 +252,16 @@ fn main() {
         println!("| raw async-nats publish, acked (msg/s) | | {raw:.0} |");
         println!("| queue put (msg/s) | {mem_put:.0} | {nats_put:.0} ({:.0}% of raw) |", 100.0 * nats_put / raw);
         println!("| queue get + ack (msg/s) | {mem_get:.0} | {nats_get:.0} |");
+        println!("| raw async-nats publish, {IN_FLIGHT} acks in flight (msg/s) | | {raw_pipelined:.0} |");
+        println!(
+            "| queue put_batch of {IN_FLIGHT} (msg/s) | {mem_put_batch:.0} | {nats_put_batch:.0} ({:.0}% of raw) |",
+            100.0 * nats_put_batch / raw_pipelined
+        );
+        println!("| raw async-nats fetch of {FETCH} + acks (msg/s) | | {raw_fetch:.0} |");
+        println!(
+            "| queue get_batch of {FETCH} + acks (msg/s) | {mem_get_batch:.0} | {nats_get_batch:.0} ({:.0}% of raw) |",
+            100.0 * nats_get_batch / raw_fetch
+        );
         println!("| no-op tasks dispatched and answered (tasks/s) | {mem_tasks:.0} | {nats_tasks:.0} |");
     });
 }

@@ -74,6 +74,13 @@ async fn a_short_session_learns_digits(on: On) {
     for r in &result.reports {
         assert_eq!(r.contributed.len(), 4, "round {}: {:?}", r.round, r.failures);
         assert_eq!(r.examples, 1438);
+        // Where the time went: each part measured, the nodes' work inside the wait, and
+        // the parts within the round.
+        let t = &r.timings;
+        assert!(t.dispatch > 0.0 && t.transfer > 0.0 && t.aggregation > 0.0, "{t:?}");
+        // A node starts once its task is being placed and answers before the wait ends.
+        assert!(t.dispatch + t.waiting >= r.compute_seconds, "{t:?} against {} s of work", r.compute_seconds);
+        assert!(t.dispatch + t.waiting + t.transfer + t.aggregation + r.eval_seconds <= r.seconds, "{t:?} in {r:?}");
     }
     // The model is the last round's, and decodes.
     assert_eq!(result.model_digest, result.reports[9].model);

@@ -155,7 +155,7 @@ impl OperationNetwork for FlowNetwork<'_> {
                     .as_str()
                     .and_then(|s| s.parse().ok())
                     .ok_or_else(|| format!("{param}: {value} is not a blob digest"))?;
-                blobs.push(BlobRef { name: param, digest, size: 0 });
+                blobs.push(BlobRef::stored(param, digest, 0));
             } else {
                 kwargs.insert(param, value);
             }
@@ -217,6 +217,7 @@ impl OperationNetwork for FlowNetwork<'_> {
                 config: config.clone(),
                 inputs: blobs.clone(),
                 world: None,
+                inline_outputs: 0,
             };
             let replies = self.c.send_and_collect(&id, 0, vec![task], self.timeout).await.map_err(|e| e.to_string())?;
             match replies.replies.get(&node).map(|r| &r.outcome) {
@@ -265,7 +266,7 @@ impl FlowNetwork<'_> {
         let r = refs.iter().find(|r| r.name == "result").ok_or_else(|| format!("{name} gave no result"))?;
         let bytes = self
             .c
-            .retry("reading a result", || self.c.backend.blobs.get(&r.digest))
+            .retry("reading a result", || tessera_ports::read_ref(self.c.backend.blobs.as_ref(), r))
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("{name}'s result is not in the blob store"))?;

@@ -13,6 +13,7 @@ use tessera_core::Digest;
 use tessera_core::wire::{self, BlobRef, SCHEMA_VERSION, TaskMessage, TaskReply, WorldScope};
 use tessera_identity::{PublicKey, Verifier, messages, now_ms};
 use tessera_node::{list_nodes, task_queue};
+use tessera_ports::Put;
 
 use crate::SessionError;
 use crate::engine::Coordinator;
@@ -24,6 +25,10 @@ pub(crate) struct Replies {
     pub(crate) replies: BTreeMap<String, TaskReply>,
     /// Participants whose node left while the round waited for them.
     pub(crate) gone: BTreeSet<String>,
+    /// Seconds spent placing the tasks on the queues.
+    pub(crate) dispatch_seconds: f64,
+    /// Seconds from the tasks being placed to the last reply taken.
+    pub(crate) wait_seconds: f64,
 }
 
 /// A participant: a node, or (simulating) one of a node's virtual clients `<node>.c<j>`.
@@ -45,7 +50,14 @@ pub(crate) struct Outgoing {
     pub inputs: Vec<BlobRef>,
     /// The swarm iteration's world state it sees.
     pub world: Option<WorldScope>,
+    /// Outputs up to this many bytes come back inline in the reply (0: none); for tasks
+    /// whose outputs only the coordinator reads, through [`tessera_ports::read_ref`].
+    pub inline_outputs: u64,
 }
+
+/// Outputs of a federated round's tasks (updates, metrics, partial sums) up to this size
+/// come back in the reply rather than through the blob store.
+pub(crate) const INLINE_OUTPUTS: u64 = 64 << 10;
 
 /// The queue a session's replies come back on.
 pub fn reply_queue(id: &str) -> String {
@@ -77,6 +89,7 @@ impl Coordinator {
                 config: config_for(i, p),
                 inputs: inputs_for(i, p),
                 world: None,
+                inline_outputs: INLINE_OUTPUTS,
             })
             .collect();
         self.send_and_collect(id, round, tasks, timeout).await
@@ -93,6 +106,7 @@ impl Coordinator {
         tasks: Vec<Outgoing>,
         timeout: Duration,
     ) -> Result<Replies, SessionError> {
+        let started = Instant::now();
         let reply_to = reply_queue(id);
         let mut pending: BTreeMap<String, String> = BTreeMap::new();
         // The keys nodes announced: tasks are signed for them, replies checked against them.
@@ -109,6 +123,7 @@ impl Coordinator {
             .identity
             .as_ref()
             .map(|k| Verifier::new(k.public().clone()).with_window_ms(3_600_000).without_replay_check());
+        let mut puts = Vec::with_capacity(tasks.len());
         for t in tasks {
             let node = participant_node(&t.participant).to_owned();
             let mut task = TaskMessage {
@@ -123,16 +138,20 @@ impl Coordinator {
                 dispatch: self.dispatch.clone(),
                 world: t.world,
                 auth: None,
+                inline_outputs: t.inline_outputs,
             };
             let queue = task_queue(&node);
             if let (Some(key), Some(node_key)) = (&self.identity, node_keys.get(&node)) {
                 messages::sign_task(&mut task, key, node_key, &queue, now_ms());
             }
-            let bytes = Bytes::from(wire::encode(&task));
             let msg_id = format!("{}.{}", t.task_id, self.dispatch);
-            self.retry("sending a task", || self.backend.bus.put_once(&queue, &msg_id, bytes.clone())).await?;
+            puts.push(Put::once(queue, msg_id, Bytes::from(wire::encode(&task))));
             pending.insert(t.task_id, t.participant);
         }
+        // All at once, acknowledgements awaited together: a slow queue does not hold up the
+        // others' tasks. The ids make a retried batch store each task once.
+        self.retry("sending tasks", || self.backend.bus.put_batch(puts.clone())).await?;
+        let placed = Instant::now();
         let deadline = Instant::now() + timeout;
         let mut replies = BTreeMap::new();
         let mut gone = BTreeSet::new();
@@ -165,47 +184,82 @@ impl Coordinator {
                     }
                 }
             }
-            let d = match self.backend.bus.get(&reply_to, left.min(check_every)).await {
-                Ok(Some(d)) => d,
-                Ok(None) => continue,
+            let batch = match self.backend.bus.get_batch(&reply_to, REPLY_BATCH, left.min(check_every)).await {
+                Ok(b) => b,
                 Err(e) => {
                     tracing::warn!("waiting for replies: {e}; retrying");
                     tokio::time::sleep(Duration::from_millis(200).min(left)).await;
                     continue;
                 }
             };
-            let decoded = wire::decode::<TaskReply>(&d.payload).map_err(|e| e.to_string()).and_then(|r| {
-                // A node that announced a key must sign its replies for this coordinator.
-                match (node_keys.get(&r.node), &reply_verifier) {
-                    (Some(expected), Some(v)) => match messages::verify_reply(&r, v, &reply_to, now_ms()) {
-                        Ok(Some(signer)) if &signer == expected => Ok(r),
-                        Ok(Some(signer)) => Err(format!("reply for {} signed by {signer}, not by the node", r.task_id)),
-                        Ok(None) => Err(format!("unsigned reply for {} from a node with a key", r.task_id)),
-                        Err(e) => Err(format!("reply for {}: {e}", r.task_id)),
-                    },
-                    _ => Ok(r),
+            for d in batch {
+                if let Some((participant, r)) = self.accept_reply(
+                    id,
+                    round,
+                    &reply_to,
+                    &d.payload,
+                    &node_keys,
+                    reply_verifier.as_ref(),
+                    &mut pending,
+                ) {
+                    replies.insert(participant, r);
                 }
-            });
-            match decoded {
-                Ok(r) if r.session == id && r.round == round => match pending.remove(&r.task_id) {
-                    Some(participant) if participant_node(&participant) == r.node => {
-                        replies.insert(participant, r);
-                    }
-                    Some(participant) => {
-                        tracing::warn!(task = %r.task_id, "reply claims node {} but the task went to {participant}; ignored", r.node);
-                        pending.insert(r.task_id.clone(), participant);
-                    }
-                    None => tracing::info!(task = %r.task_id, "duplicate or unexpected reply ignored"),
-                },
-                Ok(r) => {
-                    tracing::info!(task = %r.task_id, session = %r.session, "reply for another round or session ignored")
+                if let Err(e) = d.ack().await {
+                    tracing::debug!("ack of a reply failed: {e}");
                 }
-                Err(e) => tracing::warn!("refused a message on {reply_to}: {e}"),
-            }
-            if let Err(e) = d.ack().await {
-                tracing::debug!("ack of a reply failed: {e}");
             }
         }
-        Ok(Replies { replies, gone })
+        Ok(Replies {
+            replies,
+            gone,
+            dispatch_seconds: placed.duration_since(started).as_secs_f64(),
+            wait_seconds: placed.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Checks one message on the reply queue: a reply of this round to a pending task,
+    /// from the node it went to, signed by that node when it announced a key. Gives the
+    /// participant and reply, and takes the task off `pending`; anything else is logged.
+    #[allow(clippy::too_many_arguments)]
+    fn accept_reply(
+        &self,
+        id: &str,
+        round: u32,
+        reply_to: &str,
+        payload: &[u8],
+        node_keys: &BTreeMap<String, PublicKey>,
+        reply_verifier: Option<&Verifier>,
+        pending: &mut BTreeMap<String, String>,
+    ) -> Option<(String, TaskReply)> {
+        let decoded = wire::decode::<TaskReply>(payload).map_err(|e| e.to_string()).and_then(|r| {
+            // A node that announced a key must sign its replies for this coordinator.
+            match (node_keys.get(&r.node), reply_verifier) {
+                (Some(expected), Some(v)) => match messages::verify_reply(&r, v, reply_to, now_ms()) {
+                    Ok(Some(signer)) if &signer == expected => Ok(r),
+                    Ok(Some(signer)) => Err(format!("reply for {} signed by {signer}, not by the node", r.task_id)),
+                    Ok(None) => Err(format!("unsigned reply for {} from a node with a key", r.task_id)),
+                    Err(e) => Err(format!("reply for {}: {e}", r.task_id)),
+                },
+                _ => Ok(r),
+            }
+        });
+        match decoded {
+            Ok(r) if r.session == id && r.round == round => match pending.remove(&r.task_id) {
+                Some(participant) if participant_node(&participant) == r.node => return Some((participant, r)),
+                Some(participant) => {
+                    tracing::warn!(task = %r.task_id, "reply claims node {} but the task went to {participant}; ignored", r.node);
+                    pending.insert(r.task_id.clone(), participant);
+                }
+                None => tracing::info!(task = %r.task_id, "duplicate or unexpected reply ignored"),
+            },
+            Ok(r) => {
+                tracing::info!(task = %r.task_id, session = %r.session, "reply for another round or session ignored")
+            }
+            Err(e) => tracing::warn!("refused a message on {reply_to}: {e}"),
+        }
+        None
     }
 }
+
+/// Most replies taken from the reply queue in one request.
+const REPLY_BATCH: usize = 256;

@@ -4,14 +4,14 @@
 //! failures, stop requests and the stored state are the engine's, shared by both.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tessera_core::registry::PackageRecord;
 use tessera_core::wire::{NodeRecord, RoundReport};
 use tessera_identity::KeyPair;
 use tessera_node::Node;
-use tessera_ports::{Backend, BlobError, BusError, PackageSource, WorldError};
+use tessera_ports::{Backend, PackageSource};
 use tessera_swarm::SwarmSpec;
 
 use crate::state::Ending;
@@ -54,27 +54,6 @@ pub trait Observer: Send + Sync {
 pub struct Quiet;
 impl Observer for Quiet {}
 
-/// Errors worth retrying: the backend may come back (a restarting server, a lost
-/// connection); bad names and oversized values will not.
-pub(crate) trait Transient {
-    fn transient(&self) -> bool;
-}
-impl Transient for BusError {
-    fn transient(&self) -> bool {
-        matches!(self, BusError::Backend(_))
-    }
-}
-impl Transient for WorldError {
-    fn transient(&self) -> bool {
-        matches!(self, WorldError::Backend(_))
-    }
-}
-impl Transient for BlobError {
-    fn transient(&self) -> bool {
-        matches!(self, BlobError::Backend(_) | BlobError::Io { .. })
-    }
-}
-
 impl Coordinator {
     /// A coordinator over a backend and a package source. `local` is the coordinator's
     /// own node: it creates the initial model and evaluates each global model on its
@@ -98,25 +77,14 @@ impl Coordinator {
         self
     }
 
-    pub(crate) async fn retry<T, E, F, Fut>(&self, what: &str, mut f: F) -> Result<T, E>
+    /// Runs `f`, retrying transient backend failures for the coordinator's retry window.
+    pub(crate) async fn retry<T, E, F, Fut>(&self, what: &str, f: F) -> Result<T, E>
     where
-        E: Transient + std::fmt::Display,
+        E: tessera_ports::Transient + std::fmt::Display,
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, E>>,
     {
-        let deadline = Instant::now() + self.retry_for;
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match f().await {
-                Ok(v) => return Ok(v),
-                Err(e) if e.transient() && Instant::now() < deadline => {
-                    tracing::warn!("{what}: {e}; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        tessera_ports::retry_transient(what, self.retry_for, f).await
     }
 
     /// Runs `program`'s iterations from the one after those it completed to its limit,

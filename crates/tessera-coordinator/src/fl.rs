@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 use serde_json::{Value, json};
 use tessera_core::config::deep_merge;
 use tessera_core::name::check_ident;
@@ -17,15 +18,20 @@ use tessera_core::registry::PackageRecord;
 use tessera_core::strategy::{FitFailure, FitResult, Strategy};
 use tessera_core::tensor::{TensorLimits, Tensors};
 use tessera_core::wire::{
-    BlobRef, Failure, Lineage, NodeRecord, RoundReport, SCHEMA_VERSION, TaskOutcome, TaskReply, WorkerMetrics,
+    BlobRef, Failure, Lineage, NodeRecord, RoundReport, RoundTimings, SCHEMA_VERSION, TaskOutcome, TaskReply,
+    WorkerMetrics,
 };
 use tessera_core::{Digest, PackageRef};
+use tessera_ports::read_ref;
 
-use crate::dispatch::participant_node;
+use crate::dispatch::{INLINE_OUTPUTS, participant_node};
 use crate::engine::{Coordinator, Observer, Program};
 use crate::placement::{Workers, eligible_of, module_use};
 use crate::state::Ending;
 use crate::{DpSide, SessionConfig, SessionError, SessionResult, SessionState};
+
+/// Most updates of a round fetched from the blob store at once.
+const COLLECT_CONCURRENCY: usize = 32;
 
 /// An error's message said of `round`: prefixed with `round N: ` unless it already is
 /// (strategies' errors name their round themselves).
@@ -305,7 +311,8 @@ impl Coordinator {
         for r in replies.replies.into_values() {
             if let TaskOutcome::Ok { outputs, .. } = r.outcome
                 && let Some(m) = outputs.iter().find(|o| o.name == "model")
-                && let Some(b) = self.retry("reading the initial model", || self.backend.blobs.get(&m.digest)).await?
+                && let Some(b) =
+                    self.retry("reading the initial model", || read_ref(self.backend.blobs.as_ref(), m)).await?
             {
                 return Ok(b);
             }
@@ -318,19 +325,16 @@ impl Coordinator {
             TaskOutcome::Ok { outputs, seconds } => (outputs, *seconds),
             TaskOutcome::Failed { error } => return Err(error.clone()),
         };
-        let get = |name: &str| outputs.iter().find(|o| o.name == name).map(|o| o.digest);
+        let get = |name: &str| outputs.iter().find(|o| o.name == name);
         let model = get("model").ok_or("no `model` output")?;
         let metrics = get("metrics").ok_or("no `metrics` output")?;
-        let model = self
-            .retry("reading an update", || self.backend.blobs.get(&model))
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("the `model` blob is missing")?;
-        let metrics = self
-            .retry("reading metrics", || self.backend.blobs.get(&metrics))
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("the `metrics` blob is missing")?;
+        let (model, metrics) = futures::future::join(
+            self.retry("reading an update", || read_ref(self.backend.blobs.as_ref(), model)),
+            self.retry("reading metrics", || read_ref(self.backend.blobs.as_ref(), metrics)),
+        )
+        .await;
+        let model = model.map_err(|e| e.to_string())?.ok_or("the `model` blob is missing")?;
+        let metrics = metrics.map_err(|e| e.to_string())?.ok_or("the `metrics` blob is missing")?;
         let tensors = Tensors::decode(&model, TensorLimits::default()).map_err(|e| e.to_string())?;
         let metrics: WorkerMetrics = serde_json::from_slice(&metrics).map_err(|e| format!("metrics: {e}"))?;
         if metrics.num_examples == 0 {
@@ -369,7 +373,12 @@ impl Coordinator {
             .retry("reading the global model", || self.backend.blobs.get(&state.model))
             .await?
             .ok_or_else(|| SessionError::Aggregate("the global model is missing".into()))?;
-        let global_ref = BlobRef { name: "model".into(), digest: state.model, size: global.len() as u64 };
+        // The global model travels in the task when small, else through the blob store.
+        let global_ref = if global.len() as u64 <= INLINE_OUTPUTS {
+            BlobRef::inline("model", &global)
+        } else {
+            BlobRef::stored("model", state.model, global.len() as u64)
+        };
         let seed_base = cfg.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round) * 1009);
         if let Some(sa) = &cfg.secure_aggregation {
             let ctx = RoundCtx { state, workers, round, started, selected, available, global, global_ref, seed_base };
@@ -401,21 +410,37 @@ impl Coordinator {
             return self.hierarchical_round(ctx, h, replies).await;
         }
 
+        let mut timings = RoundTimings {
+            dispatch: replies.dispatch_seconds,
+            waiting: replies.wait_seconds,
+            ..RoundTimings::default()
+        };
+        let fetching = Instant::now();
+        // Updates are fetched side by side (bounded) and kept in participant order, so the
+        // aggregate does not depend on which blob came first.
+        let replies_ref = &replies;
+        let collected: Vec<Result<Update, Failure>> = futures::stream::iter(selected.clone())
+            .map(|node: String| async move {
+                let fail = |error: String| Failure { node: node.clone(), error };
+                match replies_ref.replies.get(&node) {
+                    None if replies_ref.gone.contains(&node) => {
+                        Err(fail("the node left (its heartbeat stopped)".into()))
+                    }
+                    None => Err(fail(format!("no reply within {}s", cfg.round_timeout_secs))),
+                    Some(r) => self.collect(&node, r).await.map_err(fail),
+                }
+            })
+            .buffered(COLLECT_CONCURRENCY)
+            .collect()
+            .await;
+        timings.transfer = fetching.elapsed().as_secs_f64();
+        let aggregating = Instant::now();
         let mut updates = Vec::new();
         let mut failures = Vec::new();
-        for node in &selected {
-            match replies.replies.get(node) {
-                None if replies.gone.contains(node) => {
-                    failures.push(Failure { node: node.clone(), error: "the node left (its heartbeat stopped)".into() })
-                }
-                None => failures.push(Failure {
-                    node: node.clone(),
-                    error: format!("no reply within {}s", cfg.round_timeout_secs),
-                }),
-                Some(r) => match self.collect(node, r).await {
-                    Ok(u) => updates.push(u),
-                    Err(error) => failures.push(Failure { node: node.clone(), error }),
-                },
+        for c in collected {
+            match c {
+                Ok(u) => updates.push(u),
+                Err(f) => failures.push(f),
             }
         }
         let base =
@@ -475,6 +500,7 @@ impl Coordinator {
             model: aggregate,
             dp_epsilon,
             dp_sample_rate,
+            timings: RoundTimings { aggregation: aggregating.elapsed().as_secs_f64(), ..timings },
         };
         let ctx =
             RoundCtx { state, workers, round, started, selected: Vec::new(), available, global, global_ref, seed_base };
@@ -492,7 +518,10 @@ impl Coordinator {
         let cfg = &ctx.state.config;
         let id = ctx.state.id.as_str();
         let model_bytes = Bytes::from(done.model.encode());
+        let storing = Instant::now();
         let model = self.retry("storing the global model", || self.backend.blobs.put(model_bytes.clone())).await?;
+        let mut timings = done.timings;
+        timings.transfer += storing.elapsed().as_secs_f64();
         let eval_started = Instant::now();
         let (metrics, fed) = tokio::try_join!(
             self.evaluate(id, cfg, &ctx.workers.default, model_bytes, ctx.round),
@@ -526,6 +555,7 @@ impl Coordinator {
             fed_evaluated: fed.map(|f| f.2).unwrap_or_default(),
             dp_epsilon: done.dp_epsilon,
             dp_sample_rate: done.dp_sample_rate,
+            timings,
         })
     }
 
@@ -553,7 +583,7 @@ impl Coordinator {
         if nodes.is_empty() {
             return Ok(None);
         }
-        let input = BlobRef { name: "model".into(), digest: *model, size };
+        let input = BlobRef::stored("model", *model, size);
         // Evaluation tasks are a round of their own on the reply queue (round numbers of
         // evaluation are offset so their replies never mix with training's).
         let replies = self
@@ -577,7 +607,7 @@ impl Coordinator {
         for (node, r) in &replies.replies {
             let TaskOutcome::Ok { outputs, .. } = &r.outcome else { continue };
             let Some(m) = outputs.iter().find(|o| o.name == "metrics") else { continue };
-            let Ok(Some(bytes)) = self.backend.blobs.get(&m.digest).await else { continue };
+            let Ok(Some(bytes)) = read_ref(self.backend.blobs.as_ref(), m).await else { continue };
             if let Ok(w) = serde_json::from_slice::<WorkerMetrics>(&bytes)
                 && w.num_examples > 0
                 && w.loss.is_finite()
@@ -649,6 +679,8 @@ pub(crate) struct Aggregated {
     pub(crate) model: Tensors,
     pub(crate) dp_epsilon: Option<f64>,
     pub(crate) dp_sample_rate: Option<f64>,
+    /// Where the round's time went so far (storing the model is added when it is stored).
+    pub(crate) timings: RoundTimings,
 }
 
 /// Region aggregation tasks of round `r` are numbered `AGG_ROUND_BASE + r`.

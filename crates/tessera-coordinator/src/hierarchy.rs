@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tessera_core::PackageRef;
 use tessera_core::tensor::{TensorLimits, Tensors};
-use tessera_core::wire::{BlobRef, Failure, RoundReport, TaskOutcome, WorkerMetrics};
+use tessera_core::wire::{BlobRef, Failure, RoundReport, RoundTimings, TaskOutcome, WorkerMetrics};
 
 use crate::dispatch::{Replies, participant_node};
 use crate::engine::Coordinator;
@@ -55,7 +55,7 @@ impl Coordinator {
             };
             let model = outputs.iter().find(|o| o.name == "model").cloned();
             let metrics = match outputs.iter().find(|o| o.name == "metrics") {
-                Some(o) => self.backend.blobs.get(&o.digest).await?,
+                Some(o) => tessera_ports::read_ref(self.backend.blobs.as_ref(), o).await?,
                 None => None,
             };
             match (model, metrics.and_then(|b| serde_json::from_slice::<WorkerMetrics>(&b).ok())) {
@@ -132,20 +132,14 @@ impl Coordinator {
                 }
                 continue;
             };
-            let get = |name: &str| outputs.iter().find(|o| o.name == name).map(|o| o.digest);
+            let get = |name: &str| outputs.iter().find(|o| o.name == name);
             let (Some(pd), Some(wd)) = (get("partial"), get("weight")) else {
                 return Err(SessionError::Aggregate(format!("aggregator {} gave no partial sum", region.aggregator)));
             };
-            let partial = self
-                .backend
-                .blobs
-                .get(&pd)
+            let partial = tessera_ports::read_ref(self.backend.blobs.as_ref(), pd)
                 .await?
                 .ok_or_else(|| SessionError::Aggregate("a partial sum is missing".into()))?;
-            let w: f64 = self
-                .backend
-                .blobs
-                .get(&wd)
+            let w: f64 = tessera_ports::read_ref(self.backend.blobs.as_ref(), wd)
                 .await?
                 .and_then(|b| std::str::from_utf8(&b).ok().and_then(|s| s.trim().parse().ok()))
                 .ok_or_else(|| SessionError::Aggregate("a partial weight is missing".into()))?;
@@ -156,10 +150,7 @@ impl Coordinator {
             contributed.extend(members.iter().cloned());
         }
         for p in &direct {
-            let bytes = self
-                .backend
-                .blobs
-                .get(&done[p].0.digest)
+            let bytes = tessera_ports::read_ref(self.backend.blobs.as_ref(), &done[p].0)
                 .await?
                 .ok_or_else(|| SessionError::Aggregate("an update is missing".into()))?;
             let t =
@@ -191,6 +182,12 @@ impl Coordinator {
             model: sum,
             dp_epsilon: None,
             dp_sample_rate: None,
+            // The participants' tasks, then the region aggregators'.
+            timings: RoundTimings {
+                dispatch: replies.dispatch_seconds + partials.dispatch_seconds,
+                waiting: replies.wait_seconds + partials.wait_seconds,
+                ..RoundTimings::default()
+            },
         };
         let ctx = RoundCtx {
             state,

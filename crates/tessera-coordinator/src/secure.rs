@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tessera_core::config::deep_merge;
 use tessera_core::tensor::{TensorLimits, Tensors};
-use tessera_core::wire::{Failure, RoundReport, TaskOutcome, WorkerMetrics};
+use tessera_core::wire::{Failure, RoundReport, RoundTimings, TaskOutcome, WorkerMetrics};
 
 use crate::engine::Coordinator;
 use crate::fl::{Aggregated, RoundCtx, partition_config, too_few};
@@ -136,7 +136,7 @@ impl Coordinator {
             match replies.replies.get(p).map(|r| &r.outcome) {
                 Some(TaskOutcome::Ok { outputs, seconds }) if in_sum => {
                     let m = match outputs.iter().find(|o| o.name == "metrics") {
-                        Some(o) => self.backend.blobs.get(&o.digest).await?,
+                        Some(o) => tessera_ports::read_ref(self.backend.blobs.as_ref(), o).await?,
                         None => None,
                     };
                     if let Some(m) = m.and_then(|b| serde_json::from_slice::<WorkerMetrics>(&b).ok()) {
@@ -179,6 +179,11 @@ impl Coordinator {
             model: aggregate,
             dp_epsilon: None,
             dp_sample_rate: None,
+            timings: RoundTimings {
+                dispatch: replies.dispatch_seconds,
+                waiting: replies.wait_seconds,
+                ..RoundTimings::default()
+            },
         };
         let ctx =
             RoundCtx { state, workers, round, started, selected: Vec::new(), available, global, global_ref, seed_base };

@@ -429,8 +429,9 @@ impl Coordinator {
         };
         for refs in outputs.into_iter().flat_map(|o| o.values()) {
             if let Some(r) = refs.iter().find(|r| r.name == "continue")
-                && let Some(b) =
-                    self.retry("reading the scheduler's answer", || self.backend.blobs.get(&r.digest)).await?
+                && let Some(b) = self
+                    .retry("reading the scheduler's answer", || tessera_ports::read_ref(self.backend.blobs.as_ref(), r))
+                    .await?
                 && let Some(v) = read(&b)
             {
                 return Ok(v);
@@ -625,6 +626,7 @@ impl SwarmRun<'_> {
                         config,
                         inputs: self.inputs_for(it, task, node),
                         world: Some(world.clone()),
+                        inline_outputs: 0,
                     }
                 })
                 .collect();

@@ -65,6 +65,68 @@ pub struct BlobRef {
     pub digest: Digest,
     /// Its size in bytes.
     pub size: u64,
+    /// The bytes themselves, when small enough to travel in the message (base64 on the
+    /// wire) rather than through the blob store; they must match `digest` and `size`
+    /// ([`BlobRef::inline_bytes`]).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "inline_bytes")]
+    pub inline: Option<Vec<u8>>,
+}
+
+/// A blob's bytes that do not match the digest or size that names them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the bytes given for {name:?} do not match {digest} ({size} bytes)")]
+pub struct InlineMismatch {
+    /// The port name.
+    pub name: String,
+    /// The digest they should have.
+    pub digest: Digest,
+    /// The size they should have.
+    pub size: u64,
+}
+
+impl BlobRef {
+    /// A reference to a blob in the blob store.
+    pub fn stored(name: impl Into<String>, digest: Digest, size: u64) -> Self {
+        BlobRef { name: name.into(), digest, size, inline: None }
+    }
+
+    /// A reference carrying `bytes` inline.
+    pub fn inline(name: impl Into<String>, bytes: &[u8]) -> Self {
+        BlobRef { name: name.into(), digest: Digest::of(bytes), size: bytes.len() as u64, inline: Some(bytes.to_vec()) }
+    }
+
+    /// The inline bytes, checked against the digest and size (`Ok(None)` when the blob is
+    /// in the blob store).
+    ///
+    /// # Errors
+    /// [`InlineMismatch`] when the bytes are not those the digest names.
+    pub fn inline_bytes(&self) -> Result<Option<&[u8]>, InlineMismatch> {
+        match &self.inline {
+            None => Ok(None),
+            Some(b) if b.len() as u64 == self.size && Digest::of(b) == self.digest => Ok(Some(b)),
+            Some(_) => Err(InlineMismatch { name: self.name.clone(), digest: self.digest, size: self.size }),
+        }
+    }
+}
+
+/// Base64 (standard alphabet, padded) for inline bytes in JSON messages.
+mod inline_bytes {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[allow(clippy::ref_option)]
+    pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(b) => s.serialize_str(&STANDARD.encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        let text: Option<String> = Option::deserialize(d)?;
+        text.map(|t| STANDARD.decode(t.as_bytes()).map_err(serde::de::Error::custom)).transpose()
+    }
 }
 
 /// A task for a node: run this package with this config and these inputs.
@@ -99,6 +161,15 @@ pub struct TaskMessage {
     /// `TASK`, path the node's task queue, audience the node's key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<String>,
+    /// Outputs of at most this many bytes travel inline in the reply
+    /// ([`BlobRef::inline`]) instead of through the blob store: for a coordinator that
+    /// reads the outputs itself. 0 (the default): every output goes to the blob store.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub inline_outputs: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The part of a run's world state one swarm task sees: the globals and results of one
@@ -280,6 +351,31 @@ pub struct RoundReport {
     /// With differential privacy: the fraction of eligible nodes sampled this round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp_sample_rate: Option<f64>,
+    /// Where the round's time went at the coordinator (zeros in reports written before
+    /// it was measured).
+    #[serde(default)]
+    pub timings: RoundTimings,
+}
+
+/// Where a round's time went at the coordinator, in seconds. With the nodes' work
+/// (`compute_seconds`) and the evaluation (`eval_seconds`) they show what a round costs
+/// beyond the work: `waiting` less `compute_seconds` is the way to the nodes and back.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundTimings {
+    /// Placing the round's tasks on the nodes' queues, signing included.
+    #[serde(default)]
+    pub dispatch: f64,
+    /// From the tasks being placed to the last reply taken (the nodes' work, the replies'
+    /// way back, and any wait for nodes that do not answer).
+    #[serde(default)]
+    pub waiting: f64,
+    /// Reading the updates from the blob store and storing the new global model.
+    #[serde(default)]
+    pub transfer: f64,
+    /// The strategy's aggregation (with clipping and noise when differential privacy is on).
+    #[serde(default)]
+    pub aggregation: f64,
 }
 
 impl RoundReport {
@@ -499,12 +595,33 @@ mod tests {
             round: 1,
             module: Digest::of(b"m"),
             config: serde_json::json!({"lr": 0.1}),
-            inputs: vec![BlobRef { name: "model".into(), digest: Digest::of(b"w"), size: 1 }],
+            inputs: vec![BlobRef::stored("model", Digest::of(b"w"), 1), BlobRef::inline("metrics", b"{}")],
             reply_to: "tessera.session.s1.replies".into(),
             dispatch: "d1".into(),
             world: None,
             auth: None,
+            inline_outputs: 0,
         }
+    }
+
+    #[test]
+    fn inline_bytes_travel_as_base64_and_are_checked() {
+        let t = task();
+        let text = String::from_utf8(encode(&t)).unwrap();
+        assert!(text.contains("\"inline\":\"e30=\""), "{text}");
+        let back: TaskMessage = decode(text.as_bytes()).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(back.inputs[1].inline_bytes().unwrap(), Some(&b"{}"[..]));
+        assert_eq!(back.inputs[0].inline_bytes().unwrap(), None);
+        // Bytes that are not those the digest names are refused.
+        let mut forged = back.inputs[1].clone();
+        forged.inline = Some(b"[]".to_vec());
+        assert!(forged.inline_bytes().is_err());
+        forged.inline = Some(b"{} ".to_vec());
+        assert!(forged.inline_bytes().is_err(), "size");
+        // Not base64: a malformed message.
+        let bad = text.replace("e30=", "!!");
+        assert!(matches!(decode::<TaskMessage>(bad.as_bytes()), Err(WireError::Malformed(_))));
     }
 
     #[test]

@@ -81,6 +81,7 @@ mod tests {
             dispatch: "d".into(),
             world: None,
             auth: None,
+            inline_outputs: 0,
         }
     }
 

@@ -1,4 +1,5 @@
-//! Blobs in a JetStream Object Store.
+//! Blobs in JetStream: small ones (up to [`SMALL_BLOB`]) in a KV bucket, one message each,
+//! the rest in an Object Store, chunked.
 
 use async_nats::jetstream::object_store::{self, ObjectStore};
 use async_nats::jetstream::stream::StorageType;
@@ -11,10 +12,20 @@ use tokio::io::AsyncReadExt;
 use crate::{Nats, NatsError};
 
 const BUCKET: &str = "tessera_blobs";
+const SMALL_BUCKET: &str = "tessera_small_blobs";
 
-/// Blobs named by their digest's hex in the Object Store `tessera_blobs`, verified on read.
+/// The largest blob kept as one KV entry rather than in the Object Store. An Object Store
+/// put costs three round trips to the server (an existence check, the chunk, the
+/// metadata) and a get three more (the metadata, a consumer, the chunk); a KV entry is one
+/// publish and one direct get. Tasks' small outputs (metrics, a small model, a no-op's
+/// answer) are the common case.
+pub const SMALL_BLOB: usize = 64 << 10;
+
+/// Blobs named by their digest's hex: up to [`SMALL_BLOB`] bytes in the KV bucket
+/// `tessera_small_blobs`, larger ones in the Object Store `tessera_blobs`; verified on read.
 pub struct NatsBlobs {
     store: ObjectStore,
+    small: async_nats::jetstream::kv::Store,
 }
 
 fn backend(e: impl std::fmt::Display) -> BlobError {
@@ -31,12 +42,41 @@ impl NatsBlobs {
                 .create_object_store(object_store::Config {
                     bucket: BUCKET.into(),
                     storage: StorageType::File,
+                    num_replicas: nats.replicas,
                     ..Default::default()
                 })
                 .await
                 .map_err(|e| NatsError::Setup { what: format!("object store {BUCKET}"), message: e.to_string() })?,
         };
-        Ok(NatsBlobs { store })
+        let small = crate::kv_bucket(nats, SMALL_BUCKET, None).await?;
+        Ok(NatsBlobs { store, small })
+    }
+}
+
+impl NatsBlobs {
+    /// The live KV entry of a small blob.
+    async fn small_entry(&self, digest: &Digest) -> Result<Option<Bytes>, BlobError> {
+        match self.small.entry(digest.hex()).await.map_err(backend)? {
+            Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put => Ok(Some(e.value)),
+            _ => Ok(None),
+        }
+    }
+
+    /// A small blob, checked against its digest.
+    async fn small_get(&self, digest: &Digest) -> Result<Option<Bytes>, BlobError> {
+        match self.small_entry(digest).await? {
+            Some(bytes) if &Digest::of(&bytes) == digest => Ok(Some(bytes)),
+            Some(_) => Err(BlobError::Corrupt(*digest)),
+            None => Ok(None),
+        }
+    }
+
+    async fn store_contains(&self, digest: &Digest) -> Result<bool, BlobError> {
+        match self.store.info(digest.hex()).await {
+            Ok(info) => Ok(!info.deleted),
+            Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => Ok(false),
+            Err(e) => Err(backend(e)),
+        }
     }
 }
 
@@ -44,7 +84,12 @@ impl NatsBlobs {
 impl BlobStore for NatsBlobs {
     async fn put(&self, bytes: Bytes) -> Result<Digest, BlobError> {
         let digest = Digest::of(&bytes);
-        if self.contains(&digest).await? {
+        if bytes.len() <= SMALL_BLOB {
+            // Idempotent: the key is the content's digest, and the bucket keeps one value.
+            self.small.put(digest.hex(), bytes).await.map_err(backend)?;
+            return Ok(digest);
+        }
+        if self.store_contains(&digest).await? {
             return Ok(digest);
         }
         let mut reader = &bytes[..];
@@ -53,6 +98,9 @@ impl BlobStore for NatsBlobs {
     }
 
     async fn get(&self, digest: &Digest) -> Result<Option<Bytes>, BlobError> {
+        if let Some(bytes) = self.small_get(digest).await? {
+            return Ok(Some(bytes));
+        }
         let mut object = match self.store.get(digest.hex()).await {
             Ok(o) => o,
             Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
@@ -67,15 +115,15 @@ impl BlobStore for NatsBlobs {
     }
 
     async fn contains(&self, digest: &Digest) -> Result<bool, BlobError> {
-        match self.store.info(digest.hex()).await {
-            Ok(info) => Ok(!info.deleted),
-            Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => Ok(false),
-            Err(e) => Err(backend(e)),
-        }
+        Ok(self.small_entry(digest).await?.is_some() || self.store_contains(digest).await?)
     }
 
     async fn delete(&self, digest: &Digest) -> Result<bool, BlobError> {
-        if !self.contains(digest).await? {
+        if self.small_entry(digest).await?.is_some() {
+            self.small.purge(digest.hex()).await.map_err(backend)?;
+            return Ok(true);
+        }
+        if !self.store_contains(digest).await? {
             return Ok(false);
         }
         self.store.delete(digest.hex()).await.map_err(backend)?;

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use tessera_ports::bus::{Acker, check_queue};
-use tessera_ports::{Bus, BusError, Delivery, QueueBound};
+use tessera_ports::{Bus, BusError, Delivery, Put, QueueBound};
 use tokio::sync::Mutex;
 
 use crate::{Nats, NatsError, NatsOptions};
@@ -21,6 +21,14 @@ const STREAM: &str = "TESSERA_QUEUES";
 /// included. The bytes a queue holds are the last message's total minus what was put before
 /// its first stored message (taken but unacknowledged messages are still stored).
 const PUT_TOTAL: &str = "Tessera-Put-Total";
+
+/// Most publishes of one batch whose acknowledgements are awaited together: well under
+/// the client's bound on acknowledgements in flight (5,000 by default, past which a
+/// publisher waits).
+const PUBLISH_WINDOW: usize = 1024;
+
+/// Most messages one pull request asks for.
+const MAX_FETCH: usize = 1024;
 
 /// Most consumer handles a bus keeps at hand.
 const MAX_CONSUMER_HANDLES: usize = 4096;
@@ -56,7 +64,7 @@ impl NatsBus {
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             duplicate_window: Duration::from_secs(120),
-            num_replicas: 1,
+            num_replicas: nats.replicas,
             ..Default::default()
         };
         let stream = nats
@@ -156,6 +164,42 @@ impl NatsBus {
     }
 }
 
+impl NatsBus {
+    /// Messages already waiting in `queue`, up to `max`, in one pull request that does not
+    /// wait (`no_wait`): it leaves no request behind on the server to take later messages.
+    async fn fetch_waiting(&self, consumer: &PullConsumer, queue: &str, max: usize) -> Result<Vec<Delivery>, BusError> {
+        let mut out = Vec::new();
+        if max == 0 {
+            return Ok(out);
+        }
+        let mut batch = match consumer.fetch().max_messages(max.min(MAX_FETCH)).messages().await {
+            Ok(b) => b,
+            Err(e) => {
+                self.forget(queue).await;
+                return Err(backend(e));
+            }
+        };
+        while let Some(m) = tokio::time::timeout(Duration::from_secs(15), batch.next()).await.ok().flatten() {
+            match m {
+                Ok(m) => out.push(delivery(m)),
+                Err(e) if out.is_empty() => {
+                    self.forget(queue).await;
+                    return Err(backend(e));
+                }
+                // What was taken is handed out; the rest stays for the next request.
+                Err(_) => break,
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn delivery(msg: Message) -> Delivery {
+    let attempt = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+    let payload = msg.payload.clone();
+    Delivery::new(payload, attempt, Box::new(NatsAcker(msg)))
+}
+
 struct NatsAcker(Message);
 
 #[async_trait]
@@ -214,9 +258,57 @@ impl Bus for NatsBus {
                 return Ok(None);
             }
         };
-        let attempt = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
-        let payload = msg.payload.clone();
-        Ok(Some(Delivery::new(payload, attempt, Box::new(NatsAcker(msg)))))
+        Ok(Some(delivery(msg)))
+    }
+
+    async fn put_batch(&self, puts: Vec<Put>) -> Result<(), BusError> {
+        for p in &puts {
+            self.check(&p.queue, &p.payload)?;
+        }
+        // Publish a window, then await its acknowledgements together: the server sees the
+        // publishes back to back, as a pipelined publisher's.
+        let mut puts = puts.into_iter().peekable();
+        while puts.peek().is_some() {
+            let mut acks = Vec::with_capacity(PUBLISH_WINDOW);
+            for p in puts.by_ref().take(PUBLISH_WINDOW) {
+                let ack = match &p.id {
+                    None => self.js.publish(subject(&p.queue), p.payload).await,
+                    Some(id) => {
+                        let mut headers = async_nats::HeaderMap::new();
+                        headers.insert("Nats-Msg-Id", id.as_str());
+                        self.js.publish_with_headers(subject(&p.queue), headers, p.payload).await
+                    }
+                };
+                acks.push(ack.map_err(backend)?);
+            }
+            futures::future::try_join_all(acks.into_iter().map(|a| a.into_future())).await.map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    async fn get_batch(&self, queue: &str, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
+        check_queue(queue)?;
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let consumer = self.consumer(queue).await?;
+        // What is waiting now, in one request; otherwise wait for one message, then take
+        // what came with it.
+        let taken = self.fetch_waiting(&consumer, queue, max).await?;
+        if !taken.is_empty() {
+            return Ok(taken);
+        }
+        let Some(first) = self.get(queue, wait).await? else {
+            return Ok(Vec::new());
+        };
+        let mut out = vec![first];
+        if max > 1 {
+            match self.fetch_waiting(&consumer, queue, max - 1).await {
+                Ok(more) => out.extend(more),
+                Err(e) => tracing::debug!(%queue, "taking more after the first message: {e}"),
+            }
+        }
+        Ok(out)
     }
 
     async fn put_bounded(&self, queue: &str, payload: Bytes, bound: QueueBound) -> Result<(), BusError> {

@@ -67,6 +67,12 @@ pub struct NatsOptions {
     /// reader of the queue gets them; so queues used once (a round's or a parameter set's
     /// replies) do not leave consumers behind for ever.
     pub consumer_inactive: Duration,
+    /// Copies the server keeps of every stream, bucket and object store this backend
+    /// creates (JetStream's `num_replicas`, 1 to 5). `None`: 1 on a single server, 3 on a
+    /// cluster of three or more (fewer on a smaller one), from what the server says of
+    /// its cluster when connecting. With 3, the backend keeps working when one server is
+    /// lost. Streams that exist already keep the count they were made with.
+    pub replicas: Option<usize>,
 }
 
 impl Default for NatsOptions {
@@ -76,6 +82,7 @@ impl Default for NatsOptions {
             max_deliver: 20,
             member_ttl: Duration::from_secs(15),
             consumer_inactive: Duration::from_secs(3600),
+            replicas: None,
         }
     }
 }
@@ -87,14 +94,21 @@ pub struct Nats {
     pub client: async_nats::Client,
     /// Its JetStream context.
     pub js: jetstream::Context,
+    /// Copies kept of what it creates (see [`NatsOptions::replicas`]).
+    pub replicas: usize,
 }
 
 /// How long the first connection may take before [`connect`] gives up.
 pub const FIRST_CONNECT: Duration = Duration::from_secs(10);
 
-/// Connects to NATS: waits up to [`FIRST_CONNECT`] for the server to answer, then
-/// reconnects forever when the connection is lost.
+/// Connects to NATS: waits up to [`FIRST_CONNECT`] for a server to answer, then
+/// reconnects forever when the connection is lost. `url` names one server or several,
+/// comma-separated (`nats://a:4222,nats://b:4222`): the servers of a cluster, any of
+/// which will do; the client also learns the cluster's other servers from the one it
+/// reaches. What it creates keeps one copy per server, up to three (see
+/// [`NatsOptions::replicas`]).
 pub async fn connect(url: &str) -> Result<Nats, NatsError> {
+    let servers = server_list(url)?;
     let client = async_nats::ConnectOptions::new()
         .name("tessera")
         .retry_on_initial_connect()
@@ -107,7 +121,7 @@ pub async fn connect(url: &str) -> Result<Nats, NatsError> {
                 other => tracing::debug!("NATS: {other}"),
             }
         })
-        .connect(url)
+        .connect(servers)
         .await
         .map_err(|e| NatsError::Connect { url: url.to_owned(), message: e.to_string() })?;
     // The first connection is retried in the background; wait for it a little, so a server
@@ -127,17 +141,88 @@ pub async fn connect(url: &str) -> Result<Nats, NatsError> {
     }
     let mut js = jetstream::new(client.clone());
     js.set_timeout(Duration::from_secs(10));
-    Ok(Nats { client, js })
+    let replicas = default_replicas(&client.server_info());
+    Ok(Nats { client, js, replicas })
+}
+
+/// The servers of a comma-separated list, each checked.
+fn server_list(url: &str) -> Result<Vec<async_nats::ServerAddr>, NatsError> {
+    let bad = |message: String| NatsError::Connect { url: url.to_owned(), message };
+    let servers: Vec<async_nats::ServerAddr> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<async_nats::ServerAddr>().map_err(|e| bad(format!("{s:?} is not a server address: {e}"))))
+        .collect::<Result<_, _>>()?;
+    if servers.is_empty() {
+        return Err(bad("no server named".into()));
+    }
+    if servers.len() > MAX_SERVERS {
+        return Err(bad(format!("{} servers named; at most {MAX_SERVERS}", servers.len())));
+    }
+    Ok(servers)
+}
+
+/// Most servers one `--nats` list may name.
+const MAX_SERVERS: usize = 64;
+
+/// 1 on a single server; on a cluster, one copy per server it knows of, up to 3.
+fn default_replicas(info: &async_nats::ServerInfo) -> usize {
+    if info.cluster.is_none() {
+        return 1;
+    }
+    let mut known: std::collections::BTreeSet<&str> = info.connect_urls.iter().map(String::as_str).collect();
+    let me = format!("{}:{}", info.host, info.port);
+    known.insert(&me);
+    known.len().clamp(1, 3)
+}
+
+/// How long opening the backend retries while JetStream is not ready (a cluster electing
+/// its leaders just after it started, or after losing a server).
+const SETUP_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Runs `open` until it succeeds or [`SETUP_PATIENCE`] has passed.
+async fn patiently<T, F, Fut>(open: F) -> Result<T, NatsError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, NatsError>>,
+{
+    let deadline = tokio::time::Instant::now() + SETUP_PATIENCE;
+    loop {
+        match open().await {
+            Ok(t) => return Ok(t),
+            Err(e @ NatsError::Setup { .. }) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!("{e}; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Connects and opens every port: the distributed backend.
+///
+/// # Errors
+/// [`NatsError::Connect`] when no server answers or `url` is malformed;
+/// [`NatsError::Setup`] when a stream, bucket or object store cannot be made within 30 s,
+/// or `options.replicas` is not 1 to 5.
 pub async fn backend(url: &str, options: &NatsOptions) -> Result<Backend, NatsError> {
-    let nats = connect(url).await?;
+    let mut nats = connect(url).await?;
+    if let Some(r) = options.replicas {
+        if !(1..=5).contains(&r) {
+            return Err(NatsError::Setup {
+                what: "streams".into(),
+                message: format!("{r} replicas: JetStream keeps 1 to 5"),
+            });
+        }
+        nats.replicas = r;
+    }
+    tracing::debug!(replicas = nats.replicas, "opening the NATS backend");
     Ok(Backend {
-        bus: std::sync::Arc::new(NatsBus::open(&nats, options).await?),
-        world: std::sync::Arc::new(NatsWorld::open(&nats).await?),
-        blobs: std::sync::Arc::new(NatsBlobs::open(&nats).await?),
-        members: std::sync::Arc::new(NatsMembership::open(&nats, options.member_ttl).await?),
+        bus: std::sync::Arc::new(patiently(|| NatsBus::open(&nats, options)).await?),
+        world: std::sync::Arc::new(patiently(|| NatsWorld::open(&nats)).await?),
+        blobs: std::sync::Arc::new(patiently(|| NatsBlobs::open(&nats)).await?),
+        members: std::sync::Arc::new(patiently(|| NatsMembership::open(&nats, options.member_ttl)).await?),
     })
 }
 
@@ -199,9 +284,37 @@ pub(crate) async fn kv_bucket(
         allow_direct: true,
         discard: stream::DiscardPolicy::New,
         storage: stream::StorageType::File,
-        num_replicas: 1,
+        num_replicas: nats.replicas,
         ..Default::default()
     };
     nats.js.get_or_create_stream(config).await.map_err(|e| setup(e.to_string()))?;
     nats.js.get_key_value(bucket).await.map_err(|e| setup(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_lists_are_checked() {
+        assert_eq!(server_list("nats://127.0.0.1:4222").unwrap().len(), 1);
+        assert_eq!(server_list("nats://a:4222, nats://b:4222,nats://c:4222,").unwrap().len(), 3);
+        for bad in ["", " , ", "nats://a:4222,http://[::1", "nats://a:99999999"] {
+            let e = server_list(bad).unwrap_err().to_string();
+            assert!(e.contains("server"), "{bad:?}: {e}");
+        }
+        let many = vec!["nats://a:4222"; MAX_SERVERS + 1].join(",");
+        assert!(server_list(&many).unwrap_err().to_string().contains("at most"));
+    }
+
+    #[test]
+    fn replicas_follow_the_cluster_the_server_reports() {
+        let mut info = async_nats::ServerInfo { host: "127.0.0.1".into(), port: 4222, ..Default::default() };
+        assert_eq!(default_replicas(&info), 1, "a single server");
+        info.cluster = Some("c".into());
+        info.connect_urls = vec!["127.0.0.1:4222".into(), "127.0.0.1:4223".into()];
+        assert_eq!(default_replicas(&info), 2, "a cluster of two keeps two copies");
+        info.connect_urls.extend(["127.0.0.1:4224".into(), "127.0.0.1:4225".into()]);
+        assert_eq!(default_replicas(&info), 3, "never more than three");
+    }
 }

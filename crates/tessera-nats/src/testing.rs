@@ -1,5 +1,6 @@
-//! A private nats-server for tests and benchmarks: JetStream on, a free port on loopback,
-//! a temporary store directory, stopped when dropped.
+//! Private nats-servers for tests and benchmarks: JetStream on, free ports on loopback,
+//! temporary store directories, stopped when dropped. [`NatsServer`] is one server;
+//! [`NatsCluster`] is a JetStream cluster of several (three for replicated streams).
 //!
 //! A missing `nats-server` binary is a failure, not a skip: install it with
 //! `apt-get install -y nats-server` (the test script does).
@@ -14,6 +15,15 @@ pub struct NatsServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// In a cluster: its name, the cluster's name, its route port and the others'.
+    cluster: Option<ClusterPlace>,
+}
+
+struct ClusterPlace {
+    server_name: String,
+    cluster_name: String,
+    route_port: u16,
+    routes: Vec<u16>,
 }
 
 fn binary() -> PathBuf {
@@ -39,30 +49,47 @@ impl NatsServer {
     /// # Panics
     /// When `nats-server` is not installed or does not start.
     pub fn start() -> Self {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let mut s = NatsServer { child: None, port: free_port(), dir };
+        let mut s = Self::unstarted(None);
         s.launch();
         s
     }
 
+    fn unstarted(cluster: Option<ClusterPlace>) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        NatsServer { child: None, port: free_port(), dir, cluster }
+    }
+
     fn launch(&mut self) {
-        let store = self.dir.path().join("jetstream");
-        let log = std::fs::File::create(self.dir.path().join("server.log")).expect("a log file");
-        let child = Command::new(binary())
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
-            .arg(&store)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start nats-server ({e}); install it with `apt-get install -y nats-server` or set NATS_SERVER")
-            });
-        self.child = Some(child);
+        self.spawn();
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < deadline, "nats-server did not listen on port {} within 20 s", self.port);
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    fn spawn(&mut self) {
+        let store = self.dir.path().join("jetstream");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .expect("a log file");
+        let mut command = Command::new(binary());
+        command.args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"]).arg(&store);
+        if let Some(c) = &self.cluster {
+            let routes: Vec<String> = c.routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
+            command
+                .args(["--server_name", &c.server_name, "--cluster_name", &c.cluster_name])
+                .args(["--cluster", &format!("nats://127.0.0.1:{}", c.route_port)])
+                .args(["--routes", &routes.join(",")]);
+        }
+        let child = command.stdout(Stdio::null()).stderr(log).spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start nats-server ({e}); install it with `apt-get install -y nats-server` or set NATS_SERVER"
+            )
+        });
+        self.child = Some(child);
     }
 
     /// The URL to connect to.
@@ -93,5 +120,64 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A JetStream cluster of nats-servers on loopback, each with its own store, joined by
+/// routes to one another.
+pub struct NatsCluster {
+    servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `size` servers (3 for streams with three replicas) and waits until each
+    /// listens. JetStream elects its meta leader shortly after: connect with
+    /// [`NatsCluster::urls`] and let the first stream creation retry until it is ready.
+    ///
+    /// # Panics
+    /// When `nats-server` is not installed or a server does not start.
+    pub fn start(size: usize) -> Self {
+        let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let cluster_name = format!("tessera-test-{}", std::process::id());
+        let mut servers: Vec<NatsServer> = (0..size)
+            .map(|i| {
+                NatsServer::unstarted(Some(ClusterPlace {
+                    server_name: format!("n{i}"),
+                    cluster_name: cluster_name.clone(),
+                    route_port: route_ports[i],
+                    routes: route_ports.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, p)| *p).collect(),
+                }))
+            })
+            .collect();
+        // All at once: a JetStream cluster forms when its peers can reach one another.
+        for s in &mut servers {
+            s.spawn();
+        }
+        for s in &mut servers {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while TcpStream::connect(("127.0.0.1", s.port)).is_err() {
+                assert!(Instant::now() < deadline, "nats-server did not listen on port {} within 20 s", s.port);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        NatsCluster { servers }
+    }
+
+    /// Every server's URL, comma-separated (what `--nats` takes for a cluster).
+    pub fn urls(&self) -> String {
+        self.servers.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// Server `i`.
+    ///
+    /// # Panics
+    /// When there is no server `i`.
+    pub fn server(&mut self, i: usize) -> &mut NatsServer {
+        &mut self.servers[i]
+    }
+
+    /// Every server's log, for failing tests to show.
+    pub fn logs(&self) -> String {
+        self.servers.iter().enumerate().map(|(i, s)| format!("--- n{i}\n{}", s.log())).collect()
     }
 }

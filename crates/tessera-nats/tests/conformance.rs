@@ -16,6 +16,14 @@ async fn nats_bus() {
 }
 
 #[tokio::test]
+async fn nats_bus_batches() {
+    let server = NatsServer::start();
+    let nats = connect(&server.url()).await.unwrap();
+    let bus = NatsBus::open(&nats, &NatsOptions::default()).await.unwrap();
+    conformance::bus_batches(std::sync::Arc::new(bus)).await;
+}
+
+#[tokio::test]
 async fn nats_world() {
     let server = NatsServer::start();
     let nats = connect(&server.url()).await.unwrap();
@@ -135,4 +143,17 @@ fn every_key_listing_reads_the_stream_state() {
         }
     }
     assert_eq!(total, 1, "list_entries itself reads the subjects once");
+}
+
+/// A small blob's stored bytes that do not match its name are refused, not handed out.
+#[tokio::test]
+async fn a_tampered_small_blob_is_refused() {
+    use tessera_ports::{BlobError, BlobStore};
+    let server = NatsServer::start();
+    let nats = connect(&server.url()).await.unwrap();
+    let blobs = NatsBlobs::open(&nats).await.unwrap();
+    let d = blobs.put(bytes::Bytes::from_static(b"the real bytes")).await.unwrap();
+    let kv = nats.js.get_key_value("tessera_small_blobs").await.unwrap();
+    kv.put(d.hex(), bytes::Bytes::from_static(b"other bytes")).await.unwrap();
+    assert!(matches!(blobs.get(&d).await, Err(BlobError::Corrupt(c)) if c == d));
 }

@@ -38,14 +38,20 @@ pub struct PackageCache {
     dir: PathBuf,
     limits: Limits,
     locks: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// Images already read, so a task does not read and parse the manifest again (the
+    /// packages are immutable once cached).
+    images: Mutex<HashMap<Digest, ModuleImage>>,
 }
+
+/// Most images kept in memory; past it the memory starts afresh.
+const MAX_IMAGES: usize = 1024;
 
 impl PackageCache {
     /// A cache rooted at `dir` (created if missing).
     pub fn open(dir: impl Into<PathBuf>, limits: Limits) -> Result<Self, CacheError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|source| CacheError::Io { path: dir.clone(), source })?;
-        Ok(PackageCache { dir, limits, locks: Mutex::new(HashMap::new()) })
+        Ok(PackageCache { dir, limits, locks: Mutex::new(HashMap::new()), images: Mutex::new(HashMap::new()) })
     }
 
     /// The cache directory.
@@ -60,6 +66,24 @@ impl PackageCache {
     /// Returns the unpacked package, fetching and verifying it first if needed. A sealed
     /// (private) package is opened with `key`, which must be one of its recipients.
     pub async fn get(
+        &self,
+        digest: &Digest,
+        source: &dyn PackageSource,
+        key: Option<&KeyPair>,
+    ) -> Result<ModuleImage, CacheError> {
+        if let Some(image) = self.images.lock().unwrap_or_else(|p| p.into_inner()).get(digest) {
+            return Ok(image.clone());
+        }
+        let image = self.load(digest, source, key).await?;
+        let mut images = self.images.lock().unwrap_or_else(|p| p.into_inner());
+        if images.len() >= MAX_IMAGES {
+            images.clear();
+        }
+        images.insert(*digest, image.clone());
+        Ok(image)
+    }
+
+    async fn load(
         &self,
         digest: &Digest,
         source: &dyn PackageSource,

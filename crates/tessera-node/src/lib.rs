@@ -17,6 +17,8 @@ pub mod node;
 pub mod policy;
 pub mod resources;
 pub mod secagg;
+mod serve;
+pub mod slots;
 
 pub use actors::{ActorError, ActorInfo, ActorSpec, Actors, actor_name};
 pub use builtin::BuiltinRuntime;

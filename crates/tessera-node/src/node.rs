@@ -1,4 +1,4 @@
-//! The node agent: registration, task execution, the serve loop.
+//! The node agent: registration, authorization, task execution.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -12,17 +12,18 @@ use tessera_core::config::deep_merge;
 use tessera_core::name::check_ident;
 use tessera_core::wire::{self, BlobRef, NodeRecord, Resources, SCHEMA_VERSION, TaskMessage, TaskOutcome, TaskReply};
 use tessera_core::{Digest, PackageRef, Role, RuntimeKind};
-use tessera_identity::{Envelope, KeyPair, PublicKey, Verifier, messages, now_ms};
+use tessera_identity::{KeyPair, PublicKey, Verifier, messages, now_ms};
 use tessera_package::Limits;
-use tessera_ports::bus::check_queue;
 use tessera_ports::{
-    Backend, BlobError, BusError, Delivery, Invocation, Membership, ModuleImage, Outputs, PackageSource, Runtime,
-    RuntimeError, WorldError,
+    Backend, BlobError, BusError, Invocation, Membership, ModuleImage, Outputs, PackageSource, Runtime, RuntimeError,
+    WorldError,
 };
+use tessera_ports::{read_ref, retry_transient};
 
 use crate::cache::{CacheError, PackageCache};
 use crate::context::NodeContext;
 use crate::policy::NodePolicy;
+use crate::slots::TaskSlots;
 
 /// A node's configuration.
 #[derive(Clone, Debug)]
@@ -51,6 +52,9 @@ pub struct NodeConfig {
     pub protections: Vec<String>,
     /// Whether it runs without a protection its policy requires (announced).
     pub degraded: bool,
+    /// Most tasks it runs at once (at least 1; the machine's cores by default). Tasks
+    /// whose modules declare `needs` also reserve those against its resources.
+    pub max_tasks: usize,
 }
 
 impl NodeConfig {
@@ -69,6 +73,7 @@ impl NodeConfig {
             operations: Vec::new(),
             protections: Vec::new(),
             degraded: false,
+            max_tasks: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
     /// Declares a dataset.
@@ -120,23 +125,33 @@ struct Scope<'a> {
     logs: Option<Arc<crate::context::TaskLog>>,
 }
 
+/// The most bytes of one output a node puts in its reply, whatever the task asks: replies
+/// stay well inside a message.
+pub const MAX_INLINE_OUTPUT: u64 = 64 << 10;
+
+/// How long a task retries a backend failure (a lost connection, a server restarting, a
+/// cluster electing a leader) on its inputs and outputs before it fails.
+const BACKEND_PATIENCE: Duration = Duration::from_secs(60);
+
 /// How many answered tasks a node remembers, so a redelivered task is answered again
 /// without running twice.
 const REPLY_MEMORY: usize = 1024;
 
 /// A node agent.
 pub struct Node {
-    id: String,
+    pub(crate) id: String,
     datasets: Arc<BTreeMap<String, PathBuf>>,
     resources: Resources,
     runtimes: BTreeMap<RuntimeKind, Arc<dyn Runtime>>,
     cache: PackageCache,
-    backend: Backend,
+    pub(crate) backend: Backend,
     source: Arc<dyn PackageSource>,
     replies: Mutex<(HashMap<String, TaskReply>, VecDeque<String>)>,
+    /// Tasks being executed, by id, each with a gate its other deliveries wait at.
+    running: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     stats: Stats,
     policy: NodePolicy,
-    identity: Option<Arc<KeyPair>>,
+    pub(crate) identity: Option<Arc<KeyPair>>,
     verifier: Option<Verifier>,
     trusted: Mutex<HashSet<Digest>>,
     usage: Mutex<BTreeMap<String, Usage>>,
@@ -147,6 +162,8 @@ pub struct Node {
     protections: Vec<String>,
     degraded: bool,
     installs_libraries: bool,
+    pub(crate) max_tasks: usize,
+    slots: Arc<TaskSlots>,
 }
 
 /// What one account has used on a node.
@@ -205,12 +222,14 @@ impl Node {
         Ok(Node {
             id: config.id,
             datasets: Arc::new(config.datasets),
+            slots: TaskSlots::new(resources.clone()),
             resources,
             runtimes: runtimes.into_iter().map(|r| (r.kind(), r)).collect(),
             cache,
             backend: ports.backend,
             source: ports.source,
             replies: Mutex::new((HashMap::new(), VecDeque::new())),
+            running: Mutex::new(HashMap::new()),
             stats: Stats::default(),
             verifier: config.identity.as_ref().map(|k| {
                 Verifier::new(k.public().clone())
@@ -228,6 +247,7 @@ impl Node {
             protections: config.protections,
             degraded: config.degraded,
             installs_libraries,
+            max_tasks: config.max_tasks.max(1),
         })
     }
 
@@ -537,11 +557,48 @@ impl Node {
     /// failure is the reply's outcome. A task answered before, by this process or by this
     /// node before it restarted (answers are kept in world state under
     /// `done/<node>/<task>`), is answered the same way again without running twice.
+    ///
+    /// Deliveries of one task that arrive while it runs (the node runs tasks side by
+    /// side) wait for its answer rather than running it a second time.
     pub async fn execute(&self, task: &TaskMessage) -> TaskReply {
+        let (reply, record) = self.answer(task).await;
+        if let Some((key, value)) = record {
+            self.keep_answer(&key, value, &task.task_id).await;
+        }
+        reply
+    }
+
+    /// The answer to a task, and when it ran now, the record of it to keep (the world
+    /// key and value) for the caller to write: the serve loop writes it beside the reply.
+    pub(crate) async fn answer(&self, task: &TaskMessage) -> (TaskReply, Option<(String, Bytes)>) {
+        let gate = {
+            let mut g = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            g.entry(task.task_id.clone()).or_default().clone()
+        };
+        let held = gate.lock().await;
+        let answer = self.execute_once(task).await;
+        drop(held);
+        let mut g = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's handle and this one: nobody else waits on the gate.
+        if Arc::strong_count(&gate) <= 2 {
+            g.remove(&task.task_id);
+        }
+        answer
+    }
+
+    /// Keeps the answer to a task durably, so a redelivery after a restart is answered
+    /// without running it.
+    pub(crate) async fn keep_answer(&self, key: &str, value: Bytes, task_id: &str) {
+        if let Err(e) = self.backend.world.put(key, value).await {
+            tracing::warn!(node = %self.id, task = %task_id, "cannot record the answer durably: {e}");
+        }
+    }
+
+    async fn execute_once(&self, task: &TaskMessage) -> (TaskReply, Option<(String, Bytes)>) {
         if let Some(r) = self.replies.lock().unwrap_or_else(|p| p.into_inner()).0.get(&task.task_id) {
             tracing::info!(node = %self.id, task = %task.task_id, "task seen before; answering again without running it");
             self.stats.answered_again.fetch_add(1, Ordering::Relaxed);
-            return r.clone();
+            return (r.clone(), None);
         }
         // Answered before this process started (a crash between reply and ack)?
         let key = self.done_key(&task.task_id);
@@ -552,7 +609,7 @@ impl Node {
             tracing::info!(node = %self.id, task = %task.task_id, "task answered before a restart; answering again");
             self.stats.answered_again.fetch_add(1, Ordering::Relaxed);
             self.remember(&r);
-            return r;
+            return (r, None);
         }
         let started = Instant::now();
         let outcome = match self.execute_inner(task).await {
@@ -572,12 +629,8 @@ impl Node {
             auth: None,
         };
         self.remember(&reply);
-        if let Some(key) = &key
-            && let Err(e) = self.backend.world.put(key, Bytes::from(wire::encode(&reply))).await
-        {
-            tracing::warn!(node = %self.id, task = %task.task_id, "cannot record the answer durably: {e}");
-        }
-        reply
+        let record = key.map(|k| (k, Bytes::from(wire::encode(&reply))));
+        (reply, record)
     }
 
     /// Where the answer to a task is kept, so a restarted node answers a redelivery
@@ -603,17 +656,16 @@ impl Node {
     async fn execute_inner(&self, task: &TaskMessage) -> Result<Vec<BlobRef>, NodeError> {
         let image = self.module(&task.module).await?;
         let (signer, datasets) = self.authorize(task, &image).await?;
+        let _reserved = self.slots.reserve(&task.task_id, &image.manifest.needs).await;
         self.stats.tasks_run.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let mut moved = 0u64;
         let mut inputs = Vec::with_capacity(task.inputs.len());
         for r in &task.inputs {
-            let bytes = self
-                .backend
-                .blobs
-                .get(&r.digest)
-                .await?
-                .ok_or_else(|| NodeError::MissingInput { name: r.name.clone(), digest: r.digest })?;
+            let bytes =
+                retry_transient("reading a task input", BACKEND_PATIENCE, || read_ref(self.backend.blobs.as_ref(), r))
+                    .await?
+                    .ok_or_else(|| NodeError::MissingInput { name: r.name.clone(), digest: r.digest })?;
             moved += bytes.len() as u64;
             inputs.push((r.name.clone(), bytes));
         }
@@ -653,123 +705,18 @@ impl Node {
         }
         let mut refs = Vec::new();
         for (name, bytes) in outputs? {
+            // Small enough for the reply, when the coordinator asked for that.
+            if bytes.len() as u64 <= task.inline_outputs.min(MAX_INLINE_OUTPUT) {
+                refs.push(BlobRef::inline(name, &bytes));
+                continue;
+            }
             let size = bytes.len() as u64;
-            let digest = self.backend.blobs.put(bytes).await?;
-            refs.push(BlobRef { name, digest, size });
+            let digest =
+                retry_transient("storing a task output", BACKEND_PATIENCE, || self.backend.blobs.put(bytes.clone()))
+                    .await?;
+            refs.push(BlobRef::stored(name, digest, size));
         }
         Ok(refs)
-    }
-
-    /// Takes tasks from the node's queue until `shutdown` turns true, announcing the node
-    /// every third of the membership's time-to-live. Malformed messages are logged and
-    /// dropped; backend failures are retried; neither stops the node.
-    pub async fn serve(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<(), NodeError> {
-        let queue = self.task_queue();
-        self.register().await?;
-        tracing::info!(node = %self.id, %queue, "node serving");
-        // Dropped with this future: a node whose serving was dropped (killed) stops
-        // announcing itself, and its announcement expires.
-        let heartbeat = AbortOnDrop(tokio::spawn(self.clone().heartbeat(shutdown.clone())));
-        loop {
-            if *shutdown.borrow() {
-                break;
-            }
-            let delivery = tokio::select! {
-                _ = shutdown.changed() => break,
-                d = self.backend.bus.get(&queue, Duration::from_secs(1)) => d,
-            };
-            let delivery = match delivery {
-                Ok(Some(d)) => d,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(node = %self.id, "bus: {e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-            };
-            self.handle(delivery, &queue, &mut shutdown).await;
-        }
-        drop(heartbeat);
-        if let Err(e) = self.deregister().await {
-            tracing::warn!(node = %self.id, "could not withdraw the node's announcement: {e}");
-        }
-        tracing::info!(node = %self.id, "node stopped");
-        Ok(())
-    }
-
-    async fn heartbeat(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let every = (self.backend.members.ttl() / 3).max(Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tokio::time::sleep(every) => {}
-            }
-            if let Err(e) = self.register().await {
-                tracing::warn!(node = %self.id, "heartbeat: {e}");
-            }
-        }
-    }
-
-    /// Handles one delivery: decode, run (with progress acks while it runs), reply, ack.
-    async fn handle(&self, delivery: Delivery, queue: &str, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
-        let task: TaskMessage = match wire::decode(&delivery.payload) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(node = %self.id, "refused a message on {queue}: {e}");
-                let _ = delivery.ack().await;
-                return;
-            }
-        };
-        if let Err(e) = check_queue(&task.reply_to) {
-            tracing::warn!(node = %self.id, task = %task.task_id, "refused a task with a bad reply queue: {e}");
-            let _ = delivery.ack().await;
-            return;
-        }
-        if delivery.attempt > 1 {
-            tracing::info!(node = %self.id, task = %task.task_id, attempt = delivery.attempt, "task redelivered");
-        }
-        let run = self.execute(&task);
-        tokio::pin!(run);
-        let reply = loop {
-            tokio::select! {
-                r = &mut run => break r,
-                _ = tokio::time::sleep(PROGRESS_EVERY) => {
-                    if let Err(e) = delivery.progress().await {
-                        tracing::debug!(node = %self.id, "progress ack: {e}");
-                    }
-                }
-            }
-        };
-        let mut reply = reply;
-        // Sign the reply for the task's signer, when both sides have keys.
-        if let (Some(key), Some(auth)) = (&self.identity, &task.auth)
-            && let Ok(env) = Envelope::parse(auth)
-        {
-            messages::sign_reply(&mut reply, key, &env.key, &task.reply_to, now_ms());
-        }
-        let bytes = Bytes::from(wire::encode(&reply));
-        let id = format!("reply.{}.{}.{}", task.task_id, task.dispatch, self.id);
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.backend.bus.put_once(&task.reply_to, &id, bytes.clone()).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(node = %self.id, task = %task.task_id, "cannot send the reply: {e}; retrying");
-                    tokio::select! {
-                        _ = shutdown.changed() => {
-                            // Give the task back: the next attempt answers from memory.
-                            let _ = delivery.nack().await;
-                            return;
-                        }
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-        if let Err(e) = delivery.ack().await {
-            tracing::warn!(node = %self.id, task = %task.task_id, "ack failed ({e}); a redelivery will be answered from memory");
-        }
     }
 }
 
@@ -793,9 +740,6 @@ fn clip_model_output(mut outputs: Outputs, base: Option<&[u8]>, clip: f64) -> Re
     Ok(outputs)
 }
 
-/// How often a node tells the bus a long task is still running.
-const PROGRESS_EVERY: Duration = Duration::from_secs(5);
-
 /// The task queue of node `id`.
 pub fn task_queue(id: &str) -> String {
     format!("tessera.node.{id}.tasks")
@@ -813,13 +757,4 @@ pub async fn list_nodes(members: &dyn Membership) -> Result<Vec<NodeRecord>, Wor
         }
     }
     Ok(out)
-}
-
-/// Aborts a spawned task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

@@ -76,6 +76,8 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     breaching_limits_fails_the_task_and_the_node_runs_the_next_one,
+    a_slow_task_does_not_hold_up_the_next,
+    small_outputs_travel_in_the_reply,
     bad_messages_are_dropped_and_the_node_carries_on,
     a_task_delivered_twice_runs_once,
     a_task_redelivered_after_a_crash_is_applied_once,
@@ -123,18 +125,37 @@ async fn one_name_is_one_actor_across_nodes(on: On) {
 
 impl Setup {
     fn node_with(&self, id: &str, source: Arc<dyn PackageSource>, runtimes: Vec<Arc<dyn Runtime>>) -> Arc<Node> {
-        let cfg = NodeConfig::new(id, self._dir.path().join(id)).dataset("local", &self.dataset);
+        self.node_configured(id, source, runtimes, |_| {})
+    }
+    fn node_configured(
+        &self,
+        id: &str,
+        source: Arc<dyn PackageSource>,
+        runtimes: Vec<Arc<dyn Runtime>>,
+        configure: impl FnOnce(&mut NodeConfig),
+    ) -> Arc<Node> {
+        let mut cfg = NodeConfig::new(id, self._dir.path().join(id)).dataset("local", &self.dataset);
+        configure(&mut cfg);
         let ports = NodePorts { backend: self.backend.clone(), source };
         Arc::new(Node::new(cfg, ports, runtimes).unwrap())
     }
     fn node(&self, id: &str) -> Arc<Node> {
+        self.node_running(id, 2)
+    }
+    /// A node that runs up to `max_tasks` tasks at once.
+    fn node_running(&self, id: &str, max_tasks: usize) -> Arc<Node> {
         let wasm = WasmRuntime::new(WasmLimits {
             max_memory: 128 << 20,
             max_time: Duration::from_millis(1000),
             max_output_bytes: 1 << 20,
         })
         .unwrap();
-        self.node_with(id, Arc::new(LocalHub(self.hub.clone())), vec![Arc::new(wasm), Arc::new(BuiltinRuntime::new())])
+        self.node_configured(
+            id,
+            Arc::new(LocalHub(self.hub.clone())),
+            vec![Arc::new(wasm), Arc::new(BuiltinRuntime::new())],
+            |c| c.max_tasks = max_tasks,
+        )
     }
     fn task(&self, id: &str, node: &str, config: serde_json::Value) -> TaskMessage {
         TaskMessage {
@@ -149,6 +170,7 @@ impl Setup {
             dispatch: "d1".into(),
             world: None,
             auth: None,
+            inline_outputs: 0,
         }
         .with_node(node)
     }
@@ -195,19 +217,38 @@ async fn breaching_limits_fails_the_task_and_the_node_runs_the_next_one(on: On) 
     s.send(&node, &s.task("alloc", "n1", json!({"mode": "alloc", "bytes": 4u64 << 30}))).await;
     s.send(&node, &s.task("after-alloc", "n1", json!({"mode": "echo"}))).await;
 
-    let r = s.reply().await;
-    assert_eq!(r.task_id, "spin.n1");
-    assert!(failed(&r).contains("time limit"), "{r:?}");
-    let r = s.reply().await;
-    assert_eq!(r.task_id, "after-spin.n1");
-    assert!(matches!(r.outcome, TaskOutcome::Ok { .. }), "{r:?}");
-    let r = s.reply().await;
-    assert!(failed(&r).contains("memory limit"), "{r:?}");
-    let r = s.reply().await;
-    assert_eq!(r.task_id, "after-alloc.n1");
-    assert!(matches!(r.outcome, TaskOutcome::Ok { .. }), "{r:?}");
+    // Tasks run side by side, so replies come in any order.
+    let mut replies = std::collections::BTreeMap::new();
+    for _ in 0..4 {
+        let r = s.reply().await;
+        replies.insert(r.task_id.clone(), r);
+    }
+    assert!(failed(&replies["spin.n1"]).contains("time limit"), "{replies:?}");
+    assert!(failed(&replies["alloc.n1"]).contains("memory limit"), "{replies:?}");
+    for ok in ["after-spin.n1", "after-alloc.n1"] {
+        assert!(matches!(replies[ok].outcome, TaskOutcome::Ok { .. }), "{replies:?}");
+    }
     stop.send(true).unwrap();
     handle.await.unwrap().unwrap();
+}
+
+/// A node runs up to `max_tasks` tasks at once: a task that spins to its time limit does
+/// not hold up the one behind it, unless the node runs one task at a time.
+async fn a_slow_task_does_not_hold_up_the_next(on: On) {
+    let s = setup(on).await;
+    for (id, max_tasks, first) in [("wide", 2, "quick.wide"), ("narrow", 1, "spin.narrow")] {
+        let node = s.node_running(id, max_tasks);
+        // Fetched and compiled before the timed part, so both tasks start together.
+        s.send(&node, &s.task("warm", id, json!({"mode": "echo"}))).await;
+        let (stop, handle) = serve(&node);
+        assert_eq!(s.reply().await.task_id, format!("warm.{id}"));
+        s.send(&node, &s.task("spin", id, json!({"mode": "spin"}))).await;
+        s.send(&node, &s.task("quick", id, json!({"mode": "echo"}))).await;
+        let order = [s.reply().await.task_id, s.reply().await.task_id];
+        assert_eq!(order[0], first, "max_tasks {max_tasks}: {order:?}");
+        stop.send(true).unwrap();
+        handle.await.unwrap().unwrap();
+    }
 }
 
 async fn bad_messages_are_dropped_and_the_node_carries_on(on: On) {
@@ -303,6 +344,49 @@ async fn packages_that_do_not_match_their_digest_never_run() {
     assert!(!s._dir.path().join("n2").join(s.programs.hex()).exists(), "nothing entered the cache");
 }
 
+/// Small outputs come back in the reply when the task asks for that, large ones through
+/// the blob store; inline inputs are read like stored ones, and inline bytes that are not
+/// those their digest names fail the task.
+async fn small_outputs_travel_in_the_reply(on: On) {
+    let s = setup(on).await;
+    let m = s._dir.path().join("echo");
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::write(
+        m.join("module.yaml"),
+        "name: test.echo\nversion: 0.1.0\nkind: task\nruntime: builtin\nentry: echo\n",
+    )
+    .unwrap();
+    let echo = pack_dir(&m, &Limits::default()).unwrap();
+    s.hub.publish(&echo.bytes, None, None).unwrap();
+    let node = s.node("n1");
+    let large = bytes::Bytes::from(vec![7u8; 100 << 10]);
+    let stored = s.backend.blobs.put(large.clone()).await.unwrap();
+    let mut task = s.task("inline", "n1", json!({}));
+    task.module = echo.digest;
+    task.inline_outputs = 1 << 10;
+    task.inputs =
+        vec![wire::BlobRef::inline("small", b"tiny"), wire::BlobRef::stored("large", stored, large.len() as u64)];
+    let reply = node.execute(&task).await;
+    let TaskOutcome::Ok { outputs, .. } = &reply.outcome else { panic!("{reply:?}") };
+    assert_eq!(outputs[0].inline.as_deref(), Some(&b"tiny"[..]), "a small output in the reply");
+    assert!(!s.backend.blobs.contains(&outputs[0].digest).await.unwrap(), "and not in the blob store");
+    assert_eq!(outputs[1].inline, None, "a large one through the store");
+    assert_eq!(s.backend.blobs.get(&outputs[1].digest).await.unwrap().unwrap(), large);
+    // Inline bytes that are not those the digest names.
+    let mut forged = task.clone().with_node("forged");
+    forged.inputs[0].inline = Some(b"other".to_vec());
+    forged.inputs[0].size = 5;
+    let reply = node.execute(&forged).await;
+    assert!(failed(&reply).contains("corrupt"), "{reply:?}");
+    // Without the ask, every output goes to the store.
+    let mut plain = task.clone().with_node("plain");
+    plain.inline_outputs = 0;
+    let reply = node.execute(&plain).await;
+    let TaskOutcome::Ok { outputs, .. } = &reply.outcome else { panic!("{reply:?}") };
+    assert!(outputs.iter().all(|o| o.inline.is_none()));
+    assert_eq!(&s.backend.blobs.get(&outputs[0].digest).await.unwrap().unwrap()[..], b"tiny");
+}
+
 async fn registration_and_refusals(on: On) {
     let s = setup(on).await;
     let node = s.node("n1");
@@ -324,7 +408,7 @@ async fn registration_and_refusals(on: On) {
     assert!(failed(&node.execute(&t).await).contains("not found"));
     // A missing input blob.
     let mut t = s.task("t3", "n1", json!({"mode": "echo"}));
-    t.inputs.push(wire::BlobRef { name: "model".into(), digest: Digest::of(b"gone"), size: 4 });
+    t.inputs.push(wire::BlobRef::stored("model", Digest::of(b"gone"), 4));
     assert!(failed(&node.execute(&t).await).contains("not in the blob store"));
 
     // Config errors.

@@ -92,6 +92,7 @@ fn task(id: &str, module: Digest, config: serde_json::Value) -> TaskMessage {
         dispatch: "d1".into(),
         world: None,
         auth: None,
+        inline_outputs: 0,
     }
 }
 

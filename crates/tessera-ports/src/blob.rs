@@ -49,6 +49,21 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn delete(&self, digest: &Digest) -> Result<bool, BlobError>;
 }
 
+/// The bytes a [`BlobRef`](tessera_core::wire::BlobRef) names: its inline bytes (checked
+/// against its digest and size) when it carries them, otherwise the blob from `store`.
+/// Every reader of a task's inputs or outputs goes through here, so a small blob may travel
+/// in the message or through the store alike.
+///
+/// # Errors
+/// [`BlobError::Corrupt`] when inline bytes do not match the digest; the store's errors.
+pub async fn read_ref(store: &dyn BlobStore, r: &tessera_core::wire::BlobRef) -> Result<Option<Bytes>, BlobError> {
+    match r.inline_bytes() {
+        Ok(Some(b)) => Ok(Some(Bytes::copy_from_slice(b))),
+        Ok(None) => store.get(&r.digest).await,
+        Err(_) => Err(BlobError::Corrupt(r.digest)),
+    }
+}
+
 /// Blobs in memory (the embedded default for run data).
 #[derive(Default)]
 pub struct MemoryBlobStore {

@@ -129,6 +129,78 @@ pub trait Bus: Send + Sync + 'static {
     /// so concurrent producers may overshoot the bound by at most their number of
     /// messages. A message larger than `bound.bytes` is refused as [`BusError::TooLarge`].
     async fn put_bounded(&self, queue: &str, payload: Bytes, bound: QueueBound) -> Result<(), BusError>;
+    /// Appends every message of `puts` (to one queue or several), their acknowledgements
+    /// awaited together rather than one by one: one call costs about one round trip to a
+    /// distributed bus, not one per message. Messages to one queue keep their order. Every
+    /// message is checked (queue name, size) before any is appended, so a bad one stores
+    /// nothing; a backend failure part way may leave some appended, and a retry of the
+    /// same batch stores again only those without a [`Put::id`].
+    async fn put_batch(&self, puts: Vec<Put>) -> Result<(), BusError>;
+    /// Takes up to `max` messages from `queue`: waits up to `wait` for the first, then
+    /// takes those already waiting without waiting more. Empty when nothing came within
+    /// `wait`. Each delivery is acknowledged on its own. `max` of 0 takes nothing.
+    async fn get_batch(&self, queue: &str, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError>;
+}
+
+/// One message of [`Bus::put_batch`].
+#[derive(Clone, Debug)]
+pub struct Put {
+    /// The queue it goes to.
+    pub queue: String,
+    /// When set, the message is put once, as [`Bus::put_once`] does.
+    pub id: Option<String>,
+    /// The message body.
+    pub payload: Bytes,
+}
+
+impl Put {
+    /// A message for `queue`.
+    pub fn new(queue: impl Into<String>, payload: Bytes) -> Self {
+        Put { queue: queue.into(), id: None, payload }
+    }
+    /// A message for `queue` stored once under `id` (see [`Bus::put_once`]).
+    pub fn once(queue: impl Into<String>, id: impl Into<String>, payload: Bytes) -> Self {
+        Put { queue: queue.into(), id: Some(id.into()), payload }
+    }
+}
+
+/// Deliveries of one queue taken in batches: [`Bus::get_batch`] fills a local buffer of up
+/// to `prefetch` messages, handed out one by one. Messages in the buffer count as taken
+/// (their ack wait runs); dropping the subscription drops them unacknowledged, so they come
+/// back. Keep `prefetch` to what is handled well within the bus's ack wait.
+pub struct Subscription {
+    bus: Arc<dyn Bus>,
+    queue: String,
+    prefetch: usize,
+    buffer: VecDeque<Delivery>,
+}
+
+impl Subscription {
+    /// Reads `queue` of `bus`, `prefetch` messages (at least 1) per request.
+    ///
+    /// # Errors
+    /// [`BusError::Name`] for a bad queue name.
+    pub fn new(bus: Arc<dyn Bus>, queue: &str, prefetch: usize) -> Result<Self, BusError> {
+        check_queue(queue)?;
+        Ok(Subscription { bus, queue: queue.to_owned(), prefetch: prefetch.max(1), buffer: VecDeque::new() })
+    }
+
+    /// The next delivery: from the buffer, or from one batched request that waits up to
+    /// `wait` for the first message.
+    ///
+    /// # Errors
+    /// The bus's, from the request.
+    pub async fn next(&mut self, wait: Duration) -> Result<Option<Delivery>, BusError> {
+        if self.buffer.is_empty() {
+            self.buffer.extend(self.bus.get_batch(&self.queue, self.prefetch, wait).await?);
+        }
+        Ok(self.buffer.pop_front())
+    }
+
+    /// Deliveries taken from the bus and not yet handed out.
+    pub fn buffered(&self) -> usize {
+        self.buffer.len()
+    }
 }
 
 /// The bound of a queue: waiting messages and the bytes they hold (taken but
@@ -208,6 +280,23 @@ impl MemoryBus {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Remembers `id` for `queue`; false when it was put before.
+    fn first_time(&self, queue: &str, id: &str) -> bool {
+        let key = format!("{queue}\n{id}");
+        let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let (set, order) = &mut *g;
+        if !set.insert(key.clone()) {
+            return false;
+        }
+        order.push_back(key);
+        if order.len() > REMEMBERED_IDS
+            && let Some(old) = order.pop_front()
+        {
+            set.remove(&old);
+        }
+        true
+    }
 }
 
 fn lock(q: &Queues) -> std::sync::MutexGuard<'_, HashMap<String, Queue>> {
@@ -272,21 +361,52 @@ impl Bus for MemoryBus {
 
     async fn put_once(&self, queue: &str, id: &str, payload: Bytes) -> Result<(), BusError> {
         check_queue(queue)?;
-        let key = format!("{queue}\n{id}");
-        {
-            let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            let (set, order) = &mut *g;
-            if !set.insert(key.clone()) {
-                return Ok(());
-            }
-            order.push_back(key);
-            if order.len() > REMEMBERED_IDS
-                && let Some(old) = order.pop_front()
-            {
-                set.remove(&old);
-            }
+        if !self.first_time(queue, id) {
+            return Ok(());
         }
         self.put(queue, payload).await
+    }
+
+    async fn put_batch(&self, puts: Vec<Put>) -> Result<(), BusError> {
+        for p in &puts {
+            check_queue(&p.queue)?;
+            if p.payload.len() > self.max_message {
+                return Err(BusError::TooLarge { size: p.payload.len(), limit: self.max_message });
+            }
+        }
+        let puts: Vec<Put> =
+            puts.into_iter().filter(|p| p.id.as_deref().is_none_or(|id| self.first_time(&p.queue, id))).collect();
+        let mut qs = lock(&self.queues);
+        for p in puts {
+            let q = qs.entry(p.queue).or_default();
+            q.bytes = q.bytes.saturating_add(p.payload.len() as u64);
+            q.items.push_back(Message { payload: p.payload, attempt: 1 });
+            q.notify.notify_one();
+        }
+        Ok(())
+    }
+
+    async fn get_batch(&self, queue: &str, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
+        check_queue(queue)?;
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let Some(first) = self.get(queue, wait).await? else {
+            return Ok(Vec::new());
+        };
+        let mut out = vec![first];
+        let mut qs = lock(&self.queues);
+        let q = qs.entry(queue.to_owned()).or_default();
+        while out.len() < max {
+            let Some(m) = q.items.pop_front() else { break };
+            let (payload, attempt) = (m.payload.clone(), m.attempt);
+            let acker = MemoryAcker { queues: self.queues.clone(), queue: queue.to_owned(), message: Some(m) };
+            out.push(Delivery::new(payload, attempt, Box::new(acker)));
+        }
+        if !q.items.is_empty() {
+            q.notify.notify_one();
+        }
+        Ok(out)
     }
 
     async fn get(&self, queue: &str, wait: Duration) -> Result<Option<Delivery>, BusError> {

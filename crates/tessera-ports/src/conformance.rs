@@ -119,6 +119,99 @@ pub async fn bus_behaviour(bus: &dyn Bus) {
     }
 }
 
+/// The batched forms: a batched put stores every message in order per queue (once per
+/// id), or none when one is bad; a batched get takes at most what it asks for, in order,
+/// waits for the first and no longer; a subscription hands out every message in order.
+pub async fn bus_batches(bus: std::sync::Arc<dyn Bus>) {
+    use crate::{Put, Subscription};
+    let n = 3000usize;
+    let mut puts: Vec<Put> = (0..n)
+        .map(|i| {
+            let q = if i % 3 == 0 { "batch.b" } else { "batch.a" };
+            Put::once(q, format!("m{i}"), Bytes::from((i as u32).to_be_bytes().to_vec()))
+        })
+        .collect();
+    // Repeated ids (a retried batch) store nothing more.
+    puts.extend((0..10).map(|i| Put::once("batch.a", format!("m{}", 3 * i + 1), Bytes::from_static(b"dup"))));
+    bus.put_batch(puts).await.unwrap();
+    assert_eq!(bus.len("batch.a").await.unwrap(), 2000);
+    assert_eq!(bus.len("batch.b").await.unwrap(), 1000);
+
+    // One bad message refuses the whole batch before anything is stored.
+    let bad = vec![Put::new("batch.c", Bytes::from_static(b"ok")), Put::new("batch..c", Bytes::from_static(b"x"))];
+    assert!(matches!(bus.put_batch(bad).await, Err(BusError::Name(_))));
+    assert_eq!(bus.len("batch.c").await.unwrap(), 0, "a refused batch stores nothing");
+    bus.put_batch(Vec::new()).await.unwrap();
+
+    // At most `max`, in put order.
+    let value = |d: &crate::Delivery| u32::from_be_bytes(d.payload[..4].try_into().expect("4 bytes")) as usize;
+    let first = bus.get_batch("batch.a", 500, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(first.len(), 500);
+    let expected: Vec<usize> = (0..n).filter(|i| i % 3 != 0).take(500).collect();
+    assert_eq!(first.iter().map(value).collect::<Vec<_>>(), expected);
+    for d in first {
+        d.ack().await.unwrap();
+    }
+    assert_eq!(bus.len("batch.a").await.unwrap(), 1500);
+    assert!(bus.get_batch("batch.a", 0, Duration::from_secs(1)).await.unwrap().is_empty());
+
+    // The rest through a prefetching subscription, in order.
+    let mut sub = Subscription::new(bus.clone(), "batch.a", 128).unwrap();
+    let mut rest = Vec::new();
+    while rest.len() < 1500 {
+        let d = sub.next(Duration::from_secs(5)).await.unwrap().expect("a waiting message");
+        assert!(sub.buffered() < 128);
+        rest.push(value(&d));
+        d.ack().await.unwrap();
+    }
+    assert_eq!(rest, (0..n).filter(|i| i % 3 != 0).skip(500).collect::<Vec<_>>());
+    assert!(sub.next(Duration::from_millis(50)).await.unwrap().is_none());
+    assert!(matches!(Subscription::new(bus.clone(), "a..b", 4), Err(BusError::Name(_))));
+
+    // A batch asked of a queue holding fewer gives what is there, at once.
+    let t = std::time::Instant::now();
+    let all = bus.get_batch("batch.b", 5000, Duration::from_secs(10)).await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "took what was waiting without waiting for more");
+    let mut got: Vec<usize> = all.iter().map(value).collect();
+    // Deliveries given back come again, marked as redeliveries.
+    let (back, keep): (Vec<_>, Vec<_>) = all.into_iter().partition(|d| value(d) % 2 == 0);
+    for d in keep {
+        d.ack().await.unwrap();
+    }
+    let returned = back.len();
+    for d in back {
+        d.nack().await.unwrap();
+    }
+    let mut again = Vec::new();
+    while again.len() < returned {
+        for d in bus.get_batch("batch.b", 1000, Duration::from_secs(5)).await.unwrap() {
+            assert!(d.attempt >= 2, "a redelivery is marked");
+            again.push(value(&d));
+            d.ack().await.unwrap();
+        }
+    }
+    got.sort_unstable();
+    assert_eq!(got, (0..n).filter(|i| i % 3 == 0).collect::<Vec<_>>());
+    again.sort_unstable();
+    assert_eq!(again, (0..n).filter(|i| i % 3 == 0 && i % 2 == 0).collect::<Vec<_>>());
+
+    // Empty: waits, then gives nothing; a put during the wait is taken.
+    let t = std::time::Instant::now();
+    assert!(bus.get_batch("batch.b", 10, Duration::from_millis(100)).await.unwrap().is_empty());
+    assert!(t.elapsed() >= Duration::from_millis(90));
+    let waiter = bus.get_batch("batch.wake", 10, Duration::from_secs(10));
+    let (got, ()) = tokio::join!(waiter, async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        bus.put_batch(vec![Put::new("batch.wake", Bytes::from_static(b"hi"))]).await.unwrap();
+    });
+    let got = got.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].payload[..], b"hi");
+    for d in got {
+        d.ack().await.unwrap();
+    }
+}
+
 /// Globals keep revisions; compare-and-set only wins against the revision it saw; results
 /// are kept per node in arrival order.
 pub async fn world_behaviour(world: &dyn WorldState) {
@@ -189,6 +282,18 @@ pub async fn blob_behaviour(store: &dyn BlobStore) {
     assert!(store.get(&d).await.unwrap().is_none());
     let empty = store.put(Bytes::new()).await.unwrap();
     assert_eq!(store.get(&empty).await.unwrap().unwrap().len(), 0);
+    // Every size a store may keep differently (one message, around a small-blob bound,
+    // chunked) comes back whole, and goes once deleted.
+    for size in [1usize, 1000, (64 << 10) - 1, 64 << 10, (64 << 10) + 1, 300 << 10] {
+        let bytes = Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+        let d = store.put(bytes.clone()).await.unwrap();
+        assert_eq!(store.put(bytes.clone()).await.unwrap(), d);
+        assert!(store.contains(&d).await.unwrap(), "{size} bytes");
+        assert_eq!(store.get(&d).await.unwrap().unwrap(), bytes, "{size} bytes");
+        assert!(store.delete(&d).await.unwrap(), "{size} bytes");
+        assert!(!store.contains(&d).await.unwrap(), "{size} bytes");
+        assert!(store.get(&d).await.unwrap().is_none(), "{size} bytes");
+    }
 }
 
 /// Members appear when announced, carry their latest record, disappear when withdrawn or

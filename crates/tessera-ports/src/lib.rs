@@ -20,13 +20,15 @@ pub mod blob;
 pub mod bus;
 pub mod conformance;
 pub mod membership;
+pub mod retry;
 pub mod runtime;
 pub mod source;
 pub mod world;
 
-pub use blob::{BlobError, BlobStore, FsBlobStore, MemoryBlobStore};
-pub use bus::{Bus, BusError, Delivery, MemoryBus, QueueBound};
+pub use blob::{BlobError, BlobStore, FsBlobStore, MemoryBlobStore, read_ref};
+pub use bus::{Bus, BusError, Delivery, MemoryBus, Put, QueueBound, Subscription};
 pub use membership::{Membership, MemoryMembership};
+pub use retry::{Transient, retry_transient};
 pub use runtime::{
     ContextError, Instance, Invocation, LogLevel, ModuleImage, Outputs, Runtime, RuntimeError, Stateless, TaskContext,
 };

@@ -10,6 +10,11 @@ async fn memory_bus() {
 }
 
 #[tokio::test]
+async fn memory_bus_batches() {
+    conformance::bus_batches(std::sync::Arc::new(MemoryBus::new())).await;
+}
+
+#[tokio::test]
 async fn memory_bus_requeues_dropped_deliveries() {
     use std::time::Duration;
     use tessera_ports::Bus;
