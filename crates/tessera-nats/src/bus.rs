@@ -218,19 +218,11 @@ impl Acker for NatsAcker {
 #[async_trait]
 impl Bus for NatsBus {
     async fn put(&self, queue: &str, payload: Bytes) -> Result<(), BusError> {
-        self.check(queue, &payload)?;
-        let ack = self.js.publish(subject(queue), payload).await.map_err(backend)?;
-        ack.await.map_err(backend)?;
-        Ok(())
+        self.put_batch(vec![Put::new(queue, payload)]).await
     }
 
     async fn put_once(&self, queue: &str, id: &str, payload: Bytes) -> Result<(), BusError> {
-        self.check(queue, &payload)?;
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", id);
-        let ack = self.js.publish_with_headers(subject(queue), headers, payload).await.map_err(backend)?;
-        ack.await.map_err(backend)?;
-        Ok(())
+        self.put_batch(vec![Put::once(queue, id, payload)]).await
     }
 
     async fn get(&self, queue: &str, wait: Duration) -> Result<Option<Delivery>, BusError> {

@@ -347,24 +347,11 @@ impl Acker for MemoryAcker {
 #[async_trait]
 impl Bus for MemoryBus {
     async fn put(&self, queue: &str, payload: Bytes) -> Result<(), BusError> {
-        check_queue(queue)?;
-        if payload.len() > self.max_message {
-            return Err(BusError::TooLarge { size: payload.len(), limit: self.max_message });
-        }
-        let mut qs = lock(&self.queues);
-        let q = qs.entry(queue.to_owned()).or_default();
-        q.bytes = q.bytes.saturating_add(payload.len() as u64);
-        q.items.push_back(Message { payload, attempt: 1 });
-        q.notify.notify_one();
-        Ok(())
+        self.put_batch(vec![Put::new(queue, payload)]).await
     }
 
     async fn put_once(&self, queue: &str, id: &str, payload: Bytes) -> Result<(), BusError> {
-        check_queue(queue)?;
-        if !self.first_time(queue, id) {
-            return Ok(());
-        }
-        self.put(queue, payload).await
+        self.put_batch(vec![Put::once(queue, id, payload)]).await
     }
 
     async fn put_batch(&self, puts: Vec<Put>) -> Result<(), BusError> {
