@@ -203,6 +203,7 @@ async fn dispatch_rate(backend: Backend, dir: &std::path::Path) -> f64 {
                 world: None,
                 auth: None,
                 inline_outputs: 1 << 10,
+                fresh: true,
             };
             puts.push(tessera_ports::Put::new(task_queue(node), Bytes::from(wire::encode(&task))));
         }

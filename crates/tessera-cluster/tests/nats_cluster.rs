@@ -1,16 +1,23 @@
-//! A federated session on a three-server JetStream cluster whose streams keep three
-//! replicas: one server is killed mid-round and started again later, and the session
-//! finishes with every round counted once and the model it gives without the fault.
+//! A federated session and a swarm on a three-server JetStream cluster whose streams keep
+//! three replicas: one server is killed mid-round and started again later, and each run
+//! finishes with every round counted once and the result it gives without the fault.
+//!
+//! The swarm runs user-written Python tasks: `scripts/test` makes a Python with numpy and
+//! exports `TESSERA_PYTHON`.
+
+mod common;
 
 use std::time::Duration;
 
 use serde_json::json;
 use tessera_cluster::{Cluster, ClusterConfig, digits};
-use tessera_coordinator::{Observer, Quiet, SessionConfig};
+use tessera_coordinator::{Observer, Quiet, SessionConfig, StageReport};
 use tessera_core::wire::RoundReport;
 use tessera_nats::testing::NatsCluster;
 use tessera_ports::Backend;
 use tessera_wasm::WasmLimits;
+
+use common::counting::{counting_spec, global_json, rows_of};
 
 const ROUNDS: u32 = 12;
 
@@ -85,5 +92,57 @@ async fn a_session_outlives_losing_one_of_three_servers() {
     assert_eq!(result.model_digest, expected.model_digest, "the same model as without the fault");
     let state = cluster.coordinator().state("s-cluster").await.unwrap().unwrap();
     assert_eq!(state.completed_rounds, ROUNDS);
+    cluster.stop().await;
+}
+
+/// Tells the test when a swarm's stages finish: (iteration, task).
+struct Stages(tokio::sync::mpsc::UnboundedSender<(u32, String)>);
+
+impl Observer for Stages {
+    fn stage_finished(&self, iteration: u32, stage: &StageReport) {
+        let _ = self.0.send((iteration, stage.task.clone()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swarm_outlives_losing_one_of_three_servers() {
+    const ITERATIONS: u32 = 6;
+    let home = tempfile::tempdir().unwrap();
+    let mut servers = NatsCluster::start(3);
+    let options = tessera_nats::NatsOptions { replicas: Some(3), ..Default::default() };
+    let backend = tessera_nats::backend(&servers.urls(), &options).await.unwrap();
+    let data = digits::prepare(&home.path().join("data"), 4, 0.2, 42).unwrap();
+    let mut config = ClusterConfig::digits(home.path(), &data, WasmLimits::default());
+    config.python = Some(common::python());
+    let cluster = Cluster::start_on(config, backend).await.unwrap();
+    let spec = counting_spec(&cluster, home.path(), ITERATIONS);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let c = cluster.coordinator();
+    let run = tokio::spawn(async move { c.run_swarm("swarm-cluster", &spec, &Stages(tx)).await });
+    // Killed once iteration 3 has counted, as its `total` task goes out; started again
+    // once iteration 4 is done.
+    let (mut killed, mut restarted) = (false, false);
+    while let Some((iteration, task)) = rx.recv().await {
+        if iteration == 3 && task == "count" && !killed {
+            servers.server(1).stop();
+            killed = true;
+        }
+        if iteration == 4 && task == "total" && !restarted {
+            servers.server(1).restart();
+            restarted = true;
+        }
+    }
+    let result = match run.await.unwrap() {
+        Ok(r) => r,
+        Err(e) => panic!("the swarm failed: {e}\n{}", servers.logs()),
+    };
+    assert!(killed && restarted);
+    let iterations: Vec<u32> = result.reports.iter().map(|r| r.iteration).collect();
+    assert_eq!(iterations, (1..=ITERATIONS).collect::<Vec<_>>(), "each iteration once, in order");
+    let all = ["node-0", "node-1", "node-2", "node-3"];
+    let counted: Vec<Vec<String>> = serde_json::from_value(global_json(&result, "counted")).unwrap();
+    assert_eq!(counted, vec![all.to_vec(); ITERATIONS as usize], "every node counted once an iteration");
+    let total = u64::from(ITERATIONS) * rows_of(&[0, 1, 2, 3]);
+    assert_eq!(global_json(&result, "total"), json!(total), "the total it gives without the fault");
     cluster.stop().await;
 }

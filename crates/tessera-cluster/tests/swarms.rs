@@ -8,15 +8,16 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use tessera_cluster::{Cluster, ClusterConfig, digits};
-use tessera_coordinator::{Ending, IterationReport, Observer, Quiet, SessionError, SwarmResult};
+use tessera_coordinator::{Ending, Quiet, SessionError};
 use tessera_nats::testing::NatsServer;
 use tessera_swarm::SwarmSpec;
 use tessera_wasm::WasmLimits;
 
+use common::counting::{Iterations, counting_modules, counting_spec, global_json, rows_of};
 use common::{On, python, repo};
 
 /// A cluster of `nodes` nodes, each holding a digits shard, running Python modules.
@@ -48,10 +49,6 @@ fn python_spec(file: &Path) -> SwarmSpec {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     SwarmSpec::from_yaml(std::str::from_utf8(&out.stdout).unwrap()).unwrap()
-}
-
-fn global_json(result: &SwarmResult, key: &str) -> serde_json::Value {
-    serde_json::from_slice(result.globals.get(key).unwrap_or_else(|| panic!("no global {key}"))).unwrap()
 }
 
 async fn federated_analytics_gives_the_exact_label_histogram(on: On) {
@@ -107,90 +104,6 @@ async fn the_manta_swarm_learns_digits_stops_early_and_gives_one_model_on_both_b
         cluster.stop().await;
     }
     assert_eq!(digests[0], digests[1], "the same swarm gives the same model on both backends");
-}
-
-/// `count` (on every node: adds its rows, and sleeps a minute on `slow.node` in
-/// `slow.iteration`) and `total` (on one node: adds this iteration's counts to the `total`
-/// global, checking that its inputs are the same counts).
-fn counting_modules(dir: &Path, version: &str) -> (PathBuf, PathBuf) {
-    let count = dir.join(format!("count-{version}"));
-    std::fs::create_dir_all(&count).unwrap();
-    std::fs::write(
-        count.join("module.yaml"),
-        format!("name: test.count\nversion: {version}\nkind: task\nruntime: python\nentry: count.py\nconfig: {{}}\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        count.join("count.py"),
-        r#"import time
-import tessera
-
-class Count(tessera.Task):
-    def run(self):
-        s = self.config["swarm"]
-        slow = self.config.get("slow") or {}
-        if s["node"] == slow.get("node") and s["iteration"] == slow.get("iteration"):
-            self.log.warning("sleeping")
-            time.sleep(60)
-        rows = len(self.local.dataset("digits").tensors()["y"])
-        self.log.info("iteration %d: %d rows" % (s["iteration"], rows))
-        self.world.results.add("rows", rows)
-        return {"rows": rows}
-"#,
-    )
-    .unwrap();
-    let total = dir.join("total");
-    std::fs::create_dir_all(&total).unwrap();
-    std::fs::write(
-        total.join("module.yaml"),
-        "name: test.total\nversion: 1.0.0\nkind: task\nruntime: python\nentry: total.py\n",
-    )
-    .unwrap();
-    std::fs::write(
-        total.join("total.py"),
-        r#"import tessera
-
-class Total(tessera.Task):
-    def run(self):
-        got = sorted(self.world.results.select("rows"))
-        if sorted(self.inputs.select("rows")) != got:
-            raise ValueError("inputs %r differ from results %r" % (self.inputs.select("rows"), got))
-        total = self.world.globals.get("total", 0) + sum(v for _, v in got)
-        self.world.globals["total"] = total
-        slow = self.config.get("slow") or {}
-        if self.config["swarm"]["node"] == slow.get("node"):
-            # Too slow: the coordinator gives up on this node and asks another.
-            import time
-            time.sleep(20)
-        self.world.globals["counted"] = self.world.globals.get("counted", []) + [[n for n, _ in got]]
-        return {"total": total}
-"#,
-    )
-    .unwrap();
-    (count, total)
-}
-
-fn counting_spec(cluster: &Cluster, home: &Path, iterations: u32) -> SwarmSpec {
-    let (count, total) = counting_modules(home, "1.0.0");
-    let count = cluster.publish_dir(&count).unwrap().digest;
-    let total = cluster.publish_dir(&total).unwrap().digest;
-    SwarmSpec::from_yaml(&format!(
-        "tasks:\n  count: {{module: \"{count}\", datasets: [digits], timeout_secs: 90}}\n  total: {{module: \"{total}\", method: any, maximum: 1}}\nflow: [count -> total]\niterations: {iterations}\n"
-    ))
-    .unwrap()
-}
-
-fn rows_of(nodes: &[usize]) -> u64 {
-    let (shards, _) = digits::split(4, 0.2, 42);
-    nodes.iter().map(|&k| shards[k].len() as u64).sum()
-}
-
-/// Sends each finished iteration's number.
-struct Iterations(tokio::sync::mpsc::UnboundedSender<u32>);
-impl Observer for Iterations {
-    fn iteration_finished(&self, r: &IterationReport) {
-        let _ = self.0.send(r.iteration);
-    }
 }
 
 async fn a_node_killed_during_a_worker_stage_is_left_out_and_nothing_is_counted_twice(on: On) {

@@ -218,6 +218,8 @@ impl OperationNetwork for FlowNetwork<'_> {
                 inputs: blobs.clone(),
                 world: None,
                 inline_outputs: 0,
+                // The run id carries a nonce: no task of it was sent before.
+                fresh: true,
             };
             let replies = self.c.send_and_collect(&id, 0, vec![task], self.timeout).await.map_err(|e| e.to_string())?;
             match replies.replies.get(&node).map(|r| &r.outcome) {

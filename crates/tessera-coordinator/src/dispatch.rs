@@ -53,6 +53,8 @@ pub(crate) struct Outgoing {
     /// Outputs up to this many bytes come back inline in the reply (0: none); for tasks
     /// whose outputs only the coordinator reads, through [`tessera_ports::read_ref`].
     pub inline_outputs: u64,
+    /// No task of this id was sent before (see [`TaskMessage::fresh`]).
+    pub fresh: bool,
 }
 
 /// Outputs of a federated round's tasks (updates, metrics, partial sums) up to this size
@@ -90,6 +92,7 @@ impl Coordinator {
                 inputs: inputs_for(i, p),
                 world: None,
                 inline_outputs: INLINE_OUTPUTS,
+                fresh: self.started_here(id),
             })
             .collect();
         self.send_and_collect(id, round, tasks, timeout).await
@@ -113,7 +116,7 @@ impl Coordinator {
         let node_keys: BTreeMap<String, PublicKey> = match &self.identity {
             None => BTreeMap::new(),
             Some(_) => self
-                .retry("listing nodes", || list_nodes(self.backend.members.as_ref()))
+                .announced(crate::placement::LISTING_REUSE)
                 .await?
                 .into_iter()
                 .filter_map(|n| Some((n.id.clone(), n.key.as_deref()?.parse().ok()?)))
@@ -139,9 +142,13 @@ impl Coordinator {
                 world: t.world,
                 auth: None,
                 inline_outputs: t.inline_outputs,
+                fresh: t.fresh,
             };
             let queue = task_queue(&node);
             if let (Some(key), Some(node_key)) = (&self.identity, node_keys.get(&node)) {
+                // A node looks up every signed task's earlier answer (a replayed one must
+                // not run twice): `fresh` would say nothing to it.
+                task.fresh = false;
                 messages::sign_task(&mut task, key, node_key, &queue, now_ms());
             }
             let msg_id = format!("{}.{}", t.task_id, self.dispatch);
@@ -169,6 +176,7 @@ impl Coordinator {
                     return Err(SessionError::Stopped);
                 }
                 if let Ok(nodes) = list_nodes(self.backend.members.as_ref()).await {
+                    self.remember_listing(&nodes);
                     let alive: BTreeSet<String> = nodes.into_iter().map(|n| n.id).collect();
                     pending.retain(|task, participant| {
                         let node = participant_node(participant);

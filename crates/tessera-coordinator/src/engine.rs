@@ -4,7 +4,7 @@
 //! failures, stop requests and the stored state are the engine's, shared by both.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tessera_core::registry::PackageRecord;
@@ -30,6 +30,12 @@ pub struct Coordinator {
     pub(crate) local: Option<Arc<Node>>,
     pub(crate) threads: usize,
     pub(crate) retry_for: Duration,
+    /// The last listing of announced nodes and when it was taken (see
+    /// [`Coordinator::announced`]).
+    pub(crate) listing: std::sync::Mutex<Option<(Instant, Vec<NodeRecord>)>>,
+    /// Runs this coordinator started (rather than resumed): none of their task ids was
+    /// sent before, so their tasks go out [`TaskMessage::fresh`](tessera_core::wire::TaskMessage::fresh).
+    started: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Watches a run's progress.
@@ -61,7 +67,17 @@ impl Coordinator {
     pub fn new(backend: Backend, source: Arc<dyn PackageSource>, local: Option<Arc<Node>>) -> Self {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let dispatch = new_session_id().replacen("s-", "d-", 1);
-        Coordinator { identity: None, dispatch, backend, source, local, threads, retry_for: Duration::from_secs(60) }
+        Coordinator {
+            identity: None,
+            dispatch,
+            backend,
+            source,
+            local,
+            threads,
+            retry_for: Duration::from_secs(60),
+            listing: std::sync::Mutex::new(None),
+            started: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+        }
     }
 
     /// Signs tasks with `key` (for nodes that announce a key) and accepts from such nodes
@@ -75,6 +91,23 @@ impl Coordinator {
     pub fn with_retry_window(mut self, window: Duration) -> Self {
         self.retry_for = window;
         self
+    }
+
+    /// Notes that this coordinator started run `id`: it found no record of it and saved
+    /// one, so no task of the run was sent before.
+    pub(crate) fn mark_started(&self, id: &str) {
+        self.started.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_owned());
+    }
+
+    /// Forgets run `id` as one this coordinator started: it ended, or it is resumed (its
+    /// tasks may have been sent before).
+    pub(crate) fn forget_started(&self, id: &str) {
+        self.started.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+
+    /// Whether this coordinator started run `id`, so no task of it was sent before.
+    pub(crate) fn started_here(&self, id: &str) -> bool {
+        self.started.lock().unwrap_or_else(|p| p.into_inner()).contains(id)
     }
 
     /// Runs `f`, retrying transient backend failures for the coordinator's retry window.

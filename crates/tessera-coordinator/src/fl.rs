@@ -163,7 +163,12 @@ impl Coordinator {
             ending: None,
         };
         self.save(&state).await?;
-        self.drive(state, &workers, observer).await
+        // Saved: a later `run` of this id is refused, so no task of it went out before.
+        // (The initial model's task, sent before the save, is not fresh.)
+        self.mark_started(id);
+        let result = self.drive(state, &workers, observer).await;
+        self.forget_started(id);
+        result
     }
 
     /// Refuses a session whose evaluation dataset the coordinator's own node does not hold,
@@ -185,6 +190,7 @@ impl Coordinator {
     /// A finished session gives its result again without running anything.
     pub async fn resume(&self, id: &str, observer: &dyn Observer) -> Result<SessionResult, SessionError> {
         check_ident("session id", id).map_err(|e| SessionError::Config(e.to_string()))?;
+        self.forget_started(id);
         let state = self.state(id).await?.ok_or_else(|| SessionError::Unknown(id.to_owned()))?;
         let module_ref: PackageRef =
             state.module.module.parse().map_err(|e| SessionError::Config(format!("stored module reference: {e}")))?;

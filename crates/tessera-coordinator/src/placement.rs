@@ -46,10 +46,35 @@ pub(crate) fn facts(r: &PackageRecord) -> ModuleFacts {
     ModuleFacts { name: format!("{}@{}", r.name, r.version), runtime: r.runtime, needs: r.manifest.needs.clone() }
 }
 
+/// How old a listing of the announced nodes a dispatch takes for the nodes' keys (see
+/// [`Coordinator::announced`]): the round's own listing, taken just before.
+pub(crate) const LISTING_REUSE: Duration = Duration::from_millis(200);
+
 impl Coordinator {
+    /// Every node announced, from a listing taken at most `max_age` ago. A listing costs
+    /// the backend a read of every announcement; a round lists the nodes to pick its
+    /// participants, and its dispatch reuses that listing for the keys its tasks are
+    /// signed for rather than reading it again.
+    pub(crate) async fn announced(&self, max_age: Duration) -> Result<Vec<NodeRecord>, SessionError> {
+        if let Some((at, nodes)) = &*self.listing.lock().unwrap_or_else(|p| p.into_inner())
+            && !max_age.is_zero()
+            && at.elapsed() <= max_age
+        {
+            return Ok(nodes.clone());
+        }
+        let nodes = self.retry("listing nodes", || list_nodes(self.backend.members.as_ref())).await?;
+        self.remember_listing(&nodes);
+        Ok(nodes)
+    }
+
+    /// Keeps `nodes`, just listed, for [`Coordinator::announced`].
+    pub(crate) fn remember_listing(&self, nodes: &[NodeRecord]) {
+        *self.listing.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), nodes.to_vec()));
+    }
+
     /// The nodes announced now, but the coordinator's own.
     pub(crate) async fn nodes(&self) -> Result<Vec<NodeRecord>, SessionError> {
-        let nodes = self.retry("listing nodes", || list_nodes(self.backend.members.as_ref())).await?;
+        let nodes = self.announced(Duration::ZERO).await?;
         let local = self.local.as_ref().map(|n| n.id().to_owned());
         Ok(nodes.into_iter().filter(|n| Some(&n.id) != local.as_ref()).collect())
     }
@@ -69,12 +94,12 @@ impl Coordinator {
         let deadline = Instant::now() + wait;
         let poll = (self.backend.members.ttl() / 3).clamp(Duration::from_millis(100), Duration::from_secs(1));
         loop {
-            if self.stop_requested(run).await {
-                return Err(SessionError::Stopped);
-            }
             match fits(self.nodes().await?) {
                 Err(e) if Instant::now() + poll < deadline => {
                     tracing::info!(run, "{e}; waiting for nodes");
+                    if self.stop_requested(run).await {
+                        return Err(SessionError::Stopped);
+                    }
                     tokio::time::sleep(poll).await;
                 }
                 other => return Ok(other),

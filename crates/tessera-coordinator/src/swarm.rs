@@ -182,7 +182,11 @@ impl Coordinator {
             updated_ms: 0,
         };
         self.save_swarm(&state).await?;
-        self.drive_swarm(state, packages, observer).await
+        // Saved: a later `run_swarm` of this id is refused, so no task of it went out before.
+        self.mark_started(id);
+        let result = self.drive_swarm(state, packages, observer).await;
+        self.forget_started(id);
+        result
     }
 
     /// Continues a swarm whose coordinator stopped, from its last completed iteration (an
@@ -190,6 +194,7 @@ impl Coordinator {
     /// exact ones the run started with (by digest). A finished run gives its result again.
     pub async fn resume_swarm(&self, id: &str, observer: &dyn Observer) -> Result<SwarmResult, SessionError> {
         check_ident("run id", id).map_err(|e| SessionError::Config(e.to_string()))?;
+        self.forget_started(id);
         let mut state = match self.record(id).await? {
             None => return Err(SessionError::Unknown(id.to_owned())),
             Some(crate::RunRecord::Swarm(s)) => s,
@@ -627,6 +632,7 @@ impl SwarmRun<'_> {
                         inputs: self.inputs_for(it, task, node),
                         world: Some(world.clone()),
                         inline_outputs: 0,
+                        fresh: c.started_here(&self.state.id),
                     }
                 })
                 .collect();

@@ -166,6 +166,13 @@ pub struct TaskMessage {
     /// reads the outputs itself. 0 (the default): every output goes to the blob store.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub inline_outputs: u64,
+    /// The sender never sent this task id before (a run it started, not one it resumed):
+    /// a first delivery of it cannot have been answered, so the node runs it without
+    /// looking for an earlier answer in world state. `false` (the default): the node
+    /// looks first. Only unsigned tasks carry it: a node always looks up a signed task,
+    /// which could be a replay of a genuine one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fresh: bool,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -601,6 +608,7 @@ mod tests {
             world: None,
             auth: None,
             inline_outputs: 0,
+            fresh: false,
         }
     }
 

@@ -82,6 +82,7 @@ mod tests {
             world: None,
             auth: None,
             inline_outputs: 0,
+            fresh: false,
         }
     }
 

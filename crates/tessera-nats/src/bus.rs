@@ -38,6 +38,10 @@ pub struct NatsBus {
     js: jetstream::Context,
     stream: stream::Stream,
     consumers: Mutex<HashMap<String, PullConsumer>>,
+    /// Per queue, the last stream sequence that may have been delivered by a consumer
+    /// this process never saw (see [`NatsBus::consumer`]): deliveries at or below it count
+    /// as attempt 2 at least.
+    floors: std::sync::Mutex<HashMap<String, u64>>,
     options: NatsOptions,
     max_payload: usize,
 }
@@ -77,6 +81,7 @@ impl NatsBus {
             js: nats.js.clone(),
             stream,
             consumers: Mutex::new(HashMap::new()),
+            floors: std::sync::Mutex::new(HashMap::new()),
             options: options.clone(),
             max_payload: if max_payload == 0 { 1 << 20 } else { max_payload },
         })
@@ -105,8 +110,32 @@ impl NatsBus {
             ..Default::default()
         };
         let c = self.stream.get_or_create_consumer(&name, config).await.map_err(backend)?;
+        // JetStream counts deliveries per consumer. One that has delivered nothing yet
+        // (just created, or its predecessor removed for inactivity) would count 1 for a
+        // message an earlier consumer delivered and nobody acknowledged: such messages,
+        // stored before now, are marked as possible redeliveries.
+        if c.cached_info().delivered.consumer_sequence == 0
+            && let Some((_, last)) = self.ends(queue).await?
+        {
+            let mut floors = self.floors.lock().unwrap_or_else(|p| p.into_inner());
+            let floor = floors.entry(queue.to_owned()).or_default();
+            *floor = (*floor).max(last.sequence);
+        }
         g.insert(queue.to_owned(), c.clone());
         Ok(c)
+    }
+
+    /// A delivery of `msg` from `queue`, its attempt as JetStream counts it, raised to 2
+    /// when the message may have been delivered by a consumer before this one.
+    fn delivery(&self, queue: &str, msg: Message) -> Delivery {
+        let info = msg.info().ok().map(|i| (i.delivered.max(1) as u32, i.stream_sequence));
+        let (mut attempt, sequence) = info.unwrap_or((1, u64::MAX));
+        let floor = self.floors.lock().unwrap_or_else(|p| p.into_inner()).get(queue).copied().unwrap_or(0);
+        if sequence <= floor {
+            attempt = attempt.max(2);
+        }
+        let payload = msg.payload.clone();
+        Delivery::new(payload, attempt, Box::new(NatsAcker(msg)))
     }
 
     /// Drops a cached consumer handle after a failure, so the next call opens it again
@@ -181,7 +210,7 @@ impl NatsBus {
         };
         while let Some(m) = tokio::time::timeout(Duration::from_secs(15), batch.next()).await.ok().flatten() {
             match m {
-                Ok(m) => out.push(delivery(m)),
+                Ok(m) => out.push(self.delivery(queue, m)),
                 Err(e) if out.is_empty() => {
                     self.forget(queue).await;
                     return Err(backend(e));
@@ -192,12 +221,6 @@ impl NatsBus {
         }
         Ok(out)
     }
-}
-
-fn delivery(msg: Message) -> Delivery {
-    let attempt = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
-    let payload = msg.payload.clone();
-    Delivery::new(payload, attempt, Box::new(NatsAcker(msg)))
 }
 
 struct NatsAcker(Message);
@@ -250,7 +273,7 @@ impl Bus for NatsBus {
                 return Ok(None);
             }
         };
-        Ok(Some(delivery(msg)))
+        Ok(Some(self.delivery(queue, msg)))
     }
 
     async fn put_batch(&self, puts: Vec<Put>) -> Result<(), BusError> {
@@ -284,23 +307,14 @@ impl Bus for NatsBus {
             return Ok(Vec::new());
         }
         let consumer = self.consumer(queue).await?;
-        // What is waiting now, in one request; otherwise wait for one message, then take
-        // what came with it.
+        // What is waiting now, in one request; otherwise wait for one message and hand it
+        // over at once: asking for more would cost the caller another round trip before
+        // it can start on it, and its next call takes what came meanwhile.
         let taken = self.fetch_waiting(&consumer, queue, max).await?;
         if !taken.is_empty() {
             return Ok(taken);
         }
-        let Some(first) = self.get(queue, wait).await? else {
-            return Ok(Vec::new());
-        };
-        let mut out = vec![first];
-        if max > 1 {
-            match self.fetch_waiting(&consumer, queue, max - 1).await {
-                Ok(more) => out.extend(more),
-                Err(e) => tracing::debug!(%queue, "taking more after the first message: {e}"),
-            }
-        }
-        Ok(out)
+        Ok(self.get(queue, wait).await?.into_iter().collect())
     }
 
     async fn put_bounded(&self, queue: &str, payload: Bytes, bound: QueueBound) -> Result<(), BusError> {

@@ -111,6 +111,44 @@ async fn a_queue_nobody_reads_loses_its_consumer_but_not_its_messages() {
     d.ack().await.unwrap();
 }
 
+/// JetStream counts deliveries per consumer: a message delivered (and never acknowledged)
+/// by a consumer the server then removed for inactivity would count as a first delivery
+/// again. Such a message reaches the next process as a redelivery; one put later, as a
+/// first delivery.
+#[tokio::test]
+async fn a_message_an_earlier_consumer_delivered_counts_as_a_redelivery() {
+    use bytes::Bytes;
+    use tessera_ports::Bus;
+    let server = NatsServer::start();
+    let nats = connect(&server.url()).await.unwrap();
+    let options = NatsOptions { consumer_inactive: Duration::from_secs(1), ..NatsOptions::default() };
+    let first = NatsBus::open(&nats, &options).await.unwrap();
+    first.put("tasks.n1", Bytes::from_static(b"x")).await.unwrap();
+    // (Its own consumer had delivered nothing either: this counts as attempt 2 already.)
+    let d = first.get("tasks.n1", Duration::from_secs(5)).await.unwrap().unwrap();
+    drop(d); // the process dies before acknowledging it
+    drop(first);
+    let consumers = || async {
+        let mut stream = nats.js.get_stream("TESSERA_QUEUES").await.unwrap();
+        stream.info().await.unwrap().state.consumer_count
+    };
+    let mut waited = 0;
+    while consumers().await > 0 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        waited += 1;
+        assert!(waited < 40, "the consumer was never removed");
+    }
+    let next = NatsBus::open(&nats, &options).await.unwrap();
+    let d = next.get("tasks.n1", Duration::from_secs(5)).await.unwrap().unwrap();
+    assert_eq!(&d.payload[..], b"x");
+    assert!(d.attempt >= 2, "delivered before, by a consumer now gone: attempt {}", d.attempt);
+    d.ack().await.unwrap();
+    next.put("tasks.n1", Bytes::from_static(b"y")).await.unwrap();
+    let d = next.get("tasks.n1", Duration::from_secs(5)).await.unwrap().unwrap();
+    assert_eq!((&d.payload[..], d.attempt), (&b"y"[..], 1), "put after: a first delivery");
+    d.ack().await.unwrap();
+}
+
 /// Every listing of a KV bucket goes through `list_entries`, which reads the stream's
 /// subjects in one request: a KV watcher's listing (`.keys()`, `.watch*()`) ends early
 /// when keys are written meanwhile and can block for ever when they expire

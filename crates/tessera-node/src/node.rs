@@ -561,7 +561,7 @@ impl Node {
     /// Deliveries of one task that arrive while it runs (the node runs tasks side by
     /// side) wait for its answer rather than running it a second time.
     pub async fn execute(&self, task: &TaskMessage) -> TaskReply {
-        let (reply, record) = self.answer(task).await;
+        let (reply, record) = self.answer(task, false).await;
         if let Some((key, value)) = record {
             self.keep_answer(&key, value, &task.task_id).await;
         }
@@ -570,13 +570,22 @@ impl Node {
 
     /// The answer to a task, and when it ran now, the record of it to keep (the world
     /// key and value) for the caller to write: the serve loop writes it beside the reply.
-    pub(crate) async fn answer(&self, task: &TaskMessage) -> (TaskReply, Option<(String, Bytes)>) {
+    /// `first_delivery`: the bus delivers this message for the first time; with
+    /// [`TaskMessage::fresh`] on an unsigned task, the task cannot have been answered by
+    /// an earlier run of this node, and the look-up in world state is skipped.
+    pub(crate) async fn answer(
+        &self,
+        task: &TaskMessage,
+        first_delivery: bool,
+    ) -> (TaskReply, Option<(String, Bytes)>) {
         let gate = {
             let mut g = self.running.lock().unwrap_or_else(|p| p.into_inner());
             g.entry(task.task_id.clone()).or_default().clone()
         };
         let held = gate.lock().await;
-        let answer = self.execute_once(task).await;
+        // A signed task may be a replay of a genuine one, which its signature does not
+        // tell: its earlier answer is always looked up.
+        let answer = self.execute_once(task, first_delivery && task.fresh && task.auth.is_none()).await;
         drop(held);
         let mut g = self.running.lock().unwrap_or_else(|p| p.into_inner());
         // The map's handle and this one: nobody else waits on the gate.
@@ -594,7 +603,7 @@ impl Node {
         }
     }
 
-    async fn execute_once(&self, task: &TaskMessage) -> (TaskReply, Option<(String, Bytes)>) {
+    async fn execute_once(&self, task: &TaskMessage, never_answered: bool) -> (TaskReply, Option<(String, Bytes)>) {
         if let Some(r) = self.replies.lock().unwrap_or_else(|p| p.into_inner()).0.get(&task.task_id) {
             tracing::info!(node = %self.id, task = %task.task_id, "task seen before; answering again without running it");
             self.stats.answered_again.fetch_add(1, Ordering::Relaxed);
@@ -602,7 +611,7 @@ impl Node {
         }
         // Answered before this process started (a crash between reply and ack)?
         let key = self.done_key(&task.task_id);
-        if let Some(key) = &key
+        if let Some(key) = key.as_ref().filter(|_| !never_answered)
             && let Ok(Some(e)) = self.backend.world.get(key).await
             && let Ok(r) = wire::decode::<TaskReply>(&e.value)
         {

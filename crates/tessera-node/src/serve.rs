@@ -106,7 +106,7 @@ impl Node {
         if delivery.attempt > 1 {
             tracing::info!(node = %self.id, task = %task.task_id, attempt = delivery.attempt, "task redelivered");
         }
-        let run = self.answer(&task);
+        let run = self.answer(&task, delivery.attempt == 1);
         tokio::pin!(run);
         let (reply, record) = loop {
             tokio::select! {

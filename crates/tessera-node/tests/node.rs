@@ -81,6 +81,7 @@ on_both_backends!(
     bad_messages_are_dropped_and_the_node_carries_on,
     a_task_delivered_twice_runs_once,
     a_task_redelivered_after_a_crash_is_applied_once,
+    a_task_sent_again_is_answered_from_the_record_unless_fresh,
     registration_and_refusals,
     one_name_is_one_actor_across_nodes,
 );
@@ -171,6 +172,7 @@ impl Setup {
             world: None,
             auth: None,
             inline_outputs: 0,
+            fresh: false,
         }
         .with_node(node)
     }
@@ -427,7 +429,9 @@ async fn a_task_redelivered_after_a_crash_is_applied_once(on: On) {
     let options = NatsOptions { ack_wait: Duration::from_secs(1), ..NatsOptions::default() };
     let s = setup_with(on, options).await;
     let first = s.node("n1");
-    let task = s.task("slow", "n1", json!({"mode": "work", "ms": 50}));
+    let mut task = s.task("slow", "n1", json!({"mode": "work", "ms": 50}));
+    // Fresh from its sender: a redelivery is looked up all the same.
+    task.fresh = true;
     s.send(&first, &task).await;
     let d = s.backend.bus.get(&first.task_queue(), Duration::from_secs(5)).await.unwrap().unwrap();
     let answered = first.execute(&wire::decode(&d.payload).unwrap()).await;
@@ -484,4 +488,40 @@ async fn a_package_passed_off_as_another_module_never_runs() {
     let reply = node.execute(&s.task("t", "n4", json!({"mode": "echo"}))).await;
     let why = failed(&reply);
     assert!(why.contains("published as trusted.module") && why.contains("test.programs"), "{reply:?}");
+}
+
+async fn a_task_sent_again_is_answered_from_the_record_unless_fresh(on: On) {
+    // A resumed coordinator sends a task again, as a new message, to a node that answered
+    // it before restarting: the node answers from its record without running it. A task
+    // its sender marks fresh (never sent before) is run without that look-up.
+    let s = setup(on).await;
+    let first = s.node("n1");
+    let task = s.task("again", "n1", json!({"mode": "work", "ms": 10}));
+    let answered = first.execute(&task).await;
+    assert!(matches!(answered.outcome, TaskOutcome::Ok { .. }), "{answered:?}");
+    drop(first);
+
+    use std::sync::atomic::Ordering::Relaxed;
+    let second = s.node("n1");
+    let (stop, handle) = serve(&second);
+    s.send(&second, &task).await;
+    assert_eq!(s.reply().await, answered, "the same answer");
+    assert_eq!(second.stats().tasks_run.load(Relaxed), 0, "not run again");
+    assert_eq!(second.stats().answered_again.load(Relaxed), 1);
+    stop.send(true).unwrap();
+    handle.await.unwrap().unwrap();
+
+    // The sender vouches it never sent this id: the node takes its word.
+    let third = s.node("n1");
+    let (stop, handle) = serve(&third);
+    let mut fresh = task.clone();
+    fresh.fresh = true;
+    fresh.dispatch = "d-other".into();
+    s.send(&third, &fresh).await;
+    let r = s.reply().await;
+    assert!(matches!(r.outcome, TaskOutcome::Ok { .. }), "{r:?}");
+    assert_eq!(third.stats().tasks_run.load(Relaxed), 1, "run without looking for an earlier answer");
+    assert_eq!(third.stats().answered_again.load(Relaxed), 0);
+    stop.send(true).unwrap();
+    handle.await.unwrap().unwrap();
 }

@@ -93,6 +93,7 @@ fn task(id: &str, module: Digest, config: serde_json::Value) -> TaskMessage {
         world: None,
         auth: None,
         inline_outputs: 0,
+        fresh: false,
     }
 }
 
@@ -292,4 +293,34 @@ async fn a_module_decides_who_may_call_each_function() {
     assert!(matches!(open.execute(&unsigned("6", "echo")).await.outcome, TaskOutcome::Ok { .. }));
     let msg = refused(&open.execute(&unsigned("7", "context")).await);
     assert!(msg.contains("sign the task"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_signed_task_is_answered_from_the_record_even_when_marked_fresh() {
+    // `fresh` is the sender's word that a task id was never sent before, but a copy of a
+    // signed message says the same the second time: a signed task's earlier answer is
+    // always looked up, and a replay to a restarted node (whose replay cache is empty)
+    // runs nothing.
+    let w = World::new();
+    let m = w.publish("test.programs", Some(&w.alice));
+    let first = Arc::new(w.node(&w.policy("")));
+    let mut t = task("replayed", m, json!({"mode": "echo"}));
+    t.fresh = true;
+    let t = signed(t, &w.bob, &first, &w.node_key);
+    let answered = first.execute(&t).await;
+    assert!(matches!(answered.outcome, TaskOutcome::Ok { .. }), "{answered:?}");
+    assert_eq!(first.stats().tasks_run.load(Relaxed), 1);
+    drop(first);
+
+    let second = Arc::new(w.node(&w.policy("")));
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let serving = tokio::spawn(second.clone().serve(rx));
+    w.backend.bus.put(&second.task_queue(), bytes::Bytes::from(tessera_core::wire::encode(&t))).await.unwrap();
+    let d = w.backend.bus.get("replies", Duration::from_secs(30)).await.unwrap().unwrap();
+    let reply: TaskReply = tessera_core::wire::decode(&d.payload).unwrap();
+    assert_eq!(reply.task_id, "replayed");
+    assert_eq!(second.stats().tasks_run.load(Relaxed), 0, "a replay runs nothing");
+    assert_eq!(second.stats().answered_again.load(Relaxed), 1, "answered from the record");
+    tx.send(true).unwrap();
+    serving.await.unwrap().unwrap();
 }

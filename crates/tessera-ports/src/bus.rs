@@ -69,7 +69,9 @@ pub trait Acker: Send + Sync {
 pub struct Delivery {
     /// The message body.
     pub payload: Bytes,
-    /// 1 for the first delivery, more for redeliveries.
+    /// 1 for the first delivery, more for redeliveries. A bus that cannot tell (JetStream
+    /// counts per consumer, and a consumer removed for inactivity forgets) says 2 or more
+    /// for a message that may have been delivered before: 1 means certainly the first.
     pub attempt: u32,
     acker: Option<Box<dyn Acker>>,
 }
@@ -136,9 +138,10 @@ pub trait Bus: Send + Sync + 'static {
     /// nothing; a backend failure part way may leave some appended, and a retry of the
     /// same batch stores again only those without a [`Put::id`].
     async fn put_batch(&self, puts: Vec<Put>) -> Result<(), BusError>;
-    /// Takes up to `max` messages from `queue`: waits up to `wait` for the first, then
-    /// takes those already waiting without waiting more. Empty when nothing came within
-    /// `wait`. Each delivery is acknowledged on its own. `max` of 0 takes nothing.
+    /// Takes up to `max` messages from `queue`: those already waiting, else waits up to
+    /// `wait` for the first (a distributed bus hands that one over alone, at once; the
+    /// next call takes what came meanwhile). Empty when nothing came within `wait`. Each
+    /// delivery is acknowledged on its own. `max` of 0 takes nothing.
     async fn get_batch(&self, queue: &str, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError>;
 }
 

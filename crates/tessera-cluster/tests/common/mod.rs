@@ -2,6 +2,11 @@
 //! they run modules with, the two backends with a short membership time-to-live, and the
 //! macro that runs a test body on each.
 
+// Each test binary uses a part of this.
+#![allow(dead_code)]
+
+pub mod counting;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
