@@ -1,10 +1,27 @@
 """Federated softmax regression with numpy: mini-batch SGD on cross-entropy, optionally
-with FedProx's proximal term, speaking the same worker protocol as `fl.softmax.worker`."""
+with FedProx's proximal term, speaking the same worker protocol as `fl.softmax.worker`.
+
+`dtype` (float32, float16 or float64) is the type the parameters are stored in, as a
+half-precision model would be; `count_batches: true` adds `num_batches_tracked`, an int64
+counter of the mini-batches the model has been trained on (as PyTorch's BatchNorm keeps)."""
 
 import numpy as np
 
 import tessera
 from tessera import safetensors
+
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
+
+
+def _store(cfg, w, b, batches):
+    name = cfg.get("dtype", "float32")
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {name!r}")
+    out = {"w": w.astype(DTYPES[name]), "b": b.astype(DTYPES[name])}
+    if cfg.get("count_batches", False):
+        out["num_batches_tracked"] = np.array(batches, dtype=np.int64)
+    return safetensors.encode(out)
 
 
 def _params(model, classes, features):
@@ -27,7 +44,7 @@ class SoftmaxWorker(tessera.Task):
         if mode == "init":
             w = np.zeros((classes, features), dtype=np.float32)
             b = np.zeros(classes, dtype=np.float32)
-            return {"model": safetensors.encode({"w": w, "b": b})}
+            return {"model": _store(cfg, w, b, 0)}
         if mode not in ("train", "evaluate"):
             raise ValueError(f"unknown mode {mode!r}; expected init, train or evaluate")
         model = self.inputs.get("model")
@@ -51,6 +68,7 @@ class SoftmaxWorker(tessera.Task):
         batch = max(1, int(cfg.get("batch_size", 32)))
         rng = np.random.default_rng(int(cfg.get("seed", 0)))
         w0, b0 = w.copy(), b.copy()
+        batches = int(np.asarray(model["num_batches_tracked"])) if "num_batches_tracked" in model else 0
         loss_sum, correct, seen = 0.0, 0, 0
         for _ in range(max(1, int(cfg.get("epochs", 1)))):
             order = rng.permutation(len(y))
@@ -61,6 +79,7 @@ class SoftmaxWorker(tessera.Task):
                 loss_sum += float(-np.log(np.maximum(p[np.arange(len(yb)), yb], 1e-12)).sum())
                 correct += int((p.argmax(axis=1) == yb).sum())
                 seen += len(yb)
+                batches += 1
                 p[np.arange(len(yb)), yb] -= 1.0
                 gw = p.T @ xb / len(yb)
                 gb = p.sum(axis=0) / len(yb)
@@ -68,5 +87,4 @@ class SoftmaxWorker(tessera.Task):
                 b -= lr * (gb + mu * (b - b0))
         self.log.info(f"trained on {len(y)} examples, loss {loss_sum / seen:.4f}")
         metrics = {"num_examples": int(len(y)), "loss": loss_sum / seen, "accuracy": correct / seen}
-        return {"model": safetensors.encode({"w": w.astype(np.float32), "b": b.astype(np.float32)}),
-                "metrics": metrics}
+        return {"model": _store(cfg, w, b, batches), "metrics": metrics}

@@ -55,6 +55,7 @@ on_both_backends!(
     a_session_whose_coordinator_stopped_resumes_from_its_last_round,
     a_round_waits_for_a_node_whose_announcement_lapsed,
     a_stop_request_ends_a_round_waiting_for_nodes,
+    finished_rounds_leave_their_updates_and_records_behind_only_when_asked,
 );
 
 async fn a_short_session_learns_digits(on: On) {
@@ -387,6 +388,87 @@ async fn differential_privacy_clips_noises_and_accounts() {
     let r = cluster.coordinator().run("dp-loud", &loud, &Quiet).await.unwrap();
     assert!(r.final_metrics.unwrap().accuracy.unwrap() < 0.5);
     assert!(r.reports[0].dp_epsilon.unwrap() < 1.0, "much noise spends little privacy");
+}
+
+/// A saved round's update blobs, answer records and replaced models are removed, so the
+/// stores stay flat across rounds: six rounds leave what two leave (the final model and
+/// the strategy's state). `retain_updates: true` keeps them.
+async fn finished_rounds_leave_their_updates_and_records_behind_only_when_asked(on: On) {
+    let home = tempfile::tempdir().unwrap();
+    let cluster = cluster(&on, home.path(), 4).await;
+    // Updates of 64 Ki f32 (256 KiB: stored as blobs, not inline), from the test module's
+    // generated-model worker.
+    let dir = home.path().join("modules").join("generated");
+    let manifest = "name: fl.generated\nversion: 0.1.0\nkind: task\nruntime: wasm\nentry: module.wasm\n";
+    tessera_modules::write_module_dir(&dir, manifest, tessera_modules::TEST_PROGRAMS_WASM).unwrap();
+    cluster.publish_dir(&dir).unwrap();
+    let session = |rounds: u32, retain: bool| {
+        let mut cfg = SessionConfig::new("fl.generated");
+        cfg.rounds = rounds;
+        cfg.retain_updates = retain;
+        cfg.config = json!({ "params": 64 * 1024 });
+        cfg
+    };
+    let blobs = cluster.backend.blobs.clone();
+    let world = cluster.backend.world.clone();
+    let mut grew = Vec::new();
+    let mut finals = Vec::new();
+    for (id, rounds) in [("two", 2), ("six", 6)] {
+        let before = blobs.stored_bytes().await.unwrap();
+        let r = cluster.coordinator().run(id, &session(rounds, false), &Quiet).await.unwrap();
+        assert!(r.reports.iter().all(|r| r.contributed.len() == 4), "{id}: {:?}", r.reports);
+        grew.push(blobs.stored_bytes().await.unwrap() - before);
+        assert_eq!(world.keys("done/").await.unwrap(), Vec::<String>::new(), "{id}: answer records removed");
+        finals.push(r);
+    }
+    assert!(grew[0] >= 256 << 10, "the final model stays: {grew:?}");
+    assert!(grew[1] <= grew[0] + (64 << 10), "six rounds leave what two leave: {grew:?}");
+    // The same seed gives the same bytes: "six" replaced, in its third round, the very blob
+    // that is "two"'s final model. Pinned by "two"'s saved state, it stays, and both
+    // sessions still give their result.
+    assert_eq!(finals[1].reports[1].model, finals[0].model_digest);
+    for r in &finals {
+        assert!(blobs.contains(&r.model_digest).await.unwrap(), "{}: final model kept", r.session);
+        let again = cluster.coordinator().resume(&r.session, &Quiet).await.unwrap();
+        assert_eq!(again.model_digest, r.model_digest);
+    }
+
+    let before = blobs.stored_bytes().await.unwrap();
+    let r = cluster.coordinator().run("kept", &session(2, true), &Quiet).await.unwrap();
+    let kept = blobs.stored_bytes().await.unwrap() - before;
+    assert!(kept >= 8 * (256 << 10), "every update kept: {kept} bytes");
+    assert_eq!(world.keys("done/").await.unwrap().len(), 8, "two rounds of four answers");
+    let first = &r.reports[0].model;
+    assert!(blobs.contains(first).await.unwrap(), "replaced models kept too");
+}
+
+/// Clipping bounds each round's step: with a clipping norm of 0.01 and next to no noise,
+/// three rounds move the model (from zeros) by at most 0.03, at the coordinator or on the
+/// nodes; unclipped, one round of SGD moves it by far more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clipping_bounds_every_round_s_step() {
+    use tessera_core::tensor::{Model, TensorLimits};
+    let home = tempfile::tempdir().unwrap();
+    let cluster = cluster(&On::Memory, home.path(), 3).await;
+    let mut cfg = SessionConfig::new("fl.softmax.worker");
+    cfg.rounds = 3;
+    let norm = |bytes: &[u8]| {
+        let m = Model::decode(bytes, TensorLimits::default()).unwrap();
+        m.floats.0.values().flat_map(|t| &t.data).map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt()
+    };
+    let free = cluster.coordinator().run("unclipped", &cfg, &Quiet).await.unwrap();
+    assert!(norm(&free.model) > 1.0, "SGD moves the model: {}", norm(&free.model));
+    for (session, side) in
+        [("clip-server", tessera_coordinator::DpSide::Server), ("clip-client", tessera_coordinator::DpSide::Client)]
+    {
+        let mut dp = cfg.clone();
+        dp.differential_privacy =
+            Some(tessera_coordinator::DpConfig { noise_multiplier: 1e-6, clipping_norm: 0.01, side, delta: 1e-5 });
+        let r = cluster.coordinator().run(session, &dp, &Quiet).await.unwrap();
+        assert!(r.reports.iter().all(|r| r.contributed.len() == 3 && r.failures.is_empty()), "{session}");
+        let n = norm(&r.model);
+        assert!(n <= 0.03 * (1.0 + 1e-3) && n > 0.01, "{session}: moved {n}");
+    }
 }
 
 /// Simulation: four nodes host 250 participants each, and every round asks all 1,000.

@@ -54,6 +54,52 @@ async fn python_and_webassembly_workers_train_one_model() {
     cluster.stop().await;
 }
 
+/// A half-precision model with an int64 counter (as PyTorch's BatchNorm keeps) trains
+/// through a session: aggregated in f32, written back as F16, the counter taken from the
+/// participant with the most examples.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_precision_model_with_a_counter_trains() {
+    use tessera_core::tensor::{Dtype, FloatType, Model, TensorLimits};
+    let home = tempfile::tempdir().unwrap();
+    let data = digits::prepare(&home.path().join("data"), 4, 0.2, 7).unwrap();
+    let mut config = ClusterConfig::digits(home.path(), &data, WasmLimits::default());
+    config.python = Some(python());
+    let cluster = Cluster::start(config).await.unwrap();
+    let py_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/fl-python-worker");
+    let py = cluster.publish_dir(&py_dir).unwrap();
+    let mut cfg = SessionConfig::new(format!("{}@{}", py.name, py.version));
+    cfg.rounds = 3;
+    cfg.eval_dataset = Some("digits-test".into());
+    cfg.config = serde_json::json!({"lr": 0.5, "dtype": "float16", "count_batches": true});
+    let r = cluster.coordinator().run("half", &cfg, &Quiet).await.unwrap();
+    assert!(r.reports.iter().all(|r| r.contributed.len() == 4), "{:?}", r.reports.last());
+    assert!(r.final_metrics.unwrap().accuracy.unwrap() >= 0.85);
+    let model = Model::decode(&r.model, TensorLimits::default()).unwrap();
+    assert_eq!((model.float_type("w"), model.float_type("b")), (FloatType::F16, FloatType::F16));
+    let counter = &model.fixed["num_batches_tracked"];
+    assert_eq!((counter.dtype, counter.shape.len()), (Dtype::I64, 0));
+    // Each round the counter is the largest shard's: the round's start plus its batches.
+    let (shards, _) = digits::split(4, 0.2, 7);
+    let largest = shards.iter().map(|s| s.len()).max().unwrap();
+    let batches = i64::from_le_bytes(counter.bytes.as_slice().try_into().unwrap());
+    assert_eq!(batches, 3 * largest.div_ceil(32) as i64);
+
+    // Clipped on the nodes, then rounded to F16: the coordinator takes the rounding for
+    // what it is, and under differential privacy the counter is released by no one.
+    let mut dp = cfg.clone();
+    dp.differential_privacy = Some(tessera_coordinator::DpConfig {
+        noise_multiplier: 1e-6,
+        clipping_norm: 0.01,
+        side: tessera_coordinator::DpSide::Client,
+        delta: 1e-5,
+    });
+    let r = cluster.coordinator().run("half-dp", &dp, &Quiet).await.unwrap();
+    assert!(r.reports.iter().all(|r| r.contributed.len() == 4 && r.failures.is_empty()), "{:?}", r.reports);
+    let model = Model::decode(&r.model, TensorLimits::default()).unwrap();
+    assert_eq!(model.fixed["num_batches_tracked"].bytes, 0i64.to_le_bytes(), "the initial model's counter");
+    cluster.stop().await;
+}
+
 /// PyTorch workers join a session with WebAssembly workers. Ignored by default: it needs a
 /// Python with torch (several GiB from PyPI), which `scripts/test` does not install. Run:
 /// `TESSERA_PYTHON=/path/to/python-with-torch cargo test -p tessera-cluster --test python_workers -- --ignored`

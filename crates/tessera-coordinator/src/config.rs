@@ -67,6 +67,12 @@ pub struct SessionConfig {
     /// of them, so a few nodes simulate a thousand participants per round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clients_per_node: Option<usize>,
+    /// Keep every round's update blobs, the nodes' answer records and replaced models
+    /// (for audit). By default they are removed once the round is saved, so the stores
+    /// stay flat across rounds and a finished session keeps its final model, reports and
+    /// lineage.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retain_updates: bool,
     /// Differential privacy: updates clipped to an L2 norm and Gaussian noise added to the
     /// aggregate, with the privacy spent reported every round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -301,6 +307,7 @@ impl SessionConfig {
             strategy: StrategySpec::default(),
             differential_privacy: None,
             clients_per_node: None,
+            retain_updates: false,
             secure_aggregation: None,
             hierarchy: None,
             dataset: default_dataset(),

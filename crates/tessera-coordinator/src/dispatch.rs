@@ -95,7 +95,9 @@ impl Coordinator {
                 fresh: self.started_here(id),
             })
             .collect();
-        self.send_and_collect(id, round, tasks, timeout).await
+        let replies = self.send_and_collect(id, round, tasks, timeout).await?;
+        self.note_leftovers(id, crate::retention::Leftovers::of(&replies));
+        Ok(replies)
     }
 
     /// Sends `tasks` and collects replies until all answered, `timeout` passed, or the

@@ -36,6 +36,8 @@ pub struct Coordinator {
     /// Runs this coordinator started (rather than resumed): none of their task ids was
     /// sent before, so their tasks go out [`TaskMessage::fresh`](tessera_core::wire::TaskMessage::fresh).
     started: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// What each federated run's rounds left behind, until the round is saved.
+    pub(crate) leftovers: crate::retention::LeftoversByRun,
 }
 
 /// Watches a run's progress.
@@ -77,6 +79,7 @@ impl Coordinator {
             retry_for: Duration::from_secs(60),
             listing: std::sync::Mutex::new(None),
             started: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+            leftovers: Default::default(),
         }
     }
 

@@ -15,8 +15,8 @@ use tessera_core::config::deep_merge;
 use tessera_core::name::check_ident;
 use tessera_core::privacy;
 use tessera_core::registry::PackageRecord;
-use tessera_core::strategy::{FitFailure, FitResult, Strategy};
-use tessera_core::tensor::{TensorLimits, Tensors};
+use tessera_core::strategy::Strategy;
+use tessera_core::tensor::{Model, TensorLimits};
 use tessera_core::wire::{
     BlobRef, Failure, Lineage, NodeRecord, RoundReport, RoundTimings, SCHEMA_VERSION, TaskOutcome, TaskReply,
     WorkerMetrics,
@@ -26,12 +26,10 @@ use tessera_ports::read_ref;
 
 use crate::dispatch::{INLINE_OUTPUTS, participant_node};
 use crate::engine::{Coordinator, Observer, Program};
+use crate::fold::{Fold, Update, collect_window};
 use crate::placement::{Workers, eligible_of, module_use};
 use crate::state::Ending;
 use crate::{DpSide, SessionConfig, SessionError, SessionResult, SessionState};
-
-/// Most updates of a round fetched from the blob store at once.
-const COLLECT_CONCURRENCY: usize = 32;
 
 /// An error's message said of `round`: prefixed with `round N: ` unless it already is
 /// (strategies' errors name their round themselves).
@@ -55,13 +53,6 @@ pub(crate) fn partition_config(cfg: &SessionConfig, participant: &str) -> Value 
         (Some(k), Some((_, j))) => json!({"partition": j.parse::<usize>().unwrap_or(0), "partitions": k}),
         _ => json!({}),
     }
-}
-
-pub(crate) struct Update {
-    pub(crate) node: String,
-    pub(crate) tensors: Tensors,
-    pub(crate) metrics: WorkerMetrics,
-    pub(crate) seconds: f64,
 }
 
 /// A federated session as the engine's program: one round per iteration.
@@ -89,6 +80,11 @@ impl Program for FlRun<'_> {
             .round(&self.state, self.workers, self.strategy.as_mut(), &mut self.accountant, round, self.observer)
             .await?;
         let saved = Bytes::from(self.strategy.state());
+        let id = self.state.id.clone();
+        if let Some(old) = self.state.strategy_state {
+            c.note_replaced(&id, old);
+        }
+        c.note_replaced(&id, self.state.model);
         self.state.strategy_state =
             Some(c.retry("saving the strategy's state", || c.backend.blobs.put(saved.clone())).await?);
         self.state.completed_rounds = round;
@@ -99,6 +95,11 @@ impl Program for FlRun<'_> {
             self.state.ending = Some(Ending::Limit);
         }
         c.save(&self.state).await?;
+        if self.state.config.retain_updates {
+            c.forget_leftovers(&id);
+        } else {
+            c.discard_leftovers(&id).await;
+        }
         self.observer.round_finished(&report);
         // The round limit is the scheduler: the engine stops at it.
         Ok(false)
@@ -168,6 +169,7 @@ impl Coordinator {
         self.mark_started(id);
         let result = self.drive(state, &workers, observer).await;
         self.forget_started(id);
+        self.forget_leftovers(id);
         result
     }
 
@@ -218,7 +220,9 @@ impl Coordinator {
         let eligible = self.eligible(&state.config, &workers).await?;
         observer.started(id, &record, &eligible, state.config.rounds, state.completed_rounds);
         tracing::info!(session = id, done = state.completed_rounds, "resuming");
-        self.drive(state, &workers, observer).await
+        let result = self.drive(state, &workers, observer).await;
+        self.forget_leftovers(id);
+        result
     }
 
     async fn drive(
@@ -326,7 +330,9 @@ impl Coordinator {
         Err(SessionError::Aggregate("no node produced an initial model".into()))
     }
 
-    pub(crate) async fn collect(&self, participant: &str, reply: &TaskReply) -> Result<Update, String> {
+    /// Fetches and decodes a participant's update; `max_bytes` bounds the model blob it may
+    /// name (an update is the global model's size, give or take its header).
+    pub(crate) async fn collect(&self, participant: &str, reply: &TaskReply, max_bytes: u64) -> Result<Update, String> {
         let (outputs, seconds) = match &reply.outcome {
             TaskOutcome::Ok { outputs, seconds } => (outputs, *seconds),
             TaskOutcome::Failed { error } => return Err(error.clone()),
@@ -334,6 +340,9 @@ impl Coordinator {
         let get = |name: &str| outputs.iter().find(|o| o.name == name);
         let model = get("model").ok_or("no `model` output")?;
         let metrics = get("metrics").ok_or("no `metrics` output")?;
+        if model.size > max_bytes {
+            return Err(format!("the update is {} bytes, the model {max_bytes} at most", model.size));
+        }
         let (model, metrics) = futures::future::join(
             self.retry("reading an update", || read_ref(self.backend.blobs.as_ref(), model)),
             self.retry("reading metrics", || read_ref(self.backend.blobs.as_ref(), metrics)),
@@ -341,12 +350,12 @@ impl Coordinator {
         .await;
         let model = model.map_err(|e| e.to_string())?.ok_or("the `model` blob is missing")?;
         let metrics = metrics.map_err(|e| e.to_string())?.ok_or("the `metrics` blob is missing")?;
-        let tensors = Tensors::decode(&model, TensorLimits::default()).map_err(|e| e.to_string())?;
+        let model = Model::decode(&model, TensorLimits::default()).map_err(|e| e.to_string())?;
         let metrics: WorkerMetrics = serde_json::from_slice(&metrics).map_err(|e| format!("metrics: {e}"))?;
         if metrics.num_examples == 0 {
             return Err("the update is based on zero examples".into());
         }
-        Ok(Update { node: participant.to_owned(), tensors, metrics, seconds })
+        Ok(Update { node: participant.to_owned(), model, metrics, seconds })
     }
 
     pub(crate) async fn round(
@@ -422,10 +431,18 @@ impl Coordinator {
             ..RoundTimings::default()
         };
         let fetching = Instant::now();
-        // Updates are fetched side by side (bounded) and kept in participant order, so the
-        // aggregate does not depend on which blob came first.
+        let base =
+            Model::decode(&global, TensorLimits::default()).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+        let dp = cfg.differential_privacy.as_ref();
+        let mut fold = Fold::new(round, &base, dp, strategy, self.threads);
+        // Updates are fetched side by side (bounded in count and bytes) and taken in
+        // participant order as they come, so the aggregate does not depend on which blob
+        // came first, and each is dropped once folded in.
+        let mut order = selected.clone();
+        order.sort();
         let replies_ref = &replies;
-        let collected: Vec<Result<Update, Failure>> = futures::stream::iter(selected.clone())
+        let max_update = (global.len() as u64).saturating_mul(2).saturating_add(1 << 20);
+        let mut collected = futures::stream::iter(order)
             .map(|node: String| async move {
                 let fail = |error: String| Failure { node: node.clone(), error };
                 match replies_ref.replies.get(&node) {
@@ -433,57 +450,30 @@ impl Coordinator {
                         Err(fail("the node left (its heartbeat stopped)".into()))
                     }
                     None => Err(fail(format!("no reply within {}s", cfg.round_timeout_secs))),
-                    Some(r) => self.collect(&node, r).await.map_err(fail),
+                    Some(r) => self.collect(&node, r, max_update).await.map_err(fail),
                 }
             })
-            .buffered(COLLECT_CONCURRENCY)
-            .collect()
-            .await;
-        timings.transfer = fetching.elapsed().as_secs_f64();
+            .buffered(collect_window(global.len()));
+        while let Some(outcome) = collected.next().await {
+            fold.take(outcome)?;
+        }
+        drop(collected);
+        timings.transfer = (fetching.elapsed() - fold.folding).as_secs_f64();
+        if fold.usable.len() < cfg.min_participants {
+            return Err(too_few(round, fold.usable.len(), cfg.min_participants, &fold.failures));
+        }
+        let mut aggregate = fold.aggregate(strategy)?;
         let aggregating = Instant::now();
-        let mut updates = Vec::new();
-        let mut failures = Vec::new();
-        for c in collected {
-            match c {
-                Ok(u) => updates.push(u),
-                Err(f) => failures.push(f),
-            }
-        }
-        let base =
-            Tensors::decode(&global, TensorLimits::default()).map_err(|e| SessionError::Aggregate(e.to_string()))?;
-        let mut usable = Vec::new();
-        for u in updates {
-            match base.check_same_layout(&u.tensors) {
-                Ok(()) => usable.push(u),
-                Err(e) => failures.push(Failure { node: u.node.clone(), error: format!("update refused: {e}") }),
-            }
-        }
-        if usable.len() < cfg.min_participants {
-            return Err(too_few(round, usable.len(), cfg.min_participants, &failures));
-        }
-        let results: Vec<FitResult> = usable
-            .iter()
-            .map(|u| FitResult {
-                node: u.node.clone(),
-                update: u.tensors.clone(),
-                num_examples: u.metrics.num_examples,
-            })
-            .collect();
-        let failed: Vec<FitFailure> =
-            failures.iter().map(|f| FitFailure { node: f.node.clone(), error: f.error.clone() }).collect();
-        let mut aggregate = strategy
-            .aggregate_fit(round, &base, &results, &failed)
-            .map_err(|e| SessionError::Aggregate(in_round(round, &e)))?;
         let mut dp_epsilon = None;
         let mut dp_sample_rate = None;
-        if let Some(dp) = &cfg.differential_privacy {
-            let sigma = dp.noise_multiplier * dp.clipping_norm / results.len() as f64;
+        if let Some(dp) = dp {
+            let sigma = dp.noise_multiplier * dp.clipping_norm / fold.usable.len() as f64;
             let mut rng = privacy::BoxMuller::new(|| {
                 let mut b = [0u8; 8];
                 getrandom::fill(&mut b).expect("the operating system's random source works");
                 u64::from_le_bytes(b)
             });
-            for t in aggregate.0.values_mut() {
+            for t in aggregate.floats.0.values_mut() {
                 privacy::add_gaussian_noise(&mut t.data, sigma, &mut rng)
                     .map_err(|e| SessionError::Aggregate(in_round(round, &e)))?;
             }
@@ -492,7 +482,8 @@ impl Coordinator {
             dp_epsilon = Some(accountant.epsilon(dp.delta).map_err(|e| SessionError::Aggregate(e.to_string()))?.0);
             dp_sample_rate = Some(q);
         }
-        drop(results);
+        let aggregation = fold.folding + aggregating.elapsed();
+        let (usable, failures) = (fold.usable, fold.failures);
         let examples: u64 = usable.iter().map(|u| u.metrics.num_examples).sum();
         let train_loss =
             usable.iter().map(|u| u.metrics.loss * u.metrics.num_examples as f64).sum::<f64>() / examples as f64;
@@ -506,7 +497,7 @@ impl Coordinator {
             model: aggregate,
             dp_epsilon,
             dp_sample_rate,
-            timings: RoundTimings { aggregation: aggregating.elapsed().as_secs_f64(), ..timings },
+            timings: RoundTimings { aggregation: aggregation.as_secs_f64(), ..timings },
         };
         let ctx =
             RoundCtx { state, workers, round, started, selected: Vec::new(), available, global, global_ref, seed_base };
@@ -682,7 +673,7 @@ pub(crate) struct Aggregated {
     pub(crate) examples: u64,
     pub(crate) train_loss: f64,
     pub(crate) compute_seconds: f64,
-    pub(crate) model: Tensors,
+    pub(crate) model: Model,
     pub(crate) dp_epsilon: Option<f64>,
     pub(crate) dp_sample_rate: Option<f64>,
     /// Where the round's time went so far (storing the model is added when it is stored).

@@ -179,7 +179,7 @@ impl Coordinator {
             examples,
             train_loss,
             compute_seconds,
-            model: sum,
+            model: sum.into(),
             dp_epsilon: None,
             dp_sample_rate: None,
             // The participants' tasks, then the region aggregators'.

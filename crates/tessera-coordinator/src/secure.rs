@@ -176,7 +176,7 @@ impl Coordinator {
             examples,
             train_loss: if examples > 0 { loss / examples as f64 } else { 0.0 },
             compute_seconds,
-            model: aggregate,
+            model: aggregate.into(),
             dp_epsilon: None,
             dp_sample_rate: None,
             timings: RoundTimings {

@@ -110,6 +110,14 @@ pub fn new_session_id() -> String {
     format!("s-{}", &Digest::of(seed.as_bytes()).hex()[..12])
 }
 
+/// The world-state prefix of every run's pins.
+pub(crate) const PINS: &str = "pins/";
+
+/// The world-state prefix of run `id`'s pins.
+pub(crate) fn pins_prefix(id: &str) -> String {
+    format!("{PINS}{id}/")
+}
+
 /// The world key of a session's state.
 pub fn state_key(id: &str) -> String {
     format!("sessions/{id}")
@@ -179,18 +187,49 @@ impl RunRecord {
 }
 
 impl Coordinator {
-    /// Writes a run's state under `sessions/<id>`.
-    pub(crate) async fn save_record(&self, id: &str, value: &impl Serialize) -> Result<(), SessionError> {
+    /// Writes a run's state under `sessions/<id>`, with the blobs it names pinned
+    /// (`pins/<id>/<digest hex>`): blobs are content-addressed and shared, and what a saved
+    /// run names is never removed by another run's retention (see `retention.rs`). New pins
+    /// are written before the state, stale ones removed after it.
+    pub(crate) async fn save_record(
+        &self,
+        id: &str,
+        value: &impl Serialize,
+        names: &BTreeSet<Digest>,
+    ) -> Result<(), SessionError> {
         let bytes = Bytes::from(serde_json::to_vec(value).map_err(|e| SessionError::Aggregate(e.to_string()))?);
+        let prefix = pins_prefix(id);
+        let pinned: BTreeSet<String> = self
+            .retry("listing the run's pins", || self.backend.world.keys(&prefix))
+            .await?
+            .into_iter()
+            .filter_map(|k| k.strip_prefix(&prefix).map(str::to_owned))
+            .collect();
+        for d in names.iter().filter(|d| !pinned.contains(&d.hex())) {
+            let key = format!("{prefix}{}", d.hex());
+            self.retry("pinning a blob", || self.backend.world.put(&key, Bytes::new())).await?;
+        }
         let key = state_key(id);
         self.retry("saving the run's state", || self.backend.world.put(&key, bytes.clone())).await?;
+        let named: BTreeSet<String> = names.iter().map(Digest::hex).collect();
+        for hex in pinned.difference(&named) {
+            let key = format!("{prefix}{hex}");
+            self.retry("unpinning a blob", || self.backend.world.delete(&key)).await?;
+        }
         Ok(())
     }
 
     pub(crate) async fn save(&self, state: &SessionState) -> Result<(), SessionError> {
         let mut state = state.clone();
         state.updated_ms = tessera_identity::now_ms();
-        self.save_record(&state.id, &state).await
+        let names: BTreeSet<Digest> = [Some(state.model), state.strategy_state].into_iter().flatten().collect();
+        self.save_record(&state.id, &state, &names).await
+    }
+
+    /// Every blob a saved run names (its pins).
+    pub(crate) async fn pinned(&self) -> Result<BTreeSet<Digest>, SessionError> {
+        let keys = self.retry("listing pinned blobs", || self.backend.world.keys(PINS)).await?;
+        Ok(keys.iter().filter_map(|k| Digest::from_hex(k.rsplit('/').next()?).ok()).collect())
     }
 
     /// Reads a stored run. Every way in by run id (status, logs, stop, resume) goes

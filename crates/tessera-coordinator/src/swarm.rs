@@ -268,7 +268,9 @@ impl Coordinator {
     async fn save_swarm(&self, state: &SwarmState) -> Result<(), SessionError> {
         let mut state = state.clone();
         state.updated_ms = tessera_identity::now_ms();
-        self.save_record(&state.id, &state).await
+        let names: BTreeSet<Digest> =
+            state.carried.values().flatten().filter(|r| r.inline.is_none()).map(|r| r.digest).collect();
+        self.save_record(&state.id, &state, &names).await
     }
 
     async fn drive_swarm(

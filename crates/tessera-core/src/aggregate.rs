@@ -1,10 +1,9 @@
 //! The arithmetic of federated aggregation, as free functions over slices.
 //!
-//! The hot loop is [`weighted_sum_into`]: each thread owns a contiguous slice of the output,
-//! small enough to stay in cache, and streams every update through it once, so the whole
-//! aggregation reads each input byte exactly once.
-
-use crate::tensor::{Tensor, TensorError, Tensors};
+//! FedAvg folds one update at a time into a running sum ([`scaled_add_into`], through
+//! [`crate::strategy::FitSum`]), so a caller can drop each update once it is added. [`weighted_sum_into`] sums updates held
+//! together: each thread owns a contiguous slice of the output, small enough to stay in
+//! cache, and streams every update through it once.
 
 /// Output floats per cache block: 16 Ki floats = 64 KiB, which stays in L2 while every
 /// update streams through it.
@@ -71,55 +70,60 @@ pub fn default_threads(available: usize) -> usize {
     available.clamp(1, 64)
 }
 
-/// FedAvg: the average of updates weighted by their example counts.
-pub fn fedavg(updates: &[(&Tensors, u64)], threads: usize) -> Result<Tensors, TensorError> {
-    let Some((first, _)) = updates.first() else {
-        return Err(TensorError::Mismatch("no updates to aggregate".into()));
-    };
-    for (u, _) in &updates[1..] {
-        first.check_same_layout(u)?;
+/// `out[i] += w * x[i]`: one update folded into a running weighted sum, split across
+/// `threads` threads for large tensors. Each value is computed the same way whatever the
+/// number of threads.
+///
+/// # Panics
+/// When `x` is shorter than `out`.
+pub fn scaled_add_into(out: &mut [f32], x: &[f32], w: f32, threads: usize) {
+    assert!(x.len() >= out.len(), "input shorter than output");
+    let n = out.len();
+    let threads = threads.max(1);
+    if threads == 1 || n < PARALLEL_THRESHOLD {
+        out.iter_mut().zip(x).for_each(|(o, &v)| *o += w * v);
+        return;
     }
-    let total: u64 = updates.iter().map(|(_, n)| *n).sum();
-    if total == 0 {
-        return Err(TensorError::Mismatch("the updates hold zero examples in all".into()));
+    let per = n.div_ceil(threads).next_multiple_of(16);
+    std::thread::scope(|s| {
+        for (chunk, src) in out.chunks_mut(per).zip(x.chunks(per)) {
+            s.spawn(move || chunk.iter_mut().zip(src).for_each(|(o, &v)| *o += w * v));
+        }
+    });
+}
+
+/// `out[i] /= d`, split across `threads` threads for large tensors.
+pub fn divide_into(out: &mut [f32], d: f32, threads: usize) {
+    let threads = threads.max(1);
+    if threads == 1 || out.len() < PARALLEL_THRESHOLD {
+        out.iter_mut().for_each(|o| *o /= d);
+        return;
     }
-    let weights: Vec<f32> = updates.iter().map(|(_, n)| (*n as f64 / total as f64) as f32).collect();
-    let mut out = Tensors::default();
-    for (name, t) in &first.0 {
-        let inputs: Vec<&[f32]> = updates.iter().map(|(u, _)| u.0[name].data.as_slice()).collect();
-        let mut data = vec![0.0f32; t.data.len()];
-        weighted_sum_into(&mut data, &inputs, &weights, threads);
-        out.0.insert(name.clone(), Tensor { shape: t.shape.clone(), data });
-    }
-    Ok(out)
+    let per = out.len().div_ceil(threads).next_multiple_of(16);
+    std::thread::scope(|s| {
+        for chunk in out.chunks_mut(per) {
+            s.spawn(move || chunk.iter_mut().for_each(|o| *o /= d));
+        }
+    });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn one(v: Vec<f32>) -> Tensors {
-        let mut t = Tensors::default();
-        t.0.insert("p".into(), Tensor { shape: vec![v.len()], data: v });
-        t
-    }
-
     #[test]
-    fn fedavg_weights_by_examples() {
-        let a = one(vec![1.0, 2.0, 3.0]);
-        let b = one(vec![3.0, 6.0, 9.0]);
-        // 1 example against 3: (1*a + 3*b) / 4.
-        let avg = fedavg(&[(&a, 1), (&b, 3)], 1).unwrap();
-        assert_eq!(avg.0["p"].data, vec![2.5, 5.0, 7.5]);
-    }
-
-    #[test]
-    fn fedavg_refuses_mismatches() {
-        let a = one(vec![1.0, 2.0]);
-        let b = one(vec![1.0, 2.0, 3.0]);
-        assert!(fedavg(&[(&a, 1), (&b, 1)], 1).is_err());
-        assert!(fedavg(&[], 1).is_err());
-        assert!(fedavg(&[(&a, 0)], 1).is_err());
+    fn folding_is_the_same_with_threads() {
+        let n = (1 << 20) + 3;
+        let x: Vec<f32> = (0..n).map(|i| ((i * 7) % 13) as f32 * 0.1).collect();
+        let mut one = vec![1.0f32; n];
+        let mut four = vec![1.0f32; n];
+        scaled_add_into(&mut one, &x, 3.0, 1);
+        scaled_add_into(&mut four, &x, 3.0, 4);
+        assert_eq!(one, four);
+        divide_into(&mut one, 7.0, 1);
+        divide_into(&mut four, 7.0, 4);
+        assert_eq!(one, four);
+        assert_eq!(one[1], (1.0 + 3.0 * x[1]) / 7.0);
     }
 
     #[test]

@@ -135,6 +135,21 @@ pub fn clip_model_update(
     Ok(norm)
 }
 
+/// The L2 norm of `update - base` over every tensor, as one vector, accumulated in f64
+/// without copying either model: how a coordinator checks that a node clipped its update.
+/// Refuses models of different layouts.
+pub fn model_update_norm(base: &crate::tensor::Tensors, update: &crate::tensor::Tensors) -> Result<f64, PrivacyError> {
+    base.check_same_layout(update).map_err(|e| PrivacyError::Parameter(format!("update layout: {e}")))?;
+    let mut sq = 0.0f64;
+    for (name, t) in &update.0 {
+        for (u, b) in t.data.iter().zip(&base.0[name].data) {
+            let d = f64::from(*u) - f64::from(*b);
+            sq += d * d;
+        }
+    }
+    Ok(sq.sqrt())
+}
+
 /// Refuses NaN and infinities, naming the first one.
 pub fn check_finite(values: &[f32]) -> Result<(), PrivacyError> {
     match values.iter().position(|v| !v.is_finite()) {
@@ -732,6 +747,11 @@ mod tests {
         nan.0.get_mut("a").unwrap().data[0] = f32::NAN;
         assert!(clip_model_update(&base, &mut nan, 1.0).is_err());
         assert!(clip_model_update(&base, &mut base.clone(), 0.0).is_err());
+        let mut far = Tensors([("a".to_string(), t(vec![4.0, 1.0])), ("b".to_string(), t(vec![4.0]))].into());
+        assert_eq!(model_update_norm(&base, &far).unwrap(), 5.0);
+        clip_model_update(&base, &mut far, 1.0).unwrap();
+        assert!((model_update_norm(&base, &far).unwrap() - 1.0).abs() < 1e-6);
+        assert!(model_update_norm(&base, &other).is_err());
     }
 
     #[test]

@@ -1,8 +1,14 @@
 //! Named f32 tensors and their safetensors encoding: how model parameters travel.
+//!
+//! [`Tensors`] is what aggregation works on: every value an f32. [`Model`] is a whole
+//! safetensors file as workers write it: floating-point tensors in F32, F64, F16 or BF16
+//! (read into [`Tensors`] as f32, written back in their own type) and integer or boolean
+//! tensors (counters such as PyTorch BatchNorm's `num_batches_tracked`) carried whole.
 
 use std::collections::BTreeMap;
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+pub use safetensors::tensor::Dtype;
+use safetensors::tensor::{SafeTensors, TensorView};
 
 /// Limits applied when decoding tensors from outside.
 #[derive(Clone, Copy, Debug)]
@@ -28,13 +34,16 @@ pub enum TensorError {
     /// Over a limit.
     #[error("safetensors blob too large: {0}")]
     TooLarge(String),
-    /// A tensor has a dtype other than F32.
-    #[error("tensor {name:?} has dtype {dtype}; only F32 is supported here")]
+    /// A tensor has a dtype this reader does not take: [`Tensors`] takes F32 only, [`Model`]
+    /// every float type but the 4-, 6- and 8-bit ones.
+    #[error("tensor {name:?} has dtype {dtype}; {supported}")]
     Dtype {
         /// Tensor name.
         name: String,
         /// Its dtype.
         dtype: String,
+        /// What is supported where it was read.
+        supported: &'static str,
     },
     /// Two sets of tensors do not line up.
     #[error("tensors do not match: {0}")]
@@ -74,7 +83,11 @@ impl Tensors {
         let mut out = BTreeMap::new();
         for (name, view) in st.tensors() {
             if view.dtype() != Dtype::F32 {
-                return Err(TensorError::Dtype { name, dtype: format!("{:?}", view.dtype()) });
+                return Err(TensorError::Dtype {
+                    name,
+                    dtype: format!("{:?}", view.dtype()),
+                    supported: "only F32 is supported here",
+                });
             }
             let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             out.insert(name, Tensor { shape: view.shape().to_vec(), data });
@@ -126,6 +139,229 @@ impl Tensors {
             }
         }
         Ok(())
+    }
+}
+
+/// The type a floating-point tensor of a [`Model`] is stored in. Aggregation works in f32
+/// whatever it is: F16 and BF16 widen to f32 exactly; F64 narrows to f32 (24-bit mantissa),
+/// so an F64 model is aggregated to f32 precision and written back as F64.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FloatType {
+    /// IEEE 754 binary32.
+    F32,
+    /// IEEE 754 binary64.
+    F64,
+    /// IEEE 754 binary16.
+    F16,
+    /// bfloat16 (the upper half of a binary32).
+    BF16,
+}
+
+impl FloatType {
+    fn of(dtype: Dtype) -> Option<FloatType> {
+        match dtype {
+            Dtype::F32 => Some(FloatType::F32),
+            Dtype::F64 => Some(FloatType::F64),
+            Dtype::F16 => Some(FloatType::F16),
+            Dtype::BF16 => Some(FloatType::BF16),
+            _ => None,
+        }
+    }
+
+    /// The safetensors dtype.
+    pub fn dtype(self) -> Dtype {
+        match self {
+            FloatType::F32 => Dtype::F32,
+            FloatType::F64 => Dtype::F64,
+            FloatType::F16 => Dtype::F16,
+            FloatType::BF16 => Dtype::BF16,
+        }
+    }
+
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        match self {
+            FloatType::F64 => 8,
+            FloatType::F32 => 4,
+            FloatType::F16 | FloatType::BF16 => 2,
+        }
+    }
+
+    /// Little-endian values of this type as f32. `bytes.len()` is a multiple of
+    /// [`FloatType::size`] (safetensors checks it). F64 values outside f32's range become
+    /// infinities (refused later as non-finite).
+    fn read(self, bytes: &[u8]) -> Vec<f32> {
+        match self {
+            FloatType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            FloatType::F64 => bytes
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+                .collect(),
+            FloatType::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            FloatType::BF16 => {
+                bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+            }
+        }
+    }
+
+    /// f32 values as little-endian values of this type (F16 and BF16 rounded to nearest,
+    /// ties to even).
+    fn write(self, values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(values.len() * self.size());
+        match self {
+            FloatType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            FloatType::F64 => values.iter().for_each(|v| out.extend_from_slice(&f64::from(*v).to_le_bytes())),
+            FloatType::F16 => values.iter().for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+            FloatType::BF16 => {
+                values.iter().for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes()))
+            }
+        }
+        out
+    }
+}
+
+/// An integer or boolean tensor of a [`Model`], carried as its safetensors bytes and never
+/// averaged: counters (PyTorch BatchNorm's `num_batches_tracked`, I64 of shape `[]`), index
+/// buffers, masks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FixedTensor {
+    /// BOOL, U8, I8, U16, I16, U32, I32, U64 or I64.
+    pub dtype: Dtype,
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// Row-major little-endian values.
+    pub bytes: Vec<u8>,
+}
+
+/// A model as a worker writes it (one safetensors file): its floating-point tensors as f32
+/// for aggregation, the type each is stored in, and its integer and boolean tensors whole.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Model {
+    /// The floating-point tensors, as f32: what strategies aggregate.
+    pub floats: Tensors,
+    /// The stored type of each float tensor that is not F32.
+    pub types: BTreeMap<String, FloatType>,
+    /// The integer and boolean tensors.
+    pub fixed: BTreeMap<String, FixedTensor>,
+}
+
+impl From<Tensors> for Model {
+    /// An all-F32 model of these tensors.
+    fn from(floats: Tensors) -> Model {
+        Model { floats, ..Model::default() }
+    }
+}
+
+impl Model {
+    /// Decodes a safetensors blob, with limits. Refuses the 4-, 6- and 8-bit float types
+    /// ([`TensorError::Dtype`]), malformed blobs ([`TensorError::Format`]) and blobs over a
+    /// limit ([`TensorError::TooLarge`]).
+    pub fn decode(bytes: &[u8], limits: TensorLimits) -> Result<Model, TensorError> {
+        if bytes.len() > limits.max_bytes {
+            return Err(TensorError::TooLarge(format!("{} bytes, limit {}", bytes.len(), limits.max_bytes)));
+        }
+        let st = SafeTensors::deserialize(bytes).map_err(|e| TensorError::Format(e.to_string()))?;
+        if st.len() > limits.max_tensors {
+            return Err(TensorError::TooLarge(format!("{} tensors, limit {}", st.len(), limits.max_tensors)));
+        }
+        let mut model = Model::default();
+        for (name, view) in st.tensors() {
+            let dtype = view.dtype();
+            let shape = view.shape().to_vec();
+            if let Some(ty) = FloatType::of(dtype) {
+                let data = ty.read(view.data());
+                if ty != FloatType::F32 {
+                    model.types.insert(name.clone(), ty);
+                }
+                model.floats.0.insert(name, Tensor { shape, data });
+            } else if matches!(
+                dtype,
+                Dtype::BOOL
+                    | Dtype::U8
+                    | Dtype::I8
+                    | Dtype::U16
+                    | Dtype::I16
+                    | Dtype::U32
+                    | Dtype::I32
+                    | Dtype::U64
+                    | Dtype::I64
+            ) {
+                model.fixed.insert(name, FixedTensor { dtype, shape, bytes: view.data().to_vec() });
+            } else {
+                return Err(TensorError::Dtype {
+                    name,
+                    dtype: format!("{dtype:?}"),
+                    supported: "models take F64, F32, F16, BF16 and integer or boolean tensors",
+                });
+            }
+        }
+        Ok(model)
+    }
+
+    /// Encodes as safetensors, every float tensor in its stored type. The same model always
+    /// gives the same bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let floats: Vec<(&String, &Tensor, FloatType, Vec<u8>)> = self
+            .floats
+            .0
+            .iter()
+            .map(|(n, t)| {
+                let ty = self.types.get(n).copied().unwrap_or(FloatType::F32);
+                (n, t, ty, ty.write(&t.data))
+            })
+            .collect();
+        let mut views: Vec<(String, TensorView<'_>)> = floats
+            .iter()
+            .map(|(n, t, ty, b)| {
+                let view = TensorView::new(ty.dtype(), t.shape.clone(), b).expect("shape matches data by construction");
+                ((*n).clone(), view)
+            })
+            .collect();
+        for (n, f) in &self.fixed {
+            let view = TensorView::new(f.dtype, f.shape.clone(), &f.bytes).expect("checked when decoded");
+            views.push((n.clone(), view));
+        }
+        safetensors::serialize(views, None).expect("serialising in-memory tensors cannot fail")
+    }
+
+    /// Checks that `other` has the same tensors: names, shapes and stored types.
+    pub fn check_same_layout(&self, other: &Model) -> Result<(), TensorError> {
+        self.floats.check_same_layout(&other.floats)?;
+        for name in self.floats.0.keys() {
+            let (a, b) = (self.float_type(name), other.float_type(name));
+            if a != b {
+                return Err(TensorError::Mismatch(format!("tensor {name:?} is {b:?}, expected {a:?}")));
+            }
+        }
+        if self.fixed.len() != other.fixed.len() {
+            return Err(TensorError::Mismatch(format!(
+                "{} integer or boolean tensors against {}",
+                other.fixed.len(),
+                self.fixed.len()
+            )));
+        }
+        for ((na, a), (nb, b)) in self.fixed.iter().zip(&other.fixed) {
+            if na != nb {
+                return Err(TensorError::Mismatch(format!("tensor {nb:?} where {na:?} was expected")));
+            }
+            if a.dtype != b.dtype || a.shape != b.shape {
+                return Err(TensorError::Mismatch(format!(
+                    "tensor {na:?} is {:?} {:?}, expected {:?} {:?}",
+                    b.dtype, b.shape, a.dtype, a.shape
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The stored type of float tensor `name` (F32 when not named in [`Model::types`]).
+    pub fn float_type(&self, name: &str) -> FloatType {
+        self.types.get(name).copied().unwrap_or(FloatType::F32)
+    }
+
+    /// This model's types and integer tensors around other float values (an aggregate).
+    pub fn with_floats(&self, floats: Tensors) -> Model {
+        Model { floats, types: self.types.clone(), fixed: self.fixed.clone() }
     }
 }
 
@@ -182,5 +418,89 @@ mod tests {
         assert!(a.check_same_layout(&b).is_err());
         b.0.remove("w");
         assert!(a.check_same_layout(&b).is_err());
+    }
+
+    fn mixed() -> Vec<u8> {
+        let w: Vec<u8> =
+            [1.5f32, -2.25, 3.0, 65504.0].iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+        let b: Vec<u8> = [0.1f64, -7.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let g: Vec<u8> = [1.0f32, 0.5].iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
+        let n: Vec<u8> = 42i64.to_le_bytes().to_vec();
+        let views = vec![
+            ("w".to_string(), TensorView::new(Dtype::F16, vec![2, 2], &w).unwrap()),
+            ("b".to_string(), TensorView::new(Dtype::F64, vec![2], &b).unwrap()),
+            ("g".to_string(), TensorView::new(Dtype::BF16, vec![2], &g).unwrap()),
+            ("bn.num_batches_tracked".to_string(), TensorView::new(Dtype::I64, vec![], &n).unwrap()),
+        ];
+        safetensors::serialize(views, None).unwrap()
+    }
+
+    #[test]
+    fn models_keep_every_dtype() {
+        let bytes = mixed();
+        let m = Model::decode(&bytes, TensorLimits::default()).unwrap();
+        assert_eq!(m.floats.0["w"].data, vec![1.5, -2.25, 3.0, 65504.0]);
+        assert_eq!(m.floats.0["b"].data, vec![0.1f64 as f32, -7.0]);
+        assert_eq!(m.floats.0["g"].data, vec![1.0, 0.5]);
+        assert_eq!(m.float_type("w"), FloatType::F16);
+        assert_eq!(m.float_type("b"), FloatType::F64);
+        assert_eq!(m.float_type("g"), FloatType::BF16);
+        let n = &m.fixed["bn.num_batches_tracked"];
+        assert_eq!((n.dtype, n.shape.as_slice(), n.bytes.as_slice()), (Dtype::I64, &[][..], &42i64.to_le_bytes()[..]));
+        // Written back in the same types: F16, BF16 and I64 bytes are the same.
+        let again = m.encode();
+        let st = SafeTensors::deserialize(&again).unwrap();
+        let orig = SafeTensors::deserialize(&bytes).unwrap();
+        for name in ["w", "g", "bn.num_batches_tracked"] {
+            assert_eq!(st.tensor(name).unwrap(), orig.tensor(name).unwrap(), "{name}");
+        }
+        assert_eq!(st.tensor("b").unwrap().dtype(), Dtype::F64);
+        assert_eq!(Model::decode(&again, TensorLimits::default()).unwrap(), m);
+        assert_eq!(again, m.encode(), "deterministic");
+        // F16 rounds to nearest on the way out.
+        let mut up = m.clone();
+        up.floats.0.get_mut("w").unwrap().data[0] = 1.0 + 1.0 / 4096.0;
+        let back = Model::decode(&up.encode(), TensorLimits::default()).unwrap();
+        assert_eq!(back.floats.0["w"].data[0], 1.0);
+        // The strict reader still refuses them.
+        let e = Tensors::decode(&bytes, TensorLimits::default()).unwrap_err();
+        assert!(matches!(e, TensorError::Dtype { .. }), "{e}");
+    }
+
+    #[test]
+    fn model_layouts_compare_types_and_fixed_tensors() {
+        let m = Model::decode(&mixed(), TensorLimits::default()).unwrap();
+        assert!(m.check_same_layout(&m.clone()).is_ok());
+        let mut f32s = m.clone();
+        f32s.types.remove("w");
+        let e = m.check_same_layout(&f32s).unwrap_err();
+        assert!(e.to_string().contains("\"w\" is F32, expected F16"), "{e}");
+        let mut no_counter = m.clone();
+        no_counter.fixed.clear();
+        assert!(m.check_same_layout(&no_counter).is_err());
+        let mut wrong = m.clone();
+        wrong.fixed.get_mut("bn.num_batches_tracked").unwrap().dtype = Dtype::I32;
+        let e = m.check_same_layout(&wrong).unwrap_err();
+        assert!(e.to_string().contains("num_batches_tracked"), "{e}");
+    }
+
+    #[test]
+    fn models_refuse_hostile_blobs_and_tiny_floats() {
+        let lim = TensorLimits::default();
+        let good = mixed();
+        assert!(Model::decode(&good[..good.len() - 1], lim).is_err());
+        assert!(matches!(
+            Model::decode(&good, TensorLimits { max_bytes: 10, max_tensors: 9 }),
+            Err(TensorError::TooLarge(_))
+        ));
+        assert!(matches!(
+            Model::decode(&good, TensorLimits { max_bytes: 1 << 20, max_tensors: 2 }),
+            Err(TensorError::TooLarge(_))
+        ));
+        let bytes = [1u8, 2];
+        let v = TensorView::new(Dtype::F8_E4M3, vec![2], &bytes).unwrap();
+        let blob = safetensors::serialize(vec![("x".to_string(), v)], None).unwrap();
+        let e = Model::decode(&blob, lim).unwrap_err();
+        assert!(e.to_string().contains("F8_E4M3") && e.to_string().contains("F16"), "{e}");
     }
 }

@@ -56,6 +56,13 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     serde_json::to_vec(msg).expect("wire types always serialise")
 }
 
+/// The world-state key under which node `node` keeps its answer to task `task_id`
+/// (`done/<node>/<task>`): written by the node beside its reply, removed by the
+/// coordinator once the task's round is saved.
+pub fn answer_key(node: &str, task_id: &str) -> String {
+    format!("done/{node}/{task_id}")
+}
+
 /// A blob named by its digest, as an input or output of a task.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlobRef {

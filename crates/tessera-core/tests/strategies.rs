@@ -444,3 +444,50 @@ fn byzantine_clients_do_not_move_the_robust_rules() {
     let e = rel_err("fedtrimmedavg", json!({"beta": 0.2}));
     assert!(e > 0.5, "one attacker left in the trimmed mean: {e}");
 }
+
+/// The weighted-mean strategies give the same bits from a sum folded one update at a time
+/// (as a coordinator streams a round) as from the results held together; the order
+/// statistics say they take no sum and refuse one.
+#[test]
+fn streamed_sums_give_the_held_results_bits() {
+    use tessera_core::strategy::FitSum;
+    let mut rng = SplitMix64::new(11);
+    let mut uniform = || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+    let current = model(&[("w", &[0.5, -0.25, 1.0, 2.0]), ("b", &[0.1])]);
+    let rs: Vec<FitResult> = (0..7)
+        .map(|k| {
+            let w: Vec<f32> = (0..4).map(|_| uniform() * 2.0 - 1.0).collect();
+            let b = [uniform()];
+            FitResult { node: format!("n{k}"), update: model(&[("w", &w), ("b", &b)]), num_examples: 10 + k as u64 }
+        })
+        .collect();
+    for name in STRATEGIES {
+        let params = if *name == "fedprox" { json!({"proximal_mu": 0.1}) } else { Value::Null };
+        let mut held = strategy(name, &params);
+        let mut streamed = strategy(name, &params);
+        let mut sum = FitSum::new(1, &current, 1);
+        for r in &rs {
+            sum.add(&r.node, &r.update, r.num_examples).unwrap();
+        }
+        if streamed.takes_sum() {
+            for round in 1..=2 {
+                let a = held.aggregate_fit(round, &current, &rs, &[]).unwrap();
+                let b = streamed.aggregate_sum(round, &current, sum.clone(), &[]).unwrap();
+                assert_eq!(a, b, "{name}, round {round}");
+            }
+            assert_eq!(held.state(), streamed.state(), "{name}: the same server state");
+        } else {
+            let e = streamed.aggregate_sum(1, &current, sum, &[]).unwrap_err();
+            assert!(e.to_string().contains("needs every update"), "{name}: {e}");
+        }
+    }
+    let sums: Vec<&str> = STRATEGIES
+        .iter()
+        .copied()
+        .filter(|n| {
+            let params = if *n == "fedprox" { json!({"proximal_mu": 0.1}) } else { Value::Null };
+            strategy(n, &params).takes_sum()
+        })
+        .collect();
+    assert_eq!(sums, ["fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi"]);
+}

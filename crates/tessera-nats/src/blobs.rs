@@ -26,6 +26,7 @@ pub const SMALL_BLOB: usize = 64 << 10;
 pub struct NatsBlobs {
     store: ObjectStore,
     small: async_nats::jetstream::kv::Store,
+    js: async_nats::jetstream::Context,
 }
 
 fn backend(e: impl std::fmt::Display) -> BlobError {
@@ -49,7 +50,7 @@ impl NatsBlobs {
                 .map_err(|e| NatsError::Setup { what: format!("object store {BUCKET}"), message: e.to_string() })?,
         };
         let small = crate::kv_bucket(nats, SMALL_BUCKET, None).await?;
-        Ok(NatsBlobs { store, small })
+        Ok(NatsBlobs { store, small, js: nats.js.clone() })
     }
 }
 
@@ -128,5 +129,14 @@ impl BlobStore for NatsBlobs {
         }
         self.store.delete(digest.hex()).await.map_err(backend)?;
         Ok(true)
+    }
+
+    async fn stored_bytes(&self) -> Result<u64, BlobError> {
+        let mut total = 0;
+        for stream in [format!("OBJ_{BUCKET}"), format!("KV_{SMALL_BUCKET}")] {
+            let mut s = self.js.get_stream(&stream).await.map_err(backend)?;
+            total += s.info().await.map_err(backend)?.state.bytes;
+        }
+        Ok(total)
     }
 }

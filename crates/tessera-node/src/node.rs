@@ -645,7 +645,7 @@ impl Node {
     /// Where the answer to a task is kept, so a restarted node answers a redelivery
     /// without running it again (`None` when the task id cannot be a key).
     fn done_key(&self, task_id: &str) -> Option<String> {
-        let key = format!("done/{}/{task_id}", self.id);
+        let key = wire::answer_key(&self.id, task_id);
         tessera_core::name::check_key("task key", &key).is_ok().then_some(key)
     }
 
@@ -732,16 +732,16 @@ impl Node {
 /// Clips the `model` output to L2 distance `clip` from the `model` input (both
 /// safetensors), for client-side differential privacy.
 fn clip_model_output(mut outputs: Outputs, base: Option<&[u8]>, clip: f64) -> Result<Outputs, NodeError> {
-    use tessera_core::tensor::{TensorLimits, Tensors};
+    use tessera_core::tensor::{Model, TensorLimits};
     let refuse = |why: String| NodeError::Runtime(RuntimeError::Module(format!("differential privacy: {why}")));
     let Some(base) = base else {
         return Err(refuse("clipping needs the `model` input the update is measured from".into()));
     };
-    let base = Tensors::decode(base, TensorLimits::default()).map_err(|e| refuse(format!("model input: {e}")))?;
+    let base = Model::decode(base, TensorLimits::default()).map_err(|e| refuse(format!("model input: {e}")))?;
     for (name, bytes) in outputs.iter_mut().filter(|(n, _)| n == "model") {
         let mut update =
-            Tensors::decode(bytes, TensorLimits::default()).map_err(|e| refuse(format!("{name} output: {e}")))?;
-        let norm = tessera_core::privacy::clip_model_update(&base, &mut update, clip as f32)
+            Model::decode(bytes, TensorLimits::default()).map_err(|e| refuse(format!("{name} output: {e}")))?;
+        let norm = tessera_core::privacy::clip_model_update(&base.floats, &mut update.floats, clip as f32)
             .map_err(|e| refuse(e.to_string()))?;
         tracing::debug!(norm, clip, "update clipped for differential privacy");
         *bytes = Bytes::from(update.encode());

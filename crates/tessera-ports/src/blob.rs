@@ -47,6 +47,9 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn contains(&self, digest: &Digest) -> Result<bool, BlobError>;
     /// Removes a blob; returns whether it was there.
     async fn delete(&self, digest: &Digest) -> Result<bool, BlobError>;
+    /// Bytes the store holds, by its own measure (for NATS, its streams' bytes, which
+    /// include each message's headers): what retention keeps flat across rounds.
+    async fn stored_bytes(&self) -> Result<u64, BlobError>;
 }
 
 /// The bytes a [`BlobRef`](tessera_core::wire::BlobRef) names: its inline bytes (checked
@@ -95,6 +98,9 @@ impl BlobStore for MemoryBlobStore {
     }
     async fn delete(&self, digest: &Digest) -> Result<bool, BlobError> {
         Ok(self.lock().remove(digest).is_some())
+    }
+    async fn stored_bytes(&self) -> Result<u64, BlobError> {
+        Ok(self.lock().values().map(|b| b.len() as u64).sum())
     }
 }
 
@@ -198,5 +204,32 @@ impl BlobStore for FsBlobStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(source) => Err(BlobError::Io { path, source }),
         }
+    }
+
+    async fn stored_bytes(&self) -> Result<u64, BlobError> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut total = 0u64;
+            // Blobs live one level down, in folders named by their digest's first two hex
+            // digits; anything else (temporary files) is counted too.
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+                Err(source) => return Err(BlobError::Io { path: dir.clone(), source }),
+            };
+            for e in entries.flatten() {
+                let Ok(meta) = e.metadata() else { continue };
+                if meta.is_file() {
+                    total += meta.len();
+                } else if meta.is_dir() {
+                    for f in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
+                        total += f.metadata().map(|m| if m.is_file() { m.len() } else { 0 }).unwrap_or(0);
+                    }
+                }
+            }
+            Ok(total)
+        })
+        .await
+        .map_err(|e| BlobError::Backend(e.to_string()))?
     }
 }

@@ -269,7 +269,10 @@ pub async fn world_behaviour(world: &dyn WorldState) {
 /// Blobs are named by their digest, stored once, and read back intact.
 pub async fn blob_behaviour(store: &dyn BlobStore) {
     let bytes = Bytes::from(vec![42u8; 3 << 20]);
+    let before = store.stored_bytes().await.unwrap();
     let d = store.put(bytes.clone()).await.unwrap();
+    let with = store.stored_bytes().await.unwrap();
+    assert!(with >= before + (3 << 20), "a 3 MiB blob counts: {before} then {with}");
     assert_eq!(d, Digest::of(&bytes));
     assert_eq!(store.put(bytes.clone()).await.unwrap(), d, "storing twice is a no-op");
     assert!(store.contains(&d).await.unwrap());
@@ -280,6 +283,8 @@ pub async fn blob_behaviour(store: &dyn BlobStore) {
     assert!(store.delete(&d).await.unwrap());
     assert!(!store.delete(&d).await.unwrap());
     assert!(store.get(&d).await.unwrap().is_none());
+    let after = store.stored_bytes().await.unwrap();
+    assert!(after < with - (3 << 20) + (64 << 10), "deleting frees the space: {with} then {after}");
     let empty = store.put(Bytes::new()).await.unwrap();
     assert_eq!(store.get(&empty).await.unwrap().unwrap().len(), 0);
     // Every size a store may keep differently (one message, around a small-blob bound,

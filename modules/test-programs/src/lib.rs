@@ -2,7 +2,11 @@
 //! `context` (uses every import), `big-output`, `work` (busy for `ms`, then adds a result),
 //! and for actors `count` (a counter kept in memory) with `save_state` / `restore_state`;
 //! escape attempts `read-file`, `list-dir`, `write-file` (`path`), `connect` (`port`) and
-//! `print` (`bytes` to stdout).
+//! `print` (`bytes` to stdout); and a federated worker of a generated model for measuring
+//! the platform (memory, large models) rather than learning anything: `init` makes
+//! `params` f32 zeros (one safetensors tensor `p`), `train` adds `0.001 * (1 + seed % 7)`
+//! to every value of its `model` input and reports `1 + seed % 3` examples, `evaluate`
+//! reports a loss.
 
 wit_bindgen::generate!({ path: "../../wit", world: "module" });
 
@@ -38,6 +42,37 @@ struct Config {
     /// A TCP port on 127.0.0.1 to try (`connect`).
     #[serde(default)]
     port: u16,
+    /// Parameters of the generated model (`init`).
+    #[serde(default)]
+    params: u64,
+    /// The participant's seed (`train`).
+    #[serde(default)]
+    seed: u64,
+}
+
+/// `n` f32 values as a safetensors file with one tensor `p` of shape `[n]`.
+fn safetensors_of(values: impl ExactSizeIterator<Item = f32>) -> Vec<u8> {
+    let n = values.len();
+    let mut header = format!("{{\"p\":{{\"dtype\":\"F32\",\"shape\":[{n}],\"data_offsets\":[0,{}]}}}}", n * 4);
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + header.len() + n * 4);
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    values.for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+    out
+}
+
+/// The values of a file [`safetensors_of`] wrote.
+fn values_of(bytes: &[u8]) -> Result<impl ExactSizeIterator<Item = f32> + '_, String> {
+    let len = bytes.get(..8).ok_or("model: too short")?;
+    let len = u64::from_le_bytes(len.try_into().map_err(|_| "model: too short")?) as usize;
+    let data = bytes.get(8usize.saturating_add(len)..).ok_or("model: truncated header")?;
+    if data.len() % 4 != 0 {
+        return Err("model: data is not f32".into());
+    }
+    Ok(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
 }
 
 /// A JSON `result` output, the only one.
@@ -151,6 +186,24 @@ impl Guest for Programs {
                     "bad_key": bad_key,
                 });
                 Ok(vec![Blob { name: "report".into(), data: report.to_string().into_bytes() }])
+            }
+            // A federated worker of a generated model (see the crate's documentation).
+            "init" => {
+                Ok(vec![Blob { name: "model".into(), data: safetensors_of((0..cfg.params as usize).map(|_| 0.0f32)) }])
+            }
+            "train" => {
+                let model = inputs.iter().find(|b| b.name == "model").ok_or("input `model` is missing")?;
+                let step = 0.001 * (1 + cfg.seed % 7) as f32;
+                let trained = safetensors_of(values_of(&model.data)?.map(|v| v + step));
+                let metrics = serde_json::json!({"num_examples": 1 + cfg.seed % 3, "loss": 1.0});
+                Ok(vec![
+                    Blob { name: "model".into(), data: trained },
+                    Blob { name: "metrics".into(), data: metrics.to_string().into_bytes() },
+                ])
+            }
+            "evaluate" => {
+                let metrics = serde_json::json!({"num_examples": 1, "loss": 1.0});
+                Ok(vec![Blob { name: "metrics".into(), data: metrics.to_string().into_bytes() }])
             }
             other => Err(format!("unknown mode {other}")),
         }

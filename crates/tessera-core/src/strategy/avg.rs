@@ -4,10 +4,10 @@ use serde::{Deserialize, Serialize};
 
 use super::math::momentum_step;
 use super::{
-    Common, FitFailure, FitPlan, FitResult, Participation, Strategy, StrategyError, check_output, check_param,
-    check_round, decode_state, encode_state, fedavg_of, join_roles, split_roles,
+    Common, FitFailure, FitPlan, FitResult, FitSum, Participation, Strategy, StrategyError, check_output, check_param,
+    check_round, decode_state, encode_state, join_roles, split_roles,
 };
-use crate::tensor::{Tensor, Tensors};
+use crate::tensor::Tensors;
 
 /// Implements the participation part of [`Strategy`] from a `common: Common` field:
 /// `configure_fit` (with `$config` merged into every worker's config; nothing by default),
@@ -69,8 +69,23 @@ impl Strategy for FedAvg {
         results: &[FitResult],
         failures: &[FitFailure],
     ) -> Result<Tensors, StrategyError> {
-        let sorted = self.common.check(round, current, results, failures)?;
-        fedavg_of(round, self.name(), &sorted, self.common.threads)
+        let sum = self.common.sum_of(round, current, results, failures)?;
+        self.aggregate_sum(round, current, sum, failures)
+    }
+
+    fn takes_sum(&self) -> bool {
+        true
+    }
+
+    fn aggregate_sum(
+        &mut self,
+        round: u32,
+        _current: &Tensors,
+        sum: FitSum,
+        failures: &[FitFailure],
+    ) -> Result<Tensors, StrategyError> {
+        self.common.check_policy(round, sum.results(), failures)?;
+        sum.mean()
     }
 
     fn state(&self) -> Vec<u8> {
@@ -137,8 +152,23 @@ impl Strategy for FedProx {
         results: &[FitResult],
         failures: &[FitFailure],
     ) -> Result<Tensors, StrategyError> {
-        let sorted = self.common.check(round, current, results, failures)?;
-        fedavg_of(round, self.name(), &sorted, self.common.threads)
+        let sum = self.common.sum_of(round, current, results, failures)?;
+        self.aggregate_sum(round, current, sum, failures)
+    }
+
+    fn takes_sum(&self) -> bool {
+        true
+    }
+
+    fn aggregate_sum(
+        &mut self,
+        round: u32,
+        _current: &Tensors,
+        sum: FitSum,
+        failures: &[FitFailure],
+    ) -> Result<Tensors, StrategyError> {
+        self.common.check_policy(round, sum.results(), failures)?;
+        sum.mean()
     }
 
     fn state(&self) -> Vec<u8> {
@@ -215,10 +245,26 @@ impl Strategy for FedAvgM {
         results: &[FitResult],
         failures: &[FitFailure],
     ) -> Result<Tensors, StrategyError> {
+        check_round(self.name(), round, self.last_round)?;
+        let sum = self.common.sum_of(round, current, results, failures)?;
+        self.aggregate_sum(round, current, sum, failures)
+    }
+
+    fn takes_sum(&self) -> bool {
+        true
+    }
+
+    fn aggregate_sum(
+        &mut self,
+        round: u32,
+        current: &Tensors,
+        sum: FitSum,
+        failures: &[FitFailure],
+    ) -> Result<Tensors, StrategyError> {
         let name = self.name();
         check_round(name, round, self.last_round)?;
-        let sorted = self.common.check(round, current, results, failures)?;
-        let avg = fedavg_of(round, name, &sorted, self.common.threads)?;
+        self.common.check_policy(round, sum.results(), failures)?;
+        let avg = sum.mean()?;
         if !self.server_opt() {
             self.last_round = Some(round);
             return Ok(avg);
@@ -241,7 +287,7 @@ impl Strategy for FedAvgM {
                 })?;
                 m.clone()
             }
-            _ if use_momentum => zeros_like(current),
+            _ if use_momentum => super::sum::zeros_like(current),
             _ => Tensors::default(),
         };
         let mut out = current.clone();
@@ -278,13 +324,4 @@ impl Strategy for FedAvgM {
         self.last_round = last_round;
         Ok(())
     }
-}
-
-/// Zeros with the layout of `t`.
-pub(super) fn zeros_like(t: &Tensors) -> Tensors {
-    Tensors(
-        t.0.iter()
-            .map(|(n, x)| (n.clone(), Tensor { shape: x.shape.clone(), data: vec![0.0; x.data.len()] }))
-            .collect(),
-    )
 }

@@ -25,6 +25,7 @@ mod avg;
 pub mod math;
 mod opt;
 mod robust;
+mod sum;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -40,6 +41,7 @@ pub use math::{
 };
 pub use opt::{FedAdagradParams, FedAdamParams, FedOpt, FedOptParams, FedYogiParams};
 pub use robust::{Bulyan, BulyanParams, FedMedian, FedTrimmedAvg, FedTrimmedAvgParams, Krum, KrumParams};
+pub use sum::FitSum;
 
 /// The strategies [`from_config`] knows, by name.
 pub const STRATEGIES: &[&str] = &[
@@ -331,6 +333,34 @@ pub trait Strategy: Send + Sync {
         failures: &[FitFailure],
     ) -> Result<Tensors, StrategyError>;
 
+    /// Whether the aggregate depends on a round's results only through their example-weighted
+    /// sum ([`FitSum`]): then a caller may fold each update in as it arrives and call
+    /// [`Strategy::aggregate_sum`], holding no update longer than it takes to add it. True
+    /// for FedAvg, FedProx, FedAvgM and FedOpt; the order statistics (median, trimmed mean,
+    /// Krum, Bulyan) need every update at once.
+    fn takes_sum(&self) -> bool {
+        false
+    }
+
+    /// The next global model from a round's results folded into `sum` (in node order). The
+    /// same refusals as [`Strategy::aggregate_fit`], the failure policy and `min_fit`
+    /// counted on the sum's results; a strategy that needs every update refuses
+    /// ([`StrategyError::Aggregation`]). On error the state is unchanged.
+    fn aggregate_sum(
+        &mut self,
+        round: u32,
+        current: &Tensors,
+        sum: FitSum,
+        failures: &[FitFailure],
+    ) -> Result<Tensors, StrategyError> {
+        let _ = (current, sum, failures);
+        Err(StrategyError::Aggregation {
+            round,
+            strategy: self.name().into(),
+            message: "this strategy needs every update, not their sum".into(),
+        })
+    }
+
     /// Example-weighted average loss and accuracy of `(num_examples, loss, accuracy)` results;
     /// the accuracy averages the results that report one. `None` without results or examples.
     fn aggregate_evaluate(&self, results: &[(u64, f64, Option<f64>)]) -> Option<(f64, Option<f64>)> {
@@ -442,16 +472,10 @@ impl Common {
         p.sample(available, p.fraction_evaluate, p.min_evaluate, seed)
     }
 
-    /// The checks every strategy makes before aggregating; returns the results in node order.
-    fn check<'a>(
-        &self,
-        round: u32,
-        current: &Tensors,
-        results: &'a [FitResult],
-        failures: &[FitFailure],
-    ) -> Result<Vec<&'a FitResult>, StrategyError> {
+    /// The failure policy and `min_fit`, for `results` results and these failures.
+    fn check_policy(&self, round: u32, results: usize, failures: &[FitFailure]) -> Result<(), StrategyError> {
         let p = &self.participation;
-        let (nr, nf) = (results.len(), failures.len());
+        let (nr, nf) = (results, failures.len());
         let too_many = |policy: String| StrategyError::TooManyFailures { round, failures: nf, results: nr, policy };
         if !p.accept_failures && nf > 0 {
             let who: Vec<&str> = failures.iter().take(5).map(|f| f.node.as_str()).collect();
@@ -464,6 +488,31 @@ impl Common {
         if nr < min {
             return Err(StrategyError::TooFewResults { round, results: nr, min });
         }
+        Ok(())
+    }
+
+    /// For a strategy that [takes a sum](Strategy::takes_sum): the policy checks, then the
+    /// results folded in node order.
+    fn sum_of(
+        &self,
+        round: u32,
+        current: &Tensors,
+        results: &[FitResult],
+        failures: &[FitFailure],
+    ) -> Result<FitSum, StrategyError> {
+        self.check_policy(round, results.len(), failures)?;
+        FitSum::of(round, current, results, self.threads)
+    }
+
+    /// The checks every strategy makes before aggregating; returns the results in node order.
+    fn check<'a>(
+        &self,
+        round: u32,
+        current: &Tensors,
+        results: &'a [FitResult],
+        failures: &[FitFailure],
+    ) -> Result<Vec<&'a FitResult>, StrategyError> {
+        self.check_policy(round, results.len(), failures)?;
         let mut sorted: Vec<&FitResult> = results.iter().collect();
         sorted.sort_by(|a, b| a.node.cmp(&b.node));
         for w in sorted.windows(2) {
@@ -506,14 +555,11 @@ impl Common {
     }
 }
 
-/// Example-weighted FedAvg of the given results (checked already).
-fn fedavg_of(round: u32, strategy: &str, results: &[&FitResult], threads: usize) -> Result<Tensors, StrategyError> {
-    let updates: Vec<(&Tensors, u64)> = results.iter().map(|r| (&r.update, r.num_examples)).collect();
-    crate::aggregate::fedavg(&updates, threads).map_err(|e| StrategyError::Aggregation {
-        round,
-        strategy: strategy.into(),
-        message: e.to_string(),
-    })
+/// Example-weighted FedAvg of the given results (checked already), summed in node order.
+fn fedavg_of(round: u32, results: &[&FitResult], threads: usize) -> Result<Tensors, StrategyError> {
+    let mut sorted = results.to_vec();
+    sorted.sort_by(|a, b| a.node.cmp(&b.node));
+    FitSum::of_sorted(round, &Tensors::default(), &sorted, threads)?.mean()
 }
 
 /// Refuses a non-finite aggregate (it can only come from values near the f32 range's ends).

@@ -4,11 +4,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::avg::{common_strategy_methods, params_json, zeros_like};
+use super::avg::{common_strategy_methods, params_json};
 use super::math::{OptRule, adam_eta_norm, opt_step};
+use super::sum::zeros_like;
 use super::{
-    Common, FitFailure, FitPlan, FitResult, Participation, Strategy, StrategyError, check_output, check_param,
-    check_round, decode_state, encode_state, fedavg_of, join_roles, split_roles,
+    Common, FitFailure, FitPlan, FitResult, FitSum, Participation, Strategy, StrategyError, check_output, check_param,
+    check_round, decode_state, encode_state, join_roles, split_roles,
 };
 use crate::tensor::Tensors;
 
@@ -175,6 +176,22 @@ impl Strategy for FedOpt {
         results: &[FitResult],
         failures: &[FitFailure],
     ) -> Result<Tensors, StrategyError> {
+        check_round(self.params.name(), round, self.last_round)?;
+        let sum = self.common.sum_of(round, current, results, failures)?;
+        self.aggregate_sum(round, current, sum, failures)
+    }
+
+    fn takes_sum(&self) -> bool {
+        true
+    }
+
+    fn aggregate_sum(
+        &mut self,
+        round: u32,
+        current: &Tensors,
+        sum: FitSum,
+        failures: &[FitFailure],
+    ) -> Result<Tensors, StrategyError> {
         let name = self.params.name();
         check_round(name, round, self.last_round)?;
         if current.0.is_empty() {
@@ -184,8 +201,8 @@ impl Strategy for FedOpt {
                 message: "needs the current model (Flower's initial_parameters)".into(),
             });
         }
-        let sorted = self.common.check(round, current, results, failures)?;
-        let avg = fedavg_of(round, name, &sorted, self.common.threads)?;
+        self.common.check_policy(round, sum.results(), failures)?;
+        let avg = sum.mean()?;
         // Work on copies so that a refused round leaves the state as it was.
         let moment = |t: &Option<Tensors>| match t {
             Some(t) => current.check_same_layout(t).map(|_| t.clone()).map_err(|e| StrategyError::State {

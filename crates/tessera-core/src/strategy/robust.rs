@@ -204,7 +204,7 @@ impl Strategy for Krum {
             return Ok(sorted[krum_select(&d, n, f)].update.clone());
         }
         let best: Vec<&FitResult> = multi_krum_select(&d, n, f, keep).into_iter().map(|i| sorted[i]).collect();
-        fedavg_of(round, self.name(), &best, self.common.threads)
+        fedavg_of(round, &best, self.common.threads)
     }
 
     fn state(&self) -> Vec<u8> {
