@@ -106,6 +106,35 @@ impl ClusterConfig {
     }
 }
 
+impl ClusterConfig {
+    /// `nodes` nodes (`node-<k>`) whose dataset `synthetic` describes FedProx's
+    /// Synthetic(alpha, beta) rather than holding it (`spec`, e.g. `{"alpha": 0.5, "beta":
+    /// 0.5}`; written under `home/data`): each simulated participant of the softmax worker
+    /// generates its own device's rows. The coordinator holds no dataset.
+    pub fn synthetic(
+        home: impl Into<PathBuf>,
+        nodes: usize,
+        spec: &serde_json::Value,
+        wasm_limits: WasmLimits,
+    ) -> std::io::Result<Self> {
+        let home = home.into();
+        let dir = home.join("data");
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("synthetic.json");
+        std::fs::write(&file, serde_json::json!({ "synthetic": spec }).to_string())?;
+        let nodes = (0..nodes)
+            .map(|k| NodeSpec {
+                id: format!("node-{k}"),
+                datasets: BTreeMap::from([("synthetic".to_string(), file.clone())]),
+                wasm_wrapper: None,
+                world_wrapper: None,
+                operations: Vec::new(),
+            })
+            .collect();
+        Ok(ClusterConfig { home, nodes, coordinator_datasets: BTreeMap::new(), wasm_limits, python: None })
+    }
+}
+
 /// A running in-process cluster.
 pub struct Cluster {
     /// The hub's store.

@@ -110,6 +110,17 @@ pub fn new_session_id() -> String {
     format!("s-{}", &Digest::of(seed.as_bytes()).hex()[..12])
 }
 
+/// A run's state larger than this is kept in the blob store, world state holding a
+/// [`StoredIn`] pointer (a world-state value is at most 1 MiB).
+const STATE_INLINE: usize = 256 << 10;
+
+/// Where a large run state is: the world-state value of its key.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredIn {
+    stored_in: Digest,
+}
+
 /// The world-state prefix of every run's pins.
 pub(crate) const PINS: &str = "pins/";
 
@@ -197,7 +208,23 @@ impl Coordinator {
         value: &impl Serialize,
         names: &BTreeSet<Digest>,
     ) -> Result<(), SessionError> {
-        let bytes = Bytes::from(serde_json::to_vec(value).map_err(|e| SessionError::Aggregate(e.to_string()))?);
+        let mut bytes = Bytes::from(serde_json::to_vec(value).map_err(|e| SessionError::Aggregate(e.to_string()))?);
+        let key = state_key(id);
+        let mut names = names.clone();
+        // A large state (a round of 10,000 participants names them all) goes to the blob
+        // store; world state keeps a pointer to it.
+        let previous = match self.retry("reading the run's state", || self.backend.world.get(&key)).await? {
+            Some(e) => serde_json::from_slice::<StoredIn>(&e.value).ok().map(|p| p.stored_in),
+            None => None,
+        };
+        let mut stored = None;
+        if bytes.len() > STATE_INLINE {
+            let d = self.retry("storing the run's state", || self.backend.blobs.put(bytes.clone())).await?;
+            names.insert(d);
+            stored = Some(d);
+            bytes = Bytes::from(serde_json::to_vec(&StoredIn { stored_in: d }).expect("a digest serialises"));
+        }
+        let names = &names;
         let prefix = pins_prefix(id);
         let pinned: BTreeSet<String> = self
             .retry("listing the run's pins", || self.backend.world.keys(&prefix))
@@ -209,12 +236,17 @@ impl Coordinator {
             let key = format!("{prefix}{}", d.hex());
             self.retry("pinning a blob", || self.backend.world.put(&key, Bytes::new())).await?;
         }
-        let key = state_key(id);
         self.retry("saving the run's state", || self.backend.world.put(&key, bytes.clone())).await?;
         let named: BTreeSet<String> = names.iter().map(Digest::hex).collect();
         for hex in pinned.difference(&named) {
             let key = format!("{prefix}{hex}");
             self.retry("unpinning a blob", || self.backend.world.delete(&key)).await?;
+        }
+        // The state it replaced (its bytes name this run, so no other run holds them).
+        if let Some(old) = previous.filter(|d| Some(*d) != stored)
+            && let Err(e) = self.backend.blobs.delete(&old).await
+        {
+            tracing::warn!(run = %id, blob = %old, error = %e, "could not remove the run's previous state");
         }
         Ok(())
     }
@@ -237,10 +269,26 @@ impl Coordinator {
     pub async fn record(&self, id: &str) -> Result<Option<RunRecord>, SessionError> {
         tessera_core::name::check_ident("run id", id).map_err(|e| SessionError::Config(e.to_string()))?;
         let key = state_key(id);
-        match self.retry("reading the run's state", || self.backend.world.get(&key)).await? {
-            None => Ok(None),
-            Some(e) => RunRecord::parse(&e.value).map(Some),
+        // A save replaces the pointer, then removes the blob it pointed to: a reader that
+        // finds the blob gone reads the pointer again.
+        let mut tries = 0;
+        let record = loop {
+            let Some(e) = self.retry("reading the run's state", || self.backend.world.get(&key)).await? else {
+                return Ok(None);
+            };
+            let Ok(p) = serde_json::from_slice::<StoredIn>(&e.value) else { break RunRecord::parse(&e.value)? };
+            match self.retry("reading the run's state", || self.backend.blobs.get(&p.stored_in)).await? {
+                Some(bytes) => break RunRecord::parse(&bytes)?,
+                None if tries < 3 => tries += 1,
+                None => {
+                    return Err(SessionError::Config(format!("run {id}: its stored state {} is missing", p.stored_in)));
+                }
+            }
+        };
+        if record.id() != id {
+            return Err(SessionError::Config(format!("sessions/{id} holds the state of run {}", record.id())));
         }
+        Ok(Some(record))
     }
 
     /// Reads a federated session's stored state (`None` when there is no such session; an

@@ -35,6 +35,8 @@ use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+mod scratch;
+
 mod bindings {
     wasmtime::component::bindgen!({
         path: "../../wit",
@@ -91,7 +93,32 @@ struct Inner {
     limits: WasmLimits,
     /// Where runs' `/scratch` and `/datasets` folders are made.
     scratch_root: std::path::PathBuf,
+    /// Runs' `/scratch` folders.
+    scratch: scratch::ScratchPool,
+    /// `/datasets` views by the files they link, and when each was made: read-only, so
+    /// runs share them for [`VIEW_TTL`].
+    views: Mutex<HashMap<Vec<DatasetKey>, View>>,
     _ticker: Ticker,
+}
+
+/// A shared `/datasets` view and when it was made.
+type View = (std::time::Instant, Arc<tempfile::TempDir>);
+
+/// Dataset views kept at most (each a folder of hard links).
+const VIEWS: usize = 64;
+
+/// How long runs share a dataset view before a new one is made: short, so a replaced or
+/// withdrawn file is let go of within a minute and no view sits idle long enough for a
+/// temporary-files cleaner to remove it from under the runtime.
+const VIEW_TTL: Duration = Duration::from_secs(60);
+
+/// A dataset as a view links it: its name, its file, and the file's identity and
+/// modification (a file replaced or rewritten gets a new view).
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct DatasetKey {
+    name: String,
+    file: std::path::PathBuf,
+    stamp: Option<(u64, u64, std::time::SystemTime)>,
 }
 
 /// Runs WebAssembly modules.
@@ -136,6 +163,8 @@ impl WasmRuntime {
                 compiling: Mutex::new(()),
                 limits,
                 scratch_root: std::env::temp_dir(),
+                scratch: scratch::ScratchPool::new(std::env::temp_dir()),
+                views: Mutex::new(HashMap::new()),
                 _ticker: Ticker { stop },
             }),
         })
@@ -148,7 +177,10 @@ impl WasmRuntime {
     #[must_use]
     pub fn with_scratch_root(mut self, dir: std::path::PathBuf) -> Self {
         match Arc::get_mut(&mut self.inner) {
-            Some(inner) => inner.scratch_root = dir,
+            Some(inner) => {
+                inner.scratch = scratch::ScratchPool::new(dir.clone());
+                inner.scratch_root = dir;
+            }
             None => tracing::warn!("the WebAssembly runtime is shared already: its scratch root stays"),
         }
         self
@@ -191,26 +223,53 @@ impl WasmRuntime {
 
     /// A folder holding a hard link to each dataset file the task of `ctx` may read,
     /// named by the dataset: what a run sees at `/datasets`. A dataset whose file cannot be
-    /// linked (another file system) is left out, and the task's log says so.
-    fn dataset_view(&self, ctx: &Arc<dyn TaskContext>) -> Result<tempfile::TempDir, RuntimeError> {
-        let view = tempfile::Builder::new()
-            .prefix("tessera-wasm-datasets-")
-            .tempdir_in(&self.inner.scratch_root)
-            .map_err(|e| RuntimeError::Load(format!("cannot make the datasets folder: {e}")))?;
+    /// linked (another file system) is left out, and the task's log says so. Runs reading
+    /// the same files share one view (it is mounted read-only).
+    fn dataset_view(&self, ctx: &Arc<dyn TaskContext>) -> Result<Arc<tempfile::TempDir>, RuntimeError> {
+        let mut key: Vec<DatasetKey> = Vec::new();
         for name in ctx.datasets() {
             let Some(file) = ctx.dataset_file(&name) else { continue };
             // Dataset names are identifiers (the node checks them): no separators.
             if name.contains(['/', '\\']) || name.starts_with('.') {
                 continue;
             }
-            if let Err(e) = std::fs::hard_link(&file, view.path().join(&name)) {
+            let stamp = std::fs::metadata(&file).ok().and_then(|m| {
+                use std::os::unix::fs::MetadataExt;
+                Some((m.dev(), m.ino(), m.modified().ok()?))
+            });
+            key.push(DatasetKey { name, file, stamp });
+        }
+        if let Some((made, view)) = self.inner.views.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
+            && made.elapsed() < VIEW_TTL
+        {
+            return Ok(view.clone());
+        }
+        let view = tempfile::Builder::new()
+            .prefix("tessera-wasm-datasets-")
+            .tempdir_in(&self.inner.scratch_root)
+            .map_err(|e| RuntimeError::Load(format!("cannot make the datasets folder: {e}")))?;
+        let mut complete = true;
+        for k in &key {
+            if let Err(e) = std::fs::hard_link(&k.file, view.path().join(&k.name)) {
+                complete = false;
                 ctx.log(
                     LogLevel::Warn,
                     &format!(
-                        "dataset {name} is not mounted at /datasets/{name} ({e}); read it with local.dataset-read"
+                        "dataset {} is not mounted at /datasets/{} ({e}); read it with local.dataset-read",
+                        k.name, k.name
                     ),
                 );
             }
+        }
+        let view = Arc::new(view);
+        // A view missing a dataset is not shared: the next run tries again (and logs why).
+        if complete && key.iter().all(|k| k.stamp.is_some()) {
+            let mut views = self.inner.views.lock().unwrap_or_else(|p| p.into_inner());
+            views.retain(|_, (made, _)| made.elapsed() < VIEW_TTL);
+            if views.len() >= VIEWS {
+                views.clear();
+            }
+            views.insert(key, (std::time::Instant::now(), view.clone()));
         }
         Ok(view)
     }
@@ -224,10 +283,8 @@ impl WasmRuntime {
         stdout: Option<&MemoryOutputPipe>,
     ) -> Result<(Store<Host>, MemoryOutputPipe), RuntimeError> {
         let stderr = MemoryOutputPipe::new(1 << 20);
-        let scratch = tempfile::Builder::new()
-            .prefix("tessera-wasm-scratch-")
-            .tempdir_in(&self.inner.scratch_root)
-            .map_err(|e| RuntimeError::Load(format!("cannot make a scratch folder: {e}")))?;
+        let scratch =
+            self.inner.scratch.take().map_err(|e| RuntimeError::Load(format!("cannot make a scratch folder: {e}")))?;
         let view = self.dataset_view(ctx)?;
         let mut builder = WasiCtx::builder();
         match stdout {
@@ -513,8 +570,9 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 }
 
 struct Host {
-    /// The run's (or instance's) `/scratch` and `/datasets`, removed with the store.
-    _scratch: (tempfile::TempDir, tempfile::TempDir),
+    /// The run's (or instance's) `/scratch`, given back or removed with the store, and its
+    /// share of a `/datasets` view.
+    _scratch: (scratch::Scratch, Arc<tempfile::TempDir>),
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: MemoryLimiter,

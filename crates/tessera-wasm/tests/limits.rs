@@ -313,7 +313,15 @@ async fn datasets_are_mounted_read_only() {
     // A task without the dataset's file sees none.
     let out = run("list-dir", "/datasets", Ctx::new()).await.unwrap();
     assert_eq!(out[0].1.as_ref(), b"0");
-    // The run's folders are gone with it.
+    // Runs share a view of the same files; a file replaced under its name is what the
+    // next run reads.
+    let new = data.path().join("digits.new");
+    std::fs::write(&new, "42\n").unwrap();
+    std::fs::rename(&new, &file).unwrap();
+    let out = run("read-file", "/datasets/digits", Ctx::with_file(&file)).await.unwrap();
+    assert_eq!(out[0].1.as_ref(), b"3");
+    // The runs' folders are reused while the runtime lives, and gone with it.
+    drop(rt);
     let left: Vec<_> = std::fs::read_dir(data.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, vec![std::ffi::OsString::from("digits.csv")]);
 }

@@ -1,15 +1,19 @@
 //! Softmax regression for federated learning, as a Tessera WebAssembly module.
 //!
 //! The arithmetic lives in [`softmax`] (plain Rust, tested natively); the `run` export
-//! reads the node's dataset through the task context and dispatches on `mode`.
+//! reads the node's dataset through the task context and dispatches on `mode`. A dataset
+//! file may instead describe FedProx's synthetic data set ([`synthetic`]): each simulated
+//! participant then generates its own device's rows.
 
 pub mod softmax;
+pub mod synthetic;
 
 #[cfg(target_arch = "wasm32")]
 mod guest {
     wit_bindgen::generate!({ path: "../../wit", world: "module" });
 
     use crate::softmax::{self, Config, Dataset, Params};
+    use crate::synthetic::Synthetic;
     use tessera::module::local;
     use tessera::module::log::{Level, log};
 
@@ -40,11 +44,19 @@ mod guest {
                 "init" => Ok(vec![blob("model", Params::zeros(cfg.classes, cfg.features).encode())]),
                 "train" | "evaluate" => {
                     let params = model.ok_or("input `model` is missing")?;
-                    let data = Dataset::decode(&read_dataset(&cfg.dataset)?, cfg.features)?.partition(
-                        cfg.partition,
-                        cfg.partitions,
-                        cfg.features,
-                    )?;
+                    let bytes = read_dataset(&cfg.dataset)?;
+                    let data = match Synthetic::from_dataset(&bytes) {
+                        // A participant is a device of the synthetic population.
+                        Some(spec) => {
+                            let spec = spec?;
+                            spec.device(spec.device_of(&local::node(), cfg.partition), cfg.features, cfg.classes)?
+                        }
+                        None => Dataset::decode(&bytes, cfg.features)?.partition(
+                            cfg.partition,
+                            cfg.partitions,
+                            cfg.features,
+                        )?,
+                    };
                     if cfg.mode == "train" {
                         let (params, metrics) = softmax::train(params, &data, &cfg)?;
                         log(
