@@ -35,8 +35,6 @@ use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-mod scratch;
-
 mod bindings {
     wasmtime::component::bindgen!({
         path: "../../wit",
@@ -93,8 +91,6 @@ struct Inner {
     limits: WasmLimits,
     /// Where runs' `/scratch` and `/datasets` folders are made.
     scratch_root: std::path::PathBuf,
-    /// Runs' `/scratch` folders.
-    scratch: scratch::ScratchPool,
     /// `/datasets` views by the files they link, and when each was made: read-only, so
     /// runs share them for [`VIEW_TTL`].
     views: Mutex<HashMap<Vec<DatasetKey>, View>>,
@@ -163,7 +159,6 @@ impl WasmRuntime {
                 compiling: Mutex::new(()),
                 limits,
                 scratch_root: std::env::temp_dir(),
-                scratch: scratch::ScratchPool::new(std::env::temp_dir()),
                 views: Mutex::new(HashMap::new()),
                 _ticker: Ticker { stop },
             }),
@@ -177,10 +172,7 @@ impl WasmRuntime {
     #[must_use]
     pub fn with_scratch_root(mut self, dir: std::path::PathBuf) -> Self {
         match Arc::get_mut(&mut self.inner) {
-            Some(inner) => {
-                inner.scratch = scratch::ScratchPool::new(dir.clone());
-                inner.scratch_root = dir;
-            }
+            Some(inner) => inner.scratch_root = dir,
             None => tracing::warn!("the WebAssembly runtime is shared already: its scratch root stays"),
         }
         self
@@ -283,8 +275,12 @@ impl WasmRuntime {
         stdout: Option<&MemoryOutputPipe>,
     ) -> Result<(Store<Host>, MemoryOutputPipe), RuntimeError> {
         let stderr = MemoryOutputPipe::new(1 << 20);
-        let scratch =
-            self.inner.scratch.take().map_err(|e| RuntimeError::Load(format!("cannot make a scratch folder: {e}")))?;
+        // A new folder for every run: a reused one would carry its birth time and the
+        // time it was given back from one task to the next, a channel between tenants.
+        let scratch = tempfile::Builder::new()
+            .prefix("tessera-wasm-scratch-")
+            .tempdir_in(&self.inner.scratch_root)
+            .map_err(|e| RuntimeError::Load(format!("cannot make a scratch folder: {e}")))?;
         let view = self.dataset_view(ctx)?;
         let mut builder = WasiCtx::builder();
         match stdout {
@@ -570,9 +566,9 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 }
 
 struct Host {
-    /// The run's (or instance's) `/scratch`, given back or removed with the store, and its
-    /// share of a `/datasets` view.
-    _scratch: (scratch::Scratch, Arc<tempfile::TempDir>),
+    /// The run's (or instance's) `/scratch`, removed with the store, and its share of a
+    /// `/datasets` view.
+    _scratch: (tempfile::TempDir, Arc<tempfile::TempDir>),
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: MemoryLimiter,
