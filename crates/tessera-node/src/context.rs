@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use tessera_core::wire::{Resources, WorldScope};
-use tessera_ports::{ContextError, LogLevel, TaskContext, WorldState};
+use tessera_ports::{ContextError, LogLevel, TaskContext, WorldState, retry_transient};
+
+/// How long a module's world-state call waits out backend failures (a restarting server, a
+/// cluster electing a new leader after losing one) before it fails.
+const PATIENCE: Duration = Duration::from_secs(30);
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 /// A task's view of its node and run. World keys are scoped to the run:
@@ -96,23 +100,43 @@ impl TaskContext for NodeContext {
     /// A global: in a swarm iteration, what this task set, else the iteration's.
     async fn globals_get(&self, key: &str) -> Result<Option<Bytes>, ContextError> {
         if let Some(staged) = self.staged_key(key)
-            && let Some(e) = self.world.get(&staged).await.map_err(ctx_err)?
+            && let Some(e) =
+                retry_transient("reading a global", PATIENCE, || self.world.get(&staged)).await.map_err(ctx_err)?
         {
             return Ok(Some(e.value));
         }
-        Ok(self.world.get(&self.globals_key(key)).await.map_err(ctx_err)?.map(|e| e.value))
+        let key = self.globals_key(key);
+        Ok(retry_transient("reading a global", PATIENCE, || self.world.get(&key))
+            .await
+            .map_err(ctx_err)?
+            .map(|e| e.value))
     }
     async fn globals_set(&self, key: &str, value: Bytes) -> Result<(), ContextError> {
         let key = self.staged_key(key).unwrap_or_else(|| self.globals_key(key));
-        self.world.put(&key, value).await.map(|_| ()).map_err(ctx_err)
+        retry_transient("writing a global", PATIENCE, || self.world.put(&key, value.clone()))
+            .await
+            .map(|_| ())
+            .map_err(ctx_err)
     }
     async fn results_add(&self, key: &str, value: Bytes) -> Result<(), ContextError> {
         match self.staged_results_key(key) {
             Some(staged) => {
-                self.world.add_result(&staged, &self.node, value).await.map_err(ctx_err)?;
-                self.world.put(&staged, Bytes::new()).await.map(|_| ()).map_err(ctx_err)
+                retry_transient("adding a result", PATIENCE, || {
+                    self.world.add_result(&staged, &self.node, value.clone())
+                })
+                .await
+                .map_err(ctx_err)?;
+                retry_transient("adding a result", PATIENCE, || self.world.put(&staged, Bytes::new()))
+                    .await
+                    .map(|_| ())
+                    .map_err(ctx_err)
             }
-            None => self.world.add_result(&self.results_key(key), &self.node, value).await.map_err(ctx_err),
+            None => {
+                let key = self.results_key(key);
+                retry_transient("adding a result", PATIENCE, || self.world.add_result(&key, &self.node, value.clone()))
+                    .await
+                    .map_err(ctx_err)
+            }
         }
     }
     /// Every node's results under `key`. In a swarm iteration: those of the tasks that
@@ -120,12 +144,19 @@ impl TaskContext for NodeContext {
     /// succeeded, so a task that failed, died or ran twice is never counted) and this
     /// task's own; one per node (the last it added), sorted by node.
     async fn results_select(&self, key: &str) -> Result<Vec<(String, Bytes)>, ContextError> {
-        let mut r = self.world.select_results(&self.results_key(key), None).await.map_err(ctx_err)?;
+        let rkey = self.results_key(key);
+        let mut r = retry_transient("reading results", PATIENCE, || self.world.select_results(&rkey, None))
+            .await
+            .map_err(ctx_err)?;
         let Some(scope) = &self.scope else {
             return Ok(r.into_iter().map(|r| (r.node, r.value)).collect());
         };
         if let Some(own) = self.staged_results_key(key) {
-            r.extend(self.world.select_results(&own, None).await.map_err(ctx_err)?);
+            r.extend(
+                retry_transient("reading results", PATIENCE, || self.world.select_results(&own, None))
+                    .await
+                    .map_err(ctx_err)?,
+            );
         }
         let mut last: BTreeMap<String, Bytes> = BTreeMap::new();
         for e in r {
