@@ -71,28 +71,16 @@ impl Tensor {
 pub struct Tensors(pub BTreeMap<String, Tensor>);
 
 impl Tensors {
-    /// Decodes a safetensors blob (F32 tensors only), with limits.
+    /// Decodes a safetensors blob (F32 tensors only), with limits: a [`Model`] whose every
+    /// tensor is F32.
     pub fn decode(bytes: &[u8], limits: TensorLimits) -> Result<Tensors, TensorError> {
-        if bytes.len() > limits.max_bytes {
-            return Err(TensorError::TooLarge(format!("{} bytes, limit {}", bytes.len(), limits.max_bytes)));
+        let model = Model::decode(bytes, limits)?;
+        let other = model.types.iter().map(|(n, t)| (n, format!("{:?}", t.dtype())));
+        let fixed = model.fixed.iter().map(|(n, f)| (n, format!("{:?}", f.dtype)));
+        if let Some((name, dtype)) = other.chain(fixed).next() {
+            return Err(TensorError::Dtype { name: name.clone(), dtype, supported: "only F32 is supported here" });
         }
-        let st = SafeTensors::deserialize(bytes).map_err(|e| TensorError::Format(e.to_string()))?;
-        if st.len() > limits.max_tensors {
-            return Err(TensorError::TooLarge(format!("{} tensors, limit {}", st.len(), limits.max_tensors)));
-        }
-        let mut out = BTreeMap::new();
-        for (name, view) in st.tensors() {
-            if view.dtype() != Dtype::F32 {
-                return Err(TensorError::Dtype {
-                    name,
-                    dtype: format!("{:?}", view.dtype()),
-                    supported: "only F32 is supported here",
-                });
-            }
-            let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            out.insert(name, Tensor { shape: view.shape().to_vec(), data });
-        }
-        Ok(Tensors(out))
+        Ok(model.floats)
     }
 
     /// Encodes as safetensors. The same tensors always give the same bytes.
