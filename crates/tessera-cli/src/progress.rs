@@ -59,10 +59,14 @@ impl Observer for Progress {
         let acc = r.eval_accuracy.map_or("-".into(), |a| format!("{a:.3}"));
         let loss = r.eval_loss.map_or("-".into(), |l| format!("{l:.4}"));
         let failed = failures(r);
+        // Asynchronous sessions: how old the oldest update of the step was.
+        let stale = r.staleness.iter().max().map_or(String::new(), |s| format!(", staleness up to {s}"));
         // Simulated participants are `<node>.c<j>`: count participants then, not nodes.
         let what = if r.contributed.iter().any(|p| p.contains(".c")) { "participant" } else { "node" };
+        // An asynchronous session's rounds are server steps.
+        let round = if r.staleness.is_empty() { "round" } else { "step" };
         self.line(format!(
-            "round {:>2}  train loss {:.4}  test loss {loss}  test accuracy {acc}  ({}{failed}, {:.0} ms)",
+            "{round} {:>2}  train loss {:.4}  test loss {loss}  test accuracy {acc}  ({}{failed}{stale}, {:.0} ms)",
             r.round,
             r.train_loss,
             count(r.contributed.len() as u64, what),

@@ -34,7 +34,8 @@ pub enum Command {
     /// `tessera.swarm.Swarm`, is a swarm of tasks: modules given as folders are packed and
     /// published first. Any other YAML file is a federated session: module (name@version),
     /// rounds, min_participants, participant_ratio, round_timeout_secs, strategy, dataset,
-    /// eval_dataset, config, seed, publish_as.
+    /// eval_dataset, config, seed, publish_as (and optionally differential_privacy,
+    /// secure_aggregation, hierarchy, fedbuff for asynchronous FL, clients_per_node...).
     Run {
         /// The swarm file (`.yaml`, `.json` or `.py`).
         file: PathBuf,

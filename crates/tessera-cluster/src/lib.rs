@@ -9,6 +9,7 @@
 //! It wires services together; it has no logic of its own.
 
 pub mod digits;
+pub mod simulate;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -232,6 +233,28 @@ impl Cluster {
             }
             _ => false,
         }
+    }
+
+    /// Announces a node `id` holding `dataset` that never answers: its record is there,
+    /// nobody serves its queue (until its announcement lapses).
+    pub async fn announce_silent_node(&self, id: &str, dataset: &str) -> Result<(), tessera_ports::WorldError> {
+        let record = tessera_core::wire::NodeRecord {
+            schema: tessera_core::wire::SCHEMA_VERSION,
+            id: id.into(),
+            datasets: vec![dataset.into()],
+            runtimes: vec![tessera_core::RuntimeKind::Wasm],
+            resources: Default::default(),
+            task_queue: tessera_node::task_queue(id),
+            key: None,
+            endpoint: None,
+            labels: Default::default(),
+            libraries: Vec::new(),
+            operations: Vec::new(),
+            protections: Vec::new(),
+            installs_libraries: false,
+            degraded: false,
+        };
+        self.backend.members.announce(id, bytes::Bytes::from(tessera_core::wire::encode(&record))).await
     }
 
     /// Stops the nodes (they withdraw their announcements) and waits for them.

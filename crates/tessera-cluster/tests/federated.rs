@@ -122,31 +122,10 @@ async fn a_partial_ratio_picks_fewer_nodes_and_sessions_check_their_nodes(on: On
     cluster.stop().await;
 }
 
-/// Registers a node that never answers (its record is there, nobody serves its queue).
-async fn register_silent_node(cluster: &Cluster, id: &str) {
-    let record = tessera_core::wire::NodeRecord {
-        schema: tessera_core::wire::SCHEMA_VERSION,
-        id: id.into(),
-        datasets: vec!["digits".into()],
-        runtimes: vec![tessera_core::RuntimeKind::Wasm],
-        resources: Default::default(),
-        task_queue: tessera_node::task_queue(id),
-        key: None,
-        endpoint: None,
-        labels: Default::default(),
-        libraries: Vec::new(),
-        operations: Vec::new(),
-        protections: Vec::new(),
-        installs_libraries: false,
-        degraded: false,
-    };
-    cluster.backend.members.announce(id, bytes::Bytes::from(tessera_core::wire::encode(&record))).await.unwrap();
-}
-
 async fn a_round_times_out_on_a_silent_node_and_completes_with_the_others(on: On) {
     let home = tempfile::tempdir().unwrap();
     let cluster = cluster(&on, home.path(), 3).await;
-    register_silent_node(&cluster, "node-gone").await;
+    cluster.announce_silent_node("node-gone", "digits").await.unwrap();
     let mut cfg = SessionConfig::new("fl.softmax.worker");
     cfg.rounds = 2;
     cfg.min_participants = 2;

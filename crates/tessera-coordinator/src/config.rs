@@ -12,6 +12,7 @@ use tessera_core::strategy::{self, Participation, Strategy, StrategyError};
 use tessera_swarm::SwarmSpec;
 
 use crate::SessionError;
+use crate::fedbuff::FedBuffConfig;
 
 /// A federated learning session, as written in a swarm file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -61,6 +62,11 @@ pub struct SessionConfig {
     /// their sum (FedAvg), even when some drop out mid-round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure_aggregation: Option<SecAggSettings>,
+    /// Asynchronous FL (FedBuff): no rounds; participants train continuously on the latest
+    /// model and the coordinator takes a server step every `buffer_size` updates, weighted
+    /// by staleness. `rounds` is then the most server steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fedbuff: Option<FedBuffConfig>,
     /// Simulation: each eligible node hosts this many participants (`<node>.c<j>`), each
     /// training on its share of the node's dataset (rows `i % clients_per_node == j`; the
     /// worker gets `partition` and `partitions` in its config). Strategies sample from all
@@ -309,6 +315,7 @@ impl SessionConfig {
             clients_per_node: None,
             retain_updates: false,
             secure_aggregation: None,
+            fedbuff: None,
             hierarchy: None,
             dataset: default_dataset(),
             eval_dataset: None,
@@ -381,6 +388,9 @@ impl SessionConfig {
             if !(sa.weight_scale.is_finite() && sa.weight_scale > 0.0) {
                 return bad("secure_aggregation.weight_scale must be positive".into());
             }
+        }
+        if let Some(fb) = &self.fedbuff {
+            fb.check(self).map_err(SessionError::Config)?;
         }
         if let Some(c) = self.clients_per_node
             && !(1..=100_000).contains(&c)

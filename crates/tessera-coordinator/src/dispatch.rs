@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::Value;
 use tessera_core::Digest;
-use tessera_core::wire::{self, BlobRef, SCHEMA_VERSION, TaskMessage, TaskReply, WorldScope};
+use tessera_core::wire::{self, BlobRef, NodeRecord, SCHEMA_VERSION, TaskMessage, TaskReply, WorldScope};
 use tessera_identity::{PublicKey, Verifier, messages, now_ms};
 use tessera_node::{list_nodes, task_queue};
 use tessera_ports::Put;
@@ -61,6 +61,22 @@ pub(crate) struct Outgoing {
 /// come back in the reply rather than through the blob store.
 pub(crate) const INLINE_OUTPUTS: u64 = 64 << 10;
 
+/// The keys `nodes` announced, by node (nodes without one, or with one that does not
+/// parse, are left out).
+pub(crate) fn keys_of(nodes: &[NodeRecord]) -> BTreeMap<String, PublicKey> {
+    nodes.iter().filter_map(|n| Some((n.id.clone(), n.key.as_deref()?.parse().ok()?))).collect()
+}
+
+/// A global model as a task's `model` input: in the task when small, else by digest
+/// through the blob store.
+pub(crate) fn model_input(bytes: &[u8], digest: Digest) -> BlobRef {
+    if bytes.len() as u64 <= INLINE_OUTPUTS {
+        BlobRef::inline("model", bytes)
+    } else {
+        BlobRef::stored("model", digest, bytes.len() as u64)
+    }
+}
+
 /// The queue a session's replies come back on.
 pub fn reply_queue(id: &str) -> String {
     format!("tessera.session.{id}.replies")
@@ -100,34 +116,38 @@ impl Coordinator {
         Ok(replies)
     }
 
-    /// Sends `tasks` and collects replies until all answered, `timeout` passed, or the
-    /// nodes still pending left (their announcement lapsed). Replies are matched by task
-    /// id: duplicates, strays from other rounds and malformed messages are logged and
-    /// dropped. Ends with [`SessionError::Stopped`] when the run is asked to stop.
-    pub(crate) async fn send_and_collect(
+    /// The keys nodes announced (from a listing at most [`LISTING_REUSE`] old): tasks are
+    /// signed for them, replies checked against them. Empty without an identity.
+    ///
+    /// [`LISTING_REUSE`]: crate::placement::LISTING_REUSE
+    pub(crate) async fn node_keys(&self) -> Result<BTreeMap<String, PublicKey>, SessionError> {
+        Ok(match &self.identity {
+            None => BTreeMap::new(),
+            Some(_) => keys_of(&self.announced(crate::placement::LISTING_REUSE).await?),
+        })
+    }
+
+    /// What checks the signatures of replies for this coordinator (none without an
+    /// identity).
+    pub(crate) fn reply_verifier(&self) -> Option<Verifier> {
+        self.identity
+            .as_ref()
+            .map(|k| Verifier::new(k.public().clone()).with_window_ms(3_600_000).without_replay_check())
+    }
+
+    /// Places `tasks` on their nodes' queues, signed for nodes in `node_keys`, all at once
+    /// (acknowledgements awaited together: a slow queue does not hold up the others'
+    /// tasks; the message ids make a retried batch store each task once). Gives each
+    /// task's id and participant.
+    pub(crate) async fn send_tasks(
         &self,
         id: &str,
         round: u32,
         tasks: Vec<Outgoing>,
-        timeout: Duration,
-    ) -> Result<Replies, SessionError> {
-        let started = Instant::now();
+        node_keys: &BTreeMap<String, PublicKey>,
+    ) -> Result<Vec<(String, String)>, SessionError> {
         let reply_to = reply_queue(id);
-        let mut pending: BTreeMap<String, String> = BTreeMap::new();
-        // The keys nodes announced: tasks are signed for them, replies checked against them.
-        let node_keys: BTreeMap<String, PublicKey> = match &self.identity {
-            None => BTreeMap::new(),
-            Some(_) => self
-                .announced(crate::placement::LISTING_REUSE)
-                .await?
-                .into_iter()
-                .filter_map(|n| Some((n.id.clone(), n.key.as_deref()?.parse().ok()?)))
-                .collect(),
-        };
-        let reply_verifier = self
-            .identity
-            .as_ref()
-            .map(|k| Verifier::new(k.public().clone()).with_window_ms(3_600_000).without_replay_check());
+        let mut sent = Vec::with_capacity(tasks.len());
         let mut puts = Vec::with_capacity(tasks.len());
         for t in tasks {
             let node = participant_node(&t.participant).to_owned();
@@ -155,11 +175,29 @@ impl Coordinator {
             }
             let msg_id = format!("{}.{}", t.task_id, self.dispatch);
             puts.push(Put::once(queue, msg_id, Bytes::from(wire::encode(&task))));
-            pending.insert(t.task_id, t.participant);
+            sent.push((t.task_id, t.participant));
         }
-        // All at once, acknowledgements awaited together: a slow queue does not hold up the
-        // others' tasks. The ids make a retried batch store each task once.
         self.retry("sending tasks", || self.backend.bus.put_batch(puts.clone())).await?;
+        Ok(sent)
+    }
+
+    /// Sends `tasks` and collects replies until all answered, `timeout` passed, or the
+    /// nodes still pending left (their announcement lapsed). Replies are matched by task
+    /// id: duplicates, strays from other rounds and malformed messages are logged and
+    /// dropped. Ends with [`SessionError::Stopped`] when the run is asked to stop.
+    pub(crate) async fn send_and_collect(
+        &self,
+        id: &str,
+        round: u32,
+        tasks: Vec<Outgoing>,
+        timeout: Duration,
+    ) -> Result<Replies, SessionError> {
+        let started = Instant::now();
+        let reply_to = reply_queue(id);
+        let node_keys = self.node_keys().await?;
+        let reply_verifier = self.reply_verifier();
+        let mut pending: BTreeMap<String, String> =
+            self.send_tasks(id, round, tasks, &node_keys).await?.into_iter().collect();
         let placed = Instant::now();
         let deadline = Instant::now() + timeout;
         let mut replies = BTreeMap::new();
@@ -205,7 +243,7 @@ impl Coordinator {
             for d in batch {
                 if let Some((participant, r)) = self.accept_reply(
                     id,
-                    round,
+                    Some(round),
                     &reply_to,
                     &d.payload,
                     &node_keys,
@@ -227,20 +265,21 @@ impl Coordinator {
         })
     }
 
-    /// Checks one message on the reply queue: a reply of this round to a pending task,
-    /// from the node it went to, signed by that node when it announced a key. Gives the
-    /// participant and reply, and takes the task off `pending`; anything else is logged.
+    /// Checks one message on the reply queue: a reply of run `id` (and of `round`, when
+    /// given) to a pending task, from the node it went to (`pending` maps task ids to what
+    /// names their participant), signed by that node when it announced a key. Gives the
+    /// pending entry and reply, and takes the task off `pending`; anything else is logged.
     #[allow(clippy::too_many_arguments)]
-    fn accept_reply(
+    pub(crate) fn accept_reply<P: AsRef<str>>(
         &self,
         id: &str,
-        round: u32,
+        round: Option<u32>,
         reply_to: &str,
         payload: &[u8],
         node_keys: &BTreeMap<String, PublicKey>,
         reply_verifier: Option<&Verifier>,
-        pending: &mut BTreeMap<String, String>,
-    ) -> Option<(String, TaskReply)> {
+        pending: &mut BTreeMap<String, P>,
+    ) -> Option<(P, TaskReply)> {
         let decoded = wire::decode::<TaskReply>(payload).map_err(|e| e.to_string()).and_then(|r| {
             // A node that announced a key must sign its replies for this coordinator.
             match (node_keys.get(&r.node), reply_verifier) {
@@ -254,11 +293,11 @@ impl Coordinator {
             }
         });
         match decoded {
-            Ok(r) if r.session == id && r.round == round => match pending.remove(&r.task_id) {
-                Some(participant) if participant_node(&participant) == r.node => return Some((participant, r)),
-                Some(participant) => {
-                    tracing::warn!(task = %r.task_id, "reply claims node {} but the task went to {participant}; ignored", r.node);
-                    pending.insert(r.task_id.clone(), participant);
+            Ok(r) if r.session == id && round.is_none_or(|n| r.round == n) => match pending.remove(&r.task_id) {
+                Some(p) if participant_node(p.as_ref()) == r.node => return Some((p, r)),
+                Some(p) => {
+                    tracing::warn!(task = %r.task_id, "reply claims node {} but the task went to {}; ignored", r.node, p.as_ref());
+                    pending.insert(r.task_id.clone(), p);
                 }
                 None => tracing::info!(task = %r.task_id, "duplicate or unexpected reply ignored"),
             },

@@ -24,7 +24,7 @@ use tessera_core::wire::{
 use tessera_core::{Digest, PackageRef};
 use tessera_ports::read_ref;
 
-use crate::dispatch::{INLINE_OUTPUTS, participant_node};
+use crate::dispatch::{model_input, participant_node};
 use crate::engine::{Coordinator, Observer, Program};
 use crate::fold::{Fold, Update, collect_window};
 use crate::placement::{Workers, eligible_of, module_use};
@@ -87,22 +87,40 @@ impl Program for FlRun<'_> {
         c.note_replaced(&id, self.state.model);
         self.state.strategy_state =
             Some(c.retry("saving the strategy's state", || c.backend.blobs.put(saved.clone())).await?);
-        self.state.completed_rounds = round;
-        self.state.model = report.model;
-        self.state.contributors.extend(report.contributed.iter().map(|p| participant_node(p).to_owned()));
-        self.state.reports.push(report.clone());
-        if round >= self.state.config.rounds {
-            self.state.ending = Some(Ending::Limit);
-        }
-        c.save(&self.state).await?;
-        if self.state.config.retain_updates {
-            c.forget_leftovers(&id);
-        } else {
-            c.discard_leftovers(&id).await;
-        }
-        self.observer.round_finished(&report);
+        c.commit_round(&mut self.state, report, self.observer).await?;
         // The round limit is the scheduler: the engine stops at it.
         Ok(false)
+    }
+}
+
+impl Coordinator {
+    /// Records a finished round (or server step) in `state` (its model, contributors and
+    /// report; the round limit as the ending when reached and no other ending is set),
+    /// saves the state, removes what the round left behind (unless `retain_updates`) and
+    /// tells the observer.
+    pub(crate) async fn commit_round(
+        &self,
+        state: &mut SessionState,
+        report: RoundReport,
+        observer: &dyn Observer,
+    ) -> Result<(), SessionError> {
+        state.completed_rounds = report.round;
+        state.model = report.model;
+        state.contributors.extend(report.contributed.iter().map(|p| participant_node(p).to_owned()));
+        if report.round >= state.config.rounds && state.ending.is_none() {
+            state.ending = Some(Ending::Limit);
+        }
+        state.reports.push(report);
+        self.save(state).await?;
+        if state.config.retain_updates {
+            self.forget_leftovers(&state.id);
+        } else {
+            self.discard_leftovers(&state.id).await;
+        }
+        if let Some(r) = state.reports.last() {
+            observer.round_finished(r);
+        }
+        Ok(())
     }
 }
 
@@ -250,9 +268,19 @@ impl Coordinator {
                 }
             }
         }
-        let mut program = FlRun { state, workers, strategy, accountant, observer };
-        let ending = self.iterate(&mut program).await?;
-        let mut state = program.state;
+        let (mut state, ending) = if state.ending == Some(Ending::Scheduler) {
+            // A stop rule ended it (FedBuff's): resuming runs nothing more.
+            (state, Ending::Scheduler)
+        } else if cfg.fedbuff.is_some() {
+            let mut program = crate::fedbuff::FedBuffRun::new(state, workers, strategy, observer);
+            let ending = self.iterate(&mut program).await;
+            let state = program.release(self).await;
+            (state, ending?)
+        } else {
+            let mut program = FlRun { state, workers, strategy, accountant, observer };
+            let ending = self.iterate(&mut program).await?;
+            (program.state, ending)
+        };
         if ending == Ending::Stopped || state.ending.is_none() {
             state.ending = Some(ending);
             self.save(&state).await?;
@@ -266,7 +294,7 @@ impl Coordinator {
         });
         let lineage = Lineage {
             session: state.id.clone(),
-            strategy: cfg.strategy.name.clone(),
+            strategy: if cfg.fedbuff.is_some() { "fedbuff".into() } else { cfg.strategy.name.clone() },
             modules: {
                 let mut seen = BTreeSet::new();
                 std::iter::once(&state.module)
@@ -388,12 +416,7 @@ impl Coordinator {
             .retry("reading the global model", || self.backend.blobs.get(&state.model))
             .await?
             .ok_or_else(|| SessionError::Aggregate("the global model is missing".into()))?;
-        // The global model travels in the task when small, else through the blob store.
-        let global_ref = if global.len() as u64 <= INLINE_OUTPUTS {
-            BlobRef::inline("model", &global)
-        } else {
-            BlobRef::stored("model", state.model, global.len() as u64)
-        };
+        let global_ref = model_input(&global, state.model);
         let seed_base = cfg.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round) * 1009);
         if let Some(sa) = &cfg.secure_aggregation {
             let ctx = RoundCtx { state, workers, round, started, selected, available, global, global_ref, seed_base };
@@ -553,6 +576,7 @@ impl Coordinator {
             dp_epsilon: done.dp_epsilon,
             dp_sample_rate: done.dp_sample_rate,
             timings,
+            staleness: Vec::new(),
         })
     }
 

@@ -21,6 +21,7 @@ pub mod dataflow;
 mod dispatch;
 mod engine;
 mod error;
+mod fedbuff;
 mod fl;
 mod fold;
 mod hierarchy;
@@ -35,5 +36,6 @@ pub use config::{DpConfig, DpSide, Hierarchy, Region, SecAggSettings, SessionCon
 pub use dispatch::reply_queue;
 pub use engine::{Coordinator, Observer, Quiet};
 pub use error::SessionError;
+pub use fedbuff::FedBuffConfig;
 pub use state::{Ending, RunRecord, SessionResult, SessionState, new_session_id, state_key, stop_key};
 pub use swarm::{IterationReport, StageReport, SwarmResult, SwarmState};

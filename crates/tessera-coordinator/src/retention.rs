@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tessera_core::Digest;
-use tessera_core::wire::{TaskOutcome, answer_key};
+use tessera_core::wire::{TaskOutcome, TaskReply, answer_key};
 
 use crate::dispatch::Replies;
 use crate::engine::Coordinator;
@@ -50,15 +50,26 @@ impl Leftovers {
     pub(crate) fn of(replies: &Replies) -> Leftovers {
         let mut l = Leftovers::default();
         for r in replies.replies.values() {
-            l.records.insert(answer_key(&r.node, &r.task_id));
-            if let TaskOutcome::Ok { outputs, .. } = &r.outcome {
-                l.blobs.extend(outputs.iter().filter(|o| o.inline.is_none()).map(|o| o.digest));
-            }
+            l.take(r);
         }
         l
     }
 
-    fn extend(&mut self, other: Leftovers) {
+    /// What one reply stored.
+    pub(crate) fn of_reply(r: &TaskReply) -> Leftovers {
+        let mut l = Leftovers::default();
+        l.take(r);
+        l
+    }
+
+    fn take(&mut self, r: &TaskReply) {
+        self.records.insert(answer_key(&r.node, &r.task_id));
+        if let TaskOutcome::Ok { outputs, .. } = &r.outcome {
+            self.blobs.extend(outputs.iter().filter(|o| o.inline.is_none()).map(|o| o.digest));
+        }
+    }
+
+    pub(crate) fn extend(&mut self, other: Leftovers) {
         self.blobs.extend(other.blobs);
         self.records.extend(other.records);
     }
@@ -86,6 +97,16 @@ impl Coordinator {
     pub(crate) fn note_replaced(&self, id: &str, digest: Digest) {
         let mut g = self.leftovers.lock().unwrap_or_else(|p| p.into_inner());
         g.by_run.entry(id.to_owned()).or_default().blobs.insert(digest);
+    }
+
+    /// Keeps `digests` out of run `id`'s leftovers (blobs it still needs).
+    pub(crate) fn spare_leftovers(&self, id: &str, digests: impl IntoIterator<Item = Digest>) {
+        let mut g = self.leftovers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = g.by_run.get_mut(id) {
+            for d in digests {
+                l.blobs.remove(&d);
+            }
+        }
     }
 
     /// Forgets run `id`'s leftovers without removing them.

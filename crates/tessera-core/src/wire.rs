@@ -369,6 +369,10 @@ pub struct RoundReport {
     /// it was measured).
     #[serde(default)]
     pub timings: RoundTimings,
+    /// Asynchronous (FedBuff) sessions: how many server steps old the model each update of
+    /// `contributed` trained from was, in the same order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub staleness: Vec<u32>,
 }
 
 /// Where a round's time went at the coordinator, in seconds. With the nodes' work

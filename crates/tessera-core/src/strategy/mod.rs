@@ -22,6 +22,7 @@
 //! ```
 
 mod avg;
+mod buffer;
 pub mod math;
 mod opt;
 mod robust;
@@ -34,6 +35,7 @@ use crate::select::select_participants;
 use crate::tensor::{TensorError, TensorLimits, Tensors};
 
 pub use avg::{FedAvg, FedAvgM, FedAvgMParams, FedProx, FedProxParams};
+pub use buffer::{FedBuffBuffer, staleness_weight};
 pub use math::{
     OptRule, adagrad_step, adam_eta_norm, adam_step, add_pairwise_sq_distances, bulyan_select,
     closest_to_median_mean_into, krum_scores, krum_select, median_into, momentum_step, multi_krum_select, opt_step,
@@ -529,17 +531,7 @@ impl Common {
             })?;
         }
         for r in &sorted {
-            for (name, t) in &r.update.0 {
-                if let Some(index) = t.data.iter().position(|x| !x.is_finite()) {
-                    return Err(StrategyError::NonFinite {
-                        round,
-                        node: r.node.clone(),
-                        tensor: name.clone(),
-                        index,
-                        value: t.data[index].to_string(),
-                    });
-                }
-            }
+            check_finite(round, &r.node, &r.update)?;
         }
         let mut total = 0u64;
         for r in &sorted {
@@ -560,6 +552,23 @@ fn fedavg_of(round: u32, results: &[&FitResult], threads: usize) -> Result<Tenso
     let mut sorted = results.to_vec();
     sorted.sort_by(|a, b| a.node.cmp(&b.node));
     FitSum::of_sorted(round, &Tensors::default(), &sorted, threads)?.mean()
+}
+
+/// Refuses node `node`'s update when it holds NaN or an infinity
+/// ([`StrategyError::NonFinite`], naming the first).
+fn check_finite(round: u32, node: &str, update: &Tensors) -> Result<(), StrategyError> {
+    for (name, t) in &update.0 {
+        if let Some(index) = t.data.iter().position(|x| !x.is_finite()) {
+            return Err(StrategyError::NonFinite {
+                round,
+                node: node.into(),
+                tensor: name.clone(),
+                index,
+                value: t.data[index].to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a non-finite aggregate (it can only come from values near the f32 range's ends).

@@ -79,17 +79,7 @@ impl FitSum {
             node: node.into(),
             error,
         })?;
-        for (name, t) in &update.0 {
-            if let Some(index) = t.data.iter().position(|x| !x.is_finite()) {
-                return Err(StrategyError::NonFinite {
-                    round,
-                    node: node.into(),
-                    tensor: name.clone(),
-                    index,
-                    value: t.data[index].to_string(),
-                });
-            }
-        }
+        super::check_finite(round, node, update)?;
         self.examples = self.examples.checked_add(num_examples).ok_or_else(|| StrategyError::Examples {
             round,
             message: "the example counts add up to more than 2^64".into(),
