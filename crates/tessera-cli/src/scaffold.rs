@@ -67,6 +67,7 @@ outputs:
 needs:
   cpu: 1
   memory: 64MiB
+  storage: 0       # disk it needs; above 0, each run also gets a /scratch folder of its own
 "
                 ),
             )?;

@@ -5,9 +5,9 @@
 //! (`wit/tessera.wit`): it exports `run(config, inputs) -> result<outputs, string>` and
 //! imports the task context (its node's datasets, read-only; the run's world state; a log).
 //! It gets WASI's standard streams (captured: stdout is a run's log, up to 1 MiB each), a
-//! scratch folder of its own at `/scratch` (read-write, one per run or instance, removed
-//! with it), the datasets its task may read at `/datasets/<name>` (read-only), and nothing
-//! else: no other files, no sockets (TCP, UDP and name lookups are refused), no
+//! scratch folder of its own at `/scratch` when its manifest declares disk space
+//! (`needs.storage`; read-write, one per run or instance, removed with it), the datasets
+//! its task may read at `/datasets/<name>` (read-only), and nothing else: no other files, no sockets (TCP, UDP and name lookups are refused), no
 //! environment. A dataset is mounted by a hard link to its file in a folder made for the
 //! run beside the scratch folder, so it must be on the same file system as the runtime's
 //! scratch root ([`WasmRuntime::with_scratch_root`]); one that is not is still read through
@@ -64,6 +64,12 @@ impl Default for WasmLimits {
     fn default() -> Self {
         WasmLimits { max_memory: 1 << 30, max_time: Duration::from_secs(300), max_output_bytes: 256 << 20 }
     }
+}
+
+/// Whether a module's runs get a `/scratch` folder: it declares disk space
+/// (`needs.storage`).
+fn wants_scratch(module: &ModuleImage) -> bool {
+    module.manifest.needs.storage.0 > 0
 }
 
 /// Why the runtime could not start.
@@ -266,30 +272,40 @@ impl WasmRuntime {
         Ok(view)
     }
 
-    /// A fresh store for one run, or for the lifetime of an instance, with a scratch
-    /// folder of its own at `/scratch` and its task's datasets at `/datasets`.
+    /// A fresh store for one run, or for the lifetime of an instance, with its task's
+    /// datasets at `/datasets` and, when `scratch`, a scratch folder of its own at
+    /// `/scratch`.
     fn store(
         &self,
         ctx: &Arc<dyn TaskContext>,
         rt: tokio::runtime::Handle,
         stdout: Option<&MemoryOutputPipe>,
+        scratch: bool,
     ) -> Result<(Store<Host>, MemoryOutputPipe), RuntimeError> {
         let stderr = MemoryOutputPipe::new(1 << 20);
         // A new folder for every run: a reused one would carry its birth time and the
         // time it was given back from one task to the next, a channel between tenants.
-        let scratch = tempfile::Builder::new()
-            .prefix("tessera-wasm-scratch-")
-            .tempdir_in(&self.inner.scratch_root)
-            .map_err(|e| RuntimeError::Load(format!("cannot make a scratch folder: {e}")))?;
+        // Made only for modules that declare disk space: making and removing it is a
+        // large part of what a small run costs.
+        let scratch = scratch
+            .then(|| {
+                tempfile::Builder::new()
+                    .prefix("tessera-wasm-scratch-")
+                    .tempdir_in(&self.inner.scratch_root)
+                    .map_err(|e| RuntimeError::Load(format!("cannot make a scratch folder: {e}")))
+            })
+            .transpose()?;
         let view = self.dataset_view(ctx)?;
         let mut builder = WasiCtx::builder();
         match stdout {
             Some(out) => builder.stdout(out.clone()),
             None => builder.stdout(wasmtime_wasi::p2::pipe::SinkOutputStream),
         };
-        builder
-            .preopened_dir(scratch.path(), "/scratch", wasmtime_wasi::FsPerms::ReadWrite)
-            .map_err(|e| RuntimeError::Load(format!("cannot open the scratch folder: {e:#}")))?;
+        if let Some(scratch) = &scratch {
+            builder
+                .preopened_dir(scratch.path(), "/scratch", wasmtime_wasi::FsPerms::ReadWrite)
+                .map_err(|e| RuntimeError::Load(format!("cannot open the scratch folder: {e:#}")))?;
+        }
         builder
             .preopened_dir(view.path(), "/datasets", wasmtime_wasi::FsPerms::ReadOnly)
             .map_err(|e| RuntimeError::Load(format!("cannot open the datasets folder: {e:#}")))?;
@@ -378,16 +394,18 @@ impl WasmRuntime {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run_blocking(
         &self,
         pre: &bindings::ModulePre<Host>,
+        scratch: bool,
         invocation: Invocation,
         ctx: &Arc<dyn TaskContext>,
         rt: tokio::runtime::Handle,
         abandoned: &Arc<AtomicBool>,
     ) -> Result<Outputs, RuntimeError> {
         let stdout = MemoryOutputPipe::new(1 << 20);
-        let (mut store, stderr) = self.store(ctx, rt, Some(&stdout))?;
+        let (mut store, stderr) = self.store(ctx, rt, Some(&stdout), scratch)?;
         arm(&mut store, ticks_of(self.inner.limits.max_time), abandoned.clone());
         let result = match pre.instantiate(&mut store) {
             Ok(module) => self.invoke(&mut store, &module, &stderr, invocation, abandoned),
@@ -474,7 +492,7 @@ impl Runtime for WasmRuntime {
         let abandoned = guard.0.clone();
         let result = tokio::task::spawn_blocking(move || {
             let pre = this.prepare(&module)?;
-            this.run_blocking(&pre, invocation, &ctx, rt, &abandoned)
+            this.run_blocking(&pre, wants_scratch(&module), invocation, &ctx, rt, &abandoned)
         })
         .await
         .map_err(|e| RuntimeError::Trap(format!("the run's thread failed: {e}")))?;
@@ -492,7 +510,7 @@ impl Runtime for WasmRuntime {
         let rt = tokio::runtime::Handle::current();
         let state = tokio::task::spawn_blocking(move || {
             let pre = this.prepare(&module)?;
-            let (mut store, stderr) = this.store(&ctx, rt, None)?;
+            let (mut store, stderr) = this.store(&ctx, rt, None, wants_scratch(&module))?;
             arm(&mut store, ticks_of(this.inner.limits.max_time), Arc::default());
             match pre.instantiate(&mut store) {
                 Ok(m) => Ok((store, m, stderr)),
@@ -568,7 +586,7 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 struct Host {
     /// The run's (or instance's) `/scratch`, removed with the store, and its share of a
     /// `/datasets` view.
-    _scratch: (tempfile::TempDir, Arc<tempfile::TempDir>),
+    _scratch: (Option<tempfile::TempDir>, Arc<tempfile::TempDir>),
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: MemoryLimiter,

@@ -82,10 +82,16 @@ impl TaskContext for Ctx {
 }
 
 fn image(dir: &std::path::Path, wasm: &[u8]) -> ModuleImage {
+    image_with(dir, wasm, "")
+}
+
+/// An image whose manifest adds `more` (YAML lines).
+fn image_with(dir: &std::path::Path, wasm: &[u8], more: &str) -> ModuleImage {
     std::fs::write(dir.join("module.wasm"), wasm).unwrap();
-    let manifest =
-        Manifest::parse("name: test.programs\nversion: 0.1.0\nkind: task\nruntime: wasm\nentry: module.wasm\n")
-            .unwrap();
+    let manifest = Manifest::parse(&format!(
+        "name: test.programs\nversion: 0.1.0\nkind: task\nruntime: wasm\nentry: module.wasm\n{more}"
+    ))
+    .unwrap();
     ModuleImage { digest: Digest::of(wasm), manifest, root: dir.to_owned() }
 }
 
@@ -265,12 +271,30 @@ async fn escape_attempts_fail_and_the_next_run_works() {
     }
     assert!(!outside.exists() && !dir.path().join("planted").exists());
 
-    // Its own scratch folder is writable, and is its own: the next run starts with an
-    // empty one.
+    // A module that declares no disk space has no scratch folder.
+    let r = rt.run(&img, call(json!({"mode": "write-file", "path": "/scratch/note"})), Ctx::new()).await;
+    assert!(matches!(&r, Err(RuntimeError::Module(m)) if m.contains("/scratch/note")), "{r:?}");
+    // One that does has a scratch folder, writable and its own: the next run starts with
+    // an empty one.
+    let img = image_with(dir.path(), tessera_modules::TEST_PROGRAMS_WASM, "needs:\n  storage: 1MiB\n");
     let out = rt.run(&img, call(json!({"mode": "write-file", "path": "/scratch/note"})), Ctx::new()).await.unwrap();
     assert_eq!(out[0].1.as_ref(), b"7");
     let r = rt.run(&img, call(json!({"mode": "read-file", "path": "/scratch/note"})), Ctx::new()).await;
     assert!(matches!(&r, Err(RuntimeError::Module(m)) if m.contains("/scratch/note")), "{r:?}");
+    // Nor does a scratch folder lead out (to the scratch root, the system's temporary
+    // folder here).
+    let r = rt.run(&img, call(json!({"mode": "write-file", "path": "/scratch/../planted"})), Ctx::new()).await;
+    assert!(matches!(&r, Err(RuntimeError::Module(m)) if m.contains("/scratch/../planted")), "{r:?}");
+    assert!(!std::env::temp_dir().join("planted").exists());
+    // An instance keeps its scratch folder across its calls, when it declares one.
+    let mut inst = rt.start(&img, Ctx::new()).await.unwrap().unwrap();
+    inst.call(call(json!({"mode": "write-file", "path": "/scratch/kept"}))).await.unwrap();
+    let out = inst.call(call(json!({"mode": "read-file", "path": "/scratch/kept"}))).await.unwrap();
+    assert_eq!(out[0].1.as_ref(), b"7", "the instance reads what it wrote");
+    let plain = image_with(dir.path(), tessera_modules::TEST_PROGRAMS_WASM, "");
+    let mut inst = rt.start(&plain, Ctx::new()).await.unwrap().unwrap();
+    let r = inst.call(call(json!({"mode": "write-file", "path": "/scratch/kept"}))).await;
+    assert!(matches!(&r, Err(RuntimeError::Module(m)) if m.contains("/scratch/kept")), "{r:?}");
 
     // No sockets.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
