@@ -59,6 +59,7 @@ async fn python_and_webassembly_workers_train_one_model() {
 /// participant with the most examples.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_precision_model_with_a_counter_trains() {
+    use tessera_coordinator::Region;
     use tessera_core::tensor::{Dtype, FloatType, Model, TensorLimits};
     let home = tempfile::tempdir().unwrap();
     let data = digits::prepare(&home.path().join("data"), 4, 0.2, 7).unwrap();
@@ -83,6 +84,29 @@ async fn a_half_precision_model_with_a_counter_trains() {
     let largest = shards.iter().map(|s| s.len()).max().unwrap();
     let batches = i64::from_le_bytes(counter.bytes.as_slice().try_into().unwrap());
     assert_eq!(batches, 3 * largest.div_ceil(32) as i64);
+
+    // Hierarchically: region aggregators sum the F16 updates (their partial sums travel as
+    // F32), and the counter still comes from the largest shard's participant.
+    let agg = home.path().join("aggregator");
+    std::fs::create_dir_all(&agg).unwrap();
+    let manifest =
+        "name: tessera.fedavg-partial\nversion: 0.1.0\nkind: task\nruntime: builtin\nentry: fedavg-partial\n";
+    std::fs::write(agg.join("module.yaml"), manifest).unwrap();
+    cluster.publish_dir(&agg).unwrap();
+    let mut tree = cfg.clone();
+    tree.hierarchy = Some(tessera_coordinator::Hierarchy {
+        module: "tessera.fedavg-partial@0.1.0".into(),
+        regions: BTreeMap::from([
+            ("eu".to_string(), Region { aggregator: "node-0".into(), nodes: vec!["node-0".into(), "node-1".into()] }),
+            ("us".to_string(), Region { aggregator: "node-2".into(), nodes: vec!["node-2".into(), "node-3".into()] }),
+        ]),
+    });
+    let t = cluster.coordinator().run("half-tree", &tree, &Quiet).await.unwrap();
+    assert!(t.reports.iter().all(|r| r.contributed.len() == 4), "{:?}", t.reports.last());
+    assert!(t.final_metrics.unwrap().accuracy.unwrap() >= 0.85);
+    let tree_model = Model::decode(&t.model, TensorLimits::default()).unwrap();
+    assert_eq!((tree_model.float_type("w"), tree_model.float_type("b")), (FloatType::F16, FloatType::F16));
+    assert_eq!(tree_model.fixed["num_batches_tracked"].bytes, counter.bytes);
 
     // Clipped on the nodes, then rounded to F16: the coordinator takes the rounding for
     // what it is, and under differential privacy the counter is released by no one.

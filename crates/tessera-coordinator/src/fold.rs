@@ -173,18 +173,24 @@ impl<'a> Fold<'a> {
         if let Some((_, fixed)) = self.fixed.take() {
             model.fixed = fixed;
         }
-        // F16 holds magnitudes up to 65504: an aggregate past it would be written as inf.
-        for (name, t) in &model.floats.0 {
-            if model.float_type(name) == FloatType::F16
-                && let Some(v) = t.data.iter().find(|v| v.abs() > 65504.0)
-            {
-                return Err(SessionError::Aggregate(format!(
-                    "round {round}: the aggregate's tensor {name:?} holds {v}, past what F16 stores"
-                )));
-            }
-        }
+        check_storable(round, &model)?;
         Ok(model)
     }
+}
+
+/// Refuses an aggregate its model's types cannot store: F16 holds magnitudes up to 65504,
+/// and a value past it would be written as an infinity.
+pub(crate) fn check_storable(round: u32, model: &Model) -> Result<(), SessionError> {
+    for (name, t) in &model.floats.0 {
+        if model.float_type(name) == FloatType::F16
+            && let Some(v) = t.data.iter().find(|v| v.abs() > 65504.0)
+        {
+            return Err(SessionError::Aggregate(format!(
+                "round {round}: the aggregate's tensor {name:?} holds {v}, past what F16 stores"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The L2 norm rounding to a model's stored types may add to its values: half a unit in

@@ -1,22 +1,37 @@
 //! Hierarchical rounds: region aggregators (nodes running the `fedavg-partial` builtin)
 //! sum their region's updates, and the coordinator combines their partial sums, so it
-//! never downloads a region's individual updates.
+//! never downloads a region's individual updates (but one, when the model has integer
+//! tensors: those come whole from the participant with the most examples, as in a flat
+//! round). Models of any floating-point type: partial sums travel as F32, and the new
+//! model is written back in the global model's types.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tessera_core::PackageRef;
-use tessera_core::tensor::{TensorLimits, Tensors};
+use tessera_core::tensor::{Model, TensorLimits, Tensors};
 use tessera_core::wire::{BlobRef, Failure, RoundReport, RoundTimings, TaskOutcome, WorkerMetrics};
 
 use crate::dispatch::{Replies, participant_node};
 use crate::engine::Coordinator;
 use crate::fl::{AGG_ROUND_BASE, Aggregated, RoundCtx, too_few};
+use crate::fold::check_storable;
 use crate::placement::Workers;
 use crate::{Hierarchy, Region, SessionError};
 
 impl Coordinator {
+    /// A participant's update, read and checked against the global model's layout (names,
+    /// shapes and types).
+    async fn read_update(&self, base: &Model, update: &BlobRef) -> Result<Model, SessionError> {
+        let bytes = tessera_ports::read_ref(self.backend.blobs.as_ref(), update)
+            .await?
+            .ok_or_else(|| SessionError::Aggregate("an update is missing".into()))?;
+        let m = Model::decode(&bytes, TensorLimits::default()).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+        base.check_same_layout(&m).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+        Ok(m)
+    }
+
     /// The aggregation of a round with region aggregators: each region's aggregator node
     /// gets its participants' update blobs (by digest) and answers their weighted sum; the
     /// coordinator reads only metrics, the partial sums, and the updates of participants in
@@ -31,7 +46,7 @@ impl Coordinator {
         let cfg = &state.config;
         let id = state.id.as_str();
         let base =
-            Tensors::decode(&global, TensorLimits::default()).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+            Model::decode(&global, TensorLimits::default()).map_err(|e| SessionError::Aggregate(e.to_string()))?;
         let mut failures = Vec::new();
         // participant -> (update blob, examples, loss, seconds)
         let mut done: BTreeMap<String, (BlobRef, u64, f64, f64)> = BTreeMap::new();
@@ -108,12 +123,13 @@ impl Coordinator {
                 Duration::from_secs_f64(cfg.round_timeout_secs),
             )
             .await?;
-        let mut sum =
-            Tensors(base.0.iter().map(|(k, t)| (k.clone(), tessera_core::tensor::Tensor::zeros(&t.shape))).collect());
+        let mut sum = Tensors(
+            base.floats.0.iter().map(|(k, t)| (k.clone(), tessera_core::tensor::Tensor::zeros(&t.shape))).collect(),
+        );
         let mut weight = 0.0f64;
         let mut contributed = Vec::new();
         let add = |sum: &mut Tensors, t: &Tensors, w: f32| -> Result<(), SessionError> {
-            base.check_same_layout(t).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+            base.floats.check_same_layout(t).map_err(|e| SessionError::Aggregate(e.to_string()))?;
             for (k, acc) in sum.0.iter_mut() {
                 for (a, v) in acc.data.iter_mut().zip(&t.0[k].data) {
                     *a += w * v;
@@ -150,12 +166,8 @@ impl Coordinator {
             contributed.extend(members.iter().cloned());
         }
         for p in &direct {
-            let bytes = tessera_ports::read_ref(self.backend.blobs.as_ref(), &done[p].0)
-                .await?
-                .ok_or_else(|| SessionError::Aggregate("an update is missing".into()))?;
-            let t =
-                Tensors::decode(&bytes, TensorLimits::default()).map_err(|e| SessionError::Aggregate(e.to_string()))?;
-            add(&mut sum, &t, done[p].1 as f32)?;
+            let m = self.read_update(&base, &done[p].0).await?;
+            add(&mut sum, &m.floats, done[p].1 as f32)?;
             weight += done[p].1 as f64;
             contributed.push(p.clone());
         }
@@ -168,6 +180,19 @@ impl Coordinator {
             }
         }
         contributed.sort();
+        let mut model = base.with_floats(sum);
+        if !base.fixed.is_empty() {
+            // Integer tensors from the participant with the most examples (the first in
+            // participant order on a tie), as in a flat round: its update is read here.
+            let mut most = &contributed[0];
+            for p in &contributed {
+                if done[p].1 > done[most].1 {
+                    most = p;
+                }
+            }
+            model.fixed = self.read_update(&base, &done[most].0).await?.fixed;
+        }
+        check_storable(round, &model)?;
         let examples: u64 = contributed.iter().map(|p| done[p].1).sum();
         let train_loss = contributed.iter().map(|p| done[p].2 * done[p].1 as f64).sum::<f64>() / examples as f64;
         let compute_seconds = contributed.iter().map(|p| done[p].3).fold(0.0, f64::max);
@@ -179,7 +204,7 @@ impl Coordinator {
             examples,
             train_loss,
             compute_seconds,
-            model: sum.into(),
+            model,
             dp_epsilon: None,
             dp_sample_rate: None,
             // The participants' tasks, then the region aggregators'.

@@ -47,11 +47,13 @@ fn echo(inv: Invocation, ctx: &dyn TaskContext) -> Result<Outputs, String> {
 }
 
 /// `fedavg-partial`: a region aggregator's part of hierarchical FedAvg. Its inputs are
-/// models (safetensors); its config's `weights` gives each input's weight (examples). It
-/// answers `partial`, the weighted sum of the models, and `weight`, the sum of the weights
-/// (JSON): the global aggregator divides the sum of the partials by the sum of the weights.
+/// models (safetensors, floating-point tensors of any type; integer tensors are left out);
+/// its config's `weights` gives each input's weight (examples). It answers `partial`, the
+/// weighted sum of the models' floating-point tensors (F32), and `weight`, the sum of the
+/// weights (JSON): the global aggregator divides the sum of the partials by the sum of the
+/// weights.
 fn fedavg_partial(inv: Invocation, ctx: &dyn TaskContext) -> Result<Outputs, String> {
-    use tessera_core::tensor::{TensorLimits, Tensors};
+    use tessera_core::tensor::{Model, TensorLimits};
     let weights = inv.config.get("weights").and_then(|w| w.as_object()).ok_or("config.weights is missing")?;
     if inv.inputs.is_empty() {
         return Err("no models to aggregate".into());
@@ -63,7 +65,7 @@ fn fedavg_partial(inv: Invocation, ctx: &dyn TaskContext) -> Result<Outputs, Str
         if !(w.is_finite() && w >= 0.0) {
             return Err(format!("the weight of {name:?} must be a non-negative number"));
         }
-        models.push(Tensors::decode(bytes, TensorLimits::default()).map_err(|e| format!("input {name:?}: {e}"))?);
+        models.push(Model::decode(bytes, TensorLimits::default()).map_err(|e| format!("input {name:?}: {e}"))?.floats);
         ws.push(w as f32);
     }
     for m in &models[1..] {
