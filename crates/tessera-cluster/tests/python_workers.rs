@@ -56,7 +56,8 @@ async fn python_and_webassembly_workers_train_one_model() {
 
 /// A half-precision model with an int64 counter (as PyTorch's BatchNorm keeps) trains
 /// through a session: aggregated in f32, written back as F16, the counter taken from the
-/// participant with the most examples.
+/// participant with the most examples; the same hierarchically, under secure aggregation
+/// and under differential privacy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_precision_model_with_a_counter_trains() {
     use tessera_coordinator::Region;
@@ -107,6 +108,18 @@ async fn a_half_precision_model_with_a_counter_trains() {
     let tree_model = Model::decode(&t.model, TensorLimits::default()).unwrap();
     assert_eq!((tree_model.float_type("w"), tree_model.float_type("b")), (FloatType::F16, FloatType::F16));
     assert_eq!(tree_model.fixed["num_batches_tracked"].bytes, counter.bytes);
+
+    // Under secure aggregation: the F16 updates are masked and summed as f32, and the
+    // counter, one participant's own value, is released by no one.
+    let mut secure = cfg.clone();
+    secure.secure_aggregation =
+        Some(tessera_coordinator::SecAggSettings { clip: 8.0, scale_bits: 16, threshold: None, weight_scale: 1000.0 });
+    let s = cluster.coordinator().run("half-secure", &secure, &Quiet).await.unwrap();
+    assert!(s.reports.iter().all(|r| r.contributed.len() == 4), "{:?}", s.reports.last());
+    assert!(s.final_metrics.unwrap().accuracy.unwrap() >= 0.85);
+    let secure_model = Model::decode(&s.model, TensorLimits::default()).unwrap();
+    assert_eq!((secure_model.float_type("w"), secure_model.float_type("b")), (FloatType::F16, FloatType::F16));
+    assert_eq!(secure_model.fixed["num_batches_tracked"].bytes, 0i64.to_le_bytes(), "the initial model's counter");
 
     // Clipped on the nodes, then rounded to F16: the coordinator takes the rounding for
     // what it is, and under differential privacy the counter is released by no one.

@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::{Value, json};
 use tessera_core::config::deep_merge;
-use tessera_core::tensor::{TensorLimits, Tensors};
+use tessera_core::tensor::{Model, TensorLimits};
 use tessera_core::wire::{Failure, RoundReport, RoundTimings, TaskOutcome, WorkerMetrics};
 
 use crate::engine::Coordinator;
 use crate::fl::{Aggregated, RoundCtx, partition_config, too_few};
+use crate::fold::check_storable;
 use crate::{SecAggSettings, SessionError};
 
 impl Coordinator {
@@ -31,8 +32,9 @@ impl Coordinator {
         let RoundCtx { state, workers, round, started, selected, available, global, global_ref, seed_base } = ctx;
         let cfg = &state.config;
         let id = state.id.as_str();
-        let base =
-            Tensors::decode(&global, TensorLimits::default()).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+        let model =
+            Model::decode(&global, TensorLimits::default()).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+        let base = &model.floats;
         let params: usize = base.0.values().map(|t| t.data.len()).sum();
         let n = u16::try_from(selected.len()).map_err(|_| {
             SessionError::Participants(format!("round {round}: too many participants for secure aggregation"))
@@ -168,6 +170,10 @@ impl Coordinator {
                 at += 1;
             }
         }
+        // Written back in the model's types; integer tensors stay the model's own (one
+        // participant's would be its own values, which the protocol hides).
+        let aggregate = model.with_floats(aggregate);
+        check_storable(round, &aggregate)?;
         let strategy = cfg.build_strategy().map_err(|e| SessionError::Config(e.to_string()))?;
         let result = Aggregated {
             selected,
@@ -176,7 +182,7 @@ impl Coordinator {
             examples,
             train_loss: if examples > 0 { loss / examples as f64 } else { 0.0 },
             compute_seconds,
-            model: aggregate.into(),
+            model: aggregate,
             dp_epsilon: None,
             dp_sample_rate: None,
             timings: RoundTimings {

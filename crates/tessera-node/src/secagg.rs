@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tessera_core::Digest;
-use tessera_core::tensor::{TensorLimits, Tensors};
+use tessera_core::tensor::{Model, TensorLimits, Tensors};
 use tessera_core::wire::WorkerMetrics;
 use tessera_identity::secagg::{KeyDirectory, Participant, SecAggConfig, SharesFor, UnmaskRequest};
 use tessera_ports::{BlobStore, Outputs, RuntimeError, WorldState};
@@ -105,9 +105,13 @@ pub async fn participate(
     outputs: Outputs,
 ) -> Result<Outputs, NodeError> {
     let global = global.ok_or_else(|| refuse("the task has no `model` input"))?;
-    let global = Tensors::decode(global, TensorLimits::default()).map_err(|e| refuse(format!("model input: {e}")))?;
+    // Any float type (summed as f32); integer tensors stay out of the sum, as they would
+    // be one participant's own values: the coordinator keeps the global model's.
+    let global = Model::decode(global, TensorLimits::default()).map_err(|e| refuse(format!("model input: {e}")))?;
     let model = outputs.iter().find(|(n, _)| n == "model").ok_or_else(|| refuse("the worker gave no `model`"))?;
-    let model = Tensors::decode(&model.1, TensorLimits::default()).map_err(|e| refuse(format!("model output: {e}")))?;
+    let model = Model::decode(&model.1, TensorLimits::default()).map_err(|e| refuse(format!("model output: {e}")))?;
+    global.check_same_layout(&model).map_err(|e| refuse(format!("model output: {e}")))?;
+    let (global, model) = (global.floats, model.floats);
     let metrics = outputs.iter().find(|(n, _)| n == "metrics").ok_or_else(|| refuse("the worker gave no `metrics`"))?;
     let metrics: WorkerMetrics = serde_json::from_slice(&metrics.1).map_err(|e| refuse(format!("metrics: {e}")))?;
     if !(task.weight_scale.is_finite() && task.weight_scale > 0.0) {
