@@ -91,14 +91,17 @@ impl tessera_coordinator::Observer for Steps {
     }
 }
 
-/// A FedBuff coordinator that dies after its third step is resumed from it; a stop rule
-/// on accepted updates ends a session before its step limit.
+/// A FedBuff coordinator that dies after its third step is resumed from it, participants
+/// evaluating every step; a stop rule on accepted updates ends a session before its step
+/// limit.
 async fn a_fedbuff_session_resumes_from_its_last_step(on: On) {
     let home = tempfile::tempdir().unwrap();
     let cluster = Arc::new(cluster(&on, home.path(), 3, &[]).await);
     let mut cfg = digits_session();
     cfg.rounds = 8;
     cfg.fedbuff = Some(fedbuff(3));
+    // Participants also evaluate each step's model; their replies never mix with training's.
+    cfg.fraction_evaluate = 1.0;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let c = cluster.clone();
     let cfg2 = cfg.clone();
@@ -116,7 +119,11 @@ async fn a_fedbuff_session_resumes_from_its_last_step(on: On) {
     let result = cluster.coordinator().resume("s-fb-resume", &Quiet).await.unwrap();
     let steps: Vec<u32> = result.reports.iter().map(|r| r.round).collect();
     assert_eq!(steps, (1..=8).collect::<Vec<_>>(), "no step lost or repeated");
-    assert!(result.reports.iter().all(|r| r.contributed.len() == 3));
+    for r in &result.reports {
+        assert_eq!(r.contributed.len(), 3, "step {}: {:?}", r.round, r.failures);
+        assert_eq!(r.fed_evaluated.len(), 3, "step {}", r.round);
+        assert!(r.fed_eval_accuracy.is_some());
+    }
     assert!(result.final_metrics.unwrap().accuracy.unwrap() > 0.85);
 
     // At most 7 updates: three steps of three (the step that reaches it ends the session).

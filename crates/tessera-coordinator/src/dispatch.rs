@@ -77,6 +77,13 @@ pub(crate) fn model_input(bytes: &[u8], digest: Digest) -> BlobRef {
     }
 }
 
+/// The queue the replies to a run's tasks of `round` come back on: [`reply_queue`], and
+/// for federated evaluation a queue of its own, so that a run reading its training replies
+/// all the time (FedBuff) never takes them, nor they its.
+pub(crate) fn reply_queue_of(id: &str, round: u32) -> String {
+    if round >= crate::fl::EVAL_ROUND_BASE { format!("{}.evaluation", reply_queue(id)) } else { reply_queue(id) }
+}
+
 /// The queue a session's replies come back on.
 pub fn reply_queue(id: &str) -> String {
     format!("tessera.session.{id}.replies")
@@ -146,7 +153,7 @@ impl Coordinator {
         tasks: Vec<Outgoing>,
         node_keys: &BTreeMap<String, PublicKey>,
     ) -> Result<Vec<(String, String)>, SessionError> {
-        let reply_to = reply_queue(id);
+        let reply_to = reply_queue_of(id, round);
         let mut sent = Vec::with_capacity(tasks.len());
         let mut puts = Vec::with_capacity(tasks.len());
         for t in tasks {
@@ -193,7 +200,7 @@ impl Coordinator {
         timeout: Duration,
     ) -> Result<Replies, SessionError> {
         let started = Instant::now();
-        let reply_to = reply_queue(id);
+        let reply_to = reply_queue_of(id, round);
         let node_keys = self.node_keys().await?;
         let reply_verifier = self.reply_verifier();
         let mut pending: BTreeMap<String, String> =

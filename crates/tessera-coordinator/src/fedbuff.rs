@@ -26,8 +26,9 @@
 //! updates arrive in, so two runs do not give the same digest.
 //!
 //! Integer tensors (counters) come from the update with the most examples in the step, as
-//! in synchronous rounds. Federated evaluation, differential privacy, secure and
-//! hierarchical aggregation and strategies other than `fedavg` are refused with this mode.
+//! in synchronous rounds. Federated evaluation (`fraction_evaluate`) runs after each step
+//! on its own reply queue. Differential privacy, secure and hierarchical aggregation and
+//! strategies other than `fedavg` are refused with this mode.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -155,8 +156,6 @@ impl FedBuffConfig {
             Some("hierarchical aggregation".into())
         } else if cfg.differential_privacy.is_some() {
             Some("differential privacy".into())
-        } else if cfg.fraction_evaluate > 0.0 {
-            Some("federated evaluation (fraction_evaluate; evaluate at the coordinator with eval_dataset)".into())
         } else {
             None
         };
@@ -731,7 +730,6 @@ mod tests {
             ("  max_seconds: .inf\n", "", "max_seconds"),
             ("  bufer_size: 3\n", "", "bufer_size"),
             ("  {}\n", "strategy: krum\n", "krum"),
-            ("  {}\n", "fraction_evaluate: 0.5\n", "federated evaluation"),
             ("  {}\n", "differential_privacy: {noise_multiplier: 1, clipping_norm: 1}\n", "differential privacy"),
             ("  {}\n", "secure_aggregation: {}\n", "secure aggregation"),
         ] {
