@@ -247,7 +247,7 @@ impl Coordinator {
                     continue;
                 }
             };
-            for d in batch {
+            for d in &batch {
                 if let Some((participant, r)) = self.accept_reply(
                     id,
                     Some(round),
@@ -259,10 +259,8 @@ impl Coordinator {
                 ) {
                     replies.insert(participant, r);
                 }
-                if let Err(e) = d.ack().await {
-                    tracing::debug!("ack of a reply failed: {e}");
-                }
             }
+            ack_all(batch).await;
         }
         Ok(Replies {
             replies,
@@ -314,6 +312,17 @@ impl Coordinator {
             Err(e) => tracing::warn!("refused a message on {reply_to}: {e}"),
         }
         None
+    }
+}
+
+/// Acknowledges a batch of replies, side by side (each waits for the server's
+/// confirmation); failures are logged: the reply was taken, and a redelivery is dropped
+/// as a duplicate.
+pub(crate) async fn ack_all(batch: Vec<tessera_ports::Delivery>) {
+    for r in futures::future::join_all(batch.into_iter().map(|d| d.ack())).await {
+        if let Err(e) = r {
+            tracing::debug!("ack of a reply failed: {e}");
+        }
     }
 }
 

@@ -44,7 +44,7 @@ use tessera_core::tensor::{FixedTensor, Model, TensorLimits};
 use tessera_core::wire::{BlobRef, Failure, RoundTimings, TaskReply};
 use tessera_identity::PublicKey;
 
-use crate::dispatch::{INLINE_OUTPUTS, Outgoing, keys_of, model_input, participant_node, reply_queue};
+use crate::dispatch::{INLINE_OUTPUTS, Outgoing, ack_all, keys_of, model_input, participant_node, reply_queue};
 use crate::engine::{Coordinator, Observer, Program};
 use crate::fl::{Aggregated, RoundCtx, in_round, participants_of, partition_config, too_few};
 use crate::fold::Update;
@@ -535,7 +535,7 @@ impl Program for FedBuffRun<'_> {
                 }
             };
             timings.waiting += waiting.elapsed().as_secs_f64();
-            for d in batch {
+            for d in &batch {
                 let accepted = c.accept_reply(
                     &id,
                     None,
@@ -556,10 +556,8 @@ impl Program for FedBuffRun<'_> {
                     }
                     None => {}
                 }
-                if let Err(e) = d.ack().await {
-                    tracing::debug!("ack of a reply failed: {e}");
-                }
             }
+            ack_all(batch).await;
             // Deadlines after the replies: an answer that came while the coordinator was
             // busy is taken, not given up.
             self.expire(&mut got.failures);

@@ -228,7 +228,9 @@ struct NatsAcker(Message);
 #[async_trait]
 impl Acker for NatsAcker {
     async fn ack(self: Box<Self>) -> Result<(), BusError> {
-        self.0.ack().await.map_err(backend)
+        // Confirmed by the server: once this returns, the message is gone from its queue
+        // (a bounded queue counts its bytes free, and a lost connection cannot undo it).
+        self.0.double_ack().await.map_err(backend)
     }
     async fn nack(self: Box<Self>) -> Result<(), BusError> {
         self.0.ack_with(AckKind::Nak(None)).await.map_err(backend)
