@@ -537,6 +537,7 @@ impl Coordinator {
     ) -> Result<RoundReport, SessionError> {
         let cfg = &ctx.state.config;
         let id = ctx.state.id.as_str();
+        crate::fold::check_storable(ctx.round, &done.model)?;
         let model_bytes = Bytes::from(done.model.encode());
         let storing = Instant::now();
         let model = self.retry("storing the global model", || self.backend.blobs.put(model_bytes.clone())).await?;
@@ -605,14 +606,17 @@ impl Coordinator {
             return Ok(None);
         }
         let input = BlobRef::stored("model", *model, size);
-        // Evaluation tasks are a round of their own on the reply queue (round numbers of
-        // evaluation are offset so their replies never mix with training's).
+        // Evaluation tasks are a round of their own on their own reply queue (round numbers
+        // of evaluation are offset so their replies never mix with training's), named for
+        // this coordinator: a resumed session's model may differ from the one a dead
+        // coordinator's evaluation saw, and that one's answers must not count.
+        let attempt = format!(".{}", self.dispatch);
         let replies = self
             .dispatch(
                 id,
                 EVAL_ROUND_BASE + round,
                 &nodes,
-                "",
+                &attempt,
                 workers,
                 |_, participant| {
                     let mut c = Self::worker_config(cfg, "evaluate", cfg.seed);

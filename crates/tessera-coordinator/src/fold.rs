@@ -173,20 +173,20 @@ impl<'a> Fold<'a> {
         if let Some((_, fixed)) = self.fixed.take() {
             model.fixed = fixed;
         }
-        check_storable(round, &model)?;
         Ok(model)
     }
 }
 
-/// Refuses an aggregate its model's types cannot store: F16 holds magnitudes up to 65504,
-/// and a value past it would be written as an infinity.
+/// Refuses a new global model holding NaN or an infinity, or a value its type cannot
+/// store (F16 holds magnitudes up to 65504: past it, a value would be written as an
+/// infinity). Every round and step goes through it before its model is stored.
 pub(crate) fn check_storable(round: u32, model: &Model) -> Result<(), SessionError> {
     for (name, t) in &model.floats.0 {
-        if model.float_type(name) == FloatType::F16
-            && let Some(v) = t.data.iter().find(|v| v.abs() > 65504.0)
-        {
+        let f16 = model.float_type(name) == FloatType::F16;
+        if let Some(v) = t.data.iter().find(|v| !v.is_finite() || (f16 && v.abs() > 65504.0)) {
+            let what = if v.is_finite() { "past what F16 stores" } else { "not a finite number" };
             return Err(SessionError::Aggregate(format!(
-                "round {round}: the aggregate's tensor {name:?} holds {v}, past what F16 stores"
+                "round {round}: the aggregate's tensor {name:?} holds {v}, {what}"
             )));
         }
     }

@@ -16,7 +16,6 @@ use tessera_core::wire::{BlobRef, Failure, RoundReport, RoundTimings, TaskOutcom
 use crate::dispatch::{Replies, participant_node};
 use crate::engine::Coordinator;
 use crate::fl::{AGG_ROUND_BASE, Aggregated, RoundCtx, too_few};
-use crate::fold::check_storable;
 use crate::placement::Workers;
 use crate::{Hierarchy, Region, SessionError};
 
@@ -33,9 +32,11 @@ impl Coordinator {
     }
 
     /// The aggregation of a round with region aggregators: each region's aggregator node
-    /// gets its participants' update blobs (by digest) and answers their weighted sum; the
-    /// coordinator reads only metrics, the partial sums, and the updates of participants in
-    /// no region.
+    /// gets its participants' update blobs (by digest) and the global model, checks the
+    /// updates against it and answers their weighted sum; the coordinator reads metrics,
+    /// the partial sums, the updates of participants in no region, and (for a model with
+    /// integer tensors) the update of the participant with the most examples. An update
+    /// its aggregator refuses fails its region's participants.
     pub(crate) async fn hierarchical_round(
         &self,
         ctx: RoundCtx<'_>,
@@ -113,11 +114,16 @@ impl Coordinator {
                     json!({"weights": weights})
                 },
                 |i, _| {
-                    regions[i]
-                        .1
-                        .iter()
-                        .enumerate()
-                        .map(|(k, p)| BlobRef { name: format!("u{k}"), ..done[p].0.clone() })
+                    // The global model too: the aggregator checks every update against its
+                    // layout, types included.
+                    std::iter::once(BlobRef { name: "global".into(), ..global_ref.clone() })
+                        .chain(
+                            regions[i]
+                                .1
+                                .iter()
+                                .enumerate()
+                                .map(|(k, p)| BlobRef { name: format!("u{k}"), ..done[p].0.clone() }),
+                        )
                         .collect()
                 },
                 Duration::from_secs_f64(cfg.round_timeout_secs),
@@ -140,11 +146,14 @@ impl Coordinator {
         for (i, (region, members)) in regions.iter().enumerate() {
             let reply = partials.replies.get(&aggregators[i]).map(|r| &r.outcome);
             let Some(TaskOutcome::Ok { outputs, .. }) = reply else {
+                let why = match reply {
+                    Some(TaskOutcome::Failed { error }) => {
+                        format!("its region's aggregator {} failed: {error}", region.aggregator)
+                    }
+                    _ => format!("its region's aggregator {} did not answer", region.aggregator),
+                };
                 for p in members {
-                    failures.push(Failure {
-                        node: p.clone(),
-                        error: format!("its region's aggregator {} did not answer", region.aggregator),
-                    });
+                    failures.push(Failure { node: p.clone(), error: why.clone() });
                 }
                 continue;
             };
@@ -192,7 +201,6 @@ impl Coordinator {
             }
             model.fixed = self.read_update(&base, &done[most].0).await?.fixed;
         }
-        check_storable(round, &model)?;
         let examples: u64 = contributed.iter().map(|p| done[p].1).sum();
         let train_loss = contributed.iter().map(|p| done[p].2 * done[p].1 as f64).sum::<f64>() / examples as f64;
         let compute_seconds = contributed.iter().map(|p| done[p].3).fold(0.0, f64::max);

@@ -13,7 +13,6 @@ use tessera_core::wire::{Failure, RoundReport, RoundTimings, TaskOutcome, Worker
 
 use crate::engine::Coordinator;
 use crate::fl::{Aggregated, RoundCtx, partition_config, too_few};
-use crate::fold::check_storable;
 use crate::{SecAggSettings, SessionError};
 
 impl Coordinator {
@@ -173,7 +172,6 @@ impl Coordinator {
         // Written back in the model's types; integer tensors stay the model's own (one
         // participant's would be its own values, which the protocol hides).
         let aggregate = model.with_floats(aggregate);
-        check_storable(round, &aggregate)?;
         let strategy = cfg.build_strategy().map_err(|e| SessionError::Config(e.to_string()))?;
         let result = Aggregated {
             selected,
