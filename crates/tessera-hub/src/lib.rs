@@ -16,10 +16,13 @@ mod store;
 pub mod time;
 
 pub use api::{
-    ApiError, AppState, CreateModel, DEFAULT_MAX_MODEL_BYTES, DIGEST_HEADER, HubPolicy, MANIFEST_HEADER, ModelMeta,
-    PACKAGE_HEADER, SIGNATURE_SCHEME, answer_panic, app, openapi,
+    ApiError, AppState, ComponentDocument, ComponentInfo, CreateModel, DEFAULT_MAX_MODEL_BYTES, DIGEST_HEADER,
+    HubPolicy, MANIFEST_HEADER, ModelMeta, PACKAGE_HEADER, SIGNATURE_SCHEME, answer_panic, app, openapi,
 };
-pub use store::{GrantRecord, HubError, HubStore, ListQuery, ModelUpload, PublishCheck, Published, UsageRecord};
+pub use store::{
+    Collection, ComponentNeeds, ComponentRecord, GrantRecord, HubError, HubStore, ListQuery, ModelUpload, ObjectUpload,
+    PublishCheck, Published, Revision, UsageRecord,
+};
 
 use std::sync::Arc;
 

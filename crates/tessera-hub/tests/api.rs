@@ -354,6 +354,17 @@ async fn the_docs_list_every_route() {
         "PUT /api/v1/packages/{name}/grants/{key}",
         "DELETE /api/v1/packages/{name}/grants/{key}",
         "GET /api/v1/accounts/{key}/usage",
+        "POST /{collection}",
+        "GET /{collection}",
+        "GET /{collection}/meta",
+        "PUT /{collection}/{id}",
+        "GET /{collection}/{id}",
+        "DELETE /{collection}/{id}",
+        "PUT /{collection}/meta/{id}",
+        "PUT /{collection}/{model_name}/{model_version}",
+        "GET /{collection}/{model_name}/{model_version}",
+        "DELETE /{collection}/{model_name}/{model_version}",
+        "PUT /{collection}/meta/{model_name}/{model_version}",
     ];
     let expected: std::collections::BTreeSet<String> = expected.iter().map(|s| s.to_string()).collect();
     assert_eq!(paths, expected);

@@ -96,6 +96,10 @@ impl Hub {
             "/api/v1/packages/team.pkg/stable",
             "/api/v1/models/team.weights/1.0.0/meta",
             "/api/v1/models/solo.weights/1.0.0/meta",
+            "/service",
+            "/model",
+            "/service/team.svc",
+            "/model/team/v1",
         ] {
             out.insert(path.to_owned(), self.json(get(path)).await.1);
         }
@@ -173,6 +177,19 @@ async fn populated(h: &Hub, owner: &KeyPair, reader: &KeyPair) -> String {
         assert_eq!(s, StatusCode::CREATED, "{b}");
         let meta = serde_json::to_vec(&json!({"metadata": {"accuracy": 0.9}})).unwrap();
         assert_eq!(h.send(signed(owner, &k, "PUT", &format!("{path}/meta"), meta)).await.0, StatusCode::OK);
+    }
+    // Component Repository entries under the owner's namespace, with objects.
+    for (collection, doc, object) in [
+        ("service", json!({"id": "team.svc", "description": "the owner's"}), "/service/team.svc"),
+        ("model", json!({"model_name": "team", "model_version": "v1", "meta": {}}), "/model/team/v1"),
+    ] {
+        let (s, b) =
+            h.json(signed(owner, &k, "POST", &format!("/{collection}"), serde_json::to_vec(&doc).unwrap())).await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        assert_eq!(
+            h.send(signed(owner, &k, "PUT", object, b"the owner's object".to_vec())).await.0,
+            StatusCode::NO_CONTENT
+        );
     }
     rec["digest"].as_str().unwrap().to_owned()
 }
@@ -299,6 +316,39 @@ async fn a_key_that_owns_nothing_changes_nothing_and_reads_nothing_private_on_an
         "DELETE /api/v1/namespaces/{namespace}/owners/{key}",
         (signed(o, &k, "DELETE", &format!("/api/v1/namespaces/team/owners/{}", owner.public()), vec![]), forbidden),
     );
+    let doc = |v: Value| json_body(v);
+    cases.insert(
+        "POST /{collection}",
+        (signed(o, &k, "POST", "/service", doc(json!({"id": "team.mine", "description": "x"}))), forbidden),
+    );
+    cases.insert("GET /{collection}", (signed(o, &k, "GET", "/service", vec![]), public));
+    cases.insert("GET /{collection}/meta", (signed(o, &k, "GET", "/service/meta?id=team.svc", vec![]), public));
+    cases.insert(
+        "PUT /{collection}/{id}",
+        (signed(o, &k, "PUT", "/service/team.svc", b"a stranger's object".to_vec()), forbidden),
+    );
+    cases.insert("GET /{collection}/{id}", (signed(o, &k, "GET", "/service/team.svc", vec![]), public));
+    cases.insert("DELETE /{collection}/{id}", (signed(o, &k, "DELETE", "/service/team.svc", vec![]), forbidden));
+    cases.insert(
+        "PUT /{collection}/meta/{id}",
+        (signed(o, &k, "PUT", "/service/meta/team.svc", doc(json!({"description": "a stranger's"}))), forbidden),
+    );
+    cases.insert(
+        "PUT /{collection}/{model_name}/{model_version}",
+        (signed(o, &k, "PUT", "/model/team/v1", b"a stranger's object".to_vec()), forbidden),
+    );
+    cases.insert(
+        "GET /{collection}/{model_name}/{model_version}",
+        (signed(o, &k, "GET", "/model/team/v1", vec![]), public),
+    );
+    cases.insert(
+        "DELETE /{collection}/{model_name}/{model_version}",
+        (signed(o, &k, "DELETE", "/model/team/v1", vec![]), forbidden),
+    );
+    cases.insert(
+        "PUT /{collection}/meta/{model_name}/{model_version}",
+        (signed(o, &k, "PUT", "/model/meta/team/v1", doc(json!({"meta": {"x": "a stranger's"}}))), forbidden),
+    );
 
     let served = routes(&h).await;
     let covered: BTreeSet<String> = cases.keys().map(|s| s.to_string()).collect();
@@ -321,6 +371,10 @@ async fn a_key_that_owns_nothing_changes_nothing_and_reads_nothing_private_on_an
         ("PUT", "/api/v1/models/team.weights/1.0.0/meta"),
         ("PUT", "/api/v1/models/team.weights/9.0.0"),
         ("POST", "/api/v1/models/team.weights"),
+        ("POST", "/service"),
+        ("PUT", "/service/team.svc"),
+        ("PUT", "/service/meta/team.svc"),
+        ("DELETE", "/model/team/v1"),
     ] {
         let (s, _) = h.send(Req { method, path: path.into(), body: b"{}".to_vec(), headers: vec![] }).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{method} {path}");

@@ -68,7 +68,16 @@ impl Hub {
     fn dump(&self) -> Value {
         let db = rusqlite::Connection::open(self.dir.path().join("hub/hub.sqlite")).unwrap();
         let mut out = BTreeMap::new();
-        for table in ["packages", "aliases", "models", "namespaces", "grants"] {
+        // Every table but the request meter (which counts refused requests too).
+        let tables: Vec<String> = db
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'usage' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(tables.len() >= 7, "{tables:?}");
+        for table in tables {
             let mut stmt = db.prepare(&format!("SELECT * FROM {table} ORDER BY rowid")).unwrap();
             let n = stmt.column_count();
             let rows: Vec<Vec<String>> = stmt
@@ -156,6 +165,15 @@ async fn every_refused_write_leaves_no_trace() {
     let mut r = signed(&h, &owner, "PUT", "/api/v1/models/meta.demo/1.0.0", body);
     r.headers.push(("content-type".into(), ctype));
     assert_eq!(h.send(r).await.0, StatusCode::CREATED);
+    // Component Repository entries with objects.
+    for (collection, doc, object) in [
+        ("service", json!({"id": "meta.svc", "description": "kept"}), "/service/meta.svc"),
+        ("model", json!({"model_name": "meta.m", "model_version": "v1", "meta": {"k": "kept"}}), "/model/meta.m/v1"),
+    ] {
+        let body = serde_json::to_vec(&doc).unwrap();
+        assert_eq!(h.send(signed(&h, &owner, "POST", &format!("/{collection}"), body)).await.0, StatusCode::CREATED);
+        assert_eq!(h.send(signed(&h, &owner, "PUT", object, b"kept object".to_vec())).await.0, StatusCode::NO_CONTENT);
+    }
 
     let o = &owner;
     let json_body = |v: Value| serde_json::to_vec(&v).unwrap();
@@ -225,6 +243,40 @@ async fn every_refused_write_leaves_no_trace() {
         "DELETE /api/v1/namespaces/{namespace}/owners/{key}",
         (
             signed(&h, o, "DELETE", &format!("/api/v1/namespaces/meta/owners/{}", o.public()), vec![]),
+            StatusCode::BAD_REQUEST,
+        ),
+    );
+    cases.insert(
+        "POST /{collection}",
+        (signed(&h, o, "POST", "/service", json_body(json!({"id": "meta.svc"}))), StatusCode::CONFLICT),
+    );
+    cases.insert(
+        "PUT /{collection}/{id}",
+        (signed(&h, o, "PUT", "/service/meta.none", b"other object".to_vec()), StatusCode::NOT_FOUND),
+    );
+    cases.insert(
+        "DELETE /{collection}/{id}",
+        (signed(&h, o, "DELETE", "/service/meta.none", vec![]), StatusCode::NOT_FOUND),
+    );
+    cases.insert(
+        "PUT /{collection}/meta/{id}",
+        (
+            signed(&h, o, "PUT", "/service/meta/meta.svc", json_body(json!({"needs": {"RAM": "lots"}}))),
+            StatusCode::BAD_REQUEST,
+        ),
+    );
+    let (body, ctype) = multipart(json!({"metadata": {}}), b"other object");
+    let mut with_meta = signed(&h, o, "PUT", "/model/meta.m/v1", body);
+    with_meta.headers.push(("content-type".into(), ctype));
+    cases.insert("PUT /{collection}/{model_name}/{model_version}", (with_meta, StatusCode::BAD_REQUEST));
+    cases.insert(
+        "DELETE /{collection}/{model_name}/{model_version}",
+        (signed(&h, o, "DELETE", "/model/meta.m/v2", vec![]), StatusCode::NOT_FOUND),
+    );
+    cases.insert(
+        "PUT /{collection}/meta/{model_name}/{model_version}",
+        (
+            signed(&h, o, "PUT", "/model/meta/meta.m/v1", json_body(json!({"model_version": "v2"}))),
             StatusCode::BAD_REQUEST,
         ),
     );

@@ -13,8 +13,12 @@ use futures::{Stream, StreamExt};
 use tessera_core::{Digest, DigestWriter};
 use tokio::io::AsyncWriteExt;
 
+use axum::http::{Method, Uri};
+use tessera_identity::PublicKey;
+
+use super::auth::{HeaderAuth, UploadSlot, check_headers, check_quota, meter_bytes, upload_slot};
 use super::models::ModelMeta;
-use super::{ApiError, ApiResult, DIGEST_HEADER};
+use super::{ApiError, ApiResult, AppState, DIGEST_HEADER};
 use crate::store::{HubError, HubStore};
 
 /// The header declaring a private package's manifest (base64url of its JSON; only its
@@ -110,13 +114,47 @@ pub(crate) async fn receive(store: &HubStore, body: Body, limit: u64) -> ApiResu
     }
 }
 
+/// Checks an upload of an object stored under `name` from its headers (signature, the
+/// namespace rule, announced size, uploads in progress, quota), then receives it (see
+/// [`receive_model`]; `meta`: whether a `meta` part may come with it) and accepts its
+/// signature. Every route that takes a model binary or a component object goes through
+/// here. The caller has checked `name`.
+pub(crate) async fn receive_upload(
+    s: &AppState,
+    request: (&Method, &Uri, &HeaderMap),
+    name: &str,
+    meta: bool,
+    body: Body,
+) -> ApiResult<(Received, Option<PublicKey>, UploadSlot)> {
+    let (method, uri, headers) = request;
+    let auth: HeaderAuth = check_headers(s, method, uri, headers, true)?;
+    {
+        let (store, name, a) = (s.store.clone(), name.to_owned(), auth.signer().cloned());
+        super::blocking(move || store.may_write(&name, a.as_ref())).await?;
+    }
+    let limit = s.policy.max_model_bytes;
+    check_length(headers, limit.saturating_add(4 << 20))?;
+    let slot = upload_slot(s, auth.signer())?;
+    check_quota(s, auth.signer(), 0)?;
+    let r = receive_model(&s.store, headers, body, limit, meta).await?;
+    match auth.finish(s, &r.body_digest).and_then(|a| meter_bytes(s, a.as_ref(), r.size, 0).map(|()| a)) {
+        Ok(a) => Ok((r, a, slot)),
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&r.tmp).await;
+            Err(e)
+        }
+    }
+}
+
 /// Receives a model upload: a plain body (the binary), or `multipart/form-data` with an
-/// optional `meta` part (JSON [`ModelMeta`], at most 2 MiB) and a `file` part (the binary).
+/// optional `meta` part (JSON [`ModelMeta`], at most 2 MiB; only when `meta_allowed`) and a
+/// `file` part (the binary).
 pub(crate) async fn receive_model(
     store: &HubStore,
     headers: &HeaderMap,
     body: Body,
     limit: u64,
+    meta_allowed: bool,
 ) -> ApiResult<Received> {
     let ctype = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
     if !ctype.starts_with("multipart/form-data") {
@@ -148,7 +186,7 @@ pub(crate) async fn receive_model(
         let bad = |e: multer::Error| HubError::BadRequest(format!("multipart upload: {e}"));
         while let Some(mut field) = parts.next_field().await.map_err(bad)? {
             match field.name() {
-                Some("meta") if meta.is_none() && file_digest.is_none() => {
+                Some("meta") if meta_allowed && meta.is_none() && file_digest.is_none() => {
                     let mut text = Vec::new();
                     while let Some(c) = field.chunk().await.map_err(bad)? {
                         text.extend_from_slice(&c);
@@ -176,8 +214,9 @@ pub(crate) async fn receive_model(
                 }
                 other => {
                     return Err(HubError::BadRequest(format!(
-                        "multipart upload: unexpected part {:?} (send `meta`, then `file`, once each)",
-                        other.unwrap_or("")
+                        "multipart upload: unexpected part {:?} ({})",
+                        other.unwrap_or(""),
+                        if meta_allowed { "send `meta`, then `file`, once each" } else { "send one `file` part" }
                     )));
                 }
             }

@@ -10,6 +10,7 @@
 
 mod auth;
 mod body;
+mod collections;
 mod models;
 mod namespaces;
 mod packages;
@@ -30,6 +31,7 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::{Config as SwaggerConfig, SwaggerUi};
 
 pub use body::{MANIFEST_HEADER, PACKAGE_HEADER};
+pub use collections::{ComponentDocument, ComponentInfo};
 pub use models::{CreateModel, ModelMeta};
 
 use crate::store::{HubError, HubStore};
@@ -181,6 +183,7 @@ impl Modify for SignatureScheme {
         (name = "packages", description = "Module packages by name, version, alias and digest"),
         (name = "models", description = "Models: metadata, lineage and binaries"),
         (name = "namespaces", description = "Who may write under a path prefix"),
+        (name = "components", description = "The Component Repository's collections (model, transformation, service, inferencer) with its routes and bodies"),
         (name = "hub", description = "Health and blobs")
     )
 )]
@@ -207,6 +210,12 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(models::show_model, models::update_model_meta))
         .routes(routes!(namespaces::show_namespace))
         .routes(routes!(namespaces::add_owner, namespaces::remove_owner))
+        .routes(routes!(collections::create_component, collections::list_components))
+        .routes(routes!(collections::show_component))
+        .routes(routes!(collections::put_object_by_id, collections::get_object_by_id, collections::delete_by_id))
+        .routes(routes!(collections::update_meta_by_id))
+        .routes(routes!(collections::put_object_by_name, collections::get_object_by_name, collections::delete_by_name))
+        .routes(routes!(collections::update_meta_by_name))
 }
 
 /// The OpenAPI document of the API.

@@ -13,8 +13,8 @@ use tessera_core::wire::Lineage;
 use tessera_identity::PublicKey;
 use utoipa::ToSchema;
 
-use super::auth::{HeaderAuth, authenticate, check_headers, check_quota, meter_bytes, upload_slot};
-use super::body::{Received, check_length, receive_model};
+use super::auth::authenticate;
+use super::body::{Received, receive_upload};
 use super::packages::stream_file;
 use super::{ApiResult, AppState, ErrorBody, blocking, parse_json};
 use crate::store::{HubError, ModelUpload};
@@ -117,36 +117,15 @@ pub(super) async fn list_models(
     Ok(Json(blocking(move || store.models(q.prefix.as_deref())).await?))
 }
 
-/// Checks an upload from its headers (signature, namespace rule, announced size, uploads
-/// in progress, quota), then receives it and accepts its signature.
-async fn receive_upload(
+/// Checks a model upload from its headers, then receives it (see [`receive_upload`]).
+async fn receive_model_upload(
     s: &AppState,
     request: (&Method, &Uri, &HeaderMap),
     name: &str,
     body: Body,
 ) -> ApiResult<(Received, Option<PublicKey>, super::auth::UploadSlot)> {
-    let (method, uri, headers) = request;
-    let auth: HeaderAuth = check_headers(s, method, uri, headers, true)?;
-    {
-        let (store, name, a) = (s.store.clone(), name.to_owned(), auth.signer().cloned());
-        blocking(move || {
-            crate::store::parse_name(&name)?;
-            store.may_write(&name, a.as_ref())
-        })
-        .await?;
-    }
-    let limit = s.policy.max_model_bytes;
-    check_length(headers, limit.saturating_add(4 << 20))?;
-    let slot = upload_slot(s, auth.signer())?;
-    check_quota(s, auth.signer(), 0)?;
-    let r = receive_model(&s.store, headers, body, limit).await?;
-    match auth.finish(s, &r.body_digest).and_then(|a| meter_bytes(s, a.as_ref(), r.size, 0).map(|()| a)) {
-        Ok(a) => Ok((r, a, slot)),
-        Err(e) => {
-            let _ = tokio::fs::remove_file(&r.tmp).await;
-            Err(e)
-        }
-    }
+    crate::store::parse_name(name)?;
+    receive_upload(s, request, name, true, body).await
 }
 
 /// Uploads a model's binary as `name@version` (creating its record if needed), signed by
@@ -168,7 +147,7 @@ pub(super) async fn upload_model(
     body: Body,
 ) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
     crate::store::parse_version(&version)?;
-    let (r, actor, _slot) = receive_upload(&s, (&method, &uri, &headers), &name, body).await?;
+    let (r, actor, _slot) = receive_model_upload(&s, (&method, &uri, &headers), &name, body).await?;
     let store = s.store.clone();
     let (m, created) = blocking(move || {
         let meta = r.meta;
@@ -202,7 +181,7 @@ pub(super) async fn upload_next_model(
     Path(name): Path<String>,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
-    let (r, actor, _slot) = receive_upload(&s, (&method, &uri, &headers), &name, body).await?;
+    let (r, actor, _slot) = receive_model_upload(&s, (&method, &uri, &headers), &name, body).await?;
     let store = s.store.clone();
     let m = blocking(move || {
         let meta = r.meta;

@@ -12,6 +12,7 @@
 //!   leaves no trace, its claim included.
 
 mod accounts;
+pub(crate) mod components;
 mod grants;
 pub(crate) mod models;
 mod namespaces;
@@ -28,6 +29,7 @@ use tessera_package::{Limits, UnpackError};
 use tessera_ports::FsBlobStore;
 
 pub use accounts::UsageRecord;
+pub use components::{Collection, ComponentNeeds, ComponentRecord, ObjectUpload, Revision};
 pub use grants::GrantRecord;
 pub use models::ModelUpload;
 pub use packages::{ListQuery, PublishCheck, Published};
@@ -129,6 +131,26 @@ CREATE TABLE IF NOT EXISTS grants (
     revoked INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (name, grantee)
 );
+CREATE TABLE IF NOT EXISTS components (
+    collection TEXT NOT NULL,
+    key TEXT NOT NULL,
+    document TEXT NOT NULL,
+    signer TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (collection, key)
+);
+CREATE TABLE IF NOT EXISTS component_revisions (
+    collection TEXT NOT NULL,
+    key TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    signer TEXT,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (collection, key, revision)
+);
+CREATE INDEX IF NOT EXISTS component_revisions_digest ON component_revisions(digest);
 CREATE TABLE IF NOT EXISTS usage (
     account TEXT PRIMARY KEY,
     requests INTEGER NOT NULL DEFAULT 0,
@@ -277,17 +299,19 @@ impl HubStore {
         Ok(out)
     }
 
-    /// True when a live package or a model uses the blob.
+    /// True when a live package, a model or a component revision uses the blob.
     fn blob_in_use(conn: &Connection, digest: &Digest) -> Result<bool, HubError> {
         Ok(conn.query_row(
             "SELECT EXISTS(SELECT 1 FROM packages WHERE digest = ?1 AND deleted = 0)
-                 OR EXISTS(SELECT 1 FROM models WHERE digest = ?1 AND deleted = 0)",
+                 OR EXISTS(SELECT 1 FROM models WHERE digest = ?1 AND deleted = 0)
+                 OR EXISTS(SELECT 1 FROM component_revisions WHERE digest = ?1)",
             params![digest.to_string()],
             |r| r.get(0),
         )?)
     }
 
-    /// The file holding a blob the hub serves (a live package or a model binary).
+    /// The file holding a blob the hub serves (a live package, a model binary or a component
+    /// object of any revision).
     pub fn blob_path(&self, digest: &Digest) -> Result<PathBuf, HubError> {
         let path = self.blobs.path_of(digest);
         if !Self::blob_in_use(&self.db(), digest)? || !path.exists() {
