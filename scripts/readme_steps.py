@@ -3,7 +3,7 @@ reader would type them: servers started with `&` are waited for before the next 
 default ports are replaced by free ones (the reader's machine is this one), and every
 line must succeed. Used by scripts/readme-check.
 
-usage: readme_steps.py README.md HUB_PORT GATEWAY_PORT NATS_PORT "Section title" ...
+usage: readme_steps.py README.md HUB_PORT GATEWAY_PORT NATS_PORT SECOND_HUB_PORT "Section title" ...
 """
 
 import re
@@ -27,10 +27,10 @@ def sections(text, titles):
 
 
 def main():
-    readme, hub, gateway, nats = sys.argv[1:5]
-    titles = sys.argv[5:]
+    readme, hub, gateway, nats, second_hub = sys.argv[1:6]
+    titles = sys.argv[6:]
     text = open(readme, encoding="utf-8").read()
-    ports = {"7700": hub, "7710": gateway, "4222": nats}
+    ports = {"7700": hub, "7710": gateway, "4222": nats, "7701": second_hub}
     print("set -euo pipefail")
     # What the steps start in the background ends with them.
     # (the last started first: nodes say goodbye while NATS is still there)
@@ -53,7 +53,7 @@ def main():
                 print(line)
                 if code.endswith("&"):
                     if "hub serve" in code:
-                        print("wait_port %s" % hub)
+                        print("wait_port %s" % (second_hub if "127.0.0.1:" + second_hub in line else hub))
                     elif "--listen" in code:
                         print("wait_port %s" % gateway)
                     elif code.startswith("nats-server"):
