@@ -16,8 +16,9 @@ mod store;
 pub mod time;
 
 pub use api::{
-    ApiError, AppState, ComponentDocument, ComponentInfo, CreateModel, DEFAULT_MAX_MODEL_BYTES, DIGEST_HEADER,
-    HubPolicy, MANIFEST_HEADER, ModelMeta, PACKAGE_HEADER, SIGNATURE_SCHEME, answer_panic, app, openapi,
+    ApiError, AppState, BeginUpload, ComponentDocument, ComponentInfo, CreateModel, DEFAULT_MAX_MODEL_BYTES,
+    DIGEST_HEADER, HubPolicy, MANIFEST_HEADER, ModelMeta, OFFSET_HEADER, PACKAGE_HEADER, SIGNATURE_SCHEME, TensorEntry,
+    TensorsInfo, UPLOAD_HEADER, answer_panic, app, openapi,
 };
 pub use store::{
     Collection, ComponentNeeds, ComponentRecord, GrantRecord, HubError, HubStore, ListQuery, ModelUpload, ObjectUpload,

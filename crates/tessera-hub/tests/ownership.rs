@@ -318,6 +318,38 @@ async fn a_key_that_owns_nothing_changes_nothing_and_reads_nothing_private_on_an
     );
     let doc = |v: Value| json_body(v);
     cases.insert(
+        "GET /api/v1/models/{name}/{version}/tensors",
+        (signed(o, &k, "GET", "/api/v1/models/team.weights/1.0.0/tensors", vec![]), &[StatusCode::BAD_REQUEST][..]),
+    );
+    // The owner's upload in progress: a stranger neither sees it nor adds to it.
+    let owners_upload = {
+        let body = doc(json!({"digest": Digest::of(b"the owner's upload").to_string(), "size": 18}));
+        let (s, up) = h.json(signed(&owner, &k, "POST", "/api/v1/uploads", body)).await;
+        assert_eq!(s, StatusCode::OK, "{up}");
+        up["id"].as_str().unwrap().to_owned()
+    };
+    cases.insert(
+        "POST /api/v1/uploads",
+        (
+            // Bytes the hub serves as a model: complete at once, nothing written.
+            signed(
+                o,
+                &k,
+                "POST",
+                "/api/v1/uploads",
+                doc(json!({"digest": Digest::of(b"weights of the owner").to_string(), "size": 20})),
+            ),
+            public,
+        ),
+    );
+    cases.insert(
+        "GET /api/v1/uploads/{id}",
+        (signed(o, &k, "GET", &format!("/api/v1/uploads/{owners_upload}"), vec![]), &[StatusCode::NOT_FOUND][..]),
+    );
+    let mut piece = signed(o, &k, "PATCH", &format!("/api/v1/uploads/{owners_upload}"), b"a stranger's".to_vec());
+    piece.headers.push(("upload-offset".into(), "0".into()));
+    cases.insert("PATCH /api/v1/uploads/{id}", (piece, &[StatusCode::NOT_FOUND][..]));
+    cases.insert(
         "POST /{collection}",
         (signed(o, &k, "POST", "/service", doc(json!({"id": "team.mine", "description": "x"}))), forbidden),
     );

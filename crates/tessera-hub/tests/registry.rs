@@ -251,6 +251,16 @@ async fn every_refused_write_leaves_no_trace() {
         (signed(&h, o, "POST", "/service", json_body(json!({"id": "meta.svc"}))), StatusCode::CONFLICT),
     );
     cases.insert(
+        "POST /api/v1/uploads",
+        (
+            signed(&h, o, "POST", "/api/v1/uploads", json_body(json!({"digest": "b3:00", "size": 10}))),
+            StatusCode::BAD_REQUEST,
+        ),
+    );
+    let mut piece = signed(&h, o, "PATCH", "/api/v1/uploads/0123456789abcdef0123456789abcdef", b"piece".to_vec());
+    piece.headers.push(("upload-offset".into(), "0".into()));
+    cases.insert("PATCH /api/v1/uploads/{id}", (piece, StatusCode::NOT_FOUND));
+    cases.insert(
         "PUT /{collection}/{id}",
         (signed(&h, o, "PUT", "/service/meta.none", b"other object".to_vec()), StatusCode::NOT_FOUND),
     );
@@ -287,7 +297,7 @@ async fn every_refused_write_leaves_no_trace() {
         .paths
         .iter()
         .flat_map(|(p, item)| {
-            [("POST", &item.post), ("PUT", &item.put), ("DELETE", &item.delete)]
+            [("POST", &item.post), ("PUT", &item.put), ("PATCH", &item.patch), ("DELETE", &item.delete)]
                 .into_iter()
                 .filter(|(_, op)| op.is_some())
                 .map(move |(m, _)| format!("{m} {p}"))

@@ -44,6 +44,8 @@ pub(crate) struct Received {
     pub body_digest: Digest,
     /// Metadata sent with a model binary.
     pub meta: Option<ModelMeta>,
+    /// The resumable upload the bytes came from, ended once they are stored.
+    pub upload: Option<String>,
 }
 
 /// Refuses a body whose announced length is over `limit`, before reading it.
@@ -71,7 +73,7 @@ pub(crate) fn expected_digest(headers: &HeaderMap) -> ApiResult<Option<Digest>> 
     }
 }
 
-async fn write_stream<S, E>(
+pub(crate) async fn write_stream<S, E>(
     file: &mut tokio::fs::File,
     mut stream: S,
     hasher: &mut DigestWriter,
@@ -106,7 +108,7 @@ pub(crate) async fn receive(store: &HubStore, body: Body, limit: u64) -> ApiResu
     }
     .await;
     match result {
-        Ok((digest, size)) => Ok(Received { tmp, digest, size, body_digest: digest, meta: None }),
+        Ok((digest, size)) => Ok(Received { tmp, digest, size, body_digest: digest, meta: None, upload: None }),
         Err(e) => {
             let _ = tokio::fs::remove_file(&tmp).await;
             Err(ApiError(e))
@@ -230,7 +232,7 @@ pub(crate) async fn receive_model(
     match result {
         Ok((digest, size, meta)) => {
             let body_digest = whole.lock().unwrap_or_else(|p| p.into_inner()).finish();
-            Ok(Received { tmp, digest, size, body_digest, meta })
+            Ok(Received { tmp, digest, size, body_digest, meta, upload: None })
         }
         Err(e) => {
             let _ = tokio::fs::remove_file(&tmp).await;

@@ -222,7 +222,7 @@ async fn get_object(
     let (digest, path) = blocking(move || store.component_object(c, &k2)).await?;
     let size = tokio::fs::metadata(&path).await.map_or(0, |m| m.len());
     super::auth::meter_bytes(&s, reader.as_ref(), 0, size)?;
-    stream_file(path, &digest, Some(key.replace('/', "-"))).await
+    stream_file(path, &digest, Some(key.replace('/', "-")), headers).await
 }
 
 async fn delete(

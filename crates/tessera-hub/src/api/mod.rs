@@ -14,6 +14,7 @@ mod collections;
 mod models;
 mod namespaces;
 mod packages;
+mod uploads;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,7 +33,8 @@ use utoipa_swagger_ui::{Config as SwaggerConfig, SwaggerUi};
 
 pub use body::{MANIFEST_HEADER, PACKAGE_HEADER};
 pub use collections::{ComponentDocument, ComponentInfo};
-pub use models::{CreateModel, ModelMeta};
+pub use models::{CreateModel, ModelMeta, TensorEntry, TensorsInfo};
+pub use uploads::{BeginUpload, OFFSET_HEADER, UPLOAD_HEADER};
 
 use crate::store::{HubError, HubStore};
 
@@ -51,6 +53,8 @@ pub struct AppState {
     pub verifier: Arc<Verifier>,
     /// Uploads in progress per account (`""` for unsigned ones).
     uploads: Arc<Mutex<HashMap<String, usize>>>,
+    /// Resumable uploads receiving a piece now.
+    appending: uploads::Appending,
 }
 
 /// What a hub asks of requests.
@@ -94,7 +98,13 @@ impl AppState {
     /// The state for a store under a policy.
     pub fn new(store: Arc<HubStore>, policy: HubPolicy) -> Self {
         let verifier = Verifier::new(store.key().public().clone()).with_window_ms(policy.window_ms);
-        AppState { store, policy: Arc::new(policy), verifier: Arc::new(verifier), uploads: Arc::default() }
+        AppState {
+            store,
+            policy: Arc::new(policy),
+            verifier: Arc::new(verifier),
+            uploads: Arc::default(),
+            appending: uploads::Appending::default(),
+        }
     }
 }
 
@@ -208,8 +218,11 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(models::upload_next_model))
         .routes(routes!(models::upload_model, models::download_model, models::delete_model))
         .routes(routes!(models::show_model, models::update_model_meta))
+        .routes(routes!(models::model_tensors))
         .routes(routes!(namespaces::show_namespace))
         .routes(routes!(namespaces::add_owner, namespaces::remove_owner))
+        .routes(routes!(uploads::begin_upload))
+        .routes(routes!(uploads::show_upload, uploads::append_upload))
         .routes(routes!(collections::create_component, collections::list_components))
         .routes(routes!(collections::show_component))
         .routes(routes!(collections::put_object_by_id, collections::get_object_by_id, collections::delete_by_id))

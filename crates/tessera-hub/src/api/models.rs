@@ -16,6 +16,7 @@ use utoipa::ToSchema;
 use super::auth::authenticate;
 use super::body::{Received, receive_upload};
 use super::packages::stream_file;
+use super::uploads::{UPLOAD_HEADER, named_upload};
 use super::{ApiResult, AppState, ErrorBody, blocking, parse_json};
 use crate::store::{HubError, ModelUpload};
 
@@ -117,15 +118,47 @@ pub(super) async fn list_models(
     Ok(Json(blocking(move || store.models(q.prefix.as_deref())).await?))
 }
 
-/// Checks a model upload from its headers, then receives it (see [`receive_upload`]).
+/// Checks a model upload from its headers, then receives it (see [`receive_upload`]), or
+/// takes the finished resumable upload it names (see [`named_upload`]).
 async fn receive_model_upload(
     s: &AppState,
     request: (&Method, &Uri, &HeaderMap),
     name: &str,
     body: Body,
-) -> ApiResult<(Received, Option<PublicKey>, super::auth::UploadSlot)> {
+) -> ApiResult<(Received, Option<PublicKey>, Option<super::auth::UploadSlot>)> {
     crate::store::parse_name(name)?;
-    receive_upload(s, request, name, true, body).await
+    if request.2.contains_key(UPLOAD_HEADER) {
+        let (r, a) = named_upload(s, request, name, body).await?;
+        return Ok((r, a, None));
+    }
+    let (r, a, slot) = receive_upload(s, request, name, true, body).await?;
+    Ok((r, a, Some(slot)))
+}
+
+/// Stores a received model binary (moving its file into the store), then ends the
+/// resumable upload it came from, if any, whatever the outcome.
+async fn store_model<T: Send + 'static>(
+    s: &AppState,
+    r: Received,
+    put: impl FnOnce(&crate::HubStore, ModelUpload<'_>) -> Result<T, HubError> + Send + 'static,
+) -> ApiResult<T> {
+    let store = s.store.clone();
+    blocking(move || {
+        let meta = r.meta;
+        let upload = ModelUpload {
+            file: &r.tmp,
+            digest: r.digest,
+            size: r.size,
+            metadata: meta.as_ref().map(|m| m.metadata.clone()),
+            lineage: meta.and_then(|m| m.lineage),
+        };
+        let out = put(&store, upload);
+        if let Some(id) = &r.upload {
+            store.end_upload(id)?;
+        }
+        out
+    })
+    .await
 }
 
 /// Uploads a model's binary as `name@version` (creating its record if needed), signed by
@@ -148,19 +181,8 @@ pub(super) async fn upload_model(
 ) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
     crate::store::parse_version(&version)?;
     let (r, actor, _slot) = receive_model_upload(&s, (&method, &uri, &headers), &name, body).await?;
-    let store = s.store.clone();
-    let (m, created) = blocking(move || {
-        let meta = r.meta;
-        let upload = ModelUpload {
-            file: &r.tmp,
-            digest: r.digest,
-            size: r.size,
-            metadata: meta.as_ref().map(|m| m.metadata.clone()),
-            lineage: meta.and_then(|m| m.lineage),
-        };
-        store.put_model_file(&name, &version, upload, actor.as_ref())
-    })
-    .await?;
+    let (m, created) =
+        store_model(&s, r, move |store, upload| store.put_model_file(&name, &version, upload, actor.as_ref())).await?;
     Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(m)))
 }
 
@@ -182,19 +204,7 @@ pub(super) async fn upload_next_model(
     body: Body,
 ) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
     let (r, actor, _slot) = receive_model_upload(&s, (&method, &uri, &headers), &name, body).await?;
-    let store = s.store.clone();
-    let m = blocking(move || {
-        let meta = r.meta;
-        let upload = ModelUpload {
-            file: &r.tmp,
-            digest: r.digest,
-            size: r.size,
-            metadata: meta.as_ref().map(|m| m.metadata.clone()),
-            lineage: meta.and_then(|m| m.lineage),
-        };
-        store.put_model_next(&name, upload, actor.as_ref())
-    })
-    .await?;
+    let m = store_model(&s, r, move |store, upload| store.put_model_next(&name, upload, actor.as_ref())).await?;
     Ok((StatusCode::CREATED, Json(m)))
 }
 
@@ -205,6 +215,7 @@ pub(super) async fn upload_next_model(
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody)))]
 pub(super) async fn download_model(
     State(s): State<AppState>,
+    headers: HeaderMap,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let store = s.store.clone();
@@ -216,7 +227,7 @@ pub(super) async fn download_model(
         Ok((m, d, p))
     })
     .await?;
-    stream_file(path, &digest, Some(format!("{}-{}.safetensors", m.name, m.version))).await
+    stream_file(path, &digest, Some(format!("{}-{}.safetensors", m.name, m.version)), &headers).await
 }
 
 /// Deletes a model version (signed by an owner) and its binary when nothing else uses it.
@@ -270,6 +281,103 @@ pub(super) async fn update_model_meta(
     Ok(Json(
         blocking(move || {
             store.update_model_meta(&name, &version, &body.metadata, body.lineage.as_ref(), actor.as_ref())
+        })
+        .await?,
+    ))
+}
+
+/// One tensor of a safetensors file.
+#[derive(Serialize, Deserialize, ToSchema, Debug, PartialEq)]
+pub struct TensorEntry {
+    /// Its name.
+    pub name: String,
+    /// Its dtype as safetensors writes it (`F32`, `F16`, `BF16`, `I64`...).
+    pub dtype: String,
+    /// Its shape.
+    pub shape: Vec<u64>,
+    /// Where its bytes are, from the end of the header: `[start, end)`.
+    pub data_offsets: [u64; 2],
+}
+
+/// The tensors a model file holds, read from its header alone.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct TensorsInfo {
+    /// The file's digest.
+    pub digest: String,
+    /// The file's size in bytes.
+    pub size: u64,
+    /// The header's `__metadata__`, if any.
+    pub metadata: Option<std::collections::BTreeMap<String, String>>,
+    /// Its tensors, in file order.
+    pub tensors: Vec<TensorEntry>,
+}
+
+/// Largest safetensors header read, in bytes (16 MiB; a header with a million tensors fits).
+const MAX_TENSOR_HEADER: u64 = 16 << 20;
+
+/// Reads a safetensors file's header: 8 bytes of little-endian length, then that much
+/// JSON (the format's definition, huggingface/safetensors). Only the header is read,
+/// however large the file.
+fn read_tensor_header(path: &std::path::Path) -> Result<(u64, safetensors::tensor::Metadata), HubError> {
+    use std::io::Read;
+    let not = |why: String| HubError::BadRequest(format!("not a safetensors file: {why}"));
+    let mut f = std::fs::File::open(path)?;
+    let size = f.metadata()?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|_| not("shorter than its 8-byte header length".into()))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_TENSOR_HEADER || n.saturating_add(8) > size {
+        return Err(not(format!("its header length {n} does not fit a file of {size} bytes")));
+    }
+    let mut header = vec![0u8; usize::try_from(n).unwrap_or(0)];
+    f.read_exact(&mut header)?;
+    let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header).map_err(|e| not(e.to_string()))?;
+    for (name, t) in meta.tensors() {
+        let elements = t.shape.iter().try_fold(1u128, |a, &d| a.checked_mul(d as u128));
+        let bits = elements.and_then(|e| e.checked_mul(t.dtype.bitsize() as u128));
+        let (start, stop) = t.data_offsets;
+        if stop < start || bits != Some(((stop - start) as u128) * 8) {
+            return Err(not(format!("tensor {name:?}: its shape and dtype do not fill its offsets")));
+        }
+    }
+    let end = meta.tensors().values().map(|t| t.data_offsets.1 as u64).max().unwrap_or(0);
+    if 8 + n + end != size {
+        return Err(not(format!("its tensors end at byte {} of a file of {size}", 8 + n + end)));
+    }
+    Ok((size, meta))
+}
+
+/// The tensors of a model's binary (names, dtypes, shapes, offsets) and its header
+/// metadata, read from the stored file's header without sending the file; `version` may
+/// be `latest`. A binary that is not safetensors gets 400.
+#[utoipa::path(get, path = "/api/v1/models/{name}/{version}/tensors", tag = "models",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Version or `latest`")),
+    responses((status = 200, body = TensorsInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(super) async fn model_tensors(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Json<TensorsInfo>> {
+    let store = s.store.clone();
+    Ok(Json(
+        blocking(move || {
+            let m = store.model(&name, &version)?;
+            let d = m
+                .digest
+                .ok_or_else(|| HubError::NotFound(format!("model {}@{} has no binary yet", m.name, m.version)))?;
+            let (size, meta) = read_tensor_header(&store.blob_path(&d)?)?;
+            let mut tensors: Vec<TensorEntry> = meta
+                .tensors()
+                .into_iter()
+                .map(|(name, t)| TensorEntry {
+                    name,
+                    dtype: format!("{:?}", t.dtype),
+                    shape: t.shape.iter().map(|&x| x as u64).collect(),
+                    data_offsets: [t.data_offsets.0 as u64, t.data_offsets.1 as u64],
+                })
+                .collect();
+            tensors.sort_by_key(|t| (t.data_offsets, t.name.clone()));
+            let metadata = meta.metadata().as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+            Ok(TensorsInfo { digest: d.to_string(), size, metadata, tensors })
         })
         .await?,
     ))

@@ -17,6 +17,7 @@ mod grants;
 pub(crate) mod models;
 mod namespaces;
 mod packages;
+pub(crate) mod uploads;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -33,6 +34,7 @@ pub use components::{Collection, ComponentNeeds, ComponentRecord, ObjectUpload, 
 pub use grants::GrantRecord;
 pub use models::ModelUpload;
 pub use packages::{ListQuery, PublishCheck, Published};
+pub use uploads::UploadRecord;
 
 /// Why a hub operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +153,13 @@ CREATE TABLE IF NOT EXISTS component_revisions (
     PRIMARY KEY (collection, key, revision)
 );
 CREATE INDEX IF NOT EXISTS component_revisions_digest ON component_revisions(digest);
+CREATE TABLE IF NOT EXISTS uploads (
+    id TEXT PRIMARY KEY,
+    account TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    touched INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS usage (
     account TEXT PRIMARY KEY,
     requests INTEGER NOT NULL DEFAULT 0,

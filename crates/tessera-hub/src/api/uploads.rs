@@ -1,0 +1,277 @@
+//! Resumable uploads (see [`crate::store::uploads`] for the protocol): begin, append a piece
+//! at the reported offset, ask the offset; the finished upload is named in the model upload
+//! that stores it (header [`UPLOAD_HEADER`]).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, Uri};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tessera_core::{Digest, DigestWriter};
+use tessera_identity::PublicKey;
+use tokio::io::AsyncWriteExt;
+use utoipa::ToSchema;
+
+use super::auth::{authenticate, check_headers, check_quota, meter_bytes, read_signer, upload_slot};
+use super::body::{Received, check_length, write_stream};
+use super::models::ModelMeta;
+use super::{ApiError, ApiResult, AppState, ErrorBody, blocking, parse_json};
+use crate::store::uploads::check_upload_id;
+use crate::store::{HubError, UploadRecord};
+
+/// The header of a piece: the offset it starts at, in bytes.
+pub const OFFSET_HEADER: &str = "upload-offset";
+
+/// The header naming a finished upload (its id), or bytes the hub already serves (their
+/// digest, `b3:<hex>`), in a model upload whose body is then empty or its metadata as JSON
+/// (`{metadata, lineage}`).
+pub const UPLOAD_HEADER: &str = "x-tessera-upload";
+
+/// A new upload.
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BeginUpload {
+    /// The object's BLAKE3 digest, `b3:<hex>`.
+    pub digest: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// Uploads receiving a piece now: one piece at a time per upload.
+#[derive(Clone, Default)]
+pub(crate) struct Appending(Arc<Mutex<HashSet<String>>>);
+
+struct AppendGuard(Appending, String);
+
+impl Drop for AppendGuard {
+    fn drop(&mut self) {
+        self.0.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
+    }
+}
+
+impl Appending {
+    fn take(&self, id: &str) -> ApiResult<AppendGuard> {
+        if !self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_owned()) {
+            return Err(ApiError(HubError::Conflict(format!(
+                "upload {id} is receiving another piece; ask its offset when that one ends"
+            ))));
+        }
+        Ok(AppendGuard(self.clone(), id.to_owned()))
+    }
+}
+
+fn account(signer: Option<&PublicKey>) -> String {
+    signer.map(ToString::to_string).unwrap_or_default()
+}
+
+/// Begins an upload of `size` bytes with `digest` (or finds this account's upload of them
+/// again, with its offset). When the hub already serves these bytes as a model or a
+/// component, the answer is complete with no id: name the digest in the model upload.
+#[utoipa::path(post, path = "/api/v1/uploads", tag = "hub", request_body = BeginUpload,
+    security((), ("tessera_signature" = [])),
+    responses((status = 200, body = UploadRecord), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 413, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub(super) async fn begin_upload(
+    State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<UploadRecord>> {
+    let actor = authenticate(&s, &method, &uri, &headers, &body, true)?;
+    let b: BeginUpload = parse_json(&body)?;
+    let digest: Digest = crate::store::parse_digest(&b.digest)?;
+    let limit = s.policy.max_model_bytes;
+    if b.size > limit {
+        return Err(ApiError(HubError::TooLarge(format!(
+            "an object of {} bytes is over the limit of {limit}",
+            b.size
+        ))));
+    }
+    check_quota(&s, actor.as_ref(), b.size)?;
+    let store = s.store.clone();
+    let who = account(actor.as_ref());
+    Ok(Json(blocking(move || store.begin_upload(&who, &digest, b.size)).await?))
+}
+
+/// An upload's state: its offset (bytes received) and whether it is complete. Only the
+/// account that began it sees it.
+#[utoipa::path(get, path = "/api/v1/uploads/{id}", tag = "hub",
+    params(("id" = String, Path, description = "The upload's id")),
+    security((), ("tessera_signature" = [])),
+    responses((status = 200, body = UploadRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(super) async fn show_upload(
+    State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<UploadRecord>> {
+    let reader = read_signer(&s, &method, &uri, &headers)?;
+    let store = s.store.clone();
+    let who = account(reader.as_ref());
+    Ok(Json(blocking(move || store.upload(&id, &who)).await?))
+}
+
+/// Appends a piece (the body) at `upload-offset`, which must be the upload's offset (409
+/// otherwise, with nothing written); the piece may not pass the declared size. A piece
+/// that fails (broken connection, refused signature) is cut off again, so the offset is
+/// always that of whole accepted pieces.
+#[utoipa::path(patch, path = "/api/v1/uploads/{id}", tag = "hub",
+    params(("id" = String, Path, description = "The upload's id"), ("upload-offset" = u64, Header, description = "Where the piece starts")),
+    request_body(content = Vec<u8>, content_type = "application/offset+octet-stream"),
+    security((), ("tessera_signature" = [])),
+    responses((status = 200, body = UploadRecord), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub(super) async fn append_upload(
+    State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> ApiResult<Json<UploadRecord>> {
+    check_upload_id(&id)?;
+    let auth = check_headers(&s, &method, &uri, &headers, true)?;
+    let who = account(auth.signer());
+    let offset: u64 = headers
+        .get(OFFSET_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| HubError::BadRequest(format!("a piece needs its {OFFSET_HEADER} header (a byte count)")))?;
+    let _one_piece = s.appending.take(&id)?;
+    let _slot = upload_slot(&s, auth.signer())?;
+    let rec = {
+        let (store, id, who) = (s.store.clone(), id.clone(), who.clone());
+        blocking(move || store.upload(&id, &who)).await?
+    };
+    if offset != rec.offset {
+        return Err(ApiError(HubError::Conflict(format!(
+            "upload {id} is at byte {}; send the piece that starts there",
+            rec.offset
+        ))));
+    }
+    let room = rec.size - rec.offset;
+    check_length(&headers, room)?;
+    let path = s.store.upload_file(&id);
+    let cut_back = |e: ApiError| {
+        let path = path.clone();
+        async move {
+            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) {
+                let _ = f.set_len(offset);
+            }
+            e
+        }
+    };
+    let mut file = tokio::fs::OpenOptions::new().append(true).open(&path).await.map_err(HubError::from)?;
+    let mut hasher = DigestWriter::new();
+    let written = async {
+        write_stream(&mut file, body.into_data_stream(), &mut hasher, room).await?;
+        file.flush().await?;
+        file.sync_all().await?;
+        Ok::<_, HubError>(())
+    }
+    .await;
+    drop(file);
+    if let Err(e) = written {
+        return Err(cut_back(ApiError(e)).await);
+    }
+    let n = hasher.len();
+    let accepted = auth.finish(&s, &hasher.finish()).and_then(|a| meter_bytes(&s, a.as_ref(), n, 0));
+    if let Err(e) = accepted {
+        return Err(cut_back(e).await);
+    }
+    let store = s.store.clone();
+    Ok(Json(
+        blocking(move || {
+            store.touch_upload(&id)?;
+            store.upload(&id, &who)
+        })
+        .await?,
+    ))
+}
+
+/// Most bytes of metadata a model upload naming an upload may carry.
+const MAX_META_BODY: usize = 2 << 20;
+
+/// The bytes a model upload names in [`UPLOAD_HEADER`], checked: the upload must belong to
+/// the signer and be complete, and its bytes must have the declared digest (an upload that
+/// does not is discarded); or the digest of bytes the hub already serves publicly. The
+/// body, if any, is the metadata. `name` is checked by the caller.
+pub(crate) async fn named_upload(
+    s: &AppState,
+    request: (&Method, &Uri, &HeaderMap),
+    name: &str,
+    body: Body,
+) -> ApiResult<(Received, Option<PublicKey>)> {
+    let (method, uri, headers) = request;
+    let named = headers
+        .get(UPLOAD_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| HubError::BadRequest(format!("{UPLOAD_HEADER} is not text")))?
+        .to_owned();
+    let auth = check_headers(s, method, uri, headers, true)?;
+    {
+        let (store, name, a) = (s.store.clone(), name.to_owned(), auth.signer().cloned());
+        blocking(move || store.may_write(&name, a.as_ref())).await?;
+    }
+    check_length(headers, MAX_META_BODY as u64)?;
+    let bytes = axum::body::to_bytes(body, MAX_META_BODY)
+        .await
+        .map_err(|e| HubError::BadRequest(format!("the metadata of a model upload: {e}")))?;
+    let actor = auth.finish(s, &Digest::of(&bytes))?;
+    let meta = if bytes.is_empty() { None } else { Some(ModelMeta::parse(&bytes)?) };
+    let who = account(actor.as_ref());
+    let store = s.store.clone();
+    let received = blocking(move || {
+        if named.starts_with("b3:") {
+            let digest = crate::store::parse_digest(&named)?;
+            if !store.has_public_blob(&digest)? {
+                return Err(HubError::NotFound(format!(
+                    "the hub serves no model or component with digest {digest}: upload the bytes"
+                )));
+            }
+            let size = std::fs::metadata(store.blobs().path_of(&digest))?.len();
+            // No file of its own: the stored blob is adopted as it is.
+            let tmp = store.blobs().temp_path();
+            return Ok(Received { tmp, digest, size, body_digest: digest, meta, upload: None });
+        }
+        let rec = store.upload(&named, &who)?;
+        if !rec.complete {
+            return Err(HubError::Conflict(format!(
+                "upload {named} has {} of its {} bytes; send the rest first",
+                rec.offset, rec.size
+            )));
+        }
+        let file = store.upload_file(&named);
+        let actual = hash_file(&file)?;
+        if actual != rec.digest {
+            store.end_upload(&named)?;
+            return Err(HubError::BadRequest(format!(
+                "the uploaded bytes have digest {actual}, not the declared {}; the upload is discarded",
+                rec.digest
+            )));
+        }
+        Ok(Received { tmp: file, digest: actual, size: rec.size, body_digest: actual, meta, upload: Some(named) })
+    })
+    .await?;
+    Ok((received, actor))
+}
+
+/// The digest of a file, read 1 MiB at a time.
+fn hash_file(path: &std::path::Path) -> Result<Digest, HubError> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = DigestWriter::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finish())
+}

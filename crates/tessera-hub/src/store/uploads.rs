@@ -1,0 +1,198 @@
+//! Resumable uploads: a large object sent in pieces that a broken connection does not lose.
+//!
+//! The protocol follows tus (tus.io, "resumable upload protocol" 1.0) in spirit: a client
+//! declares the object's digest and size, gets an upload id, appends pieces at the offset
+//! the hub reports (a piece at any other offset is refused), asks the offset again after a
+//! failure, and once every byte arrived names the upload in the request that stores the
+//! object. The bytes are kept in a file of the blob directory, `uploads/<id>`, whose length
+//! is the offset; the declared digest is checked over the whole file when the upload is
+//! used, so a corrupt piece is caught before anything is recorded. An object the hub
+//! already serves as a model or component (public bytes) needs no bytes at all.
+//!
+//! The same account declaring the same digest and size again gets its upload in progress
+//! back: a client resumes without keeping any state. Each account has at most
+//! [`MAX_OPEN_UPLOADS`] uploads open; an upload untouched for [`STALE_AFTER_SECS`] is
+//! removed.
+
+use std::path::PathBuf;
+
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use tessera_core::Digest;
+
+use super::{HubError, HubStore, parse_digest};
+
+/// Uploads one account may have open at once.
+pub const MAX_OPEN_UPLOADS: u64 = 8;
+
+/// Seconds after its last piece an unfinished upload is removed (one day).
+pub const STALE_AFTER_SECS: u64 = 24 * 3600;
+
+/// An upload in progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UploadRecord {
+    /// Its id (32 hex characters; `null` when the hub already had the bytes).
+    pub id: Option<String>,
+    /// The object's declared digest.
+    #[schema(value_type = String)]
+    pub digest: Digest,
+    /// The object's declared size in bytes.
+    pub size: u64,
+    /// Bytes received so far: the offset of the next piece.
+    pub offset: u64,
+    /// True when every byte is there (or the hub already had them).
+    pub complete: bool,
+}
+
+/// Checks an upload id: 32 lowercase hex characters.
+pub(crate) fn check_upload_id(id: &str) -> Result<(), HubError> {
+    if id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(())
+    } else {
+        Err(HubError::BadRequest(format!(
+            "invalid upload id {:?}: 32 hex characters",
+            id.chars().take(40).collect::<String>()
+        )))
+    }
+}
+
+fn new_id() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("the operating system's random source works");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl HubStore {
+    fn uploads_dir(&self) -> PathBuf {
+        self.blobs.dir().join("uploads")
+    }
+
+    /// The file holding an upload's bytes.
+    pub(crate) fn upload_file(&self, id: &str) -> PathBuf {
+        self.uploads_dir().join(id)
+    }
+
+    /// True when the hub serves these bytes publicly (a live model or a component
+    /// revision), so an upload of them needs no bytes: a private package's ciphertext does
+    /// not count, or anyone knowing its digest could make it public under a model name.
+    pub(crate) fn has_public_blob(&self, digest: &Digest) -> Result<bool, HubError> {
+        let db = self.db();
+        let d = digest.to_string();
+        let used: bool = db.query_row(
+            "SELECT EXISTS(SELECT 1 FROM models WHERE digest = ?1 AND deleted = 0)
+                 OR EXISTS(SELECT 1 FROM component_revisions WHERE digest = ?1)",
+            params![d],
+            |r| r.get(0),
+        )?;
+        Ok(used && self.blobs.path_of(digest).exists())
+    }
+
+    /// Starts (or, for the same account, digest and size, finds again) an upload of
+    /// `size` bytes with `digest`. Unfinished uploads older than [`STALE_AFTER_SECS`] are
+    /// removed first.
+    ///
+    /// # Errors
+    /// [`HubError::Busy`] when the account has [`MAX_OPEN_UPLOADS`] open.
+    pub fn begin_upload(&self, account: &str, digest: &Digest, size: u64) -> Result<UploadRecord, HubError> {
+        self.expire_uploads()?;
+        if self.has_public_blob(digest)? {
+            return Ok(UploadRecord { id: None, digest: *digest, size, offset: size, complete: true });
+        }
+        let db = self.db();
+        let found: Option<String> = db
+            .query_row(
+                "SELECT id FROM uploads WHERE account = ?1 AND digest = ?2 AND size = ?3",
+                params![account, digest.to_string(), i64::try_from(size).unwrap_or(i64::MAX)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(id) = found {
+            drop(db);
+            return self.upload(&id, account);
+        }
+        let open: u64 = db.query_row("SELECT COUNT(*) FROM uploads WHERE account = ?1", params![account], |r| {
+            r.get::<_, i64>(0).map(|n| u64::try_from(n).unwrap_or(0))
+        })?;
+        if open >= MAX_OPEN_UPLOADS {
+            return Err(HubError::Busy(format!(
+                "{} uploads are open for this account (the most is {MAX_OPEN_UPLOADS}); finish one first",
+                open
+            )));
+        }
+        let id = new_id();
+        std::fs::create_dir_all(self.uploads_dir())?;
+        std::fs::File::create(self.upload_file(&id))?;
+        db.execute(
+            "INSERT INTO uploads (id, account, digest, size, touched) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                id,
+                account,
+                digest.to_string(),
+                i64::try_from(size).unwrap_or(i64::MAX),
+                i64::try_from(now_secs()).unwrap_or(0)
+            ],
+        )?;
+        tracing::info!(%id, %digest, size, "upload begun");
+        Ok(UploadRecord { id: Some(id), digest: *digest, size, offset: 0, complete: size == 0 })
+    }
+
+    /// An upload of `account` (another account's is not found).
+    ///
+    /// # Errors
+    /// [`HubError::NotFound`]; [`HubError::BadRequest`] for a malformed id.
+    pub fn upload(&self, id: &str, account: &str) -> Result<UploadRecord, HubError> {
+        check_upload_id(id)?;
+        let row: Option<(String, i64)> = self
+            .db()
+            .query_row("SELECT digest, size FROM uploads WHERE id = ?1 AND account = ?2", params![id, account], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        let (digest, size) = row.ok_or_else(|| HubError::NotFound(format!("upload {id}")))?;
+        let size = u64::try_from(size).unwrap_or(0);
+        let offset = std::fs::metadata(self.upload_file(id)).map(|m| m.len()).unwrap_or(0);
+        Ok(UploadRecord {
+            id: Some(id.to_owned()),
+            digest: parse_digest(&digest).map_err(|e| HubError::Storage(e.to_string()))?,
+            size,
+            offset,
+            complete: offset == size,
+        })
+    }
+
+    /// Marks an upload as touched now (a piece arrived).
+    pub(crate) fn touch_upload(&self, id: &str) -> Result<(), HubError> {
+        self.db().execute(
+            "UPDATE uploads SET touched = ?2 WHERE id = ?1",
+            params![id, i64::try_from(now_secs()).unwrap_or(0)],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets an upload and removes its file (after it was used, or when its bytes did
+    /// not match their digest).
+    pub(crate) fn end_upload(&self, id: &str) -> Result<(), HubError> {
+        self.db().execute("DELETE FROM uploads WHERE id = ?1", params![id])?;
+        super::remove_leftover(&self.upload_file(id));
+        Ok(())
+    }
+
+    /// Removes uploads untouched for [`STALE_AFTER_SECS`].
+    fn expire_uploads(&self) -> Result<(), HubError> {
+        let cutoff = i64::try_from(now_secs().saturating_sub(STALE_AFTER_SECS)).unwrap_or(0);
+        let stale: Vec<String> = self
+            .db()
+            .prepare("SELECT id FROM uploads WHERE touched < ?1")?
+            .query_map(params![cutoff], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for id in stale {
+            tracing::info!(%id, "stale upload removed");
+            self.end_upload(&id)?;
+        }
+        Ok(())
+    }
+}

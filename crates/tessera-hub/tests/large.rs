@@ -1,0 +1,353 @@
+//! Large artifacts: resumable uploads, range downloads, tensor metadata from the header.
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tessera_core::Digest;
+use tessera_hub::{AppState, HubPolicy, HubStore, app};
+use tessera_identity::envelope::HEADER;
+use tessera_identity::{Envelope, KeyPair, KeyType, now_ms};
+use tower::ServiceExt;
+
+struct Hub {
+    app: Router,
+    _dir: tempfile::TempDir,
+    store: std::sync::Arc<HubStore>,
+}
+
+fn hub(policy: HubPolicy) -> Hub {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
+    Hub { app: app(AppState::new(store.clone(), policy)), _dir: dir, store }
+}
+
+impl Hub {
+    /// A request, signed by `key` when given.
+    async fn call(
+        &self,
+        key: Option<&KeyPair>,
+        method: &str,
+        uri: &str,
+        body: Vec<u8>,
+        headers: &[(&str, String)],
+    ) -> (StatusCode, Vec<u8>, axum::http::HeaderMap) {
+        let mut req = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        if let Some(k) = key {
+            let env = Envelope::sign(k, self.store.key().public(), method, uri, &body, now_ms());
+            req = req.header(HEADER, env.to_header());
+        }
+        let resp = self.app.clone().oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        (status, resp.into_body().collect().await.unwrap().to_bytes().to_vec(), headers)
+    }
+    async fn json(
+        &self,
+        key: Option<&KeyPair>,
+        method: &str,
+        uri: &str,
+        body: Vec<u8>,
+        headers: &[(&str, String)],
+    ) -> (StatusCode, Value) {
+        let (s, b, _) = self.call(key, method, uri, body, headers).await;
+        (s, serde_json::from_slice(&b).unwrap_or_else(|_| json!(String::from_utf8_lossy(&b))))
+    }
+    async fn begin(&self, key: Option<&KeyPair>, bytes: &[u8]) -> (StatusCode, Value) {
+        let body = serde_json::to_vec(&json!({"digest": Digest::of(bytes).to_string(), "size": bytes.len()})).unwrap();
+        self.json(key, "POST", "/api/v1/uploads", body, &[]).await
+    }
+    async fn piece(&self, key: Option<&KeyPair>, id: &str, offset: usize, bytes: &[u8]) -> (StatusCode, Value) {
+        self.json(
+            key,
+            "PATCH",
+            &format!("/api/v1/uploads/{id}"),
+            bytes.to_vec(),
+            &[("upload-offset", offset.to_string())],
+        )
+        .await
+    }
+    fn blob_bytes_on_disk(&self) -> u64 {
+        let mut total = 0;
+        let mut stack = vec![self.store.blobs().dir().to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                if e.path().is_dir() {
+                    stack.push(e.path());
+                } else {
+                    total += e.metadata().unwrap().len();
+                }
+            }
+        }
+        total
+    }
+}
+
+/// A safetensors file of a few tensors, `n` f32 values in the largest.
+fn model_bytes(n: usize) -> Vec<u8> {
+    let big: Vec<u8> = (0..n).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let counter = 7i64.to_le_bytes();
+    let half = [0u8; 6];
+    let views = vec![
+        ("layer.weight", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n], &big).unwrap()),
+        (
+            "bn.num_batches_tracked",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![], &counter).unwrap(),
+        ),
+        ("head.bias", safetensors::tensor::TensorView::new(safetensors::Dtype::F16, vec![3], &half).unwrap()),
+    ];
+    let meta = std::collections::HashMap::from([("format".to_owned(), "pt".to_owned())]);
+    safetensors::serialize(views, Some(meta)).unwrap()
+}
+
+#[tokio::test]
+async fn an_interrupted_upload_resumes_and_is_checked_end_to_end() {
+    let h = hub(HubPolicy::signed());
+    let k = KeyPair::generate(KeyType::Ed25519);
+    let model = model_bytes(300_000);
+    let (s, up) = h.begin(Some(&k), &model).await;
+    assert_eq!(s, StatusCode::OK, "{up}");
+    assert_eq!((up["offset"].as_u64(), up["complete"].as_bool()), (Some(0), Some(false)));
+    let id = up["id"].as_str().unwrap().to_owned();
+
+    // The first piece arrives; the second is cut short by a broken connection (a body that
+    // fails half-way): the offset stays that of the whole first piece.
+    let (first, rest) = model.split_at(400_000);
+    let (s, after) = h.piece(Some(&k), &id, 0, first).await;
+    assert_eq!((s, after["offset"].as_u64()), (StatusCode::OK, Some(400_000)), "{after}");
+    let broken = futures::stream::iter(vec![
+        Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(&rest[..1000])),
+        Err(std::io::Error::other("connection reset")),
+    ]);
+    let req = Request::builder()
+        .method("PATCH")
+        .uri(format!("/api/v1/uploads/{id}"))
+        .header("upload-offset", "400000")
+        .header(
+            HEADER,
+            Envelope::sign_digest(
+                &k,
+                h.store.key().public(),
+                "PATCH",
+                &format!("/api/v1/uploads/{id}"),
+                Digest::of(&rest[..1000]),
+                now_ms(),
+            )
+            .to_header(),
+        )
+        .body(Body::from_stream(broken))
+        .unwrap();
+    let s = h.app.clone().oneshot(req).await.unwrap().status();
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    // The client starts again: the same declaration finds the same upload, at its offset.
+    let (_, again) = h.begin(Some(&k), &model).await;
+    assert_eq!((again["id"].as_str(), again["offset"].as_u64()), (Some(id.as_str()), Some(400_000)), "{again}");
+    // A piece at another offset is refused, and writes nothing.
+    assert_eq!(h.piece(Some(&k), &id, 0, rest).await.0, StatusCode::CONFLICT);
+    assert_eq!(h.piece(Some(&k), &id, 400_001, rest).await.0, StatusCode::CONFLICT);
+    // Naming it before it is complete is refused.
+    let (s, b) =
+        h.json(Some(&k), "PUT", "/api/v1/models/big.model/1.0.0", vec![], &[("x-tessera-upload", id.clone())]).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+    // Another account does not see it.
+    let other = KeyPair::generate(KeyType::Ed25519);
+    assert_eq!(h.piece(Some(&other), &id, 400_000, rest).await.0, StatusCode::NOT_FOUND);
+    // More than the declared size is refused.
+    let mut over = rest.to_vec();
+    over.push(0);
+    assert_eq!(h.piece(Some(&k), &id, 400_000, &over).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+    let (s, done) = h.piece(Some(&k), &id, 400_000, rest).await;
+    assert_eq!((s, done["complete"].as_bool()), (StatusCode::OK, Some(true)), "{done}");
+
+    // The model upload names it, with its metadata.
+    let meta = serde_json::to_vec(&json!({"metadata": {"library": "torch"}})).unwrap();
+    let (s, rec) =
+        h.json(Some(&k), "PUT", "/api/v1/models/big.model/1.0.0", meta, &[("x-tessera-upload", id.clone())]).await;
+    assert_eq!(s, StatusCode::CREATED, "{rec}");
+    assert_eq!(rec["digest"], Digest::of(&model).to_string());
+    assert_eq!(rec["metadata"]["library"], "torch");
+    assert_eq!(
+        h.json(Some(&k), "GET", &format!("/api/v1/uploads/{id}"), vec![], &[]).await.0,
+        StatusCode::NOT_FOUND,
+        "used up"
+    );
+    let stored = h.blob_bytes_on_disk();
+    assert_eq!(stored, model.len() as u64, "one copy, no leftover piece");
+
+    // The same bytes again cost nothing: the hub says it has them, no id, no bytes sent.
+    let (s, same) = h.begin(Some(&k), &model).await;
+    assert_eq!((s, same["complete"].as_bool(), same["id"].is_null()), (StatusCode::OK, Some(true), true), "{same}");
+    let (s, rec2) = h
+        .json(
+            Some(&k),
+            "PUT",
+            "/api/v1/models/big.model/2.0.0",
+            vec![],
+            &[("x-tessera-upload", Digest::of(&model).to_string())],
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{rec2}");
+    assert_eq!(rec2["digest"], rec["digest"]);
+    assert_eq!(h.blob_bytes_on_disk(), stored, "no new space");
+
+    // Range downloads: a part, with the whole object's digest to check the assembly.
+    let (s, part, headers) =
+        h.call(None, "GET", "/api/v1/models/big.model/2.0.0", vec![], &[("range", "bytes=100-199".into())]).await;
+    assert_eq!(s, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(part, model[100..200].to_vec());
+    assert_eq!(headers["content-range"], format!("bytes 100-199/{}", model.len()).as_str());
+    assert_eq!(headers["x-tessera-digest"], Digest::of(&model).to_string().as_str());
+    let (s, tail, _) =
+        h.call(None, "GET", "/api/v1/models/big.model/2.0.0", vec![], &[("range", "bytes=1000000-".into())]).await;
+    assert_eq!((s, tail.as_slice()), (StatusCode::PARTIAL_CONTENT, &model[1_000_000..]));
+    let (s, _, _) =
+        h.call(None, "GET", "/api/v1/models/big.model/2.0.0", vec![], &[("range", "bytes=99999999-".into())]).await;
+    assert_eq!(s, StatusCode::RANGE_NOT_SATISFIABLE);
+    let (s, whole, headers) = h.call(None, "GET", "/api/v1/models/big.model/2.0.0", vec![], &[]).await;
+    assert_eq!((s, Digest::of(&whole)), (StatusCode::OK, Digest::of(&model)));
+    assert_eq!(headers["accept-ranges"], "bytes");
+}
+
+#[tokio::test]
+async fn an_upload_whose_bytes_do_not_match_is_discarded() {
+    let h = hub(HubPolicy::open());
+    let declared = b"the declared bytes".to_vec();
+    let (_, up) = h.begin(None, &declared).await;
+    let id = up["id"].as_str().unwrap().to_owned();
+    let (s, b) = h.piece(None, &id, 0, b"other bytes, same len").await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{b}");
+    let (s, _) = h.piece(None, &id, 0, b"the forged bytes!!").await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, b) = h.json(None, "PUT", "/api/v1/models/ops.m/1.0.0", vec![], &[("x-tessera-upload", id.clone())]).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(b["error"].as_str().unwrap().contains("not the declared"), "{b}");
+    assert_eq!(h.json(None, "GET", "/api/v1/models", vec![], &[]).await.1, json!([]));
+    assert_eq!(h.blob_bytes_on_disk(), 0, "the forged upload is gone");
+}
+
+#[tokio::test]
+async fn hostile_uploads_are_refused() {
+    let h = hub(HubPolicy::open());
+    let cases: Vec<(&str, String, Vec<u8>, Vec<(&str, String)>, StatusCode)> = vec![
+        (
+            "POST",
+            "/api/v1/uploads".into(),
+            b"{\"digest\": \"b3:00\", \"size\": 1}".to_vec(),
+            vec![],
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/api/v1/uploads".into(),
+            format!("{{\"digest\": \"{}\", \"size\": 99999999999999999999999}}", Digest::of(b"x")).into_bytes(),
+            vec![],
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/api/v1/uploads".into(),
+            format!("{{\"digest\": \"{}\", \"size\": {}}}", Digest::of(b"x"), u64::MAX).into_bytes(),
+            vec![],
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        ("POST", "/api/v1/uploads".into(), b"{\"size\": 1, \"extra\": 1}".to_vec(), vec![], StatusCode::BAD_REQUEST),
+        ("GET", "/api/v1/uploads/..".into(), vec![], vec![], StatusCode::BAD_REQUEST),
+        ("GET", "/api/v1/uploads/0123456789abcdef0123456789abcdef".into(), vec![], vec![], StatusCode::NOT_FOUND),
+        (
+            "PATCH",
+            "/api/v1/uploads/0123456789abcdef0123456789abcdef".into(),
+            b"x".to_vec(),
+            vec![("upload-offset", "0".into())],
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "PATCH",
+            "/api/v1/uploads/0123456789abcdef0123456789abcdef".into(),
+            b"x".to_vec(),
+            vec![],
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "PATCH",
+            "/api/v1/uploads/%2e%2e%2f%2e%2e".into(),
+            b"x".to_vec(),
+            vec![("upload-offset", "0".into())],
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "PUT",
+            "/api/v1/models/ops.m/1.0.0".into(),
+            vec![],
+            vec![("x-tessera-upload", "../../etc/passwd".into())],
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "PUT",
+            "/api/v1/models/ops.m/1.0.0".into(),
+            vec![],
+            vec![("x-tessera-upload", Digest::of(b"never stored").to_string())],
+            StatusCode::NOT_FOUND,
+        ),
+    ];
+    for (method, path, body, headers, expected) in cases {
+        let (s, b) = h.json(None, method, &path, body, &headers).await;
+        assert_eq!(s, expected, "{method} {path}: {b}");
+    }
+    // Eight open uploads per account; the ninth waits.
+    for i in 0..8u8 {
+        assert_eq!(h.begin(None, &[i; 3]).await.0, StatusCode::OK);
+    }
+    assert_eq!(h.begin(None, &[9; 3]).await.0, StatusCode::TOO_MANY_REQUESTS);
+    // A private package's bytes are never taken by digest.
+    assert_eq!(h.json(None, "GET", "/api/v1/models", vec![], &[]).await.1, json!([]));
+}
+
+#[tokio::test]
+async fn tensor_metadata_is_read_from_the_header_alone() {
+    let h = hub(HubPolicy::open());
+    let model = model_bytes(1000);
+    assert_eq!(h.call(None, "PUT", "/api/v1/models/ops.net/1.0.0", model.clone(), &[]).await.0, StatusCode::CREATED);
+    let (s, t) = h.json(None, "GET", "/api/v1/models/ops.net/latest/tensors", vec![], &[]).await;
+    assert_eq!(s, StatusCode::OK, "{t}");
+    assert_eq!(t["metadata"], json!({"format": "pt"}));
+    assert_eq!(t["size"], model.len());
+    let names: Vec<(&str, &str, Value)> = t["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x["name"].as_str().unwrap(), x["dtype"].as_str().unwrap(), x["shape"].clone()))
+        .collect();
+    assert_eq!(
+        names,
+        // File order: safetensors writes the widest dtypes first.
+        vec![
+            ("bn.num_batches_tracked", "I64", json!([])),
+            ("layer.weight", "F32", json!([1000])),
+            ("head.bias", "F16", json!([3]))
+        ]
+    );
+    // Files that are not safetensors, or lie in their header, get 400.
+    let mut lying = model.clone();
+    lying[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    let mut short = 10u64.to_le_bytes().to_vec();
+    short.extend_from_slice(b"{}");
+    let mut overlap = Vec::new();
+    let header = br#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}"#;
+    overlap.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    overlap.extend_from_slice(header);
+    overlap.extend_from_slice(&[0; 8]);
+    for (i, bad) in [b"not a model".to_vec(), vec![1, 2, 3], lying, short, overlap].into_iter().enumerate() {
+        let path = format!("/api/v1/models/ops.bad{i}/1.0.0");
+        assert_eq!(h.call(None, "PUT", &path, bad, &[]).await.0, StatusCode::CREATED);
+        let (s, b) = h.json(None, "GET", &format!("{path}/tensors"), vec![], &[]).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "case {i}: {b}");
+    }
+    assert_eq!(
+        h.json(None, "GET", "/api/v1/models/ops.none/1.0.0/tensors", vec![], &[]).await.0,
+        StatusCode::NOT_FOUND
+    );
+}
