@@ -232,7 +232,9 @@ async fn an_upload_whose_bytes_do_not_match_is_discarded() {
 #[tokio::test]
 async fn hostile_uploads_are_refused() {
     let h = hub(HubPolicy::open());
-    let cases: Vec<(&str, String, Vec<u8>, Vec<(&str, String)>, StatusCode)> = vec![
+    /// Method, path, body, headers, the answer.
+    type Case = (&'static str, String, Vec<u8>, Vec<(&'static str, String)>, StatusCode);
+    let cases: Vec<Case> = vec![
         (
             "POST",
             "/api/v1/uploads".into(),
