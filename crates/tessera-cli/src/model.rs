@@ -35,6 +35,17 @@ pub enum Command {
         #[command(flatten)]
         hub: HubArg,
     },
+    /// The tensors of a model file (names, dtypes, shapes), read by the hub from the file's
+    /// header without downloading it.
+    Tensors {
+        /// `name` (latest) or `name@version`.
+        model: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        hub: HubArg,
+    },
     /// List models.
     List {
         /// Name prefix (by segments).
@@ -101,8 +112,18 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             let client = hub.signed_client()?;
             // The binary and its metadata go in one request: a refused push changes nothing.
             let upload = (!meta.is_empty()).then_some(UploadMeta { metadata, lineage: None });
-            let (rec, created) =
-                client.push_model_from(name, version, ModelSource::File(file.clone()), upload.as_ref()).await?;
+            let size = std::fs::metadata(&file)?.len();
+            let (rec, created) = if size >= tessera_client::RESUMABLE_FROM {
+                // In pieces: an interrupted push, run again, continues where it stopped.
+                let progress = |have: u64, total: u64| {
+                    eprintln!("uploaded {} of {} MiB", have >> 20, total >> 20);
+                };
+                client
+                    .push_model_resumable(name, version, &file, upload.as_ref(), tessera_client::PIECE, &progress)
+                    .await?
+            } else {
+                client.push_model_from(name, version, ModelSource::File(file.clone()), upload.as_ref()).await?
+            };
             println!("{}", rec.digest.map(|d| d.to_string()).unwrap_or_default());
             let what = match (created, upload.is_some()) {
                 (true, _) => "pushed",
@@ -110,6 +131,23 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
                 (false, false) => "already stored:",
             };
             eprintln!("{what} {}@{}", rec.name, rec.version);
+            Ok(())
+        }
+        Command::Tensors { model, json, hub } => {
+            let (name, version) = split(&model);
+            let t = hub.client()?.model_tensors(name, version).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+                return Ok(());
+            }
+            println!("{} ({} bytes, {} tensors)", t.digest, t.size, t.tensors.len());
+            for (k, v) in t.metadata.iter().flatten() {
+                println!("  {k}: {v}");
+            }
+            for e in &t.tensors {
+                let shape: Vec<String> = e.shape.iter().map(u64::to_string).collect();
+                println!("{:<48} {:<5} [{}]", e.name, e.dtype, shape.join(", "));
+            }
             Ok(())
         }
         Command::Pull { model, out, hub } => {

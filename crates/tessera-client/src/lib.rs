@@ -12,7 +12,7 @@ pub mod gateway;
 mod models;
 pub mod pipeline;
 
-pub use models::{ModelSource, UploadMeta};
+pub use models::{ModelSource, PIECE, RESUMABLE_FROM, UploadMeta, UploadState};
 
 use std::sync::Arc;
 
@@ -525,6 +525,17 @@ impl HubClient {
     /// A model's record (`version` may be `latest`).
     pub async fn model(&self, name: &str, version: &str) -> Result<ModelRecord, ClientError> {
         let url = self.url(&format!("/models/{}/{}/meta", seg(name), seg(version)));
+        Ok(self.json(self.http.get(&url), &url).await?.1)
+    }
+
+    /// The tensors of a model's binary (names, dtypes, shapes), read by the hub from the
+    /// file's header: nothing of the file is downloaded.
+    pub async fn model_tensors(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<tessera_core::registry::TensorsInfo, ClientError> {
+        let url = self.url(&format!("/models/{}/{}/tensors", seg(name), seg(version)));
         Ok(self.json(self.http.get(&url), &url).await?.1)
     }
 

@@ -18,6 +18,30 @@ use crate::{ClientError, HubClient, seg};
 /// Read size for streaming files: 1 MiB.
 const CHUNK: usize = 1 << 20;
 
+/// Files from this size on are pushed as resumable uploads: 64 MiB.
+pub const RESUMABLE_FROM: u64 = 64 << 20;
+
+/// The size of one piece of a resumable upload: 64 MiB (streamed from the file, so not
+/// what the client holds; what a broken connection costs at most).
+pub const PIECE: u64 = 64 << 20;
+
+/// Consecutive failed pieces a resumable upload retries (asking the hub's offset after each)
+/// before it gives up; running the push again resumes it from there.
+const PIECE_RETRIES: u32 = 8;
+
+/// A resumable upload's state, as the hub reports it.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct UploadState {
+    /// Its id (`None`: the hub already serves these bytes).
+    pub id: Option<String>,
+    /// Bytes the hub has.
+    pub offset: u64,
+    /// The object's size.
+    pub size: u64,
+    /// Every byte is there.
+    pub complete: bool,
+}
+
 /// What a model upload sends: a file or bytes in memory.
 #[derive(Clone, Debug)]
 pub enum ModelSource {
@@ -56,6 +80,31 @@ async fn hash_file(path: &Path) -> Result<(Digest, u64), ClientError> {
     Ok((h.finish(), h.len()))
 }
 
+/// The digest of `len` bytes of a file from `offset`, read 1 MiB at a time.
+async fn hash_range(path: &Path, offset: u64, len: u64) -> Result<Digest, ClientError> {
+    use tokio::io::AsyncSeekExt;
+    let mut f = tokio::fs::File::open(path).await.map_err(|e| io_err(path, e))?;
+    f.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| io_err(path, e))?;
+    let mut f = f.take(len);
+    let mut h = DigestWriter::new();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = f.read(&mut buf).await.map_err(|e| io_err(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    if h.len() != len {
+        return Err(ClientError::Local(format!("{} changed while it was being uploaded", path.display())));
+    }
+    Ok(h.finish())
+}
+
+async fn file_len(path: &Path) -> Result<u64, ClientError> {
+    Ok(tokio::fs::metadata(path).await.map_err(|e| io_err(path, e))?.len())
+}
+
 /// A multipart boundary that no part contains (random, checked against the metadata).
 fn boundary(meta: &str) -> String {
     let seed = format!("{:?}{}{}", std::time::SystemTime::now(), std::process::id(), Digest::of(meta.as_bytes()));
@@ -73,8 +122,125 @@ impl HubClient {
         meta: Option<&UploadMeta>,
     ) -> Result<(ModelRecord, bool), ClientError> {
         let url = self.url(&format!("/models/{}/{}", seg(name), seg(version)));
-        let (status, rec) = self.upload_model("PUT", &url, source, meta).await?;
+        let (status, rec) = match &source {
+            ModelSource::File(p) if file_len(p).await? >= RESUMABLE_FROM => {
+                self.push_resumable("PUT", &url, p, meta, PIECE, &|_, _| {}).await?
+            }
+            _ => self.upload_model("PUT", &url, source, meta).await?,
+        };
         Ok((rec, status == 201))
+    }
+
+    /// Uploads a model file as `name@version` in pieces of `piece` bytes through a
+    /// resumable upload: the file is hashed, the hub asked for the upload of those bytes
+    /// (the same one again when an earlier push of them was interrupted, so this push
+    /// continues where that one stopped; none at all when the hub already serves them),
+    /// the missing pieces sent from the hub's offset (after a failed piece, the offset is
+    /// asked again), and the finished upload named with the metadata. `progress` gets the
+    /// bytes the hub has and the total after each piece. Returns the record and whether
+    /// the binary was new.
+    pub async fn push_model_resumable(
+        &self,
+        name: &str,
+        version: &str,
+        file: &Path,
+        meta: Option<&UploadMeta>,
+        piece: u64,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<(ModelRecord, bool), ClientError> {
+        let url = self.url(&format!("/models/{}/{}", seg(name), seg(version)));
+        let (status, rec) = self.push_resumable("PUT", &url, file, meta, piece.max(1), progress).await?;
+        Ok((rec, status == 201))
+    }
+
+    /// Begins (or finds again) the hub's upload of bytes with `digest` and `size`.
+    pub async fn begin_upload(&self, digest: &Digest, size: u64) -> Result<UploadState, ClientError> {
+        let url = self.url("/uploads");
+        let body = serde_json::to_vec(&serde_json::json!({"digest": digest.to_string(), "size": size}))
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        let req = self.json_request("POST", &url, body).await?;
+        Ok(self.json(req, &url).await?.1)
+    }
+
+    /// An upload's state.
+    pub async fn upload_state(&self, id: &str) -> Result<UploadState, ClientError> {
+        let url = self.url(&format!("/uploads/{}", seg(id)));
+        let req = self.sign(self.http.get(&url), "GET", &url, b"").await?;
+        Ok(self.json(req, &url).await?.1)
+    }
+
+    async fn push_resumable(
+        &self,
+        method: &str,
+        url: &str,
+        file: &Path,
+        meta: Option<&UploadMeta>,
+        piece: u64,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<(u16, ModelRecord), ClientError> {
+        let (digest, size) = hash_file(file).await?;
+        let mut state = self.begin_upload(&digest, size).await?;
+        let named = match &state.id {
+            None => digest.to_string(),
+            Some(id) => id.clone(),
+        };
+        if let Some(id) = state.id.clone() {
+            let mut failures = 0;
+            let piece_url = self.url(&format!("/uploads/{}", seg(&id)));
+            while !state.complete {
+                progress(state.offset, size);
+                let n = piece.min(size - state.offset);
+                // The piece is read twice, 1 MiB at a time (to sign its digest, then to send
+                // it), so a piece of any size costs no memory.
+                let piece_digest = hash_range(file, state.offset, n).await?;
+                let mut f = tokio::fs::File::open(file).await.map_err(|e| io_err(file, e))?;
+                use tokio::io::AsyncSeekExt;
+                f.seek(std::io::SeekFrom::Start(state.offset)).await.map_err(|e| io_err(file, e))?;
+                let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(f.take(n), CHUNK));
+                let req = self
+                    .http
+                    .patch(&piece_url)
+                    .header("upload-offset", state.offset)
+                    .header("content-length", n)
+                    .header("content-type", "application/offset+octet-stream");
+                let req = self.sign_digest(req, "PATCH", &piece_url, piece_digest).await?.body(body);
+                match self.json::<UploadState>(req, &piece_url).await {
+                    Ok((_, s)) => {
+                        state = s;
+                        failures = 0;
+                    }
+                    Err(e)
+                        if e.is_busy()
+                            || matches!(
+                                e,
+                                ClientError::Transport { .. } | ClientError::Status { status: 409 | 500..=599, .. }
+                            ) =>
+                    {
+                        failures += 1;
+                        if failures > PIECE_RETRIES {
+                            return Err(e);
+                        }
+                        tracing::warn!("upload {id}: a piece failed ({e}); asking where the hub stands");
+                        tokio::time::sleep(std::time::Duration::from_millis(200 << failures.min(5))).await;
+                        state = self.upload_state(&id).await?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        progress(size, size);
+        let body = match meta {
+            Some(m) => serde_json::to_vec(m).map_err(|e| ClientError::Local(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let req = match method {
+            "POST" => self.http.post(url),
+            _ => self.http.put(url),
+        }
+        .header("x-tessera-upload", named.as_str())
+        .header("content-type", "application/json");
+        let req = self.sign(req, method, url, &body).await?.body(body);
+        self.json(req, url).await
     }
 
     /// Uploads a model binary as the next version of `name`, which the hub chooses (after
@@ -86,7 +252,12 @@ impl HubClient {
         meta: Option<&UploadMeta>,
     ) -> Result<ModelRecord, ClientError> {
         let url = self.url(&format!("/models/{}", seg(name)));
-        Ok(self.upload_model("POST", &url, source, meta).await?.1)
+        Ok(match &source {
+            ModelSource::File(p) if file_len(p).await? >= RESUMABLE_FROM => {
+                self.push_resumable("POST", &url, p, meta, PIECE, &|_, _| {}).await?.1
+            }
+            _ => self.upload_model("POST", &url, source, meta).await?.1,
+        })
     }
 
     async fn upload_model(
@@ -185,37 +356,67 @@ impl HubClient {
     }
 
     /// Downloads the binary a model record names (a record the caller has checked) into
-    /// `dest`, as [`HubClient::pull_model_to`] does.
+    /// `dest`, as [`HubClient::pull_model_to`] does. The bytes go to
+    /// `<dest>.<digest>.part` first: a pull interrupted midway leaves it, and the next pull
+    /// of the same bytes asks only for the rest (an HTTP range request); the whole file is
+    /// checked against the digest before it takes `dest`'s name.
     pub async fn pull_model_record(&self, record: ModelRecord, dest: &Path) -> Result<ModelRecord, ClientError> {
         let digest = record.digest.ok_or_else(|| ClientError::Status {
             status: 404,
             message: format!("model {}@{} has no binary yet", record.name, record.version),
         })?;
         let url = self.url(&format!("/models/{}/{}", seg(&record.name), seg(&record.version)));
-        let req = self.sign(self.http.get(&url), "GET", &url, b"").await?;
-        let resp = self.send(req, &url).await?;
-        let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let tmp = tempfile::Builder::new()
-            .prefix(".tessera-download-")
-            .tempfile_in(dir)
-            .map_err(|e| io_err(dir, e))?
-            .into_temp_path();
-        let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| io_err(&tmp, e))?;
+        let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        let part = dest.with_file_name(format!(".{file_name}.{}.part", &digest.hex()[..16]));
         let mut h = DigestWriter::new();
-        let mut stream = resp.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ClientError::Transport { url: url.clone(), message: e.to_string() })?;
-            h.update(&chunk);
-            file.write_all(&chunk).await.map_err(|e| io_err(&tmp, e))?;
+        let have = match tokio::fs::File::open(&part).await {
+            Ok(mut f) => {
+                let mut buf = vec![0u8; CHUNK];
+                loop {
+                    let n = f.read(&mut buf).await.map_err(|e| io_err(&part, e))?;
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
+                }
+                h.len()
+            }
+            Err(_) => 0,
+        };
+        let mut req = self.http.get(&url);
+        if have > 0 {
+            req = req.header("range", format!("bytes={have}-"));
         }
-        file.flush().await.map_err(|e| io_err(&tmp, e))?;
-        file.sync_all().await.map_err(|e| io_err(&tmp, e))?;
+        let req = self.sign(req, "GET", &url, b"").await?;
+        let resp = match self.send(req, &url).await {
+            // The part is the whole file already (or more): check it as it is.
+            Err(ClientError::Status { status: 416, .. }) if have > 0 => None,
+            other => Some(other?),
+        };
+        let mut file =
+            tokio::fs::OpenOptions::new().create(true).append(true).open(&part).await.map_err(|e| io_err(&part, e))?;
+        if let Some(resp) = resp {
+            if have > 0 && resp.status().as_u16() != 206 {
+                // The hub sent the whole file: start the part again.
+                file.set_len(0).await.map_err(|e| io_err(&part, e))?;
+                h = DigestWriter::new();
+            }
+            let mut stream = resp.bytes_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| ClientError::Transport { url: url.clone(), message: e.to_string() })?;
+                h.update(&chunk);
+                file.write_all(&chunk).await.map_err(|e| io_err(&part, e))?;
+            }
+        }
+        file.flush().await.map_err(|e| io_err(&part, e))?;
+        file.sync_all().await.map_err(|e| io_err(&part, e))?;
         drop(file);
         let actual = h.finish();
         if actual != digest {
+            let _ = tokio::fs::remove_file(&part).await;
             return Err(ClientError::Verify { url, expected: digest, actual });
         }
-        tmp.persist(dest).map_err(|e| io_err(dest, e.error))?;
+        tokio::fs::rename(&part, dest).await.map_err(|e| io_err(dest, e))?;
         Ok(record)
     }
 }

@@ -59,7 +59,12 @@ async fn push_and_pull_stream() {
     assert!(pull_peak < BOUND, "pull peaked at {} MiB", pull_peak >> 20);
 
     // A corrupted download never takes the destination's name.
-    let blob = std::fs::read_dir(dir.path().join("hub/blobs")).unwrap().flatten().find(|e| e.path().is_dir()).unwrap();
+    let hex = rec.digest.unwrap().hex();
+    let blob = std::fs::read_dir(dir.path().join("hub/blobs"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy() == hex[..2])
+        .unwrap();
     for f in std::fs::read_dir(blob.path()).unwrap().flatten() {
         std::fs::write(f.path(), b"corrupted").unwrap();
     }

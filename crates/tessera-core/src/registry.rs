@@ -69,3 +69,31 @@ pub struct ModelRecord {
     #[serde(default)]
     pub meta_signer: Option<String>,
 }
+
+/// One tensor of a safetensors file.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorEntry {
+    /// Its name.
+    pub name: String,
+    /// Its dtype as safetensors writes it (`F32`, `F16`, `BF16`, `I64`...).
+    pub dtype: String,
+    /// Its shape.
+    pub shape: Vec<u64>,
+    /// Where its bytes are, counted from the end of the header: `[start, end)`.
+    pub data_offsets: [u64; 2],
+}
+
+/// The tensors a model file holds, read from its safetensors header alone.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorsInfo {
+    /// The file's digest.
+    pub digest: String,
+    /// The file's size in bytes.
+    pub size: u64,
+    /// The header's `__metadata__`, if any.
+    pub metadata: Option<std::collections::BTreeMap<String, String>>,
+    /// Its tensors, in file order.
+    pub tensors: Vec<TensorEntry>,
+}

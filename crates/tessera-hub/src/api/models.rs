@@ -8,7 +8,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tessera_core::registry::ModelRecord;
+use tessera_core::registry::{ModelRecord, TensorEntry, TensorsInfo};
 use tessera_core::wire::Lineage;
 use tessera_identity::PublicKey;
 use utoipa::ToSchema;
@@ -284,32 +284,6 @@ pub(super) async fn update_model_meta(
         })
         .await?,
     ))
-}
-
-/// One tensor of a safetensors file.
-#[derive(Serialize, Deserialize, ToSchema, Debug, PartialEq)]
-pub struct TensorEntry {
-    /// Its name.
-    pub name: String,
-    /// Its dtype as safetensors writes it (`F32`, `F16`, `BF16`, `I64`...).
-    pub dtype: String,
-    /// Its shape.
-    pub shape: Vec<u64>,
-    /// Where its bytes are, from the end of the header: `[start, end)`.
-    pub data_offsets: [u64; 2],
-}
-
-/// The tensors a model file holds, read from its header alone.
-#[derive(Serialize, Deserialize, ToSchema, Debug)]
-pub struct TensorsInfo {
-    /// The file's digest.
-    pub digest: String,
-    /// The file's size in bytes.
-    pub size: u64,
-    /// The header's `__metadata__`, if any.
-    pub metadata: Option<std::collections::BTreeMap<String, String>>,
-    /// Its tensors, in file order.
-    pub tensors: Vec<TensorEntry>,
 }
 
 /// Largest safetensors header read, in bytes (16 MiB; a header with a million tensors fits).
