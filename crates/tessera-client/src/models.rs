@@ -65,22 +65,52 @@ fn io_err(path: &Path, e: std::io::Error) -> ClientError {
     ClientError::Local(format!("{}: {e}", path.display()))
 }
 
+/// Read size for hashing files: 4 MiB, hashed on every core.
+const HASH_READ: usize = 4 << 20;
+
 /// The digest and size of a file, read in chunks.
 async fn hash_file(path: &Path) -> Result<(Digest, u64), ClientError> {
-    let mut f = tokio::fs::File::open(path).await.map_err(|e| io_err(path, e))?;
-    let mut h = DigestWriter::new();
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = f.read(&mut buf).await.map_err(|e| io_err(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok((h.finish(), h.len()))
+    let (d, n, _) = hash_file_pieces(path, u64::MAX).await?;
+    Ok((d, n))
 }
 
-/// The digest of `len` bytes of a file from `offset`, read 1 MiB at a time.
+/// The digest and size of a file, and the digest of each of its pieces of `piece` bytes,
+/// in one read of the file.
+async fn hash_file_pieces(path: &Path, piece: u64) -> Result<(Digest, u64, Vec<Digest>), ClientError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&path).map_err(|e| io_err(&path, e))?;
+        let (mut whole, mut current) = (DigestWriter::new(), DigestWriter::new());
+        let mut pieces = Vec::new();
+        let mut buf = vec![0u8; HASH_READ];
+        loop {
+            let n = f.read(&mut buf).map_err(|e| io_err(&path, e))?;
+            if n == 0 {
+                break;
+            }
+            whole.update_rayon(&buf[..n]);
+            let mut rest = &buf[..n];
+            while !rest.is_empty() {
+                let take = usize::try_from(piece - current.len()).unwrap_or(usize::MAX).min(rest.len());
+                current.update_rayon(&rest[..take]);
+                rest = &rest[take..];
+                if current.len() == piece {
+                    pieces.push(current.finish());
+                    current = DigestWriter::new();
+                }
+            }
+        }
+        if !current.is_empty() {
+            pieces.push(current.finish());
+        }
+        Ok((whole.finish(), whole.len(), pieces))
+    })
+    .await
+    .map_err(|e| ClientError::Local(e.to_string()))?
+}
+
+/// The digest of `len` bytes of a file from `offset`.
 async fn hash_range(path: &Path, offset: u64, len: u64) -> Result<Digest, ClientError> {
     use tokio::io::AsyncSeekExt;
     let mut f = tokio::fs::File::open(path).await.map_err(|e| io_err(path, e))?;
@@ -94,9 +124,6 @@ async fn hash_range(path: &Path, offset: u64, len: u64) -> Result<Digest, Client
             break;
         }
         h.update(&buf[..n]);
-    }
-    if h.len() != len {
-        return Err(ClientError::Local(format!("{} changed while it was being uploaded", path.display())));
     }
     Ok(h.finish())
 }
@@ -178,7 +205,7 @@ impl HubClient {
         piece: u64,
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<(u16, ModelRecord), ClientError> {
-        let (digest, size) = hash_file(file).await?;
+        let (digest, size, pieces) = hash_file_pieces(file, piece).await?;
         let mut state = self.begin_upload(&digest, size).await?;
         let named = match &state.id {
             None => digest.to_string(),
@@ -189,10 +216,16 @@ impl HubClient {
             let piece_url = self.url(&format!("/uploads/{}", seg(&id)));
             while !state.complete {
                 progress(state.offset, size);
-                let n = piece.min(size - state.offset);
-                // The piece is read twice, 1 MiB at a time (to sign its digest, then to send
-                // it), so a piece of any size costs no memory.
-                let piece_digest = hash_range(file, state.offset, n).await?;
+                // Pieces end at multiples of the piece size; each was hashed in the first read
+                // of the file, so it is signed without reading it again, and streamed 1 MiB at
+                // a time. (An upload an earlier push left elsewhere goes on to the next
+                // multiple, hashed on the way.)
+                let index = usize::try_from(state.offset / piece).unwrap_or(usize::MAX);
+                let n = (piece - state.offset % piece).min(size - state.offset);
+                let piece_digest = match pieces.get(index) {
+                    Some(d) if state.offset % piece == 0 => *d,
+                    _ => hash_range(file, state.offset, n).await?,
+                };
                 let mut f = tokio::fs::File::open(file).await.map_err(|e| io_err(file, e))?;
                 use tokio::io::AsyncSeekExt;
                 f.seek(std::io::SeekFrom::Start(state.offset)).await.map_err(|e| io_err(file, e))?;

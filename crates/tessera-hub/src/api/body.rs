@@ -73,7 +73,7 @@ pub(crate) fn expected_digest(headers: &HeaderMap) -> ApiResult<Option<Digest>> 
     }
 }
 
-pub(crate) async fn write_stream<S, E>(
+async fn write_stream<S, E>(
     file: &mut tokio::fs::File,
     mut stream: S,
     hasher: &mut DigestWriter,
