@@ -307,6 +307,8 @@ impl Coordinator {
             rounds: state.completed_rounds,
             metrics: state.reports.clone(),
             placements: BTreeMap::new(),
+            datasets: vec![cfg.dataset.clone()],
+            base_model: None,
         };
         Ok(SessionResult {
             session: state.id,

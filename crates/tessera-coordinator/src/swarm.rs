@@ -333,6 +333,13 @@ impl Coordinator {
             rounds: state.completed_iterations,
             metrics: Vec::new(),
             placements: state.placements.clone(),
+            datasets: {
+                let mut d: Vec<String> = state.spec.tasks.values().flat_map(|t| t.datasets.iter().cloned()).collect();
+                d.sort();
+                d.dedup();
+                d
+            },
+            base_model: None,
         };
         Ok(SwarmResult {
             run: state.id,

@@ -16,6 +16,7 @@
 //! ```
 
 pub mod aggregate;
+pub mod card;
 pub mod config;
 pub mod digest;
 pub mod manager;

@@ -42,6 +42,14 @@ pub struct PackageRecord {
     /// ([`Manifest::public_part`]).
     #[serde(default)]
     pub private: bool,
+    /// Times this version was downloaded whole (range requests for a later part do not
+    /// count).
+    #[serde(default)]
+    pub downloads: u64,
+    /// Its card's facts and description, when the package has a `README.md` (the text is at
+    /// `GET /api/v1/packages/{name}/{version}/card`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card: Option<crate::card::Card>,
 }
 
 /// A model stored in the hub.
@@ -68,6 +76,12 @@ pub struct ModelRecord {
     /// The key that last set the metadata or lineage, when that was signed.
     #[serde(default)]
     pub meta_signer: Option<String>,
+    /// Times this version's binary was downloaded whole.
+    #[serde(default)]
+    pub downloads: u64,
+    /// Its card, when one was given (`card` in the metadata upload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card: Option<crate::card::Card>,
 }
 
 /// One tensor of a safetensors file.
@@ -96,4 +110,21 @@ pub struct TensorsInfo {
     pub metadata: Option<std::collections::BTreeMap<String, String>>,
     /// Its tensors, in file order.
     pub tensors: Vec<TensorEntry>,
+}
+
+/// A model's lineage both ways: what made it, what it came from, what was built from it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelLineage {
+    /// `name@version`.
+    pub model: String,
+    /// Its binary's digest.
+    pub digest: Option<Digest>,
+    /// The run that made it: session, strategy, modules with their digests, data sets,
+    /// nodes, rounds and their metrics.
+    pub made_by: Option<Lineage>,
+    /// The model it was built from (`name@version`, from its lineage or its card).
+    pub base_model: Option<String>,
+    /// The models built from it (`name@version`), whose lineage or card names it.
+    pub derived: Vec<String>,
 }

@@ -449,6 +449,13 @@ pub struct Lineage {
     /// `name@version` (empty for federated sessions, whose `modules` say it).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub placements: BTreeMap<String, BTreeMap<String, String>>,
+    /// The data sets the run read (by name, as nodes announce them; the data never left
+    /// its node).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub datasets: Vec<String>,
+    /// The model the run started from, as `name@version`, when it started from a hub model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<String>,
 }
 
 /// A package used by a run.

@@ -108,7 +108,21 @@ impl Hub {
         let mut blobs: Vec<String> = walk(&self.store.blobs().dir().to_path_buf());
         blobs.sort();
         out.insert("blobs".into(), json!(blobs));
-        json!(out)
+        // Download counters are what a read may change.
+        let mut state = json!(out);
+        drop_downloads(&mut state);
+        state
+    }
+}
+
+fn drop_downloads(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.remove("downloads");
+            m.values_mut().for_each(drop_downloads);
+        }
+        Value::Array(a) => a.iter_mut().for_each(drop_downloads),
+        _ => {}
     }
 }
 
@@ -320,6 +334,19 @@ async fn a_key_that_owns_nothing_changes_nothing_and_reads_nothing_private_on_an
     cases.insert(
         "GET /api/v1/models/{name}/{version}/tensors",
         (signed(o, &k, "GET", "/api/v1/models/team.weights/1.0.0/tensors", vec![]), &[StatusCode::BAD_REQUEST][..]),
+    );
+    cases.insert(
+        "GET /api/v1/models/{name}/{version}/card",
+        (signed(o, &k, "GET", "/api/v1/models/team.weights/1.0.0/card", vec![]), &[StatusCode::NOT_FOUND][..]),
+    );
+    cases.insert(
+        "GET /api/v1/models/{name}/{version}/lineage",
+        (signed(o, &k, "GET", "/api/v1/models/team.weights/1.0.0/lineage", vec![]), public),
+    );
+    // A private package has no card the hub could read.
+    cases.insert(
+        "GET /api/v1/packages/{name}/{version}/card",
+        (signed(o, &k, "GET", "/api/v1/packages/team.secret/1.0.0/card", vec![]), &[StatusCode::NOT_FOUND][..]),
     );
     // The owner's upload in progress: a stranger neither sees it nor adds to it.
     let owners_upload = {

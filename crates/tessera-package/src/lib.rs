@@ -89,6 +89,9 @@ pub struct PackageInfo {
     pub manifest: Manifest,
     /// Its files, sorted by path.
     pub files: Vec<FileInfo>,
+    /// Its `README.md` (the module's card), when it has one of at most
+    /// [`tessera_core::card::MAX_CARD_BYTES`] in UTF-8.
+    pub readme: Option<String>,
 }
 
 impl PackageInfo {

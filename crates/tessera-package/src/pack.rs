@@ -193,7 +193,14 @@ fn pack_dir_inner(dir: &Path, limits: &Limits, version: Option<&str>) -> Result<
         });
     }
     let digest = Digest::of(&bytes);
+    let packed_readme = files.iter().any(|(path, ..)| path == crate::unpack::README_FILE);
+    let readme = std::fs::read(dir.join(crate::unpack::README_FILE))
+        .ok()
+        .filter(|_| packed_readme)
+        .filter(|b| b.len() <= tessera_core::card::MAX_CARD_BYTES)
+        .and_then(|b| String::from_utf8(b).ok());
     let info = PackageInfo {
+        readme,
         digest,
         size: bytes.len() as u64,
         manifest,

@@ -84,6 +84,9 @@ pub fn inspect_reader(
     walk(io::BufReader::new(reader), digest, size, limits, None)
 }
 
+/// The file a module's card is read from.
+pub const README_FILE: &str = "README.md";
+
 fn check_size(size: u64, limits: &Limits) -> Result<(), UnpackError> {
     if size > limits.max_package_bytes {
         return Err(UnpackError::TooLarge { size, limit: limits.max_package_bytes });
@@ -180,6 +183,7 @@ fn walk<R: io::BufRead>(
     let mut dirs = BTreeSet::new();
     let mut file_paths = BTreeSet::new();
     let mut manifest_text: Option<String> = None;
+    let mut readme: Option<String> = None;
     let mut total = 0u64;
     let mut count = 0usize;
 
@@ -254,6 +258,16 @@ fn walk<R: io::BufRead>(
             let n = buf.len() as u64;
             manifest_text = Some(String::from_utf8(buf).map_err(|_| refuse("module.yaml is not UTF-8".into()))?);
             n
+        } else if trimmed == README_FILE && size <= tessera_core::card::MAX_CARD_BYTES as u64 {
+            // The module's card; kept as text when it is UTF-8.
+            let mut buf = Vec::with_capacity(size as usize);
+            (&mut entry).take(size).read_to_end(&mut buf).map_err(|e| malformed(&e))?;
+            if let Some(d) = dest {
+                write_file(&d.join(trimmed), &buf, executable)?;
+            }
+            let n = buf.len() as u64;
+            readme = String::from_utf8(buf).ok();
+            n
         } else if let Some(d) = dest {
             let p = d.join(trimmed);
             if let Some(parent) = p.parent() {
@@ -281,7 +295,7 @@ fn walk<R: io::BufRead>(
     check_entry(&manifest, |p| file_paths.contains(p))
         .map_err(|why| UnpackError::Entry { entry: manifest.entry.clone(), why })?;
     files.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
-    Ok(PackageInfo { digest, size, manifest, files })
+    Ok(PackageInfo { digest, size, manifest, files, readme })
 }
 
 fn create_new(p: &Path, executable: bool) -> Result<fs::File, UnpackError> {

@@ -193,8 +193,10 @@ pub(crate) async fn receive_model(
                     while let Some(c) = field.chunk().await.map_err(bad)? {
                         text.extend_from_slice(&c);
                     }
-                    let m: ModelMeta = serde_json::from_slice(&text)
-                        .map_err(|e| HubError::BadRequest(format!("multipart upload: part `meta`: {e}")))?;
+                    let m = ModelMeta::parse(&text).map_err(|e| match e {
+                        HubError::TooLarge(m) => HubError::TooLarge(format!("multipart upload: part `meta`: {m}")),
+                        other => HubError::BadRequest(format!("multipart upload: part `meta`: {other}")),
+                    })?;
                     meta = Some(m);
                 }
                 Some("file") if file_digest.is_none() => {

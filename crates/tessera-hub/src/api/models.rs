@@ -47,6 +47,11 @@ pub struct ModelMeta {
     /// Lineage; kept when absent.
     #[serde(default)]
     pub lineage: Option<Lineage>,
+    /// The model's card: a `README.md` with YAML front matter (`license`, `tags`,
+    /// `datasets`, `metrics`, `base_model`, `library_name`, `intended_use`), at most
+    /// 256 KiB; kept when absent.
+    #[serde(default)]
+    pub card: Option<String>,
 }
 
 fn empty_object() -> Value {
@@ -69,12 +74,25 @@ impl CreateModel {
 
 impl ModelMeta {
     /// Reads and checks a metadata body (JSON): as [`CreateModel::parse`] for the metadata
-    /// and lineage.
+    /// and lineage, and the card parses.
     pub fn parse(body: &[u8]) -> Result<ModelMeta, HubError> {
         let m: ModelMeta = parse_json(body).map_err(|e| e.0)?;
         crate::store::models::metadata_text(&m.metadata)?;
         crate::store::models::lineage_text(m.lineage.as_ref())?;
+        m.parsed_card()?;
         Ok(m)
+    }
+
+    /// The card, parsed.
+    ///
+    /// # Errors
+    /// [`HubError::BadRequest`] naming what is wrong with it.
+    pub fn parsed_card(&self) -> Result<Option<tessera_core::card::Card>, HubError> {
+        self.card
+            .as_deref()
+            .map(tessera_core::card::Card::parse)
+            .transpose()
+            .map_err(|e| HubError::BadRequest(format!("the model's card: {e}")))
     }
 }
 
@@ -106,6 +124,20 @@ pub(super) async fn create_model(
 pub struct ModelQuery {
     /// Name prefix, by segments.
     pub prefix: Option<String>,
+    /// Text to find in the name or description (metadata or card).
+    pub q: Option<String>,
+    /// Only with this tag (metadata `tags` or card).
+    pub tag: Option<String>,
+    /// Only under this license (metadata or card).
+    pub license: Option<String>,
+    /// Only for this library (metadata `library` or the card's `library_name`).
+    pub library: Option<String>,
+    /// Only uploaded by this key.
+    pub signer: Option<String>,
+    /// Records to skip (default 0).
+    pub offset: Option<u64>,
+    /// Records to return (default and most: 1,000).
+    pub limit: Option<u64>,
 }
 
 /// Lists models.
@@ -114,8 +146,17 @@ pub(super) async fn list_models(
     State(s): State<AppState>,
     Query(q): Query<ModelQuery>,
 ) -> ApiResult<Json<Vec<ModelRecord>>> {
+    let filters = crate::store::Filters {
+        q: q.q,
+        tag: q.tag,
+        license: q.license,
+        library: q.library,
+        signer: q.signer,
+        offset: q.offset,
+        limit: q.limit,
+    };
     let store = s.store.clone();
-    Ok(Json(blocking(move || store.models(q.prefix.as_deref())).await?))
+    Ok(Json(blocking(move || store.search_models(q.prefix.as_deref(), &filters)).await?))
 }
 
 /// Checks a model upload from its headers, then receives it (see [`receive_upload`]), or
@@ -145,12 +186,17 @@ async fn store_model<T: Send + 'static>(
     let store = s.store.clone();
     blocking(move || {
         let meta = r.meta;
+        let card = match &meta {
+            Some(m) => m.parsed_card()?,
+            None => None,
+        };
         let upload = ModelUpload {
             file: &r.tmp,
             digest: r.digest,
             size: r.size,
             metadata: meta.as_ref().map(|m| m.metadata.clone()),
             lineage: meta.and_then(|m| m.lineage),
+            card,
         };
         let out = put(&store, upload);
         if let Some(id) = &r.upload {
@@ -227,6 +273,10 @@ pub(super) async fn download_model(
         Ok((m, d, p))
     })
     .await?;
+    if !headers.contains_key(axum::http::header::RANGE) {
+        let (store, n, v) = (s.store.clone(), m.name.clone(), m.version.clone());
+        blocking(move || store.count_model_download(&n, &v)).await?;
+    }
     stream_file(path, &digest, Some(format!("{}-{}.safetensors", m.name, m.version)), &headers).await
 }
 
@@ -280,7 +330,15 @@ pub(super) async fn update_model_meta(
     let store = s.store.clone();
     Ok(Json(
         blocking(move || {
-            store.update_model_meta(&name, &version, &body.metadata, body.lineage.as_ref(), actor.as_ref())
+            let card = body.parsed_card()?;
+            store.update_model_meta(
+                &name,
+                &version,
+                &body.metadata,
+                body.lineage.as_ref(),
+                card.as_ref(),
+                actor.as_ref(),
+            )
         })
         .await?,
     ))
@@ -352,6 +410,61 @@ pub(super) async fn model_tensors(
             tensors.sort_by_key(|t| (t.data_offsets, t.name.clone()));
             let metadata = meta.metadata().as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
             Ok(TensorsInfo { digest: d.to_string(), size, metadata, tensors })
+        })
+        .await?,
+    ))
+}
+
+/// A model's card (its facts and Markdown text); `version` may be `latest`. 404 when it has
+/// none.
+#[utoipa::path(get, path = "/api/v1/models/{name}/{version}/card", tag = "models",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Version or `latest`")),
+    responses((status = 200, body = tessera_core::card::Card), (status = 404, body = ErrorBody)))]
+pub(super) async fn model_card(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Json<tessera_core::card::Card>> {
+    let store = s.store.clone();
+    Ok(Json(
+        blocking(move || {
+            let m = store.model(&name, &version)?;
+            m.card.ok_or_else(|| HubError::NotFound(format!("model {}@{} has no card", m.name, m.version)))
+        })
+        .await?,
+    ))
+}
+
+/// A model's lineage both ways: the run that made it (modules with digests, data sets,
+/// nodes, rounds), the model it was built from, and the models built from it; `version`
+/// may be `latest`.
+#[utoipa::path(get, path = "/api/v1/models/{name}/{version}/lineage", tag = "models",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Version or `latest`")),
+    responses((status = 200, body = tessera_core::registry::ModelLineage), (status = 404, body = ErrorBody)))]
+pub(super) async fn model_lineage(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Json<tessera_core::registry::ModelLineage>> {
+    let store = s.store.clone();
+    Ok(Json(
+        blocking(move || {
+            let m = store.model(&name, &version)?;
+            let base_model = m
+                .lineage
+                .as_ref()
+                .and_then(|l| l.base_model.clone())
+                .or_else(|| m.card.as_ref().and_then(|c| c.base_model.clone()));
+            let derived = store
+                .derived_models(&m.name, &m.version)?
+                .into_iter()
+                .map(|d| format!("{}@{}", d.name, d.version))
+                .collect();
+            Ok(tessera_core::registry::ModelLineage {
+                model: format!("{}@{}", m.name, m.version),
+                digest: m.digest,
+                made_by: m.lineage,
+                base_model,
+                derived,
+            })
         })
         .await?,
     ))

@@ -285,6 +285,10 @@ pub(super) async fn download_package(
     })
     .await?;
     meter_bytes(&s, reader.as_ref(), 0, record.size)?;
+    if !headers.contains_key(header::RANGE) {
+        let (store, n, v) = (s.store.clone(), record.name.clone(), record.version.clone());
+        blocking(move || store.count_package_download(&n, &v)).await?;
+    }
     stream_file(path, &record.digest, Some(format!("{}-{}.tpkg", record.name, record.version)), &headers).await
 }
 
@@ -334,9 +338,14 @@ pub(super) async fn download_blob(
     let reader = read_signer(&s, &method, &uri, &headers)?;
     let store = s.store.clone();
     let r2 = reader.clone();
+    let whole = !headers.contains_key(header::RANGE);
     let path = blocking(move || {
         if let Ok(record) = store.by_digest(&digest) {
             store.check_read(&record, r2.as_ref(), now_ms())?;
+            if whole {
+                // Nodes fetch packages by digest: a download of that version.
+                store.count_package_download(&record.name, &record.version)?;
+            }
         }
         store.blob_path(&digest)
     })
@@ -465,4 +474,24 @@ pub(super) async fn account_usage(
 
 pub(super) fn parse_key(k: &str) -> ApiResult<PublicKey> {
     k.parse().map_err(|e: tessera_identity::KeyError| ApiError(HubError::BadRequest(e.to_string())))
+}
+
+/// A package version's card, from the `README.md` it holds (its facts and Markdown text);
+/// `version` may be an alias. 404 when it has none (private packages never have one: the
+/// hub cannot read them).
+#[utoipa::path(get, path = "/api/v1/packages/{name}/{version}/card", tag = "packages",
+    params(("name" = String, Path, description = "Module path"), ("version" = String, Path, description = "Version or alias")),
+    responses((status = 200, body = tessera_core::card::Card), (status = 404, body = ErrorBody)))]
+pub(super) async fn package_card(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Json<tessera_core::card::Card>> {
+    let store = s.store.clone();
+    Ok(Json(
+        blocking(move || {
+            let r = store.resolve_str(&name, &version)?;
+            r.card.ok_or_else(|| HubError::NotFound(format!("{}@{} has no README.md card", r.name, r.version)))
+        })
+        .await?,
+    ))
 }

@@ -17,6 +17,7 @@ mod grants;
 pub(crate) mod models;
 mod namespaces;
 mod packages;
+pub(crate) mod search;
 pub(crate) mod uploads;
 
 use std::path::{Path, PathBuf};
@@ -34,6 +35,8 @@ pub use components::{Collection, ComponentNeeds, ComponentRecord, ObjectUpload, 
 pub use grants::GrantRecord;
 pub use models::ModelUpload;
 pub use packages::{ListQuery, PublishCheck, Published};
+pub use search::Filters;
+
 pub use uploads::UploadRecord;
 
 /// Why a hub operation failed.
@@ -170,7 +173,7 @@ CREATE TABLE IF NOT EXISTS usage (
 
 /// Columns added after the first schema, with their definitions (added to older databases
 /// when they are opened).
-const ADDED_COLUMNS: [(&str, &str, &str); 9] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 13] = [
     ("packages", "signer", "TEXT"),
     ("packages", "signature", "TEXT"),
     ("packages", "private", "INTEGER NOT NULL DEFAULT 0"),
@@ -182,6 +185,12 @@ const ADDED_COLUMNS: [(&str, &str, &str); 9] = [
     ("models", "deleted", "INTEGER NOT NULL DEFAULT 0"),
     ("models", "signer", "TEXT"),
     ("models", "meta_signer", "TEXT"),
+    // Whole downloads of each version.
+    ("packages", "downloads", "INTEGER NOT NULL DEFAULT 0"),
+    ("models", "downloads", "INTEGER NOT NULL DEFAULT 0"),
+    // The card (JSON of `tessera_core::card::Card`): a package's README.md, a model's given card.
+    ("packages", "card", "TEXT"),
+    ("models", "card", "TEXT"),
 ];
 
 /// The hub's store.

@@ -31,9 +31,12 @@ pub struct ModelUpload<'a> {
     pub metadata: Option<Value>,
     /// Lineage to set with it, if any.
     pub lineage: Option<Lineage>,
+    /// A card to set with it, if any.
+    pub card: Option<tessera_core::card::Card>,
 }
 
-const MODEL_COLUMNS: &str = "name, version, digest, size, metadata, lineage, created_at, signer, meta_signer";
+const MODEL_COLUMNS: &str =
+    "name, version, digest, size, metadata, lineage, created_at, signer, meta_signer, downloads, card";
 
 fn model_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ModelRow> {
     Ok(ModelRow {
@@ -46,6 +49,8 @@ fn model_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ModelRow> {
         created_at: row.get(6)?,
         signer: row.get(7)?,
         meta_signer: row.get(8)?,
+        downloads: row.get(9)?,
+        card: row.get(10)?,
     })
 }
 
@@ -59,6 +64,8 @@ struct ModelRow {
     created_at: String,
     signer: Option<String>,
     meta_signer: Option<String>,
+    downloads: i64,
+    card: Option<String>,
 }
 
 impl ModelRow {
@@ -77,6 +84,12 @@ impl ModelRow {
             created_at: self.created_at,
             signer: self.signer,
             meta_signer: self.meta_signer,
+            downloads: u64::try_from(self.downloads).unwrap_or(0),
+            card: self
+                .card
+                .map(|c| serde_json::from_str(&c))
+                .transpose()
+                .map_err(|e| HubError::Storage(format!("stored card: {e}")))?,
         })
     }
 }
@@ -165,6 +178,11 @@ fn next_version(conn: &Connection, name: &str) -> Result<Version, HubError> {
     next_patch(highest).ok_or_else(|| HubError::BadRequest(format!("model {name} has no version after {highest:?}")))
 }
 
+/// A card as stored (JSON).
+fn card_text(card: Option<&tessera_core::card::Card>) -> Result<Option<String>, HubError> {
+    card.map(|c| serde_json::to_string(c).map_err(|e| HubError::Storage(e.to_string()))).transpose()
+}
+
 /// Sets metadata and lineage given with an upload (inside the upload's transaction).
 fn set_meta(
     tx: &Transaction<'_>,
@@ -173,15 +191,17 @@ fn set_meta(
     upload: &ModelUpload<'_>,
     actor: Option<&PublicKey>,
 ) -> Result<(), HubError> {
-    if upload.metadata.is_none() && upload.lineage.is_none() {
+    if upload.metadata.is_none() && upload.lineage.is_none() && upload.card.is_none() {
         return Ok(());
     }
     let metadata = upload.metadata.as_ref().map(metadata_text).transpose()?;
     let lineage = lineage_text(upload.lineage.as_ref())?;
+    let card = card_text(upload.card.as_ref())?;
     tx.execute(
-        "UPDATE models SET metadata = COALESCE(?3, metadata), lineage = COALESCE(?4, lineage), meta_signer = ?5
+        "UPDATE models SET metadata = COALESCE(?3, metadata), lineage = COALESCE(?4, lineage), meta_signer = ?5,
+             card = COALESCE(?6, card)
          WHERE name = ?1 AND version = ?2",
-        params![name, version, metadata, lineage, actor.map(ToString::to_string)],
+        params![name, version, metadata, lineage, actor.map(ToString::to_string), card],
     )?;
     Ok(())
 }
@@ -232,18 +252,21 @@ impl HubStore {
         version: &str,
         metadata: &Value,
         lineage: Option<&Lineage>,
+        card: Option<&tessera_core::card::Card>,
         actor: Option<&PublicKey>,
     ) -> Result<ModelRecord, HubError> {
         parse_name(name)?;
         let v = parse_version(version)?;
         let metadata = metadata_text(metadata)?;
         let lineage = lineage_text(lineage)?;
+        let card = card_text(card)?;
         self.write(name, actor, |tx| {
             let current = live(tx, name, &v)?;
             tx.execute(
-                "UPDATE models SET metadata = ?3, lineage = COALESCE(?4, lineage), meta_signer = ?5
+                "UPDATE models SET metadata = ?3, lineage = COALESCE(?4, lineage), meta_signer = ?5,
+                     card = COALESCE(?6, card)
                  WHERE name = ?1 AND version = ?2",
-                params![name, current.version, metadata, lineage, actor.map(ToString::to_string)],
+                params![name, current.version, metadata, lineage, actor.map(ToString::to_string), card],
             )?;
             live(tx, name, &v)
         })
@@ -354,6 +377,7 @@ impl HubStore {
             size: bytes.len() as u64,
             metadata: None,
             lineage: None,
+            card: None,
         };
         self.put_model_file(name, version, upload, actor)
     }
@@ -376,6 +400,7 @@ impl HubStore {
             size: bytes.len() as u64,
             metadata: Some(metadata),
             lineage,
+            card: None,
         };
         self.put_model_next(name, upload, actor)
     }
@@ -400,6 +425,16 @@ impl HubStore {
 
     /// Live models whose name has `prefix` (by segments), sorted by name and version.
     pub fn models(&self, prefix: Option<&str>) -> Result<Vec<ModelRecord>, HubError> {
+        self.search_models(prefix, &super::search::Filters { limit: Some(u64::MAX), ..Default::default() })
+    }
+
+    /// Models under `prefix` that pass `filters`, by name and version, the page the
+    /// filters ask for; cards without their text.
+    pub fn search_models(
+        &self,
+        prefix: Option<&str>,
+        filters: &super::search::Filters,
+    ) -> Result<Vec<ModelRecord>, HubError> {
         let db = self.db();
         let mut stmt = db.prepare(&format!("SELECT {MODEL_COLUMNS} FROM models WHERE deleted = 0 ORDER BY name"))?;
         let rows = stmt.query_map([], model_row)?.collect::<Result<Vec<_>, _>>()?;
@@ -412,7 +447,11 @@ impl HubStore {
                 Some(p) => m.name.parse::<ModulePath>().is_ok_and(|n| n.has_prefix(p)),
                 None => true,
             };
-            if keep {
+            if keep && filters.accepts(&super::search::Facets::of_model(&m)) {
+                let mut m = m;
+                if let Some(c) = &mut m.card {
+                    c.text.clear();
+                }
                 out.push(m);
             }
         }
@@ -422,7 +461,37 @@ impl HubStore {
                 _ => a.version.cmp(&b.version),
             })
         });
-        Ok(out)
+        if filters.limit == Some(u64::MAX) {
+            return Ok(out);
+        }
+        Ok(filters.page(out))
+    }
+
+    /// Counts a whole download of a model version's binary.
+    pub fn count_model_download(&self, name: &str, version: &str) -> Result<(), HubError> {
+        self.db().execute(
+            "UPDATE models SET downloads = downloads + 1 WHERE name = ?1 AND version = ?2",
+            params![name, version],
+        )?;
+        Ok(())
+    }
+
+    /// The models built from `name@version` (or from `name` without a version): those
+    /// whose lineage or card names it as their `base_model`.
+    pub fn derived_models(&self, name: &str, version: &str) -> Result<Vec<ModelRecord>, HubError> {
+        let exact = format!("{name}@{version}");
+        Ok(self
+            .models(None)?
+            .into_iter()
+            .filter(|m| {
+                let base = m
+                    .lineage
+                    .as_ref()
+                    .and_then(|l| l.base_model.clone())
+                    .or_else(|| m.card.as_ref().and_then(|c| c.base_model.clone()));
+                base.is_some_and(|b| b == exact || b == name)
+            })
+            .collect())
     }
 
     /// The next free patch version of a model: `0.1.0` for a new model, else the highest
@@ -468,10 +537,15 @@ fn insert_with_binary(
     let metadata = metadata_text(upload.metadata.as_ref().unwrap_or(&Value::Object(Default::default())))?;
     let lineage = lineage_text(upload.lineage.as_ref())?;
     let signer = actor.map(ToString::to_string);
-    let meta_signer = if upload.metadata.is_some() || upload.lineage.is_some() { signer.clone() } else { None };
+    let meta_signer = if upload.metadata.is_some() || upload.lineage.is_some() || upload.card.is_some() {
+        signer.clone()
+    } else {
+        None
+    };
+    let card = card_text(upload.card.as_ref())?;
     tx.execute(
-        "INSERT INTO models (name, version, digest, size, metadata, lineage, created_at, vkey, signer, meta_signer)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        "INSERT INTO models (name, version, digest, size, metadata, lineage, created_at, vkey, signer, meta_signer, card)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         params![
             name,
             v.to_string(),
@@ -482,7 +556,8 @@ fn insert_with_binary(
             now_rfc3339(),
             vkey(v),
             signer,
-            meta_signer
+            meta_signer,
+            card
         ],
     )?;
     Ok(())

@@ -23,11 +23,35 @@ pub struct ListQuery {
     pub tag: Option<String>,
     /// Only packages of this kind.
     pub kind: Option<String>,
-    /// Text to find in the name or description.
+    /// Text to find in the name or description (the manifest's or the card's).
     pub q: Option<String>,
     /// Every version instead of the latest of each package.
     #[serde(default)]
     pub all: bool,
+    /// Only under this license (manifest or card; SPDX id, e.g. `apache-2.0`).
+    pub license: Option<String>,
+    /// Only packages that need this library (`needs.libraries`) or whose card names it.
+    pub library: Option<String>,
+    /// Only packages signed by this key.
+    pub signer: Option<String>,
+    /// Records to skip (default 0).
+    pub offset: Option<u64>,
+    /// Records to return (default and most: 1,000).
+    pub limit: Option<u64>,
+}
+
+impl ListQuery {
+    fn filters(&self) -> super::search::Filters {
+        super::search::Filters {
+            q: self.q.clone(),
+            tag: self.tag.clone(),
+            license: self.license.clone(),
+            library: self.library.clone(),
+            signer: self.signer.clone(),
+            offset: self.offset,
+            limit: self.limit,
+        }
+    }
 }
 
 /// What publishing did.
@@ -51,7 +75,7 @@ pub struct PublishCheck {
 }
 
 const PACKAGE_COLUMNS: &str =
-    "name, version, digest, size, manifest, published_at, deleted, signer, signature, private";
+    "name, version, digest, size, manifest, published_at, deleted, signer, signature, private, downloads, card";
 
 struct PackageRow {
     name: String,
@@ -63,6 +87,8 @@ struct PackageRow {
     signer: Option<String>,
     signature: Option<String>,
     private: bool,
+    downloads: i64,
+    card: Option<String>,
 }
 
 fn package_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(PackageRow, bool)> {
@@ -77,6 +103,8 @@ fn package_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(PackageRow, bool)> 
             signer: row.get(7)?,
             signature: row.get(8)?,
             private: row.get::<_, i64>(9)? != 0,
+            downloads: row.get(10)?,
+            card: row.get(11)?,
         },
         row.get::<_, i64>(6)? != 0,
     ))
@@ -100,8 +128,24 @@ impl PackageRow {
             signer: self.signer,
             signature: self.signature,
             private: self.private,
+            downloads: u64::try_from(self.downloads).unwrap_or(0),
+            card: match self.card {
+                Some(text) => {
+                    Some(serde_json::from_str(&text).map_err(|e| HubError::Storage(format!("stored card: {e}")))?)
+                }
+                None => None,
+            },
         })
     }
+}
+
+/// A record for a listing: its card's facts without the card's text (which the card route
+/// serves).
+fn strip_card_text(mut r: PackageRecord) -> PackageRecord {
+    if let Some(c) = &mut r.card {
+        c.text.clear();
+    }
+    r
 }
 
 /// The stored version of `name` that is `version` (build metadata aside), deleted or not:
@@ -244,6 +288,13 @@ impl HubStore {
             )));
         }
         let info: PackageInfo = inspect_reader(File::open(file)?, digest, size, &self.limits)?;
+        let card = match &info.readme {
+            Some(text) => Some(
+                tessera_core::card::Card::parse(text)
+                    .map_err(|e| HubError::BadRequest(format!("the package's README.md: {e}")))?,
+            ),
+            None => None,
+        };
         let m = &info.manifest;
         let name = m.name.to_string();
         let version = m.version.clone();
@@ -279,6 +330,13 @@ impl HubStore {
                 None => {
                     self.blobs.adopt_file(file, &digest)?;
                     insert_package(tx, m, &digest, size, signature, false, None)?;
+                    if let Some(c) = &card {
+                        let text = serde_json::to_string(c).map_err(|e| HubError::Storage(e.to_string()))?;
+                        tx.execute(
+                            "UPDATE packages SET card = ?3 WHERE name = ?1 AND version = ?2",
+                            params![name, version.to_string(), text],
+                        )?;
+                    }
                     Ok(true)
                 }
             }
@@ -492,6 +550,7 @@ impl HubStore {
             Some(k) => Some(k.parse::<Kind>().map_err(HubError::BadRequest)?),
             None => None,
         };
+        let filters = q.filters();
         let db = self.db();
         let mut stmt =
             db.prepare(&format!("SELECT {PACKAGE_COLUMNS} FROM packages WHERE deleted = 0 ORDER BY name"))?;
@@ -506,25 +565,17 @@ impl HubStore {
             {
                 continue;
             }
-            if let Some(t) = &q.tag
-                && !r.tags.iter().any(|x| x == t)
-            {
-                continue;
-            }
             if kind.is_some_and(|k| k != r.kind) {
                 continue;
             }
-            if let Some(text) = &q.q {
-                let text = text.to_lowercase();
-                if !r.name.contains(&text) && !r.description.to_lowercase().contains(&text) {
-                    continue;
-                }
+            if !filters.accepts(&super::search::Facets::of_package(&r)) {
+                continue;
             }
-            all.push(r);
+            all.push(strip_card_text(r));
         }
         if q.all {
             all.sort_by(|a, b| a.name.cmp(&b.name).then(a.manifest.version.cmp(&b.manifest.version)));
-            return Ok(all);
+            return Ok(filters.page(all));
         }
         let mut out: Vec<PackageRecord> = Vec::new();
         for r in all {
@@ -538,7 +589,7 @@ impl HubStore {
                 _ => out.push(r),
             }
         }
-        Ok(out)
+        Ok(filters.page(out))
     }
 
     /// The live record of a package digest.
@@ -571,5 +622,16 @@ impl HubStore {
         self.collect_blob(&record.digest)?;
         tracing::info!(%name, %version, "package deleted");
         Ok(record)
+    }
+}
+
+impl HubStore {
+    /// Counts a whole download of a package version.
+    pub fn count_package_download(&self, name: &str, version: &str) -> Result<(), HubError> {
+        self.db().execute(
+            "UPDATE packages SET downloads = downloads + 1 WHERE name = ?1 AND version = ?2",
+            params![name, version],
+        )?;
+        Ok(())
     }
 }

@@ -1,0 +1,227 @@
+//! Model and module cards: a `README.md` whose YAML front matter carries the facts a
+//! registry searches by, as the Hugging Face hub's model cards do (`license`, `tags`,
+//! `datasets`, `metrics`, `base_model`, `library_name`), and whose text says the rest.
+//!
+//! ```text
+//! ---
+//! license: apache-2.0
+//! tags: [vision, federated]
+//! datasets: [digits]
+//! base_model: digits.softmax@0.1.0
+//! ---
+//! # Digits classifier
+//!
+//! A softmax regression trained by federated averaging on four nodes.
+//! ```
+//!
+//! A card without front matter is all text. The description is the front matter's
+//! `description`, or else the first paragraph of the text that is not a heading.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Largest card, in bytes (256 KiB).
+pub const MAX_CARD_BYTES: usize = 256 << 10;
+
+/// Why a card was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CardError {
+    /// Over [`MAX_CARD_BYTES`].
+    #[error("the card is {0} bytes; the limit is {MAX_CARD_BYTES}")]
+    TooLarge(usize),
+    /// The front matter is not valid YAML of the card's fields.
+    #[error("the card's front matter: {0}")]
+    FrontMatter(String),
+}
+
+/// A card: its searchable facts and its text.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Card {
+    /// One paragraph saying what it is.
+    #[serde(default)]
+    pub description: String,
+    /// An SPDX license id (`apache-2.0`, `mit`) or `other`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub license: Option<String>,
+    /// Tags to find it by.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// The data sets it was trained or evaluated on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub datasets: Vec<String>,
+    /// Its metrics (`accuracy: 0.95`, or a list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Value>,
+    /// The model it was built from (`name@version`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<String>,
+    /// The library it is meant for (`numpy`, `torch`, `keras`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub library_name: Option<String>,
+    /// What it is for, and what not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intended_use: Option<String>,
+    /// The text after the front matter (Markdown).
+    #[serde(default)]
+    pub text: String,
+}
+
+/// The front matter's fields (others are allowed and ignored, as on the Hugging Face hub).
+#[derive(Default, Deserialize)]
+struct FrontMatter {
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    license: Option<String>,
+    #[serde(default)]
+    tags: Option<OneOrMany>,
+    #[serde(default)]
+    datasets: Option<OneOrMany>,
+    #[serde(default)]
+    metrics: Option<Value>,
+    #[serde(default)]
+    base_model: Option<String>,
+    #[serde(default)]
+    library_name: Option<String>,
+    #[serde(default)]
+    intended_use: Option<String>,
+}
+
+/// `tags: x` or `tags: [x, y]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+impl Card {
+    /// Reads a card from a `README.md`'s text.
+    ///
+    /// # Errors
+    /// [`CardError::TooLarge`]; [`CardError::FrontMatter`] when the front matter does not
+    /// parse (a field of the wrong type, YAML that is not YAML).
+    pub fn parse(markdown: &str) -> Result<Card, CardError> {
+        if markdown.len() > MAX_CARD_BYTES {
+            return Err(CardError::TooLarge(markdown.len()));
+        }
+        let (front, text) = split_front_matter(markdown);
+        let fm: FrontMatter = match front {
+            Some(yaml) if !yaml.trim().is_empty() => {
+                crate::yaml::from_str_located(yaml).map_err(|e| CardError::FrontMatter(e.to_string()))?
+            }
+            _ => FrontMatter::default(),
+        };
+        let text = text.trim().to_owned();
+        let description = fm.description.unwrap_or_else(|| first_paragraph(&text));
+        Ok(Card {
+            description,
+            license: fm.license,
+            tags: fm.tags.map(OneOrMany::into_vec).unwrap_or_default(),
+            datasets: fm.datasets.map(OneOrMany::into_vec).unwrap_or_default(),
+            metrics: fm.metrics,
+            base_model: fm.base_model,
+            library_name: fm.library_name,
+            intended_use: fm.intended_use,
+            text,
+        })
+    }
+}
+
+/// The front matter (between a first line `---` and the next `---` line) and the rest.
+fn split_front_matter(markdown: &str) -> (Option<&str>, &str) {
+    let body = markdown.strip_prefix('\u{feff}').unwrap_or(markdown);
+    let Some(rest) = body.strip_prefix("---\n").or_else(|| body.strip_prefix("---\r\n")) else {
+        return (None, body);
+    };
+    let mut offset = 0;
+    for line in rest.split_inclusive('\n') {
+        if line.trim_end() == "---" {
+            return (Some(&rest[..offset]), &rest[offset + line.len()..]);
+        }
+        offset += line.len();
+    }
+    (None, body)
+}
+
+/// The first paragraph that is not a heading, joined into one line.
+fn first_paragraph(text: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    for line in text.lines() {
+        let l = line.trim();
+        if l.is_empty() {
+            if !out.is_empty() {
+                break;
+            }
+            continue;
+        }
+        if l.starts_with('#') && out.is_empty() {
+            continue;
+        }
+        out.push(l);
+    }
+    out.join(" ")
+}
+
+/// Cards' facts as the hub filters by them: lower-case keys.
+pub fn facts(card: &Card) -> BTreeMap<&'static str, Vec<String>> {
+    let mut m = BTreeMap::new();
+    m.insert("tag", card.tags.iter().map(|t| t.to_lowercase()).collect());
+    m.insert("license", card.license.iter().map(|t| t.to_lowercase()).collect());
+    m.insert("library", card.library_name.iter().map(|t| t.to_lowercase()).collect());
+    m.insert("dataset", card.datasets.iter().map(|t| t.to_lowercase()).collect());
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn front_matter_and_text() {
+        let c = Card::parse(
+            "---\nlicense: apache-2.0\ntags: [vision, federated]\ndatasets: digits\nmetrics:\n  accuracy: 0.95\nbase_model: digits.softmax@0.1.0\nextra: ignored\n---\n# Digits\n\nA softmax regression\ntrained by FedAvg.\n\nMore text.\n",
+        )
+        .unwrap();
+        assert_eq!(c.license.as_deref(), Some("apache-2.0"));
+        assert_eq!(c.tags, vec!["vision", "federated"]);
+        assert_eq!(c.datasets, vec!["digits"]);
+        assert_eq!(c.metrics.as_ref().unwrap()["accuracy"], 0.95);
+        assert_eq!(c.base_model.as_deref(), Some("digits.softmax@0.1.0"));
+        assert_eq!(c.description, "A softmax regression trained by FedAvg.");
+        assert!(c.text.starts_with("# Digits") && c.text.ends_with("More text."));
+    }
+
+    #[test]
+    fn no_front_matter_is_all_text() {
+        let c = Card::parse("Just words.\n\n---\nnot front matter\n").unwrap();
+        assert_eq!(c.description, "Just words.");
+        assert_eq!(c.license, None);
+        assert_eq!(Card::parse("").unwrap(), Card::default());
+        // An unclosed front matter is text.
+        assert_eq!(Card::parse("---\nlicense: mit\n").unwrap().license, None);
+    }
+
+    #[test]
+    fn hostile_cards_are_refused() {
+        assert!(matches!(Card::parse(&"x".repeat(MAX_CARD_BYTES + 1)), Err(CardError::TooLarge(_))));
+        for bad in ["---\ntags: {a: 1}\n---\n", "---\nlicense: [1, 2]\n---\n", "---\n: : :\n  - [\n---\n"] {
+            assert!(matches!(Card::parse(bad), Err(CardError::FrontMatter(_))), "{bad}");
+        }
+        // An alias bomb is refused by the YAML reader's limits, not expanded.
+        let bomb = "---\na: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\nmetrics: [*f, *f, *f, *f, *f, *f, *f, *f, *f]\n---\n";
+        assert!(matches!(Card::parse(bomb), Err(CardError::FrontMatter(_))));
+    }
+}
