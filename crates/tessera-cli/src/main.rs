@@ -316,6 +316,27 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// Search filters and a page, for listings.
+#[derive(clap::Args, Clone, Default)]
+struct SearchArgs {
+    /// Only under this license (SPDX id, e.g. apache-2.0; manifest, metadata or card).
+    #[arg(long)]
+    license: Option<String>,
+    /// Only for this library (numpy, torch: a package's needs.libraries, a model's
+    /// `library` metadata, or a card's library_name).
+    #[arg(long)]
+    library: Option<String>,
+    /// Only signed by this key.
+    #[arg(long, value_name = "KEY")]
+    signer: Option<String>,
+    /// Records to skip.
+    #[arg(long)]
+    offset: Option<u64>,
+    /// Records to show (at most 1,000).
+    #[arg(long)]
+    limit: Option<u64>,
+}
+
 /// The hub address from `--hub` or `TESSERA_HUB`, and the key that signs.
 #[derive(clap::Args, Clone)]
 struct HubArg {

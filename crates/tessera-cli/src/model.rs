@@ -22,6 +22,34 @@ pub enum Command {
         /// Metadata, `key=value` (repeatable), e.g. --meta library=tessera.
         #[arg(long = "meta", value_name = "KEY=VALUE")]
         meta: Vec<String>,
+        /// The model's card: a README.md, its YAML front matter giving license, tags,
+        /// datasets, metrics, base_model, library_name, intended_use.
+        #[arg(long, value_name = "FILE")]
+        card: Option<PathBuf>,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Show a model's card.
+    Card {
+        /// `name` (latest) or `name@version`.
+        model: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Show a model's lineage as a tree: the run that made it (modules, data sets, nodes),
+    /// the model it was built from, and the models built from it, and from those.
+    Lineage {
+        /// `name` (latest) or `name@version`.
+        model: String,
+        /// How many generations of models built from it to follow.
+        #[arg(long, default_value_t = 3)]
+        depth: u32,
+        /// Print JSON (this model's lineage only).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         hub: HubArg,
     },
@@ -51,6 +79,14 @@ pub enum Command {
         /// Name prefix (by segments).
         #[arg(long)]
         prefix: Option<String>,
+        /// Text in the name or description.
+        #[arg(long, short)]
+        query: Option<String>,
+        /// Tag (metadata `tags` or card).
+        #[arg(long)]
+        tag: Option<String>,
+        #[command(flatten)]
+        search: crate::SearchArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -73,11 +109,14 @@ pub enum Command {
         /// `name@version`.
         model: String,
         /// Metadata, `key=value` (repeatable).
-        #[arg(long = "meta", value_name = "KEY=VALUE", required = true)]
+        #[arg(long = "meta", value_name = "KEY=VALUE", required_unless_present = "card")]
         meta: Vec<String>,
         /// Replace the metadata instead of merging into it.
         #[arg(long)]
         replace: bool,
+        /// A new card (a README.md with YAML front matter).
+        #[arg(long, value_name = "FILE")]
+        card: Option<PathBuf>,
         #[command(flatten)]
         hub: HubArg,
     },
@@ -102,7 +141,7 @@ fn exact(model: &str) -> anyhow::Result<(&str, &str)> {
 
 pub async fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
-        Command::Push { model, file, meta, hub } => {
+        Command::Push { model, file, meta, card, hub } => {
             let (name, version) = exact(&model)?;
             let mut metadata = Value::Object(Default::default());
             for m in &meta {
@@ -111,7 +150,8 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             anyhow::ensure!(file.is_file(), "{} is not a file", file.display());
             let client = hub.signed_client()?;
             // The binary and its metadata go in one request: a refused push changes nothing.
-            let upload = (!meta.is_empty()).then_some(UploadMeta { metadata, lineage: None });
+            let card = read_card(card.as_deref())?;
+            let upload = (!meta.is_empty() || card.is_some()).then_some(UploadMeta { metadata, lineage: None, card });
             let size = std::fs::metadata(&file)?.len();
             let (rec, created) = if size >= tessera_client::RESUMABLE_FROM {
                 // In pieces: an interrupted push, run again, continues where it stopped.
@@ -183,7 +223,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Meta { model, meta, replace, hub } => {
+        Command::Meta { model, meta, replace, card, hub } => {
             let (name, version) = exact(&model)?;
             let client = hub.signed_client()?;
             let mut metadata =
@@ -191,7 +231,8 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             for m in &meta {
                 apply_override(&mut metadata, m)?;
             }
-            let rec = client.update_model_meta(name, version, &metadata, None).await?;
+            let card = read_card(card.as_deref())?;
+            let rec = client.update_model_meta_with_card(name, version, &metadata, None, card.as_deref()).await?;
             print_model(&rec);
             Ok(())
         }
@@ -201,8 +242,33 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             eprintln!("deleted {}@{} (the version stays reserved for the same bytes)", rec.name, rec.version);
             Ok(())
         }
-        Command::List { prefix, json, hub } => {
-            let list = hub.client()?.models(prefix.as_deref()).await?;
+        Command::Card { model, json, hub } => {
+            let (name, version) = split(&model);
+            print_card(&hub.client()?.model_card(name, version).await?, json)
+        }
+        Command::Lineage { model, depth, json, hub } => {
+            let (name, version) = split(&model);
+            let client = hub.client()?;
+            let l = client.model_lineage(name, version).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&l)?);
+                return Ok(());
+            }
+            print!("{}", lineage_tree(&client, &l, depth).await?);
+            Ok(())
+        }
+        Command::List { prefix, query, tag, search, json, hub } => {
+            let filters = tessera_client::ModelSearch {
+                prefix,
+                q: query,
+                tag,
+                license: search.license,
+                library: search.library,
+                signer: search.signer,
+                offset: search.offset,
+                limit: search.limit,
+            };
+            let list = hub.client()?.search_models(&filters).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else if list.is_empty() {
@@ -228,6 +294,101 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
     }
 }
 
+/// Reads a card file (a README.md), refusing one over the hub's limit before sending it.
+fn read_card(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let Some(p) = path else { return Ok(None) };
+    let text = std::fs::read_to_string(p).map_err(|e| anyhow!("{}: {e}", p.display()))?;
+    tessera_core::card::Card::parse(&text).map_err(|e| anyhow!("{}: {e}", p.display()))?;
+    Ok(Some(text))
+}
+
+/// Prints a card: its facts, then its text.
+pub fn print_card(card: &tessera_core::card::Card, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(card)?);
+        return Ok(());
+    }
+    let facts = [
+        ("license", card.license.clone()),
+        ("tags", (!card.tags.is_empty()).then(|| card.tags.join(", "))),
+        ("datasets", (!card.datasets.is_empty()).then(|| card.datasets.join(", "))),
+        ("metrics", card.metrics.as_ref().map(ToString::to_string)),
+        ("base model", card.base_model.clone()),
+        ("library", card.library_name.clone()),
+        ("intended use", card.intended_use.clone()),
+    ];
+    for (k, v) in facts {
+        if let Some(v) = v {
+            println!("{k:<13} {v}");
+        }
+    }
+    println!();
+    println!("{}", card.text);
+    Ok(())
+}
+
+/// A model's lineage as a tree: what made it, what it came from, and the models built
+/// from it (followed `depth` generations down).
+async fn lineage_tree(
+    client: &tessera_client::HubClient,
+    l: &tessera_core::registry::ModelLineage,
+    depth: u32,
+) -> anyhow::Result<String> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let digest = l.digest.map(|d| d.to_string()).unwrap_or_else(|| "(no binary)".into());
+    writeln!(out, "{}  {digest}", l.model)?;
+    let mut items: Vec<(String, Vec<String>)> = Vec::new();
+    match &l.made_by {
+        Some(run) => {
+            let mut children = vec![format!("strategy: {}, {} rounds", run.strategy, run.rounds)];
+            children
+                .extend(run.modules.iter().map(|m| format!("module: {} ({}) {}", m.module, m.role, m.digest.short())));
+            if !run.datasets.is_empty() {
+                children.push(format!("data: {}", run.datasets.join(", ")));
+            }
+            if !run.nodes.is_empty() {
+                children.push(format!("nodes: {}", run.nodes.join(", ")));
+            }
+            items.push((format!("made by run {}", run.session), children));
+        }
+        None => items.push(("made by: no recorded run".into(), Vec::new())),
+    }
+    if let Some(b) = &l.base_model {
+        items.push((format!("built from {b}"), Vec::new()));
+    }
+    let mut derived = Vec::new();
+    if depth > 0 {
+        let mut queue: Vec<(String, u32)> = l.derived.iter().rev().map(|d| (d.clone(), 1)).collect();
+        let mut seen = std::collections::BTreeSet::new();
+        while let Some((m, level)) = queue.pop() {
+            if !seen.insert(m.clone()) {
+                continue;
+            }
+            derived.push(format!("{}{m}", "  ".repeat(level as usize - 1)));
+            if level < depth {
+                let (n, v) = m.split_once('@').unwrap_or((&m, "latest"));
+                if let Ok(next) = client.model_lineage(n, v).await {
+                    queue.extend(next.derived.into_iter().rev().map(|d| (d, level + 1)));
+                }
+            }
+        }
+    }
+    items
+        .push((if derived.is_empty() { "built from it: nothing yet".into() } else { "built from it".into() }, derived));
+    let n = items.len();
+    for (i, (head, children)) in items.into_iter().enumerate() {
+        let (branch, pad) = if i + 1 == n { ("└─ ", "   ") } else { ("├─ ", "│  ") };
+        writeln!(out, "{branch}{head}")?;
+        let m = children.len();
+        for (j, c) in children.into_iter().enumerate() {
+            let b = if j + 1 == m { "└─ " } else { "├─ " };
+            writeln!(out, "{pad}{b}{c}")?;
+        }
+    }
+    Ok(out)
+}
+
 pub fn print_model(m: &ModelRecord) {
     println!("{}@{}", m.name, m.version);
     if let Some(d) = &m.digest {
@@ -242,6 +403,10 @@ pub fn print_model(m: &ModelRecord) {
         println!("  metadata signed by: {k}");
     }
     println!("  metadata: {}", m.metadata);
+    println!("  downloads: {}", m.downloads);
+    if let Some(c) = &m.card {
+        println!("  card:     {} (tessera model card {}@{})", c.description, m.name, m.version);
+    }
     if let Some(l) = &m.lineage {
         println!(
             "  lineage:  session {}, {} rounds of {}, nodes {}",

@@ -165,6 +165,18 @@ pub enum Command {
         /// Every version, not only the latest.
         #[arg(long)]
         all: bool,
+        #[command(flatten)]
+        search: crate::SearchArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        hub: HubArg,
+    },
+    /// Show a package's card: the facts and text of the README.md it holds.
+    Card {
+        /// `name` (latest) or `name@version` or `name@alias`.
+        reference: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -256,8 +268,25 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Pull { reference, out, archive, hub } => pull(&reference, out, archive, &hub).await,
-        Command::List { prefix, tag, kind, query, all, json, hub } => {
-            let list = hub.client()?.list(&ListParams { prefix, tag, kind, q: query, all }).await?;
+        Command::Card { reference, json, hub } => {
+            let (name, version) = reference.split_once('@').unwrap_or((&reference, "latest"));
+            let card = hub.client()?.package_card(name, version).await?;
+            crate::model::print_card(&card, json)
+        }
+        Command::List { prefix, tag, kind, query, all, search, json, hub } => {
+            let params = ListParams {
+                prefix,
+                tag,
+                kind,
+                q: query,
+                all,
+                license: search.license,
+                library: search.library,
+                signer: search.signer,
+                offset: search.offset,
+                limit: search.limit,
+            };
+            let list = hub.client()?.list(&params).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else if list.is_empty() {

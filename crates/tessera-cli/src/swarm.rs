@@ -594,7 +594,7 @@ async fn publish_model(
         Place::Hub(client) => {
             // The hub picks the next version in the write's transaction, so runs publishing
             // one name at once get distinct versions; the signed upload claims the namespace.
-            let meta = tessera_client::UploadMeta { metadata, lineage: Some(lineage.clone()) };
+            let meta = tessera_client::UploadMeta { metadata, lineage: Some(lineage.clone()), card: None };
             let rec = client
                 .publish_model(name, tessera_client::ModelSource::Bytes(bytes.into()), Some(&meta))
                 .await

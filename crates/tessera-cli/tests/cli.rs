@@ -113,6 +113,8 @@ fn hub_walkthrough_publish_list_show_pull_and_models() {
     let url = Some(hub.url.as_str());
 
     ok(&["module", "new", "hello", "--runtime", "builtin", "--name", "demo.hello"], w, None);
+    std::fs::write(w.join("hello/README.md"), "---\nlicense: mit\ntags: [greeting]\n---\n# Hello\n\nSays hello.\n")
+        .unwrap();
     let digest = ok(&["module", "publish", "hello"], w, url).trim().to_owned();
     assert!(digest.starts_with("b3:"), "{digest}");
     // Publishing again is a no-op; a changed module under the same version is refused.
@@ -159,6 +161,26 @@ fn hub_walkthrough_publish_list_show_pull_and_models() {
     assert!(models.contains("demo.model") && models.contains("1.0.0"), "{models}");
     let shown = ok(&["model", "show", "demo.model@1.0.0"], w, url);
     assert!(shown.contains("\"library\":\"tessera\"") && shown.contains("\"accuracy\":0.9"), "{shown}");
+
+    // Cards, search and lineage.
+    let card = ok(&["module", "card", "demo.hello"], w, url);
+    assert!(card.contains("mit") && card.contains("Says hello."), "{card}");
+    assert!(ok(&["module", "list", "--license", "MIT"], w, url).contains("demo.hello"));
+    assert_eq!(ok(&["module", "list", "--license", "gpl-3.0"], w, url), "");
+    std::fs::write(w.join("tuned.md"), "---\nbase_model: demo.model@1.0.0\nlicense: mit\n---\nTuned further.\n")
+        .unwrap();
+    std::fs::write(w.join("tuned.safetensors"), b"tuned weights").unwrap();
+    ok(&["model", "push", "demo.tuned@1.0.0", "tuned.safetensors", "--card", "tuned.md"], w, url);
+    let tree = ok(&["model", "lineage", "demo.model@1.0.0"], w, url);
+    assert!(tree.contains("built from it") && tree.contains("demo.tuned@1.0.0"), "{tree}");
+    let tree = ok(&["model", "lineage", "demo.tuned"], w, url);
+    assert!(tree.contains("built from demo.model@1.0.0"), "{tree}");
+    assert!(ok(&["model", "card", "demo.tuned"], w, url).contains("Tuned further."));
+    let mit = ok(&["model", "list", "--license", "mit"], w, url);
+    assert!(mit.contains("demo.tuned") && !mit.contains("demo.model "), "{mit}");
+    std::fs::write(w.join("bad.md"), "---\nlicense: [1]\n---\n").unwrap();
+    let err = fails(&["model", "meta", "demo.tuned@1.0.0", "--card", "bad.md"], w, url);
+    assert!(err.contains("bad.md"), "{err}");
 
     // The docs page and the OpenAPI document, as a browser sees them.
     let (status, page) = http_get(&hub.url, "/docs/");

@@ -136,6 +136,50 @@ pub struct ListParams {
     /// Every version.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub all: bool,
+    /// License (manifest or card).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub license: Option<String>,
+    /// Library (`needs.libraries` or the card's `library_name`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub library: Option<String>,
+    /// Signer's key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+    /// Records to skip.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// Records to return (at most 1,000).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+}
+
+/// Filters for [`HubClient::search_models`].
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ModelSearch {
+    /// Name prefix.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Text in the name or description.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q: Option<String>,
+    /// Tag (metadata `tags` or card).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// License (metadata or card).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub license: Option<String>,
+    /// Library (metadata `library` or the card's `library_name`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub library: Option<String>,
+    /// Uploader's key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+    /// Records to skip.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// Records to return (at most 1,000).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
 }
 
 fn seg(s: &str) -> String {
@@ -517,8 +561,22 @@ impl HubClient {
         metadata: &Value,
         lineage: Option<&Lineage>,
     ) -> Result<ModelRecord, ClientError> {
+        self.update_model_meta_with_card(name, version, metadata, lineage, None).await
+    }
+
+    /// Replaces a model's metadata and sets its card (a `README.md` with YAML front matter;
+    /// kept when `None`).
+    pub async fn update_model_meta_with_card(
+        &self,
+        name: &str,
+        version: &str,
+        metadata: &Value,
+        lineage: Option<&Lineage>,
+        card: Option<&str>,
+    ) -> Result<ModelRecord, ClientError> {
         let url = self.url(&format!("/models/{}/{}/meta", seg(name), seg(version)));
-        let body = serde_json::to_vec(&json!({"metadata": metadata, "lineage": lineage})).expect("serialisable");
+        let body =
+            serde_json::to_vec(&json!({"metadata": metadata, "lineage": lineage, "card": card})).expect("serialisable");
         Ok(self.json(self.json_request("PUT", &url, body).await?, &url).await?.1)
     }
 
@@ -537,6 +595,34 @@ impl HubClient {
     ) -> Result<tessera_core::registry::TensorsInfo, ClientError> {
         let url = self.url(&format!("/models/{}/{}/tensors", seg(name), seg(version)));
         Ok(self.json(self.http.get(&url), &url).await?.1)
+    }
+
+    /// A model's card (`version` may be `latest`).
+    pub async fn model_card(&self, name: &str, version: &str) -> Result<tessera_core::card::Card, ClientError> {
+        let url = self.url(&format!("/models/{}/{}/card", seg(name), seg(version)));
+        Ok(self.json(self.http.get(&url), &url).await?.1)
+    }
+
+    /// A package version's card, from its README.md (`version` may be an alias).
+    pub async fn package_card(&self, name: &str, version: &str) -> Result<tessera_core::card::Card, ClientError> {
+        let url = self.url(&format!("/packages/{}/{}/card", seg(name), seg(version)));
+        Ok(self.json(self.http.get(&url), &url).await?.1)
+    }
+
+    /// A model's lineage both ways (`version` may be `latest`).
+    pub async fn model_lineage(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<tessera_core::registry::ModelLineage, ClientError> {
+        let url = self.url(&format!("/models/{}/{}/lineage", seg(name), seg(version)));
+        Ok(self.json(self.http.get(&url), &url).await?.1)
+    }
+
+    /// Models that pass the filters, a page of them.
+    pub async fn search_models(&self, filters: &ModelSearch) -> Result<Vec<ModelRecord>, ClientError> {
+        let url = self.url("/models");
+        Ok(self.json(self.http.get(&url).query(filters), &url).await?.1)
     }
 
     /// Downloads a model's binary, verified, with its record.

@@ -59,6 +59,9 @@ pub struct UploadMeta {
     /// Where the model came from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lineage: Option<Lineage>,
+    /// Its card: a `README.md` with YAML front matter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub card: Option<String>,
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> ClientError {

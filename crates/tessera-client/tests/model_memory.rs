@@ -37,7 +37,7 @@ async fn push_and_pull_stream() {
         }
     }
     let client = HubClient::new(&url).unwrap();
-    let meta = UploadMeta { metadata: json!({"library": "test"}), lineage: None };
+    let meta = UploadMeta { metadata: json!({"library": "test"}), lineage: None, card: None };
     client.health().await.unwrap();
 
     let before = GLOBAL.get_peak_memory();

@@ -27,7 +27,7 @@ async fn concurrent_publishers_get_distinct_versions() {
         .map(|i| {
             let c = client.clone();
             tokio::spawn(async move {
-                let meta = UploadMeta { metadata: json!({"session": i}), lineage: None };
+                let meta = UploadMeta { metadata: json!({"session": i}), lineage: None, card: None };
                 c.publish_model("digits.softmax", ModelSource::Bytes(vec![i; 100].into()), Some(&meta)).await.unwrap()
             })
         })
@@ -77,7 +77,7 @@ async fn an_interrupted_push_resumes_where_the_hub_stands() {
     assert!(first.is_err(), "the first run was cut off");
     assert_eq!(client.begin_upload(&Digest::of(&bytes), bytes.len() as u64).await.unwrap().offset, 100_000);
     // The second run sends only what is missing.
-    let meta = UploadMeta { metadata: json!({"stage": "resumed"}), lineage: None };
+    let meta = UploadMeta { metadata: json!({"stage": "resumed"}), lineage: None, card: None };
     let (rec, created) =
         client.push_model_resumable("big.model", "1.0.0", &file, Some(&meta), 100_000, &progress).await.unwrap();
     assert!(created);
