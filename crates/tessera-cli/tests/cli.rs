@@ -178,7 +178,7 @@ fn hub_walkthrough_publish_list_show_pull_and_models() {
     assert!(ok(&["model", "card", "demo.tuned"], w, url).contains("Tuned further."));
     let mit = ok(&["model", "list", "--license", "mit"], w, url);
     assert!(mit.contains("demo.tuned") && !mit.contains("demo.model "), "{mit}");
-    std::fs::write(w.join("bad.md"), "---\nlicense: [1]\n---\n").unwrap();
+    std::fs::write(w.join("bad.md"), "---\nlicense: {a: b}\n---\n").unwrap();
     let err = fails(&["model", "meta", "demo.tuned@1.0.0", "--card", "bad.md"], w, url);
     assert!(err.contains("bad.md"), "{err}");
 

@@ -224,7 +224,13 @@ impl HubClient {
                 // a time. (An upload an earlier push left elsewhere goes on to the next
                 // multiple, hashed on the way.)
                 let index = usize::try_from(state.offset / piece).unwrap_or(usize::MAX);
-                let n = (piece - state.offset % piece).min(size - state.offset);
+                let left = size.checked_sub(state.offset).filter(|_| state.size == size).ok_or_else(|| {
+                    ClientError::Local(format!(
+                        "the hub reports upload {id} at byte {} of {}, but the file has {size} bytes",
+                        state.offset, state.size
+                    ))
+                })?;
+                let n = (piece - state.offset % piece).min(left);
                 let piece_digest = match pieces.get(index) {
                     Some(d) if state.offset % piece == 0 => *d,
                     _ => hash_range(file, state.offset, n).await?,
@@ -269,14 +275,15 @@ impl HubClient {
             Some(m) => serde_json::to_vec(m).map_err(|e| ClientError::Local(e.to_string()))?,
             None => Vec::new(),
         };
+        // The upload is named in the query, which the signature covers.
+        let url = format!("{url}?upload={named}");
         let req = match method {
-            "POST" => self.http.post(url),
-            _ => self.http.put(url),
+            "POST" => self.http.post(&url),
+            _ => self.http.put(&url),
         }
-        .header("x-tessera-upload", named.as_str())
         .header("content-type", "application/json");
-        let req = self.sign(req, method, url, &body).await?.body(body);
-        self.json(req, url).await
+        let req = self.sign(req, method, &url, &body).await?.body(body);
+        self.json(req, &url).await
     }
 
     /// Uploads a model binary as the next version of `name`, which the hub chooses (after

@@ -75,7 +75,7 @@ struct FrontMatter {
     #[serde(default)]
     description: Option<String>,
     #[serde(default)]
-    license: Option<String>,
+    license: Option<OneOrMany>,
     #[serde(default)]
     tags: Option<OneOrMany>,
     #[serde(default)]
@@ -83,9 +83,9 @@ struct FrontMatter {
     #[serde(default)]
     metrics: Option<Value>,
     #[serde(default)]
-    base_model: Option<String>,
+    base_model: Option<OneOrMany>,
     #[serde(default)]
-    library_name: Option<String>,
+    library_name: Option<OneOrMany>,
     #[serde(default)]
     intended_use: Option<String>,
 }
@@ -104,6 +104,11 @@ impl OneOrMany {
             OneOrMany::One(s) => vec![s],
             OneOrMany::Many(v) => v,
         }
+    }
+    /// The first (the Hugging Face hub allows lists for `license`, `base_model` and
+    /// `library_name`; a card here names one).
+    fn first(self) -> Option<String> {
+        self.into_vec().into_iter().next()
     }
 }
 
@@ -128,12 +133,12 @@ impl Card {
         let description = fm.description.unwrap_or_else(|| first_paragraph(&text));
         Ok(Card {
             description,
-            license: fm.license,
+            license: fm.license.and_then(OneOrMany::first),
             tags: fm.tags.map(OneOrMany::into_vec).unwrap_or_default(),
             datasets: fm.datasets.map(OneOrMany::into_vec).unwrap_or_default(),
             metrics: fm.metrics,
-            base_model: fm.base_model,
-            library_name: fm.library_name,
+            base_model: fm.base_model.and_then(OneOrMany::first),
+            library_name: fm.library_name.and_then(OneOrMany::first),
             intended_use: fm.intended_use,
             text,
         })
@@ -205,6 +210,12 @@ mod tests {
     }
 
     #[test]
+    fn lists_where_the_hugging_face_hub_allows_them() {
+        let c = Card::parse("---\nlicense: [mit, apache-2.0]\nbase_model: [a.b@1.0.0, c.d@2.0.0]\n---\nx\n").unwrap();
+        assert_eq!((c.license.as_deref(), c.base_model.as_deref()), (Some("mit"), Some("a.b@1.0.0")));
+    }
+
+    #[test]
     fn no_front_matter_is_all_text() {
         let c = Card::parse("Just words.\n\n---\nnot front matter\n").unwrap();
         assert_eq!(c.description, "Just words.");
@@ -217,7 +228,7 @@ mod tests {
     #[test]
     fn hostile_cards_are_refused() {
         assert!(matches!(Card::parse(&"x".repeat(MAX_CARD_BYTES + 1)), Err(CardError::TooLarge(_))));
-        for bad in ["---\ntags: {a: 1}\n---\n", "---\nlicense: [1, 2]\n---\n", "---\n: : :\n  - [\n---\n"] {
+        for bad in ["---\ntags: {a: 1}\n---\n", "---\nlicense: {a: b}\n---\n", "---\n: : :\n  - [\n---\n"] {
             assert!(matches!(Card::parse(bad), Err(CardError::FrontMatter(_))), "{bad}");
         }
         // An alias bomb is refused by the YAML reader's limits, not expanded.

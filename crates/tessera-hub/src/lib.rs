@@ -18,7 +18,7 @@ pub mod time;
 pub use api::{
     ApiError, AppState, BeginUpload, ComponentDocument, ComponentInfo, CreateModel, DEFAULT_MAX_MODEL_BYTES,
     DIGEST_HEADER, HubPolicy, MANIFEST_HEADER, ModelMeta, OFFSET_HEADER, PACKAGE_HEADER, SIGNATURE_SCHEME,
-    UPLOAD_HEADER, answer_panic, app, openapi,
+    UPLOAD_PARAM, answer_panic, app, openapi,
 };
 pub use store::{
     Collection, ComponentNeeds, ComponentRecord, GrantRecord, HubError, HubStore, ListQuery, ModelUpload, ObjectUpload,

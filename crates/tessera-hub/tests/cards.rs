@@ -186,7 +186,7 @@ async fn model_cards_lineage_both_ways_and_downloads() {
     .unwrap();
     assert_eq!(h.call(Some(&k), "PUT", "/api/v1/models/team.base/1.0.0/meta", meta, &[]).await.0, StatusCode::OK);
     assert_eq!(h.get("/api/v1/models/team.base/1.0.0/card").await["license"], "apache-2.0");
-    let bad = serde_json::to_vec(&json!({"metadata": {}, "card": "---\nlicense: [1]\n---\n"})).unwrap();
+    let bad = serde_json::to_vec(&json!({"metadata": {}, "card": "---\nlicense: {a: b}\n---\n"})).unwrap();
     let (s, b) = h.call(Some(&k), "PUT", "/api/v1/models/team.base/1.0.0/meta", bad, &[]).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
     assert_eq!(h.get("/api/v1/models/team.base/1.0.0/card").await["license"], "apache-2.0");

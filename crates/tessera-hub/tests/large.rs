@@ -150,8 +150,7 @@ async fn an_interrupted_upload_resumes_and_is_checked_end_to_end() {
     assert_eq!(h.piece(Some(&k), &id, 0, rest).await.0, StatusCode::CONFLICT);
     assert_eq!(h.piece(Some(&k), &id, 400_001, rest).await.0, StatusCode::CONFLICT);
     // Naming it before it is complete is refused.
-    let (s, b) =
-        h.json(Some(&k), "PUT", "/api/v1/models/big.model/1.0.0", vec![], &[("x-tessera-upload", id.clone())]).await;
+    let (s, b) = h.json(Some(&k), "PUT", &format!("/api/v1/models/big.model/1.0.0?upload={id}"), vec![], &[]).await;
     assert_eq!(s, StatusCode::CONFLICT, "{b}");
     // Another account does not see it.
     let other = KeyPair::generate(KeyType::Ed25519);
@@ -165,8 +164,7 @@ async fn an_interrupted_upload_resumes_and_is_checked_end_to_end() {
 
     // The model upload names it, with its metadata.
     let meta = serde_json::to_vec(&json!({"metadata": {"library": "torch"}})).unwrap();
-    let (s, rec) =
-        h.json(Some(&k), "PUT", "/api/v1/models/big.model/1.0.0", meta, &[("x-tessera-upload", id.clone())]).await;
+    let (s, rec) = h.json(Some(&k), "PUT", &format!("/api/v1/models/big.model/1.0.0?upload={id}"), meta, &[]).await;
     assert_eq!(s, StatusCode::CREATED, "{rec}");
     assert_eq!(rec["digest"], Digest::of(&model).to_string());
     assert_eq!(rec["metadata"]["library"], "torch");
@@ -182,13 +180,7 @@ async fn an_interrupted_upload_resumes_and_is_checked_end_to_end() {
     let (s, same) = h.begin(Some(&k), &model).await;
     assert_eq!((s, same["complete"].as_bool(), same["id"].is_null()), (StatusCode::OK, Some(true), true), "{same}");
     let (s, rec2) = h
-        .json(
-            Some(&k),
-            "PUT",
-            "/api/v1/models/big.model/2.0.0",
-            vec![],
-            &[("x-tessera-upload", Digest::of(&model).to_string())],
-        )
+        .json(Some(&k), "PUT", &format!("/api/v1/models/big.model/2.0.0?upload={}", Digest::of(&model)), vec![], &[])
         .await;
     assert_eq!(s, StatusCode::CREATED, "{rec2}");
     assert_eq!(rec2["digest"], rec["digest"]);
@@ -222,7 +214,7 @@ async fn an_upload_whose_bytes_do_not_match_is_discarded() {
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{b}");
     let (s, _) = h.piece(None, &id, 0, b"the forged bytes!!").await;
     assert_eq!(s, StatusCode::OK);
-    let (s, b) = h.json(None, "PUT", "/api/v1/models/ops.m/1.0.0", vec![], &[("x-tessera-upload", id.clone())]).await;
+    let (s, b) = h.json(None, "PUT", &format!("/api/v1/models/ops.m/1.0.0?upload={id}"), vec![], &[]).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
     assert!(b["error"].as_str().unwrap().contains("not the declared"), "{b}");
     assert_eq!(h.json(None, "GET", "/api/v1/models", vec![], &[]).await.1, json!([]));
@@ -280,18 +272,12 @@ async fn hostile_uploads_are_refused() {
             vec![("upload-offset", "0".into())],
             StatusCode::BAD_REQUEST,
         ),
+        ("PUT", "/api/v1/models/ops.m/1.0.0?upload=../../etc/passwd".into(), vec![], vec![], StatusCode::BAD_REQUEST),
         (
             "PUT",
-            "/api/v1/models/ops.m/1.0.0".into(),
+            format!("/api/v1/models/ops.m/1.0.0?upload={}", Digest::of(b"never stored")),
             vec![],
-            vec![("x-tessera-upload", "../../etc/passwd".into())],
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            "PUT",
-            "/api/v1/models/ops.m/1.0.0".into(),
             vec![],
-            vec![("x-tessera-upload", Digest::of(b"never stored").to_string())],
             StatusCode::NOT_FOUND,
         ),
     ];
@@ -299,13 +285,96 @@ async fn hostile_uploads_are_refused() {
         let (s, b) = h.json(None, method, &path, body, &headers).await;
         assert_eq!(s, expected, "{method} {path}: {b}");
     }
+    // Unsigned clients are one account: the same declaration twice gets two uploads, never
+    // another client's.
+    let (_, a) = h.begin(None, b"same").await;
+    let (_, b) = h.begin(None, b"same").await;
+    assert_ne!(a["id"], b["id"]);
     // Eight open uploads per account; the ninth waits.
-    for i in 0..8u8 {
+    for i in 0..6u8 {
         assert_eq!(h.begin(None, &[i; 3]).await.0, StatusCode::OK);
     }
     assert_eq!(h.begin(None, &[9; 3]).await.0, StatusCode::TOO_MANY_REQUESTS);
-    // A private package's bytes are never taken by digest.
-    assert_eq!(h.json(None, "GET", "/api/v1/models", vec![], &[]).await.1, json!([]));
+}
+
+/// A private package's ciphertext is never taken by digest: an upload of the same digest
+/// needs the bytes, and naming the digest is refused.
+#[tokio::test]
+async fn a_private_packages_bytes_are_not_taken_by_digest() {
+    let h = hub(HubPolicy::open());
+    let owner = KeyPair::generate(KeyType::Ed25519);
+    let sealed = b"ciphertext standing in for a sealed package".to_vec();
+    let digest = Digest::of(&sealed);
+    // Stored as a private package's blob (the hub serves it only to recipients).
+    let tmp = h.store.blobs().temp_path();
+    std::fs::write(&tmp, &sealed).unwrap();
+    h.store.blobs().adopt_file(&tmp, &digest).unwrap();
+    assert!(h.store.blobs().path_of(&digest).exists());
+    let (s, up) = h.begin(Some(&owner), &sealed).await;
+    assert_eq!((s, up["complete"].as_bool()), (StatusCode::OK, Some(false)), "{up}");
+    let (s, b) =
+        h.json(Some(&owner), "PUT", &format!("/api/v1/models/ops.leak/1.0.0?upload={digest}"), vec![], &[]).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+}
+
+/// Another account's finished upload cannot be named.
+#[tokio::test]
+async fn another_accounts_upload_cannot_be_named() {
+    let h = hub(HubPolicy::signed());
+    let (alice, mallory) = (KeyPair::generate(KeyType::Ed25519), KeyPair::generate(KeyType::Ed25519));
+    let bytes = b"alice's model".to_vec();
+    let (_, up) = h.begin(Some(&alice), &bytes).await;
+    let id = up["id"].as_str().unwrap().to_owned();
+    assert_eq!(h.piece(Some(&alice), &id, 0, &bytes).await.0, StatusCode::OK);
+    let (s, b) =
+        h.json(Some(&mallory), "PUT", &format!("/api/v1/models/mallory.m/1.0.0?upload={id}"), vec![], &[]).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    // A refused naming (here: a version with other bytes) leaves the upload to name again.
+    assert_eq!(
+        h.call(Some(&alice), "PUT", "/api/v1/models/alice.m/1.0.0", b"other".to_vec(), &[]).await.0,
+        StatusCode::CREATED
+    );
+    let (s, _) = h.json(Some(&alice), "PUT", &format!("/api/v1/models/alice.m/1.0.0?upload={id}"), vec![], &[]).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, rec) = h.json(Some(&alice), "PUT", &format!("/api/v1/models/alice.m/2.0.0?upload={id}"), vec![], &[]).await;
+    assert_eq!((s, rec["digest"].as_str()), (StatusCode::CREATED, Some(Digest::of(&bytes).to_string().as_str())));
+}
+
+/// A connection that drops in the middle of a piece leaves the upload at the offset of its
+/// whole pieces (over a real socket: the hub's handler is dropped, not given an error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_leaves_whole_pieces_only() {
+    use tokio::io::AsyncWriteExt;
+    let h = hub(HubPolicy::open());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = h.app.clone();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let bytes = vec![7u8; 100_000];
+    let (_, up) = h.begin(None, &bytes).await;
+    let id = up["id"].as_str().unwrap().to_owned();
+    assert_eq!(h.piece(None, &id, 0, &bytes[..40_000]).await.0, StatusCode::OK);
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "PATCH /api/v1/uploads/{id} HTTP/1.1\r\nHost: x\r\nupload-offset: 40000\r\ncontent-length: 60000\r\n\r\n"
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock.write_all(&bytes[..30_000]).await.unwrap();
+    sock.flush().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    drop(sock);
+    let file = h.store.blobs().dir().join("uploads").join(&id);
+    let mut len = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        len = std::fs::metadata(&file).unwrap().len();
+        if len == 40_000 {
+            break;
+        }
+    }
+    assert_eq!(len, 40_000, "the broken piece was cut back");
+    let (_, state) = h.json(None, "GET", &format!("/api/v1/uploads/{id}"), vec![], &[]).await;
+    assert_eq!(state["offset"], 40_000);
 }
 
 #[tokio::test]

@@ -92,8 +92,8 @@ impl From<ComponentRecord> for ComponentDocument {
     }
 }
 
-/// Most entries one listing returns.
-pub const MAX_PAGE: u64 = 10_000;
+/// Most entries one listing returns (documents are at most 64 KiB).
+pub const MAX_PAGE: u64 = 1_000;
 
 /// A page of a listing.
 #[derive(Deserialize, Default, utoipa::IntoParams)]
@@ -101,7 +101,7 @@ pub const MAX_PAGE: u64 = 10_000;
 pub struct PageQuery {
     /// Entries to skip (default 0).
     pub offset: Option<u64>,
-    /// Entries to return (default and most: 10,000).
+    /// Entries to return (default and most: 1,000).
     pub limit: Option<u64>,
 }
 

@@ -34,7 +34,7 @@ use utoipa_swagger_ui::{Config as SwaggerConfig, SwaggerUi};
 pub use body::{MANIFEST_HEADER, PACKAGE_HEADER};
 pub use collections::{ComponentDocument, ComponentInfo};
 pub use models::{CreateModel, ModelMeta};
-pub use uploads::{BeginUpload, OFFSET_HEADER, UPLOAD_HEADER};
+pub use uploads::{BeginUpload, OFFSET_HEADER, UPLOAD_PARAM};
 
 use crate::store::{HubError, HubStore};
 

@@ -16,7 +16,7 @@ use utoipa::ToSchema;
 use super::auth::authenticate;
 use super::body::{Received, receive_upload};
 use super::packages::stream_file;
-use super::uploads::{UPLOAD_HEADER, named_upload};
+use super::uploads::{named_in, named_upload};
 use super::{ApiResult, AppState, ErrorBody, blocking, parse_json};
 use crate::store::{HubError, ModelUpload};
 
@@ -168,7 +168,7 @@ async fn receive_model_upload(
     body: Body,
 ) -> ApiResult<(Received, Option<PublicKey>, Option<super::auth::UploadSlot>)> {
     crate::store::parse_name(name)?;
-    if request.2.contains_key(UPLOAD_HEADER) {
+    if named_in(request.1).is_some() {
         let (r, a) = named_upload(s, request, name, body).await?;
         return Ok((r, a, None));
     }
@@ -185,24 +185,35 @@ async fn store_model<T: Send + 'static>(
 ) -> ApiResult<T> {
     let store = s.store.clone();
     blocking(move || {
+        // A finished upload is stored through a link of its file, so a refused store (a
+        // conflict, a busy database) leaves the upload to be named again.
+        let linked = match &r.upload {
+            Some(_) if r.tmp.exists() => {
+                let link = store.blobs().temp_path();
+                std::fs::hard_link(&r.tmp, &link)?;
+                Some(link)
+            }
+            _ => None,
+        };
+        let file = linked.as_deref().unwrap_or(&r.tmp);
         let meta = r.meta;
         let card = match &meta {
             Some(m) => m.parsed_card()?,
             None => None,
         };
         let upload = ModelUpload {
-            file: &r.tmp,
+            file,
             digest: r.digest,
             size: r.size,
             metadata: meta.as_ref().map(|m| m.metadata.clone()),
             lineage: meta.and_then(|m| m.lineage),
             card,
         };
-        let out = put(&store, upload);
+        let out = put(&store, upload)?;
         if let Some(id) = &r.upload {
             store.end_upload(id)?;
         }
-        out
+        Ok(out)
     })
     .await
 }
@@ -213,7 +224,7 @@ async fn store_model<T: Send + 'static>(
 /// once stored, never changes: other bytes get 409 and change nothing, also for a deleted
 /// version; the same bytes again are a no-op (200) that sets the metadata sent with them.
 #[utoipa::path(put, path = "/api/v1/models/{name}/{version}", tag = "models",
-    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Exact version")),
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Exact version"), ("upload" = Option<String>, Query, description = "A finished resumable upload's id, or the digest of bytes the hub serves; the body is then empty or the metadata as JSON")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     security((), ("tessera_signature" = [])),
     responses((status = 201, body = ModelRecord), (status = 200, description = "The same bytes were already stored", body = ModelRecord), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 429, body = ErrorBody)))]
@@ -237,7 +248,7 @@ pub(super) async fn upload_model(
 /// as the write, so concurrent uploads get distinct versions. Body as for
 /// `PUT /api/v1/models/{name}/{version}`.
 #[utoipa::path(post, path = "/api/v1/models/{name}", tag = "models",
-    params(("name" = String, Path, description = "Model name")),
+    params(("name" = String, Path, description = "Model name"), ("upload" = Option<String>, Query, description = "A finished resumable upload's id, or the digest of bytes the hub serves; the body is then empty or the metadata as JSON")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     security((), ("tessera_signature" = [])),
     responses((status = 201, body = ModelRecord), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 413, body = ErrorBody), (status = 429, body = ErrorBody)))]
@@ -261,6 +272,7 @@ pub(super) async fn upload_next_model(
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody)))]
 pub(super) async fn download_model(
     State(s): State<AppState>,
+    method: Method,
     headers: HeaderMap,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Response> {
@@ -273,11 +285,12 @@ pub(super) async fn download_model(
         Ok((m, d, p))
     })
     .await?;
-    if !headers.contains_key(axum::http::header::RANGE) {
+    let resp = stream_file(path, &digest, Some(format!("{}-{}.safetensors", m.name, m.version)), &headers).await?;
+    if super::packages::whole_download(&method, &resp) {
         let (store, n, v) = (s.store.clone(), m.name.clone(), m.version.clone());
         blocking(move || store.count_model_download(&n, &v)).await?;
     }
-    stream_file(path, &digest, Some(format!("{}-{}.safetensors", m.name, m.version)), &headers).await
+    Ok(resp)
 }
 
 /// Deletes a model version (signed by an owner) and its binary when nothing else uses it.
@@ -373,8 +386,9 @@ fn read_tensor_header(path: &std::path::Path) -> Result<(u64, safetensors::tenso
         }
     }
     let end = meta.tensors().values().map(|t| t.data_offsets.1 as u64).max().unwrap_or(0);
-    if 8 + n + end != size {
-        return Err(not(format!("its tensors end at byte {} of a file of {size}", 8 + n + end)));
+    match n.checked_add(8).and_then(|h| h.checked_add(end)) {
+        Some(total) if total == size => {}
+        _ => return Err(not(format!("its tensors do not end where the file of {size} bytes does"))),
     }
     Ok((size, meta))
 }

@@ -222,21 +222,26 @@ pub(super) async fn delete_package(
 }
 
 /// Streams a stored file, read 1 MiB at a time, through tower-http's `ServeFile`: a
-/// `Range: bytes=...` request gets 206 with that part (`Accept-Ranges: bytes` says so;
-/// an unsatisfiable range gets 416), and `If-Modified-Since` is honoured. The full
-/// object's digest is in `x-tessera-digest` either way, so a client resuming a download
-/// checks what it assembled.
+/// `Range: bytes=...` request gets 206 with that part (`Accept-Ranges: bytes` says so; an
+/// unsatisfiable range gets 416). The object's digest is its strong `ETag` (and in
+/// `x-tessera-digest`), so a client resuming a download checks what it assembled; an
+/// `If-Range` that is not that ETag gets the whole object (RFC 9110 §13.1.5: the part
+/// asked for may belong to other bytes under the same name). Conditional requests by date
+/// are not answered with 304: under one name (`/model/x/y`), the bytes may change.
 pub(super) async fn stream_file(
     path: std::path::PathBuf,
     digest: &Digest,
     filename: Option<String>,
     request: &HeaderMap,
 ) -> ApiResult<Response> {
+    let etag = format!("\"{}\"", digest.hex());
     let mut req = axum::http::Request::builder().method(Method::GET).uri("/");
-    for name in [header::RANGE, header::IF_RANGE, header::IF_MODIFIED_SINCE, header::IF_UNMODIFIED_SINCE] {
-        if let Some(v) = request.get(&name) {
-            req = req.header(name, v);
-        }
+    let range_applies = match request.get(header::IF_RANGE) {
+        None => true,
+        Some(v) => v.to_str().is_ok_and(|v| v.trim() == etag),
+    };
+    if range_applies && let Some(v) = request.get(header::RANGE) {
+        req = req.header(header::RANGE, v);
     }
     let req = req.body(Body::empty()).map_err(|e| HubError::Storage(e.to_string()))?;
     let served = tower_http::services::ServeFile::new(&path)
@@ -250,6 +255,10 @@ pub(super) async fn stream_file(
     let mut resp = served.map(Body::new);
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.remove(header::LAST_MODIFIED);
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
     if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
         h.insert(super::DIGEST_HEADER, v);
     }
@@ -259,6 +268,12 @@ pub(super) async fn stream_file(
         h.insert(header::CONTENT_DISPOSITION, v);
     }
     Ok(resp)
+}
+
+/// True when a download's answer is the whole object to a GET (what download counters
+/// count: not a HEAD, a part or a refusal).
+pub(super) fn whole_download(method: &Method, resp: &Response) -> bool {
+    method == Method::GET && resp.status() == StatusCode::OK
 }
 
 /// Downloads a package by name and version or alias. A private package's ciphertext is
@@ -285,11 +300,13 @@ pub(super) async fn download_package(
     })
     .await?;
     meter_bytes(&s, reader.as_ref(), 0, record.size)?;
-    if !headers.contains_key(header::RANGE) {
+    let resp =
+        stream_file(path, &record.digest, Some(format!("{}-{}.tpkg", record.name, record.version)), &headers).await?;
+    if whole_download(&method, &resp) {
         let (store, n, v) = (s.store.clone(), record.name.clone(), record.version.clone());
         blocking(move || store.count_package_download(&n, &v)).await?;
     }
-    stream_file(path, &record.digest, Some(format!("{}-{}.tpkg", record.name, record.version)), &headers).await
+    Ok(resp)
 }
 
 /// The body of an alias update.
@@ -338,21 +355,26 @@ pub(super) async fn download_blob(
     let reader = read_signer(&s, &method, &uri, &headers)?;
     let store = s.store.clone();
     let r2 = reader.clone();
-    let whole = !headers.contains_key(header::RANGE);
-    let path = blocking(move || {
+    let (path, package) = blocking(move || {
+        let mut package = None;
         if let Ok(record) = store.by_digest(&digest) {
             store.check_read(&record, r2.as_ref(), now_ms())?;
-            if whole {
-                // Nodes fetch packages by digest: a download of that version.
-                store.count_package_download(&record.name, &record.version)?;
-            }
+            package = Some((record.name, record.version));
         }
-        store.blob_path(&digest)
+        Ok((store.blob_path(&digest)?, package))
     })
     .await?;
     let size = tokio::fs::metadata(&path).await.map_or(0, |m| m.len());
     meter_bytes(&s, reader.as_ref(), 0, size)?;
-    stream_file(path, &digest, None, &headers).await
+    let resp = stream_file(path, &digest, None, &headers).await?;
+    // Nodes fetch packages by digest: a download of that version.
+    if whole_download(&method, &resp)
+        && let Some((n, v)) = package
+    {
+        let store = s.store.clone();
+        blocking(move || store.count_package_download(&n, &v)).await?;
+    }
+    Ok(resp)
 }
 
 /// The record of a live package by digest.

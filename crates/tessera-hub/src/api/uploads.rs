@@ -1,6 +1,7 @@
 //! Resumable uploads (see [`crate::store::uploads`] for the protocol): begin, append a piece
 //! at the reported offset, ask the offset; the finished upload is named in the model upload
-//! that stores it (header [`UPLOAD_HEADER`]).
+//! that stores it (query parameter `upload`, which a request's signature covers with the
+//! rest of its path).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -26,10 +27,19 @@ use crate::store::{HubError, UploadRecord};
 /// The header of a piece: the offset it starts at, in bytes.
 pub const OFFSET_HEADER: &str = "upload-offset";
 
-/// The header naming a finished upload (its id), or bytes the hub already serves (their
-/// digest, `b3:<hex>`), in a model upload whose body is then empty or its metadata as JSON
-/// (`{metadata, lineage}`).
-pub const UPLOAD_HEADER: &str = "x-tessera-upload";
+/// The query parameter naming a finished upload (its id), or bytes the hub already serves
+/// (their digest, `b3:<hex>`), in a model upload whose body is then empty or its metadata as
+/// JSON (`{metadata, lineage, card}`). In the query, it is covered by the request's
+/// signature.
+pub const UPLOAD_PARAM: &str = "upload";
+
+/// The upload a model upload names, if any (`?upload=`).
+pub(crate) fn named_in(uri: &Uri) -> Option<String> {
+    uri.query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == UPLOAD_PARAM).then(|| v.replace("%3A", ":").replace("%3a", ":"))
+    })
+}
 
 /// A new upload.
 #[derive(Deserialize, Serialize, ToSchema)]
@@ -89,11 +99,16 @@ impl Appending {
         }
     }
 
+    /// Keeps an upload's running digest; when the map is full, one kept for another upload
+    /// (perhaps abandoned) goes: losing it only costs that upload a read of its file.
     fn keep(&self, id: &str, running: DigestWriter) {
         let mut g = self.lock();
-        if g.running.len() < MAX_RUNNING {
-            g.running.insert(id.to_owned(), running);
+        if g.running.len() >= MAX_RUNNING
+            && let Some(other) = g.running.keys().find(|k| *k != id).cloned()
+        {
+            g.running.remove(&other);
         }
+        g.running.insert(id.to_owned(), running);
     }
 
     /// The running digest of a finished upload, forgotten.
@@ -191,19 +206,15 @@ pub(super) async fn append_upload(
             rec.offset
         ))));
     }
-    let room = rec.size - rec.offset;
+    let room = rec.size.checked_sub(rec.offset).ok_or_else(|| {
+        HubError::Conflict(format!("upload {id} holds more than its declared {} bytes; begin it again", rec.size))
+    })?;
     check_length(&headers, room)?;
     let path = s.store.upload_file(&id);
-    let cut_back = |e: ApiError| {
-        let path = path.clone();
-        async move {
-            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) {
-                let _ = f.set_len(offset);
-            }
-            e
-        }
-    };
-    let mut file = tokio::fs::OpenOptions::new().append(true).open(&path).await.map_err(HubError::from)?;
+    // Whatever ends this request before the piece is accepted (an error, or the connection
+    // dropping, which drops this future), the file is cut back to the offset.
+    let mut guard = CutBack { path: path.clone(), offset, armed: true };
+    let mut file = tokio::fs::OpenOptions::new().create(true).append(true).open(&path).await.map_err(HubError::from)?;
     let mut hasher = DigestWriter::new();
     let mut running = s.appending.running(&id, offset);
     // No fsync per piece: the digest is checked over the whole file when the upload is used
@@ -226,14 +237,10 @@ pub(super) async fn append_upload(
     }
     .await;
     drop(file);
-    if let Err(e) = written {
-        return Err(cut_back(ApiError(e)).await);
-    }
+    written?;
     let n = hasher.len();
-    let accepted = auth.finish(&s, &hasher.finish()).and_then(|a| meter_bytes(&s, a.as_ref(), n, 0));
-    if let Err(e) = accepted {
-        return Err(cut_back(e).await);
-    }
+    auth.finish(&s, &hasher.finish()).and_then(|a| meter_bytes(&s, a.as_ref(), n, 0))?;
+    guard.armed = false;
     if let Some(r) = running {
         s.appending.keep(&id, r);
     }
@@ -247,10 +254,27 @@ pub(super) async fn append_upload(
     ))
 }
 
+/// Cuts an upload's file back to `offset` when dropped armed.
+struct CutBack {
+    path: std::path::PathBuf,
+    offset: u64,
+    armed: bool,
+}
+
+impl Drop for CutBack {
+    fn drop(&mut self) {
+        if self.armed
+            && let Ok(f) = std::fs::OpenOptions::new().write(true).open(&self.path)
+        {
+            let _ = f.set_len(self.offset);
+        }
+    }
+}
+
 /// Most bytes of metadata a model upload naming an upload may carry.
 const MAX_META_BODY: usize = 2 << 20;
 
-/// The bytes a model upload names in [`UPLOAD_HEADER`], checked: the upload must belong to
+/// The bytes a model upload names in `?upload=`, checked: the upload must belong to
 /// the signer and be complete, and its bytes must have the declared digest (an upload that
 /// does not is discarded); or the digest of bytes the hub already serves publicly. The
 /// body, if any, is the metadata. `name` is checked by the caller.
@@ -261,11 +285,7 @@ pub(crate) async fn named_upload(
     body: Body,
 ) -> ApiResult<(Received, Option<PublicKey>)> {
     let (method, uri, headers) = request;
-    let named = headers
-        .get(UPLOAD_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| HubError::BadRequest(format!("{UPLOAD_HEADER} is not text")))?
-        .to_owned();
+    let named = named_in(uri).ok_or_else(|| HubError::BadRequest(format!("no ?{UPLOAD_PARAM}= in the request")))?;
     let auth = check_headers(s, method, uri, headers, true)?;
     {
         let (store, name, a) = (s.store.clone(), name.to_owned(), auth.signer().cloned());

@@ -23,8 +23,9 @@ use tessera_identity::PublicKey;
 use super::{HubError, HubStore, parse_digest, remove_leftover};
 use crate::time::now_rfc3339;
 
-/// Largest component document, as JSON text, in bytes.
-pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+/// Largest component document, as JSON text, in bytes (64 KiB; a page of a listing holds
+/// at most [`crate::api`]'s 1,000 of them).
+pub const MAX_DOCUMENT_BYTES: usize = 64 << 10;
 
 /// Longest name part (`id`, `model_name`, `model_version`), in bytes.
 pub const MAX_KEY_PART: usize = 200;

@@ -425,12 +425,21 @@ impl HubStore {
 
     /// Live models whose name has `prefix` (by segments), sorted by name and version.
     pub fn models(&self, prefix: Option<&str>) -> Result<Vec<ModelRecord>, HubError> {
-        self.search_models(prefix, &super::search::Filters { limit: Some(u64::MAX), ..Default::default() })
+        self.matching_models(prefix, &super::search::Filters::default())
     }
 
     /// Models under `prefix` that pass `filters`, by name and version, the page the
     /// filters ask for; cards without their text.
     pub fn search_models(
+        &self,
+        prefix: Option<&str>,
+        filters: &super::search::Filters,
+    ) -> Result<Vec<ModelRecord>, HubError> {
+        Ok(filters.page(self.matching_models(prefix, filters)?))
+    }
+
+    /// Every model under `prefix` that passes `filters` (its page aside).
+    fn matching_models(
         &self,
         prefix: Option<&str>,
         filters: &super::search::Filters,
@@ -461,10 +470,7 @@ impl HubStore {
                 _ => a.version.cmp(&b.version),
             })
         });
-        if filters.limit == Some(u64::MAX) {
-            return Ok(out);
-        }
-        Ok(filters.page(out))
+        Ok(out)
     }
 
     /// Counts a whole download of a model version's binary.

@@ -9,9 +9,11 @@
 //! used, so a corrupt piece is caught before anything is recorded. An object the hub
 //! already serves as a model or component (public bytes) needs no bytes at all.
 //!
-//! The same account declaring the same digest and size again gets its upload in progress
-//! back: a client resumes without keeping any state. Each account has at most
-//! [`MAX_OPEN_UPLOADS`] uploads open; an upload untouched for [`STALE_AFTER_SECS`] is
+//! The same signed account declaring the same digest and size again gets its upload in
+//! progress back: a client resumes without keeping any state. (Unsigned clients of an open
+//! hub are one account, so they never get another's upload back: each declaration begins a
+//! new one, and theirs are removed after [`UNSIGNED_STALE_AFTER_SECS`].) Each account has at
+//! most [`MAX_OPEN_UPLOADS`] uploads open; an upload untouched for [`STALE_AFTER_SECS`] is
 //! removed.
 
 use std::path::PathBuf;
@@ -27,6 +29,9 @@ pub const MAX_OPEN_UPLOADS: u64 = 8;
 
 /// Seconds after its last piece an unfinished upload is removed (one day).
 pub const STALE_AFTER_SECS: u64 = 24 * 3600;
+
+/// Seconds after its last piece an unsigned client's unfinished upload is removed (an hour).
+pub const UNSIGNED_STALE_AFTER_SECS: u64 = 3600;
 
 /// An upload in progress.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -103,13 +108,16 @@ impl HubStore {
             return Ok(UploadRecord { id: None, digest: *digest, size, offset: size, complete: true });
         }
         let db = self.db();
-        let found: Option<String> = db
-            .query_row(
+        let found: Option<String> = if account.is_empty() {
+            None
+        } else {
+            db.query_row(
                 "SELECT id FROM uploads WHERE account = ?1 AND digest = ?2 AND size = ?3",
                 params![account, digest.to_string(), i64::try_from(size).unwrap_or(i64::MAX)],
                 |r| r.get(0),
             )
-            .optional()?;
+            .optional()?
+        };
         if let Some(id) = found {
             drop(db);
             return self.upload(&id, account);
@@ -124,8 +132,8 @@ impl HubStore {
             )));
         }
         let id = new_id();
-        std::fs::create_dir_all(self.uploads_dir())?;
-        std::fs::File::create(self.upload_file(&id))?;
+        // The row first, then the file: a crash between them leaves a row whose file the
+        // first piece creates (or which expires), never a file nothing names.
         db.execute(
             "INSERT INTO uploads (id, account, digest, size, touched) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
@@ -136,6 +144,9 @@ impl HubStore {
                 i64::try_from(now_secs()).unwrap_or(0)
             ],
         )?;
+        drop(db);
+        std::fs::create_dir_all(self.uploads_dir())?;
+        std::fs::File::create(self.upload_file(&id))?;
         tracing::info!(%id, %digest, size, "upload begun");
         Ok(UploadRecord { id: Some(id), digest: *digest, size, offset: 0, complete: size == 0 })
     }
@@ -146,6 +157,7 @@ impl HubStore {
     /// [`HubError::NotFound`]; [`HubError::BadRequest`] for a malformed id.
     pub fn upload(&self, id: &str, account: &str) -> Result<UploadRecord, HubError> {
         check_upload_id(id)?;
+        self.expire_uploads()?;
         let row: Option<(String, i64)> = self
             .db()
             .query_row("SELECT digest, size FROM uploads WHERE id = ?1 AND account = ?2", params![id, account], |r| {
@@ -181,17 +193,30 @@ impl HubStore {
         Ok(())
     }
 
-    /// Removes uploads untouched for [`STALE_AFTER_SECS`].
+    /// Removes uploads untouched for [`STALE_AFTER_SECS`] ([`UNSIGNED_STALE_AFTER_SECS`]
+    /// for unsigned clients'), and upload files no row names (left by a crash).
     fn expire_uploads(&self) -> Result<(), HubError> {
-        let cutoff = i64::try_from(now_secs().saturating_sub(STALE_AFTER_SECS)).unwrap_or(0);
+        let now = now_secs();
+        let cutoff = i64::try_from(now.saturating_sub(STALE_AFTER_SECS)).unwrap_or(0);
+        let unsigned_cutoff = i64::try_from(now.saturating_sub(UNSIGNED_STALE_AFTER_SECS)).unwrap_or(0);
         let stale: Vec<String> = self
             .db()
-            .prepare("SELECT id FROM uploads WHERE touched < ?1")?
-            .query_map(params![cutoff], |r| r.get(0))?
+            .prepare("SELECT id FROM uploads WHERE touched < ?1 OR (account = '' AND touched < ?2)")?
+            .query_map(params![cutoff, unsigned_cutoff], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
         for id in stale {
             tracing::info!(%id, "stale upload removed");
             self.end_upload(&id)?;
+        }
+        let Ok(files) = std::fs::read_dir(self.uploads_dir()) else { return Ok(()) };
+        for f in files.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let named: bool =
+                self.db()
+                    .query_row("SELECT EXISTS(SELECT 1 FROM uploads WHERE id = ?1)", params![name], |r| r.get(0))?;
+            if !named {
+                super::remove_leftover(&f.path());
+            }
         }
         Ok(())
     }
