@@ -361,6 +361,7 @@ async fn the_docs_list_every_route() {
         "POST /api/v1/uploads",
         "GET /api/v1/uploads/{id}",
         "PATCH /api/v1/uploads/{id}",
+        "DELETE /api/v1/uploads/{id}",
         "POST /{collection}",
         "GET /{collection}",
         "GET /{collection}/meta",

@@ -377,6 +377,10 @@ async fn a_key_that_owns_nothing_changes_nothing_and_reads_nothing_private_on_an
     piece.headers.push(("upload-offset".into(), "0".into()));
     cases.insert("PATCH /api/v1/uploads/{id}", (piece, &[StatusCode::NOT_FOUND][..]));
     cases.insert(
+        "DELETE /api/v1/uploads/{id}",
+        (signed(o, &k, "DELETE", &format!("/api/v1/uploads/{owners_upload}"), vec![]), &[StatusCode::NOT_FOUND][..]),
+    );
+    cases.insert(
         "POST /{collection}",
         (signed(o, &k, "POST", "/service", doc(json!({"id": "team.mine", "description": "x"}))), forbidden),
     );

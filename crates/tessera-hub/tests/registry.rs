@@ -261,6 +261,10 @@ async fn every_refused_write_leaves_no_trace() {
     piece.headers.push(("upload-offset".into(), "0".into()));
     cases.insert("PATCH /api/v1/uploads/{id}", (piece, StatusCode::NOT_FOUND));
     cases.insert(
+        "DELETE /api/v1/uploads/{id}",
+        (signed(&h, o, "DELETE", "/api/v1/uploads/0123456789abcdef0123456789abcdef", vec![]), StatusCode::NOT_FOUND),
+    );
+    cases.insert(
         "PUT /{collection}/{id}",
         (signed(&h, o, "PUT", "/service/meta.none", b"other object".to_vec()), StatusCode::NOT_FOUND),
     );

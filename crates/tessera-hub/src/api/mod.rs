@@ -225,7 +225,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(namespaces::show_namespace))
         .routes(routes!(namespaces::add_owner, namespaces::remove_owner))
         .routes(routes!(uploads::begin_upload))
-        .routes(routes!(uploads::show_upload, uploads::append_upload))
+        .routes(routes!(uploads::show_upload, uploads::append_upload, uploads::cancel_upload))
         .routes(routes!(collections::create_component, collections::list_components))
         .routes(routes!(collections::show_component))
         .routes(routes!(collections::put_object_by_id, collections::get_object_by_id, collections::delete_by_id))

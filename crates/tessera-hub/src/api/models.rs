@@ -159,6 +159,13 @@ pub(super) async fn list_models(
     Ok(Json(blocking(move || store.search_models(q.prefix.as_deref(), &filters)).await?))
 }
 
+/// What a model upload holds until it is stored: its upload slot, or the piece lock of the
+/// resumable upload it names.
+enum Hold {
+    Slot(#[allow(dead_code)] super::auth::UploadSlot),
+    Upload(#[allow(dead_code)] Option<super::uploads::AppendGuard>),
+}
+
 /// Checks a model upload from its headers, then receives it (see [`receive_upload`]), or
 /// takes the finished resumable upload it names (see [`named_upload`]).
 async fn receive_model_upload(
@@ -166,14 +173,14 @@ async fn receive_model_upload(
     request: (&Method, &Uri, &HeaderMap),
     name: &str,
     body: Body,
-) -> ApiResult<(Received, Option<PublicKey>, Option<super::auth::UploadSlot>)> {
+) -> ApiResult<(Received, Option<PublicKey>, Hold)> {
     crate::store::parse_name(name)?;
     if named_in(request.1).is_some() {
-        let (r, a) = named_upload(s, request, name, body).await?;
-        return Ok((r, a, None));
+        let (r, a, lock) = named_upload(s, request, name, body).await?;
+        return Ok((r, a, Hold::Upload(lock)));
     }
     let (r, a, slot) = receive_upload(s, request, name, true, body).await?;
-    Ok((r, a, Some(slot)))
+    Ok((r, a, Hold::Slot(slot)))
 }
 
 /// Stores a received model binary (moving its file into the store), then ends the
@@ -187,11 +194,11 @@ async fn store_model<T: Send + 'static>(
     blocking(move || {
         // A finished upload is stored through a link of its file, so a refused store (a
         // conflict, a busy database) leaves the upload to be named again.
+        // (Where the file system has no hard links, the upload's file is stored as it is.)
         let linked = match &r.upload {
             Some(_) if r.tmp.exists() => {
                 let link = store.blobs().temp_path();
-                std::fs::hard_link(&r.tmp, &link)?;
-                Some(link)
+                std::fs::hard_link(&r.tmp, &link).ok().map(|()| link)
             }
             _ => None,
         };

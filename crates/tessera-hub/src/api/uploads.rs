@@ -67,7 +67,8 @@ struct AppendState {
 /// is hashed from its file when it is used.
 const MAX_RUNNING: usize = 256;
 
-struct AppendGuard(Appending, String);
+/// One upload's piece lock, released when dropped.
+pub(crate) struct AppendGuard(Appending, String);
 
 impl Drop for AppendGuard {
     fn drop(&mut self) {
@@ -206,6 +207,16 @@ pub(super) async fn append_upload(
             rec.offset
         ))));
     }
+    {
+        // In use from now (it does not expire meanwhile), and cut back to its offset: bytes
+        // past it are of a piece that was not accepted.
+        let (store, id, at) = (s.store.clone(), id.clone(), rec.offset);
+        blocking(move || {
+            store.touch_upload(&id)?;
+            store.trim_upload(&id, at)
+        })
+        .await?;
+    }
     let room = rec.size.checked_sub(rec.offset).ok_or_else(|| {
         HubError::Conflict(format!("upload {id} holds more than its declared {} bytes; begin it again", rec.size))
     })?;
@@ -236,6 +247,10 @@ pub(super) async fn append_upload(
         Ok::<_, HubError>(())
     }
     .await;
+    if written.is_err() {
+        // Let a write still in flight land before the guard cuts it off.
+        let _ = file.flush().await;
+    }
     drop(file);
     written?;
     let n = hasher.len();
@@ -247,11 +262,34 @@ pub(super) async fn append_upload(
     let store = s.store.clone();
     Ok(Json(
         blocking(move || {
-            store.touch_upload(&id)?;
+            store.accept_piece(&id, offset + n)?;
             store.upload(&id, &who)
         })
         .await?,
     ))
+}
+
+/// Abandons an upload (its bytes are removed). Only the account that began it may.
+#[utoipa::path(delete, path = "/api/v1/uploads/{id}", tag = "hub",
+    params(("id" = String, Path, description = "The upload's id")),
+    security((), ("tessera_signature" = [])),
+    responses((status = 204, description = "Abandoned"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn cancel_upload(
+    State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<axum::http::StatusCode> {
+    check_upload_id(&id)?;
+    let actor = authenticate(&s, &method, &uri, &headers, b"", true)?;
+    let _one = s.appending.take(&id)?;
+    let store = s.store.clone();
+    let who = account(actor.as_ref());
+    let id2 = id.clone();
+    blocking(move || store.cancel_upload(&id2, &who)).await?;
+    s.appending.finished(&id);
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
 /// Cuts an upload's file back to `offset` when dropped armed.
@@ -283,7 +321,7 @@ pub(crate) async fn named_upload(
     request: (&Method, &Uri, &HeaderMap),
     name: &str,
     body: Body,
-) -> ApiResult<(Received, Option<PublicKey>)> {
+) -> ApiResult<(Received, Option<PublicKey>, Option<AppendGuard>)> {
     let (method, uri, headers) = request;
     let named = named_in(uri).ok_or_else(|| HubError::BadRequest(format!("no ?{UPLOAD_PARAM}= in the request")))?;
     let auth = check_headers(s, method, uri, headers, true)?;
@@ -298,6 +336,9 @@ pub(crate) async fn named_upload(
     let actor = auth.finish(s, &Digest::of(&bytes))?;
     let meta = if bytes.is_empty() { None } else { Some(ModelMeta::parse(&bytes)?) };
     let who = account(actor.as_ref());
+    // No piece may land (or be cut back) while the upload is checked and stored: its file
+    // becomes the model's.
+    let lock = if named.starts_with("b3:") { None } else { Some(s.appending.take(&named)?) };
     let store = s.store.clone();
     let running = s.appending.finished(&named);
     let received = blocking(move || {
@@ -314,6 +355,7 @@ pub(crate) async fn named_upload(
             return Ok(Received { tmp, digest, size, body_digest: digest, meta, upload: None });
         }
         let rec = store.upload(&named, &who)?;
+        store.touch_upload(&named)?;
         if !rec.complete {
             return Err(HubError::Conflict(format!(
                 "upload {named} has {} of its {} bytes; send the rest first",
@@ -321,6 +363,7 @@ pub(crate) async fn named_upload(
             )));
         }
         let file = store.upload_file(&named);
+        store.trim_upload(&named, rec.size)?;
         let actual = match running {
             Some(r) if r.len() == rec.size => r.finish(),
             _ => hash_file(&file)?,
@@ -337,7 +380,7 @@ pub(crate) async fn named_upload(
         Ok(Received { tmp: file, digest: actual, size: rec.size, body_digest: actual, meta, upload: Some(named) })
     })
     .await?;
-    Ok((received, actor))
+    Ok((received, actor, lock))
 }
 
 /// The digest of a file, read 4 MiB at a time and hashed on every core.

@@ -161,6 +161,7 @@ CREATE TABLE IF NOT EXISTS uploads (
     account TEXT NOT NULL,
     digest TEXT NOT NULL,
     size INTEGER NOT NULL,
+    received INTEGER NOT NULL DEFAULT 0,
     touched INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS usage (

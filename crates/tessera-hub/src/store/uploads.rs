@@ -4,9 +4,11 @@
 //! declares the object's digest and size, gets an upload id, appends pieces at the offset
 //! the hub reports (a piece at any other offset is refused), asks the offset again after a
 //! failure, and once every byte arrived names the upload in the request that stores the
-//! object. The bytes are kept in a file of the blob directory, `uploads/<id>`, whose length
-//! is the offset; the declared digest is checked over the whole file when the upload is
-//! used, so a corrupt piece is caught before anything is recorded. An object the hub
+//! object. The bytes are kept in a file of the blob directory, `uploads/<id>`; the offset
+//! is the bytes of accepted pieces, recorded with the upload (whatever lies past it in the
+//! file, from a piece that failed, is cut off before the next piece or the naming); the
+//! declared digest is checked over the whole file when the upload is used, so a corrupt
+//! piece is caught before anything is recorded. An object the hub
 //! already serves as a model or component (public bytes) needs no bytes at all.
 //!
 //! The same signed account declaring the same digest and size again gets its upload in
@@ -23,6 +25,12 @@ use serde::{Deserialize, Serialize};
 use tessera_core::Digest;
 
 use super::{HubError, HubStore, parse_digest};
+
+/// Seconds between two sweeps of stale uploads.
+const SWEEP_EVERY_SECS: u64 = 60;
+
+/// When the last sweep ran (seconds since the epoch).
+static LAST_SWEEP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Uploads one account may have open at once.
 pub const MAX_OPEN_UPLOADS: u64 = 8;
@@ -158,15 +166,17 @@ impl HubStore {
     pub fn upload(&self, id: &str, account: &str) -> Result<UploadRecord, HubError> {
         check_upload_id(id)?;
         self.expire_uploads()?;
-        let row: Option<(String, i64)> = self
+        let row: Option<(String, i64, i64)> = self
             .db()
-            .query_row("SELECT digest, size FROM uploads WHERE id = ?1 AND account = ?2", params![id, account], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row(
+                "SELECT digest, size, received FROM uploads WHERE id = ?1 AND account = ?2",
+                params![id, account],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
             .optional()?;
-        let (digest, size) = row.ok_or_else(|| HubError::NotFound(format!("upload {id}")))?;
+        let (digest, size, received) = row.ok_or_else(|| HubError::NotFound(format!("upload {id}")))?;
         let size = u64::try_from(size).unwrap_or(0);
-        let offset = std::fs::metadata(self.upload_file(id)).map(|m| m.len()).unwrap_or(0);
+        let offset = u64::try_from(received).unwrap_or(0).min(size);
         Ok(UploadRecord {
             id: Some(id.to_owned()),
             digest: parse_digest(&digest).map_err(|e| HubError::Storage(e.to_string()))?,
@@ -176,13 +186,42 @@ impl HubStore {
         })
     }
 
-    /// Marks an upload as touched now (a piece arrived).
+    /// Marks an upload as in use now (a piece or a naming begins), so it does not expire
+    /// meanwhile.
     pub(crate) fn touch_upload(&self, id: &str) -> Result<(), HubError> {
         self.db().execute(
             "UPDATE uploads SET touched = ?2 WHERE id = ?1",
             params![id, i64::try_from(now_secs()).unwrap_or(0)],
         )?;
         Ok(())
+    }
+
+    /// Records an accepted piece: the upload's offset is now `received`.
+    pub(crate) fn accept_piece(&self, id: &str, received: u64) -> Result<(), HubError> {
+        self.db().execute(
+            "UPDATE uploads SET received = ?2, touched = ?3 WHERE id = ?1",
+            params![id, i64::try_from(received).unwrap_or(i64::MAX), i64::try_from(now_secs()).unwrap_or(0)],
+        )?;
+        Ok(())
+    }
+
+    /// Cuts an upload's file back to its offset: bytes past it are of a piece that was not
+    /// accepted. Called with the upload's piece lock held.
+    pub(crate) fn trim_upload(&self, id: &str, offset: u64) -> Result<(), HubError> {
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(self.upload_file(id))?;
+        if f.metadata()?.len() != offset {
+            f.set_len(offset)?;
+        }
+        Ok(())
+    }
+
+    /// Abandons an upload of `account`.
+    ///
+    /// # Errors
+    /// [`HubError::NotFound`] for another account's or an unknown upload.
+    pub fn cancel_upload(&self, id: &str, account: &str) -> Result<(), HubError> {
+        self.upload(id, account)?;
+        self.end_upload(id)
     }
 
     /// Forgets an upload and removes its file (after it was used, or when its bytes did
@@ -194,9 +233,18 @@ impl HubStore {
     }
 
     /// Removes uploads untouched for [`STALE_AFTER_SECS`] ([`UNSIGNED_STALE_AFTER_SECS`]
-    /// for unsigned clients'), and upload files no row names (left by a crash).
+    /// for unsigned clients'), and upload files no row names (left by a crash); at most once
+    /// a minute.
     fn expire_uploads(&self) -> Result<(), HubError> {
         let now = now_secs();
+        let last = LAST_SWEEP.load(std::sync::atomic::Ordering::Relaxed);
+        if now < last.saturating_add(SWEEP_EVERY_SECS)
+            || LAST_SWEEP
+                .compare_exchange(last, now, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed)
+                .is_err()
+        {
+            return Ok(());
+        }
         let cutoff = i64::try_from(now.saturating_sub(STALE_AFTER_SECS)).unwrap_or(0);
         let unsigned_cutoff = i64::try_from(now.saturating_sub(UNSIGNED_STALE_AFTER_SECS)).unwrap_or(0);
         let stale: Vec<String> = self
