@@ -47,10 +47,46 @@ pub enum Command {
         #[arg(long)]
         data: Option<PathBuf>,
     },
+    /// Write the hub's whole state (records, blobs verified by digest, its key) to FILE,
+    /// which must not exist. The hub may be running: the records are read in one
+    /// transaction. FILE holds the hub's secret key: it is written 0600.
+    Dump {
+        /// The dump file to write.
+        file: PathBuf,
+        /// The hub's data directory (default: $TESSERA_HOME/hub).
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+    /// Restore a dump into a data directory that holds no hub yet (every blob checked
+    /// against its digest; nothing is written when anything is refused).
+    Restore {
+        /// The dump file to read.
+        file: PathBuf,
+        /// The data directory to restore into (default: $TESSERA_HOME/hub).
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
 }
 
 pub async fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
+        Command::Dump { file, data } => {
+            let data = data.unwrap_or_else(|| crate::tessera_home().join("hub"));
+            anyhow::ensure!(data.join("hub.sqlite").exists(), "no hub at {}", data.display());
+            let store = HubStore::open(&data).with_context(|| format!("opening the hub at {}", data.display()))?;
+            let s = tokio::task::spawn_blocking(move || store.dump(&file).map(|s| (s, file))).await??;
+            print_summary("dumped", &s.0);
+            println!("{}", s.1.display());
+            Ok(())
+        }
+        Command::Restore { file, data } => {
+            let data = data.unwrap_or_else(|| crate::tessera_home().join("hub"));
+            let d2 = data.clone();
+            let (_, s) = tokio::task::spawn_blocking(move || HubStore::restore(&d2, &file)).await??;
+            print_summary("restored", &s);
+            println!("{}", data.display());
+            Ok(())
+        }
         Command::Owners { namespace, owners, data } => {
             let data = data.unwrap_or_else(|| crate::tessera_home().join("hub"));
             let store = HubStore::open(&data).with_context(|| format!("opening the hub at {}", data.display()))?;
@@ -106,4 +142,14 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn print_summary(what: &str, s: &tessera_hub::DumpSummary) {
+    let rows: Vec<String> = s.rows.iter().filter(|(_, n)| **n > 0).map(|(t, n)| format!("{n} {t}")).collect();
+    eprintln!(
+        "{what} {} blob(s) ({} bytes, each checked against its digest); rows: {}",
+        s.blobs,
+        s.blob_bytes,
+        rows.join(", ")
+    );
 }

@@ -190,6 +190,19 @@ fn hub_walkthrough_publish_list_show_pull_and_models() {
     assert_eq!(status, 200);
     assert!(doc.contains("/api/v1/packages/{name}/{version}/download"));
 
+    // Dump the running hub and restore it elsewhere: the same models and packages.
+    let data = w.join("hub-data");
+    ok(&["hub", "dump", "hub.dump", "--data", data.to_str().unwrap()], w, None);
+    ok(&["hub", "restore", "hub.dump", "--data", w.join("restored").to_str().unwrap()], w, None);
+    let (a, b) =
+        (tessera_hub::HubStore::open(&data).unwrap(), tessera_hub::HubStore::open(w.join("restored")).unwrap());
+    let names =
+        |s: &tessera_hub::HubStore| s.models(None).unwrap().into_iter().map(|m| (m.name, m.digest)).collect::<Vec<_>>();
+    assert_eq!(names(&a), names(&b));
+    assert!(!names(&b).is_empty());
+    let err = fails(&["hub", "restore", "hub.dump", "--data", w.join("restored").to_str().unwrap()], w, None);
+    assert!(err.contains("holds a hub already"), "{err}");
+
     // A hub that is not there gets a clear error.
     let err = fails(&["module", "list"], w, Some("http://127.0.0.1:9"));
     assert!(err.contains("cannot reach the hub"), "{err}");

@@ -21,8 +21,8 @@ pub use api::{
     UPLOAD_PARAM, answer_panic, app, openapi,
 };
 pub use store::{
-    Collection, ComponentNeeds, ComponentRecord, GrantRecord, HubError, HubStore, ListQuery, ModelUpload, ObjectUpload,
-    PublishCheck, Published, Revision, UsageRecord,
+    Collection, ComponentNeeds, ComponentRecord, DumpSummary, Filters, GrantRecord, HubError, HubStore, ListQuery,
+    ModelUpload, ObjectUpload, PublishCheck, Published, Revision, UploadRecord, UsageRecord,
 };
 
 use std::sync::Arc;

@@ -13,6 +13,7 @@
 
 mod accounts;
 pub(crate) mod components;
+mod dump;
 mod grants;
 pub(crate) mod models;
 mod namespaces;
@@ -32,6 +33,7 @@ use tessera_ports::FsBlobStore;
 
 pub use accounts::UsageRecord;
 pub use components::{Collection, ComponentNeeds, ComponentRecord, ObjectUpload, Revision};
+pub use dump::DumpSummary;
 pub use grants::GrantRecord;
 pub use models::ModelUpload;
 pub use packages::{ListQuery, PublishCheck, Published};

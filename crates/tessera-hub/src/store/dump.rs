@@ -1,0 +1,321 @@
+//! Dump and restore: a hub's whole state in one file, to move it to another machine or
+//! data directory, verified by digest on the way back.
+//!
+//! The dump is a tar archive: `tessera-hub-dump.json` (format, counts), one
+//! `tables/<table>.jsonl` per table (each row a JSON object of its columns), every blob as
+//! `blobs/<hex digest>`, and the hub's key as `identity/hub.json` (the audience of signed
+//! requests, so clients that know the hub keep knowing it; the dump is written `0600`).
+//! Restoring needs an empty data directory (nothing already stored is overwritten), checks
+//! every blob against its name's digest and every row against the target's columns, and
+//! leaves nothing behind when it refuses. Uploads in progress are not dumped.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use rusqlite::types::ValueRef;
+use serde_json::{Map, Value};
+use tessera_core::{Digest, DigestWriter};
+
+use super::{HubError, HubStore};
+
+/// The dump format's version.
+const FORMAT: u32 = 1;
+
+/// The file naming the dump's format.
+const MANIFEST: &str = "tessera-hub-dump.json";
+
+/// Tables a dump leaves out: uploads in progress (their files are not dumped either).
+const SKIPPED: [&str; 1] = ["uploads"];
+
+/// What a dump or a restore moved.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DumpSummary {
+    /// Rows per table.
+    pub rows: BTreeMap<String, u64>,
+    /// Blobs, each verified by digest.
+    pub blobs: u64,
+    /// Their bytes.
+    pub blob_bytes: u64,
+}
+
+fn io(what: &str, e: impl std::fmt::Display) -> HubError {
+    HubError::Storage(format!("{what}: {e}"))
+}
+
+fn append(tar: &mut tar::Builder<impl Write>, path: &str, bytes: &[u8], mode: u32) -> Result<(), HubError> {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(bytes.len() as u64);
+    h.set_mode(mode);
+    h.set_mtime(0);
+    h.set_cksum();
+    tar.append_data(&mut h, path, bytes).map_err(|e| io(path, e))
+}
+
+impl HubStore {
+    /// Writes the hub's whole state to `file` (see the module's documentation), reading every
+    /// blob once to verify it.
+    ///
+    /// # Errors
+    /// [`HubError::Storage`] when a blob does not match its digest (the dump is removed) or
+    /// writing fails.
+    pub fn dump(&self, file: &Path) -> Result<DumpSummary, HubError> {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        // A file that exists is never touched; one this dump made is removed if it fails.
+        let out = opts.open(file).map_err(|e| io(&file.display().to_string(), e))?;
+        let result = self.dump_into(out);
+        if result.is_err() {
+            let _ = std::fs::remove_file(file);
+        }
+        result
+    }
+
+    fn dump_into(&self, out: std::fs::File) -> Result<DumpSummary, HubError> {
+        let mut tar = tar::Builder::new(std::io::BufWriter::new(out));
+        let mut summary = DumpSummary::default();
+        {
+            // One read transaction: the rows are of one moment.
+            let mut db = self.db();
+            let tx = db.transaction()?;
+            let tables: Vec<String> = tx
+                .prepare(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
+                )?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for table in tables.iter().filter(|t| !SKIPPED.contains(&t.as_str())) {
+                let mut stmt = tx.prepare(&format!("SELECT * FROM \"{table}\" ORDER BY rowid"))?;
+                let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+                let mut text = Vec::new();
+                let mut rows = stmt.query([])?;
+                let mut n = 0u64;
+                while let Some(row) = rows.next()? {
+                    let mut obj = Map::new();
+                    for (i, c) in columns.iter().enumerate() {
+                        let v = match row.get_ref(i)? {
+                            ValueRef::Null => Value::Null,
+                            ValueRef::Integer(x) => Value::from(x),
+                            ValueRef::Real(x) => Value::from(x),
+                            ValueRef::Text(t) => Value::String(String::from_utf8_lossy(t).into_owned()),
+                            ValueRef::Blob(_) => return Err(HubError::Storage(format!("{table}.{c} holds bytes"))),
+                        };
+                        obj.insert(c.clone(), v);
+                    }
+                    serde_json::to_writer(&mut text, &obj).map_err(|e| io(table, e))?;
+                    text.push(b'\n');
+                    n += 1;
+                }
+                append(&mut tar, &format!("tables/{table}.jsonl"), &text, 0o644)?;
+                summary.rows.insert(table.clone(), n);
+            }
+        }
+        for path in self.blob_files()? {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let digest = Digest::from_hex(&name).map_err(|e| io(&name, e))?;
+            let bytes = std::fs::read(&path).map_err(|e| io(&path.display().to_string(), e))?;
+            if Digest::of(&bytes) != digest {
+                return Err(HubError::Storage(format!("blob {digest} is corrupt on disk; nothing was dumped")));
+            }
+            summary.blobs += 1;
+            summary.blob_bytes += bytes.len() as u64;
+            append(&mut tar, &format!("blobs/{name}"), &bytes, 0o644)?;
+        }
+        let key = std::fs::read(self.dir.join("identity/hub.json")).map_err(|e| io("the hub's key", e))?;
+        append(&mut tar, "identity/hub.json", &key, 0o600)?;
+        let manifest = serde_json::json!({"format": FORMAT, "summary": summary});
+        append(&mut tar, MANIFEST, manifest.to_string().as_bytes(), 0o644)?;
+        let mut w = tar.into_inner().map_err(|e| io("the dump", e))?;
+        w.flush().map_err(|e| io("the dump", e))?;
+        w.get_ref().sync_all().map_err(|e| io("the dump", e))?;
+        Ok(summary)
+    }
+
+    /// The stored blobs' files (`<2 hex>/<64 hex>`), sorted.
+    fn blob_files(&self) -> Result<Vec<PathBuf>, HubError> {
+        let mut out = Vec::new();
+        for d in std::fs::read_dir(self.blobs.dir())?.flatten() {
+            let n = d.file_name().to_string_lossy().into_owned();
+            if n.len() != 2 || !d.path().is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(d.path())?.flatten() {
+                if f.file_name().len() == 64 {
+                    out.push(f.path());
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Restores a dump into `dir`, which must hold no hub yet, and opens it. Every blob is
+    /// checked against its digest and every row against the tables' columns; when anything
+    /// is refused, `dir` is left as it was.
+    ///
+    /// # Errors
+    /// [`HubError::Conflict`] when `dir` holds a hub; [`HubError::BadRequest`] for a dump
+    /// that is not one, of another format, with a blob that does not match its name or a row
+    /// that does not fit.
+    pub fn restore(dir: &Path, file: &Path) -> Result<(HubStore, DumpSummary), HubError> {
+        if dir.join("hub.sqlite").exists() {
+            return Err(HubError::Conflict(format!(
+                "{} holds a hub already; restore into an empty directory",
+                dir.display()
+            )));
+        }
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)?;
+        let staging = tempfile::Builder::new().prefix(".tessera-restore-").tempdir_in(parent)?;
+        let summary = restore_into(staging.path(), file)?;
+        if dir.exists() {
+            // An empty directory (checked: no hub in it) gives way to the restored one.
+            std::fs::remove_dir(dir).map_err(|e| {
+                HubError::Conflict(format!("{} is not empty ({e}); restore into an empty directory", dir.display()))
+            })?;
+        }
+        let staged = staging.keep();
+        std::fs::rename(&staged, dir).map_err(|e| io(&dir.display().to_string(), e))?;
+        let store = HubStore::open(dir)?;
+        Ok((store, summary))
+    }
+}
+
+/// Reads the dump into a new hub at `dir` (a fresh staging directory).
+fn restore_into(dir: &Path, file: &Path) -> Result<DumpSummary, HubError> {
+    let bad = |why: String| HubError::BadRequest(format!("{}: {why}", file.display()));
+    // The key first, so the hub opens with the dumped one rather than making its own.
+    let mut key: Option<Vec<u8>> = None;
+    let mut tables: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut manifest: Option<Value> = None;
+    let mut summary = DumpSummary::default();
+    let blobs = tessera_ports::FsBlobStore::open(dir.join("blobs"))?;
+    let f = std::fs::File::open(file).map_err(|e| bad(e.to_string()))?;
+    let mut archive = tar::Archive::new(std::io::BufReader::new(f));
+    for entry in archive.entries().map_err(|e| bad(e.to_string()))? {
+        let mut entry = entry.map_err(|e| bad(e.to_string()))?;
+        let path = entry.path().map_err(|e| bad(e.to_string()))?.to_string_lossy().into_owned();
+        if !entry.header().entry_type().is_file() {
+            return Err(bad(format!("entry {path:?} is not a file")));
+        }
+        let size = entry.header().size().map_err(|e| bad(e.to_string()))?;
+        if let Some(hex) = path.strip_prefix("blobs/") {
+            let digest = Digest::from_hex(hex).map_err(|e| bad(format!("entry {path:?}: {e}")))?;
+            // Streamed to a file beside the store, hashed on the way, adopted once it matches.
+            let tmp = blobs.temp_path();
+            let mut out = std::fs::File::create(&tmp)?;
+            let mut h = DigestWriter::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = entry.read(&mut buf).map_err(|e| bad(e.to_string()))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                out.write_all(&buf[..n])?;
+            }
+            out.sync_all()?;
+            drop(out);
+            if h.finish() != digest {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(bad(format!("blob {digest} does not match its digest; nothing was restored")));
+            }
+            blobs.adopt_file(&tmp, &digest)?;
+            summary.blobs += 1;
+            summary.blob_bytes += h.len();
+            continue;
+        }
+        if size > 1 << 30 {
+            return Err(bad(format!("entry {path:?} is {size} bytes")));
+        }
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).map_err(|e| bad(e.to_string()))?;
+        match path.as_str() {
+            "identity/hub.json" => key = Some(bytes),
+            MANIFEST => manifest = Some(serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?),
+            p => match p.strip_prefix("tables/").and_then(|t| t.strip_suffix(".jsonl")) {
+                Some(t) if t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
+                    tables.insert(t.to_owned(), bytes);
+                }
+                _ => return Err(bad(format!("unexpected entry {path:?}"))),
+            },
+        }
+    }
+    let manifest = manifest.ok_or_else(|| bad("not a hub dump (no tessera-hub-dump.json)".into()))?;
+    if manifest["format"] != FORMAT {
+        return Err(bad(format!("dump format {} (this hub reads {FORMAT})", manifest["format"])));
+    }
+    let key = key.ok_or_else(|| bad("the dump holds no hub key".into()))?;
+    let id = dir.join("identity");
+    std::fs::create_dir_all(&id)?;
+    #[cfg(unix)]
+    std::fs::set_permissions(&id, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    opts.open(id.join("hub.json"))?.write_all(&key)?;
+    // The schema of this hub, then the rows, in one transaction.
+    drop(HubStore::open(dir)?);
+    let mut conn = rusqlite::Connection::open(dir.join("hub.sqlite"))?;
+    let tx = conn.transaction()?;
+    for (table, text) in &tables {
+        let columns: Vec<String> = tx
+            .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        if columns.is_empty() {
+            return Err(bad(format!("table {table} is not a table of this hub")));
+        }
+        let mut n = 0u64;
+        for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let row: Map<String, Value> =
+                serde_json::from_slice(line).map_err(|e| bad(format!("a row of {table}: {e}")))?;
+            let mut names = Vec::new();
+            let mut values: Vec<rusqlite::types::Value> = Vec::new();
+            for (k, v) in row {
+                if !columns.contains(&k) {
+                    return Err(bad(format!("table {table} has no column {k:?}")));
+                }
+                names.push(format!("\"{k}\""));
+                values.push(match v {
+                    Value::Null => rusqlite::types::Value::Null,
+                    Value::Bool(b) => rusqlite::types::Value::Integer(i64::from(b)),
+                    Value::Number(x) => match x.as_i64() {
+                        Some(i) => rusqlite::types::Value::Integer(i),
+                        None => rusqlite::types::Value::Real(x.as_f64().unwrap_or(0.0)),
+                    },
+                    Value::String(s) => rusqlite::types::Value::Text(s),
+                    other => return Err(bad(format!("table {table}, column {k}: {other} is not a column value"))),
+                });
+            }
+            let marks: Vec<String> = (1..=names.len()).map(|i| format!("?{i}")).collect();
+            tx.execute(
+                &format!("INSERT INTO \"{table}\" ({}) VALUES ({})", names.join(", "), marks.join(", ")),
+                rusqlite::params_from_iter(values),
+            )
+            .map_err(|e| bad(format!("a row of {table}: {e}")))?;
+            n += 1;
+        }
+        summary.rows.insert(table.clone(), n);
+    }
+    // Every row that names a blob has it.
+    for query in [
+        "SELECT digest FROM packages WHERE deleted = 0",
+        "SELECT digest FROM models WHERE deleted = 0",
+        "SELECT digest FROM component_revisions",
+    ] {
+        let table = query.split_whitespace().nth(3).unwrap_or_default();
+        let digests: Vec<Option<String>> = tx.prepare(query)?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        for d in digests.into_iter().flatten() {
+            let digest: Digest = d.parse().map_err(|e| bad(format!("{table}: {e}")))?;
+            if !blobs.path_of(&digest).exists() {
+                return Err(bad(format!("{table} names blob {digest}, which the dump does not hold")));
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(summary)
+}

@@ -1,0 +1,256 @@
+//! Dump and restore: the same listings, cards, lineage and digests on the other side, and a
+//! tampered dump changes nothing.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tessera_core::Digest;
+use tessera_hub::{AppState, HubError, HubPolicy, HubStore, app};
+use tessera_identity::envelope::HEADER;
+use tessera_identity::{Envelope, KeyPair, KeyType, PACKAGE_SIGNATURE_HEADER, PackageSignature, now_ms};
+use tessera_package::{Limits, pack_dir};
+use tower::ServiceExt;
+
+async fn call(
+    store: &Arc<HubStore>,
+    key: Option<&KeyPair>,
+    method: &str,
+    uri: &str,
+    body: Vec<u8>,
+    headers: &[(&str, String)],
+) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    if let Some(k) = key {
+        let env = Envelope::sign(k, store.key().public(), method, uri, &body, now_ms());
+        req = req.header(HEADER, env.to_header());
+    }
+    let router = app(AppState::new(store.clone(), HubPolicy::open()));
+    let resp = router.oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or_else(|_| json!(Digest::of(&bytes).to_string())))
+}
+
+/// What a user sees of a hub: listings, cards, lineage, components, owners, and the bytes
+/// (by digest) of every download.
+async fn view(store: &Arc<HubStore>) -> Value {
+    let mut out = serde_json::Map::new();
+    for path in [
+        "/api/v1/packages?all=true",
+        "/api/v1/packages/team.pkg/1.0.0/card",
+        "/api/v1/packages/team.pkg/1.0.0/download",
+        "/api/v1/models",
+        "/api/v1/models/team.model/1.0.0/lineage",
+        "/api/v1/models/team.model/1.0.0/card",
+        "/api/v1/models/team.model/1.0.0",
+        "/api/v1/namespaces/team",
+        "/service",
+        "/service/team.svc",
+        "/api/v1/health",
+    ] {
+        out.insert(path.into(), call(store, None, "GET", path, vec![], &[]).await.1);
+    }
+    // The view's own downloads count: compared apart.
+    let mut v = Value::Object(out);
+    drop_downloads(&mut v);
+    v
+}
+
+fn drop_downloads(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.remove("downloads");
+            m.values_mut().for_each(drop_downloads);
+        }
+        Value::Array(a) => a.iter_mut().for_each(drop_downloads),
+        _ => {}
+    }
+}
+
+fn package(dir: &Path) -> Vec<u8> {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("module.yaml"),
+        "name: team.pkg\nversion: 1.0.0\nkind: task\nruntime: builtin\nentry: echo\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("README.md"), "---\nlicense: mit\ntags: [demo]\n---\nA demo package.\n").unwrap();
+    pack_dir(dir, &Limits::default()).unwrap().bytes
+}
+
+async fn populated(dir: &Path) -> (Arc<HubStore>, KeyPair) {
+    let store = Arc::new(HubStore::open(dir).unwrap());
+    let k = KeyPair::generate(KeyType::Ed25519);
+    let bytes = package(&dir.with_extension("src"));
+    let sig = PackageSignature::sign(&k, &Digest::of(&bytes));
+    let (s, b) =
+        call(&store, Some(&k), "POST", "/api/v1/packages", bytes, &[(PACKAGE_SIGNATURE_HEADER, sig.to_header())]).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let lineage = json!({"session": "s-1", "strategy": "fedavg", "modules": [], "nodes": ["n0"], "rounds": 2, "metrics": [], "datasets": ["digits"]});
+    let meta = json!({"metadata": {"library": "numpy"}, "lineage": lineage, "card": "---\nlicense: apache-2.0\n---\nThe model.\n"});
+    let b = "dump-boundary";
+    let mut body = format!("--{b}\r\nContent-Disposition: form-data; name=\"meta\"\r\n\r\n{meta}\r\n--{b}\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\n").into_bytes();
+    body.extend_from_slice(b"model weights");
+    body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
+    let ctype = format!("multipart/form-data; boundary={b}");
+    let (s, m) =
+        call(&store, Some(&k), "PUT", "/api/v1/models/team.model/1.0.0", body, &[("content-type", ctype)]).await;
+    assert_eq!(s, StatusCode::CREATED, "{m}");
+    let doc = serde_json::to_vec(&json!({"id": "team.svc", "description": "a service"})).unwrap();
+    assert_eq!(call(&store, Some(&k), "POST", "/service", doc, &[]).await.0, StatusCode::CREATED);
+    for object in [&b"first revision"[..], b"second revision"] {
+        assert_eq!(
+            call(&store, Some(&k), "PUT", "/service/team.svc", object.to_vec(), &[]).await.0,
+            StatusCode::NO_CONTENT
+        );
+    }
+    (store, k)
+}
+
+#[tokio::test]
+async fn a_restored_hub_shows_the_same_and_keeps_its_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, owner) = populated(&tmp.path().join("a")).await;
+    let before = view(&store).await;
+    let file = tmp.path().join("hub.dump");
+    let dumped = store.dump(&file).unwrap();
+    assert_eq!(dumped.blobs, 4, "package, model, two revisions: {dumped:?}");
+    assert_eq!(dumped.rows["components"], 1);
+    #[cfg(unix)]
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).unwrap().permissions()) & 0o777,
+        0o600
+    );
+    // A dump never overwrites a file.
+    assert!(store.dump(&file).is_err());
+    assert!(file.exists(), "the existing dump is kept");
+
+    let (restored, summary) = HubStore::restore(&tmp.path().join("b"), &file).unwrap();
+    assert_eq!(summary.blobs, dumped.blobs);
+    let restored = Arc::new(restored);
+    assert_eq!(restored.key().public(), store.key().public(), "the hub keeps its key");
+    let counted = (
+        store.model("team.model", "1.0.0").unwrap().downloads,
+        store.resolve_str("team.pkg", "1.0.0").unwrap().downloads,
+    );
+    assert_eq!(counted, (1, 1));
+    assert_eq!(
+        (
+            restored.model("team.model", "1.0.0").unwrap().downloads,
+            restored.resolve_str("team.pkg", "1.0.0").unwrap().downloads
+        ),
+        counted,
+        "download counters move with the hub"
+    );
+    let after = view(&restored).await;
+    assert_eq!(after, before);
+    // The namespace still belongs to its owner: another key may not write there.
+    let stranger = KeyPair::generate(KeyType::Ed25519);
+    let doc = serde_json::to_vec(&json!({"id": "team.other"})).unwrap();
+    assert_eq!(call(&restored, Some(&stranger), "POST", "/service", doc.clone(), &[]).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(call(&restored, Some(&owner), "POST", "/service", doc, &[]).await.0, StatusCode::CREATED);
+    // Restoring over a hub is refused.
+    let e = HubStore::restore(&tmp.path().join("b"), &file).err().unwrap();
+    assert!(matches!(e, HubError::Conflict(_)), "{e}");
+}
+
+/// Rewrites a dump with `f` applied to each entry's bytes.
+fn rewrite(from: &Path, to: &Path, f: impl Fn(&str, Vec<u8>) -> Option<Vec<u8>>) {
+    let mut archive = tar::Archive::new(std::fs::File::open(from).unwrap());
+    let mut out = tar::Builder::new(std::fs::File::create(to).unwrap());
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut bytes).unwrap();
+        let Some(bytes) = f(&path, bytes) else { continue };
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        out.append_data(&mut h, &path, bytes.as_slice()).unwrap();
+    }
+    out.finish().unwrap();
+}
+
+#[tokio::test]
+async fn a_tampered_dump_restores_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = populated(&tmp.path().join("a")).await;
+    let file = tmp.path().join("hub.dump");
+    store.dump(&file).unwrap();
+    type Edit = Box<dyn Fn(&str, Vec<u8>) -> Option<Vec<u8>>>;
+    // (what, the edit, whether the result restores)
+    let cases: Vec<(&str, Edit, bool)> = vec![
+        ("unchanged", Box::new(|_, b| Some(b)), true),
+        ("without the grants table", Box::new(|p, b| (p != "tables/grants.jsonl").then_some(b)), true),
+        (
+            "a blob's bytes changed",
+            Box::new(|p, mut b| {
+                if p.starts_with("blobs/") {
+                    b[0] ^= 1;
+                }
+                Some(b)
+            }),
+            false,
+        ),
+        ("a blob left out", Box::new(|p, b| (!p.starts_with("blobs/")).then_some(b)), false),
+        (
+            "a row with a column this hub does not have",
+            Box::new(|p, b| {
+                Some(if p == "tables/models.jsonl" {
+                    let mut row: Value = serde_json::from_slice(b.split(|c| *c == b'\n').next().unwrap()).unwrap();
+                    row["evil"] = json!(1);
+                    let mut line = serde_json::to_vec(&row).unwrap();
+                    line.push(b'\n');
+                    line
+                } else {
+                    b
+                })
+            }),
+            false,
+        ),
+        (
+            "a row that is not JSON",
+            Box::new(|p, b| Some(if p == "tables/grants.jsonl" { b"{not json\n".to_vec() } else { b })),
+            false,
+        ),
+        (
+            "another format",
+            Box::new(|p, b| Some(if p == "tessera-hub-dump.json" { br#"{"format": 99}"#.to_vec() } else { b })),
+            false,
+        ),
+        ("no key", Box::new(|p, b| (p != "identity/hub.json").then_some(b)), false),
+        ("no manifest", Box::new(|p, b| (p != "tessera-hub-dump.json").then_some(b)), false),
+    ];
+    for (i, (what, f, restores)) in cases.into_iter().enumerate() {
+        let bad = tmp.path().join(format!("case-{i}.dump"));
+        rewrite(&file, &bad, f);
+        let target = tmp.path().join(format!("target-{i}"));
+        let result = HubStore::restore(&target, &bad);
+        if restores {
+            result.unwrap_or_else(|e| panic!("{what}: {e}"));
+            continue;
+        }
+        let e = result.err().unwrap_or_else(|| panic!("{what}: restored"));
+        assert!(matches!(e, HubError::BadRequest(_)), "{what}: {e}");
+        assert!(!target.exists(), "{what}: the target was written");
+        let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tessera-restore"))
+            .collect();
+        assert!(leftovers.is_empty(), "{what}: staging left behind");
+    }
+    // Not a dump at all.
+    std::fs::write(tmp.path().join("garbage"), b"not a tar").unwrap();
+    assert!(HubStore::restore(&tmp.path().join("g"), &tmp.path().join("garbage")).is_err());
+    assert!(!tmp.path().join("g").exists());
+}
