@@ -177,7 +177,10 @@ impl HubStore {
             })?;
         }
         let staged = staging.keep();
-        std::fs::rename(&staged, dir).map_err(|e| io(&dir.display().to_string(), e))?;
+        if let Err(e) = std::fs::rename(&staged, dir) {
+            let _ = std::fs::remove_dir_all(&staged);
+            return Err(io(&dir.display().to_string(), e));
+        }
         let store = HubStore::open(dir)?;
         Ok((store, summary))
     }
