@@ -118,43 +118,21 @@ pub(super) async fn create_model(
     Ok((StatusCode::CREATED, Json(m)))
 }
 
-/// Query for listing models.
+/// The name prefix of a model listing (its other filters are [`crate::store::Filters`]).
 #[derive(Deserialize, Default, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ModelQuery {
     /// Name prefix, by segments.
     pub prefix: Option<String>,
-    /// Text to find in the name or description (metadata or card).
-    pub q: Option<String>,
-    /// Only with this tag (metadata `tags` or card).
-    pub tag: Option<String>,
-    /// Only under this license (metadata or card).
-    pub license: Option<String>,
-    /// Only for this library (metadata `library` or the card's `library_name`).
-    pub library: Option<String>,
-    /// Only uploaded by this key.
-    pub signer: Option<String>,
-    /// Records to skip (default 0).
-    pub offset: Option<u64>,
-    /// Records to return (default and most: 1,000).
-    pub limit: Option<u64>,
 }
 
-/// Lists models.
-#[utoipa::path(get, path = "/api/v1/models", tag = "models", params(ModelQuery), responses((status = 200, body = Vec<ModelRecord>)))]
+/// Lists models: those under the prefix that pass the filters, a page of them.
+#[utoipa::path(get, path = "/api/v1/models", tag = "models", params(ModelQuery, crate::store::Filters), responses((status = 200, body = Vec<ModelRecord>)))]
 pub(super) async fn list_models(
     State(s): State<AppState>,
     Query(q): Query<ModelQuery>,
+    Query(filters): Query<crate::store::Filters>,
 ) -> ApiResult<Json<Vec<ModelRecord>>> {
-    let filters = crate::store::Filters {
-        q: q.q,
-        tag: q.tag,
-        license: q.license,
-        library: q.library,
-        signer: q.signer,
-        offset: q.offset,
-        limit: q.limit,
-    };
     let store = s.store.clone();
     Ok(Json(blocking(move || store.search_models(q.prefix.as_deref(), &filters)).await?))
 }
