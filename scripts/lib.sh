@@ -24,6 +24,24 @@ ensure_nats_server() {
     fi
 }
 
+# Headless Chromium for the dashboard's browser test (Debian's chromium-headless-shell).
+ensure_chromium() {
+    if [ -n "${TESSERA_CHROMIUM:-}" ] || command -v chromium-headless-shell >/dev/null 2>&1 \
+        || command -v chromium >/dev/null 2>&1; then
+        return
+    fi
+    echo "installing chromium-headless-shell (apt-get install chromium-headless-shell)" >&2
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    $sudo apt-get install -y chromium-headless-shell >/dev/null || {
+        $sudo apt-get update >/dev/null && $sudo apt-get install -y chromium-headless-shell >/dev/null
+    }
+    if ! command -v chromium-headless-shell >/dev/null 2>&1; then
+        echo "error: Chromium is required (the dashboard's test) and could not be installed" >&2
+        exit 1
+    fi
+}
+
 # A free TCP port on loopback.
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'

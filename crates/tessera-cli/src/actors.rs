@@ -123,6 +123,8 @@ pub enum QueueCommand {
         /// The queue.
         queue: String,
         #[command(flatten)]
+        out: crate::output::JsonArg,
+        #[command(flatten)]
         endpoint: EndpointArg,
     },
 }
@@ -369,7 +371,14 @@ pub async fn queue(c: QueueCommand) -> anyhow::Result<()> {
                 println!("{v}");
             }
         }
-        QueueCommand::Len { queue, endpoint } => println!("{}", endpoint.client()?.queue_len(&queue).await?),
+        QueueCommand::Len { queue, out, endpoint } => {
+            let len = endpoint.client()?.queue_len(&queue).await?;
+            if out.json {
+                crate::output::print_json(&serde_json::json!({ "queue": queue, "len": len }))?;
+            } else {
+                println!("{len}");
+            }
+        }
     }
     Ok(())
 }

@@ -11,7 +11,8 @@ use tessera_hub::{AppState, HubPolicy, HubStore, app};
 #[derive(Subcommand)]
 pub enum Command {
     /// Serve a hub over HTTP: the REST API under /api/v1, the OpenAPI document at
-    /// /openapi.json and an interactive docs page at /docs (no internet needed).
+    /// /openapi.json, an interactive docs page at /docs, the dashboard at /ui and Prometheus
+    /// metrics at /metrics (no internet needed).
     Serve {
         /// Where the hub keeps its database and blobs (default: $TESSERA_HOME/hub).
         #[arg(long)]
@@ -32,6 +33,14 @@ pub enum Command {
         /// Largest model binary accepted.
         #[arg(long, default_value = "8GiB")]
         max_model: tessera_core::ByteSize,
+        /// Show this NATS cluster's nodes, runs and actors on the dashboard (/ui). Without
+        /// it the dashboard shows the hub's modules and models only.
+        #[arg(long, value_name = "URL")]
+        nats: Option<String>,
+        /// With --nats: the cluster's node announcement time-to-live, in seconds (as its
+        /// nodes were given it: the membership is kept per value).
+        #[arg(long, env = "TESSERA_MEMBER_TTL", default_value = "15", value_parser = tessera_core::time::parse_seconds)]
+        member_ttl: std::time::Duration,
     },
     /// Set a namespace's owners directly in a hub's data (the operator's override, for
     /// whoever can read the hub's directory; the hub may be running). For namespaces that
@@ -101,7 +110,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             eprintln!("namespace {namespace} now belongs to {} key(s)", keys.len());
             Ok(())
         }
-        Command::Serve { data, listen, open, window, max_uploads, max_model } => {
+        Command::Serve { data, listen, open, window, max_uploads, max_model, nats, member_ttl } => {
             let data = data.unwrap_or_else(|| crate::tessera_home().join("hub"));
             let store =
                 Arc::new(HubStore::open(&data).with_context(|| format!("opening the hub at {}", data.display()))?);
@@ -136,12 +145,30 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
                     "mutating requests and packages must be signed"
                 }
             );
-            axum::serve(listener, app(AppState::new(store, policy)))
+            let cluster = match nats {
+                Some(url) => {
+                    anyhow::ensure!(member_ttl.as_secs() >= 1, "--member-ttl must be at least 1 second");
+                    let options = tessera_nats::NatsOptions { member_ttl, ..tessera_nats::NatsOptions::default() };
+                    let backend =
+                        tessera_nats::backend(&url, &options).await.with_context(|| format!("--nats {url}"))?;
+                    Some(dashboard_cluster(backend, store.clone()))
+                }
+                None => None,
+            };
+            eprintln!("dashboard: http://{addr}/ui  metrics: http://{addr}/metrics");
+            axum::serve(listener, app(AppState::new(store, policy)).merge(tessera_dashboard::router(cluster)))
                 .with_graceful_shutdown(crate::shutdown_signal())
                 .await?;
             Ok(())
         }
     }
+}
+
+/// The dashboard's view of a cluster: its nodes and actors, and its runs read through a
+/// coordinator that sends nothing.
+pub fn dashboard_cluster(backend: tessera_ports::Backend, hub: Arc<HubStore>) -> tessera_dashboard::Cluster {
+    let reader = tessera_coordinator::Coordinator::new(backend.clone(), Arc::new(tessera_hub::LocalHub(hub)), None);
+    tessera_dashboard::Cluster::new(backend, reader)
 }
 
 fn print_summary(what: &str, s: &tessera_hub::DumpSummary) {

@@ -24,12 +24,17 @@ pub enum Command {
         encrypt: bool,
     },
     /// List the keys.
-    List,
+    List {
+        #[command(flatten)]
+        out: crate::output::JsonArg,
+    },
     /// Show a key's public key (and Ethereum-style address for secp256k1).
     Show {
         /// Its name.
         #[arg(default_value = "default")]
         name: String,
+        #[command(flatten)]
+        out: crate::output::JsonArg,
     },
     /// Print a key: its public key, or with --secret the secret to import elsewhere.
     Export {
@@ -104,6 +109,17 @@ pub fn load(name: &str) -> anyhow::Result<Arc<KeyPair>> {
     Ok(Arc::new(ks.load(name, pw.as_deref())?))
 }
 
+/// A key as `--json` prints it.
+fn key_json(info: &KeyInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": info.name,
+        "public": info.public.to_string(),
+        "type": info.public.key_type().to_string(),
+        "encrypted": info.encrypted,
+        "address": info.public.eth_address(),
+    })
+}
+
 fn print(info: &KeyInfo) {
     println!("{}", info.public);
     eprintln!("key {}: {}{}", info.name, info.public.key_type(), if info.encrypted { ", encrypted" } else { "" });
@@ -121,8 +137,11 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             print(&info);
             Ok(())
         }
-        Command::List => {
+        Command::List { out } => {
             let keys = ks.list()?;
+            if out.json {
+                return crate::output::print_json(&keys.iter().map(key_json).collect::<Vec<_>>());
+            }
             if keys.is_empty() {
                 eprintln!("no keys in {} (tessera key new makes one)", ks.dir().display());
             }
@@ -131,8 +150,12 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Show { name } => {
-            print(&ks.info(&name)?);
+        Command::Show { name, out } => {
+            let info = ks.info(&name)?;
+            if out.json {
+                return crate::output::print_json(&key_json(&info));
+            }
+            print(&info);
             Ok(())
         }
         Command::Export { name, secret } => {

@@ -9,6 +9,7 @@ mod key;
 mod model;
 mod module;
 mod node;
+mod output;
 mod progress;
 mod quickstart;
 mod runs;
@@ -82,6 +83,8 @@ enum Command {
         #[arg(long)]
         nats: Option<String>,
         #[command(flatten)]
+        out: output::JsonArg,
+        #[command(flatten)]
         hub: HubArg,
     },
     /// Launch a module as a named, long-lived actor on a node (get-or-create: launching a
@@ -122,6 +125,8 @@ enum Command {
         /// Directory whose disk is measured.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        #[command(flatten)]
+        out: output::JsonArg,
     },
 }
 
@@ -150,6 +155,8 @@ fn main() -> std::process::ExitCode {
         _ => "warn",
     };
     init_logging(cli.verbose, default_level);
+    // One recorder for the process: every server in it serves the same /metrics.
+    tessera_ports::metrics::install();
     // A panic (a bug; servers answer it with 500) is one log line, not a backtrace per
     // request.
     std::panic::set_hook(Box::new(|info| {
@@ -178,13 +185,14 @@ fn main() -> std::process::ExitCode {
             Command::Dataset(c) => dataset::run(c),
             Command::Node(NodeCommand::Run(args)) => node::run(args).await,
             Command::Node(NodeCommand::Key { id }) => node::print_key(&id),
-            Command::Node(NodeCommand::Doctor { policy }) => node::doctor(policy.as_deref()),
+            Command::Node(NodeCommand::Doctor { policy, out }) => node::doctor(policy.as_deref(), out.json),
+            Command::Node(NodeCommand::List { nats, out }) => node::list(&nats, out.json).await,
             Command::Swarm(c) => swarm::run(c).await,
             Command::Flow(c) => flow::run(c).await,
             Command::Key(c) => key::run(c),
-            Command::Usage { nats, hub } => usage(nats, &hub).await,
+            Command::Usage { nats, out, hub } => usage(nats, &hub, out.json).await,
             Command::Namespace(c) => namespace(c).await,
-            Command::NodeInfo { dir } => node_info(&dir),
+            Command::NodeInfo { dir, out } => node_info(&dir, out.json),
             Command::Launch(a) => actors::launch(a).await,
             Command::Actors { json, endpoint } => actors::list(endpoint, json).await,
             Command::Kill { name, endpoint } => actors::kill(name, endpoint).await,
@@ -220,20 +228,31 @@ fn report(e: &anyhow::Error) -> String {
     out
 }
 
-fn node_info(dir: &std::path::Path) -> anyhow::Result<()> {
+fn node_info(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let r = tessera_node::resources::detect(dir);
-    println!("cpu:      {} cores", r.cpu);
-    println!("memory:   {}", r.memory);
-    println!("gpu:      {}", r.gpu);
-    println!("disk:     {} free at {}", r.disk, dir.display());
-    println!("runtimes: wasm, builtin, python ($TESSERA_PYTHON or python3), process");
     let sandbox = tessera_process::Sandbox::new(tessera_process::SandboxPolicy::default());
     let enforced: Vec<String> = sandbox.support().enforced().iter().map(ToString::to_string).collect();
-    println!(
-        "sandbox:  {} (`tessera node doctor` says more)",
-        if enforced.is_empty() { "no protection available".to_owned() } else { enforced.join(", ") }
-    );
-    Ok(())
+    let info = serde_json::json!({
+        "cpu": r.cpu,
+        "memory": r.memory,
+        "gpu": r.gpu,
+        "disk": r.disk,
+        "dir": dir.display().to_string(),
+        "runtimes": ["wasm", "builtin", "python", "process"],
+        "protections": enforced,
+    });
+    output::show(json, &info, |_| {
+        println!("cpu:      {} cores", r.cpu);
+        println!("memory:   {}", r.memory);
+        println!("gpu:      {}", r.gpu);
+        println!("disk:     {} free at {}", r.disk, dir.display());
+        println!("runtimes: wasm, builtin, python ($TESSERA_PYTHON or python3), process");
+        println!(
+            "sandbox:  {} (`tessera node doctor` says more)",
+            if enforced.is_empty() { "no protection available".to_owned() } else { enforced.join(", ") }
+        );
+        Ok(())
+    })
 }
 
 #[derive(Subcommand)]
@@ -255,6 +274,16 @@ enum NodeCommand {
         /// network protection).
         #[arg(long)]
         policy: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        out: output::JsonArg,
+    },
+    /// List the nodes registered on NATS: their datasets, runtimes, resources, labels and
+    /// sandbox protections.
+    List {
+        #[command(flatten)]
+        nats: NatsArg,
+        #[command(flatten)]
+        out: output::JsonArg,
     },
 }
 
@@ -375,6 +404,8 @@ enum NamespaceCommand {
         /// The namespace (the first segment of module paths, e.g. `fl`).
         namespace: String,
         #[command(flatten)]
+        out: output::JsonArg,
+        #[command(flatten)]
         hub: HubArg,
     },
     /// Let another key publish in a namespace you own.
@@ -399,7 +430,14 @@ enum NamespaceCommand {
 
 async fn namespace(cmd: NamespaceCommand) -> anyhow::Result<()> {
     let (owners, hub_url) = match cmd {
-        NamespaceCommand::Show { namespace, hub } => (hub.client()?.namespace(&namespace).await?, hub.hub),
+        NamespaceCommand::Show { namespace, out, hub } => {
+            let owners = hub.client()?.namespace(&namespace).await?;
+            if out.json {
+                let owners: Vec<String> = owners.iter().map(ToString::to_string).collect();
+                return output::print_json(&serde_json::json!({ "namespace": namespace, "owners": owners }));
+            }
+            (owners, hub.hub)
+        }
         NamespaceCommand::AddOwner { namespace, owner, hub } => {
             let key: tessera_identity::PublicKey = owner.parse()?;
             (hub.signed_client()?.set_owner(&namespace, &key, false).await?, hub.hub)
@@ -418,14 +456,11 @@ async fn namespace(cmd: NamespaceCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn usage(nats: Option<String>, hub: &HubArg) -> anyhow::Result<()> {
+async fn usage(nats: Option<String>, hub: &HubArg, json: bool) -> anyhow::Result<()> {
     let client = hub.signed_client()?;
     let me = client.signer().map(|k| k.public().to_string()).unwrap_or_default();
     let u = client.usage().await?;
-    println!(
-        "hub {}: {} signed requests, {} bytes in, {} bytes out",
-        hub.hub, u["requests"], u["bytes_in"], u["bytes_out"]
-    );
+    let mut nodes = Vec::new();
     if let Some(url) = nats {
         let backend = tessera_nats::backend(&url, &tessera_nats::NatsOptions::default()).await?;
         for key in backend.world.keys("usage/").await? {
@@ -433,18 +468,42 @@ async fn usage(nats: Option<String>, hub: &HubArg) -> anyhow::Result<()> {
                 let v: serde_json::Value = serde_json::from_slice(&e.value)?;
                 if v["account"] == me.as_str() {
                     let u = &v["usage"];
-                    println!(
-                        "node {}: {} tasks, {:.2} s of compute, {} bytes",
-                        v["node"].as_str().unwrap_or("?"),
-                        u["tasks"],
-                        u["compute_seconds"].as_f64().unwrap_or(0.0),
-                        u["bytes"]
-                    );
+                    nodes.push(serde_json::json!({
+                        "node": v["node"],
+                        "tasks": u["tasks"],
+                        "compute_seconds": u["compute_seconds"],
+                        "bytes": u["bytes"],
+                    }));
                 }
             }
         }
     }
-    Ok(())
+    let all = serde_json::json!({
+        "account": me,
+        "hub": {
+            "url": hub.hub,
+            "requests": u["requests"],
+            "bytes_in": u["bytes_in"],
+            "bytes_out": u["bytes_out"],
+        },
+        "nodes": nodes,
+    });
+    output::show(json, &all, |_| {
+        println!(
+            "hub {}: {} signed requests, {} bytes in, {} bytes out",
+            hub.hub, u["requests"], u["bytes_in"], u["bytes_out"]
+        );
+        for n in &nodes {
+            println!(
+                "node {}: {} tasks, {:.2} s of compute, {} bytes",
+                n["node"].as_str().unwrap_or("?"),
+                n["tasks"],
+                n["compute_seconds"].as_f64().unwrap_or(0.0),
+                n["bytes"]
+            );
+        }
+        Ok(())
+    })
 }
 
 /// Parses repeated `--<what> NAME=FILE` values.
@@ -469,9 +528,61 @@ fn tessera_home() -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     #[test]
     fn the_command_line_is_consistent() {
-        use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    /// Commands named so list or show something: each takes `--json` and has its fields
+    /// documented in docs/json.md.
+    const READING: [&str; 13] = [
+        "list",
+        "show",
+        "status",
+        "grants",
+        "card",
+        "lineage",
+        "tensors",
+        "logs",
+        "doctor",
+        "node-info",
+        "actors",
+        "len",
+        "usage",
+    ];
+
+    fn leaves(cmd: &clap::Command, path: String, out: &mut Vec<(String, clap::Command)>) {
+        if cmd.get_subcommands().next().is_none() {
+            out.push((path.clone(), cmd.clone()));
+        }
+        for sub in cmd.get_subcommands() {
+            leaves(sub, format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_listing_and_show_command_has_documented_json() {
+        let docs = include_str!("../../../docs/json.md");
+        let mut all = Vec::new();
+        leaves(&super::Cli::command(), "tessera".into(), &mut all);
+        let mut reading = Vec::new();
+        for (path, cmd) in &all {
+            if READING.contains(&cmd.get_name()) {
+                assert!(cmd.get_arguments().any(|a| a.get_id() == "json"), "`{path}` lists or shows but has no --json");
+                assert!(docs.contains(&format!("## `{path}`\n")), "`{path}` --json is not documented in docs/json.md");
+                reading.push(path.clone());
+            }
+        }
+        assert!(reading.len() >= 20, "only {} reading commands found: {reading:?}", reading.len());
+        for line in docs.lines() {
+            if let Some(path) = line.strip_prefix("## `").and_then(|l| l.strip_suffix('`')) {
+                assert!(
+                    reading.iter().any(|r| r == path),
+                    "docs/json.md documents `{path}`, which is not a reading command"
+                );
+            }
+        }
     }
 }

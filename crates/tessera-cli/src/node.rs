@@ -210,22 +210,79 @@ fn read_policy(path: Option<&std::path::Path>) -> anyhow::Result<NodePolicy> {
 
 /// `tessera node doctor`: what this machine can enforce around module processes, and
 /// whether that meets the policy's `sandbox.require`. Fails when it does not.
-pub fn doctor(policy: Option<&std::path::Path>) -> anyhow::Result<()> {
+pub fn doctor(policy: Option<&std::path::Path>, json: bool) -> anyhow::Result<()> {
     let policy = read_policy(policy)?;
     let sandbox = tessera_process::Sandbox::new(policy.sandbox.clone());
     let support = sandbox.support();
-    println!("kernel:     {}", std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim());
-    for (mechanism, state) in support.report() {
-        println!("{:<11} {state}", format!("{mechanism}:"));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+    let checked = sandbox.check();
+    if json {
+        let mechanisms: serde_json::Map<String, serde_json::Value> =
+            support.report().into_iter().map(|(m, state)| (m, state.into())).collect();
+        let protections: Vec<serde_json::Value> = tessera_process::Protection::ALL
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "protection": p.to_string(),
+                    "enforced": support.enforces(*p),
+                    "required": policy.sandbox.require.contains(p),
+                })
+            })
+            .collect();
+        crate::output::print_json(&serde_json::json!({
+            "kernel": kernel,
+            "mechanisms": mechanisms,
+            "protections": protections,
+            "requirements_met": checked.is_ok(),
+        }))?;
+    } else {
+        println!("kernel:     {kernel}");
+        for (mechanism, state) in support.report() {
+            println!("{:<11} {state}", format!("{mechanism}:"));
+        }
+        for p in tessera_process::Protection::ALL {
+            let required = if policy.sandbox.require.contains(&p) { "required" } else { "optional" };
+            let state = if support.enforces(p) { "enforced" } else { "NOT enforced" };
+            println!("{:<11} {state} ({required})", format!("{p}:"));
+        }
     }
-    for p in tessera_process::Protection::ALL {
-        let required = if policy.sandbox.require.contains(&p) { "required" } else { "optional" };
-        let state = if support.enforces(p) { "enforced" } else { "NOT enforced" };
-        println!("{:<11} {state} ({required})", format!("{p}:"));
+    checked?;
+    if !json {
+        println!("the policy's sandbox requirements are met");
     }
-    sandbox.check()?;
-    println!("the policy's sandbox requirements are met");
     Ok(())
+}
+
+/// `tessera node list`: the nodes registered on NATS, by id.
+pub async fn list(nats: &crate::NatsArg, json: bool) -> anyhow::Result<()> {
+    let backend = nats.backend().await?;
+    let mut nodes = tessera_node::list_nodes(backend.members.as_ref()).await?;
+    nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    crate::output::show(json, &nodes, |nodes| {
+        if nodes.is_empty() {
+            eprintln!("no nodes registered on {}", nats.nats);
+            return Ok(());
+        }
+        println!(
+            "{:<20} {:>5} {:>10} {:>4} {:<24} {:<20} PROTECTIONS",
+            "NODE", "CPU", "MEMORY", "GPU", "DATASETS", "RUNTIMES"
+        );
+        for n in nodes {
+            let runtimes: Vec<&str> = n.runtimes.iter().map(|r| r.as_str()).collect();
+            println!(
+                "{:<20} {:>5} {:>10} {:>4} {:<24} {:<20} {}{}",
+                n.id,
+                n.resources.cpu,
+                n.resources.memory.to_string(),
+                n.resources.gpu,
+                n.datasets.join(","),
+                runtimes.join(","),
+                if n.protections.is_empty() { "-".to_owned() } else { n.protections.join(",") },
+                if n.degraded { " (degraded)" } else { "" }
+            );
+        }
+        Ok(())
+    })
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {

@@ -41,6 +41,13 @@ pub struct Args {
     /// node's shard): `--nodes 4 --clients-per-node 250` runs 1,000 participants a round.
     #[arg(long)]
     clients_per_node: Option<usize>,
+    /// Serve the dashboard (and the hub's API, read-only without signatures, and /metrics)
+    /// on --listen while the session runs, and keep serving after it until Ctrl-C.
+    #[arg(long)]
+    ui: bool,
+    /// Where --ui listens.
+    #[arg(long, default_value = "127.0.0.1:7700", requires = "ui")]
+    listen: std::net::SocketAddr,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -57,7 +64,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "Tessera quickstart: a hub, a coordinator and {} in this process.",
         crate::progress::count(args.nodes as u64, "node")
     );
-    println!("(Embedded mode: requests are not signed and nothing listens on the network.)");
+    if args.ui {
+        println!("(Embedded mode: requests are not signed; the dashboard listens on {}.)", args.listen);
+    } else {
+        println!("(Embedded mode: requests are not signed and nothing listens on the network.)");
+    }
     println!("home: {}", home.display());
 
     let data =
@@ -93,11 +104,33 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(lr) = args.lr {
         cfg.config = json!({ "lr": lr });
     }
+    let ui = if args.ui {
+        match serve_ui(&cluster, args.listen).await {
+            Ok(url) => Some(url),
+            Err(e) => {
+                cluster.stop().await;
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     let progress = Progress::new(args.rounds);
     let session_started = Instant::now();
     let result = cluster.coordinator().run(&session, &cfg, &progress).await;
     progress.finish();
-    let result = result?;
+    let result = match (result, &ui) {
+        (Ok(r), _) => r,
+        (Err(e), None) => return Err(e.into()),
+        // The run failed: its rounds and failures stay on the dashboard until Ctrl-C.
+        (Err(e), Some(url)) => {
+            eprintln!("error: the session failed: {e}");
+            println!("dashboard: {url}/ui#/runs/{session} (Ctrl-C to stop)");
+            crate::shutdown_signal().await;
+            cluster.stop().await;
+            return Err(e.into());
+        }
+    };
     let session_secs = session_started.elapsed().as_secs_f64();
 
     let final_metrics = result.final_metrics.clone().context("the session evaluated nothing")?;
@@ -116,7 +149,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     });
     let model = hub.publish_model(name, &result.model, metadata, Some(result.lineage.clone()), None)?;
     let version = model.version.clone();
-    cluster.stop().await;
+    // With --ui the nodes keep serving (and announcing themselves) until Ctrl-C.
+    let cluster = match ui {
+        None => {
+            cluster.stop().await;
+            None
+        }
+        Some(_) => Some(cluster),
+    };
 
     println!();
     println!("final test accuracy: {accuracy:.4} on {} held-out rows", data.test_rows);
@@ -136,8 +176,34 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(peak) = peak_memory() {
         println!("peak memory: {:.1} MiB", peak as f64 / 1024.0);
     }
-    println!("browse: tessera hub serve --data {}", home.join("hub").display());
+    match ui {
+        None => println!("browse: tessera hub serve --data {}", home.join("hub").display()),
+        Some(url) => {
+            println!("dashboard: {url}/ui#/models/{name}/{version} (Ctrl-C to stop)");
+            crate::shutdown_signal().await;
+            if let Some(c) = cluster {
+                c.stop().await;
+            }
+        }
+    }
     Ok(())
+}
+
+/// Serves the hub's API (writes need signatures), the dashboard and /metrics of this
+/// process on `addr`; gives the URL.
+async fn serve_ui(cluster: &Cluster, addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--listen {addr}"))?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let state = tessera_hub::AppState::new(cluster.hub.clone(), tessera_hub::HubPolicy::signed());
+    let dashboard = crate::hub::dashboard_cluster(cluster.backend.clone(), cluster.hub.clone());
+    let app = tessera_hub::app(state).merge(tessera_dashboard::router(Some(dashboard)));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!("the dashboard stopped serving: {e}");
+        }
+    });
+    println!("dashboard: {url}/ui (live while the session runs)");
+    Ok(url)
 }
 
 /// This process's peak resident memory in KiB (Linux), if known.

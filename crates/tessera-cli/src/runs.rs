@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use serde_json::json;
-use tessera_coordinator::{Coordinator, RunRecord};
+use tessera_coordinator::{Coordinator, RunRecord, RunSummary};
 
 use crate::NatsArg;
 
@@ -17,77 +17,24 @@ async fn reader(nats: &NatsArg) -> anyhow::Result<Coordinator> {
     Ok(Coordinator::new(backend, Arc::new(tessera_client::HubClient::new(tessera_client::DEFAULT_HUB)?), None))
 }
 
-/// One line's worth of a run: kind, state, progress, what it runs, and its last result.
-struct Row {
-    kind: &'static str,
-    state: String,
-    progress: String,
-    what: String,
-    result: Option<f64>,
-}
-
-fn row(r: &RunRecord) -> Row {
-    let state = match r.ending() {
-        Some(e) => e.to_string(),
-        None => "stopped or running".into(),
-    };
-    match r {
-        RunRecord::Session(s) => Row {
-            kind: "session",
-            state,
-            progress: format!("{}/{}", s.completed_rounds, s.config.rounds),
-            what: s.module.module.clone(),
-            result: s.reports.last().and_then(|r| r.eval_accuracy),
-        },
-        RunRecord::Swarm(s) => Row {
-            kind: "swarm",
-            state,
-            progress: format!("{}/{}", s.completed_iterations, s.spec.iterations),
-            what: s.spec.name.clone().unwrap_or_else(|| s.spec.stages().join("->")),
-            result: None,
-        },
-    }
-}
-
 /// `tessera swarm list`.
 pub async fn list(nats: &NatsArg, as_json: bool) -> anyhow::Result<()> {
-    let runs = reader(nats).await?.runs().await?;
-    if as_json {
-        let rows: Vec<serde_json::Value> = runs
-            .iter()
-            .map(|r| {
-                let w = row(r);
-                json!({
-                    "id": r.id(),
-                    "kind": w.kind,
-                    "state": w.state,
-                    "progress": w.progress,
-                    "runs": w.what,
-                    "updated": tessera_core::time::format_rfc3339(r.updated_ms() / 1000),
-                    "test_accuracy": w.result,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else if runs.is_empty() {
-        eprintln!("no runs on {}", nats.nats);
-    } else {
+    let runs: Vec<RunSummary> = reader(nats).await?.runs().await?.iter().map(RunRecord::summary).collect();
+    crate::output::show(as_json, &runs, |runs| {
+        if runs.is_empty() {
+            eprintln!("no runs on {}", nats.nats);
+            return Ok(());
+        }
         println!("{:<16} {:<8} {:<36} {:<9} {:<28} {:<21} ACCURACY", "RUN", "KIND", "STATE", "DONE", "RUNS", "UPDATED");
-        for r in &runs {
-            let w = row(r);
-            let acc = w.result.map_or("-".into(), |a| format!("{a:.4}"));
+        for r in runs {
+            let acc = r.test_accuracy.map_or("-".into(), |a| format!("{a:.4}"));
             println!(
                 "{:<16} {:<8} {:<36} {:<9} {:<28} {:<21} {acc}",
-                r.id(),
-                w.kind,
-                w.state,
-                w.progress,
-                w.what,
-                tessera_core::time::format_rfc3339(r.updated_ms() / 1000)
+                r.id, r.kind, r.state, r.progress, r.runs, r.updated
             );
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// `tessera swarm status`.
@@ -149,6 +96,8 @@ pub async fn status(nats: &NatsArg, id: &str, as_json: bool) -> anyhow::Result<(
 
 /// Which task logs `tessera swarm logs` prints.
 pub struct LogFilter {
+    /// Print JSON Lines instead of text.
+    pub json: bool,
     pub node: Option<String>,
     pub iteration: Option<u32>,
     pub task: Option<String>,
@@ -163,7 +112,7 @@ impl LogFilter {
 }
 
 /// `tessera swarm logs`: prints each task's lines as `[i<iteration> <task> <node>] <time>
-/// <LEVEL> <message>`; with `follow`, polls every second until the run has ended.
+/// <LEVEL> <message>` (or as JSON Lines); with `follow`, polls every second until the run has ended.
 pub async fn logs(nats: &NatsArg, id: &str, follow: bool, filter: LogFilter) -> anyhow::Result<()> {
     let c = reader(nats).await?;
     if c.record(id).await?.is_none() {
@@ -181,6 +130,21 @@ pub async fn logs(nats: &NatsArg, id: &str, follow: bool, filter: LogFilter) -> 
             let seen = printed.entry(log.task_id.clone()).or_default();
             let it = log.iteration.map_or("-".into(), |i| format!("i{i}"));
             for line in log.lines.iter().skip(*seen) {
+                if filter.json {
+                    println!(
+                        "{}",
+                        json!({
+                            "iteration": log.iteration,
+                            "task": log.task,
+                            "task_id": log.task_id,
+                            "node": log.node,
+                            "t": line.t,
+                            "level": line.level,
+                            "msg": line.msg,
+                        })
+                    );
+                    continue;
+                }
                 println!(
                     "[{it} {} {}] {} {:<5} {}",
                     log.task,

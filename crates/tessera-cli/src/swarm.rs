@@ -104,6 +104,9 @@ pub enum Command {
         /// Only this task (`worker`, `aggregator`...; `round` for federated rounds).
         #[arg(long)]
         task: Option<String>,
+        /// Print one JSON object per line (JSON Lines; fields: docs/json.md).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         nats: NatsArg,
     },
@@ -125,6 +128,10 @@ pub struct CoordinatorArgs {
     /// Where the coordinator's node caches packages (default: $TESSERA_HOME/coordinator/cache).
     #[arg(long)]
     cache: Option<PathBuf>,
+    /// Serve the coordinator's Prometheus metrics (rounds, round durations, tasks) at
+    /// `http://ADDR/metrics` while it runs.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub(crate) nats: NatsArg,
     #[command(flatten)]
@@ -132,6 +139,20 @@ pub struct CoordinatorArgs {
 }
 
 impl CoordinatorArgs {
+    /// Starts serving `/metrics` when `--metrics` was given.
+    async fn serve_metrics(&self) -> anyhow::Result<()> {
+        let Some(addr) = self.metrics else { return Ok(()) };
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics {addr}"))?;
+        eprintln!("metrics: http://{}/metrics", listener.local_addr()?);
+        let app = axum::Router::new().route("/metrics", axum::routing::get(tessera_ports::metrics::http::metrics_page));
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::warn!("the metrics listener stopped: {e}");
+            }
+        });
+        Ok(())
+    }
+
     /// A coordinator whose node holds `recorded` datasets, and those given with --dataset.
     async fn coordinator_with(&self, recorded: BTreeMap<String, PathBuf>) -> anyhow::Result<(Coordinator, HubClient)> {
         let backend = self.nats.backend().await?;
@@ -223,6 +244,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             // Checked first: the id names a folder in --embedded mode.
             tessera_core::name::check_ident("run id", &id).context("--id")?;
             let swarm_file = read_swarm_file(&file)?;
+            coordinator.serve_metrics().await?;
             let (place, c) = if embedded {
                 let remote = coordinator.hub.signed_client()?;
                 let cluster = start_embedded(&id, &node, &coordinator).await?;
@@ -267,6 +289,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             result
         }
         Command::Resume { id, coordinator } => {
+            coordinator.serve_metrics().await?;
             let (c, _) = coordinator.coordinator_with(BTreeMap::new()).await?;
             let record = c.record(&id).await?.ok_or_else(|| {
                 anyhow!("no run {id} on {} (tessera swarm list shows the runs there)", coordinator.nats.nats)
@@ -293,8 +316,8 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
         }
         Command::List { json, nats } => crate::runs::list(&nats, json).await,
         Command::Status { id, json, nats } => crate::runs::status(&nats, &id, json).await,
-        Command::Logs { id, follow, node, iteration, task, nats } => {
-            crate::runs::logs(&nats, &id, follow, crate::runs::LogFilter { node, iteration, task }).await
+        Command::Logs { id, follow, node, iteration, task, json, nats } => {
+            crate::runs::logs(&nats, &id, follow, crate::runs::LogFilter { json, node, iteration, task }).await
         }
         Command::Stop { id, nats } => crate::runs::stop(&nats, &id).await,
     }

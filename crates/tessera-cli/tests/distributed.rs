@@ -15,6 +15,9 @@ use tessera_client::HubClient;
 use tessera_core::wire::Lineage;
 use tessera_nats::testing::NatsServer;
 
+#[path = "support/json_doc.rs"]
+mod json_doc;
+
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn tessera(env: &Env) -> Command {
@@ -130,7 +133,7 @@ impl Env {
 
     fn swarm_file(&self, rounds: u32, min: usize, timeout: f64) -> String {
         let text = format!(
-            "module: fl.softmax.worker@0.1.0\nrounds: {rounds}\nmin_participants: {min}\nround_timeout_secs: {timeout}\n\
+            "module: fl.softmax.worker@0.1.1\nrounds: {rounds}\nmin_participants: {min}\nround_timeout_secs: {timeout}\n\
              dataset: digits\neval_dataset: digits-test\nconfig: {{lr: 0.5}}\nseed: 42\npublish_as: digits.softmax\n"
         );
         let p = self.dir.path().join("fl.yaml");
@@ -418,7 +421,7 @@ fn two_accounts_private_module_walkthrough() {
     let swarm = env.dir.path().join("acme.yaml");
     std::fs::write(
         &swarm,
-        "module: acme.digits.worker@0.1.0\nrounds: 3\nmin_participants: 1\nround_timeout_secs: 60\ndataset: digits\neval_dataset: digits-test\n",
+        "module: acme.digits.worker@0.1.1\nrounds: 3\nmin_participants: 1\nround_timeout_secs: 60\ndataset: digits\neval_dataset: digits-test\npublish_as: bob.digits\n",
     )
     .unwrap();
     let test_set = format!("digits-test={}", env.path("data/coordinator/digits-test.safetensors"));
@@ -439,6 +442,52 @@ fn two_accounts_private_module_walkthrough() {
     // Usage was metered.
     let usage = person_ok(&env, "bob", &["usage", "--nats", &env.nats.url()]);
     assert!(usage.contains("node bob-node:") && usage.contains("tasks"), "{usage}");
+
+    // Every listing and show command prints the fields docs/json.md documents (actors and
+    // queues are checked with a live actor in tests/live.rs).
+    let runs: serde_json::Value = serde_json::from_str(&person_ok(&env, "bob", &["swarm", "list", "--json"])).unwrap();
+    let run = runs[0]["id"].as_str().unwrap().to_owned();
+    let nats = env.nats.url();
+    let commands: Vec<(&str, Vec<&str>)> = vec![
+        ("tessera module list", vec!["module", "list"]),
+        ("tessera module show", vec!["module", "show", "acme.digits.worker"]),
+        ("tessera module card", vec!["module", "card", "fl.softmax.worker"]),
+        ("tessera module grants", vec!["module", "grants", "acme.digits.worker"]),
+        ("tessera model list", vec!["model", "list"]),
+        ("tessera model show", vec!["model", "show", "bob.digits"]),
+        ("tessera model card", vec!["model", "card", "bob.digits"]),
+        ("tessera model lineage", vec!["model", "lineage", "bob.digits"]),
+        ("tessera model tensors", vec!["model", "tensors", "bob.digits"]),
+        ("tessera swarm list", vec!["swarm", "list"]),
+        ("tessera swarm status", vec!["swarm", "status", &run]),
+        ("tessera swarm logs", vec!["swarm", "logs", &run]),
+        ("tessera node list", vec!["node", "list"]),
+        ("tessera node doctor", vec!["node", "doctor"]),
+        ("tessera node-info", vec!["node-info"]),
+        ("tessera usage", vec!["usage", "--nats", &nats]),
+        ("tessera namespace show", vec!["namespace", "show", "acme"]),
+        ("tessera key list", vec!["key", "list"]),
+        ("tessera key show", vec!["key", "show"]),
+    ];
+    for (path, args) in &commands {
+        let mut args = args.clone();
+        args.push("--json");
+        let out = as_person(&env, "alice").args(&args).output().unwrap();
+        // `node doctor` exits non-zero where the machine lacks a required protection; its
+        // JSON says so.
+        assert!(
+            out.status.success() || *path == "tessera node doctor",
+            "tessera {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        json_doc::check(path, &String::from_utf8(out.stdout).unwrap());
+    }
+    for (path, _, _) in json_doc::documented() {
+        assert!(
+            commands.iter().any(|(p, _)| *p == path) || json_doc::CHECKED_IN_LIVE.contains(&path.as_str()),
+            "`{path} --json` is documented but not checked"
+        );
+    }
 }
 
 /// The value after `prefix` on the first line that has it.

@@ -11,6 +11,9 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
 
+#[path = "support/json_doc.rs"]
+mod json_doc;
+
 fn python() -> String {
     let py = std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| "python3".into());
     let ok = Command::new(&py).args(["-c", "import numpy, sklearn"]).status().is_ok_and(|s| s.success());
@@ -165,6 +168,7 @@ fn sklearn_actor_queues_and_the_ensemble_pipeline() {
     assert_eq!(actors.as_array().unwrap().len(), 1, "{actors}");
     assert_eq!(actors[0]["name"], "demo.digits-sklearn");
     assert_eq!(actors[0]["reserved"]["memory"], 256 << 20);
+    json_doc::check("tessera actors", &actors.to_string());
 
     // Calls.
     let score: f64 = env.ok(&["call", "demo.digits-sklearn", "score"]).trim().parse().unwrap();
@@ -236,6 +240,24 @@ print(sum(int(a == b) for a, b in zip(labels, s["y"])))
     // Queues from the command line; bounded.
     env.ok(&["queue", "put", "demo.cli", r#"{"a": 1}"#]);
     assert_eq!(env.ok(&["queue", "len", "demo.cli"]).trim(), "1");
+    let len = env.ok(&["queue", "len", "demo.cli", "--json"]);
+    json_doc::check("tessera queue len", &len);
+    assert_eq!(serde_json::from_str::<Value>(&len).unwrap()["len"], 1);
+    // The gateway's metrics: calls and their latency by actor, queue depths.
+    let metrics = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async { reqwest::get(format!("{}/metrics", env.endpoint)).await.unwrap().text().await.unwrap() });
+    let sample = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in the gateway's /metrics:\n{metrics}"))
+    };
+    assert_eq!(sample("tessera_queue_depth{queue=\"demo.cli\"}"), 1.0);
+    assert!(sample("tessera_calls_total{actor=\"demo.digits-sklearn\",outcome=\"ok\"}") >= 2.0);
+    assert!(sample("tessera_call_seconds_count{actor=\"demo.digits-sklearn\"}") >= 2.0);
+    assert!(sample("tessera_gateway_requests_total{method=\"POST\",route=\"/api/v1/call\",status=\"200\"}") >= 2.0);
     assert_eq!(env.ok(&["queue", "get", "demo.cli"]).trim(), r#"{"a":1}"#);
     assert_eq!(env.ok(&["queue", "get", "demo.cli", "--wait", "0.1"]).trim(), "");
 

@@ -204,6 +204,7 @@ async fn dispatch_rate(backend: Backend, dir: &std::path::Path) -> f64 {
                 auth: None,
                 inline_outputs: 1 << 10,
                 fresh: true,
+                trace: None,
             };
             puts.push(tessera_ports::Put::new(task_queue(node), Bytes::from(wire::encode(&task))));
         }

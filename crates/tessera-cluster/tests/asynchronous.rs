@@ -30,7 +30,7 @@ async fn cluster(on: &On, home: &std::path::Path, nodes: usize, wrap: &[(usize, 
 }
 
 fn digits_session() -> SessionConfig {
-    let mut cfg = SessionConfig::new("fl.softmax.worker@0.1.0");
+    let mut cfg = SessionConfig::new("fl.softmax.worker@0.1.1");
     cfg.eval_dataset = Some("digits-test".into());
     cfg.config = json!({"lr": 0.5, "epochs": 1, "batch_size": 32});
     cfg
@@ -201,10 +201,10 @@ async fn stored_updates_carried_to_the_next_step_are_read_before_they_go(on: On)
         assert!(step.failures.is_empty(), "step {}: {:?}", step.round, step.failures);
     }
     // Left: the final model and the answers of the tasks still out at the end (at most
-    // 4), with the store's own overhead; 12 steps' 24 updates and 11 replaced models are
-    // gone.
+    // 4), one blob of slack, and the run's saved state (about 20 KiB after 12 steps; 64 KiB
+    // allowed); 12 steps' 24 updates and 11 replaced models (about 9 MiB) are gone.
     let grew = blobs.stored_bytes().await.unwrap() - before;
-    assert!(grew <= 6 * (257 << 10), "{grew} bytes left");
+    assert!(grew <= 6 * (257 << 10) + (64 << 10), "{grew} bytes left");
     assert!(blobs.contains(&r.model_digest).await.unwrap());
     cluster.stop().await;
 }

@@ -460,7 +460,7 @@ mod tests {
 
     #[test]
     fn config_validation() {
-        let ok = SessionConfig::new("fl.softmax.worker@0.1.0");
+        let ok = SessionConfig::new("fl.softmax.worker@0.1.1");
         assert!(ok.validate().is_ok());
         let mut c = ok.clone();
         c.rounds = 0;
@@ -532,7 +532,7 @@ mod tests {
     #[test]
     fn swarm_files() {
         let c = SessionConfig::from_yaml(
-            "module: fl.softmax.worker@0.1.0\nrounds: 3\nmin_participants: 2\nparticipant_ratio: 0.5\nround_timeout_secs: 30\nconfig:\n  lr: 0.5\npublish_as: digits.softmax\n",
+            "module: fl.softmax.worker@0.1.1\nrounds: 3\nmin_participants: 2\nparticipant_ratio: 0.5\nround_timeout_secs: 30\nconfig:\n  lr: 0.5\npublish_as: digits.softmax\n",
         )
         .unwrap();
         assert_eq!(c.rounds, 3);

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::Value;
 use tessera_core::Digest;
+use tessera_core::trace::TraceParent;
 use tessera_core::wire::{self, BlobRef, NodeRecord, SCHEMA_VERSION, TaskMessage, TaskReply, WorldScope};
 use tessera_identity::{PublicKey, Verifier, messages, now_ms};
 use tessera_node::{list_nodes, task_queue};
@@ -172,6 +173,7 @@ impl Coordinator {
                 auth: None,
                 inline_outputs: t.inline_outputs,
                 fresh: t.fresh,
+                trace: Some(TraceParent::for_task(id, round, &t.task_id).to_string()),
             };
             let queue = task_queue(&node);
             if let (Some(key), Some(node_key)) = (&self.identity, node_keys.get(&node)) {
@@ -179,6 +181,17 @@ impl Coordinator {
                 // not run twice): `fresh` would say nothing to it.
                 task.fresh = false;
                 messages::sign_task(&mut task, key, node_key, &queue, now_ms());
+            }
+            if let Some(tp) = task.trace.as_deref().and_then(TraceParent::parse) {
+                tracing::debug!(
+                    trace_id = %tp.trace_hex(),
+                    span_id = %tp.span_hex(),
+                    task_id = %t.task_id,
+                    node = %node,
+                    run = %id,
+                    round,
+                    "task sent"
+                );
             }
             let msg_id = format!("{}.{}", t.task_id, self.dispatch);
             puts.push(Put::once(queue, msg_id, Bytes::from(wire::encode(&task))));
@@ -299,7 +312,17 @@ impl Coordinator {
         });
         match decoded {
             Ok(r) if r.session == id && round.is_none_or(|n| r.round == n) => match pending.remove(&r.task_id) {
-                Some(p) if participant_node(p.as_ref()) == r.node => return Some((p, r)),
+                Some(p) if participant_node(p.as_ref()) == r.node => {
+                    let tp = TraceParent::for_task(id, r.round, &r.task_id);
+                    tracing::debug!(
+                        trace_id = %tp.trace_hex(),
+                        span_id = %tp.span_hex(),
+                        task_id = %r.task_id,
+                        node = %r.node,
+                        "reply accepted"
+                    );
+                    return Some((p, r));
+                }
                 Some(p) => {
                     tracing::warn!(task = %r.task_id, "reply claims node {} but the task went to {}; ignored", r.node, p.as_ref());
                     pending.insert(r.task_id.clone(), p);

@@ -110,8 +110,20 @@ impl Coordinator {
         if report.round >= state.config.rounds && state.ending.is_none() {
             state.ending = Some(Ending::Limit);
         }
+        let (seconds, ok, failed) = (report.seconds, report.contributed.len(), report.failures.len());
         state.reports.push(report);
         self.save(state).await?;
+        // Counted once saved: a round whose save failed is run again after a resume.
+        {
+            use tessera_ports::metrics as m;
+            let strategy =
+                if state.config.fedbuff.is_some() { "fedbuff".to_owned() } else { state.config.strategy.name.clone() };
+            metrics::counter!(m::ROUNDS, "strategy" => strategy.clone()).increment(1);
+            metrics::histogram!(m::ROUND_SECONDS, "strategy" => strategy).record(seconds);
+            metrics::gauge!(m::ROUND_PARTICIPANTS).set(ok as f64);
+            metrics::counter!(m::TASKS, "outcome" => "ok").increment(ok as u64);
+            metrics::counter!(m::TASKS, "outcome" => "failed").increment(failed as u64);
+        }
         if state.config.retain_updates {
             self.forget_leftovers(&state.id);
         } else {

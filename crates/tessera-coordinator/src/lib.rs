@@ -37,5 +37,5 @@ pub use dispatch::reply_queue;
 pub use engine::{Coordinator, Observer, Quiet};
 pub use error::SessionError;
 pub use fedbuff::FedBuffConfig;
-pub use state::{Ending, RunRecord, SessionResult, SessionState, new_session_id, state_key, stop_key};
+pub use state::{Ending, RunRecord, RunSummary, SessionResult, SessionState, new_session_id, state_key, stop_key};
 pub use swarm::{IterationReport, StageReport, SwarmResult, SwarmState};

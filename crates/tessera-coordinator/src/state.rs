@@ -139,6 +139,34 @@ pub fn stop_key(id: &str) -> String {
     format!("runs/{id}/stop")
 }
 
+/// A run in one line (`tessera swarm list --json` prints these; docs/json.md names the
+/// stable fields).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RunSummary {
+    /// The run id.
+    pub id: String,
+    /// `session` (federated) or `swarm` (of tasks).
+    pub kind: &'static str,
+    /// How it ended, or `stopped or running`.
+    pub state: String,
+    /// True once it ended.
+    pub finished: bool,
+    /// `done/total` rounds or iterations.
+    pub progress: String,
+    /// Rounds or iterations done.
+    pub done: u32,
+    /// Rounds or iterations asked for (a swarm's at most).
+    pub total: u32,
+    /// What it runs: the worker module, or the swarm's name or stages.
+    pub runs: String,
+    /// When it was last saved (`YYYY-MM-DDTHH:MM:SSZ`).
+    pub updated: String,
+    /// When it was last saved (milliseconds since the Unix epoch).
+    pub updated_ms: u64,
+    /// The last round's held-out accuracy (sessions evaluated at the coordinator).
+    pub test_accuracy: Option<f64>,
+}
+
 /// A stored run: a federated session or a swarm of tasks.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RunRecord {
@@ -175,6 +203,43 @@ impl RunRecord {
         match self {
             RunRecord::Session(s) => s.ending.or(s.finished().then_some(Ending::Limit)),
             RunRecord::Swarm(s) => s.ending,
+        }
+    }
+
+    /// One line's worth of the run, as `tessera swarm list` and the dashboard show it.
+    pub fn summary(&self) -> RunSummary {
+        let state = match self.ending() {
+            Some(e) => e.to_string(),
+            None => "stopped or running".into(),
+        };
+        let (kind, done, total, runs, test_accuracy) = match self {
+            RunRecord::Session(s) => (
+                "session",
+                s.completed_rounds,
+                s.config.rounds,
+                s.module.module.clone(),
+                s.reports.last().and_then(|r| r.eval_accuracy),
+            ),
+            RunRecord::Swarm(s) => (
+                "swarm",
+                s.completed_iterations,
+                s.spec.iterations,
+                s.spec.name.clone().unwrap_or_else(|| s.spec.stages().join("->")),
+                None,
+            ),
+        };
+        RunSummary {
+            id: self.id().to_owned(),
+            kind,
+            state,
+            finished: self.finished(),
+            progress: format!("{done}/{total}"),
+            done,
+            total,
+            runs,
+            updated: tessera_core::time::format_rfc3339(self.updated_ms() / 1000),
+            updated_ms: self.updated_ms(),
+            test_accuracy,
         }
     }
 

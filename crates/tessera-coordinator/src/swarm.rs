@@ -529,6 +529,11 @@ impl Program for SwarmRun<'_> {
             }
             let (report, outs, lost) = self.stage(c, &mut it, &task).await?;
             self.observer.stage_finished(i, &report);
+            {
+                use tessera_ports::metrics as m;
+                metrics::counter!(m::TASKS, "outcome" => "ok").increment(report.succeeded.len() as u64);
+                metrics::counter!(m::TASKS, "outcome" => "failed").increment(report.failures.len() as u64);
+            }
             for (node, module) in &report.versions {
                 self.state.placements.entry(node.clone()).or_default().insert(task.clone(), module.clone());
             }

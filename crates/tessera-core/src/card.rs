@@ -113,6 +113,52 @@ impl OneOrMany {
 }
 
 impl Card {
+    /// The card of a model a run published without one: its data sets, base model and
+    /// library from the lineage and metadata, its metrics the last round's (`accuracy`,
+    /// `loss` on the held-out data, `train_loss`), and a text saying which run, strategy,
+    /// modules and nodes made it.
+    pub fn from_lineage(name: &str, version: &str, lineage: &crate::wire::Lineage, metadata: &Value) -> Card {
+        let last = lineage.metrics.last();
+        let mut metrics = serde_json::Map::new();
+        if let Some(r) = last {
+            if let Some(a) = r.eval_accuracy {
+                metrics.insert("accuracy".into(), a.into());
+            }
+            if let Some(l) = r.eval_loss {
+                metrics.insert("loss".into(), l.into());
+            }
+            if r.train_loss.is_finite() {
+                metrics.insert("train_loss".into(), r.train_loss.into());
+            }
+        }
+        let modules: Vec<String> = lineage.modules.iter().map(|m| format!("{} ({})", m.module, m.digest)).collect();
+        let description = format!(
+            "{name}@{version}, made by run {} ({}, {} rounds on {} nodes).",
+            lineage.session,
+            lineage.strategy,
+            lineage.rounds,
+            lineage.nodes.len()
+        );
+        let mut text = format!("# {name}@{version}\n\n{description}\n\n");
+        text.push_str(&format!("- modules: {}\n", modules.join(", ")));
+        text.push_str(&format!("- nodes: {}\n", lineage.nodes.join(", ")));
+        if !lineage.datasets.is_empty() {
+            text.push_str(&format!("- data sets: {}\n", lineage.datasets.join(", ")));
+        }
+        if let Some(b) = &lineage.base_model {
+            text.push_str(&format!("- started from: {b}\n"));
+        }
+        Card {
+            description,
+            datasets: lineage.datasets.clone(),
+            metrics: (!metrics.is_empty()).then_some(Value::Object(metrics)),
+            base_model: lineage.base_model.clone(),
+            library_name: metadata.get("library").and_then(Value::as_str).map(str::to_owned),
+            text,
+            ..Card::default()
+        }
+    }
+
     /// Reads a card from a `README.md`'s text.
     ///
     /// # Errors

@@ -31,6 +31,7 @@ pub mod size;
 pub mod strategy;
 pub mod tensor;
 pub mod time;
+pub mod trace;
 pub mod version;
 pub mod wire;
 pub mod yaml;

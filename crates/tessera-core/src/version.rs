@@ -1,4 +1,4 @@
-//! Versions and references to packages: `fl.softmax.worker`, `fl.softmax.worker@0.1.0`,
+//! Versions and references to packages: `fl.softmax.worker`, `fl.softmax.worker@0.1.1`,
 //! `fl.softmax.worker@latest`.
 
 use std::fmt;
@@ -181,8 +181,8 @@ mod tests {
 
     #[test]
     fn parses_references() {
-        let r: PackageRef = "fl.softmax.worker@0.1.0".parse().unwrap();
-        assert_eq!(r.to_string(), "fl.softmax.worker@0.1.0");
+        let r: PackageRef = "fl.softmax.worker@0.1.1".parse().unwrap();
+        assert_eq!(r.to_string(), "fl.softmax.worker@0.1.1");
         let r: PackageRef = "fl.softmax.worker".parse().unwrap();
         assert_eq!(r.to_string(), "fl.softmax.worker@latest");
         let r: PackageRef = "fl.softmax.worker@stable".parse().unwrap();

@@ -180,6 +180,10 @@ pub struct TaskMessage {
     /// which could be a replay of a genuine one.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fresh: bool,
+    /// W3C `traceparent` of the round that sent it ([`crate::trace::TraceParent`]): the
+    /// node's span for the task carries the same trace id. Ignored when malformed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -627,6 +631,7 @@ mod tests {
             auth: None,
             inline_outputs: 0,
             fresh: false,
+            trace: None,
         }
     }
 

@@ -117,8 +117,10 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     api_router().split_for_parts().1
 }
 
-/// The gateway's routes. Every route is behind the authentication layer (so none can be
-/// reached without it) and answers a panic with 500 and one log line.
+/// The gateway's routes. Every API route is behind the authentication layer (so none can be
+/// reached without it); `/openapi.json` and `/metrics` (Prometheus's text: counts and
+/// latencies by route, actor and queue name, never call data) are open, as a scrape target
+/// is. Every route is measured and answers a panic with 500 and one log line.
 pub fn app(gw: Arc<Gateway>) -> Router {
     let max_body = gw.config.max_body;
     let (router, doc) = api_router().split_for_parts();
@@ -126,6 +128,8 @@ pub fn app(gw: Arc<Gateway>) -> Router {
     router
         .route_layer(axum::middleware::from_fn_with_state(gw.clone(), authenticate))
         .route("/openapi.json", axum::routing::get(move || async move { Json(doc.as_ref().clone()) }))
+        .route("/metrics", axum::routing::get(tessera_ports::metrics::http::metrics_page))
+        .route_layer(axum::middleware::from_fn(|req, next| tessera_ports::metrics::http::measure("gateway", req, next)))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(answer_panic))
         .with_state(gw)

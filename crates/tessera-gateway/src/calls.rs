@@ -136,8 +136,16 @@ impl Gateway {
 
     async fn call_local(&self, call: &CheckedCall, name: &str, caller: &Caller) -> Result<CallResponse, ActorError> {
         let req = &call.request;
+        let started = std::time::Instant::now();
         let outputs =
-            self.actors.call(name, &req.function, &req.args, &req.kwargs, call.inputs.clone(), call.timeout).await?;
+            self.actors.call(name, &req.function, &req.args, &req.kwargs, call.inputs.clone(), call.timeout).await;
+        {
+            use tessera_ports::metrics as m;
+            let outcome = if outputs.is_ok() { "ok" } else { "failed" };
+            metrics::counter!(m::CALLS, "actor" => name.to_owned(), "outcome" => outcome).increment(1);
+            metrics::histogram!(m::CALL_SECONDS, "actor" => name.to_owned()).record(started.elapsed().as_secs_f64());
+        }
+        let outputs = outputs?;
         let mut result = Value::Null;
         let mut out = BTreeMap::new();
         for (n, bytes) in outputs {

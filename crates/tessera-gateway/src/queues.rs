@@ -22,6 +22,13 @@ impl Gateway {
     }
 }
 
+/// Records a queue's depth as last seen through this gateway: after a put and after a get
+/// that took a message (not on reads, so asking about names that hold nothing makes no
+/// series).
+fn depth(name: &str, len: u64) {
+    metrics::gauge!(tessera_ports::metrics::QUEUE_DEPTH, "queue" => name.to_owned()).set(len as f64);
+}
+
 /// Messages waiting in a queue, and its bound.
 #[utoipa::path(get, path = "/api/v1/queues/{name}", params(("name" = String, Path, description = "The queue")),
     responses((status = 200, body = Value), (status = 400, body = Value), (status = 403, body = Value)))]
@@ -53,7 +60,9 @@ pub(crate) async fn queue_put(
         .map_err(|e| ApiError::bad(format!("a queue message is a JSON value: {e}")))?;
     let bus = gw.node.bus();
     bus.put_bounded(&name, body, gw.bound()).await?;
-    Ok((StatusCode::CREATED, Json(json!({"name": name, "len": bus.len(&name).await?}))))
+    let len = bus.len(&name).await?;
+    depth(&name, len);
+    Ok((StatusCode::CREATED, Json(json!({"name": name, "len": len}))))
 }
 
 /// How long a get waits.
@@ -87,6 +96,10 @@ pub(crate) async fn queue_get(
         Some(d) => {
             let payload = d.payload.clone();
             d.ack().await?;
+            // The message is taken: a failure to count what is left must not lose it.
+            if let Ok(len) = bus.len(&name).await {
+                depth(&name, len);
+            }
             Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], payload).into_response())
         }
     }

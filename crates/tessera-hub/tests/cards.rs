@@ -144,7 +144,7 @@ async fn model_cards_lineage_both_ways_and_downloads() {
     // A base model made by a run, with its lineage.
     let lineage = json!({
         "session": "s-1", "strategy": "fedavg",
-        "modules": [{"module": "fl.softmax.worker@0.1.0", "digest": Digest::of(b"worker").to_string(), "role": "worker"}],
+        "modules": [{"module": "fl.softmax.worker@0.1.1", "digest": Digest::of(b"worker").to_string(), "role": "worker"}],
         "nodes": ["node-0", "node-1"], "rounds": 3, "metrics": [], "datasets": ["digits"]
     });
     let (body, ctype) = multipart(&json!({"metadata": {"library": "numpy"}, "lineage": lineage}), b"base weights");
@@ -166,7 +166,18 @@ async fn model_cards_lineage_both_ways_and_downloads() {
     assert_eq!((tuned["base_model"].as_str(), tuned["made_by"].is_null()), (Some("team.base@1.0.0"), true));
     assert_eq!(tuned["derived"], json!([]));
     assert_eq!(h.get("/api/v1/models/team.tuned/1.0.0/card").await["description"], "Fine-tuned on more digits.");
-    assert_eq!(h.call(None, "GET", "/api/v1/models/team.base/1.0.0/card", vec![], &[]).await.0, StatusCode::NOT_FOUND);
+    // Pushed without a card, a run's model shows one made from its lineage; a model with
+    // neither has none.
+    let made = h.get("/api/v1/models/team.base/1.0.0/card").await;
+    assert_eq!(made["datasets"], json!(["digits"]), "{made}");
+    assert_eq!(made["library_name"], "numpy", "{made}");
+    assert!(made["description"].as_str().unwrap().contains("run s-1 (fedavg, 3 rounds on 2 nodes)"), "{made}");
+    assert!(made["text"].as_str().unwrap().contains("fl.softmax.worker@0.1.1"), "{made}");
+    let (body, ctype) = multipart(&json!({"metadata": {}}), b"bare weights");
+    let (s, rec) = h.call(Some(&k), "PUT", "/api/v1/models/team.bare/1.0.0", body, &[("content-type", ctype)]).await;
+    assert_eq!(s, StatusCode::CREATED, "{rec}");
+    assert_eq!(h.call(None, "GET", "/api/v1/models/team.bare/1.0.0/card", vec![], &[]).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(h.call(Some(&k), "DELETE", "/api/v1/models/team.bare/1.0.0", vec![], &[]).await.0, StatusCode::OK);
 
     // Search over models.
     for (query, expected) in [

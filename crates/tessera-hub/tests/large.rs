@@ -367,7 +367,17 @@ async fn a_dropped_connection_leaves_whole_pieces_only() {
     // the file, is cut off before the next piece: the upload completes with the right bytes.
     let (_, state) = h.json(None, "GET", &format!("/api/v1/uploads/{id}"), vec![], &[]).await;
     assert_eq!(state["offset"], 40_000);
-    let (s, done) = h.piece(None, &id, 40_000, &bytes[40_000..]).await;
+    // Until the hub has noticed the dropped connection, the broken piece still holds the
+    // upload: the next piece is told 409 and tries again, as a client does.
+    let mut tries = 0;
+    let (s, done) = loop {
+        let (s, done) = h.piece(None, &id, 40_000, &bytes[40_000..]).await;
+        if s != StatusCode::CONFLICT || tries == 100 {
+            break (s, done);
+        }
+        tries += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!((s, done["complete"].as_bool()), (StatusCode::OK, Some(true)), "{done}");
     let (s, rec) = h.json(None, "PUT", &format!("/api/v1/models/ops.dropped/1.0.0?upload={id}"), vec![], &[]).await;
     assert_eq!(s, StatusCode::CREATED, "{rec}");

@@ -2,7 +2,9 @@
 //!
 //! A task is signed by its sender for the node it is addressed to (method `TASK`, path the
 //! node's task queue); a reply by the node for the task's sender (method `REPLY`, path the
-//! reply queue). The signature covers the message's JSON without its `auth` field.
+//! reply queue). The signature covers the message's JSON without its `auth` field (and,
+//! for a task, without its `trace`: logging context, which nodes of an earlier version do
+//! not know, so a signed task reads the same to them).
 
 use tessera_core::Digest;
 use tessera_core::wire::{self, TaskMessage, TaskReply};
@@ -10,10 +12,11 @@ use tessera_core::wire::{self, TaskMessage, TaskReply};
 use crate::envelope::{Envelope, Verifier, VerifyError};
 use crate::keys::{KeyPair, PublicKey};
 
-/// The digest a task's signature covers.
+/// The digest a task's signature covers: everything but `auth` and `trace`.
 pub fn task_digest(task: &TaskMessage) -> Digest {
     let mut t = task.clone();
     t.auth = None;
+    t.trace = None;
     Digest::of(&wire::encode(&t))
 }
 
@@ -83,6 +86,7 @@ mod tests {
             auth: None,
             inline_outputs: 0,
             fresh: false,
+            trace: None,
         }
     }
 
@@ -104,6 +108,15 @@ mod tests {
         let other = Verifier::new(coord.public().clone()).without_replay_check();
         assert!(matches!(verify_task(&t, &other, "node.q", 2000), Err(VerifyError::WrongAudience { .. })));
         assert_eq!(verify_task(&task(), &v, "node.q", 2000).unwrap(), None);
+        // The trace is logging context outside the signature: a node that drops the field
+        // (an earlier version) or a relay that rewrites it verifies the same task.
+        let mut traced = task();
+        traced.trace = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        sign_task(&mut traced, &coord, node.public(), "node.q", 1000);
+        let mut untraced = traced.clone();
+        untraced.trace = None;
+        let v = Verifier::new(node.public().clone()).with_window_ms(3_600_000).without_replay_check();
+        assert_eq!(verify_task(&untraced, &v, "node.q", 2000).unwrap(), Some(coord.public().clone()));
     }
 
     #[test]

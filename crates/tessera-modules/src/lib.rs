@@ -13,6 +13,9 @@ pub const FL_SOFTMAX_WORKER_WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR")
 /// The worker's `module.yaml`.
 pub const FL_SOFTMAX_WORKER_MANIFEST: &str = include_str!("../../../modules/fl-softmax-worker/module.yaml");
 
+/// The worker's `README.md`: its card.
+pub const FL_SOFTMAX_WORKER_README: &str = include_str!("../../../modules/fl-softmax-worker/README.md");
+
 /// Test programs: behaviour picked by `mode` in the config (`echo`, `spin`, `alloc`,
 /// `panic`, `fail`, `context`, `big-output`, `work`).
 pub const TEST_PROGRAMS_WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/test_programs.wasm"));
@@ -27,9 +30,10 @@ pub fn write_module_dir(dir: &Path, manifest: &str, wasm: &[u8]) -> io::Result<(
     std::fs::write(dir.join("module.wasm"), wasm)
 }
 
-/// Writes the softmax worker's module folder at `dir`.
+/// Writes the softmax worker's module folder at `dir`, with its card (`README.md`).
 pub fn write_softmax_worker(dir: &Path) -> io::Result<()> {
-    write_module_dir(dir, FL_SOFTMAX_WORKER_MANIFEST, FL_SOFTMAX_WORKER_WASM)
+    write_module_dir(dir, FL_SOFTMAX_WORKER_MANIFEST, FL_SOFTMAX_WORKER_WASM)?;
+    std::fs::write(dir.join("README.md"), FL_SOFTMAX_WORKER_README)
 }
 
 #[cfg(test)]

@@ -621,13 +621,34 @@ impl Node {
             return (r, None);
         }
         let started = Instant::now();
-        let outcome = match self.execute_inner(task).await {
-            Ok(outputs) => TaskOutcome::Ok { outputs, seconds: started.elapsed().as_secs_f64() },
+        // The task's span carries the coordinator's trace (W3C ids), so its log lines here
+        // join the coordinator's for the same task.
+        let trace = task.trace.as_deref().and_then(tessera_core::trace::TraceParent::parse);
+        let span = tracing::info_span!(
+            "task",
+            task_id = %task.task_id,
+            session = %task.session,
+            round = task.round,
+            node = %self.id,
+            trace_id = %trace.map(|t| t.trace_hex()).unwrap_or_default(),
+            parent_span = %trace.map(|t| t.span_hex()).unwrap_or_default(),
+        );
+        let result = tracing::Instrument::instrument(self.execute_inner(task), span.clone()).await;
+        let seconds = started.elapsed().as_secs_f64();
+        let label = if result.is_ok() { "ok" } else { "failed" };
+        metrics::counter!(tessera_ports::metrics::NODE_TASKS, "node" => self.id.clone(), "outcome" => label)
+            .increment(1);
+        metrics::histogram!(tessera_ports::metrics::NODE_TASK_SECONDS, "node" => self.id.clone()).record(seconds);
+        let outcome = match result {
+            Ok(outputs) => TaskOutcome::Ok { outputs, seconds },
             Err(e) => {
-                tracing::warn!(node = %self.id, task = %task.task_id, "task failed: {e}");
+                span.in_scope(|| tracing::warn!("task failed: {e}"));
                 TaskOutcome::Failed { error: e.to_string() }
             }
         };
+        if matches!(outcome, TaskOutcome::Ok { .. }) {
+            span.in_scope(|| tracing::debug!(seconds, "task done"));
+        }
         let reply = TaskReply {
             schema: SCHEMA_VERSION,
             task_id: task.task_id.clone(),

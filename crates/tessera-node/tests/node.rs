@@ -173,6 +173,7 @@ impl Setup {
             auth: None,
             inline_outputs: 0,
             fresh: false,
+            trace: None,
         }
         .with_node(node)
     }

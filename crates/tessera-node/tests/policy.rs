@@ -94,6 +94,7 @@ fn task(id: &str, module: Digest, config: serde_json::Value) -> TaskMessage {
         auth: None,
         inline_outputs: 0,
         fresh: false,
+        trace: None,
     }
 }
 

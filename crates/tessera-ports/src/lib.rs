@@ -8,18 +8,21 @@
 //! - [`Runtime`] and [`TaskContext`]: how module code runs and what it sees.
 //! - [`Membership`]: who is there: nodes announce themselves with a time-to-live.
 //! - [`PackageSource`]: where a node gets packages (the hub, in-process or over HTTP).
+//! - [`metrics`]: the process's Prometheus metrics, their names, and `/metrics`'s text.
 //!
 //! The in-process implementations ([`MemoryBus`], [`MemoryWorld`], [`MemoryBlobStore`],
 //! [`FsBlobStore`], [`MemoryMembership`]) are the embedded default, not test doubles: a distributed
 //! implementation (NATS JetStream) implements the same traits and passes the same
 //! behaviour tests, which live in [`conformance`].
 //!
-//! This crate does not know HTTP, SQLite, NATS or wasmtime.
+//! This crate does not know SQLite, NATS or wasmtime, nor HTTP but for the `axum` feature's
+//! `/metrics` handler and request-measuring middleware.
 
 pub mod blob;
 pub mod bus;
 pub mod conformance;
 pub mod membership;
+pub mod metrics;
 pub mod retry;
 pub mod runtime;
 pub mod source;

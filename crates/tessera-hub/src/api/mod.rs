@@ -254,10 +254,12 @@ pub fn app(state: AppState) -> Router {
             axum::routing::get(|| async {
                 axum::response::Html(
                     "<!doctype html><title>Tessera hub</title><h1>Tessera hub</h1>\
-                     <p><a href=\"/docs/\">API documentation</a> · <a href=\"/openapi.json\">OpenAPI document</a></p>",
+                     <p><a href=\"/ui\">Dashboard</a> · <a href=\"/docs/\">API documentation</a> · <a href=\"/openapi.json\">OpenAPI document</a> · <a href=\"/metrics\">Metrics</a></p>",
                 )
             }),
         )
+        .route("/metrics", axum::routing::get(tessera_ports::metrics::http::metrics_page))
+        .route_layer(axum::middleware::from_fn(|req, next| tessera_ports::metrics::http::measure("hub", req, next)))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(answer_panic))
         .with_state(state)
 }

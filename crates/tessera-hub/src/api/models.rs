@@ -414,8 +414,9 @@ pub(super) async fn model_tensors(
     ))
 }
 
-/// A model's card (its facts and Markdown text); `version` may be `latest`. 404 when it has
-/// none.
+/// A model's card (its facts and Markdown text); `version` may be `latest`. A model pushed
+/// without a card but with a run's lineage shows the card made from it
+/// ([`tessera_core::card::Card::from_lineage`]); 404 when it has neither.
 #[utoipa::path(get, path = "/api/v1/models/{name}/{version}/card", tag = "models",
     params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Version or `latest`")),
     responses((status = 200, body = tessera_core::card::Card), (status = 404, body = ErrorBody)))]
@@ -427,7 +428,9 @@ pub(super) async fn model_card(
     Ok(Json(
         blocking(move || {
             let m = store.model(&name, &version)?;
-            m.card.ok_or_else(|| HubError::NotFound(format!("model {}@{} has no card", m.name, m.version)))
+            let made =
+                m.lineage.as_ref().map(|l| tessera_core::card::Card::from_lineage(&m.name, &m.version, l, &m.metadata));
+            m.card.or(made).ok_or_else(|| HubError::NotFound(format!("model {}@{} has no card", m.name, m.version)))
         })
         .await?,
     ))
