@@ -171,6 +171,8 @@ struct Inflight {
     participant: String,
     /// The global model version (server steps taken) it trains from.
     version: u32,
+    /// When it was sent.
+    sent: Instant,
     /// When it is given up if unanswered.
     deadline: Instant,
     /// Its model fell more than `max_staleness` steps behind: its answer will be dropped,
@@ -190,6 +192,13 @@ struct Base {
     input: BlobRef,
     digest: Digest,
 }
+
+/// The most a FedBuff session's end waits for the answers of tasks still out, to remove
+/// what they stored (it waits twice the longest a task of the run took, at least 200 ms).
+pub(crate) const LATE_ANSWERS: Duration = Duration::from_secs(10);
+
+/// The least a FedBuff session's end waits for them.
+const LATE_ANSWERS_AT_LEAST: Duration = Duration::from_millis(200);
 
 /// A FedBuff session as the engine's program: one server step per iteration.
 pub(crate) struct FedBuffRun<'a> {
@@ -219,6 +228,8 @@ pub(crate) struct FedBuffRun<'a> {
     /// that fails at once is not sent task after task.
     resting: BTreeSet<String>,
     node_keys: BTreeMap<String, PublicKey>,
+    /// The longest a task of this run took from sending to its answer.
+    slowest: Duration,
 }
 
 impl<'a> FedBuffRun<'a> {
@@ -244,6 +255,7 @@ impl<'a> FedBuffRun<'a> {
             resting: BTreeSet::new(),
             clock: None,
             node_keys: BTreeMap::new(),
+            slowest: Duration::ZERO,
         }
     }
 
@@ -348,21 +360,36 @@ impl<'a> FedBuffRun<'a> {
             });
         }
         let placed = c.send_tasks(&id, version + 1, tasks, &self.node_keys).await?;
-        let deadline = Instant::now() + Duration::from_secs_f64(cfg.round_timeout_secs);
+        let now = Instant::now();
+        let deadline = now + Duration::from_secs_f64(cfg.round_timeout_secs);
         for (task_id, participant) in placed {
             sent.push(participant.clone());
-            self.inflight.insert(task_id, Inflight { participant, version, deadline, given_up: false });
+            self.inflight.insert(task_id, Inflight { participant, version, sent: now, deadline, given_up: false });
         }
         Ok(())
     }
 
     /// When the run ends: what it still held back (answers read, models tasks still out
-    /// trained from) is removed, unless `retain_updates`; answers to tasks still out
-    /// leave theirs. Gives the state.
+    /// trained from) is removed, unless `retain_updates`. When it ended for good (its limit
+    /// or a stop rule), so are the answers taken for a next step that will not come, and
+    /// the answers of tasks still out, waited for (twice the slowest answer of the run,
+    /// from 200 ms to [`LATE_ANSWERS`] and at most the session's `round_timeout_secs`) and
+    /// removed as they come; one later than that, or of a task given up at its deadline or
+    /// whose node left, leaves its blob behind. Gives the state.
     pub(crate) async fn release(mut self, c: &Coordinator) -> SessionState {
         let id = self.state.id.clone();
         for (_, l) in std::mem::take(&mut self.held) {
             c.note_leftovers(&id, l);
+        }
+        // A run that ended (its limit or a stop rule) is not resumed: the answers it took
+        // for a next step and those still to come are removed. A stopped or failed run may
+        // be resumed, and its tasks sent again under the same ids, which a node answers
+        // from what it stored: those stay.
+        let ended = matches!(self.state.ending, Some(Ending::Limit | Ending::Scheduler));
+        if ended {
+            for (_, reply) in std::mem::take(&mut self.carried) {
+                c.note_leftovers(&id, Leftovers::of_reply(&reply));
+            }
         }
         for b in self.bases.values().filter(|b| b.digest != self.state.model) {
             c.note_replaced(&id, b.digest);
@@ -370,9 +397,55 @@ impl<'a> FedBuffRun<'a> {
         if self.state.config.retain_updates {
             c.forget_leftovers(&id);
         } else {
+            if ended {
+                self.late_answers(c).await;
+            }
             c.discard_leftovers(&id).await;
         }
         self.state
+    }
+
+    /// Takes the answers of tasks still out as they come, for removal (see [`Self::release`]
+    /// for how long).
+    async fn late_answers(&mut self, c: &Coordinator) {
+        let id = self.state.id.clone();
+        let reply_to = reply_queue(&id);
+        let verifier = c.reply_verifier();
+        // Twice the slowest answer so far: a node that is silent holds the end up little.
+        let bound = (self.slowest * 2)
+            .max(LATE_ANSWERS_AT_LEAST)
+            .min(LATE_ANSWERS)
+            .min(Duration::from_secs_f64(self.state.config.round_timeout_secs));
+        let until = Instant::now() + bound;
+        while !self.inflight.is_empty() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::debug!(session = %id, tasks = self.inflight.len(), "answers still out at the end are left");
+                break;
+            }
+            let batch = match c.backend.bus.get_batch(&reply_to, REPLY_BATCH, left).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(session = %id, "waiting for the answers still out: {e}; they are left");
+                    break;
+                }
+            };
+            for d in &batch {
+                let accepted = c.accept_reply(
+                    &id,
+                    None,
+                    &reply_to,
+                    &d.payload,
+                    &self.node_keys,
+                    verifier.as_ref(),
+                    &mut self.inflight,
+                );
+                if let Some((_, reply)) = accepted {
+                    c.note_leftovers(&id, Leftovers::of_reply(&reply));
+                }
+            }
+            ack_all(batch).await;
+        }
     }
 
     /// Loads the current global model when the run (re)starts.
@@ -545,6 +618,9 @@ impl Program for FedBuffRun<'_> {
                     verifier.as_ref(),
                     &mut self.inflight,
                 );
+                if let Some((task, _)) = &accepted {
+                    self.slowest = self.slowest.max(task.sent.elapsed());
+                }
                 match accepted {
                     // Its model fell behind: dropped (it was counted a failure then).
                     // (No answer still to come trains from its model.)
