@@ -405,6 +405,23 @@ impl<'a> FedBuffRun<'a> {
         self.state
     }
 
+    /// Checks a message on the run's reply queue ([`Coordinator::accept_reply`]): the
+    /// answer of a task out, taken off `inflight`, its time counted in `slowest`.
+    fn accept(
+        &mut self,
+        c: &Coordinator,
+        reply_to: &str,
+        verifier: Option<&tessera_identity::Verifier>,
+        payload: &[u8],
+    ) -> Option<(Inflight, TaskReply)> {
+        let id = self.state.id.clone();
+        let accepted = c.accept_reply(&id, None, reply_to, payload, &self.node_keys, verifier, &mut self.inflight);
+        if let Some((task, _)) = &accepted {
+            self.slowest = self.slowest.max(task.sent.elapsed());
+        }
+        accepted
+    }
+
     /// Takes the answers of tasks still out as they come, for removal (see [`Self::release`]
     /// for how long).
     async fn late_answers(&mut self, c: &Coordinator) {
@@ -431,16 +448,7 @@ impl<'a> FedBuffRun<'a> {
                 }
             };
             for d in &batch {
-                let accepted = c.accept_reply(
-                    &id,
-                    None,
-                    &reply_to,
-                    &d.payload,
-                    &self.node_keys,
-                    verifier.as_ref(),
-                    &mut self.inflight,
-                );
-                if let Some((_, reply)) = accepted {
+                if let Some((_, reply)) = self.accept(c, &reply_to, verifier.as_ref(), &d.payload) {
                     c.note_leftovers(&id, Leftovers::of_reply(&reply));
                 }
             }
@@ -609,19 +617,7 @@ impl Program for FedBuffRun<'_> {
             };
             timings.waiting += waiting.elapsed().as_secs_f64();
             for d in &batch {
-                let accepted = c.accept_reply(
-                    &id,
-                    None,
-                    &reply_to,
-                    &d.payload,
-                    &self.node_keys,
-                    verifier.as_ref(),
-                    &mut self.inflight,
-                );
-                if let Some((task, _)) = &accepted {
-                    self.slowest = self.slowest.max(task.sent.elapsed());
-                }
-                match accepted {
+                match self.accept(c, &reply_to, verifier.as_ref(), &d.payload) {
                     // Its model fell behind: dropped (it was counted a failure then).
                     // (No answer still to come trains from its model.)
                     Some((task, reply)) if task.given_up => c.note_leftovers(&id, Leftovers::of_reply(&reply)),
