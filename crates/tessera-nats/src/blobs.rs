@@ -5,8 +5,10 @@ use async_nats::jetstream::object_store::{self, ObjectStore};
 use async_nats::jetstream::stream::StorageType;
 use async_trait::async_trait;
 use bytes::Bytes;
+use std::time::Duration;
 use tessera_core::Digest;
 use tessera_ports::{BlobError, BlobStore};
+
 use tokio::io::AsyncReadExt;
 
 use crate::{Nats, NatsError};
@@ -54,7 +56,61 @@ impl NatsBlobs {
     }
 }
 
+/// The outcome of [`NatsBlobs::claim`].
+#[derive(Debug, PartialEq, Eq)]
+enum Claim {
+    /// The object is stored already.
+    Stored,
+    /// This writer holds the claim: it writes, then releases the claim.
+    Ours,
+    /// Another writer held the claim for [`CLAIM_WAIT`] without storing the object (it is
+    /// slow or gone): this one writes without a claim.
+    Unclaimed,
+}
+
+/// How long a writer waits for another writer of the same object.
+const CLAIM_WAIT: Duration = Duration::from_secs(30);
+
+/// The KV key in the small-blob bucket that claims the writing of an object.
+fn claim_key(digest: &Digest) -> String {
+    format!("writing.{}", digest.hex())
+}
+
 impl NatsBlobs {
+    /// Claims the writing of the object `digest`. An Object Store put writes its chunks under
+    /// a fresh name and only then points the object's metadata at them, removing the chunks
+    /// of the object it replaces, if there was one when it began. Two writers of the same
+    /// object at once (two participants' identical updates, in one process or two) therefore
+    /// leave one writer's chunks behind for good. Writers of an object take turns instead: the
+    /// first creates a KV entry (a compare-and-set, so exactly one succeeds); the others wait
+    /// until the object is stored, bounded by [`CLAIM_WAIT`].
+    async fn claim(&self, digest: &Digest) -> Result<Claim, BlobError> {
+        let key = claim_key(digest);
+        let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            if self.store_contains(digest).await? {
+                return Ok(Claim::Stored);
+            }
+            match self.small.create(&key, Bytes::new()).await {
+                // The writer before may have finished between the look and the claim.
+                Ok(_) if self.store_contains(digest).await? => {
+                    let _ = self.small.purge(&key).await;
+                    return Ok(Claim::Stored);
+                }
+                Ok(_) => return Ok(Claim::Ours),
+                Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {}
+                Err(e) => return Err(backend(e)),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(blob = %digest, "another writer of this blob has not finished; writing it anyway");
+                return Ok(Claim::Unclaimed);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
+        }
+    }
+
     /// The live KV entry of a small blob.
     async fn small_entry(&self, digest: &Digest) -> Result<Option<Bytes>, BlobError> {
         match self.small.entry(digest.hex()).await.map_err(backend)? {
@@ -90,11 +146,16 @@ impl BlobStore for NatsBlobs {
             self.small.put(digest.hex(), bytes).await.map_err(backend)?;
             return Ok(digest);
         }
-        if self.store_contains(&digest).await? {
+        let claimed = self.claim(&digest).await?;
+        if claimed == Claim::Stored {
             return Ok(digest);
         }
         let mut reader = &bytes[..];
-        self.store.put(digest.hex().as_str(), &mut reader).await.map_err(backend)?;
+        let put = self.store.put(digest.hex().as_str(), &mut reader).await.map_err(backend);
+        // Best effort: a claim left behind only makes the next writer wait for it. A writer
+        // that waited in vain removes the stale claim too.
+        let _ = self.small.purge(claim_key(&digest)).await;
+        put?;
         Ok(digest)
     }
 

@@ -299,6 +299,24 @@ pub async fn blob_behaviour(store: &dyn BlobStore) {
         assert!(!store.contains(&d).await.unwrap(), "{size} bytes");
         assert!(store.get(&d).await.unwrap().is_none(), "{size} bytes");
     }
+    // The same bytes stored by several writers at once (two participants' identical
+    // updates) are one blob: deleting it once frees all of its space.
+    let bytes = Bytes::from((0..(300usize << 10)).map(|i| (i % 241) as u8).collect::<Vec<u8>>());
+    let before = store.stored_bytes().await.unwrap();
+    let puts = tokio::join!(
+        store.put(bytes.clone()),
+        store.put(bytes.clone()),
+        store.put(bytes.clone()),
+        store.put(bytes.clone())
+    );
+    let d = Digest::of(&bytes);
+    for p in [puts.0, puts.1, puts.2, puts.3] {
+        assert_eq!(p.unwrap(), d);
+    }
+    assert_eq!(store.get(&d).await.unwrap().unwrap(), bytes);
+    assert!(store.delete(&d).await.unwrap());
+    let after = store.stored_bytes().await.unwrap();
+    assert!(after < before + (64 << 10), "concurrent puts leave nothing once deleted: {before} then {after}");
 }
 
 /// Members appear when announced, carry their latest record, disappear when withdrawn or
