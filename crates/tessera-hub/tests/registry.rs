@@ -68,9 +68,12 @@ impl Hub {
     fn dump(&self) -> Value {
         let db = rusqlite::Connection::open(self.dir.path().join("hub/hub.sqlite")).unwrap();
         let mut out = BTreeMap::new();
-        // Every table but the request meter (which counts refused requests too).
+        // Every table but the request meter and the replay cache (which count refused
+        // requests with valid signatures too).
         let tables: Vec<String> = db
-            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'usage' ORDER BY name")
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT IN ('usage', 'nonces') ORDER BY name",
+            )
             .unwrap()
             .query_map([], |r| r.get(0))
             .unwrap()

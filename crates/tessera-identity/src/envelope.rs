@@ -14,7 +14,7 @@
 //! cannot be replayed, sent to another server, or given another body.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tessera_core::Digest;
 
@@ -210,8 +210,61 @@ pub enum VerifyError {
     Busy,
 }
 
-/// Most nonces remembered at once.
+/// Most nonces the in-memory cache remembers at once.
 const MAX_NONCES: usize = 1_000_000;
+
+/// Where a [`Verifier`] remembers the nonces it accepted, until their timestamps leave the
+/// window. The default, [`MemoryReplayCache`], serves one process; servers that share work
+/// (several hub processes over one database) share one cache, so a request replayed to
+/// another process is refused too.
+pub trait ReplayCache: Send + Sync {
+    /// True when `key` used `nonce` in a request still remembered at `now_ms` (Unix ms).
+    ///
+    /// # Errors
+    /// [`VerifyError::Busy`] when the cache cannot answer (its storage failed): the request
+    /// is refused rather than let through unchecked.
+    fn seen(&self, key: &PublicKey, nonce: &str, now_ms: u64) -> Result<bool, VerifyError>;
+
+    /// Remembers `nonce` of `key` until `expires_ms` (Unix ms), atomically with checking it
+    /// is not remembered already at `now_ms`.
+    ///
+    /// # Errors
+    /// [`VerifyError::Replayed`] when it is; [`VerifyError::Busy`] when the cache is full or
+    /// its storage failed.
+    fn remember(&self, key: &PublicKey, nonce: &str, expires_ms: u64, now_ms: u64) -> Result<(), VerifyError>;
+}
+
+/// A [`ReplayCache`] in this process's memory: at most 1,000,000 nonces (expired ones are
+/// dropped when it is half full; past the bound, requests are refused with
+/// [`VerifyError::Busy`]).
+#[derive(Debug, Default)]
+pub struct MemoryReplayCache {
+    seen: Mutex<HashMap<(PublicKey, String), u64>>,
+}
+
+impl ReplayCache for MemoryReplayCache {
+    fn seen(&self, key: &PublicKey, nonce: &str, now_ms: u64) -> Result<bool, VerifyError> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(seen.get(&(key.clone(), nonce.to_owned())).is_some_and(|expires| *expires >= now_ms))
+    }
+
+    fn remember(&self, key: &PublicKey, nonce: &str, expires_ms: u64, now_ms: u64) -> Result<(), VerifyError> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() >= MAX_NONCES / 2 {
+            seen.retain(|_, expires| *expires >= now_ms);
+            if seen.len() >= MAX_NONCES {
+                return Err(VerifyError::Busy);
+            }
+        }
+        let slot = (key.clone(), nonce.to_owned());
+        match seen.get(&slot) {
+            Some(expires) if *expires >= now_ms => return Err(VerifyError::Replayed),
+            _ => {}
+        }
+        seen.insert(slot, expires_ms);
+        Ok(())
+    }
+}
 
 /// Checks envelopes for one server.
 pub struct Verifier {
@@ -220,7 +273,7 @@ pub struct Verifier {
     replay_check: bool,
     key_types: Vec<KeyType>,
     known: Option<HashSet<PublicKey>>,
-    seen: Mutex<HashMap<(PublicKey, String), u64>>,
+    seen: Arc<dyn ReplayCache>,
 }
 
 impl Verifier {
@@ -233,8 +286,14 @@ impl Verifier {
             replay_check: true,
             key_types: vec![KeyType::Ed25519, KeyType::Secp256k1],
             known: None,
-            seen: Mutex::default(),
+            seen: Arc::new(MemoryReplayCache::default()),
         }
+    }
+
+    /// Remembers nonces in `cache` instead of this process's memory.
+    pub fn with_replay_cache(mut self, cache: Arc<dyn ReplayCache>) -> Self {
+        self.seen = cache;
+        self
     }
 
     /// Sets the window (either side of this server's clock).
@@ -330,11 +389,8 @@ impl Verifier {
         }
         let bytes = signed_bytes(method, path, env.ts_ms, &env.nonce, &env.audience, &env.body, &env.key);
         env.key.verify(&bytes, &env.sig).map_err(|_| VerifyError::BadSignature)?;
-        if self.replay_check {
-            let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            if seen.get(&(env.key.clone(), env.nonce.clone())).is_some_and(|expires| *expires >= now_ms) {
-                return Err(VerifyError::Replayed);
-            }
+        if self.replay_check && self.seen.seen(&env.key, &env.nonce, now_ms)? {
+            return Err(VerifyError::Replayed);
         }
         Ok(Checked { verifier: self, key: env.key.clone(), nonce: env.nonce.clone(), ts_ms: env.ts_ms, body: env.body })
     }
@@ -372,21 +428,9 @@ impl Checked<'_> {
         if !v.replay_check {
             return Ok(self.key);
         }
-        // Only a valid signature may take a place in the replay cache.
-        let mut seen = v.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.len() >= MAX_NONCES / 2 {
-            seen.retain(|_, expires| *expires >= now_ms);
-            if seen.len() >= MAX_NONCES {
-                return Err(VerifyError::Busy);
-            }
-        }
-        let slot = (self.key.clone(), self.nonce);
-        match seen.get(&slot) {
-            Some(expires) if *expires >= now_ms => return Err(VerifyError::Replayed),
-            _ => {}
-        }
-        // A nonce is remembered until its timestamp leaves the window.
-        seen.insert(slot, self.ts_ms.saturating_add(v.window_ms));
+        // Only a valid signature may take a place in the replay cache. A nonce is remembered
+        // until its timestamp leaves the window.
+        v.seen.remember(&self.key, &self.nonce, self.ts_ms.saturating_add(v.window_ms), now_ms)?;
         Ok(self.key)
     }
 }

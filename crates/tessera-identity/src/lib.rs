@@ -20,7 +20,7 @@ pub mod seal;
 pub mod secagg;
 pub mod shamir;
 
-pub use envelope::{Envelope, EnvelopeError, Verifier, VerifyError};
+pub use envelope::{Envelope, EnvelopeError, MemoryReplayCache, ReplayCache, Verifier, VerifyError};
 pub use keys::{KeyError, KeyPair, KeyType, PublicKey, Signature};
 
 /// Random bytes from the operating system.

@@ -97,7 +97,11 @@ impl HubPolicy {
 impl AppState {
     /// The state for a store under a policy.
     pub fn new(store: Arc<HubStore>, policy: HubPolicy) -> Self {
-        let verifier = Verifier::new(store.key().public().clone()).with_window_ms(policy.window_ms);
+        // The replay cache is the store's: every hub process serving it refuses a nonce any
+        // of them accepted.
+        let verifier = Verifier::new(store.key().public().clone())
+            .with_window_ms(policy.window_ms)
+            .with_replay_cache(store.clone());
         AppState {
             store,
             policy: Arc::new(policy),

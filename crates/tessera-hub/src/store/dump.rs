@@ -25,8 +25,9 @@ const FORMAT: u32 = 1;
 /// The file naming the dump's format.
 const MANIFEST: &str = "tessera-hub-dump.json";
 
-/// Tables a dump leaves out: uploads in progress (their files are not dumped either).
-const SKIPPED: [&str; 1] = ["uploads"];
+/// Tables a dump leaves out: uploads in progress (their files are not dumped either) and
+/// the replay cache (its rows expire with the signature window, a minute by default).
+const SKIPPED: [&str; 2] = ["uploads", "nonces"];
 
 /// What a dump or a restore moved.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -17,6 +17,7 @@ mod dump;
 mod grants;
 pub(crate) mod models;
 mod namespaces;
+mod nonces;
 mod packages;
 pub(crate) mod search;
 pub(crate) mod uploads;
@@ -166,6 +167,13 @@ CREATE TABLE IF NOT EXISTS uploads (
     received INTEGER NOT NULL DEFAULT 0,
     touched INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS nonces (
+    signer TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    PRIMARY KEY (signer, nonce)
+);
+CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces(expires_ms);
 CREATE TABLE IF NOT EXISTS usage (
     account TEXT PRIMARY KEY,
     requests INTEGER NOT NULL DEFAULT 0,
@@ -247,22 +255,50 @@ impl HubStore {
     pub fn open_with_limits(dir: impl Into<PathBuf>, limits: Limits) -> Result<Self, HubError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir)?;
-        let conn = Connection::open(dir.join("hub.sqlite"))?;
+        // Hub processes starting together over one new database: switching it to WAL can
+        // be refused at once as busy (SQLite does not wait for that lock), so the opening
+        // is tried again for a while.
+        let mut pause = std::time::Duration::from_millis(10);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (conn, key) = loop {
+            match Self::open_db(&dir) {
+                Err(OpenFailure::Busy(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(200));
+                }
+                Err(OpenFailure::Busy(e)) => return Err(e.into()),
+                Err(OpenFailure::Other(e)) => return Err(e),
+                Ok(opened) => break opened,
+            }
+        };
+        let blobs = FsBlobStore::open(dir.join("blobs"))?;
+        Ok(HubStore { db: Mutex::new(conn), blobs, limits, dir, key })
+    }
+
+    /// Opens the database in `dir`, brings its schema up to date and loads (or makes) the
+    /// hub's key.
+    fn open_db(dir: &Path) -> Result<(Connection, KeyPair), OpenFailure> {
+        let mut conn = Connection::open(dir.join("hub.sqlite"))?;
+        // The wait first: another hub process may hold the lock while this one starts.
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
+        // One transaction: hub processes starting together over one database neither see a
+        // half-made schema nor add a column twice.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute_batch(SCHEMA)?;
         for (table, column, def) in ADDED_COLUMNS {
-            let exists: bool = conn.query_row(
+            let exists: bool = tx.query_row(
                 &format!("SELECT EXISTS(SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1)"),
                 params![column],
                 |r| r.get(0),
             )?;
             if !exists {
-                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))?;
+                tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))?;
             }
         }
-        migrate(&conn)?;
+        migrate(&tx)?;
+        // The key too, under the same lock: processes starting together make one.
         let keys = tessera_identity::keystore::Keystore::open(dir.join("identity"))
             .map_err(|e| HubError::Storage(e.to_string()))?;
         let key = match keys.load("hub", None) {
@@ -271,10 +307,10 @@ impl HubStore {
                 keys.create("hub", KeyType::Ed25519, None).map_err(|e| HubError::Storage(e.to_string()))?;
                 keys.load("hub", None).map_err(|e| HubError::Storage(e.to_string()))?
             }
-            Err(e) => return Err(HubError::Storage(format!("the hub's key: {e}"))),
+            Err(e) => return Err(HubError::Storage(format!("the hub's key: {e}")).into()),
         };
-        let blobs = FsBlobStore::open(dir.join("blobs"))?;
-        Ok(HubStore { db: Mutex::new(conn), blobs, limits, dir, key })
+        tx.commit()?;
+        Ok((conn, key))
     }
 
     /// The hub's directory.
@@ -351,15 +387,40 @@ impl HubStore {
     }
 
     /// Removes a blob nothing uses any more (after the transaction that stopped using it),
-    /// holding the database lock meanwhile, so no write adopts the same blob between the
-    /// check and the removal.
+    /// holding the database's write lock meanwhile, so no write of this process or another
+    /// adopts the same blob between the check and the removal.
     fn collect_blob(&self, digest: &Digest) -> Result<(), HubError> {
-        let db = self.db();
-        if !Self::blob_in_use(&db, digest)? {
+        let mut db = self.db();
+        // An immediate transaction holds SQLite's write lock, which other hub processes
+        // over the same database take too before they adopt a blob.
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if !Self::blob_in_use(&tx, digest)? {
             let _ = std::fs::remove_file(self.blobs.path_of(digest));
         }
-        drop(db);
+        tx.commit()?;
         Ok(())
+    }
+}
+
+/// Why opening the database failed: busy (another process holds a lock it did not wait
+/// for) or otherwise.
+enum OpenFailure {
+    Busy(rusqlite::Error),
+    Other(HubError),
+}
+
+impl From<rusqlite::Error> for OpenFailure {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => OpenFailure::Busy(e),
+            _ => OpenFailure::Other(e.into()),
+        }
+    }
+}
+
+impl From<HubError> for OpenFailure {
+    fn from(e: HubError) -> Self {
+        OpenFailure::Other(e)
     }
 }
 

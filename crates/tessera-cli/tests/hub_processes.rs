@@ -1,0 +1,179 @@
+//! Two `tessera hub serve` processes over one data directory (one SQLite database, one
+//! blob directory): they start together, take concurrent uploads of the same packages,
+//! and share the signature replay cache.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use tessera_client::{HubClient, ListParams};
+use tessera_core::{Digest, PackageRef};
+use tessera_identity::{Envelope, KeyPair, KeyType, now_ms};
+use tessera_package::{Limits, pack_dir};
+
+struct Hub {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a hub process; returns once it listens.
+fn spawn_hub(data: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .env_remove("RUST_LOG")
+        .args([
+            "hub",
+            "serve",
+            "--open",
+            "--max-uploads",
+            "16",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn listening(mut child: Child) -> Hub {
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut said = String::new();
+    let url = loop {
+        let line = lines.next().unwrap_or_else(|| panic!("the hub says where it listens; it said:\n{said}")).unwrap();
+        said.push_str(&line);
+        said.push('\n');
+        if let Some(rest) = line.strip_prefix("hub: ") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Hub { child, url }
+}
+
+fn package(dir: &Path, i: usize) -> Vec<u8> {
+    let m = dir.join(format!("p{i}"));
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::write(
+        m.join("module.yaml"),
+        format!("name: shared.p{i}\nversion: 0.1.{}\nkind: task\nruntime: builtin\nentry: echo\n", i % 3),
+    )
+    .unwrap();
+    // Sizes from a few bytes to a few hundred KiB, so some blobs are written in one go and
+    // some take a while.
+    let filler: String = (0..(i * 2_731) % 300_000).map(|j| char::from(b'a' + ((i + j) % 26) as u8)).collect();
+    std::fs::write(m.join("notes.txt"), filler).unwrap();
+    pack_dir(&m, &Limits::default()).unwrap().bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hub_processes_share_one_store_and_one_replay_cache() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("hub");
+    // Started together over a directory that holds nothing yet: one schema, one key.
+    let (a, b) = (spawn_hub(&data), spawn_hub(&data));
+    let (a, b) = (listening(a), listening(b));
+    let key = Arc::new(KeyPair::generate(KeyType::Ed25519));
+    let ca = HubClient::new(&a.url).unwrap().with_signer(key.clone());
+    let cb = HubClient::new(&b.url).unwrap().with_signer(key.clone());
+    let audience = ca.hub_key().await.unwrap();
+    assert_eq!(cb.hub_key().await.unwrap(), audience, "both processes speak for one hub");
+
+    // 100 packages, each published to both processes at once: the same blob adopted by two
+    // writers, and 200 signed requests, 16 in flight.
+    let packages: Vec<Vec<u8>> = (0..100).map(|i| package(work.path(), i)).collect();
+    let jobs = packages.iter().flat_map(|p| [(ca.clone(), p.clone()), (cb.clone(), p.clone())]);
+    let results: Vec<_> = futures::stream::iter(jobs)
+        .map(|(c, bytes)| async move { c.publish(bytes).await })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let mut created = 0;
+    for r in results {
+        let (_, new) = r.unwrap();
+        created += usize::from(new);
+    }
+    assert_eq!(created, 100, "each package is created once, by one process or the other");
+
+    // Both processes list all of them, with the digests uploaded, and serve their bytes.
+    let named: std::collections::BTreeSet<Digest> = packages.iter().map(|p| Digest::of(p)).collect();
+    for c in [&ca, &cb] {
+        let listed = c.list(&ListParams { limit: Some(500), ..Default::default() }).await.unwrap();
+        assert_eq!(listed.iter().map(|r| r.digest).collect::<std::collections::BTreeSet<_>>(), named);
+    }
+    for (i, bytes) in packages.iter().enumerate().step_by(7) {
+        let r: PackageRef = format!("shared.p{i}").parse().unwrap();
+        let (rec, got) = cb.download(&r).await.unwrap();
+        assert_eq!(rec.digest, Digest::of(bytes));
+        assert_eq!(&got[..], &bytes[..]);
+    }
+
+    // A third of them deleted through one process while the same bytes are published
+    // again through the other: whichever comes last wins, and the blob goes only if no row
+    // uses it when it is collected.
+    let racing = packages.iter().enumerate().filter(|(i, _)| i % 3 == 0);
+    let outcomes: Vec<_> = futures::stream::iter(racing)
+        .map(|(i, bytes)| {
+            let (ca, cb) = (ca.clone(), cb.clone());
+            async move {
+                let (name, version) = (format!("shared.p{i}"), format!("0.1.{}", i % 3));
+                let (del, publ) = tokio::join!(ca.delete(&name, &version), cb.publish(bytes.clone()));
+                (del.unwrap(), publ.unwrap())
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    assert_eq!(outcomes.len(), 34);
+    let live: Vec<_> = ca.list(&ListParams { limit: Some(500), ..Default::default() }).await.unwrap();
+    let live_digests: std::collections::BTreeSet<Digest> = live.iter().map(|r| r.digest).collect();
+    assert!(live.len() >= 66, "{} live", live.len());
+
+    // No blob is corrupt, missing or orphaned, and no temporary file is left.
+    let mut on_disk = std::collections::BTreeSet::new();
+    for shard in std::fs::read_dir(data.join("blobs")).unwrap().flatten() {
+        let name = shard.file_name().to_string_lossy().into_owned();
+        assert!(shard.path().is_dir(), "a file in the blob directory: {name}");
+        for f in std::fs::read_dir(shard.path()).unwrap().flatten() {
+            let bytes = std::fs::read(f.path()).unwrap();
+            let digest = Digest::of(&bytes);
+            assert_eq!(digest.hex(), f.file_name().to_string_lossy(), "a corrupt blob");
+            on_disk.insert(digest);
+        }
+    }
+    assert_eq!(on_disk, live_digests, "every blob on disk is a live package's, and every live package's is on disk");
+
+    // A signed request captured on its way to one process is refused by the other, and by
+    // the first.
+    let path = format!("/api/v1/accounts/{}/usage", key.public());
+    let env = Envelope::sign(&key, &audience, "GET", &path, b"", now_ms());
+    let http = reqwest::Client::new();
+    let send =
+        |url: &str| http.get(format!("{url}{path}")).header(tessera_identity::envelope::HEADER, env.to_header()).send();
+    let first = send(&a.url).await.unwrap();
+    assert_eq!(first.status(), 200, "{}", first.text().await.unwrap());
+    for url in [&b.url, &a.url] {
+        let replay = send(url).await.unwrap();
+        assert_eq!(replay.status(), 401);
+        assert!(replay.text().await.unwrap().contains("replayed"));
+    }
+    // A fresh signature still goes through the other process.
+    let env = Envelope::sign(&key, &audience, "GET", &path, b"", now_ms());
+    let fresh = http
+        .get(format!("{}{path}", b.url))
+        .header(tessera_identity::envelope::HEADER, env.to_header())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fresh.status(), 200);
+}
