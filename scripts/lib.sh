@@ -42,6 +42,24 @@ ensure_chromium() {
     fi
 }
 
+# PostgreSQL's programs (Debian's `postgresql`), for the hub's tests on PostgreSQL: each
+# test process starts its own server in a temporary directory (tessera_hub::testing).
+ensure_postgres() {
+    if [ -n "${PG_BIN:-}" ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+        return
+    fi
+    echo "installing PostgreSQL (apt-get install postgresql)" >&2
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    $sudo apt-get install -y postgresql >/dev/null || {
+        $sudo apt-get update >/dev/null && $sudo apt-get install -y postgresql >/dev/null
+    }
+    if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+        echo "error: PostgreSQL is required (the hub's tests) and could not be installed" >&2
+        exit 1
+    fi
+}
+
 # A free TCP port on loopback.
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Subcommand;
-use tessera_hub::{AppState, HubPolicy, HubStore, app};
+use tessera_hub::{AppState, Database, HubPolicy, HubStore, app};
 
 #[derive(Subcommand)]
 pub enum Command {
@@ -17,6 +17,12 @@ pub enum Command {
         /// Where the hub keeps its database and blobs (default: $TESSERA_HOME/hub).
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Where the hub keeps its records: a PostgreSQL connection string
+        /// (`postgres://user@host:port/db`, no TLS), which several hub processes may share;
+        /// by default `hub.sqlite` in the data directory. Blobs and the hub's key stay in the
+        /// data directory (with PostgreSQL the key is kept in the database too).
+        #[arg(long, env = "TESSERA_HUB_DATABASE", value_name = "URL")]
+        database: Option<String>,
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:7700")]
         listen: SocketAddr,
@@ -55,6 +61,12 @@ pub enum Command {
         /// The hub's data directory (default: $TESSERA_HOME/hub).
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Where the hub keeps its records: a PostgreSQL connection string
+        /// (`postgres://user@host:port/db`, no TLS), which several hub processes may share;
+        /// by default `hub.sqlite` in the data directory. Blobs and the hub's key stay in the
+        /// data directory (with PostgreSQL the key is kept in the database too).
+        #[arg(long, env = "TESSERA_HUB_DATABASE", value_name = "URL")]
+        database: Option<String>,
     },
     /// Write the hub's whole state (records, blobs verified by digest, its key) to FILE,
     /// which must not exist. The hub may be running: the records are read in one
@@ -65,6 +77,12 @@ pub enum Command {
         /// The hub's data directory (default: $TESSERA_HOME/hub).
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Where the hub keeps its records: a PostgreSQL connection string
+        /// (`postgres://user@host:port/db`, no TLS), which several hub processes may share;
+        /// by default `hub.sqlite` in the data directory. Blobs and the hub's key stay in the
+        /// data directory (with PostgreSQL the key is kept in the database too).
+        #[arg(long, env = "TESSERA_HUB_DATABASE", value_name = "URL")]
+        database: Option<String>,
     },
     /// Restore a dump into a data directory that holds no hub yet (every blob checked
     /// against its digest; nothing is written when anything is refused).
@@ -74,31 +92,69 @@ pub enum Command {
         /// The data directory to restore into (default: $TESSERA_HOME/hub).
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Where the hub keeps its records: a PostgreSQL connection string
+        /// (`postgres://user@host:port/db`, no TLS), which several hub processes may share;
+        /// by default `hub.sqlite` in the data directory. Blobs and the hub's key stay in the
+        /// data directory (with PostgreSQL the key is kept in the database too).
+        #[arg(long, env = "TESSERA_HUB_DATABASE", value_name = "URL")]
+        database: Option<String>,
     },
+}
+
+/// `--database`: a PostgreSQL connection string, or SQLite in the data directory.
+fn parse_database(url: Option<&str>) -> anyhow::Result<Database> {
+    match url.map(str::trim) {
+        None | Some("") | Some("sqlite") => Ok(Database::Sqlite),
+        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+            Ok(Database::Postgres(u.to_owned()))
+        }
+        // The value may hold a password: only its scheme is repeated.
+        Some(u) => anyhow::bail!(
+            "--database: expected a PostgreSQL URL (postgres://user@host:port/db) or `sqlite`, got {}",
+            u.split_once("://")
+                .map_or("a value without a scheme".to_owned(), |(scheme, _)| format!("scheme {scheme:?}"))
+        ),
+    }
+}
+
+/// Opens the hub: blobs in `data`, records in `database`.
+fn open_store(data: &std::path::Path, database: &Database) -> anyhow::Result<HubStore> {
+    let what = match database {
+        Database::Sqlite => "SQLite",
+        Database::Postgres(_) => "PostgreSQL",
+    };
+    HubStore::open_database(data, database, tessera_package::Limits::default())
+        .with_context(|| format!("opening the hub at {} (records in {what})", data.display()))
 }
 
 pub async fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
-        Command::Dump { file, data } => {
+        Command::Dump { file, data, database } => {
             let data = data.unwrap_or_else(|| crate::tessera_home().join("hub"));
-            anyhow::ensure!(data.join("hub.sqlite").exists(), "no hub at {}", data.display());
-            let store = HubStore::open(&data).with_context(|| format!("opening the hub at {}", data.display()))?;
+            let database = parse_database(database.as_deref())?;
+            anyhow::ensure!(
+                database != Database::Sqlite || data.join("hub.sqlite").exists(),
+                "no hub at {}",
+                data.display()
+            );
+            let store = open_store(&data, &database)?;
             let s = tokio::task::spawn_blocking(move || store.dump(&file).map(|s| (s, file))).await??;
             print_summary("dumped", &s.0);
             println!("{}", s.1.display());
             Ok(())
         }
-        Command::Restore { file, data } => {
+        Command::Restore { file, data, database } => {
             let data = data.unwrap_or_else(|| crate::tessera_home().join("hub"));
+            let database = parse_database(database.as_deref())?;
             let d2 = data.clone();
-            let (_, s) = tokio::task::spawn_blocking(move || HubStore::restore(&d2, &file)).await??;
+            let (_, s) = tokio::task::spawn_blocking(move || HubStore::restore_to(&d2, &database, &file)).await??;
             print_summary("restored", &s);
             println!("{}", data.display());
             Ok(())
         }
-        Command::Owners { namespace, owners, data } => {
+        Command::Owners { namespace, owners, data, database } => {
             let data = data.unwrap_or_else(|| crate::tessera_home().join("hub"));
-            let store = HubStore::open(&data).with_context(|| format!("opening the hub at {}", data.display()))?;
+            let store = open_store(&data, &parse_database(database.as_deref())?)?;
             let keys = owners
                 .iter()
                 .map(|k| k.parse::<tessera_identity::PublicKey>().with_context(|| format!("owner {k:?}")))
@@ -110,10 +166,10 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             eprintln!("namespace {namespace} now belongs to {} key(s)", keys.len());
             Ok(())
         }
-        Command::Serve { data, listen, open, window, max_uploads, max_model, nats, member_ttl } => {
+        Command::Serve { data, database, listen, open, window, max_uploads, max_model, nats, member_ttl } => {
             let data = data.unwrap_or_else(|| crate::tessera_home().join("hub"));
-            let store =
-                Arc::new(HubStore::open(&data).with_context(|| format!("opening the hub at {}", data.display()))?);
+            let database = parse_database(database.as_deref())?;
+            let store = Arc::new(open_store(&data, &database)?);
             if !open {
                 // No namespace that holds things may stay claimable by whoever writes first.
                 let adopted = store.adopt_unowned()?;

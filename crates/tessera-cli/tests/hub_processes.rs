@@ -1,6 +1,6 @@
-//! Two `tessera hub serve` processes over one data directory (one SQLite database, one
-//! blob directory): they start together, take concurrent uploads of the same packages,
-//! and share the signature replay cache.
+//! Two `tessera hub serve` processes over one data directory (one blob directory) and one
+//! database (SQLite in that directory, or PostgreSQL): they start together, take concurrent
+//! uploads of the same packages, and share the signature replay cache.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -10,6 +10,8 @@ use std::sync::Arc;
 use futures::StreamExt;
 use tessera_client::{HubClient, ListParams};
 use tessera_core::{Digest, PackageRef};
+use tessera_hub::Database;
+use tessera_hub::testing::PgServer;
 use tessera_identity::{Envelope, KeyPair, KeyType, now_ms};
 use tessera_package::{Limits, pack_dir};
 
@@ -25,25 +27,15 @@ impl Drop for Hub {
     }
 }
 
-/// Starts a hub process; returns once it listens.
-fn spawn_hub(data: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .env_remove("RUST_LOG")
-        .args([
-            "hub",
-            "serve",
-            "--open",
-            "--max-uploads",
-            "16",
-            "--listen",
-            "127.0.0.1:0",
-            "--data",
-            data.to_str().unwrap(),
-        ])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap()
+/// Starts a hub process.
+fn spawn_hub(data: &Path, database: &Database) -> Child {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    c.env_remove("RUST_LOG").env_remove("TESSERA_HUB_DATABASE");
+    c.args(["hub", "serve", "--open", "--max-uploads", "16", "--listen", "127.0.0.1:0", "--data"]).arg(data);
+    if let Database::Postgres(url) = database {
+        c.args(["--database", url]);
+    }
+    c.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap()
 }
 
 fn listening(mut child: Child) -> Hub {
@@ -77,11 +69,20 @@ fn package(dir: &Path, i: usize) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_hub_processes_share_one_store_and_one_replay_cache() {
+async fn two_hub_processes_over_sqlite() {
+    two_hub_processes_share_one_store_and_one_replay_cache(Database::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hub_processes_over_postgres() {
+    two_hub_processes_share_one_store_and_one_replay_cache(PgServer::shared().database()).await;
+}
+
+async fn two_hub_processes_share_one_store_and_one_replay_cache(database: Database) {
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("hub");
-    // Started together over a directory that holds nothing yet: one schema, one key.
-    let (a, b) = (spawn_hub(&data), spawn_hub(&data));
+    // Started together over a store that holds nothing yet: one schema, one key.
+    let (a, b) = (spawn_hub(&data, &database), spawn_hub(&data, &database));
     let (a, b) = (listening(a), listening(b));
     let key = Arc::new(KeyPair::generate(KeyType::Ed25519));
     let ca = HubClient::new(&a.url).unwrap().with_signer(key.clone());

@@ -1,6 +1,7 @@
 //! Tessera's hub: where packages and models are published, found and fetched.
 //!
-//! [`HubStore`] keeps metadata in SQLite and bytes in a content-addressed directory;
+//! [`HubStore`] keeps metadata in SQLite (the default) or PostgreSQL ([`Database`]) and
+//! bytes in a content-addressed directory;
 //! [`app`] is its REST API as an axum `Router` (a function, so tests call it without a
 //! socket), with an OpenAPI document at `/openapi.json` and an interactive docs page at
 //! `/docs` that works offline. [`LocalHub`] serves packages to nodes in the same process.
@@ -9,10 +10,13 @@
 //! with 409 and changes nothing. Uploads are streamed to disk, hashed on the way, and
 //! checked (digest, archive safety, manifest) before anything is recorded.
 //!
-//! This crate knows HTTP (axum) and SQLite; it does not know nodes, sessions or NATS.
+//! This crate knows HTTP (axum), SQLite and PostgreSQL; it does not know nodes, sessions
+//! or NATS. The `testing` feature starts a private PostgreSQL server for tests.
 
 mod api;
 mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod time;
 
 pub use api::{
@@ -21,8 +25,8 @@ pub use api::{
     UPLOAD_PARAM, answer_panic, app, openapi,
 };
 pub use store::{
-    Collection, ComponentNeeds, ComponentRecord, DumpSummary, Filters, GrantRecord, HubError, HubStore, ListQuery,
-    ModelUpload, ObjectUpload, PublishCheck, Published, Revision, UploadRecord, UsageRecord,
+    Collection, ComponentNeeds, ComponentRecord, Database, DumpSummary, Filters, GrantRecord, HubError, HubStore,
+    ListQuery, ModelUpload, ObjectUpload, PublishCheck, Published, Revision, UploadRecord, UsageRecord,
 };
 
 use std::sync::Arc;

@@ -25,7 +25,7 @@ fn hub() -> Hub {
 
 fn hub_with(limits: Limits) -> Hub {
     let dir = tempfile::tempdir().unwrap();
-    let store = std::sync::Arc::new(HubStore::open_with_limits(dir.path().join("hub"), limits).unwrap());
+    let store = std::sync::Arc::new(tessera_hub::testing::open_store_with(dir.path().join("hub"), limits));
     Hub {
         app: app(AppState::new(store.clone(), HubPolicy::open())),
         _dir: dir,

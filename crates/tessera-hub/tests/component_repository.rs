@@ -18,7 +18,7 @@ struct Hub {
 
 fn hub(policy: HubPolicy) -> Hub {
     let dir = tempfile::tempdir().unwrap();
-    let store = std::sync::Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
+    let store = std::sync::Arc::new(tessera_hub::testing::open_store(dir.path().join("hub")));
     Hub { app: app(AppState::new(store.clone(), policy)), dir, store }
 }
 

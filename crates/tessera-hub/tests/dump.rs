@@ -9,7 +9,8 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tessera_core::Digest;
-use tessera_hub::{AppState, HubError, HubPolicy, HubStore, app};
+use tessera_hub::testing::{PgServer, test_database};
+use tessera_hub::{AppState, Database, HubError, HubPolicy, HubStore, app};
 use tessera_identity::envelope::HEADER;
 use tessera_identity::{Envelope, KeyPair, KeyType, PACKAGE_SIGNATURE_HEADER, PackageSignature, now_ms};
 use tessera_package::{Limits, pack_dir};
@@ -85,8 +86,8 @@ fn package(dir: &Path) -> Vec<u8> {
     pack_dir(dir, &Limits::default()).unwrap().bytes
 }
 
-async fn populated(dir: &Path) -> (Arc<HubStore>, KeyPair) {
-    let store = Arc::new(HubStore::open(dir).unwrap());
+async fn populated(dir: &Path, database: &Database) -> (Arc<HubStore>, KeyPair) {
+    let store = Arc::new(HubStore::open_database(dir, database, Limits::default()).unwrap());
     let k = KeyPair::generate(KeyType::Ed25519);
     let bytes = package(&dir.with_extension("src"));
     let sig = PackageSignature::sign(&k, &Digest::of(&bytes));
@@ -116,8 +117,20 @@ async fn populated(dir: &Path) -> (Arc<HubStore>, KeyPair) {
 
 #[tokio::test]
 async fn a_restored_hub_shows_the_same_and_keeps_its_key() {
+    round_trip(&test_database(), &test_database()).await;
+}
+
+/// A hub moves from SQLite to PostgreSQL and from PostgreSQL to SQLite.
+#[tokio::test]
+async fn a_hub_moves_between_sqlite_and_postgres() {
+    round_trip(&Database::Sqlite, &PgServer::shared().database()).await;
+    round_trip(&PgServer::shared().database(), &Database::Sqlite).await;
+}
+
+/// Dumps a hub on `from`, restores it on `to`, and compares what both serve.
+async fn round_trip(from: &Database, to: &Database) {
     let tmp = tempfile::tempdir().unwrap();
-    let (store, owner) = populated(&tmp.path().join("a")).await;
+    let (store, owner) = populated(&tmp.path().join("a"), from).await;
     let before = view(&store).await;
     let file = tmp.path().join("hub.dump");
     let dumped = store.dump(&file).unwrap();
@@ -132,7 +145,7 @@ async fn a_restored_hub_shows_the_same_and_keeps_its_key() {
     assert!(store.dump(&file).is_err());
     assert!(file.exists(), "the existing dump is kept");
 
-    let (restored, summary) = HubStore::restore(&tmp.path().join("b"), &file).unwrap();
+    let (restored, summary) = HubStore::restore_to(&tmp.path().join("b"), to, &file).unwrap();
     assert_eq!(summary.blobs, dumped.blobs);
     let restored = Arc::new(restored);
     assert_eq!(restored.key().public(), store.key().public(), "the hub keeps its key");
@@ -157,8 +170,13 @@ async fn a_restored_hub_shows_the_same_and_keeps_its_key() {
     assert_eq!(call(&restored, Some(&stranger), "POST", "/service", doc.clone(), &[]).await.0, StatusCode::FORBIDDEN);
     assert_eq!(call(&restored, Some(&owner), "POST", "/service", doc, &[]).await.0, StatusCode::CREATED);
     // Restoring over a hub is refused.
-    let e = HubStore::restore(&tmp.path().join("b"), &file).err().unwrap();
+    let e = HubStore::restore_to(&tmp.path().join("b"), &test_database(), &file).err().unwrap();
     assert!(matches!(e, HubError::Conflict(_)), "{e}");
+    if let Database::Postgres(_) = to {
+        // So is restoring into a database that holds a hub's records, whatever the directory.
+        let e = HubStore::restore_to(&tmp.path().join("c"), to, &file).err().unwrap();
+        assert!(matches!(e, HubError::Conflict(_)), "{e}");
+    }
 }
 
 /// Rewrites a dump with `f` applied to each entry's bytes.
@@ -183,7 +201,7 @@ fn rewrite(from: &Path, to: &Path, f: impl Fn(&str, Vec<u8>) -> Option<Vec<u8>>)
 #[tokio::test]
 async fn a_tampered_dump_restores_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let (store, _) = populated(&tmp.path().join("a")).await;
+    let (store, _) = populated(&tmp.path().join("a"), &test_database()).await;
     let file = tmp.path().join("hub.dump");
     store.dump(&file).unwrap();
     type Edit = Box<dyn Fn(&str, Vec<u8>) -> Option<Vec<u8>>>;
@@ -234,7 +252,7 @@ async fn a_tampered_dump_restores_nothing() {
         let bad = tmp.path().join(format!("case-{i}.dump"));
         rewrite(&file, &bad, f);
         let target = tmp.path().join(format!("target-{i}"));
-        let result = HubStore::restore(&target, &bad);
+        let result = HubStore::restore_to(&target, &test_database(), &bad);
         if restores {
             result.unwrap_or_else(|e| panic!("{what}: {e}"));
             continue;

@@ -38,7 +38,7 @@ struct Req {
 
 fn hub() -> Hub {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
+    let store = Arc::new(tessera_hub::testing::open_store(dir.path().join("hub")));
     Hub {
         app: app(AppState::new(store.clone(), HubPolicy::signed())),
         store,
@@ -547,7 +547,7 @@ async fn uploads_are_refused_before_their_bytes_are_read() {
 #[tokio::test]
 async fn concurrent_uploads_per_account_are_capped() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
+    let store = Arc::new(tessera_hub::testing::open_store(dir.path().join("hub")));
     let policy = HubPolicy { max_uploads_per_account: 2, ..HubPolicy::signed() };
     let router = app(AppState::new(store.clone(), policy));
     let owner = KeyPair::generate(KeyType::Ed25519);
@@ -644,7 +644,7 @@ async fn extreme_numbers_are_refused_without_panicking() {
 #[tokio::test]
 async fn unowned_namespaces_go_to_the_hubs_key_and_the_operator_hands_them_on() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
+    let store = Arc::new(tessera_hub::testing::open_store(dir.path().join("hub")));
     let work = tempfile::tempdir().unwrap();
     let m = work.path().join("m");
     write_module(&m, "legacy.tool", "1.0.0", "x");
@@ -670,7 +670,7 @@ async fn unowned_namespaces_go_to_the_hubs_key_and_the_operator_hands_them_on() 
 #[tokio::test]
 async fn a_copied_package_signature_does_not_act_as_its_signer() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
+    let store = Arc::new(tessera_hub::testing::open_store(dir.path().join("hub")));
     let h = Hub {
         app: app(AppState::new(store.clone(), HubPolicy::open())),
         store,
@@ -704,7 +704,7 @@ async fn a_copied_package_signature_does_not_act_as_its_signer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_upload_is_judged_by_its_start() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
+    let store = Arc::new(tessera_hub::testing::open_store(dir.path().join("hub")));
     let policy = HubPolicy { window_ms: 500, ..HubPolicy::signed() };
     let router = app(AppState::new(store.clone(), policy));
     let owner = KeyPair::generate(KeyType::Ed25519);

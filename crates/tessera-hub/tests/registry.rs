@@ -27,7 +27,7 @@ struct Hub {
 
 fn hub() -> Hub {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
+    let store = Arc::new(tessera_hub::testing::open_store(dir.path().join("hub")));
     Hub { app: app(AppState::new(store.clone(), HubPolicy::signed())), store, dir, work: tempfile::tempdir().unwrap() }
 }
 
@@ -66,37 +66,26 @@ impl Hub {
     /// Everything stored: every row of every table but the usage meters (every signed
     /// request counts), and the blob files.
     fn dump(&self) -> Value {
-        let db = rusqlite::Connection::open(self.dir.path().join("hub/hub.sqlite")).unwrap();
+        // The hub's own dump (every table of either database, rows in insertion order), but
+        // the request meter, which counts refused requests with valid signatures too.
+        let file = self.dir.path().join(format!("state-{}.dump", now_ms()));
+        self.store.dump(&file).unwrap();
         let mut out = BTreeMap::new();
-        // Every table but the request meter and the replay cache (which count refused
-        // requests with valid signatures too).
-        let tables: Vec<String> = db
-            .prepare(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT IN ('usage', 'nonces') ORDER BY name",
-            )
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        assert!(tables.len() >= 7, "{tables:?}");
-        for table in tables {
-            let mut stmt = db.prepare(&format!("SELECT * FROM {table} ORDER BY rowid")).unwrap();
-            let n = stmt.column_count();
-            let rows: Vec<Vec<String>> = stmt
-                .query_map([], |r| {
-                    Ok((0..n)
-                        .map(|i| match r.get_ref(i).unwrap() {
-                            rusqlite::types::ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
-                            other => format!("{other:?}"),
-                        })
-                        .collect::<Vec<String>>())
-                })
-                .unwrap()
-                .map(Result::unwrap)
-                .collect();
+        let mut archive = tar::Archive::new(std::fs::File::open(&file).unwrap());
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let path = entry.path().unwrap().to_string_lossy().into_owned();
+            let Some(table) = path.strip_prefix("tables/").and_then(|t| t.strip_suffix(".jsonl")) else { continue };
+            if table == "usage" {
+                continue;
+            }
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
+            let rows: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
             out.insert(table.to_owned(), json!(rows));
         }
+        std::fs::remove_file(&file).unwrap();
+        assert!(out.len() >= 7, "{:?}", out.keys());
         let mut blobs: Vec<String> = Vec::new();
         let mut stack = vec![self.store.blobs().dir().to_path_buf()];
         while let Some(d) = stack.pop() {

@@ -24,7 +24,7 @@ struct Hub {
 
 fn hub(policy: HubPolicy) -> Hub {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
+    let store = Arc::new(tessera_hub::testing::open_store(dir.path().join("hub")));
     Hub { app: app(AppState::new(store.clone(), policy)), store, work: tempfile::tempdir().unwrap(), _dir: dir }
 }
 

@@ -1,6 +1,6 @@
 //! Metering: signed requests and bytes per account.
 
-use rusqlite::{OptionalExtension, params};
+use super::db::{OptionalExtension, params};
 use tessera_identity::PublicKey;
 
 use super::{HubError, HubStore};
@@ -29,9 +29,9 @@ impl HubStore {
         self.db().execute(
             "INSERT INTO usage (account, requests, bytes_in, bytes_out) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(account) DO UPDATE SET
-               requests = CASE WHEN requests > 9223372036854775807 - ?2 THEN 9223372036854775807 ELSE requests + ?2 END,
-               bytes_in = CASE WHEN bytes_in > 9223372036854775807 - ?3 THEN 9223372036854775807 ELSE bytes_in + ?3 END,
-               bytes_out = CASE WHEN bytes_out > 9223372036854775807 - ?4 THEN 9223372036854775807 ELSE bytes_out + ?4 END",
+               requests = CASE WHEN usage.requests > 9223372036854775807 - ?2 THEN 9223372036854775807 ELSE usage.requests + ?2 END,
+               bytes_in = CASE WHEN usage.bytes_in > 9223372036854775807 - ?3 THEN 9223372036854775807 ELSE usage.bytes_in + ?3 END,
+               bytes_out = CASE WHEN usage.bytes_out > 9223372036854775807 - ?4 THEN 9223372036854775807 ELSE usage.bytes_out + ?4 END",
             params![account.to_string(), to_sql(requests), to_sql(bytes_in), to_sql(bytes_out)],
         )?;
         Ok(())

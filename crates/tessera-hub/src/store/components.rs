@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use super::db::{Conn, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tessera_core::manifest::Needs;
@@ -352,7 +352,7 @@ fn document_text(doc: &Map<String, Value>) -> Result<String, HubError> {
     Ok(text)
 }
 
-fn read(conn: &Connection, collection: Collection, key: &str) -> Result<Option<ComponentRecord>, HubError> {
+fn read(conn: &Conn, collection: Collection, key: &str) -> Result<Option<ComponentRecord>, HubError> {
     let row = conn
         .query_row(
             "SELECT document, signer, created_at, updated_at FROM components WHERE collection = ?1 AND key = ?2",

@@ -13,11 +13,11 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use rusqlite::types::ValueRef;
 use serde_json::{Map, Value};
 use tessera_core::{Digest, DigestWriter};
 
-use super::{HubError, HubStore};
+use super::db::{self, params};
+use super::{Database, HubError, HubStore};
 
 /// The dump format's version.
 const FORMAT: u32 = 1;
@@ -25,9 +25,10 @@ const FORMAT: u32 = 1;
 /// The file naming the dump's format.
 const MANIFEST: &str = "tessera-hub-dump.json";
 
-/// Tables a dump leaves out: uploads in progress (their files are not dumped either) and
-/// the replay cache (its rows expire with the signature window, a minute by default).
-const SKIPPED: [&str; 2] = ["uploads", "nonces"];
+/// Tables a dump leaves out: uploads in progress (their files are not dumped either),
+/// the replay cache (its rows expire with the signature window, a minute by default) and
+/// PostgreSQL's copy of the hub's key (the dump holds the key as a file).
+const SKIPPED: [&str; 3] = ["uploads", "nonces", "hub_key"];
 
 /// What a dump or a restore moved.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -79,36 +80,28 @@ impl HubStore {
         let mut summary = DumpSummary::default();
         {
             // One read transaction: the rows are of one moment.
-            let mut db = self.db();
-            let tx = db.transaction()?;
-            let tables: Vec<String> = tx
-                .prepare(
-                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
-                )?
-                .query_map([], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            for table in tables.iter().filter(|t| !SKIPPED.contains(&t.as_str())) {
-                let mut stmt = tx.prepare(&format!("SELECT * FROM \"{table}\" ORDER BY rowid"))?;
-                let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+            let tx = self.read_tx()?;
+            for table in tx.tables()?.iter().filter(|t| !SKIPPED.contains(&t.as_str())) {
+                let query = format!("SELECT * FROM \"{table}\" ORDER BY rowid");
+                // PostgreSQL's tables have their insertion order as a column; it is not dumped.
+                let columns: Vec<(usize, String)> =
+                    tx.columns(&query)?.into_iter().enumerate().filter(|(_, c)| c != "rowid").collect();
                 let mut text = Vec::new();
-                let mut rows = stmt.query([])?;
                 let mut n = 0u64;
-                while let Some(row) = rows.next()? {
+                tx.query_all(&query, params![], |row| {
                     let mut obj = Map::new();
-                    for (i, c) in columns.iter().enumerate() {
-                        let v = match row.get_ref(i)? {
-                            ValueRef::Null => Value::Null,
-                            ValueRef::Integer(x) => Value::from(x),
-                            ValueRef::Real(x) => Value::from(x),
-                            ValueRef::Text(t) => Value::String(String::from_utf8_lossy(t).into_owned()),
-                            ValueRef::Blob(_) => return Err(HubError::Storage(format!("{table}.{c} holds bytes"))),
-                        };
+                    for (i, c) in &columns {
+                        let v = row
+                            .json(*i)
+                            .map_err(|e| db::DbError::Type { column: *i, why: format!("{table}.{c}: {e}") })?;
                         obj.insert(c.clone(), v);
                     }
-                    serde_json::to_writer(&mut text, &obj).map_err(|e| io(table, e))?;
+                    serde_json::to_writer(&mut text, &obj)
+                        .map_err(|e| db::DbError::Type { column: 0, why: e.to_string() })?;
                     text.push(b'\n');
                     n += 1;
-                }
+                    Ok(())
+                })?;
                 append(&mut tar, &format!("tables/{table}.jsonl"), &text, 0o644)?;
                 summary.rows.insert(table.clone(), n);
             }
@@ -161,7 +154,18 @@ impl HubStore {
     /// that is not one, of another format, with a blob that does not match its name or a row
     /// that does not fit.
     pub fn restore(dir: &Path, file: &Path) -> Result<(HubStore, DumpSummary), HubError> {
-        if dir.join("hub.sqlite").exists() {
+        Self::restore_to(dir, &Database::Sqlite, file)
+    }
+
+    /// Restores a dump into a hub whose blobs go to `dir` (which must hold no hub yet) and
+    /// whose records go to `database` (which must hold none: with PostgreSQL, a database
+    /// that another hub's key or records are in is refused), and opens it. A refused
+    /// restore into PostgreSQL writes no records, but leaves the schema and the dump's key.
+    ///
+    /// # Errors
+    /// As [`HubStore::restore`].
+    pub fn restore_to(dir: &Path, database: &Database, file: &Path) -> Result<(HubStore, DumpSummary), HubError> {
+        if dir.join("hub.sqlite").exists() || dir.join("identity/hub.json").exists() {
             return Err(HubError::Conflict(format!(
                 "{} holds a hub already; restore into an empty directory",
                 dir.display()
@@ -170,7 +174,7 @@ impl HubStore {
         let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent)?;
         let staging = tempfile::Builder::new().prefix(".tessera-restore-").tempdir_in(parent)?;
-        let summary = restore_into(staging.path(), file)?;
+        let summary = restore_into(staging.path(), database, file)?;
         if dir.exists() {
             // An empty directory (checked: no hub in it) gives way to the restored one.
             std::fs::remove_dir(dir).map_err(|e| {
@@ -182,13 +186,13 @@ impl HubStore {
             let _ = std::fs::remove_dir_all(&staged);
             return Err(io(&dir.display().to_string(), e));
         }
-        let store = HubStore::open(dir)?;
+        let store = HubStore::open_database(dir, database, tessera_package::Limits::default())?;
         Ok((store, summary))
     }
 }
 
 /// Reads the dump into a new hub at `dir` (a fresh staging directory).
-fn restore_into(dir: &Path, file: &Path) -> Result<DumpSummary, HubError> {
+fn restore_into(dir: &Path, database: &Database, file: &Path) -> Result<DumpSummary, HubError> {
     let bad = |why: String| HubError::BadRequest(format!("{}: {why}", file.display()));
     // The key first, so the hub opens with the dumped one rather than making its own.
     let mut key: Option<Vec<u8>> = None;
@@ -262,15 +266,20 @@ fn restore_into(dir: &Path, file: &Path) -> Result<DumpSummary, HubError> {
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     opts.open(id.join("hub.json"))?.write_all(&key)?;
     // The schema of this hub, then the rows, in one transaction.
-    drop(HubStore::open(dir)?);
-    let mut conn = rusqlite::Connection::open(dir.join("hub.sqlite"))?;
-    let tx = conn.transaction()?;
+    let store = HubStore::open_database(dir, database, tessera_package::Limits::default())?;
+    let tx = store.write_tx()?;
+    let held: i64 = tx.query_row(
+        "SELECT (SELECT COUNT(*) FROM packages) + (SELECT COUNT(*) FROM models)
+              + (SELECT COUNT(*) FROM components) + (SELECT COUNT(*) FROM namespaces)",
+        params![],
+        |r| r.get(0),
+    )?;
+    if held > 0 {
+        return Err(HubError::Conflict("the database holds a hub's records already; restore into an empty one".into()));
+    }
     for (table, text) in &tables {
-        let columns: Vec<String> = tx
-            .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?
-            .query_map([], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        if columns.is_empty() {
+        let columns = tx.table_columns(table)?;
+        if columns.is_empty() || SKIPPED.contains(&table.as_str()) {
             return Err(bad(format!("table {table} is not a table of this hub")));
         }
         let mut n = 0u64;
@@ -278,27 +287,28 @@ fn restore_into(dir: &Path, file: &Path) -> Result<DumpSummary, HubError> {
             let row: Map<String, Value> =
                 serde_json::from_slice(line).map_err(|e| bad(format!("a row of {table}: {e}")))?;
             let mut names = Vec::new();
-            let mut values: Vec<rusqlite::types::Value> = Vec::new();
+            let mut values: Vec<db::Param> = Vec::new();
             for (k, v) in row {
-                if !columns.contains(&k) {
+                let Some((_, integer)) = columns.iter().find(|(c, _)| *c == k && c != "rowid") else {
                     return Err(bad(format!("table {table} has no column {k:?}")));
-                }
+                };
                 names.push(format!("\"{k}\""));
                 values.push(match v {
-                    Value::Null => rusqlite::types::Value::Null,
-                    Value::Bool(b) => rusqlite::types::Value::Integer(i64::from(b)),
+                    Value::Null if *integer => db::Param::Int(None),
+                    Value::Null => db::Param::Text(None),
+                    Value::Bool(b) => db::Param::Int(Some(i64::from(b))),
                     Value::Number(x) => match x.as_i64() {
-                        Some(i) => rusqlite::types::Value::Integer(i),
-                        None => rusqlite::types::Value::Real(x.as_f64().unwrap_or(0.0)),
+                        Some(i) => db::Param::Int(Some(i)),
+                        None => db::Param::Real(Some(x.as_f64().unwrap_or(0.0))),
                     },
-                    Value::String(s) => rusqlite::types::Value::Text(s),
+                    Value::String(s) => db::Param::Text(Some(s)),
                     other => return Err(bad(format!("table {table}, column {k}: {other} is not a column value"))),
                 });
             }
             let marks: Vec<String> = (1..=names.len()).map(|i| format!("?{i}")).collect();
             tx.execute(
                 &format!("INSERT INTO \"{table}\" ({}) VALUES ({})", names.join(", "), marks.join(", ")),
-                rusqlite::params_from_iter(values),
+                &values,
             )
             .map_err(|e| bad(format!("a row of {table}: {e}")))?;
             n += 1;
@@ -312,7 +322,7 @@ fn restore_into(dir: &Path, file: &Path) -> Result<DumpSummary, HubError> {
         "SELECT digest FROM component_revisions",
     ] {
         let table = query.split_whitespace().nth(3).unwrap_or_default();
-        let digests: Vec<Option<String>> = tx.prepare(query)?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        let digests: Vec<Option<String>> = tx.query_all(query, params![], |r| r.get(0))?;
         for d in digests.into_iter().flatten() {
             let digest: Digest = d.parse().map_err(|e| bad(format!("{table}: {e}")))?;
             if !blobs.path_of(&digest).exists() {

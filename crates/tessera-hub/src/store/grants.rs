@@ -1,6 +1,6 @@
 //! Grants: who may read a private package's ciphertext.
 
-use rusqlite::params;
+use super::db::params;
 use tessera_core::registry::PackageRecord;
 use tessera_core::time::format_rfc3339;
 use tessera_identity::PublicKey;

@@ -13,6 +13,7 @@
 
 mod accounts;
 pub(crate) mod components;
+pub(crate) mod db;
 mod dump;
 mod grants;
 pub(crate) mod models;
@@ -25,7 +26,7 @@ pub(crate) mod uploads;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use rusqlite::{Connection, Transaction, params};
+use db::{Conn, OptionalExtension as _, Tx, TxKind, params};
 use tessera_core::version::{BuildMetadata, Version};
 use tessera_core::{Digest, ModulePath};
 use tessera_identity::{KeyPair, KeyType, PublicKey};
@@ -79,6 +80,12 @@ pub enum HubError {
 
 impl From<rusqlite::Error> for HubError {
     fn from(e: rusqlite::Error) -> Self {
+        HubError::Storage(e.to_string())
+    }
+}
+
+impl From<postgres::Error> for HubError {
+    fn from(e: postgres::Error) -> Self {
         HubError::Storage(e.to_string())
     }
 }
@@ -204,9 +211,50 @@ const ADDED_COLUMNS: [(&str, &str, &str); 13] = [
     ("models", "card", "TEXT"),
 ];
 
+/// Where a hub keeps its records.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Database {
+    /// `hub.sqlite` in the hub's directory (the default).
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database, by connection string (`postgres://user@host:port/db` or
+    /// `host=... user=... dbname=...`), without TLS. Several hub processes, on several
+    /// machines, may share one.
+    Postgres(String),
+}
+
+/// PostgreSQL's version of [`SCHEMA`] and [`ADDED_COLUMNS`]: 64-bit integers, a `rowid`
+/// column for the insertion order SQLite keeps by itself, and the hub's key.
+fn pg_schema() -> String {
+    let mut out = String::new();
+    for stmt in SCHEMA.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        let stmt = stmt.replace("INTEGER", "BIGINT");
+        match stmt.strip_prefix("CREATE TABLE IF NOT EXISTS ") {
+            Some(rest) => {
+                let (table, columns) = rest.split_once('(').unwrap_or((rest, ""));
+                out.push_str(&format!(
+                    "CREATE TABLE IF NOT EXISTS {} (\n    rowid BIGSERIAL,{columns};\n",
+                    table.trim()
+                ));
+            }
+            None => out.push_str(&format!("{stmt};\n")),
+        }
+    }
+    for (table, column, def) in ADDED_COLUMNS {
+        out.push_str(&format!(
+            "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {};\n",
+            def.replace("INTEGER", "BIGINT")
+        ));
+    }
+    out.push_str(
+        "CREATE TABLE IF NOT EXISTS hub_key (id BIGINT PRIMARY KEY, key_type TEXT NOT NULL, secret TEXT NOT NULL);\n",
+    );
+    out
+}
+
 /// The hub's store.
 pub struct HubStore {
-    db: Mutex<Connection>,
+    db: Mutex<Conn>,
     blobs: FsBlobStore,
     limits: Limits,
     dir: PathBuf,
@@ -253,6 +301,16 @@ impl HubStore {
 
     /// Opens a hub with package limits.
     pub fn open_with_limits(dir: impl Into<PathBuf>, limits: Limits) -> Result<Self, HubError> {
+        Self::open_database(dir, &Database::Sqlite, limits)
+    }
+
+    /// Opens a hub whose records are in `database` and whose blobs are in `dir/blobs/`.
+    /// With PostgreSQL, the hub's key is kept in the database too (and copied to
+    /// `dir/identity/`), so every hub process over it speaks for one hub.
+    ///
+    /// # Errors
+    /// [`HubError::Storage`] when the database cannot be reached or its schema made.
+    pub fn open_database(dir: impl Into<PathBuf>, database: &Database, limits: Limits) -> Result<Self, HubError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir)?;
         // Hub processes starting together over one new database: switching it to WAL can
@@ -261,7 +319,7 @@ impl HubStore {
         let mut pause = std::time::Duration::from_millis(10);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let (conn, key) = loop {
-            match Self::open_db(&dir) {
+            match Self::open_db(&dir, database) {
                 Err(OpenFailure::Busy(_)) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(std::time::Duration::from_millis(200));
@@ -275,42 +333,94 @@ impl HubStore {
         Ok(HubStore { db: Mutex::new(conn), blobs, limits, dir, key })
     }
 
-    /// Opens the database in `dir`, brings its schema up to date and loads (or makes) the
+    /// Connects to the database, brings its schema up to date and loads (or makes) the
     /// hub's key.
-    fn open_db(dir: &Path) -> Result<(Connection, KeyPair), OpenFailure> {
-        let mut conn = Connection::open(dir.join("hub.sqlite"))?;
-        // The wait first: another hub process may hold the lock while this one starts.
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+    fn open_db(dir: &Path, database: &Database) -> Result<(Conn, KeyPair), OpenFailure> {
+        let conn = match database {
+            Database::Sqlite => {
+                let conn = rusqlite::Connection::open(dir.join("hub.sqlite"))?;
+                // The wait first: another hub process may hold the lock while this one starts.
+                conn.busy_timeout(std::time::Duration::from_secs(5))?;
+                conn.pragma_update(None, "journal_mode", "WAL")?;
+                conn.pragma_update(None, "synchronous", "NORMAL")?;
+                Conn::Lite(conn)
+            }
+            Database::Postgres(url) => {
+                Conn::Pg(std::cell::RefCell::new(Some(db::connect(url)?)), url.clone(), Default::default())
+            }
+        };
+        let conn = Mutex::new(conn);
         // One transaction: hub processes starting together over one database neither see a
         // half-made schema nor add a column twice.
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.execute_batch(SCHEMA)?;
-        for (table, column, def) in ADDED_COLUMNS {
-            let exists: bool = tx.query_row(
-                &format!("SELECT EXISTS(SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1)"),
-                params![column],
-                |r| r.get(0),
-            )?;
-            if !exists {
-                tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))?;
+        let tx = Tx::begin(&conn, TxKind::Write)?;
+        if tx.is_pg() {
+            tx.execute_batch(&pg_schema())?;
+        } else {
+            tx.execute_batch(SCHEMA)?;
+            for (table, column, def) in ADDED_COLUMNS {
+                let exists: bool = tx.query_row(
+                    &format!("SELECT EXISTS(SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1)"),
+                    params![column],
+                    |r| r.get(0),
+                )?;
+                if !exists {
+                    tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))?;
+                }
             }
         }
         migrate(&tx)?;
         // The key too, under the same lock: processes starting together make one.
-        let keys = tessera_identity::keystore::Keystore::open(dir.join("identity"))
-            .map_err(|e| HubError::Storage(e.to_string()))?;
+        let key = Self::hub_key(dir, &tx)?;
+        tx.commit()?;
+        Ok((conn.into_inner().unwrap_or_else(|p| p.into_inner()), key))
+    }
+
+    /// The hub's key: in `dir/identity/`, and with PostgreSQL in the database, which wins.
+    fn hub_key(dir: &Path, conn: &Conn) -> Result<KeyPair, HubError> {
+        let storage = |e: &dyn std::fmt::Display| HubError::Storage(format!("the hub's key: {e}"));
+        let keys = tessera_identity::keystore::Keystore::open(dir.join("identity")).map_err(|e| storage(&e))?;
+        if conn.is_pg() {
+            let stored: Option<(String, String)> = conn
+                .query_row("SELECT key_type, secret FROM hub_key WHERE id = 1", params![], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()?;
+            if let Some((ty, secret)) = stored {
+                let ty: KeyType = ty.parse().map_err(|e| storage(&e))?;
+                let secret = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, secret)
+                    .map_err(|e| storage(&e))?;
+                let key = KeyPair::from_secret(ty, &secret).map_err(|e| storage(&e))?;
+                match keys.load("hub", None) {
+                    Ok(local) if local.public() == key.public() => {}
+                    Ok(local) => {
+                        return Err(storage(&format!(
+                            "{} holds {}, the database {}: remove the local one to use the database's",
+                            dir.join("identity").display(),
+                            local.public(),
+                            key.public()
+                        )));
+                    }
+                    Err(_) => drop(keys.store("hub", &key, None)),
+                }
+                return Ok(key);
+            }
+        }
         let key = match keys.load("hub", None) {
             Ok(k) => k,
             Err(tessera_identity::keystore::KeystoreError::NotFound(_)) => {
-                keys.create("hub", KeyType::Ed25519, None).map_err(|e| HubError::Storage(e.to_string()))?;
-                keys.load("hub", None).map_err(|e| HubError::Storage(e.to_string()))?
+                keys.create("hub", KeyType::Ed25519, None).map_err(|e| storage(&e))?;
+                keys.load("hub", None).map_err(|e| storage(&e))?
             }
-            Err(e) => return Err(HubError::Storage(format!("the hub's key: {e}")).into()),
+            Err(e) => return Err(storage(&e)),
         };
-        tx.commit()?;
-        Ok((conn, key))
+        if conn.is_pg() {
+            let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key.secret_bytes());
+            conn.execute(
+                "INSERT INTO hub_key (id, key_type, secret) VALUES (1, ?1, ?2)",
+                params![key.key_type().to_string(), secret],
+            )?;
+        }
+        Ok(key)
     }
 
     /// The hub's directory.
@@ -333,8 +443,19 @@ impl HubStore {
         &self.key
     }
 
-    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+    fn db(&self) -> std::sync::MutexGuard<'_, Conn> {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A write transaction: it holds the database's write lock (every hub process's) from
+    /// its start.
+    fn write_tx(&self) -> Result<Tx<'_>, HubError> {
+        Ok(Tx::begin(&self.db, TxKind::Write)?)
+    }
+
+    /// A read transaction: its reads are of one moment.
+    fn read_tx(&self) -> Result<Tx<'_>, HubError> {
+        Ok(Tx::begin(&self.db, TxKind::Read)?)
     }
 
     /// Runs a write under `name`'s namespace on behalf of `actor` (`None`: an unsigned
@@ -346,10 +467,9 @@ impl HubStore {
         &self,
         name: &str,
         actor: Option<&PublicKey>,
-        f: impl FnOnce(&Transaction<'_>) -> Result<T, HubError>,
+        f: impl FnOnce(&Conn) -> Result<T, HubError>,
     ) -> Result<T, HubError> {
-        let mut db = self.db();
-        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = self.write_tx()?;
         namespaces::check_write(&tx, namespace_of(name), actor)?;
         let out = f(&tx)?;
         tx.commit()?;
@@ -357,7 +477,7 @@ impl HubStore {
     }
 
     /// True when a live package, a model or a component revision uses the blob.
-    fn blob_in_use(conn: &Connection, digest: &Digest) -> Result<bool, HubError> {
+    fn blob_in_use(conn: &Conn, digest: &Digest) -> Result<bool, HubError> {
         Ok(conn.query_row(
             "SELECT EXISTS(SELECT 1 FROM packages WHERE digest = ?1 AND deleted = 0)
                  OR EXISTS(SELECT 1 FROM models WHERE digest = ?1 AND deleted = 0)
@@ -390,10 +510,9 @@ impl HubStore {
     /// holding the database's write lock meanwhile, so no write of this process or another
     /// adopts the same blob between the check and the removal.
     fn collect_blob(&self, digest: &Digest) -> Result<(), HubError> {
-        let mut db = self.db();
-        // An immediate transaction holds SQLite's write lock, which other hub processes
+        // A write transaction holds the database's write lock, which other hub processes
         // over the same database take too before they adopt a blob.
-        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = self.write_tx()?;
         if !Self::blob_in_use(&tx, digest)? {
             let _ = std::fs::remove_file(self.blobs.path_of(digest));
         }
@@ -405,16 +524,19 @@ impl HubStore {
 /// Why opening the database failed: busy (another process holds a lock it did not wait
 /// for) or otherwise.
 enum OpenFailure {
-    Busy(rusqlite::Error),
+    Busy(db::DbError),
     Other(HubError),
+}
+
+impl From<db::DbError> for OpenFailure {
+    fn from(e: db::DbError) -> Self {
+        if e.is_busy() { OpenFailure::Busy(e) } else { OpenFailure::Other(e.into()) }
+    }
 }
 
 impl From<rusqlite::Error> for OpenFailure {
     fn from(e: rusqlite::Error) -> Self {
-        match e.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => OpenFailure::Busy(e),
-            _ => OpenFailure::Other(e.into()),
-        }
+        db::DbError::from(e).into()
     }
 }
 
@@ -426,7 +548,7 @@ impl From<HubError> for OpenFailure {
 
 /// Brings rows written by older versions of the hub up to date: version keys, and private
 /// packages' manifests reduced to their public part.
-fn migrate(conn: &Connection) -> Result<(), HubError> {
+fn migrate(conn: &Conn) -> Result<(), HubError> {
     for table in ["packages", "models"] {
         let rows: Vec<(String, String)> = conn
             .prepare(&format!("SELECT name, version FROM {table} WHERE vkey IS NULL"))?

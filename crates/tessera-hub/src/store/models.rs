@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use super::db::{Conn, OptionalExtension, params};
 use serde_json::Value;
 use tessera_core::registry::ModelRecord;
 use tessera_core::version::{LATEST, Version, latest, next_patch};
@@ -38,7 +38,7 @@ pub struct ModelUpload<'a> {
 const MODEL_COLUMNS: &str =
     "name, version, digest, size, metadata, lineage, created_at, signer, meta_signer, downloads, card";
 
-fn model_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ModelRow> {
+fn model_row(row: &super::db::Row<'_>) -> Result<ModelRow, super::db::DbError> {
     Ok(ModelRow {
         name: row.get(0)?,
         version: row.get(1)?,
@@ -138,7 +138,7 @@ struct Stored {
     deleted: bool,
 }
 
-fn stored(conn: &Connection, name: &str, version: &Version) -> Result<Option<Stored>, HubError> {
+fn stored(conn: &Conn, name: &str, version: &Version) -> Result<Option<Stored>, HubError> {
     Ok(conn
         .query_row(
             "SELECT version, digest, deleted FROM models WHERE name = ?1 AND vkey = ?2 ORDER BY rowid LIMIT 1",
@@ -149,7 +149,7 @@ fn stored(conn: &Connection, name: &str, version: &Version) -> Result<Option<Sto
 }
 
 /// A live record by exact version (build metadata aside).
-fn live(conn: &Connection, name: &str, version: &Version) -> Result<ModelRecord, HubError> {
+fn live(conn: &Conn, name: &str, version: &Version) -> Result<ModelRecord, HubError> {
     let row = conn
         .query_row(
             &format!(
@@ -163,7 +163,7 @@ fn live(conn: &Connection, name: &str, version: &Version) -> Result<ModelRecord,
 }
 
 /// Every version of `name` ever stored (deleted ones too: their numbers stay taken).
-fn all_versions(conn: &Connection, name: &str) -> Result<Vec<Version>, HubError> {
+fn all_versions(conn: &Conn, name: &str) -> Result<Vec<Version>, HubError> {
     let texts: Vec<String> = conn
         .prepare("SELECT version FROM models WHERE name = ?1")?
         .query_map(params![name], |r| r.get(0))?
@@ -172,7 +172,7 @@ fn all_versions(conn: &Connection, name: &str) -> Result<Vec<Version>, HubError>
 }
 
 /// The version after the highest one `name` ever had.
-fn next_version(conn: &Connection, name: &str) -> Result<Version, HubError> {
+fn next_version(conn: &Conn, name: &str) -> Result<Version, HubError> {
     let versions = all_versions(conn, name)?;
     let highest = versions.iter().max();
     next_patch(highest).ok_or_else(|| HubError::BadRequest(format!("model {name} has no version after {highest:?}")))
@@ -185,7 +185,7 @@ fn card_text(card: Option<&tessera_core::card::Card>) -> Result<Option<String>, 
 
 /// Sets metadata and lineage given with an upload (inside the upload's transaction).
 fn set_meta(
-    tx: &Transaction<'_>,
+    tx: &Conn,
     name: &str,
     version: &str,
     upload: &ModelUpload<'_>,
@@ -534,7 +534,7 @@ impl HubStore {
 }
 
 fn insert_with_binary(
-    tx: &Transaction<'_>,
+    tx: &Conn,
     name: &str,
     v: &Version,
     upload: &ModelUpload<'_>,

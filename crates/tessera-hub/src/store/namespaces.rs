@@ -1,12 +1,12 @@
 //! Namespaces and their owners: the one ownership rule every write goes through.
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use super::db::{Conn, OptionalExtension, params};
 use tessera_identity::PublicKey;
 
 use super::{HubError, HubStore, keys_json, namespace_of};
 
 /// The owners of a namespace (`None`: nobody has claimed it).
-pub(super) fn owners_in(conn: &Connection, namespace: &str) -> Result<Option<Vec<PublicKey>>, HubError> {
+pub(super) fn owners_in(conn: &Conn, namespace: &str) -> Result<Option<Vec<PublicKey>>, HubError> {
     let text: Option<String> = conn
         .query_row("SELECT owners FROM namespaces WHERE namespace = ?1", params![namespace], |r| r.get(0))
         .optional()?;
@@ -23,7 +23,7 @@ pub(super) fn owners_in(conn: &Connection, namespace: &str) -> Result<Option<Vec
 /// The namespace rule, inside a write's transaction: owners may write; in an unowned
 /// namespace, a signed write claims it for its signer and an unsigned one (open hubs only)
 /// claims nothing.
-pub(super) fn check_write(tx: &Transaction<'_>, namespace: &str, actor: Option<&PublicKey>) -> Result<(), HubError> {
+pub(super) fn check_write(tx: &Conn, namespace: &str, actor: Option<&PublicKey>) -> Result<(), HubError> {
     tessera_core::name::check_ident("namespace", namespace).map_err(|e| HubError::BadRequest(e.to_string()))?;
     match (owners_in(tx, namespace)?, actor) {
         (Some(owners), Some(a)) if owners.contains(a) => Ok(()),

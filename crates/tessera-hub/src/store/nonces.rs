@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use rusqlite::params;
+use super::db::params;
 use tessera_identity::{PublicKey, ReplayCache, VerifyError};
 
 use super::HubStore;
@@ -47,12 +47,11 @@ impl ReplayCache for HubStore {
     }
 
     fn remember(&self, key: &PublicKey, nonce: &str, expires_ms: u64, now_ms: u64) -> Result<(), VerifyError> {
-        let mut db = self.db();
         let last = LAST_SWEEP.load(Ordering::Relaxed);
         if now_ms >= last.saturating_add(SWEEP_EVERY_MS)
             && LAST_SWEEP.compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
         {
-            let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(busy)?;
+            let tx = self.write_tx().map_err(busy)?;
             tx.execute("DELETE FROM nonces WHERE expires_ms < ?1", params![to_sql(now_ms)]).map_err(busy)?;
             let live: i64 = tx.query_row("SELECT COUNT(*) FROM nonces", [], |r| r.get(0)).map_err(busy)?;
             tx.commit().map_err(busy)?;
@@ -63,7 +62,8 @@ impl ReplayCache for HubStore {
         }
         // One statement: a new nonce is inserted, an expired one takes its new expiry, a live
         // one changes nothing (and the request is a replay).
-        let changed = db
+        let changed = self
+            .db()
             .execute(
                 "INSERT INTO nonces (signer, nonce, expires_ms) VALUES (?1, ?2, ?3)
                  ON CONFLICT(signer, nonce) DO UPDATE SET expires_ms = excluded.expires_ms

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use super::db::{Conn, OptionalExtension, params};
 use tessera_core::registry::PackageRecord;
 use tessera_core::version::{LATEST, Selector, Version, check_alias, latest};
 use tessera_core::{Digest, Kind, Manifest};
@@ -91,7 +91,7 @@ struct PackageRow {
     card: Option<String>,
 }
 
-fn package_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(PackageRow, bool)> {
+fn package_row(row: &super::db::Row<'_>) -> Result<(PackageRow, bool), super::db::DbError> {
     Ok((
         PackageRow {
             name: row.get(0)?,
@@ -150,7 +150,7 @@ fn strip_card_text(mut r: PackageRecord) -> PackageRecord {
 
 /// The stored version of `name` that is `version` (build metadata aside), deleted or not:
 /// its exact version text, digest and whether it is deleted.
-fn existing(conn: &Connection, name: &str, version: &Version) -> Result<Option<(String, String, bool)>, HubError> {
+fn existing(conn: &Conn, name: &str, version: &Version) -> Result<Option<(String, String, bool)>, HubError> {
     Ok(conn
         .query_row(
             "SELECT version, digest, deleted FROM packages WHERE name = ?1 AND vkey = ?2 ORDER BY rowid LIMIT 1",
@@ -161,7 +161,7 @@ fn existing(conn: &Connection, name: &str, version: &Version) -> Result<Option<(
 }
 
 /// A live version (build metadata aside).
-fn get_exact(conn: &Connection, name: &str, version: &Version) -> Result<PackageRecord, HubError> {
+fn get_exact(conn: &Conn, name: &str, version: &Version) -> Result<PackageRecord, HubError> {
     let row = conn
         .query_row(
             &format!("SELECT {PACKAGE_COLUMNS} FROM packages WHERE name = ?1 AND vkey = ?2 ORDER BY rowid LIMIT 1"),
@@ -177,7 +177,7 @@ fn get_exact(conn: &Connection, name: &str, version: &Version) -> Result<Package
 
 #[allow(clippy::too_many_arguments)]
 fn insert_package(
-    tx: &Transaction<'_>,
+    tx: &Conn,
     m: &Manifest,
     digest: &Digest,
     size: u64,
@@ -305,27 +305,29 @@ impl HubStore {
                 "the upload was declared as {n}@{v}, but the package's module.yaml says {name}@{version}"
             )));
         }
-        let created = self.write(&name, actor, |tx| {
+        // The record is read inside the write: a delete right after it must not turn a
+        // successful publish into a "not found".
+        let (created, record) = self.write(&name, actor, |tx| {
             let stored = existing(tx, &name, &version)?;
             if let Some(s) = &stored
                 && let Some(e) = version_conflict(&name, &version, s, &digest)
             {
                 return Err(e);
             }
-            match stored {
+            let created = match stored {
                 Some((_, _, false)) => {
                     // The same bytes again: a no-op, but one that brings back a missing blob.
                     if !self.blobs.path_of(&digest).exists() {
                         self.blobs.adopt_file(file, &digest)?;
                     }
-                    Ok(false)
+                    false
                 }
                 Some((v, _, true)) => {
                     // The same bytes under a deleted version: live again, with the signer it
                     // was first published with (the module's `owner` role is its signer).
                     self.blobs.adopt_file(file, &digest)?;
                     tx.execute("UPDATE packages SET deleted = 0 WHERE name = ?1 AND version = ?2", params![name, v])?;
-                    Ok(true)
+                    true
                 }
                 None => {
                     self.blobs.adopt_file(file, &digest)?;
@@ -337,14 +339,14 @@ impl HubStore {
                             params![name, version.to_string(), text],
                         )?;
                     }
-                    Ok(true)
+                    true
                 }
-            }
+            };
+            Ok((created, get_exact(tx, &name, &version)?))
         })?;
         if created {
             tracing::info!(%name, %version, %digest, "package published");
         }
-        let record = get_exact(&self.db(), &name, &version)?;
         Ok(Published { record, created })
     }
 
@@ -398,39 +400,46 @@ impl HubStore {
         // In-process callers publish as the package's signer; the API always passes the
         // request's signer.
         let actor = actor.unwrap_or(&signature.key);
-        let created = self.write(&name, Some(actor), |tx| {
-            let stored = existing(tx, &name, &version)?;
-            if let Some(s) = &stored
-                && let Some(e) = version_conflict(&name, &version, s, &digest)
-            {
-                return Err(e);
-            }
-            match stored {
-                Some((_, _, false)) => {
-                    if !self.blobs.path_of(&digest).exists() {
-                        self.blobs.adopt_file(file, &digest)?;
+        // The record is read inside the write, as for public packages.
+        let (created, record) = self.write(&name, Some(actor), |tx| {
+            let created = (|| -> Result<bool, HubError> {
+                let stored = existing(tx, &name, &version)?;
+                if let Some(s) = &stored
+                    && let Some(e) = version_conflict(&name, &version, s, &digest)
+                {
+                    return Err(e);
+                }
+                match stored {
+                    Some((_, _, false)) => {
+                        if !self.blobs.path_of(&digest).exists() {
+                            self.blobs.adopt_file(file, &digest)?;
+                        }
+                        return Ok(false);
                     }
-                    return Ok(false);
+                    Some((v, _, true)) => {
+                        self.blobs.adopt_file(file, &digest)?;
+                        tx.execute(
+                            "UPDATE packages SET deleted = 0 WHERE name = ?1 AND version = ?2",
+                            params![name, v],
+                        )?;
+                        return Ok(true);
+                    }
+                    None => {}
                 }
-                Some((v, _, true)) => {
-                    self.blobs.adopt_file(file, &digest)?;
-                    tx.execute("UPDATE packages SET deleted = 0 WHERE name = ?1 AND version = ?2", params![name, v])?;
-                    return Ok(true);
+                self.blobs.adopt_file(file, &digest)?;
+                insert_package(tx, &public, &digest, size, Some(signature), true, Some(&recipients))?;
+                for r in &recipients {
+                    tx.execute(
+                        "INSERT INTO grants (name, grantee, expires_ms, revoked) VALUES (?1, ?2, NULL, 0)
+                         ON CONFLICT(name, grantee) DO NOTHING",
+                        params![name, r.to_string()],
+                    )?;
                 }
-                None => {}
-            }
-            self.blobs.adopt_file(file, &digest)?;
-            insert_package(tx, &public, &digest, size, Some(signature), true, Some(&recipients))?;
-            for r in &recipients {
-                tx.execute(
-                    "INSERT INTO grants (name, grantee, expires_ms, revoked) VALUES (?1, ?2, NULL, 0)
-                     ON CONFLICT(name, grantee) DO NOTHING",
-                    params![name, r.to_string()],
-                )?;
-            }
-            Ok(true)
+                Ok(true)
+            })()?;
+            Ok((created, get_exact(tx, &name, &version)?))
         })?;
-        Ok(Published { record: get_exact(&self.db(), &name, &version)?, created })
+        Ok(Published { record, created })
     }
 
     /// The keys the live private versions of `name` were sealed for.

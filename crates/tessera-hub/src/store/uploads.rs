@@ -20,7 +20,7 @@
 
 use std::path::PathBuf;
 
-use rusqlite::{OptionalExtension, params};
+use super::db::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use tessera_core::Digest;
 

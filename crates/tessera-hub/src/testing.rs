@@ -1,0 +1,205 @@
+//! PostgreSQL for tests: one private server per test process (Debian's `postgresql`
+//! binaries, a fresh `initdb` in a temporary directory, a free loopback port), a new
+//! database for every store a test opens, and the server stopped and its directory removed
+//! when the test process exits (a watchdog shell waits for it).
+//!
+//! The hub's tests open their stores through [`open_store`]: SQLite unless
+//! `TESSERA_TEST_DATABASE=postgres`, so the same tests run on both (the test command runs
+//! them twice).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tessera_package::Limits;
+
+use crate::{Database, HubStore};
+
+/// A private PostgreSQL server.
+pub struct PgServer {
+    port: u16,
+    /// The shell that runs the server and stops it once this process is gone (it outlives
+    /// this process by design, so it is never waited for).
+    _watchdog: std::process::Child,
+}
+
+static SERVER: OnceLock<PgServer> = OnceLock::new();
+static DATABASES: AtomicU64 = AtomicU64::new(0);
+
+/// The directory of PostgreSQL's programs: `$PG_BIN`, or the newest of Debian's.
+fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PG_BIN") {
+        return dir.into();
+    }
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, p): &(u32, PathBuf)| p.join("initdb").exists())
+        .collect();
+    found.sort();
+    found.pop().map(|(_, p)| p).unwrap_or_else(|| {
+        panic!("PostgreSQL is not installed: `apt-get install -y postgresql`, or set PG_BIN to its bin directory")
+    })
+}
+
+/// `(uid, gid)` of Debian's `postgres` user when this process is root (PostgreSQL refuses
+/// to run as root).
+fn run_as() -> Option<(u32, u32)> {
+    let me = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&me.stdout).trim() != "0" {
+        return None;
+    }
+    let id = |flag: &str| -> Option<u32> {
+        let out = Command::new("id").args([flag, "postgres"]).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    Some((id("-u").expect("a `postgres` user (Debian's package makes one)"), id("-g")?))
+}
+
+fn chown_all(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown");
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).expect("a directory").flatten() {
+            chown_all(&e.path(), uid, gid);
+        }
+    }
+}
+
+/// A command that runs `program` as the server's user.
+fn as_server_user(program: &Path) -> Command {
+    match run_as() {
+        Some((uid, gid)) => {
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={uid}")).arg(format!("--regid={gid}")).arg("--clear-groups").arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+impl PgServer {
+    /// This process's server, started on first use.
+    ///
+    /// # Panics
+    /// When PostgreSQL is not installed or does not start.
+    pub fn shared() -> &'static PgServer {
+        // Off any Tokio thread: the synchronous client runs its own runtime.
+        SERVER.get_or_init(|| std::thread::scope(|s| s.spawn(Self::start).join().expect("PostgreSQL starts")))
+    }
+
+    fn start() -> PgServer {
+        let bin = bin_dir();
+        let root = tempfile::Builder::new().prefix("tessera-pg-").tempdir().expect("a temporary directory").keep();
+        let data = root.join("data");
+        std::fs::create_dir(&data).expect("the data directory");
+        if let Some((uid, gid)) = run_as() {
+            chown_all(&root, uid, gid);
+        }
+        let out = as_server_user(&bin.join("initdb"))
+            .args(["-D"])
+            .arg(&data)
+            .args(["-A", "trust", "-U", "tessera", "-E", "UTF8", "--no-locale", "-N"])
+            .output()
+            .expect("initdb runs");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let port = free_port();
+        let postgres = bin.join("postgres");
+        let mut server = as_server_user(&postgres);
+        server.arg("-D").arg(&data).arg("-p").arg(port.to_string()).arg("-k").arg(&root).args([
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "shared_buffers=32MB",
+            "-c",
+            "max_connections=200",
+        ]);
+        let command = format!("{server:?}");
+        // The watchdog: the server runs while this process does; then it is stopped and its
+        // directory removed.
+        let script = format!(
+            "{command} >{log} 2>&1 & p=$!; while kill -0 {me} 2>/dev/null && kill -0 $p 2>/dev/null; do sleep 0.5; done; \
+             kill -INT $p 2>/dev/null; wait $p; rm -rf {root}",
+            log = sh_quote(&root.join("server.log")),
+            me = std::process::id(),
+            root = sh_quote(&root),
+        );
+        let watchdog = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sh runs");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if postgres::Client::connect(&Self::url_of(port, "postgres"), postgres::NoTls).is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "PostgreSQL did not start within 30 s: {}",
+                std::fs::read_to_string(root.join("server.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        PgServer { port, _watchdog: watchdog }
+    }
+
+    fn url_of(port: u16, db: &str) -> String {
+        format!("postgres://tessera@127.0.0.1:{port}/{db}")
+    }
+
+    /// A new, empty database on this server.
+    pub fn database(&self) -> Database {
+        let name = format!("hub_{}_{}", std::process::id(), DATABASES.fetch_add(1, Ordering::Relaxed));
+        // Off any Tokio thread: the synchronous client runs its own runtime.
+        let url = Self::url_of(self.port, "postgres");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("the server answers");
+                c.batch_execute(&format!("CREATE DATABASE {name}")).expect("a new database");
+            })
+            .join()
+            .expect("the database is made")
+        });
+        Database::Postgres(Self::url_of(self.port, &name))
+    }
+}
+
+fn sh_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
+
+/// The database hub tests use: a new PostgreSQL database when `TESSERA_TEST_DATABASE` is
+/// `postgres`, SQLite otherwise.
+pub fn test_database() -> Database {
+    match std::env::var("TESSERA_TEST_DATABASE").as_deref() {
+        Ok("postgres") => PgServer::shared().database(),
+        Ok("sqlite") | Err(_) => Database::Sqlite,
+        Ok(other) => panic!("TESSERA_TEST_DATABASE={other}: expected sqlite or postgres"),
+    }
+}
+
+/// Opens a hub for a test: blobs in `dir`, records in [`test_database`].
+pub fn open_store(dir: impl Into<PathBuf>) -> HubStore {
+    open_store_with(dir, Limits::default())
+}
+
+/// [`open_store`] with package limits.
+pub fn open_store_with(dir: impl Into<PathBuf>, limits: Limits) -> HubStore {
+    HubStore::open_database(dir, &test_database(), limits).expect("the test hub opens")
+}
