@@ -7,6 +7,7 @@
 //! `TESSERA_TEST_DATABASE=postgres`, so the same tests run on both (the test command runs
 //! them twice).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -97,11 +98,11 @@ impl PgServer {
 
     fn start() -> PgServer {
         let bin = bin_dir();
-        let root = tempfile::Builder::new().prefix("tessera-pg-").tempdir().expect("a temporary directory").keep();
-        let data = root.join("data");
+        let root = tempfile::Builder::new().prefix("tessera-pg-").tempdir().expect("a temporary directory");
+        let data = root.path().join("data");
         std::fs::create_dir(&data).expect("the data directory");
         if let Some((uid, gid)) = run_as() {
-            chown_all(&root, uid, gid);
+            chown_all(root.path(), uid, gid);
         }
         let out = as_server_user(&bin.join("initdb"))
             .args(["-D"])
@@ -110,28 +111,35 @@ impl PgServer {
             .output()
             .expect("initdb runs");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        // From here on the watchdog removes the directory.
+        let root = root.keep();
         let port = free_port();
-        let postgres = bin.join("postgres");
-        let mut server = as_server_user(&postgres);
-        server.arg("-D").arg(&data).arg("-p").arg(port.to_string()).arg("-k").arg(&root).args([
-            "-c",
+        let mut words: Vec<String> = match run_as() {
+            Some((uid, gid)) => {
+                vec!["setpriv".into(), format!("--reuid={uid}"), format!("--regid={gid}"), "--clear-groups".into()]
+            }
+            None => Vec::new(),
+        };
+        words.push(sh_quote(&bin.join("postgres")));
+        words.extend(["-D".into(), sh_quote(&data), "-p".into(), port.to_string(), "-k".into(), sh_quote(&root)]);
+        for setting in [
             "listen_addresses=127.0.0.1",
-            "-c",
             "fsync=off",
-            "-c",
             "synchronous_commit=off",
-            "-c",
             "full_page_writes=off",
-            "-c",
             "shared_buffers=32MB",
-            "-c",
             "max_connections=200",
-        ]);
-        let command = format!("{server:?}");
+        ] {
+            words.extend(["-c".into(), setting.into()]);
+        }
+        let command = words.join(" ");
         // The watchdog: the server runs while this process does; then it is stopped and its
         // directory removed.
+        // In its own process group and deaf to the signals a terminal sends the test's group
+        // (Ctrl-C), so it always gets to clean up.
         let script = format!(
-            "{command} >{log} 2>&1 & p=$!; while kill -0 {me} 2>/dev/null && kill -0 $p 2>/dev/null; do sleep 0.5; done; \
+            "trap '' INT TERM HUP; {command} >{log} 2>&1 & p=$!; \
+             while kill -0 {me} 2>/dev/null && kill -0 $p 2>/dev/null; do sleep 0.5; done; \
              kill -INT $p 2>/dev/null; wait $p; rm -rf {root}",
             log = sh_quote(&root.join("server.log")),
             me = std::process::id(),
@@ -139,6 +147,7 @@ impl PgServer {
         );
         let watchdog = Command::new("sh")
             .args(["-c", &script])
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -364,3 +364,24 @@ async fn build_metadata_does_not_make_another_version() {
     assert_eq!(s, StatusCode::OK, "the same bytes are the same version");
     assert_eq!(h.store.models(Some("bm")).unwrap().len(), 1);
 }
+
+/// Text the database cannot store (U+0000: PostgreSQL refuses it) is refused as bad input on
+/// every backend, and nothing is written.
+#[tokio::test]
+async fn a_nul_character_is_refused_as_bad_input() {
+    let h = hub();
+    let o = KeyPair::generate(KeyType::Ed25519);
+    let dir = h.dir.path().join("nul");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("module.yaml"),
+        "name: nul.echo\nversion: 0.1.0\nkind: task\nruntime: builtin\nentry: echo\ndescription: \"a\\0b\"\n",
+    )
+    .unwrap();
+    let bytes = pack_dir(&dir, &Limits::default()).unwrap().bytes;
+    let before = h.dump();
+    let (s, body) = h.send(publish(&h, &o, bytes)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("NUL"), "{body}");
+    assert_eq!(h.dump(), before, "the refused publish left a trace");
+}

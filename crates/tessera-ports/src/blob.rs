@@ -144,11 +144,15 @@ impl FsBlobStore {
         Ok(dest)
     }
 
-    /// A temporary path inside the store's directory, for streamed writes.
+    /// A temporary path inside the store's directory, for streamed writes: unique among
+    /// every process writing to the directory, on this machine or another sharing it (the
+    /// process id, a counter and 64 random bits: processes in containers often share ids).
     pub fn temp_path(&self) -> PathBuf {
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.dir.join(format!(".tmp-{}-{n}", std::process::id()))
+        let mut random = [0u8; 8];
+        getrandom::fill(&mut random).expect("the operating system's random source works");
+        self.dir.join(format!(".tmp-{}-{n}-{:016x}", std::process::id(), u64::from_le_bytes(random)))
     }
 
     fn write_sync(&self, bytes: &[u8], digest: &Digest) -> Result<(), BlobError> {

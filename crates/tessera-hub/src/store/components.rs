@@ -479,11 +479,11 @@ impl HubStore {
             let rec = read(tx, collection, key)?.ok_or_else(|| not_found(collection, key))?;
             if rec.current().is_some_and(|r| r.digest == upload.digest) {
                 if !self.blobs.path_of(&upload.digest).exists() {
-                    self.blobs.adopt_file(upload.file, &upload.digest)?;
+                    self.adopt(upload.file, &upload.digest)?;
                 }
                 return Ok((rec, false));
             }
-            self.blobs.adopt_file(upload.file, &upload.digest)?;
+            self.adopt(upload.file, &upload.digest)?;
             let next = rec.current().map_or(1, |r| r.revision + 1);
             let now = now_rfc3339();
             tx.execute(

@@ -36,6 +36,10 @@ pub(crate) enum DbError {
     Postgres(#[from] postgres::Error),
     #[error("query returned no rows")]
     NoRows,
+    /// A text value holds U+0000, which PostgreSQL cannot store (refused on both backends,
+    /// so they take the same input).
+    #[error("a text value holds a NUL character (U+0000), which the hub does not store")]
+    Nul,
     #[error("column {column}: {why}")]
     Type { column: usize, why: String },
 }
@@ -73,7 +77,10 @@ impl DbError {
 
 impl From<DbError> for HubError {
     fn from(e: DbError) -> Self {
-        HubError::Storage(e.to_string())
+        match e {
+            DbError::Nul => HubError::BadRequest(e.to_string()),
+            e => HubError::Storage(e.to_string()),
+        }
     }
 }
 
@@ -391,9 +398,18 @@ pub(crate) fn pg_sql(sql: &str) -> String {
     out
 }
 
+/// How long a statement waits for a lock (the write lock included) before it fails: the
+/// same order as SQLite's busy wait, so a stuck writer elsewhere cannot hold a request, and
+/// the thread serving it, for good.
+const LOCK_TIMEOUT: &str = "30s";
+
 /// Connects to PostgreSQL (without TLS).
 pub(crate) fn connect(url: &str) -> Result<postgres::Client, DbError> {
-    Ok(off_runtime(|| postgres::Client::connect(url, postgres::NoTls))?)
+    Ok(off_runtime(|| {
+        let mut c = postgres::Client::connect(url, postgres::NoTls)?;
+        c.batch_execute(&format!("SET lock_timeout = '{LOCK_TIMEOUT}'"))?;
+        Ok::<_, postgres::Error>(c)
+    })?)
 }
 
 /// One connection to the hub's database.
@@ -430,10 +446,13 @@ impl Conn {
     }
 
     /// Runs `f` on the PostgreSQL client. Outside a transaction, a connection the server
-    /// closed (a restart, a failover, an administrator) is opened again, before `f` when the
-    /// client knows it is closed and once after `f` failed on it.
+    /// closed (a restart, a failover, an administrator) is opened again: before `f` when the
+    /// client knows it is closed, and, for an `idempotent` statement (a read, a `BEGIN`, the
+    /// schema), once after `f` failed on it (a write may have been applied before the
+    /// connection went: it is not sent twice, its error is returned).
     fn pg<T: Send>(
         (client, url, in_tx): (&RefCell<Option<postgres::Client>>, &str, &std::cell::Cell<bool>),
+        idempotent: bool,
         f: impl Fn(&mut postgres::Client) -> Result<T, postgres::Error> + Sync,
     ) -> Result<T, DbError> {
         let mut c = client.borrow_mut();
@@ -447,7 +466,7 @@ impl Conn {
         }
         let client: &mut postgres::Client = c.as_mut().expect("the client is open until dropped");
         match off_runtime(|| f(client)) {
-            Err(e) if !in_tx.get() && (e.is_closed() || client.is_closed()) => {
+            Err(e) if idempotent && !in_tx.get() && (e.is_closed() || client.is_closed()) => {
                 reopen(&mut c)?;
                 let client: &mut postgres::Client = c.as_mut().expect("just opened");
                 Ok(off_runtime(|| f(client))?)
@@ -464,18 +483,24 @@ impl Conn {
     pub(crate) fn execute_batch(&self, sql: &str) -> Result<(), DbError> {
         match self {
             Conn::Lite(c) => Ok(c.execute_batch(sql)?),
-            Conn::Pg(c, url, in_tx) => Self::pg((c, url, in_tx), |c| c.batch_execute(sql)),
+            Conn::Pg(c, url, in_tx) => Self::pg((c, url, in_tx), true, |c| c.batch_execute(sql)),
         }
     }
 
     /// Runs a statement: the number of rows it changed.
+    ///
+    /// # Errors
+    /// [`DbError::Nul`] for a text parameter holding U+0000, before anything is sent.
     pub(crate) fn execute<P: AsRef<[Param]>>(&self, sql: &str, params: P) -> Result<usize, DbError> {
         let params = params.as_ref();
+        if params.iter().any(|p| matches!(p, Param::Text(Some(t)) if t.contains('\0'))) {
+            return Err(DbError::Nul);
+        }
         match self {
             Conn::Lite(c) => Ok(c.execute(sql, rusqlite::params_from_iter(params.iter()))?),
             Conn::Pg(c, url, in_tx) => {
                 let sql = pg_sql(sql);
-                let n = Self::pg((c, url, in_tx), |c| c.execute(sql.as_str(), &Self::pg_params(params)))?;
+                let n = Self::pg((c, url, in_tx), false, |c| c.execute(sql.as_str(), &Self::pg_params(params)))?;
                 Ok(usize::try_from(n).unwrap_or(usize::MAX))
             }
         }
@@ -501,8 +526,9 @@ impl Conn {
             Conn::Pg(c, url, in_tx) => {
                 let sql = pg_sql(sql);
                 // The first row, as SQLite gives it (`query_opt` refuses more than one).
-                let row =
-                    Self::pg((c, url, in_tx), |c| c.query(sql.as_str(), &Self::pg_params(params)))?.into_iter().next();
+                let row = Self::pg((c, url, in_tx), true, |c| c.query(sql.as_str(), &Self::pg_params(params)))?
+                    .into_iter()
+                    .next();
                 match row {
                     Some(r) => f(&Row::Pg(&r)),
                     None => Err(DbError::NoRows),
@@ -531,7 +557,7 @@ impl Conn {
             }
             Conn::Pg(c, url, in_tx) => {
                 let sql = pg_sql(sql);
-                let rows = Self::pg((c, url, in_tx), |c| c.query(sql.as_str(), &Self::pg_params(params)))?;
+                let rows = Self::pg((c, url, in_tx), true, |c| c.query(sql.as_str(), &Self::pg_params(params)))?;
                 rows.iter().map(|r| f(&Row::Pg(r))).collect()
             }
         }
@@ -578,7 +604,7 @@ impl Conn {
             Conn::Lite(c) => Ok(c.prepare(sql)?.column_names().map(str::to_owned).collect()),
             Conn::Pg(c, url, in_tx) => {
                 let sql = pg_sql(sql);
-                let stmt = Self::pg((c, url, in_tx), |c| c.prepare(sql.as_str()))?;
+                let stmt = Self::pg((c, url, in_tx), true, |c| c.prepare(sql.as_str()))?;
                 Ok(stmt.columns().iter().map(|c| c.name().to_owned()).collect())
             }
         }
@@ -632,15 +658,23 @@ impl<'a> Tx<'a> {
             (Conn::Pg(..), TxKind::Read) => "BEGIN ISOLATION LEVEL REPEATABLE READ".to_owned(),
             (Conn::Pg(..), TxKind::Write) => format!("BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"),
         };
-        conn.execute_batch(&sql)?;
+        if let Err(e) = conn.execute_batch(&sql) {
+            // A BEGIN that went through with a lock that did not (a lock timeout, a cancel)
+            // leaves an aborted transaction on the server: end it, so the connection serves on.
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
         conn.set_in_tx(true);
         Ok(Tx { conn, open: true })
     }
 
-    /// Commits.
+    /// Commits; a commit that fails is rolled back, so the connection serves on.
     pub(crate) fn commit(mut self) -> Result<(), DbError> {
         self.open = false;
         let done = self.conn.execute_batch("COMMIT");
+        if done.is_err() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
         self.conn.set_in_tx(false);
         done
     }

@@ -165,9 +165,12 @@ impl HubStore {
     /// # Errors
     /// As [`HubStore::restore`].
     pub fn restore_to(dir: &Path, database: &Database, file: &Path) -> Result<(HubStore, DumpSummary), HubError> {
-        if dir.join("hub.sqlite").exists() || dir.join("identity/hub.json").exists() {
+        // Checked before anything is written (a restore into PostgreSQL commits its records
+        // before the directory takes the restored blobs).
+        let occupied = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+        if occupied {
             return Err(HubError::Conflict(format!(
-                "{} holds a hub already; restore into an empty directory",
+                "{} is not empty (it may hold a hub); restore into an empty directory",
                 dir.display()
             )));
         }

@@ -223,12 +223,14 @@ pub enum Database {
     Postgres(String),
 }
 
-/// PostgreSQL's version of [`SCHEMA`] and [`ADDED_COLUMNS`]: 64-bit integers, a `rowid`
-/// column for the insertion order SQLite keeps by itself, and the hub's key.
+/// PostgreSQL's version of [`SCHEMA`] and [`ADDED_COLUMNS`]: 64-bit integers, text in the
+/// "C" collation (SQLite's order), a `rowid` column for the insertion order SQLite keeps by
+/// itself, and the hub's key.
 fn pg_schema() -> String {
     let mut out = String::new();
     for stmt in SCHEMA.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-        let stmt = stmt.replace("INTEGER", "BIGINT");
+        // Text compares and sorts by code point, as in SQLite, whatever the database's locale.
+        let stmt = stmt.replace("INTEGER", "BIGINT").replace("TEXT", "TEXT COLLATE \"C\"");
         match stmt.strip_prefix("CREATE TABLE IF NOT EXISTS ") {
             Some(rest) => {
                 let (table, columns) = rest.split_once('(').unwrap_or((rest, ""));
@@ -241,10 +243,8 @@ fn pg_schema() -> String {
         }
     }
     for (table, column, def) in ADDED_COLUMNS {
-        out.push_str(&format!(
-            "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {};\n",
-            def.replace("INTEGER", "BIGINT")
-        ));
+        let def = def.replace("INTEGER", "BIGINT").replace("TEXT", "TEXT COLLATE \"C\"");
+        out.push_str(&format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {def};\n"));
     }
     out.push_str(
         "CREATE TABLE IF NOT EXISTS hub_key (id BIGINT PRIMARY KEY, key_type TEXT NOT NULL, secret TEXT NOT NULL);\n",
@@ -255,6 +255,8 @@ fn pg_schema() -> String {
 /// The hub's store.
 pub struct HubStore {
     db: Mutex<Conn>,
+    /// Blobs the write in progress moved into place (writes are serialised by `db`).
+    adopted: Mutex<Vec<Digest>>,
     blobs: FsBlobStore,
     limits: Limits,
     dir: PathBuf,
@@ -330,7 +332,7 @@ impl HubStore {
             }
         };
         let blobs = FsBlobStore::open(dir.join("blobs"))?;
-        Ok(HubStore { db: Mutex::new(conn), blobs, limits, dir, key })
+        Ok(HubStore { db: Mutex::new(conn), adopted: Mutex::default(), blobs, limits, dir, key })
     }
 
     /// Connects to the database, brings its schema up to date and loads (or makes) the
@@ -462,18 +464,42 @@ impl HubStore {
     /// request, which the API lets through only on an open hub): in one transaction, the
     /// namespace rule (an owned namespace takes writes from its owners only; an unowned one
     /// is claimed by the first signed write, and takes unsigned writes without being
-    /// claimed), then `f`. When either refuses, nothing is written, the claim included.
+    /// claimed), then `f`. When either refuses, nothing is written, the claim included, and
+    /// the blobs `f` moved into place ([`HubStore::adopt`]) go again unless something else
+    /// uses them.
     pub(crate) fn write<T>(
         &self,
         name: &str,
         actor: Option<&PublicKey>,
         f: impl FnOnce(&Conn) -> Result<T, HubError>,
     ) -> Result<T, HubError> {
-        let tx = self.write_tx()?;
-        namespaces::check_write(&tx, namespace_of(name), actor)?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
+        let result = (|| {
+            let tx = self.write_tx()?;
+            self.adopted.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            namespaces::check_write(&tx, namespace_of(name), actor)?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })();
+        let adopted = std::mem::take(&mut *self.adopted.lock().unwrap_or_else(|p| p.into_inner()));
+        if result.is_err() {
+            // The transaction is rolled back (and its lock released): the blobs it adopted
+            // are collected under a new one.
+            for d in adopted {
+                if let Err(e) = self.collect_blob(&d) {
+                    tracing::warn!(blob = %d, error = %e, "a refused write's blob stays");
+                }
+            }
+        }
+        result
+    }
+
+    /// Moves `file` into the blob store as `digest`, inside a [`HubStore::write`] (whose
+    /// refusal removes it again).
+    pub(crate) fn adopt(&self, file: &Path, digest: &Digest) -> Result<(), HubError> {
+        self.blobs.adopt_file(file, digest)?;
+        self.adopted.lock().unwrap_or_else(|p| p.into_inner()).push(*digest);
+        Ok(())
     }
 
     /// True when a live package, a model or a component revision uses the blob.
@@ -583,5 +609,38 @@ fn migrate(conn: &Conn) -> Result<(), HubError> {
 pub(crate) fn remove_leftover(file: &Path) {
     if file.exists() {
         let _ = std::fs::remove_file(file);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every write that moves a blob into place does it through `HubStore::adopt`, so a
+    /// refused write takes its blob away again: no other store file moves blobs itself
+    /// (but the restore, which fills a staging directory nothing serves yet).
+    #[test]
+    fn writes_adopt_blobs_through_the_store() {
+        let files = [
+            ("accounts.rs", include_str!("accounts.rs")),
+            ("components.rs", include_str!("components.rs")),
+            ("grants.rs", include_str!("grants.rs")),
+            ("models.rs", include_str!("models.rs")),
+            ("namespaces.rs", include_str!("namespaces.rs")),
+            ("nonces.rs", include_str!("nonces.rs")),
+            ("packages.rs", include_str!("packages.rs")),
+            ("search.rs", include_str!("search.rs")),
+            ("uploads.rs", include_str!("uploads.rs")),
+        ];
+        let listed: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/src/store"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !["mod.rs", "db.rs", "dump.rs"].contains(&n.as_str()))
+            .collect();
+        for n in &listed {
+            assert!(files.iter().any(|(f, _)| f == n), "{n} is not checked here: add it");
+        }
+        for (name, text) in files {
+            assert!(!text.contains("adopt_file("), "{name} moves a blob into place itself; use HubStore::adopt");
+        }
     }
 }

@@ -313,13 +313,13 @@ impl HubStore {
                 Some(Stored { digest: Some(_), version: sv, deleted: false }) => {
                     // The same bytes again: a no-op that brings back a missing blob.
                     if !self.blobs.path_of(&upload.digest).exists() {
-                        self.blobs.adopt_file(upload.file, &upload.digest)?;
+                        self.adopt(upload.file, &upload.digest)?;
                     }
                     set_meta(tx, name, &sv, upload, actor)?;
                     false
                 }
                 Some(Stored { version: sv, .. }) => {
-                    self.blobs.adopt_file(upload.file, &upload.digest)?;
+                    self.adopt(upload.file, &upload.digest)?;
                     tx.execute(
                         "UPDATE models SET digest = ?3, size = ?4, deleted = 0, signer = ?5 WHERE name = ?1 AND version = ?2",
                         params![name, sv, digest, i64::try_from(upload.size).unwrap_or(i64::MAX), signer],
@@ -328,7 +328,7 @@ impl HubStore {
                     true
                 }
                 None => {
-                    self.blobs.adopt_file(upload.file, &upload.digest)?;
+                    self.adopt(upload.file, &upload.digest)?;
                     insert_with_binary(tx, name, &v, upload, actor)?;
                     true
                 }
@@ -352,7 +352,7 @@ impl HubStore {
             check_upload_meta(&upload)?;
             self.write(name, actor, |tx| {
                 let v = next_version(tx, name)?;
-                self.blobs.adopt_file(upload.file, &upload.digest)?;
+                self.adopt(upload.file, &upload.digest)?;
                 insert_with_binary(tx, name, &v, &upload, actor)?;
                 live(tx, name, &v)
             })
@@ -409,7 +409,8 @@ impl HubStore {
     /// binary: a record still waiting for its upload is never `latest`).
     pub fn model(&self, name: &str, version: &str) -> Result<ModelRecord, HubError> {
         parse_name(name)?;
-        let db = self.db();
+        // The versions and the chosen one read at one moment.
+        let db = self.read_tx()?;
         if version == LATEST {
             let complete: Vec<String> = db
                 .prepare("SELECT version FROM models WHERE name = ?1 AND deleted = 0 AND digest IS NOT NULL")?

@@ -318,19 +318,19 @@ impl HubStore {
                 Some((_, _, false)) => {
                     // The same bytes again: a no-op, but one that brings back a missing blob.
                     if !self.blobs.path_of(&digest).exists() {
-                        self.blobs.adopt_file(file, &digest)?;
+                        self.adopt(file, &digest)?;
                     }
                     false
                 }
                 Some((v, _, true)) => {
                     // The same bytes under a deleted version: live again, with the signer it
                     // was first published with (the module's `owner` role is its signer).
-                    self.blobs.adopt_file(file, &digest)?;
+                    self.adopt(file, &digest)?;
                     tx.execute("UPDATE packages SET deleted = 0 WHERE name = ?1 AND version = ?2", params![name, v])?;
                     true
                 }
                 None => {
-                    self.blobs.adopt_file(file, &digest)?;
+                    self.adopt(file, &digest)?;
                     insert_package(tx, m, &digest, size, signature, false, None)?;
                     if let Some(c) = &card {
                         let text = serde_json::to_string(c).map_err(|e| HubError::Storage(e.to_string()))?;
@@ -412,12 +412,12 @@ impl HubStore {
                 match stored {
                     Some((_, _, false)) => {
                         if !self.blobs.path_of(&digest).exists() {
-                            self.blobs.adopt_file(file, &digest)?;
+                            self.adopt(file, &digest)?;
                         }
                         return Ok(false);
                     }
                     Some((v, _, true)) => {
-                        self.blobs.adopt_file(file, &digest)?;
+                        self.adopt(file, &digest)?;
                         tx.execute(
                             "UPDATE packages SET deleted = 0 WHERE name = ?1 AND version = ?2",
                             params![name, v],
@@ -426,7 +426,7 @@ impl HubStore {
                     }
                     None => {}
                 }
-                self.blobs.adopt_file(file, &digest)?;
+                self.adopt(file, &digest)?;
                 insert_package(tx, &public, &digest, size, Some(signature), true, Some(&recipients))?;
                 for r in &recipients {
                     tx.execute(
@@ -509,7 +509,9 @@ impl HubStore {
                     .ok_or_else(|| HubError::NotFound(format!("{name} has no published version in {req}")))
             }
             Selector::Alias(a) => {
-                let db = self.db();
+                // The alias and its version read at one moment (another hub process may move
+                // or delete them in between).
+                let db = self.read_tx()?;
                 let v: Option<String> = db
                     .query_row("SELECT version FROM aliases WHERE name = ?1 AND alias = ?2", params![name, a], |r| {
                         r.get(0)

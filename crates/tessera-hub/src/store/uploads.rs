@@ -115,12 +115,14 @@ impl HubStore {
         if self.has_public_blob(digest)? {
             return Ok(UploadRecord { id: None, digest: *digest, size, offset: size, complete: true });
         }
-        let db = self.db();
+        // One write transaction: hub processes sharing the database neither open the same
+        // upload twice nor pass the account's bound together.
+        let db = self.write_tx()?;
         let found: Option<String> = if account.is_empty() {
             None
         } else {
             db.query_row(
-                "SELECT id FROM uploads WHERE account = ?1 AND digest = ?2 AND size = ?3",
+                "SELECT id FROM uploads WHERE account = ?1 AND digest = ?2 AND size = ?3 ORDER BY rowid LIMIT 1",
                 params![account, digest.to_string(), i64::try_from(size).unwrap_or(i64::MAX)],
                 |r| r.get(0),
             )
@@ -152,7 +154,7 @@ impl HubStore {
                 i64::try_from(now_secs()).unwrap_or(0)
             ],
         )?;
-        drop(db);
+        db.commit()?;
         std::fs::create_dir_all(self.uploads_dir())?;
         std::fs::File::create(self.upload_file(&id))?;
         tracing::info!(%id, %digest, size, "upload begun");
