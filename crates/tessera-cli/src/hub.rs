@@ -8,21 +8,85 @@ use anyhow::Context;
 use clap::Subcommand;
 use tessera_hub::{AppState, Database, HubPolicy, HubStore, app};
 
+/// Where a hub keeps its records and blobs.
+#[derive(clap::Args, Clone, Debug)]
+pub struct StoreArgs {
+    /// The hub's data directory: its blobs (a cache of the shared store with --blobs), its
+    /// key, and `hub.sqlite` unless --database (default: $TESSERA_HOME/hub).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Where the hub keeps its records: a PostgreSQL connection string
+    /// (`postgres://user@host:port/db`, no TLS), which several hub processes may share; by
+    /// default `hub.sqlite` in the data directory (with PostgreSQL the hub's key is kept in
+    /// the database too).
+    #[arg(long, env = "TESSERA_HUB_DATABASE", value_name = "URL")]
+    database: Option<String>,
+    /// Keep the hub's blobs in the NATS Object Store at this URL (buckets
+    /// `tessera_hub_blobs` and `tessera_hub_small_blobs`), which hub processes on several
+    /// machines share; the data directory is then a cache. By default blobs are only in
+    /// the data directory.
+    #[arg(long, env = "TESSERA_HUB_BLOBS", value_name = "NATS_URL")]
+    blobs: Option<String>,
+}
+
+impl StoreArgs {
+    fn data(&self) -> PathBuf {
+        self.data.clone().unwrap_or_else(|| crate::tessera_home().join("hub"))
+    }
+
+    fn database(&self) -> anyhow::Result<Database> {
+        parse_database(self.database.as_deref())
+    }
+
+    /// Opens the hub, with its shared blobs when --blobs names them.
+    async fn open(&self) -> anyhow::Result<HubStore> {
+        let data = self.data();
+        let store = open_store(&data, &self.database()?)?;
+        self.share(store).await
+    }
+
+    /// Attaches the shared blob store, if any, to an opened hub. Its connection lives on a
+    /// runtime of its own (two threads), which the store's synchronous writes wait on.
+    async fn share(&self, store: HubStore) -> anyhow::Result<HubStore> {
+        let Some(url) = self.blobs.clone() else { return Ok(store) };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("hub-blobs")
+            .enable_all()
+            .build()
+            .context("a runtime for the shared blobs")?;
+        let opened = runtime
+            .spawn(async move {
+                let nats = tessera_nats::connect(&url).await.with_context(|| format!("--blobs {url}"))?;
+                let (bucket, small) = tessera_nats::HUB_BUCKETS;
+                tessera_nats::NatsBlobs::open_buckets(&nats, bucket, small)
+                    .await
+                    .with_context(|| format!("--blobs {url}: the hub's buckets"))
+            })
+            .await;
+        let blobs = match opened {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                runtime.shutdown_background();
+                return Err(e);
+            }
+            Err(e) => {
+                runtime.shutdown_background();
+                return Err(e.into());
+            }
+        };
+        Ok(store.with_shared_blobs(Arc::new(blobs), runtime))
+    }
+}
+
 #[derive(Subcommand)]
 pub enum Command {
     /// Serve a hub over HTTP: the REST API under /api/v1, the OpenAPI document at
     /// /openapi.json, an interactive docs page at /docs, the dashboard at /ui and Prometheus
     /// metrics at /metrics (no internet needed).
     Serve {
-        /// Where the hub keeps its database and blobs (default: $TESSERA_HOME/hub).
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// Where the hub keeps its records: a PostgreSQL connection string
-        /// (`postgres://user@host:port/db`, no TLS), which several hub processes may share;
-        /// by default `hub.sqlite` in the data directory. Blobs and the hub's key stay in the
-        /// data directory (with PostgreSQL the key is kept in the database too).
-        #[arg(long, env = "TESSERA_HUB_DATABASE", value_name = "URL")]
-        database: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:7700")]
         listen: SocketAddr,
@@ -58,15 +122,8 @@ pub enum Command {
         /// The new owners (ed25519:… or secp256k1:…).
         #[arg(required = true)]
         owners: Vec<String>,
-        /// The hub's data directory (default: $TESSERA_HOME/hub).
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// Where the hub keeps its records: a PostgreSQL connection string
-        /// (`postgres://user@host:port/db`, no TLS), which several hub processes may share;
-        /// by default `hub.sqlite` in the data directory. Blobs and the hub's key stay in the
-        /// data directory (with PostgreSQL the key is kept in the database too).
-        #[arg(long, env = "TESSERA_HUB_DATABASE", value_name = "URL")]
-        database: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Write the hub's whole state (records, blobs verified by digest, its key) to FILE,
     /// which must not exist. The hub may be running: the records are read in one
@@ -74,30 +131,16 @@ pub enum Command {
     Dump {
         /// The dump file to write.
         file: PathBuf,
-        /// The hub's data directory (default: $TESSERA_HOME/hub).
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// Where the hub keeps its records: a PostgreSQL connection string
-        /// (`postgres://user@host:port/db`, no TLS), which several hub processes may share;
-        /// by default `hub.sqlite` in the data directory. Blobs and the hub's key stay in the
-        /// data directory (with PostgreSQL the key is kept in the database too).
-        #[arg(long, env = "TESSERA_HUB_DATABASE", value_name = "URL")]
-        database: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Restore a dump into a data directory that holds no hub yet (every blob checked
     /// against its digest; nothing is written when anything is refused).
     Restore {
         /// The dump file to read.
         file: PathBuf,
-        /// The data directory to restore into (default: $TESSERA_HOME/hub).
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// Where the hub keeps its records: a PostgreSQL connection string
-        /// (`postgres://user@host:port/db`, no TLS), which several hub processes may share;
-        /// by default `hub.sqlite` in the data directory. Blobs and the hub's key stay in the
-        /// data directory (with PostgreSQL the key is kept in the database too).
-        #[arg(long, env = "TESSERA_HUB_DATABASE", value_name = "URL")]
-        database: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
@@ -129,32 +172,36 @@ fn open_store(data: &std::path::Path, database: &Database) -> anyhow::Result<Hub
 
 pub async fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
-        Command::Dump { file, data, database } => {
-            let data = data.unwrap_or_else(|| crate::tessera_home().join("hub"));
-            let database = parse_database(database.as_deref())?;
+        Command::Dump { file, store } => {
+            let data = store.data();
             anyhow::ensure!(
-                database != Database::Sqlite || data.join("hub.sqlite").exists(),
+                store.database()? != Database::Sqlite || data.join("hub.sqlite").exists(),
                 "no hub at {}",
                 data.display()
             );
-            let store = open_store(&data, &database)?;
+            let store = store.open().await?;
             let s = tokio::task::spawn_blocking(move || store.dump(&file).map(|s| (s, file))).await??;
             print_summary("dumped", &s.0);
             println!("{}", s.1.display());
             Ok(())
         }
-        Command::Restore { file, data, database } => {
-            let data = data.unwrap_or_else(|| crate::tessera_home().join("hub"));
-            let database = parse_database(database.as_deref())?;
+        Command::Restore { file, store: args } => {
+            let data = args.data();
+            let database = args.database()?;
             let d2 = data.clone();
-            let (_, s) = tokio::task::spawn_blocking(move || HubStore::restore_to(&d2, &database, &file)).await??;
+            let (store, s) = tokio::task::spawn_blocking(move || HubStore::restore_to(&d2, &database, &file)).await??;
+            // With shared blobs, the restored blobs go there too.
+            let store = args.share(store).await?;
+            let shared = tokio::task::spawn_blocking(move || store.share_blobs()).await??;
+            if args.blobs.is_some() {
+                eprintln!("{shared} blob(s) copied to the shared store");
+            }
             print_summary("restored", &s);
             println!("{}", data.display());
             Ok(())
         }
-        Command::Owners { namespace, owners, data, database } => {
-            let data = data.unwrap_or_else(|| crate::tessera_home().join("hub"));
-            let store = open_store(&data, &parse_database(database.as_deref())?)?;
+        Command::Owners { namespace, owners, store } => {
+            let store = store.open().await?;
             let keys = owners
                 .iter()
                 .map(|k| k.parse::<tessera_identity::PublicKey>().with_context(|| format!("owner {k:?}")))
@@ -166,10 +213,9 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             eprintln!("namespace {namespace} now belongs to {} key(s)", keys.len());
             Ok(())
         }
-        Command::Serve { data, database, listen, open, window, max_uploads, max_model, nats, member_ttl } => {
-            let data = data.unwrap_or_else(|| crate::tessera_home().join("hub"));
-            let database = parse_database(database.as_deref())?;
-            let store = Arc::new(open_store(&data, &database)?);
+        Command::Serve { store, listen, open, window, max_uploads, max_model, nats, member_ttl } => {
+            let data = store.data();
+            let store = Arc::new(store.open().await?);
             if !open {
                 // No namespace that holds things may stay claimable by whoever writes first.
                 let adopted = store.adopt_unowned()?;

@@ -13,6 +13,7 @@ use tessera_core::{Digest, PackageRef};
 use tessera_hub::Database;
 use tessera_hub::testing::PgServer;
 use tessera_identity::{Envelope, KeyPair, KeyType, now_ms};
+use tessera_nats::testing::NatsServer;
 use tessera_package::{Limits, pack_dir};
 
 struct Hub {
@@ -28,12 +29,15 @@ impl Drop for Hub {
 }
 
 /// Starts a hub process.
-fn spawn_hub(data: &Path, database: &Database) -> Child {
+fn spawn_hub(data: &Path, database: &Database, blobs: Option<&str>) -> Child {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tessera"));
-    c.env_remove("RUST_LOG").env_remove("TESSERA_HUB_DATABASE");
+    c.env_remove("RUST_LOG").env_remove("TESSERA_HUB_DATABASE").env_remove("TESSERA_HUB_BLOBS");
     c.args(["hub", "serve", "--open", "--max-uploads", "16", "--listen", "127.0.0.1:0", "--data"]).arg(data);
     if let Database::Postgres(url) = database {
         c.args(["--database", url]);
+    }
+    if let Some(url) = blobs {
+        c.args(["--blobs", url]);
     }
     c.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap()
 }
@@ -65,24 +69,36 @@ fn package(dir: &Path, i: usize) -> Vec<u8> {
     // some take a while.
     let filler: String = (0..(i * 2_731) % 300_000).map(|j| char::from(b'a' + ((i + j) % 26) as u8)).collect();
     std::fs::write(m.join("notes.txt"), filler).unwrap();
+    if i.is_multiple_of(4) {
+        std::fs::write(m.join("README.md"), format!("---\nlicense: mit\ntags: [p{i}]\n---\nPackage {i}.\n")).unwrap();
+    }
     pack_dir(&m, &Limits::default()).unwrap().bytes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hub_processes_over_sqlite() {
-    two_hub_processes_share_one_store_and_one_replay_cache(Database::Sqlite).await;
+    two_hub_processes_share_one_store_and_one_replay_cache(Database::Sqlite, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hub_processes_over_postgres() {
-    two_hub_processes_share_one_store_and_one_replay_cache(PgServer::shared().database()).await;
+    two_hub_processes_share_one_store_and_one_replay_cache(PgServer::shared().database(), None).await;
 }
 
-async fn two_hub_processes_share_one_store_and_one_replay_cache(database: Database) {
+/// As on two machines: each process has its own data directory (a cache), the records are
+/// in PostgreSQL and the blobs in the NATS Object Store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hub_processes_over_postgres_and_nats() {
+    let nats = NatsServer::start();
+    two_hub_processes_share_one_store_and_one_replay_cache(PgServer::shared().database(), Some(&nats.url())).await;
+}
+
+async fn two_hub_processes_share_one_store_and_one_replay_cache(database: Database, blobs: Option<&str>) {
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("hub");
+    let data_b = if blobs.is_some() { work.path().join("hub-b") } else { data.clone() };
     // Started together over a store that holds nothing yet: one schema, one key.
-    let (a, b) = (spawn_hub(&data, &database), spawn_hub(&data, &database));
+    let (a, b) = (spawn_hub(&data, &database, blobs), spawn_hub(&data_b, &database, blobs));
     let (a, b) = (listening(a), listening(b));
     let key = Arc::new(KeyPair::generate(KeyType::Ed25519));
     let ca = HubClient::new(&a.url).unwrap().with_signer(key.clone());
@@ -142,17 +158,41 @@ async fn two_hub_processes_share_one_store_and_one_replay_cache(database: Databa
 
     // No blob is corrupt, missing or orphaned, and no temporary file is left.
     let mut on_disk = std::collections::BTreeSet::new();
-    for shard in std::fs::read_dir(data.join("blobs")).unwrap().flatten() {
-        let name = shard.file_name().to_string_lossy().into_owned();
-        assert!(shard.path().is_dir(), "a file in the blob directory: {name}");
-        for f in std::fs::read_dir(shard.path()).unwrap().flatten() {
-            let bytes = std::fs::read(f.path()).unwrap();
-            let digest = Digest::of(&bytes);
-            assert_eq!(digest.hex(), f.file_name().to_string_lossy(), "a corrupt blob");
-            on_disk.insert(digest);
+    for dir in [&data, &data_b] {
+        for shard in std::fs::read_dir(dir.join("blobs")).unwrap().flatten() {
+            let name = shard.file_name().to_string_lossy().into_owned();
+            assert!(shard.path().is_dir(), "a file in the blob directory: {name}");
+            for f in std::fs::read_dir(shard.path()).unwrap().flatten() {
+                let bytes = std::fs::read(f.path()).unwrap();
+                let digest = Digest::of(&bytes);
+                assert_eq!(digest.hex(), f.file_name().to_string_lossy(), "a corrupt blob");
+                on_disk.insert(digest);
+            }
         }
     }
-    assert_eq!(on_disk, live_digests, "every blob on disk is a live package's, and every live package's is on disk");
+    match blobs {
+        None => assert_eq!(
+            on_disk, live_digests,
+            "every blob on disk is a live package's, and every live package's is on disk"
+        ),
+        Some(url) => {
+            // The shared store holds exactly the live blobs; the directories are caches.
+            let nats = tessera_nats::connect(url).await.unwrap();
+            let (bucket, small) = tessera_nats::HUB_BUCKETS;
+            let shared = tessera_nats::NatsBlobs::open_buckets(&nats, bucket, small).await.unwrap();
+            let stored: std::collections::BTreeSet<Digest> = shared.digests().await.unwrap().into_iter().collect();
+            assert_eq!(stored, live_digests, "the shared store holds every live blob and nothing else");
+            // Published through one process only, served by the other from the shared store.
+            for i in 100..110 {
+                let bytes = package(work.path(), i);
+                let (rec, created) = ca.publish(bytes.clone()).await.unwrap();
+                assert!(created);
+                assert!(!data_b.join("blobs").join(&rec.digest.hex()[..2]).join(rec.digest.hex()).exists());
+                let (_, got) = cb.download(&format!("shared.p{i}").parse().unwrap()).await.unwrap();
+                assert_eq!(&got[..], &bytes[..]);
+            }
+        }
+    }
 
     // A signed request captured on its way to one process is refused by the other, and by
     // the first.
@@ -177,4 +217,65 @@ async fn two_hub_processes_share_one_store_and_one_replay_cache(database: Databa
         .await
         .unwrap();
     assert_eq!(fresh.status(), 200);
+}
+
+/// A hub on SQLite with its blobs in its directory moves, by `tessera hub dump` and
+/// `tessera hub restore`, to PostgreSQL with its blobs in the NATS Object Store; a hub
+/// process started over them with an empty directory of its own serves the same packages
+/// (listing, cards, digests, bytes) under the same key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hub_moves_from_sqlite_to_postgres_and_nats() {
+    let work = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start();
+    let database = PgServer::shared().database();
+    let Database::Postgres(pg) = &database else { unreachable!() };
+    let a = listening(spawn_hub(&work.path().join("a"), &Database::Sqlite, None));
+    let ca = HubClient::new(&a.url).unwrap();
+    let packages: Vec<Vec<u8>> = (0..12).map(|i| package(work.path(), i)).collect();
+    for p in &packages {
+        ca.publish(p.clone()).await.unwrap();
+    }
+    let before = ca.list(&ListParams { limit: Some(500), all: true, ..Default::default() }).await.unwrap();
+    assert_eq!(before.iter().filter(|r| r.card.is_some()).count(), 3, "three packages have cards");
+    let key = ca.hub_key().await.unwrap();
+
+    let dump = work.path().join("hub.dump");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .env_remove("TESSERA_HUB_DATABASE")
+            .env_remove("TESSERA_HUB_BLOBS")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["hub", "dump", dump.to_str().unwrap(), "--data", work.path().join("a").to_str().unwrap()]);
+    drop(a);
+    let restored = work.path().join("b");
+    run(&[
+        "hub",
+        "restore",
+        dump.to_str().unwrap(),
+        "--data",
+        restored.to_str().unwrap(),
+        "--database",
+        pg,
+        "--blobs",
+        &nats.url(),
+    ]);
+    // Another process, another (empty) directory: the records, key and blobs come from the
+    // shared stores.
+    let c = listening(spawn_hub(&work.path().join("c"), &database, Some(&nats.url())));
+    let cc = HubClient::new(&c.url).unwrap();
+    assert_eq!(cc.hub_key().await.unwrap(), key, "the hub keeps its key");
+    let after = cc.list(&ListParams { limit: Some(500), all: true, ..Default::default() }).await.unwrap();
+    let view = |l: &[tessera_core::registry::PackageRecord]| {
+        l.iter().map(|r| (r.name.clone(), r.version.clone(), r.digest, r.card.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(view(&after), view(&before));
+    for (i, bytes) in packages.iter().enumerate() {
+        let (rec, got) = cc.download(&format!("shared.p{i}").parse().unwrap()).await.unwrap();
+        assert_eq!(rec.digest, Digest::of(bytes));
+        assert_eq!(&got[..], &bytes[..]);
+    }
 }

@@ -5,6 +5,7 @@ use async_nats::jetstream::object_store::{self, ObjectStore};
 use async_nats::jetstream::stream::StorageType;
 use async_trait::async_trait;
 use bytes::Bytes;
+use std::path::Path;
 use std::time::Duration;
 use tessera_core::Digest;
 use tessera_ports::{BlobError, BlobStore};
@@ -29,30 +30,75 @@ pub struct NatsBlobs {
     store: ObjectStore,
     small: async_nats::jetstream::kv::Store,
     js: async_nats::jetstream::Context,
+    /// The streams behind the two buckets (for [`BlobStore::stored_bytes`]).
+    streams: [String; 2],
 }
 
 fn backend(e: impl std::fmt::Display) -> BlobError {
     BlobError::Backend(e.to_string())
 }
 
+/// The buckets of the hub's blobs: apart from runs' blobs, so that removing a run's
+/// leftovers never touches what the hub serves, even when the bytes are the same.
+pub const HUB_BUCKETS: (&str, &str) = ("tessera_hub_blobs", "tessera_hub_small_blobs");
+
 impl NatsBlobs {
-    /// Opens (creating if needed) the object store.
+    /// Opens (creating if needed) the run blobs' buckets.
     pub async fn open(nats: &Nats) -> Result<Self, NatsError> {
-        let store = match nats.js.get_object_store(BUCKET).await {
+        Self::open_buckets(nats, BUCKET, SMALL_BUCKET).await
+    }
+
+    /// Opens (creating if needed) the Object Store `bucket` and the KV bucket `small` for
+    /// blobs of up to [`SMALL_BLOB`] bytes (for the hub: [`HUB_BUCKETS`]).
+    pub async fn open_buckets(nats: &Nats, bucket: &str, small: &str) -> Result<Self, NatsError> {
+        let store = match nats.js.get_object_store(bucket).await {
             Ok(s) => s,
             Err(_) => nats
                 .js
                 .create_object_store(object_store::Config {
-                    bucket: BUCKET.into(),
+                    bucket: bucket.into(),
                     storage: StorageType::File,
                     num_replicas: nats.replicas,
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| NatsError::Setup { what: format!("object store {BUCKET}"), message: e.to_string() })?,
+                .map_err(|e| NatsError::Setup { what: format!("object store {bucket}"), message: e.to_string() })?,
         };
-        let small = crate::kv_bucket(nats, SMALL_BUCKET, None).await?;
-        Ok(NatsBlobs { store, small, js: nats.js.clone() })
+        let small_store = crate::kv_bucket(nats, small, None).await?;
+        Ok(NatsBlobs {
+            store,
+            small: small_store,
+            js: nats.js.clone(),
+            streams: [format!("OBJ_{bucket}"), format!("KV_{small}")],
+        })
+    }
+
+    /// Every blob stored, by digest (the hub's audit of its store).
+    ///
+    /// # Errors
+    /// [`BlobError::Backend`] when listing fails.
+    pub async fn digests(&self) -> Result<Vec<Digest>, BlobError> {
+        use futures::StreamExt;
+        let mut out = Vec::new();
+        let mut objects = self.store.list().await.map_err(backend)?;
+        while let Some(info) = objects.next().await {
+            let info = info.map_err(backend)?;
+            if !info.deleted
+                && let Ok(d) = Digest::from_hex(&info.name)
+            {
+                out.push(d);
+            }
+        }
+        let mut keys = self.small.keys().await.map_err(backend)?;
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(backend)?;
+            if let Ok(d) = Digest::from_hex(&k) {
+                out.push(d);
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
     }
 }
 
@@ -192,10 +238,72 @@ impl BlobStore for NatsBlobs {
         Ok(true)
     }
 
+    async fn put_file(&self, path: &Path, digest: &Digest) -> Result<(), BlobError> {
+        let io = |source| BlobError::Io { path: path.to_owned(), source };
+        let size = tokio::fs::metadata(path).await.map_err(io)?.len();
+        if size <= SMALL_BLOB as u64 {
+            let bytes = tokio::fs::read(path).await.map_err(io)?;
+            if &self.put(Bytes::from(bytes)).await? != digest {
+                return Err(BlobError::Corrupt(*digest));
+            }
+            return Ok(());
+        }
+        let claimed = self.claim(digest).await?;
+        if claimed == Claim::Stored {
+            return Ok(());
+        }
+        // Streamed: the Object Store reads the file a chunk at a time.
+        let put = match tokio::fs::File::open(path).await {
+            Ok(mut file) => self.store.put(digest.hex().as_str(), &mut file).await.map_err(backend),
+            Err(e) => Err(io(e)),
+        };
+        let _ = self.small.purge(claim_key(digest)).await;
+        put.map(|_| ())
+    }
+
+    async fn get_file(&self, digest: &Digest, path: &Path) -> Result<bool, BlobError> {
+        use tokio::io::AsyncWriteExt;
+        let io = |source| BlobError::Io { path: path.to_owned(), source };
+        if let Some(bytes) = self.small_get(digest).await? {
+            tokio::fs::write(path, &bytes).await.map_err(io)?;
+            return Ok(true);
+        }
+        let mut object = match self.store.get(digest.hex()).await {
+            Ok(o) => o,
+            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(backend(e)),
+        };
+        let mut out = tokio::fs::File::create(path).await.map_err(io)?;
+        let mut hasher = tessera_core::DigestWriter::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let copied: Result<(), BlobError> = async {
+            loop {
+                let n = object.read(&mut buf).await.map_err(backend)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).await.map_err(io)?;
+            }
+            out.flush().await.map_err(io)?;
+            if &hasher.finish() != digest {
+                return Err(BlobError::Corrupt(*digest));
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = copied {
+            drop(out);
+            let _ = tokio::fs::remove_file(path).await;
+            return Err(e);
+        }
+        Ok(true)
+    }
+
     async fn stored_bytes(&self) -> Result<u64, BlobError> {
         let mut total = 0;
-        for stream in [format!("OBJ_{BUCKET}"), format!("KV_{SMALL_BUCKET}")] {
-            let mut s = self.js.get_stream(&stream).await.map_err(backend)?;
+        for stream in &self.streams {
+            let mut s = self.js.get_stream(stream).await.map_err(backend)?;
             total += s.info().await.map_err(backend)?.state.bytes;
         }
         Ok(total)

@@ -24,7 +24,7 @@ mod world;
 
 use std::time::Duration;
 
-pub use blobs::NatsBlobs;
+pub use blobs::{HUB_BUCKETS, NatsBlobs};
 pub use bus::NatsBus;
 pub use members::NatsMembership;
 pub use world::NatsWorld;

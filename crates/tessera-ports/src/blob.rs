@@ -50,6 +50,34 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Bytes the store holds, by its own measure (for NATS, its streams' bytes, which
     /// include each message's headers): what retention keeps flat across rounds.
     async fn stored_bytes(&self) -> Result<u64, BlobError>;
+
+    /// Stores the file at `path` as the blob `digest` (which the caller computed: it is not
+    /// read again to check). Stores that can stream do, in bounded memory; the default reads
+    /// the file whole and [`put`](BlobStore::put)s it.
+    ///
+    /// # Errors
+    /// [`BlobError::Io`] when the file cannot be read; [`BlobError::Corrupt`] when the
+    /// default's read bytes are not `digest`; the store's errors.
+    async fn put_file(&self, path: &Path, digest: &Digest) -> Result<(), BlobError> {
+        let bytes = tokio::fs::read(path).await.map_err(|source| BlobError::Io { path: path.to_owned(), source })?;
+        if &self.put(Bytes::from(bytes)).await? != digest {
+            return Err(BlobError::Corrupt(*digest));
+        }
+        Ok(())
+    }
+
+    /// Writes the blob `digest` to a new file at `path`, verified (a blob whose bytes do not
+    /// match leaves no file): false when the store does not hold it. Stores that can stream
+    /// do, in bounded memory.
+    ///
+    /// # Errors
+    /// [`BlobError::Corrupt`]; [`BlobError::Io`] when the file cannot be written; the
+    /// store's errors.
+    async fn get_file(&self, digest: &Digest, path: &Path) -> Result<bool, BlobError> {
+        let Some(bytes) = self.get(digest).await? else { return Ok(false) };
+        tokio::fs::write(path, &bytes).await.map_err(|source| BlobError::Io { path: path.to_owned(), source })?;
+        Ok(true)
+    }
 }
 
 /// The bytes a [`BlobRef`](tessera_core::wire::BlobRef) names: its inline bytes (checked

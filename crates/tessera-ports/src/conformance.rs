@@ -317,6 +317,24 @@ pub async fn blob_behaviour(store: &dyn BlobStore) {
     assert!(store.delete(&d).await.unwrap());
     let after = store.stored_bytes().await.unwrap();
     assert!(after < before + (64 << 10), "concurrent puts leave nothing once deleted: {before} then {after}");
+
+    // Files in and out, small and chunked: the same bytes as put and get.
+    let dir = tempfile::tempdir().unwrap();
+    for size in [10usize, 300 << 10] {
+        let bytes: Vec<u8> = (0..size).map(|i| (i % 239) as u8).collect();
+        let d = Digest::of(&bytes);
+        let src = dir.path().join(format!("in-{size}"));
+        std::fs::write(&src, &bytes).unwrap();
+        store.put_file(&src, &d).await.unwrap();
+        assert_eq!(store.get(&d).await.unwrap().unwrap(), bytes, "{size} bytes");
+        let out = dir.path().join(format!("out-{size}"));
+        assert!(store.get_file(&d, &out).await.unwrap());
+        assert_eq!(std::fs::read(&out).unwrap(), bytes, "{size} bytes");
+        assert!(store.delete(&d).await.unwrap());
+        let gone = dir.path().join(format!("gone-{size}"));
+        assert!(!store.get_file(&d, &gone).await.unwrap());
+        assert!(!gone.exists(), "a missing blob makes no file");
+    }
 }
 
 /// Members appear when announced, carry their latest record, disappear when withdrawn or

@@ -478,7 +478,7 @@ impl HubStore {
         let result = self.write(Collection::owner_name(key), actor, |tx| {
             let rec = read(tx, collection, key)?.ok_or_else(|| not_found(collection, key))?;
             if rec.current().is_some_and(|r| r.digest == upload.digest) {
-                if !self.blobs.path_of(&upload.digest).exists() {
+                if !self.has_blob(&upload.digest)? {
                     self.adopt(upload.file, &upload.digest)?;
                 }
                 return Ok((rec, false));

@@ -359,7 +359,7 @@ impl Row<'_> {
 
 /// Runs `f` where the synchronous PostgreSQL client may block: on this thread, or on a
 /// scoped thread when this one drives Tokio tasks.
-fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+pub(crate) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     if tokio::runtime::Handle::try_current().is_ok() {
         std::thread::scope(|s| s.spawn(f).join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
     } else {

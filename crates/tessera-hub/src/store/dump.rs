@@ -106,7 +106,13 @@ impl HubStore {
                 summary.rows.insert(table.clone(), n);
             }
         }
-        for path in self.blob_files()? {
+        // With shared blobs this directory is a cache: the blobs the hub serves are dumped,
+        // each fetched if this process has not seen it.
+        let files = match self.shared {
+            Some(_) => self.served_digests()?.iter().map(|d| self.blob_path(d)).collect::<Result<Vec<_>, _>>()?,
+            None => self.blob_files()?,
+        };
+        for path in files {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let digest = Digest::from_hex(&name).map_err(|e| io(&name, e))?;
             let bytes = std::fs::read(&path).map_err(|e| io(&path.display().to_string(), e))?;

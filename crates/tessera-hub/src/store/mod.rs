@@ -24,7 +24,7 @@ pub(crate) mod search;
 pub(crate) mod uploads;
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use db::{Conn, OptionalExtension as _, Tx, TxKind, params};
 use tessera_core::version::{BuildMetadata, Version};
@@ -211,6 +211,32 @@ const ADDED_COLUMNS: [(&str, &str, &str); 13] = [
     ("models", "card", "TEXT"),
 ];
 
+/// A blob store shared by hub processes, and the runtime of its own its I/O runs on: the
+/// server's threads may all be waiting for the database, which a write holds while it
+/// stores a blob, so that I/O must not need them.
+struct Shared {
+    blobs: Arc<dyn tessera_ports::BlobStore>,
+    /// Always `Some` but while it is dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Shared {
+    /// Runs `f` to completion from synchronous code (off any runtime's threads).
+    fn run<T: Send>(&self, f: impl std::future::Future<Output = T> + Send) -> T {
+        let runtime = self.runtime.as_ref().expect("the runtime lives until dropped");
+        db::off_runtime(|| runtime.block_on(f))
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which an asynchronous caller may not do.
+        if let Some(r) = self.runtime.take() {
+            r.shutdown_background();
+        }
+    }
+}
+
 /// Where a hub keeps its records.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Database {
@@ -255,6 +281,8 @@ fn pg_schema() -> String {
 /// The hub's store.
 pub struct HubStore {
     db: Mutex<Conn>,
+    /// The blob store every hub process shares, if any.
+    shared: Option<Shared>,
     /// Blobs the write in progress moved into place (writes are serialised by `db`).
     adopted: Mutex<Vec<Digest>>,
     blobs: FsBlobStore,
@@ -332,7 +360,7 @@ impl HubStore {
             }
         };
         let blobs = FsBlobStore::open(dir.join("blobs"))?;
-        Ok(HubStore { db: Mutex::new(conn), adopted: Mutex::default(), blobs, limits, dir, key })
+        Ok(HubStore { db: Mutex::new(conn), shared: None, adopted: Mutex::default(), blobs, limits, dir, key })
     }
 
     /// Connects to the database, brings its schema up to date and loads (or makes) the
@@ -497,8 +525,12 @@ impl HubStore {
     /// Moves `file` into the blob store as `digest`, inside a [`HubStore::write`] (whose
     /// refusal removes it again).
     pub(crate) fn adopt(&self, file: &Path, digest: &Digest) -> Result<(), HubError> {
-        self.blobs.adopt_file(file, digest)?;
+        let path = self.blobs.adopt_file(file, digest)?;
         self.adopted.lock().unwrap_or_else(|p| p.into_inner()).push(*digest);
+        if let Some(shared) = &self.shared {
+            // Shared before the row is written: no process serves a row without its blob.
+            shared.run(shared.blobs.put_file(&path, digest))?;
+        }
         Ok(())
     }
 
@@ -514,13 +546,89 @@ impl HubStore {
     }
 
     /// The file holding a blob the hub serves (a live package, a model binary or a component
-    /// object of any revision).
+    /// object of any revision). With shared blobs, a blob this process has not yet seen is
+    /// fetched into its directory first (streamed, verified).
     pub fn blob_path(&self, digest: &Digest) -> Result<PathBuf, HubError> {
         let path = self.blobs.path_of(digest);
-        if !Self::blob_in_use(&self.db(), digest)? || !path.exists() {
+        if !Self::blob_in_use(&self.db(), digest)? {
             return Err(HubError::NotFound(digest.to_string()));
         }
-        Ok(path)
+        if path.exists() {
+            return Ok(path);
+        }
+        let Some(shared) = &self.shared else { return Err(HubError::NotFound(digest.to_string())) };
+        let tmp = self.blobs.temp_path();
+        let fetched = shared.run(shared.blobs.get_file(digest, &tmp));
+        match fetched {
+            Ok(true) => Ok(self.blobs.adopt_file(&tmp, digest)?),
+            Ok(false) => {
+                Err(HubError::Storage(format!("blob {digest} is recorded but the shared store does not hold it")))
+            }
+            Err(e) => {
+                remove_leftover(&tmp);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// True when the blob is stored: in the shared store when there is one (this process's
+    /// directory is then a cache), in the directory otherwise.
+    pub(crate) fn has_blob(&self, digest: &Digest) -> Result<bool, HubError> {
+        match &self.shared {
+            Some(shared) => Ok(shared.run(shared.blobs.contains(digest))?),
+            None => Ok(self.blobs.path_of(digest).exists()),
+        }
+    }
+
+    /// Keeps the hub's blobs in `blobs` too (the NATS Object Store, say), which every hub
+    /// process serving the same database shares: this process's directory becomes a cache
+    /// of it. Blob I/O runs on `runtime`, which the store owns from now on: it must be the
+    /// runtime `blobs` was made on (its connection's tasks run there), and one that the
+    /// server's own threads do not drive.
+    pub fn with_shared_blobs(
+        mut self,
+        blobs: Arc<dyn tessera_ports::BlobStore>,
+        runtime: tokio::runtime::Runtime,
+    ) -> Self {
+        self.shared = Some(Shared { blobs, runtime: Some(runtime) });
+        self
+    }
+
+    /// Copies every blob the hub serves from its directory to the shared store (after a
+    /// restore into a hub with shared blobs): how many were copied.
+    ///
+    /// # Errors
+    /// [`HubError::NotFound`] when a served blob is in neither place; the stores' errors.
+    pub fn share_blobs(&self) -> Result<usize, HubError> {
+        let Some(shared) = &self.shared else { return Ok(0) };
+        let mut n = 0;
+        for d in self.served_digests()? {
+            if shared.run(shared.blobs.contains(&d))? {
+                continue;
+            }
+            let path = self.blobs.path_of(&d);
+            if !path.exists() {
+                return Err(HubError::NotFound(format!("blob {d}: in neither the directory nor the shared store")));
+            }
+            shared.run(shared.blobs.put_file(&path, &d))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Every blob the hub serves: live packages, models with their binary, component
+    /// revisions.
+    pub(crate) fn served_digests(&self) -> Result<Vec<Digest>, HubError> {
+        let texts: Vec<String> = self.db().query_all(
+            "SELECT digest FROM packages WHERE deleted = 0
+             UNION SELECT digest FROM models WHERE deleted = 0 AND digest IS NOT NULL
+             UNION SELECT digest FROM component_revisions",
+            params![],
+            |r| r.get(0),
+        )?;
+        let mut out = texts.iter().map(|t| parse_digest(t)).collect::<Result<Vec<_>, _>>()?;
+        out.sort();
+        Ok(out)
     }
 
     /// Reads a served blob, verifying its digest.
@@ -541,6 +649,9 @@ impl HubStore {
         let tx = self.write_tx()?;
         if !Self::blob_in_use(&tx, digest)? {
             let _ = std::fs::remove_file(self.blobs.path_of(digest));
+            if let Some(shared) = &self.shared {
+                shared.run(shared.blobs.delete(digest))?;
+            }
         }
         tx.commit()?;
         Ok(())

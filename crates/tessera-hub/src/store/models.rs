@@ -312,7 +312,7 @@ impl HubStore {
                 }
                 Some(Stored { digest: Some(_), version: sv, deleted: false }) => {
                     // The same bytes again: a no-op that brings back a missing blob.
-                    if !self.blobs.path_of(&upload.digest).exists() {
+                    if !self.has_blob(&upload.digest)? {
                         self.adopt(upload.file, &upload.digest)?;
                     }
                     set_meta(tx, name, &sv, upload, actor)?;

@@ -317,7 +317,7 @@ impl HubStore {
             let created = match stored {
                 Some((_, _, false)) => {
                     // The same bytes again: a no-op, but one that brings back a missing blob.
-                    if !self.blobs.path_of(&digest).exists() {
+                    if !self.has_blob(&digest)? {
                         self.adopt(file, &digest)?;
                     }
                     false
@@ -411,7 +411,7 @@ impl HubStore {
                 }
                 match stored {
                     Some((_, _, false)) => {
-                        if !self.blobs.path_of(&digest).exists() {
+                        if !self.has_blob(&digest)? {
                             self.adopt(file, &digest)?;
                         }
                         return Ok(false);
@@ -461,7 +461,7 @@ impl HubStore {
                     // Published before recipients were recorded: read the sealed header.
                     use std::io::Read;
                     let mut head = Vec::new();
-                    File::open(self.blobs.path_of(&parse_digest(&digest)?))?
+                    File::open(self.blob_path(&parse_digest(&digest)?)?)?
                         .take(11 + (1 << 20))
                         .read_to_end(&mut head)?;
                     tessera_identity::seal::recipients(&head).map_err(|e| HubError::Storage(e.to_string()))?

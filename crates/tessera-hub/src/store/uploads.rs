@@ -101,7 +101,7 @@ impl HubStore {
             params![d],
             |r| r.get(0),
         )?;
-        Ok(used && self.blobs.path_of(digest).exists())
+        Ok(used && self.has_blob(digest)?)
     }
 
     /// Starts (or, for the same account, digest and size, finds again) an upload of
