@@ -45,10 +45,20 @@ impl StoreArgs {
         self.share(store).await
     }
 
-    /// Attaches the shared blob store, if any, to an opened hub. Its connection lives on a
-    /// runtime of its own (two threads), which the store's synchronous writes wait on.
+    /// Attaches the shared blob store, if any, to an opened hub.
     async fn share(&self, store: HubStore) -> anyhow::Result<HubStore> {
-        let Some(url) = self.blobs.clone() else { return Ok(store) };
+        match self.shared_blobs().await? {
+            Some((blobs, runtime)) => Ok(store.with_shared_blobs(blobs, runtime)),
+            None => Ok(store),
+        }
+    }
+
+    /// The shared blob store --blobs names, if any, connected on a runtime of its own (two
+    /// threads), which the store's synchronous writes wait on.
+    async fn shared_blobs(
+        &self,
+    ) -> anyhow::Result<Option<(Arc<dyn tessera_ports::BlobStore>, tokio::runtime::Runtime)>> {
+        let Some(url) = self.blobs.clone() else { return Ok(None) };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("hub-blobs")
@@ -75,7 +85,7 @@ impl StoreArgs {
                 return Err(e.into());
             }
         };
-        Ok(store.with_shared_blobs(Arc::new(blobs), runtime))
+        Ok(Some((Arc::new(blobs), runtime)))
     }
 }
 
@@ -189,13 +199,27 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             let data = args.data();
             let database = args.database()?;
             let d2 = data.clone();
-            let (store, s) = tokio::task::spawn_blocking(move || HubStore::restore_to(&d2, &database, &file)).await??;
-            // With shared blobs, the restored blobs go there too.
-            let store = args.share(store).await?;
-            let shared = tokio::task::spawn_blocking(move || store.share_blobs()).await??;
-            if args.blobs.is_some() {
-                eprintln!("{shared} blob(s) copied to the shared store");
-            }
+            // With shared blobs, the restored blobs go there before the records are committed.
+            let shared = args.shared_blobs().await?;
+            let (_, s) = tokio::task::spawn_blocking(move || {
+                let put = |path: &std::path::Path, digest: &tessera_core::Digest| {
+                    let (blobs, runtime) = shared.as_ref().expect("only called with shared blobs");
+                    // Off this runtime's threads: the shared store's runtime drives the put.
+                    std::thread::scope(|s| {
+                        s.spawn(|| runtime.block_on(blobs.put_file(path, digest)))
+                            .join()
+                            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+                    })
+                    .map_err(tessera_hub::HubError::from)
+                };
+                let share: Option<&tessera_hub::ShareBlob<'_>> = if shared.is_some() { Some(&put) } else { None };
+                let restored = HubStore::restore_with(&d2, &database, &file, share);
+                if let Some((_, runtime)) = shared {
+                    runtime.shutdown_background();
+                }
+                restored
+            })
+            .await??;
             print_summary("restored", &s);
             println!("{}", data.display());
             Ok(())

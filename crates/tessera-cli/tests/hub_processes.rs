@@ -191,6 +191,23 @@ async fn two_hub_processes_share_one_store_and_one_replay_cache(database: Databa
                 let (_, got) = cb.download(&format!("shared.p{i}").parse().unwrap()).await.unwrap();
                 assert_eq!(&got[..], &bytes[..]);
             }
+            // Deleted through one process while the other holds a copy: gone from the shared
+            // store, and not served by the process that still has its copy.
+            let bytes = package(work.path(), 200);
+            let (rec, _) = ca.publish(bytes.clone()).await.unwrap();
+            let r: PackageRef = "shared.p200".parse().unwrap();
+            cb.download(&r).await.unwrap();
+            ca.delete("shared.p200", &rec.version).await.unwrap();
+            assert!(!shared.digests().await.unwrap().contains(&rec.digest));
+            assert!(cb.download(&r).await.unwrap_err().is_not_found());
+            // Published again through the process holding the copy: the shared store gets the
+            // bytes back, and the other process serves them from there.
+            let (again, created) = cb.publish(bytes.clone()).await.unwrap();
+            assert!(created);
+            assert_eq!(again.digest, rec.digest);
+            assert!(shared.digests().await.unwrap().contains(&rec.digest));
+            let (_, got) = ca.download(&r).await.unwrap();
+            assert_eq!(&got[..], &bytes[..]);
         }
     }
 

@@ -26,7 +26,7 @@ pub use api::{
 };
 pub use store::{
     Collection, ComponentNeeds, ComponentRecord, Database, DumpSummary, Filters, GrantRecord, HubError, HubStore,
-    ListQuery, ModelUpload, ObjectUpload, PublishCheck, Published, Revision, UploadRecord, UsageRecord,
+    ListQuery, ModelUpload, ObjectUpload, PublishCheck, Published, Revision, ShareBlob, UploadRecord, UsageRecord,
 };
 
 use std::sync::Arc;

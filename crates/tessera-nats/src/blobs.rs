@@ -89,10 +89,8 @@ impl NatsBlobs {
                 out.push(d);
             }
         }
-        let mut keys = self.small.keys().await.map_err(backend)?;
-        while let Some(k) = keys.next().await {
-            let k = k.map_err(backend)?;
-            if let Ok(d) = Digest::from_hex(&k) {
+        for e in crate::list_entries(&self.small, "").await.map_err(backend)? {
+            if let Ok(d) = Digest::from_hex(&e.key) {
                 out.push(d);
             }
         }
@@ -286,6 +284,7 @@ impl BlobStore for NatsBlobs {
                 out.write_all(&buf[..n]).await.map_err(io)?;
             }
             out.flush().await.map_err(io)?;
+            out.sync_all().await.map_err(io)?;
             if &hasher.finish() != digest {
                 return Err(BlobError::Corrupt(*digest));
             }

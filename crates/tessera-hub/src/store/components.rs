@@ -475,7 +475,7 @@ impl HubStore {
         upload: ObjectUpload<'_>,
         actor: Option<&PublicKey>,
     ) -> Result<(ComponentRecord, bool), HubError> {
-        let result = self.write(Collection::owner_name(key), actor, |tx| {
+        let result = self.write_with_blob(Collection::owner_name(key), actor, (upload.file, &upload.digest), |tx| {
             let rec = read(tx, collection, key)?.ok_or_else(|| not_found(collection, key))?;
             if rec.current().is_some_and(|r| r.digest == upload.digest) {
                 if !self.has_blob(&upload.digest)? {

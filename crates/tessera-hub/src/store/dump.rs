@@ -78,9 +78,13 @@ impl HubStore {
     fn dump_into(&self, out: std::fs::File) -> Result<DumpSummary, HubError> {
         let mut tar = tar::Builder::new(std::io::BufWriter::new(out));
         let mut summary = DumpSummary::default();
+        let mut served: Option<Vec<String>> = None;
         {
-            // One read transaction: the rows are of one moment.
+            // One read transaction: the rows are of one moment, and so are the blobs named.
             let tx = self.read_tx()?;
+            if self.shared.is_some() {
+                served = Some(tx.query_all(super::SERVED_DIGESTS, params![], |r| r.get::<_, String>(0))?);
+            }
             for table in tx.tables()?.iter().filter(|t| !SKIPPED.contains(&t.as_str())) {
                 let query = format!("SELECT * FROM \"{table}\" ORDER BY rowid");
                 // PostgreSQL's tables have their insertion order as a column; it is not dumped.
@@ -108,8 +112,11 @@ impl HubStore {
         }
         // With shared blobs this directory is a cache: the blobs the hub serves are dumped,
         // each fetched if this process has not seen it.
-        let files = match self.shared {
-            Some(_) => self.served_digests()?.iter().map(|d| self.blob_path(d)).collect::<Result<Vec<_>, _>>()?,
+        let files = match served {
+            Some(digests) => digests
+                .iter()
+                .map(|d| self.dump_blob(&super::parse_digest(d)?))
+                .collect::<Result<Vec<_>, HubError>>()?,
             None => self.blob_files()?,
         };
         for path in files {
@@ -131,6 +138,27 @@ impl HubStore {
         w.flush().map_err(|e| io("the dump", e))?;
         w.get_ref().sync_all().map_err(|e| io("the dump", e))?;
         Ok(summary)
+    }
+
+    /// The file of a blob a dump names: this process's copy, or the shared store's fetched
+    /// into the directory.
+    fn dump_blob(&self, digest: &Digest) -> Result<PathBuf, HubError> {
+        let path = self.blobs.path_of(digest);
+        if path.exists() {
+            return Ok(path);
+        }
+        let Some(shared) = &self.shared else { return Err(HubError::NotFound(digest.to_string())) };
+        let tmp = self.blobs.temp_path();
+        match shared.run(shared.blobs.get_file(digest, &tmp)) {
+            Ok(true) => Ok(self.blobs.adopt_file(&tmp, digest)?),
+            Ok(false) => Err(HubError::Conflict(format!(
+                "blob {digest} left the shared store while the dump was read (the hub changed): dump again"
+            ))),
+            Err(e) => {
+                super::remove_leftover(&tmp);
+                Err(e.into())
+            }
+        }
     }
 
     /// The stored blobs' files (`<2 hex>/<64 hex>`), sorted.
@@ -171,6 +199,22 @@ impl HubStore {
     /// # Errors
     /// As [`HubStore::restore`].
     pub fn restore_to(dir: &Path, database: &Database, file: &Path) -> Result<(HubStore, DumpSummary), HubError> {
+        Self::restore_with(dir, database, file, None)
+    }
+
+    /// [`HubStore::restore_to`] for a hub with shared blobs: `share` stores each restored
+    /// blob (a file and its verified digest) in the shared store before the records are
+    /// committed, so no record names a blob the shared store lacks; when it fails, nothing
+    /// is recorded.
+    ///
+    /// # Errors
+    /// As [`HubStore::restore`], and `share`'s.
+    pub fn restore_with(
+        dir: &Path,
+        database: &Database,
+        file: &Path,
+        share: Option<&ShareBlob<'_>>,
+    ) -> Result<(HubStore, DumpSummary), HubError> {
         // Checked before anything is written (a restore into PostgreSQL commits its records
         // before the directory takes the restored blobs).
         let occupied = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
@@ -183,7 +227,7 @@ impl HubStore {
         let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent)?;
         let staging = tempfile::Builder::new().prefix(".tessera-restore-").tempdir_in(parent)?;
-        let summary = restore_into(staging.path(), database, file)?;
+        let summary = restore_into(staging.path(), database, file, share)?;
         if dir.exists() {
             // An empty directory (checked: no hub in it) gives way to the restored one.
             std::fs::remove_dir(dir).map_err(|e| {
@@ -201,7 +245,15 @@ impl HubStore {
 }
 
 /// Reads the dump into a new hub at `dir` (a fresh staging directory).
-fn restore_into(dir: &Path, database: &Database, file: &Path) -> Result<DumpSummary, HubError> {
+/// Stores one restored blob in a shared store: its file and digest.
+pub type ShareBlob<'a> = dyn Fn(&Path, &Digest) -> Result<(), HubError> + Sync + 'a;
+
+fn restore_into(
+    dir: &Path,
+    database: &Database,
+    file: &Path,
+    share: Option<&ShareBlob<'_>>,
+) -> Result<DumpSummary, HubError> {
     let bad = |why: String| HubError::BadRequest(format!("{}: {why}", file.display()));
     // The key first, so the hub opens with the dumped one rather than making its own.
     let mut key: Option<Vec<u8>> = None;
@@ -337,6 +389,13 @@ fn restore_into(dir: &Path, database: &Database, file: &Path) -> Result<DumpSumm
             if !blobs.path_of(&digest).exists() {
                 return Err(bad(format!("{table} names blob {digest}, which the dump does not hold")));
             }
+        }
+    }
+    if let Some(share) = share {
+        let served: Vec<String> = tx.query_all(super::SERVED_DIGESTS, params![], |r| r.get(0))?;
+        for d in served {
+            let digest = super::parse_digest(&d)?;
+            share(&blobs.path_of(&digest), &digest)?;
         }
     }
     tx.commit()?;

@@ -35,7 +35,7 @@ use tessera_ports::FsBlobStore;
 
 pub use accounts::UsageRecord;
 pub use components::{Collection, ComponentNeeds, ComponentRecord, ObjectUpload, Revision};
-pub use dump::DumpSummary;
+pub use dump::{DumpSummary, ShareBlob};
 pub use grants::GrantRecord;
 pub use models::ModelUpload;
 pub use packages::{ListQuery, PublishCheck, Published};
@@ -210,6 +210,12 @@ const ADDED_COLUMNS: [(&str, &str, &str); 13] = [
     ("packages", "card", "TEXT"),
     ("models", "card", "TEXT"),
 ];
+
+/// The digests of every blob the hub serves: live packages, models with their binary,
+/// component revisions.
+pub(crate) const SERVED_DIGESTS: &str = "SELECT digest FROM packages WHERE deleted = 0
+     UNION SELECT digest FROM models WHERE deleted = 0 AND digest IS NOT NULL
+     UNION SELECT digest FROM component_revisions";
 
 /// A blob store shared by hub processes, and the runtime of its own its I/O runs on: the
 /// server's threads may all be waiting for the database, which a write holds while it
@@ -522,15 +528,49 @@ impl HubStore {
         result
     }
 
-    /// Moves `file` into the blob store as `digest`, inside a [`HubStore::write`] (whose
-    /// refusal removes it again).
-    pub(crate) fn adopt(&self, file: &Path, digest: &Digest) -> Result<(), HubError> {
-        let path = self.blobs.adopt_file(file, digest)?;
-        self.adopted.lock().unwrap_or_else(|p| p.into_inner()).push(*digest);
-        if let Some(shared) = &self.shared {
-            // Shared before the row is written: no process serves a row without its blob.
-            shared.run(shared.blobs.put_file(&path, digest))?;
+    /// [`HubStore::write`] of a write that stores the upload `file` (verified: its bytes are
+    /// `digest`). With shared blobs, the upload goes to the shared store first, outside the
+    /// write's lock (a large model takes a while); a refused write takes it away again unless
+    /// something else uses it.
+    pub(crate) fn write_with_blob<T>(
+        &self,
+        name: &str,
+        actor: Option<&PublicKey>,
+        (file, digest): (&Path, &Digest),
+        f: impl FnOnce(&Conn) -> Result<T, HubError>,
+    ) -> Result<T, HubError> {
+        let mut shared_first = false;
+        if let Some(shared) = &self.shared
+            && file.exists()
+            && !shared.run(shared.blobs.contains(digest))?
+        {
+            shared.run(shared.blobs.put_file(file, digest))?;
+            shared_first = true;
         }
+        let result = self.write(name, actor, f);
+        if result.is_err()
+            && shared_first
+            && let Err(e) = self.collect_blob(digest)
+        {
+            tracing::warn!(blob = %digest, error = %e, "a refused write's blob stays in the shared store");
+        }
+        result
+    }
+
+    /// Moves the upload `file` into the blob store as `digest`, inside a
+    /// [`HubStore::write`] (whose refusal removes it again). With shared blobs, the shared
+    /// store is checked under the write's lock (another process may have collected the blob
+    /// since [`HubStore::write_with_blob`] put it there) and given the upload's bytes if it
+    /// lacks them, so no row is written for a blob it does not hold.
+    pub(crate) fn adopt(&self, file: &Path, digest: &Digest) -> Result<(), HubError> {
+        if let Some(shared) = &self.shared
+            && !shared.run(shared.blobs.contains(digest))?
+        {
+            let source = if file.exists() { file.to_owned() } else { self.blobs.path_of(digest) };
+            shared.run(shared.blobs.put_file(&source, digest))?;
+        }
+        self.blobs.adopt_file(file, digest)?;
+        self.adopted.lock().unwrap_or_else(|p| p.into_inner()).push(*digest);
         Ok(())
     }
 
@@ -592,43 +632,6 @@ impl HubStore {
     ) -> Self {
         self.shared = Some(Shared { blobs, runtime: Some(runtime) });
         self
-    }
-
-    /// Copies every blob the hub serves from its directory to the shared store (after a
-    /// restore into a hub with shared blobs): how many were copied.
-    ///
-    /// # Errors
-    /// [`HubError::NotFound`] when a served blob is in neither place; the stores' errors.
-    pub fn share_blobs(&self) -> Result<usize, HubError> {
-        let Some(shared) = &self.shared else { return Ok(0) };
-        let mut n = 0;
-        for d in self.served_digests()? {
-            if shared.run(shared.blobs.contains(&d))? {
-                continue;
-            }
-            let path = self.blobs.path_of(&d);
-            if !path.exists() {
-                return Err(HubError::NotFound(format!("blob {d}: in neither the directory nor the shared store")));
-            }
-            shared.run(shared.blobs.put_file(&path, &d))?;
-            n += 1;
-        }
-        Ok(n)
-    }
-
-    /// Every blob the hub serves: live packages, models with their binary, component
-    /// revisions.
-    pub(crate) fn served_digests(&self) -> Result<Vec<Digest>, HubError> {
-        let texts: Vec<String> = self.db().query_all(
-            "SELECT digest FROM packages WHERE deleted = 0
-             UNION SELECT digest FROM models WHERE deleted = 0 AND digest IS NOT NULL
-             UNION SELECT digest FROM component_revisions",
-            params![],
-            |r| r.get(0),
-        )?;
-        let mut out = texts.iter().map(|t| parse_digest(t)).collect::<Result<Vec<_>, _>>()?;
-        out.sort();
-        Ok(out)
     }
 
     /// Reads a served blob, verifying its digest.

@@ -302,7 +302,7 @@ impl HubStore {
         check_upload_meta(upload)?;
         let digest = upload.digest.to_string();
         let signer = actor.map(ToString::to_string);
-        self.write(name, actor, |tx| {
+        self.write_with_blob(name, actor, (upload.file, &upload.digest), |tx| {
             let created = match stored(tx, name, &v)? {
                 Some(Stored { digest: Some(d), version: sv, deleted }) if d != digest => {
                     let why = if deleted { " (it was deleted; versions are never reused)" } else { "" };
@@ -350,7 +350,7 @@ impl HubStore {
         let result = (|| {
             parse_name(name)?;
             check_upload_meta(&upload)?;
-            self.write(name, actor, |tx| {
+            self.write_with_blob(name, actor, (upload.file, &upload.digest), |tx| {
                 let v = next_version(tx, name)?;
                 self.adopt(upload.file, &upload.digest)?;
                 insert_with_binary(tx, name, &v, &upload, actor)?;

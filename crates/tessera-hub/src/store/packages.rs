@@ -307,7 +307,7 @@ impl HubStore {
         }
         // The record is read inside the write: a delete right after it must not turn a
         // successful publish into a "not found".
-        let (created, record) = self.write(&name, actor, |tx| {
+        let (created, record) = self.write_with_blob(&name, actor, (file, &digest), |tx| {
             let stored = existing(tx, &name, &version)?;
             if let Some(s) = &stored
                 && let Some(e) = version_conflict(&name, &version, s, &digest)
@@ -401,7 +401,7 @@ impl HubStore {
         // request's signer.
         let actor = actor.unwrap_or(&signature.key);
         // The record is read inside the write, as for public packages.
-        let (created, record) = self.write(&name, Some(actor), |tx| {
+        let (created, record) = self.write_with_blob(&name, Some(actor), (file, &digest), |tx| {
             let created = (|| -> Result<bool, HubError> {
                 let stored = existing(tx, &name, &version)?;
                 if let Some(s) = &stored

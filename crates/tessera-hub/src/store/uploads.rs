@@ -93,9 +93,9 @@ impl HubStore {
     /// revision), so an upload of them needs no bytes: a private package's ciphertext does
     /// not count, or anyone knowing its digest could make it public under a model name.
     pub(crate) fn has_public_blob(&self, digest: &Digest) -> Result<bool, HubError> {
-        let db = self.db();
         let d = digest.to_string();
-        let used: bool = db.query_row(
+        // The connection is released before the shared store is asked.
+        let used: bool = self.db().query_row(
             "SELECT EXISTS(SELECT 1 FROM models WHERE digest = ?1 AND deleted = 0)
                  OR EXISTS(SELECT 1 FROM component_revisions WHERE digest = ?1)",
             params![d],
