@@ -178,8 +178,10 @@ fn default_replicas(info: &async_nats::ServerInfo) -> usize {
 }
 
 /// How long opening the backend retries while JetStream is not ready (a cluster electing
-/// its leaders just after it started, or after losing a server).
-const SETUP_PATIENCE: Duration = Duration::from_secs(30);
+/// its leaders just after it started, or after losing a server). A three-server cluster
+/// started together was seen to need over 30 s to place a replicated stream on a loaded
+/// 2-core machine.
+const SETUP_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Runs `open` until it succeeds or [`SETUP_PATIENCE`] has passed.
 async fn patiently<T, F, Fut>(open: F) -> Result<T, NatsError>
@@ -204,7 +206,7 @@ where
 ///
 /// # Errors
 /// [`NatsError::Connect`] when no server answers or `url` is malformed;
-/// [`NatsError::Setup`] when a stream, bucket or object store cannot be made within 30 s,
+/// [`NatsError::Setup`] when a stream, bucket or object store cannot be made within 60 s,
 /// or `options.replicas` is not 1 to 5.
 pub async fn backend(url: &str, options: &NatsOptions) -> Result<Backend, NatsError> {
     let mut nats = connect(url).await?;
