@@ -42,13 +42,18 @@ impl StoreArgs {
     async fn open(&self) -> anyhow::Result<HubStore> {
         let data = self.data();
         let store = open_store(&data, &self.database()?)?;
+        anyhow::ensure!(
+            self.blobs.is_some() || !store.expects_shared_blobs()?,
+            "this hub keeps its blobs in a shared store (another process was started with --blobs): \
+             give this one the same --blobs"
+        );
         self.share(store).await
     }
 
     /// Attaches the shared blob store, if any, to an opened hub.
     async fn share(&self, store: HubStore) -> anyhow::Result<HubStore> {
         match self.shared_blobs().await? {
-            Some((blobs, runtime)) => Ok(store.with_shared_blobs(blobs, runtime)),
+            Some((blobs, runtime)) => Ok(store.with_shared_blobs(blobs, runtime)?),
             None => Ok(store),
         }
     }

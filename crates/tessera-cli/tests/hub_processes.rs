@@ -208,6 +208,18 @@ async fn two_hub_processes_share_one_store_and_one_replay_cache(database: Databa
             assert!(shared.digests().await.unwrap().contains(&rec.digest));
             let (_, got) = ca.download(&r).await.unwrap();
             assert_eq!(&got[..], &bytes[..]);
+            // A process without the shared store would keep blobs the others cannot read:
+            // it is refused.
+            let Database::Postgres(pg) = &database else { unreachable!() };
+            let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+                .env_remove("TESSERA_HUB_DATABASE")
+                .env_remove("TESSERA_HUB_BLOBS")
+                .args(["hub", "dump", work.path().join("x.dump").to_str().unwrap(), "--database", pg, "--data"])
+                .arg(work.path().join("hub-c"))
+                .output()
+                .unwrap();
+            assert!(!out.status.success());
+            assert!(String::from_utf8_lossy(&out.stderr).contains("same --blobs"), "{out:?}");
         }
     }
 

@@ -26,9 +26,10 @@ const FORMAT: u32 = 1;
 const MANIFEST: &str = "tessera-hub-dump.json";
 
 /// Tables a dump leaves out: uploads in progress (their files are not dumped either),
-/// the replay cache (its rows expire with the signature window, a minute by default) and
-/// PostgreSQL's copy of the hub's key (the dump holds the key as a file).
-const SKIPPED: [&str; 3] = ["uploads", "nonces", "hub_key"];
+/// the replay cache (its rows expire with the signature window, a minute by default),
+/// PostgreSQL's copy of the hub's key (the dump holds the key as a file), and the
+/// deployment's settings (whether blobs are shared: the restore's target says).
+const SKIPPED: [&str; 4] = ["uploads", "nonces", "hub_key", "settings"];
 
 /// What a dump or a restore moved.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -392,6 +393,7 @@ fn restore_into(
         }
     }
     if let Some(share) = share {
+        super::record_shared_blobs(&tx)?;
         let served: Vec<String> = tx.query_all(super::SERVED_DIGESTS, params![], |r| r.get(0))?;
         for d in served {
             let digest = super::parse_digest(&d)?;

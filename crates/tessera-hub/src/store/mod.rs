@@ -181,6 +181,10 @@ CREATE TABLE IF NOT EXISTS nonces (
     PRIMARY KEY (signer, nonce)
 );
 CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces(expires_ms);
+CREATE TABLE IF NOT EXISTS settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS usage (
     account TEXT PRIMARY KEY,
     requests INTEGER NOT NULL DEFAULT 0,
@@ -625,13 +629,30 @@ impl HubStore {
     /// of it. Blob I/O runs on `runtime`, which the store owns from now on: it must be the
     /// runtime `blobs` was made on (its connection's tasks run there), and one that the
     /// server's own threads do not drive.
+    ///
+    /// The database records that its blobs are shared ([`HubStore::expects_shared_blobs`]),
+    /// so that a process started without the shared store can be refused.
+    ///
+    /// # Errors
+    /// [`HubError::Storage`] when the record cannot be written.
     pub fn with_shared_blobs(
         mut self,
         blobs: Arc<dyn tessera_ports::BlobStore>,
         runtime: tokio::runtime::Runtime,
-    ) -> Self {
+    ) -> Result<Self, HubError> {
         self.shared = Some(Shared { blobs, runtime: Some(runtime) });
-        self
+        record_shared_blobs(&self.db())?;
+        Ok(self)
+    }
+
+    /// True when a process has kept this hub's blobs in a shared store: one without it
+    /// would store blobs the other processes cannot read.
+    pub fn expects_shared_blobs(&self) -> Result<bool, HubError> {
+        Ok(self
+            .db()
+            .query_row("SELECT value FROM settings WHERE name = 'blobs'", params![], |r| r.get::<_, String>(0))
+            .optional()?
+            .is_some_and(|v| v == "shared"))
     }
 
     /// Reads a served blob, verifying its digest.
@@ -659,6 +680,15 @@ impl HubStore {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// Records in the database that the hub's blobs are in a shared store.
+pub(crate) fn record_shared_blobs(conn: &Conn) -> Result<(), HubError> {
+    conn.execute(
+        "INSERT INTO settings (name, value) VALUES ('blobs', 'shared') ON CONFLICT(name) DO NOTHING",
+        params![],
+    )?;
+    Ok(())
 }
 
 /// Why opening the database failed: busy (another process holds a lock it did not wait
