@@ -78,18 +78,6 @@ pub enum HubError {
     Storage(String),
 }
 
-impl From<rusqlite::Error> for HubError {
-    fn from(e: rusqlite::Error) -> Self {
-        HubError::Storage(e.to_string())
-    }
-}
-
-impl From<postgres::Error> for HubError {
-    fn from(e: postgres::Error) -> Self {
-        HubError::Storage(e.to_string())
-    }
-}
-
 impl From<std::io::Error> for HubError {
     fn from(e: std::io::Error) -> Self {
         HubError::Storage(e.to_string())
