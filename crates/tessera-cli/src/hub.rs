@@ -311,3 +311,23 @@ fn print_summary(what: &str, s: &tessera_hub::DumpSummary) {
         rows.join(", ")
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_urls_are_sqlite_or_postgres_and_errors_keep_passwords_out() {
+        assert_eq!(parse_database(None).unwrap(), Database::Sqlite);
+        assert_eq!(parse_database(Some("  ")).unwrap(), Database::Sqlite);
+        assert_eq!(parse_database(Some("sqlite")).unwrap(), Database::Sqlite);
+        assert_eq!(
+            parse_database(Some("postgresql://u@h:5432/hub")).unwrap(),
+            Database::Postgres("postgresql://u@h:5432/hub".into())
+        );
+        let e = parse_database(Some("mysql://user:s3cret@h/db")).unwrap_err().to_string();
+        assert!(e.contains("\"mysql\"") && !e.contains("s3cret"), "{e}");
+        let e = parse_database(Some("host=h password=s3cret")).unwrap_err().to_string();
+        assert!(e.contains("without a scheme") && !e.contains("s3cret"), "{e}");
+    }
+}
