@@ -11,7 +11,7 @@ use serde_json::Value;
 use tessera_core::registry::ModelRecord;
 use tessera_core::wire::Lineage;
 use tessera_core::{Digest, DigestWriter};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use crate::{ClientError, HubClient, seg};
 
@@ -68,67 +68,16 @@ fn io_err(path: &Path, e: std::io::Error) -> ClientError {
     ClientError::Local(format!("{}: {e}", path.display()))
 }
 
-/// Read size for hashing files: 4 MiB, hashed on every core.
-const HASH_READ: usize = 4 << 20;
-
-/// The digest and size of a file, read in chunks.
+/// The digest and size of a file: memory-mapped and hashed on every core.
 async fn hash_file(path: &Path) -> Result<(Digest, u64), ClientError> {
-    let (d, n, _) = hash_file_pieces(path, u64::MAX).await?;
-    Ok((d, n))
-}
-
-/// The digest and size of a file, and the digest of each of its pieces of `piece` bytes,
-/// in one read of the file.
-async fn hash_file_pieces(path: &Path, piece: u64) -> Result<(Digest, u64, Vec<Digest>), ClientError> {
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut f = std::fs::File::open(&path).map_err(|e| io_err(&path, e))?;
-        let (mut whole, mut current) = (DigestWriter::new(), DigestWriter::new());
-        let mut pieces = Vec::new();
-        let mut buf = vec![0u8; HASH_READ];
-        loop {
-            let n = f.read(&mut buf).map_err(|e| io_err(&path, e))?;
-            if n == 0 {
-                break;
-            }
-            whole.update_rayon(&buf[..n]);
-            let mut rest = &buf[..n];
-            while !rest.is_empty() {
-                let take = usize::try_from(piece - current.len()).unwrap_or(usize::MAX).min(rest.len());
-                current.update_rayon(&rest[..take]);
-                rest = &rest[take..];
-                if current.len() == piece {
-                    pieces.push(current.finish());
-                    current = DigestWriter::new();
-                }
-            }
-        }
-        if !current.is_empty() {
-            pieces.push(current.finish());
-        }
-        Ok((whole.finish(), whole.len(), pieces))
+        let mut h = DigestWriter::new();
+        h.update_file(&path).map_err(|e| io_err(&path, e))?;
+        Ok((h.finish(), h.len()))
     })
     .await
     .map_err(|e| ClientError::Local(e.to_string()))?
-}
-
-/// The digest of `len` bytes of a file from `offset`.
-async fn hash_range(path: &Path, offset: u64, len: u64) -> Result<Digest, ClientError> {
-    use tokio::io::AsyncSeekExt;
-    let mut f = tokio::fs::File::open(path).await.map_err(|e| io_err(path, e))?;
-    f.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| io_err(path, e))?;
-    let mut f = f.take(len);
-    let mut h = DigestWriter::new();
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = f.read(&mut buf).await.map_err(|e| io_err(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finish())
 }
 
 async fn file_len(path: &Path) -> Result<u64, ClientError> {
@@ -208,7 +157,7 @@ impl HubClient {
         piece: u64,
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<(u16, ModelRecord), ClientError> {
-        let (digest, size, pieces) = hash_file_pieces(file, piece).await?;
+        let (digest, size) = hash_file(file).await?;
         let mut state = self.begin_upload(&digest, size).await?;
         let named = match &state.id {
             None => digest.to_string(),
@@ -219,11 +168,9 @@ impl HubClient {
             let piece_url = self.url(&format!("/uploads/{}", seg(&id)));
             while !state.complete {
                 progress(state.offset, size);
-                // Pieces end at multiples of the piece size; each was hashed in the first read
-                // of the file, so it is signed without reading it again, and streamed 1 MiB at
-                // a time. (An upload an earlier push left elsewhere goes on to the next
-                // multiple, hashed on the way.)
-                let index = usize::try_from(state.offset / piece).unwrap_or(usize::MAX);
+                // Pieces end at multiples of the piece size, streamed 1 MiB at a time; each is
+                // signed over its statement (upload, offset, length), its bytes being proven
+                // by the upload's digest.
                 let left = size.checked_sub(state.offset).filter(|_| state.size == size).ok_or_else(|| {
                     ClientError::Local(format!(
                         "the hub reports upload {id} at byte {} of {}, but the file has {size} bytes",
@@ -231,10 +178,7 @@ impl HubClient {
                     ))
                 })?;
                 let n = (piece - state.offset % piece).min(left);
-                let piece_digest = match pieces.get(index) {
-                    Some(d) if state.offset % piece == 0 => *d,
-                    _ => hash_range(file, state.offset, n).await?,
-                };
+                let piece_digest = tessera_core::registry::upload_piece_statement(&id, state.offset, n);
                 let mut f = tokio::fs::File::open(file).await.map_err(|e| io_err(file, e))?;
                 use tokio::io::AsyncSeekExt;
                 f.seek(std::io::SeekFrom::Start(state.offset)).await.map_err(|e| io_err(file, e))?;
@@ -437,23 +381,35 @@ impl HubClient {
             other => Some(other?),
         };
         let mut file =
-            tokio::fs::OpenOptions::new().create(true).append(true).open(&part).await.map_err(|e| io_err(&part, e))?;
+            std::fs::OpenOptions::new().create(true).append(true).open(&part).map_err(|e| io_err(&part, e))?;
         if let Some(resp) = resp {
             if have > 0 && resp.status().as_u16() != 206 {
                 // The hub sent the whole file: start the part again.
-                file.set_len(0).await.map_err(|e| io_err(&part, e))?;
+                file.set_len(0).map_err(|e| io_err(&part, e))?;
                 h = DigestWriter::new();
             }
+            // Received here, hashed and written on a thread of its own.
+            let mut sink = tessera_ports::sink::FileSink::start(file, vec![h]);
             let mut stream = resp.bytes_stream();
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| ClientError::Transport { url: url.clone(), message: e.to_string() })?;
-                h.update(&chunk);
-                file.write_all(&chunk).await.map_err(|e| io_err(&part, e))?;
+            let streamed = async {
+                while let Some(chunk) = stream.next().await {
+                    let chunk =
+                        chunk.map_err(|e| ClientError::Transport { url: url.clone(), message: e.to_string() })?;
+                    sink.write(chunk).await.map_err(|e| io_err(&part, e))?;
+                }
+                Ok::<_, ClientError>(())
             }
+            .await;
+            let written = sink.finish().await;
+            streamed?;
+            let mut w = written.map_err(|e| io_err(&part, e))?;
+            h = w.hashers.pop().unwrap_or_default();
+            file = w.file;
         }
-        file.flush().await.map_err(|e| io_err(&part, e))?;
-        file.sync_all().await.map_err(|e| io_err(&part, e))?;
-        drop(file);
+        tokio::task::spawn_blocking(move || file.sync_all())
+            .await
+            .map_err(|e| ClientError::Local(e.to_string()))?
+            .map_err(|e| io_err(&part, e))?;
         let actual = h.finish();
         if actual != digest {
             let _ = tokio::fs::remove_file(&part).await;

@@ -149,6 +149,50 @@ impl DigestWriter {
         self.hasher.update_rayon(bytes);
         self.len += bytes.len() as u64;
     }
+    /// Feeds a whole file: one thread reads it in blocks of 2 MiB while the blocks read
+    /// before are hashed on every core (at most three blocks, 6 MiB, held at once).
+    ///
+    /// # Errors
+    /// The I/O error of opening or reading it.
+    pub fn update_file(&mut self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Read;
+        const BLOCK: usize = 2 << 20;
+        let mut file = std::fs::File::open(path)?;
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+        let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(3);
+        for _ in 0..3 {
+            let _ = empty_tx.send(vec![0u8; BLOCK]);
+        }
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(move || -> std::io::Result<()> {
+                for mut buf in empty_rx {
+                    buf.resize(BLOCK, 0);
+                    let mut n = 0;
+                    while n < BLOCK {
+                        match file.read(&mut buf[n..]) {
+                            Ok(0) => break,
+                            Ok(k) => n += k,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    buf.truncate(n);
+                    if n == 0 || full_tx.send(buf).is_err() {
+                        return Ok(());
+                    }
+                }
+                Ok(())
+            });
+            for buf in full_rx {
+                self.update_rayon(&buf);
+                // The reader may have reached the end already (and blocks still queued are
+                // hashed all the same).
+                let _ = empty_tx.send(buf);
+            }
+            drop(empty_tx);
+            reader.join().unwrap_or_else(|_| Err(std::io::Error::other("the reading thread panicked")))
+        })
+    }
     /// Number of bytes fed so far.
     pub fn len(&self) -> u64 {
         self.len
@@ -198,6 +242,26 @@ mod tests {
         w.update(b"sera");
         assert_eq!(w.finish(), Digest::of(b"tessera"));
         assert_eq!(w.len(), 7);
+    }
+
+    #[test]
+    fn a_file_hashes_as_its_bytes_whatever_its_length() {
+        let dir = std::env::temp_dir().join(format!("tessera-digest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let block = 2usize << 20;
+        // Empty, under a block, whole blocks (the last block read just before the end),
+        // and a block and a bit.
+        for len in [0, 1, 1000, block, 2 * block, 5 * block, 5 * block + 7, block + 1] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8 ^ (i >> 12) as u8).collect();
+            let path = dir.join(format!("f{len}"));
+            std::fs::write(&path, &bytes).unwrap();
+            let mut w = DigestWriter::new();
+            w.update_file(&path).unwrap();
+            assert_eq!((w.finish(), w.len()), (Digest::of(&bytes), len as u64), "a file of {len} bytes");
+        }
+        let mut w = DigestWriter::new();
+        assert!(w.update_file(&dir.join("missing")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -7,6 +7,16 @@ use crate::manifest::Manifest;
 use crate::wire::Lineage;
 use crate::{Digest, Kind, RuntimeKind};
 
+/// What the signature of a resumable upload's piece covers in place of its body's digest:
+/// the BLAKE3 digest of the text `tessera-upload-piece {id} {offset} {len}`, binding the
+/// signer to the upload, where the piece starts and its length in bytes. The bytes
+/// themselves are proven by the upload's declared digest, which the hub checks over the
+/// whole object before anything names it (as AWS Signature Version 4's `UNSIGNED-PAYLOAD`
+/// leaves a body to another check), so neither side hashes a piece twice.
+pub fn upload_piece_statement(id: &str, offset: u64, len: u64) -> Digest {
+    Digest::of(format!("tessera-upload-piece {id} {offset} {len}").as_bytes())
+}
+
 /// A published package version.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

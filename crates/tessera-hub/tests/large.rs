@@ -221,6 +221,80 @@ async fn an_upload_whose_bytes_do_not_match_is_discarded() {
     assert_eq!(h.blob_bytes_on_disk(), 0, "the forged upload is gone");
 }
 
+impl Hub {
+    /// A piece signed over its statement (upload, offset, `signed_len`), not its bytes.
+    async fn stated_piece(
+        &self,
+        key: &KeyPair,
+        id: &str,
+        offset: usize,
+        signed_len: usize,
+        bytes: &[u8],
+    ) -> StatusCode {
+        let uri = format!("/api/v1/uploads/{id}");
+        let statement = tessera_core::registry::upload_piece_statement(id, offset as u64, signed_len as u64);
+        let env = Envelope::sign_digest(key, self.store.key().public(), "PATCH", &uri, statement, now_ms());
+        let req = Request::builder()
+            .method("PATCH")
+            .uri(&uri)
+            .header("upload-offset", offset.to_string())
+            .header("content-length", bytes.len().to_string())
+            .header(HEADER, env.to_header())
+            .body(Body::from(bytes.to_vec()))
+            .unwrap();
+        self.app.clone().oneshot(req).await.unwrap().status()
+    }
+}
+
+#[tokio::test]
+async fn a_piece_signed_over_its_statement_is_proven_by_the_uploads_digest() {
+    let h = hub(HubPolicy::signed());
+    let k = KeyPair::generate(KeyType::Ed25519);
+    let model = model_bytes(100_000);
+    let (_, up) = h.begin(Some(&k), &model).await;
+    let id = up["id"].as_str().unwrap().to_owned();
+    let (first, rest) = model.split_at(150_000);
+    assert_eq!(h.stated_piece(&k, &id, 0, first.len(), first).await, StatusCode::OK);
+    // A statement of another offset, another length or another upload is refused, and the
+    // upload stays where it was.
+    assert_eq!(h.stated_piece(&k, &id, 150_000, rest.len() + 1, rest).await, StatusCode::UNAUTHORIZED);
+    let (_, other) = h.begin(Some(&k), b"another object").await;
+    let other = other["id"].as_str().unwrap().to_owned();
+    let uri = format!("/api/v1/uploads/{id}");
+    let stolen = tessera_core::registry::upload_piece_statement(&other, 150_000, rest.len() as u64);
+    let env = Envelope::sign_digest(&k, h.store.key().public(), "PATCH", &uri, stolen, now_ms());
+    let req = Request::builder()
+        .method("PATCH")
+        .uri(&uri)
+        .header("upload-offset", "150000")
+        .header("content-length", rest.len().to_string())
+        .header(HEADER, env.to_header())
+        .body(Body::from(rest.to_vec()))
+        .unwrap();
+    assert_eq!(h.app.clone().oneshot(req).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    let (_, state) = h.json(Some(&k), "GET", &uri, vec![], &[]).await;
+    assert_eq!(state["offset"].as_u64(), Some(150_000), "{state}");
+
+    // Bytes altered on the way pass as a piece, but the upload's digest catches them: the
+    // naming is refused and the upload discarded.
+    let mut altered = rest.to_vec();
+    altered[10] ^= 1;
+    assert_eq!(h.stated_piece(&k, &id, 150_000, altered.len(), &altered).await, StatusCode::OK);
+    let (s, b) = h.json(Some(&k), "PUT", &format!("/api/v1/models/big.model/1.0.0?upload={id}"), vec![], &[]).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(b["error"].as_str().unwrap().contains("not the declared"), "{b}");
+    assert_eq!(h.blob_bytes_on_disk(), 0, "nothing kept");
+
+    // Sent intact, the same upload again is stored.
+    let (_, up) = h.begin(Some(&k), &model).await;
+    let id = up["id"].as_str().unwrap().to_owned();
+    assert_eq!(h.stated_piece(&k, &id, 0, first.len(), first).await, StatusCode::OK);
+    assert_eq!(h.stated_piece(&k, &id, 150_000, rest.len(), rest).await, StatusCode::OK);
+    let (s, rec) = h.json(Some(&k), "PUT", &format!("/api/v1/models/big.model/1.0.0?upload={id}"), vec![], &[]).await;
+    assert_eq!(s, StatusCode::CREATED, "{rec}");
+    assert_eq!(rec["digest"], Digest::of(&model).to_string());
+}
+
 #[tokio::test]
 async fn hostile_uploads_are_refused() {
     let h = hub(HubPolicy::open());

@@ -8,6 +8,7 @@
 //! - [`Runtime`] and [`TaskContext`]: how module code runs and what it sees.
 //! - [`Membership`]: who is there: nodes announce themselves with a time-to-live.
 //! - [`PackageSource`]: where a node gets packages (the hub, in-process or over HTTP).
+//! - [`sink`]: a file written from a stream of chunks, hashed on the way, on a thread of its own.
 //! - [`metrics`]: the process's Prometheus metrics, their names, and `/metrics`'s text.
 //!
 //! The in-process implementations ([`MemoryBus`], [`MemoryWorld`], [`MemoryBlobStore`],
@@ -25,6 +26,7 @@ pub mod membership;
 pub mod metrics;
 pub mod retry;
 pub mod runtime;
+pub mod sink;
 pub mod source;
 pub mod world;
 

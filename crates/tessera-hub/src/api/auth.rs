@@ -37,6 +37,11 @@ impl HeaderAuth {
         self.envelope.as_ref().map(|e| &e.key)
     }
 
+    /// The body digest the signer signed, if the request is signed.
+    pub(crate) fn signed_body(&self) -> Option<&Digest> {
+        self.envelope.as_ref().map(|e| &e.body)
+    }
+
     /// Accepts the request once its body has arrived with digest `body`: returns the signer.
     pub(crate) fn finish(self, s: &AppState, body: &Digest) -> ApiResult<Option<PublicKey>> {
         let Some(env) = self.envelope else { return Ok(None) };

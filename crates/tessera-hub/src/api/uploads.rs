@@ -14,7 +14,6 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tessera_core::{Digest, DigestWriter};
 use tessera_identity::PublicKey;
-use tokio::io::AsyncWriteExt;
 use utoipa::ToSchema;
 
 use super::auth::{authenticate, check_headers, check_quota, meter_bytes, read_signer, upload_slot};
@@ -173,7 +172,8 @@ pub(super) async fn show_upload(
 /// Appends a piece (the body) at `upload-offset`, which must be the upload's offset (409
 /// otherwise, with nothing written); the piece may not pass the declared size. A piece
 /// that fails (broken connection, refused signature) is cut off again, so the offset is
-/// always that of whole accepted pieces.
+/// always that of whole accepted pieces. Its signature covers either its bytes or, with a
+/// `content-length`, its statement ([`tessera_core::registry::upload_piece_statement`]).
 #[utoipa::path(patch, path = "/api/v1/uploads/{id}", tag = "hub",
     params(("id" = String, Path, description = "The upload's id"), ("upload-offset" = u64, Header, description = "Where the piece starts")),
     request_body(content = Vec<u8>, content_type = "application/offset+octet-stream"),
@@ -195,7 +195,7 @@ pub(super) async fn append_upload(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| HubError::BadRequest(format!("a piece needs its {OFFSET_HEADER} header (a byte count)")))?;
-    let _one_piece = s.appending.take(&id)?;
+    let one_piece = std::sync::Arc::new(s.appending.take(&id)?);
     let _slot = upload_slot(&s, auth.signer())?;
     let rec = {
         let (store, id, who) = (s.store.clone(), id.clone(), who.clone());
@@ -221,40 +221,52 @@ pub(super) async fn append_upload(
         HubError::Conflict(format!("upload {id} holds more than its declared {} bytes; begin it again", rec.size))
     })?;
     check_length(&headers, room)?;
+    // A signature over the piece's statement (upload, offset, length) needs no hash of the
+    // piece: its bytes are proven by the upload's digest. One over the body's digest (or
+    // none) is checked as every request's is.
+    let announced = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let by_statement = announced.is_some_and(|len| {
+        auth.signed_body() == Some(&tessera_core::registry::upload_piece_statement(&id, offset, len))
+    });
+    let hash_piece = auth.signed_body().is_some() && !by_statement;
     let path = s.store.upload_file(&id);
     // Whatever ends this request before the piece is accepted (an error, or the connection
-    // dropping, which drops this future), the file is cut back to the offset.
+    // dropping, which drops this future), the file is cut back to the offset (and again
+    // before the next piece, which waits until this piece's writer has stopped).
     let mut guard = CutBack { path: path.clone(), offset, armed: true };
-    let mut file = tokio::fs::OpenOptions::new().create(true).append(true).open(&path).await.map_err(HubError::from)?;
-    let mut hasher = DigestWriter::new();
-    let mut running = s.appending.running(&id, offset);
-    // No fsync per piece: the digest is checked over the whole file when the upload is used
-    // (from the file after a restart), which catches what a crash could leave.
-    let written = async {
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(HubError::from)?;
+    let running = s.appending.running(&id, offset);
+    let hashers: Vec<DigestWriter> = hash_piece.then(DigestWriter::new).into_iter().chain(running).collect();
+    let mut sink = tessera_ports::sink::FileSink::start_keeping(file, hashers, one_piece.clone());
+    // No fsync per piece (write-back starts as the bytes arrive): the digest is checked over
+    // the whole file when the upload is used (from the file after a restart), which catches
+    // what a crash could leave.
+    let mut received = 0u64;
+    let streamed = async {
         let mut stream = body.into_data_stream();
         while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
             let chunk = chunk.map_err(|e| HubError::BadRequest(format!("upload interrupted: {e}")))?;
-            hasher.update(&chunk);
-            if hasher.len() > room {
+            received += chunk.len() as u64;
+            if received > room {
                 return Err(HubError::TooLarge(format!("the piece passes the declared size ({room} bytes were left)")));
             }
-            if let Some(r) = &mut running {
-                r.update(&chunk);
-            }
-            file.write_all(&chunk).await?;
+            sink.write(chunk).await?;
         }
-        file.flush().await?;
         Ok::<_, HubError>(())
     }
     .await;
-    if written.is_err() {
-        // Let a write still in flight land before the guard cuts it off.
-        let _ = file.flush().await;
-    }
-    drop(file);
-    written?;
-    let n = hasher.len();
-    auth.finish(&s, &hasher.finish()).and_then(|a| meter_bytes(&s, a.as_ref(), n, 0))?;
+    // Every write lands (or fails) before the guard may cut the file back.
+    let written = sink.finish().await;
+    streamed?;
+    let mut hashers = written.map_err(HubError::from)?.hashers.into_iter();
+    let n = received;
+    let piece_digest = if hash_piece {
+        hashers.next().map(|h| h.finish()).unwrap_or_else(|| Digest::of(b""))
+    } else {
+        tessera_core::registry::upload_piece_statement(&id, offset, n)
+    };
+    let running = hashers.next();
+    auth.finish(&s, &piece_digest).and_then(|a| meter_bytes(&s, a.as_ref(), n, 0))?;
     guard.armed = false;
     if let Some(r) = running {
         s.appending.keep(&id, r);

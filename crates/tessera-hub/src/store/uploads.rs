@@ -8,7 +8,9 @@
 //! is the bytes of accepted pieces, recorded with the upload (whatever lies past it in the
 //! file, from a piece that failed, is cut off before the next piece or the naming); the
 //! declared digest is checked over the whole file when the upload is used, so a corrupt
-//! piece is caught before anything is recorded. An object the hub
+//! piece is caught before anything is recorded. That check is also why a piece may be
+//! signed over its statement ([`tessera_core::registry::upload_piece_statement`]: upload,
+//! offset, length) rather than its bytes: neither side hashes a piece twice. An object the hub
 //! already serves as a model or component (public bytes) needs no bytes at all.
 //!
 //! The same signed account declaring the same digest and size again gets its upload in
