@@ -1,7 +1,7 @@
 //! Model transfers that never hold a model in memory: uploads stream from a file (hashed in
-//! a first pass, since the signature covers the body's digest), downloads stream into a
-//! temporary file beside the destination, are verified against their digest, and only then
-//! take the destination's name.
+//! a first pass, since an upload declares its digest), downloads stream into a temporary
+//! file beside the destination, are verified against their digest, and only then take the
+//! destination's name.
 
 use std::path::{Path, PathBuf};
 
@@ -68,7 +68,7 @@ fn io_err(path: &Path, e: std::io::Error) -> ClientError {
     ClientError::Local(format!("{}: {e}", path.display()))
 }
 
-/// The digest and size of a file: memory-mapped and hashed on every core.
+/// The digest and size of a file: read on one thread, hashed on every core.
 async fn hash_file(path: &Path) -> Result<(Digest, u64), ClientError> {
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
@@ -78,6 +78,24 @@ async fn hash_file(path: &Path) -> Result<(Digest, u64), ClientError> {
     })
     .await
     .map_err(|e| ClientError::Local(e.to_string()))?
+}
+
+/// The digest of `len` bytes of a file from `offset` (a piece signed over its bytes).
+async fn hash_range(path: &Path, offset: u64, len: u64) -> Result<Digest, ClientError> {
+    use tokio::io::AsyncSeekExt;
+    let mut f = tokio::fs::File::open(path).await.map_err(|e| io_err(path, e))?;
+    f.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| io_err(path, e))?;
+    let mut f = f.take(len);
+    let mut h = DigestWriter::new();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = f.read(&mut buf).await.map_err(|e| io_err(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finish())
 }
 
 async fn file_len(path: &Path) -> Result<u64, ClientError> {
@@ -165,6 +183,9 @@ impl HubClient {
         };
         if let Some(id) = state.id.clone() {
             let mut failures = 0;
+            // Pieces are signed over their statements; a hub that refuses that (one from
+            // before statements) gets them signed over their bytes.
+            let mut by_statement = true;
             let piece_url = self.url(&format!("/uploads/{}", seg(&id)));
             while !state.complete {
                 progress(state.offset, size);
@@ -178,7 +199,11 @@ impl HubClient {
                     ))
                 })?;
                 let n = (piece - state.offset % piece).min(left);
-                let piece_digest = tessera_core::registry::upload_piece_statement(&id, state.offset, n);
+                let piece_digest = if by_statement {
+                    tessera_core::registry::upload_piece_statement(&id, state.offset, n)
+                } else {
+                    hash_range(file, state.offset, n).await?
+                };
                 let mut f = tokio::fs::File::open(file).await.map_err(|e| io_err(file, e))?;
                 use tokio::io::AsyncSeekExt;
                 f.seek(std::io::SeekFrom::Start(state.offset)).await.map_err(|e| io_err(file, e))?;
@@ -194,6 +219,11 @@ impl HubClient {
                     Ok((_, s)) => {
                         state = s;
                         failures = 0;
+                    }
+                    Err(ClientError::Status { status: 401, .. }) if by_statement => {
+                        tracing::info!("upload {id}: the hub wants pieces signed over their bytes");
+                        by_statement = false;
+                        state = self.upload_state(&id).await?;
                     }
                     Err(e)
                         if e.is_busy()
@@ -380,16 +410,27 @@ impl HubClient {
             Err(ClientError::Status { status: 416, .. }) if have > 0 => None,
             other => Some(other?),
         };
-        let mut file =
-            std::fs::OpenOptions::new().create(true).append(true).open(&part).map_err(|e| io_err(&part, e))?;
+        // The hub sent the whole file although part of it is here: start the part again.
+        let restart = have > 0 && resp.as_ref().is_some_and(|r| r.status().as_u16() != 206);
+        let mut file = {
+            let at = part.clone();
+            tokio::task::spawn_blocking(move || {
+                let f = std::fs::OpenOptions::new().create(true).append(true).open(&at)?;
+                if restart {
+                    f.set_len(0)?;
+                }
+                Ok::<_, std::io::Error>(f)
+            })
+            .await
+            .map_err(|e| ClientError::Local(e.to_string()))?
+            .map_err(|e| io_err(&part, e))?
+        };
+        if restart {
+            h = DigestWriter::new();
+        }
         if let Some(resp) = resp {
-            if have > 0 && resp.status().as_u16() != 206 {
-                // The hub sent the whole file: start the part again.
-                file.set_len(0).map_err(|e| io_err(&part, e))?;
-                h = DigestWriter::new();
-            }
             // Received here, hashed and written on a thread of its own.
-            let mut sink = tessera_ports::sink::FileSink::start(file, vec![h]);
+            let mut sink = tessera_ports::sink::FileSink::start(file, vec![h]).map_err(|e| io_err(&part, e))?;
             let mut stream = resp.bytes_stream();
             let streamed = async {
                 while let Some(chunk) = stream.next().await {

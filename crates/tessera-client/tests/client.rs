@@ -104,3 +104,59 @@ async fn version_ranges_resolve_to_the_highest_match_over_http() {
     let none = resolve("demo.echo@^3").await.unwrap_err();
     assert!(none.to_string().contains("^3"), "{none}");
 }
+
+/// A hub from before piece statements refuses a piece signed over its statement: the client
+/// then signs its pieces over their bytes, and the push completes.
+#[tokio::test]
+async fn a_hub_refusing_piece_statements_gets_pieces_signed_over_their_bytes() {
+    use axum::extract::Request;
+    use axum::middleware::Next;
+    use axum::response::IntoResponse;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(HubStore::open(dir.path().join("hub")).unwrap());
+    let (refused, passed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (r, p) = (refused.clone(), passed.clone());
+    let old_hub = move |req: Request, next: Next| {
+        let (r, p) = (r.clone(), p.clone());
+        async move {
+            let statement_signed = {
+                let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                match req.uri().path().strip_prefix("/api/v1/uploads/") {
+                    Some(id) if req.method() == "PATCH" => {
+                        let env = tessera_identity::Envelope::parse(&header("x-tessera-signature").unwrap()).unwrap();
+                        let offset: u64 = header("upload-offset").unwrap().parse().unwrap();
+                        let len: u64 = header("content-length").unwrap().parse().unwrap();
+                        Some(env.body == tessera_core::registry::upload_piece_statement(id, offset, len))
+                    }
+                    _ => None,
+                }
+            };
+            match statement_signed {
+                Some(true) => {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    (axum::http::StatusCode::UNAUTHORIZED, "the body does not match the signed digest").into_response()
+                }
+                Some(false) => {
+                    p.fetch_add(1, Ordering::SeqCst);
+                    next.run(req).await
+                }
+                None => next.run(req).await,
+            }
+        }
+    };
+    let router = app(AppState::new(store.clone(), HubPolicy::signed())).layer(axum::middleware::from_fn(old_hub));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let key = Arc::new(tessera_identity::KeyPair::generate(tessera_identity::KeyType::Ed25519));
+    let client = HubClient::new(&format!("http://{addr}")).unwrap().with_signer(key);
+    let file = dir.path().join("model.bin");
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&file, &bytes).unwrap();
+    let (rec, created) =
+        client.push_model_resumable("ops.model", "1.0.0", &file, None, 100_000, &|_, _| {}).await.unwrap();
+    assert!(created);
+    assert_eq!(rec.digest, Some(Digest::of(&bytes)));
+    assert_eq!((refused.load(Ordering::SeqCst), passed.load(Ordering::SeqCst)), (1, 3), "one refusal, then by bytes");
+}

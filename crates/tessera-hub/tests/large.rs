@@ -272,6 +272,42 @@ async fn a_piece_signed_over_its_statement_is_proven_by_the_uploads_digest() {
         .body(Body::from(rest.to_vec()))
         .unwrap();
     assert_eq!(h.app.clone().oneshot(req).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    // A statement of another offset; another account's statement; a statement without a
+    // content-length to bind its length.
+    assert_eq!(h.stated_piece(&k, &id, 0, rest.len(), rest).await, StatusCode::CONFLICT);
+    let intruder = KeyPair::generate(KeyType::Ed25519);
+    assert_eq!(h.stated_piece(&intruder, &id, 150_000, rest.len(), rest).await, StatusCode::NOT_FOUND);
+    let statement = tessera_core::registry::upload_piece_statement(&id, 150_000, rest.len() as u64);
+    let env = Envelope::sign_digest(&k, h.store.key().public(), "PATCH", &uri, statement, now_ms());
+    let chunked = futures::stream::iter(vec![Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(rest))]);
+    let req = Request::builder()
+        .method("PATCH")
+        .uri(&uri)
+        .header("upload-offset", "150000")
+        .header(HEADER, env.to_header())
+        .body(Body::from_stream(chunked))
+        .unwrap();
+    assert_eq!(h.app.clone().oneshot(req).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    // A statement-signed piece cut short by a broken connection: its header, captured, does
+    // not carry other bytes (its nonce was spent before the body arrived).
+    let env = Envelope::sign_digest(&k, h.store.key().public(), "PATCH", &uri, statement, now_ms());
+    let broken = futures::stream::iter(vec![
+        Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(&rest[..1000])),
+        Err(std::io::Error::other("connection reset")),
+    ]);
+    let req = |body: Body| {
+        Request::builder()
+            .method("PATCH")
+            .uri(&uri)
+            .header("upload-offset", "150000")
+            .header("content-length", rest.len().to_string())
+            .header(HEADER, env.to_header())
+            .body(body)
+            .unwrap()
+    };
+    assert_eq!(h.app.clone().oneshot(req(Body::from_stream(broken))).await.unwrap().status(), StatusCode::BAD_REQUEST);
+    let forged = vec![0u8; rest.len()];
+    assert_eq!(h.app.clone().oneshot(req(Body::from(forged))).await.unwrap().status(), StatusCode::UNAUTHORIZED);
     let (_, state) = h.json(Some(&k), "GET", &uri, vec![], &[]).await;
     assert_eq!(state["offset"].as_u64(), Some(150_000), "{state}");
 

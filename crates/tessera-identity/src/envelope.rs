@@ -2,6 +2,9 @@
 //!
 //! A request is signed over its method, path (with query), timestamp, nonce, audience
 //! (the key of the hub or node addressed), the digest of its body, and the signer's key.
+//! (One kind of request signs another digest in the body's place: a resumable upload's
+//! piece may sign its statement, `tessera_core::registry::upload_piece_statement`, which
+//! the hub accepts before the body arrives, the upload's digest proving the bytes.)
 //! The envelope travels in one header:
 //!
 //! ```text

@@ -222,22 +222,26 @@ pub(super) async fn append_upload(
     })?;
     check_length(&headers, room)?;
     // A signature over the piece's statement (upload, offset, length) needs no hash of the
-    // piece: its bytes are proven by the upload's digest. One over the body's digest (or
-    // none) is checked as every request's is.
+    // piece, its bytes being proven by the upload's digest: it is accepted (and its nonce
+    // spent, so it cannot be sent again with other bytes) before the body is read. One over
+    // the body's digest (or none) is checked as every request's is, once the body is in.
     let announced = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let by_statement = announced.is_some_and(|len| {
-        auth.signed_body() == Some(&tessera_core::registry::upload_piece_statement(&id, offset, len))
-    });
-    let hash_piece = auth.signed_body().is_some() && !by_statement;
+    let statement = announced.map(|len| tessera_core::registry::upload_piece_statement(&id, offset, len));
+    let (accepted, pending) = match statement {
+        Some(st) if auth.signed_body() == Some(&st) => (Some(auth.finish(&s, &st)?), None),
+        _ => (None, Some(auth)),
+    };
+    let hash_piece = pending.as_ref().is_some_and(|a| a.signed_body().is_some());
     let path = s.store.upload_file(&id);
     // Whatever ends this request before the piece is accepted (an error, or the connection
     // dropping, which drops this future), the file is cut back to the offset (and again
-    // before the next piece, which waits until this piece's writer has stopped).
+    // before the next piece, which waits until this piece's last write has ended).
     let mut guard = CutBack { path: path.clone(), offset, armed: true };
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(HubError::from)?;
+    let file = blocking(move || Ok(std::fs::OpenOptions::new().create(true).append(true).open(&path)?)).await?;
     let running = s.appending.running(&id, offset);
     let hashers: Vec<DigestWriter> = hash_piece.then(DigestWriter::new).into_iter().chain(running).collect();
-    let mut sink = tessera_ports::sink::FileSink::start_keeping(file, hashers, one_piece.clone());
+    let mut sink =
+        tessera_ports::sink::FileSink::start_keeping(file, hashers, one_piece.clone()).map_err(HubError::from)?;
     // No fsync per piece (write-back starts as the bytes arrive): the digest is checked over
     // the whole file when the upload is used (from the file after a restart), which catches
     // what a crash could leave.
@@ -260,13 +264,21 @@ pub(super) async fn append_upload(
     streamed?;
     let mut hashers = written.map_err(HubError::from)?.hashers.into_iter();
     let n = received;
-    let piece_digest = if hash_piece {
-        hashers.next().map(|h| h.finish()).unwrap_or_else(|| Digest::of(b""))
-    } else {
-        tessera_core::registry::upload_piece_statement(&id, offset, n)
+    let signer = match pending {
+        Some(auth) => {
+            let digest = if hash_piece { hashers.next().map(|h| h.finish()) } else { None };
+            auth.finish(&s, &digest.unwrap_or_else(|| Digest::of(b"")))?
+        }
+        None if Some(n) != announced => {
+            return Err(ApiError(HubError::BadRequest(format!(
+                "the piece has {n} bytes, not the {} its content-length announced",
+                announced.unwrap_or_default()
+            ))));
+        }
+        None => accepted.flatten(),
     };
     let running = hashers.next();
-    auth.finish(&s, &piece_digest).and_then(|a| meter_bytes(&s, a.as_ref(), n, 0))?;
+    meter_bytes(&s, signer.as_ref(), n, 0)?;
     guard.armed = false;
     if let Some(r) = running {
         s.appending.keep(&id, r);
