@@ -172,3 +172,51 @@ async fn pytorch_and_webassembly_workers_train_one_model() {
     assert_eq!(used, ["fl.softmax.worker@0.1.1", "fl.softmax.torch@0.1.0"]);
     cluster.stop().await;
 }
+
+/// A PyTorch network with batch normalisation trains through a session: its whole
+/// `state_dict` travels, running statistics averaged with the weights, and BatchNorm's
+/// int64 `num_batches_tracked` counter taken from the participant with the most examples.
+/// Ignored by default, as above: `TESSERA_PYTHON=/path/to/python-with-torch cargo test -p
+/// tessera-cluster --test python_workers -- --ignored`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Python with torch in TESSERA_PYTHON"]
+async fn a_pytorch_network_with_batch_normalisation_trains() {
+    use tessera_core::tensor::{Dtype, FloatType, Model, TensorLimits};
+    let py = python();
+    let ok = std::process::Command::new(&py).args(["-c", "import torch"]).status().is_ok_and(|s| s.success());
+    assert!(ok, "{} cannot import torch", py.display());
+    let home = tempfile::tempdir().unwrap();
+    let data = digits::prepare(&home.path().join("data"), 4, 0.2, 7).unwrap();
+    let mut config = ClusterConfig::digits(home.path(), &data, WasmLimits::default());
+    config.python = Some(py);
+    let cluster = Cluster::start(config).await.unwrap();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/fl-torch-bn-worker");
+    let bn = cluster.publish_dir(&dir).unwrap();
+    let rounds = 4;
+    let mut cfg = SessionConfig::new(format!("{}@{}", bn.name, bn.version));
+    cfg.rounds = rounds;
+    cfg.eval_dataset = Some("digits-test".into());
+    let result = cluster.coordinator().run("batchnorm", &cfg, &Quiet).await.unwrap();
+    let last = result.reports.last().unwrap();
+    assert!(result.reports.iter().all(|r| r.contributed.len() == 4 && r.failures.is_empty()), "{:?}", result.reports);
+    assert!(last.eval_accuracy.unwrap() >= 0.9, "accuracy {:?}", last.eval_accuracy);
+
+    let model = Model::decode(&result.model, TensorLimits::default()).unwrap();
+    for name in ["0.weight", "1.running_mean", "1.running_var", "3.bias"] {
+        assert_eq!(model.float_type(name), FloatType::F32, "{name}");
+    }
+    // The running variance is an average of the participants' (each started at 1 and
+    // moved towards its batches' variances): positive and no longer all ones.
+    let var = &model.floats.0["1.running_var"].data;
+    assert!(var.iter().all(|v| *v > 0.0) && var.iter().any(|v| (v - 1.0).abs() > 1e-3), "{var:?}");
+    let counter = &model.fixed["1.num_batches_tracked"];
+    assert_eq!((counter.dtype, counter.shape.len()), (Dtype::I64, 0));
+    // Each round the counter is the largest shard's: the round's start plus its batches
+    // (a last batch of one example is skipped: BatchNorm cannot train on it).
+    let (shards, _) = digits::split(4, 0.2, 7);
+    let largest = shards.iter().map(|s| s.len()).max().unwrap();
+    let batches = largest / 32 + usize::from(largest % 32 >= 2);
+    let tracked = i64::from_le_bytes(counter.bytes.as_slice().try_into().unwrap());
+    assert_eq!(tracked, i64::from(rounds) * batches as i64);
+    cluster.stop().await;
+}
