@@ -232,6 +232,18 @@ impl Place {
         let (rec, bytes) = remote.download(&r).await.with_context(|| {
             format!("{reference} is not a folder or shipped module; fetching it from {}", remote.base())
         })?;
+        if let PackageRef::Component { collection, id } = &r {
+            // The entry comes along with its object, so its needs are judged here too.
+            let doc = remote.component_document(*collection, id).await?;
+            let c = tessera_hub::Collection::from(*collection);
+            match cluster.hub.create_component(c, id, &doc, None) {
+                Ok(_) | Err(tessera_hub::HubError::Conflict(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            cluster.hub.update_component(c, id, doc, None)?;
+            cluster.hub.put_component_bytes(c, id, &bytes, None)?;
+            return Ok(());
+        }
         cluster.hub.publish(&bytes, Some(rec.digest), None)?;
         Ok(())
     }

@@ -422,6 +422,10 @@ impl HubClient {
                 let url = self.url(&format!("/digests/{}", seg(&d.to_string())));
                 Ok(self.json(self.http.get(&url), &url).await?.1)
             }
+            PackageRef::Component { collection, id } => {
+                let url = self.url(&format!("/components/{}/{}/package", collection.name(), seg(id)));
+                Ok(self.json(self.http.get(&url), &url).await?.1)
+            }
         }
     }
 
@@ -432,6 +436,21 @@ impl HubClient {
         check_record(reference, &record)?;
         let bytes = self.blob(&record.digest).await?;
         Ok((record, bytes))
+    }
+
+    /// The document of a transformation, service or inferencer as its owner wrote it
+    /// (`GET /{collection}/meta?id=`, the Component Repository's route; the hub's own
+    /// `tessera` object removed).
+    pub async fn component_document(
+        &self,
+        collection: tessera_core::version::ComponentCollection,
+        id: &str,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, ClientError> {
+        let url = format!("{}/{}/meta", self.base, collection.name());
+        let mut doc: serde_json::Map<String, serde_json::Value> =
+            self.json(self.http.get(&url).query(&[("id", id)]), &url).await?.1;
+        doc.remove("tessera");
+        Ok(doc)
     }
 
     /// Downloads any blob the hub serves, verified against `digest`. With a signer the
@@ -716,6 +735,16 @@ pub fn check_record(reference: &PackageRef, record: &PackageRecord) -> Result<()
                 return Err(untrusted(format!("asked for {d}, the hub answered with {}", record.digest)));
             }
         }
+        PackageRef::Component { .. } => {
+            let asked = reference.to_string();
+            if record.component.as_deref() != Some(asked.as_str()) {
+                return Err(untrusted(format!("asked for {asked}, the hub answered with {:?}", record.component)));
+            }
+        }
+    }
+    // Only an entry's answer names an entry (a run resumed later resolves through it).
+    if let (Some(entry), PackageRef::Named { .. } | PackageRef::Digest(_)) = (&record.component, reference) {
+        return Err(untrusted(format!("asked for {reference}, the hub answered with entry {entry}")));
     }
     Ok(())
 }

@@ -63,6 +63,36 @@ async fn publish_find_and_fetch_verified() {
     assert!(matches!(e, ClientError::Verify { .. }), "{e}");
 }
 
+/// A Component Repository entry whose object is a package resolves over HTTP as that
+/// package (the entry's needs joined), and its bytes are fetched by digest as a node does.
+#[tokio::test]
+async fn a_component_entry_resolves_as_its_package() {
+    let (client, store, dir) = serve().await;
+    let bytes = package(dir.path(), "0.3.0", "c");
+    let doc = serde_json::json!({"id": "demo.echo", "needs": {"RAM": 2, "GPU": false}});
+    let c = tessera_hub::Collection::Service;
+    store.create_component(c, "demo.echo", doc.as_object().unwrap(), None).unwrap();
+    let missing = client.resolve(&"service/demo.echo".parse().unwrap()).await.unwrap_err();
+    assert!(matches!(missing, tessera_ports::SourceError::NotFound(_)), "{missing}");
+    store.put_component_bytes(c, "demo.echo", &bytes, None).unwrap();
+    let r = client.resolve(&"service/demo.echo".parse().unwrap()).await.unwrap();
+    assert_eq!((r.name.as_str(), r.version.as_str(), r.digest), ("demo.echo", "0.3.0", Digest::of(&bytes)));
+    assert_eq!((r.component.as_deref(), r.manifest.needs.memory.0), (Some("service/demo.echo"), 2_000_000_000));
+    assert_eq!(client.resolve(&PackageRef::Digest(r.digest)).await.unwrap().name, "demo.echo");
+    assert_eq!(&client.fetch(&r.digest).await.unwrap()[..], &bytes[..]);
+    // The same id in another collection is another entry.
+    let other: PackageRef = "inferencer/demo.echo".parse().unwrap();
+    assert!(client.resolve(&other).await.is_err());
+    // An answer naming another entry, or an entry when none was asked, is not taken.
+    let asked: PackageRef = "service/demo.echo".parse().unwrap();
+    let mut wrong = r.clone();
+    wrong.component = Some("service/demo.other".into());
+    assert!(tessera_client::check_record(&asked, &wrong).is_err());
+    assert!(tessera_client::check_record(&PackageRef::Digest(r.digest), &r).is_err());
+    assert!(tessera_client::check_record(&"demo.echo@0.3.0".parse().unwrap(), &r).is_err());
+    assert!(tessera_client::check_record(&asked, &r).is_ok());
+}
+
 #[tokio::test]
 async fn models_round_trip() {
     let (client, _store, _dir) = serve().await;

@@ -302,3 +302,60 @@ fn the_python_and_yaml_forms_of_the_manta_swarm_give_the_same_spec() {
     let yaml = normalize(SwarmSpec::from_yaml(&std::fs::read_to_string(dir.join("swarm.yaml")).unwrap()).unwrap());
     assert_eq!(python, yaml);
 }
+
+/// A task names a Component Repository entry (`transformation/test.counter`) whose object
+/// is a Tessera package never published as one: it runs that package, placement judges
+/// the entry's `needs` joined with the package's, a resumed run checks the entry still
+/// holds the bytes it ran, and an object that is no package is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_named_by_a_component_runs_its_package_under_the_entrys_needs() {
+    use tessera_hub::Collection;
+    let home = tempfile::tempdir().unwrap();
+    let cluster = cluster(&On::Memory, home.path(), 4).await;
+    let (count, total) = counting_modules(home.path(), "1.0.0");
+    cluster.publish_dir(&total).unwrap();
+    let packed = tessera_package::pack_dir(&count, &tessera_package::Limits::default()).unwrap();
+    let doc = |ram: f64| serde_json::json!({"id": "test.counter", "description": "counts rows", "needs": {"storage": 0, "RAM": ram, "GPU": false}});
+    let entry = |v: serde_json::Value| v.as_object().unwrap().clone();
+    cluster.hub.create_component(Collection::Transformation, "test.counter", &entry(doc(0.001)), None).unwrap();
+    cluster.hub.put_component_bytes(Collection::Transformation, "test.counter", &packed.bytes, None).unwrap();
+    let spec = SwarmSpec::from_yaml(
+        "tasks:\n  count: {module: transformation/test.counter, datasets: [digits]}\n  total: {module: test.total, method: any, maximum: 1}\nflow: [count -> total]\n",
+    )
+    .unwrap();
+    let result = cluster.coordinator().run_swarm("component-1", &spec, &Quiet).await.unwrap();
+    assert_eq!(global_json(&result, "total"), serde_json::json!(rows_of(&[0, 1, 2, 3])));
+    let used = result.lineage.modules.iter().find(|m| m.role == "count").unwrap();
+    assert_eq!((used.module.as_str(), used.digest), ("test.count@1.0.0", packed.digest));
+    assert_eq!(used.component.as_deref(), Some("transformation/test.counter"));
+    // Resuming the finished run resolves the entry again: it still holds those bytes.
+    let again = cluster.coordinator().resume_swarm("component-1", &Quiet).await.unwrap();
+    assert_eq!(again.globals, result.globals);
+
+    // The entry now needs 100 TB of memory: no node can run its task.
+    let mut more = serde_json::Map::new();
+    more.insert("needs".into(), doc(100_000.0)["needs"].clone());
+    cluster.hub.update_component(Collection::Transformation, "test.counter", more, None).unwrap();
+    let err = cluster.coordinator().run_swarm("component-2", &spec, &Quiet).await.unwrap_err().to_string();
+    assert!(err.contains("task count") && err.contains("needs.memory"), "{err}");
+    assert!(cluster.coordinator().record("component-2").await.unwrap().is_none());
+
+    // A new revision of its object: the first run, resumed, sees the entry no longer holds
+    // what it ran.
+    let (newer, _) = counting_modules(&home.path().join("newer"), "1.1.0");
+    let newer = tessera_package::pack_dir(&newer, &tessera_package::Limits::default()).unwrap();
+    cluster.hub.put_component_bytes(Collection::Transformation, "test.counter", &newer.bytes, None).unwrap();
+    let err = cluster.coordinator().resume_swarm("component-1", &Quiet).await.unwrap_err().to_string();
+    assert!(
+        err.contains(&format!(
+            "transformation/test.counter is now {}, but the run used {}",
+            newer.digest, packed.digest
+        )),
+        "{err}"
+    );
+    // Bytes that are no package: refused, naming the entry.
+    cluster.hub.put_component_bytes(Collection::Transformation, "test.counter", b"a pickle", None).unwrap();
+    let err = cluster.coordinator().run_swarm("component-3", &spec, &Quiet).await.unwrap_err().to_string();
+    assert!(err.contains("transformation/test.counter") && err.contains("not a Tessera package"), "{err}");
+    cluster.stop().await;
+}

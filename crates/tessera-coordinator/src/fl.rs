@@ -152,7 +152,7 @@ impl Coordinator {
             return Err(SessionError::Config(format!("session {id} exists already; resume it or pick another id")));
         }
         let record = self.source.resolve(&module_ref).await?;
-        let module_use = module_use(&record);
+        let module_use = module_use(&record, "worker");
         let mut nodes = BTreeMap::new();
         for (node, m) in &cfg.node_modules {
             let r: PackageRef = m.parse().map_err(|e| SessionError::Config(format!("node_modules.{node}: {e}")))?;
@@ -224,26 +224,16 @@ impl Coordinator {
         check_ident("session id", id).map_err(|e| SessionError::Config(e.to_string()))?;
         self.forget_started(id);
         let state = self.state(id).await?.ok_or_else(|| SessionError::Unknown(id.to_owned()))?;
-        let module_ref: PackageRef =
-            state.module.module.parse().map_err(|e| SessionError::Config(format!("stored module reference: {e}")))?;
-        let record = self.source.resolve(&module_ref).await?;
-        if record.digest != state.module.digest {
-            return Err(SessionError::Config(format!(
-                "{} is now {}, but the session ran {}",
-                state.module.module, record.digest, state.module.digest
-            )));
-        }
+        let stored = |used: &tessera_core::wire::ModuleUse| {
+            used.module.parse::<PackageRef>().map_err(|e| SessionError::Config(format!("stored module reference: {e}")))
+        };
+        let record = self.resolve_used(&state.module, stored(&state.module)?).await?;
         let mut nodes = BTreeMap::new();
         for (node, used) in &state.node_modules {
-            let r: PackageRef =
-                used.module.parse().map_err(|e| SessionError::Config(format!("stored module reference: {e}")))?;
-            let rec = self.source.resolve(&r).await?;
-            if rec.digest != used.digest {
-                return Err(SessionError::Config(format!(
-                    "{} is now {}, but node {node} ran {}",
-                    used.module, rec.digest, used.digest
-                )));
-            }
+            let rec = self
+                .resolve_used(used, stored(used)?)
+                .await
+                .map_err(|e| SessionError::Config(format!("the worker of node {node}: {e}")))?;
             nodes.insert(node.clone(), rec);
         }
         let workers = Workers { default: record.clone(), nodes };

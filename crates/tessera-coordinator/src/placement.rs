@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use tessera_core::PackageRef;
 use tessera_core::registry::PackageRecord;
 use tessera_core::wire::{ModuleUse, NodeRecord};
 use tessera_node::list_nodes;
@@ -27,12 +28,18 @@ impl Workers {
     }
 
     pub(crate) fn uses(&self) -> BTreeMap<String, ModuleUse> {
-        self.nodes.iter().map(|(n, r)| (n.clone(), module_use(r))).collect()
+        self.nodes.iter().map(|(n, r)| (n.clone(), module_use(r, "worker"))).collect()
     }
 }
 
-pub(crate) fn module_use(r: &PackageRecord) -> ModuleUse {
-    ModuleUse { module: format!("{}@{}", r.name, r.version), digest: r.digest, role: "worker".into() }
+/// How a run records a package it uses in `role`.
+pub(crate) fn module_use(r: &PackageRecord, role: &str) -> ModuleUse {
+    ModuleUse {
+        module: format!("{}@{}", r.name, r.version),
+        digest: r.digest,
+        role: role.to_owned(),
+        component: r.component.clone(),
+    }
 }
 
 /// Those of `nodes` that can take part in a federated session (see [`Coordinator::eligible`]).
@@ -41,9 +48,14 @@ pub(crate) fn eligible_of(cfg: &SessionConfig, workers: &Workers, nodes: Vec<Nod
     nodes.into_iter().filter(|n| placement::fits(&task, &[facts(workers.for_node(&n.id))], n).is_ok()).collect()
 }
 
-/// What placement needs to know of a package.
+/// What placement needs to know of a package (named by the Component Repository entry it
+/// was resolved through, when it was).
 pub(crate) fn facts(r: &PackageRecord) -> ModuleFacts {
-    ModuleFacts { name: format!("{}@{}", r.name, r.version), runtime: r.runtime, needs: r.manifest.needs.clone() }
+    let name = match &r.component {
+        Some(entry) => format!("{entry} ({}@{})", r.name, r.version),
+        None => format!("{}@{}", r.name, r.version),
+    };
+    ModuleFacts { name, runtime: r.runtime, needs: r.manifest.needs.clone() }
 }
 
 /// How old a listing of the announced nodes a dispatch takes for the nodes' keys (see
@@ -70,6 +82,28 @@ impl Coordinator {
     /// Keeps `nodes`, just listed, for [`Coordinator::announced`].
     pub(crate) fn remember_listing(&self, nodes: &[NodeRecord]) {
         *self.listing.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), nodes.to_vec()));
+    }
+
+    /// The record of a package a run used, for resuming it: through the Component
+    /// Repository entry it was named by, when it was (so placement judges the entry's
+    /// `needs` again), which must still hold the same bytes; otherwise through `fallback`.
+    pub(crate) async fn resolve_used(
+        &self,
+        used: &ModuleUse,
+        fallback: PackageRef,
+    ) -> Result<PackageRecord, SessionError> {
+        let reference = match &used.component {
+            Some(c) => c.parse().map_err(|e| SessionError::Config(format!("stored module reference {c:?}: {e}")))?,
+            None => fallback,
+        };
+        let record = self.source.resolve(&reference).await?;
+        if record.digest != used.digest {
+            return Err(SessionError::Config(format!(
+                "{reference} is now {}, but the run used {}",
+                record.digest, used.digest
+            )));
+        }
+        Ok(record)
     }
 
     /// The nodes announced now, but the coordinator's own.

@@ -32,7 +32,7 @@ use tessera_swarm::{Inputs, Method, SwarmSpec};
 use crate::SessionError;
 use crate::dispatch::Outgoing;
 use crate::engine::{Coordinator, Observer, Program};
-use crate::placement::facts;
+use crate::placement::{facts, module_use};
 use crate::state::Ending;
 
 /// What a swarm run has done so far, stored at `sessions/<id>` when an iteration starts
@@ -226,7 +226,7 @@ impl Coordinator {
         for (task, uses) in &state.modules {
             let mut records = Vec::new();
             for u in uses {
-                records.push(self.source.resolve(&PackageRef::Digest(u.digest)).await.map_err(|e| {
+                records.push(self.resolve_used(u, PackageRef::Digest(u.digest)).await.map_err(|e| {
                     SessionError::Config(format!("task {task}: package {} ({}): {e}", u.module, u.digest))
                 })?);
             }
@@ -457,10 +457,6 @@ impl Coordinator {
             None => true,
         })
     }
-}
-
-fn module_use(r: &PackageRecord, task: &str) -> ModuleUse {
-    ModuleUse { module: format!("{}@{}", r.name, r.version), digest: r.digest, role: task.to_owned() }
 }
 
 fn task_facts(records: &[PackageRecord]) -> Vec<ModuleFacts> {

@@ -180,6 +180,28 @@ pub struct Needs {
     pub network: bool,
 }
 
+impl Needs {
+    /// Both needs at once: the larger of each amount (CPU, memory, GPUs, disk), the
+    /// libraries of both (each requirement once), the network if either needs it. How a
+    /// Component Repository entry's `needs` add to those of the package it names.
+    pub fn joined(&self, other: &Needs) -> Needs {
+        let mut libraries = self.libraries.clone();
+        for l in &other.libraries {
+            if !libraries.contains(l) {
+                libraries.push(l.clone());
+            }
+        }
+        Needs {
+            cpu: self.cpu.max(other.cpu),
+            memory: self.memory.max(other.memory),
+            gpu: self.gpu.max(other.gpu),
+            storage: self.storage.max(other.storage),
+            libraries,
+            network: self.network || other.network,
+        }
+    }
+}
+
 /// Who may call a module's functions.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -550,6 +572,31 @@ pub fn check_relative_path(p: &str) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn joined_needs_take_the_larger_of_each() {
+        let a = Needs {
+            cpu: 2.0,
+            memory: ByteSize(1 << 30),
+            gpu: 0,
+            storage: ByteSize(5),
+            libraries: vec!["numpy>=1.26".into()],
+            network: false,
+        };
+        let b = Needs {
+            cpu: 0.5,
+            memory: ByteSize(8 << 30),
+            gpu: 1,
+            storage: ByteSize(0),
+            libraries: vec!["torch".into(), "numpy>=1.26".into()],
+            network: true,
+        };
+        let j = a.joined(&b);
+        assert_eq!((j.cpu, j.memory, j.gpu, j.storage), (2.0, ByteSize(8 << 30), 1, ByteSize(5)));
+        assert_eq!(j.libraries, ["numpy>=1.26", "torch"]);
+        assert!(j.network);
+        assert_eq!(a.joined(&Needs::default()), a);
+    }
 
     const GOOD: &str = "\
 name: fl.softmax.worker

@@ -153,6 +153,35 @@ pub fn check_ident(what: &'static str, s: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// Most characters in one part of a Component Repository entry's name (an `id`, a
+/// `model_name`, a `model_version`).
+pub const MAX_ENTRY_PART: usize = 200;
+
+/// Checks one part of a Component Repository entry's name: 1 to [`MAX_ENTRY_PART`]
+/// characters from `[A-Za-z0-9_.+-]`, not starting or ending with `.`, no `..`, and not
+/// `meta` (a word its routes use).
+///
+/// # Errors
+/// What is wrong, for the caller to name the field with.
+pub fn check_entry_part(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("it is empty".into());
+    }
+    if s.len() > MAX_ENTRY_PART {
+        return Err(format!("it is longer than {MAX_ENTRY_PART} characters"));
+    }
+    if !s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '+')) {
+        return Err("only letters, digits and '_', '-', '.', '+' are allowed".into());
+    }
+    if s.starts_with('.') || s.ends_with('.') || s.contains("..") {
+        return Err("it has an empty dotted segment".into());
+    }
+    if s == "meta" {
+        return Err("`meta` is reserved by the routes".into());
+    }
+    Ok(())
+}
+
 /// Checks a world-state key or queue name: 1 to 255 characters from
 /// `[A-Za-z0-9_-=./]`, not starting or ending with `.` or `/`, with no empty `..` segment.
 /// This is the portable subset of what both the in-process store and NATS KV accept.

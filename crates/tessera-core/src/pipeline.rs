@@ -244,7 +244,7 @@ impl RawPipeline {
                 Some(m) => {
                     let r: PackageRef = m.parse().map_err(|e| err(f("module"), format!("{m:?}: {e}")))?;
                     let tag = match &r {
-                        PackageRef::Digest(_) => None,
+                        PackageRef::Digest(_) | PackageRef::Component { .. } => None,
                         PackageRef::Named { name, .. } => tag_of(&s.actor, name).map_err(|m| err(f("actor"), m))?,
                     };
                     (Some(r), tag)

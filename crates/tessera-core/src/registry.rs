@@ -60,6 +60,11 @@ pub struct PackageRecord {
     /// `GET /api/v1/packages/{name}/{version}/card`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub card: Option<crate::card::Card>,
+    /// The Component Repository entry this record was resolved through
+    /// (`transformation/custom.scale`), when it was: the package is that entry's current
+    /// object, and `manifest.needs` are the package's own joined with the entry's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
 }
 
 /// A model stored in the hub.

@@ -1,5 +1,6 @@
 //! Versions and references to packages: `fl.softmax.worker`, `fl.softmax.worker@0.1.1`,
-//! `fl.softmax.worker@latest`.
+//! `fl.softmax.worker@latest`, `b3:<digest>`, and `transformation/custom.scale`: the
+//! object of a Component Repository entry that is a Tessera package.
 
 use std::fmt;
 use std::str::FromStr;
@@ -78,6 +79,43 @@ pub enum PackageRef {
     },
     /// `b3:<hex>`: exactly these bytes.
     Digest(Digest),
+    /// `transformation/<id>`, `service/<id>` or `inferencer/<id>`: the current object of
+    /// that Component Repository entry on the hub, which must be a Tessera package; the
+    /// entry's `needs` are joined to the package's own (see [`crate::manifest::Needs::joined`]),
+    /// so placement judges nodes by both.
+    Component {
+        /// Which collection.
+        collection: ComponentCollection,
+        /// The entry's `id` (see [`crate::name::check_entry_part`]).
+        id: String,
+    },
+}
+
+/// The Component Repository's collections whose entries can name a runnable object
+/// (models are data, not modules).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ComponentCollection {
+    /// Pre- and post-processing steps.
+    Transformation,
+    /// Services.
+    Service,
+    /// Inferencers.
+    Inferencer,
+}
+
+impl ComponentCollection {
+    /// All of them.
+    pub const ALL: [ComponentCollection; 3] =
+        [ComponentCollection::Transformation, ComponentCollection::Service, ComponentCollection::Inferencer];
+
+    /// Its name in references and routes.
+    pub fn name(self) -> &'static str {
+        match self {
+            ComponentCollection::Transformation => "transformation",
+            ComponentCollection::Service => "service",
+            ComponentCollection::Inferencer => "inferencer",
+        }
+    }
 }
 
 /// Why a reference was refused.
@@ -98,6 +136,9 @@ pub enum RefError {
     /// The digest part is malformed.
     #[error(transparent)]
     Digest(#[from] crate::digest::DigestError),
+    /// A `collection/id` reference names no runnable collection or an invalid id.
+    #[error("invalid component reference {0:?}: {1}")]
+    Component(String, String),
 }
 
 impl FromStr for PackageRef {
@@ -105,6 +146,15 @@ impl FromStr for PackageRef {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.starts_with("b3:") {
             return Ok(PackageRef::Digest(s.parse()?));
+        }
+        if let Some((collection, id)) = s.split_once('/') {
+            let given = || s.chars().take(80).collect::<String>();
+            let collection =
+                ComponentCollection::ALL.into_iter().find(|c| c.name() == collection).ok_or_else(|| {
+                    RefError::Component(given(), "the collection is transformation, service or inferencer".into())
+                })?;
+            crate::name::check_entry_part(id).map_err(|why| RefError::Component(given(), format!("the id: {why}")))?;
+            return Ok(PackageRef::Component { collection, id: id.to_owned() });
         }
         let (name, selector) = match s.split_once('@') {
             Some((n, v)) => (n, v.parse()?),
@@ -119,6 +169,7 @@ impl fmt::Display for PackageRef {
         match self {
             PackageRef::Named { name, selector } => write!(f, "{name}@{selector}"),
             PackageRef::Digest(d) => write!(f, "{d}"),
+            PackageRef::Component { collection, id } => write!(f, "{}/{id}", collection.name()),
         }
     }
 }
@@ -189,6 +240,12 @@ mod tests {
         assert!(matches!(r, PackageRef::Named { selector: Selector::Alias(a), .. } if a == "stable"));
         let d = Digest::of(b"x");
         assert_eq!(d.to_string().parse::<PackageRef>().unwrap(), PackageRef::Digest(d));
+        let r: PackageRef = "inferencer/acme.resnet-50+cpu".parse().unwrap();
+        assert_eq!(
+            r,
+            PackageRef::Component { collection: ComponentCollection::Inferencer, id: "acme.resnet-50+cpu".into() }
+        );
+        assert_eq!(r.to_string(), "inferencer/acme.resnet-50+cpu");
     }
 
     #[test]
@@ -196,6 +253,21 @@ mod tests {
         for bad in ["", "@1.0.0", "Fl@1.0.0", "fl@1.0", "fl@1.0.0.0", "fl@-x", "fl@a b", "b3:00"] {
             assert!(bad.parse::<PackageRef>().is_err(), "{bad:?} accepted");
         }
+        // Models are not runnable; ids follow the Component Repository's name rule.
+        for bad in [
+            "model/base",
+            "transformation/",
+            "transformation/a/b",
+            "service/../x",
+            "service/.x",
+            "inferencer/meta",
+            "inferencer/a b",
+            "/x",
+        ] {
+            assert!(matches!(bad.parse::<PackageRef>(), Err(RefError::Component(..))), "{bad:?} accepted");
+        }
+        let long = format!("transformation/{}", "a".repeat(201));
+        assert!(matches!(long.parse::<PackageRef>(), Err(RefError::Component(..))));
     }
 
     #[test]

@@ -472,6 +472,11 @@ pub struct ModuleUse {
     pub digest: Digest,
     /// Its role (`worker`, `evaluator`).
     pub role: String,
+    /// The Component Repository entry it was named by (`transformation/custom.scale`),
+    /// when it was: a resumed run resolves that entry again (for its `needs`) and checks it
+    /// still holds these bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
 }
 
 /// An actor, as listed by a node (`GET /api/v1/actors`).

@@ -56,6 +56,7 @@ impl PackageSource for LocalHub {
         tokio::task::spawn_blocking(move || match &reference {
             PackageRef::Named { name, selector } => store.resolve(name.as_str(), selector),
             PackageRef::Digest(d) => store.by_digest(d),
+            PackageRef::Component { collection, id } => store.component_package(*collection, id),
         })
         .await
         .map_err(|e| SourceError::Backend(e.to_string()))?

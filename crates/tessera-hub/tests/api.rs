@@ -365,6 +365,7 @@ async fn the_docs_list_every_route() {
         "POST /{collection}",
         "GET /{collection}",
         "GET /{collection}/meta",
+        "GET /api/v1/components/{collection}/{id}/package",
         "PUT /{collection}/{id}",
         "GET /{collection}/{id}",
         "DELETE /{collection}/{id}",

@@ -246,6 +246,90 @@ async fn needs_are_read_as_a_modules_needs() {
     );
 }
 
+/// An entry whose object is a Tessera package can be run as that package: its record, with
+/// the entry's needs joined to the manifest's, at `/api/v1/components/{c}/{id}/package`;
+/// nodes find it by digest. Anything else is refused by name.
+#[tokio::test]
+async fn an_entry_whose_object_is_a_package_resolves_as_that_package() {
+    let h = hub(HubPolicy::open());
+    let module = h.dir.path().join("module");
+    std::fs::create_dir_all(&module).unwrap();
+    std::fs::write(
+        module.join("module.yaml"),
+        "name: acme.scale\nversion: 1.2.0\nkind: task\nruntime: python\nentry: main.py\nneeds:\n  cpu: 2\n  memory: 1GiB\n  libraries: [numpy]\n",
+    )
+    .unwrap();
+    std::fs::write(module.join("main.py"), "print('scaled')\n").unwrap();
+    let packed = tessera_package::pack_dir(&module, &tessera_package::Limits::default()).unwrap();
+    let doc = json!({"id": "acme.scale", "needs": {"storage": 0, "RAM": 8, "GPU": true, "preinstalled_libraries": {"scipy": ">=1.11"}}});
+    assert_eq!(h.json("POST", "/transformation", Some(&doc)).await.0, StatusCode::CREATED);
+    let (s, body) = h.json("GET", "/api/v1/components/transformation/acme.scale/package", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "no object yet: {body}");
+    assert_eq!(h.upload("/transformation/acme.scale", &packed.bytes).await, StatusCode::NO_CONTENT);
+
+    let (s, record) = h.json("GET", "/api/v1/components/transformation/acme.scale/package", None).await;
+    assert_eq!(s, StatusCode::OK, "{record}");
+    assert_eq!((record["name"].as_str(), record["version"].as_str()), (Some("acme.scale"), Some("1.2.0")));
+    assert_eq!(record["digest"], json!(packed.digest.to_string()));
+    assert_eq!(record["component"], json!("transformation/acme.scale"));
+    let needs = &record["manifest"]["needs"];
+    assert_eq!(
+        (needs["cpu"].as_f64(), needs["memory"].as_u64(), needs["gpu"].as_u64()),
+        (Some(2.0), Some(8_000_000_000), Some(1))
+    );
+    assert_eq!(needs["libraries"], json!(["numpy", "scipy>=1.11"]));
+    // By digest (as nodes fetch it): the package's own needs, no entry named.
+    let (s, by_digest) = h.json("GET", &format!("/api/v1/digests/{}", packed.digest), None).await;
+    assert_eq!(s, StatusCode::OK, "{by_digest}");
+    assert_eq!(by_digest["manifest"]["needs"]["memory"].as_u64(), Some(1 << 30));
+    assert!(by_digest.get("component").is_none(), "{by_digest}");
+    // The same through the store's package source, as the coordinator resolves it.
+    let source = tessera_hub::LocalHub(h.store.clone());
+    let r =
+        tessera_ports::PackageSource::resolve(&source, &"transformation/acme.scale".parse().unwrap()).await.unwrap();
+    assert_eq!((r.digest, r.manifest.needs.gpu), (packed.digest, 1));
+
+    // No such entry, a model, names that are no names, and an object that is no package.
+    for (uri, status) in [
+        ("/api/v1/components/transformation/acme.nothing/package", StatusCode::NOT_FOUND),
+        ("/api/v1/components/model/acme.scale/package", StatusCode::BAD_REQUEST),
+        ("/api/v1/components/pipeline/acme.scale/package", StatusCode::BAD_REQUEST),
+        ("/api/v1/components/transformation/..%2Fx/package", StatusCode::BAD_REQUEST),
+        ("/api/v1/components/transformation/meta/package", StatusCode::BAD_REQUEST),
+        ("/api/v1/components/service/a%20b/package", StatusCode::BAD_REQUEST),
+    ] {
+        let (s, body) = h.json("GET", uri, None).await;
+        assert_eq!(s, status, "{uri}: {body}");
+        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{uri}: {body}");
+    }
+    let long = format!("/api/v1/components/service/{}/package", "a".repeat(10_000));
+    assert_eq!(h.json("GET", &long, None).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(h.upload("/transformation/acme.scale", b"a pickle").await, StatusCode::NO_CONTENT);
+    let (s, body) = h.json("GET", "/api/v1/components/transformation/acme.scale/package", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("not a Tessera package"), "{body}");
+    // The earlier revision is still a package by digest; the pickle is none.
+    assert_eq!(h.json("GET", &format!("/api/v1/digests/{}", packed.digest), None).await.0, StatusCode::OK);
+    let pickle = Digest::of(b"a pickle");
+    assert_eq!(h.json("GET", &format!("/api/v1/digests/{pickle}"), None).await.0, StatusCode::NOT_FOUND);
+
+    // An entry of namespace `evil` holding a module of namespace `acme` does not pass it
+    // off as acme's: refused by name, and not found by digest.
+    std::fs::write(
+        module.join("module.yaml"),
+        "name: acme.worker\nversion: 9.9.9\nkind: task\nruntime: python\nentry: main.py\n",
+    )
+    .unwrap();
+    let impostor = tessera_package::pack_dir(&module, &tessera_package::Limits::default()).unwrap();
+    assert_eq!(h.json("POST", "/service", Some(&json!({"id": "evil.x"}))).await.0, StatusCode::CREATED);
+    assert_eq!(h.upload("/service/evil.x", &impostor.bytes).await, StatusCode::NO_CONTENT);
+    let (s, body) = h.json("GET", "/api/v1/components/service/evil.x/package", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("namespace evil may hold only its own modules"), "{body}");
+    let (s, body) = h.json("GET", &format!("/api/v1/digests/{}", impostor.digest), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
+}
+
 #[tokio::test]
 async fn hostile_requests_are_refused_and_change_nothing() {
     let h = hub(HubPolicy::open());

@@ -386,6 +386,11 @@ async fn a_key_that_owns_nothing_changes_nothing_and_reads_nothing_private_on_an
     );
     cases.insert("GET /{collection}", (signed(o, &k, "GET", "/service", vec![]), public));
     cases.insert("GET /{collection}/meta", (signed(o, &k, "GET", "/service/meta?id=team.svc", vec![]), public));
+    // Anyone may read an entry as a package; this one's object is none, which anyone is told.
+    cases.insert(
+        "GET /api/v1/components/{collection}/{id}/package",
+        (signed(o, &k, "GET", "/api/v1/components/service/team.svc/package", vec![]), &[StatusCode::BAD_REQUEST][..]),
+    );
     cases.insert(
         "PUT /{collection}/{id}",
         (signed(o, &k, "PUT", "/service/team.svc", b"a stranger's object".to_vec()), forbidden),

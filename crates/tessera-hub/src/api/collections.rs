@@ -185,6 +185,26 @@ pub(super) async fn show_component(
     Ok(Json(blocking(move || store.component(c, &key)).await?.into()))
 }
 
+/// The current object of a transformation, service or inferencer read as a Tessera
+/// package, for running it (`transformation/custom.scale` as a task's module): the
+/// package's record with the entry's `needs` joined to the manifest's.
+#[utoipa::path(get, path = "/api/v1/components/{collection}/{id}/package", tag = "components",
+    params(("collection" = String, Path, description = "transformation, service or inferencer"), ("id" = String, Path, description = "The entry's id")),
+    responses((status = 200, body = tessera_core::registry::PackageRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(super) async fn component_package(
+    State(s): State<AppState>,
+    Path((c, id)): Path<(String, String)>,
+) -> ApiResult<Json<tessera_core::registry::PackageRecord>> {
+    let reference: tessera_core::PackageRef = format!("{c}/{id}")
+        .parse()
+        .map_err(|e: tessera_core::version::RefError| HubError::BadRequest(e.to_string()))?;
+    let tessera_core::PackageRef::Component { collection, id } = reference else {
+        return Err(HubError::BadRequest(format!("{c:?} is not transformation, service or inferencer")).into());
+    };
+    let store = s.store.clone();
+    Ok(Json(blocking(move || store.component_package(collection, &id)).await?))
+}
+
 async fn put_object(
     s: AppState,
     request: (&Method, &Uri, &HeaderMap),

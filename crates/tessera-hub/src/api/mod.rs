@@ -236,6 +236,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(collections::update_meta_by_id))
         .routes(routes!(collections::put_object_by_name, collections::get_object_by_name, collections::delete_by_name))
         .routes(routes!(collections::update_meta_by_name))
+        .routes(routes!(collections::component_package))
 }
 
 /// The OpenAPI document of the API.

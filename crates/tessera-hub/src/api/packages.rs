@@ -357,7 +357,7 @@ pub(super) async fn download_blob(
     let r2 = reader.clone();
     let (path, package) = blocking(move || {
         let mut package = None;
-        if let Ok(record) = store.by_digest(&digest) {
+        if let Some(record) = store.published_by_digest(&digest)? {
             store.check_read(&record, r2.as_ref(), now_ms())?;
             package = Some((record.name, record.version));
         }

@@ -27,9 +27,6 @@ use crate::time::now_rfc3339;
 /// at most [`crate::api`]'s 1,000 of them).
 pub const MAX_DOCUMENT_BYTES: usize = 64 << 10;
 
-/// Longest name part (`id`, `model_name`, `model_version`), in bytes.
-pub const MAX_KEY_PART: usize = 200;
-
 /// Bytes in the gigabyte the Component Repository counts `storage` and `RAM` in (10^9).
 pub const GIGABYTE: f64 = 1e9;
 
@@ -120,30 +117,15 @@ fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-/// Checks one part of an entry's name: 1 to [`MAX_KEY_PART`] characters from
-/// `[A-Za-z0-9_.+-]`, not starting or ending with `.`, no `..`, and not `meta` (a word the
-/// routes use).
+/// Checks one part of an entry's name ([`tessera_core::name::check_entry_part`]: 1 to
+/// [`tessera_core::name::MAX_ENTRY_PART`] characters from `[A-Za-z0-9_.+-]`, not starting or ending with `.`, no
+/// `..`, and not `meta`), the rule `collection/id` references follow too.
 ///
 /// # Errors
 /// [`HubError::BadRequest`] naming the field and why.
 pub fn check_key_part(field: &str, s: &str) -> Result<(), HubError> {
-    let bad = |why: &str| Err(HubError::BadRequest(format!("invalid {field} {:?}: {why}", truncate(s))));
-    if s.is_empty() {
-        return bad("it is empty");
-    }
-    if s.len() > MAX_KEY_PART {
-        return bad(&format!("it is longer than {MAX_KEY_PART} characters"));
-    }
-    if !s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '+')) {
-        return bad("only letters, digits and '_', '-', '.', '+' are allowed");
-    }
-    if s.starts_with('.') || s.ends_with('.') || s.contains("..") {
-        return bad("it has an empty dotted segment");
-    }
-    if s == "meta" {
-        return bad("`meta` is reserved by the routes");
-    }
-    Ok(())
+    tessera_core::name::check_entry_part(s)
+        .map_err(|why| HubError::BadRequest(format!("invalid {field} {:?}: {why}", truncate(s))))
 }
 
 /// The `needs` of a transformation, service or inferencer, as the Component Repository
@@ -510,6 +492,23 @@ impl HubStore {
             tracing::info!(collection = collection.name(), %key, revision = rec.revisions.len(), "component object stored");
         }
         result
+    }
+
+    /// [`HubStore::put_component_object`] of bytes held in memory.
+    ///
+    /// # Errors
+    /// As [`HubStore::put_component_object`]; I/O errors writing the temporary file.
+    pub fn put_component_bytes(
+        &self,
+        collection: Collection,
+        key: &str,
+        bytes: &[u8],
+        actor: Option<&PublicKey>,
+    ) -> Result<(ComponentRecord, bool), HubError> {
+        let file = self.blobs.temp_path();
+        std::fs::write(&file, bytes)?;
+        let upload = ObjectUpload { file: &file, digest: Digest::of(bytes), size: bytes.len() as u64 };
+        self.put_component_object(collection, key, upload, actor)
     }
 
     /// An entry.

@@ -12,6 +12,7 @@
 //!   leaves no trace, its claim included.
 
 mod accounts;
+mod component_packages;
 pub(crate) mod components;
 pub(crate) mod db;
 mod dump;
@@ -287,6 +288,10 @@ pub struct HubStore {
     limits: Limits,
     dir: PathBuf,
     key: KeyPair,
+    /// What the component objects read as packages turned out to be (manifest, or why
+    /// not), by digest: bytes never change under a digest, and reading a package
+    /// decompresses all of it.
+    object_manifests: Mutex<component_packages::Inspected>,
 }
 
 /// The namespace of a name: its first segment.
@@ -358,7 +363,16 @@ impl HubStore {
             }
         };
         let blobs = FsBlobStore::open(dir.join("blobs"))?;
-        Ok(HubStore { db: Mutex::new(conn), shared: None, adopted: Mutex::default(), blobs, limits, dir, key })
+        Ok(HubStore {
+            db: Mutex::new(conn),
+            shared: None,
+            adopted: Mutex::default(),
+            blobs,
+            limits,
+            dir,
+            key,
+            object_manifests: Mutex::default(),
+        })
     }
 
     /// Connects to the database, brings its schema up to date and loads (or makes) the
@@ -753,6 +767,7 @@ mod tests {
     fn writes_adopt_blobs_through_the_store() {
         let files = [
             ("accounts.rs", include_str!("accounts.rs")),
+            ("component_packages.rs", include_str!("component_packages.rs")),
             ("components.rs", include_str!("components.rs")),
             ("grants.rs", include_str!("grants.rs")),
             ("models.rs", include_str!("models.rs")),

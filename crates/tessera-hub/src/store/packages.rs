@@ -135,6 +135,7 @@ impl PackageRow {
                 }
                 None => None,
             },
+            component: None,
         })
     }
 }
@@ -603,8 +604,22 @@ impl HubStore {
         Ok(filters.page(out))
     }
 
-    /// The live record of a package digest.
+    /// The live record of a package digest or, when no package has it, of a
+    /// transformation's, service's or inferencer's object that is a package (see
+    /// [`HubStore::component_package`]; here with the package's own `needs`).
+    ///
+    /// # Errors
+    /// [`HubError::NotFound`]; [`HubError::BadRequest`] when the digest is only such an
+    /// entry's object and that is no package.
     pub fn by_digest(&self, digest: &Digest) -> Result<PackageRecord, HubError> {
+        match self.published_by_digest(digest)? {
+            Some(r) => Ok(r),
+            None => self.component_object_package(digest)?.ok_or_else(|| HubError::NotFound(digest.to_string())),
+        }
+    }
+
+    /// The live record of a published package by digest, if any.
+    pub(crate) fn published_by_digest(&self, digest: &Digest) -> Result<Option<PackageRecord>, HubError> {
         let row = self
             .db()
             .query_row(
@@ -613,7 +628,7 @@ impl HubStore {
                 package_row,
             )
             .optional()?;
-        row.map(|(r, _)| r.into_record()).transpose()?.ok_or_else(|| HubError::NotFound(digest.to_string()))
+        row.map(|(r, _)| r.into_record()).transpose()
     }
 
     /// Deletes a version, on behalf of `actor`. Its number stays reserved for the same
