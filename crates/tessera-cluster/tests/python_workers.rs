@@ -137,12 +137,8 @@ async fn a_half_precision_model_with_a_counter_trains() {
     cluster.stop().await;
 }
 
-/// PyTorch workers join a session with WebAssembly workers. Ignored by default: it needs a
-/// Python with torch (several GiB from PyPI), which `scripts/test` does not install. Run:
-/// `TESSERA_PYTHON=/path/to/python-with-torch cargo test -p tessera-cluster --test python_workers -- --ignored`
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a Python with torch in TESSERA_PYTHON"]
-async fn pytorch_and_webassembly_workers_train_one_model() {
+/// Four nodes with digits shards whose Python ($TESSERA_PYTHON) has torch, in a fresh home.
+async fn torch_cluster() -> (tempfile::TempDir, Cluster) {
     let py = python();
     let ok = std::process::Command::new(&py).args(["-c", "import torch"]).status().is_ok_and(|s| s.success());
     assert!(ok, "{} cannot import torch", py.display());
@@ -150,7 +146,16 @@ async fn pytorch_and_webassembly_workers_train_one_model() {
     let data = digits::prepare(&home.path().join("data"), 4, 0.2, 7).unwrap();
     let mut config = ClusterConfig::digits(home.path(), &data, WasmLimits::default());
     config.python = Some(py);
-    let cluster = Cluster::start(config).await.unwrap();
+    (home, Cluster::start(config).await.unwrap())
+}
+
+/// PyTorch workers join a session with WebAssembly workers. Ignored by default: it needs a
+/// Python with torch (several GiB from PyPI), which `scripts/test` does not install. Run:
+/// `TESSERA_PYTHON=/path/to/python-with-torch cargo test -p tessera-cluster --test python_workers -- --ignored`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Python with torch in TESSERA_PYTHON"]
+async fn pytorch_and_webassembly_workers_train_one_model() {
+    let (home, cluster) = torch_cluster().await;
     let wasm_dir = home.path().join("wasm-worker");
     tessera_modules::write_softmax_worker(&wasm_dir).unwrap();
     let wasm = cluster.publish_dir(&wasm_dir).unwrap();
@@ -182,14 +187,7 @@ async fn pytorch_and_webassembly_workers_train_one_model() {
 #[ignore = "needs a Python with torch in TESSERA_PYTHON"]
 async fn a_pytorch_network_with_batch_normalisation_trains() {
     use tessera_core::tensor::{Dtype, FloatType, Model, TensorLimits};
-    let py = python();
-    let ok = std::process::Command::new(&py).args(["-c", "import torch"]).status().is_ok_and(|s| s.success());
-    assert!(ok, "{} cannot import torch", py.display());
-    let home = tempfile::tempdir().unwrap();
-    let data = digits::prepare(&home.path().join("data"), 4, 0.2, 7).unwrap();
-    let mut config = ClusterConfig::digits(home.path(), &data, WasmLimits::default());
-    config.python = Some(py);
-    let cluster = Cluster::start(config).await.unwrap();
+    let (_home, cluster) = torch_cluster().await;
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/fl-torch-bn-worker");
     let bn = cluster.publish_dir(&dir).unwrap();
     let rounds = 4;
