@@ -237,10 +237,9 @@ impl Place {
             let doc = remote.component_document(*collection, id).await?;
             let c = tessera_hub::Collection::from(*collection);
             match cluster.hub.create_component(c, id, &doc, None) {
-                Ok(_) | Err(tessera_hub::HubError::Conflict(_)) => {}
-                Err(e) => return Err(e.into()),
+                Err(tessera_hub::HubError::Conflict(_)) => cluster.hub.update_component(c, id, doc, None).map(drop)?,
+                other => other.map(drop)?,
             }
-            cluster.hub.update_component(c, id, doc, None)?;
             cluster.hub.put_component_bytes(c, id, &bytes, None)?;
             return Ok(());
         }
