@@ -163,10 +163,13 @@ pub fn build_node(
     options: NodeOptions,
 ) -> anyhow::Result<Node> {
     let degraded = options.degraded;
+    let defaults = tessera_process::ProcessLimits::default();
     let process_limits = tessera_process::ProcessLimits {
         max_time: limits.max_time,
         max_output_bytes: limits.max_output_bytes,
-        ..tessera_process::ProcessLimits::default()
+        // A frame carries an output: one as large as the output limit is accepted.
+        max_message_bytes: defaults.max_message_bytes.max(limits.max_output_bytes),
+        ..defaults
     };
     // Never opened to a module: the node's home (its keys), its cache (other packages),
     // its dataset files (read through the node, which checks grants).

@@ -128,6 +128,11 @@ pub struct CoordinatorArgs {
     /// Where the coordinator's node caches packages (default: $TESSERA_HOME/coordinator/cache).
     #[arg(long)]
     cache: Option<PathBuf>,
+    /// Largest output of one run on the coordinator's own node (all outputs together: the
+    /// initial model it creates, an evaluation's metrics), as `tessera node run
+    /// --max-output`.
+    #[arg(long, default_value = "256MiB")]
+    max_output: tessera_core::ByteSize,
     /// Serve the coordinator's Prometheus metrics (rounds, round durations, tasks) at
     /// `http://ADDR/metrics` while it runs.
     #[arg(long, value_name = "ADDR")]
@@ -169,7 +174,7 @@ impl CoordinatorArgs {
         let local = crate::node::build_node(
             cfg,
             ports,
-            WasmLimits::default(),
+            WasmLimits { max_output_bytes: self.max_output.0, ..WasmLimits::default() },
             crate::node::NodeOptions { degraded: true, prestart: None },
         )?;
         let coordinator = Coordinator::new(backend, Arc::new(client.clone()), Some(Arc::new(local))).with_identity(key);

@@ -20,12 +20,9 @@ fn tessera(home: &Path, hub: &str) -> Command {
     c
 }
 
-/// A process's peak resident memory so far (`VmHWM`), in bytes; `None` once it is gone.
-fn peak_rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
-}
+#[path = "support/peak.rs"]
+mod peak;
+use peak::peak_rss;
 
 /// Runs a child to its end, sampling its peak memory; `stop` may end it early (returns
 /// true to kill). Returns whether it succeeded, its stderr and its peak memory.

@@ -195,6 +195,40 @@ async fn a_session_whose_coordinator_stopped_resumes_from_its_last_round(on: On)
     ));
 }
 
+/// A session whose updates are summed as they stream in from the blob store (as a large
+/// model's are) gives every round the bits of one whose updates are held whole, and a
+/// streamed session stopped after its first round and resumed ends with the same model.
+async fn streamed_rounds_give_the_bits_of_held_ones_and_resume(on: On) {
+    let home = tempfile::tempdir().unwrap();
+    let cluster = std::sync::Arc::new(cluster(&on, home.path(), 3).await);
+    let mut cfg = SessionConfig::new("fl.softmax.worker");
+    cfg.rounds = 3;
+    cfg.eval_dataset = Some("digits-test".into());
+    cfg.config = json!({"lr": 0.5});
+    let held = cluster.coordinator().run("s-held", &cfg, &Quiet).await.unwrap();
+    let streamed = cluster.coordinator().with_streaming_from(0).run("s-streamed", &cfg, &Quiet).await.unwrap();
+    let digests = |r: &tessera_coordinator::SessionResult| r.reports.iter().map(|r| r.model).collect::<Vec<_>>();
+    assert_eq!(digests(&streamed), digests(&held));
+    for (s, h) in streamed.reports.iter().zip(&held.reports) {
+        assert_eq!((&s.contributed, s.examples, s.eval_accuracy), (&h.contributed, h.examples, h.eval_accuracy));
+    }
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (c, cfg2) = (cluster.clone(), cfg.clone());
+    let run =
+        tokio::spawn(async move { c.coordinator().with_streaming_from(0).run("s-cut", &cfg2, &Rounds(tx)).await });
+    while rx.recv().await != Some(1) {}
+    run.abort();
+    let _ = run.await;
+    let resumed = cluster.coordinator().with_streaming_from(0).resume("s-cut", &Quiet).await.unwrap();
+    assert_eq!(
+        resumed.model_digest, held.model_digest,
+        "a resumed streamed session ends where an uninterrupted one does"
+    );
+}
+
+on_both_backends!(streamed_rounds_give_the_bits_of_held_ones_and_resume);
+
 /// Withdraws a node's announcement when round 1 finishes, before round 2 picks its nodes
 /// (the observer runs on the coordinator's task).
 struct LapseAfterRound1 {

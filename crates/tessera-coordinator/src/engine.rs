@@ -30,6 +30,9 @@ pub struct Coordinator {
     pub(crate) local: Option<Arc<Node>>,
     pub(crate) threads: usize,
     pub(crate) retry_for: Duration,
+    /// Rounds whose global model has at least this many bytes stream their updates
+    /// (see [`crate::streamed`]).
+    pub(crate) stream_from: u64,
     /// The last listing of announced nodes and when it was taken (see
     /// [`Coordinator::announced`]).
     pub(crate) listing: std::sync::Mutex<Option<(Instant, Vec<NodeRecord>)>>,
@@ -77,6 +80,7 @@ impl Coordinator {
             local,
             threads,
             retry_for: Duration::from_secs(60),
+            stream_from: crate::streamed::STREAM_FROM,
             listing: std::sync::Mutex::new(None),
             started: std::sync::Mutex::new(std::collections::BTreeSet::new()),
             leftovers: Default::default(),

@@ -176,8 +176,11 @@ impl Coordinator {
             )));
         }
         observer.started(id, &record, &eligible, cfg.rounds, 0);
-        let model = self.initial_model(id, cfg, &workers, &eligible).await?;
-        let model = self.retry("storing the initial model", || self.backend.blobs.put(model.clone())).await?;
+        let model = {
+            // Its bytes are dropped once stored: rounds read the model from the store.
+            let bytes = self.initial_model(id, cfg, &workers, &eligible).await?;
+            self.retry("storing the initial model", || self.backend.blobs.put(bytes.clone())).await?
+        };
         let state = SessionState {
             schema: SCHEMA_VERSION,
             id: id.to_owned(),
@@ -416,11 +419,12 @@ impl Coordinator {
         let selected = plan.participants;
         observer.round_started(round, &selected);
 
-        let global = self
-            .retry("reading the global model", || self.backend.blobs.get(&state.model))
-            .await?
-            .ok_or_else(|| SessionError::Aggregate("the global model is missing".into()))?;
-        let global_ref = model_input(&global, state.model);
+        let loaded = self.global_model(&state.model, crate::streamed::may_stream(cfg, strategy)).await?;
+        let global_ref = match &loaded.bytes {
+            Some(b) => model_input(b, state.model),
+            None => BlobRef::stored("model", state.model, loaded.size()),
+        };
+        let global = loaded.bytes.clone().unwrap_or_default();
         let seed_base = cfg.seed.wrapping_mul(1_000_003).wrapping_add(u64::from(round) * 1009);
         if let Some(sa) = &cfg.secure_aggregation {
             let ctx = RoundCtx { state, workers, round, started, selected, available, global, global_ref, seed_base };
@@ -458,43 +462,57 @@ impl Coordinator {
             ..RoundTimings::default()
         };
         let fetching = Instant::now();
-        let base =
-            Model::decode(&global, TensorLimits::default()).map_err(|e| SessionError::Aggregate(e.to_string()))?;
-        let dp = cfg.differential_privacy.as_ref();
-        let mut fold = Fold::new(round, &base, dp, strategy, self.threads);
-        // Updates are fetched side by side (bounded in count and bytes) and taken in
-        // participant order as they come, so the aggregate does not depend on which blob
-        // came first, and each is dropped once folded in.
+        // Updates are taken in participant order, so the aggregate does not depend on
+        // which came first.
         let mut order = selected.clone();
         order.sort();
-        let replies_ref = &replies;
-        let max_update = (global.len() as u64).saturating_mul(2).saturating_add(1 << 20);
-        let mut collected = futures::stream::iter(order)
-            .map(|node: String| async move {
-                let fail = |error: String| Failure { node: node.clone(), error };
-                match replies_ref.replies.get(&node) {
-                    None if replies_ref.gone.contains(&node) => {
-                        Err(fail("the node left (its heartbeat stopped)".into()))
+        let missing = |node: &str| {
+            if replies.gone.contains(node) {
+                "the node left (its heartbeat stopped)".to_owned()
+            } else {
+                format!("no reply within {}s", cfg.round_timeout_secs)
+            }
+        };
+        let dp = cfg.differential_privacy.as_ref();
+        let (mut aggregate, usable, failures, folding) = if loaded.bytes.is_none() {
+            let outcomes = order
+                .iter()
+                .map(|node| (node.clone(), replies.replies.get(node).ok_or_else(|| missing(node))))
+                .collect();
+            self.fold_streamed(round, &loaded.layout, strategy, outcomes, cfg.min_participants).await?
+        } else {
+            let base =
+                Model::decode(&global, TensorLimits::default()).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+            let mut fold = Fold::new(round, &base, dp, strategy, self.threads);
+            // Updates are fetched side by side (bounded in count and bytes) and taken in
+            // order as they come, each dropped once folded in.
+            let (replies_ref, missing) = (&replies, &missing);
+            let max_update = (global.len() as u64).saturating_mul(2).saturating_add(1 << 20);
+            let mut collected = futures::stream::iter(order)
+                .map(|node: String| async move {
+                    let fail = |error: String| Failure { node: node.clone(), error };
+                    match replies_ref.replies.get(&node) {
+                        None => Err(fail(missing(&node))),
+                        Some(r) => self.collect(&node, r, max_update).await.map_err(fail),
                     }
-                    None => Err(fail(format!("no reply within {}s", cfg.round_timeout_secs))),
-                    Some(r) => self.collect(&node, r, max_update).await.map_err(fail),
-                }
-            })
-            .buffered(collect_window(global.len()));
-        while let Some(outcome) = collected.next().await {
-            fold.take(outcome)?;
-        }
-        drop(collected);
-        timings.transfer = (fetching.elapsed() - fold.folding).as_secs_f64();
-        if fold.usable.len() < cfg.min_participants {
-            return Err(too_few(round, fold.usable.len(), cfg.min_participants, &fold.failures));
-        }
-        let mut aggregate = fold.aggregate(strategy)?;
+                })
+                .buffered(collect_window(global.len()));
+            while let Some(outcome) = collected.next().await {
+                fold.take(outcome)?;
+            }
+            drop(collected);
+            if fold.usable.len() < cfg.min_participants {
+                return Err(too_few(round, fold.usable.len(), cfg.min_participants, &fold.failures));
+            }
+            let aggregate = fold.aggregate(strategy)?;
+            (aggregate, fold.usable, fold.failures, fold.folding)
+        };
+        timings.transfer = fetching.elapsed().saturating_sub(folding).as_secs_f64();
         let aggregating = Instant::now();
         let mut dp_epsilon = None;
         let mut dp_sample_rate = None;
         if let Some(dp) = dp {
-            let sigma = dp.noise_multiplier * dp.clipping_norm / fold.usable.len() as f64;
+            let sigma = dp.noise_multiplier * dp.clipping_norm / usable.len() as f64;
             let mut rng = privacy::BoxMuller::new(|| {
                 let mut b = [0u8; 8];
                 getrandom::fill(&mut b).expect("the operating system's random source works");
@@ -509,8 +527,7 @@ impl Coordinator {
             dp_epsilon = Some(accountant.epsilon(dp.delta).map_err(|e| SessionError::Aggregate(e.to_string()))?.0);
             dp_sample_rate = Some(q);
         }
-        let aggregation = fold.folding + aggregating.elapsed();
-        let (usable, failures) = (fold.usable, fold.failures);
+        let aggregation = folding + aggregating.elapsed();
         let examples: u64 = usable.iter().map(|u| u.metrics.num_examples).sum();
         let train_loss =
             usable.iter().map(|u| u.metrics.loss * u.metrics.num_examples as f64).sum::<f64>() / examples as f64;
@@ -537,29 +554,20 @@ impl Coordinator {
         &self,
         ctx: &RoundCtx<'_>,
         strategy: &dyn Strategy,
-        done: Aggregated,
+        mut done: Aggregated,
     ) -> Result<RoundReport, SessionError> {
         let cfg = &ctx.state.config;
         let id = ctx.state.id.as_str();
-        crate::fold::check_storable(ctx.round, &done.model)?;
-        let model_bytes = Bytes::from(done.model.encode());
+        let aggregate = std::mem::take(&mut done.model);
+        crate::fold::check_storable(ctx.round, &aggregate)?;
         let storing = Instant::now();
-        let model = self.retry("storing the global model", || self.backend.blobs.put(model_bytes.clone())).await?;
+        let (model, model_size, model_bytes) = self.store_model(aggregate).await?;
         let mut timings = done.timings;
         timings.transfer += storing.elapsed().as_secs_f64();
         let eval_started = Instant::now();
         let (metrics, fed) = tokio::try_join!(
-            self.evaluate(id, cfg, &ctx.workers.default, model_bytes, ctx.round),
-            self.evaluate_federated(
-                id,
-                cfg,
-                ctx.workers,
-                strategy,
-                &ctx.available,
-                ctx.round,
-                &model,
-                ctx.global_ref.size
-            ),
+            self.evaluate(id, cfg, &ctx.workers.default, model_bytes, &model, ctx.round),
+            self.evaluate_federated(id, cfg, ctx.workers, strategy, &ctx.available, ctx.round, &model, model_size),
         )?;
         Ok(RoundReport {
             round: ctx.round,
@@ -653,11 +661,19 @@ impl Coordinator {
         id: &str,
         cfg: &SessionConfig,
         record: &PackageRecord,
-        model: Bytes,
+        model: Option<Bytes>,
+        digest: &Digest,
         round: u32,
     ) -> Result<Option<WorkerMetrics>, SessionError> {
         let (Some(local), Some(dataset)) = (&self.local, &cfg.eval_dataset) else {
             return Ok(None);
+        };
+        let model = match model {
+            Some(b) => b,
+            None => self
+                .retry("reading the global model", || self.backend.blobs.get(digest))
+                .await?
+                .ok_or_else(|| SessionError::Aggregate("the global model vanished from the blob store".into()))?,
         };
         let mut config = Self::worker_config(cfg, "evaluate", cfg.seed);
         deep_merge(&mut config, &json!({"dataset": dataset}));

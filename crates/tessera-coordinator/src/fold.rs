@@ -44,6 +44,7 @@ pub(crate) struct Update {
 }
 
 /// What the round keeps of an update once it is folded in.
+#[derive(Debug)]
 pub(crate) struct Contribution {
     pub(crate) node: String,
     pub(crate) metrics: WorkerMetrics,

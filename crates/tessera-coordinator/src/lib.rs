@@ -30,6 +30,7 @@ mod placement;
 mod retention;
 mod secure;
 pub mod state;
+mod streamed;
 pub mod swarm;
 
 pub use config::{DpConfig, DpSide, Hierarchy, Region, SecAggSettings, SessionConfig, StrategySpec, SwarmFile};
@@ -38,4 +39,5 @@ pub use engine::{Coordinator, Observer, Quiet};
 pub use error::SessionError;
 pub use fedbuff::FedBuffConfig;
 pub use state::{Ending, RunRecord, RunSummary, SessionResult, SessionState, new_session_id, state_key, stop_key};
+pub use streamed::STREAM_FROM;
 pub use swarm::{IterationReport, StageReport, SwarmResult, SwarmState};

@@ -19,6 +19,7 @@ pub mod aggregate;
 pub mod card;
 pub mod config;
 pub mod digest;
+pub mod layout;
 pub mod manager;
 pub mod manifest;
 pub mod name;

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 pub use safetensors::tensor::Dtype;
-use safetensors::tensor::{SafeTensors, TensorView};
+use safetensors::tensor::SafeTensors;
 
 /// Limits applied when decoding tensors from outside.
 #[derive(Clone, Copy, Debug)]
@@ -85,19 +85,11 @@ impl Tensors {
 
     /// Encodes as safetensors. The same tensors always give the same bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = self
-            .0
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shape.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect()))
-            .collect();
-        let views: Vec<(String, TensorView<'_>)> = bytes
-            .iter()
-            .map(|(n, s, b)| {
-                let view = TensorView::new(Dtype::F32, s.clone(), b).expect("shape matches data by construction");
-                (n.clone(), view)
-            })
-            .collect();
-        safetensors::serialize(views, None).expect("serialising in-memory f32 tensors cannot fail")
+        let floats = self.0.iter().map(|(n, t)| (n.as_str(), t, FloatType::F32));
+        let mut out =
+            Vec::with_capacity(encoded_bound(self.0.iter().map(|(n, t)| (n, t.shape.len(), t.data.len() * 4))));
+        write_safetensors(&mut out, floats, &BTreeMap::new()).expect("writing to memory cannot fail");
+        out
     }
 
     /// Total number of values.
@@ -146,7 +138,9 @@ pub enum FloatType {
 }
 
 impl FloatType {
-    fn of(dtype: Dtype) -> Option<FloatType> {
+    /// The float type of a safetensors dtype; `None` for integers, booleans and the 4-, 6-
+    /// and 8-bit float types.
+    pub fn of(dtype: Dtype) -> Option<FloatType> {
         match dtype {
             Dtype::F32 => Some(FloatType::F32),
             Dtype::F64 => Some(FloatType::F64),
@@ -178,7 +172,7 @@ impl FloatType {
     /// Little-endian values of this type as f32. `bytes.len()` is a multiple of
     /// [`FloatType::size`] (safetensors checks it). F64 values outside f32's range become
     /// infinities (refused later as non-finite).
-    fn read(self, bytes: &[u8]) -> Vec<f32> {
+    pub fn read(self, bytes: &[u8]) -> Vec<f32> {
         match self {
             FloatType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             FloatType::F64 => bytes
@@ -192,10 +186,10 @@ impl FloatType {
         }
     }
 
-    /// f32 values as little-endian values of this type (F16 and BF16 rounded to nearest,
-    /// ties to even).
-    fn write(self, values: &[f32]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(values.len() * self.size());
+    /// Appends f32 values to `out` as little-endian values of this type (F16 and BF16
+    /// rounded to nearest, ties to even).
+    pub fn write_into(self, values: &[f32], out: &mut Vec<u8>) {
+        out.reserve(values.len() * self.size());
         match self {
             FloatType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
             FloatType::F64 => values.iter().for_each(|v| out.extend_from_slice(&f64::from(*v).to_le_bytes())),
@@ -204,7 +198,6 @@ impl FloatType {
                 values.iter().for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes()))
             }
         }
-        out
     }
 }
 
@@ -262,18 +255,7 @@ impl Model {
                     model.types.insert(name.clone(), ty);
                 }
                 model.floats.0.insert(name, Tensor { shape, data });
-            } else if matches!(
-                dtype,
-                Dtype::BOOL
-                    | Dtype::U8
-                    | Dtype::I8
-                    | Dtype::U16
-                    | Dtype::I16
-                    | Dtype::U32
-                    | Dtype::I32
-                    | Dtype::U64
-                    | Dtype::I64
-            ) {
+            } else if crate::layout::is_fixed(dtype) {
                 model.fixed.insert(name, FixedTensor { dtype, shape, bytes: view.data().to_vec() });
             } else {
                 return Err(TensorError::Dtype {
@@ -287,29 +269,24 @@ impl Model {
     }
 
     /// Encodes as safetensors, every float tensor in its stored type. The same model always
-    /// gives the same bytes.
+    /// gives the same bytes: those of `safetensors::serialize`.
     pub fn encode(&self) -> Vec<u8> {
-        let floats: Vec<(&String, &Tensor, FloatType, Vec<u8>)> = self
-            .floats
-            .0
-            .iter()
-            .map(|(n, t)| {
-                let ty = self.types.get(n).copied().unwrap_or(FloatType::F32);
-                (n, t, ty, ty.write(&t.data))
-            })
-            .collect();
-        let mut views: Vec<(String, TensorView<'_>)> = floats
-            .iter()
-            .map(|(n, t, ty, b)| {
-                let view = TensorView::new(ty.dtype(), t.shape.clone(), b).expect("shape matches data by construction");
-                ((*n).clone(), view)
-            })
-            .collect();
-        for (n, f) in &self.fixed {
-            let view = TensorView::new(f.dtype, f.shape.clone(), &f.bytes).expect("checked when decoded");
-            views.push((n.clone(), view));
-        }
-        safetensors::serialize(views, None).expect("serialising in-memory tensors cannot fail")
+        let floats = self.floats.0.iter().map(|(n, t)| (n, t.shape.len(), t.data.len() * self.float_type(n).size()));
+        let fixed = self.fixed.iter().map(|(n, f)| (n, f.shape.len(), f.bytes.len()));
+        let mut out = Vec::with_capacity(encoded_bound(floats.chain(fixed)));
+        self.write_to(&mut out).expect("writing to memory cannot fail");
+        out
+    }
+
+    /// Writes the bytes [`Model::encode`] gives to `w`, converting a tensor's values a
+    /// chunk at a time: beside the model, it holds about [`WRITE_CHUNK`] bytes (and `w`'s
+    /// own buffer).
+    ///
+    /// # Errors
+    /// `w`'s errors.
+    pub fn write_to(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
+        let floats = self.floats.0.iter().map(|(n, t)| (n.as_str(), t, self.float_type(n)));
+        write_safetensors(w, floats, &self.fixed)
     }
 
     /// Checks that `other` has the same tensors: names, shapes and stored types.
@@ -342,6 +319,13 @@ impl Model {
         Ok(())
     }
 
+    /// Bytes of its tensors' data as stored (each float tensor in its own type): its
+    /// encoding's size but for the header.
+    pub fn data_len(&self) -> u64 {
+        let floats = self.floats.0.iter().map(|(n, t)| (t.data.len() * self.float_type(n).size()) as u64);
+        floats.chain(self.fixed.values().map(|f| f.bytes.len() as u64)).sum()
+    }
+
     /// The stored type of float tensor `name` (F32 when not named in [`Model::types`]).
     pub fn float_type(&self, name: &str) -> FloatType {
         self.types.get(name).copied().unwrap_or(FloatType::F32)
@@ -353,9 +337,74 @@ impl Model {
     }
 }
 
+/// At least the encoded size of tensors given as (name, dimensions, data bytes): the
+/// header at its longest (every name character escaped) and the data. A buffer of it is
+/// never grown while a model is encoded into it.
+fn encoded_bound<'a>(tensors: impl Iterator<Item = (&'a String, usize, usize)>) -> usize {
+    tensors.fold(64, |acc, (name, dims, bytes)| acc + name.len() * 6 + 96 + dims * 21 + bytes)
+}
+
+/// Bytes of converted values [`Model::write_to`] holds at once.
+pub const WRITE_CHUNK: usize = 1 << 20;
+
+/// Writes a safetensors file of `floats` (each in its stored type) and `fixed`, laid out
+/// as `safetensors::serialize` lays them out (by descending dtype, then name; the header
+/// padded with spaces to a multiple of 8), so the bytes are the same.
+fn write_safetensors<'a>(
+    w: &mut impl std::io::Write,
+    floats: impl Iterator<Item = (&'a str, &'a Tensor, FloatType)>,
+    fixed: &BTreeMap<String, FixedTensor>,
+) -> std::io::Result<()> {
+    enum Data<'a> {
+        Float(&'a [f32], FloatType),
+        Fixed(&'a [u8]),
+    }
+    let mut all: Vec<(&str, Dtype, &[usize], Data<'_>)> = floats
+        .map(|(n, t, ty)| (n, ty.dtype(), t.shape.as_slice(), Data::Float(&t.data, ty)))
+        .chain(fixed.iter().map(|(n, f)| (n.as_str(), f.dtype, f.shape.as_slice(), Data::Fixed(&f.bytes))))
+        .collect();
+    all.sort_by(|(ln, ld, ..), (rn, rd, ..)| rd.cmp(ld).then(ln.cmp(rn)));
+    let mut infos = Vec::with_capacity(all.len());
+    let mut offset = 0usize;
+    for (name, dtype, shape, data) in &all {
+        let len = match data {
+            Data::Float(v, ty) => v.len() * ty.size(),
+            Data::Fixed(b) => b.len(),
+        };
+        let info = safetensors::tensor::TensorInfo {
+            dtype: *dtype,
+            shape: shape.to_vec(),
+            data_offsets: (offset, offset + len),
+        };
+        infos.push(((*name).to_owned(), info));
+        offset += len;
+    }
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let metadata = safetensors::tensor::Metadata::new(None, infos).map_err(|e| invalid(e.to_string()))?;
+    let mut header = serde_json::to_vec(&metadata).map_err(|e| invalid(e.to_string()))?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+    w.write_all(&(header.len() as u64).to_le_bytes())?;
+    w.write_all(&header)?;
+    let mut buf = Vec::with_capacity(WRITE_CHUNK);
+    for (_, _, _, data) in all {
+        match data {
+            Data::Fixed(b) => w.write_all(b)?,
+            Data::Float(values, ty) => {
+                for part in values.chunks(WRITE_CHUNK / ty.size()) {
+                    buf.clear();
+                    ty.write_into(part, &mut buf);
+                    w.write_all(&buf)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use safetensors::tensor::TensorView;
 
     fn sample() -> Tensors {
         let mut t = Tensors::default();
@@ -421,6 +470,36 @@ mod tests {
             ("bn.num_batches_tracked".to_string(), TensorView::new(Dtype::I64, vec![], &n).unwrap()),
         ];
         safetensors::serialize(views, None).unwrap()
+    }
+
+    #[test]
+    fn encoding_gives_the_bytes_safetensors_writes() {
+        let mut model = Model::decode(&mixed(), TensorLimits::default()).unwrap();
+        // Past one chunk of conversion, so the chunked writer is what is compared.
+        let long: Vec<f32> = (0..(WRITE_CHUNK / 2 + 3)).map(|i| i as f32 * 0.5).collect();
+        model.floats.0.insert("long".into(), Tensor { shape: vec![long.len()], data: long });
+        model.types.insert("long".into(), FloatType::F16);
+        let converted: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = model
+            .floats
+            .0
+            .iter()
+            .map(|(n, t)| {
+                let ty = model.float_type(n);
+                let mut b = Vec::new();
+                ty.write_into(&t.data, &mut b);
+                (n.clone(), ty.dtype(), t.shape.clone(), b)
+            })
+            .chain(model.fixed.iter().map(|(n, f)| (n.clone(), f.dtype, f.shape.clone(), f.bytes.clone())))
+            .collect();
+        let views: Vec<(String, TensorView<'_>)> =
+            converted.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+        let expected = safetensors::serialize(views, None).unwrap();
+        assert!(model.encode() == expected);
+        let mut streamed = Vec::new();
+        model.write_to(&mut streamed).unwrap();
+        assert!(streamed == expected);
+        // Rounded to its types once, a model encodes to the same bytes again.
+        assert!(Model::decode(&expected, TensorLimits::default()).unwrap().encode() == expected);
     }
 
     #[test]

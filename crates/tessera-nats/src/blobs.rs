@@ -8,7 +8,7 @@ use bytes::Bytes;
 use std::path::Path;
 use std::time::Duration;
 use tessera_core::Digest;
-use tessera_ports::{BlobError, BlobStore};
+use tessera_ports::{BlobError, BlobReader, BlobStore, Verified};
 
 use tokio::io::AsyncReadExt;
 
@@ -212,7 +212,9 @@ impl BlobStore for NatsBlobs {
             Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(backend(e)),
         };
-        let mut buf = Vec::new();
+        // Sized once: a buffer grown by doubling would hold up to twice the blob while it
+        // is copied. (A size past 4 GiB, which no blob here has, is not trusted up front.)
+        let mut buf = Vec::with_capacity(object.info.size.min(4 << 30));
         object.read_to_end(&mut buf).await.map_err(backend)?;
         if &Digest::of(&buf) != digest {
             return Err(BlobError::Corrupt(*digest));
@@ -222,6 +224,17 @@ impl BlobStore for NatsBlobs {
 
     async fn contains(&self, digest: &Digest) -> Result<bool, BlobError> {
         Ok(self.small_entry(digest).await?.is_some() || self.store_contains(digest).await?)
+    }
+
+    async fn reader(&self, digest: &Digest) -> Result<Option<BlobReader>, BlobError> {
+        if let Some(bytes) = self.small_get(digest).await? {
+            return Ok(Some(Box::pin(std::io::Cursor::new(bytes))));
+        }
+        match self.store.get(digest.hex()).await {
+            Ok(object) => Ok(Some(Box::pin(Verified::new(object, *digest)))),
+            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(backend(e)),
+        }
     }
 
     async fn delete(&self, digest: &Digest) -> Result<bool, BlobError> {
@@ -238,9 +251,15 @@ impl BlobStore for NatsBlobs {
 
     async fn put_file(&self, path: &Path, digest: &Digest) -> Result<(), BlobError> {
         let io = |source| BlobError::Io { path: path.to_owned(), source };
-        let size = tokio::fs::metadata(path).await.map_err(io)?.len();
+        let file = tokio::fs::File::open(path).await.map_err(io)?;
+        let size = file.metadata().await.map_err(io)?.len();
+        self.put_stream(digest, size, Box::pin(file)).await
+    }
+
+    async fn put_stream(&self, digest: &Digest, size: u64, mut reader: BlobReader) -> Result<(), BlobError> {
         if size <= SMALL_BLOB as u64 {
-            let bytes = tokio::fs::read(path).await.map_err(io)?;
+            let mut bytes = Vec::with_capacity(SMALL_BLOB);
+            reader.read_to_end(&mut bytes).await.map_err(backend)?;
             if &self.put(Bytes::from(bytes)).await? != digest {
                 return Err(BlobError::Corrupt(*digest));
             }
@@ -250,11 +269,8 @@ impl BlobStore for NatsBlobs {
         if claimed == Claim::Stored {
             return Ok(());
         }
-        // Streamed: the Object Store reads the file a chunk at a time.
-        let put = match tokio::fs::File::open(path).await {
-            Ok(mut file) => self.store.put(digest.hex().as_str(), &mut file).await.map_err(backend),
-            Err(e) => Err(io(e)),
-        };
+        // Streamed: the Object Store reads a chunk at a time.
+        let put = self.store.put(digest.hex().as_str(), &mut reader).await.map_err(backend);
         let _ = self.small.purge(claim_key(digest)).await;
         put.map(|_| ())
     }

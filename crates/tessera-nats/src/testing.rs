@@ -92,6 +92,11 @@ impl NatsServer {
         self.child = Some(child);
     }
 
+    /// The server process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The URL to connect to.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)

@@ -699,7 +699,10 @@ impl Node {
             moved += bytes.len() as u64;
             inputs.push((r.name.clone(), bytes));
         }
-        let base = inputs.iter().find(|(n, _)| n == "model").map(|(_, b)| b.clone());
+        // The model the update is measured from, kept only when clipping or masking needs
+        // it: a large model is not held beside the run's outputs otherwise.
+        let measured = task.config.get("dp_clipping_norm").is_some() || task.config.get("secagg").is_some();
+        let base = inputs.iter().find(|(n, _)| measured && n == "model").map(|(_, b)| b.clone());
         let logs = crate::context::TaskLog::new(&task.session, &task.task_id, self.backend.world.clone());
         let scope =
             Scope { session: &task.session, task: &task.task_id, world: task.world.clone(), logs: logs.clone() };

@@ -3,11 +3,14 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{Context, Poll, ready};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tessera_core::Digest;
+use tessera_core::{Digest, DigestWriter};
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// Why a blob operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +80,92 @@ pub trait BlobStore: Send + Sync + 'static {
         let Some(bytes) = self.get(digest).await? else { return Ok(false) };
         tokio::fs::write(path, &bytes).await.map_err(|source| BlobError::Io { path: path.to_owned(), source })?;
         Ok(true)
+    }
+
+    /// Stores the blob `digest`, `size` bytes read from `reader` to its end (a producer
+    /// that writes as it goes: a large model encoded a chunk at a time). Stores that can
+    /// stream do, in bounded memory: the local directory checks the bytes against `digest`,
+    /// the NATS Object Store takes the caller's word as [`put_file`](BlobStore::put_file)
+    /// does. The default reads the stream whole and [`put`](BlobStore::put)s it.
+    ///
+    /// # Errors
+    /// [`BlobError::Io`] when `reader` fails; [`BlobError::Corrupt`] when the bytes are not
+    /// `digest`'s (where checked); the store's errors.
+    async fn put_stream(&self, digest: &Digest, size: u64, mut reader: BlobReader) -> Result<(), BlobError> {
+        use tokio::io::AsyncReadExt;
+        let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0).min(4 << 30));
+        reader
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|source| BlobError::Io { path: PathBuf::from("(stream)"), source })?;
+        if &self.put(Bytes::from(bytes)).await? != digest {
+            return Err(BlobError::Corrupt(*digest));
+        }
+        Ok(())
+    }
+
+    /// Opens the blob `digest` for reading front to back; `None` when the store does not
+    /// hold it. Stores that can stream do, in bounded memory; the default reads the blob
+    /// whole ([`get`](BlobStore::get), verified) and serves it from memory.
+    ///
+    /// The bytes are checked against `digest` as they pass ([`Verified`]): the read that
+    /// reaches the end fails with [`std::io::ErrorKind::InvalidData`] when they are not
+    /// `digest`'s, so a reader trusts what it read only once it has read to the end.
+    ///
+    /// # Errors
+    /// The store's errors in opening it.
+    async fn reader(&self, digest: &Digest) -> Result<Option<BlobReader>, BlobError> {
+        Ok(self.get(digest).await?.map(|b| Box::pin(std::io::Cursor::new(b)) as BlobReader))
+    }
+}
+
+/// A blob read front to back ([`BlobStore::reader`]).
+pub type BlobReader = Pin<Box<dyn AsyncRead + Send>>;
+
+/// A reader that checks the bytes passing through against a digest: the read that finds
+/// the end fails with [`std::io::ErrorKind::InvalidData`] when they do not match.
+pub struct Verified<R> {
+    inner: R,
+    hasher: Option<DigestWriter>,
+    digest: Digest,
+    /// The end was reached and did not match: every later read fails too.
+    corrupt: bool,
+}
+
+impl<R> Verified<R> {
+    /// Checks what `inner` gives against `digest`.
+    pub fn new(inner: R, digest: Digest) -> Self {
+        Verified { inner, hasher: Some(DigestWriter::new()), digest, corrupt: false }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Verified<R> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let refuse = |digest: Digest| {
+            Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                BlobError::Corrupt(digest).to_string(),
+            )))
+        };
+        if this.corrupt {
+            return refuse(this.digest);
+        }
+        let (before, room) = (buf.filled().len(), buf.remaining() > 0);
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let new = &buf.filled()[before..];
+        if !new.is_empty() {
+            if let Some(h) = &mut this.hasher {
+                h.update(new);
+            }
+        } else if room && let Some(h) = this.hasher.take() {
+            // The end: every byte has passed.
+            if h.finish() != this.digest {
+                this.corrupt = true;
+                return refuse(this.digest);
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -227,6 +316,53 @@ impl BlobStore for FsBlobStore {
 
     async fn contains(&self, digest: &Digest) -> Result<bool, BlobError> {
         Ok(tokio::fs::try_exists(self.path_of(digest)).await.unwrap_or(false))
+    }
+
+    async fn put_file(&self, path: &Path, digest: &Digest) -> Result<(), BlobError> {
+        let file =
+            tokio::fs::File::open(path).await.map_err(|source| BlobError::Io { path: path.to_owned(), source })?;
+        let size = file.metadata().await.map_err(|source| BlobError::Io { path: path.to_owned(), source })?.len();
+        self.put_stream(digest, size, Box::pin(file)).await
+    }
+
+    async fn put_stream(&self, digest: &Digest, _size: u64, reader: BlobReader) -> Result<(), BlobError> {
+        use tokio::io::AsyncWriteExt;
+        if tokio::fs::try_exists(self.path_of(digest)).await.unwrap_or(false) {
+            return Ok(());
+        }
+        // Written beside the store's files, checked, then moved in; removed on any failure.
+        let tmp = self.temp_path();
+        let written: Result<(), BlobError> = async {
+            let io = |source| BlobError::Io { path: tmp.clone(), source };
+            let mut out = tokio::fs::File::create(&tmp).await.map_err(io)?;
+            let mut checked = Verified::new(reader, *digest);
+            match tokio::io::copy(&mut checked, &mut out).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => return Err(BlobError::Corrupt(*digest)),
+                Err(e) => return Err(io(e)),
+            }
+            out.flush().await.map_err(io)?;
+            out.sync_all().await.map_err(io)?;
+            Ok(())
+        }
+        .await;
+        let adopted = match written {
+            Ok(()) => self.adopt_file(&tmp, digest).map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if adopted.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        adopted
+    }
+
+    async fn reader(&self, digest: &Digest) -> Result<Option<BlobReader>, BlobError> {
+        let path = self.path_of(digest);
+        match tokio::fs::File::open(&path).await {
+            Ok(file) => Ok(Some(Box::pin(Verified::new(file, *digest)))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(BlobError::Io { path, source }),
+        }
     }
 
     async fn delete(&self, digest: &Digest) -> Result<bool, BlobError> {

@@ -330,7 +330,27 @@ pub async fn blob_behaviour(store: &dyn BlobStore) {
         let out = dir.path().join(format!("out-{size}"));
         assert!(store.get_file(&d, &out).await.unwrap());
         assert_eq!(std::fs::read(&out).unwrap(), bytes, "{size} bytes");
+        // Read front to back, in small reads: the same bytes, and a clean end.
+        let mut reader = store.reader(&d).await.unwrap().expect("the blob opens");
+        let mut read = Vec::new();
+        let mut buf = [0u8; 4093];
+        loop {
+            let n = tokio::io::AsyncReadExt::read(&mut reader, &mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            read.extend_from_slice(&buf[..n]);
+        }
+        assert!(read == bytes, "{size} bytes read as a stream");
+        // Stored from a stream: the same blob (and again: a no-op).
         assert!(store.delete(&d).await.unwrap());
+        for _ in 0..2 {
+            let stream = Box::pin(std::io::Cursor::new(bytes.clone()));
+            store.put_stream(&d, size as u64, stream).await.unwrap();
+            assert_eq!(store.get(&d).await.unwrap().unwrap(), bytes, "{size} bytes put as a stream");
+        }
+        assert!(store.delete(&d).await.unwrap());
+        assert!(store.reader(&d).await.unwrap().is_none(), "a missing blob does not open");
         let gone = dir.path().join(format!("gone-{size}"));
         assert!(!store.get_file(&d, &gone).await.unwrap());
         assert!(!gone.exists(), "a missing blob makes no file");

@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// Largest header JSON read, whatever the frame limit (which bounds the blobs).
+pub const MAX_HEADER_TEXT: u64 = 16 << 20;
+
 /// The protocol version this crate speaks (the `protocol` field of `hello`).
 pub const PROTOCOL_VERSION: u64 = 1;
 
@@ -178,8 +181,10 @@ pub async fn read_header<R: AsyncRead + Unpin>(reader: &mut R, max_bytes: u64) -
         filled += n;
     }
     let len = u64::from(u32::from_be_bytes(len));
-    if len > max_bytes {
-        return Err(FrameError::HeaderTooLarge { len, limit: max_bytes });
+    // The JSON is parsed whole: however large the blobs may be, it stays small.
+    let limit = max_bytes.min(MAX_HEADER_TEXT);
+    if len > limit {
+        return Err(FrameError::HeaderTooLarge { len, limit });
     }
     let text = read_exact_capped(reader, len).await?;
     parse_header(&text, max_bytes)
@@ -334,6 +339,17 @@ mod tests {
     async fn read(bytes: &[u8]) -> Result<Frame, FrameError> {
         let mut r = bytes;
         read_frame(&mut r, MAX).await
+    }
+
+    #[tokio::test]
+    async fn a_header_is_small_whatever_the_frame_limit() {
+        let big = MAX_HEADER_TEXT + 1;
+        let mut r: &[u8] = &(big as u32).to_be_bytes();
+        let e = read_header(&mut r, 4 << 30).await.unwrap_err();
+        assert!(
+            matches!(e, FrameError::HeaderTooLarge { len, limit } if len == big && limit == MAX_HEADER_TEXT),
+            "{e}"
+        );
     }
 
     #[tokio::test]

@@ -316,6 +316,8 @@ impl ProcessInstance {
             "config": config,
         });
         self.send(&header, &blobs).await?;
+        // Sent: a large input is not held while the outputs come back.
+        drop(blobs);
         loop {
             let header = frame::read_header(&mut self.stdout, self.limits.max_message_bytes).await?;
             match header.ty.as_str() {

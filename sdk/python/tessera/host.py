@@ -127,9 +127,12 @@ def to_json(value):
 
 
 def encode_output(name, value):
-    """One output: ndarray -> tensor (safetensors, tensor "data"), bytes -> bytes, else JSON."""
+    """One output: ndarray -> tensor (safetensors, tensor "data"), safetensors.Parts ->
+    tensor, bytes -> bytes, else JSON. Arrays and parts are written without copies."""
     if is_ndarray(value):
-        return (name, "tensor", safetensors.encode({"data": value}))
+        return (name, "tensor", safetensors.encode_parts({"data": value}))
+    if isinstance(value, safetensors.Parts):
+        return (name, "tensor", value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return (name, "bytes", bytes(value))
     return (name, "json", to_json(value))

@@ -22,6 +22,11 @@ def _nbytes(b):
     return len(b)
 
 
+def _buffers(b):
+    """The buffers a blob is written as: its parts when it has them (safetensors.Parts)."""
+    return getattr(b, "buffers", (b,))
+
+
 def encode_header(header, blobs=()):
     """The length prefix and JSON of a header; blobs are (name, kind, bytes-like)."""
     h = dict(header)
@@ -35,10 +40,12 @@ def encode_header(header, blobs=()):
 
 
 def write_frame(wfile, header, blobs=()):
-    """Writes a frame (header dict and (name, kind, bytes-like) blobs) and flushes."""
+    """Writes a frame (header dict and (name, kind, bytes-like or safetensors.Parts) blobs)
+    and flushes."""
     wfile.write(encode_header(header, blobs))
     for (_, _, b) in blobs:
-        wfile.write(b)
+        for part in _buffers(b):
+            wfile.write(part)
     wfile.flush()
 
 

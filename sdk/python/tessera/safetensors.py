@@ -55,8 +55,25 @@ def _code(np, dtype):
     return code
 
 
-def encode(tensors, metadata=None):
-    """Encodes a dict name -> array-like as safetensors bytes (names in sorted order)."""
+class Parts:
+    """A safetensors file as buffers written one after another: its length-prefixed header,
+    then each tensor's bytes (views of the arrays, not copies). Return one from a task as an
+    output, or pass it where bytes are written, and a large model is never copied."""
+
+    def __init__(self, buffers):
+        self.buffers = [memoryview(b).cast("B") for b in buffers]
+        self.nbytes = sum(b.nbytes for b in self.buffers)
+
+    def __len__(self):
+        return self.nbytes
+
+    def __bytes__(self):
+        return b"".join(self.buffers)
+
+
+def encode_parts(tensors, metadata=None):
+    """Encodes a dict name -> array-like as safetensors (names in sorted order), as Parts:
+    arrays already contiguous in their little-endian dtype are not copied."""
     np = _np()
     header = {}
     chunks = []
@@ -68,15 +85,20 @@ def encode(tensors, metadata=None):
             raise SafetensorsError("a tensor cannot be named __metadata__ (the header's metadata has that name)")
         arr = np.asarray(tensors[name])
         code = _code(np, arr.dtype)
-        data = np.ascontiguousarray(arr, dtype=np.dtype(DTYPES[code])).tobytes()
-        header[name] = {"dtype": code, "shape": [int(d) for d in arr.shape], "data_offsets": [offset, offset + len(data)]}
+        data = np.ascontiguousarray(arr, dtype=np.dtype(DTYPES[code])).reshape(-1).view(np.uint8)
+        header[name] = {"dtype": code, "shape": [int(d) for d in arr.shape], "data_offsets": [offset, offset + data.nbytes]}
         chunks.append(data)
-        offset += len(data)
+        offset += data.nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
-    return b"".join([struct.pack("<Q", len(text)), text] + chunks)
+    return Parts([struct.pack("<Q", len(text)) + text] + chunks)
+
+
+def encode(tensors, metadata=None):
+    """Encodes a dict name -> array-like as safetensors bytes (names in sorted order)."""
+    return bytes(encode_parts(tensors, metadata))
 
 
 def decode_header(buf):
@@ -113,6 +135,8 @@ def decode(buf):
     either way they are writable.
     """
     np = _np()
+    if isinstance(buf, Parts):
+        buf = bytearray(bytes(buf))
     if isinstance(buf, memoryview):
         buf = buf if not buf.readonly else bytearray(buf)
     elif not isinstance(buf, bytearray):

@@ -24,6 +24,15 @@ class ProtocolTest(unittest.TestCase):
         self.assertEqual(protocol.read_frame(buf)[0], {"type": "shutdown"})
         self.assertIsNone(protocol.read_frame(buf))
 
+    def test_parts_are_written_one_after_another(self):
+        from tessera import safetensors
+
+        parts = safetensors.Parts([b"abc", bytearray(b"de"), memoryview(b"fgh")])
+        a, b = io.BytesIO(), io.BytesIO()
+        protocol.write_frame(a, {"type": "result"}, [("model", "tensor", parts)])
+        protocol.write_frame(b, {"type": "result"}, [("model", "tensor", b"abcdefgh")])
+        self.assertEqual(a.getvalue(), b.getvalue())
+
     def test_hostile_input_is_refused(self):
         cases = [
             raw(b"not json"),

@@ -12,6 +12,21 @@ class SafetensorsTest(unittest.TestCase):
     def setUp(self):
         self.np = _path.require_numpy()
 
+    def test_parts_are_the_encoding_without_copies(self):
+        np = self.np
+        w = np.arange(1000, dtype=np.float32)
+        tensors = {"w": w, "n": np.array(7, dtype=np.int64), "h": np.ones(3, dtype=np.float16)}
+        parts = safetensors.encode_parts(tensors, metadata={"k": "v"})
+        self.assertEqual(bytes(parts), safetensors.encode(tensors, metadata={"k": "v"}))
+        self.assertEqual(len(parts), len(bytes(parts)))
+        # The parts are views of the arrays: a change shows through.
+        w[0] = 42
+        self.assertEqual(safetensors.decode(bytes(parts))["w"][0], 42)
+        # A non-contiguous array or another byte order is converted, as before.
+        strided = np.arange(10, dtype=">f4")[::2]
+        back = safetensors.decode(bytes(safetensors.encode_parts({"s": strided})))["s"]
+        np.testing.assert_array_equal(back, strided)
+
     def test_round_trip_of_every_dtype(self):
         np = self.np
         tensors = {

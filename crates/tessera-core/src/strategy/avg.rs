@@ -77,6 +77,10 @@ impl Strategy for FedAvg {
         true
     }
 
+    fn reads_current(&self) -> bool {
+        false
+    }
+
     fn aggregate_sum(
         &mut self,
         round: u32,
@@ -158,6 +162,10 @@ impl Strategy for FedProx {
 
     fn takes_sum(&self) -> bool {
         true
+    }
+
+    fn reads_current(&self) -> bool {
+        false
     }
 
     fn aggregate_sum(

@@ -344,6 +344,14 @@ pub trait Strategy: Send + Sync {
         false
     }
 
+    /// Whether [`Strategy::aggregate_sum`] reads the values of the model the round started
+    /// from (`current`): FedAvgM's and FedOpt's server step do; FedAvg's and FedProx's mean
+    /// does not, so a caller summing a model too large to hold twice may pass an empty
+    /// `current` to those.
+    fn reads_current(&self) -> bool {
+        true
+    }
+
     /// The next global model from a round's results folded into `sum` (in node order). The
     /// same refusals as [`Strategy::aggregate_fit`], the failure policy and `min_fit`
     /// counted on the sum's results; a strategy that needs every update refuses

@@ -9,7 +9,9 @@
 
 use super::{FitResult, StrategyError};
 use crate::aggregate::{divide_into, scaled_add_into};
-use crate::tensor::{Tensor, Tensors};
+use std::collections::BTreeMap;
+
+use crate::tensor::{Tensor, TensorError, Tensors};
 
 /// `sum_k n_k * u_k` over the results added so far (f32, node order), with their example
 /// count and nodes. Built by the caller ([`FitSum::new`], [`FitSum::add`]) and handed to
@@ -59,18 +61,7 @@ impl FitSum {
     /// example count past `u64` ([`StrategyError::Examples`]). On error nothing is added.
     pub fn add(&mut self, node: &str, update: &Tensors, num_examples: u64) -> Result<(), StrategyError> {
         let round = self.round;
-        if let Some(last) = self.nodes.last() {
-            if node == last {
-                return Err(StrategyError::DuplicateNode { round, node: node.into() });
-            }
-            if node < last.as_str() {
-                return Err(StrategyError::Aggregation {
-                    round,
-                    strategy: "fit sum".into(),
-                    message: format!("results are added in node order, and {node:?} comes before {last:?}"),
-                });
-            }
-        }
+        self.check_next(node)?;
         if self.nodes.is_empty() && self.sum.0.is_empty() {
             self.sum = zeros_like(update);
         }
@@ -87,6 +78,82 @@ impl FitSum {
         for (name, t) in self.sum.0.iter_mut() {
             scaled_add_into(&mut t.data, &update.0[name].data, num_examples as f32, self.threads);
         }
+        self.nodes.push(node.into());
+        Ok(())
+    }
+
+    /// An empty sum for `round` over float tensors of these shapes (a model's layout), for
+    /// updates added part by part ([`FitSum::add_part`]).
+    pub fn zeros(round: u32, shapes: &BTreeMap<String, Vec<usize>>, threads: usize) -> FitSum {
+        let sum = Tensors(shapes.iter().map(|(n, s)| (n.clone(), Tensor::zeros(s))).collect());
+        FitSum { round, threads: threads.max(1), sum, examples: 0, nodes: Vec::new() }
+    }
+
+    /// Checks that participant `node` may be added next: after the last one added, in node
+    /// order ([`StrategyError::DuplicateNode`] for the same node,
+    /// [`StrategyError::Aggregation`] out of order).
+    pub fn check_next(&self, node: &str) -> Result<(), StrategyError> {
+        let Some(last) = self.nodes.last() else { return Ok(()) };
+        if node == last {
+            return Err(StrategyError::DuplicateNode { round: self.round, node: node.into() });
+        }
+        if node < last.as_str() {
+            return Err(StrategyError::Aggregation {
+                round: self.round,
+                strategy: "fit sum".into(),
+                message: format!("results are added in node order, and {node:?} comes before {last:?}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds `num_examples × values` into elements `offset..offset + values.len()` of tensor
+    /// `name`: a part of participant `node`'s update, for updates too large to hold whole
+    /// (read from a stream, a chunk at a time). Each element takes the same operation as in
+    /// [`FitSum::add`], so a sum built from parts has the same bits. Once every part of the
+    /// update is added, [`FitSum::count`] records the participant.
+    ///
+    /// Refuses an unknown tensor or a range past its end ([`StrategyError::Layout`]) and a
+    /// non-finite value ([`StrategyError::NonFinite`], with its index in the tensor). The
+    /// parts added before stay in the sum: on an error the caller drops the sum (fails the
+    /// round), as a participant's half-added update cannot be taken out again.
+    pub fn add_part(
+        &mut self,
+        node: &str,
+        name: &str,
+        offset: usize,
+        values: &[f32],
+        num_examples: u64,
+    ) -> Result<(), StrategyError> {
+        let round = self.round;
+        let layout =
+            |what: String| StrategyError::Layout { round, node: node.into(), error: TensorError::Mismatch(what) };
+        let t = self.sum.0.get_mut(name).ok_or_else(|| layout(format!("tensor {name:?} is not in the model")))?;
+        let end = offset.checked_add(values.len()).filter(|e| *e <= t.data.len()).ok_or_else(|| {
+            layout(format!("{} values from {offset} in tensor {name:?}, which has {}", values.len(), t.data.len()))
+        })?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(StrategyError::NonFinite {
+                round,
+                node: node.into(),
+                tensor: name.into(),
+                index: offset + i,
+                value: values[i].to_string(),
+            });
+        }
+        scaled_add_into(&mut t.data[offset..end], values, num_examples as f32, self.threads);
+        Ok(())
+    }
+
+    /// Records participant `node`, every part of whose update [`FitSum::add_part`] added,
+    /// trained on `num_examples` examples. The refusals of [`FitSum::check_next`], and an
+    /// example count past `u64` ([`StrategyError::Examples`]).
+    pub fn count(&mut self, node: &str, num_examples: u64) -> Result<(), StrategyError> {
+        self.check_next(node)?;
+        self.examples = self.examples.checked_add(num_examples).ok_or_else(|| StrategyError::Examples {
+            round: self.round,
+            message: "the example counts add up to more than 2^64".into(),
+        })?;
         self.nodes.push(node.into());
         Ok(())
     }
@@ -164,6 +231,38 @@ mod tests {
         let a = FitSum::of(1, &Tensors::default(), &rs, 1).unwrap().mean().unwrap();
         let b = FitSum::of(1, &Tensors::default(), &backwards, 1).unwrap().mean().unwrap();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_sum_of_parts_has_the_bits_of_the_whole() {
+        let rs: Vec<FitResult> = (0..3)
+            .map(|k| result(&format!("n{k}"), (0..7).map(|i| 0.1 + (i * 5 + k) as f32 * 0.37).collect(), 2 + k as u64))
+            .collect();
+        let whole = FitSum::of(1, &Tensors::default(), &rs, 1).unwrap().mean().unwrap();
+        let mut parts = FitSum::zeros(1, &BTreeMap::from([("p".to_string(), vec![7])]), 1);
+        for r in &rs {
+            parts.check_next(&r.node).unwrap();
+            let v = &r.update.0["p"].data;
+            parts.add_part(&r.node, "p", 0, &v[..3], r.num_examples).unwrap();
+            parts.add_part(&r.node, "p", 3, &v[3..], r.num_examples).unwrap();
+            parts.count(&r.node, r.num_examples).unwrap();
+        }
+        assert_eq!((parts.results(), parts.examples()), (3, 9));
+        assert_eq!(parts.mean().unwrap(), whole);
+    }
+
+    #[test]
+    fn parts_out_of_place_are_refused() {
+        let mut s = FitSum::zeros(2, &BTreeMap::from([("p".to_string(), vec![4])]), 1);
+        assert!(matches!(s.add_part("a", "q", 0, &[1.0], 1), Err(StrategyError::Layout { .. })));
+        assert!(matches!(s.add_part("a", "p", 3, &[1.0, 1.0], 1), Err(StrategyError::Layout { .. })));
+        assert!(matches!(s.add_part("a", "p", usize::MAX, &[1.0], 1), Err(StrategyError::Layout { .. })));
+        let e = s.add_part("a", "p", 2, &[1.0, f32::INFINITY], 1).unwrap_err();
+        assert!(matches!(e, StrategyError::NonFinite { index: 3, .. }), "{e}");
+        s.count("b", 1).unwrap();
+        assert!(matches!(s.check_next("b"), Err(StrategyError::DuplicateNode { .. })));
+        assert!(matches!(s.count("a", 1), Err(StrategyError::Aggregation { .. })));
+        assert!(matches!(s.count("c", u64::MAX), Err(StrategyError::Examples { .. })));
     }
 
     #[test]
