@@ -205,6 +205,7 @@ async fn dispatch_rate(backend: Backend, dir: &std::path::Path) -> f64 {
                 inline_outputs: 1 << 10,
                 fresh: true,
                 trace: None,
+                component: None,
             };
             puts.push(tessera_ports::Put::new(task_queue(node), Bytes::from(wire::encode(&task))));
         }

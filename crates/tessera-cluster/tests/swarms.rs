@@ -305,7 +305,8 @@ fn the_python_and_yaml_forms_of_the_manta_swarm_give_the_same_spec() {
 
 /// A task names a Component Repository entry (`transformation/test.counter`) whose object
 /// is a Tessera package never published as one: it runs that package, placement judges
-/// the entry's `needs` joined with the package's, a resumed run checks the entry still
+/// the entry's `needs` joined with the package's and the nodes run it under them (an
+/// entry's tiny memory kills the run), a resumed run checks the entry still
 /// holds the bytes it ran, and an object that is no package is refused by name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_named_by_a_component_runs_its_package_under_the_entrys_needs() {
@@ -317,7 +318,8 @@ async fn a_task_named_by_a_component_runs_its_package_under_the_entrys_needs() {
     let packed = tessera_package::pack_dir(&count, &tessera_package::Limits::default()).unwrap();
     let doc = |ram: f64| serde_json::json!({"id": "test.counter", "description": "counts rows", "needs": {"storage": 0, "RAM": ram, "GPU": false}});
     let entry = |v: serde_json::Value| v.as_object().unwrap().clone();
-    cluster.hub.create_component(Collection::Transformation, "test.counter", &entry(doc(0.001)), None).unwrap();
+    // 0.5 GB: the task carries it, and the node limits the run's memory by it.
+    cluster.hub.create_component(Collection::Transformation, "test.counter", &entry(doc(0.5)), None).unwrap();
     cluster.hub.put_component_bytes(Collection::Transformation, "test.counter", &packed.bytes, None).unwrap();
     let spec = SwarmSpec::from_yaml(
         "tasks:\n  count: {module: transformation/test.counter, datasets: [digits]}\n  total: {module: test.total, method: any, maximum: 1}\nflow: [count -> total]\n",
@@ -331,6 +333,15 @@ async fn a_task_named_by_a_component_runs_its_package_under_the_entrys_needs() {
     // Resuming the finished run resolves the entry again: it still holds those bytes.
     let again = cluster.coordinator().resume_swarm("component-1", &Quiet).await.unwrap();
     assert_eq!(again.globals, result.globals);
+
+    // The entry says 1 MB: its tasks carry that, and each node limits the run by it.
+    let mut less = serde_json::Map::new();
+    less.insert("needs".into(), doc(0.001)["needs"].clone());
+    cluster.hub.update_component(Collection::Transformation, "test.counter", less, None).unwrap();
+    let err = cluster.coordinator().run_swarm("component-tiny", &spec, &Quiet).await.unwrap_err().to_string();
+    // (The machines this runs on have cgroups: tessera-process's sandbox tests say so.)
+    let limited = err.contains("memory limit") || err.contains("MemoryError");
+    assert!(err.contains("count") && limited, "the entry's memory limits the run: {err}");
 
     // The entry now needs 100 TB of memory: no node can run its task.
     let mut more = serde_json::Map::new();

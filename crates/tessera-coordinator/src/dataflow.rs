@@ -169,7 +169,7 @@ impl OperationNetwork for FlowNetwork<'_> {
             ));
         }
         let record = self.modules.get(&op.module).ok_or_else(|| format!("no package for operation {name}"))?;
-        let module = record.digest;
+        let (module, component) = (record.digest, record.component.clone());
         // A node offering the operation must also run its module: its runtime and `needs`.
         let task = TaskSpec::on_all(op.module.clone(), Vec::new());
         let module_facts = [facts(record)];
@@ -220,6 +220,7 @@ impl OperationNetwork for FlowNetwork<'_> {
                 inline_outputs: 0,
                 // The run id carries a nonce: no task of it was sent before.
                 fresh: true,
+                component: component.clone(),
             };
             let replies = self.c.send_and_collect(&id, 0, vec![task], self.timeout).await.map_err(|e| e.to_string())?;
             match replies.replies.get(&node).map(|r| &r.outcome) {

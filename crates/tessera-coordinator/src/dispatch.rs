@@ -56,6 +56,9 @@ pub(crate) struct Outgoing {
     pub inline_outputs: u64,
     /// No task of this id was sent before (see [`TaskMessage::fresh`]).
     pub fresh: bool,
+    /// The Component Repository entry the module was named by (see
+    /// [`TaskMessage::component`]).
+    pub component: Option<String>,
 }
 
 /// Outputs of a federated round's tasks (updates, metrics, partial sums) up to this size
@@ -117,6 +120,7 @@ impl Coordinator {
                 world: None,
                 inline_outputs: INLINE_OUTPUTS,
                 fresh: self.started_here(id),
+                component: workers.for_node(participant_node(p)).component.clone(),
             })
             .collect();
         let replies = self.send_and_collect(id, round, tasks, timeout).await?;
@@ -174,6 +178,7 @@ impl Coordinator {
                 inline_outputs: t.inline_outputs,
                 fresh: t.fresh,
                 trace: Some(TraceParent::for_task(id, round, &t.task_id).to_string()),
+                component: t.component,
             };
             let queue = task_queue(&node);
             if let (Some(key), Some(node_key)) = (&self.identity, node_keys.get(&node)) {

@@ -352,6 +352,7 @@ impl<'a> FedBuffRun<'a> {
                 participant: participant.clone(),
                 task_id: format!("{id}.b{version}.{seq}.{participant}"),
                 module: self.workers.for_node(participant_node(&participant)).digest,
+                component: self.workers.for_node(participant_node(&participant)).component.clone(),
                 config,
                 inputs: vec![base.input.clone()],
                 world: None,

@@ -159,3 +159,46 @@ impl Coordinator {
         placement::eligible("worker", &task, &[facts(&workers.default)], &nodes).err().map(|e| e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+    use tessera_core::wire::{self, TaskMessage};
+    use tessera_ports::Backend;
+
+    use super::*;
+
+    /// Tasks of a module resolved through a Component Repository entry name the entry;
+    /// tasks of a package named as itself name none.
+    #[tokio::test]
+    async fn tasks_of_an_entry_name_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Arc::new(tessera_hub::HubStore::open(dir.path().join("hub")).unwrap());
+        let m = dir.path().join("echo");
+        std::fs::create_dir_all(&m).unwrap();
+        std::fs::write(
+            m.join("module.yaml"),
+            "name: test.echo\nversion: 0.1.0\nkind: task\nruntime: builtin\nentry: echo\n",
+        )
+        .unwrap();
+        let packed = tessera_package::pack_dir(&m, &tessera_package::Limits::default()).unwrap();
+        let own = hub.publish(&packed.bytes, None, None).unwrap().record;
+        let backend = Backend::in_process(Duration::from_secs(5));
+        let c = Coordinator::new(backend.clone(), Arc::new(tessera_hub::LocalHub(hub)), None);
+        let mut entry = own.clone();
+        entry.component = Some("transformation/custom.echo".into());
+        for (run, record, want) in [("s-own", &own, None), ("s-entry", &entry, entry.component.clone())] {
+            let workers = Workers { default: record.clone(), nodes: BTreeMap::new() };
+            let nodes = ["node-a".to_string()];
+            let wait = Duration::from_millis(20);
+            c.dispatch(run, 1, &nodes, "", &workers, |_, _| json!({}), |_, _| Vec::new(), wait).await.unwrap();
+            let queue = tessera_node::task_queue("node-a");
+            let d = backend.bus.get(&queue, Duration::from_secs(5)).await.unwrap().expect("the task was sent");
+            let task: TaskMessage = wire::decode(&d.payload).unwrap();
+            d.ack().await.unwrap();
+            assert_eq!(task.component, want);
+        }
+    }
+}

@@ -638,6 +638,7 @@ impl SwarmRun<'_> {
                         participant: node.clone(),
                         task_id,
                         module: rec.digest,
+                        component: rec.component.clone(),
                         config,
                         inputs: self.inputs_for(it, task, node),
                         world: Some(world.clone()),

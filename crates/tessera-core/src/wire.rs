@@ -184,6 +184,13 @@ pub struct TaskMessage {
     /// node's span for the task carries the same trace id. Ignored when malformed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
+    /// The Component Repository entry the module was named by (`transformation/<id>`),
+    /// when it was: the node resolves the entry through its own hub, checks that it holds
+    /// [`TaskMessage::module`], and runs the package under the entry's `needs` joined with
+    /// its own (what placement judged by). The sender names the entry; the needs come from
+    /// the hub, never from the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -637,6 +644,7 @@ mod tests {
             inline_outputs: 0,
             fresh: false,
             trace: None,
+            component: None,
         }
     }
 
@@ -664,6 +672,12 @@ mod tests {
     fn round_trips() {
         let t = task();
         assert_eq!(decode::<TaskMessage>(&encode(&t)).unwrap(), t);
+        // The entry a module was named by travels with the task, and is absent unless given
+        // (a message without it, from before it was carried, reads as none).
+        assert!(!String::from_utf8(encode(&t)).unwrap().contains("component"));
+        let mut named = task();
+        named.component = Some("transformation/custom.scale".into());
+        assert_eq!(decode::<TaskMessage>(&encode(&named)).unwrap(), named);
         let r = TaskReply {
             schema: SCHEMA_VERSION,
             task_id: t.task_id.clone(),

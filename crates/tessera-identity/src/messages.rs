@@ -87,6 +87,7 @@ mod tests {
             inline_outputs: 0,
             fresh: false,
             trace: None,
+            component: None,
         }
     }
 

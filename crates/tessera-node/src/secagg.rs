@@ -35,7 +35,8 @@ pub struct SecAggTask {
     /// `s`: the example counts are divided by it, so the weighted values stay within the
     /// quantization range.
     pub weight_scale: f64,
-    /// How long the node waits for each step of the round, in seconds.
+    /// How long the coordinator waits for each step of the round, in seconds (a node waits
+    /// twice that for the coordinator's answer).
     pub step_timeout_secs: f64,
 }
 
@@ -122,7 +123,11 @@ pub async fn participate(
         return Err(refuse(format!("the update has {} values; the round expects {}", x.len(), task.config.vector_len)));
     }
     let input = task.config.quantize(&x).map_err(refuse)?;
-    let step = Duration::from_secs_f64(task.step_timeout_secs.clamp(0.1, 3600.0));
+    // The coordinator answers each step once it has every participant's message or its
+    // step ran out waiting for those that dropped out, and it may have begun waiting just
+    // before this node posted: a node waits two steps for the answer, so a dropout never
+    // makes the others miss it.
+    let step = 2 * Duration::from_secs_f64(task.step_timeout_secs.clamp(0.1, 3600.0));
     let p = &task.prefix;
     let id = task.id;
     let (mut me, keys) = Participant::new(task.config.clone(), id).map_err(refuse)?;

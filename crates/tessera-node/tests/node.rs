@@ -174,6 +174,7 @@ impl Setup {
             inline_outputs: 0,
             fresh: false,
             trace: None,
+            component: None,
         }
         .with_node(node)
     }
@@ -525,4 +526,82 @@ async fn a_task_sent_again_is_answered_from_the_record_unless_fresh(on: On) {
     assert_eq!(third.stats().answered_again.load(Relaxed), 0);
     stop.send(true).unwrap();
     handle.await.unwrap().unwrap();
+}
+
+/// A runtime that answers with the needs of the module it was handed.
+struct NeedsSeen;
+
+#[async_trait]
+impl Runtime for NeedsSeen {
+    fn kind(&self) -> tessera_core::RuntimeKind {
+        tessera_core::RuntimeKind::Python
+    }
+    async fn run(
+        &self,
+        module: &tessera_ports::ModuleImage,
+        _invocation: tessera_ports::Invocation,
+        _ctx: Arc<dyn tessera_ports::TaskContext>,
+    ) -> Result<tessera_ports::Outputs, tessera_ports::RuntimeError> {
+        Ok(vec![("needs".into(), Bytes::from(serde_json::to_vec(&module.manifest.needs).unwrap()))])
+    }
+}
+
+/// A task of a module named by a Component Repository entry runs under the entry's needs,
+/// which the node resolves through its own hub, joined with the package's: the larger
+/// amounts, the libraries of both. The task names the entry, nothing more: an entry that
+/// no longer holds the task's package, or a name that is no entry, is refused.
+#[tokio::test]
+async fn a_task_named_by_an_entry_runs_under_the_entry_s_needs() {
+    use tessera_core::manifest::Needs;
+    use tessera_hub::Collection;
+    let s = setup(On::Memory).await;
+    let m = s._dir.path().join("needy");
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::write(
+        m.join("module.yaml"),
+        "name: test.needy\nversion: 0.1.0\nkind: task\nruntime: python\nentry: main.py\n\
+         needs: {cpu: 1, memory: 64MiB, libraries: [scipy]}\n",
+    )
+    .unwrap();
+    std::fs::write(m.join("main.py"), "").unwrap();
+    let packed = pack_dir(&m, &Limits::default()).unwrap();
+    let doc = json!({"id": "test.needy", "description": "needs more", "needs": {"storage": 0, "RAM": 1, "GPU": false,
+        "preinstalled_libraries": {"numpy": "2.0.0"}, "available_models": {}}});
+    s.hub.create_component(Collection::Transformation, "test.needy", doc.as_object().unwrap(), None).unwrap();
+    s.hub.put_component_bytes(Collection::Transformation, "test.needy", &packed.bytes, None).unwrap();
+    let node = s.node_with("n1", Arc::new(LocalHub(s.hub.clone())), vec![Arc::new(NeedsSeen)]);
+    let seen = |reply: &TaskReply| -> Needs {
+        let TaskOutcome::Ok { outputs, .. } = &reply.outcome else { panic!("{reply:?}") };
+        serde_json::from_slice(outputs[0].inline.as_deref().unwrap()).unwrap()
+    };
+    let mut task = s.task("plain", "n1", json!({}));
+    task.module = packed.digest;
+    task.inline_outputs = 1 << 10;
+    let own = seen(&node.execute(&task).await);
+    assert_eq!((own.memory.0, own.libraries.clone()), (64 << 20, vec!["scipy".to_string()]));
+
+    let mut named = task.clone().with_node("named");
+    named.component = Some("transformation/test.needy".into());
+    let joined = seen(&node.execute(&named).await);
+    assert_eq!(joined.memory.0, 1_000_000_000, "the entry's RAM, 1 GB");
+    assert_eq!(joined.libraries, ["scipy", "numpy==2.0.0"]);
+    assert_eq!(joined.cpu, 1.0);
+    assert!(!joined.network);
+
+    for (name, entry, why) in [
+        ("release", "test.needy@0.1.0", "not a Component Repository entry"),
+        ("dots", "transformation/../x", "the id"),
+        ("missing", "service/test.needy", "test.needy"),
+    ] {
+        let mut bad = task.clone().with_node(name);
+        bad.component = Some(entry.into());
+        let reply = node.execute(&bad).await;
+        assert!(failed(&reply).contains(why), "{entry}: {reply:?}");
+    }
+    // The entry now holds other bytes: the task's package is not what it names.
+    std::fs::write(m.join("main.py"), "# changed").unwrap();
+    let newer = pack_dir(&m, &Limits::default()).unwrap();
+    s.hub.put_component_bytes(Collection::Transformation, "test.needy", &newer.bytes, None).unwrap();
+    let reply = node.execute(&named.clone().with_node("moved")).await;
+    assert!(failed(&reply).contains("now holds"), "{reply:?}");
 }

@@ -95,6 +95,7 @@ fn task(id: &str, module: Digest, config: serde_json::Value) -> TaskMessage {
         inline_outputs: 0,
         fresh: false,
         trace: None,
+        component: None,
     }
 }
 

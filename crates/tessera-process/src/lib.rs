@@ -280,7 +280,8 @@ impl ProcessRuntime {
         class: Option<&str>,
     ) -> Result<ProcessInstance, RuntimeError> {
         let Some(spares) = &self.spares else { return self.launch(module, ctx, class).await };
-        let key: prestart::Key = (module.digest, class.map(str::to_owned));
+        let needs = serde_json::to_string(&module.manifest.needs).unwrap_or_default();
+        let key: prestart::Key = (module.digest, class.map(str::to_owned), needs);
         let node = ctx.node().to_owned();
         let instance = match spares.take(&key) {
             Some((inst, swap)) if inst.healthy() && inst.exit_status().is_none() => {

@@ -22,8 +22,10 @@ use crate::ProcessInstance;
 /// Modules with a spare at once; the longest idle goes first past it.
 const MAX_SPARES: usize = 16;
 
-/// Which spare fits a start: the module's digest and the class it runs.
-pub(crate) type Key = (Digest, Option<String>);
+/// Which spare fits a start: the module's digest, the class it runs, and the needs it
+/// was started under (JSON: a task may carry more than the manifest declares, and a spare
+/// started with less memory or fewer libraries does not fit it).
+pub(crate) type Key = (Digest, Option<String>, String);
 
 /// A task context that can be handed to a task after its process started.
 pub(crate) struct SwapCtx {

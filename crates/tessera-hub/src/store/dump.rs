@@ -27,9 +27,10 @@ const MANIFEST: &str = "tessera-hub-dump.json";
 
 /// Tables a dump leaves out: uploads in progress (their files are not dumped either),
 /// the replay cache (its rows expire with the signature window, a minute by default),
-/// PostgreSQL's copy of the hub's key (the dump holds the key as a file), and the
-/// deployment's settings (whether blobs are shared: the restore's target says).
-const SKIPPED: [&str; 4] = ["uploads", "nonces", "hub_key", "settings"];
+/// PostgreSQL's copy of the hub's key (the dump holds the key as a file), the
+/// deployment's settings (whether blobs are shared: the restore's target says), and notes
+/// of blobs put ahead of their writes (the sweep's business).
+const SKIPPED: [&str; 5] = ["uploads", "nonces", "hub_key", "settings", "pending_blobs"];
 
 /// What a dump or a restore moved.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

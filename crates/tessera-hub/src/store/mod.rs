@@ -21,6 +21,7 @@ pub(crate) mod models;
 mod namespaces;
 mod nonces;
 mod packages;
+mod pending;
 pub(crate) mod search;
 pub(crate) mod uploads;
 
@@ -170,6 +171,11 @@ CREATE TABLE IF NOT EXISTS nonces (
     PRIMARY KEY (signer, nonce)
 );
 CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces(expires_ms);
+CREATE TABLE IF NOT EXISTS pending_blobs (
+    token TEXT PRIMARY KEY,
+    digest TEXT NOT NULL,
+    since INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS settings (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -545,20 +551,29 @@ impl HubStore {
         (file, digest): (&Path, &Digest),
         f: impl FnOnce(&Conn) -> Result<T, HubError>,
     ) -> Result<T, HubError> {
-        let mut shared_first = false;
+        let mut pending = None;
         if let Some(shared) = &self.shared
             && file.exists()
             && !shared.run(shared.blobs.contains(digest))?
         {
-            shared.run(shared.blobs.put_file(file, digest))?;
-            shared_first = true;
+            // Noted first: if this process dies before the write, the sweep collects it.
+            let token = self.note_pending(digest)?;
+            if let Err(e) = shared.run(shared.blobs.put_file(file, digest)) {
+                // A partial object may be left: the note stays for the sweep.
+                return Err(e.into());
+            }
+            pending = Some(token);
         }
         let result = self.write(name, actor, f);
         if result.is_err()
-            && shared_first
+            && pending.is_some()
             && let Err(e) = self.collect_blob(digest)
         {
             tracing::warn!(blob = %digest, error = %e, "a refused write's blob stays in the shared store");
+            return result;
+        }
+        if let Some(token) = pending {
+            self.forget_pending(&token);
         }
         result
     }
@@ -644,6 +659,10 @@ impl HubStore {
     ) -> Result<Self, HubError> {
         self.shared = Some(Shared { blobs, runtime: Some(runtime) });
         record_shared_blobs(&self.db())?;
+        // What a process that died mid-write left, long enough ago.
+        if let Err(e) = self.collect_pending(pending::PENDING_GRACE_SECS) {
+            tracing::warn!(error = %e, "blobs left by unfinished writes stay until the next sweep");
+        }
         Ok(self)
     }
 
@@ -774,6 +793,7 @@ mod tests {
             ("namespaces.rs", include_str!("namespaces.rs")),
             ("nonces.rs", include_str!("nonces.rs")),
             ("packages.rs", include_str!("packages.rs")),
+            ("pending.rs", include_str!("pending.rs")),
             ("search.rs", include_str!("search.rs")),
             ("uploads.rs", include_str!("uploads.rs")),
         ];

@@ -237,8 +237,8 @@ impl HubStore {
     }
 
     /// Removes uploads untouched for [`STALE_AFTER_SECS`] ([`UNSIGNED_STALE_AFTER_SECS`]
-    /// for unsigned clients'), and upload files no row names (left by a crash); at most once
-    /// a minute.
+    /// for unsigned clients'), upload files no row names (left by a crash) and blobs a crash
+    /// left in the shared store ([`HubStore::collect_pending`]); at most once a minute.
     fn expire_uploads(&self) -> Result<(), HubError> {
         let now = now_secs();
         let last = LAST_SWEEP.load(std::sync::atomic::Ordering::Relaxed);
@@ -259,6 +259,11 @@ impl HubStore {
         for id in stale {
             tracing::info!(%id, "stale upload removed");
             self.end_upload(&id)?;
+        }
+        // Blobs a dead process put in the shared store ahead of a write it never made (a
+        // failure there is the next sweep's to retry, not this request's).
+        if let Err(e) = self.collect_pending(super::pending::PENDING_GRACE_SECS) {
+            tracing::warn!(error = %e, "blobs left by unfinished writes stay until the next sweep");
         }
         let Ok(files) = std::fs::read_dir(self.uploads_dir()) else { return Ok(()) };
         for f in files.flatten() {
