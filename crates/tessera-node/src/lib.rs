@@ -13,6 +13,7 @@ pub mod actors;
 pub mod builtin;
 pub mod cache;
 pub mod context;
+mod entries;
 pub mod node;
 pub mod policy;
 pub mod resources;

@@ -367,28 +367,6 @@ impl Node {
         Ok(image)
     }
 
-    /// The needs a module named by Component Repository entry `entry` runs under: the
-    /// entry's, resolved through this node's own hub (never taken from the task), joined
-    /// with the package's `own`, as placement judged them. Refuses an entry that does not
-    /// name a collection entry, or that no longer holds `digest`.
-    async fn entry_needs(
-        &self,
-        entry: &str,
-        digest: &Digest,
-        own: &tessera_core::manifest::Needs,
-    ) -> Result<tessera_core::manifest::Needs, NodeError> {
-        let refuse = |why: String| NodeError::Refused(format!("the task names entry {entry:?}: {why}"));
-        let reference: PackageRef = entry.parse().map_err(|e| refuse(format!("{e}")))?;
-        if !matches!(reference, PackageRef::Component { .. }) {
-            return Err(refuse("not a Component Repository entry".into()));
-        }
-        let record = self.source.resolve(&reference).await.map_err(|e| refuse(e.to_string()))?;
-        if &record.digest != digest {
-            return Err(refuse(format!("it now holds {}, not the task's {digest}", record.digest)));
-        }
-        Ok(own.joined(&record.manifest.needs))
-    }
-
     /// Checks a task's signature and the signer's grant: returns the signer and the
     /// datasets the task may read.
     async fn authorize(
