@@ -1,8 +1,11 @@
 //! The `tessera` binary as a user runs it.
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[path = "support/hub.rs"]
+mod hub_process;
+use hub_process::spawn_hub;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 
 fn tessera() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tessera"));
@@ -77,20 +80,9 @@ impl Drop for Hub {
 }
 
 fn start_hub(data: &Path) -> Hub {
-    let mut child = tessera()
-        .args(["hub", "serve", "--listen", "127.0.0.1:0", "--data", data.to_str().unwrap()])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("the hub says where it listens").unwrap();
-        if let Some(rest) = line.strip_prefix("hub: ") {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let mut serve = tessera();
+    serve.args(["hub", "serve", "--listen", "127.0.0.1:0", "--data", data.to_str().unwrap()]);
+    let (child, url) = spawn_hub(serve);
     Hub { child, url }
 }
 

@@ -4,7 +4,10 @@
 //! model. The size is `TESSERA_LARGE_MODEL_MIB` (256 by default; docs/benchmarks.md has a
 //! run at 2048).
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[path = "support/hub.rs"]
+mod hub_process;
+use hub_process::spawn_hub;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -108,21 +111,9 @@ fn a_large_model_resumes_both_ways_in_bounded_memory() {
     let digest = file_digest(&model);
 
     let data = home.path().join("hub");
-    let mut hub = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["hub", "serve", "--listen", "127.0.0.1:0", "--data", data.to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(hub.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("the hub says where it listens").unwrap();
-        if let Some(rest) = line.strip_prefix("hub: ") {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    serve.args(["hub", "serve", "--listen", "127.0.0.1:0", "--data", data.to_str().unwrap()]).env_remove("RUST_LOG");
+    let (hub, url) = spawn_hub(serve);
     let hub_pid = hub.id();
     struct Kill(Child);
     impl Drop for Kill {

@@ -10,6 +10,9 @@
 //! its figures). Each process starts at 30 to 90 MB, which a model this size dwarfs. Needs a
 //! Python with numpy: `scripts/test` makes one and exports `TESSERA_PYTHON`.
 
+#[path = "support/hub.rs"]
+mod hub_process;
+use hub_process::spawn_hub;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -169,19 +172,7 @@ fn a_large_model_session_stays_within_two_and_a_half_models_per_process() {
     let sampler = Sampler::start(watched.clone());
     let mut procs = Procs(Vec::new());
 
-    let mut hub = tessera(&["hub", "serve", "--listen", "127.0.0.1:0", "--data", "hub"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(hub.stderr.take().unwrap()).lines();
-    let hub_url = loop {
-        let line = lines.next().expect("the hub says where it listens").unwrap();
-        if let Some(rest) = line.strip_prefix("hub: ") {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let (hub, hub_url) = spawn_hub(tessera(&["hub", "serve", "--listen", "127.0.0.1:0", "--data", "hub"]));
     watched.lock().unwrap().push(("hub".into(), hub.id()));
     procs.0.push(hub);
     let with_hub = |args: &[&str]| {

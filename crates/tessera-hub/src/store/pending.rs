@@ -93,6 +93,12 @@ mod tests {
 
     use super::*;
 
+    /// A hub in `dir` whose blobs are shared through `blobs`.
+    fn shared_hub(dir: &std::path::Path, blobs: Arc<dyn BlobStore>) -> HubStore {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        HubStore::open(dir.join("hub")).unwrap().with_shared_blobs(blobs, rt).unwrap()
+    }
+
     fn notes(store: &HubStore) -> i64 {
         store.db().query_row("SELECT COUNT(*) FROM pending_blobs", params![], |r| r.get(0)).unwrap()
     }
@@ -141,8 +147,7 @@ mod tests {
     fn refused_writes_leave_nothing_and_failed_puts_leave_their_note() {
         let dir = tempfile::tempdir().unwrap();
         let shared = Arc::new(MemoryBlobStore::new());
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let store = HubStore::open(dir.path().join("hub")).unwrap().with_shared_blobs(shared.clone(), rt).unwrap();
+        let store = shared_hub(dir.path(), shared.clone());
         let local = tokio::runtime::Runtime::new().unwrap();
         store.publish(&package(dir.path(), "first"), None, None).unwrap();
         // The same version with other bytes: refused after its blob went to the shared store.
@@ -152,9 +157,7 @@ mod tests {
         assert_eq!(notes(&store), 0);
 
         let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let failing = Arc::new(FailingPuts(MemoryBlobStore::new()));
-        let store = HubStore::open(dir.path().join("hub")).unwrap().with_shared_blobs(failing, rt).unwrap();
+        let store = shared_hub(dir.path(), Arc::new(FailingPuts(MemoryBlobStore::new())));
         let e = store.publish(&package(dir.path(), "first"), None, None).unwrap_err();
         assert!(e.to_string().contains("went away"), "{e}");
         assert_eq!(notes(&store), 1, "the failed put's note stays for the sweep");
@@ -168,8 +171,7 @@ mod tests {
     fn a_blob_put_ahead_of_a_write_that_never_came_is_collected() {
         let dir = tempfile::tempdir().unwrap();
         let shared = Arc::new(MemoryBlobStore::new());
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let store = HubStore::open(dir.path().join("hub")).unwrap().with_shared_blobs(shared.clone(), rt).unwrap();
+        let store = shared_hub(dir.path(), shared.clone());
         let local = tokio::runtime::Runtime::new().unwrap();
 
         // A publish through the shared store leaves no note behind.
