@@ -4,6 +4,9 @@
 //! The tests here share the machine's two cores with heavy processes, so they run one at
 //! a time.
 
+#[path = "support/hub.rs"]
+mod hub_process;
+use hub_process::spawn_hub;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -56,20 +59,10 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let nats = NatsServer::start();
         let mut env = Env { nats, hub_url: String::new(), dir, procs: Vec::new() };
-        let mut hub = tessera(&env)
-            .args(["hub", "serve", "--listen", "127.0.0.1:0", "--data", "hub"])
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(hub.stderr.take().unwrap()).lines();
-        env.hub_url = loop {
-            let line = lines.next().expect("the hub says where it listens").unwrap();
-            if let Some(rest) = line.strip_prefix("hub: ") {
-                break rest.split_whitespace().next().unwrap().to_owned();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
+        let mut serve = tessera(&env);
+        serve.args(["hub", "serve", "--listen", "127.0.0.1:0", "--data", "hub"]);
+        let (hub, url) = spawn_hub(serve);
+        env.hub_url = url;
         env.procs.push(Proc { child: hub, name: "hub".into() });
         let worker = env.dir.path().join("worker");
         tessera_modules::write_softmax_worker(&worker).unwrap();

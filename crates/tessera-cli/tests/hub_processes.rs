@@ -2,7 +2,9 @@
 //! database (SQLite in that directory, or PostgreSQL): they start together, take concurrent
 //! uploads of the same packages, and share the signature replay cache.
 
-use std::io::{BufRead, BufReader};
+#[path = "support/hub.rs"]
+mod hub_process;
+use hub_process::hub_url;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -43,17 +45,7 @@ fn spawn_hub(data: &Path, database: &Database, blobs: Option<&str>) -> Child {
 }
 
 fn listening(mut child: Child) -> Hub {
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut said = String::new();
-    let url = loop {
-        let line = lines.next().unwrap_or_else(|| panic!("the hub says where it listens; it said:\n{said}")).unwrap();
-        said.push_str(&line);
-        said.push('\n');
-        if let Some(rest) = line.strip_prefix("hub: ") {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let url = hub_url(&mut child);
     Hub { child, url }
 }
 
