@@ -48,15 +48,22 @@ on_both_backends!(
     a_late_answer_is_counted_in_no_round,
 );
 
-/// FedBuff with a buffer of 4 on 4 nodes, 10 server steps: as many accepted updates as
-/// 10 synchronous FedAvg rounds, and the same accuracy within a point (3 local epochs;
-/// measured: FedAvg 0.947, FedBuff 0.942 to 0.947).
+/// FedBuff with a buffer of 4 on 4 nodes, 20 server steps: as many accepted updates as
+/// 20 synchronous FedAvg rounds, and the same accuracy within a point.
+///
+/// Which updates a step takes, and how stale, depends on timing, and the test set has 359
+/// samples (a point is 3.6 of them), so the comparison is made where both have converged:
+/// 5 local epochs at learning rate 0.2. Measured over 22 runs, 16 of them with three busy
+/// processes on the 2 cores: FedAvg 0.955, FedBuff 0.953 to 0.961. At 10 steps of 3 epochs
+/// at 0.5 both still swing by a point from one step to the next, and FedBuff once ended
+/// 1.1 points short.
 async fn fedbuff_reaches_fedavg_s_accuracy_with_as_many_updates(on: On) {
     let home = tempfile::tempdir().unwrap();
     let cluster = cluster(&on, home.path(), 4, &[]).await;
     let mut cfg = digits_session();
-    cfg.rounds = 10;
-    cfg.config["epochs"] = json!(3);
+    cfg.rounds = 20;
+    cfg.config["epochs"] = json!(5);
+    cfg.config["lr"] = json!(0.2);
     let sync = cluster.coordinator().run("s-sync", &cfg, &Quiet).await.unwrap();
     let sync_acc = sync.final_metrics.unwrap().accuracy.unwrap();
     let sync_updates: usize = sync.reports.iter().map(|r| r.contributed.len()).sum();
@@ -65,7 +72,7 @@ async fn fedbuff_reaches_fedavg_s_accuracy_with_as_many_updates(on: On) {
     let result = cluster.coordinator().run("s-fedbuff", &cfg, &Quiet).await.unwrap();
     assert_eq!(result.ending, Ending::Limit);
     let steps: Vec<u32> = result.reports.iter().map(|r| r.round).collect();
-    assert_eq!(steps, (1..=10).collect::<Vec<_>>());
+    assert_eq!(steps, (1..=20).collect::<Vec<_>>());
     let mut updates = 0;
     for r in &result.reports {
         assert_eq!(r.contributed.len(), 4, "step {}: {:?}", r.round, r.failures);
