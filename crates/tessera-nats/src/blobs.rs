@@ -1,13 +1,17 @@
 //! Blobs in JetStream: small ones (up to [`SMALL_BLOB`]) in a KV bucket, one message each,
-//! the rest in an Object Store, chunked.
+//! the rest in an Object Store, in chunks of up to 1 MiB written and read by
+//! [`crate::objects`].
 
 use async_nats::jetstream::object_store::{self, ObjectStore};
 use async_nats::jetstream::stream::StorageType;
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 use std::path::Path;
 use std::time::Duration;
 use tessera_core::Digest;
+use tessera_core::DigestWriter;
+use tessera_ports::sink::{FileSink, Written};
 use tessera_ports::{BlobError, BlobReader, BlobStore, Verified};
 
 use tokio::io::AsyncReadExt;
@@ -30,6 +34,8 @@ pub struct NatsBlobs {
     store: ObjectStore,
     small: async_nats::jetstream::kv::Store,
     js: async_nats::jetstream::Context,
+    /// The Object Store's name.
+    bucket: String,
     /// The streams behind the two buckets (for [`BlobStore::stored_bytes`]).
     streams: [String; 2],
 }
@@ -69,6 +75,7 @@ impl NatsBlobs {
             store,
             small: small_store,
             js: nats.js.clone(),
+            bucket: bucket.to_owned(),
             streams: [format!("OBJ_{bucket}"), format!("KV_{small}")],
         })
     }
@@ -172,6 +179,25 @@ impl NatsBlobs {
         }
     }
 
+    /// The chunks of the object `digest`, if stored (see [`crate::objects::chunks`]).
+    async fn object_chunks(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<futures::stream::BoxStream<'static, Result<Bytes, BlobError>>>, BlobError> {
+        let Some(info) = self.object_info(digest).await? else { return Ok(None) };
+        Ok(Some(crate::objects::chunks(&self.js, &info).await?))
+    }
+
+    /// The info of the live object `digest`.
+    async fn object_info(&self, digest: &Digest) -> Result<Option<object_store::ObjectInfo>, BlobError> {
+        match self.store.info(digest.hex()).await {
+            Ok(info) if !info.deleted => Ok(Some(info)),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => Ok(None),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
     async fn store_contains(&self, digest: &Digest) -> Result<bool, BlobError> {
         match self.store.info(digest.hex()).await {
             Ok(info) => Ok(!info.deleted),
@@ -194,8 +220,8 @@ impl BlobStore for NatsBlobs {
         if claimed == Claim::Stored {
             return Ok(digest);
         }
-        let mut reader = &bytes[..];
-        let put = self.store.put(digest.hex().as_str(), &mut reader).await.map_err(backend);
+        let mut reader: BlobReader = Box::pin(std::io::Cursor::new(bytes));
+        let put = crate::objects::put(&self.js, &self.bucket, &digest.hex(), &mut reader).await;
         // Best effort: a claim left behind only makes the next writer wait for it. A writer
         // that waited in vain removes the stale claim too.
         let _ = self.small.purge(claim_key(&digest)).await;
@@ -207,15 +233,14 @@ impl BlobStore for NatsBlobs {
         if let Some(bytes) = self.small_get(digest).await? {
             return Ok(Some(bytes));
         }
-        let mut object = match self.store.get(digest.hex()).await {
-            Ok(o) => o,
-            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(backend(e)),
-        };
+        let Some(info) = self.object_info(digest).await? else { return Ok(None) };
         // Sized once: a buffer grown by doubling would hold up to twice the blob while it
         // is copied. (A size past 4 GiB, which no blob here has, is not trusted up front.)
-        let mut buf = Vec::with_capacity(object.info.size.min(4 << 30));
-        object.read_to_end(&mut buf).await.map_err(backend)?;
+        let mut buf = Vec::with_capacity(info.size.min(4 << 30));
+        let mut chunks = crate::objects::chunks(&self.js, &info).await?;
+        while let Some(chunk) = chunks.next().await {
+            buf.extend_from_slice(&chunk?);
+        }
         if &Digest::of(&buf) != digest {
             return Err(BlobError::Corrupt(*digest));
         }
@@ -230,11 +255,9 @@ impl BlobStore for NatsBlobs {
         if let Some(bytes) = self.small_get(digest).await? {
             return Ok(Some(Box::pin(std::io::Cursor::new(bytes))));
         }
-        match self.store.get(digest.hex()).await {
-            Ok(object) => Ok(Some(Box::pin(Verified::new(object, *digest)))),
-            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(backend(e)),
-        }
+        let Some(chunks) = self.object_chunks(digest).await? else { return Ok(None) };
+        let read = tokio_util::io::StreamReader::new(chunks.map(|c| c.map_err(std::io::Error::other)));
+        Ok(Some(Box::pin(Verified::new(read, *digest))))
     }
 
     async fn delete(&self, digest: &Digest) -> Result<bool, BlobError> {
@@ -269,46 +292,34 @@ impl BlobStore for NatsBlobs {
         if claimed == Claim::Stored {
             return Ok(());
         }
-        // Streamed: the Object Store reads a chunk at a time.
-        let put = self.store.put(digest.hex().as_str(), &mut reader).await.map_err(backend);
+        // Streamed: read a chunk at a time.
+        let put = crate::objects::put(&self.js, &self.bucket, &digest.hex(), &mut reader).await;
         let _ = self.small.purge(claim_key(digest)).await;
         put.map(|_| ())
     }
 
     async fn get_file(&self, digest: &Digest, path: &Path) -> Result<bool, BlobError> {
-        use tokio::io::AsyncWriteExt;
         let io = |source| BlobError::Io { path: path.to_owned(), source };
         if let Some(bytes) = self.small_get(digest).await? {
             tokio::fs::write(path, &bytes).await.map_err(io)?;
             return Ok(true);
         }
-        let mut object = match self.store.get(digest.hex()).await {
-            Ok(o) => o,
-            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(backend(e)),
-        };
-        let mut out = tokio::fs::File::create(path).await.map_err(io)?;
-        let mut hasher = tessera_core::DigestWriter::new();
-        let mut buf = vec![0u8; 1 << 20];
+        let Some(mut chunks) = self.object_chunks(digest).await? else { return Ok(false) };
+        // Received here, hashed and written on a blocking thread meanwhile.
+        let out = std::fs::File::create(path).map_err(io)?;
         let copied: Result<(), BlobError> = async {
-            loop {
-                let n = object.read(&mut buf).await.map_err(backend)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                out.write_all(&buf[..n]).await.map_err(io)?;
+            let mut sink = FileSink::start(out, vec![DigestWriter::new()]).map_err(io)?;
+            while let Some(chunk) = chunks.next().await {
+                sink.write(chunk?).await.map_err(io)?;
             }
-            out.flush().await.map_err(io)?;
-            out.sync_all().await.map_err(io)?;
-            if &hasher.finish() != digest {
+            let Written { file, mut hashers, .. } = sink.finish().await.map_err(io)?;
+            if hashers.pop().map(|h| h.finish()).as_ref() != Some(digest) {
                 return Err(BlobError::Corrupt(*digest));
             }
-            Ok(())
+            tokio::task::spawn_blocking(move || file.sync_all()).await.map_err(backend)?.map_err(io)
         }
         .await;
         if let Err(e) = copied {
-            drop(out);
             let _ = tokio::fs::remove_file(path).await;
             return Err(e);
         }

@@ -18,6 +18,7 @@
 mod blobs;
 mod bus;
 mod members;
+mod objects;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod world;

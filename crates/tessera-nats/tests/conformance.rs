@@ -195,3 +195,91 @@ async fn a_tampered_small_blob_is_refused() {
     kv.put(d.hex(), bytes::Bytes::from_static(b"other bytes")).await.unwrap();
     assert!(matches!(blobs.get(&d).await, Err(BlobError::Corrupt(c)) if c == d));
 }
+
+/// Bytes of `len` that repeat no 1 MiB chunk.
+fn varied(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8 ^ (i >> 20) as u8).collect()
+}
+
+/// Objects are written in the Object Store's layout, in 1 MiB chunks: the library's own
+/// reader gets them back (its SHA-256 digest checked), and objects the library wrote (128
+/// KiB chunks) are read back here.
+#[tokio::test]
+async fn objects_keep_the_object_store_layout() {
+    use tessera_ports::BlobStore;
+    use tokio::io::AsyncReadExt;
+    let server = NatsServer::start();
+    let nats = connect(&server.url()).await.unwrap();
+    let blobs = NatsBlobs::open(&nats).await.unwrap();
+    let bytes = varied((5 << 19) + 17);
+    let d = blobs.put(bytes::Bytes::from(bytes.clone())).await.unwrap();
+    let store = nats.js.get_object_store("tessera_blobs").await.unwrap();
+    let mut object = store.get(d.hex()).await.unwrap();
+    assert_eq!(object.info.chunks, 3, "2.5 MiB and 17 bytes in chunks of 1 MiB");
+    let mut back = Vec::new();
+    object.read_to_end(&mut back).await.unwrap();
+    assert!(back == bytes, "the library reads what was written");
+
+    let other = varied((3 << 20) + 5).into_iter().map(|b| b.wrapping_add(1)).collect::<Vec<u8>>();
+    let od = tessera_core::Digest::of(&other);
+    store.put(od.hex().as_str(), &mut &other[..]).await.unwrap();
+    assert!(blobs.get(&od).await.unwrap().unwrap() == other, "what the library wrote is read here");
+    let dir = tempfile::tempdir().unwrap();
+    assert!(blobs.get_file(&od, &dir.path().join("o")).await.unwrap());
+    assert!(std::fs::read(dir.path().join("o")).unwrap() == other);
+}
+
+/// An object whose bytes are not its name's, however it came to be stored, is refused by
+/// every read, and `get_file` leaves no file behind.
+#[tokio::test]
+async fn an_object_that_is_not_its_name_is_refused() {
+    use tessera_ports::{BlobError, BlobStore};
+    use tokio::io::AsyncReadExt;
+    let server = NatsServer::start();
+    let nats = connect(&server.url()).await.unwrap();
+    let blobs = NatsBlobs::open(&nats).await.unwrap();
+    let d = blobs.put(bytes::Bytes::from(varied(2 << 20))).await.unwrap();
+    let store = nats.js.get_object_store("tessera_blobs").await.unwrap();
+    let forged = varied(2 << 20).into_iter().rev().collect::<Vec<u8>>();
+    store.put(d.hex().as_str(), &mut &forged[..]).await.unwrap();
+    assert!(matches!(blobs.get(&d).await, Err(BlobError::Corrupt(c)) if c == d));
+    let mut reader = blobs.reader(&d).await.unwrap().unwrap();
+    assert!(reader.read_to_end(&mut Vec::new()).await.is_err(), "the reader's last read fails");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    assert!(matches!(blobs.get_file(&d, &path).await, Err(BlobError::Corrupt(_))));
+    assert!(!path.exists());
+}
+
+/// A put whose source fails midway leaves no chunk in the Object Store.
+#[tokio::test]
+async fn a_put_that_fails_midway_leaves_no_chunks() {
+    use tessera_ports::BlobStore;
+    use tokio::io::AsyncReadExt;
+    let server = NatsServer::start();
+    let nats = connect(&server.url()).await.unwrap();
+    let blobs = NatsBlobs::open(&nats).await.unwrap();
+    let object_bytes = || async {
+        let mut s = nats.js.get_stream("OBJ_tessera_blobs").await.unwrap();
+        s.info().await.unwrap().state.bytes
+    };
+    let before = object_bytes().await;
+    // 3 MiB of bytes, then a failing read.
+    let failing = std::io::Cursor::new(varied(3 << 20)).chain(Failing);
+    let d = tessera_core::Digest::of(b"whatever");
+    assert!(blobs.put_stream(&d, 4 << 20, Box::pin(failing)).await.is_err());
+    assert_eq!(object_bytes().await, before, "the chunks written are purged");
+    assert!(!blobs.contains(&d).await.unwrap());
+}
+
+/// A reader whose every read fails.
+struct Failing;
+impl tokio::io::AsyncRead for Failing {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Err(std::io::Error::other("the source broke")))
+    }
+}

@@ -619,9 +619,13 @@ impl HubStore {
         }
         let Some(shared) = &self.shared else { return Err(HubError::NotFound(digest.to_string())) };
         let tmp = self.blobs.temp_path();
+        let began = std::time::Instant::now();
         let fetched = shared.run(shared.blobs.get_file(digest, &tmp));
         match fetched {
-            Ok(true) => Ok(self.blobs.adopt_file(&tmp, digest)?),
+            Ok(true) => {
+                tracing::info!(blob = %digest, seconds = began.elapsed().as_secs_f64(), "fetched from the shared store");
+                Ok(self.blobs.adopt_file(&tmp, digest)?)
+            }
             Ok(false) => {
                 Err(HubError::Storage(format!("blob {digest} is recorded but the shared store does not hold it")))
             }
