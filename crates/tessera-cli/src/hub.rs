@@ -27,6 +27,10 @@ pub struct StoreArgs {
     /// the data directory.
     #[arg(long, env = "TESSERA_HUB_BLOBS", value_name = "NATS_URL")]
     blobs: Option<String>,
+    /// With --blobs: the most the data directory keeps of the shared store's blobs; past it
+    /// the least recently used go (a blob used in the last 5 minutes stays). Default 10GiB.
+    #[arg(long, env = "TESSERA_HUB_CACHE_SIZE", value_name = "SIZE")]
+    cache_size: Option<tessera_core::ByteSize>,
 }
 
 impl StoreArgs {
@@ -52,8 +56,19 @@ impl StoreArgs {
 
     /// Attaches the shared blob store, if any, to an opened hub.
     async fn share(&self, store: HubStore) -> anyhow::Result<HubStore> {
+        anyhow::ensure!(
+            self.cache_size.is_none() || self.blobs.is_some(),
+            "--cache-size bounds the data directory's copy of the --blobs store; without --blobs the directory \
+             holds the only copy of the hub's blobs"
+        );
         match self.shared_blobs().await? {
-            Some((blobs, runtime)) => Ok(store.with_shared_blobs(blobs, runtime)?),
+            Some((blobs, runtime)) => {
+                let store = store.with_shared_blobs(blobs, runtime)?;
+                Ok(match self.cache_size {
+                    Some(size) => store.with_cache_limit(size.0)?,
+                    None => store,
+                })
+            }
             None => Ok(store),
         }
     }

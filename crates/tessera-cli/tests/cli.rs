@@ -194,6 +194,10 @@ fn hub_walkthrough_publish_list_show_pull_and_models() {
     assert!(!names(&b).is_empty());
     let err = fails(&["hub", "restore", "hub.dump", "--data", w.join("restored").to_str().unwrap()], w, None);
     assert!(err.contains("is not empty"), "{err}");
+    // A cache bound without a shared store would bound the only copy.
+    let err = fails(&["hub", "dump", "again.dump", "--data", data.to_str().unwrap(), "--cache-size", "1GiB"], w, None);
+    assert!(err.contains("--cache-size") && err.contains("only copy"), "{err}");
+    assert!(!w.join("again.dump").exists());
 
     // A hub that is not there gets a clear error.
     let err = fails(&["module", "list"], w, Some("http://127.0.0.1:9"));

@@ -145,21 +145,12 @@ impl HubStore {
     /// The file of a blob a dump names: this process's copy, or the shared store's fetched
     /// into the directory.
     fn dump_blob(&self, digest: &Digest) -> Result<PathBuf, HubError> {
-        let path = self.blobs.path_of(digest);
-        if path.exists() {
-            return Ok(path);
-        }
-        let Some(shared) = &self.shared else { return Err(HubError::NotFound(digest.to_string())) };
-        let tmp = self.blobs.temp_path();
-        match shared.run(shared.blobs.get_file(digest, &tmp)) {
-            Ok(true) => Ok(self.blobs.adopt_file(&tmp, digest)?),
-            Ok(false) => Err(HubError::Conflict(format!(
+        match self.local_blob(digest)? {
+            Some(path) => Ok(path),
+            None if self.shared.is_some() => Err(HubError::Conflict(format!(
                 "blob {digest} left the shared store while the dump was read (the hub changed): dump again"
             ))),
-            Err(e) => {
-                super::remove_leftover(&tmp);
-                Err(e.into())
-            }
+            None => Err(HubError::NotFound(digest.to_string())),
         }
     }
 

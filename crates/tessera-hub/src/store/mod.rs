@@ -12,6 +12,7 @@
 //!   leaves no trace, its claim included.
 
 mod accounts;
+pub(crate) mod cache;
 mod component_packages;
 pub(crate) mod components;
 pub(crate) mod db;
@@ -221,6 +222,8 @@ pub(crate) const SERVED_DIGESTS: &str = "SELECT digest FROM packages WHERE delet
 /// stores a blob, so that I/O must not need them.
 struct Shared {
     blobs: Arc<dyn tessera_ports::BlobStore>,
+    /// The bound of this process's copy in the directory.
+    cache: cache::CacheLimit,
     /// Always `Some` but while it is dropped.
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -528,6 +531,9 @@ impl HubStore {
             Ok(out)
         })();
         let adopted = std::mem::take(&mut *self.adopted.lock().unwrap_or_else(|p| p.into_inner()));
+        if result.is_ok() && !adopted.is_empty() {
+            self.evict_cached();
+        }
         if result.is_err() {
             // The transaction is rolled back (and its lock released): the blobs it adopted
             // are collected under a new one.
@@ -584,11 +590,17 @@ impl HubStore {
     /// since [`HubStore::write_with_blob`] put it there) and given the upload's bytes if it
     /// lacks them, so no row is written for a blob it does not hold.
     pub(crate) fn adopt(&self, file: &Path, digest: &Digest) -> Result<(), HubError> {
-        if let Some(shared) = &self.shared
-            && !shared.run(shared.blobs.contains(digest))?
-        {
-            let source = if file.exists() { file.to_owned() } else { self.blobs.path_of(digest) };
-            shared.run(shared.blobs.put_file(&source, digest))?;
+        if let Some(shared) = &self.shared {
+            let cached = self.blobs.path_of(digest);
+            if !shared.run(shared.blobs.contains(digest))? {
+                let source = if file.exists() { file.to_owned() } else { cached };
+                shared.run(shared.blobs.put_file(&source, digest))?;
+            } else if !file.exists() && !cached.exists() {
+                // The shared store holds it and this process's copy was evicted: an upload
+                // of known bytes, which sent none, has nothing to move.
+                self.adopted.lock().unwrap_or_else(|p| p.into_inner()).push(*digest);
+                return Ok(());
+            }
         }
         self.blobs.adopt_file(file, digest)?;
         self.adopted.lock().unwrap_or_else(|p| p.into_inner()).push(*digest);
@@ -610,29 +622,15 @@ impl HubStore {
     /// object of any revision). With shared blobs, a blob this process has not yet seen is
     /// fetched into its directory first (streamed, verified).
     pub fn blob_path(&self, digest: &Digest) -> Result<PathBuf, HubError> {
-        let path = self.blobs.path_of(digest);
         if !Self::blob_in_use(&self.db(), digest)? {
             return Err(HubError::NotFound(digest.to_string()));
         }
-        if path.exists() {
-            return Ok(path);
-        }
-        let Some(shared) = &self.shared else { return Err(HubError::NotFound(digest.to_string())) };
-        let tmp = self.blobs.temp_path();
-        let began = std::time::Instant::now();
-        let fetched = shared.run(shared.blobs.get_file(digest, &tmp));
-        match fetched {
-            Ok(true) => {
-                tracing::info!(blob = %digest, seconds = began.elapsed().as_secs_f64(), "fetched from the shared store");
-                Ok(self.blobs.adopt_file(&tmp, digest)?)
-            }
-            Ok(false) => {
+        match self.local_blob(digest)? {
+            Some(path) => Ok(path),
+            None if self.shared.is_some() => {
                 Err(HubError::Storage(format!("blob {digest} is recorded but the shared store does not hold it")))
             }
-            Err(e) => {
-                remove_leftover(&tmp);
-                Err(e.into())
-            }
+            None => Err(HubError::NotFound(digest.to_string())),
         }
     }
 
@@ -661,7 +659,7 @@ impl HubStore {
         blobs: Arc<dyn tessera_ports::BlobStore>,
         runtime: tokio::runtime::Runtime,
     ) -> Result<Self, HubError> {
-        self.shared = Some(Shared { blobs, runtime: Some(runtime) });
+        self.shared = Some(Shared { blobs, cache: cache::CacheLimit::default(), runtime: Some(runtime) });
         record_shared_blobs(&self.db())?;
         // What a process that died mid-write left, long enough ago.
         if let Err(e) = self.collect_pending(pending::PENDING_GRACE_SECS) {
@@ -785,7 +783,8 @@ pub(crate) fn remove_leftover(file: &Path) {
 mod tests {
     /// Every write that moves a blob into place does it through `HubStore::adopt`, so a
     /// refused write takes its blob away again: no other store file moves blobs itself
-    /// (but the restore, which fills a staging directory nothing serves yet).
+    /// (but the restore, which fills a staging directory nothing serves yet, and the cache,
+    /// which copies into the directory what the shared store holds already).
     #[test]
     fn writes_adopt_blobs_through_the_store() {
         let files = [
@@ -805,7 +804,7 @@ mod tests {
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| !["mod.rs", "db.rs", "dump.rs"].contains(&n.as_str()))
+            .filter(|n| !["mod.rs", "db.rs", "dump.rs", "cache.rs"].contains(&n.as_str()))
             .collect();
         for n in &listed {
             assert!(files.iter().any(|(f, _)| f == n), "{n} is not checked here: add it");

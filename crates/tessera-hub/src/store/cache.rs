@@ -1,0 +1,308 @@
+//! A hub process's blob directory as a bounded cache of the shared blob store.
+//!
+//! With a shared store (`--blobs`), every blob is there and the data directory only holds
+//! the ones this process has received or served. Without a bound that directory would grow
+//! to the whole store on every process. Here it is kept under [`CacheLimit::max_bytes`]:
+//! least recently used blobs go first (a blob's modification time is set each time it is
+//! handed out, like a web cache's access time), a blob used within [`CacheLimit::recent`]
+//! stays (the file just handed out is being read), and a blob the shared store does not
+//! hold is never removed (a restore or an upload not yet put there). Without a shared store
+//! the directory is the store itself: nothing is evicted.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use tessera_core::Digest;
+
+use super::{HubError, HubStore, remove_leftover};
+
+/// The default bound of a process's blob directory with a shared store: 10 GiB.
+pub const DEFAULT_CACHE_BYTES: u64 = 10 << 30;
+
+/// How long a blob handed out stays whatever the bound: 5 minutes.
+pub const RECENT: Duration = Duration::from_secs(300);
+
+/// The bound of a blob directory that caches a shared store.
+pub(crate) struct CacheLimit {
+    /// Bytes the directory's blobs may take before the least recently used go.
+    pub max_bytes: u64,
+    /// A blob used this recently stays.
+    pub recent: Duration,
+    /// Held while a blob is marked used and while one is removed, so that no blob is
+    /// removed between being marked and being opened.
+    pub lock: Mutex<()>,
+}
+
+impl Default for CacheLimit {
+    fn default() -> Self {
+        CacheLimit { max_bytes: DEFAULT_CACHE_BYTES, recent: RECENT, lock: Mutex::new(()) }
+    }
+}
+
+/// A cached blob file: its digest, size and last use.
+struct Entry {
+    digest: Digest,
+    path: PathBuf,
+    len: u64,
+    used: SystemTime,
+}
+
+/// Marks `path` used now; false when it is not there.
+fn mark_used(path: &Path) -> bool {
+    match std::fs::File::open(path) {
+        Ok(f) => {
+            if let Err(e) = f.set_modified(SystemTime::now()) {
+                tracing::warn!(path = %path.display(), error = %e, "a cached blob's use was not recorded");
+            }
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+impl HubStore {
+    /// Bounds this process's blob directory at `max_bytes` (see the module's
+    /// documentation): it is a cache of the shared store given to
+    /// [`HubStore::with_shared_blobs`], whose default bound is [`DEFAULT_CACHE_BYTES`].
+    ///
+    /// # Errors
+    /// [`HubError::BadRequest`] without a shared store: the directory is then the only copy
+    /// of the blobs.
+    pub fn with_cache_limit(mut self, max_bytes: u64) -> Result<Self, HubError> {
+        let Some(shared) = &mut self.shared else {
+            return Err(HubError::BadRequest(
+                "a cache limit bounds the copy of a shared blob store; without one the data directory holds the only copy"
+                    .into(),
+            ));
+        };
+        shared.cache.max_bytes = max_bytes;
+        Ok(self)
+    }
+
+    /// The directory's file of `digest`, marked used: this process's copy, or the shared
+    /// store's fetched into the directory (streamed, verified) when it has none; `None`
+    /// when neither holds it.
+    pub(crate) fn local_blob(&self, digest: &Digest) -> Result<Option<PathBuf>, HubError> {
+        let path = self.blobs.path_of(digest);
+        let Some(shared) = &self.shared else { return Ok(path.exists().then_some(path)) };
+        {
+            let _marking = shared.cache.lock.lock().unwrap_or_else(|p| p.into_inner());
+            if mark_used(&path) {
+                return Ok(Some(path));
+            }
+        }
+        let tmp = self.blobs.temp_path();
+        let began = std::time::Instant::now();
+        match shared.run(shared.blobs.get_file(digest, &tmp)) {
+            Ok(true) => {
+                tracing::info!(blob = %digest, seconds = began.elapsed().as_secs_f64(), "fetched from the shared store");
+                let path = {
+                    let _marking = shared.cache.lock.lock().unwrap_or_else(|p| p.into_inner());
+                    let path = self.blobs.adopt_file(&tmp, digest)?;
+                    mark_used(&path);
+                    path
+                };
+                self.evict_cached();
+                Ok(Some(path))
+            }
+            Ok(false) => Ok(None),
+            Err(e) => {
+                remove_leftover(&tmp);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Removes the least recently used blobs of the directory until it is under its bound,
+    /// logging what fails (the next eviction retries); the bytes removed. Nothing without a
+    /// shared store.
+    pub(crate) fn evict_cached(&self) -> u64 {
+        match self.evict() {
+            Ok(freed) => freed,
+            Err(e) => {
+                tracing::warn!(error = %e, "the blob cache was not trimmed");
+                0
+            }
+        }
+    }
+
+    fn evict(&self) -> Result<u64, HubError> {
+        let Some(shared) = &self.shared else { return Ok(0) };
+        let mut entries = self.cached_entries()?;
+        let mut total: u64 = entries.iter().map(|e| e.len).sum();
+        if total <= shared.cache.max_bytes {
+            return Ok(0);
+        }
+        entries.sort_by_key(|e| e.used);
+        let mut freed = 0;
+        for e in entries {
+            if total <= shared.cache.max_bytes {
+                break;
+            }
+            // Another process may be what holds it; it is looked up outside the lock.
+            if !shared.run(shared.blobs.contains(&e.digest))? {
+                continue;
+            }
+            let _removing = shared.cache.lock.lock().unwrap_or_else(|p| p.into_inner());
+            // Looked at again under the lock: it may have been handed out since.
+            let used = std::fs::metadata(&e.path).and_then(|m| m.modified());
+            match used {
+                Ok(t) if t.elapsed().unwrap_or_default() >= shared.cache.recent => {}
+                _ => continue,
+            }
+            match std::fs::remove_file(&e.path) {
+                Ok(()) => {
+                    tracing::debug!(blob = %e.digest, bytes = e.len, "evicted from the blob cache");
+                    total -= e.len;
+                    freed += e.len;
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => total -= e.len,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        if freed > 0 {
+            tracing::info!(freed, kept = total, "blob cache trimmed");
+        }
+        Ok(freed)
+    }
+
+    /// The blob files of the directory (`<2 hex>/<64 hex>`; temporary files are not blobs).
+    fn cached_entries(&self) -> Result<Vec<Entry>, HubError> {
+        let mut out = Vec::new();
+        for shard in std::fs::read_dir(self.blobs.dir())?.flatten() {
+            if !shard.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let Ok(files) = std::fs::read_dir(shard.path()) else { continue };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                let Ok(digest) = Digest::from_hex(&name) else { continue };
+                let Ok(meta) = f.metadata() else { continue };
+                if !meta.is_file() {
+                    continue;
+                }
+                out.push(Entry {
+                    digest,
+                    path: f.path(),
+                    len: meta.len(),
+                    used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tessera_ports::{BlobStore, MemoryBlobStore};
+
+    use super::*;
+
+    /// A hub in `dir` sharing `blobs`, its directory bounded at `max` bytes, nothing kept for
+    /// being recent.
+    fn shared_hub(dir: &Path, blobs: Arc<dyn BlobStore>, max: u64) -> HubStore {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let mut store = HubStore::open(dir.join("hub"))
+            .unwrap()
+            .with_shared_blobs(blobs, rt)
+            .unwrap()
+            .with_cache_limit(max)
+            .unwrap();
+        store.shared.as_mut().unwrap().cache.recent = Duration::ZERO;
+        store
+    }
+
+    /// A package of `test.echo@0.1.<patch>` of about 10 KB (incompressible notes).
+    fn package(dir: &Path, patch: u32) -> Vec<u8> {
+        let m = dir.join(format!("pkg{patch}"));
+        std::fs::create_dir_all(&m).unwrap();
+        std::fs::write(
+            m.join("module.yaml"),
+            format!("name: test.echo\nversion: 0.1.{patch}\nkind: task\nruntime: builtin\nentry: echo\n"),
+        )
+        .unwrap();
+        let mut x = u64::from(patch) + 1;
+        let notes: Vec<u8> = (0..10_000)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect();
+        std::fs::write(m.join("notes.bin"), notes).unwrap();
+        tessera_package::pack_dir(&m, &tessera_package::Limits::default()).unwrap().bytes
+    }
+
+    fn cached(store: &HubStore, d: &Digest) -> bool {
+        store.blobs.path_of(d).exists()
+    }
+
+    fn cached_bytes(store: &HubStore) -> u64 {
+        store.cached_entries().unwrap().iter().map(|e| e.len).sum()
+    }
+
+    /// The directory stays under its bound by removing the least recently used blobs (not
+    /// the oldest written); a removed blob is fetched again when it is asked for; blobs
+    /// used recently and blobs the shared store lacks stay whatever the bound.
+    #[test]
+    fn the_cache_keeps_the_recently_used_under_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Arc::new(MemoryBlobStore::new());
+        let mut store = shared_hub(dir.path(), shared.clone(), 25_000);
+        let pkgs: Vec<Vec<u8>> = (0..3).map(|i| package(dir.path(), i)).collect();
+        let d: Vec<Digest> = pkgs.iter().map(|p| Digest::of(p)).collect();
+        assert!(pkgs.iter().all(|p| (10_000..12_500).contains(&p.len())));
+        store.publish(&pkgs[0], None, None).unwrap();
+        store.publish(&pkgs[1], None, None).unwrap();
+        // The first is used after the second was written: the second is the least recent.
+        std::thread::sleep(Duration::from_millis(20));
+        store.blob_path(&d[0]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        store.publish(&pkgs[2], None, None).unwrap();
+        assert!(cached(&store, &d[0]) && !cached(&store, &d[1]) && cached(&store, &d[2]));
+        assert!(cached_bytes(&store) <= 25_000);
+
+        // Asked for again: fetched, and the least recent now (the first) goes.
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(std::fs::read(store.blob_path(&d[1]).unwrap()).unwrap(), pkgs[1]);
+        assert!(!cached(&store, &d[0]) && cached(&store, &d[1]) && cached(&store, &d[2]));
+        assert_eq!(store.blob_bytes(&d[0]).unwrap(), pkgs[0], "served from the shared store");
+
+        // An upload of bytes the shared store holds but this directory evicted adopts nothing.
+        store.evict_cached();
+        let evicted = *d.iter().find(|x| !cached(&store, x)).unwrap();
+        store.adopt(&dir.path().join("no-such-upload"), &evicted).unwrap();
+
+        // Used recently: kept over the bound.
+        store.shared.as_mut().unwrap().cache.recent = Duration::from_secs(3600);
+        for x in &d {
+            store.blob_path(x).unwrap();
+        }
+        assert!(d.iter().all(|x| cached(&store, x)), "recent blobs stay");
+        assert_eq!(store.evict_cached(), 0);
+
+        // A blob only this directory holds (a restore's, not yet shared) never goes.
+        store.shared.as_mut().unwrap().cache.recent = Duration::ZERO;
+        let only_here = Digest::of(b"not in the shared store");
+        let path = store.blobs.path_of(&only_here);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, vec![7u8; 30_000]).unwrap();
+        std::fs::File::open(&path).unwrap().set_modified(SystemTime::UNIX_EPOCH).unwrap();
+        store.evict_cached();
+        assert!(path.exists());
+        assert!(d.iter().all(|x| !cached(&store, x)), "the shared ones went instead");
+        let local = tokio::runtime::Runtime::new().unwrap();
+        assert!(d.iter().all(|x| local.block_on(shared.contains(x)).unwrap()));
+    }
+
+    /// Without a shared store the directory is the only copy: no bound is accepted.
+    #[test]
+    fn a_hub_without_a_shared_store_takes_no_cache_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = HubStore::open(dir.path().join("hub")).unwrap().with_cache_limit(1).err().unwrap();
+        assert!(e.to_string().contains("only copy"), "{e}");
+    }
+}
