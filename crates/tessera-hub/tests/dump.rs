@@ -272,3 +272,38 @@ async fn a_tampered_dump_restores_nothing() {
     assert!(HubStore::restore(&tmp.path().join("g"), &tmp.path().join("garbage")).is_err());
     assert!(!tmp.path().join("g").exists());
 }
+
+/// A restore into a hub with shared blobs notes every blob before putting it (a restore
+/// that dies midway leaves notes for the sweep) and removes the notes once it committed.
+#[tokio::test]
+async fn a_restore_notes_its_shared_blobs_until_it_commits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = populated(&tmp.path().join("a"), &Database::Sqlite).await;
+    let file = tmp.path().join("hub.dump");
+    let dumped = store.dump(&file).unwrap();
+    let parent = tmp.path().join("restores");
+    std::fs::create_dir_all(&parent).unwrap();
+    // The restore's staging database, as the puts see it.
+    let notes_in = |db: &Path| -> i64 {
+        let conn = rusqlite::Connection::open(db).unwrap();
+        conn.query_row("SELECT COUNT(*) FROM pending_blobs", [], |r| r.get(0)).unwrap()
+    };
+    let seen = std::sync::Mutex::new(Vec::new());
+    let put = |_: &Path, d: &Digest| -> Result<(), HubError> {
+        let staging = std::fs::read_dir(&parent)
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().starts_with(".tessera-restore-"))
+            .expect("the staging directory")
+            .path();
+        seen.lock().unwrap().push((*d, notes_in(&staging.join("hub.sqlite"))));
+        Ok(())
+    };
+    let dir = parent.join("hub");
+    HubStore::restore_with(&dir, &Database::Sqlite, &file, Some(&put)).unwrap();
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(seen.len() as u64, dumped.blobs);
+    let all = i64::try_from(dumped.blobs).unwrap();
+    assert!(seen.iter().all(|(_, n)| *n == all), "every blob noted before the puts: {seen:?}");
+    assert_eq!(notes_in(&dir.join("hub.sqlite")), 0, "the notes go once the records are in");
+}

@@ -321,6 +321,18 @@ fn restore_into(
     opts.open(id.join("hub.json"))?.write_all(&key)?;
     // The schema of this hub, then the rows, in one transaction.
     let store = HubStore::open_database(dir, database, tessera_package::Limits::default())?;
+    // Blobs going to the shared store are noted first, in their own transaction: a restore
+    // that dies after putting them leaves notes for the sweep of the hub processes over
+    // this database (a refused restore into PostgreSQL keeps the schema, and so its notes;
+    // into SQLite the staging directory goes with its notes, and a refused restore's puts
+    // stay in the shared store).
+    let mut notes = Vec::new();
+    if share.is_some() {
+        for path in store.blob_files()? {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            notes.push(store.note_pending(&Digest::from_hex(&name).map_err(|e| bad(e.to_string()))?)?);
+        }
+    }
     let tx = store.write_tx()?;
     let held: i64 = tx.query_row(
         "SELECT (SELECT COUNT(*) FROM packages) + (SELECT COUNT(*) FROM models)
@@ -393,5 +405,8 @@ fn restore_into(
         }
     }
     tx.commit()?;
+    for token in notes {
+        store.forget_pending(&token);
+    }
     Ok(summary)
 }

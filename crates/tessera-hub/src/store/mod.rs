@@ -27,6 +27,7 @@ pub(crate) mod search;
 pub(crate) mod uploads;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use db::{Conn, OptionalExtension as _, Tx, TxKind, params};
@@ -293,6 +294,9 @@ pub struct HubStore {
     shared: Option<Shared>,
     /// Blobs the write in progress moved into place (writes are serialised by `db`).
     adopted: Mutex<Vec<Digest>>,
+    /// Set by [`HubStore::adopt`] when the write in progress found its blob gone from the
+    /// shared store.
+    lost_shared_blob: AtomicBool,
     blobs: FsBlobStore,
     limits: Limits,
     dir: PathBuf,
@@ -376,6 +380,7 @@ impl HubStore {
             db: Mutex::new(conn),
             shared: None,
             adopted: Mutex::default(),
+            lost_shared_blob: AtomicBool::new(false),
             blobs,
             limits,
             dir,
@@ -555,16 +560,37 @@ impl HubStore {
         name: &str,
         actor: Option<&PublicKey>,
         (file, digest): (&Path, &Digest),
+        f: impl Fn(&Conn) -> Result<T, HubError>,
+    ) -> Result<T, HubError> {
+        let mut attempt = 1;
+        loop {
+            let result = self.write_with_blob_once(name, actor, (file, digest), &f);
+            // The blob left the shared store before the write's turn came ([`HubStore::adopt`]):
+            // put again, noted, outside the lock.
+            if result.is_err() && self.lost_shared_blob.swap(false, Ordering::Relaxed) && attempt < 3 {
+                attempt += 1;
+                continue;
+            }
+            return result;
+        }
+    }
+
+    fn write_with_blob_once<T>(
+        &self,
+        name: &str,
+        actor: Option<&PublicKey>,
+        (file, digest): (&Path, &Digest),
         f: impl FnOnce(&Conn) -> Result<T, HubError>,
     ) -> Result<T, HubError> {
         let mut pending = None;
+        let source = if file.exists() { file.to_owned() } else { self.blobs.path_of(digest) };
         if let Some(shared) = &self.shared
-            && file.exists()
+            && source.exists()
             && !shared.run(shared.blobs.contains(digest))?
         {
             // Noted first: if this process dies before the write, the sweep collects it.
             let token = self.note_pending(digest)?;
-            if let Err(e) = shared.run(shared.blobs.put_file(file, digest)) {
+            if let Err(e) = shared.run(shared.blobs.put_file(&source, digest)) {
                 // A partial object may be left: the note stays for the sweep.
                 return Err(e.into());
             }
@@ -586,15 +612,19 @@ impl HubStore {
 
     /// Moves the upload `file` into the blob store as `digest`, inside a
     /// [`HubStore::write`] (whose refusal removes it again). With shared blobs, the shared
-    /// store is checked under the write's lock (another process may have collected the blob
-    /// since [`HubStore::write_with_blob`] put it there) and given the upload's bytes if it
-    /// lacks them, so no row is written for a blob it does not hold.
+    /// store is checked under the write's lock: another process may have collected the blob
+    /// since [`HubStore::write_with_blob`] put it there. The write is then refused
+    /// ([`HubError::Busy`]) and `write_with_blob` puts the blob again and retries, rather
+    /// than this putting it under the lock, where the put could not be noted as pending (the
+    /// note must outlive the transaction), so no row is written for a blob it does not hold.
     pub(crate) fn adopt(&self, file: &Path, digest: &Digest) -> Result<(), HubError> {
         if let Some(shared) = &self.shared {
             let cached = self.blobs.path_of(digest);
             if !shared.run(shared.blobs.contains(digest))? {
-                let source = if file.exists() { file.to_owned() } else { cached };
-                shared.run(shared.blobs.put_file(&source, digest))?;
+                self.lost_shared_blob.store(true, Ordering::Relaxed);
+                return Err(HubError::Busy(format!(
+                    "blob {digest} left the shared store while this write waited for its turn; send it again"
+                )));
             } else if !file.exists() && !cached.exists() {
                 // The shared store holds it and this process's copy was evicted: an upload
                 // of known bytes, which sent none, has nothing to move.

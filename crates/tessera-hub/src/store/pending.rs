@@ -3,9 +3,10 @@
 //! `pending_blobs` first and the note removed once the write committed (or its refusal
 //! took the blob away). A process that dies between the two leaves the note; the sweep
 //! collects the blob of a note older than [`PENDING_GRACE_SECS`] unless something uses it.
-//! (A write still running past the grace finds its blob gone under its lock and puts it
-//! again: see [`HubStore::adopt`]. Puts made under the write lock itself, `adopt`'s and a
-//! restore's, are not noted.)
+//! A write that finds its blob gone under its lock (another process collected it: a write
+//! still running past the grace, say) is refused and put again, noted, outside the lock (see
+//! [`HubStore::adopt`]). A restore notes every blob of its dump before it puts them (see
+//! `dump.rs`).
 
 use tessera_core::Digest;
 
@@ -139,6 +140,61 @@ mod tests {
         async fn put_file(&self, _: &std::path::Path, _: &Digest) -> Result<(), tessera_ports::BlobError> {
             Err(tessera_ports::BlobError::Backend("the server went away".into()))
         }
+    }
+
+    /// A shared store that loses a blob once, right after it was first put: another hub
+    /// process collected it between the put and the write's turn.
+    struct CollectedOnce {
+        inner: MemoryBlobStore,
+        puts: std::sync::atomic::AtomicUsize,
+        collected: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl BlobStore for CollectedOnce {
+        async fn put(&self, bytes: Bytes) -> Result<Digest, tessera_ports::BlobError> {
+            self.inner.put(bytes).await
+        }
+        async fn get(&self, digest: &Digest) -> Result<Option<Bytes>, tessera_ports::BlobError> {
+            self.inner.get(digest).await
+        }
+        async fn contains(&self, digest: &Digest) -> Result<bool, tessera_ports::BlobError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self.puts.load(SeqCst) == 1 && !self.collected.swap(true, SeqCst) {
+                self.inner.delete(digest).await?;
+            }
+            self.inner.contains(digest).await
+        }
+        async fn delete(&self, digest: &Digest) -> Result<bool, tessera_ports::BlobError> {
+            self.inner.delete(digest).await
+        }
+        async fn stored_bytes(&self) -> Result<u64, tessera_ports::BlobError> {
+            self.inner.stored_bytes().await
+        }
+        async fn put_file(&self, path: &std::path::Path, digest: &Digest) -> Result<(), tessera_ports::BlobError> {
+            self.puts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.put_file(path, digest).await
+        }
+    }
+
+    /// A write whose blob left the shared store before its turn puts it again, noted, and
+    /// succeeds: the record names a blob the shared store holds, and no note is left.
+    #[test]
+    fn a_blob_collected_before_its_write_is_put_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Arc::new(CollectedOnce {
+            inner: MemoryBlobStore::new(),
+            puts: Default::default(),
+            collected: Default::default(),
+        });
+        let store = shared_hub(dir.path(), shared.clone());
+        let pkg = package(dir.path(), "first");
+        let published = store.publish(&pkg, None, None).unwrap().record;
+        assert_eq!(shared.puts.load(std::sync::atomic::Ordering::SeqCst), 2, "put, lost, put again");
+        let local = tokio::runtime::Runtime::new().unwrap();
+        assert!(local.block_on(shared.inner.contains(&published.digest)).unwrap());
+        assert_eq!(store.blob_bytes(&published.digest).unwrap(), pkg);
+        assert_eq!(notes(&store), 0);
     }
 
     /// A refused write takes its blob away and leaves no note; a put that failed half-way
