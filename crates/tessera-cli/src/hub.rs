@@ -16,7 +16,8 @@ pub struct StoreArgs {
     #[arg(long)]
     data: Option<PathBuf>,
     /// Where the hub keeps its records: a PostgreSQL connection string
-    /// (`postgres://user@host:port/db`, no TLS), which several hub processes may share; by
+    /// (`postgres://user@host:port/db`; TLS by libpq's `sslmode` and `sslrootcert`, e.g.
+    /// `?sslmode=verify-full&sslrootcert=ca.pem`), which several hub processes may share; by
     /// default `hub.sqlite` in the data directory (with PostgreSQL the hub's key is kept in
     /// the database too).
     #[arg(long, env = "TESSERA_HUB_DATABASE", value_name = "URL")]

@@ -21,6 +21,8 @@ use crate::{Database, HubStore};
 /// A private PostgreSQL server.
 pub struct PgServer {
     port: u16,
+    /// Whether it takes TLS connections only ([`PgServer::start_tls`]).
+    tls: bool,
     /// The shell that runs the server and stops it once this process is gone (it outlives
     /// this process by design, so it is never waited for).
     _watchdog: std::process::Child,
@@ -93,10 +95,21 @@ impl PgServer {
     /// When PostgreSQL is not installed or does not start.
     pub fn shared() -> &'static PgServer {
         // Off any Tokio thread: the synchronous client runs its own runtime.
-        SERVER.get_or_init(|| std::thread::scope(|s| s.spawn(Self::start).join().expect("PostgreSQL starts")))
+        SERVER.get_or_init(|| std::thread::scope(|s| s.spawn(|| Self::start(None)).join().expect("PostgreSQL starts")))
     }
 
-    fn start() -> PgServer {
+    /// A server of its own that takes TLS connections only, with the certificate and key
+    /// given (PEM), stopped when this process exits. Connection strings for it need an
+    /// `sslmode` other than `disable`.
+    ///
+    /// # Panics
+    /// When PostgreSQL is not installed or does not start.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> PgServer {
+        let (cert, key) = (cert_pem.to_owned(), key_pem.to_owned());
+        std::thread::scope(|s| s.spawn(|| Self::start(Some((&cert, &key)))).join().expect("PostgreSQL starts"))
+    }
+
+    fn start(tls: Option<(&str, &str)>) -> PgServer {
         let bin = bin_dir();
         let root = tempfile::Builder::new().prefix("tessera-pg-").tempdir().expect("a temporary directory");
         let data = root.path().join("data");
@@ -111,6 +124,21 @@ impl PgServer {
             .output()
             .expect("initdb runs");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        if let Some((cert, key)) = tls {
+            std::fs::write(data.join("server.crt"), cert).expect("the certificate");
+            std::fs::write(data.join("server.key"), key).expect("the key");
+            std::fs::set_permissions(data.join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("the key's mode");
+            // TLS or nothing over TCP.
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+            )
+            .expect("pg_hba.conf");
+            if let Some((uid, gid)) = run_as() {
+                chown_all(&data, uid, gid);
+            }
+        }
         // From here on the watchdog removes the directory.
         let root = root.keep();
         let port = free_port();
@@ -131,6 +159,11 @@ impl PgServer {
             "max_connections=200",
         ] {
             words.extend(["-c".into(), setting.into()]);
+        }
+        if tls.is_some() {
+            for setting in ["ssl=on", "ssl_cert_file=server.crt", "ssl_key_file=server.key"] {
+                words.extend(["-c".into(), setting.into()]);
+            }
         }
         let command = words.join(" ");
         // The watchdog: the server runs while this process does; then it is stopped and its
@@ -154,8 +187,9 @@ impl PgServer {
             .spawn()
             .expect("sh runs");
         let deadline = Instant::now() + Duration::from_secs(30);
+        let server = PgServer { port, tls: tls.is_some(), _watchdog: watchdog };
         loop {
-            if postgres::Client::connect(&Self::url_of(port, "postgres"), postgres::NoTls).is_ok() {
+            if server.admin().is_ok() {
                 break;
             }
             assert!(
@@ -165,7 +199,44 @@ impl PgServer {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        PgServer { port, _watchdog: watchdog }
+        server
+    }
+
+    /// A connection to its `postgres` database (off any Tokio thread).
+    fn admin(&self) -> Result<postgres::Client, crate::store::db::DbError> {
+        let url = Self::url_of(self.port, "postgres");
+        if self.tls {
+            crate::store::db::connect(&format!("{url}?sslmode=require"))
+        } else {
+            crate::store::db::connect(&url)
+        }
+    }
+
+    /// How many of the connections to database `db` use TLS, and how many there are.
+    ///
+    /// # Panics
+    /// When the server does not answer.
+    pub fn tls_connections(&self, db: &str) -> (i64, i64) {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut c = self.admin().expect("the server answers");
+                let row = c
+                    .query_one(
+                        "SELECT COUNT(*) FILTER (WHERE s.ssl), COUNT(*) FROM pg_stat_activity a
+                         JOIN pg_stat_ssl s ON s.pid = a.pid WHERE a.datname = $1",
+                        &[&db],
+                    )
+                    .expect("pg_stat_ssl");
+                (row.get(0), row.get(1))
+            })
+            .join()
+            .expect("the query runs")
+        })
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     fn url_of(port: u16, db: &str) -> String {
@@ -176,10 +247,9 @@ impl PgServer {
     pub fn database(&self) -> Database {
         let name = format!("hub_{}_{}", std::process::id(), DATABASES.fetch_add(1, Ordering::Relaxed));
         // Off any Tokio thread: the synchronous client runs its own runtime.
-        let url = Self::url_of(self.port, "postgres");
         std::thread::scope(|s| {
             s.spawn(|| {
-                let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("the server answers");
+                let mut c = self.admin().expect("the server answers");
                 c.batch_execute(&format!("CREATE DATABASE {name}")).expect("a new database");
             })
             .join()

@@ -42,6 +42,9 @@ pub(crate) enum DbError {
     Nul,
     #[error("column {column}: {why}")]
     Type { column: usize, why: String },
+    /// The connection string's TLS settings (see `tls.rs`).
+    #[error("--database: {0}")]
+    Tls(String),
 }
 
 /// A PostgreSQL error with the server's message (the error's own text is "db error").
@@ -403,10 +406,19 @@ pub(crate) fn pg_sql(sql: &str) -> String {
 /// the thread serving it, for good.
 const LOCK_TIMEOUT: &str = "30s";
 
-/// Connects to PostgreSQL (without TLS).
+/// Connects to PostgreSQL, over TLS as the connection string's `sslmode` and
+/// `sslrootcert` say (libpq's parameters; see `tls.rs`).
 pub(crate) fn connect(url: &str) -> Result<postgres::Client, DbError> {
+    let settings = super::tls::settings(url).map_err(DbError::Tls)?;
+    let tls = match settings.mode {
+        super::tls::SslMode::Disable => None,
+        _ => Some(super::tls::connector(&settings).map_err(DbError::Tls)?),
+    };
     Ok(off_runtime(|| {
-        let mut c = postgres::Client::connect(url, postgres::NoTls)?;
+        let mut c = match tls {
+            None => postgres::Client::connect(&settings.url, postgres::NoTls)?,
+            Some(tls) => postgres::Client::connect(&settings.url, tls)?,
+        };
         c.batch_execute(&format!("SET lock_timeout = '{LOCK_TIMEOUT}'"))?;
         Ok::<_, postgres::Error>(c)
     })?)

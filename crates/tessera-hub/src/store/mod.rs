@@ -24,6 +24,7 @@ mod nonces;
 mod packages;
 mod pending;
 pub(crate) mod search;
+mod tls;
 pub(crate) mod uploads;
 
 use std::path::{Path, PathBuf};
@@ -828,6 +829,7 @@ mod tests {
             ("packages.rs", include_str!("packages.rs")),
             ("pending.rs", include_str!("pending.rs")),
             ("search.rs", include_str!("search.rs")),
+            ("tls.rs", include_str!("tls.rs")),
             ("uploads.rs", include_str!("uploads.rs")),
         ];
         let listed: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/src/store"))

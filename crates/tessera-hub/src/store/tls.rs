@@ -1,0 +1,271 @@
+//! TLS to PostgreSQL, with libpq's connection parameters.
+//!
+//! `sslmode` takes libpq's values and means what it means there (PostgreSQL manual, "SSL
+//! Support", table "SSL Mode Descriptions"):
+//!
+//! | `sslmode` | encrypted | server certificate checked |
+//! |---|---|---|
+//! | `disable` | no | no |
+//! | `prefer` (the default) | when the server offers TLS | only with `sslrootcert` (as `verify-ca`) |
+//! | `require` | yes | only with `sslrootcert` (as `verify-ca`) |
+//! | `verify-ca` | yes | signed by a CA of `sslrootcert` |
+//! | `verify-full` | yes | as `verify-ca`, and issued for the host connected to |
+//!
+//! `sslrootcert` names a PEM file of CA certificates; `verify-ca` and `verify-full` need it
+//! (libpq's fallback, `~/.postgresql/root.crt`, is not read). TLS is rustls with the ring
+//! provider; a client certificate (`sslcert`, `sslkey`) is not supported.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, Error as TlsError, SignatureScheme};
+
+/// libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+/// A connection string split into what the PostgreSQL client reads and the TLS settings
+/// it does not.
+#[derive(Debug)]
+pub(crate) struct TlsSettings {
+    /// The connection string without `sslrootcert`, `sslmode` as the client knows it.
+    pub url: String,
+    pub mode: SslMode,
+    pub root_cert: Option<PathBuf>,
+}
+
+/// Splits `url` (`postgres://…?sslmode=…&sslrootcert=…`).
+///
+/// # Errors
+/// A message naming an `sslmode` that is not libpq's, a `verify-*` mode without
+/// `sslrootcert`, or client certificate parameters.
+pub(crate) fn settings(url: &str) -> Result<TlsSettings, String> {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut mode = SslMode::Prefer;
+    let mut root_cert = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "sslmode" => {
+                mode = match value {
+                    "disable" => SslMode::Disable,
+                    "prefer" => SslMode::Prefer,
+                    "require" => SslMode::Require,
+                    "verify-ca" => SslMode::VerifyCa,
+                    "verify-full" => SslMode::VerifyFull,
+                    other => {
+                        return Err(format!(
+                            "sslmode={other}: expected disable, prefer, require, verify-ca or verify-full"
+                        ));
+                    }
+                }
+            }
+            "sslrootcert" => root_cert = Some(PathBuf::from(percent_decode(value)?)),
+            "sslcert" | "sslkey" | "sslpassword" => {
+                return Err(format!("{key}: client certificates are not supported; the hub authenticates by password"));
+            }
+            _ => kept.push(pair),
+        }
+    }
+    if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) && root_cert.is_none() {
+        return Err("sslmode=verify-ca and verify-full need sslrootcert=FILE (the CA certificates, PEM)".into());
+    }
+    // The client knows disable, prefer and require: the checks beyond are this module's.
+    kept.push(match mode {
+        SslMode::Disable => "sslmode=disable",
+        SslMode::Prefer => "sslmode=prefer",
+        _ => "sslmode=require",
+    });
+    Ok(TlsSettings { url: format!("{base}?{}", kept.join("&")), mode, root_cert })
+}
+
+/// `%XX` escapes of a URL query value (a path may hold spaces or `&`).
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3).ok_or_else(|| format!("{s:?}: a % escape is cut short"))?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("{s:?}: %{hex} is not an escape"))?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once unescaped"))
+}
+
+/// The rustls connector for `settings` (not called for `disable`).
+///
+/// # Errors
+/// A message naming an unreadable or empty `sslrootcert` file.
+pub(crate) fn connector(settings: &TlsSettings) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier: Arc<dyn ServerCertVerifier> = match &settings.root_cert {
+        None => Arc::new(Unverified(provider.signature_verification_algorithms)),
+        Some(path) => {
+            let full = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(path)?), provider.clone())
+                .build()
+                .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+            if settings.mode == SslMode::VerifyFull { full } else { Arc::new(AnyName(full)) }
+        }
+    };
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// The CA certificates of a PEM file.
+fn roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let what = |e: &dyn std::fmt::Display| format!("sslrootcert {}: {e}", path.display());
+    let mut store = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| what(&e))? {
+        store.add(cert.map_err(|e| what(&e))?).map_err(|e| what(&e))?;
+    }
+    if store.is_empty() {
+        return Err(what(&"no certificate in the file"));
+    }
+    Ok(store)
+}
+
+/// `prefer` and `require` without `sslrootcert`: the connection is encrypted and the
+/// handshake's signatures checked, but any certificate is taken (libpq's behaviour: these
+/// modes guard against eavesdropping, not against an impostor).
+#[derive(Debug)]
+struct Unverified(WebPkiSupportedAlgorithms);
+
+impl ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain is checked against the CAs, whatever host the certificate names.
+#[derive(Debug)]
+struct AnyName(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(TlsError::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_take_libpq_s_modes_and_keep_the_rest() {
+        let s =
+            settings("postgres://u@h:5/db?connect_timeout=5&sslmode=verify-full&sslrootcert=/a%20b/ca.pem").unwrap();
+        assert_eq!(s.mode, SslMode::VerifyFull);
+        assert_eq!(s.root_cert.as_deref(), Some(Path::new("/a b/ca.pem")));
+        assert_eq!(s.url, "postgres://u@h:5/db?connect_timeout=5&sslmode=require");
+        let s = settings("postgres://u@h/db").unwrap();
+        assert_eq!((s.mode, s.url.as_str()), (SslMode::Prefer, "postgres://u@h/db?sslmode=prefer"));
+        assert_eq!(settings("postgres://u@h/db?sslmode=disable").unwrap().mode, SslMode::Disable);
+        for (bad, says) in [
+            ("postgres://h/db?sslmode=allow-all", "sslmode=allow-all"),
+            ("postgres://h/db?sslmode=verify-ca", "need sslrootcert"),
+            ("postgres://h/db?sslcert=/c.pem", "client certificates"),
+            ("postgres://h/db?sslrootcert=%zz", "not an escape"),
+            ("postgres://h/db?sslrootcert=%2", "cut short"),
+            ("postgres://h/db?sslrootcert=%ff", "UTF-8"),
+        ] {
+            let e = settings(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_root_file_without_certificates_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let s = TlsSettings { url: String::new(), mode: SslMode::VerifyFull, root_cert: Some(empty) };
+        assert!(connector(&s).err().unwrap().contains("no certificate"));
+        let s = TlsSettings { url: String::new(), mode: SslMode::VerifyFull, root_cert: Some(dir.path().join("none")) };
+        assert!(connector(&s).err().unwrap().contains("none"));
+    }
+}
