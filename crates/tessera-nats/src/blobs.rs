@@ -129,12 +129,13 @@ fn claim_key(digest: &Digest) -> String {
 
 impl NatsBlobs {
     /// Claims the writing of the object `digest`. An Object Store put writes its chunks under
-    /// a fresh name and only then points the object's metadata at them, removing the chunks
-    /// of the object it replaces, if there was one when it began. Two writers of the same
-    /// object at once (two participants' identical updates, in one process or two) therefore
-    /// leave one writer's chunks behind for good. Writers of an object take turns instead: the
-    /// first creates a KV entry (a compare-and-set, so exactly one succeeds); the others wait
-    /// until the object is stored, bounded by [`CLAIM_WAIT`].
+    /// a fresh name and only then points the object's info at them: two writers of the same
+    /// object at once (two participants' identical updates, in one process or two) would each
+    /// write every chunk, one for nothing. Writers of an object take turns instead: the first
+    /// creates a KV entry (a compare-and-set, so exactly one succeeds); the others wait until
+    /// the object is stored, bounded by [`CLAIM_WAIT`]. (A writer that outwaits the bound and
+    /// finds the object stored when it is done keeps the stored one and purges its own
+    /// chunks: see [`crate::objects::put`].)
     async fn claim(&self, digest: &Digest) -> Result<Claim, BlobError> {
         let key = claim_key(digest);
         let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
@@ -162,6 +163,11 @@ impl NatsBlobs {
         }
     }
 
+    /// The Object Store as [`crate::objects`] reads and writes it.
+    fn objects(&self) -> crate::objects::Bucket<'_> {
+        crate::objects::Bucket { js: &self.js, store: &self.store, name: &self.bucket }
+    }
+
     /// The live KV entry of a small blob.
     async fn small_entry(&self, digest: &Digest) -> Result<Option<Bytes>, BlobError> {
         match self.small.entry(digest.hex()).await.map_err(backend)? {
@@ -185,7 +191,7 @@ impl NatsBlobs {
         digest: &Digest,
     ) -> Result<Option<futures::stream::BoxStream<'static, Result<Bytes, BlobError>>>, BlobError> {
         let Some(info) = self.object_info(digest).await? else { return Ok(None) };
-        Ok(Some(crate::objects::chunks(&self.js, &info).await?))
+        Ok(Some(crate::objects::chunks(&self.objects(), &info).await?))
     }
 
     /// The info of the live object `digest`.
@@ -221,7 +227,7 @@ impl BlobStore for NatsBlobs {
             return Ok(digest);
         }
         let mut reader: BlobReader = Box::pin(std::io::Cursor::new(bytes));
-        let put = crate::objects::put(&self.js, &self.bucket, &digest.hex(), &mut reader).await;
+        let put = crate::objects::put(&self.objects(), &digest.hex(), &mut reader).await.map(|_| ());
         // Best effort: a claim left behind only makes the next writer wait for it. A writer
         // that waited in vain removes the stale claim too.
         let _ = self.small.purge(claim_key(&digest)).await;
@@ -237,7 +243,7 @@ impl BlobStore for NatsBlobs {
         // Sized once: a buffer grown by doubling would hold up to twice the blob while it
         // is copied. (A size past 4 GiB, which no blob here has, is not trusted up front.)
         let mut buf = Vec::with_capacity(info.size.min(4 << 30));
-        let mut chunks = crate::objects::chunks(&self.js, &info).await?;
+        let mut chunks = crate::objects::chunks(&self.objects(), &info).await?;
         while let Some(chunk) = chunks.next().await {
             buf.extend_from_slice(&chunk?);
         }
@@ -293,7 +299,7 @@ impl BlobStore for NatsBlobs {
             return Ok(());
         }
         // Streamed: read a chunk at a time.
-        let put = crate::objects::put(&self.js, &self.bucket, &digest.hex(), &mut reader).await;
+        let put = crate::objects::put(&self.objects(), &digest.hex(), &mut reader).await.map(|_| ());
         let _ = self.small.purge(claim_key(digest)).await;
         put.map(|_| ())
     }

@@ -1,4 +1,4 @@
-//! Writing an object into a JetStream Object Store with its acknowledgements pipelined.
+//! Writing and reading objects of a JetStream Object Store, chunk by chunk.
 //!
 //! The layout is the Object Store's (NATS ADR-20), the one `async_nats`'s
 //! `ObjectStore::put` writes and its `get` reads: the object's bytes as chunk messages on
@@ -7,16 +7,23 @@
 //! `Nats-Rollup: sub`, which replaces the info before it. `ObjectStore::put` publishes
 //! 128 KiB chunks and waits for each one's acknowledgement before it reads the next: a
 //! round trip to the server per 128 KiB. Here chunks are up to [`CHUNK`] bytes and up to
-//! [`IN_FLIGHT`] of them await their acknowledgement at once.
+//! [`IN_FLIGHT`] of them await their acknowledgement at once. `ObjectStore::get` reads
+//! through a push consumer, whose messages pile up in the client when the reader is slower
+//! than the server; here the reader asks for [`READ_AHEAD`] bytes at a time, each batch
+//! once the one before is read.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::context::PublishAckFuture;
-use async_nats::jetstream::object_store::{ObjectInfo, ObjectOptions};
+use async_nats::jetstream::object_store::{InfoErrorKind, ObjectInfo, ObjectOptions, ObjectStore};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE;
 use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use sha2::{Digest as _, Sha256};
 use tessera_ports::{BlobError, BlobReader};
 use tokio::io::AsyncReadExt;
@@ -25,76 +32,135 @@ use tokio::io::AsyncReadExt;
 /// smaller one gets chunks of its size).
 pub const CHUNK: usize = 1 << 20;
 
-/// Bytes a reader asks the server for at once: 8 MiB.
-pub const READ_AHEAD: usize = 8 << 20;
-
-/// Chunks a reader asks for at once (chunks of an object the library wrote are 128 KiB).
-const READ_AHEAD_CHUNKS: usize = 64;
-
 /// Chunks published ahead of the oldest acknowledgement: at most this many chunks (8 MiB)
 /// are held by the client at once.
 pub const IN_FLIGHT: usize = 8;
+
+/// Bytes a reader asks the server for at once: 8 MiB (at least one chunk, at most 256).
+pub const READ_AHEAD: usize = 8 << 20;
 
 fn backend(e: impl std::fmt::Display) -> BlobError {
     BlobError::Backend(e.to_string())
 }
 
-/// Writes `reader` to its end as the object `name` of the Object Store `bucket` through
-/// `js`. A put that fails purges the chunks it had written (best effort), so that a failed
-/// write leaves no bytes behind under a name nobody points at.
+/// An Object Store as [`put`] and [`chunks`] use it.
+pub struct Bucket<'a> {
+    pub js: &'a async_nats::jetstream::Context,
+    pub store: &'a ObjectStore,
+    /// The bucket's name (its stream is `OBJ_<name>`).
+    pub name: &'a str,
+}
+
+impl Bucket<'_> {
+    /// The live info of object `name`, if any.
+    async fn current(&self, name: &str) -> Result<Option<ObjectInfo>, BlobError> {
+        match self.store.info(name).await {
+            Ok(info) if !info.deleted => Ok(Some(info)),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == InfoErrorKind::NotFound => Ok(None),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    /// Removes the messages on `subject` from the bucket's stream, logging a failure.
+    async fn purge(&self, subject: &str) {
+        let purged = async {
+            let stream = self.js.get_stream(format!("OBJ_{}", self.name)).await.map_err(backend)?;
+            stream.purge().filter(subject).await.map_err(backend)
+        }
+        .await;
+        if let Err(e) = purged {
+            tracing::warn!(subject, error = %e, "chunks no object points at stay in the Object Store");
+        }
+    }
+}
+
+/// Writes `reader` to its end as the object `name`; gives the object's info. A put whose
+/// chunks cannot all be written purges those it wrote, once every one was acknowledged or
+/// refused; a put that finds the object stored meanwhile by another writer (one that
+/// outwaited its claim) keeps that object and purges its own chunks; a put whose info was
+/// published but not acknowledged looks before it purges (the server may have stored it).
 ///
 /// # Errors
 /// [`BlobError::Backend`] naming what failed: reading `reader`, a publish, or an
 /// acknowledgement.
-pub async fn put(
-    js: &async_nats::jetstream::Context,
-    bucket: &str,
-    name: &str,
-    reader: &mut BlobReader,
-) -> Result<ObjectInfo, BlobError> {
-    let max_payload = js.client().server_info().max_payload;
+pub async fn put(bucket: &Bucket<'_>, name: &str, reader: &mut BlobReader) -> Result<ObjectInfo, BlobError> {
+    let max_payload = bucket.js.client().server_info().max_payload;
     let chunk_size = if max_payload == 0 { CHUNK } else { CHUNK.min(max_payload) };
     let nuid = nuid::next().to_string();
-    let chunks_subject = format!("$O.{bucket}.C.{nuid}");
-    let written = write_chunks(js, &chunks_subject, chunk_size, reader).await;
-    let finished = match written {
-        Ok((size, chunks, sha)) => {
-            let info = ObjectInfo {
-                name: name.to_owned(),
-                description: None,
-                metadata: Default::default(),
-                headers: None,
-                options: Some(ObjectOptions { link: None, max_chunk_size: Some(chunk_size) }),
-                bucket: bucket.to_owned(),
-                nuid: nuid.clone(),
-                size,
-                chunks,
-                modified: Some(async_nats::datetime::now()),
-                digest: Some(format!("SHA-256={}", URL_SAFE.encode(sha))),
-                deleted: false,
-            };
-            publish_info(js, bucket, &info).await.map(|()| info)
+    let chunks_subject = format!("$O.{}.C.{nuid}", bucket.name);
+    let (size, chunks, sha) = match write_chunks(bucket.js, &chunks_subject, chunk_size, reader).await {
+        Ok(written) => written,
+        Err(e) => {
+            bucket.purge(&chunks_subject).await;
+            return Err(e);
         }
-        Err(e) => Err(e),
     };
-    if finished.is_err() {
-        purge_subject(js, bucket, &chunks_subject).await;
+    if let Some(existing) = bucket.current(name).await? {
+        bucket.purge(&chunks_subject).await;
+        return Ok(existing);
     }
-    finished
+    let info = ObjectInfo {
+        name: name.to_owned(),
+        description: None,
+        metadata: Default::default(),
+        headers: None,
+        options: Some(ObjectOptions { link: None, max_chunk_size: Some(chunk_size) }),
+        bucket: bucket.name.to_owned(),
+        nuid: nuid.clone(),
+        size,
+        chunks,
+        modified: Some(async_nats::datetime::now()),
+        digest: Some(format!("SHA-256={}", URL_SAFE.encode(sha))),
+        deleted: false,
+    };
+    match publish_info(bucket, &info).await {
+        Ok(()) => Ok(info),
+        Err(e) => match bucket.current(name).await {
+            Ok(Some(stored)) if stored.nuid == nuid => Ok(stored),
+            _ => {
+                bucket.purge(&chunks_subject).await;
+                Err(e)
+            }
+        },
+    }
 }
 
 /// Publishes `reader` in chunks of `chunk_size` on `subject`, up to [`IN_FLIGHT`] awaiting
-/// their acknowledgement: (bytes, chunks, SHA-256) once every chunk is acknowledged.
+/// their acknowledgement: (bytes, chunks, SHA-256) once every chunk is acknowledged. Every
+/// chunk published is acknowledged or refused before this returns, whatever failed.
 async fn write_chunks(
     js: &async_nats::jetstream::Context,
     subject: &str,
     chunk_size: usize,
     reader: &mut BlobReader,
 ) -> Result<(usize, usize, [u8; 32]), BlobError> {
+    let mut acks: VecDeque<PublishAckFuture> = VecDeque::with_capacity(IN_FLIGHT);
+    let written = publish_chunks(js, subject, chunk_size, reader, &mut acks).await;
+    let mut settled = Ok(());
+    for ack in acks {
+        if let Err(e) = ack.await
+            && settled.is_ok()
+        {
+            settled = Err(backend(format!("chunk not acknowledged: {e}")));
+        }
+    }
+    let written = written?;
+    settled?;
+    Ok(written)
+}
+
+/// The loop of [`write_chunks`]; acknowledgements still awaited are left in `acks`.
+async fn publish_chunks(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    chunk_size: usize,
+    reader: &mut BlobReader,
+    acks: &mut VecDeque<PublishAckFuture>,
+) -> Result<(usize, usize, [u8; 32]), BlobError> {
     // Each chunk is hashed on a blocking thread while the next is read and published.
     let mut sha = Some(Sha256::new());
     let mut hashing: Option<tokio::task::JoinHandle<Sha256>> = None;
-    let mut acks: VecDeque<PublishAckFuture> = VecDeque::with_capacity(IN_FLIGHT);
     let (mut size, mut chunks) = (0usize, 0usize);
     loop {
         let mut buf = BytesMut::with_capacity(chunk_size);
@@ -129,9 +195,6 @@ async fn write_chunks(
             js.publish(subject.to_owned(), payload).await.map_err(|e| backend(format!("publishing a chunk: {e}")))?;
         acks.push_back(ack);
     }
-    for ack in acks {
-        ack.await.map_err(|e| backend(format!("chunk not acknowledged: {e}")))?;
-    }
     let sha = match hashing {
         Some(h) => h.await.map_err(backend)?,
         None => sha.unwrap_or_default(),
@@ -140,12 +203,14 @@ async fn write_chunks(
 }
 
 /// Publishes an object's info, replacing the info before it (`Nats-Rollup: sub`).
-async fn publish_info(js: &async_nats::jetstream::Context, bucket: &str, info: &ObjectInfo) -> Result<(), BlobError> {
-    let subject = format!("$O.{bucket}.M.{}", URL_SAFE.encode(&info.name));
+async fn publish_info(bucket: &Bucket<'_>, info: &ObjectInfo) -> Result<(), BlobError> {
+    let subject = format!("$O.{}.M.{}", bucket.name, URL_SAFE.encode(&info.name));
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Rollup", "sub");
     let body = serde_json::to_vec(info).map_err(backend)?;
-    js.publish_with_headers(subject, headers, body.into())
+    bucket
+        .js
+        .publish_with_headers(subject, headers, body.into())
         .await
         .map_err(|e| backend(format!("publishing the object's info: {e}")))?
         .await
@@ -153,70 +218,130 @@ async fn publish_info(js: &async_nats::jetstream::Context, bucket: &str, info: &
     Ok(())
 }
 
-/// Removes the messages on `subject` from the bucket's stream, logging a failure.
-async fn purge_subject(js: &async_nats::jetstream::Context, bucket: &str, subject: &str) {
-    let purged = async {
-        let stream = js.get_stream(format!("OBJ_{bucket}")).await.map_err(backend)?;
-        stream.purge().filter(subject).await.map_err(backend)
-    }
-    .await;
-    if let Err(e) = purged {
-        tracing::warn!(subject, error = %e, "the chunks of a failed put stay in the Object Store");
-    }
+/// Where a read of an object's chunks stands.
+struct Reading {
+    consumer: PullConsumer,
+    stream: async_nats::jetstream::stream::Stream,
+    batch: Option<pull::Batch>,
+    per_batch: usize,
+    in_batch: usize,
+    count: usize,
+    seen: usize,
+    total: usize,
+    expected: usize,
 }
 
-/// The chunks of the object `info` in order, ending after `info.chunks` of them, read
-/// through an ephemeral pull consumer on its chunk subject in batches of at most
-/// [`READ_AHEAD`] bytes, so a reader holds about that much however slowly it reads. (The
-/// library's `ObjectStore::get` reads through a push consumer, whose messages pile up in the
-/// client when the reader is slower than the server: over 80 MiB for a 1 GiB object written
-/// to disk.) The object's `SHA-256=` digest is not computed: callers check the bytes
-/// against the name they asked for (a BLAKE3 digest), which a stored SHA-256 cannot vouch
-/// for anyway.
+/// The chunks of the object `info` of `bucket` in order, ending after `info.chunks` of
+/// them, read through an ephemeral pull consumer on its chunk subject in batches of about
+/// [`READ_AHEAD`] bytes, each asked for once the one before is read: a reader holds at most
+/// one batch however slowly it reads. The consumer is removed once the last chunk is read
+/// (a reader dropped early leaves it to the server, which removes it after 30 s unused).
+/// The object's `SHA-256=` digest is not computed: callers check the bytes against the name
+/// they asked for (a BLAKE3 digest), which a stored SHA-256 cannot vouch for anyway.
 ///
 /// # Errors
 /// [`BlobError::Backend`] when the consumer cannot be made; the stream's items when a
-/// message fails or the chunks are not `info.size` bytes in all.
+/// message fails, the chunks are not `info.size` bytes in all, or the server has fewer
+/// chunks than `info.chunks` (the object was removed or cut short while read).
 pub async fn chunks(
-    js: &async_nats::jetstream::Context,
+    bucket: &Bucket<'_>,
     info: &ObjectInfo,
-) -> Result<futures::stream::BoxStream<'static, Result<Bytes, BlobError>>, BlobError> {
-    use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
-    use futures::StreamExt;
+) -> Result<BoxStream<'static, Result<Bytes, BlobError>>, BlobError> {
     if info.chunks == 0 {
         return Ok(futures::stream::empty().boxed());
     }
-    let stream = js.get_stream(format!("OBJ_{}", info.bucket)).await.map_err(backend)?;
-    let consumer = stream
+    let stream = bucket.js.get_stream(format!("OBJ_{}", bucket.name)).await.map_err(backend)?;
+    let consumer: PullConsumer = stream
         .create_consumer(pull::Config {
-            filter_subject: format!("$O.{}.C.{}", info.bucket, info.nuid),
+            filter_subject: format!("$O.{}.C.{}", bucket.name, info.nuid),
             deliver_policy: DeliverPolicy::All,
             ack_policy: AckPolicy::None,
-            inactive_threshold: std::time::Duration::from_secs(30),
+            inactive_threshold: Duration::from_secs(30),
             ..Default::default()
         })
         .await
         .map_err(backend)?;
-    let messages = consumer
-        .stream()
-        .max_messages_per_batch(READ_AHEAD_CHUNKS)
-        .max_bytes_per_batch(READ_AHEAD)
-        .messages()
-        .await
-        .map_err(backend)?;
-    let (expected, total) = (info.size, info.chunks);
-    let mut seen = 0usize;
-    let mut count = 0usize;
-    Ok(messages
-        .take(total)
-        .map(move |m| {
-            let m = m.map_err(|e| backend(format!("reading a chunk: {e}")))?;
-            seen += m.payload.len();
-            count += 1;
-            if seen > expected || (count == total && seen != expected) {
-                return Err(backend(format!("the object's chunks hold {seen} bytes, its info says {expected}")));
+    let chunk = info.options.as_ref().and_then(|o| o.max_chunk_size).filter(|c| *c > 0).unwrap_or(CHUNK);
+    let reading = Reading {
+        consumer,
+        stream,
+        batch: None,
+        per_batch: (READ_AHEAD / chunk).clamp(1, 256),
+        in_batch: 0,
+        count: 0,
+        seen: 0,
+        total: info.chunks,
+        expected: info.size,
+    };
+    Ok(futures::stream::try_unfold(reading, next_chunk).boxed())
+}
+
+/// The next chunk of a [`Reading`], `None` after the last.
+async fn next_chunk(mut r: Reading) -> Result<Option<(Bytes, Reading)>, BlobError> {
+    loop {
+        if r.count == r.total {
+            let name = r.consumer.cached_info().name.clone();
+            if let Err(e) = r.stream.delete_consumer(&name).await {
+                tracing::debug!(consumer = %name, error = %e, "a finished read's consumer is left to expire");
             }
-            Ok(m.payload.clone())
-        })
-        .boxed())
+            return Ok(None);
+        }
+        if r.batch.is_none() {
+            let batch = r.consumer.fetch().max_messages(r.per_batch).messages().await;
+            r.batch = Some(batch.map_err(|e| backend(format!("asking for chunks: {e}")))?);
+            r.in_batch = 0;
+        }
+        let Some(batch) = r.batch.as_mut() else { continue };
+        match batch.next().await {
+            Some(m) => {
+                let m = m.map_err(|e| backend(format!("reading a chunk: {e}")))?;
+                r.in_batch += 1;
+                r.count += 1;
+                r.seen += m.payload.len();
+                if r.seen > r.expected || (r.count == r.total && r.seen != r.expected) {
+                    return Err(backend(format!(
+                        "the object's chunks hold {} bytes or more, its info says {}",
+                        r.seen, r.expected
+                    )));
+                }
+                let payload = m.payload.clone();
+                return Ok(Some((payload, r)));
+            }
+            None if r.in_batch == 0 => {
+                return Err(backend(format!(
+                    "the object has {} of its {} chunks: it was removed or cut short while read",
+                    r.count, r.total
+                )));
+            }
+            None => r.batch = None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that finds the object stored when its chunks are written (another writer
+    /// outwaited its claim) keeps the stored object and leaves none of its own chunks.
+    #[tokio::test]
+    async fn a_put_that_finds_the_object_stored_keeps_it_and_purges_its_chunks() {
+        let server = crate::testing::NatsServer::start();
+        let nats = crate::connect(&server.url()).await.unwrap();
+        // Makes the buckets.
+        let _blobs = crate::NatsBlobs::open(&nats).await.unwrap();
+        let store = nats.js.get_object_store("tessera_blobs").await.unwrap();
+        let bucket = Bucket { js: &nats.js, store: &store, name: "tessera_blobs" };
+        let first: BlobReader = Box::pin(std::io::Cursor::new(vec![1u8; 3 << 20]));
+        let stored = put(&bucket, "x", &mut { first }).await.unwrap();
+        let bytes = || async {
+            let mut s = nats.js.get_stream("OBJ_tessera_blobs").await.unwrap();
+            s.info().await.unwrap().state.bytes
+        };
+        let before = bytes().await;
+        let second: BlobReader = Box::pin(std::io::Cursor::new(vec![2u8; 2 << 20]));
+        let kept = put(&bucket, "x", &mut { second }).await.unwrap();
+        assert_eq!((kept.nuid, kept.size), (stored.nuid, 3 << 20));
+        assert_eq!(bytes().await, before, "the second writer's chunks are purged");
+    }
 }

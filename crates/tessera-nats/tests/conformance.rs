@@ -283,3 +283,41 @@ impl tokio::io::AsyncRead for Failing {
         std::task::Poll::Ready(Err(std::io::Error::other("the source broke")))
     }
 }
+
+/// An object whose info names more chunks than the store holds (removed or cut short while
+/// read) fails its read with an error saying so, never waits for the missing chunks.
+#[tokio::test]
+async fn an_object_cut_short_fails_its_read_instead_of_waiting() {
+    use base64::Engine;
+    use tessera_ports::{BlobError, BlobStore};
+    use tokio::io::AsyncReadExt;
+    let server = NatsServer::start();
+    let nats = connect(&server.url()).await.unwrap();
+    let blobs = NatsBlobs::open(&nats).await.unwrap();
+    let d = blobs.put(bytes::Bytes::from(varied(3 << 20))).await.unwrap();
+    // The info says two chunks more than were written.
+    let store = nats.js.get_object_store("tessera_blobs").await.unwrap();
+    let mut info = store.info(d.hex()).await.unwrap();
+    info.chunks += 2;
+    info.size += 2 << 20;
+    let subject =
+        format!("$O.tessera_blobs.M.{}", base64::engine::general_purpose::URL_SAFE.encode(d.hex().as_bytes()));
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Rollup", "sub");
+    nats.js
+        .publish_with_headers(subject, headers, serde_json::to_vec(&info).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let bound = Duration::from_secs(20);
+    let got = tokio::time::timeout(bound, blobs.get(&d)).await.expect("the read ends");
+    assert!(matches!(&got, Err(BlobError::Backend(m)) if m.contains("3 of its 5 chunks")), "{got:?}");
+    let mut reader = blobs.reader(&d).await.unwrap().unwrap();
+    let read = tokio::time::timeout(bound, reader.read_to_end(&mut Vec::new())).await.expect("the read ends");
+    assert!(read.is_err());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let got = tokio::time::timeout(bound, blobs.get_file(&d, &path)).await.expect("the read ends");
+    assert!(got.is_err() && !path.exists());
+}

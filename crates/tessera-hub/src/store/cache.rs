@@ -30,13 +30,17 @@ pub(crate) struct CacheLimit {
     /// A blob used this recently stays.
     pub recent: Duration,
     /// Held while a blob is marked used and while one is removed, so that no blob is
-    /// removed between being marked and being opened.
+    /// removed between being marked and being opened (in this process: processes that share
+    /// one data directory can remove a blob another has just handed out, which then fails
+    /// that one download).
     pub lock: Mutex<()>,
+    /// Held by the one eviction at a time (another finds it taken and leaves the work to it).
+    pub evicting: Mutex<()>,
 }
 
 impl Default for CacheLimit {
     fn default() -> Self {
-        CacheLimit { max_bytes: DEFAULT_CACHE_BYTES, recent: RECENT, lock: Mutex::new(()) }
+        CacheLimit { max_bytes: DEFAULT_CACHE_BYTES, recent: RECENT, lock: Mutex::new(()), evicting: Mutex::new(()) }
     }
 }
 
@@ -129,6 +133,7 @@ impl HubStore {
 
     fn evict(&self) -> Result<u64, HubError> {
         let Some(shared) = &self.shared else { return Ok(0) };
+        let Ok(_evicting) = shared.cache.evicting.try_lock() else { return Ok(0) };
         let mut entries = self.cached_entries()?;
         let mut total: u64 = entries.iter().map(|e| e.len).sum();
         if total <= shared.cache.max_bytes {
@@ -137,7 +142,8 @@ impl HubStore {
         entries.sort_by_key(|e| e.used);
         let mut freed = 0;
         for e in entries {
-            if total <= shared.cache.max_bytes {
+            // Sorted by last use: the rest are as recent.
+            if total <= shared.cache.max_bytes || e.used.elapsed().unwrap_or_default() < shared.cache.recent {
                 break;
             }
             // Another process may be what holds it; it is looked up outside the lock.

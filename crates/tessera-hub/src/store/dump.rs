@@ -114,14 +114,13 @@ impl HubStore {
         }
         // With shared blobs this directory is a cache: the blobs the hub serves are dumped,
         // each fetched if this process has not seen it.
-        let files = match served {
-            Some(digests) => digests
-                .iter()
-                .map(|d| self.dump_blob(&super::parse_digest(d)?))
-                .collect::<Result<Vec<_>, HubError>>()?,
-            None => self.blob_files()?,
+        // Each is read as soon as it is fetched: the cache may evict what was fetched long ago.
+        let files: Box<dyn Iterator<Item = Result<PathBuf, HubError>> + '_> = match &served {
+            Some(digests) => Box::new(digests.iter().map(|d| self.dump_blob(&super::parse_digest(d)?))),
+            None => Box::new(self.blob_files()?.into_iter().map(Ok)),
         };
         for path in files {
+            let path = path?;
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let digest = Digest::from_hex(&name).map_err(|e| io(&name, e))?;
             let bytes = std::fs::read(&path).map_err(|e| io(&path.display().to_string(), e))?;
@@ -321,6 +320,20 @@ fn restore_into(
     opts.open(id.join("hub.json"))?.write_all(&key)?;
     // The schema of this hub, then the rows, in one transaction.
     let store = HubStore::open_database(dir, database, tessera_package::Limits::default())?;
+    let holds_a_hub = |tx: &super::Tx<'_>| -> Result<bool, HubError> {
+        let held: i64 = tx.query_row(
+            "SELECT (SELECT COUNT(*) FROM packages) + (SELECT COUNT(*) FROM models)
+                  + (SELECT COUNT(*) FROM components) + (SELECT COUNT(*) FROM namespaces)",
+            params![],
+            |r| r.get(0),
+        )?;
+        Ok(held > 0)
+    };
+    let refused = || HubError::Conflict("the database holds a hub's records already; restore into an empty one".into());
+    // Looked at before the notes below are written, and again under the write lock.
+    if holds_a_hub(&store.read_tx()?)? {
+        return Err(refused());
+    }
     // Blobs going to the shared store are noted first, in their own transaction: a restore
     // that dies after putting them leaves notes for the sweep of the hub processes over
     // this database (a refused restore into PostgreSQL keeps the schema, and so its notes;
@@ -334,14 +347,8 @@ fn restore_into(
         }
     }
     let tx = store.write_tx()?;
-    let held: i64 = tx.query_row(
-        "SELECT (SELECT COUNT(*) FROM packages) + (SELECT COUNT(*) FROM models)
-              + (SELECT COUNT(*) FROM components) + (SELECT COUNT(*) FROM namespaces)",
-        params![],
-        |r| r.get(0),
-    )?;
-    if held > 0 {
-        return Err(HubError::Conflict("the database holds a hub's records already; restore into an empty one".into()));
+    if holds_a_hub(&tx)? {
+        return Err(refused());
     }
     for (table, text) in &tables {
         let columns = tx.table_columns(table)?;

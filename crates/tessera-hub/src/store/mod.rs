@@ -28,7 +28,6 @@ mod tls;
 pub(crate) mod uploads;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use db::{Conn, OptionalExtension as _, Tx, TxKind, params};
@@ -254,7 +253,8 @@ pub enum Database {
     #[default]
     Sqlite,
     /// A PostgreSQL database, by connection string (`postgres://user@host:port/db` or
-    /// `host=... user=... dbname=...`), without TLS. Several hub processes, on several
+    /// `host=... user=... dbname=...`), over TLS as its `sslmode` and `sslrootcert` say
+    /// (libpq's parameters; see `store/tls.rs`). Several hub processes, on several
     /// machines, may share one.
     Postgres(String),
 }
@@ -288,6 +288,12 @@ fn pg_schema() -> String {
     out
 }
 
+thread_local! {
+    /// Set by [`HubStore::adopt`] when the write in progress on this thread found its blob
+    /// gone from the shared store (a write runs on one thread from its put to its commit).
+    static LOST_SHARED_BLOB: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// The hub's store.
 pub struct HubStore {
     db: Mutex<Conn>,
@@ -295,9 +301,6 @@ pub struct HubStore {
     shared: Option<Shared>,
     /// Blobs the write in progress moved into place (writes are serialised by `db`).
     adopted: Mutex<Vec<Digest>>,
-    /// Set by [`HubStore::adopt`] when the write in progress found its blob gone from the
-    /// shared store.
-    lost_shared_blob: AtomicBool,
     blobs: FsBlobStore,
     limits: Limits,
     dir: PathBuf,
@@ -381,7 +384,6 @@ impl HubStore {
             db: Mutex::new(conn),
             shared: None,
             adopted: Mutex::default(),
-            lost_shared_blob: AtomicBool::new(false),
             blobs,
             limits,
             dir,
@@ -565,10 +567,11 @@ impl HubStore {
     ) -> Result<T, HubError> {
         let mut attempt = 1;
         loop {
+            LOST_SHARED_BLOB.set(false);
             let result = self.write_with_blob_once(name, actor, (file, digest), &f);
             // The blob left the shared store before the write's turn came ([`HubStore::adopt`]):
             // put again, noted, outside the lock.
-            if result.is_err() && self.lost_shared_blob.swap(false, Ordering::Relaxed) && attempt < 3 {
+            if result.is_err() && LOST_SHARED_BLOB.replace(false) && attempt < 3 {
                 attempt += 1;
                 continue;
             }
@@ -620,15 +623,14 @@ impl HubStore {
     /// note must outlive the transaction), so no row is written for a blob it does not hold.
     pub(crate) fn adopt(&self, file: &Path, digest: &Digest) -> Result<(), HubError> {
         if let Some(shared) = &self.shared {
-            let cached = self.blobs.path_of(digest);
             if !shared.run(shared.blobs.contains(digest))? {
-                self.lost_shared_blob.store(true, Ordering::Relaxed);
+                LOST_SHARED_BLOB.set(true);
                 return Err(HubError::Busy(format!(
                     "blob {digest} left the shared store while this write waited for its turn; send it again"
                 )));
-            } else if !file.exists() && !cached.exists() {
-                // The shared store holds it and this process's copy was evicted: an upload
-                // of known bytes, which sent none, has nothing to move.
+            } else if !file.exists() {
+                // The shared store holds it: an upload of known bytes, which sent none, has
+                // nothing to move (this process's copy may have been evicted).
                 self.adopted.lock().unwrap_or_else(|p| p.into_inner()).push(*digest);
                 return Ok(());
             }

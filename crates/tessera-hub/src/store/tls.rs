@@ -1,7 +1,7 @@
 //! TLS to PostgreSQL, with libpq's connection parameters.
 //!
-//! `sslmode` takes libpq's values and means what it means there (PostgreSQL manual, "SSL
-//! Support", table "SSL Mode Descriptions"):
+//! `sslmode` takes libpq's values and, with the differences below, means what it means
+//! there (PostgreSQL manual, "SSL Support", table "SSL Mode Descriptions"):
 //!
 //! | `sslmode` | encrypted | server certificate checked |
 //! |---|---|---|
@@ -13,7 +13,18 @@
 //!
 //! `sslrootcert` names a PEM file of CA certificates; `verify-ca` and `verify-full` need it
 //! (libpq's fallback, `~/.postgresql/root.crt`, is not read). TLS is rustls with the ring
-//! provider; a client certificate (`sslcert`, `sslkey`) is not supported.
+//! provider, and certificates are checked as browsers check them (webpki), which libpq
+//! does not all do: under `verify-full` the host must be among the certificate's subject
+//! alternative names (a common name alone is not taken); a self-signed certificate that
+//! is its own CA cannot be its own `sslrootcert` (sign the server's certificate with a CA
+//! made for it). Not supported: `sslmode=allow`, `sslrootcert=system`, client
+//! certificates (`sslcert`, `sslkey`). With `prefer`, a server whose TLS rustls cannot speak
+//! is an error, not a fallback to plain text.
+//!
+//! Connection strings come as URLs (`postgres://user:password@host:port/db?sslmode=…`) or
+//! as libpq's `key=value` words; the TLS parameters are taken out of either, and the rest
+//! is handed on untouched. No error here repeats the connection string (it may hold a
+//! password).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,8 +47,7 @@ pub(crate) enum SslMode {
 }
 
 /// A connection string split into what the PostgreSQL client reads and the TLS settings
-/// it does not.
-#[derive(Debug)]
+/// it does not. (Not `Debug`: the string may hold a password.)
 pub(crate) struct TlsSettings {
     /// The connection string without `sslrootcert`, `sslmode` as the client knows it.
     pub url: String,
@@ -45,21 +55,33 @@ pub(crate) struct TlsSettings {
     pub root_cert: Option<PathBuf>,
 }
 
-/// Splits `url` (`postgres://…?sslmode=…&sslrootcert=…`).
+/// Splits a connection string, URL or `key=value` words.
 ///
 /// # Errors
 /// A message naming an `sslmode` that is not libpq's, a `verify-*` mode without
-/// `sslrootcert`, or client certificate parameters.
-pub(crate) fn settings(url: &str) -> Result<TlsSettings, String> {
-    let (base, query) = url.split_once('?').unwrap_or((url, ""));
-    let mut mode = SslMode::Prefer;
-    let mut root_cert = None;
-    let mut kept = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+/// `sslrootcert`, client certificate parameters, or a `sslrootcert` that cannot be read
+/// as a path.
+pub(crate) fn settings(conn: &str) -> Result<TlsSettings, String> {
+    if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
+        url_settings(conn)
+    } else {
+        words_settings(conn)
+    }
+}
+
+/// What one TLS parameter says.
+#[derive(Default)]
+struct Taken {
+    mode: Option<SslMode>,
+    root_cert: Option<PathBuf>,
+}
+
+impl Taken {
+    /// Takes `key` if it is a TLS parameter (true), its `value` already unescaped.
+    fn take(&mut self, key: &str, value: &str) -> Result<bool, String> {
         match key {
             "sslmode" => {
-                mode = match value {
+                self.mode = Some(match value {
                     "disable" => SslMode::Disable,
                     "prefer" => SslMode::Prefer,
                     "require" => SslMode::Require,
@@ -70,25 +92,93 @@ pub(crate) fn settings(url: &str) -> Result<TlsSettings, String> {
                             "sslmode={other}: expected disable, prefer, require, verify-ca or verify-full"
                         ));
                     }
-                }
+                });
+                Ok(true)
             }
-            "sslrootcert" => root_cert = Some(PathBuf::from(percent_decode(value)?)),
+            "sslrootcert" => {
+                self.root_cert = Some(PathBuf::from(value));
+                Ok(true)
+            }
             "sslcert" | "sslkey" | "sslpassword" => {
-                return Err(format!("{key}: client certificates are not supported; the hub authenticates by password"));
+                Err(format!("{key}: client certificates are not supported; the hub authenticates by password"))
             }
-            _ => kept.push(pair),
+            _ => Ok(false),
         }
     }
-    if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) && root_cert.is_none() {
-        return Err("sslmode=verify-ca and verify-full need sslrootcert=FILE (the CA certificates, PEM)".into());
+
+    /// The settings, with the client's `sslmode` for `rest` (`sslmode=…` to add to it).
+    fn finish(self) -> Result<(SslMode, Option<PathBuf>, &'static str), String> {
+        let mode = self.mode.unwrap_or(SslMode::Prefer);
+        if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) && self.root_cert.is_none() {
+            return Err("sslmode=verify-ca and verify-full need sslrootcert=FILE (the CA certificates, PEM)".into());
+        }
+        // The client knows disable, prefer and require: the checks beyond are this module's.
+        let client = match mode {
+            SslMode::Disable => "sslmode=disable",
+            SslMode::Prefer => "sslmode=prefer",
+            _ => "sslmode=require",
+        };
+        Ok((mode, self.root_cert, client))
     }
-    // The client knows disable, prefer and require: the checks beyond are this module's.
-    kept.push(match mode {
-        SslMode::Disable => "sslmode=disable",
-        SslMode::Prefer => "sslmode=prefer",
-        _ => "sslmode=require",
-    });
+}
+
+/// A URL's query starts at the first `?` after its user and password (which may hold an
+/// unescaped `?`).
+fn url_settings(url: &str) -> Result<TlsSettings, String> {
+    let authority = url.find("://").map_or(0, |i| i + 3);
+    let host = url[authority..].rfind('@').map_or(authority, |i| authority + i + 1);
+    let (base, query) = match url[host..].find('?') {
+        Some(i) => (&url[..host + i], &url[host + i + 1..]),
+        None => (url, ""),
+    };
+    let mut taken = Taken::default();
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if !taken.take(key, &percent_decode(value)?)? {
+            kept.push(pair);
+        }
+    }
+    let (mode, root_cert, client) = taken.finish()?;
+    kept.push(client);
     Ok(TlsSettings { url: format!("{base}?{}", kept.join("&")), mode, root_cert })
+}
+
+/// libpq's `key = value` words: a value is a run of non-blanks, or single-quoted with `\'`
+/// and `\\` escapes; the words that are not TLS parameters are kept as written.
+fn words_settings(conn: &str) -> Result<TlsSettings, String> {
+    let mut taken = Taken::default();
+    let mut kept: Vec<&str> = Vec::new();
+    let mut rest = conn.trim_start();
+    while !rest.is_empty() {
+        let eq = rest.find('=').ok_or("a word of the connection string has no `=`")?;
+        let key = rest[..eq].trim_end();
+        let after = rest[eq + 1..].trim_start();
+        let (value, len) = if let Some(quoted) = after.strip_prefix('\'') {
+            let mut value = String::new();
+            let mut chars = quoted.char_indices();
+            let end = loop {
+                match chars.next() {
+                    Some((i, '\'')) => break i,
+                    Some((_, '\\')) => value.push(chars.next().ok_or("an escape ends the connection string")?.1),
+                    Some((_, c)) => value.push(c),
+                    None => return Err("a quoted value of the connection string is not closed".into()),
+                }
+            };
+            (value, 1 + end + 1)
+        } else {
+            let end = after.find(char::is_whitespace).unwrap_or(after.len());
+            (after[..end].to_owned(), end)
+        };
+        let word_end = rest.len() - after.len() + len;
+        if !taken.take(key, &value)? {
+            kept.push(&rest[..word_end]);
+        }
+        rest = rest[word_end..].trim_start();
+    }
+    let (mode, root_cert, client) = taken.finish()?;
+    kept.push(client);
+    Ok(TlsSettings { url: kept.join(" "), mode, root_cert })
 }
 
 /// `%XX` escapes of a URL query value (a path may hold spaces or `&`).
@@ -99,6 +189,9 @@ fn percent_decode(s: &str) -> Result<String, String> {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = s.get(i + 1..i + 3).ok_or_else(|| format!("{s:?}: a % escape is cut short"))?;
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!("{s:?}: %{hex} is not an escape"));
+            }
             out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("{s:?}: %{hex} is not an escape"))?);
             i += 3;
         } else {
@@ -244,6 +337,15 @@ mod tests {
         assert_eq!(s.url, "postgres://u@h:5/db?connect_timeout=5&sslmode=require");
         let s = settings("postgres://u@h/db").unwrap();
         assert_eq!((s.mode, s.url.as_str()), (SslMode::Prefer, "postgres://u@h/db?sslmode=prefer"));
+        // A password holding `?` and `@` is left alone.
+        let s = settings("postgres://u:p?w@rd@h:5/db?sslmode=require").unwrap();
+        assert_eq!((s.mode, s.url.as_str()), (SslMode::Require, "postgres://u:p?w@rd@h:5/db?sslmode=require"));
+        // libpq's words, a quoted password with blanks and escapes kept as written.
+        let s = settings("host=h  password='a b\\' c' sslmode=verify-ca sslrootcert='/x y/ca.pem' dbname=d").unwrap();
+        assert_eq!(s.mode, SslMode::VerifyCa);
+        assert_eq!(s.root_cert.as_deref(), Some(Path::new("/x y/ca.pem")));
+        assert_eq!(s.url, "host=h password='a b\\' c' dbname=d sslmode=require");
+        assert_eq!(settings("host=h dbname=d").unwrap().url, "host=h dbname=d sslmode=prefer");
         assert_eq!(settings("postgres://u@h/db?sslmode=disable").unwrap().mode, SslMode::Disable);
         for (bad, says) in [
             ("postgres://h/db?sslmode=allow-all", "sslmode=allow-all"),
@@ -252,8 +354,13 @@ mod tests {
             ("postgres://h/db?sslrootcert=%zz", "not an escape"),
             ("postgres://h/db?sslrootcert=%2", "cut short"),
             ("postgres://h/db?sslrootcert=%ff", "UTF-8"),
+            ("postgres://h/db?sslrootcert=%+1", "not an escape"),
+            ("host=h password='open", "not closed"),
+            ("host=h password='\\", "escape ends"),
+            ("host=h dbname", "no `=`"),
+            ("host=h sslmode=sometimes", "sslmode=sometimes"),
         ] {
-            let e = settings(bad).unwrap_err();
+            let e = settings(bad).err().unwrap();
             assert!(e.contains(says), "{bad}: {e}");
         }
     }
@@ -267,5 +374,9 @@ mod tests {
         assert!(connector(&s).err().unwrap().contains("no certificate"));
         let s = TlsSettings { url: String::new(), mode: SslMode::VerifyFull, root_cert: Some(dir.path().join("none")) };
         assert!(connector(&s).err().unwrap().contains("none"));
+        // Hostile words never panic, whatever they hold.
+        for junk in ["", "=", "'", "a='", "a=\\", "é=ü", "a = 'b\\", "= = =", "a=b c"] {
+            let _ = settings(junk);
+        }
     }
 }
