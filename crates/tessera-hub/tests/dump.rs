@@ -307,3 +307,24 @@ async fn a_restore_notes_its_shared_blobs_until_it_commits() {
     assert!(seen.iter().all(|(_, n)| *n == all), "every blob noted before the puts: {seen:?}");
     assert_eq!(notes_in(&dir.join("hub.sqlite")), 0, "the notes go once the records are in");
 }
+
+/// A blob whose bytes on disk no longer match its name stops the dump, which leaves no
+/// file behind; its bytes are read as they are written into the dump, whatever their size.
+#[tokio::test]
+async fn a_blob_corrupt_on_disk_stops_the_dump() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = populated(&tmp.path().join("a"), &Database::Sqlite).await;
+    let model = store.model("team.model", "1.0.0").unwrap().digest.unwrap();
+    let path = tmp.path().join("a/blobs").join(&model.hex()[..2]).join(model.hex());
+    let mut perms = std::fs::metadata(&path).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&path, perms).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let file = tmp.path().join("hub.dump");
+    let e = store.dump(&file).err().unwrap();
+    assert!(matches!(&e, HubError::Storage(m) if m.contains("corrupt on disk")), "{e}");
+    assert!(!file.exists(), "the partial dump is removed");
+}

@@ -56,6 +56,20 @@ fn append(tar: &mut tar::Builder<impl Write>, path: &str, bytes: &[u8], mode: u3
     tar.append_data(&mut h, path, bytes).map_err(|e| io(path, e))
 }
 
+/// A reader that hashes what it hands out.
+struct Hashing<R> {
+    inner: R,
+    hasher: DigestWriter,
+}
+
+impl<R: std::io::Read> std::io::Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 impl HubStore {
     /// Writes the hub's whole state to `file` (see the module's documentation), reading every
     /// blob once to verify it.
@@ -123,13 +137,22 @@ impl HubStore {
             let path = path?;
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let digest = Digest::from_hex(&name).map_err(|e| io(&name, e))?;
-            let bytes = std::fs::read(&path).map_err(|e| io(&path.display().to_string(), e))?;
-            if Digest::of(&bytes) != digest {
+            // Streamed into the dump, hashed on the way: a blob of any size in bounded memory.
+            let what = path.display().to_string();
+            let file = std::fs::File::open(&path).map_err(|e| io(&what, e))?;
+            let len = file.metadata().map_err(|e| io(&what, e))?.len();
+            let mut h = tar::Header::new_gnu();
+            h.set_size(len);
+            h.set_mode(0o644);
+            h.set_mtime(0);
+            h.set_cksum();
+            let mut reading = Hashing { inner: file, hasher: DigestWriter::new() };
+            tar.append_data(&mut h, format!("blobs/{name}"), &mut reading).map_err(|e| io(&what, e))?;
+            if reading.hasher.len() != len || reading.hasher.finish() != digest {
                 return Err(HubError::Storage(format!("blob {digest} is corrupt on disk; nothing was dumped")));
             }
             summary.blobs += 1;
-            summary.blob_bytes += bytes.len() as u64;
-            append(&mut tar, &format!("blobs/{name}"), &bytes, 0o644)?;
+            summary.blob_bytes += len;
         }
         let key = std::fs::read(self.dir.join("identity/hub.json")).map_err(|e| io("the hub's key", e))?;
         append(&mut tar, "identity/hub.json", &key, 0o600)?;
