@@ -200,6 +200,31 @@ async fn two_hub_processes_share_one_store_and_one_replay_cache(database: Databa
             assert!(shared.digests().await.unwrap().contains(&rec.digest));
             let (_, got) = ca.download(&r).await.unwrap();
             assert_eq!(&got[..], &bytes[..]);
+            let http = reqwest::Client::new();
+            // A model in the Object Store, pushed through one process: the other serves it
+            // while it fetches it (its whole bytes, their digest), and keeps the copy; a
+            // range of it is then served from that copy.
+            let weights: Vec<u8> = (0..(3u32 << 20) + 11).map(|i| (i % 251) as u8 ^ (i >> 20) as u8).collect();
+            let (m, _) = ca.push_model("shared.weights", "1.0.0", weights.clone()).await.unwrap();
+            let digest = m.digest.unwrap();
+            let cached = data_b.join("blobs").join(&digest.hex()[..2]).join(digest.hex());
+            assert!(!cached.exists());
+            let (_, got) = cb.pull_model("shared.weights", "1.0.0").await.unwrap();
+            assert!(got[..] == weights[..], "the streamed download is the model");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while !cached.exists() {
+                assert!(std::time::Instant::now() < deadline, "the streamed copy is kept");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            assert!(std::fs::read(&cached).unwrap() == weights);
+            let part = http
+                .get(format!("{}/api/v1/models/shared.weights/1.0.0", b.url))
+                .header("range", "bytes=1048570-1048589")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(part.status(), 206);
+            assert_eq!(&part.bytes().await.unwrap()[..], &weights[1048570..1048590]);
             // A process without the shared store would keep blobs the others cannot read:
             // it is refused.
             let Database::Postgres(pg) = &database else { unreachable!() };

@@ -332,6 +332,13 @@ impl BlobStore for NatsBlobs {
         Ok(true)
     }
 
+    async fn size(&self, digest: &Digest) -> Result<Option<u64>, BlobError> {
+        if let Some(bytes) = self.small_entry(digest).await? {
+            return Ok(Some(bytes.len() as u64));
+        }
+        Ok(self.object_info(digest).await?.map(|i| i.size as u64))
+    }
+
     async fn stored_bytes(&self) -> Result<u64, BlobError> {
         let mut total = 0;
         for stream in &self.streams {

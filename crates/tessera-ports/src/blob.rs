@@ -54,6 +54,15 @@ pub trait BlobStore: Send + Sync + 'static {
     /// include each message's headers): what retention keeps flat across rounds.
     async fn stored_bytes(&self) -> Result<u64, BlobError>;
 
+    /// The blob's length in bytes when the store can tell without reading it; `None` when
+    /// it is not stored or the store cannot tell (the default).
+    ///
+    /// # Errors
+    /// The store's.
+    async fn size(&self, _digest: &Digest) -> Result<Option<u64>, BlobError> {
+        Ok(None)
+    }
+
     /// Stores the file at `path` as the blob `digest` (which the caller computed: it is not
     /// read again to check). Stores that can stream do, in bounded memory; the default reads
     /// the file whole and [`put`](BlobStore::put)s it.

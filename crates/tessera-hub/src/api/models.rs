@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 
 use super::auth::authenticate;
 use super::body::{Received, receive_upload};
-use super::packages::stream_file;
+use super::packages::serve_download;
 use super::uploads::{named_in, named_upload};
 use super::{ApiResult, AppState, ErrorBody, blocking, parse_json};
 use crate::store::{HubError, ModelUpload};
@@ -262,15 +262,18 @@ pub(super) async fn download_model(
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let store = s.store.clone();
-    let (m, digest, path) = blocking(move || {
+    // A plain GET of the whole binary may be served while it is fetched from a shared store.
+    let whole = method == Method::GET && !headers.contains_key(axum::http::header::RANGE);
+    let (m, digest, download) = blocking(move || {
         let m = store.model(&name, &version)?;
         let d =
             m.digest.ok_or_else(|| HubError::NotFound(format!("model {}@{} has no binary yet", m.name, m.version)))?;
-        let p = store.blob_path(&d)?;
-        Ok((m, d, p))
+        let download = store.blob_download(&d, whole)?;
+        Ok((m, d, download))
     })
     .await?;
-    let resp = stream_file(path, &digest, Some(format!("{}-{}.safetensors", m.name, m.version)), &headers).await?;
+    let resp =
+        serve_download(download, &digest, Some(format!("{}-{}.safetensors", m.name, m.version)), &headers).await?;
     if super::packages::whole_download(&method, &resp) {
         let (store, n, v) = (s.store.clone(), m.name.clone(), m.version.clone());
         blocking(move || store.count_model_download(&n, &v)).await?;

@@ -270,6 +270,39 @@ pub(super) async fn stream_file(
     Ok(resp)
 }
 
+/// Serves a [`Download`]: a file as [`stream_file`] does; bytes streamed from the shared
+/// store as a whole-object answer with the same headers (a range request or a `HEAD` never
+/// gets one: see [`HubStore::blob_download`](crate::HubStore::blob_download)).
+pub(super) async fn serve_download(
+    download: crate::store::Download,
+    digest: &Digest,
+    filename: Option<String>,
+    request: &HeaderMap,
+) -> ApiResult<Response> {
+    let (len, body) = match download {
+        crate::store::Download::File(path) => return stream_file(path, digest, filename, request).await,
+        crate::store::Download::Streamed { len, body } => (len, body),
+    };
+    let chunks = futures::stream::unfold(body, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let mut resp = Response::new(Body::from_stream(chunks));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", digest.hex())) {
+        h.insert(header::ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
+        h.insert(super::DIGEST_HEADER, v);
+    }
+    if let Some(f) = filename
+        && let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{f}\""))
+    {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(resp)
+}
+
 /// True when a download's answer is the whole object to a GET (what download counters
 /// count: not a HEAD, a part or a refusal).
 pub(super) fn whole_download(method: &Method, resp: &Response) -> bool {

@@ -10,10 +10,13 @@
 //! the directory is the store itself: nothing is evicted.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use tessera_core::Digest;
+use tessera_ports::BlobReader;
+use tessera_ports::sink::FileSink;
 
 use super::{HubError, HubStore, remove_leftover};
 
@@ -65,7 +68,106 @@ fn mark_used(path: &Path) -> bool {
     }
 }
 
+/// What a download of a blob serves.
+pub enum Download {
+    /// A file of this process's directory.
+    File(PathBuf),
+    /// The shared store's bytes as they arrive (`len` of them), copied into the directory on
+    /// the way: the last item is an error when the bytes turn out not to be the blob's.
+    Streamed { len: u64, body: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>> },
+}
+
+/// Chunks of a streamed download held between the shared store and the client.
+const STREAMED_AHEAD: usize = 4;
+
 impl HubStore {
+    /// What serves a download of blob `digest`, which a record must use: this process's
+    /// file; or, for a download of the whole blob (`whole`) that this process has not
+    /// cached, the shared store's bytes as they arrive, copied into the directory meanwhile
+    /// (serving and fetching at once rather than one after the other).
+    ///
+    /// # Errors
+    /// [`HubError::NotFound`] when no record uses the blob; the shared store's.
+    pub fn blob_download(self: &Arc<Self>, digest: &Digest, whole: bool) -> Result<Download, HubError> {
+        let Some(shared) = self.shared.as_ref().filter(|_| whole) else {
+            return Ok(Download::File(self.blob_path(digest)?));
+        };
+        if !Self::blob_in_use(&self.db(), digest)? {
+            return Err(HubError::NotFound(digest.to_string()));
+        }
+        let path = self.blobs.path_of(digest);
+        {
+            let _marking = shared.cache.lock.lock().unwrap_or_else(|p| p.into_inner());
+            if mark_used(&path) {
+                return Ok(Download::File(path));
+            }
+        }
+        let opened = shared.run(async {
+            Ok::<_, tessera_ports::BlobError>((shared.blobs.size(digest).await?, shared.blobs.reader(digest).await?))
+        })?;
+        let (Some(len), Some(reader)) = opened else {
+            // A store that cannot tell the size: fetched first.
+            return Ok(Download::File(self.blob_path(digest)?));
+        };
+        let (tx, body) = tokio::sync::mpsc::channel(STREAMED_AHEAD);
+        let (store, digest) = (Arc::clone(self), *digest);
+        shared.spawn(async move { store.tee(digest, reader, tx).await });
+        Ok(Download::Streamed { len, body })
+    }
+
+    /// Hands `reader`'s bytes to `tx` and writes them into the directory as `digest`; the
+    /// file takes its name once all arrived verified (`reader` checks them), and the cache is
+    /// trimmed. A client that goes away stops the copy.
+    async fn tee(
+        self: Arc<Self>,
+        digest: Digest,
+        mut reader: BlobReader,
+        tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    ) {
+        use tokio::io::AsyncReadExt;
+        let tmp = self.blobs.temp_path();
+        let copied: std::io::Result<()> = async {
+            let mut sink = FileSink::start(std::fs::File::create(&tmp)?, Vec::new())?;
+            loop {
+                let mut chunk = bytes::BytesMut::with_capacity(1 << 20);
+                if reader.read_buf(&mut chunk).await? == 0 {
+                    break;
+                }
+                let chunk = chunk.freeze();
+                sink.write(chunk.clone()).await?;
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return Err(std::io::Error::other("the client went away"));
+                }
+            }
+            let file = sink.finish().await?.file;
+            tokio::task::spawn_blocking(move || file.sync_all()).await.map_err(std::io::Error::other)?
+        }
+        .await;
+        let store = Arc::clone(&self);
+        let kept = tokio::task::spawn_blocking(move || -> Result<(), HubError> {
+            if let Err(e) = copied {
+                remove_leftover(&tmp);
+                return Err(HubError::Storage(e.to_string()));
+            }
+            if let Some(shared) = &store.shared {
+                let _marking = shared.cache.lock.lock().unwrap_or_else(|p| p.into_inner());
+                let path = store.blobs.adopt_file(&tmp, &digest)?;
+                mark_used(&path);
+            }
+            store.evict_cached();
+            Ok(())
+        })
+        .await;
+        match kept {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(blob = %digest, error = %e, "a streamed download was not kept");
+                let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+            }
+            Err(e) => tracing::warn!(blob = %digest, error = %e, "a streamed download's copy failed"),
+        }
+    }
+
     /// Bounds this process's blob directory at `max_bytes` (see the module's
     /// documentation): it is a cache of the shared store given to
     /// [`HubStore::with_shared_blobs`], whose default bound is [`DEFAULT_CACHE_BYTES`].

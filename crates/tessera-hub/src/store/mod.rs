@@ -38,6 +38,7 @@ use tessera_package::{Limits, UnpackError};
 use tessera_ports::FsBlobStore;
 
 pub use accounts::UsageRecord;
+pub use cache::Download;
 pub use components::{Collection, ComponentNeeds, ComponentRecord, ObjectUpload, Revision};
 pub use dump::{DumpSummary, ShareBlob};
 pub use grants::GrantRecord;
@@ -230,6 +231,11 @@ struct Shared {
 }
 
 impl Shared {
+    /// Runs `f` on the shared store's runtime in the background.
+    fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.runtime.as_ref().expect("the runtime lives until dropped").spawn(f);
+    }
+
     /// Runs `f` to completion from synchronous code (off any runtime's threads).
     fn run<T: Send>(&self, f: impl std::future::Future<Output = T> + Send) -> T {
         let runtime = self.runtime.as_ref().expect("the runtime lives until dropped");
