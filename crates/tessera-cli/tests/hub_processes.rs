@@ -225,6 +225,19 @@ async fn two_hub_processes_share_one_store_and_one_replay_cache(database: Databa
                 .unwrap();
             assert_eq!(part.status(), 206);
             assert_eq!(&part.bytes().await.unwrap()[..], &weights[1048570..1048590]);
+            // Bytes in the shared store that are not the model's: the streamed answer is cut
+            // short (an error to the client, which never gets all the bytes), and no copy is
+            // kept.
+            let (m, _) = ca.push_model("shared.forged", "1.0.0", weights[..(2 << 20)].to_vec()).await.unwrap();
+            let forged_digest = m.digest.unwrap();
+            let objects = nats.js.get_object_store(bucket).await.unwrap();
+            let forged: Vec<u8> = weights[..(2 << 20)].iter().map(|b| b ^ 0x55).collect();
+            objects.put(forged_digest.hex().as_str(), &mut &forged[..]).await.unwrap();
+            let answer = http.get(format!("{}/api/v1/models/shared.forged/1.0.0", b.url)).send().await.unwrap();
+            assert_eq!(answer.status(), 200);
+            assert!(answer.bytes().await.is_err(), "a body that is not the model's is cut short");
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            assert!(!data_b.join("blobs").join(&forged_digest.hex()[..2]).join(forged_digest.hex()).exists());
             // A process without the shared store would keep blobs the others cannot read:
             // it is refused.
             let Database::Postgres(pg) = &database else { unreachable!() };

@@ -39,6 +39,16 @@ pub const IN_FLIGHT: usize = 8;
 /// Bytes a reader asks the server for at once: 8 MiB (at least one chunk, at most 256).
 pub const READ_AHEAD: usize = 8 << 20;
 
+/// How long a reader waits for the next chunk of a batch before its read fails.
+const CHUNK_WAIT: Duration = Duration::from_secs(30);
+
+/// How long a reader waits for a chunk before it looks whether its consumer is still there.
+const FIRST_WAIT: Duration = Duration::from_secs(2);
+
+/// How long the server keeps a reader's consumer between two batches; a reader slower than
+/// that makes a new one where the old one stopped.
+const CONSUMER_IDLE: Duration = Duration::from_secs(300);
+
 fn backend(e: impl std::fmt::Display) -> BlobError {
     BlobError::Backend(e.to_string())
 }
@@ -96,9 +106,16 @@ pub async fn put(bucket: &Bucket<'_>, name: &str, reader: &mut BlobReader) -> Re
             return Err(e);
         }
     };
-    if let Some(existing) = bucket.current(name).await? {
-        bucket.purge(&chunks_subject).await;
-        return Ok(existing);
+    match bucket.current(name).await {
+        Ok(Some(existing)) => {
+            bucket.purge(&chunks_subject).await;
+            return Ok(existing);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            bucket.purge(&chunks_subject).await;
+            return Err(e);
+        }
     }
     let info = ObjectInfo {
         name: name.to_owned(),
@@ -114,15 +131,32 @@ pub async fn put(bucket: &Bucket<'_>, name: &str, reader: &mut BlobReader) -> Re
         digest: Some(format!("SHA-256={}", URL_SAFE.encode(sha))),
         deleted: false,
     };
-    match publish_info(bucket, &info).await {
-        Ok(()) => Ok(info),
-        Err(e) => match bucket.current(name).await {
-            Ok(Some(stored)) if stored.nuid == nuid => Ok(stored),
-            _ => {
-                bucket.purge(&chunks_subject).await;
-                Err(e)
-            }
-        },
+    // Publishing the same info again is harmless (it replaces itself): tried three times
+    // before the put is given up.
+    let mut published = publish_info(bucket, &info).await;
+    for _ in 0..2 {
+        if published.is_ok() {
+            break;
+        }
+        published = publish_info(bucket, &info).await;
+    }
+    let Err(e) = published else { return Ok(info) };
+    // The server may have stored an info whose acknowledgement was lost: the chunks go only
+    // when the store says for certain that nothing points at them.
+    match bucket.current(name).await {
+        Ok(Some(stored)) if stored.nuid == nuid => Ok(stored),
+        Ok(Some(other)) => {
+            bucket.purge(&chunks_subject).await;
+            Ok(other)
+        }
+        Ok(None) => {
+            bucket.purge(&chunks_subject).await;
+            Err(e)
+        }
+        Err(_) => {
+            tracing::warn!(subject = %chunks_subject, "an object's info may not be stored; its chunks are kept");
+            Err(e)
+        }
     }
 }
 
@@ -222,20 +256,48 @@ async fn publish_info(bucket: &Bucket<'_>, info: &ObjectInfo) -> Result<(), Blob
 struct Reading {
     consumer: PullConsumer,
     stream: async_nats::jetstream::stream::Stream,
+    filter: String,
     batch: Option<pull::Batch>,
     per_batch: usize,
     in_batch: usize,
+    /// Empty batches in a row (one is looked at again before the read fails).
+    empty: u8,
+    /// The stream sequence after the last chunk read (where a new consumer starts).
+    next_sequence: Option<u64>,
     count: usize,
     seen: usize,
     total: usize,
     expected: usize,
 }
 
+/// An ephemeral pull consumer of `filter`'s messages, from `start` on (the first if `None`).
+async fn consumer_of(
+    stream: &async_nats::jetstream::stream::Stream,
+    filter: &str,
+    start: Option<u64>,
+) -> Result<PullConsumer, BlobError> {
+    stream
+        .create_consumer(pull::Config {
+            filter_subject: filter.to_owned(),
+            deliver_policy: match start {
+                Some(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
+                None => DeliverPolicy::All,
+            },
+            ack_policy: AckPolicy::None,
+            inactive_threshold: CONSUMER_IDLE,
+            ..Default::default()
+        })
+        .await
+        .map_err(backend)
+}
+
 /// The chunks of the object `info` of `bucket` in order, ending after `info.chunks` of
 /// them, read through an ephemeral pull consumer on its chunk subject in batches of about
 /// [`READ_AHEAD`] bytes, each asked for once the one before is read: a reader holds at most
-/// one batch however slowly it reads. The consumer is removed once the last chunk is read
-/// (a reader dropped early leaves it to the server, which removes it after 30 s unused).
+/// one batch however slowly it reads (one slower than [`CONSUMER_IDLE`] between batches,
+/// whose consumer the server has removed, gets a new one where it stopped). The consumer is
+/// removed once the last chunk is read (a reader dropped early leaves it to the server). A
+/// chunk that does not come within [`CHUNK_WAIT`] fails the read.
 /// The object's `SHA-256=` digest is not computed: callers check the bytes against the name
 /// they asked for (a BLAKE3 digest), which a stored SHA-256 cannot vouch for anyway.
 ///
@@ -251,23 +313,18 @@ pub async fn chunks(
         return Ok(futures::stream::empty().boxed());
     }
     let stream = bucket.js.get_stream(format!("OBJ_{}", bucket.name)).await.map_err(backend)?;
-    let consumer: PullConsumer = stream
-        .create_consumer(pull::Config {
-            filter_subject: format!("$O.{}.C.{}", bucket.name, info.nuid),
-            deliver_policy: DeliverPolicy::All,
-            ack_policy: AckPolicy::None,
-            inactive_threshold: Duration::from_secs(30),
-            ..Default::default()
-        })
-        .await
-        .map_err(backend)?;
+    let filter = format!("$O.{}.C.{}", bucket.name, info.nuid);
+    let consumer = consumer_of(&stream, &filter, None).await?;
     let chunk = info.options.as_ref().and_then(|o| o.max_chunk_size).filter(|c| *c > 0).unwrap_or(CHUNK);
     let reading = Reading {
         consumer,
         stream,
+        filter,
         batch: None,
         per_batch: (READ_AHEAD / chunk).clamp(1, 256),
         in_batch: 0,
+        empty: 0,
+        next_sequence: None,
         count: 0,
         seen: 0,
         total: info.chunks,
@@ -287,14 +344,39 @@ async fn next_chunk(mut r: Reading) -> Result<Option<(Bytes, Reading)>, BlobErro
             return Ok(None);
         }
         if r.batch.is_none() {
-            let batch = r.consumer.fetch().max_messages(r.per_batch).messages().await;
-            r.batch = Some(batch.map_err(|e| backend(format!("asking for chunks: {e}")))?);
+            let batch = match r.consumer.fetch().max_messages(r.per_batch).messages().await {
+                Ok(b) => b,
+                // Its consumer removed for being idle (a slow reader): a new one from where
+                // the read stopped.
+                Err(_) => {
+                    r.consumer = consumer_of(&r.stream, &r.filter, r.next_sequence).await?;
+                    let batch = r.consumer.fetch().max_messages(r.per_batch).messages().await;
+                    batch.map_err(|e| backend(format!("asking for chunks: {e}")))?
+                }
+            };
+            r.batch = Some(batch);
             r.in_batch = 0;
         }
         let Some(batch) = r.batch.as_mut() else { continue };
-        match batch.next().await {
+        let late = || backend(format!("no chunk of the object came within {} s", CHUNK_WAIT.as_secs()));
+        let next = match tokio::time::timeout(FIRST_WAIT, batch.next()).await {
+            Ok(next) => next,
+            // A batch that brings nothing at all: its consumer may be gone (the server
+            // removes one left idle), and then nobody answers the request.
+            Err(_) if r.in_batch == 0 && r.consumer.info().await.is_err() => {
+                r.consumer = consumer_of(&r.stream, &r.filter, r.next_sequence).await?;
+                r.batch = None;
+                continue;
+            }
+            Err(_) => tokio::time::timeout(CHUNK_WAIT, batch.next()).await.map_err(|_| late())?,
+        };
+        match next {
             Some(m) => {
                 let m = m.map_err(|e| backend(format!("reading a chunk: {e}")))?;
+                if let Ok(info) = m.info() {
+                    r.next_sequence = Some(info.stream_sequence + 1);
+                }
+                r.empty = 0;
                 r.in_batch += 1;
                 r.count += 1;
                 r.seen += m.payload.len();
@@ -306,6 +388,12 @@ async fn next_chunk(mut r: Reading) -> Result<Option<(Bytes, Reading)>, BlobErro
                 }
                 let payload = m.payload.clone();
                 return Ok(Some((payload, r)));
+            }
+            // Looked at once more (a replica that lags) before the read fails.
+            None if r.in_batch == 0 && r.empty == 0 => {
+                r.empty = 1;
+                r.batch = None;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             None if r.in_batch == 0 => {
                 return Err(backend(format!(

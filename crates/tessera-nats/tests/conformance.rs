@@ -321,3 +321,29 @@ async fn an_object_cut_short_fails_its_read_instead_of_waiting() {
     let got = tokio::time::timeout(bound, blobs.get_file(&d, &path)).await.expect("the read ends");
     assert!(got.is_err() && !path.exists());
 }
+
+/// A reader slower than the server keeps an idle consumer: one whose consumer the server
+/// removed between two batches goes on from where it stopped, with every byte.
+#[tokio::test]
+async fn a_reader_whose_consumer_went_away_goes_on_where_it_stopped() {
+    use futures::StreamExt;
+    use tessera_ports::BlobStore;
+    use tokio::io::AsyncReadExt;
+    let server = NatsServer::start();
+    let nats = connect(&server.url()).await.unwrap();
+    let blobs = NatsBlobs::open(&nats).await.unwrap();
+    let bytes = varied((12 << 20) + 3);
+    let d = blobs.put(bytes::Bytes::from(bytes.clone())).await.unwrap();
+    let mut reader = blobs.reader(&d).await.unwrap().unwrap();
+    // The first batch (8 chunks of 1 MiB), then its consumer goes.
+    let mut first = vec![0u8; 8 << 20];
+    reader.read_exact(&mut first).await.unwrap();
+    let stream = nats.js.get_stream("OBJ_tessera_blobs").await.unwrap();
+    let names: Vec<String> = stream.consumer_names().map(|n| n.unwrap()).collect().await;
+    assert_eq!(names.len(), 1);
+    stream.delete_consumer(&names[0]).await.unwrap();
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).await.unwrap();
+    first.extend_from_slice(&rest);
+    assert!(first == bytes, "every byte, in order");
+}

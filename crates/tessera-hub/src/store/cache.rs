@@ -17,6 +17,7 @@ use bytes::Bytes;
 use tessera_core::Digest;
 use tessera_ports::BlobReader;
 use tessera_ports::sink::FileSink;
+use tokio::sync::mpsc::Sender;
 
 use super::{HubError, HubStore, remove_leftover};
 
@@ -117,37 +118,76 @@ impl HubStore {
 
     /// Hands `reader`'s bytes to `tx` and writes them into the directory as `digest`; the
     /// file takes its name once all arrived verified (`reader` checks them), and the cache is
-    /// trimmed. A client that goes away stops the copy.
-    async fn tee(
-        self: Arc<Self>,
-        digest: Digest,
-        mut reader: BlobReader,
-        tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
-    ) {
+    /// trimmed. The last chunk is held back until the bytes are verified: a client whose
+    /// bytes turn out not to be the blob's gets a body cut short (an error), never all of
+    /// it. A copy that fails (a full disk) is dropped and the download goes on; a client
+    /// that goes away stops both.
+    async fn tee(self: Arc<Self>, digest: Digest, mut reader: BlobReader, tx: Sender<std::io::Result<Bytes>>) {
         use tokio::io::AsyncReadExt;
         let tmp = self.blobs.temp_path();
-        let copied: std::io::Result<()> = async {
-            let mut sink = FileSink::start(std::fs::File::create(&tmp)?, Vec::new())?;
+        let mut sink = match std::fs::File::create(&tmp).and_then(|f| FileSink::start(f, Vec::new())) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(blob = %digest, error = %e, "a streamed download is not kept");
+                None
+            }
+        };
+        let mut held: Option<Bytes> = None;
+        let streamed: std::io::Result<()> = async {
             loop {
                 let mut chunk = bytes::BytesMut::with_capacity(1 << 20);
-                if reader.read_buf(&mut chunk).await? == 0 {
+                let n = tokio::select! {
+                    n = reader.read_buf(&mut chunk) => n?,
+                    () = tx.closed() => return Err(std::io::Error::other("the client went away")),
+                };
+                if n == 0 {
                     break;
                 }
                 let chunk = chunk.freeze();
-                sink.write(chunk.clone()).await?;
-                if tx.send(Ok(chunk)).await.is_err() {
+                if let Some(s) = sink.as_mut()
+                    && let Err(e) = s.write(chunk.clone()).await
+                {
+                    tracing::warn!(blob = %digest, error = %e, "a streamed download is not kept");
+                    sink = None;
+                }
+                if let Some(previous) = held.replace(chunk)
+                    && tx.send(Ok(previous)).await.is_err()
+                {
                     return Err(std::io::Error::other("the client went away"));
                 }
             }
-            let file = sink.finish().await?.file;
-            tokio::task::spawn_blocking(move || file.sync_all()).await.map_err(std::io::Error::other)?
+            // Verified: the last chunk goes.
+            if let Some(last) = held.take() {
+                let _ = tx.send(Ok(last)).await;
+            }
+            Ok(())
         }
         .await;
+        if let Err(e) = &streamed {
+            tracing::debug!(blob = %digest, error = %e, "a streamed download stopped");
+            let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+        }
+        drop(tx);
+        let kept: std::io::Result<Option<std::fs::File>> = match (streamed, sink) {
+            (Ok(()), Some(s)) => s.finish().await.map(|w| Some(w.file)),
+            _ => Ok(None),
+        };
         let store = Arc::clone(&self);
-        let kept = tokio::task::spawn_blocking(move || -> Result<(), HubError> {
-            if let Err(e) = copied {
+        let adopted = tokio::task::spawn_blocking(move || -> Result<(), HubError> {
+            let file = match kept {
+                Ok(Some(file)) => file,
+                Ok(None) => {
+                    remove_leftover(&tmp);
+                    return Ok(());
+                }
+                Err(e) => {
+                    remove_leftover(&tmp);
+                    return Err(e.into());
+                }
+            };
+            if let Err(e) = file.sync_all() {
                 remove_leftover(&tmp);
-                return Err(HubError::Storage(e.to_string()));
+                return Err(e.into());
             }
             if let Some(shared) = &store.shared {
                 let _marking = shared.cache.lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -158,12 +198,9 @@ impl HubStore {
             Ok(())
         })
         .await;
-        match kept {
+        match adopted {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(blob = %digest, error = %e, "a streamed download was not kept");
-                let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
-            }
+            Ok(Err(e)) => tracing::warn!(blob = %digest, error = %e, "a streamed download is not kept"),
             Err(e) => tracing::warn!(blob = %digest, error = %e, "a streamed download's copy failed"),
         }
     }
@@ -235,7 +272,11 @@ impl HubStore {
 
     fn evict(&self) -> Result<u64, HubError> {
         let Some(shared) = &self.shared else { return Ok(0) };
-        let Ok(_evicting) = shared.cache.evicting.try_lock() else { return Ok(0) };
+        let _evicting = match shared.cache.evicting.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(0),
+        };
         let mut entries = self.cached_entries()?;
         let mut total: u64 = entries.iter().map(|e| e.len).sum();
         if total <= shared.cache.max_bytes {
@@ -273,6 +314,29 @@ impl HubStore {
             tracing::info!(freed, kept = total, "blob cache trimmed");
         }
         Ok(freed)
+    }
+
+    /// Removes temporary files (`.tmp-<pid>-…`, a fetch or a copy under way) left by a
+    /// process that is gone, an hour after their last write; gives how many. On systems
+    /// without `/proc` the owner is not looked at and a day is waited instead.
+    pub(crate) fn sweep_temporaries(&self) -> usize {
+        let Ok(files) = std::fs::read_dir(self.blobs.dir()) else { return 0 };
+        let proc = Path::new("/proc/self").exists();
+        let mut removed = 0;
+        for f in files.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_prefix(".tmp-").and_then(|r| r.split('-').next()) else { continue };
+            let alive = proc && Path::new("/proc").join(pid).exists();
+            let wait = if proc { Duration::from_secs(3600) } else { Duration::from_secs(86_400) };
+            let age = f.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+            if !alive && age.is_some_and(|a| a >= wait) && std::fs::remove_file(f.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "temporary files of processes that are gone removed");
+        }
+        removed
     }
 
     /// The blob files of the directory (`<2 hex>/<64 hex>`; temporary files are not blobs).
@@ -404,6 +468,28 @@ mod tests {
         assert!(d.iter().all(|x| !cached(&store, x)), "the shared ones went instead");
         let local = tokio::runtime::Runtime::new().unwrap();
         assert!(d.iter().all(|x| local.block_on(shared.contains(x)).unwrap()));
+    }
+
+    /// A temporary file of a process that is gone goes once it is an hour old; one of a
+    /// live process, or a recent one, stays.
+    #[test]
+    fn temporaries_of_processes_that_are_gone_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = HubStore::open(dir.path().join("hub")).unwrap();
+        let blobs = dir.path().join("hub/blobs");
+        let old = SystemTime::now() - Duration::from_secs(7200);
+        let write = |name: &str, when: SystemTime| {
+            std::fs::write(blobs.join(name), b"partial").unwrap();
+            std::fs::File::options().write(true).open(blobs.join(name)).unwrap().set_modified(when).unwrap();
+        };
+        // No process has pid 4294967 (above Linux's largest).
+        write(".tmp-4294967-0-00", old);
+        write(&format!(".tmp-{}-0-00", std::process::id()), old);
+        write(".tmp-4294967-1-00", SystemTime::now());
+        assert_eq!(store.sweep_temporaries(), 1);
+        assert!(!blobs.join(".tmp-4294967-0-00").exists());
+        assert!(blobs.join(format!(".tmp-{}-0-00", std::process::id())).exists());
+        assert!(blobs.join(".tmp-4294967-1-00").exists());
     }
 
     /// Without a shared store the directory is the only copy: no bound is accepted.

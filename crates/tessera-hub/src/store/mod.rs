@@ -704,6 +704,7 @@ impl HubStore {
         if let Err(e) = self.collect_pending(pending::PENDING_GRACE_SECS) {
             tracing::warn!(error = %e, "blobs left by unfinished writes stay until the next sweep");
         }
+        self.sweep_temporaries();
         Ok(self)
     }
 

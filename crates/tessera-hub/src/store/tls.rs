@@ -122,11 +122,24 @@ impl Taken {
     }
 }
 
-/// A URL's query starts at the first `?` after its user and password (which may hold an
-/// unescaped `?`).
+/// A URL's query starts at the first `?` after its host: after the last `@` before the
+/// path (a password may hold an unescaped `?` or `@`; a query value may hold `@`). Only the
+/// TLS parameters' values are unescaped; the others are handed on as written.
 fn url_settings(url: &str) -> Result<TlsSettings, String> {
     let authority = url.find("://").map_or(0, |i| i + 3);
-    let host = url[authority..].rfind('@').map_or(authority, |i| authority + i + 1);
+    let rest = &url[authority..];
+    // The user part ends at the last `@` before the first `/` that follows it (or before
+    // the first `?` when there is no path).
+    let mut host = authority;
+    let mut from = 0;
+    while let Some(at) = rest[from..].find('@').map(|i| from + i) {
+        let ends = rest[..at].find('/').or_else(|| rest[..at].find('?').filter(|_| !rest[at..].contains('/')));
+        if ends.is_some() {
+            break;
+        }
+        host = authority + at + 1;
+        from = at + 1;
+    }
     let (base, query) = match url[host..].find('?') {
         Some(i) => (&url[..host + i], &url[host + i + 1..]),
         None => (url, ""),
@@ -135,7 +148,8 @@ fn url_settings(url: &str) -> Result<TlsSettings, String> {
     let mut kept = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if !taken.take(key, &percent_decode(value)?)? {
+        let tls = matches!(key, "sslmode" | "sslrootcert" | "sslcert" | "sslkey" | "sslpassword");
+        if !tls || !taken.take(key, &percent_decode(value)?)? {
             kept.push(pair);
         }
     }
@@ -144,8 +158,9 @@ fn url_settings(url: &str) -> Result<TlsSettings, String> {
     Ok(TlsSettings { url: format!("{base}?{}", kept.join("&")), mode, root_cert })
 }
 
-/// libpq's `key = value` words: a value is a run of non-blanks, or single-quoted with `\'`
-/// and `\\` escapes; the words that are not TLS parameters are kept as written.
+/// libpq's `key = value` words: a value is a run of non-blanks or single-quoted, a
+/// backslash taking the next character as it is in either; the words that are not TLS
+/// parameters are kept as written.
 fn words_settings(conn: &str) -> Result<TlsSettings, String> {
     let mut taken = Taken::default();
     let mut kept: Vec<&str> = Vec::new();
@@ -167,8 +182,17 @@ fn words_settings(conn: &str) -> Result<TlsSettings, String> {
             };
             (value, 1 + end + 1)
         } else {
-            let end = after.find(char::is_whitespace).unwrap_or(after.len());
-            (after[..end].to_owned(), end)
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next() {
+                    Some((i, c)) if c.is_whitespace() => break i,
+                    Some((_, '\\')) => value.push(chars.next().ok_or("an escape ends the connection string")?.1),
+                    Some((_, c)) => value.push(c),
+                    None => break after.len(),
+                }
+            };
+            (value, end)
         };
         let word_end = rest.len() - after.len() + len;
         if !taken.take(key, &value)? {
@@ -337,15 +361,25 @@ mod tests {
         assert_eq!(s.url, "postgres://u@h:5/db?connect_timeout=5&sslmode=require");
         let s = settings("postgres://u@h/db").unwrap();
         assert_eq!((s.mode, s.url.as_str()), (SslMode::Prefer, "postgres://u@h/db?sslmode=prefer"));
-        // A password holding `?` and `@` is left alone.
+        // A password holding `?`, `@` or `%` is left alone, and so is a query value with `@`.
         let s = settings("postgres://u:p?w@rd@h:5/db?sslmode=require").unwrap();
         assert_eq!((s.mode, s.url.as_str()), (SslMode::Require, "postgres://u:p?w@rd@h:5/db?sslmode=require"));
+        let s = settings("postgres://u@h/db?application_name=me@there&sslmode=disable&password=a%z").unwrap();
+        assert_eq!(s.mode, SslMode::Disable);
+        assert_eq!(s.url, "postgres://u@h/db?application_name=me@there&password=a%z&sslmode=disable");
+        let s = settings("postgres://u@h?sslmode=require").unwrap();
+        assert_eq!((s.mode, s.url.as_str()), (SslMode::Require, "postgres://u@h?sslmode=require"));
         // libpq's words, a quoted password with blanks and escapes kept as written.
         let s = settings("host=h  password='a b\\' c' sslmode=verify-ca sslrootcert='/x y/ca.pem' dbname=d").unwrap();
         assert_eq!(s.mode, SslMode::VerifyCa);
         assert_eq!(s.root_cert.as_deref(), Some(Path::new("/x y/ca.pem")));
         assert_eq!(s.url, "host=h password='a b\\' c' dbname=d sslmode=require");
         assert_eq!(settings("host=h dbname=d").unwrap().url, "host=h dbname=d sslmode=prefer");
+        // An escaped blank belongs to its value: no TLS parameter hides in a password.
+        let s = settings("password=x\\ sslmode=disable sslrootcert=/a\\ b/ca.pem sslmode=require").unwrap();
+        assert_eq!(s.mode, SslMode::Require);
+        assert_eq!(s.root_cert.as_deref(), Some(Path::new("/a b/ca.pem")));
+        assert_eq!(s.url, "password=x\\ sslmode=disable sslmode=require");
         assert_eq!(settings("postgres://u@h/db?sslmode=disable").unwrap().mode, SslMode::Disable);
         for (bad, says) in [
             ("postgres://h/db?sslmode=allow-all", "sslmode=allow-all"),

@@ -265,6 +265,7 @@ impl HubStore {
         if let Err(e) = self.collect_pending(super::pending::PENDING_GRACE_SECS) {
             tracing::warn!(error = %e, "blobs left by unfinished writes stay until the next sweep");
         }
+        self.sweep_temporaries();
         let Ok(files) = std::fs::read_dir(self.uploads_dir()) else { return Ok(()) };
         for f in files.flatten() {
             let name = f.file_name().to_string_lossy().into_owned();
