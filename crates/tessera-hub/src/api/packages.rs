@@ -254,9 +254,16 @@ pub(super) async fn stream_file(
     }
     let mut resp = served.map(Body::new);
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     h.remove(header::LAST_MODIFIED);
-    if let Ok(v) = HeaderValue::from_str(&etag) {
+    blob_headers(h, digest, filename);
+    Ok(resp)
+}
+
+/// The headers of every blob download: its type, its entity tag and digest (the digest's
+/// hex, quoted, and the digest), and a file name to save it under.
+fn blob_headers(h: &mut HeaderMap, digest: &Digest, filename: Option<String>) {
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", digest.hex())) {
         h.insert(header::ETAG, v);
     }
     if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
@@ -267,7 +274,6 @@ pub(super) async fn stream_file(
     {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
-    Ok(resp)
 }
 
 /// Serves a [`Download`]: a file as [`stream_file`] does; bytes streamed from the shared
@@ -286,20 +292,9 @@ pub(super) async fn serve_download(
     let chunks = futures::stream::unfold(body, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
     let mut resp = Response::new(Body::from_stream(chunks));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", digest.hex())) {
-        h.insert(header::ETAG, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
-        h.insert(super::DIGEST_HEADER, v);
-    }
-    if let Some(f) = filename
-        && let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{f}\""))
-    {
-        h.insert(header::CONTENT_DISPOSITION, v);
-    }
+    blob_headers(h, digest, filename);
     Ok(resp)
 }
 
