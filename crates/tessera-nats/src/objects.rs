@@ -262,12 +262,26 @@ struct Reading {
     in_batch: usize,
     /// Empty batches in a row (one is looked at again before the read fails).
     empty: u8,
+    /// Consumers made since the last chunk (a few, then the read fails).
+    remade: u8,
     /// The stream sequence after the last chunk read (where a new consumer starts).
     next_sequence: Option<u64>,
     count: usize,
     seen: usize,
     total: usize,
     expected: usize,
+}
+
+impl Reading {
+    /// A new consumer from where the read stopped, at most 3 times without a chunk between.
+    async fn remake(&mut self) -> Result<(), BlobError> {
+        if self.remade >= 3 {
+            return Err(backend("the object's reader lost its consumer three times without a chunk between"));
+        }
+        self.remade += 1;
+        self.consumer = consumer_of(&self.stream, &self.filter, self.next_sequence).await?;
+        Ok(())
+    }
 }
 
 /// An ephemeral pull consumer of `filter`'s messages, from `start` on (the first if `None`).
@@ -324,6 +338,7 @@ pub async fn chunks(
         per_batch: (READ_AHEAD / chunk).clamp(1, 256),
         in_batch: 0,
         empty: 0,
+        remade: 0,
         next_sequence: None,
         count: 0,
         seen: 0,
@@ -349,7 +364,7 @@ async fn next_chunk(mut r: Reading) -> Result<Option<(Bytes, Reading)>, BlobErro
                 // Its consumer removed for being idle (a slow reader): a new one from where
                 // the read stopped.
                 Err(_) => {
-                    r.consumer = consumer_of(&r.stream, &r.filter, r.next_sequence).await?;
+                    r.remake().await?;
                     let batch = r.consumer.fetch().max_messages(r.per_batch).messages().await;
                     batch.map_err(|e| backend(format!("asking for chunks: {e}")))?
                 }
@@ -364,7 +379,7 @@ async fn next_chunk(mut r: Reading) -> Result<Option<(Bytes, Reading)>, BlobErro
             // A batch that brings nothing at all: its consumer may be gone (the server
             // removes one left idle), and then nobody answers the request.
             Err(_) if r.in_batch == 0 && r.consumer.info().await.is_err() => {
-                r.consumer = consumer_of(&r.stream, &r.filter, r.next_sequence).await?;
+                r.remake().await?;
                 r.batch = None;
                 continue;
             }
@@ -377,6 +392,7 @@ async fn next_chunk(mut r: Reading) -> Result<Option<(Bytes, Reading)>, BlobErro
                     r.next_sequence = Some(info.stream_sequence + 1);
                 }
                 r.empty = 0;
+                r.remade = 0;
                 r.in_batch += 1;
                 r.count += 1;
                 r.seen += m.payload.len();

@@ -232,15 +232,19 @@ fn percent_decode(s: &str) -> Result<String, String> {
 /// A message naming an unreadable or empty `sslrootcert` file.
 pub(crate) fn connector(settings: &TlsSettings) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier: Arc<dyn ServerCertVerifier> = match &settings.root_cert {
-        None => Arc::new(Unverified(provider.signature_verification_algorithms)),
-        Some(path) => {
-            let full = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(path)?), provider.clone())
+    let chain = match &settings.root_cert {
+        None => None,
+        Some(path) => Some(
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots(path)?), provider.clone())
                 .build()
-                .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
-            if settings.mode == SslMode::VerifyFull { full } else { Arc::new(AnyName(full)) }
-        }
+                .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?,
+        ),
     };
+    let verifier = Arc::new(Checks {
+        chain,
+        name: settings.mode == SslMode::VerifyFull,
+        signatures: provider.signature_verification_algorithms,
+    });
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
@@ -263,52 +267,19 @@ fn roots(path: &Path) -> Result<rustls::RootCertStore, String> {
     Ok(store)
 }
 
-/// `prefer` and `require` without `sslrootcert`: the connection is encrypted and the
-/// handshake's signatures checked, but any certificate is taken (libpq's behaviour: these
-/// modes guard against eavesdropping, not against an impostor).
+/// What a connection checks of the server's certificate, as its `sslmode` says: the chain
+/// against the CAs of `sslrootcert` when there is one (without it, `prefer` and `require`
+/// take any certificate, as libpq does: they guard against eavesdropping, not against an
+/// impostor), the host name under `verify-full` only. The handshake's signatures are
+/// always checked.
 #[derive(Debug)]
-struct Unverified(WebPkiSupportedAlgorithms);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, TlsError> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_schemes()
-    }
+struct Checks {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    name: bool,
+    signatures: WebPkiSupportedAlgorithms,
 }
 
-/// `verify-ca`: the chain is checked against the CAs, whatever host the certificate names.
-#[derive(Debug)]
-struct AnyName(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for AnyName {
+impl ServerCertVerifier for Checks {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -317,10 +288,11 @@ impl ServerCertVerifier for AnyName {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+        let Some(chain) = &self.chain else { return Ok(ServerCertVerified::assertion()) };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(TlsError::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
+            )) if !self.name => Ok(ServerCertVerified::assertion()),
             other => other,
         }
     }
@@ -331,7 +303,7 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.signatures)
     }
 
     fn verify_tls13_signature(
@@ -340,11 +312,11 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.signatures)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.signatures.supported_schemes()
     }
 }
 
