@@ -238,6 +238,27 @@ async fn two_hub_processes_share_one_store_and_one_replay_cache(database: Databa
             assert!(answer.bytes().await.is_err(), "a body that is not the model's is cut short");
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             assert!(!data_b.join("blobs").join(&forged_digest.hex()[..2]).join(forged_digest.hex()).exists());
+            // Through the process that has not cached a model: a HEAD answers from the
+            // Object Store's info and fetches nothing; a range is served as the object is
+            // read, and the copy read is kept.
+            let other: Vec<u8> = weights.iter().rev().copied().collect();
+            let (m, _) = ca.push_model("shared.ranged", "1.0.0", other.clone()).await.unwrap();
+            let ranged = m.digest.unwrap();
+            let copy = data_b.join("blobs").join(&ranged.hex()[..2]).join(ranged.hex());
+            let url = format!("{}/api/v1/models/shared.ranged/1.0.0", b.url);
+            let head = http.head(&url).send().await.unwrap();
+            assert_eq!(head.status(), 200);
+            assert_eq!(head.headers()["content-length"], other.len().to_string().as_str());
+            assert!(!copy.exists(), "a HEAD fetches nothing");
+            let part = http.get(&url).header("range", "bytes=2000000-").send().await.unwrap();
+            assert_eq!(part.status(), 206);
+            assert_eq!(part.headers()["content-range"], format!("bytes 2000000-{}/{}", other.len() - 1, other.len()));
+            assert!(part.bytes().await.unwrap()[..] == other[2_000_000..]);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while !copy.exists() {
+                assert!(std::time::Instant::now() < deadline, "the copy read for a range is kept");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
             // A process without the shared store would keep blobs the others cannot read:
             // it is refused.
             let Database::Postgres(pg) = &database else { unreachable!() };

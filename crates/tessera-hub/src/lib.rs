@@ -25,8 +25,9 @@ pub use api::{
     UPLOAD_PARAM, answer_panic, app, openapi,
 };
 pub use store::{
-    Collection, ComponentNeeds, ComponentRecord, Database, DumpSummary, Filters, GrantRecord, HubError, HubStore,
-    ListQuery, ModelUpload, ObjectUpload, PublishCheck, Published, Revision, ShareBlob, UploadRecord, UsageRecord,
+    Collection, ComponentNeeds, ComponentRecord, Database, Download, DumpSummary, Filters, GrantRecord, HubError,
+    HubStore, ListQuery, ModelUpload, ObjectUpload, PublishCheck, Published, Revision, ShareBlob, SharedDownload,
+    UploadRecord, UsageRecord,
 };
 
 use std::sync::Arc;

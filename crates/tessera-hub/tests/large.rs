@@ -547,3 +547,110 @@ async fn tensor_metadata_is_read_from_the_header_alone() {
         StatusCode::NOT_FOUND
     );
 }
+
+/// A hub whose blobs are shared with a store of files in a directory of its own (every
+/// read verified), as hub processes share the NATS Object Store.
+fn shared_hub() -> (Hub, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let blobs = std::sync::Arc::new(tessera_ports::FsBlobStore::open(&shared).unwrap());
+    let store = tessera_hub::testing::open_store(dir.path().join("hub")).with_shared_blobs(blobs, rt).unwrap();
+    let store = std::sync::Arc::new(store);
+    (Hub { app: app(AppState::new(store.clone(), HubPolicy::open())), _dir: dir, store }, shared)
+}
+
+impl Hub {
+    /// This process's copy of blob `d`.
+    fn copy_of(&self, d: &Digest) -> std::path::PathBuf {
+        self.store.blobs().dir().join(&d.hex()[..2]).join(d.hex())
+    }
+}
+
+/// A blob this hub process has not cached is answered from the shared store as it is read,
+/// with the same answers its file would get (ranges, suffixes, `If-Range`, 416 for what
+/// cannot be served, `HEAD`); a `HEAD` and a tensor listing read nothing into the
+/// directory, a range keeps the copy it read; bytes in the shared store that are not the
+/// blob's cut the answer short and leave no copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_from_the_shared_store_answer_as_the_file_does() {
+    let (h, shared) = shared_hub();
+    let model = model_bytes(700_000);
+    let (s, rec) = h.json(None, "PUT", "/api/v1/models/far.model/1.0.0", model.clone(), &[]).await;
+    assert_eq!(s, StatusCode::CREATED, "{rec}");
+    let digest = Digest::of(&model);
+    let copy = h.copy_of(&digest);
+    let uri = "/api/v1/models/far.model/1.0.0";
+    let etag = format!("\"{}\"", digest.hex());
+    let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
+        ("GET", vec![]),
+        ("GET", vec![("range", "bytes=100-199".into())]),
+        ("GET", vec![("range", "bytes=1048570-".into())]),
+        ("GET", vec![("range", "bytes=-10".into())]),
+        ("GET", vec![("range", format!("bytes=0-{}", model.len() + 5))]),
+        ("GET", vec![("range", "bytes=99999999-".into())]),
+        ("GET", vec![("range", "bytes=0-1,5-6".into())]),
+        ("GET", vec![("range", "bytes=abc".into())]),
+        ("GET", vec![("range", "bytes=5-9".into()), ("if-range", etag.clone())]),
+        ("GET", vec![("range", "bytes=5-9".into()), ("if-range", "\"other\"".into())]),
+        ("HEAD", vec![]),
+    ];
+    let same = ["content-length", "content-range", "accept-ranges", "etag", "x-tessera-digest", "content-type"];
+    // The answers of this process's file.
+    assert!(copy.exists(), "the process that took the upload keeps a copy");
+    let mut from_file = Vec::new();
+    for (method, headers) in &cases {
+        from_file.push(h.call(None, method, uri, vec![], headers).await);
+    }
+    assert_eq!(from_file[1].0, StatusCode::PARTIAL_CONTENT, "a range is served from the file");
+    for (i, (method, headers)) in cases.iter().enumerate() {
+        std::fs::remove_file(&copy).unwrap();
+        let (s, body, got) = h.call(None, method, uri, vec![], headers).await;
+        let (fs, fbody, fheaders) = &from_file[i];
+        assert_eq!(s, *fs, "case {i}: {method} {headers:?}");
+        if s.is_success() {
+            assert!(body == *fbody, "case {i}: the bytes ({} and {})", body.len(), fbody.len());
+            for name in same {
+                assert_eq!(got.get(name), fheaders.get(name), "case {i}: {name}");
+            }
+        } else {
+            assert_eq!(got.get("content-range"), fheaders.get("content-range"), "case {i}");
+        }
+        // What read the blob keeps the copy it read (its last byte goes once verified).
+        let read = s == StatusCode::OK && *method == "GET" || s == StatusCode::PARTIAL_CONTENT;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while read && !copy.exists() {
+            assert!(std::time::Instant::now() < deadline, "case {i}: the copy is kept");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if !read {
+            assert!(!copy.exists(), "case {i}: nothing was read into the directory");
+            std::fs::write(&copy, &model).unwrap();
+        }
+    }
+    // The tensors, from the front of the shared object alone.
+    std::fs::remove_file(&copy).unwrap();
+    let (s, t) = h.json(None, "GET", "/api/v1/models/far.model/1.0.0/tensors", vec![], &[]).await;
+    assert_eq!((s, &t["size"]), (StatusCode::OK, &json!(model.len())), "{t}");
+    assert_eq!(t["tensors"].as_array().unwrap().len(), 3);
+    assert!(!copy.exists(), "a tensor listing fetches nothing");
+    // Forged bytes in the shared store: a range of them is cut short, and not kept.
+    let forged: Vec<u8> = model.iter().map(|b| b ^ 0x55).collect();
+    std::fs::write(shared.join(&digest.hex()[..2]).join(digest.hex()), &forged).unwrap();
+    let req = Request::builder().uri(uri).header("range", "bytes=10-20").body(Body::empty()).unwrap();
+    let resp = h.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    let (mut body, mut given, mut failed) = (resp.into_body(), 0, false);
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => given += f.data_ref().map_or(0, |d| d.len()),
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(failed && given < 11, "a part of bytes that are not the blob's is cut short ({given} bytes given)");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!copy.exists(), "forged bytes are not kept");
+}

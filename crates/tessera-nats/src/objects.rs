@@ -272,6 +272,23 @@ struct Reading {
     expected: usize,
 }
 
+impl Drop for Reading {
+    /// A read given up before its end (a client gone, a header read from the front) removes
+    /// its consumer rather than leave it to the server's idle threshold.
+    fn drop(&mut self) {
+        if self.count == self.total {
+            return; // The last chunk's read removed it.
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (stream, name) = (self.stream.clone(), self.consumer.cached_info().name.clone());
+        runtime.spawn(async move {
+            if let Err(e) = stream.delete_consumer(&name).await {
+                tracing::debug!(consumer = %name, error = %e, "an abandoned read's consumer is left to expire");
+            }
+        });
+    }
+}
+
 impl Reading {
     /// A new consumer from where the read stopped, at most 3 times without a chunk between.
     async fn remake(&mut self) -> Result<(), BlobError> {
@@ -447,5 +464,36 @@ mod tests {
         let kept = put(&bucket, "x", &mut { second }).await.unwrap();
         assert_eq!((kept.nuid, kept.size), (stored.nuid, 3 << 20));
         assert_eq!(bytes().await, before, "the second writer's chunks are purged");
+    }
+
+    /// A read given up midway (its reader dropped) removes its consumer; one read to its end
+    /// does too.
+    #[tokio::test]
+    async fn a_read_given_up_midway_leaves_no_consumer() {
+        use futures::StreamExt;
+        let server = crate::testing::NatsServer::start();
+        let nats = crate::connect(&server.url()).await.unwrap();
+        let _blobs = crate::NatsBlobs::open(&nats).await.unwrap();
+        let store = nats.js.get_object_store("tessera_blobs").await.unwrap();
+        let bucket = Bucket { js: &nats.js, store: &store, name: "tessera_blobs" };
+        let object: BlobReader = Box::pin(std::io::Cursor::new(vec![7u8; 20 << 20]));
+        let info = put(&bucket, "y", &mut { object }).await.unwrap();
+        let consumers = || async {
+            let mut s = nats.js.get_stream("OBJ_tessera_blobs").await.unwrap();
+            s.info().await.unwrap().state.consumer_count
+        };
+        let mut reading = chunks(&bucket, &info).await.unwrap();
+        assert_eq!(reading.next().await.unwrap().unwrap().len(), CHUNK);
+        assert_eq!(consumers().await, 1);
+        drop(reading);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while consumers().await != 0 {
+            assert!(std::time::Instant::now() < deadline, "the abandoned read's consumer is removed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let whole: Vec<Bytes> = chunks(&bucket, &info).await.unwrap().map(Result::unwrap).collect().await;
+        assert_eq!(whole.iter().map(Bytes::len).sum::<usize>(), 20 << 20);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(consumers().await, 0);
     }
 }

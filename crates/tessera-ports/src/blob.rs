@@ -222,6 +222,9 @@ impl BlobStore for MemoryBlobStore {
     async fn contains(&self, digest: &Digest) -> Result<bool, BlobError> {
         Ok(self.lock().contains_key(digest))
     }
+    async fn size(&self, digest: &Digest) -> Result<Option<u64>, BlobError> {
+        Ok(self.lock().get(digest).map(|b| b.len() as u64))
+    }
     async fn delete(&self, digest: &Digest) -> Result<bool, BlobError> {
         Ok(self.lock().remove(digest).is_some())
     }
@@ -325,6 +328,15 @@ impl BlobStore for FsBlobStore {
 
     async fn contains(&self, digest: &Digest) -> Result<bool, BlobError> {
         Ok(tokio::fs::try_exists(self.path_of(digest)).await.unwrap_or(false))
+    }
+
+    async fn size(&self, digest: &Digest) -> Result<Option<u64>, BlobError> {
+        let path = self.path_of(digest);
+        match tokio::fs::metadata(&path).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(BlobError::Io { path, source }),
+        }
     }
 
     async fn put_file(&self, path: &Path, digest: &Digest) -> Result<(), BlobError> {

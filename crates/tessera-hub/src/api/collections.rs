@@ -24,7 +24,7 @@ use utoipa::ToSchema;
 
 use super::auth::{authenticate, read_signer};
 use super::body::receive_upload;
-use super::packages::stream_file;
+use super::download::serve_download;
 use super::{ApiResult, AppState, ErrorBody, blocking};
 use crate::store::components::{ObjectUpload, parse_document};
 use crate::store::{Collection, ComponentRecord, HubError, Revision};
@@ -239,10 +239,15 @@ async fn get_object(
     let reader = read_signer(&s, method, uri, headers)?;
     let store = s.store.clone();
     let k2 = key.clone();
-    let (digest, path) = blocking(move || store.component_object(c, &k2)).await?;
-    let size = tokio::fs::metadata(&path).await.map_or(0, |m| m.len());
+    let (digest, download, size) = blocking(move || {
+        let digest = store.component_object(c, &k2)?;
+        let download = store.blob_download(&digest)?;
+        let size = download.size()?;
+        Ok((digest, download, size))
+    })
+    .await?;
     super::auth::meter_bytes(&s, reader.as_ref(), 0, size)?;
-    stream_file(path, &digest, Some(key.replace('/', "-")), headers).await
+    serve_download(download, &digest, Some(key.replace('/', "-")), method, headers).await
 }
 
 async fn delete(

@@ -11,6 +11,7 @@
 mod auth;
 mod body;
 mod collections;
+mod download;
 mod models;
 mod namespaces;
 mod packages;

@@ -8,6 +8,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tessera_core::Digest;
 use tessera_core::registry::{ModelRecord, TensorEntry, TensorsInfo};
 use tessera_core::wire::Lineage;
 use tessera_identity::PublicKey;
@@ -15,9 +16,10 @@ use utoipa::ToSchema;
 
 use super::auth::authenticate;
 use super::body::{Received, receive_upload};
-use super::packages::serve_download;
+use super::download::{serve_download, whole_download};
 use super::uploads::{named_in, named_upload};
 use super::{ApiResult, AppState, ErrorBody, blocking, parse_json};
+use crate::HubStore;
 use crate::store::{HubError, ModelUpload};
 
 /// A new model's record.
@@ -262,19 +264,17 @@ pub(super) async fn download_model(
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let store = s.store.clone();
-    // A plain GET of the whole binary may be served while it is fetched from a shared store.
-    let whole = method == Method::GET && !headers.contains_key(axum::http::header::RANGE);
     let (m, digest, download) = blocking(move || {
         let m = store.model(&name, &version)?;
         let d =
             m.digest.ok_or_else(|| HubError::NotFound(format!("model {}@{} has no binary yet", m.name, m.version)))?;
-        let download = store.blob_download(&d, whole)?;
+        let download = store.blob_download(&d)?;
         Ok((m, d, download))
     })
     .await?;
-    let resp =
-        serve_download(download, &digest, Some(format!("{}-{}.safetensors", m.name, m.version)), &headers).await?;
-    if super::packages::whole_download(&method, &resp) {
+    let filename = Some(format!("{}-{}.safetensors", m.name, m.version));
+    let resp = serve_download(download, &digest, filename, &method, &headers).await?;
+    if whole_download(&method, &resp) {
         let (store, n, v) = (s.store.clone(), m.name.clone(), m.version.clone());
         blocking(move || store.count_model_download(&n, &v)).await?;
     }
@@ -348,23 +348,30 @@ pub(super) async fn update_model_meta(
 /// Largest safetensors header read, in bytes (16 MiB; a header with a million tensors fits).
 const MAX_TENSOR_HEADER: u64 = 16 << 20;
 
-/// Reads a safetensors file's header: 8 bytes of little-endian length, then that much
-/// JSON (the format's definition, huggingface/safetensors). Only the header is read,
-/// however large the file.
-fn read_tensor_header(path: &std::path::Path) -> Result<(u64, safetensors::tensor::Metadata), HubError> {
-    use std::io::Read;
+/// Bytes read first for a safetensors header (64 KiB: most headers fit; a longer one is
+/// read again to its length).
+const FIRST_HEADER_READ: u64 = 64 << 10;
+
+/// Reads a stored safetensors file's header: 8 bytes of little-endian length, then that
+/// much JSON (the format's definition, huggingface/safetensors). Only the header is read,
+/// however large the file, and a hub process that has not cached the blob reads it from the
+/// front of the shared store's object ([`HubStore::blob_prefix`](crate::HubStore::blob_prefix)).
+fn read_tensor_header(store: &HubStore, digest: &Digest) -> Result<(u64, safetensors::tensor::Metadata), HubError> {
     let not = |why: String| HubError::BadRequest(format!("not a safetensors file: {why}"));
-    let mut f = std::fs::File::open(path)?;
-    let size = f.metadata()?.len();
-    let mut n = [0u8; 8];
-    f.read_exact(&mut n).map_err(|_| not("shorter than its 8-byte header length".into()))?;
-    let n = u64::from_le_bytes(n);
+    let (size, mut head) = store.blob_prefix(digest, FIRST_HEADER_READ)?;
+    let Some(n) = head.get(..8) else { return Err(not("shorter than its 8-byte header length".into())) };
+    let n = u64::from_le_bytes(n.try_into().unwrap_or_default());
     if n > MAX_TENSOR_HEADER || n.saturating_add(8) > size {
         return Err(not(format!("its header length {n} does not fit a file of {size} bytes")));
     }
-    let mut header = vec![0u8; usize::try_from(n).unwrap_or(0)];
-    f.read_exact(&mut header)?;
-    let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header).map_err(|e| not(e.to_string()))?;
+    if (head.len() as u64) < n + 8 {
+        head = store.blob_prefix(digest, n + 8)?.1;
+    }
+    let header = head
+        .get(8..)
+        .and_then(|h| h.get(..usize::try_from(n).ok()?))
+        .ok_or_else(|| HubError::Storage(format!("blob {digest} ended before its {n}-byte header did")))?;
+    let meta: safetensors::tensor::Metadata = serde_json::from_slice(header).map_err(|e| not(e.to_string()))?;
     for (name, t) in meta.tensors() {
         let elements = t.shape.iter().try_fold(1u128, |a, &d| a.checked_mul(d as u128));
         let bits = elements.and_then(|e| e.checked_mul(t.dtype.bitsize() as u128));
@@ -398,7 +405,7 @@ pub(super) async fn model_tensors(
             let d = m
                 .digest
                 .ok_or_else(|| HubError::NotFound(format!("model {}@{} has no binary yet", m.name, m.version)))?;
-            let (size, meta) = read_tensor_header(&store.blob_path(&d)?)?;
+            let (size, meta) = read_tensor_header(&store, &d)?;
             let mut tensors: Vec<TensorEntry> = meta
                 .tensors()
                 .into_iter()

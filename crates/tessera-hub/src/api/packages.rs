@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::Response;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -14,6 +14,7 @@ use utoipa::ToSchema;
 
 use super::auth::{authenticate, check_headers, check_quota, meter_bytes, read_signer, required, upload_slot};
 use super::body::{check_length, declared_package, expected_digest, private_manifest, receive};
+use super::download::{serve_download, whole_download};
 use super::{ApiError, ApiResult, AppState, ErrorBody, blocking, parse_json};
 use crate::store::{GrantRecord, HubError, ListQuery, PublishCheck, UsageRecord};
 
@@ -221,89 +222,6 @@ pub(super) async fn delete_package(
     Ok(Json(blocking(move || store.delete(&name, &version, actor.as_ref())).await?))
 }
 
-/// Streams a stored file, read 1 MiB at a time, through tower-http's `ServeFile`: a
-/// `Range: bytes=...` request gets 206 with that part (`Accept-Ranges: bytes` says so; an
-/// unsatisfiable range gets 416). The object's digest is its strong `ETag` (and in
-/// `x-tessera-digest`), so a client resuming a download checks what it assembled; an
-/// `If-Range` that is not that ETag gets the whole object (RFC 9110 §13.1.5: the part
-/// asked for may belong to other bytes under the same name). Conditional requests by date
-/// are not answered with 304: under one name (`/model/x/y`), the bytes may change.
-pub(super) async fn stream_file(
-    path: std::path::PathBuf,
-    digest: &Digest,
-    filename: Option<String>,
-    request: &HeaderMap,
-) -> ApiResult<Response> {
-    let etag = format!("\"{}\"", digest.hex());
-    let mut req = axum::http::Request::builder().method(Method::GET).uri("/");
-    let range_applies = match request.get(header::IF_RANGE) {
-        None => true,
-        Some(v) => v.to_str().is_ok_and(|v| v.trim() == etag),
-    };
-    if range_applies && let Some(v) = request.get(header::RANGE) {
-        req = req.header(header::RANGE, v);
-    }
-    let req = req.body(Body::empty()).map_err(|e| HubError::Storage(e.to_string()))?;
-    let served = tower_http::services::ServeFile::new(&path)
-        .with_buf_chunk_size(1 << 20)
-        .try_call(req)
-        .await
-        .map_err(|e| HubError::Storage(format!("serving {}: {e}", path.display())))?;
-    if served.status() == StatusCode::NOT_FOUND {
-        return Err(ApiError(HubError::NotFound(digest.to_string())));
-    }
-    let mut resp = served.map(Body::new);
-    let h = resp.headers_mut();
-    h.remove(header::LAST_MODIFIED);
-    blob_headers(h, digest, filename);
-    Ok(resp)
-}
-
-/// The headers of every blob download: its type, its entity tag and digest (the digest's
-/// hex, quoted, and the digest), and a file name to save it under.
-fn blob_headers(h: &mut HeaderMap, digest: &Digest, filename: Option<String>) {
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", digest.hex())) {
-        h.insert(header::ETAG, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
-        h.insert(super::DIGEST_HEADER, v);
-    }
-    if let Some(f) = filename
-        && let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{f}\""))
-    {
-        h.insert(header::CONTENT_DISPOSITION, v);
-    }
-}
-
-/// Serves a [`Download`]: a file as [`stream_file`] does; bytes streamed from the shared
-/// store as a whole-object answer with the same headers (a range request or a `HEAD` never
-/// gets one: see [`HubStore::blob_download`](crate::HubStore::blob_download)).
-pub(super) async fn serve_download(
-    download: crate::store::Download,
-    digest: &Digest,
-    filename: Option<String>,
-    request: &HeaderMap,
-) -> ApiResult<Response> {
-    let (len, body) = match download {
-        crate::store::Download::File(path) => return stream_file(path, digest, filename, request).await,
-        crate::store::Download::Streamed { len, body } => (len, body),
-    };
-    let chunks = futures::stream::unfold(body, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
-    let mut resp = Response::new(Body::from_stream(chunks));
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    blob_headers(h, digest, filename);
-    Ok(resp)
-}
-
-/// True when a download's answer is the whole object to a GET (what download counters
-/// count: not a HEAD, a part or a refusal).
-pub(super) fn whole_download(method: &Method, resp: &Response) -> bool {
-    method == Method::GET && resp.status() == StatusCode::OK
-}
-
 /// Downloads a package by name and version or alias. A private package's ciphertext is
 /// served only to a signed request by an owner or a key with a live grant.
 #[utoipa::path(get, path = "/api/v1/packages/{name}/{version}/download", tag = "packages",
@@ -320,16 +238,16 @@ pub(super) async fn download_package(
     let reader = read_signer(&s, &method, &uri, &headers)?;
     let store = s.store.clone();
     let r2 = reader.clone();
-    let (record, path) = blocking(move || {
+    let (record, download) = blocking(move || {
         let r = store.resolve_str(&name, &version)?;
         store.check_read(&r, r2.as_ref(), now_ms())?;
-        let p = store.blob_path(&r.digest)?;
-        Ok((r, p))
+        let d = store.blob_download(&r.digest)?;
+        Ok((r, d))
     })
     .await?;
     meter_bytes(&s, reader.as_ref(), 0, record.size)?;
-    let resp =
-        stream_file(path, &record.digest, Some(format!("{}-{}.tpkg", record.name, record.version)), &headers).await?;
+    let filename = Some(format!("{}-{}.tpkg", record.name, record.version));
+    let resp = serve_download(download, &record.digest, filename, &method, &headers).await?;
     if whole_download(&method, &resp) {
         let (store, n, v) = (s.store.clone(), record.name.clone(), record.version.clone());
         blocking(move || store.count_package_download(&n, &v)).await?;
@@ -383,18 +301,19 @@ pub(super) async fn download_blob(
     let reader = read_signer(&s, &method, &uri, &headers)?;
     let store = s.store.clone();
     let r2 = reader.clone();
-    let (path, package) = blocking(move || {
+    let (download, size, package) = blocking(move || {
         let mut package = None;
         if let Some(record) = store.published_by_digest(&digest)? {
             store.check_read(&record, r2.as_ref(), now_ms())?;
             package = Some((record.name, record.version));
         }
-        Ok((store.blob_path(&digest)?, package))
+        let download = store.blob_download(&digest)?;
+        let size = download.size()?;
+        Ok((download, size, package))
     })
     .await?;
-    let size = tokio::fs::metadata(&path).await.map_or(0, |m| m.len());
     meter_bytes(&s, reader.as_ref(), 0, size)?;
-    let resp = stream_file(path, &digest, None, &headers).await?;
+    let resp = serve_download(download, &digest, None, &method, &headers).await?;
     // Nodes fetch packages by digest: a download of that version.
     if whole_download(&method, &resp)
         && let Some((n, v)) = package

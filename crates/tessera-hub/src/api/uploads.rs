@@ -373,7 +373,7 @@ pub(crate) async fn named_upload(
                     "the hub serves no model or component with digest {digest}: upload the bytes"
                 )));
             }
-            let size = std::fs::metadata(store.blob_path(&digest)?)?.len();
+            let size = store.blob_download(&digest)?.size()?;
             // No file of its own: the stored blob is adopted as it is.
             let tmp = store.blobs().temp_path();
             return Ok(Received { tmp, digest, size, body_digest: digest, meta, upload: None });

@@ -73,24 +73,90 @@ fn mark_used(path: &Path) -> bool {
 pub enum Download {
     /// A file of this process's directory.
     File(PathBuf),
-    /// The shared store's bytes as they arrive (`len` of them), copied into the directory on
-    /// the way: the last item is an error when the bytes turn out not to be the blob's.
-    Streamed { len: u64, body: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>> },
+    /// A blob this process has not cached, served from the shared store as it arrives.
+    Shared(SharedDownload),
+}
+
+impl Download {
+    /// The blob's length in bytes.
+    ///
+    /// # Errors
+    /// I/O errors reading the file's metadata.
+    pub fn size(&self) -> Result<u64, HubError> {
+        match self {
+            Download::File(path) => Ok(std::fs::metadata(path)?.len()),
+            Download::Shared(s) => Ok(s.len),
+        }
+    }
+}
+
+/// A download of a blob from the shared store: its length is known before a byte is read
+/// (a `HEAD` or an unsatisfiable range needs nothing more), and [`SharedDownload::stream`]
+/// reads it.
+pub struct SharedDownload {
+    store: Arc<HubStore>,
+    digest: Digest,
+    len: u64,
 }
 
 /// Chunks of a streamed download held between the shared store and the client.
 const STREAMED_AHEAD: usize = 4;
 
+impl SharedDownload {
+    /// The blob's length in bytes.
+    #[must_use]
+    pub fn size(&self) -> u64 {
+        self.len
+    }
+
+    /// Reads the blob from the shared store, front to back, and hands the bytes of `part`
+    /// (first and last byte offsets, inclusive; the whole blob when `None`) to the returned
+    /// channel as they arrive, while the whole blob is copied into this process's directory.
+    /// The last chunk given is held back until the whole blob has been read and verified,
+    /// so a part ends no sooner than the blob's read does; an item is an error when the
+    /// bytes turn out not to be the blob's (the client's body is then cut short).
+    /// Synchronous: call it off the server's runtime.
+    ///
+    /// # Errors
+    /// [`HubError::Storage`] when the shared store no longer holds the blob or cannot be
+    /// read; [`HubError::BadRequest`] when `part` does not lie within the blob.
+    pub fn stream(
+        self,
+        part: Option<(u64, u64)>,
+    ) -> Result<tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>, HubError> {
+        if let Some((first, last)) = part
+            && (first > last || last >= self.len)
+        {
+            return Err(HubError::BadRequest(format!(
+                "bytes {first}-{last} do not lie within a blob of {} bytes",
+                self.len
+            )));
+        }
+        let Some(shared) = self.store.shared.as_ref() else {
+            return Err(HubError::Storage("a shared download without a shared store".into()));
+        };
+        let reader = shared.run(shared.blobs.reader(&self.digest))?.ok_or_else(|| {
+            HubError::Storage(format!("blob {} is recorded but the shared store does not hold it", self.digest))
+        })?;
+        let (tx, body) = tokio::sync::mpsc::channel(STREAMED_AHEAD);
+        let (store, digest) = (Arc::clone(&self.store), self.digest);
+        let part = part.unwrap_or((0, u64::MAX));
+        shared.spawn(async move { store.tee(digest, reader, part, tx).await });
+        Ok(body)
+    }
+}
+
 impl HubStore {
     /// What serves a download of blob `digest`, which a record must use: this process's
-    /// file; or, for a download of the whole blob (`whole`) that this process has not
-    /// cached, the shared store's bytes as they arrive, copied into the directory meanwhile
-    /// (serving and fetching at once rather than one after the other).
+    /// file; or, for a blob this process has not cached, the shared store's bytes as they
+    /// arrive ([`SharedDownload::stream`]: serving and fetching at once rather than one
+    /// after the other). A shared store that cannot tell a blob's size has it fetched into
+    /// the directory first.
     ///
     /// # Errors
     /// [`HubError::NotFound`] when no record uses the blob; the shared store's.
-    pub fn blob_download(self: &Arc<Self>, digest: &Digest, whole: bool) -> Result<Download, HubError> {
-        let Some(shared) = self.shared.as_ref().filter(|_| whole) else {
+    pub fn blob_download(self: &Arc<Self>, digest: &Digest) -> Result<Download, HubError> {
+        let Some(shared) = self.shared.as_ref() else {
             return Ok(Download::File(self.blob_path(digest)?));
         };
         if !Self::blob_in_use(&self.db(), digest)? {
@@ -103,26 +169,73 @@ impl HubStore {
                 return Ok(Download::File(path));
             }
         }
-        let opened = shared.run(async {
-            Ok::<_, tessera_ports::BlobError>((shared.blobs.size(digest).await?, shared.blobs.reader(digest).await?))
-        })?;
-        let (Some(len), Some(reader)) = opened else {
-            // A store that cannot tell the size: fetched first.
-            return Ok(Download::File(self.blob_path(digest)?));
-        };
-        let (tx, body) = tokio::sync::mpsc::channel(STREAMED_AHEAD);
-        let (store, digest) = (Arc::clone(self), *digest);
-        shared.spawn(async move { store.tee(digest, reader, tx).await });
-        Ok(Download::Streamed { len, body })
+        match shared.run(shared.blobs.size(digest))? {
+            Some(len) => Ok(Download::Shared(SharedDownload { store: Arc::clone(self), digest: *digest, len })),
+            None => Ok(Download::File(self.blob_path(digest)?)),
+        }
     }
 
-    /// Hands `reader`'s bytes to `tx` and writes them into the directory as `digest`; the
-    /// file takes its name once all arrived verified (`reader` checks them), and the cache is
-    /// trimmed. The last chunk is held back until the bytes are verified: a client whose
-    /// bytes turn out not to be the blob's gets a body cut short (an error), never all of
-    /// it. A copy that fails (a full disk) is dropped and the download goes on; a client
-    /// that goes away stops both.
-    async fn tee(self: Arc<Self>, digest: Digest, mut reader: BlobReader, tx: Sender<std::io::Result<Bytes>>) {
+    /// The length of blob `digest` and its first bytes, at most `max` of them, read without
+    /// fetching the blob into this process's directory: from its file when there is one,
+    /// from the front of the shared store's object otherwise. The bytes of a blob read from
+    /// the shared store are not checked against its digest (that takes all of them):
+    /// what they describe is served as the store holds it, while every download of the
+    /// blob is checked.
+    ///
+    /// # Errors
+    /// [`HubError::NotFound`] when no record uses the blob; I/O and the shared store's.
+    pub fn blob_prefix(&self, digest: &Digest, max: u64) -> Result<(u64, Vec<u8>), HubError> {
+        use std::io::Read;
+        let local = |path: &Path| -> Result<(u64, Vec<u8>), HubError> {
+            let f = std::fs::File::open(path)?;
+            let len = f.metadata()?.len();
+            let mut head = Vec::with_capacity(usize::try_from(max.min(len)).unwrap_or(0));
+            f.take(max).read_to_end(&mut head)?;
+            Ok((len, head))
+        };
+        let Some(shared) = self.shared.as_ref() else { return local(&self.blob_path(digest)?) };
+        if !Self::blob_in_use(&self.db(), digest)? {
+            return Err(HubError::NotFound(digest.to_string()));
+        }
+        let path = self.blobs.path_of(digest);
+        {
+            let _marking = shared.cache.lock.lock().unwrap_or_else(|p| p.into_inner());
+            if mark_used(&path) {
+                return local(&path);
+            }
+        }
+        let read = shared.run(async {
+            use tokio::io::AsyncReadExt;
+            let Some(len) = shared.blobs.size(digest).await? else { return Ok(None) };
+            let Some(reader) = shared.blobs.reader(digest).await? else { return Ok(None) };
+            let mut head = Vec::with_capacity(usize::try_from(max.min(len)).unwrap_or(0));
+            reader
+                .take(max)
+                .read_to_end(&mut head)
+                .await
+                .map_err(|e| HubError::Storage(format!("blob {digest}: {e}")))?;
+            Ok::<_, HubError>(Some((len, head)))
+        })?;
+        match read {
+            Some(found) => Ok(found),
+            // A store that cannot tell the size: fetched first.
+            None => local(&self.blob_path(digest)?),
+        }
+    }
+
+    /// Hands the bytes `part.0..=part.1` of `reader` (the whole of blob `digest`) to `tx`
+    /// and writes all of them into the directory as `digest`; the file takes its name once
+    /// all arrived verified (`reader` checks them), and the cache is trimmed. The last chunk
+    /// given is held back until the bytes are verified: a client whose bytes turn out not to
+    /// be the blob's gets a body cut short (an error), never all of it. A copy that fails (a
+    /// full disk) is dropped and the download goes on; a client that goes away stops both.
+    async fn tee(
+        self: Arc<Self>,
+        digest: Digest,
+        mut reader: BlobReader,
+        part: (u64, u64),
+        tx: Sender<std::io::Result<Bytes>>,
+    ) {
         use tokio::io::AsyncReadExt;
         let tmp = self.blobs.temp_path();
         let mut sink = match std::fs::File::create(&tmp).and_then(|f| FileSink::start(f, Vec::new())) {
@@ -132,8 +245,10 @@ impl HubStore {
                 None
             }
         };
+        let (first, end) = (part.0, part.1.saturating_add(1));
         let mut held: Option<Bytes> = None;
         let streamed: std::io::Result<()> = async {
+            let mut at = 0u64;
             loop {
                 let mut chunk = bytes::BytesMut::with_capacity(1 << 20);
                 let n = tokio::select! {
@@ -150,11 +265,17 @@ impl HubStore {
                     tracing::warn!(blob = %digest, error = %e, "a streamed download is not kept");
                     sink = None;
                 }
-                if let Some(previous) = held.replace(chunk)
-                    && tx.send(Ok(previous)).await.is_err()
-                {
-                    return Err(std::io::Error::other("the client went away"));
+                let (lo, hi) = (first.max(at), end.min(at + n as u64));
+                if lo < hi {
+                    let given =
+                        chunk.slice(usize::try_from(lo - at).unwrap_or(0)..usize::try_from(hi - at).unwrap_or(0));
+                    if let Some(previous) = held.replace(given)
+                        && tx.send(Ok(previous)).await.is_err()
+                    {
+                        return Err(std::io::Error::other("the client went away"));
+                    }
                 }
+                at += n as u64;
             }
             // Verified: the last chunk goes.
             if let Some(last) = held.take() {

@@ -10,7 +10,7 @@
 //! namespace rule of every hub write, the namespace being the first dotted segment of the
 //! entry's name (`custom` for `custom.preprocess`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::db::{Conn, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
@@ -541,16 +541,16 @@ impl HubStore {
         keys.iter().filter_map(|k| read(&db, collection, k).transpose()).collect()
     }
 
-    /// The file of an entry's current object and its digest.
+    /// The digest of an entry's current object.
     ///
     /// # Errors
     /// [`HubError::NotFound`] when the entry does not exist or has no object yet.
-    pub fn component_object(&self, collection: Collection, key: &str) -> Result<(Digest, PathBuf), HubError> {
+    pub fn component_object(&self, collection: Collection, key: &str) -> Result<Digest, HubError> {
         let rec = self.component(collection, key)?;
         let rev = rec
             .current()
             .ok_or_else(|| HubError::NotFound(format!("{} {key} has no object yet", collection.name())))?;
-        Ok((rev.digest, self.blob_path(&rev.digest)?))
+        Ok(rev.digest)
     }
 
     /// Deletes an entry, its revisions and the blobs nothing else uses, on behalf of `actor`.

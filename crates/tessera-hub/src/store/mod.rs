@@ -38,7 +38,7 @@ use tessera_package::{Limits, UnpackError};
 use tessera_ports::FsBlobStore;
 
 pub use accounts::UsageRecord;
-pub use cache::Download;
+pub use cache::{Download, SharedDownload};
 pub use components::{Collection, ComponentNeeds, ComponentRecord, ObjectUpload, Revision};
 pub use dump::{DumpSummary, ShareBlob};
 pub use grants::GrantRecord;

@@ -1,0 +1,221 @@
+//! Serving a blob's bytes. Every download route (packages, blobs by digest, models,
+//! component objects) resolves its record, authorizes and meters, then hands the
+//! [`Download`] to [`serve_download`]: one place answers `HEAD`, ranges, `If-Range` and the
+//! headers, whether the bytes come from this process's file or from the shared store.
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::Response;
+use tessera_core::Digest;
+
+use super::{ApiError, ApiResult, blocking};
+use crate::store::{Download, HubError};
+
+/// Serves a [`Download`] to a `GET` or `HEAD` with `request`'s headers: a file as
+/// [`stream_file`] does; a blob read from the shared store with the same answers (200 with
+/// the whole; 206 with `Content-Range` for one satisfiable `Range: bytes=...`; 416 with
+/// `Content-Range: bytes */LEN` for an unsatisfiable or multipart range; a `HEAD` answered
+/// from the blob's size without reading it).
+pub(super) async fn serve_download(
+    download: Download,
+    digest: &Digest,
+    filename: Option<String>,
+    method: &Method,
+    request: &HeaderMap,
+) -> ApiResult<Response> {
+    let shared = match download {
+        Download::File(path) => return stream_file(path, digest, filename, request).await,
+        Download::Shared(shared) => shared,
+    };
+    let len = shared.size();
+    let mut resp = Response::new(Body::empty());
+    let h = resp.headers_mut();
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    blob_headers(h, digest, filename);
+    if method == Method::HEAD {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        return Ok(resp);
+    }
+    let part = match requested_part(request, digest, len) {
+        Ok(part) => part,
+        Err(why) => {
+            *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+            let h = resp.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                h.insert(header::CONTENT_RANGE, v);
+            }
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+            *resp.body_mut() = Body::from(why);
+            return Ok(resp);
+        }
+    };
+    let body = blocking(move || shared.stream(part)).await?;
+    let chunks = futures::stream::unfold(body, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    *resp.body_mut() = Body::from_stream(chunks);
+    match part {
+        None => {
+            resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        Some((first, last)) => {
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+            let h = resp.headers_mut();
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(last - first + 1));
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {first}-{last}/{len}")) {
+                h.insert(header::CONTENT_RANGE, v);
+            }
+        }
+    }
+    Ok(resp)
+}
+
+/// True when a download's answer is the whole object to a GET (what download counters
+/// count: not a HEAD, a part or a refusal).
+pub(super) fn whole_download(method: &Method, resp: &Response) -> bool {
+    method == Method::GET && resp.status() == StatusCode::OK
+}
+
+/// True when a `Range` header applies to the blob `digest`: there is no `If-Range`, or it
+/// is the blob's entity tag (RFC 9110 §13.1.5: otherwise the part asked for may belong to
+/// other bytes under the same name, and the whole is sent).
+fn range_applies(request: &HeaderMap, digest: &Digest) -> bool {
+    match request.get(header::IF_RANGE) {
+        None => true,
+        Some(v) => v.to_str().is_ok_and(|v| v.trim() == format!("\"{}\"", digest.hex())),
+    }
+}
+
+/// The part of a blob of `len` bytes that `request` asks for: `None` for the whole (no
+/// `Range`, or an `If-Range` that does not match), the first and last byte offsets of one
+/// range, or why the range cannot be served (malformed, unsatisfiable, several ranges),
+/// parsed by `http-range-header` as tower-http's `ServeFile` does for files.
+fn requested_part(request: &HeaderMap, digest: &Digest, len: u64) -> Result<Option<(u64, u64)>, &'static str> {
+    if !range_applies(request, digest) {
+        return Ok(None);
+    }
+    let Some(v) = request.get(header::RANGE) else { return Ok(None) };
+    let text = v.to_str().map_err(|_| "the Range header is not text")?;
+    let ranges = http_range_header::parse_range_header(text)
+        .and_then(|r| r.validate(len))
+        .map_err(|_| "the range is malformed or not satisfiable")?;
+    match ranges.as_slice() {
+        [one] => Ok(Some((*one.start(), *one.end()))),
+        _ => Err("cannot serve multipart range requests"),
+    }
+}
+
+/// Streams a stored file, read 1 MiB at a time, through tower-http's `ServeFile`: a
+/// `Range: bytes=...` request gets 206 with that part (`Accept-Ranges: bytes` says so; an
+/// unsatisfiable range gets 416). The object's digest is its strong `ETag` (and in
+/// `x-tessera-digest`), so a client resuming a download checks what it assembled; an
+/// `If-Range` that is not that ETag gets the whole object. Conditional requests by date
+/// are not answered with 304: under one name (`/model/x/y`), the bytes may change.
+async fn stream_file(
+    path: std::path::PathBuf,
+    digest: &Digest,
+    filename: Option<String>,
+    request: &HeaderMap,
+) -> ApiResult<Response> {
+    let mut req = axum::http::Request::builder().method(Method::GET).uri("/");
+    if range_applies(request, digest)
+        && let Some(v) = request.get(header::RANGE)
+    {
+        req = req.header(header::RANGE, v);
+    }
+    let req = req.body(Body::empty()).map_err(|e| HubError::Storage(e.to_string()))?;
+    let served = tower_http::services::ServeFile::new(&path)
+        .with_buf_chunk_size(1 << 20)
+        .try_call(req)
+        .await
+        .map_err(|e| HubError::Storage(format!("serving {}: {e}", path.display())))?;
+    if served.status() == StatusCode::NOT_FOUND {
+        return Err(ApiError(HubError::NotFound(digest.to_string())));
+    }
+    let mut resp = served.map(Body::new);
+    let h = resp.headers_mut();
+    h.remove(header::LAST_MODIFIED);
+    blob_headers(h, digest, filename);
+    Ok(resp)
+}
+
+/// The headers of every blob download: its type, its entity tag and digest (the digest's
+/// hex, quoted, and the digest), and a file name to save it under.
+fn blob_headers(h: &mut HeaderMap, digest: &Digest, filename: Option<String>) {
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", digest.hex())) {
+        h.insert(header::ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
+        h.insert(super::DIGEST_HEADER, v);
+    }
+    if let Some(f) = filename
+        && let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{f}\""))
+    {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every route module hands its bytes to `serve_download`: none serves a file or reads a
+    /// blob's path itself (which would fetch a shared blob whole before the first byte, and
+    /// answer ranges and `HEAD` its own way). A new module under `api/` must be listed.
+    #[test]
+    fn every_download_goes_through_serve_download() {
+        let files = [
+            ("auth.rs", include_str!("auth.rs")),
+            ("body.rs", include_str!("body.rs")),
+            ("collections.rs", include_str!("collections.rs")),
+            ("mod.rs", include_str!("mod.rs")),
+            ("models.rs", include_str!("models.rs")),
+            ("namespaces.rs", include_str!("namespaces.rs")),
+            ("packages.rs", include_str!("packages.rs")),
+            ("uploads.rs", include_str!("uploads.rs")),
+        ];
+        let listed = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/src/api")).unwrap().flatten();
+        for n in listed.map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n != "download.rs") {
+            assert!(files.iter().any(|(f, _)| *f == n), "{n} is not checked here: add it");
+        }
+        for (name, text) in files {
+            for own in ["ServeFile", "blob_path(", "stream_file(", "blob_bytes("] {
+                assert!(!text.contains(own), "{name} uses {own}; hand a HubStore::blob_download to serve_download");
+            }
+        }
+    }
+
+    /// The part asked for: one range within the blob, the whole without `Range` or with an
+    /// `If-Range` that is not the blob's tag, and hostile or unservable headers refused.
+    #[test]
+    fn ranges_are_read_as_files_are() {
+        let d = Digest::of(b"x");
+        let ask = |pairs: &[(&'static str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(header::HeaderName::from_static(k), HeaderValue::from_str(v).unwrap());
+            }
+            requested_part(&h, &d, 1000)
+        };
+        assert_eq!(ask(&[]), Ok(None));
+        assert_eq!(ask(&[("range", "bytes=0-9")]), Ok(Some((0, 9))));
+        assert_eq!(ask(&[("range", "bytes=990-")]), Ok(Some((990, 999))));
+        assert_eq!(ask(&[("range", "bytes=-10")]), Ok(Some((990, 999))));
+        assert_eq!(ask(&[("range", "bytes=10-5000")]), Ok(Some((10, 999))));
+        let tag = format!("\"{}\"", d.hex());
+        assert_eq!(ask(&[("range", "bytes=0-9"), ("if-range", &tag)]), Ok(Some((0, 9))));
+        assert_eq!(ask(&[("range", "bytes=0-9"), ("if-range", "\"b3\"")]), Ok(None));
+        for bad in [
+            "bytes=1000-",
+            "bytes=18446744073709551615-",
+            "bytes=99999999999999999999999-",
+            "bytes=5-1",
+            "bytes=0-1,3-4",
+            "bytes=",
+            "items=0-1",
+            "bytes=-0",
+            "bytes=--1",
+        ] {
+            assert!(ask(&[("range", bad)]).is_err(), "{bad}");
+        }
+    }
+}
