@@ -270,14 +270,16 @@ struct Reading {
     seen: usize,
     total: usize,
     expected: usize,
+    /// Its consumer was removed (after the last chunk); otherwise dropping it removes it.
+    removed: bool,
 }
 
 impl Drop for Reading {
     /// A read given up before its end (a client gone, a header read from the front) removes
     /// its consumer rather than leave it to the server's idle threshold.
     fn drop(&mut self) {
-        if self.count == self.total {
-            return; // The last chunk's read removed it.
+        if self.removed {
+            return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let (stream, name) = (self.stream.clone(), self.consumer.cached_info().name.clone());
@@ -361,6 +363,7 @@ pub async fn chunks(
         seen: 0,
         total: info.chunks,
         expected: info.size,
+        removed: false,
     };
     Ok(futures::stream::try_unfold(reading, next_chunk).boxed())
 }
@@ -373,6 +376,7 @@ async fn next_chunk(mut r: Reading) -> Result<Option<(Bytes, Reading)>, BlobErro
             if let Err(e) = r.stream.delete_consumer(&name).await {
                 tracing::debug!(consumer = %name, error = %e, "a finished read's consumer is left to expire");
             }
+            r.removed = true;
             return Ok(None);
         }
         if r.batch.is_none() {
@@ -495,5 +499,20 @@ mod tests {
         assert_eq!(whole.iter().map(Bytes::len).sum::<usize>(), 20 << 20);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(consumers().await, 0);
+        // A reader that stops at the last chunk, without asking for more (a header read from
+        // the front of a one-chunk object).
+        let small: BlobReader = Box::pin(std::io::Cursor::new(vec![3u8; 500 << 10]));
+        let info = put(&bucket, "z", &mut { small }).await.unwrap();
+        let mut reading = chunks(&bucket, &info).await.unwrap();
+        assert_eq!(reading.next().await.unwrap().unwrap().len(), 500 << 10);
+        drop(reading);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while consumers().await != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the consumer of a read stopped at its last chunk is removed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
