@@ -660,3 +660,31 @@ async fn downloads_from_the_shared_store_answer_as_the_file_does() {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!copy.exists(), "forged bytes are not kept");
 }
+
+/// A signed reader's downloads are metered at the bytes each answer carries, on every
+/// download route: a part at its length, a `HEAD` or a refused range at nothing.
+#[tokio::test]
+async fn signed_downloads_are_metered_at_what_they_carry() {
+    let h = hub(HubPolicy::open());
+    let k = KeyPair::generate(KeyType::Ed25519);
+    let model = model_bytes(10_000);
+    assert_eq!(h.call(Some(&k), "PUT", "/api/v1/models/me.net/1.0.0", model.clone(), &[]).await.0, StatusCode::CREATED);
+    let out = || h.store.usage(k.public()).unwrap().bytes_out;
+    let uri = "/api/v1/models/me.net/1.0.0";
+    let blob = format!("/api/v1/blobs/{}", Digest::of(&model));
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, String)>, u64);
+    let cases: [Case; 6] = [
+        ("GET", uri, vec![], model.len() as u64),
+        ("GET", uri, vec![("range", "bytes=10-109".into())], 100),
+        ("HEAD", uri, vec![], 0),
+        ("GET", uri, vec![("range", "bytes=99999999-".into())], 0),
+        ("GET", &blob, vec![("range", "bytes=-7".into())], 7),
+        ("GET", &blob, vec![], model.len() as u64),
+    ];
+    for (i, (method, path, headers, carried)) in cases.into_iter().enumerate() {
+        let before = out();
+        let (s, body, _) = h.call(Some(&k), method, path, vec![], &headers).await;
+        assert!(s.is_success() || s == StatusCode::RANGE_NOT_SATISFIABLE, "case {i}: {s}");
+        assert_eq!(out() - before, carried, "case {i}: {method} {path} {headers:?} ({} bytes)", body.len());
+    }
+}

@@ -24,7 +24,7 @@ use utoipa::ToSchema;
 
 use super::auth::{authenticate, read_signer};
 use super::body::receive_upload;
-use super::download::serve_download;
+use super::download::{sent_bytes, serve_download};
 use super::{ApiResult, AppState, ErrorBody, blocking};
 use crate::store::components::{ObjectUpload, parse_document};
 use crate::store::{Collection, ComponentRecord, HubError, Revision};
@@ -239,15 +239,14 @@ async fn get_object(
     let reader = read_signer(&s, method, uri, headers)?;
     let store = s.store.clone();
     let k2 = key.clone();
-    let (digest, download, size) = blocking(move || {
+    let (digest, download) = blocking(move || {
         let digest = store.component_object(c, &k2)?;
-        let download = store.blob_download(&digest)?;
-        let size = download.size()?;
-        Ok((digest, download, size))
+        Ok((digest, store.blob_download(&digest)?))
     })
     .await?;
-    super::auth::meter_bytes(&s, reader.as_ref(), 0, size)?;
-    serve_download(download, &digest, Some(key.replace('/', "-")), method, headers).await
+    let resp = serve_download(download, &digest, Some(key.replace('/', "-")), method, headers).await?;
+    super::auth::meter_bytes(&s, reader.as_ref(), 0, sent_bytes(method, &resp))?;
+    Ok(resp)
 }
 
 async fn delete(

@@ -1,8 +1,8 @@
 //! Serving a blob's bytes. Every download route (packages, blobs by digest, models,
 //! component objects) resolves its record and applies its own read rules (a private
-//! package's grants, metering of signed readers), then hands the [`Download`] to
-//! [`serve_download`]: one place answers `HEAD`, ranges, `If-Range` and the headers,
-//! whether the bytes come from this process's file or from the shared store.
+//! package's grants), hands the [`Download`] to [`serve_download`] (one place answers
+//! `HEAD`, ranges, `If-Range` and the headers, whether the bytes come from this process's
+//! file or from the shared store), then meters a signed reader at [`sent_bytes`].
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -76,6 +76,15 @@ pub(super) async fn serve_download(
         }
     }
     Ok(resp)
+}
+
+/// The bytes an answer to `method` carries (its `Content-Length` for a `GET` answered with
+/// 200 or 206; none for a `HEAD` or a refusal): what a signed reader's download is metered
+/// at, so a resumed download counts the part it moves.
+pub(super) fn sent_bytes(method: &Method, resp: &Response) -> u64 {
+    let sent = method == Method::GET && matches!(resp.status(), StatusCode::OK | StatusCode::PARTIAL_CONTENT);
+    let len = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+    if sent { len.unwrap_or(0) } else { 0 }
 }
 
 /// True when a download's answer is the whole object to a GET (what download counters

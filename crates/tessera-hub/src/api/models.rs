@@ -14,9 +14,9 @@ use tessera_core::wire::Lineage;
 use tessera_identity::PublicKey;
 use utoipa::ToSchema;
 
-use super::auth::authenticate;
+use super::auth::{authenticate, meter_bytes, read_signer};
 use super::body::{Received, receive_upload};
-use super::download::{serve_download, whole_download};
+use super::download::{sent_bytes, serve_download, whole_download};
 use super::uploads::{named_in, named_upload};
 use super::{ApiResult, AppState, ErrorBody, blocking, parse_json};
 use crate::HubStore;
@@ -253,16 +253,19 @@ pub(super) async fn upload_next_model(
 }
 
 /// Downloads a model's binary; `version` may be `latest` (the highest version that has a
-/// binary).
+/// binary). Anyone may; a signed reader is metered at the bytes the answer carries.
 #[utoipa::path(get, path = "/api/v1/models/{name}/{version}", tag = "models",
     params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Version or `latest`")),
-    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody)))]
+    security((), ("tessera_signature" = [])),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 206, description = "A range of it", content_type = "application/octet-stream", body = Vec<u8>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 416, description = "A range that cannot be served")))]
 pub(super) async fn download_model(
     State(s): State<AppState>,
     method: Method,
+    uri: Uri,
     headers: HeaderMap,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Response> {
+    let reader = read_signer(&s, &method, &uri, &headers)?;
     let store = s.store.clone();
     let (m, digest, download) = blocking(move || {
         let m = store.model(&name, &version)?;
@@ -274,6 +277,7 @@ pub(super) async fn download_model(
     .await?;
     let filename = Some(format!("{}-{}.safetensors", m.name, m.version));
     let resp = serve_download(download, &digest, filename, &method, &headers).await?;
+    meter_bytes(&s, reader.as_ref(), 0, sent_bytes(&method, &resp))?;
     if whole_download(&method, &resp) {
         let (store, n, v) = (s.store.clone(), m.name.clone(), m.version.clone());
         blocking(move || store.count_model_download(&n, &v)).await?;

@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 
 use super::auth::{authenticate, check_headers, check_quota, meter_bytes, read_signer, required, upload_slot};
 use super::body::{check_length, declared_package, expected_digest, private_manifest, receive};
-use super::download::{serve_download, whole_download};
+use super::download::{sent_bytes, serve_download, whole_download};
 use super::{ApiError, ApiResult, AppState, ErrorBody, blocking, parse_json};
 use crate::store::{GrantRecord, HubError, ListQuery, PublishCheck, UsageRecord};
 
@@ -245,9 +245,9 @@ pub(super) async fn download_package(
         Ok((r, d))
     })
     .await?;
-    meter_bytes(&s, reader.as_ref(), 0, record.size)?;
     let filename = Some(format!("{}-{}.tpkg", record.name, record.version));
     let resp = serve_download(download, &record.digest, filename, &method, &headers).await?;
+    meter_bytes(&s, reader.as_ref(), 0, sent_bytes(&method, &resp))?;
     if whole_download(&method, &resp) {
         let (store, n, v) = (s.store.clone(), record.name.clone(), record.version.clone());
         blocking(move || store.count_package_download(&n, &v)).await?;
@@ -301,19 +301,17 @@ pub(super) async fn download_blob(
     let reader = read_signer(&s, &method, &uri, &headers)?;
     let store = s.store.clone();
     let r2 = reader.clone();
-    let (download, size, package) = blocking(move || {
+    let (download, package) = blocking(move || {
         let mut package = None;
         if let Some(record) = store.published_by_digest(&digest)? {
             store.check_read(&record, r2.as_ref(), now_ms())?;
             package = Some((record.name, record.version));
         }
-        let download = store.blob_download(&digest)?;
-        let size = download.size()?;
-        Ok((download, size, package))
+        Ok((store.blob_download(&digest)?, package))
     })
     .await?;
-    meter_bytes(&s, reader.as_ref(), 0, size)?;
     let resp = serve_download(download, &digest, None, &method, &headers).await?;
+    meter_bytes(&s, reader.as_ref(), 0, sent_bytes(&method, &resp))?;
     // Nodes fetch packages by digest: a download of that version.
     if whole_download(&method, &resp)
         && let Some((n, v)) = package
