@@ -40,11 +40,42 @@ pub(crate) struct CacheLimit {
     pub lock: Mutex<()>,
     /// Held by the one eviction at a time (another finds it taken and leaves the work to it).
     pub evicting: Mutex<()>,
+    /// Blobs being copied into the directory by a streamed download: one copy of a blob at
+    /// a time (the other downloads of it are served without one).
+    pub filling: Mutex<std::collections::HashSet<Digest>>,
 }
 
 impl Default for CacheLimit {
     fn default() -> Self {
-        CacheLimit { max_bytes: DEFAULT_CACHE_BYTES, recent: RECENT, lock: Mutex::new(()), evicting: Mutex::new(()) }
+        CacheLimit {
+            max_bytes: DEFAULT_CACHE_BYTES,
+            recent: RECENT,
+            lock: Mutex::new(()),
+            evicting: Mutex::new(()),
+            filling: Mutex::new(std::collections::HashSet::new()),
+        }
+    }
+}
+
+/// The one copy of a blob being written by a streamed download ([`CacheLimit::filling`]),
+/// given up when dropped.
+struct Filling<'a> {
+    digest: Digest,
+    cache: &'a CacheLimit,
+}
+
+impl<'a> Filling<'a> {
+    /// The claim on copying `digest`, unless another download is copying it.
+    fn claim(cache: &'a CacheLimit, digest: Digest) -> Option<Self> {
+        let mut filling = cache.filling.lock().unwrap_or_else(|p| p.into_inner());
+        // Made only when claimed: a `Filling` dropped here would give up another's claim.
+        filling.insert(digest).then(|| Filling { digest, cache })
+    }
+}
+
+impl Drop for Filling<'_> {
+    fn drop(&mut self) {
+        self.cache.filling.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.digest);
     }
 }
 
@@ -238,13 +269,17 @@ impl HubStore {
     ) {
         use tokio::io::AsyncReadExt;
         let tmp = self.blobs.temp_path();
-        let mut sink = match std::fs::File::create(&tmp).and_then(|f| FileSink::start(f, Vec::new())) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(blob = %digest, error = %e, "a streamed download is not kept");
-                None
-            }
-        };
+        let store = Arc::clone(&self);
+        let filling = store.shared.as_ref().and_then(|s| Filling::claim(&s.cache, digest));
+        let mut sink =
+            match filling.as_ref().map(|_| std::fs::File::create(&tmp).and_then(|f| FileSink::start(f, Vec::new()))) {
+                None => None,
+                Some(Ok(s)) => Some(s),
+                Some(Err(e)) => {
+                    tracing::warn!(blob = %digest, error = %e, "a streamed download is not kept");
+                    None
+                }
+            };
         let (first, end) = (part.0, part.1.saturating_add(1));
         let mut held: Option<Bytes> = None;
         let streamed: std::io::Result<()> = async {
@@ -293,8 +328,9 @@ impl HubStore {
             (Ok(()), Some(s)) => s.finish().await.map(|w| Some(w.file)),
             _ => Ok(None),
         };
-        let store = Arc::clone(&self);
+        let adopting = Arc::clone(&self);
         let adopted = tokio::task::spawn_blocking(move || -> Result<(), HubError> {
+            let store = adopting;
             let file = match kept {
                 Ok(Some(file)) => file,
                 Ok(None) => {
@@ -310,15 +346,12 @@ impl HubStore {
                 remove_leftover(&tmp);
                 return Err(e.into());
             }
-            if let Some(shared) = &store.shared {
-                let _marking = shared.cache.lock.lock().unwrap_or_else(|p| p.into_inner());
-                let path = store.blobs.adopt_file(&tmp, &digest)?;
-                mark_used(&path);
-            }
+            store.adopt_cached(&tmp, &digest)?;
             store.evict_cached();
             Ok(())
         })
         .await;
+        drop(filling);
         match adopted {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(blob = %digest, error = %e, "a streamed download is not kept"),
@@ -361,14 +394,9 @@ impl HubStore {
         match shared.run(shared.blobs.get_file(digest, &tmp)) {
             Ok(true) => {
                 tracing::info!(blob = %digest, seconds = began.elapsed().as_secs_f64(), "fetched from the shared store");
-                let path = {
-                    let _marking = shared.cache.lock.lock().unwrap_or_else(|p| p.into_inner());
-                    let path = self.blobs.adopt_file(&tmp, digest)?;
-                    mark_used(&path);
-                    path
-                };
+                let path = self.adopt_cached(&tmp, digest)?;
                 self.evict_cached();
-                Ok(Some(path))
+                Ok(path)
             }
             Ok(false) => Ok(None),
             Err(e) => {
@@ -376,6 +404,26 @@ impl HubStore {
                 Err(e.into())
             }
         }
+    }
+
+    /// Names the verified copy `tmp` of blob `digest` in the directory, marked used, and
+    /// gives its path; unless no record uses the blob any more (it was deleted and
+    /// collected while it was being copied), when the copy is removed rather than kept
+    /// for ever (the cache never removes a blob the shared store lacks) and `None` is given.
+    /// A collection after this look removes the copy itself.
+    ///
+    /// # Errors
+    /// The directory's and the database's.
+    fn adopt_cached(&self, tmp: &Path, digest: &Digest) -> Result<Option<PathBuf>, HubError> {
+        let Some(shared) = &self.shared else { return Ok(Some(self.blobs.adopt_file(tmp, digest)?)) };
+        let _marking = shared.cache.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self.blobs.adopt_file(tmp, digest)?;
+        if !Self::blob_in_use(&self.db(), digest)? {
+            remove_leftover(&path);
+            return Ok(None);
+        }
+        mark_used(&path);
+        Ok(Some(path))
     }
 
     /// Removes the least recently used blobs of the directory until it is under its bound,
@@ -614,6 +662,73 @@ mod tests {
     }
 
     /// Without a shared store the directory is the only copy: no bound is accepted.
+    /// Temporary files in the directory.
+    fn temporaries(store: &HubStore) -> usize {
+        std::fs::read_dir(store.blobs.dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+            .count()
+    }
+
+    /// Two downloads at once of a blob this process has not cached: both get its bytes,
+    /// one copy is written (not one each), and it is kept.
+    #[test]
+    fn concurrent_downloads_of_a_blob_write_one_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(shared_hub(dir.path(), Arc::new(MemoryBlobStore::new()), 1 << 30));
+        let weights: Vec<u8> = (0..(12u32 << 20)).map(|i| (i % 253) as u8).collect();
+        let (m, _) = store.put_model("big.w", "1.0.0", &weights, None).unwrap();
+        let d = m.digest.unwrap();
+        std::fs::remove_file(store.blobs.path_of(&d)).unwrap();
+        let open = || match store.blob_download(&d).unwrap() {
+            Download::Shared(s) => s.stream(None).unwrap(),
+            Download::File(_) => panic!("the blob is not cached"),
+        };
+        let (mut a, mut b) = (open(), open());
+        // Neither read: the first download's copy waits on its client, the second has none.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(temporaries(&store), 1, "one copy is written");
+        let drain = |rx: &mut tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>| {
+            let mut all = Vec::new();
+            while let Some(chunk) = rx.blocking_recv() {
+                all.extend_from_slice(&chunk.unwrap());
+            }
+            all
+        };
+        let got_b = std::thread::scope(|s| {
+            let b = s.spawn(|| drain(&mut b));
+            assert!(drain(&mut a) == weights);
+            b.join().unwrap()
+        });
+        assert!(got_b == weights);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !cached(&store, &d) {
+            assert!(std::time::Instant::now() < deadline, "the copy is kept");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(temporaries(&store), 0);
+    }
+
+    /// A copy of a blob that no record uses any more (deleted while it was copied) is not
+    /// kept: the cache would never remove it.
+    #[test]
+    fn a_copy_of_a_blob_deleted_meanwhile_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = shared_hub(dir.path(), Arc::new(MemoryBlobStore::new()), 1 << 30);
+        let (m, _) = store.put_model("kept.w", "1.0.0", b"in use", None).unwrap();
+        let used = m.digest.unwrap();
+        let copy = |bytes: &[u8]| {
+            let tmp = store.blobs.temp_path();
+            std::fs::write(&tmp, bytes).unwrap();
+            store.adopt_cached(&tmp, &Digest::of(bytes)).unwrap()
+        };
+        assert_eq!(copy(b"in use"), Some(store.blobs.path_of(&used)));
+        assert_eq!(copy(b"no record uses this"), None);
+        assert!(!cached(&store, &Digest::of(b"no record uses this")));
+        assert_eq!(temporaries(&store), 0);
+    }
+
     #[test]
     fn a_hub_without_a_shared_store_takes_no_cache_limit() {
         let dir = tempfile::tempdir().unwrap();
