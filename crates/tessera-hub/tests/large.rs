@@ -661,8 +661,8 @@ async fn downloads_from_the_shared_store_answer_as_the_file_does() {
     assert!(!copy.exists(), "forged bytes are not kept");
 }
 
-/// A signed reader's downloads are metered at the bytes each answer carries, on every
-/// download route: a part at its length, a `HEAD` or a refused range at nothing.
+/// A signed reader's downloads are metered at the bytes each answer carries (models, blobs
+/// by digest, packages): a part at its length, a `HEAD` or a refused range at nothing.
 #[tokio::test]
 async fn signed_downloads_are_metered_at_what_they_carry() {
     let h = hub(HubPolicy::open());
@@ -672,14 +672,27 @@ async fn signed_downloads_are_metered_at_what_they_carry() {
     let out = || h.store.usage(k.public()).unwrap().bytes_out;
     let uri = "/api/v1/models/me.net/1.0.0";
     let blob = format!("/api/v1/blobs/{}", Digest::of(&model));
+    let module = h._dir.path().join("module");
+    std::fs::create_dir_all(&module).unwrap();
+    std::fs::write(
+        module.join("module.yaml"),
+        "name: me.echo\nversion: 0.1.0\nkind: task\nruntime: builtin\nentry: echo\n",
+    )
+    .unwrap();
+    let package = tessera_package::pack_dir(&module, &tessera_package::Limits::default()).unwrap().bytes;
+    let (s, published) = h.json(Some(&k), "POST", "/api/v1/packages", package.clone(), &[]).await;
+    assert_eq!(s, StatusCode::CREATED, "{published}");
+    let pkg = "/api/v1/packages/me.echo/0.1.0/download";
     type Case<'a> = (&'a str, &'a str, Vec<(&'a str, String)>, u64);
-    let cases: [Case; 6] = [
+    let cases: [Case; 8] = [
         ("GET", uri, vec![], model.len() as u64),
         ("GET", uri, vec![("range", "bytes=10-109".into())], 100),
         ("HEAD", uri, vec![], 0),
         ("GET", uri, vec![("range", "bytes=99999999-".into())], 0),
         ("GET", &blob, vec![("range", "bytes=-7".into())], 7),
         ("GET", &blob, vec![], model.len() as u64),
+        ("GET", pkg, vec![("range", "bytes=0-9".into())], 10),
+        ("GET", pkg, vec![], package.len() as u64),
     ];
     for (i, (method, path, headers, carried)) in cases.into_iter().enumerate() {
         let before = out();

@@ -329,7 +329,8 @@ async fn consumer_of(
 /// [`READ_AHEAD`] bytes, each asked for once the one before is read: a reader holds at most
 /// one batch however slowly it reads (one slower than [`CONSUMER_IDLE`] between batches,
 /// whose consumer the server has removed, gets a new one where it stopped). The consumer is
-/// removed once the last chunk is read (a reader dropped early leaves it to the server). A
+/// removed once the last chunk is read, or when the reader is dropped before (on the
+/// runtime it is dropped on). A
 /// chunk that does not come within [`CHUNK_WAIT`] fails the read.
 /// The object's `SHA-256=` digest is not computed: callers check the bytes against the name
 /// they asked for (a BLAKE3 digest), which a stored SHA-256 cannot vouch for anyway.

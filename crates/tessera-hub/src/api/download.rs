@@ -78,9 +78,10 @@ pub(super) async fn serve_download(
     Ok(resp)
 }
 
-/// The bytes an answer to `method` carries (its `Content-Length` for a `GET` answered with
-/// 200 or 206; none for a `HEAD` or a refusal): what a signed reader's download is metered
-/// at, so a resumed download counts the part it moves.
+/// The bytes an answer to `method` declares it carries (its `Content-Length` for a `GET`
+/// answered with 200 or 206; none for a `HEAD` or a refusal): what a signed reader's
+/// download is metered at when it starts, so a resumed download counts the part it asks
+/// for (a client that goes away early is metered all the same).
 pub(super) fn sent_bytes(method: &Method, resp: &Response) -> u64 {
     let sent = method == Method::GET && matches!(resp.status(), StatusCode::OK | StatusCode::PARTIAL_CONTENT);
     let len = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
@@ -106,9 +107,9 @@ fn range_applies(request: &HeaderMap, digest: &Digest) -> bool {
 /// The part of a blob of `len` bytes that `request` asks for, by RFC 9110 §14: `None` for
 /// the whole (no `Range`; an `If-Range` that is not the blob's tag; a header that is not
 /// text or counts another unit than bytes, which is ignored), the first and last byte
-/// offsets of one range (a suffix longer than the blob is all of it), or why it cannot be
-/// served: malformed, beyond the blob, several ranges (no multipart answers), any range
-/// of an empty blob. Parsed by `http-range-header`, as tower-http's `ServeFile` does.
+/// offsets of one range (a suffix longer than the blob is all of it; a suffix of an empty
+/// blob is the whole), or why it cannot be served: malformed, beyond the blob, several
+/// ranges (no multipart answers), another range of an empty blob. Parsed by `http-range-header`, as tower-http's `ServeFile` does.
 fn requested_part(request: &HeaderMap, digest: &Digest, len: u64) -> Result<Option<(u64, u64)>, &'static str> {
     use http_range_header::RangeUnsatisfiableError as Unsatisfiable;
     if !range_applies(request, digest) {
@@ -122,7 +123,13 @@ fn requested_part(request: &HeaderMap, digest: &Digest, len: u64) -> Result<Opti
         return Err("cannot serve multipart range requests");
     }
     if len == 0 {
-        return Err("an empty blob has no byte to serve");
+        // A suffix of an empty blob is all of it; any other range has no byte to serve
+        // (RFC 9110 §14.1.1).
+        return if text.as_bytes().get(6) == Some(&b'-') {
+            Ok(None)
+        } else {
+            Err("an empty blob has no byte to serve")
+        };
     }
     let parsed = http_range_header::parse_range_header(text).map_err(|_| "the range is malformed")?;
     match parsed.validate(len) {
@@ -256,6 +263,8 @@ mod tests {
         }
         let mut h = HeaderMap::new();
         h.insert(header::RANGE, HeaderValue::from_static("bytes=0-"));
-        assert!(requested_part(&h, &d, 0).is_err(), "an empty blob has no range");
+        assert!(requested_part(&h, &d, 0).is_err(), "an empty blob has no byte from 0 on");
+        h.insert(header::RANGE, HeaderValue::from_static("bytes=-5"));
+        assert_eq!(requested_part(&h, &d, 0), Ok(None), "a suffix of an empty blob is the whole");
     }
 }

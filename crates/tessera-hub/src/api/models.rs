@@ -257,7 +257,7 @@ pub(super) async fn upload_next_model(
 #[utoipa::path(get, path = "/api/v1/models/{name}/{version}", tag = "models",
     params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Version or `latest`")),
     security((), ("tessera_signature" = [])),
-    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 206, description = "A range of it", content_type = "application/octet-stream", body = Vec<u8>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 416, description = "A range that cannot be served")))]
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 206, description = "One range of it (Range: bytes=...)", content_type = "application/octet-stream", body = Vec<u8>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 416, description = "A range that cannot be served", content_type = "text/plain")))]
 pub(super) async fn download_model(
     State(s): State<AppState>,
     method: Method,

@@ -6,8 +6,15 @@
 //! least recently used blobs go first (a blob's modification time is set each time it is
 //! handed out, like a web cache's access time), a blob used within [`CacheLimit::recent`]
 //! stays (the file just handed out is being read), and a blob the shared store does not
-//! hold is never removed (a restore or an upload not yet put there). Without a shared store
-//! the directory is the store itself: nothing is evicted.
+//! hold is removed only when no record uses it and it was last used more than
+//! [`PENDING_GRACE_SECS`](super::pending::PENDING_GRACE_SECS) ago (a restore or an upload
+//! not yet put there is younger; an older one is a copy of a blob deleted meanwhile).
+//! Without a shared store the directory is the store itself: nothing is evicted.
+//!
+//! A streamed download copies the blob into the directory as it serves it, one copy of a
+//! blob at a time ([`CacheLimit::filling`]; the other downloads of it meanwhile are served
+//! without one). The copy goes at its client's pace: a client that reads slowly keeps the
+//! others from copying the blob until it is done.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -142,7 +149,8 @@ impl SharedDownload {
 
     /// Reads the blob from the shared store, front to back, and hands the bytes of `part`
     /// (first and last byte offsets, inclusive; the whole blob when `None`) to the returned
-    /// channel as they arrive, while the whole blob is copied into this process's directory.
+    /// channel as they arrive, while the whole blob is copied into this process's directory
+    /// (unless another download of it is copying it).
     /// The last chunk given is held back until the whole blob has been read and verified,
     /// so a part ends no sooner than the blob's read does; an item is an error when the
     /// bytes turn out not to be the blob's (the client's body is then cut short).
@@ -255,7 +263,8 @@ impl HubStore {
     }
 
     /// Hands the bytes `part.0..=part.1` of `reader` (the whole of blob `digest`) to `tx`
-    /// and writes all of them into the directory as `digest`; the file takes its name once
+    /// and, unless another download is copying the blob, writes all of them into the
+    /// directory as `digest`; the file takes its name once
     /// all arrived verified (`reader` checks them), and the cache is trimmed. The last chunk
     /// given is held back until the bytes are verified: a client whose bytes turn out not to
     /// be the blob's gets a body cut short (an error), never all of it. A copy that fails (a
@@ -270,7 +279,7 @@ impl HubStore {
         use tokio::io::AsyncReadExt;
         let tmp = self.blobs.temp_path();
         let store = Arc::clone(&self);
-        let filling = store.shared.as_ref().and_then(|s| Filling::claim(&s.cache, digest));
+        let mut filling = store.shared.as_ref().and_then(|s| Filling::claim(&s.cache, digest));
         let mut sink =
             match filling.as_ref().map(|_| std::fs::File::create(&tmp).and_then(|f| FileSink::start(f, Vec::new()))) {
                 None => None,
@@ -280,6 +289,10 @@ impl HubStore {
                     None
                 }
             };
+        if sink.is_none() {
+            // No copy after all: another download may make one.
+            filling = None;
+        }
         let (first, end) = (part.0, part.1.saturating_add(1));
         let mut held: Option<Bytes> = None;
         let streamed: std::io::Result<()> = async {
@@ -396,7 +409,8 @@ impl HubStore {
                 tracing::info!(blob = %digest, seconds = began.elapsed().as_secs_f64(), "fetched from the shared store");
                 let path = self.adopt_cached(&tmp, digest)?;
                 self.evict_cached();
-                Ok(path)
+                // Deleted while it was fetched.
+                path.map(Some).ok_or_else(|| HubError::NotFound(digest.to_string()))
             }
             Ok(false) => Ok(None),
             Err(e) => {
@@ -407,21 +421,22 @@ impl HubStore {
     }
 
     /// Names the verified copy `tmp` of blob `digest` in the directory, marked used, and
-    /// gives its path; unless no record uses the blob any more (it was deleted and
-    /// collected while it was being copied), when the copy is removed rather than kept
-    /// for ever (the cache never removes a blob the shared store lacks) and `None` is given.
-    /// A collection after this look removes the copy itself.
+    /// gives its path; unless no record uses the blob any more (it was deleted while it was
+    /// being copied), when the copy is removed and `None` is given. The records are looked
+    /// at before the cache's lock is taken (the database is never waited for under it): a
+    /// blob deleted between the look and the naming leaves a copy that eviction removes
+    /// once it is older than the pending grace.
     ///
     /// # Errors
     /// The directory's and the database's.
     fn adopt_cached(&self, tmp: &Path, digest: &Digest) -> Result<Option<PathBuf>, HubError> {
         let Some(shared) = &self.shared else { return Ok(Some(self.blobs.adopt_file(tmp, digest)?)) };
-        let _marking = shared.cache.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let path = self.blobs.adopt_file(tmp, digest)?;
         if !Self::blob_in_use(&self.db(), digest)? {
-            remove_leftover(&path);
+            remove_leftover(tmp);
             return Ok(None);
         }
+        let _marking = shared.cache.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self.blobs.adopt_file(tmp, digest)?;
         mark_used(&path);
         Ok(Some(path))
     }
@@ -458,9 +473,14 @@ impl HubStore {
             if total <= shared.cache.max_bytes || e.used.elapsed().unwrap_or_default() < shared.cache.recent {
                 break;
             }
-            // Another process may be what holds it; it is looked up outside the lock.
+            // Another process may be what holds it; it is looked up outside the lock. One the
+            // shared store lacks goes only when no record uses it and it is older than a put
+            // or a restore can be: a copy of a blob deleted meanwhile.
             if !shared.run(shared.blobs.contains(&e.digest))? {
-                continue;
+                let grace = Duration::from_secs(super::pending::PENDING_GRACE_SECS);
+                if e.used.elapsed().unwrap_or_default() < grace || Self::blob_in_use(&self.db(), &e.digest)? {
+                    continue;
+                }
             }
             let _removing = shared.cache.lock.lock().unwrap_or_else(|p| p.into_inner());
             // Looked at again under the lock: it may have been handed out since.
@@ -587,7 +607,8 @@ mod tests {
 
     /// The directory stays under its bound by removing the least recently used blobs (not
     /// the oldest written); a removed blob is fetched again when it is asked for; blobs
-    /// used recently and blobs the shared store lacks stay whatever the bound.
+    /// used recently, and blobs the shared store lacks used within the pending grace, stay
+    /// whatever the bound.
     #[test]
     fn the_cache_keeps_the_recently_used_under_its_bound() {
         let dir = tempfile::tempdir().unwrap();
@@ -625,13 +646,15 @@ mod tests {
         assert!(d.iter().all(|x| cached(&store, x)), "recent blobs stay");
         assert_eq!(store.evict_cached(), 0);
 
-        // A blob only this directory holds (a restore's, not yet shared) never goes.
+        // A blob only this directory holds, used within the pending grace (a restore's or
+        // an upload's, not yet shared), stays whatever the bound.
         store.shared.as_mut().unwrap().cache.recent = Duration::ZERO;
         let only_here = Digest::of(b"not in the shared store");
         let path = store.blobs.path_of(&only_here);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, vec![7u8; 30_000]).unwrap();
-        std::fs::File::open(&path).unwrap().set_modified(SystemTime::UNIX_EPOCH).unwrap();
+        let ten_minutes_ago = SystemTime::now() - Duration::from_secs(600);
+        std::fs::File::open(&path).unwrap().set_modified(ten_minutes_ago).unwrap();
         store.evict_cached();
         assert!(path.exists());
         assert!(d.iter().all(|x| !cached(&store, x)), "the shared ones went instead");
@@ -661,7 +684,6 @@ mod tests {
         assert!(blobs.join(".tmp-4294967-1-00").exists());
     }
 
-    /// Without a shared store the directory is the only copy: no bound is accepted.
     /// Temporary files in the directory.
     fn temporaries(store: &HubStore) -> usize {
         std::fs::read_dir(store.blobs.dir())
@@ -724,11 +746,37 @@ mod tests {
             store.adopt_cached(&tmp, &Digest::of(bytes)).unwrap()
         };
         assert_eq!(copy(b"in use"), Some(store.blobs.path_of(&used)));
-        assert_eq!(copy(b"no record uses this"), None);
-        assert!(!cached(&store, &Digest::of(b"no record uses this")));
+        // A model deleted (and its blob collected) while a download was copying it.
+        let (m, _) = store.put_model("gone.w", "1.0.0", b"deleted while copied", None).unwrap();
+        store.delete_model("gone.w", "1.0.0", None).unwrap();
+        assert!(!cached(&store, &m.digest.unwrap()));
+        assert_eq!(copy(b"deleted while copied"), None);
+        assert!(!cached(&store, &m.digest.unwrap()), "its copy is not kept");
         assert_eq!(temporaries(&store), 0);
     }
 
+    /// A copy in the directory of a blob that neither the shared store nor any record has
+    /// is evicted once it is older than a put or a restore can be, not before.
+    #[test]
+    fn an_orphan_copy_is_evicted_once_older_than_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = shared_hub(dir.path(), Arc::new(MemoryBlobStore::new()), 1);
+        let place = |bytes: &[u8], age: Duration| {
+            let d = Digest::of(bytes);
+            let path = store.blobs.path_of(&d);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, bytes).unwrap();
+            std::fs::File::open(&path).unwrap().set_modified(SystemTime::now() - age).unwrap();
+            d
+        };
+        let orphan = place(b"deleted meanwhile", Duration::from_secs(2 * 3600));
+        let young = place(b"a restore in progress", Duration::from_secs(600));
+        store.evict().unwrap();
+        assert!(!cached(&store, &orphan), "an old copy nothing uses is removed");
+        assert!(cached(&store, &young), "a young one may be a put or a restore under way");
+    }
+
+    /// Without a shared store the directory is the only copy: no bound is accepted.
     #[test]
     fn a_hub_without_a_shared_store_takes_no_cache_limit() {
         let dir = tempfile::tempdir().unwrap();
