@@ -201,12 +201,8 @@ impl HubStore {
         if !Self::blob_in_use(&self.db(), digest)? {
             return Err(HubError::NotFound(digest.to_string()));
         }
-        let path = self.blobs.path_of(digest);
-        {
-            let _marking = shared.cache.lock.lock().unwrap_or_else(|p| p.into_inner());
-            if mark_used(&path) {
-                return Ok(Download::File(path));
-            }
+        if let Some(path) = self.cached_copy(shared, digest) {
+            return Ok(Download::File(path));
         }
         match shared.run(shared.blobs.size(digest))? {
             Some(len) => Ok(Download::Shared(SharedDownload { store: Arc::clone(self), digest: *digest, len })),
@@ -236,12 +232,8 @@ impl HubStore {
         if !Self::blob_in_use(&self.db(), digest)? {
             return Err(HubError::NotFound(digest.to_string()));
         }
-        let path = self.blobs.path_of(digest);
-        {
-            let _marking = shared.cache.lock.lock().unwrap_or_else(|p| p.into_inner());
-            if mark_used(&path) {
-                return local(&path);
-            }
+        if let Some(path) = self.cached_copy(shared, digest) {
+            return local(&path);
         }
         let read = shared.run(async {
             use tokio::io::AsyncReadExt;
@@ -278,8 +270,7 @@ impl HubStore {
     ) {
         use tokio::io::AsyncReadExt;
         let tmp = self.blobs.temp_path();
-        let store = Arc::clone(&self);
-        let mut filling = store.shared.as_ref().and_then(|s| Filling::claim(&s.cache, digest));
+        let mut filling = self.shared.as_ref().and_then(|s| Filling::claim(&s.cache, digest));
         let mut sink =
             match filling.as_ref().map(|_| std::fs::File::create(&tmp).and_then(|f| FileSink::start(f, Vec::new()))) {
                 None => None,
@@ -341,9 +332,8 @@ impl HubStore {
             (Ok(()), Some(s)) => s.finish().await.map(|w| Some(w.file)),
             _ => Ok(None),
         };
-        let adopting = Arc::clone(&self);
+        let store = Arc::clone(&self);
         let adopted = tokio::task::spawn_blocking(move || -> Result<(), HubError> {
-            let store = adopting;
             let file = match kept {
                 Ok(Some(file)) => file,
                 Ok(None) => {
@@ -394,13 +384,12 @@ impl HubStore {
     /// store's fetched into the directory (streamed, verified) when it has none; `None`
     /// when neither holds it.
     pub(crate) fn local_blob(&self, digest: &Digest) -> Result<Option<PathBuf>, HubError> {
-        let path = self.blobs.path_of(digest);
-        let Some(shared) = &self.shared else { return Ok(path.exists().then_some(path)) };
-        {
-            let _marking = shared.cache.lock.lock().unwrap_or_else(|p| p.into_inner());
-            if mark_used(&path) {
-                return Ok(Some(path));
-            }
+        let Some(shared) = &self.shared else {
+            let path = self.blobs.path_of(digest);
+            return Ok(path.exists().then_some(path));
+        };
+        if let Some(path) = self.cached_copy(shared, digest) {
+            return Ok(Some(path));
         }
         let tmp = self.blobs.temp_path();
         let began = std::time::Instant::now();
@@ -418,6 +407,14 @@ impl HubStore {
                 Err(e.into())
             }
         }
+    }
+
+    /// This process's copy of blob `digest`, marked used under the cache's lock (so that
+    /// eviction cannot remove it between the mark and its opening); `None` when there is none.
+    fn cached_copy(&self, shared: &super::Shared, digest: &Digest) -> Option<PathBuf> {
+        let path = self.blobs.path_of(digest);
+        let _marking = shared.cache.lock.lock().unwrap_or_else(|p| p.into_inner());
+        mark_used(&path).then_some(path)
     }
 
     /// Names the verified copy `tmp` of blob `digest` in the directory, marked used, and
