@@ -38,15 +38,18 @@ fn main() {
     }
     // Reproducible bytes wherever the checkout and the cargo home are: panic messages
     // carry source paths, so map them to fixed prefixes.
-    let mut remaps = vec![format!("--remap-path-prefix={}=/tessera/modules", modules.display())];
+    let mut flags = vec![format!("--remap-path-prefix={}=/tessera/modules", modules.display())];
     let cargo_home = env::var("CARGO_HOME")
         .map(PathBuf::from)
         .ok()
         .or_else(|| env::var("HOME").ok().map(|h| PathBuf::from(h).join(".cargo")));
     if let Some(home) = cargo_home {
-        remaps.push(format!("--remap-path-prefix={}=/cargo", home.display()));
+        flags.push(format!("--remap-path-prefix={}=/cargo", home.display()));
     }
-    cmd.env("CARGO_ENCODED_RUSTFLAGS", remaps.join("\x1f"));
+    // WebAssembly SIMD (128-bit vectors, on in every engine Tessera runs): the workers'
+    // loops over features become vector operations.
+    flags.push("-Ctarget-feature=+simd128".into());
+    cmd.env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"));
     cmd.current_dir(&modules)
         .args(["build", "--release", "--locked", "--target", TARGET, "--target-dir"])
         .arg(&target_dir);

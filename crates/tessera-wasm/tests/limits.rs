@@ -159,14 +159,24 @@ async fn a_module_sees_its_task_context() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
     let img = image(dir.path(), tessera_modules::TEST_PROGRAMS_WASM);
-    let ctx = Ctx::new();
-    let out = rt.run(&img, call(json!({"mode": "context", "dataset": "digits"})), ctx.clone()).await.unwrap();
+    // A dataset the context reads for the module, and one whose file the runtime reads
+    // itself: the module sees the same bytes.
+    let file = dir.path().join("digits.bin");
+    std::fs::write(&file, b"0123456789").unwrap();
+    for ctx in [Ctx::new(), Ctx::with_file(&file)] {
+        a_module_sees(&rt, &img, ctx).await;
+    }
+}
+
+async fn a_module_sees(rt: &WasmRuntime, img: &ModuleImage, ctx: Arc<Ctx>) {
+    let out = rt.run(img, call(json!({"mode": "context", "dataset": "digits"})), ctx.clone()).await.unwrap();
     let report: serde_json::Value = serde_json::from_slice(&out[0].1).unwrap();
     assert_eq!(report["node"], "node-t");
     assert_eq!(report["datasets"], json!(["digits"]));
     assert_eq!(report["size"], 10);
     assert_eq!(report["head"], "0123");
     assert_eq!(report["past_end"], 0);
+    assert_eq!(report["tail"], "789");
     assert!(report["missing"].as_str().unwrap().contains("not-declared"));
     assert_eq!(report["cpu"], 2.0);
     assert_eq!(report["greeting"], "hello");

@@ -108,10 +108,30 @@ impl Params {
 
     fn logits(&self, x: &[f32], out: &mut [f32]) {
         for (c, o) in out.iter_mut().enumerate() {
-            let row = &self.w[c * self.features..(c + 1) * self.features];
-            *o = self.b[c] + row.iter().zip(x).map(|(a, b)| a * b).sum::<f32>();
+            *o = self.b[c] + dot(&self.w[c * self.features..(c + 1) * self.features], x);
         }
     }
+}
+
+/// Lanes of [`dot`]'s partial sums: two 128-bit WebAssembly SIMD vectors of f32.
+const LANES: usize = 8;
+
+/// The dot product of `a` and `b` (the shorter's length), summed in [`LANES`] partial
+/// sums then added together: a fixed order (the same result on every machine) that the
+/// compiler turns into SIMD additions, which a single running sum cannot be.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let (ac, ar) = a.as_chunks::<LANES>();
+    let (bc, br) = b.as_chunks::<LANES>();
+    let mut acc = [0.0f32; LANES];
+    for (x, y) in ac.iter().zip(bc) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 /// A dataset: `x` [n, features] and labels `y` [n].
@@ -320,6 +340,18 @@ mod tests {
         assert_eq!(parts[1].row(0, 2), toy().row(1, 2));
         assert_eq!(toy().partition(0, 1, 2).unwrap().n, 200);
         assert!(toy().partition(3, 3, 2).is_err());
+    }
+
+    #[test]
+    fn dot_sums_every_pair_of_any_length() {
+        for n in 0..40 {
+            let a: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 2.0).collect();
+            let plain: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!((dot(&a, &b) - plain).abs() <= 1e-4 * plain.abs().max(1.0), "n = {n}");
+            // The shorter slice bounds the sum.
+            assert_eq!(dot(&a, &b[..n / 2]), dot(&a[..n / 2], &b[..n / 2]));
+        }
     }
 
     #[test]

@@ -166,6 +166,8 @@ impl Guest for Programs {
                 let size = local::dataset_size(&cfg.dataset)?;
                 let head = local::dataset_read(&cfg.dataset, 0, 4)?;
                 let past_end = local::dataset_read(&cfg.dataset, size + 10, 4)?;
+                // The last three bytes, asked with the largest length there is.
+                let tail = local::dataset_read(&cfg.dataset, size.saturating_sub(3), u32::MAX)?;
                 let missing = local::dataset_size("not-declared").err().unwrap_or_default();
                 let res = local::resources();
                 world_state::globals_set("greeting", b"hello")?;
@@ -179,6 +181,7 @@ impl Guest for Programs {
                     "size": size,
                     "head": String::from_utf8_lossy(&head),
                     "past_end": past_end.len(),
+                    "tail": String::from_utf8_lossy(&tail),
                     "missing": missing,
                     "cpu": res.cpu,
                     "greeting": String::from_utf8_lossy(&g),
