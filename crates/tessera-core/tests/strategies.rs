@@ -364,6 +364,38 @@ fn a_refused_round_leaves_the_state_unchanged() {
     }
 }
 
+/// A server step whose new model leaves the f32 range is refused, and the state saved by the
+/// round before (moments, momentum) stays as it was (the step reads it first and writes it
+/// only once the model is accepted).
+#[test]
+fn a_step_past_f32_is_refused_and_the_state_stays() {
+    let current = model(&[("w", &[1.0, 2.0, -1.0]), ("b", &[0.5])]);
+    let still: Vec<FitResult> =
+        (0..3).map(|i| res(&format!("n{i}"), &[("w", &[1.0, 2.0, -1.0]), ("b", &[0.5])], 10)).collect();
+    let moved: Vec<FitResult> =
+        (0..3).map(|i| res(&format!("n{i}"), &[("w", &[3.0, 2.0, -1.0]), ("b", &[0.5])], 10)).collect();
+    // A server learning rate of 1e39: any step that moves at all passes f32::MAX.
+    for (name, params) in [
+        ("fedadam", json!({"eta": 1e39})),
+        ("fedyogi", json!({"eta": 1e39})),
+        ("fedadagrad", json!({"eta": 1e39})),
+        ("fedavgm", json!({"server_momentum": 0.9, "server_learning_rate": 1e39})),
+    ] {
+        let mut s = strategy(name, &params);
+        assert_eq!(s.aggregate_fit(1, &current, &still, &[]).unwrap(), current, "{name}: no delta, no step");
+        let saved = s.state();
+        let e = s.aggregate_fit(2, &current, &moved, &[]).unwrap_err();
+        assert!(e.to_string().contains("non-finite") || e.to_string().contains("inf"), "{name}: {e}");
+        assert_eq!(s.state(), saved, "{name}");
+        // It carries on from its saved state as a fresh one restored from it does.
+        let mut fresh = strategy(name, &params);
+        fresh.restore(&saved).unwrap();
+        let again = s.aggregate_fit(2, &current, &still, &[]).unwrap();
+        assert_eq!(again, fresh.aggregate_fit(2, &current, &still, &[]).unwrap(), "{name}");
+        assert_eq!(s.state(), fresh.state(), "{name}");
+    }
+}
+
 #[test]
 fn configure_fit_is_seeded_and_fedprox_sends_mu() {
     let nodes: Vec<String> = (0..20).map(|i| format!("node-{i:02}")).collect();

@@ -319,7 +319,6 @@ impl WasmRuntime {
             limiter: MemoryLimiter { max: self.inner.limits.max_memory, total: 0, hit: false },
             ctx: ctx.clone(),
             rt,
-            opened: HashMap::new(),
         };
         let mut store = Store::new(&self.inner.engine, host);
         store.limiter(|h| &mut h.limiter);
@@ -593,26 +592,6 @@ struct Host {
     limiter: MemoryLimiter,
     ctx: Arc<dyn TaskContext>,
     rt: tokio::runtime::Handle,
-    /// Dataset files this run opened, read in place: a run calls on a thread of its own,
-    /// where the context's asynchronous reads would cost a thread hand-off per call.
-    opened: HashMap<String, std::fs::File>,
-}
-
-impl Host {
-    /// The open file behind a dataset, when the context names one (else the context's
-    /// own reads serve it).
-    fn dataset_file(&mut self, name: &str) -> Option<Result<&std::fs::File, String>> {
-        if !self.opened.contains_key(name) {
-            let path = self.ctx.dataset_file(name)?;
-            match std::fs::File::open(&path) {
-                Ok(f) => {
-                    self.opened.insert(name.to_owned(), f);
-                }
-                Err(e) => return Some(Err(format!("dataset {name:?}: {e}"))),
-            }
-        }
-        self.opened.get(name).map(Ok)
-    }
 }
 
 impl WasiView for Host {
@@ -632,36 +611,30 @@ impl local::Host for Host {
         self.ctx.datasets()
     }
     fn dataset_size(&mut self, name: String) -> Result<u64, String> {
-        match self.dataset_file(&name) {
-            Some(file) => file?.metadata().map(|m| m.len()).map_err(|e| format!("dataset {name:?}: {e}")),
+        // A dataset the context names a file for is read here, on the run's own thread, as
+        // the node's context would (a fresh look at the path each call), without the
+        // context's asynchronous file calls: a thread hand-off each.
+        match self.ctx.dataset_file(&name) {
+            Some(path) => std::fs::metadata(path).map(|m| m.len()).map_err(|e| format!("dataset {name:?}: {e}")),
             None => self.rt.block_on(self.ctx.dataset_size(&name)).map_err(|e| e.to_string()),
         }
     }
     fn dataset_read(&mut self, name: String, offset: u64, len: u32) -> Result<Vec<u8>, String> {
+        use std::io::{Read, Seek};
         let len = len.min(MAX_READ);
-        let Some(file) = self.dataset_file(&name) else {
+        let Some(path) = self.ctx.dataset_file(&name) else {
             return self
                 .rt
                 .block_on(self.ctx.dataset_read(&name, offset, len))
                 .map(|b| b.to_vec())
                 .map_err(|e| e.to_string());
         };
-        let file = file?;
-        let size = file.metadata().map_err(|e| format!("dataset {name:?}: {e}"))?.len();
-        // At most what the file holds from `offset`, so a huge `len` allocates nothing.
-        let n = usize::try_from(size.saturating_sub(offset).min(u64::from(len))).unwrap_or(0);
-        let mut buf = vec![0; n];
-        let mut got = 0;
-        while got < n {
-            use std::os::unix::fs::FileExt;
-            match file.read_at(&mut buf[got..], offset + got as u64) {
-                Ok(0) => break,
-                Ok(k) => got += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(format!("dataset {name:?}: {e}")),
-            }
-        }
-        buf.truncate(got);
+        let fail = |e: std::io::Error| format!("dataset {name:?}: {e}");
+        let mut file = std::fs::File::open(path).map_err(fail)?;
+        file.seek(std::io::SeekFrom::Start(offset)).map_err(fail)?;
+        // Grown as bytes come: a huge `len` past the file's end allocates nothing.
+        let mut buf = Vec::new();
+        file.take(u64::from(len)).read_to_end(&mut buf).map_err(fail)?;
         Ok(buf)
     }
     fn resources(&mut self) -> local::NodeResources {

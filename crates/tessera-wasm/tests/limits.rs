@@ -48,10 +48,17 @@ impl TaskContext for Ctx {
     fn datasets(&self) -> Vec<String> {
         self.datasets.keys().cloned().collect()
     }
+    // A dataset with a file is read by the runtime from the file, never through these.
     async fn dataset_size(&self, name: &str) -> Result<u64, ContextError> {
+        if self.files.contains_key(name) {
+            return Err(ContextError(format!("{name} has a file: read it")));
+        }
         self.datasets.get(name).map(|d| d.len() as u64).ok_or_else(|| ContextError(format!("no dataset {name}")))
     }
     async fn dataset_read(&self, name: &str, offset: u64, len: u32) -> Result<Bytes, ContextError> {
+        if self.files.contains_key(name) {
+            return Err(ContextError(format!("{name} has a file: read it")));
+        }
         let d = self.datasets.get(name).ok_or_else(|| ContextError(format!("no dataset {name}")))?;
         let start = (offset as usize).min(d.len());
         let end = (start + len as usize).min(d.len());
@@ -160,7 +167,7 @@ async fn a_module_sees_its_task_context() {
     let rt = runtime();
     let img = image(dir.path(), tessera_modules::TEST_PROGRAMS_WASM);
     // A dataset the context reads for the module, and one whose file the runtime reads
-    // itself: the module sees the same bytes.
+    // itself (the test context refuses to read that one): the module sees the same bytes.
     let file = dir.path().join("digits.bin");
     std::fs::write(&file, b"0123456789").unwrap();
     for ctx in [Ctx::new(), Ctx::with_file(&file)] {

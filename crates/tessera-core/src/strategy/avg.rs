@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::math::momentum_step;
+use super::step::step_in_two_passes;
 use super::{
     Common, FitFailure, FitPlan, FitResult, FitSum, Participation, Strategy, StrategyError, check_output, check_param,
     check_round, decode_state, encode_state, join_roles, split_roles,
@@ -285,36 +286,37 @@ impl Strategy for FedAvgM {
             });
         }
         let use_momentum = self.params.server_momentum > 0.0;
-        // Work on copies so that a refused round leaves the state as it was.
         let first = self.momentum.is_none();
-        let mut momentum = match &self.momentum {
-            Some(m) if use_momentum => {
-                current.check_same_layout(m).map_err(|e| StrategyError::State {
-                    strategy: name.into(),
-                    message: format!("the momentum does not match the model: {e}"),
-                })?;
-                m.clone()
-            }
-            _ if use_momentum => super::sum::zeros_like(current),
-            _ => Tensors::default(),
+        if let Some(m) = &self.momentum
+            && use_momentum
+        {
+            current.check_same_layout(m).map_err(|e| StrategyError::State {
+                strategy: name.into(),
+                message: format!("the momentum does not match the model: {e}"),
+            })?;
+        }
+        current.check_same_layout(&avg).map_err(|e| StrategyError::Aggregation {
+            round,
+            strategy: name.into(),
+            message: format!("the round's mean does not match the model: {e}"),
+        })?;
+        let (lr, beta, threads) = (self.params.server_learning_rate, self.params.server_momentum, self.common.threads);
+        let step = |w: &mut [f32], avg: &[f32], mom: &mut [&mut [f32]]| {
+            let mom = mom.first_mut().map(|m| &mut **m).unwrap_or_default();
+            momentum_step(w, avg, mom, lr, beta, first, threads);
         };
-        let mut out = current.clone();
-        for (tensor, w) in out.0.iter_mut() {
-            let mom = momentum.0.get_mut(tensor).map(|t| t.data.as_mut_slice()).unwrap_or_default();
-            momentum_step(
-                &mut w.data,
-                &avg.0[tensor].data,
-                mom,
-                self.params.server_learning_rate,
-                self.params.server_momentum,
-                first,
-                self.common.threads,
-            );
-        }
-        check_output(round, name, &out)?;
-        if use_momentum {
-            self.momentum = Some(momentum);
-        }
+        let label = name.to_owned();
+        let accept = |out: &Tensors| check_output(round, &label, out);
+        let out = if use_momentum {
+            let mut momentum = self.momentum.take().unwrap_or_else(|| super::sum::zeros_like(current));
+            let stepped = step_in_two_passes(current, &avg, &mut [&mut momentum], step, accept);
+            if stepped.is_ok() || !first {
+                self.momentum = Some(momentum);
+            }
+            stepped?
+        } else {
+            step_in_two_passes(current, &avg, &mut [], step, accept)?
+        };
         self.last_round = Some(round);
         Ok(out)
     }

@@ -26,6 +26,7 @@ mod buffer;
 pub mod math;
 mod opt;
 mod robust;
+mod step;
 mod sum;
 
 use serde::de::DeserializeOwned;

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::avg::{common_strategy_methods, params_json};
 use super::math::{OptRule, adam_eta_norm, opt_step};
+use super::step::step_in_two_passes;
 use super::sum::zeros_like;
 use super::{
     Common, FitFailure, FitPlan, FitResult, FitSum, Participation, Strategy, StrategyError, check_output, check_param,
@@ -202,26 +203,37 @@ impl Strategy for FedOpt {
             });
         }
         self.common.check_policy(round, sum.results(), failures)?;
-        let avg = sum.mean()?;
-        // Work on copies so that a refused round leaves the state as it was.
-        let moment = |t: &Option<Tensors>| match t {
-            Some(t) => current.check_same_layout(t).map(|_| t.clone()).map_err(|e| StrategyError::State {
+        for saved in [&self.m, &self.v].into_iter().flatten() {
+            current.check_same_layout(saved).map_err(|e| StrategyError::State {
                 strategy: name.into(),
                 message: format!("the saved moments do not match the model: {e}"),
-            }),
-            None => Ok(zeros_like(current)),
-        };
-        let (mut m, mut v) = (moment(&self.m)?, moment(&self.v)?);
-        let rule = self.params.rule(round);
-        let mut out = current.clone();
-        for (tensor, w) in out.0.iter_mut() {
-            let (mt, vt) = (m.0.get_mut(tensor), v.0.get_mut(tensor));
-            let (mt, vt) = (mt.expect("same layout"), vt.expect("same layout"));
-            opt_step(rule, &mut w.data, &avg.0[tensor].data, &mut mt.data, &mut vt.data, self.common.threads);
+            })?;
         }
-        check_output(round, name, &out)?;
-        self.m = Some(m);
-        self.v = Some(v);
+        let avg = sum.mean()?;
+        current.check_same_layout(&avg).map_err(|e| StrategyError::Aggregation {
+            round,
+            strategy: name.into(),
+            message: format!("the round's mean does not match the model: {e}"),
+        })?;
+        let rule = self.params.rule(round);
+        let threads = self.common.threads;
+        let saved = self.m.is_some() && self.v.is_some();
+        let mut m = self.m.take().unwrap_or_else(|| zeros_like(current));
+        let mut v = self.v.take().unwrap_or_else(|| zeros_like(current));
+        let stepped = step_in_two_passes(
+            current,
+            &avg,
+            &mut [&mut m, &mut v],
+            |w, avg, mv| {
+                let [m, v] = mv else { unreachable!("two moments") };
+                opt_step(rule, w, avg, m, v, threads);
+            },
+            |out| check_output(round, name, out),
+        );
+        if stepped.is_ok() || saved {
+            (self.m, self.v) = (Some(m), Some(v));
+        }
+        let out = stepped?;
         self.last_round = Some(round);
         Ok(out)
     }
