@@ -396,6 +396,26 @@ fn a_step_past_f32_is_refused_and_the_state_stays() {
     }
 }
 
+/// A step whose new server state leaves the f32 range is refused with the state as it was:
+/// kept, an infinite moment or momentum would make every later round's model NaN.
+#[test]
+fn a_state_past_f32_is_refused() {
+    let current = model(&[("w", &[-3.0e38, 0.0])]);
+    let far = [res("n0", &[("w", &[3.0e38, 0.0])], 1)];
+    for (name, params) in [
+        ("fedadagrad", Value::Null),
+        ("fedadam", Value::Null),
+        ("fedyogi", Value::Null),
+        ("fedavgm", json!({"server_momentum": 0.9})),
+    ] {
+        let mut s = strategy(name, &params);
+        let before = s.state();
+        let e = s.aggregate_fit(1, &current, &far, &[]).unwrap_err();
+        assert!(e.to_string().contains("server state of tensor \"w\" would leave the f32 range"), "{name}: {e}");
+        assert_eq!(s.state(), before, "{name}");
+    }
+}
+
 #[test]
 fn configure_fit_is_seeded_and_fedprox_sends_mu() {
     let nodes: Vec<String> = (0..20).map(|i| format!("node-{i:02}")).collect();

@@ -309,13 +309,13 @@ impl Strategy for FedAvgM {
         let accept = |out: &Tensors| check_output(round, &label, out);
         let out = if use_momentum {
             let mut momentum = self.momentum.take().unwrap_or_else(|| super::sum::zeros_like(current));
-            let stepped = step_in_two_passes(current, &avg, &mut [&mut momentum], step, accept);
+            let stepped = step_in_two_passes(round, &label, current, &avg, &mut [&mut momentum], step, accept);
             if stepped.is_ok() || !first {
                 self.momentum = Some(momentum);
             }
             stepped?
         } else {
-            step_in_two_passes(current, &avg, &mut [], step, accept)?
+            step_in_two_passes(round, &label, current, &avg, &mut [], step, accept)?
         };
         self.last_round = Some(round);
         Ok(out)

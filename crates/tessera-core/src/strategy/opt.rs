@@ -221,6 +221,8 @@ impl Strategy for FedOpt {
         let mut m = self.m.take().unwrap_or_else(|| zeros_like(current));
         let mut v = self.v.take().unwrap_or_else(|| zeros_like(current));
         let stepped = step_in_two_passes(
+            round,
+            name,
             current,
             &avg,
             &mut [&mut m, &mut v],

@@ -10,7 +10,7 @@ pub(super) const STEP_CHUNK: usize = 1 << 20;
 
 /// Runs `step(weights, avg, state)` over the model [`STEP_CHUNK`] values at a time, twice:
 /// first on a copy of `current` with `state` only read (each chunk's new state goes to
-/// scratch); then, once `accept` takes the new model, on `state` in place (each chunk's new
+/// scratch, and must be finite); then, once `accept` takes the new model, on `state` in place (each chunk's new
 /// weights go to scratch: the same values, the step being a function of its inputs; no
 /// second pass without state). Returns the new model; when `accept` refuses it, `state` is
 /// unchanged.
@@ -19,8 +19,11 @@ pub(super) const STEP_CHUNK: usize = 1 << 20;
 /// check it).
 ///
 /// # Errors
-/// `accept`'s.
+/// [`StrategyError::Aggregation`] when a new state value is not finite (past the f32 range:
+/// kept, it would turn every later round's model into NaN), and `accept`'s.
 pub(super) fn step_in_two_passes(
+    round: u32,
+    strategy: &str,
     current: &Tensors,
     avg: &Tensors,
     state: &mut [&mut Tensors],
@@ -39,6 +42,13 @@ pub(super) fn step_in_two_passes(
             }
             let mut views: Vec<&mut [f32]> = scratch.iter_mut().map(Vec::as_mut_slice).collect();
             step(w, &a[at], &mut views);
+            if let Some(bad) = scratch.iter().flatten().find(|v| !v.is_finite()) {
+                return Err(StrategyError::Aggregation {
+                    round,
+                    strategy: strategy.into(),
+                    message: format!("the server state of tensor {tensor:?} would leave the f32 range ({bad})"),
+                });
+            }
         }
     }
     accept(&out)?;
