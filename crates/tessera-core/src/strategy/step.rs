@@ -10,10 +10,10 @@ pub(super) const STEP_CHUNK: usize = 1 << 20;
 
 /// Runs `step(weights, avg, state)` over the model [`STEP_CHUNK`] values at a time, twice:
 /// first on a copy of `current` with `state` only read (each chunk's new state goes to
-/// scratch, and must be finite); then, once `accept` takes the new model, on `state` in place (each chunk's new
-/// weights go to scratch: the same values, the step being a function of its inputs; no
-/// second pass without state). Returns the new model; when `accept` refuses it, `state` is
-/// unchanged.
+/// scratch, and must be finite); then, once `accept` takes the new model, on `state` in
+/// place (each chunk's new weights go to scratch: the same values, the step being a
+/// function of its inputs; no second pass without state). Returns the new model; when the
+/// round is refused, `state` is unchanged.
 ///
 /// `avg` (the round's mean) and every `state` entry must have `current`'s layout (the callers
 /// check it).
