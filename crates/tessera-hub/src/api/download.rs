@@ -109,7 +109,8 @@ fn range_applies(request: &HeaderMap, digest: &Digest) -> bool {
 /// text or counts another unit than bytes, which is ignored), the first and last byte
 /// offsets of one range (a suffix longer than the blob is all of it; a suffix of an empty
 /// blob is the whole), or why it cannot be served: malformed, beyond the blob, several
-/// ranges (no multipart answers), another range of an empty blob. Parsed by `http-range-header`, as tower-http's `ServeFile` does.
+/// ranges (no multipart answers), another range of an empty blob. Parsed by
+/// `http-range-header`, as tower-http's `ServeFile` does.
 fn requested_part(request: &HeaderMap, digest: &Digest, len: u64) -> Result<Option<(u64, u64)>, &'static str> {
     use http_range_header::RangeUnsatisfiableError as Unsatisfiable;
     if !range_applies(request, digest) {

@@ -256,11 +256,11 @@ impl HubStore {
 
     /// Hands the bytes `part.0..=part.1` of `reader` (the whole of blob `digest`) to `tx`
     /// and, unless another download is copying the blob, writes all of them into the
-    /// directory as `digest`; the file takes its name once
-    /// all arrived verified (`reader` checks them), and the cache is trimmed. The last chunk
-    /// given is held back until the bytes are verified: a client whose bytes turn out not to
-    /// be the blob's gets a body cut short (an error), never all of it. A copy that fails (a
-    /// full disk) is dropped and the download goes on; a client that goes away stops both.
+    /// directory as `digest`; the file takes its name once all arrived verified (`reader`
+    /// checks them), and the cache is trimmed. The last chunk given is held back until the
+    /// bytes are verified: a client whose bytes turn out not to be the blob's gets a body cut
+    /// short (an error), never all of it. A copy that fails (a full disk) is dropped and the
+    /// download goes on; a client that goes away stops both.
     async fn tee(
         self: Arc<Self>,
         digest: Digest,
@@ -270,20 +270,15 @@ impl HubStore {
     ) {
         use tokio::io::AsyncReadExt;
         let tmp = self.blobs.temp_path();
-        let mut filling = self.shared.as_ref().and_then(|s| Filling::claim(&s.cache, digest));
-        let mut sink =
-            match filling.as_ref().map(|_| std::fs::File::create(&tmp).and_then(|f| FileSink::start(f, Vec::new()))) {
-                None => None,
-                Some(Ok(s)) => Some(s),
-                Some(Err(e)) => {
-                    tracing::warn!(blob = %digest, error = %e, "a streamed download is not kept");
-                    None
-                }
-            };
-        if sink.is_none() {
-            // No copy after all: another download may make one.
-            filling = None;
-        }
+        let filling = self.shared.as_ref().and_then(|s| Filling::claim(&s.cache, digest));
+        let mut sink = filling.as_ref().and_then(|_| {
+            std::fs::File::create(&tmp)
+                .and_then(|f| FileSink::start(f, Vec::new()))
+                .inspect_err(|e| tracing::warn!(blob = %digest, error = %e, "a streamed download is not kept"))
+                .ok()
+        });
+        // No copy after all: the claim is given up, another download may make one.
+        let filling = filling.filter(|_| sink.is_some());
         let (first, end) = (part.0, part.1.saturating_add(1));
         let mut held: Option<Bytes> = None;
         let streamed: std::io::Result<()> = async {
