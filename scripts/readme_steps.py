@@ -41,7 +41,9 @@ def main():
             for line in block.splitlines():
                 for old, new in ports.items():
                     line = line.replace("127.0.0.1:" + old, "127.0.0.1:" + new)
-                if line.startswith("nats-server"):
+                # (a server line may start with environment settings: GOMEMLIMIT=1GiB nats-server …)
+                starts_server = re.match(r"([A-Z_]+=\S+ )*nats-server ", line) is not None
+                if starts_server:
                     line = line.replace("nats-server ", "nats-server -a 127.0.0.1 -p %s " % nats, 1)
                 code = line.split(" #", 1)[0].strip() if not line.lstrip().startswith("#") else ""
                 if not code:
@@ -56,7 +58,7 @@ def main():
                         print("wait_port %s" % (second_hub if "127.0.0.1:" + second_hub in line else hub))
                     elif "--listen" in code:
                         print("wait_port %s" % gateway)
-                    elif code.startswith("nats-server"):
+                    elif starts_server:
                         print("wait_port %s" % nats)
     print('echo "== README: every step passed" >&2')
 

