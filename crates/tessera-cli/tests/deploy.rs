@@ -78,14 +78,12 @@ fn the_systemd_units_verify_and_run_real_commands() {
 
 #[test]
 fn the_nats_configurations_are_valid() {
-    let server = ["nats-server", "/usr/sbin/nats-server"]
-        .into_iter()
-        .find(|s| have(s))
-        .expect("nats-server is needed (scripts/test installs it)");
+    let server = tessera_nats::testing::binary();
+    assert!(have(server.to_str().unwrap()), "{} is needed (scripts/test installs it)", server.display());
     let mut n = 0;
     for e in std::fs::read_dir(repo().join("deploy/nats")).unwrap() {
         let path = e.unwrap().path();
-        let out = Command::new(server).arg("-t").arg("-c").arg(&path).output().unwrap();
+        let out = Command::new(&server).arg("-t").arg("-c").arg(&path).output().unwrap();
         assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("jetstream") && text.contains("routes"), "{}", path.display());

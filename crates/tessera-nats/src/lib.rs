@@ -11,8 +11,9 @@
 //! - [`NatsBlobs`]: the Object Store `tessera_blobs`, chunked, so blobs may be far larger
 //!   than the 1 MB message limit.
 //!
-//! It works with the nats-server of Debian 12 (2.9): the KV streams are created by hand
-//! because the client's `create_key_value` does not understand 2.9's account-info reply.
+//! The tests run nats-server 2.15; it also works with the nats-server of Debian 12 (2.9),
+//! for which the KV streams are created by hand because the client's `create_key_value`
+//! does not understand 2.9's account-info reply.
 //! This is the only crate that knows NATS.
 
 mod blobs;

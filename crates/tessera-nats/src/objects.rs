@@ -293,11 +293,17 @@ impl Drop for Reading {
 
 impl Reading {
     /// A new consumer from where the read stopped, at most 3 times without a chunk between.
-    async fn remake(&mut self) -> Result<(), BlobError> {
+    /// `why`: what showed the consumer gone, named when the read gives up.
+    async fn remake(&mut self, why: &str) -> Result<(), BlobError> {
         if self.remade >= 3 {
-            return Err(backend("the object's reader lost its consumer three times without a chunk between"));
+            return Err(backend(format!(
+                "the object's reader lost its consumer three times without a chunk between (last: {why})"
+            )));
         }
         self.remade += 1;
+        // (one the server still has, unanswering, goes rather than wait for its idle expiry)
+        let old = self.consumer.cached_info().name.clone();
+        let _ = self.stream.delete_consumer(&old).await;
         self.consumer = consumer_of(&self.stream, &self.filter, self.next_sequence).await?;
         Ok(())
     }
@@ -385,8 +391,8 @@ async fn next_chunk(mut r: Reading) -> Result<Option<(Bytes, Reading)>, BlobErro
                 Ok(b) => b,
                 // Its consumer removed for being idle (a slow reader): a new one from where
                 // the read stopped.
-                Err(_) => {
-                    r.remake().await?;
+                Err(e) => {
+                    r.remake(&format!("asking for chunks: {e}")).await?;
                     let batch = r.consumer.fetch().max_messages(r.per_batch).messages().await;
                     batch.map_err(|e| backend(format!("asking for chunks: {e}")))?
                 }
@@ -401,7 +407,7 @@ async fn next_chunk(mut r: Reading) -> Result<Option<(Bytes, Reading)>, BlobErro
             // A batch that brings nothing at all: its consumer may be gone (the server
             // removes one left idle), and then nobody answers the request.
             Err(_) if r.in_batch == 0 && r.consumer.info().await.is_err() => {
-                r.remake().await?;
+                r.remake("a batch brought nothing").await?;
                 r.batch = None;
                 continue;
             }
@@ -410,8 +416,8 @@ async fn next_chunk(mut r: Reading) -> Result<Option<(Bytes, Reading)>, BlobErro
         match next {
             // A batch whose first answer is an error: its consumer may be gone (from
             // nats-server 2.10 on, a pull on a removed consumer answers 503, no responders).
-            Some(Err(_)) if r.in_batch == 0 && r.consumer.info().await.is_err() => {
-                r.remake().await?;
+            Some(Err(e)) if r.in_batch == 0 && r.consumer.info().await.is_err() => {
+                r.remake(&format!("reading a chunk: {e}")).await?;
                 r.batch = None;
             }
             Some(m) => {

@@ -32,7 +32,9 @@ struct ClusterPlace {
     routes: Vec<u16>,
 }
 
-fn binary() -> PathBuf {
+/// The nats-server binary the tests start: `NATS_SERVER` when set, else the one
+/// `scripts/test` installs into `target/nats-server`, else the system's.
+pub fn binary() -> PathBuf {
     if let Some(p) = std::env::var_os("NATS_SERVER") {
         return PathBuf::from(p);
     }
@@ -90,9 +92,12 @@ impl NatsServer {
 
     /// Waits until the server takes connections: it recovers its JetStream store first
     /// (after a kill, by reading every block), which a loaded machine makes slow.
-    fn wait_listening(&self) {
+    fn wait_listening(&mut self) {
         let deadline = Instant::now() + LISTEN_WITHIN;
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("nats-server ended ({status}) before it listened; its log:\n{}", self.log());
+            }
             assert!(
                 Instant::now() < deadline,
                 "nats-server did not listen on port {} within {} s; its log:\n{}",
@@ -155,13 +160,13 @@ impl NatsServer {
         self.launch();
     }
 
-    /// The server's version as it prints it (`nats-server: v2.15.1`).
+    /// The server's version as it prints it (`nats-server: v2.15.1`), or why it could
+    /// not be asked.
     pub fn version() -> String {
-        Command::new(binary())
-            .arg("--version")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default()
+        match Command::new(binary()).arg("--version").output() {
+            Ok(o) => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+            Err(e) => format!("{}: {e}", binary().display()),
+        }
     }
 
     /// The server's log, for failing tests to show.
@@ -206,7 +211,7 @@ impl NatsCluster {
         for s in &mut servers {
             s.spawn();
         }
-        for s in &servers {
+        for s in &mut servers {
             s.wait_listening();
         }
         NatsCluster { servers }
