@@ -80,9 +80,6 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# A Python virtual environment in target/venv with numpy, scikit-learn and the Tessera
-# Python SDK (./sdk/python), for the python runtime's tests and examples; exports
-# TESSERA_PYTHON (its interpreter). Installs only what is missing.
 # Makes target/venv when it is missing and prints its interpreter.
 make_python_venv() {
     local root venv
@@ -101,6 +98,9 @@ make_python_venv() {
     echo "$venv/bin/python"
 }
 
+# A Python virtual environment in target/venv with numpy, scikit-learn and the Tessera
+# Python SDK (./sdk/python), for the python runtime's tests and examples; exports
+# TESSERA_PYTHON (its interpreter). Installs only what is missing.
 ensure_python_venv() {
     local root venv py
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
