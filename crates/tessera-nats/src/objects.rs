@@ -414,8 +414,8 @@ async fn next_chunk(mut r: Reading) -> Result<Option<(Bytes, Reading)>, BlobErro
             Err(_) => tokio::time::timeout(CHUNK_WAIT, batch.next()).await.map_err(|_| late())?,
         };
         match next {
-            // A batch whose first answer is an error: its consumer may be gone (from
-            // nats-server 2.10 on, a pull on a removed consumer answers 503, no responders).
+            // A batch whose first answer is an error: its consumer may be gone (newer
+            // servers, 2.15 here, answer a pull on a removed consumer with 503).
             Some(Err(e)) if r.in_batch == 0 && r.consumer.info().await.is_err() => {
                 r.remake(&format!("reading a chunk: {e}")).await?;
                 r.batch = None;

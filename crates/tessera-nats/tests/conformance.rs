@@ -121,7 +121,7 @@ async fn a_message_an_earlier_consumer_delivered_counts_as_a_redelivery() {
     use tessera_ports::Bus;
     let server = NatsServer::start();
     let nats = connect(&server.url()).await.unwrap();
-    // (nats-server 2.11 and newer keep a consumer with a delivery pending until its ack
+    // (newer servers, 2.15 here, keep a consumer with a delivery pending until its ack
     // wait has passed, and only then count its inactivity.)
     let options = NatsOptions {
         consumer_inactive: Duration::from_secs(1),
