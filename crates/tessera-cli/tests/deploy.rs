@@ -46,6 +46,8 @@ fn check_command(origin: &str, args: &[String]) {
 fn the_systemd_units_verify_and_run_real_commands() {
     let dir = tempfile::tempdir().unwrap();
     let mut units = Vec::new();
+    let nats_server = tessera_nats::testing::binary();
+    let nats_server = std::fs::canonicalize(&nats_server).unwrap_or(nats_server);
     for e in std::fs::read_dir(repo().join("deploy/systemd")).unwrap() {
         let path = e.unwrap().path();
         let text = std::fs::read_to_string(&path).unwrap();
@@ -59,9 +61,12 @@ fn the_systemd_units_verify_and_run_real_commands() {
                 check_command(&name, &args);
             }
         }
-        // systemd-analyze checks that the binary exists: point it at this build.
-        std::fs::write(dir.path().join(&name), text.replace("/usr/local/bin/tessera", env!("CARGO_BIN_EXE_tessera")))
-            .unwrap();
+        // systemd-analyze checks that the binaries exist: point them at this build and at
+        // the nats-server the tests run (the scripts install it under target/, not /usr).
+        let text = text
+            .replace("/usr/local/bin/tessera", env!("CARGO_BIN_EXE_tessera"))
+            .replace("/usr/sbin/nats-server", &nats_server.to_string_lossy());
+        std::fs::write(dir.path().join(&name), text).unwrap();
         units.push(name.replace("@.", "@n1."));
     }
     assert_eq!(units.len(), 3, "{units:?}");

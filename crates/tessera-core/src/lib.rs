@@ -38,7 +38,7 @@ pub mod wire;
 pub mod yaml;
 
 pub use digest::{Digest, DigestWriter};
-pub use manifest::{Access, Kind, Manifest, Role, RuntimeKind};
+pub use manifest::{Access, Kind, Manifest, Reuse, Role, RuntimeKind};
 pub use name::ModulePath;
 pub use size::ByteSize;
 pub use version::PackageRef;

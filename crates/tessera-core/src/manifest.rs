@@ -248,6 +248,32 @@ impl Access {
     }
 }
 
+/// Whether a runtime may run a module's later tasks in an instance an earlier task used.
+///
+/// `never` (the default): every run gets a fresh instance, as a WebAssembly module
+/// expects. `session`: tasks of one session, sent by one account, on one node, with the
+/// same datasets, may share an instance, one task after another; the module's memory (its
+/// globals, its heap, a file it left in `/scratch`) carries from one to the next, as a
+/// Ray worker's or a Flower client process's does. It saves each run's instantiation (a
+/// few hundred microseconds) and suits short tasks that keep no state of their own. The
+/// WebAssembly runtime honours it; other runtimes start every run afresh.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reuse {
+    /// A fresh instance for every run.
+    #[default]
+    Never,
+    /// One session's tasks on a node may share an instance.
+    Session,
+}
+
+impl Reuse {
+    fn is_never(&self) -> bool {
+        *self == Reuse::Never
+    }
+}
+
 /// A validated `module.yaml`. (Its JSON form, used by the hub API, deserialises without
 /// re-validation: the hub validated it from the package.)
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -282,6 +308,9 @@ pub struct Manifest {
     /// Who may call its functions (public when absent).
     #[serde(default)]
     pub access: Access,
+    /// Whether later tasks may run in an instance an earlier one used ([`Reuse`]).
+    #[serde(default, skip_serializing_if = "Reuse::is_never")]
+    pub reuse: Reuse,
 }
 
 #[derive(Deserialize)]
@@ -308,6 +337,8 @@ struct RawManifest {
     needs: Option<Spanned<Needs>>,
     #[serde(default)]
     access: Option<Spanned<Access>>,
+    #[serde(default)]
+    reuse: Reuse,
 }
 
 /// Why a manifest was refused: the field, where it is, and what is wrong.
@@ -377,6 +408,7 @@ impl Manifest {
             outputs: Vec::new(),
             needs: self.needs.clone(),
             access: Access::default(),
+            reuse: self.reuse,
         }
     }
 
@@ -520,6 +552,7 @@ impl RawManifest {
             outputs,
             needs,
             access,
+            reuse: self.reuse,
         })
     }
 }
@@ -722,6 +755,10 @@ needs:
         assert_eq!(m.access.role_for("evaluate"), Role::Public);
         assert_eq!(m.access.role_for("init"), Role::Owner);
         assert_eq!(Manifest::parse(GOOD).unwrap().access.role_for("anything"), Role::Public);
+        assert_eq!(Manifest::parse(GOOD).unwrap().reuse, Reuse::Never);
+        assert_eq!(Manifest::parse(&format!("{GOOD}reuse: session\n")).unwrap().reuse, Reuse::Session);
+        let e = err(&format!("{GOOD}reuse: always\n"));
+        assert_eq!(e.field.as_deref(), Some("reuse"), "{e}");
         let e = err(&format!("{GOOD}access:\n  trusted: [not-a-key]\n"));
         assert_eq!(e.field.as_deref(), Some("access.trusted[0]"), "{e}");
         let e = err(&format!("{GOOD}access:\n  default: everyone\n"));

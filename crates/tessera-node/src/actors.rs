@@ -410,6 +410,7 @@ impl Actors {
             world: self.node.world(),
             scope: None,
             logs: None,
+            reuse: None,
         });
         let runtime = self.node.runtime(actor.image.manifest.runtime)?;
         let mut inst: Box<dyn Instance> = match runtime.start(&actor.image, ctx.clone()).await? {

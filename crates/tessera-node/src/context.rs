@@ -30,6 +30,9 @@ pub struct NodeContext {
     pub(crate) world: Arc<dyn WorldState>,
     pub(crate) scope: Option<WorldScope>,
     pub(crate) logs: Option<Arc<TaskLog>>,
+    /// The session and the account the task runs for (`<session> <account>`): the scope
+    /// within which runtimes may share an instance between tasks.
+    pub(crate) reuse: Option<String>,
 }
 
 fn ctx_err(e: impl std::fmt::Display) -> ContextError {
@@ -93,6 +96,9 @@ impl TaskContext for NodeContext {
     }
     fn dataset_file(&self, name: &str) -> Option<PathBuf> {
         self.datasets.get(name).cloned()
+    }
+    fn reuse_scope(&self) -> Option<&str> {
+        self.reuse.as_deref()
     }
     fn resources(&self) -> Resources {
         self.resources.clone()
@@ -300,6 +306,7 @@ mod tests {
             world,
             scope,
             logs: None,
+            reuse: None,
         }
     }
 

@@ -121,6 +121,9 @@ pub enum NodeError {
 struct Scope<'a> {
     session: &'a str,
     task: &'a str,
+    /// Who the task runs for: the account that signed it, else `unsigned`; `local` for the
+    /// node's own callers ([`Node::run`]).
+    account: &'a str,
     world: Option<tessera_core::wire::WorldScope>,
     logs: Option<Arc<crate::context::TaskLog>>,
 }
@@ -523,8 +526,14 @@ impl Node {
         task: &str,
     ) -> Result<Outputs, NodeError> {
         let image = self.module(digest).await?;
-        self.run_image(&image, self.datasets.clone(), config, inputs, Scope { session, task, world: None, logs: None })
-            .await
+        self.run_image(
+            &image,
+            self.datasets.clone(),
+            config,
+            inputs,
+            Scope { session, task, account: "local", world: None, logs: None },
+        )
+        .await
     }
 
     async fn run_image(
@@ -535,7 +544,7 @@ impl Node {
         inputs: Vec<(String, Bytes)>,
         scope: Scope<'_>,
     ) -> Result<Outputs, NodeError> {
-        let Scope { session, task, world, logs } = scope;
+        let Scope { session, task, account, world, logs } = scope;
         let kind = image.manifest.runtime;
         let runtime = self.runtimes.get(&kind).ok_or(RuntimeError::Unsupported(kind))?;
         let mut merged = image.manifest.config.clone();
@@ -549,6 +558,7 @@ impl Node {
             world: self.backend.world.clone(),
             scope: world,
             logs,
+            reuse: Some(format!("{session} {account}")),
         });
         Ok(runtime.run(image, Invocation { config: merged, inputs, timeout: None }, ctx).await?)
     }
@@ -707,8 +717,14 @@ impl Node {
         let measured = task.config.get("dp_clipping_norm").is_some() || task.config.get("secagg").is_some();
         let base = inputs.iter().find(|(n, _)| measured && n == "model").map(|(_, b)| b.clone());
         let logs = crate::context::TaskLog::new(&task.session, &task.task_id, self.backend.world.clone());
-        let scope =
-            Scope { session: &task.session, task: &task.task_id, world: task.world.clone(), logs: logs.clone() };
+        let account = signer.as_ref().map_or_else(|| "unsigned".to_owned(), ToString::to_string);
+        let scope = Scope {
+            session: &task.session,
+            task: &task.task_id,
+            account: &account,
+            world: task.world.clone(),
+            logs: logs.clone(),
+        };
         let outputs = self.run_image(&image, Arc::new(datasets), &task.config, inputs, scope).await;
         if let Some(l) = &logs {
             l.flush().await;

@@ -24,9 +24,11 @@ struct World {
     node_key: Arc<KeyPair>,
 }
 
-fn module(dir: &std::path::Path, name: &str) -> Vec<u8> {
+/// A package of the test programs named `name`, its manifest ending with `more` (YAML
+/// lines).
+fn module(dir: &std::path::Path, name: &str, more: &str) -> Vec<u8> {
     let m = dir.join(name);
-    let manifest = format!("name: {name}\nversion: 0.1.0\nkind: task\nruntime: wasm\nentry: module.wasm\n");
+    let manifest = format!("name: {name}\nversion: 0.1.0\nkind: task\nruntime: wasm\nentry: module.wasm\n{more}");
     tessera_modules::write_module_dir(&m, &manifest, tessera_modules::TEST_PROGRAMS_WASM).unwrap();
     pack_dir(&m, &Limits::default()).unwrap().bytes
 }
@@ -49,7 +51,12 @@ impl World {
 
     /// Publishes a module signed by `by` (or unsigned); returns its digest.
     fn publish(&self, name: &str, by: Option<&KeyPair>) -> Digest {
-        let bytes = module(self.dir.path(), name);
+        self.publish_with(name, by, "")
+    }
+
+    /// Publishes a module whose manifest ends with `more`.
+    fn publish_with(&self, name: &str, by: Option<&KeyPair>, more: &str) -> Digest {
+        let bytes = module(self.dir.path(), name, more);
         let d = Digest::of(&bytes);
         let sig = by.map(|k| PackageSignature::sign(k, &d));
         self.hub.publish(&bytes, None, sig.as_ref()).unwrap();
@@ -225,7 +232,7 @@ async fn replies_are_signed_for_the_task_signer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_package_runs_only_where_it_can_be_opened() {
     let w = World::new();
-    let plain = module(w.dir.path(), "test.private");
+    let plain = module(w.dir.path(), "test.private", "");
     let sealed = tessera_identity::seal::seal(&plain, &[w.node_key.public().clone()]).unwrap();
     let d = Digest::of(&sealed);
     let manifest = tessera_core::Manifest::parse(
@@ -325,4 +332,58 @@ async fn a_replayed_signed_task_is_answered_from_the_record_even_when_marked_fre
     assert_eq!(second.stats().answered_again.load(Relaxed), 1, "answered from the record");
     tx.send(true).unwrap();
     serving.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_reused_between_tasks_serves_one_account_in_one_session() {
+    let w = World::new();
+    let m = w.publish_with("test.reused", Some(&w.alice), "reuse: session\n");
+    let carol = KeyPair::generate(KeyType::Ed25519);
+    let node = w.node(&w.policy(&format!("  - to: {}\n    modules: [test]\n    datasets: [local]\n", carol.public())));
+    // What the module's in-memory counter reads after a `count` task: 1 in a new instance.
+    let count = async |id: &str, session: &str, by: &KeyPair| -> u64 {
+        let mut t = task(id, m, json!({"mode": "count"}));
+        t.session = session.into();
+        let r = node.execute(&signed(t, by, &node, &w.node_key)).await;
+        let TaskOutcome::Ok { outputs, .. } = &r.outcome else { panic!("{r:?}") };
+        let n = tessera_ports::BlobStore::get(w.backend.blobs.as_ref(), &outputs[0].digest).await.unwrap().unwrap();
+        std::str::from_utf8(&n).unwrap().parse().unwrap()
+    };
+    assert_eq!(count("b1", "s1", &w.bob).await, 1);
+    assert_eq!(count("b2", "s1", &w.bob).await, 2, "bob's next task in s1 runs in the instance his first left");
+    // Carol names bob's session: she gets an instance of her own, and bob's state stays his.
+    assert_eq!(count("c1", "s1", &carol).await, 1);
+    assert_eq!(count("b3", "s2", &w.bob).await, 1, "another session of bob's: another instance");
+    assert_eq!(count("b4", "s1", &w.bob).await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsigned_tasks_are_one_account_and_the_node_s_own_runs_another() {
+    let w = World::new();
+    let m = w.publish_with("test.reused", Some(&w.alice), "reuse: session\n");
+    // A node that takes unsigned tasks (the embedded default).
+    let node = w.node("");
+    let count = async |id: &str, by: Option<&KeyPair>| -> u64 {
+        let t = task(id, m, json!({"mode": "count"}));
+        let t = match by {
+            Some(k) => signed(t, k, &node, &w.node_key),
+            None => t,
+        };
+        let r = node.execute(&t).await;
+        let TaskOutcome::Ok { outputs, .. } = &r.outcome else { panic!("{r:?}") };
+        let n = tessera_ports::BlobStore::get(w.backend.blobs.as_ref(), &outputs[0].digest).await.unwrap().unwrap();
+        std::str::from_utf8(&n).unwrap().parse().unwrap()
+    };
+    assert_eq!(count("u1", None).await, 1);
+    // Unsigned senders are one account (whoever reaches the queue: such a node already
+    // gives any of them the session's world state and every dataset).
+    assert_eq!(count("u2", None).await, 2);
+    // A signed account naming the same session does not get their instance, nor they its.
+    assert_eq!(count("b1", Some(&w.bob)).await, 1);
+    assert_eq!(count("u3", None).await, 3);
+    // The node's own callers (a coordinator's evaluation) are an account of their own.
+    let out = node.run(&m, &json!({"mode": "count"}), Vec::new(), "s1", "eval").await.unwrap();
+    assert_eq!(out[0].1.as_ref(), b"1");
+    let out = node.run(&m, &json!({"mode": "count"}), Vec::new(), "s1", "eval-2").await.unwrap();
+    assert_eq!(out[0].1.as_ref(), b"2");
 }

@@ -132,6 +132,16 @@ pub trait TaskContext: Send + Sync {
     async fn results_select(&self, key: &str) -> Result<Vec<(String, Bytes)>, ContextError>;
     /// Writes a log line attributed to the task.
     fn log(&self, level: LogLevel, message: &str);
+    /// Who the task runs for, as far as sharing an instance goes: runs whose contexts give
+    /// equal scopes (and the same node and datasets) may share an instance of a module
+    /// that allows it (`reuse: session` in its manifest). `None` (the default): this
+    /// task's runs share nothing. A node gives the task's session and the account that
+    /// signed it, so two accounts never share an instance (it counts every unsigned task
+    /// as one account, `unsigned`: a node that takes them already gives any unsigned sender
+    /// the session's world state and all its datasets).
+    fn reuse_scope(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// Runs modules of one runtime kind.

@@ -19,6 +19,11 @@
 //! [`RuntimeError::TimeLimit`] or [`RuntimeError::MemoryLimit`]; its store is thrown away
 //! and the runtime carries on with the next run.
 //!
+//! Instances: a run gets a fresh instance, unless its module allows reuse (`reuse:
+//! session`) and an instance an earlier run with the same reuse scope (for a node: the
+//! same session and account), node and dataset files left idle is at hand (see [`warm`]);
+//! an actor's replica ([`WasmInstance`]) keeps one instance for its life.
+//!
 //! This is the only crate that knows wasmtime.
 
 use std::collections::HashMap;
@@ -28,12 +33,17 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tessera_core::{Digest, RuntimeKind};
+use tessera_core::{Digest, Reuse, RuntimeKind};
 use tessera_ports::{Invocation, LogLevel, ModuleImage, Outputs, Runtime, RuntimeError, TaskContext};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+mod pipe;
+pub mod warm;
+
+use pipe::RunPipe;
+use warm::{Live, Pipes, WarmKey, WarmPool};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -50,7 +60,9 @@ pub const TICK: Duration = Duration::from_millis(10);
 /// Limits for each run.
 #[derive(Clone, Debug)]
 pub struct WasmLimits {
-    /// Linear memory a run may hold, in bytes.
+    /// Linear memory a run may hold, in bytes. An instance reused between runs
+    /// (`reuse: session`) keeps what earlier runs grew, so one holding more than half of
+    /// this is not reused.
     pub max_memory: u64,
     /// Wall time a run may take.
     pub max_time: Duration,
@@ -100,6 +112,8 @@ struct Inner {
     /// `/datasets` views by the files they link, and when each was made: read-only, so
     /// runs share them for [`VIEW_TTL`].
     views: Mutex<HashMap<Vec<DatasetKey>, View>>,
+    /// Instances idle between runs of modules that allow reuse.
+    warm: Arc<Mutex<WarmPool>>,
     _ticker: Ticker,
 }
 
@@ -145,14 +159,32 @@ impl WasmRuntime {
         let stop = Arc::new(AtomicBool::new(false));
         let weak = engine.weak();
         let flag = stop.clone();
+        let warm = Arc::new(Mutex::new(WarmPool::default()));
+        let pool = Arc::downgrade(&warm);
         std::thread::Builder::new()
             .name("wasm-epoch".into())
             .spawn(move || {
+                let mut ticks = 0u32;
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(TICK);
                     match weak.upgrade() {
                         Some(e) => e.increment_epoch(),
                         None => break,
+                    }
+                    ticks = ticks.wrapping_add(1);
+                    // About once a second: let go of instances idle too long, on a thread
+                    // of their own (dropping a store unmaps its memory and removes its
+                    // scratch folder: never a delay to the ticks every time limit needs).
+                    if ticks.is_multiple_of(100)
+                        && let Some(pool) = pool.upgrade()
+                    {
+                        let gone = pool.lock().unwrap_or_else(|p| p.into_inner()).expire();
+                        if !gone.is_empty()
+                            && let Err(e) =
+                                std::thread::Builder::new().name("wasm-expire".into()).spawn(move || drop(gone))
+                        {
+                            tracing::warn!("cannot start a thread to drop idle instances: {e}");
+                        }
                     }
                 }
             })
@@ -166,6 +198,7 @@ impl WasmRuntime {
                 limits,
                 scratch_root: std::env::temp_dir(),
                 views: Mutex::new(HashMap::new()),
+                warm,
                 _ticker: Ticker { stop },
             }),
         })
@@ -219,11 +252,9 @@ impl WasmRuntime {
             .map_err(|e| RuntimeError::Load(format!("the component does not export the tessera:module world: {e:#}")))
     }
 
-    /// A folder holding a hard link to each dataset file the task of `ctx` may read,
-    /// named by the dataset: what a run sees at `/datasets`. A dataset whose file cannot be
-    /// linked (another file system) is left out, and the task's log says so. Runs reading
-    /// the same files share one view (it is mounted read-only).
-    fn dataset_view(&self, ctx: &Arc<dyn TaskContext>) -> Result<Arc<tempfile::TempDir>, RuntimeError> {
+    /// The dataset files the task of `ctx` may read, by name, each with its file's identity
+    /// and modification: what its `/datasets` view links.
+    fn dataset_keys(ctx: &Arc<dyn TaskContext>) -> Vec<DatasetKey> {
         let mut key: Vec<DatasetKey> = Vec::new();
         for name in ctx.datasets() {
             let Some(file) = ctx.dataset_file(&name) else { continue };
@@ -237,6 +268,19 @@ impl WasmRuntime {
             });
             key.push(DatasetKey { name, file, stamp });
         }
+        key
+    }
+
+    /// A folder holding a hard link to each dataset file in `key` (the task's, from
+    /// [`Self::dataset_keys`]), named by the dataset: what a run sees at `/datasets`. A
+    /// dataset whose file cannot be linked (another file system) is left out, and the
+    /// task's log says so. Runs reading the same files share one view (it is mounted
+    /// read-only).
+    fn dataset_view(
+        &self,
+        ctx: &Arc<dyn TaskContext>,
+        key: Vec<DatasetKey>,
+    ) -> Result<Arc<tempfile::TempDir>, RuntimeError> {
         if let Some((made, view)) = self.inner.views.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
             && made.elapsed() < VIEW_TTL
         {
@@ -273,20 +317,23 @@ impl WasmRuntime {
     }
 
     /// A fresh store for one run, or for the lifetime of an instance, with its task's
-    /// datasets at `/datasets` and, when `scratch`, a scratch folder of its own at
-    /// `/scratch`.
+    /// datasets (`datasets`, from [`Self::dataset_keys`]) at `/datasets` and, when
+    /// `scratch`, a scratch folder of its own at `/scratch`. Standard output is kept when
+    /// `stdout` (a run's log), else dropped.
     fn store(
         &self,
         ctx: &Arc<dyn TaskContext>,
         rt: tokio::runtime::Handle,
-        stdout: Option<&MemoryOutputPipe>,
+        datasets: Vec<DatasetKey>,
+        stdout: bool,
         scratch: bool,
-    ) -> Result<(Store<Host>, MemoryOutputPipe), RuntimeError> {
-        let stderr = MemoryOutputPipe::new(1 << 20);
-        // A new folder for every run: a reused one would carry its birth time and the
+    ) -> Result<(Store<Host>, Pipes), RuntimeError> {
+        let pipes = Pipes { stdout: stdout.then(|| RunPipe::new(1 << 20)), stderr: RunPipe::new(1 << 20) };
+        // A new folder for every instance: a reused one would carry its birth time and the
         // time it was given back from one task to the next, a channel between tenants.
-        // Made only for modules that declare disk space: making and removing it is a
-        // large part of what a small run costs.
+        // (An instance reused between the tasks of one session keeps its folder: they are
+        // one tenant's.) Made only for modules that declare disk space: making and
+        // removing it is a large part of what a small run costs.
         let scratch = scratch
             .then(|| {
                 tempfile::Builder::new()
@@ -295,9 +342,9 @@ impl WasmRuntime {
                     .map_err(|e| RuntimeError::Load(format!("cannot make a scratch folder: {e}")))
             })
             .transpose()?;
-        let view = self.dataset_view(ctx)?;
+        let view = self.dataset_view(ctx, datasets)?;
         let mut builder = WasiCtx::builder();
-        match stdout {
+        match &pipes.stdout {
             Some(out) => builder.stdout(out.clone()),
             None => builder.stdout(wasmtime_wasi::p2::pipe::SinkOutputStream),
         };
@@ -311,7 +358,7 @@ impl WasmRuntime {
             .map_err(|e| RuntimeError::Load(format!("cannot open the datasets folder: {e:#}")))?;
         // Refused anyway by the default address check; said outright.
         builder.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
-        let wasi = builder.stderr(stderr.clone()).build();
+        let wasi = builder.stderr(pipes.stderr.clone()).build();
         let host = Host {
             _scratch: (scratch, view),
             wasi,
@@ -326,18 +373,55 @@ impl WasmRuntime {
         // the output limit, plus room for names and framing.
         let fuel = self.inner.limits.max_output_bytes.saturating_add(1 << 20);
         store.set_hostcall_fuel(usize::try_from(fuel).unwrap_or(usize::MAX));
-        Ok((store, stderr))
+        Ok((store, pipes))
     }
 
-    /// One call of `run` on an instantiated module, with the time limit armed.
+    /// A new instance of `pre` in a new store (see [`Self::store`]), its start-up under
+    /// the time limit.
+    #[allow(clippy::too_many_arguments)]
+    fn instantiate(
+        &self,
+        pre: &bindings::ModulePre<Host>,
+        ctx: &Arc<dyn TaskContext>,
+        rt: tokio::runtime::Handle,
+        datasets: Vec<DatasetKey>,
+        stdout: bool,
+        scratch: bool,
+        abandoned: &Arc<AtomicBool>,
+    ) -> Result<Live, RuntimeError> {
+        let (mut store, pipes) = self.store(ctx, rt, datasets, stdout, scratch)?;
+        let limit = self.inner.limits.max_time;
+        arm(&mut store, ticks_of(limit), abandoned.clone());
+        match pre.instantiate(&mut store) {
+            Ok(module) => Ok(Live { store, module, pipes }),
+            Err(e) => Err(self
+                .outcome(&store, &pipes, Err(e), limit)
+                .err()
+                .unwrap_or_else(|| RuntimeError::Trap("instantiation failed".into()))),
+        }
+    }
+
+    /// One call of `run` on an instantiated module, with the time limit armed, for the
+    /// task of `ctx`. Also says whether the instance may take another call: only when the
+    /// call returned (a trap, a time or memory limit, or a host call refused midway
+    /// leaves its state unknown).
     fn invoke(
         &self,
-        store: &mut Store<Host>,
-        module: &bindings::Module,
-        stderr: &MemoryOutputPipe,
+        live: &mut Live,
+        ctx: &Arc<dyn TaskContext>,
+        rt: tokio::runtime::Handle,
         invocation: Invocation,
         abandoned: &Arc<AtomicBool>,
-    ) -> Result<Outputs, RuntimeError> {
+    ) -> (Result<Outputs, RuntimeError>, bool) {
+        let Live { store, module, pipes } = live;
+        // What an earlier call left in the pipes is not this call's.
+        if let Some(out) = &pipes.stdout {
+            out.take();
+        }
+        pipes.stderr.take();
+        let host = store.data_mut();
+        host.ctx = ctx.clone();
+        host.rt = rt;
         let limits = &self.inner.limits;
         let limit = invocation.timeout.map_or(limits.max_time, |t| t.min(limits.max_time));
         arm(store, ticks_of(limit), abandoned.clone());
@@ -345,13 +429,22 @@ impl WasmRuntime {
         let inputs: Vec<bindings::Blob> =
             invocation.inputs.into_iter().map(|(name, data)| bindings::Blob { name, data: data.to_vec() }).collect();
         let result = module.call_run(&mut *store, &config, &inputs);
-        self.outcome(store, stderr, result, limit)
+        let returned = result.is_ok();
+        let outcome = self.outcome(store, pipes, result, limit);
+        if let Some(out) = &pipes.stdout {
+            let out = out.take();
+            let out = String::from_utf8_lossy(&out);
+            if !out.trim().is_empty() {
+                ctx.log(LogLevel::Info, out.trim_end());
+            }
+        }
+        (outcome, returned)
     }
 
     fn outcome(
         &self,
         store: &Store<Host>,
-        stderr: &MemoryOutputPipe,
+        pipes: &Pipes,
         result: wasmtime::Result<Result<Vec<bindings::Blob>, String>>,
         time_limit: Duration,
     ) -> Result<Outputs, RuntimeError> {
@@ -379,7 +472,7 @@ impl WasmRuntime {
                 if format!("{err:#}").contains("fuel allocated for hostcalls has been exhausted") {
                     return Err(RuntimeError::OutputLimit { limit_bytes: limits.max_output_bytes });
                 }
-                let stderr = String::from_utf8_lossy(&stderr.contents()).into_owned();
+                let stderr = String::from_utf8_lossy(&pipes.stderr.contents()).into_owned();
                 let tail: String =
                     stderr.trim().chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
                 let mut msg = format!("{err}");
@@ -394,37 +487,60 @@ impl WasmRuntime {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// One run of `module` for the task of `ctx`: in an idle instance an earlier run of
+    /// the same session left when the module allows reuse and one is at hand, else in a
+    /// new one. An instance whose call returned is kept idle for the next run of such a
+    /// module, and dropped otherwise.
     fn run_blocking(
         &self,
-        pre: &bindings::ModulePre<Host>,
-        scratch: bool,
+        module: &ModuleImage,
         invocation: Invocation,
         ctx: &Arc<dyn TaskContext>,
         rt: tokio::runtime::Handle,
         abandoned: &Arc<AtomicBool>,
     ) -> Result<Outputs, RuntimeError> {
-        let stdout = MemoryOutputPipe::new(1 << 20);
-        let (mut store, stderr) = self.store(ctx, rt, Some(&stdout), scratch)?;
-        arm(&mut store, ticks_of(self.inner.limits.max_time), abandoned.clone());
-        let result = match pre.instantiate(&mut store) {
-            Ok(module) => self.invoke(&mut store, &module, &stderr, invocation, abandoned),
-            Err(e) => self.outcome(&store, &stderr, Err(e), self.inner.limits.max_time),
+        let pre = self.prepare(module)?;
+        let datasets = Self::dataset_keys(ctx);
+        let key = match (module.manifest.reuse, ctx.reuse_scope()) {
+            (Reuse::Session, Some(scope)) => Some(WarmKey {
+                module: module.digest,
+                node: ctx.node().to_owned(),
+                scope: scope.to_owned(),
+                datasets: datasets.clone(),
+                scratch: wants_scratch(module),
+            }),
+            _ => None,
         };
-        self.finish(result, &stdout, ctx)
-    }
-
-    fn finish(
-        &self,
-        result: Result<Outputs, RuntimeError>,
-        stdout: &MemoryOutputPipe,
-        ctx: &Arc<dyn TaskContext>,
-    ) -> Result<Outputs, RuntimeError> {
-        let out = String::from_utf8_lossy(&stdout.contents()).into_owned();
-        if !out.trim().is_empty() {
-            ctx.log(LogLevel::Info, out.trim_end());
+        let idle = key.as_ref().and_then(|k| self.inner.warm.lock().unwrap_or_else(|p| p.into_inner()).take(k));
+        let mut live = match idle {
+            Some(live) => live,
+            None => self.instantiate(&pre, ctx, rt.clone(), datasets, true, wants_scratch(module), abandoned)?,
+        };
+        let (result, intact) = self.invoke(&mut live, ctx, rt, invocation, abandoned);
+        // Linear memory never shrinks, and the memory limit counts what every run of an
+        // instance grew: one that holds more than half the limit is not kept, so a later
+        // run is never refused memory a fresh instance would have had.
+        let roomy = live.store.data().limiter.total <= self.inner.limits.max_memory / 2;
+        if let Some(key) = key
+            && intact
+            && roomy
+        {
+            // Idle, it holds nothing of the task it ran: no log, no world state.
+            live.store.data_mut().ctx = Arc::new(Parked);
+            let gone = self.inner.warm.lock().unwrap_or_else(|p| p.into_inner()).put(key, live);
+            drop(gone);
         }
         result
+    }
+
+    /// How many instances are idle, kept for later runs of modules that allow reuse.
+    pub fn idle_instances(&self) -> usize {
+        self.inner.warm.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Linear memory the idle instances hold, in bytes.
+    pub fn idle_memory(&self) -> u64 {
+        self.inner.warm.lock().unwrap_or_else(|p| p.into_inner()).bytes()
     }
 
     /// Checks that bytes are a loadable Tessera module component, without running it.
@@ -437,39 +553,37 @@ impl WasmRuntime {
 /// replica. A call that traps or breaks a limit poisons it; the actor starts a new one.
 pub struct WasmInstance {
     runtime: WasmRuntime,
-    state: Option<(Store<Host>, bindings::Module, MemoryOutputPipe)>,
+    ctx: Arc<dyn TaskContext>,
+    live: Option<Live>,
 }
 
 #[async_trait]
 impl tessera_ports::Instance for WasmInstance {
     async fn call(&mut self, invocation: Invocation) -> Result<Outputs, RuntimeError> {
-        let (mut store, module, stderr) = self
-            .state
+        let mut live = self
+            .live
             .take()
             .ok_or_else(|| RuntimeError::Trap("the instance stopped after an earlier failure".into()))?;
         let runtime = self.runtime.clone();
+        let ctx = self.ctx.clone();
+        let rt = tokio::runtime::Handle::current();
         // A caller that goes away (a cancelled call, a dropped request) stops the run within
         // a tenth of a second instead of leaving it to burn its time limit.
         let guard = Abandon::default();
         let abandoned = guard.0.clone();
         let (result, back) = tokio::task::spawn_blocking(move || {
-            let result = runtime.invoke(&mut store, &module, &stderr, invocation, &abandoned);
-            // A trap leaves the instance in an unknown state: drop it.
-            let keep = !matches!(
-                result,
-                Err(RuntimeError::Trap(_) | RuntimeError::TimeLimit { .. } | RuntimeError::MemoryLimit { .. })
-            );
-            (result, keep.then_some((store, module, stderr)))
+            let (result, intact) = runtime.invoke(&mut live, &ctx, rt, invocation, &abandoned);
+            (result, intact.then_some(live))
         })
         .await
         .map_err(|e| RuntimeError::Trap(format!("the call's thread failed: {e}")))?;
         drop(guard);
-        self.state = back;
+        self.live = back;
         result
     }
 
     fn healthy(&self) -> bool {
-        self.state.is_some()
+        self.live.is_some()
     }
 }
 
@@ -490,12 +604,9 @@ impl Runtime for WasmRuntime {
         let rt = tokio::runtime::Handle::current();
         let guard = Abandon::default();
         let abandoned = guard.0.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let pre = this.prepare(&module)?;
-            this.run_blocking(&pre, wants_scratch(&module), invocation, &ctx, rt, &abandoned)
-        })
-        .await
-        .map_err(|e| RuntimeError::Trap(format!("the run's thread failed: {e}")))?;
+        let result = tokio::task::spawn_blocking(move || this.run_blocking(&module, invocation, &ctx, rt, &abandoned))
+            .await
+            .map_err(|e| RuntimeError::Trap(format!("the run's thread failed: {e}")))?;
         drop(guard);
         result
     }
@@ -508,21 +619,15 @@ impl Runtime for WasmRuntime {
         let this = self.clone();
         let module = module.clone();
         let rt = tokio::runtime::Handle::current();
-        let state = tokio::task::spawn_blocking(move || {
+        let context = ctx.clone();
+        let live = tokio::task::spawn_blocking(move || {
             let pre = this.prepare(&module)?;
-            let (mut store, stderr) = this.store(&ctx, rt, None, wants_scratch(&module))?;
-            arm(&mut store, ticks_of(this.inner.limits.max_time), Arc::default());
-            match pre.instantiate(&mut store) {
-                Ok(m) => Ok((store, m, stderr)),
-                Err(e) => Err(this
-                    .outcome(&store, &stderr, Err(e), this.inner.limits.max_time)
-                    .err()
-                    .unwrap_or_else(|| RuntimeError::Trap("instantiation failed".into()))),
-            }
+            let datasets = Self::dataset_keys(&context);
+            this.instantiate(&pre, &context, rt, datasets, false, wants_scratch(&module), &Arc::default())
         })
         .await
         .map_err(|e| RuntimeError::Trap(format!("the start's thread failed: {e}")))??;
-        Ok(Some(Box::new(WasmInstance { runtime: self.clone(), state: Some(state) })))
+        Ok(Some(Box::new(WasmInstance { runtime: self.clone(), ctx, live: Some(live) })))
     }
 }
 
@@ -661,6 +766,46 @@ impl world_state::Host for Host {
             })
             .map_err(|e| e.to_string())
     }
+}
+
+/// The context an idle instance holds between runs: it serves nothing (no instance runs
+/// while idle), and holds nothing of the last task's.
+struct Parked;
+
+#[async_trait]
+impl TaskContext for Parked {
+    fn node(&self) -> &str {
+        ""
+    }
+    fn datasets(&self) -> Vec<String> {
+        Vec::new()
+    }
+    async fn dataset_size(&self, name: &str) -> Result<u64, tessera_ports::ContextError> {
+        Err(parked(name))
+    }
+    async fn dataset_read(&self, name: &str, _: u64, _: u32) -> Result<Bytes, tessera_ports::ContextError> {
+        Err(parked(name))
+    }
+    fn resources(&self) -> tessera_core::wire::Resources {
+        tessera_core::wire::Resources::default()
+    }
+    async fn globals_get(&self, key: &str) -> Result<Option<Bytes>, tessera_ports::ContextError> {
+        Err(parked(key))
+    }
+    async fn globals_set(&self, key: &str, _: Bytes) -> Result<(), tessera_ports::ContextError> {
+        Err(parked(key))
+    }
+    async fn results_add(&self, key: &str, _: Bytes) -> Result<(), tessera_ports::ContextError> {
+        Err(parked(key))
+    }
+    async fn results_select(&self, key: &str) -> Result<Vec<(String, Bytes)>, tessera_ports::ContextError> {
+        Err(parked(key))
+    }
+    fn log(&self, _: LogLevel, _: &str) {}
+}
+
+fn parked(what: &str) -> tessera_ports::ContextError {
+    tessera_ports::ContextError(format!("{what}: the instance is idle and serves no task"))
 }
 
 impl wlog::Host for Host {

@@ -22,13 +22,36 @@ struct Ctx {
     files: BTreeMap<String, std::path::PathBuf>,
     world: MemoryWorld,
     logs: Mutex<Vec<String>>,
+    node: String,
+    /// The reuse scope it gives (`None`: its runs share nothing).
+    scope: Option<String>,
 }
 
 impl Ctx {
     fn new() -> Arc<Self> {
         let mut datasets = BTreeMap::new();
         datasets.insert("digits".to_string(), Bytes::from_static(b"0123456789"));
-        Arc::new(Ctx { datasets, files: BTreeMap::new(), world: MemoryWorld::new(), logs: Mutex::new(Vec::new()) })
+        Arc::new(Ctx {
+            datasets,
+            files: BTreeMap::new(),
+            world: MemoryWorld::new(),
+            logs: Mutex::new(Vec::new()),
+            node: "node-t".into(),
+            scope: None,
+        })
+    }
+
+    /// A context of `node` whose runs give the reuse scope `scope`, with the `digits`
+    /// dataset backed by `file` when given.
+    fn scoped(node: &str, scope: Option<&str>, file: Option<&std::path::Path>) -> Arc<Self> {
+        let base = match file {
+            Some(f) => Ctx::with_file(f),
+            None => Ctx::new(),
+        };
+        let mut ctx = Arc::into_inner(base).unwrap();
+        ctx.node = node.into();
+        ctx.scope = scope.map(str::to_owned);
+        Arc::new(ctx)
     }
 
     /// The `digits` dataset backed by `file`.
@@ -36,14 +59,24 @@ impl Ctx {
         let mut datasets = BTreeMap::new();
         datasets.insert("digits".to_string(), Bytes::from(std::fs::read(file).unwrap()));
         let files = [("digits".to_string(), file.to_owned())].into();
-        Arc::new(Ctx { datasets, files, world: MemoryWorld::new(), logs: Mutex::new(Vec::new()) })
+        Arc::new(Ctx {
+            datasets,
+            files,
+            world: MemoryWorld::new(),
+            logs: Mutex::new(Vec::new()),
+            node: "node-t".into(),
+            scope: None,
+        })
     }
 }
 
 #[async_trait]
 impl TaskContext for Ctx {
     fn node(&self) -> &str {
-        "node-t"
+        &self.node
+    }
+    fn reuse_scope(&self) -> Option<&str> {
+        self.scope.as_deref()
     }
     fn datasets(&self) -> Vec<String> {
         self.datasets.keys().cloned().collect()
@@ -365,4 +398,153 @@ async fn datasets_are_mounted_read_only() {
     drop(rt);
     let left: Vec<_> = std::fs::read_dir(data.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, vec![std::ffi::OsString::from("digits.csv")]);
+}
+
+/// The counter a `count` run of the test programs reads after adding one: 1 in a fresh
+/// instance.
+async fn count(rt: &WasmRuntime, img: &ModuleImage, ctx: &Arc<Ctx>) -> u64 {
+    let out = rt.run(img, call(json!({"mode": "count"})), ctx.clone()).await.expect("count runs");
+    std::str::from_utf8(&out[0].1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_is_reused_only_by_runs_of_its_module_node_scope_and_datasets() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let reused = image_with(dir.path(), tessera_modules::TEST_PROGRAMS_WASM, "reuse: session\n");
+    let alice = Ctx::scoped("node-a", Some("s1 alice"), None);
+    assert_eq!(count(&rt, &reused, &alice).await, 1);
+    assert_eq!(count(&rt, &reused, &alice).await, 2, "the same scope runs in the instance it left");
+    assert_eq!(count(&rt, &reused, &Ctx::scoped("node-a", Some("s1 alice"), None)).await, 3, "a new task, same scope");
+    assert_eq!(rt.idle_instances(), 1);
+    // Another account, another session, another node: an instance of its own each.
+    assert_eq!(count(&rt, &reused, &Ctx::scoped("node-a", Some("s1 bob"), None)).await, 1);
+    assert_eq!(count(&rt, &reused, &Ctx::scoped("node-a", Some("s2 alice"), None)).await, 1);
+    assert_eq!(count(&rt, &reused, &Ctx::scoped("node-b", Some("s1 alice"), None)).await, 1);
+    // Other datasets (here: the same name backed by another file): not shared either.
+    let file = dir.path().join("digits.bin");
+    std::fs::write(&file, b"other rows").unwrap();
+    assert_eq!(count(&rt, &reused, &Ctx::scoped("node-a", Some("s1 alice"), Some(&file))).await, 1);
+    // No scope: nothing shared, even for a module that allows it.
+    let unscoped = Ctx::scoped("node-a", None, None);
+    assert_eq!(count(&rt, &reused, &unscoped).await, 1);
+    assert_eq!(count(&rt, &reused, &unscoped).await, 1);
+    // A module that does not allow reuse gets a fresh instance every run.
+    let dir2 = tempfile::tempdir().unwrap();
+    let fresh = image(dir2.path(), tessera_modules::TEST_PROGRAMS_WASM);
+    assert_eq!(count(&rt, &fresh, &alice).await, 1);
+    assert_eq!(count(&rt, &fresh, &alice).await, 1);
+    assert_eq!(count(&rt, &reused, &alice).await, 4, "the first instance is still there");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_instance_that_traps_or_breaks_a_limit_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let img = image_with(dir.path(), tessera_modules::TEST_PROGRAMS_WASM, "reuse: session\n");
+    let ctx = Ctx::scoped("node-a", Some("s1 alice"), None);
+    assert_eq!(count(&rt, &img, &ctx).await, 1);
+    // A module's own error returns normally: its instance goes on.
+    let e = rt.run(&img, call(json!({"mode": "fail"})), ctx.clone()).await.unwrap_err();
+    assert!(matches!(e, RuntimeError::Module(_)), "{e:?}");
+    assert_eq!(count(&rt, &img, &ctx).await, 2);
+    // A trap leaves the instance in an unknown state: the next run gets a new one.
+    let e = rt.run(&img, call(json!({"mode": "panic"})), ctx.clone()).await.unwrap_err();
+    assert!(matches!(e, RuntimeError::Trap(_)), "{e:?}");
+    assert_eq!(count(&rt, &img, &ctx).await, 1);
+    let e = rt.run(&img, call(json!({"mode": "spin"})), ctx.clone()).await.unwrap_err();
+    assert!(matches!(e, RuntimeError::TimeLimit { .. }), "{e:?}");
+    assert_eq!(count(&rt, &img, &ctx).await, 1);
+    let e = rt.run(&img, call(json!({"mode": "alloc", "bytes": 4u64 << 30})), ctx.clone()).await.unwrap_err();
+    assert!(matches!(e, RuntimeError::MemoryLimit { .. }), "{e:?}");
+    assert_eq!(count(&rt, &img, &ctx).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_run_of_a_reused_instance_has_its_own_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let img = image_with(dir.path(), tessera_modules::TEST_PROGRAMS_WASM, "reuse: session\n");
+    let ctx = Ctx::scoped("node-a", Some("s1 alice"), None);
+    // Three quarters of the 1 MiB a run may print, three times: each run has the whole
+    // allowance, and its log holds its own lines only.
+    for run in 1..=3 {
+        let out = rt.run(&img, call(json!({"mode": "print", "bytes": 12 * 65536})), ctx.clone()).await;
+        assert!(out.is_ok(), "run {run}: {out:?}");
+        let logs = ctx.logs.lock().unwrap();
+        assert_eq!(logs.len(), run);
+        assert_eq!(logs[run - 1].len(), 12 * 65536 - 1, "run {run} logged its own output once");
+    }
+    assert_eq!(rt.idle_instances(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_instances_are_bounded_in_number_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let img = image_with(dir.path(), tessera_modules::TEST_PROGRAMS_WASM, "reuse: session\n");
+    for s in 0..tessera_wasm::warm::WARM_INSTANCES + 5 {
+        let ctx = Ctx::scoped("node-a", Some(&format!("s{s} alice")), None);
+        assert_eq!(count(&rt, &img, &ctx).await, 1);
+    }
+    assert_eq!(rt.idle_instances(), tessera_wasm::warm::WARM_INSTANCES);
+    // The oldest went first: the newest scope still has its instance.
+    let newest = Ctx::scoped("node-a", Some(&format!("s{} alice", tessera_wasm::warm::WARM_INSTANCES + 4)), None);
+    assert_eq!(count(&rt, &img, &newest).await, 2);
+    let oldest = Ctx::scoped("node-a", Some("s0 alice"), None);
+    assert_eq!(count(&rt, &img, &oldest).await, 1);
+    // Instances holding 64 MiB and more each (under half the runtime's 256 MiB limit): no
+    // more than fit in WARM_BYTES stay idle, the oldest let go first.
+    let before = rt.idle_memory();
+    let big = tessera_wasm::warm::WARM_BYTES / (64 << 20);
+    let mut one = 0;
+    for s in 0..big + 2 {
+        let ctx = Ctx::scoped("node-b", Some(&format!("s{s} alice")), None);
+        assert_eq!(count(&rt, &img, &ctx).await, 1);
+        rt.run(&img, call(json!({"mode": "alloc", "bytes": 64u64 << 20})), ctx).await.expect("64 MiB fits");
+        if s == 0 {
+            one = rt.idle_memory() - before;
+            assert!(one >= 64 << 20, "the instance holds what it grew: {one}");
+        }
+        assert!(rt.idle_memory() <= tessera_wasm::warm::WARM_BYTES, "{} bytes idle", rt.idle_memory());
+    }
+    assert!(rt.idle_memory() + one > tessera_wasm::warm::WARM_BYTES, "the pool is full to within one instance");
+    let last_big = Ctx::scoped("node-b", Some(&format!("s{} alice", big + 1)), None);
+    assert_eq!(count(&rt, &img, &last_big).await, 2, "the newest large instance is kept");
+    let first_big = Ctx::scoped("node-b", Some("s0 alice"), None);
+    assert_eq!(count(&rt, &img, &first_big).await, 1, "the oldest large instance was let go");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_holding_more_than_half_the_memory_limit_is_not_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let img = image_with(dir.path(), tessera_modules::TEST_PROGRAMS_WASM, "reuse: session\n");
+    let ctx = Ctx::scoped("node-a", Some("s1 alice"), None);
+    assert_eq!(count(&rt, &img, &ctx).await, 1);
+    // 128 MiB and the module's own heap: past half of the 256 MiB limit. Kept, the next run
+    // could grow only what the earlier ones left it.
+    rt.run(&img, call(json!({"mode": "alloc", "bytes": 128u64 << 20})), ctx.clone()).await.expect("128 MiB fits");
+    assert_eq!(rt.idle_instances(), 0);
+    assert_eq!(count(&rt, &img, &ctx).await, 1, "a fresh instance");
+    let out = rt.run(&img, call(json!({"mode": "alloc", "bytes": 192u64 << 20})), ctx.clone()).await;
+    assert!(out.is_ok(), "a fresh instance has the whole limit: {out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dataset_file_replaced_at_its_path_gets_a_new_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let img = image_with(dir.path(), tessera_modules::TEST_PROGRAMS_WASM, "reuse: session\n");
+    let file = dir.path().join("digits.bin");
+    std::fs::write(&file, b"first rows").unwrap();
+    let ctx = Ctx::scoped("node-a", Some("s1 alice"), Some(&file));
+    assert_eq!(count(&rt, &img, &ctx).await, 1);
+    assert_eq!(count(&rt, &img, &ctx).await, 2);
+    // Replaced the way data is published (a new file renamed over the old): an instance
+    // that read the old rows must not serve the new ones.
+    let next = dir.path().join("digits.next");
+    std::fs::write(&next, b"other rows").unwrap();
+    std::fs::rename(&next, &file).unwrap();
+    assert_eq!(count(&rt, &img, &ctx).await, 1);
 }
