@@ -487,10 +487,11 @@ impl WasmRuntime {
         }
     }
 
-    /// One run of `module` for the task of `ctx`: in an idle instance an earlier run of
-    /// the same session left when the module allows reuse and one is at hand, else in a
-    /// new one. An instance whose call returned is kept idle for the next run of such a
-    /// module, and dropped otherwise.
+    /// One run of `module` for the task of `ctx`: when the module allows reuse, in an idle
+    /// instance an earlier run with the same key ([`WarmKey`]: module, node, reuse scope,
+    /// dataset files, `/scratch`) left, if one is at hand; else in a new one. An instance
+    /// whose call returned is kept idle for the next run with its key (see [`warm`]), and
+    /// dropped otherwise.
     fn run_blocking(
         &self,
         module: &ModuleImage,
@@ -518,8 +519,8 @@ impl WasmRuntime {
         };
         let (result, intact) = self.invoke(&mut live, ctx, rt, invocation, abandoned);
         // Linear memory never shrinks, and the memory limit counts what every run of an
-        // instance grew: one that holds more than half the limit is not kept, so a later
-        // run is never refused memory a fresh instance would have had.
+        // instance grew: one that holds more than half the limit is not kept, so a run in
+        // a reused instance always has at least half the limit left to grow.
         let roomy = live.store.data().limiter.total <= self.inner.limits.max_memory / 2;
         if let Some(key) = key
             && intact
