@@ -334,6 +334,14 @@ async fn a_replayed_signed_task_is_answered_from_the_record_even_when_marked_fre
     serving.await.unwrap().unwrap();
 }
 
+/// What the test programs' in-memory counter read after the `count` task of `r`: 1 in a new
+/// instance.
+async fn counted(w: &World, r: &TaskReply) -> u64 {
+    let TaskOutcome::Ok { outputs, .. } = &r.outcome else { panic!("{r:?}") };
+    let n = tessera_ports::BlobStore::get(w.backend.blobs.as_ref(), &outputs[0].digest).await.unwrap().unwrap();
+    std::str::from_utf8(&n).unwrap().parse().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_reused_between_tasks_serves_one_account_in_one_session() {
     let w = World::new();
@@ -344,10 +352,7 @@ async fn an_instance_reused_between_tasks_serves_one_account_in_one_session() {
     let count = async |id: &str, session: &str, by: &KeyPair| -> u64 {
         let mut t = task(id, m, json!({"mode": "count"}));
         t.session = session.into();
-        let r = node.execute(&signed(t, by, &node, &w.node_key)).await;
-        let TaskOutcome::Ok { outputs, .. } = &r.outcome else { panic!("{r:?}") };
-        let n = tessera_ports::BlobStore::get(w.backend.blobs.as_ref(), &outputs[0].digest).await.unwrap().unwrap();
-        std::str::from_utf8(&n).unwrap().parse().unwrap()
+        counted(&w, &node.execute(&signed(t, by, &node, &w.node_key)).await).await
     };
     assert_eq!(count("b1", "s1", &w.bob).await, 1);
     assert_eq!(count("b2", "s1", &w.bob).await, 2, "bob's next task in s1 runs in the instance his first left");
@@ -369,10 +374,7 @@ async fn unsigned_tasks_are_one_account_and_the_node_s_own_runs_another() {
             Some(k) => signed(t, k, &node, &w.node_key),
             None => t,
         };
-        let r = node.execute(&t).await;
-        let TaskOutcome::Ok { outputs, .. } = &r.outcome else { panic!("{r:?}") };
-        let n = tessera_ports::BlobStore::get(w.backend.blobs.as_ref(), &outputs[0].digest).await.unwrap().unwrap();
-        std::str::from_utf8(&n).unwrap().parse().unwrap()
+        counted(&w, &node.execute(&t).await).await
     };
     assert_eq!(count("u1", None).await, 1);
     // Unsigned senders are one account (whoever reaches the queue: such a node already

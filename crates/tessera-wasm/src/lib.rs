@@ -500,7 +500,6 @@ impl WasmRuntime {
         rt: tokio::runtime::Handle,
         abandoned: &Arc<AtomicBool>,
     ) -> Result<Outputs, RuntimeError> {
-        let pre = self.prepare(module)?;
         let datasets = Self::dataset_keys(ctx);
         let key = match (module.manifest.reuse, ctx.reuse_scope()) {
             (Reuse::Session, Some(scope)) => Some(WarmKey {
@@ -515,7 +514,10 @@ impl WasmRuntime {
         let idle = key.as_ref().and_then(|k| self.inner.warm.lock().unwrap_or_else(|p| p.into_inner()).take(k));
         let mut live = match idle {
             Some(live) => live,
-            None => self.instantiate(&pre, ctx, rt.clone(), datasets, true, wants_scratch(module), abandoned)?,
+            None => {
+                let pre = self.prepare(module)?;
+                self.instantiate(&pre, ctx, rt.clone(), datasets, true, wants_scratch(module), abandoned)?
+            }
         };
         let (result, intact) = self.invoke(&mut live, ctx, rt, invocation, abandoned);
         // Linear memory never shrinks, and the memory limit counts what every run of an

@@ -400,6 +400,13 @@ async fn datasets_are_mounted_read_only() {
     assert_eq!(left, vec![std::ffi::OsString::from("digits.csv")]);
 }
 
+/// A runtime and the test programs with `reuse: session`, in a folder kept as long as it.
+fn reusable() -> (tempfile::TempDir, WasmRuntime, ModuleImage) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_with(dir.path(), tessera_modules::TEST_PROGRAMS_WASM, "reuse: session\n");
+    (dir, runtime(), img)
+}
+
 /// The counter a `count` run of the test programs reads after adding one: 1 in a fresh
 /// instance.
 async fn count(rt: &WasmRuntime, img: &ModuleImage, ctx: &Arc<Ctx>) -> u64 {
@@ -409,9 +416,7 @@ async fn count(rt: &WasmRuntime, img: &ModuleImage, ctx: &Arc<Ctx>) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_is_reused_only_by_runs_of_its_module_node_scope_and_datasets() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = runtime();
-    let reused = image_with(dir.path(), tessera_modules::TEST_PROGRAMS_WASM, "reuse: session\n");
+    let (dir, rt, reused) = reusable();
     let alice = Ctx::scoped("node-a", Some("s1 alice"), None);
     assert_eq!(count(&rt, &reused, &alice).await, 1);
     assert_eq!(count(&rt, &reused, &alice).await, 2, "the same scope runs in the instance it left");
@@ -439,9 +444,7 @@ async fn an_instance_is_reused_only_by_runs_of_its_module_node_scope_and_dataset
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_instance_that_traps_or_breaks_a_limit_is_dropped() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = runtime();
-    let img = image_with(dir.path(), tessera_modules::TEST_PROGRAMS_WASM, "reuse: session\n");
+    let (_dir, rt, img) = reusable();
     let ctx = Ctx::scoped("node-a", Some("s1 alice"), None);
     assert_eq!(count(&rt, &img, &ctx).await, 1);
     // A module's own error returns normally: its instance goes on.
@@ -462,9 +465,7 @@ async fn a_reused_instance_that_traps_or_breaks_a_limit_is_dropped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_run_of_a_reused_instance_has_its_own_output() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = runtime();
-    let img = image_with(dir.path(), tessera_modules::TEST_PROGRAMS_WASM, "reuse: session\n");
+    let (_dir, rt, img) = reusable();
     let ctx = Ctx::scoped("node-a", Some("s1 alice"), None);
     // Three quarters of the 1 MiB a run may print, three times: each run has the whole
     // allowance, and its log holds its own lines only.
@@ -480,9 +481,7 @@ async fn each_run_of_a_reused_instance_has_its_own_output() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_instances_are_bounded_in_number_and_memory() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = runtime();
-    let img = image_with(dir.path(), tessera_modules::TEST_PROGRAMS_WASM, "reuse: session\n");
+    let (_dir, rt, img) = reusable();
     for s in 0..tessera_wasm::warm::WARM_INSTANCES + 5 {
         let ctx = Ctx::scoped("node-a", Some(&format!("s{s} alice")), None);
         assert_eq!(count(&rt, &img, &ctx).await, 1);
@@ -517,9 +516,7 @@ async fn idle_instances_are_bounded_in_number_and_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_holding_more_than_half_the_memory_limit_is_not_reused() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = runtime();
-    let img = image_with(dir.path(), tessera_modules::TEST_PROGRAMS_WASM, "reuse: session\n");
+    let (_dir, rt, img) = reusable();
     let ctx = Ctx::scoped("node-a", Some("s1 alice"), None);
     assert_eq!(count(&rt, &img, &ctx).await, 1);
     // 128 MiB and the module's own heap: past half of the 256 MiB limit. Kept, the next run
@@ -533,9 +530,7 @@ async fn an_instance_holding_more_than_half_the_memory_limit_is_not_reused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dataset_file_replaced_at_its_path_gets_a_new_instance() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = runtime();
-    let img = image_with(dir.path(), tessera_modules::TEST_PROGRAMS_WASM, "reuse: session\n");
+    let (dir, rt, img) = reusable();
     let file = dir.path().join("digits.bin");
     std::fs::write(&file, b"first rows").unwrap();
     let ctx = Ctx::scoped("node-a", Some("s1 alice"), Some(&file));
