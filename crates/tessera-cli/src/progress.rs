@@ -10,6 +10,9 @@ use tessera_swarm::SwarmSpec;
 /// a terminal).
 pub struct Progress {
     bar: ProgressBar,
+    /// When the first round this process saw finish did, when the last did, and how many
+    /// finished.
+    finished: std::sync::Mutex<Option<(std::time::Instant, std::time::Instant, u32)>>,
 }
 
 impl Progress {
@@ -20,7 +23,16 @@ impl Progress {
             ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        Progress { bar }
+        Progress { bar, finished: std::sync::Mutex::new(None) }
+    }
+
+    /// The mean wall time between the ends of the rounds after the first that finished
+    /// here, in seconds: what a round costs when each starts before the one before is
+    /// recorded (its evaluation runs beside the next). `None` before two rounds finished.
+    pub fn apart(&self) -> Option<f64> {
+        let g = self.finished.lock().unwrap_or_else(|p| p.into_inner());
+        let (first, last, n) = (*g)?;
+        (n > 1).then(|| (last - first).as_secs_f64() / f64::from(n - 1))
     }
 
     /// Removes the bar.
@@ -55,6 +67,11 @@ impl Observer for Progress {
         self.bar.set_message(format!("round {round}: training on {}", selected.join(", ")));
     }
     fn round_finished(&self, r: &RoundReport) {
+        {
+            let now = std::time::Instant::now();
+            let mut g = self.finished.lock().unwrap_or_else(|p| p.into_inner());
+            *g = Some(g.map_or((now, now, 1), |(first, _, n)| (first, now, n + 1)));
+        }
         self.bar.inc(1);
         let acc = r.eval_accuracy.map_or("-".into(), |a| format!("{a:.3}"));
         let loss = r.eval_loss.map_or("-".into(), |l| format!("{l:.4}"));
@@ -141,19 +158,23 @@ fn failures(r: &RoundReport) -> String {
     format!("; {} failed: {}", r.failures.len(), parts.join(", "))
 }
 
-/// "rounds after the first: … ms on average: … node work, … evaluation, … overhead" (the
-/// first round also fetches and compiles the module on every node, so it is left out).
-pub fn round_summary_line(reports: &[RoundReport]) -> Option<String> {
+/// "rounds after the first: … ms apart on average: … node work, … evaluation (… beside the
+/// next round), … overhead" (the first round also fetches and compiles the module on every
+/// node, so it is left out). `apart`: the mean wall time between the rounds' ends when the
+/// caller measured it ([`Progress::apart`]); otherwise the rounds' mean `seconds`.
+pub fn round_summary_line(reports: &[RoundReport], apart: Option<f64>) -> Option<String> {
     let steady = if reports.len() > 1 { &reports[1..] } else { reports };
     let (round, compute, eval, overhead) = tessera_core::wire::round_summary(steady)?;
     let n = steady.len() as f64;
     let mean = |f: &dyn Fn(&RoundReport) -> f64| steady.iter().map(f).sum::<f64>() / n * 1e3;
+    let beside = mean(&|r| r.timings.evaluation_beside);
     Some(format!(
-        "rounds after the first: {:.1} ms on average: {:.1} ms node work, {:.1} ms evaluation, {:.1} ms overhead \
+        "rounds after the first: {:.1} ms apart on average: {:.1} ms node work, {:.1} ms evaluation \
+         ({beside:.1} ms beside the next round), {:.1} ms overhead \
          (dispatch {:.1} ms, to the nodes and back {:.1} ms, transfer {:.1} ms, aggregation {:.1} ms)",
-        round * 1e3,
+        apart.unwrap_or(round) * 1e3,
         compute * 1e3,
-        eval * 1e3,
+        eval * 1e3 + beside,
         overhead * 1e3,
         mean(&|r| r.timings.dispatch),
         mean(&|r| (r.timings.waiting - r.compute_seconds).max(0.0)),

@@ -119,6 +119,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let session_started = Instant::now();
     let result = cluster.coordinator().run(&session, &cfg, &progress).await;
     progress.finish();
+    let apart = progress.apart();
     let result = match (result, &ui) {
         (Ok(r), _) => r,
         (Err(e), None) => return Err(e.into()),
@@ -169,7 +170,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         result.lineage.nodes.join(", "),
         worker.digest
     );
-    if let Some(line) = crate::progress::round_summary_line(&result.reports) {
+    if let Some(line) = crate::progress::round_summary_line(&result.reports, apart) {
         println!("{line}");
     }
     println!("time: session {session_secs:.2}s, total {:.2}s", started.elapsed().as_secs_f64());

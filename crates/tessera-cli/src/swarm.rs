@@ -284,7 +284,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
                         let started = Instant::now();
                         let result = c.run(&id, &cfg, &progress).await;
                         progress.finish();
-                        finish_session(result?, &cfg, &place, started).await
+                        finish_session(result?, &cfg, &place, started, progress.apart()).await
                     }
                     SwarmFile::Tasks(mut spec) => {
                         apply_task_overrides(&mut spec, &set)?;
@@ -318,7 +318,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
                     let started = Instant::now();
                     let result = c.resume(&id, &progress).await;
                     progress.finish();
-                    finish_session(result?, &state.config, &Place::Hub(client), started).await
+                    finish_session(result?, &state.config, &Place::Hub(client), started, progress.apart()).await
                 }
                 RunRecord::Swarm(state) => {
                     let progress = Progress::new(state.spec.iterations);
@@ -546,6 +546,7 @@ async fn finish_session(
     cfg: &SessionConfig,
     place: &Place,
     started: Instant,
+    apart: Option<f64>,
 ) -> anyhow::Result<()> {
     println!();
     if let Some(m) = &result.final_metrics {
@@ -568,7 +569,7 @@ async fn finish_session(
         result.lineage.strategy,
         result.lineage.nodes.join(", ")
     );
-    if let Some(line) = crate::progress::round_summary_line(&result.reports) {
+    if let Some(line) = crate::progress::round_summary_line(&result.reports, apart) {
         println!("{line}");
     }
     println!("time: {:.2}s", started.elapsed().as_secs_f64());

@@ -55,6 +55,8 @@ on_both_backends!(
     a_session_whose_coordinator_stopped_resumes_from_its_last_round,
     a_round_waits_for_a_node_whose_announcement_lapsed,
     a_stop_request_ends_a_round_waiting_for_nodes,
+    a_stopped_session_records_the_round_whose_evaluation_ran_beside,
+    a_long_session_saves_each_report_once,
     finished_rounds_leave_their_updates_and_records_behind_only_when_asked,
 );
 
@@ -82,6 +84,12 @@ async fn a_short_session_learns_digits(on: On) {
         // A node starts once its task is being placed and answers before the wait ends.
         assert!(t.dispatch + t.waiting >= r.compute_seconds, "{t:?} against {} s of work", r.compute_seconds);
         assert!(t.dispatch + t.waiting + t.transfer + t.aggregation + r.eval_seconds <= r.seconds, "{t:?} in {r:?}");
+        // Every round is recorded with its evaluation; each but the last was evaluated
+        // beside the next round, outside its own time, and the last within it.
+        assert!(r.eval_examples.is_some_and(|n| n > 0) && r.eval_loss.is_some(), "round {}", r.round);
+        let last = r.round == 10;
+        assert_eq!(t.evaluation_beside > 0.0, !last, "round {}: {t:?}", r.round);
+        assert_eq!(r.eval_seconds > 0.0, last, "round {}: {} s", r.round, r.eval_seconds);
     }
     // The model is the last round's, and decodes.
     assert_eq!(result.model_digest, result.reports[9].model);
@@ -297,6 +305,72 @@ async fn a_stop_request_ends_a_round_waiting_for_nodes(on: On) {
     // A stopped run ends cleanly with the rounds it completed.
     let result = ended.unwrap().unwrap();
     assert_eq!(result.reports.len(), 1);
+}
+
+/// Asks for its run to stop once round 2 is recorded.
+struct StopAfterRound2(tessera_coordinator::Coordinator);
+impl tessera_coordinator::Observer for StopAfterRound2 {
+    fn round_finished(&self, r: &tessera_core::wire::RoundReport) {
+        if r.round == 2 {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(self.0.request_stop("s-stop-beside")).unwrap();
+            });
+        }
+    }
+}
+
+/// Round 2 is recorded once its evaluation, run beside round 3, is done, and so after
+/// round 3 trained: a stop asked for then ends the session before round 4 with round 3
+/// recorded too, evaluation and all, and the saved state names round 3's model.
+async fn a_stopped_session_records_the_round_whose_evaluation_ran_beside(on: On) {
+    let home = tempfile::tempdir().unwrap();
+    let cluster = cluster(&on, home.path(), 3).await;
+    let mut cfg = SessionConfig::new("fl.softmax.worker");
+    cfg.rounds = 6;
+    cfg.eval_dataset = Some("digits-test".into());
+    let result =
+        cluster.coordinator().run("s-stop-beside", &cfg, &StopAfterRound2(cluster.coordinator())).await.unwrap();
+    assert_eq!(result.ending, tessera_coordinator::Ending::Stopped);
+    let rounds: Vec<u32> = result.reports.iter().map(|r| r.round).collect();
+    assert_eq!(rounds, vec![1, 2, 3]);
+    assert!(result.reports.iter().all(|r| r.eval_accuracy.is_some()), "{:?}", result.reports);
+    // Round 3 had nothing to run beside: its evaluation is within its time.
+    assert_eq!(result.reports[2].timings.evaluation_beside, 0.0);
+    assert!(result.reports[2].eval_seconds > 0.0);
+    let state = cluster.coordinator().state("s-stop-beside").await.unwrap().unwrap();
+    assert_eq!(state.completed_rounds, 3);
+    assert_eq!(state.model, result.reports[2].model);
+    assert_eq!(result.model_digest, result.reports[2].model);
+}
+
+/// A round's save writes the reports not yet in a block, not every report again: the
+/// stored state of a session past one block of rounds holds only the rounds after it, and
+/// reading it back (status, resume) gives every report.
+async fn a_long_session_saves_each_report_once(on: On) {
+    use tessera_coordinator::REPORT_BLOCK;
+    let home = tempfile::tempdir().unwrap();
+    let cluster = cluster(&on, home.path(), 2).await;
+    let mut cfg = SessionConfig::new("fl.softmax.worker");
+    let rounds = 2 * REPORT_BLOCK + 3;
+    cfg.rounds = rounds as u32;
+    cfg.eval_dataset = Some("digits-test".into());
+    let result = cluster.coordinator().run("s-long", &cfg, &Quiet).await.unwrap();
+    assert_eq!(result.reports.len(), rounds);
+    let stored = cluster.backend.world.get(&tessera_coordinator::state_key("s-long")).await.unwrap().unwrap();
+    let stored: serde_json::Value = serde_json::from_slice(&stored.value).unwrap();
+    let inline: Vec<u64> = stored["reports"].as_array().unwrap().iter().map(|r| r["round"].as_u64().unwrap()).collect();
+    assert_eq!(inline, (2 * REPORT_BLOCK as u64 + 1..=rounds as u64).collect::<Vec<_>>());
+    assert_eq!(stored["report_blocks"].as_array().unwrap().len(), 2);
+
+    let state = cluster.coordinator().state("s-long").await.unwrap().unwrap();
+    assert_eq!(state.reports, result.reports);
+    let again = cluster.coordinator().resume("s-long", &Quiet).await.unwrap();
+    assert_eq!(again.reports, result.reports);
+    assert_eq!(again.model_digest, result.model_digest);
+    // A block is the run's, kept by retention like its model.
+    for d in &state.report_blocks {
+        assert!(cluster.backend.blobs.get(d).await.unwrap().is_some(), "block {d}");
+    }
 }
 
 async fn bad_replies_never_stop_a_session(on: On) {

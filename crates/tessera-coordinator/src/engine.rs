@@ -132,6 +132,14 @@ impl Coordinator {
     /// the program's state when it completes, so a coordinator that dies between two
     /// iterations is resumed from the last one completed.
     pub(crate) async fn iterate(&self, program: &mut dyn Program) -> Result<Ending, SessionError> {
+        let ending = self.iterations(program).await;
+        // Whatever ended the loop, an iteration still finishing is recorded first.
+        let settled = program.settle(self).await;
+        let ending = ending?;
+        settled.map(|()| ending)
+    }
+
+    async fn iterations(&self, program: &mut dyn Program) -> Result<Ending, SessionError> {
         for i in program.completed() + 1..=program.limit() {
             if self.stop_requested(program.run_id()).await {
                 return Ok(Ending::Stopped);
@@ -159,6 +167,13 @@ pub(crate) trait Program: Send {
     /// The most iterations the run may have.
     fn limit(&self) -> u32;
     /// Runs iteration `i` (1-based) and saves the state after it; `true` when the run's
-    /// scheduler ends the run after it.
+    /// scheduler ends the run after it. An iteration may leave its end (a federated
+    /// round's evaluation) to run beside the next one: it is saved by then, or by
+    /// [`Program::settle`].
     async fn iteration(&mut self, c: &Coordinator, i: u32) -> Result<bool, SessionError>;
+    /// Finishes and saves an iteration whose end still runs, when the run stops for any
+    /// reason. Errors: the iteration's, or saving it.
+    async fn settle(&mut self, _c: &Coordinator) -> Result<(), SessionError> {
+        Ok(())
+    }
 }

@@ -674,7 +674,8 @@ impl Program for FedBuffRun<'_> {
             global_ref: self.bases[&version].input.clone(),
             seed_base: 0,
         };
-        let mut report = c.finish_round(&ctx, self.strategy.as_ref(), done).await?;
+        // Its stop rule may read the evaluation: the step waits for it.
+        let mut report = c.finish_round(&ctx, self.strategy.as_ref(), done).await?.settle(false).await?;
         report.staleness = got.staleness;
         let bytes = new_model.encode();
         self.bases
@@ -689,7 +690,7 @@ impl Program for FedBuffRun<'_> {
         if stop {
             self.state.ending = Some(Ending::Scheduler);
         }
-        c.commit_round(&mut self.state, report, self.observer).await?;
+        c.commit_round(&mut self.state, report, self.observer, None).await?;
         self.clock = Some(Instant::now());
         Ok(stop)
     }

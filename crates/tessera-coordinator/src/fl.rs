@@ -11,23 +11,24 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Value, json};
+use tessera_core::PackageRef;
 use tessera_core::config::deep_merge;
 use tessera_core::name::check_ident;
 use tessera_core::privacy;
-use tessera_core::registry::PackageRecord;
 use tessera_core::strategy::Strategy;
 use tessera_core::tensor::{Model, TensorLimits};
 use tessera_core::wire::{
     BlobRef, Failure, Lineage, NodeRecord, RoundReport, RoundTimings, SCHEMA_VERSION, TaskOutcome, TaskReply,
     WorkerMetrics,
 };
-use tessera_core::{Digest, PackageRef};
 use tessera_ports::read_ref;
 
 use crate::dispatch::{model_input, participant_node};
 use crate::engine::{Coordinator, Observer, Program};
+use crate::evaluation::Finished;
 use crate::fold::{Fold, Update, collect_window};
 use crate::placement::{Workers, eligible_of, module_use};
+use crate::retention::Leftovers;
 use crate::state::Ending;
 use crate::{DpSide, SessionConfig, SessionError, SessionResult, SessionState};
 
@@ -55,13 +56,25 @@ pub(crate) fn partition_config(cfg: &SessionConfig, participant: &str) -> Value 
     }
 }
 
-/// A federated session as the engine's program: one round per iteration.
+/// A federated session as the engine's program: one round per iteration. A round's
+/// coordinator evaluation runs beside the next round's training ([`Pending`]); the round
+/// is recorded (saved, its leftovers removed, the observer told) once it is done, so the
+/// saved state is always that of a whole round, evaluation included. A round without one
+/// is recorded at once.
 struct FlRun<'a> {
     state: SessionState,
     workers: &'a Workers,
     strategy: Box<dyn Strategy>,
     accountant: privacy::RdpAccountant,
     observer: &'a dyn Observer,
+    pending: Option<Pending>,
+}
+
+/// A round whose model is stored and whose evaluation still runs: what it left behind is
+/// kept apart from the next round's until it is recorded.
+struct Pending {
+    finished: Finished,
+    leftovers: Leftovers,
 }
 
 #[async_trait]
@@ -76,9 +89,25 @@ impl Program for FlRun<'_> {
         self.state.config.rounds
     }
     async fn iteration(&mut self, c: &Coordinator, round: u32) -> Result<bool, SessionError> {
-        let report = c
-            .round(&self.state, self.workers, self.strategy.as_mut(), &mut self.accountant, round, self.observer)
-            .await?;
+        // The round before is recorded once both its evaluation and this round's training
+        // are done; an error in either ends the session with the rounds recorded before.
+        let before = self.pending.take();
+        let (finished, settled) = tokio::join!(
+            c.round(&self.state, self.workers, self.strategy.as_mut(), &mut self.accountant, round, self.observer),
+            async move {
+                match before {
+                    Some(p) => Some((p.finished.settle(true).await, p.leftovers)),
+                    None => None,
+                }
+            },
+        );
+        if let Some((report, leftovers)) = settled {
+            c.commit_round(&mut self.state, report?, self.observer, Some(leftovers)).await?;
+        }
+        let finished = finished?;
+        // The next round trains from this round's model; the state saved meanwhile is still
+        // the last recorded round's (its model and strategy state are replaced only when
+        // this round is recorded, and removed only then).
         let saved = Bytes::from(self.strategy.state());
         let id = self.state.id.clone();
         if let Some(old) = self.state.strategy_state {
@@ -87,9 +116,25 @@ impl Program for FlRun<'_> {
         c.note_replaced(&id, self.state.model);
         self.state.strategy_state =
             Some(c.retry("saving the strategy's state", || c.backend.blobs.put(saved.clone())).await?);
-        c.commit_round(&mut self.state, report, self.observer).await?;
+        self.state.model = finished.model();
+        let leftovers = c.take_leftovers(&id);
+        if finished.evaluating() {
+            self.pending = Some(Pending { finished, leftovers });
+        } else {
+            // Nothing left to wait for: recorded now.
+            let report = finished.settle(false).await?;
+            c.commit_round(&mut self.state, report, self.observer, Some(leftovers)).await?;
+        }
         // The round limit is the scheduler: the engine stops at it.
         Ok(false)
+    }
+
+    async fn settle(&mut self, c: &Coordinator) -> Result<(), SessionError> {
+        if let Some(p) = self.pending.take() {
+            let report = p.finished.settle(false).await?;
+            c.commit_round(&mut self.state, report, self.observer, Some(p.leftovers)).await?;
+        }
+        Ok(())
     }
 }
 
@@ -97,12 +142,14 @@ impl Coordinator {
     /// Records a finished round (or server step) in `state` (its model, contributors and
     /// report; the round limit as the ending when reached and no other ending is set),
     /// saves the state, removes what the round left behind (unless `retain_updates`) and
-    /// tells the observer.
+    /// tells the observer. What the round left behind is `leftovers`, or when `None`
+    /// everything the run noted so far.
     pub(crate) async fn commit_round(
         &self,
         state: &mut SessionState,
         report: RoundReport,
         observer: &dyn Observer,
+        leftovers: Option<Leftovers>,
     ) -> Result<(), SessionError> {
         state.completed_rounds = report.round;
         state.model = report.model;
@@ -124,10 +171,9 @@ impl Coordinator {
             metrics::counter!(m::TASKS, "outcome" => "ok").increment(ok as u64);
             metrics::counter!(m::TASKS, "outcome" => "failed").increment(failed as u64);
         }
-        if state.config.retain_updates {
-            self.forget_leftovers(&state.id);
-        } else {
-            self.discard_leftovers(&state.id).await;
+        let leftovers = leftovers.unwrap_or_else(|| self.take_leftovers(&state.id));
+        if !state.config.retain_updates {
+            self.discard(&state.id, leftovers).await;
         }
         if let Some(r) = state.reports.last() {
             observer.round_finished(r);
@@ -181,7 +227,7 @@ impl Coordinator {
             let bytes = self.initial_model(id, cfg, &workers, &eligible).await?;
             self.retry("storing the initial model", || self.backend.blobs.put(bytes.clone())).await?
         };
-        let state = SessionState {
+        let mut state = SessionState {
             schema: SCHEMA_VERSION,
             id: id.to_owned(),
             config: cfg.clone(),
@@ -190,13 +236,14 @@ impl Coordinator {
             model,
             contributors: BTreeSet::new(),
             reports: Vec::new(),
+            report_blocks: Vec::new(),
             node_modules: workers.uses(),
             strategy_state: None,
             coordinator_datasets: self.local.as_ref().map(|n| (*n.datasets()).clone()).unwrap_or_default(),
             updated_ms: 0,
             ending: None,
         };
-        self.save(&state).await?;
+        self.save(&mut state).await?;
         // Saved: a later `run` of this id is refused, so no task of it went out before.
         // (The initial model's task, sent before the save, is not fresh.)
         self.mark_started(id);
@@ -282,13 +329,13 @@ impl Coordinator {
             let state = program.release(self).await;
             (state, ending?)
         } else {
-            let mut program = FlRun { state, workers, strategy, accountant, observer };
+            let mut program = FlRun { state, workers, strategy, accountant, observer, pending: None };
             let ending = self.iterate(&mut program).await?;
             (program.state, ending)
         };
         if ending == Ending::Stopped || state.ending.is_none() {
             state.ending = Some(ending);
-            self.save(&state).await?;
+            self.save(&mut state).await?;
         }
         let model = self
             .retry("reading the final model", || self.backend.blobs.get(&state.model))
@@ -401,7 +448,7 @@ impl Coordinator {
         accountant: &mut privacy::RdpAccountant,
         round: u32,
         observer: &dyn Observer,
-    ) -> Result<RoundReport, SessionError> {
+    ) -> Result<Finished, SessionError> {
         let cfg = &state.config;
         let id = state.id.as_str();
         let started = Instant::now();
@@ -546,147 +593,6 @@ impl Coordinator {
         let ctx =
             RoundCtx { state, workers, round, started, selected: Vec::new(), available, global, global_ref, seed_base };
         self.finish_round(&ctx, &*strategy, done).await
-    }
-
-    /// The end of every round: stores the new global model, evaluates it (at the
-    /// coordinator and, when asked, on participants) and writes the report.
-    pub(crate) async fn finish_round(
-        &self,
-        ctx: &RoundCtx<'_>,
-        strategy: &dyn Strategy,
-        mut done: Aggregated,
-    ) -> Result<RoundReport, SessionError> {
-        let cfg = &ctx.state.config;
-        let id = ctx.state.id.as_str();
-        let aggregate = std::mem::take(&mut done.model);
-        crate::fold::check_storable(ctx.round, &aggregate)?;
-        let storing = Instant::now();
-        let (model, model_size, model_bytes) = self.store_model(aggregate).await?;
-        let mut timings = done.timings;
-        timings.transfer += storing.elapsed().as_secs_f64();
-        let eval_started = Instant::now();
-        let (metrics, fed) = tokio::try_join!(
-            self.evaluate(id, cfg, &ctx.workers.default, model_bytes, &model, ctx.round),
-            self.evaluate_federated(id, cfg, ctx.workers, strategy, &ctx.available, ctx.round, &model, model_size),
-        )?;
-        Ok(RoundReport {
-            round: ctx.round,
-            selected: done.selected,
-            contributed: done.contributed,
-            failures: done.failures,
-            examples: done.examples,
-            train_loss: done.train_loss,
-            eval_loss: metrics.as_ref().map(|m| m.loss),
-            eval_accuracy: metrics.as_ref().and_then(|m| m.accuracy),
-            eval_examples: metrics.as_ref().map(|m| m.num_examples),
-            model,
-            seconds: ctx.started.elapsed().as_secs_f64(),
-            compute_seconds: done.compute_seconds,
-            eval_seconds: eval_started.elapsed().as_secs_f64(),
-            fed_eval_loss: fed.as_ref().map(|f| f.0),
-            fed_eval_accuracy: fed.as_ref().and_then(|f| f.1),
-            fed_evaluated: fed.map(|f| f.2).unwrap_or_default(),
-            dp_epsilon: done.dp_epsilon,
-            dp_sample_rate: done.dp_sample_rate,
-            timings,
-            staleness: Vec::new(),
-        })
-    }
-
-    /// Federated evaluation: the participants the strategy picks evaluate the new model on
-    /// their own data; their metrics are averaged by example counts. Nodes that fail are
-    /// left out.
-    #[allow(clippy::too_many_arguments)]
-    async fn evaluate_federated(
-        &self,
-        id: &str,
-        cfg: &SessionConfig,
-        workers: &Workers,
-        strategy: &dyn Strategy,
-        available: &[String],
-        round: u32,
-        model: &Digest,
-        size: u64,
-    ) -> Result<Option<(f64, Option<f64>, Vec<String>)>, SessionError> {
-        if cfg.fraction_evaluate <= 0.0 {
-            return Ok(None);
-        }
-        let nodes = strategy
-            .configure_evaluate(round, available, cfg.seed ^ 0x5EED_E7A1 ^ u64::from(round))
-            .map_err(|e| SessionError::Participants(format!("round {round} evaluation: {e}")))?;
-        if nodes.is_empty() {
-            return Ok(None);
-        }
-        let input = BlobRef::stored("model", *model, size);
-        // Evaluation tasks are a round of their own on their own reply queue (round numbers
-        // of evaluation are offset so their replies never mix with training's), named for
-        // this coordinator: a resumed session's model may differ from the one a dead
-        // coordinator's evaluation saw, and that one's answers must not count.
-        let attempt = format!(".{}", self.dispatch);
-        let replies = self
-            .dispatch(
-                id,
-                EVAL_ROUND_BASE + round,
-                &nodes,
-                &attempt,
-                workers,
-                |_, participant| {
-                    let mut c = Self::worker_config(cfg, "evaluate", cfg.seed);
-                    deep_merge(&mut c, &partition_config(cfg, participant));
-                    c
-                },
-                |_, _| vec![input.clone()],
-                Duration::from_secs_f64(cfg.round_timeout_secs),
-            )
-            .await?;
-        let mut results = Vec::new();
-        let mut evaluated = Vec::new();
-        for (node, r) in &replies.replies {
-            let TaskOutcome::Ok { outputs, .. } = &r.outcome else { continue };
-            let Some(m) = outputs.iter().find(|o| o.name == "metrics") else { continue };
-            let Ok(Some(bytes)) = read_ref(self.backend.blobs.as_ref(), m).await else { continue };
-            if let Ok(w) = serde_json::from_slice::<WorkerMetrics>(&bytes)
-                && w.num_examples > 0
-                && w.loss.is_finite()
-            {
-                results.push((w.num_examples, w.loss, w.accuracy));
-                evaluated.push(node.clone());
-            }
-        }
-        Ok(strategy.aggregate_evaluate(&results).map(|(l, a)| (l, a, evaluated)))
-    }
-
-    async fn evaluate(
-        &self,
-        id: &str,
-        cfg: &SessionConfig,
-        record: &PackageRecord,
-        model: Option<Bytes>,
-        digest: &Digest,
-        round: u32,
-    ) -> Result<Option<WorkerMetrics>, SessionError> {
-        let (Some(local), Some(dataset)) = (&self.local, &cfg.eval_dataset) else {
-            return Ok(None);
-        };
-        let model = match model {
-            Some(b) => b,
-            None => self
-                .retry("reading the global model", || self.backend.blobs.get(digest))
-                .await?
-                .ok_or_else(|| SessionError::Aggregate("the global model vanished from the blob store".into()))?,
-        };
-        let mut config = Self::worker_config(cfg, "evaluate", cfg.seed);
-        deep_merge(&mut config, &json!({"dataset": dataset}));
-        let out = local
-            .run(&record.digest, &config, vec![("model".into(), model)], id, &format!("{id}.r{round}.eval"))
-            .await?;
-        let metrics = out
-            .into_iter()
-            .find(|(n, _)| n == "metrics")
-            .ok_or_else(|| SessionError::Aggregate("evaluation gave no `metrics` output".into()))?;
-        serde_json::from_slice(&metrics.1)
-            .map(Some)
-            .map_err(|e| SessionError::Aggregate(format!("evaluation metrics: {e}")))
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tessera_core::PackageRef;
 use tessera_core::tensor::{Model, TensorLimits, Tensors};
-use tessera_core::wire::{BlobRef, Failure, RoundReport, RoundTimings, TaskOutcome, WorkerMetrics};
+use tessera_core::wire::{BlobRef, Failure, RoundTimings, TaskOutcome, WorkerMetrics};
 
 use crate::dispatch::{Replies, participant_node};
 use crate::engine::Coordinator;
@@ -42,7 +42,7 @@ impl Coordinator {
         ctx: RoundCtx<'_>,
         h: &Hierarchy,
         replies: Replies,
-    ) -> Result<RoundReport, SessionError> {
+    ) -> Result<crate::evaluation::Finished, SessionError> {
         let RoundCtx { state, workers, round, started, selected, available, global, global_ref, .. } = ctx;
         let cfg = &state.config;
         let id = state.id.as_str();

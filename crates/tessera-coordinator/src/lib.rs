@@ -21,6 +21,7 @@ pub mod dataflow;
 mod dispatch;
 mod engine;
 mod error;
+mod evaluation;
 mod fedbuff;
 mod fl;
 mod fold;
@@ -38,6 +39,8 @@ pub use dispatch::reply_queue;
 pub use engine::{Coordinator, Observer, Quiet};
 pub use error::SessionError;
 pub use fedbuff::FedBuffConfig;
-pub use state::{Ending, RunRecord, RunSummary, SessionResult, SessionState, new_session_id, state_key, stop_key};
+pub use state::{
+    Ending, REPORT_BLOCK, RunRecord, RunSummary, SessionResult, SessionState, new_session_id, state_key, stop_key,
+};
 pub use streamed::STREAM_FROM;
 pub use swarm::{IterationReport, StageReport, SwarmResult, SwarmState};

@@ -114,13 +114,28 @@ impl Coordinator {
         self.leftovers.lock().unwrap_or_else(|p| p.into_inner()).by_run.remove(id);
     }
 
+    /// Takes what run `id` noted it left behind so far (to be removed later with
+    /// [`Coordinator::discard`], or kept).
+    pub(crate) fn take_leftovers(&self, id: &str) -> Leftovers {
+        self.leftovers.lock().unwrap_or_else(|p| p.into_inner()).by_run.remove(id).unwrap_or_default()
+    }
+
     /// Removes what run `id` left behind, except the blobs a saved run names. Failures are
     /// logged, never returned: the run's state is saved already.
     pub(crate) async fn discard_leftovers(&self, id: &str) {
+        let l = self.take_leftovers(id);
+        self.discard(id, l).await;
+    }
+
+    /// Removes `l`, what run `id` left behind, except the blobs a saved run names (see
+    /// [`Coordinator::discard_leftovers`]).
+    pub(crate) async fn discard(&self, id: &str, mut l: Leftovers) {
+        if l.blobs.is_empty() && l.records.is_empty() {
+            return;
+        }
         let now = Instant::now();
-        let (l, due) = {
+        let due = {
             let mut g = self.leftovers.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(mut l) = g.by_run.remove(id) else { return };
             if self.identity.is_some() {
                 // Signed tasks: their records go once the signature window has passed.
                 let records = std::mem::take(&mut l.records);
@@ -130,7 +145,7 @@ impl Coordinator {
             while g.deferred.front().is_some_and(|(at, _)| *at <= now) {
                 due.extend(g.deferred.pop_front().map(|(_, k)| k));
             }
-            (l, due)
+            due
         };
         let pinned = match self.pinned().await {
             Ok(p) => p,

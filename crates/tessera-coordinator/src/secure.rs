@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tessera_core::config::deep_merge;
 use tessera_core::tensor::{Model, TensorLimits};
-use tessera_core::wire::{Failure, RoundReport, RoundTimings, TaskOutcome, WorkerMetrics};
+use tessera_core::wire::{Failure, RoundTimings, TaskOutcome, WorkerMetrics};
 
 use crate::engine::Coordinator;
 use crate::fl::{Aggregated, RoundCtx, partition_config, too_few};
@@ -24,7 +24,7 @@ impl Coordinator {
         ctx: RoundCtx<'_>,
         sa: &SecAggSettings,
         plan_config: &Value,
-    ) -> Result<RoundReport, SessionError> {
+    ) -> Result<crate::evaluation::Finished, SessionError> {
         use tessera_identity::secagg::{
             self as sagg, AdvertiseKeys, MaskedInput, SecAggConfig, ShareBundle, UnmaskResponse,
         };

@@ -56,8 +56,15 @@ pub struct SessionState {
     pub model: Digest,
     /// Nodes that contributed to at least one round.
     pub contributors: BTreeSet<String>,
-    /// Reports of completed rounds.
+    /// Reports of completed rounds: every one in memory; in the stored state only those
+    /// after `report_blocks`.
     pub reports: Vec<RoundReport>,
+    /// The blobs holding the first reports, [`REPORT_BLOCK`] each (a JSON array of
+    /// [`RoundReport`]), in order: a round's save writes its state and the reports not yet
+    /// in a block, never every report again. Read back into `reports` by
+    /// [`Coordinator::record`]; pinned with the state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub report_blocks: Vec<Digest>,
     /// The worker packages of nodes with their own (`node_modules`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_modules: BTreeMap<String, ModuleUse>,
@@ -113,6 +120,9 @@ pub fn new_session_id() -> String {
 /// A run's state larger than this is kept in the blob store, world state holding a
 /// [`StoredIn`] pointer (a world-state value is at most 1 MiB).
 const STATE_INLINE: usize = 256 << 10;
+
+/// Reports per stored block of a session's reports (see [`SessionState::report_blocks`]).
+pub const REPORT_BLOCK: usize = 32;
 
 /// Where a large run state is: the world-state value of its key.
 #[derive(Serialize, Deserialize)]
@@ -263,17 +273,17 @@ impl RunRecord {
 }
 
 impl Coordinator {
-    /// Writes a run's state under `sessions/<id>`, with the blobs it names pinned
+    /// Writes a run's state (`value`, JSON) under `sessions/<id>`, with the blobs it names pinned
     /// (`pins/<id>/<digest hex>`): blobs are content-addressed and shared, and what a saved
     /// run names is never removed by another run's retention (see `retention.rs`). New pins
     /// are written before the state, stale ones removed after it.
     pub(crate) async fn save_record(
         &self,
         id: &str,
-        value: &impl Serialize,
+        value: Vec<u8>,
         names: &BTreeSet<Digest>,
     ) -> Result<(), SessionError> {
-        let mut bytes = Bytes::from(serde_json::to_vec(value).map_err(|e| SessionError::Aggregate(e.to_string()))?);
+        let mut bytes = Bytes::from(value);
         let key = state_key(id);
         let mut names = names.clone();
         // A large state (a round of 10,000 participants names them all) goes to the blob
@@ -316,11 +326,31 @@ impl Coordinator {
         Ok(())
     }
 
-    pub(crate) async fn save(&self, state: &SessionState) -> Result<(), SessionError> {
-        let mut state = state.clone();
+    /// Saves a session's state: first each whole [`REPORT_BLOCK`] of its reports not yet
+    /// in a block (`report_blocks` grows), then the state with the reports after the
+    /// blocks, so a round's save costs the same in its first round and its thousandth.
+    pub(crate) async fn save(&self, state: &mut SessionState) -> Result<(), SessionError> {
         state.updated_ms = tessera_identity::now_ms();
-        let names: BTreeSet<Digest> = [Some(state.model), state.strategy_state].into_iter().flatten().collect();
-        self.save_record(&state.id, &state, &names).await
+        while (state.report_blocks.len() + 1) * REPORT_BLOCK <= state.reports.len() {
+            let at = state.report_blocks.len() * REPORT_BLOCK;
+            let block = Bytes::from(
+                serde_json::to_vec(&state.reports[at..at + REPORT_BLOCK])
+                    .map_err(|e| SessionError::Aggregate(e.to_string()))?,
+            );
+            let d = self.retry("storing the run's reports", || self.backend.blobs.put(block.clone())).await?;
+            state.report_blocks.push(d);
+        }
+        let names: BTreeSet<Digest> = [Some(state.model), state.strategy_state]
+            .into_iter()
+            .flatten()
+            .chain(state.report_blocks.iter().copied())
+            .collect();
+        // Serialised without the reports in blocks (put back before anything awaits).
+        let all = std::mem::take(&mut state.reports);
+        state.reports = all[state.report_blocks.len() * REPORT_BLOCK..].to_vec();
+        let bytes = serde_json::to_vec(&*state).map_err(|e| SessionError::Aggregate(e.to_string()));
+        state.reports = all;
+        self.save_record(&state.id, bytes?, &names).await
     }
 
     /// Every blob a saved run names (its pins).
@@ -353,7 +383,28 @@ impl Coordinator {
         if record.id() != id {
             return Err(SessionError::Config(format!("sessions/{id} holds the state of run {}", record.id())));
         }
-        Ok(Some(record))
+        let RunRecord::Session(mut state) = record else { return Ok(Some(record)) };
+        if !state.report_blocks.is_empty() {
+            let mut reports = Vec::with_capacity(state.report_blocks.len() * REPORT_BLOCK + state.reports.len());
+            for d in &state.report_blocks {
+                let bytes = self
+                    .retry("reading the run's reports", || self.backend.blobs.get(d))
+                    .await?
+                    .ok_or_else(|| SessionError::Config(format!("run {id}: its stored reports {d} are missing")))?;
+                let block: Vec<RoundReport> = serde_json::from_slice(&bytes)
+                    .map_err(|e| SessionError::Config(format!("run {id}: its stored reports {d}: {e}")))?;
+                if block.len() != REPORT_BLOCK {
+                    return Err(SessionError::Config(format!(
+                        "run {id}: its stored reports {d} hold {} reports, not {REPORT_BLOCK}",
+                        block.len()
+                    )));
+                }
+                reports.extend(block);
+            }
+            reports.append(&mut state.reports);
+            state.reports = reports;
+        }
+        Ok(Some(RunRecord::Session(state)))
     }
 
     /// Reads a federated session's stored state (`None` when there is no such session; an

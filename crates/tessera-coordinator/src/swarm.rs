@@ -270,7 +270,8 @@ impl Coordinator {
         state.updated_ms = tessera_identity::now_ms();
         let names: BTreeSet<Digest> =
             state.carried.values().flatten().filter(|r| r.inline.is_none()).map(|r| r.digest).collect();
-        self.save_record(&state.id, &state, &names).await
+        let bytes = serde_json::to_vec(&state).map_err(|e| SessionError::Aggregate(e.to_string()))?;
+        self.save_record(&state.id, bytes, &names).await
     }
 
     async fn drive_swarm(

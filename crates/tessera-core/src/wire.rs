@@ -350,13 +350,15 @@ pub struct RoundReport {
     pub eval_examples: Option<u64>,
     /// Digest of the new global model.
     pub model: Digest,
-    /// Wall time of the round in seconds.
+    /// Wall time of the round in seconds. When the coordinator's evaluation ran beside the
+    /// next round (`timings.evaluation_beside`), up to the round's model stored and its
+    /// federated evaluation done.
     pub seconds: f64,
     /// The longest run time a node reported for its task (the round's critical path of
     /// work), in seconds.
     #[serde(default)]
     pub compute_seconds: f64,
-    /// Time spent evaluating the new model, in seconds.
+    /// Time spent evaluating the new model within the round's `seconds`, in seconds.
     #[serde(default)]
     pub eval_seconds: f64,
     /// Example-weighted loss of the federated evaluation (participants evaluating the new
@@ -405,6 +407,11 @@ pub struct RoundTimings {
     /// The strategy's aggregation (with clipping and noise when differential privacy is on).
     #[serde(default)]
     pub aggregation: f64,
+    /// The coordinator's evaluation of the round's model when it ran beside the next round
+    /// (a synchronous session's rounds but its last): part of neither the round's `seconds`
+    /// nor its `eval_seconds`. Zero when the round waited for it.
+    #[serde(default)]
+    pub evaluation_beside: f64,
 }
 
 impl RoundReport {
