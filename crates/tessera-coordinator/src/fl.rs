@@ -357,7 +357,7 @@ impl Coordinator {
             },
             nodes: state.contributors.iter().cloned().collect(),
             rounds: state.completed_rounds,
-            metrics: state.reports.clone(),
+            metrics: Lineage::metrics_of(&state.reports),
             placements: BTreeMap::new(),
             datasets: vec![cfg.dataset.clone()],
             base_model: None,

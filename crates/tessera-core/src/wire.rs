@@ -461,7 +461,10 @@ pub struct Lineage {
     pub nodes: Vec<String>,
     /// Rounds completed.
     pub rounds: u32,
-    /// Per-round metrics.
+    /// Per-round metrics: every round's report, or for a run whose reports would pass
+    /// [`LINEAGE_METRICS_BYTES`], evenly spaced rounds' and the last's (see
+    /// [`Lineage::metrics_of`]; each report names its round, and the run's state keeps
+    /// every one).
     pub metrics: Vec<RoundReport>,
     /// Which node ran which module version for each task of a swarm: node -> task ->
     /// `name@version` (empty for federated sessions, whose `modules` say it).
@@ -474,6 +477,35 @@ pub struct Lineage {
     /// The model the run started from, as `name@version`, when it started from a hub model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_model: Option<String>,
+}
+
+/// The most bytes of per-round reports (as JSON) a [`Lineage`] carries: the hub takes a
+/// model's lineage up to 1 MiB, and a session of thousands of rounds has more.
+pub const LINEAGE_METRICS_BYTES: usize = 512 << 10;
+
+impl Lineage {
+    /// The reports a lineage carries of a run's `reports` (in round order): all of them
+    /// when their JSON fits in [`LINEAGE_METRICS_BYTES`]; otherwise every `k`-th round's
+    /// (rounds `k`, `2k`, ...) and the last's, for the smallest `k` that fits; only the
+    /// last's when a single report is that large, none when even it does not fit.
+    pub fn metrics_of(reports: &[RoundReport]) -> Vec<RoundReport> {
+        let sizes: Vec<usize> =
+            reports.iter().map(|r| serde_json::to_vec(r).map_or(usize::MAX, |b| b.len() + 1)).collect();
+        let fits = |keep: &dyn Fn(usize) -> bool| {
+            sizes.iter().enumerate().filter(|(i, _)| keep(*i)).fold(0usize, |sum, (_, s)| sum.saturating_add(*s))
+                <= LINEAGE_METRICS_BYTES
+        };
+        let last = reports.len().saturating_sub(1);
+        // Keeping every k-th of them keeps about 1/k of the bytes: start there.
+        let total = sizes.iter().fold(0usize, |sum, s| sum.saturating_add(*s));
+        for k in total.div_ceil(LINEAGE_METRICS_BYTES).max(1)..=reports.len() {
+            let keep = |i: usize| (i + 1).is_multiple_of(k) || i == last;
+            if fits(&keep) {
+                return reports.iter().enumerate().filter(|(i, _)| keep(*i)).map(|(_, r)| r.clone()).collect();
+            }
+        }
+        Vec::new()
+    }
 }
 
 /// A package used by a run.
@@ -712,5 +744,39 @@ mod tests {
         assert!(matches!(decode::<TaskMessage>(&serde_json::to_vec(&v).unwrap()), Err(WireError::Malformed(_))));
         let big = vec![b' '; MAX_MESSAGE_BYTES + 1];
         assert!(matches!(decode::<TaskMessage>(&big), Err(WireError::TooLarge(_))));
+    }
+
+    fn report(round: u32, nodes: usize) -> RoundReport {
+        serde_json::from_value(serde_json::json!({
+            "round": round, "selected": [], "contributed": (0..nodes).map(|i| format!("node-{i}")).collect::<Vec<_>>(),
+            "failures": [], "examples": 10, "train_loss": 0.5, "eval_loss": 0.4, "eval_accuracy": 0.9,
+            "model": Digest::of(b"m").to_string(), "seconds": 0.01
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_lineage_carries_every_report_that_fits_and_evenly_spaced_ones_past_that() {
+        let few: Vec<RoundReport> = (1..=20).map(|r| report(r, 10)).collect();
+        assert_eq!(Lineage::metrics_of(&few), few);
+        assert!(Lineage::metrics_of(&[]).is_empty());
+
+        let many: Vec<RoundReport> = (1..=5_001).map(|r| report(r, 10)).collect();
+        let kept = Lineage::metrics_of(&many);
+        assert!(serde_json::to_vec(&kept).unwrap().len() <= LINEAGE_METRICS_BYTES);
+        let rounds: Vec<u32> = kept.iter().map(|r| r.round).collect();
+        let k = rounds[0];
+        assert!(k > 1 && rounds.len() > 100, "{} rounds kept, every {k}th", rounds.len());
+        assert!(rounds[..rounds.len() - 1].iter().enumerate().all(|(i, r)| *r == k * (i as u32 + 1)));
+        assert_eq!(rounds.last(), Some(&5_001), "the last round is kept");
+        // The smallest spacing that fits: one closer would not.
+        let closer: Vec<&RoundReport> = many.iter().filter(|r| r.round.is_multiple_of(k - 1)).collect();
+        assert!(serde_json::to_vec(&closer).unwrap().len() > LINEAGE_METRICS_BYTES - 2 * 1024);
+
+        // A single report past the bound: the last alone, or nothing when it cannot fit.
+        let huge = vec![report(1, 10), report(2, 50_000)];
+        assert!(Lineage::metrics_of(&huge).is_empty());
+        let big = vec![report(1, 30_000), report(2, 30_000)];
+        assert_eq!(Lineage::metrics_of(&big).iter().map(|r| r.round).collect::<Vec<_>>(), vec![2]);
     }
 }
