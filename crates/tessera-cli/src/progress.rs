@@ -10,9 +10,18 @@ use tessera_swarm::SwarmSpec;
 /// a terminal).
 pub struct Progress {
     bar: ProgressBar,
-    /// When the first round this process saw finish did, when the last did, and how many
-    /// finished.
-    finished: std::sync::Mutex<Option<(std::time::Instant, std::time::Instant, u32)>>,
+    /// The rounds this process saw start, when the second did, when the last round
+    /// finished and how many did.
+    times: std::sync::Mutex<Times>,
+}
+
+/// See [`Progress::apart`].
+#[derive(Default)]
+struct Times {
+    started: u32,
+    second_started: Option<std::time::Instant>,
+    finished: u32,
+    last_finished: Option<std::time::Instant>,
 }
 
 impl Progress {
@@ -23,16 +32,17 @@ impl Progress {
             ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        Progress { bar, finished: std::sync::Mutex::new(None) }
+        Progress { bar, times: Default::default() }
     }
 
-    /// The mean wall time between the ends of the rounds after the first that finished
-    /// here, in seconds: what a round costs when each starts before the one before is
-    /// recorded (its evaluation runs beside the next). `None` before two rounds finished.
+    /// The wall time a round after the first took on average, in seconds: from the second
+    /// round's start here to the last round's end, over the rounds after the first. What
+    /// a round costs when its evaluation runs beside the next (a round ends after the next
+    /// one's training). `None` before two rounds finished.
     pub fn apart(&self) -> Option<f64> {
-        let g = self.finished.lock().unwrap_or_else(|p| p.into_inner());
-        let (first, last, n) = (*g)?;
-        (n > 1).then(|| (last - first).as_secs_f64() / f64::from(n - 1))
+        let t = self.times.lock().unwrap_or_else(|p| p.into_inner());
+        let (from, to) = (t.second_started?, t.last_finished?);
+        (t.finished > 1 && to > from).then(|| (to - from).as_secs_f64() / f64::from(t.finished - 1))
     }
 
     /// Removes the bar.
@@ -64,13 +74,20 @@ impl Observer for Progress {
         ));
     }
     fn round_started(&self, round: u32, selected: &[String]) {
+        {
+            let mut t = self.times.lock().unwrap_or_else(|p| p.into_inner());
+            t.started += 1;
+            if t.started == 2 {
+                t.second_started = Some(std::time::Instant::now());
+            }
+        }
         self.bar.set_message(format!("round {round}: training on {}", selected.join(", ")));
     }
     fn round_finished(&self, r: &RoundReport) {
         {
-            let now = std::time::Instant::now();
-            let mut g = self.finished.lock().unwrap_or_else(|p| p.into_inner());
-            *g = Some(g.map_or((now, now, 1), |(first, _, n)| (first, now, n + 1)));
+            let mut t = self.times.lock().unwrap_or_else(|p| p.into_inner());
+            t.finished += 1;
+            t.last_finished = Some(std::time::Instant::now());
         }
         self.bar.inc(1);
         let acc = r.eval_accuracy.map_or("-".into(), |a| format!("{a:.3}"));
@@ -160,8 +177,8 @@ fn failures(r: &RoundReport) -> String {
 
 /// "rounds after the first: … ms apart on average: … node work, … evaluation (… beside the
 /// next round), … overhead" (the first round also fetches and compiles the module on every
-/// node, so it is left out). `apart`: the mean wall time between the rounds' ends when the
-/// caller measured it ([`Progress::apart`]); otherwise the rounds' mean `seconds`.
+/// node, so it is left out). `apart`: the mean wall time of a round after the first when
+/// the caller measured it ([`Progress::apart`]); otherwise the rounds' mean `seconds`.
 pub fn round_summary_line(reports: &[RoundReport], apart: Option<f64>) -> Option<String> {
     let steady = if reports.len() > 1 { &reports[1..] } else { reports };
     let (round, compute, eval, overhead) = tessera_core::wire::round_summary(steady)?;
@@ -187,6 +204,28 @@ pub fn round_summary_line(reports: &[RoundReport], apart: Option<f64>) -> Option
 mod tests {
     use super::*;
     use tessera_core::wire::Failure;
+
+    #[test]
+    fn a_round_s_wall_time_is_measured_from_the_second_round_s_start() {
+        let p = Progress::new(3);
+        let report = |round: u32| -> RoundReport {
+            serde_json::from_value(serde_json::json!({
+                "round": round, "selected": [], "contributed": [], "failures": [], "examples": 0, "train_loss": 0.0,
+                "eval_loss": null, "eval_accuracy": null, "model": tessera_core::Digest::of(b"m").to_string(), "seconds": 0.1
+            }))
+            .unwrap()
+        };
+        p.round_started(1, &[]);
+        p.round_started(2, &[]);
+        // Round 1 ends after round 2's training (its evaluation ran beside it).
+        p.round_finished(&report(1));
+        assert_eq!(p.apart(), None, "one round finished");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        p.round_finished(&report(2));
+        let apart = p.apart().expect("two rounds finished");
+        assert!(apart >= 0.002, "{apart}");
+        p.finish();
+    }
 
     #[test]
     fn counts_and_failures_read_well() {

@@ -367,10 +367,26 @@ async fn a_long_session_saves_each_report_once(on: On) {
     let again = cluster.coordinator().resume("s-long", &Quiet).await.unwrap();
     assert_eq!(again.reports, result.reports);
     assert_eq!(again.model_digest, result.model_digest);
-    // A block is the run's, kept by retention like its model.
-    for d in &state.report_blocks {
-        assert!(cluster.backend.blobs.get(d).await.unwrap().is_some(), "block {d}");
-    }
+
+    // A stored state whose blocks do not add up to its rounds, or hold them out of order,
+    // is refused with what is wrong, not read as a shorter or shuffled history.
+    let key = tessera_coordinator::state_key("s-long");
+    let tampered = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = stored.clone();
+        f(&mut v);
+        bytes::Bytes::from(serde_json::to_vec(&v).unwrap())
+    };
+    let world = &cluster.backend.world;
+    let extra = tessera_core::Digest::of(b"not a block").to_string();
+    world
+        .put(&key, tampered(&|v| v["report_blocks"].as_array_mut().unwrap().push(extra.clone().into())))
+        .await
+        .unwrap();
+    let e = cluster.coordinator().state("s-long").await.unwrap_err().to_string();
+    assert!(e.contains("3 blocks and 3 more reports for 67 rounds"), "{e}");
+    world.put(&key, tampered(&|v| v["report_blocks"].as_array_mut().unwrap().reverse())).await.unwrap();
+    let e = cluster.coordinator().state("s-long").await.unwrap_err().to_string();
+    assert!(e.contains("report 1 is of round 33"), "{e}");
 }
 
 async fn bad_replies_never_stop_a_session(on: On) {
@@ -507,16 +523,26 @@ async fn finished_rounds_leave_their_updates_and_records_behind_only_when_asked(
     let world = cluster.backend.world.clone();
     let mut grew = Vec::new();
     let mut finals = Vec::new();
-    for (id, rounds) in [("two", 2), ("six", 6)] {
+    // The third session is evaluated at the coordinator: each round's evaluation runs beside
+    // the next round, whose leftovers are kept apart until it is recorded (another seed,
+    // so its models are its own).
+    for (id, rounds, evaluated) in [("two", 2, false), ("six", 6, false), ("six-evaluated", 6, true)] {
         let before = blobs.stored_bytes().await.unwrap();
-        let r = cluster.coordinator().run(id, &session(rounds, false), &Quiet).await.unwrap();
+        let mut cfg = session(rounds, false);
+        if evaluated {
+            cfg.eval_dataset = Some("digits-test".into());
+            cfg.seed = 7;
+        }
+        let r = cluster.coordinator().run(id, &cfg, &Quiet).await.unwrap();
         assert!(r.reports.iter().all(|r| r.contributed.len() == 4), "{id}: {:?}", r.reports);
+        assert_eq!(r.reports.iter().all(|r| r.eval_loss.is_some()), evaluated, "{id}");
         grew.push(blobs.stored_bytes().await.unwrap() - before);
         assert_eq!(world.keys("done/").await.unwrap(), Vec::<String>::new(), "{id}: answer records removed");
         finals.push(r);
     }
     assert!(grew[0] >= 256 << 10, "the final model stays: {grew:?}");
     assert!(grew[1] <= grew[0] + (64 << 10), "six rounds leave what two leave: {grew:?}");
+    assert!(grew[2] >= 256 << 10 && grew[2] <= grew[0] + (64 << 10), "evaluated, the same: {grew:?}");
     // The same seed gives the same bytes: "six" replaced, in its third round, the very blob
     // that is "two"'s final model. Pinned by "two"'s saved state, it stays, and both
     // sessions still give their result.

@@ -50,7 +50,8 @@ pub trait Observer: Send + Sync {
     fn started(&self, _session: &str, _module: &PackageRecord, _eligible: &[NodeRecord], _rounds: u32, _done: u32) {}
     /// A round sent its tasks.
     fn round_started(&self, _round: u32, _selected: &[String]) {}
-    /// A round finished.
+    /// A round finished and was saved. A round whose coordinator evaluation ran beside the
+    /// next round is told after the next round's training (after its `round_started`).
     fn round_finished(&self, _report: &RoundReport) {}
     /// A swarm of tasks resolved its modules and placed its tasks (`done` iterations
     /// already completed when it resumes).
@@ -128,9 +129,10 @@ impl Coordinator {
     }
 
     /// Runs `program`'s iterations from the one after those it completed to its limit,
-    /// until its scheduler ends it or someone asks the run to stop. Each iteration saves
-    /// the program's state when it completes, so a coordinator that dies between two
-    /// iterations is resumed from the last one completed.
+    /// until its scheduler ends it or someone asks the run to stop, then settles an
+    /// iteration still finishing ([`Program::settle`]). Each iteration's state is saved
+    /// once it is whole (a federated round's once its evaluation, run beside the next
+    /// round, is done), so a coordinator that dies is resumed from the last one saved.
     pub(crate) async fn iterate(&self, program: &mut dyn Program) -> Result<Ending, SessionError> {
         let ending = self.iterations(program).await;
         // Whatever ended the loop, an iteration still finishing is recorded first.

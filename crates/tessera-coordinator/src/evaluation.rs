@@ -34,6 +34,9 @@ pub(crate) struct Finished {
     started: Instant,
     evaluating: Instant,
     local: Option<Evaluation>,
+    /// The round had its model's bytes (not a streamed model): its evaluation may run
+    /// beside the next round, which then holds no second copy of a large model.
+    held: bool,
 }
 
 /// The coordinator's evaluation of a round's model, on a task of its own: its metrics
@@ -47,10 +50,10 @@ impl Drop for Evaluation {
 }
 
 impl Finished {
-    /// Whether the coordinator's evaluation of the round's model runs (or ran) on a task
-    /// of its own, for [`Finished::settle`] to wait for.
-    pub(crate) fn evaluating(&self) -> bool {
-        self.local.is_some()
+    /// Whether the coordinator's evaluation of the round's model may run beside the next
+    /// round: there is one, and the model is not streamed.
+    pub(crate) fn runs_beside(&self) -> bool {
+        self.local.is_some() && self.held
     }
 
     /// The digest of the round's new global model (stored).
@@ -65,6 +68,7 @@ impl Finished {
     /// evaluation included. Errors: the evaluation's.
     pub(crate) async fn settle(mut self, beside: bool) -> Result<RoundReport, SessionError> {
         let round = self.report.round;
+        let evaluated = self.local.is_some();
         if let Some(mut e) = self.local.take() {
             let (metrics, seconds) = (&mut e.0).await.map_err(|e| {
                 SessionError::Aggregate(format!("round {round}: the coordinator's evaluation stopped: {e}"))
@@ -78,8 +82,11 @@ impl Finished {
             }
         }
         if !beside {
-            self.report.seconds = self.started.elapsed().as_secs_f64();
-            self.report.eval_seconds = self.evaluating.elapsed().as_secs_f64();
+            let now = Instant::now();
+            self.report.seconds = (now - self.started).as_secs_f64();
+            if evaluated {
+                self.report.eval_seconds = (now - self.evaluating).as_secs_f64();
+            }
         }
         Ok(self.report)
     }
@@ -104,6 +111,7 @@ impl Coordinator {
         let mut timings = done.timings;
         timings.transfer += storing.elapsed().as_secs_f64();
         let evaluating = Instant::now();
+        let held = model_bytes.is_some();
         let local = self.start_evaluation(id, cfg, &ctx.workers.default, model_bytes, &model, ctx.round).await?;
         let fed = self
             .evaluate_federated(id, cfg, ctx.workers, strategy, &ctx.available, ctx.round, &model, model_size)
@@ -130,7 +138,7 @@ impl Coordinator {
             timings,
             staleness: Vec::new(),
         };
-        Ok(Finished { report, started: ctx.started, evaluating, local })
+        Ok(Finished { report, started: ctx.started, evaluating, local, held })
     }
 
     /// Federated evaluation: the participants the strategy picks evaluate the new model on

@@ -690,7 +690,7 @@ impl Program for FedBuffRun<'_> {
         if stop {
             self.state.ending = Some(Ending::Scheduler);
         }
-        c.commit_round(&mut self.state, report, self.observer, None).await?;
+        c.commit_round(&mut self.state, report, self.observer, None, &[]).await?;
         self.clock = Some(Instant::now());
         Ok(stop)
     }

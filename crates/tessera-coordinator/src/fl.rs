@@ -40,6 +40,15 @@ pub(crate) fn in_round(round: u32, e: &dyn std::fmt::Display) -> String {
     if text.starts_with(&prefix) { text } else { format!("{prefix}{text}") }
 }
 
+/// The part of a round's task ids that names the model its tasks start from
+/// (`.m<16 hex digits of its digest>`): a node answers a task id it answered before from
+/// its record, and a round run again from another model (a resumed session's round
+/// whose model before was never saved, its server-side noise drawn afresh) must not be
+/// given answers computed from the first.
+pub(crate) fn base_attempt(model: &tessera_core::Digest) -> String {
+    format!(".m{}", &model.hex()[..16])
+}
+
 /// The participants of a round drawn from `nodes`: the nodes, or their virtual clients.
 pub(crate) fn participants_of(cfg: &SessionConfig, nodes: Vec<String>) -> Vec<String> {
     match cfg.clients_per_node {
@@ -70,6 +79,13 @@ struct FlRun<'a> {
     pending: Option<Pending>,
 }
 
+/// What a round's end leaves to do: its evaluation to run beside the next round, or its
+/// report to record now.
+enum Next {
+    Beside(Finished),
+    Now(RoundReport),
+}
+
 /// A round whose model is stored and whose evaluation still runs: what it left behind is
 /// kept apart from the next round's until it is recorded.
 struct Pending {
@@ -90,7 +106,8 @@ impl Program for FlRun<'_> {
     }
     async fn iteration(&mut self, c: &Coordinator, round: u32) -> Result<bool, SessionError> {
         // The round before is recorded once both its evaluation and this round's training
-        // are done; an error in either ends the session with the rounds recorded before.
+        // are done. Its evaluation failing ends the session with the rounds recorded before
+        // it; this round failing, with it recorded.
         let before = self.pending.take();
         let (finished, settled) = tokio::join!(
             c.round(&self.state, self.workers, self.strategy.as_mut(), &mut self.accountant, round, self.observer),
@@ -101,29 +118,48 @@ impl Program for FlRun<'_> {
                 }
             },
         );
-        if let Some((report, leftovers)) = settled {
-            c.commit_round(&mut self.state, report?, self.observer, Some(leftovers)).await?;
-        }
-        let finished = finished?;
-        // The next round trains from this round's model; the state saved meanwhile is still
-        // the last recorded round's (its model and strategy state are replaced only when
-        // this round is recorded, and removed only then).
+        let before = match settled {
+            Some((report, leftovers)) => Some((report?, leftovers)),
+            None => None,
+        };
+        let finished = match finished {
+            Ok(f) => f,
+            Err(e) => {
+                if let Some((report, leftovers)) = before {
+                    c.commit_round(&mut self.state, report, self.observer, Some(leftovers), &[]).await?;
+                }
+                return Err(e);
+            }
+        };
+        // A round whose evaluation cannot run beside the next (none, or a streamed model
+        // the next round should not hold a copy of meanwhile) is settled now.
+        let next =
+            if finished.runs_beside() { Next::Beside(finished) } else { Next::Now(finished.settle(false).await?) };
+        let model = match &next {
+            Next::Beside(f) => f.model(),
+            Next::Now(r) => r.model,
+        };
         let saved = Bytes::from(self.strategy.state());
+        let strategy_state = c.retry("saving the strategy's state", || c.backend.blobs.put(saved.clone())).await?;
+        if let Some((report, leftovers)) = before {
+            // Saved with this round's model and strategy state pinned: the next round's,
+            // not yet in a saved state, and kept from any run's retention meanwhile.
+            c.commit_round(&mut self.state, report, self.observer, Some(leftovers), &[model, strategy_state]).await?;
+        }
+        // The state saved is still the last recorded round's; this round's model and
+        // strategy state replace its own when this round is recorded (and the replaced
+        // ones are removed only then).
         let id = self.state.id.clone();
         if let Some(old) = self.state.strategy_state {
             c.note_replaced(&id, old);
         }
         c.note_replaced(&id, self.state.model);
-        self.state.strategy_state =
-            Some(c.retry("saving the strategy's state", || c.backend.blobs.put(saved.clone())).await?);
-        self.state.model = finished.model();
+        self.state.strategy_state = Some(strategy_state);
+        self.state.model = model;
         let leftovers = c.take_leftovers(&id);
-        if finished.evaluating() {
-            self.pending = Some(Pending { finished, leftovers });
-        } else {
-            // Nothing left to wait for: recorded now.
-            let report = finished.settle(false).await?;
-            c.commit_round(&mut self.state, report, self.observer, Some(leftovers)).await?;
+        match next {
+            Next::Beside(finished) => self.pending = Some(Pending { finished, leftovers }),
+            Next::Now(report) => c.commit_round(&mut self.state, report, self.observer, Some(leftovers), &[]).await?,
         }
         // The round limit is the scheduler: the engine stops at it.
         Ok(false)
@@ -132,7 +168,7 @@ impl Program for FlRun<'_> {
     async fn settle(&mut self, c: &Coordinator) -> Result<(), SessionError> {
         if let Some(p) = self.pending.take() {
             let report = p.finished.settle(false).await?;
-            c.commit_round(&mut self.state, report, self.observer, Some(p.leftovers)).await?;
+            c.commit_round(&mut self.state, report, self.observer, Some(p.leftovers), &[]).await?;
         }
         Ok(())
     }
@@ -143,13 +179,15 @@ impl Coordinator {
     /// report; the round limit as the ending when reached and no other ending is set),
     /// saves the state, removes what the round left behind (unless `retain_updates`) and
     /// tells the observer. What the round left behind is `leftovers`, or when `None`
-    /// everything the run noted so far.
+    /// everything the run noted so far; `also` are blobs pinned with the state beside
+    /// those it names (the next round's model and strategy state, stored already).
     pub(crate) async fn commit_round(
         &self,
         state: &mut SessionState,
         report: RoundReport,
         observer: &dyn Observer,
         leftovers: Option<Leftovers>,
+        also: &[tessera_core::Digest],
     ) -> Result<(), SessionError> {
         state.completed_rounds = report.round;
         state.model = report.model;
@@ -159,7 +197,7 @@ impl Coordinator {
         }
         let (seconds, ok, failed) = (report.seconds, report.contributed.len(), report.failures.len());
         state.reports.push(report);
-        self.save(state).await?;
+        self.save(state, also).await?;
         // Counted once saved: a round whose save failed is run again after a resume.
         {
             use tessera_ports::metrics as m;
@@ -243,7 +281,7 @@ impl Coordinator {
             updated_ms: 0,
             ending: None,
         };
-        self.save(&mut state).await?;
+        self.save(&mut state, &[]).await?;
         // Saved: a later `run` of this id is refused, so no task of it went out before.
         // (The initial model's task, sent before the save, is not fresh.)
         self.mark_started(id);
@@ -335,7 +373,7 @@ impl Coordinator {
         };
         if ending == Ending::Stopped || state.ending.is_none() {
             state.ending = Some(ending);
-            self.save(&mut state).await?;
+            self.save(&mut state, &[]).await?;
         }
         let model = self
             .retry("reading the final model", || self.backend.blobs.get(&state.model))
@@ -482,7 +520,7 @@ impl Coordinator {
                 id,
                 round,
                 &selected,
-                "",
+                &base_attempt(&state.model),
                 workers,
                 |i, participant| {
                     let mut c = Self::worker_config(cfg, "train", seed_base + i as u64);

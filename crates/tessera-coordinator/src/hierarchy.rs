@@ -106,7 +106,7 @@ impl Coordinator {
                 id,
                 AGG_ROUND_BASE + round,
                 &aggregators,
-                "",
+                &crate::fl::base_attempt(&state.model),
                 &agg_workers,
                 |i, _| {
                     let weights: serde_json::Map<String, Value> =

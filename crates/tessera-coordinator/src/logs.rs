@@ -23,7 +23,9 @@ pub struct TaskLog {
 }
 
 /// Reads a task id: `<run>.i<iteration>.a<attempt>.<task>.<node>[.t<try>]` for swarm
-/// stages, `<run>.r<round>[.<dispatch>].<participant>` for federated rounds.
+/// stages, `<run>.r<round>[.m<model>|.<dispatch>].<participant>` for federated rounds
+/// (training and region tasks name the model they start from, evaluation tasks the
+/// coordinator that sent them).
 pub fn parse_task_id(run: &str, task_id: &str) -> Option<(Option<u32>, String, String)> {
     let rest = task_id.strip_prefix(run)?.strip_prefix('.')?;
     let parts: Vec<&str> = rest.split('.').collect();
@@ -86,6 +88,10 @@ mod tests {
             Some((Some(3), "aggregator".into(), "node-0".into()))
         );
         assert_eq!(parse_task_id("s-1", "s-1.r2.node-1"), Some((Some(2), "round".into(), "node-1".into())));
+        assert_eq!(
+            parse_task_id("s-1", "s-1.r2.m0123456789abcdef.node-1"),
+            Some((Some(2), "round".into(), "node-1".into()))
+        );
         assert_eq!(parse_task_id("s-1", "s-1.r1073741825.node-1"), Some((Some(1), "evaluate".into(), "node-1".into())));
         assert_eq!(parse_task_id("s-1", "s-2.r2.node-1"), None);
     }

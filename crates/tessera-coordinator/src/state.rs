@@ -124,6 +124,10 @@ const STATE_INLINE: usize = 256 << 10;
 /// Reports per stored block of a session's reports (see [`SessionState::report_blocks`]).
 pub const REPORT_BLOCK: usize = 32;
 
+/// The largest block of reports read back (a block of 32 reports of rounds of 10,000
+/// participants, each naming them all, is about 5 MiB).
+pub const MAX_REPORT_BLOCK_BYTES: u64 = 64 << 20;
+
 /// Where a large run state is: the world-state value of its key.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -329,7 +333,8 @@ impl Coordinator {
     /// Saves a session's state: first each whole [`REPORT_BLOCK`] of its reports not yet
     /// in a block (`report_blocks` grows), then the state with the reports after the
     /// blocks, so a round's save costs the same in its first round and its thousandth.
-    pub(crate) async fn save(&self, state: &mut SessionState) -> Result<(), SessionError> {
+    /// `also`: blobs pinned with it beyond those it names.
+    pub(crate) async fn save(&self, state: &mut SessionState, also: &[Digest]) -> Result<(), SessionError> {
         state.updated_ms = tessera_identity::now_ms();
         while (state.report_blocks.len() + 1) * REPORT_BLOCK <= state.reports.len() {
             let at = state.report_blocks.len() * REPORT_BLOCK;
@@ -344,10 +349,11 @@ impl Coordinator {
             .into_iter()
             .flatten()
             .chain(state.report_blocks.iter().copied())
+            .chain(also.iter().copied())
             .collect();
         // Serialised without the reports in blocks (put back before anything awaits).
         let all = std::mem::take(&mut state.reports);
-        state.reports = all[state.report_blocks.len() * REPORT_BLOCK..].to_vec();
+        state.reports = all.get(state.report_blocks.len() * REPORT_BLOCK..).unwrap_or_default().to_vec();
         let bytes = serde_json::to_vec(&*state).map_err(|e| SessionError::Aggregate(e.to_string()));
         state.reports = all;
         self.save_record(&state.id, bytes?, &names).await
@@ -385,26 +391,47 @@ impl Coordinator {
         }
         let RunRecord::Session(mut state) = record else { return Ok(Some(record)) };
         if !state.report_blocks.is_empty() {
-            let mut reports = Vec::with_capacity(state.report_blocks.len() * REPORT_BLOCK + state.reports.len());
-            for d in &state.report_blocks {
-                let bytes = self
-                    .retry("reading the run's reports", || self.backend.blobs.get(d))
-                    .await?
-                    .ok_or_else(|| SessionError::Config(format!("run {id}: its stored reports {d} are missing")))?;
-                let block: Vec<RoundReport> = serde_json::from_slice(&bytes)
-                    .map_err(|e| SessionError::Config(format!("run {id}: its stored reports {d}: {e}")))?;
-                if block.len() != REPORT_BLOCK {
-                    return Err(SessionError::Config(format!(
-                        "run {id}: its stored reports {d} hold {} reports, not {REPORT_BLOCK}",
-                        block.len()
-                    )));
-                }
-                reports.extend(block);
-            }
-            reports.append(&mut state.reports);
-            state.reports = reports;
+            state.reports = self.stored_reports(id, &state).await?;
         }
         Ok(Some(RunRecord::Session(state)))
+    }
+
+    /// Every report of a stored session whose first ones are in blocks: checked to be
+    /// rounds 1 to `completed_rounds` in order, each block read only when it is at most
+    /// [`MAX_REPORT_BLOCK_BYTES`].
+    async fn stored_reports(&self, id: &str, state: &SessionState) -> Result<Vec<RoundReport>, SessionError> {
+        let bad = |what: String| SessionError::Config(format!("run {id}: its stored reports: {what}"));
+        let in_blocks = state.report_blocks.len().checked_mul(REPORT_BLOCK);
+        if in_blocks.and_then(|n| n.checked_add(state.reports.len())) != Some(state.completed_rounds as usize) {
+            return Err(bad(format!(
+                "{} blocks and {} more reports for {} rounds",
+                state.report_blocks.len(),
+                state.reports.len(),
+                state.completed_rounds
+            )));
+        }
+        let mut reports = Vec::new();
+        for d in &state.report_blocks {
+            // (A store that cannot tell a size without reading gives `None`.)
+            let size = self.retry("reading the run's reports", || self.backend.blobs.size(d)).await?;
+            if let Some(n) = size.filter(|n| *n > MAX_REPORT_BLOCK_BYTES) {
+                return Err(bad(format!("block {d} is {n} bytes, past {MAX_REPORT_BLOCK_BYTES}")));
+            }
+            let bytes = self
+                .retry("reading the run's reports", || self.backend.blobs.get(d))
+                .await?
+                .ok_or_else(|| bad(format!("block {d} is missing")))?;
+            let block: Vec<RoundReport> = serde_json::from_slice(&bytes).map_err(|e| bad(format!("block {d}: {e}")))?;
+            if block.len() != REPORT_BLOCK {
+                return Err(bad(format!("block {d} holds {} reports, not {REPORT_BLOCK}", block.len())));
+            }
+            reports.extend(block);
+        }
+        reports.extend(state.reports.iter().cloned());
+        if let Some((i, r)) = reports.iter().enumerate().find(|(i, r)| r.round as usize != i + 1) {
+            return Err(bad(format!("report {} is of round {}", i + 1, r.round)));
+        }
+        Ok(reports)
     }
 
     /// Reads a federated session's stored state (`None` when there is no such session; an

@@ -486,13 +486,20 @@ pub const LINEAGE_METRICS_BYTES: usize = 512 << 10;
 impl Lineage {
     /// The reports a lineage carries of a run's `reports` (in round order): all of them
     /// when their JSON fits in [`LINEAGE_METRICS_BYTES`]; otherwise every `k`-th round's
-    /// (rounds `k`, `2k`, ...) and the last's, for the smallest `k` that fits; only the
-    /// last's when a single report is that large, none when even it does not fit.
+    /// (rounds `k`, `2k`, ...) and the last's, for the smallest `k` that fits counting up
+    /// from the total over the bound; only the last's when a single report is that large,
+    /// none when even it does not fit.
     pub fn metrics_of(reports: &[RoundReport]) -> Vec<RoundReport> {
         let sizes: Vec<usize> =
             reports.iter().map(|r| serde_json::to_vec(r).map_or(usize::MAX, |b| b.len() + 1)).collect();
         let fits = |keep: &dyn Fn(usize) -> bool| {
-            sizes.iter().enumerate().filter(|(i, _)| keep(*i)).fold(0usize, |sum, (_, s)| sum.saturating_add(*s))
+            sizes
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| keep(*i))
+                .fold(0usize, |sum, (_, s)| sum.saturating_add(*s))
+                // The array's brackets.
+                .saturating_add(1)
                 <= LINEAGE_METRICS_BYTES
         };
         let last = reports.len().saturating_sub(1);
