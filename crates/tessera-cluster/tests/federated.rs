@@ -57,6 +57,7 @@ on_both_backends!(
     a_stop_request_ends_a_round_waiting_for_nodes,
     a_stopped_session_records_the_round_whose_evaluation_ran_beside,
     a_long_session_saves_each_report_once,
+    a_failing_evaluation_or_round_leaves_the_rounds_before_it_recorded,
     finished_rounds_leave_their_updates_and_records_behind_only_when_asked,
 );
 
@@ -387,6 +388,69 @@ async fn a_long_session_saves_each_report_once(on: On) {
     world.put(&key, tampered(&|v| v["report_blocks"].as_array_mut().unwrap().reverse())).await.unwrap();
     let e = cluster.coordinator().state("s-long").await.unwrap_err().to_string();
     assert!(e.contains("report 1 is of round 33"), "{e}");
+}
+
+/// A round's evaluation runs beside the next round's training: when it fails, the session
+/// ends with the rounds before it recorded (not that round); when the next round fails
+/// instead, the round whose evaluation ran beside it is recorded first.
+async fn a_failing_evaluation_or_round_leaves_the_rounds_before_it_recorded(on: On) {
+    let home = tempfile::tempdir().unwrap();
+    let cluster = cluster(&on, home.path(), 2).await;
+    let dir = home.path().join("modules").join("generated");
+    let manifest = "name: fl.generated\nversion: 0.1.0\nkind: task\nruntime: wasm\nentry: module.wasm\n";
+    tessera_modules::write_module_dir(&dir, manifest, tessera_modules::TEST_PROGRAMS_WASM).unwrap();
+    cluster.publish_dir(&dir).unwrap();
+    let session = |config: serde_json::Value| {
+        let mut cfg = SessionConfig::new("fl.generated");
+        cfg.rounds = 5;
+        cfg.eval_dataset = Some("digits-test".into());
+        cfg.config = config;
+        cfg
+    };
+    // The models' first values, from a session that fails nowhere (and keeps them).
+    let mut cfg = session(json!({"params": 4}));
+    cfg.retain_updates = true;
+    let reference = cluster.coordinator().run("s-reference", &cfg, &Quiet).await.unwrap();
+    let mut first = Vec::new();
+    for r in &reference.reports {
+        let bytes = cluster.backend.blobs.get(&r.model).await.unwrap().unwrap();
+        first.push(Tensors::decode(&bytes, TensorLimits::default()).unwrap().0["p"].data[0]);
+    }
+    assert!(first.windows(2).all(|w| w[0] < w[1]), "{first:?}");
+    // A training task's id names the model it starts from: a round run again from another
+    // model (after a resume) is never answered from these records.
+    let done = cluster.backend.world.keys("done/").await.unwrap();
+    for pair in reference.reports.windows(2) {
+        let tag = format!("s-reference.r{}.m{}.", pair[1].round, &pair[0].model.hex()[..16]);
+        assert_eq!(done.iter().filter(|k| k.contains(&tag)).count(), 2, "{tag} in {done:?}");
+    }
+    let between_2_and_3 = (first[1] + first[2]) / 2.0;
+
+    // Round 3's model fails its evaluation, which ran beside round 4.
+    let failed = cluster
+        .coordinator()
+        .run("s-eval-fails", &session(json!({"params": 4, "evaluate_fails_above": between_2_and_3})), &Quiet)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(failed.contains("evaluate: the model's first value"), "{failed}");
+    let state = cluster.coordinator().state("s-eval-fails").await.unwrap().unwrap();
+    assert_eq!(state.completed_rounds, 2);
+    assert_eq!(state.model, reference.reports[1].model);
+    assert!(state.reports.iter().all(|r| r.eval_loss.is_some()));
+
+    // Round 4 trains from round 3's model and fails; round 3, evaluated beside it, is recorded.
+    let failed = cluster
+        .coordinator()
+        .run("s-round-fails", &session(json!({"params": 4, "train_fails_above": between_2_and_3})), &Quiet)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(failed.contains("train: the model's first value"), "{failed}");
+    let state = cluster.coordinator().state("s-round-fails").await.unwrap().unwrap();
+    assert_eq!(state.completed_rounds, 3);
+    assert_eq!(state.model, reference.reports[2].model);
+    assert!(state.reports.iter().all(|r| r.eval_loss.is_some()));
 }
 
 async fn bad_replies_never_stop_a_session(on: On) {

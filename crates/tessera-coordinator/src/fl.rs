@@ -67,9 +67,9 @@ pub(crate) fn partition_config(cfg: &SessionConfig, participant: &str) -> Value 
 
 /// A federated session as the engine's program: one round per iteration. A round's
 /// coordinator evaluation runs beside the next round's training ([`Pending`]); the round
-/// is recorded (saved, its leftovers removed, the observer told) once it is done, so the
-/// saved state is always that of a whole round, evaluation included. A round without one
-/// is recorded at once.
+/// is recorded (saved, its leftovers removed, the observer told) once both are done, so
+/// the saved state is always that of a whole round, evaluation included. A round without
+/// one, or of a streamed model, is recorded at once.
 struct FlRun<'a> {
     state: SessionState,
     workers: &'a Workers,

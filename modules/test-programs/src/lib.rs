@@ -6,7 +6,8 @@
 //! the platform (memory, large models) rather than learning anything: `init` makes
 //! `params` f32 zeros (one safetensors tensor `p`), `train` adds `0.001 * (1 + seed % 7)`
 //! to every value of its `model` input and reports `1 + seed % 3` examples, `evaluate`
-//! reports a loss.
+//! reports a loss; each fails on a model whose first value is past `train_fails_above` or
+//! `evaluate_fails_above`.
 
 wit_bindgen::generate!({ path: "../../wit", world: "module" });
 
@@ -48,6 +49,20 @@ struct Config {
     /// The participant's seed (`train`).
     #[serde(default)]
     seed: u64,
+    /// `train` fails on a model whose first value is past this.
+    #[serde(default)]
+    train_fails_above: Option<f32>,
+    /// `evaluate` fails on a model whose first value is past this.
+    #[serde(default)]
+    evaluate_fails_above: Option<f32>,
+}
+
+/// Fails when the first value of `model` is past `limit`.
+fn check_limit(what: &str, model: &[u8], limit: Option<f32>) -> Result<(), String> {
+    match (limit, values_of(model)?.next()) {
+        (Some(limit), Some(v)) if v > limit => Err(format!("{what}: the model's first value {v} is past {limit}")),
+        _ => Ok(()),
+    }
 }
 
 /// `n` f32 values as a safetensors file with one tensor `p` of shape `[n]`.
@@ -196,6 +211,7 @@ impl Guest for Programs {
             }
             "train" => {
                 let model = inputs.iter().find(|b| b.name == "model").ok_or("input `model` is missing")?;
+                check_limit("train", &model.data, cfg.train_fails_above)?;
                 let step = 0.001 * (1 + cfg.seed % 7) as f32;
                 let trained = safetensors_of(values_of(&model.data)?.map(|v| v + step));
                 let metrics = serde_json::json!({"num_examples": 1 + cfg.seed % 3, "loss": 1.0});
@@ -205,6 +221,8 @@ impl Guest for Programs {
                 ])
             }
             "evaluate" => {
+                let model = inputs.iter().find(|b| b.name == "model").ok_or("input `model` is missing")?;
+                check_limit("evaluate", &model.data, cfg.evaluate_fails_above)?;
                 let metrics = serde_json::json!({"num_examples": 1, "loss": 1.0});
                 Ok(vec![Blob { name: "metrics".into(), data: metrics.to_string().into_bytes() }])
             }
