@@ -2,7 +2,7 @@
 //! its held-out data) and, when the session asks, on participants.
 //!
 //! The coordinator's evaluation runs on a task of its own ([`Finished`]): a synchronous
-//! session starts its next round while it runs, and records the round once it is done
+//! session starts its next round while it runs, and records the round once both are done
 //! (see [`crate::fl`]). Nothing of the next round depends on it: strategies choose and
 //! aggregate from the training replies and the federated evaluation alone, and the round
 //! limit is the synchronous session's only scheduler. FedBuff's stop rule reads the
