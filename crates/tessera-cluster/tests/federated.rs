@@ -393,13 +393,19 @@ async fn a_long_session_saves_each_report_once(on: On) {
 /// A round's evaluation runs beside the next round's training: when it fails, the session
 /// ends with the rounds before it recorded (not that round); when the next round fails
 /// instead, the round whose evaluation ran beside it is recorded first.
-async fn a_failing_evaluation_or_round_leaves_the_rounds_before_it_recorded(on: On) {
-    let home = tempfile::tempdir().unwrap();
-    let cluster = cluster(&on, home.path(), 2).await;
-    let dir = home.path().join("modules").join("generated");
+/// Publishes the test module as `fl.generated`, the federated worker of a generated model
+/// (see `modules/test-programs`).
+fn publish_generated(cluster: &Cluster, home: &std::path::Path) {
+    let dir = home.join("modules").join("generated");
     let manifest = "name: fl.generated\nversion: 0.1.0\nkind: task\nruntime: wasm\nentry: module.wasm\n";
     tessera_modules::write_module_dir(&dir, manifest, tessera_modules::TEST_PROGRAMS_WASM).unwrap();
     cluster.publish_dir(&dir).unwrap();
+}
+
+async fn a_failing_evaluation_or_round_leaves_the_rounds_before_it_recorded(on: On) {
+    let home = tempfile::tempdir().unwrap();
+    let cluster = cluster(&on, home.path(), 2).await;
+    publish_generated(&cluster, home.path());
     let session = |config: serde_json::Value| {
         let mut cfg = SessionConfig::new("fl.generated");
         cfg.rounds = 5;
@@ -426,31 +432,18 @@ async fn a_failing_evaluation_or_round_leaves_the_rounds_before_it_recorded(on: 
     }
     let between_2_and_3 = (first[1] + first[2]) / 2.0;
 
-    // Round 3's model fails its evaluation, which ran beside round 4.
-    let failed = cluster
-        .coordinator()
-        .run("s-eval-fails", &session(json!({"params": 4, "evaluate_fails_above": between_2_and_3})), &Quiet)
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(failed.contains("evaluate: the model's first value"), "{failed}");
-    let state = cluster.coordinator().state("s-eval-fails").await.unwrap().unwrap();
-    assert_eq!(state.completed_rounds, 2);
-    assert_eq!(state.model, reference.reports[1].model);
-    assert!(state.reports.iter().all(|r| r.eval_loss.is_some()));
-
-    // Round 4 trains from round 3's model and fails; round 3, evaluated beside it, is recorded.
-    let failed = cluster
-        .coordinator()
-        .run("s-round-fails", &session(json!({"params": 4, "train_fails_above": between_2_and_3})), &Quiet)
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(failed.contains("train: the model's first value"), "{failed}");
-    let state = cluster.coordinator().state("s-round-fails").await.unwrap().unwrap();
-    assert_eq!(state.completed_rounds, 3);
-    assert_eq!(state.model, reference.reports[2].model);
-    assert!(state.reports.iter().all(|r| r.eval_loss.is_some()));
+    // Round 3's model fails its evaluation, which ran beside round 4: rounds 1 and 2 are
+    // recorded. Round 4 trains from round 3's model and fails: round 3, evaluated beside
+    // it, is recorded.
+    for (id, knob, recorded) in [("s-eval-fails", "evaluate", 2usize), ("s-round-fails", "train", 3)] {
+        let config = json!({"params": 4, format!("{knob}_fails_above"): between_2_and_3});
+        let failed = cluster.coordinator().run(id, &session(config), &Quiet).await.unwrap_err().to_string();
+        assert!(failed.contains(&format!("{knob}: the model's first value")), "{id}: {failed}");
+        let state = cluster.coordinator().state(id).await.unwrap().unwrap();
+        assert_eq!(state.completed_rounds as usize, recorded, "{id}");
+        assert_eq!(state.model, reference.reports[recorded - 1].model, "{id}");
+        assert!(state.reports.iter().all(|r| r.eval_loss.is_some()), "{id}");
+    }
 }
 
 async fn bad_replies_never_stop_a_session(on: On) {
@@ -572,10 +565,7 @@ async fn finished_rounds_leave_their_updates_and_records_behind_only_when_asked(
     let cluster = cluster(&on, home.path(), 4).await;
     // Updates of 64 Ki f32 (256 KiB: stored as blobs, not inline), from the test module's
     // generated-model worker.
-    let dir = home.path().join("modules").join("generated");
-    let manifest = "name: fl.generated\nversion: 0.1.0\nkind: task\nruntime: wasm\nentry: module.wasm\n";
-    tessera_modules::write_module_dir(&dir, manifest, tessera_modules::TEST_PROGRAMS_WASM).unwrap();
-    cluster.publish_dir(&dir).unwrap();
+    publish_generated(&cluster, home.path());
     let session = |rounds: u32, retain: bool| {
         let mut cfg = SessionConfig::new("fl.generated");
         cfg.rounds = rounds;
@@ -633,10 +623,7 @@ async fn finished_rounds_leave_their_updates_and_records_behind_only_when_asked(
 async fn a_state_past_a_world_value_is_kept_in_the_blob_store() {
     let home = tempfile::tempdir().unwrap();
     let cluster = cluster(&On::Memory, home.path(), 4).await;
-    let dir = home.path().join("modules").join("generated");
-    let manifest = "name: fl.generated\nversion: 0.1.0\nkind: task\nruntime: wasm\nentry: module.wasm\n";
-    tessera_modules::write_module_dir(&dir, manifest, tessera_modules::TEST_PROGRAMS_WASM).unwrap();
-    cluster.publish_dir(&dir).unwrap();
+    publish_generated(&cluster, home.path());
     let mut cfg = SessionConfig::new("fl.generated");
     cfg.rounds = 2;
     cfg.clients_per_node = Some(3000);

@@ -391,15 +391,16 @@ impl Coordinator {
         }
         let RunRecord::Session(mut state) = record else { return Ok(Some(record)) };
         if !state.report_blocks.is_empty() {
-            state.reports = self.stored_reports(id, &state).await?;
+            state.reports = self.stored_reports(id, &mut state).await?;
         }
         Ok(Some(RunRecord::Session(state)))
     }
 
-    /// Every report of a stored session whose first ones are in blocks: checked to be
+    /// Every report of a stored session whose first ones are in blocks (its inline ones
+    /// moved after them): checked to be
     /// rounds 1 to `completed_rounds` in order, each block read only when it is at most
     /// [`MAX_REPORT_BLOCK_BYTES`].
-    async fn stored_reports(&self, id: &str, state: &SessionState) -> Result<Vec<RoundReport>, SessionError> {
+    async fn stored_reports(&self, id: &str, state: &mut SessionState) -> Result<Vec<RoundReport>, SessionError> {
         let bad = |what: String| SessionError::Config(format!("run {id}: its stored reports: {what}"));
         let in_blocks = state.report_blocks.len().checked_mul(REPORT_BLOCK);
         if in_blocks.and_then(|n| n.checked_add(state.reports.len())) != Some(state.completed_rounds as usize) {
@@ -427,7 +428,7 @@ impl Coordinator {
             }
             reports.extend(block);
         }
-        reports.extend(state.reports.iter().cloned());
+        reports.append(&mut state.reports);
         if let Some((i, r)) = reports.iter().enumerate().find(|(i, r)| r.round as usize != i + 1) {
             return Err(bad(format!("report {} is of round {}", i + 1, r.round)));
         }
