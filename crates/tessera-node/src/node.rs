@@ -579,7 +579,8 @@ impl Node {
     }
 
     /// The answer to a task, and when it ran now, the record of it to keep (the world
-    /// key and value) for the caller to write: the serve loop writes it beside the reply.
+    /// key, and the reply as [`wire::encode`] gives it) for the caller to write: the serve
+    /// loop writes it beside the reply, and sends the same bytes when it signs nothing.
     /// `first_delivery`: the bus delivers this message for the first time; with
     /// [`TaskMessage::fresh`] on an unsigned task, the task cannot have been answered by
     /// an earlier run of this node, and the look-up in world state is skipped.

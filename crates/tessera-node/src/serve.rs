@@ -120,12 +120,19 @@ impl Node {
         };
         let mut reply = reply;
         // Sign the reply for the task's signer, when both sides have keys.
-        if let (Some(key), Some(auth)) = (&self.identity, &task.auth)
+        let signed = if let (Some(key), Some(auth)) = (&self.identity, &task.auth)
             && let Ok(env) = Envelope::parse(auth)
         {
             messages::sign_reply(&mut reply, key, &env.key, &task.reply_to, now_ms());
-        }
-        let bytes = Bytes::from(wire::encode(&reply));
+            true
+        } else {
+            false
+        };
+        // An unsigned reply is the answer's record itself: encoded once for both.
+        let bytes = match &record {
+            Some((_, kept)) if !signed => kept.clone(),
+            _ => Bytes::from(wire::encode(&reply)),
+        };
         let id = format!("reply.{}.{}.{}", task.task_id, task.dispatch, self.id);
         // The answer's record and the reply go out together; the ack only once both are
         // done, so a task is never acknowledged before its answer is kept.

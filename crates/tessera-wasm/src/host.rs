@@ -74,7 +74,7 @@ impl local::Host for Host {
         }
     }
     fn dataset_read(&mut self, name: String, offset: u64, len: u32) -> Result<Vec<u8>, String> {
-        use std::io::{Read, Seek};
+        use std::os::unix::fs::FileExt;
         let len = len.min(MAX_READ);
         let Some(path) = self.ctx.dataset_file(&name) else {
             return self
@@ -84,11 +84,23 @@ impl local::Host for Host {
                 .map_err(|e| e.to_string());
         };
         let fail = |e: std::io::Error| format!("dataset {name:?}: {e}");
-        let mut file = std::fs::File::open(path).map_err(fail)?;
-        file.seek(std::io::SeekFrom::Start(offset)).map_err(fail)?;
-        // Grown as bytes come: a huge `len` past the file's end allocates nothing.
-        let mut buf = Vec::new();
-        file.take(u64::from(len)).read_to_end(&mut buf).map_err(fail)?;
+        let file = std::fs::File::open(path).map_err(fail)?;
+        // Sized to what the file holds past `offset` (at most `len`), and read with
+        // positioned reads: a read of a whole small file is one allocation and one system
+        // call, and a huge `len` past the file's end allocates nothing. A file that shrank
+        // meanwhile yields what it still holds.
+        let left = file.metadata().map_err(fail)?.len().saturating_sub(offset).min(u64::from(len));
+        let mut buf = vec![0u8; left as usize];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match file.read_at(&mut buf[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(fail(e)),
+            }
+        }
+        buf.truncate(filled);
         Ok(buf)
     }
     fn resources(&mut self) -> local::NodeResources {

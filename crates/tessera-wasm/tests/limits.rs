@@ -543,3 +543,55 @@ async fn a_dataset_file_replaced_at_its_path_gets_a_new_instance() {
     std::fs::rename(&next, &file).unwrap();
     assert_eq!(count(&rt, &img, &ctx).await, 1);
 }
+
+/// The softmax worker's evaluation of its zero model (which predicts class 0 for every
+/// row) on `ctx`'s `digits` dataset: the accuracy, the share of rows labelled 0.
+async fn zero_model_accuracy(rt: &WasmRuntime, img: &ModuleImage, ctx: &Arc<Ctx>) -> f64 {
+    let config = |mode: &str| json!({"mode": mode, "features": 2, "classes": 2});
+    let init = Invocation { config: config("init"), inputs: vec![], timeout: None };
+    let model = rt.run(img, init, ctx.clone()).await.expect("init runs").remove(0).1;
+    let evaluate = Invocation { config: config("evaluate"), inputs: vec![("model".into(), model)], timeout: None };
+    let out = rt.run(img, evaluate, ctx.clone()).await.expect("evaluate runs");
+    let metrics: serde_json::Value = serde_json::from_slice(&out[0].1).unwrap();
+    metrics["accuracy"].as_f64().unwrap()
+}
+
+/// Four rows of two features labelled `label`, as the softmax worker reads them.
+fn rows_labelled(label: f32) -> Vec<u8> {
+    use tessera_core::tensor::{Tensor, Tensors};
+    let x = Tensor { shape: vec![4, 2], data: vec![0.5; 8] };
+    let y = Tensor { shape: vec![4], data: vec![label; 4] };
+    Tensors([("x".to_string(), x), ("y".to_string(), y)].into()).encode()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_worker_reads_a_dataset_rewritten_in_place_afresh() {
+    // The softmax worker (`reuse: session`) keeps the rows it decoded in its instance; the
+    // instance is reused only while the dataset file is unchanged, so rows rewritten in
+    // place (same path, same inode, same size) are never answered from the old ones.
+    let dir = tempfile::tempdir().unwrap();
+    let img = {
+        std::fs::write(dir.path().join("module.wasm"), tessera_modules::FL_SOFTMAX_WORKER_WASM).unwrap();
+        let manifest = Manifest::parse(tessera_modules::FL_SOFTMAX_WORKER_MANIFEST).unwrap();
+        assert_eq!(manifest.reuse, tessera_core::manifest::Reuse::Session, "the worker is reused");
+        ModuleImage {
+            digest: Digest::of(tessera_modules::FL_SOFTMAX_WORKER_WASM),
+            manifest,
+            root: dir.path().to_owned(),
+        }
+    };
+    let rt = runtime();
+    let file = dir.path().join("digits.safetensors");
+    std::fs::write(&file, rows_labelled(0.0)).unwrap();
+    let ctx = Ctx::scoped("node-a", Some("s1 alice"), Some(&file));
+    assert_eq!(zero_model_accuracy(&rt, &img, &ctx).await, 1.0);
+    assert_eq!(zero_model_accuracy(&rt, &img, &ctx).await, 1.0, "the same rows in the reused instance");
+    assert_eq!(rt.idle_instances(), 1, "the worker's instance waits for the session's next task");
+    let relabelled = rows_labelled(1.0);
+    assert_eq!(relabelled.len() as u64, std::fs::metadata(&file).unwrap().len(), "the same size");
+    let modified = std::fs::metadata(&file).unwrap().modified().unwrap();
+    std::fs::write(&file, relabelled).unwrap();
+    // A modification time a second on, whatever the file system's clock granularity.
+    std::fs::File::options().write(true).open(&file).unwrap().set_modified(modified + Duration::from_secs(1)).unwrap();
+    assert_eq!(zero_model_accuracy(&rt, &img, &ctx).await, 0.0, "the rewritten rows");
+}
