@@ -19,7 +19,7 @@ async fn reader(nats: &NatsArg) -> anyhow::Result<Coordinator> {
 
 /// `tessera swarm list`.
 pub async fn list(nats: &NatsArg, as_json: bool) -> anyhow::Result<()> {
-    let runs: Vec<RunSummary> = reader(nats).await?.runs().await?.iter().map(RunRecord::summary).collect();
+    let runs: Vec<RunSummary> = reader(nats).await?.summaries().await?;
     crate::output::show(as_json, &runs, |runs| {
         if runs.is_empty() {
             eprintln!("no runs on {}", nats.nats);

@@ -369,6 +369,14 @@ async fn a_long_session_saves_each_report_once(on: On) {
     assert_eq!(again.reports, result.reports);
     assert_eq!(again.model_digest, result.model_digest);
 
+    // Listing shows the last round's accuracy from the state's own reports...
+    let last_accuracy = |round: usize| result.reports[round - 1].eval_accuracy;
+    let listed = |summaries: Vec<tessera_coordinator::RunSummary>| {
+        summaries.into_iter().find(|s| s.id == "s-long").map(|s| (s.done, s.test_accuracy))
+    };
+    let summaries = cluster.coordinator().summaries().await.unwrap();
+    assert_eq!(listed(summaries), Some((rounds as u32, last_accuracy(rounds))));
+
     // A stored state whose blocks do not add up to its rounds, or hold them out of order,
     // is refused with what is wrong, not read as a shorter or shuffled history.
     let key = tessera_coordinator::state_key("s-long");
@@ -388,6 +396,19 @@ async fn a_long_session_saves_each_report_once(on: On) {
     world.put(&key, tampered(&|v| v["report_blocks"].as_array_mut().unwrap().reverse())).await.unwrap();
     let e = cluster.coordinator().state("s-long").await.unwrap_err().to_string();
     assert!(e.contains("report 1 is of round 33"), "{e}");
+
+    // ...and from its last block alone when every report is in a block: a state of 64
+    // rounds whose first block is gone still lists (its status refuses it).
+    let blocks_only = tampered(&|v| {
+        v["completed_rounds"] = (2 * REPORT_BLOCK).into();
+        v["reports"] = json!([]);
+        v["report_blocks"][0] = extra.clone().into();
+    });
+    world.put(&key, blocks_only).await.unwrap();
+    let e = cluster.coordinator().state("s-long").await.unwrap_err().to_string();
+    assert!(e.contains("is missing"), "{e}");
+    let summaries = cluster.coordinator().summaries().await.unwrap();
+    assert_eq!(listed(summaries), Some((2 * REPORT_BLOCK as u32, last_accuracy(2 * REPORT_BLOCK))));
 }
 
 /// A round's evaluation runs beside the next round's training: when it fails, the session

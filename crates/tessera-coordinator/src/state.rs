@@ -368,6 +368,18 @@ impl Coordinator {
     /// Reads a stored run. Every way in by run id (status, logs, stop, resume) goes
     /// through here: an id that is not a plain name is refused.
     pub async fn record(&self, id: &str) -> Result<Option<RunRecord>, SessionError> {
+        match self.saved(id).await? {
+            Some(RunRecord::Session(mut state)) if !state.report_blocks.is_empty() => {
+                state.reports = self.stored_reports(id, &mut state).await?;
+                Ok(Some(RunRecord::Session(state)))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// A stored run as saved: a session's reports past its blocks only (checked to add
+    /// up with its blocks, when it has any, to its completed rounds), its blocks not read.
+    async fn saved(&self, id: &str) -> Result<Option<RunRecord>, SessionError> {
         tessera_core::name::check_ident("run id", id).map_err(|e| SessionError::Config(e.to_string()))?;
         let key = state_key(id);
         // A save replaces the pointer, then removes the blob it pointed to: a reader that
@@ -389,50 +401,58 @@ impl Coordinator {
         if record.id() != id {
             return Err(SessionError::Config(format!("sessions/{id} holds the state of run {}", record.id())));
         }
-        let RunRecord::Session(mut state) = record else { return Ok(Some(record)) };
-        if !state.report_blocks.is_empty() {
-            state.reports = self.stored_reports(id, &mut state).await?;
+        if let RunRecord::Session(state) = &record
+            && !state.report_blocks.is_empty()
+        {
+            let in_blocks = state.report_blocks.len().checked_mul(REPORT_BLOCK);
+            if in_blocks.and_then(|n| n.checked_add(state.reports.len())) != Some(state.completed_rounds as usize) {
+                return Err(SessionError::Config(format!(
+                    "run {id}: its stored reports: {} blocks and {} more reports for {} rounds",
+                    state.report_blocks.len(),
+                    state.reports.len(),
+                    state.completed_rounds
+                )));
+            }
         }
-        Ok(Some(RunRecord::Session(state)))
+        Ok(Some(record))
     }
 
     /// Every report of a stored session whose first ones are in blocks (its inline ones
-    /// moved after them): checked to be
-    /// rounds 1 to `completed_rounds` in order, each block read only when it is at most
-    /// [`MAX_REPORT_BLOCK_BYTES`].
+    /// moved after them): checked to be rounds 1 to `completed_rounds` in order.
     async fn stored_reports(&self, id: &str, state: &mut SessionState) -> Result<Vec<RoundReport>, SessionError> {
-        let bad = |what: String| SessionError::Config(format!("run {id}: its stored reports: {what}"));
-        let in_blocks = state.report_blocks.len().checked_mul(REPORT_BLOCK);
-        if in_blocks.and_then(|n| n.checked_add(state.reports.len())) != Some(state.completed_rounds as usize) {
-            return Err(bad(format!(
-                "{} blocks and {} more reports for {} rounds",
-                state.report_blocks.len(),
-                state.reports.len(),
-                state.completed_rounds
-            )));
-        }
         let mut reports = Vec::new();
         for d in &state.report_blocks {
-            // (A store that cannot tell a size without reading gives `None`.)
-            let size = self.retry("reading the run's reports", || self.backend.blobs.size(d)).await?;
-            if let Some(n) = size.filter(|n| *n > MAX_REPORT_BLOCK_BYTES) {
-                return Err(bad(format!("block {d} is {n} bytes, past {MAX_REPORT_BLOCK_BYTES}")));
-            }
-            let bytes = self
-                .retry("reading the run's reports", || self.backend.blobs.get(d))
-                .await?
-                .ok_or_else(|| bad(format!("block {d} is missing")))?;
-            let block: Vec<RoundReport> = serde_json::from_slice(&bytes).map_err(|e| bad(format!("block {d}: {e}")))?;
-            if block.len() != REPORT_BLOCK {
-                return Err(bad(format!("block {d} holds {} reports, not {REPORT_BLOCK}", block.len())));
-            }
-            reports.extend(block);
+            reports.extend(self.report_block(id, d).await?);
         }
         reports.append(&mut state.reports);
         if let Some((i, r)) = reports.iter().enumerate().find(|(i, r)| r.round as usize != i + 1) {
-            return Err(bad(format!("report {} is of round {}", i + 1, r.round)));
+            return Err(SessionError::Config(format!(
+                "run {id}: its stored reports: report {} is of round {}",
+                i + 1,
+                r.round
+            )));
         }
         Ok(reports)
+    }
+
+    /// One block of a stored session's reports: read only when it is at most
+    /// [`MAX_REPORT_BLOCK_BYTES`], and checked to hold [`REPORT_BLOCK`] reports.
+    async fn report_block(&self, id: &str, d: &Digest) -> Result<Vec<RoundReport>, SessionError> {
+        let bad = |what: String| SessionError::Config(format!("run {id}: its stored reports: {what}"));
+        // (A store that cannot tell a size without reading gives `None`.)
+        let size = self.retry("reading the run's reports", || self.backend.blobs.size(d)).await?;
+        if let Some(n) = size.filter(|n| *n > MAX_REPORT_BLOCK_BYTES) {
+            return Err(bad(format!("block {d} is {n} bytes, past {MAX_REPORT_BLOCK_BYTES}")));
+        }
+        let bytes = self
+            .retry("reading the run's reports", || self.backend.blobs.get(d))
+            .await?
+            .ok_or_else(|| bad(format!("block {d} is missing")))?;
+        let block: Vec<RoundReport> = serde_json::from_slice(&bytes).map_err(|e| bad(format!("block {d}: {e}")))?;
+        if block.len() != REPORT_BLOCK {
+            return Err(bad(format!("block {d} holds {} reports, not {REPORT_BLOCK}", block.len())));
+        }
+        Ok(block)
     }
 
     /// Reads a federated session's stored state (`None` when there is no such session; an
@@ -447,16 +467,11 @@ impl Coordinator {
         }
     }
 
-    /// Every run stored in world state, newest first.
+    /// Every run stored in world state, newest first, each with every report.
     pub async fn runs(&self) -> Result<Vec<RunRecord>, SessionError> {
-        let keys = self.retry("listing runs", || self.backend.world.keys("sessions/")).await?;
         let mut out = Vec::new();
-        for key in keys {
-            let Some(id) = key.strip_prefix("sessions/") else { continue };
-            if id.contains('/') {
-                continue;
-            }
-            match self.record(id).await {
+        for id in self.run_ids().await? {
+            match self.record(&id).await {
                 Ok(Some(s)) => out.push(s),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(session = id, "unreadable run state: {e}"),
@@ -464,6 +479,45 @@ impl Coordinator {
         }
         out.sort_by(|a, b| b.updated_ms().cmp(&a.updated_ms()).then(a.id().cmp(b.id())));
         Ok(out)
+    }
+
+    /// What `tessera swarm list` and the dashboard show of every run stored in world
+    /// state, newest first. A session's blocks of reports are not read back, but for the
+    /// last one when its state holds no report of its own (the summary shows the last
+    /// round's accuracy): listing a session of 10,000 rounds costs what one of 10 does.
+    /// Runs whose state cannot be read are left out, with a warning.
+    pub async fn summaries(&self) -> Result<Vec<RunSummary>, SessionError> {
+        let mut out = Vec::new();
+        for id in self.run_ids().await? {
+            let record = match self.saved(&id).await {
+                Ok(Some(RunRecord::Session(mut s))) if s.reports.is_empty() && !s.report_blocks.is_empty() => {
+                    let last = *s.report_blocks.last().expect("not empty");
+                    self.report_block(&id, &last).await.map(|block| {
+                        s.reports = block;
+                        Some(RunRecord::Session(s))
+                    })
+                }
+                other => other,
+            };
+            match record {
+                Ok(Some(r)) => out.push(r.summary()),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(session = id, "unreadable run state: {e}"),
+            }
+        }
+        out.sort_by(|a, b| b.updated_ms.cmp(&a.updated_ms).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// The ids of the runs stored in world state.
+    async fn run_ids(&self) -> Result<Vec<String>, SessionError> {
+        let keys = self.retry("listing runs", || self.backend.world.keys("sessions/")).await?;
+        Ok(keys
+            .iter()
+            .filter_map(|k| k.strip_prefix("sessions/"))
+            .filter(|id| !id.contains('/'))
+            .map(str::to_owned)
+            .collect())
     }
 
     /// Every federated session stored in world state, newest first.

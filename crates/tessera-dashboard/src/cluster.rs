@@ -92,8 +92,11 @@ impl Cluster {
     }
 
     async fn summaries(&self) -> Vec<RunSummary> {
-        match self.runs.runs().await {
-            Ok(runs) => runs.iter().take(MAX_RUNS).map(RunRecord::summary).collect(),
+        match self.runs.summaries().await {
+            Ok(mut runs) => {
+                runs.truncate(MAX_RUNS);
+                runs
+            }
             Err(e) => {
                 tracing::warn!("dashboard: listing runs: {e}");
                 Vec::new()
