@@ -60,7 +60,7 @@ fn quickstart_reaches_90_percent_and_publishes_the_model() {
     let lineage = m.lineage.unwrap();
     assert_eq!(lineage.rounds, 20);
     assert_eq!(lineage.nodes.len(), 4);
-    assert_eq!(lineage.modules[0].module, "fl.softmax.worker@0.1.3");
+    assert_eq!(lineage.modules[0].module, "fl.softmax.worker@0.1.2");
     assert!((m.metadata["test_accuracy"].as_f64().unwrap() - acc).abs() < 1e-3);
     // A second run in the same home publishes the next version.
     let out = ok(&["quickstart", "--home", home.path().to_str().unwrap(), "--rounds", "2"], home.path(), None);

@@ -88,7 +88,7 @@ fn the_dashboard_shows_the_session_rounds_nodes_and_lineage_from_this_host_only(
         ("runs", "#chart-accuracy circle[data-round]"),
         ("nodes", "#nodes tr[data-node]"),
         ("models/digits.softmax/0.1.0", "#lineage .lnode"),
-        ("modules/fl.softmax.worker/0.1.3", "#module-view #manifest"),
+        ("modules/fl.softmax.worker/0.1.2", "#module-view #manifest"),
     ];
     let python = std::env::var("TESSERA_PYTHON").unwrap_or_else(|_| "python3".into());
     let mut cmd = Command::new(python);
@@ -129,7 +129,7 @@ fn the_dashboard_shows_the_session_rounds_nodes_and_lineage_from_this_host_only(
     }
     assert_eq!(chart("chart-durations").matches("class=\"bar\"").count(), 3);
     assert_eq!(chart("chart-loss").matches("<circle").count(), 6, "test and train loss of 3 rounds");
-    has(0, "fl.softmax.worker@0.1.3");
+    has(0, "fl.softmax.worker@0.1.2");
     // The node list.
     for k in 0..4 {
         has(1, &format!("data-node=\"node-{k}\""));
@@ -138,7 +138,7 @@ fn the_dashboard_shows_the_session_rounds_nodes_and_lineage_from_this_host_only(
     for (kind, label) in [
         ("model", "digits.softmax@0.1.0"),
         ("dataset", "digits"),
-        ("module", "fl.softmax.worker@0.1.3"),
+        ("module", "fl.softmax.worker@0.1.2"),
         ("node", "node-3"),
     ] {
         has(2, &format!("data-kind=\"{kind}\" data-label=\"{label}\""));

@@ -126,7 +126,7 @@ impl Env {
 
     fn swarm_file(&self, rounds: u32, min: usize, timeout: f64) -> String {
         let text = format!(
-            "module: fl.softmax.worker@0.1.3\nrounds: {rounds}\nmin_participants: {min}\nround_timeout_secs: {timeout}\n\
+            "module: fl.softmax.worker@0.1.2\nrounds: {rounds}\nmin_participants: {min}\nround_timeout_secs: {timeout}\n\
              dataset: digits\neval_dataset: digits-test\nconfig: {{lr: 0.5}}\nseed: 42\npublish_as: digits.softmax\n"
         );
         let p = self.dir.path().join("fl.yaml");
@@ -414,7 +414,7 @@ fn two_accounts_private_module_walkthrough() {
     let swarm = env.dir.path().join("acme.yaml");
     std::fs::write(
         &swarm,
-        "module: acme.digits.worker@0.1.3\nrounds: 3\nmin_participants: 1\nround_timeout_secs: 60\ndataset: digits\neval_dataset: digits-test\npublish_as: bob.digits\n",
+        "module: acme.digits.worker@0.1.2\nrounds: 3\nmin_participants: 1\nround_timeout_secs: 60\ndataset: digits\neval_dataset: digits-test\npublish_as: bob.digits\n",
     )
     .unwrap();
     let test_set = format!("digits-test={}", env.path("data/coordinator/digits-test.safetensors"));

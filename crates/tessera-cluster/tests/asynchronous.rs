@@ -30,7 +30,7 @@ async fn cluster(on: &On, home: &std::path::Path, nodes: usize, wrap: &[(usize, 
 }
 
 fn digits_session() -> SessionConfig {
-    let mut cfg = SessionConfig::new("fl.softmax.worker@0.1.3");
+    let mut cfg = SessionConfig::new("fl.softmax.worker@0.1.2");
     cfg.eval_dataset = Some("digits-test".into());
     cfg.config = json!({"lr": 0.5, "epochs": 1, "batch_size": 32});
     cfg

@@ -57,7 +57,7 @@ fn flip(inner: Arc<dyn Runtime>) -> Arc<dyn Runtime> {
 }
 
 async fn accuracy(cluster: &Cluster, session: &str, strategy: serde_json::Value) -> f64 {
-    let mut cfg = SessionConfig::new("fl.softmax.worker@0.1.3");
+    let mut cfg = SessionConfig::new("fl.softmax.worker@0.1.2");
     cfg.rounds = 10;
     cfg.min_participants = 10;
     cfg.eval_dataset = Some("digits-test".into());

@@ -64,7 +64,7 @@ on_both_backends!(
 async fn a_short_session_learns_digits(on: On) {
     let home = tempfile::tempdir().unwrap();
     let cluster = cluster(&on, home.path(), 4).await;
-    let mut cfg = SessionConfig::new("fl.softmax.worker@0.1.3");
+    let mut cfg = SessionConfig::new("fl.softmax.worker@0.1.2");
     cfg.rounds = 10;
     cfg.eval_dataset = Some("digits-test".into());
     cfg.config = json!({"lr": 0.5, "epochs": 1, "batch_size": 32});
@@ -99,7 +99,7 @@ async fn a_short_session_learns_digits(on: On) {
     // Lineage names everything that took part.
     assert_eq!(result.lineage.rounds, 10);
     assert_eq!(result.lineage.nodes, vec!["node-0", "node-1", "node-2", "node-3"]);
-    assert_eq!(result.lineage.modules[0].module, "fl.softmax.worker@0.1.3");
+    assert_eq!(result.lineage.modules[0].module, "fl.softmax.worker@0.1.2");
     // The session's state is in world state.
     let state = cluster.coordinator().state("s-test").await.unwrap().unwrap();
     assert_eq!(state.completed_rounds, 10);

@@ -32,7 +32,7 @@ async fn cluster(home: &std::path::Path, backend: Backend) -> Cluster {
 }
 
 fn session() -> SessionConfig {
-    let mut cfg = SessionConfig::new("fl.softmax.worker@0.1.3");
+    let mut cfg = SessionConfig::new("fl.softmax.worker@0.1.2");
     cfg.rounds = ROUNDS;
     cfg.eval_dataset = Some("digits-test".into());
     cfg.config = json!({"lr": 0.5, "epochs": 1, "batch_size": 32});

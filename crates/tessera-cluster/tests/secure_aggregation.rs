@@ -52,7 +52,7 @@ fn drops(inner: Arc<dyn WorldState>) -> Arc<dyn WorldState> {
 }
 
 fn session(secure: bool) -> SessionConfig {
-    let mut cfg = SessionConfig::new("fl.softmax.worker@0.1.3");
+    let mut cfg = SessionConfig::new("fl.softmax.worker@0.1.2");
     cfg.rounds = 1;
     cfg.min_participants = 8;
     cfg.round_timeout_secs = 20.0;

@@ -44,7 +44,7 @@ async fn a_task_is_followed_from_the_coordinator_to_its_node_and_back() {
     let dir = home.path().join("modules").join("fl.softmax.worker");
     tessera_modules::write_softmax_worker(&dir).unwrap();
     cluster.publish_dir(&dir).unwrap();
-    let mut cfg = SessionConfig::new("fl.softmax.worker@0.1.3");
+    let mut cfg = SessionConfig::new("fl.softmax.worker@0.1.2");
     cfg.rounds = 1;
     cluster.coordinator().run("s-traced", &cfg, &Quiet).await.unwrap();
     cluster.stop().await;

@@ -63,7 +63,7 @@ async fn a_session_s_runs_and_nodes_are_listed_and_streamed(backend: Backend) {
     let dir = home.path().join("worker");
     tessera_modules::write_softmax_worker(&dir).unwrap();
     cluster.publish_dir(&dir).unwrap();
-    let mut cfg = SessionConfig::new("fl.softmax.worker@0.1.3");
+    let mut cfg = SessionConfig::new("fl.softmax.worker@0.1.2");
     cfg.rounds = 2;
     cfg.eval_dataset = Some("digits-test".into());
     cfg.config = serde_json::json!({"lr": 0.5, "api_token": "do-not-show"});

@@ -566,9 +566,10 @@ fn rows_labelled(label: f32) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_worker_reads_a_dataset_rewritten_in_place_afresh() {
-    // The softmax worker (`reuse: session`) keeps the rows it decoded in its instance; the
-    // instance is reused only while the dataset file is unchanged, so rows rewritten in
-    // place (same path, same inode, same size) are never answered from the old ones.
+    // The softmax worker (`reuse: session`) runs a session's tasks in one instance. Rows
+    // rewritten in place with everything the runtime's reuse key sees kept (path, inode,
+    // size, modification time) are still read afresh: what a module keeps between tasks
+    // must not stand for its dataset.
     let dir = tempfile::tempdir().unwrap();
     let img = {
         std::fs::write(dir.path().join("module.wasm"), tessera_modules::FL_SOFTMAX_WORKER_WASM).unwrap();
@@ -585,13 +586,15 @@ async fn a_reused_worker_reads_a_dataset_rewritten_in_place_afresh() {
     std::fs::write(&file, rows_labelled(0.0)).unwrap();
     let ctx = Ctx::scoped("node-a", Some("s1 alice"), Some(&file));
     assert_eq!(zero_model_accuracy(&rt, &img, &ctx).await, 1.0);
-    assert_eq!(zero_model_accuracy(&rt, &img, &ctx).await, 1.0, "the same rows in the reused instance");
     assert_eq!(rt.idle_instances(), 1, "the worker's instance waits for the session's next task");
     let relabelled = rows_labelled(1.0);
-    assert_eq!(relabelled.len() as u64, std::fs::metadata(&file).unwrap().len(), "the same size");
-    let modified = std::fs::metadata(&file).unwrap().modified().unwrap();
+    let before = std::fs::metadata(&file).unwrap();
+    assert_eq!(relabelled.len() as u64, before.len(), "the same size");
     std::fs::write(&file, relabelled).unwrap();
-    // A modification time a second on, whatever the file system's clock granularity.
-    std::fs::File::options().write(true).open(&file).unwrap().set_modified(modified + Duration::from_secs(1)).unwrap();
+    std::fs::File::options().write(true).open(&file).unwrap().set_modified(before.modified().unwrap()).unwrap();
+    let after = std::fs::metadata(&file).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((after.ino(), after.modified().unwrap()), (before.ino(), before.modified().unwrap()));
     assert_eq!(zero_model_accuracy(&rt, &img, &ctx).await, 0.0, "the rewritten rows");
+    assert_eq!(rt.idle_instances(), 1, "in the reused instance");
 }
