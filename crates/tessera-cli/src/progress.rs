@@ -186,7 +186,7 @@ pub fn round_summary_line(reports: &[RoundReport], apart: Option<f64>) -> Option
     let mean = |f: &dyn Fn(&RoundReport) -> f64| steady.iter().map(f).sum::<f64>() / n * 1e3;
     let beside = mean(&|r| r.timings.evaluation_beside);
     Some(format!(
-        "rounds after the first: {:.1} ms apart on average: {:.1} ms node work, {:.1} ms evaluation \
+        "rounds after the first: {:.2} ms apart on average: {:.1} ms node work, {:.1} ms evaluation \
          ({beside:.1} ms beside the next round), {:.1} ms overhead \
          (dispatch {:.1} ms, to the nodes and back {:.1} ms, transfer {:.1} ms, aggregation {:.1} ms)",
         apart.unwrap_or(round) * 1e3,

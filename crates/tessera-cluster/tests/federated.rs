@@ -207,6 +207,8 @@ async fn a_session_whose_coordinator_stopped_resumes_from_its_last_round(on: On)
 /// A session whose updates are summed as they stream in from the blob store (as a large
 /// model's are) gives every round the bits of one whose updates are held whole, and a
 /// streamed session stopped after its first round and resumed ends with the same model.
+/// Order-statistic strategies reading a large model's updates a window at a time give the
+/// bits of the same strategies holding them.
 async fn streamed_rounds_give_the_bits_of_held_ones_and_resume(on: On) {
     let home = tempfile::tempdir().unwrap();
     let cluster = std::sync::Arc::new(cluster(&on, home.path(), 3).await);
@@ -234,6 +236,27 @@ async fn streamed_rounds_give_the_bits_of_held_ones_and_resume(on: On) {
         resumed.model_digest, held.model_digest,
         "a resumed streamed session ends where an uninterrupted one does"
     );
+
+    // Order-statistic strategies read a large model's updates a window at a time where
+    // they are stored (over NATS, from a local copy of each): the same bits again.
+    cfg.rounds = 2;
+    for (i, strategy) in [
+        json!("fedmedian"),
+        json!({"name": "fedtrimmedavg", "beta": 0.34}),
+        json!({"name": "krum", "num_clients_to_keep": 2}),
+        json!("bulyan"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        cfg.strategy = serde_json::from_value(strategy.clone()).unwrap();
+        let held = cluster.coordinator().run(&format!("s-held-{i}"), &cfg, &Quiet).await.unwrap();
+        let windowed =
+            cluster.coordinator().with_streaming_from(0).run(&format!("s-windowed-{i}"), &cfg, &Quiet).await.unwrap();
+        assert_eq!(digests(&windowed), digests(&held), "{strategy}");
+        assert_eq!(windowed.reports[1].contributed.len(), 3, "{strategy}");
+        assert_ne!(windowed.reports[0].model, windowed.reports[1].model, "{strategy}: the model moves");
+    }
 }
 
 on_both_backends!(streamed_rounds_give_the_bits_of_held_ones_and_resume);
@@ -408,7 +431,27 @@ async fn a_long_session_saves_each_report_once(on: On) {
     let e = cluster.coordinator().state("s-long").await.unwrap_err().to_string();
     assert!(e.contains("is missing"), "{e}");
     let summaries = cluster.coordinator().summaries().await.unwrap();
+    assert!(last_accuracy(2 * REPORT_BLOCK).is_some());
     assert_eq!(listed(summaries), Some((2 * REPORT_BLOCK as u32, last_accuracy(2 * REPORT_BLOCK))));
+
+    // A last block that holds other rounds (the blocks swapped) lists no accuracy rather
+    // than another round's; a last block that cannot be read lists the run without one.
+    let swapped = tampered(&|v| {
+        v["completed_rounds"] = (2 * REPORT_BLOCK).into();
+        v["reports"] = json!([]);
+        v["report_blocks"].as_array_mut().unwrap().reverse();
+    });
+    world.put(&key, swapped).await.unwrap();
+    let summaries = cluster.coordinator().summaries().await.unwrap();
+    assert_eq!(listed(summaries), Some((2 * REPORT_BLOCK as u32, None)));
+    let unreadable = tampered(&|v| {
+        v["completed_rounds"] = (2 * REPORT_BLOCK).into();
+        v["reports"] = json!([]);
+        v["report_blocks"][1] = extra.clone().into();
+    });
+    world.put(&key, unreadable).await.unwrap();
+    let summaries = cluster.coordinator().summaries().await.unwrap();
+    assert_eq!(listed(summaries), Some((2 * REPORT_BLOCK as u32, None)));
 }
 
 /// A round's evaluation runs beside the next round's training: when it fails, the session

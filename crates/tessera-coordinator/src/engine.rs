@@ -33,6 +33,8 @@ pub struct Coordinator {
     /// Rounds whose global model has at least this many bytes stream their updates
     /// (see [`crate::streamed`]).
     pub(crate) stream_from: u64,
+    /// Bytes of participants' values a windowed round reads at once.
+    pub(crate) window_budget: usize,
     /// The last listing of announced nodes and when it was taken (see
     /// [`Coordinator::announced`]).
     pub(crate) listing: std::sync::Mutex<Option<(Instant, Vec<NodeRecord>)>>,
@@ -82,6 +84,7 @@ impl Coordinator {
             threads,
             retry_for: Duration::from_secs(60),
             stream_from: crate::streamed::STREAM_FROM,
+            window_budget: crate::windowed::WINDOW_BUDGET,
             listing: std::sync::Mutex::new(None),
             started: std::sync::Mutex::new(std::collections::BTreeSet::new()),
             leftovers: Default::default(),

@@ -564,7 +564,11 @@ impl Coordinator {
                 .iter()
                 .map(|node| (node.clone(), replies.replies.get(node).ok_or_else(|| missing(node))))
                 .collect();
-            self.fold_streamed(round, &loaded.layout, strategy, outcomes, cfg.min_participants).await?
+            if strategy.per_coordinate() {
+                self.fold_windowed(round, &loaded.layout, strategy, outcomes, cfg.min_participants).await?
+            } else {
+                self.fold_streamed(round, &loaded.layout, strategy, outcomes, cfg.min_participants).await?
+            }
         } else {
             let base =
                 Model::decode(&global, TensorLimits::default()).map_err(|e| SessionError::Aggregate(e.to_string()))?;

@@ -33,6 +33,7 @@ mod secure;
 pub mod state;
 mod streamed;
 pub mod swarm;
+mod windowed;
 
 pub use config::{DpConfig, DpSide, Hierarchy, Region, SecAggSettings, SessionConfig, StrategySpec, SwarmFile};
 pub use dispatch::reply_queue;
@@ -44,3 +45,4 @@ pub use state::{
 };
 pub use streamed::STREAM_FROM;
 pub use swarm::{IterationReport, StageReport, SwarmResult, SwarmState};
+pub use windowed::WINDOW_BUDGET;

@@ -232,7 +232,8 @@ impl RunRecord {
                 s.completed_rounds,
                 s.config.rounds,
                 s.module.module.clone(),
-                s.reports.last().and_then(|r| r.eval_accuracy),
+                // The last round's, when the last report stored is that round's.
+                s.reports.last().filter(|r| r.round == s.completed_rounds).and_then(|r| r.eval_accuracy),
             ),
             RunRecord::Swarm(s) => (
                 "swarm",
@@ -467,35 +468,24 @@ impl Coordinator {
         }
     }
 
-    /// Every run stored in world state, newest first, each with every report.
-    pub async fn runs(&self) -> Result<Vec<RunRecord>, SessionError> {
-        let mut out = Vec::new();
-        for id in self.run_ids().await? {
-            match self.record(&id).await {
-                Ok(Some(s)) => out.push(s),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(session = id, "unreadable run state: {e}"),
-            }
-        }
-        out.sort_by(|a, b| b.updated_ms().cmp(&a.updated_ms()).then(a.id().cmp(b.id())));
-        Ok(out)
-    }
-
     /// What `tessera swarm list` and the dashboard show of every run stored in world
     /// state, newest first. A session's blocks of reports are not read back, but for the
     /// last one when its state holds no report of its own (the summary shows the last
-    /// round's accuracy): listing a session of 10,000 rounds costs what one of 10 does.
-    /// Runs whose state cannot be read are left out, with a warning.
+    /// round's accuracy): listing reads each run's state and at most one block, however
+    /// many rounds it has. Runs whose state cannot be read are left out, with a warning; a
+    /// session whose last block cannot be read is listed without an accuracy, with a
+    /// warning.
     pub async fn summaries(&self) -> Result<Vec<RunSummary>, SessionError> {
         let mut out = Vec::new();
         for id in self.run_ids().await? {
             let record = match self.saved(&id).await {
                 Ok(Some(RunRecord::Session(mut s))) if s.reports.is_empty() && !s.report_blocks.is_empty() => {
                     let last = *s.report_blocks.last().expect("not empty");
-                    self.report_block(&id, &last).await.map(|block| {
-                        s.reports = block;
-                        Some(RunRecord::Session(s))
-                    })
+                    match self.report_block(&id, &last).await {
+                        Ok(block) => s.reports = block,
+                        Err(e) => tracing::warn!(session = id, "its last block of reports is unreadable: {e}"),
+                    }
+                    Ok(Some(RunRecord::Session(s)))
                 }
                 other => other,
             };
@@ -517,19 +507,6 @@ impl Coordinator {
             .filter_map(|k| k.strip_prefix("sessions/"))
             .filter(|id| !id.contains('/'))
             .map(str::to_owned)
-            .collect())
-    }
-
-    /// Every federated session stored in world state, newest first.
-    pub async fn sessions(&self) -> Result<Vec<SessionState>, SessionError> {
-        Ok(self
-            .runs()
-            .await?
-            .into_iter()
-            .filter_map(|r| match r {
-                RunRecord::Session(s) => Some(s),
-                RunRecord::Swarm(_) => None,
-            })
             .collect())
     }
 

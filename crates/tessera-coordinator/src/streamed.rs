@@ -9,8 +9,9 @@
 //! A round streams when its global model is at least [`Coordinator::with_streaming_from`]
 //! bytes (64 MiB by default) and its strategy's aggregate is the example-weighted mean
 //! (FedAvg, FedProx: [`Strategy::reads_current`] false), without differential privacy,
-//! secure aggregation or a hierarchy; other rounds hold their updates as [`crate::fold`]
-//! does.
+//! secure aggregation or a hierarchy. Order-statistic strategies read such rounds' updates
+//! a window at a time instead ([`crate::windowed`]); other rounds hold their updates as
+//! [`crate::fold`] does.
 //!
 //! An update is checked (its outputs, metrics, header and layout against the model's)
 //! before any of it is added: a bad one is its participant's failure. Once part of it is
@@ -25,7 +26,7 @@ use bytes::Bytes;
 use tessera_core::layout::{self, Layout, PREFIX};
 use tessera_core::strategy::{FitFailure, FitSum, Strategy};
 use tessera_core::tensor::{FixedTensor, Model, TensorLimits};
-use tessera_core::wire::{Failure, TaskOutcome, TaskReply, WorkerMetrics};
+use tessera_core::wire::{BlobRef, Failure, TaskOutcome, TaskReply, WorkerMetrics};
 use tessera_core::{Digest, DigestWriter};
 use tessera_ports::{BlobReader, read_ref};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -57,7 +58,10 @@ impl Global {
 }
 
 /// Reads a safetensors header of at most `max_header` bytes from the front of `r`.
-async fn read_layout(r: &mut (impl AsyncRead + Unpin), max_header: usize) -> Result<(Vec<u8>, Layout), String> {
+pub(crate) async fn read_layout(
+    r: &mut (impl AsyncRead + Unpin),
+    max_header: usize,
+) -> Result<(Vec<u8>, Layout), String> {
     let mut prefix = [0u8; PREFIX];
     r.read_exact(&mut prefix).await.map_err(|e| format!("reading its header: {e}"))?;
     let n = Layout::header_len(prefix).map_err(|e| e.to_string())?;
@@ -71,11 +75,11 @@ async fn read_layout(r: &mut (impl AsyncRead + Unpin), max_header: usize) -> Res
     Ok((head, layout))
 }
 
-/// Whether rounds of `cfg` with `strategy` may stream their updates (given a model large
-/// enough).
+/// Whether rounds of `cfg` with `strategy` may leave the global model unread and read
+/// their updates where they are stored (given a model large enough): summed as streams
+/// here, or a window at a time for a per-coordinate strategy ([`crate::windowed`]).
 pub(crate) fn may_stream(cfg: &SessionConfig, strategy: &dyn Strategy) -> bool {
-    strategy.takes_sum()
-        && !strategy.reads_current()
+    ((strategy.takes_sum() && !strategy.reads_current()) || strategy.per_coordinate())
         && cfg.differential_privacy.is_none()
         && cfg.secure_aggregation.is_none()
         && cfg.hierarchy.is_none()
@@ -172,6 +176,37 @@ impl Coordinator {
         Ok((model, fold.usable, fold.failures, fold.folding + started.elapsed()))
     }
 
+    /// A participant's update as its reply names it, checked before any of it is read:
+    /// the reply succeeded, has its `model` and `metrics` outputs, its metrics count at
+    /// least one example, and the update is at most twice the global model's size plus
+    /// 1 MiB (its header may be written otherwise). The error is the participant's failure.
+    pub(crate) async fn update_named<'r>(&self, reply: &'r TaskReply, global: &Layout) -> Result<Named<'r>, String> {
+        let (outputs, seconds) = match &reply.outcome {
+            TaskOutcome::Ok { outputs, seconds } => (outputs, *seconds),
+            TaskOutcome::Failed { error } => return Err(error.clone()),
+        };
+        let get = |name: &str| outputs.iter().find(|o| o.name == name);
+        let (Some(model), Some(metrics)) = (get("model"), get("metrics")) else {
+            return Err("the reply lacks its `model` or `metrics` output".into());
+        };
+        let metrics = match self.retry("reading metrics", || read_ref(self.backend.blobs.as_ref(), metrics)).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return Err("the `metrics` blob is missing".into()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let metrics: WorkerMetrics = serde_json::from_slice(&metrics).map_err(|e| format!("metrics: {e}"))?;
+        if metrics.num_examples == 0 {
+            return Err("the update is based on zero examples".into());
+        }
+        // An update has the model's tensors, but its header may be written otherwise
+        // (tensors in another order, names escaped, metadata): its size may differ a little.
+        let max_size = global.file_len().saturating_mul(2).saturating_add(1 << 20);
+        if model.size > max_size {
+            return Err(format!("update refused: it is {} bytes, the model {max_size} at most", model.size));
+        }
+        Ok(Named { model, metrics, seconds })
+    }
+
     /// Reads participant `node`'s update from its reply and adds it to the sum. The inner
     /// error is the participant's failure (nothing of it was added); the outer one fails
     /// the round.
@@ -181,33 +216,11 @@ impl Coordinator {
         node: &str,
         reply: &TaskReply,
     ) -> Result<Result<(), String>, SessionError> {
-        let (outputs, seconds) = match &reply.outcome {
-            TaskOutcome::Ok { outputs, seconds } => (outputs, *seconds),
-            TaskOutcome::Failed { error } => return Ok(Err(error.clone())),
-        };
-        let get = |name: &str| outputs.iter().find(|o| o.name == name);
-        let (Some(model), Some(metrics)) = (get("model"), get("metrics")) else {
-            return Ok(Err("the reply lacks its `model` or `metrics` output".into()));
-        };
-        let metrics = match self.retry("reading metrics", || read_ref(self.backend.blobs.as_ref(), metrics)).await {
-            Ok(Some(b)) => b,
-            Ok(None) => return Ok(Err("the `metrics` blob is missing".into())),
-            Err(e) => return Ok(Err(e.to_string())),
-        };
-        let metrics: WorkerMetrics = match serde_json::from_slice(&metrics) {
-            Ok(m) => m,
-            Err(e) => return Ok(Err(format!("metrics: {e}"))),
+        let Named { model, metrics, seconds } = match self.update_named(reply, fold.global).await {
+            Ok(named) => named,
+            Err(e) => return Ok(Err(e)),
         };
         let n = metrics.num_examples;
-        if n == 0 {
-            return Ok(Err("the update is based on zero examples".into()));
-        }
-        // An update has the model's tensors, but its header may be written otherwise
-        // (tensors in another order, names escaped, metadata): its size may differ a little.
-        let max_size = fold.global.file_len().saturating_mul(2).saturating_add(1 << 20);
-        if model.size > max_size {
-            return Ok(Err(format!("update refused: it is {} bytes, the model {max_size} at most", model.size)));
-        }
         let r: BlobReader = match model.inline_bytes() {
             Ok(Some(b)) => Box::pin(std::io::Cursor::new(b.to_vec())),
             Err(_) => {
@@ -401,6 +414,15 @@ impl UpdateStream<'_> {
         }
         Ok(())
     }
+}
+
+/// An update named by a participant's reply ([`Coordinator::update_named`]).
+pub(crate) struct Named<'r> {
+    /// The `model` output.
+    pub(crate) model: &'r BlobRef,
+    pub(crate) metrics: WorkerMetrics,
+    /// The participant's training time, as it reported it.
+    pub(crate) seconds: f64,
 }
 
 /// A streamed round's sum so far.

@@ -126,6 +126,68 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn reader(&self, digest: &Digest) -> Result<Option<BlobReader>, BlobError> {
         Ok(self.get(digest).await?.map(|b| Box::pin(std::io::Cursor::new(b)) as BlobReader))
     }
+
+    /// The stored bytes of blob `digest` for reads at any position, without a copy: the
+    /// memory store's shared buffer, the directory store's file. Not verified: a reader
+    /// that needs the digest checked hashes what it reads. `None` when the blob is missing
+    /// or the store has no such view (the default, and a network store's case: copy it to
+    /// a local file with [`get_file`](BlobStore::get_file) then).
+    ///
+    /// # Errors
+    /// The store's errors.
+    async fn view(&self, _digest: &Digest) -> Result<Option<BlobView>, BlobError> {
+        Ok(None)
+    }
+}
+
+/// A stored blob's bytes, read at any position ([`BlobStore::view`]).
+#[derive(Clone, Debug)]
+pub enum BlobView {
+    /// Bytes in memory, shared with the store: readable as long as the view is held.
+    Bytes(Bytes),
+    /// A file, opened for each read, so that a caller holding many views holds no file
+    /// descriptor for them. The directory store never writes a blob in place (a temporary
+    /// file is renamed over it), so a read sees the stored bytes; a blob deleted meanwhile
+    /// fails the next read ([`std::io::ErrorKind::NotFound`]).
+    Path(PathBuf),
+}
+
+impl BlobView {
+    /// Fills `buf` from byte `offset` on (a positioned read of a file: blocking).
+    ///
+    /// # Errors
+    /// [`std::io::ErrorKind::UnexpectedEof`] when the blob ends before `buf` is full (or
+    /// [`std::io::ErrorKind::InvalidInput`] for an offset past what a file can have); the
+    /// file's open and read errors.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            BlobView::Bytes(b) => {
+                let end = usize::try_from(offset).ok().and_then(|o| o.checked_add(buf.len()).map(|e| (o, e)));
+                match end {
+                    Some((o, e)) if e <= b.len() => {
+                        buf.copy_from_slice(&b[o..e]);
+                        Ok(())
+                    }
+                    _ => Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("{} bytes from {offset} of a blob of {}", buf.len(), b.len()),
+                    )),
+                }
+            }
+            BlobView::Path(p) => std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(p)?, buf, offset),
+        }
+    }
+
+    /// The blob's length in bytes.
+    ///
+    /// # Errors
+    /// The file's metadata errors.
+    pub fn size(&self) -> std::io::Result<u64> {
+        match self {
+            BlobView::Bytes(b) => Ok(b.len() as u64),
+            BlobView::Path(p) => Ok(std::fs::metadata(p)?.len()),
+        }
+    }
 }
 
 /// A blob read front to back ([`BlobStore::reader`]).
@@ -224,6 +286,9 @@ impl BlobStore for MemoryBlobStore {
     }
     async fn size(&self, digest: &Digest) -> Result<Option<u64>, BlobError> {
         Ok(self.lock().get(digest).map(|b| b.len() as u64))
+    }
+    async fn view(&self, digest: &Digest) -> Result<Option<BlobView>, BlobError> {
+        Ok(self.lock().get(digest).cloned().map(BlobView::Bytes))
     }
     async fn delete(&self, digest: &Digest) -> Result<bool, BlobError> {
         Ok(self.lock().remove(digest).is_some())
@@ -381,6 +446,15 @@ impl BlobStore for FsBlobStore {
         let path = self.path_of(digest);
         match tokio::fs::File::open(&path).await {
             Ok(file) => Ok(Some(Box::pin(Verified::new(file, *digest)))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(BlobError::Io { path, source }),
+        }
+    }
+
+    async fn view(&self, digest: &Digest) -> Result<Option<BlobView>, BlobError> {
+        let path = self.path_of(digest);
+        match tokio::fs::metadata(&path).await {
+            Ok(_) => Ok(Some(BlobView::Path(path))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(BlobError::Io { path, source }),
         }

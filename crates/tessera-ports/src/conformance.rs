@@ -287,6 +287,32 @@ pub async fn blob_behaviour(store: &dyn BlobStore) {
     assert!(after < with - (3 << 20) + (64 << 10), "deleting frees the space: {with} then {after}");
     let empty = store.put(Bytes::new()).await.unwrap();
     assert_eq!(store.get(&empty).await.unwrap().unwrap().len(), 0);
+    // A view, where the store offers one, reads what is stored at any position and refuses
+    // a range past the end however large its offset; once the blob is deleted it reads the
+    // same bytes or fails (NotFound), never others; a missing blob has none.
+    let bytes = Bytes::from((0..(300usize << 10)).map(|i| (i % 239) as u8).collect::<Vec<u8>>());
+    let d = store.put(bytes.clone()).await.unwrap();
+    if let Some(view) = store.view(&d).await.unwrap() {
+        assert_eq!(view.size().unwrap(), bytes.len() as u64);
+        let mut buf = vec![0u8; 1000];
+        view.read_at(123_456, &mut buf).unwrap();
+        assert_eq!(buf, bytes[123_456..124_456]);
+        for offset in [bytes.len() as u64 - 999, bytes.len() as u64, u64::MAX - 10, u64::MAX] {
+            let e = view.read_at(offset, &mut buf).unwrap_err();
+            assert!(
+                matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidInput),
+                "{offset}: {e}"
+            );
+        }
+        store.delete(&d).await.unwrap();
+        match view.read_at(0, &mut buf) {
+            Ok(()) => assert_eq!(buf, bytes[..1000]),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}"),
+        }
+    } else {
+        store.delete(&d).await.unwrap();
+    }
+    assert!(store.view(&missing).await.unwrap().is_none());
     // Every size a store may keep differently (one message, around a small-blob bound,
     // chunked) comes back whole, and goes once deleted.
     for size in [1usize, 1000, (64 << 10) - 1, 64 << 10, (64 << 10) + 1, 300 << 10] {

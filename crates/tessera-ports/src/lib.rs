@@ -30,7 +30,7 @@ pub mod sink;
 pub mod source;
 pub mod world;
 
-pub use blob::{BlobError, BlobReader, BlobStore, FsBlobStore, MemoryBlobStore, Verified, read_ref};
+pub use blob::{BlobError, BlobReader, BlobStore, BlobView, FsBlobStore, MemoryBlobStore, Verified, read_ref};
 pub use bus::{Bus, BusError, Delivery, MemoryBus, Put, QueueBound, Subscription};
 pub use membership::{Membership, MemoryMembership};
 pub use retry::{Transient, retry_transient};

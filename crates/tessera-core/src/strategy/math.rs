@@ -23,8 +23,10 @@ pub const LANES: usize = 16;
 const NETWORK_MAX: usize = 256;
 
 /// Coordinates per block when computing pairwise distances: 4 Ki floats = 16 KiB per input,
-/// so the inputs of a block stay in L2 while every pair streams through them.
-const DIST_BLOCK: usize = 4 * 1024;
+/// so the inputs of a block stay in L2 while every pair streams through them. Each block's
+/// pair sums are added into the matrix in block order, so inputs cut at multiples of it and
+/// added part by part give the same distances, to the bit, as added whole.
+pub const DISTANCE_BLOCK: usize = 4 * 1024;
 
 /// Runs `f(chunk, offset)` over `out` split into one contiguous chunk per thread.
 fn par_chunks<F>(out: &mut [f32], inputs: usize, threads: usize, f: F)
@@ -204,15 +206,15 @@ pub fn add_pairwise_sq_distances(acc: &mut [f64], inputs: &[&[f32]], threads: us
     if pairs == 0 || len == 0 {
         return;
     }
-    let blocks = len.div_ceil(DIST_BLOCK);
+    let blocks = len.div_ceil(DISTANCE_BLOCK);
     // One row of pair sums per block, summed in block order afterwards: the same numbers
     // whatever the split across threads.
     let mut partial = vec![0.0f64; blocks * pairs];
     let threads = threads.max(1);
     let work = |rows: &mut [f64], first_block: usize| {
         for (r, row) in rows.chunks_mut(pairs).enumerate() {
-            let start = (first_block + r) * DIST_BLOCK;
-            let end = (start + DIST_BLOCK).min(len);
+            let start = (first_block + r) * DISTANCE_BLOCK;
+            let end = (start + DISTANCE_BLOCK).min(len);
             let mut p = 0;
             for a in 0..n {
                 for b in a + 1..n {
@@ -233,13 +235,16 @@ pub fn add_pairwise_sq_distances(acc: &mut [f64], inputs: &[&[f32]], threads: us
             }
         });
     }
-    let mut p = 0;
-    for a in 0..n {
-        for b in a + 1..n {
-            let d: f64 = (0..blocks).map(|k| partial[k * pairs + p]).sum();
-            acc[a * n + b] += d;
-            acc[b * n + a] += d;
-            p += 1;
+    // Each block's sum goes into the matrix in block order: inputs cut at block boundaries
+    // and added part by part give the same bits as added whole.
+    for row in partial.chunks(pairs) {
+        let mut p = 0;
+        for a in 0..n {
+            for b in a + 1..n {
+                acc[a * n + b] += row[p];
+                acc[b * n + a] += row[p];
+                p += 1;
+            }
         }
     }
 }
@@ -797,5 +802,33 @@ mod tests {
         adam_step(&mut w1, &ins[1], &mut m1, &mut v1, 0.9, 0.99, 0.1, 1e-9, 1);
         adam_step(&mut w2, &ins[1], &mut m2, &mut v2, 0.9, 0.99, 0.1, 1e-9, 3);
         assert_eq!((w1, m1, v1), (w2, m2, v2));
+    }
+
+    /// Inputs of very different magnitudes cut at block boundaries and added part by part,
+    /// with several threads or one, give the distances of the whole inputs to the bit.
+    #[test]
+    fn distances_added_in_parts_cut_at_blocks_are_the_whole_ones() {
+        let len = 7 * DISTANCE_BLOCK + 123;
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let ins: Vec<Vec<f32>> = (0..5)
+            .map(|_| (0..len).map(|i| [1e-3f32, 1.0, 37.0][(i / DISTANCE_BLOCK) % 3] * next()).collect())
+            .collect();
+        let whole = pairwise_sq_distances(&refs(&ins), 1);
+        for cuts in [vec![DISTANCE_BLOCK], vec![2 * DISTANCE_BLOCK, 3 * DISTANCE_BLOCK, 6 * DISTANCE_BLOCK]] {
+            for threads in [1, 3] {
+                let mut parts = vec![0.0f64; 25];
+                let mut start = 0;
+                for end in cuts.iter().copied().chain([len]) {
+                    let piece: Vec<&[f32]> = ins.iter().map(|v| &v[start..end]).collect();
+                    add_pairwise_sq_distances(&mut parts, &piece, threads);
+                    start = end;
+                }
+                assert!(parts.iter().zip(&whole).all(|(a, b)| a.to_bits() == b.to_bits()), "{cuts:?}, {threads}");
+            }
+        }
     }
 }

@@ -38,12 +38,14 @@ use crate::tensor::{TensorError, TensorLimits, Tensors};
 pub use avg::{FedAvg, FedAvgM, FedAvgMParams, FedProx, FedProxParams};
 pub use buffer::{FedBuffBuffer, staleness_weight};
 pub use math::{
-    OptRule, adagrad_step, adam_eta_norm, adam_step, add_pairwise_sq_distances, bulyan_select,
+    DISTANCE_BLOCK, OptRule, adagrad_step, adam_eta_norm, adam_step, add_pairwise_sq_distances, bulyan_select,
     closest_to_median_mean_into, krum_scores, krum_select, median_into, momentum_step, multi_krum_select, opt_step,
     pairwise_sq_distances, trimmed_mean_into, yogi_step,
 };
 pub use opt::{FedAdagradParams, FedAdamParams, FedOpt, FedOptParams, FedYogiParams};
-pub use robust::{Bulyan, BulyanParams, FedMedian, FedTrimmedAvg, FedTrimmedAvgParams, Krum, KrumParams};
+pub use robust::{
+    Bulyan, BulyanParams, CoordinateRule, FedMedian, FedTrimmedAvg, FedTrimmedAvgParams, Krum, KrumParams,
+};
 pub use sum::FitSum;
 
 /// The strategies [`from_config`] knows, by name.
@@ -372,6 +374,34 @@ pub trait Strategy: Send + Sync {
         })
     }
 
+    /// Whether the aggregate is computed coordinate by coordinate
+    /// ([`Strategy::coordinate_rule`]): the order statistics FedMedian, FedTrimmedAvg,
+    /// Krum and Bulyan.
+    fn per_coordinate(&self) -> bool {
+        false
+    }
+
+    /// The round's [`CoordinateRule`] for results with these example counts (in node order)
+    /// and these failures, for a caller that reads updates a window of coordinates at a time
+    /// rather than holding them ([`Strategy::aggregate_fit`] runs the same rule over updates
+    /// held whole). Refuses what [`Strategy::aggregate_fit`] refuses on counts alone: the
+    /// failure policy, `min_fit`, zero examples, and the strategy's own needs (Krum's
+    /// `num_clients_to_keep` at most `n`, Bulyan's `n >= 4f + 3`); a strategy that is not
+    /// [per coordinate](Strategy::per_coordinate) refuses ([`StrategyError::Aggregation`]).
+    fn coordinate_rule(
+        &self,
+        round: u32,
+        examples: &[u64],
+        failures: &[FitFailure],
+    ) -> Result<Box<dyn CoordinateRule>, StrategyError> {
+        let _ = (examples, failures);
+        Err(StrategyError::Aggregation {
+            round,
+            strategy: self.name().into(),
+            message: "this strategy's aggregate is not computed coordinate by coordinate".into(),
+        })
+    }
+
     /// Example-weighted average loss and accuracy of `(num_examples, loss, accuracy)` results;
     /// the accuracy averages the results that report one. `None` without results or examples.
     fn aggregate_evaluate(&self, results: &[(u64, f64, Option<f64>)]) -> Option<(f64, Option<f64>)> {
@@ -542,25 +572,31 @@ impl Common {
         for r in &sorted {
             check_finite(round, &r.node, &r.update)?;
         }
-        let mut total = 0u64;
-        for r in &sorted {
-            total = total.checked_add(r.num_examples).ok_or_else(|| StrategyError::Examples {
-                round,
-                message: "the example counts add up to more than 2^64".into(),
-            })?;
-        }
-        if total == 0 {
-            return Err(StrategyError::Examples { round, message: "the results hold zero examples in all".into() });
-        }
+        check_examples(round, sorted.iter().map(|r| r.num_examples))?;
         Ok(sorted)
+    }
+
+    /// The checks of [`Common::check`] that need only the results' example counts: the
+    /// failure policy, `min_fit`, and a total that is above zero and fits in `u64`.
+    fn check_counts(&self, round: u32, examples: &[u64], failures: &[FitFailure]) -> Result<(), StrategyError> {
+        self.check_policy(round, examples.len(), failures)?;
+        check_examples(round, examples.iter().copied())
     }
 }
 
-/// Example-weighted FedAvg of the given results (checked already), summed in node order.
-fn fedavg_of(round: u32, results: &[&FitResult], threads: usize) -> Result<Tensors, StrategyError> {
-    let mut sorted = results.to_vec();
-    sorted.sort_by(|a, b| a.node.cmp(&b.node));
-    FitSum::of_sorted(round, &Tensors::default(), &sorted, threads)?.mean()
+/// Refuses example counts that add up to zero or past `u64` ([`StrategyError::Examples`]).
+fn check_examples(round: u32, examples: impl Iterator<Item = u64>) -> Result<(), StrategyError> {
+    let mut total = 0u64;
+    for n in examples {
+        total = total.checked_add(n).ok_or_else(|| StrategyError::Examples {
+            round,
+            message: "the example counts add up to more than 2^64".into(),
+        })?;
+    }
+    if total == 0 {
+        return Err(StrategyError::Examples { round, message: "the results hold zero examples in all".into() });
+    }
+    Ok(())
 }
 
 /// Refuses node `node`'s update when it holds NaN or an infinity

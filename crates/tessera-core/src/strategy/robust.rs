@@ -1,4 +1,13 @@
 //! Byzantine-robust strategies: FedMedian, FedTrimmedAvg, Krum / Multi-Krum and Bulyan.
+//!
+//! Each is a [`CoordinateRule`]: an optional choice among the participants made from the
+//! pairwise squared distances of their whole models, then a rule applied coordinate by
+//! coordinate. [`Strategy::aggregate_fit`] runs the rule over updates held whole, tensor
+//! by tensor; a caller whose updates are too large to hold at once runs the same rule over
+//! windows of coordinates read from where the updates are stored, with the same bits as
+//! long as it cuts each tensor at multiples of
+//! [`DISTANCE_BLOCK`](super::DISTANCE_BLOCK) elements and visits the tensors in name
+//! order.
 
 use serde::{Deserialize, Serialize};
 
@@ -8,22 +17,83 @@ use super::math::{
     trimmed_mean_into,
 };
 use super::{
-    Common, FitFailure, FitPlan, FitResult, Participation, Strategy, StrategyError, check_param, encode_state,
-    fedavg_of,
+    Common, FitFailure, FitPlan, FitResult, Participation, Strategy, StrategyError, check_output, check_param,
+    encode_state,
 };
+use crate::aggregate::{divide_into, scaled_add_into};
 use crate::tensor::{Tensor, Tensors};
 
-/// Applies a per-coordinate rule to every tensor of the (checked) results.
-fn per_tensor(results: &[&FitResult], mut f: impl FnMut(&mut [f32], &[&[f32]])) -> Tensors {
-    let first = &results[0].update;
+/// An aggregate computed coordinate by coordinate over the participants' models, in node
+/// order, after an optional choice among them (see the module's documentation). Made by
+/// [`Strategy::coordinate_rule`] for one round.
+///
+/// A caller runs it in three steps: when [`CoordinateRule::needs_distances`], it adds
+/// every participant's values, a window at a time, into an `n * n` matrix with
+/// [`add_pairwise_sq_distances`] (tensors in name order, windows cut at multiples of
+/// [`DISTANCE_BLOCK`](super::DISTANCE_BLOCK) elements from each tensor's start);
+/// [`CoordinateRule::select`] then names the participants whose values the rule reads;
+/// [`CoordinateRule::apply`] writes each window of the aggregate from those participants'
+/// values of that window.
+pub trait CoordinateRule: Send {
+    /// Whether [`CoordinateRule::select`] reads the pairwise squared distances.
+    fn needs_distances(&self) -> bool;
+
+    /// The participants (indices in node order) whose values [`CoordinateRule::apply`]
+    /// reads, in the order it reads them. `distances` is the `n * n` matrix of squared
+    /// distances between whole models (row-major, f64) when the rule needs it, else empty.
+    fn select(&mut self, distances: &[f64]) -> Vec<usize>;
+
+    /// Writes `out[j]` (f32) from `inputs[k][j]`, one input per selected participant in the
+    /// order [`CoordinateRule::select`] gave. Each input is at least as long as `out`.
+    fn apply(&self, out: &mut [f32], inputs: &[&[f32]]);
+}
+
+impl Common {
+    /// [`Strategy::aggregate_fit`] of a [per-coordinate](Strategy::per_coordinate)
+    /// strategy: the common checks, then its rule over the results held whole.
+    fn aggregate_by_rule(
+        &self,
+        strategy: &dyn Strategy,
+        round: u32,
+        current: &Tensors,
+        results: &[FitResult],
+        failures: &[FitFailure],
+    ) -> Result<Tensors, StrategyError> {
+        let sorted = self.check(round, current, results, failures)?;
+        let examples: Vec<u64> = sorted.iter().map(|r| r.num_examples).collect();
+        let rule = strategy.coordinate_rule(round, &examples, failures)?;
+        held_aggregate(round, strategy.name(), rule, &sorted, self.threads)
+    }
+}
+
+/// Runs `rule` over results held whole (checked, in node order), tensor by tensor.
+fn held_aggregate(
+    round: u32,
+    strategy: &str,
+    mut rule: Box<dyn CoordinateRule>,
+    sorted: &[&FitResult],
+    threads: usize,
+) -> Result<Tensors, StrategyError> {
+    let distances = if rule.needs_distances() { model_distances(sorted, threads) } else { Vec::new() };
+    let chosen = rule.select(&distances);
+    if chosen.is_empty() || chosen.iter().any(|&i| i >= sorted.len()) {
+        return Err(StrategyError::Aggregation {
+            round,
+            strategy: strategy.into(),
+            message: format!("the rule chose {chosen:?} of {} results", sorted.len()),
+        });
+    }
+    let picked: Vec<&FitResult> = chosen.into_iter().map(|i| sorted[i]).collect();
+    let first = &picked[0].update;
     let mut out = Tensors::default();
     for (name, t) in &first.0 {
-        let inputs: Vec<&[f32]> = results.iter().map(|r| r.update.0[name].data.as_slice()).collect();
+        let inputs: Vec<&[f32]> = picked.iter().map(|r| r.update.0[name].data.as_slice()).collect();
         let mut data = vec![0.0f32; t.data.len()];
-        f(&mut data, &inputs);
+        rule.apply(&mut data, &inputs);
         out.0.insert(name.clone(), Tensor { shape: t.shape.clone(), data });
     }
-    out
+    check_output(round, strategy, &out)?;
+    Ok(out)
 }
 
 /// The `n * n` squared distances between the (checked) results' whole models.
@@ -35,6 +105,111 @@ fn model_distances(results: &[&FitResult], threads: usize) -> Vec<f64> {
         add_pairwise_sq_distances(&mut d, &inputs, threads);
     }
     d
+}
+
+/// Every participant, in node order.
+fn everyone(n: usize) -> Vec<usize> {
+    (0..n).collect()
+}
+
+/// The coordinate-wise median of every participant's values.
+struct MedianRule {
+    n: usize,
+    threads: usize,
+}
+
+impl CoordinateRule for MedianRule {
+    fn needs_distances(&self) -> bool {
+        false
+    }
+    fn select(&mut self, _: &[f64]) -> Vec<usize> {
+        everyone(self.n)
+    }
+    fn apply(&self, out: &mut [f32], inputs: &[&[f32]]) {
+        median_into(out, inputs, self.threads);
+    }
+}
+
+/// The coordinate-wise trimmed mean of every participant's values.
+struct TrimmedMeanRule {
+    n: usize,
+    beta: f64,
+    threads: usize,
+}
+
+impl CoordinateRule for TrimmedMeanRule {
+    fn needs_distances(&self) -> bool {
+        false
+    }
+    fn select(&mut self, _: &[f64]) -> Vec<usize> {
+        everyone(self.n)
+    }
+    fn apply(&self, out: &mut [f32], inputs: &[&[f32]]) {
+        trimmed_mean_into(out, inputs, self.beta, self.threads);
+    }
+}
+
+/// Krum's single model (`keep == 0`), or Multi-Krum's example-weighted mean of the `keep`
+/// best, summed in node order as FedAvg sums ([`super::FitSum`]).
+struct KrumRule {
+    examples: Vec<u64>,
+    malicious: usize,
+    keep: usize,
+    /// The example counts of the selected participants, in the order `apply` reads them.
+    weights: Vec<u64>,
+    threads: usize,
+}
+
+impl CoordinateRule for KrumRule {
+    fn needs_distances(&self) -> bool {
+        true
+    }
+    fn select(&mut self, distances: &[f64]) -> Vec<usize> {
+        let n = self.examples.len();
+        let picked = if self.keep == 0 {
+            vec![krum_select(distances, n, self.malicious)]
+        } else {
+            let mut best = multi_krum_select(distances, n, self.malicious, self.keep);
+            best.sort_unstable();
+            best
+        };
+        self.weights = picked.iter().map(|&i| self.examples[i]).collect();
+        picked
+    }
+    fn apply(&self, out: &mut [f32], inputs: &[&[f32]]) {
+        if self.keep == 0 {
+            out.copy_from_slice(&inputs[0][..out.len()]);
+            return;
+        }
+        out.fill(0.0);
+        for (x, &w) in inputs.iter().zip(&self.weights) {
+            scaled_add_into(out, x, w as f32, self.threads);
+        }
+        divide_into(out, self.weights.iter().sum::<u64>() as f32, self.threads);
+    }
+}
+
+/// Bulyan: repeated Krum picks `n - 2f` models, then per coordinate the mean of the
+/// `beta = theta - 2f` values closest to their median.
+struct BulyanRule {
+    n: usize,
+    malicious: usize,
+    beta: usize,
+    threads: usize,
+}
+
+impl CoordinateRule for BulyanRule {
+    fn needs_distances(&self) -> bool {
+        true
+    }
+    fn select(&mut self, distances: &[f64]) -> Vec<usize> {
+        let picked = bulyan_select(distances, self.n, self.malicious);
+        self.beta = picked.len() - 2 * self.malicious;
+        picked
+    }
+    fn apply(&self, out: &mut [f32], inputs: &[&[f32]]) {
+        closest_to_median_mean_into(out, inputs, self.beta, self.threads);
+    }
 }
 
 /// FedMedian (Yin et al., 2018): the coordinate-wise median of the participants' models,
@@ -65,9 +240,21 @@ impl Strategy for FedMedian {
         results: &[FitResult],
         failures: &[FitFailure],
     ) -> Result<Tensors, StrategyError> {
-        let sorted = self.common.check(round, current, results, failures)?;
-        let threads = self.common.threads;
-        Ok(per_tensor(&sorted, |out, inputs| median_into(out, inputs, threads)))
+        self.common.aggregate_by_rule(self, round, current, results, failures)
+    }
+
+    fn per_coordinate(&self) -> bool {
+        true
+    }
+
+    fn coordinate_rule(
+        &self,
+        round: u32,
+        examples: &[u64],
+        failures: &[FitFailure],
+    ) -> Result<Box<dyn CoordinateRule>, StrategyError> {
+        self.common.check_counts(round, examples, failures)?;
+        Ok(Box::new(MedianRule { n: examples.len(), threads: self.common.threads }))
     }
 
     fn state(&self) -> Vec<u8> {
@@ -130,9 +317,22 @@ impl Strategy for FedTrimmedAvg {
         results: &[FitResult],
         failures: &[FitFailure],
     ) -> Result<Tensors, StrategyError> {
-        let sorted = self.common.check(round, current, results, failures)?;
-        let (threads, beta) = (self.common.threads, self.params.beta);
-        Ok(per_tensor(&sorted, |out, inputs| trimmed_mean_into(out, inputs, beta, threads)))
+        self.common.aggregate_by_rule(self, round, current, results, failures)
+    }
+
+    fn per_coordinate(&self) -> bool {
+        true
+    }
+
+    fn coordinate_rule(
+        &self,
+        round: u32,
+        examples: &[u64],
+        failures: &[FitFailure],
+    ) -> Result<Box<dyn CoordinateRule>, StrategyError> {
+        self.common.check_counts(round, examples, failures)?;
+        let (n, beta, threads) = (examples.len(), self.params.beta, self.common.threads);
+        Ok(Box::new(TrimmedMeanRule { n, beta, threads }))
     }
 
     fn state(&self) -> Vec<u8> {
@@ -189,8 +389,21 @@ impl Strategy for Krum {
         results: &[FitResult],
         failures: &[FitFailure],
     ) -> Result<Tensors, StrategyError> {
-        let sorted = self.common.check(round, current, results, failures)?;
-        let n = sorted.len();
+        self.common.aggregate_by_rule(self, round, current, results, failures)
+    }
+
+    fn per_coordinate(&self) -> bool {
+        true
+    }
+
+    fn coordinate_rule(
+        &self,
+        round: u32,
+        examples: &[u64],
+        failures: &[FitFailure],
+    ) -> Result<Box<dyn CoordinateRule>, StrategyError> {
+        self.common.check_counts(round, examples, failures)?;
+        let n = examples.len();
         let (f, keep) = (self.params.num_malicious_clients, self.params.num_clients_to_keep);
         if keep > n {
             return Err(StrategyError::Aggregation {
@@ -199,12 +412,13 @@ impl Strategy for Krum {
                 message: format!("num_clients_to_keep = {keep}, but only {n} result(s) arrived"),
             });
         }
-        let d = model_distances(&sorted, self.common.threads);
-        if keep == 0 {
-            return Ok(sorted[krum_select(&d, n, f)].update.clone());
-        }
-        let best: Vec<&FitResult> = multi_krum_select(&d, n, f, keep).into_iter().map(|i| sorted[i]).collect();
-        fedavg_of(round, &best, self.common.threads)
+        Ok(Box::new(KrumRule {
+            examples: examples.to_vec(),
+            malicious: f,
+            keep,
+            weights: Vec::new(),
+            threads: self.common.threads,
+        }))
     }
 
     fn state(&self) -> Vec<u8> {
@@ -272,8 +486,21 @@ impl Strategy for Bulyan {
         results: &[FitResult],
         failures: &[FitFailure],
     ) -> Result<Tensors, StrategyError> {
-        let sorted = self.common.check(round, current, results, failures)?;
-        let (n, f) = (sorted.len(), self.params.num_malicious_clients);
+        self.common.aggregate_by_rule(self, round, current, results, failures)
+    }
+
+    fn per_coordinate(&self) -> bool {
+        true
+    }
+
+    fn coordinate_rule(
+        &self,
+        round: u32,
+        examples: &[u64],
+        failures: &[FitFailure],
+    ) -> Result<Box<dyn CoordinateRule>, StrategyError> {
+        self.common.check_counts(round, examples, failures)?;
+        let (n, f) = (examples.len(), self.params.num_malicious_clients);
         if n < 4 * f + 3 {
             return Err(StrategyError::Aggregation {
                 round,
@@ -284,11 +511,7 @@ impl Strategy for Bulyan {
                 ),
             });
         }
-        let threads = self.common.threads;
-        let d = model_distances(&sorted, threads);
-        let picked: Vec<&FitResult> = bulyan_select(&d, n, f).into_iter().map(|i| sorted[i]).collect();
-        let beta = picked.len() - 2 * f;
-        Ok(per_tensor(&picked, |out, inputs| closest_to_median_mean_into(out, inputs, beta, threads)))
+        Ok(Box::new(BulyanRule { n, malicious: f, beta: 0, threads: self.common.threads }))
     }
 
     fn state(&self) -> Vec<u8> {
