@@ -60,7 +60,8 @@ async fn a_fedavg_round_holds_no_update_per_participant() {
 
     // FedMedian needs every update at once; on a model read a window at a time (as a large
     // model's round is, here from a local copy of each update taken from the Object Store)
-    // it holds 8 MiB of their values, not the round's updates.
+    // it holds a window of their values (8 MiB asked; at 1,000 participants the floor of
+    // one block of 4 Ki values each, 15.6 MiB), not the round's updates.
     let mut peaks = Vec::new();
     for (session, per_node) in [("median-hundred", 25), ("median-thousand", 250)] {
         let mut cfg = SessionConfig::new("fl.generated");

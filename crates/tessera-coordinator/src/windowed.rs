@@ -17,17 +17,19 @@
 //! An update is checked whole before any window is read: its outputs and metrics, its
 //! header against the model's layout, every byte against its digest, every value finite.
 //! A bad one is its participant's failure, except a value that is not finite in bytes
-//! that match the digest, which fails the round, as it does when updates are held whole. Windows cut each tensor at multiples
-//! of [`DISTANCE_BLOCK`] elements and visit the tensors in name order, so the aggregate
-//! has the bits [`Strategy::aggregate_fit`] gives for the same updates held whole (tested
-//! below for every rule).
+//! that match the digest, which fails the round, as it does when updates are held whole.
+//! Windows cut each tensor at multiples of [`DISTANCE_BLOCK`] elements and visit the
+//! tensors in name order, so the aggregate has the bits [`Strategy::aggregate_fit`] gives
+//! for the same updates held whole (tested below for every rule).
 //!
 //! A round reads this way when its global model is at least
 //! [`Coordinator::with_streaming_from`] bytes and its strategy is
 //! [per coordinate](Strategy::per_coordinate), without differential privacy, secure
 //! aggregation or a hierarchy. The cost is reading: every window reads a piece of every
 //! update (of those chosen, for the aggregate's windows), so an update is read once to
-//! check it, once more for Krum's and Bulyan's distances, and once for the aggregate.
+//! check it, once more for Krum's and Bulyan's distances, and once for the aggregate (and
+//! from NATS, copied once before all that). Beside the window, a read buffer holds one
+//! participant's piece of it in the update's type.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -148,6 +150,12 @@ impl Coordinator {
         let mut examples = Vec::new();
         let mut fixed: Option<(u64, BTreeMap<String, FixedTensor>)> = None;
         let mut folding = Duration::ZERO;
+        if let Some(w) = outcomes.windows(2).find(|w| w[0].0 >= w[1].0) {
+            return Err(SessionError::Aggregate(format!(
+                "round {round}: updates are taken in participant order, once each, and {:?} comes after {:?}",
+                w[1].0, w[0].0
+            )));
+        }
         let shared = Arc::new(global.clone());
         for (i, (node, outcome)) in outcomes.into_iter().enumerate() {
             let taken = match outcome {
@@ -219,7 +227,7 @@ impl Coordinator {
                     model.digest
                 )));
             }
-            Ok(None) => self.open_view(&model.digest, scratch, index).await?,
+            Ok(None) => self.open_view(&model.digest, scratch, index, model.size, round).await?,
         };
         let global = global.clone();
         let (digest, size) = (model.digest, model.size);
@@ -241,33 +249,75 @@ impl Coordinator {
         digest: &Digest,
         scratch: &mut Option<tempfile::TempDir>,
         index: usize,
+        size: u64,
+        round: u32,
     ) -> Result<(BlobView, bool), Refusal> {
         match self.retry("reading an update", || self.backend.blobs.view(digest)).await {
             Ok(Some(v)) => return Ok((v, false)),
             Ok(None) => {}
             Err(e) => return Err(Refusal::Participant(e.to_string())),
         }
+        // A blob other than the size its reply gives (bounded by the model's) is not
+        // copied: it could fill the scratch directory.
+        match self.retry("reading an update", || self.backend.blobs.size(digest)).await {
+            Ok(Some(n)) if n != size => {
+                return Err(Refusal::Participant(format!(
+                    "update refused: the stored blob is {n} bytes, its reply says {size}"
+                )));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(Refusal::Participant(e.to_string())),
+        }
         if scratch.is_none() {
-            let dir = tempfile::Builder::new()
-                .prefix("tessera-round-")
-                .tempdir()
-                .map_err(|e| Refusal::Round(format!("making a scratch directory for the round's updates: {e}")))?;
+            let dir = tempfile::Builder::new().prefix("tessera-round-").tempdir().map_err(|e| {
+                Refusal::Round(format!("round {round}: making a scratch directory for the round's updates: {e}"))
+            })?;
             *scratch = Some(dir);
         }
         let dir = scratch.as_ref().map(|d| d.path().to_owned()).unwrap_or_default();
         let path = dir.join(index.to_string());
-        match self.retry("reading an update", || self.backend.blobs.get_file(digest, &path)).await {
+        // The store's transient failures are retried; the local copy's (a full disk) are not.
+        let copied = self
+            .retry("reading an update", || async {
+                match self.backend.blobs.get_file(digest, &path).await {
+                    Err(BlobError::Io { path: at, source }) if at.starts_with(&dir) => Err(Copying::Local(at, source)),
+                    other => other.map_err(Copying::Store),
+                }
+            })
+            .await;
+        match copied {
             Ok(true) => Ok((BlobView::Path(path), true)),
             Ok(false) => Err(Refusal::Participant("the `model` blob is missing".into())),
-            Err(BlobError::Io { path: at, source }) if at.starts_with(&dir) => {
+            Err(Copying::Local(at, source)) => {
                 let _ = std::fs::remove_file(&path);
-                Err(Refusal::Round(format!("copying an update to {}: {source}", at.display())))
+                Err(Refusal::Round(format!("round {round}: copying an update to {}: {source}", at.display())))
             }
-            Err(e) => {
+            Err(Copying::Store(e)) => {
                 let _ = std::fs::remove_file(&path);
                 Err(Refusal::Participant(e.to_string()))
             }
         }
+    }
+}
+
+/// Why an update could not be copied: the store's failure, or the local copy's.
+enum Copying {
+    Store(BlobError),
+    Local(std::path::PathBuf, std::io::Error),
+}
+
+impl std::fmt::Display for Copying {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Copying::Store(e) => e.fmt(f),
+            Copying::Local(at, e) => write!(f, "writing {}: {e}", at.display()),
+        }
+    }
+}
+
+impl tessera_ports::Transient for Copying {
+    fn transient(&self) -> bool {
+        matches!(self, Copying::Store(e) if e.transient())
     }
 }
 
@@ -564,6 +614,9 @@ mod tests {
         async fn stored_bytes(&self) -> Result<u64, BlobError> {
             self.0.stored_bytes().await
         }
+        async fn size(&self, digest: &Digest) -> Result<Option<u64>, BlobError> {
+            self.0.size(digest).await
+        }
     }
 
     fn reply(node: &str, model: BlobRef, examples: u64) -> TaskReply {
@@ -634,10 +687,18 @@ mod tests {
                 outputs[0].digest = Digest::of(b"nothing stored here");
             }
             lying.node = "s".into();
+            // A reply that gives its update a size other than the stored blob's: never
+            // copied nor read as that size.
+            let mut short = replies[1].clone();
+            if let TaskOutcome::Ok { outputs, .. } = &mut short.outcome {
+                outputs[0].size -= 8;
+            }
+            short.node = "s2".into();
             let outcomes = vec![
                 ("n0".to_string(), Ok(&replies[0])),
                 ("r".to_string(), Ok(&renamed)),
                 ("s".to_string(), Ok(&lying)),
+                ("s2".to_string(), Ok(&short)),
                 ("t".to_string(), Err("no reply within 5s".to_string())),
             ];
             let mut median = strategies().swap_remove(0).1;
@@ -646,6 +707,7 @@ mod tests {
             let why: BTreeMap<&str, &str> = failures.iter().map(|f| (f.node.as_str(), f.error.as_str())).collect();
             assert!(why["r"].contains("update refused") && why["r"].contains("\"x\""), "{kind}: {}", why["r"]);
             assert!(why["s"].contains("missing"), "{kind}: {}", why["s"]);
+            assert!(why["s2"].contains("its reply says"), "{kind}: {}", why["s2"]);
             assert_eq!(why["t"], "no reply within 5s");
 
             let mut nan = model(2);
@@ -673,8 +735,11 @@ mod tests {
         let digest = blobs.put(bytes).await.unwrap();
         let path = files.path_of(&digest);
         let mut raw = std::fs::read(&path).unwrap();
+        // The last value (F16 or BF16) made NaN: not finite, in bytes that are not the
+        // update's.
         let last = raw.len() - 1;
-        raw[last] ^= 1;
+        raw[last - 1] = 0xff;
+        raw[last] = 0x7f;
         std::fs::write(&path, raw).unwrap();
         let r = reply("v", BlobRef::stored("model", digest, size), 10);
         let mut median = strategies().swap_remove(0).1;
