@@ -438,7 +438,7 @@ struct StreamedFold<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use tessera_core::strategy::{Participation, from_config};
@@ -466,7 +466,8 @@ mod tests {
         m
     }
 
-    fn reply(node: &str, model: BlobRef, examples: u64) -> TaskReply {
+    /// Participant `node`'s reply to round 1: `model` and its metrics (`examples`).
+    pub(crate) fn reply(node: &str, model: BlobRef, examples: u64) -> TaskReply {
         let metrics = serde_json::to_vec(&WorkerMetrics { num_examples: examples, loss: 1.0, accuracy: None }).unwrap();
         TaskReply {
             schema: SCHEMA_VERSION,

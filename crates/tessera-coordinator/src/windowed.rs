@@ -500,12 +500,13 @@ fn read_window(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::streamed::tests::reply;
 
     use std::sync::Arc;
 
     use tessera_core::strategy::{FitResult, Participation, from_config};
     use tessera_core::tensor::Dtype;
-    use tessera_core::wire::{BlobRef, SCHEMA_VERSION, TaskOutcome, WorkerMetrics};
+    use tessera_core::wire::{BlobRef, TaskOutcome};
     use tessera_ports::{Backend, BlobError, BlobStore, FsBlobStore, MemoryBlobStore};
 
     const B: usize = DISTANCE_BLOCK;
@@ -616,19 +617,6 @@ mod tests {
         }
         async fn size(&self, digest: &Digest) -> Result<Option<u64>, BlobError> {
             self.0.size(digest).await
-        }
-    }
-
-    fn reply(node: &str, model: BlobRef, examples: u64) -> TaskReply {
-        let metrics = serde_json::to_vec(&WorkerMetrics { num_examples: examples, loss: 1.0, accuracy: None }).unwrap();
-        TaskReply {
-            schema: SCHEMA_VERSION,
-            task_id: format!("s.r1.{node}"),
-            session: "s".into(),
-            round: 1,
-            node: node.into(),
-            outcome: TaskOutcome::Ok { outputs: vec![model, BlobRef::inline("metrics", &metrics)], seconds: 0.1 },
-            auth: None,
         }
     }
 

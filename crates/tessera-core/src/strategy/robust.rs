@@ -48,6 +48,26 @@ pub trait CoordinateRule: Send {
     fn apply(&self, out: &mut [f32], inputs: &[&[f32]]);
 }
 
+/// A [per-coordinate](Strategy::per_coordinate) strategy's `aggregate_fit` (its rule over
+/// the results held whole) and `per_coordinate`.
+macro_rules! by_rule_methods {
+    () => {
+        fn aggregate_fit(
+            &mut self,
+            round: u32,
+            current: &Tensors,
+            results: &[FitResult],
+            failures: &[FitFailure],
+        ) -> Result<Tensors, StrategyError> {
+            self.common.aggregate_by_rule(self, round, current, results, failures)
+        }
+
+        fn per_coordinate(&self) -> bool {
+            true
+        }
+    };
+}
+
 impl Common {
     /// [`Strategy::aggregate_fit`] of a [per-coordinate](Strategy::per_coordinate)
     /// strategy: the common checks, then its rule over the results held whole.
@@ -233,19 +253,7 @@ impl Strategy for FedMedian {
 
     common_strategy_methods!();
 
-    fn aggregate_fit(
-        &mut self,
-        round: u32,
-        current: &Tensors,
-        results: &[FitResult],
-        failures: &[FitFailure],
-    ) -> Result<Tensors, StrategyError> {
-        self.common.aggregate_by_rule(self, round, current, results, failures)
-    }
-
-    fn per_coordinate(&self) -> bool {
-        true
-    }
+    by_rule_methods!();
 
     fn coordinate_rule(
         &self,
@@ -310,19 +318,7 @@ impl Strategy for FedTrimmedAvg {
 
     common_strategy_methods!();
 
-    fn aggregate_fit(
-        &mut self,
-        round: u32,
-        current: &Tensors,
-        results: &[FitResult],
-        failures: &[FitFailure],
-    ) -> Result<Tensors, StrategyError> {
-        self.common.aggregate_by_rule(self, round, current, results, failures)
-    }
-
-    fn per_coordinate(&self) -> bool {
-        true
-    }
+    by_rule_methods!();
 
     fn coordinate_rule(
         &self,
@@ -382,19 +378,7 @@ impl Strategy for Krum {
 
     common_strategy_methods!();
 
-    fn aggregate_fit(
-        &mut self,
-        round: u32,
-        current: &Tensors,
-        results: &[FitResult],
-        failures: &[FitFailure],
-    ) -> Result<Tensors, StrategyError> {
-        self.common.aggregate_by_rule(self, round, current, results, failures)
-    }
-
-    fn per_coordinate(&self) -> bool {
-        true
-    }
+    by_rule_methods!();
 
     fn coordinate_rule(
         &self,
@@ -479,19 +463,7 @@ impl Strategy for Bulyan {
 
     common_strategy_methods!();
 
-    fn aggregate_fit(
-        &mut self,
-        round: u32,
-        current: &Tensors,
-        results: &[FitResult],
-        failures: &[FitFailure],
-    ) -> Result<Tensors, StrategyError> {
-        self.common.aggregate_by_rule(self, round, current, results, failures)
-    }
-
-    fn per_coordinate(&self) -> bool {
-        true
-    }
+    by_rule_methods!();
 
     fn coordinate_rule(
         &self,
