@@ -29,6 +29,7 @@ mod hierarchy;
 pub mod logs;
 mod placement;
 mod retention;
+mod scratch;
 mod secure;
 pub mod state;
 mod streamed;

@@ -12,7 +12,8 @@
 //! such view (the NATS Object Store) has each update copied once to a scratch directory in
 //! the system's temporary directory (`TMPDIR`: it needs room for the round's updates, and
 //! on a tmpfs they take memory), read from there, and deleted once the strategy's choice
-//! leaves it out or the round ends.
+//! leaves it out or the round ends (a coordinator that dies mid-round leaves its directory,
+//! which the next windowed round to make one removes: [`crate::scratch`]).
 //!
 //! An update is checked whole before any window is read: its outputs and metrics, its
 //! header against the model's layout, every byte against its digest, every value finite.
@@ -47,6 +48,7 @@ use crate::SessionError;
 use crate::engine::Coordinator;
 use crate::fl::in_round;
 use crate::fold::Contribution;
+use crate::scratch::Scratch;
 use crate::streamed::Named;
 
 /// Bytes of participants' values a window holds (f32 each): 256 MiB.
@@ -143,7 +145,7 @@ impl Coordinator {
         outcomes: Vec<(String, Result<&TaskReply, String>)>,
         min_participants: usize,
     ) -> Result<(Model, Vec<Contribution>, Vec<Failure>, Duration), SessionError> {
-        let mut scratch: Option<tempfile::TempDir> = None;
+        let mut scratch: Option<Scratch> = None;
         let mut held = Vec::new();
         let mut usable: Vec<Contribution> = Vec::new();
         let mut failures = Vec::new();
@@ -212,7 +214,7 @@ impl Coordinator {
         &self,
         global: &Arc<Layout>,
         named: &Named<'_>,
-        scratch: &mut Option<tempfile::TempDir>,
+        scratch: &mut Option<Scratch>,
         index: usize,
         round: u32,
         node: &str,
@@ -247,7 +249,7 @@ impl Coordinator {
     async fn open_view(
         &self,
         digest: &Digest,
-        scratch: &mut Option<tempfile::TempDir>,
+        scratch: &mut Option<Scratch>,
         index: usize,
         size: u64,
         round: u32,
@@ -269,7 +271,7 @@ impl Coordinator {
             Err(e) => return Err(Refusal::Participant(e.to_string())),
         }
         if scratch.is_none() {
-            let dir = tempfile::Builder::new().prefix("tessera-round-").tempdir().map_err(|e| {
+            let dir = Scratch::new_in(&std::env::temp_dir()).map_err(|e| {
                 Refusal::Round(format!("round {round}: making a scratch directory for the round's updates: {e}"))
             })?;
             *scratch = Some(dir);
