@@ -8,9 +8,11 @@
 //! locked (exclusively) for as long as its round lives, and the kernel lets the lock go
 //! when the process dies, however it dies. A directory whose `.lock` can be locked has no
 //! owner left. The lock is taken on a file under another name and only then renamed to
-//! `.lock`, so a directory being made is never taken for an abandoned one.
+//! `.lock`, so a directory being made is never taken for an abandoned one. Only the
+//! directories of the same user are swept, and the directory is made with mode 0700.
 
 use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// The name every scratch directory begins with.
@@ -19,36 +21,71 @@ pub(crate) const PREFIX: &str = "tessera-round-";
 /// The lock file's name inside a scratch directory.
 const LOCK: &str = ".lock";
 
-/// A round's scratch directory, removed on drop.
+/// A round's scratch directory (mode 0700: the updates it holds are nobody else's to
+/// read), removed on drop.
 pub(crate) struct Scratch {
-    dir: tempfile::TempDir,
-    _lock: File,
+    path: PathBuf,
+    /// `None` where the file system has no `flock` (the directory is then never swept).
+    lock: Option<File>,
 }
 
 impl Scratch {
     /// Makes a scratch directory in `parent` (the system's temporary directory in a
-    /// round), after removing the abandoned ones there.
+    /// round), after removing the abandoned ones there. Blocking: it lists `parent` and
+    /// may delete a dead round's updates.
     ///
     /// # Errors
-    /// The I/O error of making the directory, its lock file, or the lock.
+    /// The I/O error of making the directory or its lock file.
     pub(crate) fn new_in(parent: &Path) -> std::io::Result<Scratch> {
+        use std::os::unix::fs::PermissionsExt;
         remove_abandoned(parent);
-        let dir = tempfile::Builder::new().prefix(PREFIX).tempdir_in(parent)?;
-        let making = dir.path().join(".lock.making");
+        let path = tempfile::Builder::new()
+            .prefix(PREFIX)
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir_in(parent)?
+            .keep();
+        let mut scratch = Scratch { path, lock: None };
+        let making = scratch.path.join(".lock.making");
         let lock = File::create(&making)?;
-        lock.lock()?;
-        std::fs::rename(&making, dir.path().join(LOCK))?;
-        Ok(Scratch { dir, _lock: lock })
+        match lock.lock() {
+            Ok(()) => {
+                std::fs::rename(&making, scratch.path.join(LOCK))?;
+                scratch.lock = Some(lock);
+            }
+            // No locks here: carry on unswept (a sweeper cannot lock it either).
+            Err(e) => tracing::debug!("locking {}: {e}; a crash would leave it", making.display()),
+        }
+        Ok(scratch)
     }
 
     /// The directory.
     pub(crate) fn path(&self) -> &Path {
-        self.dir.path()
+        &self.path
+    }
+}
+
+impl Drop for Scratch {
+    /// Removes the updates first and the lock file last, so a coordinator killed while
+    /// removing leaves a directory the next sweep still recognises.
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(&self.path) {
+            for entry in entries.flatten() {
+                if entry.file_name() != LOCK {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            tracing::warn!("removing {}: {e}", self.path.display());
+        }
+        drop(self.lock.take());
     }
 }
 
 /// Removes the scratch directories in `parent` whose owner is gone (their `.lock` can be
-/// locked). A directory without `.lock` (being made, or not one of ours) is left alone, as
+/// locked). Only directories of this process's effective user are looked at, and `.lock`
+/// only when it is a regular file (opened without following a link or waiting on a
+/// FIFO); a directory without `.lock` (being made, or not one of ours) is left alone, as
 /// is anything that is not a directory. Failures are logged, never returned: a leftover
 /// costs disk space, not correctness.
 pub(crate) fn remove_abandoned(parent: &Path) {
@@ -59,18 +96,28 @@ pub(crate) fn remove_abandoned(parent: &Path) {
             return;
         }
     };
+    let me = rustix::process::geteuid().as_raw();
     for entry in entries.flatten() {
         if !entry.file_name().to_string_lossy().starts_with(PREFIX) {
             continue;
         }
-        // Not followed: a symbolic link named like a scratch directory is not ours.
-        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
         let dir: PathBuf = entry.path();
-        let Ok(lock) = File::open(dir.join(LOCK)) else { continue };
+        // Not followed: a symbolic link named like a scratch directory is not ours.
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() && m.uid() == me => {}
+            _ => continue,
+        }
+        let Some(lock) = open_lock(&dir.join(LOCK)) else { continue };
         match lock.try_lock() {
             Ok(()) => {
+                // The lock is on the file now at `.lock`, not one that replaced it.
+                let same = match (lock.metadata(), std::fs::symlink_metadata(dir.join(LOCK))) {
+                    (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                    _ => false,
+                };
+                if !same {
+                    continue;
+                }
                 tracing::info!("removing {}, a round's scratch its coordinator left", dir.display());
                 if let Err(e) = std::fs::remove_dir_all(&dir) {
                     tracing::warn!("removing {}: {e}", dir.display());
@@ -80,6 +127,17 @@ pub(crate) fn remove_abandoned(parent: &Path) {
             Err(std::fs::TryLockError::Error(e)) => tracing::debug!("locking {}: {e}", dir.display()),
         }
     }
+}
+
+/// `path` opened for reading if it is a regular file: not through a link, and without
+/// blocking on a FIFO.
+fn open_lock(path: &Path) -> Option<File> {
+    use rustix::fs::{Mode, OFlags};
+    let fd =
+        rustix::fs::open(path, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC, Mode::empty())
+            .ok()?;
+    let file = File::from(fd);
+    file.metadata().ok().filter(|m| m.is_file()).map(|_| file)
 }
 
 #[cfg(test)]
@@ -114,12 +172,32 @@ mod tests {
         let other = parent.path().join("other");
         std::fs::create_dir(&other).unwrap();
         std::fs::write(other.join(LOCK), b"").unwrap();
+        // A `.lock` that is a FIFO (opening it would wait for a writer) or a link: left
+        // alone, without waiting.
+        let fifo = parent.path().join(format!("{PREFIX}fifo"));
+        std::fs::create_dir(&fifo).unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, fifo.join(LOCK), rustix::fs::FileType::Fifo, 0o600.into(), 0).unwrap();
+        let linked = parent.path().join(format!("{PREFIX}linked"));
+        std::fs::create_dir(&linked).unwrap();
+        std::os::unix::fs::symlink(target.path().join(LOCK), linked.join(LOCK)).unwrap();
+        // Another user's abandoned directory (only root can make one here).
+        let foreign = parent.path().join(format!("{PREFIX}foreign"));
+        std::fs::create_dir(&foreign).unwrap();
+        std::fs::write(foreign.join(LOCK), b"").unwrap();
+        let root = rustix::process::geteuid().is_root();
+        if root {
+            std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+        }
 
         // The next round's scratch sweeps.
         let next = Scratch::new_in(parent.path()).unwrap();
         assert!(!dead.exists(), "an abandoned scratch directory is removed");
         assert!(live.path().join("0").exists(), "a live round's scratch is kept");
         assert!(making.exists() && file.exists() && link.exists() && other.exists());
+        assert!(fifo.exists() && linked.exists());
+        assert_eq!(foreign.exists(), root, "another user's directory is not ours to remove");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(next.path()).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o700, "the updates are nobody else's to read");
         assert!(target.path().join(LOCK).exists(), "a link is not followed");
 
         // A round that ends removes its own.
@@ -144,13 +222,21 @@ mod tests {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("python3");
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let stdout = child.stdout.take().unwrap();
+        let child = Kill(child);
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "locked");
         remove_abandoned(parent.path());
         assert!(dir.exists(), "kept while its process lives");
-        child.kill().unwrap();
-        child.wait().unwrap();
+        drop(child);
         remove_abandoned(parent.path());
         assert!(!dir.exists(), "removed once its process is gone");
     }

@@ -201,7 +201,10 @@ impl Coordinator {
             .await
             .map_err(|e| SessionError::Aggregate(format!("round {round}: aggregating: {e}")))?
             .map_err(|e| SessionError::Aggregate(format!("round {round}: {e}")))?;
-        drop(scratch);
+        // Removing a round's copies is disk work, off the runtime.
+        if let Some(s) = scratch {
+            let _ = tokio::task::spawn_blocking(move || drop(s)).await;
+        }
         let model = Model { floats, types: global.float_types(), fixed: fixed.map(|(_, f)| f).unwrap_or_default() };
         Ok((model, usable, failures, folding + started.elapsed()))
     }
@@ -271,9 +274,13 @@ impl Coordinator {
             Err(e) => return Err(Refusal::Participant(e.to_string())),
         }
         if scratch.is_none() {
-            let dir = Scratch::new_in(&std::env::temp_dir()).map_err(|e| {
-                Refusal::Round(format!("round {round}: making a scratch directory for the round's updates: {e}"))
-            })?;
+            let dir = tokio::task::spawn_blocking(|| Scratch::new_in(&std::env::temp_dir()))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r)
+                .map_err(|e| {
+                    Refusal::Round(format!("round {round}: making a scratch directory for the round's updates: {e}"))
+                })?;
             *scratch = Some(dir);
         }
         let dir = scratch.as_ref().map(|d| d.path().to_owned()).unwrap_or_default();
