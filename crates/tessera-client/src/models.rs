@@ -105,12 +105,22 @@ const SEND_CHUNK: u64 = 256 << 10;
 /// Chunks read ahead of the body's sending.
 const SEND_AHEAD: usize = 4;
 
+/// Why reading a piece's file failed, kept for the caller: the body's stream hands the
+/// error to the HTTP client, which reports it as a failed request.
+type ReadFailure = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+
 /// `len` bytes of the file at `path` from `offset`, in chunks of [`SEND_CHUNK`] bytes read
 /// on a blocking thread straight into each chunk (one copy out of the page cache; Tokio's
-/// file reads copy twice), at most [`SEND_AHEAD`] chunks ahead of the consumer. A file
-/// that ends before `offset + len` ends the stream with `UnexpectedEof`; a consumer that
-/// drops the stream stops the reading.
-fn file_chunks(path: PathBuf, offset: u64, len: u64) -> impl futures::Stream<Item = std::io::Result<Bytes>> {
+/// file reads copy twice), at most [`SEND_AHEAD`] chunks queued ahead of the consumer and
+/// one being read. A file that ends before `offset + len` ends the stream with
+/// `UnexpectedEof`; any failure is also written to `failed` (naming the file). A consumer
+/// that drops the stream stops the reading after the chunk being read.
+fn file_chunks(
+    path: PathBuf,
+    offset: u64,
+    len: u64,
+    failed: ReadFailure,
+) -> impl futures::Stream<Item = std::io::Result<Bytes>> {
     let (tx, rx) = tokio::sync::mpsc::channel(SEND_AHEAD);
     tokio::task::spawn_blocking(move || {
         use std::io::{Read, Seek};
@@ -120,25 +130,31 @@ fn file_chunks(path: PathBuf, offset: u64, len: u64) -> impl futures::Stream<Ite
             if (buf.len() as u64) < n {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
-                    format!("{} ended while it was being sent", path.display()),
+                    "the file ended while it was being sent",
                 ));
             }
             Ok(Bytes::from(buf))
+        };
+        let fail = |e: std::io::Error| {
+            if let Ok(mut f) = failed.lock() {
+                *f = Some(format!("{}: {e}", path.display()));
+            }
+            e
         };
         let mut f =
             match std::fs::File::open(&path).and_then(|mut f| f.seek(std::io::SeekFrom::Start(offset)).map(|_| f)) {
                 Ok(f) => f,
                 Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
+                    let _ = tx.blocking_send(Err(fail(e)));
                     return;
                 }
             };
         let mut left = len;
         while left > 0 {
             let n = left.min(SEND_CHUNK);
-            let chunk = read(&mut f, n);
-            let failed = chunk.is_err();
-            if tx.blocking_send(chunk).is_err() || failed {
+            let chunk = read(&mut f, n).map_err(fail);
+            let stop = chunk.is_err();
+            if tx.blocking_send(chunk).is_err() || stop {
                 return;
             }
             left -= n;
@@ -253,7 +269,8 @@ impl HubClient {
                 } else {
                     hash_range(file, state.offset, n).await?
                 };
-                let body = reqwest::Body::wrap_stream(file_chunks(file.to_owned(), state.offset, n));
+                let failed = ReadFailure::default();
+                let body = reqwest::Body::wrap_stream(file_chunks(file.to_owned(), state.offset, n, failed.clone()));
                 let req = self
                     .http
                     .patch(&piece_url)
@@ -261,7 +278,12 @@ impl HubClient {
                     .header("content-length", n)
                     .header("content-type", "application/offset+octet-stream");
                 let req = self.sign_digest(req, "PATCH", &piece_url, piece_digest).await?.body(body);
-                match self.json::<UploadState>(req, &piece_url).await {
+                let sent = self.json::<UploadState>(req, &piece_url).await;
+                // The file's failure, not the network's: retrying would read it again.
+                if let (Err(_), Some(e)) = (&sent, failed.lock().ok().and_then(|mut f| f.take())) {
+                    return Err(ClientError::Local(e));
+                }
+                match sent {
                     Ok((_, s)) => {
                         state = s;
                         failures = 0;
@@ -512,7 +534,8 @@ mod tests {
     use super::*;
 
     async fn collect(path: &Path, offset: u64, len: u64) -> (Vec<u8>, Vec<usize>, Option<std::io::Error>) {
-        let mut stream = std::pin::pin!(file_chunks(path.to_owned(), offset, len));
+        let failed = ReadFailure::default();
+        let mut stream = std::pin::pin!(file_chunks(path.to_owned(), offset, len, failed.clone()));
         let (mut bytes, mut sizes) = (Vec::new(), Vec::new());
         while let Some(chunk) = stream.next().await {
             match chunk {
@@ -520,7 +543,11 @@ mod tests {
                     sizes.push(c.len());
                     bytes.extend_from_slice(&c);
                 }
-                Err(e) => return (bytes, sizes, Some(e)),
+                Err(e) => {
+                    let said = failed.lock().unwrap().take().expect("the failure is kept for the caller");
+                    assert!(said.starts_with(&path.display().to_string()), "{said} names the file");
+                    return (bytes, sizes, Some(e));
+                }
             }
         }
         (bytes, sizes, None)

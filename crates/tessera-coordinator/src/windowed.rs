@@ -201,10 +201,7 @@ impl Coordinator {
             .await
             .map_err(|e| SessionError::Aggregate(format!("round {round}: aggregating: {e}")))?
             .map_err(|e| SessionError::Aggregate(format!("round {round}: {e}")))?;
-        // Removing a round's copies is disk work, off the runtime.
-        if let Some(s) = scratch {
-            let _ = tokio::task::spawn_blocking(move || drop(s)).await;
-        }
+        drop(scratch);
         let model = Model { floats, types: global.float_types(), fixed: fixed.map(|(_, f)| f).unwrap_or_default() };
         Ok((model, usable, failures, folding + started.elapsed()))
     }
