@@ -163,6 +163,18 @@ fn file_chunks(
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
 }
 
+/// `sent`, unless it failed because its file did: then the file's failure, as the
+/// caller's own error (retrying would read the file again), in the outer `Err`.
+fn read_failure_first<T>(
+    sent: Result<T, ClientError>,
+    failed: &ReadFailure,
+) -> Result<Result<T, ClientError>, ClientError> {
+    match (&sent, failed.lock().ok().and_then(|mut f| f.take())) {
+        (Err(_), Some(e)) => Err(ClientError::Local(e)),
+        _ => Ok(sent),
+    }
+}
+
 async fn file_len(path: &Path) -> Result<u64, ClientError> {
     Ok(tokio::fs::metadata(path).await.map_err(|e| io_err(path, e))?.len())
 }
@@ -278,12 +290,7 @@ impl HubClient {
                     .header("content-length", n)
                     .header("content-type", "application/offset+octet-stream");
                 let req = self.sign_digest(req, "PATCH", &piece_url, piece_digest).await?.body(body);
-                let sent = self.json::<UploadState>(req, &piece_url).await;
-                // The file's failure, not the network's: retrying would read it again.
-                if let (Err(_), Some(e)) = (&sent, failed.lock().ok().and_then(|mut f| f.take())) {
-                    return Err(ClientError::Local(e));
-                }
-                match sent {
+                match read_failure_first(self.json::<UploadState>(req, &piece_url).await, &failed)? {
                     Ok((_, s)) => {
                         state = s;
                         failures = 0;
@@ -399,16 +406,14 @@ impl HubClient {
         // wait and send again (a fresh signature each time).
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(300);
         let mut pause = std::time::Duration::from_millis(200);
+        let failed = ReadFailure::default();
         loop {
             let content: futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>> = match &source {
                 ModelSource::Bytes(b) => {
                     let b = b.clone();
                     futures::stream::once(async move { Ok(b) }).boxed()
                 }
-                ModelSource::File(p) => {
-                    let f = tokio::fs::File::open(p).await.map_err(|e| io_err(p, e))?;
-                    tokio_util::io::ReaderStream::with_capacity(f, CHUNK).boxed()
-                }
+                ModelSource::File(p) => file_chunks(p.clone(), 0, content_len, failed.clone()).boxed(),
             };
             let (pre, post) = (Bytes::from(prefix.clone()), Bytes::from(suffix.clone()));
             let stream = futures::stream::once(async move { Ok(pre) })
@@ -422,7 +427,7 @@ impl HubClient {
             .header("content-length", total)
             .header("x-tessera-digest", content_digest.to_string());
             let req = self.sign_digest(req, method, url, body_digest).await?.body(reqwest::Body::wrap_stream(stream));
-            match self.json(req, url).await {
+            match read_failure_first(self.json(req, url).await, &failed)? {
                 Err(e) if e.is_busy() && tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(std::time::Duration::from_secs(5));
