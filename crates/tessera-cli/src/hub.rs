@@ -23,7 +23,8 @@ pub struct StoreArgs {
     #[arg(long, env = "TESSERA_HUB_DATABASE", value_name = "URL")]
     database: Option<String>,
     /// Keep the hub's blobs in the NATS Object Store at this URL (buckets
-    /// `tessera_hub_blobs` and `tessera_hub_small_blobs`), which hub processes on several
+    /// `tessera_hub_ID_blobs` and `tessera_hub_ID_small_blobs`, `ID` chosen for the hub's
+    /// database, so several hubs may share one NATS server), which hub processes on several
     /// machines share; the data directory is then a cache. By default blobs are only in
     /// the data directory.
     #[arg(long, env = "TESSERA_HUB_BLOBS", value_name = "NATS_URL")]
@@ -62,7 +63,11 @@ impl StoreArgs {
             "--cache-size bounds the data directory's copy of the --blobs store; without --blobs the directory \
              holds the only copy of the hub's blobs"
         );
-        match self.shared_blobs().await? {
+        let buckets = match self.blobs {
+            Some(_) => Some(store.shared_blob_buckets()?),
+            None => None,
+        };
+        match self.shared_blobs(buckets).await? {
             Some((blobs, runtime)) => {
                 let store = store.with_shared_blobs(blobs, runtime)?;
                 Ok(match self.cache_size {
@@ -78,8 +83,9 @@ impl StoreArgs {
     /// threads), which the store's synchronous writes wait on.
     async fn shared_blobs(
         &self,
+        buckets: Option<(String, String)>,
     ) -> anyhow::Result<Option<(Arc<dyn tessera_ports::BlobStore>, tokio::runtime::Runtime)>> {
-        let Some(url) = self.blobs.clone() else { return Ok(None) };
+        let (Some(url), Some((bucket, small))) = (self.blobs.clone(), buckets) else { return Ok(None) };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("hub-blobs")
@@ -89,10 +95,9 @@ impl StoreArgs {
         let opened = runtime
             .spawn(async move {
                 let nats = tessera_nats::connect(&url).await.with_context(|| format!("--blobs {url}"))?;
-                let (bucket, small) = tessera_nats::HUB_BUCKETS;
-                tessera_nats::NatsBlobs::open_buckets(&nats, bucket, small)
+                tessera_nats::NatsBlobs::open_buckets(&nats, &bucket, &small)
                     .await
-                    .with_context(|| format!("--blobs {url}: the hub's buckets"))
+                    .with_context(|| format!("--blobs {url}: the hub's buckets {bucket} and {small}"))
             })
             .await;
         let blobs = match opened {
@@ -221,7 +226,11 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             let database = args.database()?;
             let d2 = data.clone();
             // With shared blobs, the restored blobs go there before the records are committed.
-            let shared = args.shared_blobs().await?;
+            let buckets = match args.blobs {
+                Some(_) => Some(HubStore::fresh_blob_buckets()?),
+                None => None,
+            };
+            let shared = args.shared_blobs(buckets.clone()).await?;
             let (_, s) = tokio::task::spawn_blocking(move || {
                 let put = |path: &std::path::Path, digest: &tessera_core::Digest| {
                     let (blobs, runtime) = shared.as_ref().expect("only called with shared blobs");
@@ -233,8 +242,11 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
                     })
                     .map_err(tessera_hub::HubError::from)
                 };
-                let share: Option<&tessera_hub::ShareBlob<'_>> = if shared.is_some() { Some(&put) } else { None };
-                let restored = HubStore::restore_with(&d2, &database, &file, share);
+                let share = match (&shared, buckets) {
+                    (Some(_), Some(buckets)) => Some(tessera_hub::SharedRestore { buckets, put: &put }),
+                    _ => None,
+                };
+                let restored = HubStore::restore_with(&d2, &database, &file, share.as_ref());
                 if let Some((_, runtime)) = shared {
                     runtime.shutdown_background();
                 }

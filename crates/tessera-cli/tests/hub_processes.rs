@@ -170,8 +170,20 @@ async fn two_hub_processes_share_one_store_and_one_replay_cache(database: Databa
         Some(url) => {
             // The shared store holds exactly the live blobs; the directories are caches.
             let nats = tessera_nats::connect(url).await.unwrap();
-            let (bucket, small) = tessera_nats::HUB_BUCKETS;
-            let shared = tessera_nats::NatsBlobs::open_buckets(&nats, bucket, small).await.unwrap();
+            // The buckets the hub's database records, which both processes opened.
+            let (bucket, small) = {
+                let (d, db) = (data.clone(), database.clone());
+                tokio::task::spawn_blocking(move || {
+                    tessera_hub::HubStore::open_database(&d, &db, Limits::default())
+                        .unwrap()
+                        .shared_blob_buckets()
+                        .unwrap()
+                })
+                .await
+                .unwrap()
+            };
+            assert!(bucket.starts_with("tessera_hub_") && bucket != "tessera_hub_blobs", "{bucket}");
+            let shared = tessera_nats::NatsBlobs::open_buckets(&nats, &bucket, &small).await.unwrap();
             let stored: std::collections::BTreeSet<Digest> = shared.digests().await.unwrap().into_iter().collect();
             assert_eq!(stored, live_digests, "the shared store holds every live blob and nothing else");
             // Published through one process only, served by the other from the shared store.

@@ -27,7 +27,7 @@ pub use api::{
 pub use store::{
     Collection, ComponentNeeds, ComponentRecord, Database, Download, DumpSummary, Filters, GrantRecord, HubError,
     HubStore, ListQuery, ModelUpload, ObjectUpload, PublishCheck, Published, Revision, ShareBlob, SharedDownload,
-    UploadRecord, UsageRecord,
+    SharedRestore, UploadRecord, UsageRecord,
 };
 
 use std::sync::Arc;

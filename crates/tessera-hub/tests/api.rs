@@ -186,6 +186,40 @@ async fn uploads_are_checked_before_anything_is_stored() {
 
     assert_eq!(h.json("/api/v1/packages").await.1, json!([]));
     assert_eq!(h.blob_files(), 0, "nothing stored");
+
+    // Every route that takes a model binary or a component object checks the digest the
+    // header declares, and keeps nothing when it differs.
+    for c in ["model", "transformation", "service", "inferencer"] {
+        let doc = if c == "model" { json!({"model_name": "a.m", "model_version": "1"}) } else { json!({"id": "a.t"}) };
+        let (s, b) = h
+            .call("POST", &format!("/{c}"), Body::from(doc.to_string()), &[("content-type", "application/json")])
+            .await;
+        assert!(s.is_success(), "{c}: {s} {}", String::from_utf8_lossy(&b));
+    }
+    let routes = [
+        ("PUT", "/api/v1/models/a.m/1.0.0"),
+        ("POST", "/api/v1/models/a.m"),
+        ("PUT", "/model/a.m/1"),
+        ("PUT", "/transformation/a.t"),
+        ("PUT", "/service/a.t"),
+        ("PUT", "/inferencer/a.t"),
+    ];
+    for (method, uri) in routes {
+        for declared in [wrong.as_str(), "b3:nothex"] {
+            let (s, b) = h.call(method, uri, Body::from(&b"weights"[..]), &[("x-tessera-digest", declared)]).await;
+            let b = String::from_utf8_lossy(&b);
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{method} {uri} with {declared}: {b}");
+            assert!(b.contains("x-tessera-digest"), "{method} {uri}: {b}");
+        }
+        // The right digest is taken.
+        let right = Digest::of(b"weights").to_string();
+        let (s, b) = h.call(method, uri, Body::from(&b"weights"[..]), &[("x-tessera-digest", &right)]).await;
+        assert!(s.is_success(), "{method} {uri}: {s} {}", String::from_utf8_lossy(&b));
+    }
+    assert_eq!(h.json("/api/v1/models").await.1.as_array().map(Vec::len), Some(2), "only the right digests' models");
+    assert_eq!(h.blob_files(), 1, "the one right body, stored once");
+    let (_, stored) = h.json("/api/v1/models/a.m/1.0.0/meta").await;
+    assert_eq!(stored["digest"], Digest::of(b"weights").to_string());
 }
 
 #[tokio::test]
@@ -243,6 +277,7 @@ async fn bad_names_and_versions_are_refused() {
         "/api/v1/packages/a.b/-x",
         "/api/v1/blobs/b3:zz",
         "/api/v1/models/Bad/1.0.0/meta",
+        format!("/api/v1/models/a.b/1.0.0-{}/meta", "a".repeat(200)).as_str(),
     ] {
         let (s, b) = h.get(uri).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {}", String::from_utf8_lossy(&b));

@@ -198,17 +198,68 @@ fn rewrite(from: &Path, to: &Path, f: impl Fn(&str, Vec<u8>) -> Option<Vec<u8>>)
     out.finish().unwrap();
 }
 
+/// An edit of a dump's entry (its path and bytes): the new bytes, or `None` to leave it out.
+type Edit = Box<dyn Fn(&str, Vec<u8>) -> Option<Vec<u8>>>;
+
+/// An edit of a dump that changes the first row of `table` with `f`.
+fn first_row(table: &'static str, f: impl Fn(&mut Value) + 'static) -> Edit {
+    Box::new(move |p, b| {
+        if p != format!("tables/{table}.jsonl") {
+            return Some(b);
+        }
+        let text = String::from_utf8(b).unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        let mut row: Value = serde_json::from_str(&lines[0]).unwrap();
+        f(&mut row);
+        lines[0] = row.to_string();
+        Some((lines.join("\n") + "\n").into_bytes())
+    })
+}
+
 #[tokio::test]
 async fn a_tampered_dump_restores_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let (store, _) = populated(&tmp.path().join("a"), &test_database()).await;
     let file = tmp.path().join("hub.dump");
     store.dump(&file).unwrap();
-    type Edit = Box<dyn Fn(&str, Vec<u8>) -> Option<Vec<u8>>>;
     // (what, the edit, whether the result restores)
     let cases: Vec<(&str, Edit, bool)> = vec![
         ("unchanged", Box::new(|_, b| Some(b)), true),
-        ("without the grants table", Box::new(|p, b| (p != "tables/grants.jsonl").then_some(b)), true),
+        ("without the grants table", Box::new(|p, b| (p != "tables/grants.jsonl").then_some(b)), false),
+        ("without the components table", Box::new(|p, b| (p != "tables/components.jsonl").then_some(b)), false),
+        (
+            "a row taken out",
+            Box::new(|p, b| {
+                Some(if p == "tables/component_revisions.jsonl" {
+                    b.split(|c| *c == b'\n').skip(1).flat_map(|l| l.iter().chain(b"\n")).copied().collect()
+                } else {
+                    b
+                })
+            }),
+            false,
+        ),
+        (
+            "the manifest's counts changed",
+            Box::new(|p, b| {
+                Some(if p == "tessera-hub-dump.json" {
+                    let mut m: Value = serde_json::from_slice(&b).unwrap();
+                    m["summary"]["rows"]["models"] = json!(99);
+                    serde_json::to_vec(&m).unwrap()
+                } else {
+                    b
+                })
+            }),
+            false,
+        ),
+        ("a size that is text", first_row("models", |r| r["size"] = json!("ten")), false),
+        ("a size that is a fraction", first_row("models", |r| r["size"] = json!(1.5)), false),
+        ("a version that is not semver", first_row("models", |r| r["version"] = json!("garbage")), false),
+        ("a name with ..", first_row("packages", |r| r["name"] = json!("team..x")), false),
+        ("metadata that is not an object", first_row("models", |r| r["metadata"] = json!("[1]")), false),
+        ("a document that is an array", first_row("components", |r| r["document"] = json!("[1, 2]")), false),
+        ("owners that are not keys", first_row("namespaces", |r| r["owners"] = json!("nonsense")), false),
+        ("an owner that is not a key", first_row("namespaces", |r| r["owners"] = json!(r#"["ed25519:zz"]"#)), false),
+        ("a digest that is not one", first_row("component_revisions", |r| r["digest"] = json!("b3:zz")), false),
         (
             "a blob's bytes changed",
             Box::new(|p, mut b| {
@@ -267,6 +318,27 @@ async fn a_tampered_dump_restores_nothing() {
             .collect();
         assert!(leftovers.is_empty(), "{what}: staging left behind");
     }
+    // A table twice (the second, empty, would replace the first).
+    let twice = tmp.path().join("twice.dump");
+    rewrite(&file, &twice, |_, b| Some(b));
+    let mut appended = tar::Builder::new(std::fs::OpenOptions::new().read(true).write(true).open(&twice).unwrap());
+    let len = std::fs::metadata(&twice).unwrap().len();
+    // Over the archive's two zero blocks of its end (and its padding to 10 KiB records).
+    let mut end = len;
+    let raw = std::fs::read(&twice).unwrap();
+    while end >= 512 && raw[(end - 512) as usize..end as usize].iter().all(|b| *b == 0) {
+        end -= 512;
+    }
+    std::io::Seek::seek(appended.get_mut(), std::io::SeekFrom::Start(end)).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_size(0);
+    h.set_mode(0o644);
+    h.set_cksum();
+    appended.append_data(&mut h, "tables/models.jsonl", &[][..]).unwrap();
+    appended.finish().unwrap();
+    drop(appended);
+    let e = HubStore::restore_to(&tmp.path().join("t-twice"), &test_database(), &twice).err().expect("restored");
+    assert!(e.to_string().contains("twice"), "{e}");
     // Not a dump at all.
     std::fs::write(tmp.path().join("garbage"), b"not a tar").unwrap();
     assert!(HubStore::restore(&tmp.path().join("g"), &tmp.path().join("garbage")).is_err());
@@ -300,7 +372,10 @@ async fn a_restore_notes_its_shared_blobs_until_it_commits() {
         Ok(())
     };
     let dir = parent.join("hub");
-    HubStore::restore_with(&dir, &Database::Sqlite, &file, Some(&put)).unwrap();
+    let share = tessera_hub::SharedRestore { buckets: HubStore::fresh_blob_buckets().unwrap(), put: &put };
+    let (restored, _) = HubStore::restore_with(&dir, &Database::Sqlite, &file, Some(&share)).unwrap();
+    // The restored database records the buckets its blobs went to.
+    assert_eq!(restored.shared_blob_buckets().unwrap(), share.buckets);
     let seen = seen.into_inner().unwrap();
     assert_eq!(seen.len() as u64, dumped.blobs);
     let all = i64::try_from(dumped.blobs).unwrap();

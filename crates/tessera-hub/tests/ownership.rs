@@ -655,10 +655,22 @@ async fn unowned_namespaces_go_to_the_hubs_key_and_the_operator_hands_them_on() 
     write_module(&m, "legacy.tool", "1.0.0", "x");
     store.publish(&pack_dir(&m, &Limits::default()).unwrap().bytes, None, None).unwrap();
     store.put_model("oldmodels.w", "1.0.0", b"w", None).unwrap();
-    assert_eq!(store.unowned_namespaces().unwrap(), ["legacy", "oldmodels"]);
-    assert_eq!(store.adopt_unowned().unwrap(), ["legacy", "oldmodels"]);
+    // An entry written only through the Component Repository's routes.
+    let doc = json!({"id": "zz.a"});
+    store.create_component(tessera_hub::Collection::Transformation, "zz.a", doc.as_object().unwrap(), None).unwrap();
+    assert_eq!(store.unowned_namespaces().unwrap(), ["legacy", "oldmodels", "zz"]);
+    assert_eq!(store.adopt_unowned().unwrap(), ["legacy", "oldmodels", "zz"]);
     let hub_key = store.key().public().clone();
     assert_eq!(store.owners("legacy").unwrap(), Some(vec![hub_key.clone()]));
+    assert_eq!(store.owners("zz").unwrap(), Some(vec![hub_key.clone()]));
+    // Only bare namespaces name one: `zz.a` is not read as namespace `zz` (nor `a..b` as `a`).
+    for not_bare in ["zz.a", "a..b", ""] {
+        let e = store.owners(not_bare).unwrap_err();
+        assert!(matches!(e, tessera_hub::HubError::BadRequest(_)), "{not_bare}: {e}");
+        let e = store.add_owner(not_bare, &hub_key, &hub_key).unwrap_err();
+        assert!(matches!(e, tessera_hub::HubError::BadRequest(_)), "{not_bare}: {e}");
+    }
+    assert_eq!(store.owners("a").unwrap(), None);
     // A stranger's first signed write no longer claims them.
     let stranger = KeyPair::generate(KeyType::Ed25519);
     let e = store.put_model("oldmodels.w", "2.0.0", b"mine", Some(stranger.public())).unwrap_err();

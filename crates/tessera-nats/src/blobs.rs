@@ -44,10 +44,6 @@ fn backend(e: impl std::fmt::Display) -> BlobError {
     BlobError::Backend(e.to_string())
 }
 
-/// The buckets of the hub's blobs: apart from runs' blobs, so that removing a run's
-/// leftovers never touches what the hub serves, even when the bytes are the same.
-pub const HUB_BUCKETS: (&str, &str) = ("tessera_hub_blobs", "tessera_hub_small_blobs");
-
 impl NatsBlobs {
     /// Opens (creating if needed) the run blobs' buckets.
     pub async fn open(nats: &Nats) -> Result<Self, NatsError> {
@@ -55,7 +51,9 @@ impl NatsBlobs {
     }
 
     /// Opens (creating if needed) the Object Store `bucket` and the KV bucket `small` for
-    /// blobs of up to [`SMALL_BLOB`] bytes (for the hub: [`HUB_BUCKETS`]).
+    /// blobs of up to [`SMALL_BLOB`] bytes. A hub's buckets are its own, apart from runs'
+    /// blobs, so that removing a run's leftovers never touches what a hub serves, even
+    /// when the bytes are the same.
     pub async fn open_buckets(nats: &Nats, bucket: &str, small: &str) -> Result<Self, NatsError> {
         let store = match nats.js.get_object_store(bucket).await {
             Ok(s) => s,

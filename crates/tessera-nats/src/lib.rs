@@ -26,7 +26,7 @@ mod world;
 
 use std::time::Duration;
 
-pub use blobs::{HUB_BUCKETS, NatsBlobs};
+pub use blobs::NatsBlobs;
 pub use bus::NatsBus;
 pub use members::NatsMembership;
 pub use world::NatsWorld;

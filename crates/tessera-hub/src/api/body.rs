@@ -120,7 +120,9 @@ pub(crate) async fn receive(store: &HubStore, body: Body, limit: u64) -> ApiResu
 /// namespace rule, announced size, uploads in progress, quota), then receives it (see
 /// [`receive_model`]; `meta`: whether a `meta` part may come with it) and accepts its
 /// signature. Every route that takes a model binary or a component object goes through
-/// here. The caller has checked `name`.
+/// here. Bytes whose digest is not the one an `x-tessera-digest` header declares (the
+/// file part's, for a multipart body) are refused (400) and not kept. The caller has
+/// checked `name`.
 pub(crate) async fn receive_upload(
     s: &AppState,
     request: (&Method, &Uri, &HeaderMap),
@@ -136,10 +138,21 @@ pub(crate) async fn receive_upload(
     }
     let limit = s.policy.max_model_bytes;
     check_length(headers, limit.saturating_add(4 << 20))?;
+    let expected = expected_digest(headers)?;
     let slot = upload_slot(s, auth.signer())?;
     check_quota(s, auth.signer(), 0)?;
     let r = receive_model(&s.store, headers, body, limit, meta).await?;
-    match auth.finish(s, &r.body_digest).and_then(|a| meter_bytes(s, a.as_ref(), r.size, 0).map(|()| a)) {
+    let checked = match expected {
+        Some(d) if d != r.digest => Err(ApiError(HubError::BadRequest(format!(
+            "digest mismatch: the bytes have digest {}, not the {d} {DIGEST_HEADER} declares",
+            r.digest
+        )))),
+        _ => Ok(()),
+    };
+    match checked
+        .and_then(|()| auth.finish(s, &r.body_digest))
+        .and_then(|a| meter_bytes(s, a.as_ref(), r.size, 0).map(|()| a))
+    {
         Ok(a) => Ok((r, a, slot)),
         Err(e) => {
             let _ = tokio::fs::remove_file(&r.tmp).await;

@@ -100,7 +100,11 @@ pub(super) fn whole_download(method: &Method, resp: &Response) -> bool {
 fn range_applies(request: &HeaderMap, digest: &Digest) -> bool {
     match request.get(header::IF_RANGE) {
         None => true,
-        Some(v) => v.to_str().is_ok_and(|v| v.trim() == format!("\"{}\"", digest.hex())),
+        // The entity tag (the hex, quoted), or the digest as the hub writes it elsewhere.
+        Some(v) => v.to_str().is_ok_and(|v| {
+            let v = v.trim();
+            v == format!("\"{}\"", digest.hex()) || v == format!("\"{digest}\"")
+        }),
     }
 }
 

@@ -349,6 +349,13 @@ pub(super) async fn update_model_meta(
     ))
 }
 
+/// Tensor listings parsed at once: a header of [`MAX_TENSOR_HEADER`] bytes with 200,000
+/// tensors took about 150 MB to parse, so the hub's memory for listings stays under about
+/// 300 MB however many ask at once (the others wait).
+const TENSOR_LISTINGS_AT_ONCE: usize = 2;
+
+static TENSOR_LISTINGS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(TENSOR_LISTINGS_AT_ONCE);
+
 /// Largest safetensors header read, in bytes (16 MiB; a header with a million tensors fits).
 const MAX_TENSOR_HEADER: u64 = 16 << 20;
 
@@ -402,6 +409,12 @@ pub(super) async fn model_tensors(
     State(s): State<AppState>,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Json<TensorsInfo>> {
+    // A header of up to 16 MiB parses into several times that: at most
+    // TENSOR_LISTINGS_AT_ONCE are parsed at a time, whoever asks (reads are unsigned).
+    let _parsing = TENSOR_LISTINGS
+        .acquire()
+        .await
+        .map_err(|_| HubError::Storage("the tensor listings' semaphore is closed".into()))?;
     let store = s.store.clone();
     Ok(Json(
         blocking(move || {

@@ -415,9 +415,13 @@ pub(crate) fn connect(url: &str) -> Result<postgres::Client, DbError> {
         _ => Some(super::tls::connector(&settings).map_err(DbError::Tls)?),
     };
     Ok(off_runtime(|| {
+        let mut config: postgres::Config = settings.url.parse()?;
+        // The server's notices (a table that exists already, at every start of a second
+        // process) are for debugging, not the hub's log.
+        config.notice_callback(|n| tracing::debug!(severity = n.severity(), "{}", n.message()));
         let mut c = match tls {
-            None => postgres::Client::connect(&settings.url, postgres::NoTls)?,
-            Some(tls) => postgres::Client::connect(&settings.url, tls)?,
+            None => config.connect(postgres::NoTls)?,
+            Some(tls) => config.connect(tls)?,
         };
         c.batch_execute(&format!("SET lock_timeout = '{LOCK_TIMEOUT}'"))?;
         Ok::<_, postgres::Error>(c)

@@ -228,7 +228,7 @@ impl HubStore {
         dir: &Path,
         database: &Database,
         file: &Path,
-        share: Option<&ShareBlob<'_>>,
+        share: Option<&SharedRestore<'_>>,
     ) -> Result<(HubStore, DumpSummary), HubError> {
         // Checked before anything is written (a restore into PostgreSQL commits its records
         // before the directory takes the restored blobs).
@@ -259,15 +259,57 @@ impl HubStore {
     }
 }
 
+/// Checks a restored value as the hub's own writes would have made it: names, versions,
+/// digests and keys parse, and the columns holding JSON hold what their readers expect.
+/// Columns not listed take any value of their type.
+fn check_value(table: &str, column: &str, v: &Value) -> Result<(), String> {
+    let text = || v.as_str().ok_or_else(|| format!("{v} is not text"));
+    let json = || serde_json::from_str::<Value>(text()?).map_err(|e| format!("not JSON: {e}"));
+    let key = |k: &str| k.parse::<tessera_identity::PublicKey>().map(drop).map_err(|e| e.to_string());
+    match (table, column) {
+        (_, "signer" | "grantee") if v.is_null() => Ok(()),
+        (_, "signer" | "grantee") => key(text()?),
+        ("packages" | "models" | "aliases" | "grants", "name") => {
+            super::parse_name(text()?).map(drop).map_err(|e| e.to_string())
+        }
+        ("packages" | "models" | "aliases", "version") => {
+            super::parse_version(text()?).map(drop).map_err(|e| e.to_string())
+        }
+        (_, "digest") if v.is_null() => Ok(()),
+        (_, "digest") => super::parse_digest(text()?).map(drop).map_err(|e| e.to_string()),
+        ("models", "metadata") | ("components", "document") | ("packages", "manifest") => {
+            json()?.is_object().then_some(()).ok_or_else(|| "not a JSON object".to_owned())
+        }
+        ("packages", "tags") => json()?.is_array().then_some(()).ok_or_else(|| "not a JSON array".to_owned()),
+        ("models", "lineage") if v.is_null() => Ok(()),
+        ("models", "lineage") => json().map(drop),
+        ("namespaces", "namespace") => tessera_core::name::check_ident("namespace", text()?).map_err(|e| e.to_string()),
+        ("namespaces", "owners") => {
+            let keys: Vec<String> = serde_json::from_str(text()?).map_err(|e| format!("not a list of keys: {e}"))?;
+            keys.iter().try_for_each(|k| key(k))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Reads the dump into a new hub at `dir` (a fresh staging directory).
 /// Stores one restored blob in a shared store: its file and digest.
 pub type ShareBlob<'a> = dyn Fn(&Path, &Digest) -> Result<(), HubError> + Sync + 'a;
+
+/// Where a restore's blobs go when they are shared: the buckets the restored database
+/// records ([`HubStore::fresh_blob_buckets`]) and what stores each blob in them.
+pub struct SharedRestore<'a> {
+    /// The buckets (blobs, small blobs) `put` stores into.
+    pub buckets: (String, String),
+    /// Stores one restored blob.
+    pub put: &'a ShareBlob<'a>,
+}
 
 fn restore_into(
     dir: &Path,
     database: &Database,
     file: &Path,
-    share: Option<&ShareBlob<'_>>,
+    share: Option<&SharedRestore<'_>>,
 ) -> Result<DumpSummary, HubError> {
     let bad = |why: String| HubError::BadRequest(format!("{}: {why}", file.display()));
     // The key first, so the hub opens with the dumped one rather than making its own.
@@ -316,12 +358,17 @@ fn restore_into(
         }
         let mut bytes = Vec::new();
         entry.read_to_end(&mut bytes).map_err(|e| bad(e.to_string()))?;
+        let twice = || bad(format!("the dump holds {path:?} twice"));
         match path.as_str() {
+            "identity/hub.json" if key.is_some() => return Err(twice()),
             "identity/hub.json" => key = Some(bytes),
+            MANIFEST if manifest.is_some() => return Err(twice()),
             MANIFEST => manifest = Some(serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?),
             p => match p.strip_prefix("tables/").and_then(|t| t.strip_suffix(".jsonl")) {
                 Some(t) if t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
-                    tables.insert(t.to_owned(), bytes);
+                    if tables.insert(t.to_owned(), bytes).is_some() {
+                        return Err(twice());
+                    }
                 }
                 _ => return Err(bad(format!("unexpected entry {path:?}"))),
             },
@@ -330,6 +377,20 @@ fn restore_into(
     let manifest = manifest.ok_or_else(|| bad("not a hub dump (no tessera-hub-dump.json)".into()))?;
     if manifest["format"] != FORMAT {
         return Err(bad(format!("dump format {} (this hub reads {FORMAT})", manifest["format"])));
+    }
+    // The manifest counts what the dump holds: a table or rows taken out, or blobs cut off,
+    // refuse the dump before anything is written.
+    let declared: DumpSummary = serde_json::from_value(manifest["summary"].clone())
+        .map_err(|e| bad(format!("the dump's manifest has no summary of what it holds: {e}")))?;
+    let held: BTreeMap<String, u64> = tables
+        .iter()
+        .map(|(t, text)| (t.clone(), text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count() as u64))
+        .collect();
+    if held != declared.rows || summary.blobs != declared.blobs {
+        return Err(bad(format!(
+            "the dump holds {} blobs and rows {held:?}, but its manifest says {} blobs and rows {:?}: it was changed or cut",
+            summary.blobs, declared.blobs, declared.rows
+        )));
     }
     let key = key.ok_or_else(|| bad("the dump holds no hub key".into()))?;
     let id = dir.join("identity");
@@ -388,15 +449,23 @@ fn restore_into(
                 let Some((_, integer)) = columns.iter().find(|(c, _)| *c == k && c != "rowid") else {
                     return Err(bad(format!("table {table} has no column {k:?}")));
                 };
+                check_value(table, &k, &v).map_err(|why| bad(format!("table {table}, column {k}: {why}")))?;
                 names.push(format!("\"{k}\""));
                 values.push(match v {
                     Value::Null if *integer => db::Param::Int(None),
                     Value::Null => db::Param::Text(None),
                     Value::Bool(b) => db::Param::Int(Some(i64::from(b))),
+                    Value::Number(x) if *integer => match x.as_i64() {
+                        Some(i) => db::Param::Int(Some(i)),
+                        None => return Err(bad(format!("table {table}, column {k}: {x} is not an integer"))),
+                    },
                     Value::Number(x) => match x.as_i64() {
                         Some(i) => db::Param::Int(Some(i)),
                         None => db::Param::Real(Some(x.as_f64().unwrap_or(0.0))),
                     },
+                    Value::String(s) if *integer => {
+                        return Err(bad(format!("table {table}, column {k}: {s:?} is not an integer")));
+                    }
                     Value::String(s) => db::Param::Text(Some(s)),
                     other => return Err(bad(format!("table {table}, column {k}: {other} is not a column value"))),
                 });
@@ -428,10 +497,11 @@ fn restore_into(
     }
     if let Some(share) = share {
         super::record_shared_blobs(&tx)?;
+        super::record_blob_buckets(&tx, &share.buckets)?;
         let served: Vec<String> = tx.query_all(super::SERVED_DIGESTS, params![], |r| r.get(0))?;
         for d in served {
             let digest = super::parse_digest(&d)?;
-            share(&blobs.path_of(&digest), &digest)?;
+            (share.put)(&blobs.path_of(&digest), &digest)?;
         }
     }
     tx.commit()?;

@@ -40,7 +40,7 @@ use tessera_ports::FsBlobStore;
 pub use accounts::UsageRecord;
 pub use cache::{Download, SharedDownload};
 pub use components::{Collection, ComponentNeeds, ComponentRecord, ObjectUpload, Revision};
-pub use dump::{DumpSummary, ShareBlob};
+pub use dump::{DumpSummary, ShareBlob, SharedRestore};
 pub use grants::GrantRecord;
 pub use models::ModelUpload;
 pub use packages::{ListQuery, PublishCheck, Published};
@@ -326,7 +326,18 @@ pub(crate) fn parse_name(name: &str) -> Result<ModulePath, HubError> {
     name.parse().map_err(|e: tessera_core::name::NameError| HubError::BadRequest(e.to_string()))
 }
 
+/// The longest version the hub takes, in bytes: like a name's bound, so that a version
+/// fits in a file name (`NAME-VERSION.safetensors`) and in a listing.
+pub(crate) const MAX_VERSION_LEN: usize = 128;
+
 pub(crate) fn parse_version(v: &str) -> Result<Version, HubError> {
+    if v.len() > MAX_VERSION_LEN {
+        let head: String = v.chars().take(32).collect();
+        return Err(HubError::BadRequest(format!(
+            "the version {head:?}... has {} bytes; the most is {MAX_VERSION_LEN}",
+            v.len()
+        )));
+    }
     Version::parse(v)
         .map_err(|e| HubError::BadRequest(format!("invalid version {v:?}: {e} (versions are semver, e.g. 0.1.0)")))
 }
@@ -708,6 +719,45 @@ impl HubStore {
         Ok(self)
     }
 
+    /// The NATS Object Store buckets (blobs, small blobs) this hub's blobs are shared in:
+    /// `tessera_hub_ID_blobs` and `tessera_hub_ID_small_blobs`, with `ID` random and
+    /// recorded in the database by the first process to ask, so hubs with different
+    /// databases (a restored copy, say) on one NATS server never share, nor remove, each
+    /// other's blobs, and the processes of one hub agree. A database that shared its blobs
+    /// before the names were recorded keeps the names it used, `tessera_hub_blobs` and
+    /// `tessera_hub_small_blobs`.
+    ///
+    /// # Errors
+    /// [`HubError::Storage`] when the record cannot be read or written.
+    pub fn shared_blob_buckets(&self) -> Result<(String, String), HubError> {
+        let chosen = if self.expects_shared_blobs()? {
+            ("tessera_hub_blobs".to_owned(), "tessera_hub_small_blobs".to_owned())
+        } else {
+            Self::fresh_blob_buckets()?
+        };
+        let db = self.db();
+        // The first process's names stand (another may be choosing at the same time).
+        record_blob_buckets(&db, &chosen)?;
+        let value: String =
+            db.query_row("SELECT value FROM settings WHERE name = 'blob_buckets'", params![], |r| r.get(0))?;
+        match value.split_once(' ') {
+            Some((blobs, small)) if !blobs.is_empty() && !small.is_empty() => Ok((blobs.to_owned(), small.to_owned())),
+            _ => Err(HubError::Storage(format!("the database's blob buckets are recorded as {value:?}"))),
+        }
+    }
+
+    /// New bucket names for a hub's shared blobs (see [`HubStore::shared_blob_buckets`]),
+    /// for a database about to be made (a restore's).
+    ///
+    /// # Errors
+    /// [`HubError::Storage`] when the system's random source fails.
+    pub fn fresh_blob_buckets() -> Result<(String, String), HubError> {
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).map_err(|e| HubError::Storage(format!("a random bucket name: {e}")))?;
+        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        Ok((format!("tessera_hub_{id}_blobs"), format!("tessera_hub_{id}_small_blobs")))
+    }
+
     /// True when a process has kept this hub's blobs in a shared store: one without it
     /// would store blobs the other processes cannot read.
     pub fn expects_shared_blobs(&self) -> Result<bool, HubError> {
@@ -750,6 +800,15 @@ pub(crate) fn record_shared_blobs(conn: &Conn) -> Result<(), HubError> {
     conn.execute(
         "INSERT INTO settings (name, value) VALUES ('blobs', 'shared') ON CONFLICT(name) DO NOTHING",
         params![],
+    )?;
+    Ok(())
+}
+
+/// Records the buckets a hub's shared blobs are in, unless some are recorded already.
+pub(crate) fn record_blob_buckets(conn: &Conn, (blobs, small): &(String, String)) -> Result<(), HubError> {
+    conn.execute(
+        "INSERT INTO settings (name, value) VALUES ('blob_buckets', ?1) ON CONFLICT(name) DO NOTHING",
+        params![format!("{blobs} {small}")],
     )?;
     Ok(())
 }
@@ -821,6 +880,42 @@ pub(crate) fn remove_leftover(file: &Path) {
 
 #[cfg(test)]
 mod tests {
+    /// Each database gets buckets of its own for shared blobs, which every process of it
+    /// reads back; one that shared blobs before the names were recorded keeps the first ones.
+    #[test]
+    fn each_hub_database_has_its_own_blob_buckets() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = crate::testing::open_store(dir.path().join("a"));
+        let b = crate::testing::open_store(dir.path().join("b"));
+        let (ab, asmall) = a.shared_blob_buckets().unwrap();
+        assert!(ab.starts_with("tessera_hub_") && ab.ends_with("_blobs") && asmall.ends_with("_small_blobs"));
+        assert_ne!(ab, b.shared_blob_buckets().unwrap().0);
+        assert_eq!(a.shared_blob_buckets().unwrap(), (ab.clone(), asmall));
+        let old = crate::testing::open_store(dir.path().join("old"));
+        super::record_shared_blobs(&old.db()).unwrap();
+        let legacy = ("tessera_hub_blobs".to_owned(), "tessera_hub_small_blobs".to_owned());
+        assert_eq!(old.shared_blob_buckets().unwrap(), legacy);
+    }
+
+    /// Every table whose rows are named (a `name` or `key` column, but the hub's own
+    /// settings) is one the namespaces are found in, so a hub that starts requiring
+    /// signatures leaves no namespace unowned, whatever collection wrote it.
+    #[test]
+    fn every_named_table_is_searched_for_unowned_namespaces() {
+        let mut named = Vec::new();
+        for table in super::SCHEMA.split("CREATE TABLE IF NOT EXISTS ").skip(1) {
+            let (name, columns) = table.split_once('(').unwrap();
+            let has = |c: &str| columns.lines().any(|l| l.trim_start().starts_with(&format!("{c} ")));
+            if name.trim() != "settings" && (has("name") || has("key")) {
+                named.push(name.trim().to_owned());
+            }
+        }
+        assert!(named.len() >= 5, "{named:?}");
+        for t in named {
+            assert!(super::namespaces::NAMED_TABLES.iter().any(|(n, _)| *n == t), "table {t} is not in NAMED_TABLES");
+        }
+    }
+
     /// Every write that moves a blob into place does it through `HubStore::adopt`, so a
     /// refused write takes its blob away again: no other store file moves blobs itself
     /// (but the restore, which fills a staging directory nothing serves yet, and the cache,

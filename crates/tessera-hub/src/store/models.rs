@@ -175,7 +175,12 @@ fn all_versions(conn: &Conn, name: &str) -> Result<Vec<Version>, HubError> {
 fn next_version(conn: &Conn, name: &str) -> Result<Version, HubError> {
     let versions = all_versions(conn, name)?;
     let highest = versions.iter().max();
-    next_patch(highest).ok_or_else(|| HubError::BadRequest(format!("model {name} has no version after {highest:?}")))
+    next_patch(highest).ok_or_else(|| match highest {
+        Some(v) => {
+            HubError::BadRequest(format!("model {name} has no version after {v}: its patch number is the largest"))
+        }
+        None => HubError::BadRequest(format!("model {name} has no next version")),
+    })
 }
 
 /// A card as stored (JSON).

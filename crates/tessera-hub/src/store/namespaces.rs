@@ -20,6 +20,26 @@ pub(super) fn owners_in(conn: &Conn, namespace: &str) -> Result<Option<Vec<Publi
     Ok(Some(keys))
 }
 
+/// The tables whose rows live under a namespace, with the column naming them (a dotted
+/// name, or a component's `name/...` key): what a hub that starts requiring signatures
+/// hands to its own key when unowned. A table added to the schema with a `name` or `key`
+/// column must be listed here (a test checks).
+pub(crate) const NAMED_TABLES: &[(&str, &str)] = &[
+    ("packages", "name"),
+    ("models", "name"),
+    ("components", "key"),
+    ("component_revisions", "key"),
+    ("aliases", "name"),
+    ("grants", "name"),
+];
+
+/// Refuses what is not a bare namespace: every route and call naming a namespace (not a
+/// module or model name, whose namespace is its first segment) goes through here, so that
+/// `a.b` or `a..b` is never read as another namespace.
+fn bare_namespace(namespace: &str) -> Result<(), HubError> {
+    tessera_core::name::check_ident("namespace", namespace).map_err(|e| HubError::BadRequest(e.to_string()))
+}
+
 /// The namespace rule, inside a write's transaction: owners may write; in an unowned
 /// namespace, a signed write claims it for its signer and an unsigned one (open hubs only)
 /// claims nothing.
@@ -48,7 +68,12 @@ pub(super) fn check_write(tx: &Conn, namespace: &str, actor: Option<&PublicKey>)
 
 impl HubStore {
     /// The owners of a namespace (`None`: nobody has claimed it).
+    ///
+    /// # Errors
+    /// [`HubError::BadRequest`] when `namespace` is not a bare namespace (a name's first
+    /// segment: no dots, no path).
     pub fn owners(&self, namespace: &str) -> Result<Option<Vec<PublicKey>>, HubError> {
+        bare_namespace(namespace)?;
         owners_in(&self.db(), namespace)
     }
 
@@ -88,6 +113,7 @@ impl HubStore {
     /// Adds `key` to a namespace's owners, signed by `actor`: an owner, or the claimer of
     /// an unowned namespace (the write claims it for `actor` first, like any write).
     pub fn add_owner(&self, namespace: &str, actor: &PublicKey, key: &PublicKey) -> Result<Vec<PublicKey>, HubError> {
+        bare_namespace(namespace)?;
         self.write(namespace, Some(actor), |tx| {
             let mut owners = owners_in(tx, namespace)?.unwrap_or_default();
             if !owners.contains(key) {
@@ -125,17 +151,20 @@ impl HubStore {
         })
     }
 
-    /// Namespaces that hold packages or models but have no owner (written unsigned on an
-    /// open hub).
+    /// Namespaces that hold anything ([`NAMED_TABLES`]) but have no owner (written
+    /// unsigned on an open hub).
     pub fn unowned_namespaces(&self) -> Result<Vec<String>, HubError> {
         let db = self.db();
-        let names: Vec<String> = db
-            .prepare("SELECT name FROM packages UNION SELECT name FROM models")?
-            .query_map([], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
+        let query = NAMED_TABLES
+            .iter()
+            .map(|(table, column)| format!("SELECT {column} FROM {table}"))
+            .collect::<Vec<_>>()
+            .join(" UNION ");
+        let names: Vec<String> = db.prepare(&query)?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
         let mut out: Vec<String> = Vec::new();
         for n in names {
-            let ns = namespace_of(&n).to_owned();
+            // A component's key is `name/...`; its namespace is its name's.
+            let ns = namespace_of(n.split('/').next().unwrap_or_default()).to_owned();
             if !out.contains(&ns) && owners_in(&db, &ns)?.is_none() {
                 out.push(ns);
             }
