@@ -73,8 +73,10 @@ pub enum Command {
         /// A module folder or a package file.
         #[arg(default_value = ".")]
         path: PathBuf,
-        /// Publish it private: sealed so only the keys given with --to can read it (the hub
-        /// stores ciphertext, and serves it only to keys granted).
+        /// Publish it private: sealed so only the keys given with --to, and your own (an
+        /// Ed25519 key), can read it (the hub stores ciphertext, and serves it only to its
+        /// namespace's owners and to the keys given with --to, each granted for good;
+        /// `module revoke` takes a grant away).
         #[arg(long, requires = "to")]
         private: bool,
         /// A recipient of a private package: a node's key (repeatable).
@@ -553,9 +555,17 @@ async fn publish(path: &Path, private: bool, to: &[String], hub: &HubArg) -> any
         for f in &packed.info.files {
             eprintln!("  {} ({} bytes)", f.path, f.size);
         }
-        let recipients = to.iter().map(|k| k.parse()).collect::<Result<Vec<tessera_identity::PublicKey>, _>>()?;
-        let sealed = tessera_identity::seal::seal(&packed.bytes, &recipients)?;
+        let mut recipients = to.iter().map(|k| k.parse()).collect::<Result<Vec<tessera_identity::PublicKey>, _>>()?;
         let client = hub.signed_client()?;
+        // Sealed for the publisher too (as gpg's encrypt-to-self), so the publisher can
+        // read back what it published; an Ed25519 key only (what sealing takes).
+        if let Some(me) = client.signer().map(|k| k.public().clone())
+            && me.key_type() == tessera_identity::KeyType::Ed25519
+            && !recipients.contains(&me)
+        {
+            recipients.push(me);
+        }
+        let sealed = tessera_identity::seal::seal(&packed.bytes, &recipients)?;
         let (rec, created) = client.publish_private(sealed, &packed.info.manifest).await?;
         println!("{}", rec.digest);
         eprintln!(

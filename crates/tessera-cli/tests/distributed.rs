@@ -389,6 +389,10 @@ fn two_accounts_private_module_walkthrough() {
     person_ok(&env, "alice", &["module", "publish", &worker, "--private", "--to", &bob_node, "--to", &bob]);
     let show = person_ok(&env, "alice", &["module", "show", "acme.digits.worker"]);
     assert!(show.contains("private") && show.contains(&alice), "{show}");
+    // Sealed for its publisher too: Alice reads back what she published.
+    let mine = env.dir.path().join("alice-copy");
+    person_ok(&env, "alice", &["module", "pull", "acme.digits.worker", "--out", mine.to_str().unwrap()]);
+    assert!(mine.join("module.yaml").exists(), "the publisher's copy is unsealed");
 
     // Bob's node trusts Alice's packages and lets Bob compute on its digits.
     let policy = env.dir.path().join("bob-policy.yaml");

@@ -222,6 +222,32 @@ async fn uploads_are_checked_before_anything_is_stored() {
     assert_eq!(stored["digest"], Digest::of(b"weights").to_string());
 }
 
+/// Every error answer is JSON with an `error` that says what was wrong, axum's own
+/// refusals (a query string or body that does not parse, a body past the limit, an
+/// unknown route or method) included.
+#[tokio::test]
+async fn every_error_is_json_naming_what_was_wrong() {
+    let h = hub();
+    let big = vec![b' '; 3 << 20];
+    let cases: Vec<(&str, &str, Vec<u8>, StatusCode, &str)> = vec![
+        ("GET", "/api/v1/models?limit=-1", vec![], StatusCode::BAD_REQUEST, "limit"),
+        ("GET", "/api/v1/models?limit=1&limit=2", vec![], StatusCode::BAD_REQUEST, "duplicate"),
+        ("GET", "/api/v1/packages?offset=99999999999999999999999", vec![], StatusCode::BAD_REQUEST, "offset"),
+        ("POST", "/api/v1/models", big.clone(), StatusCode::PAYLOAD_TOO_LARGE, "limit of 2097152 bytes"),
+        ("POST", "/transformation", big, StatusCode::PAYLOAD_TOO_LARGE, "limit"),
+        ("GET", "/api/v1/no-such-thing", vec![], StatusCode::NOT_FOUND, "not found"),
+        ("GET", "/docs/nothing/here", vec![], StatusCode::NOT_FOUND, ""),
+        ("DELETE", "/api/v1/health", vec![], StatusCode::METHOD_NOT_ALLOWED, "method"),
+    ];
+    for (method, uri, body, status, says) in cases {
+        let (s, b) = h.call(method, uri, Body::from(body), &[("content-type", "application/json")]).await;
+        assert_eq!(s, status, "{method} {uri}: {}", String::from_utf8_lossy(&b));
+        let v: Value = serde_json::from_slice(&b).unwrap_or_else(|_| panic!("{method} {uri}: not JSON"));
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(error.contains(says), "{method} {uri}: {error:?} does not say {says:?}");
+    }
+}
+
 #[tokio::test]
 async fn delete_keeps_the_version_number_reserved() {
     let h = hub();

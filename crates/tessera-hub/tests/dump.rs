@@ -176,6 +176,12 @@ async fn round_trip(from: &Database, to: &Database) {
         // So is restoring into a database that holds a hub's records, whatever the directory.
         let e = HubStore::restore_to(&tmp.path().join("c"), to, &file).err().unwrap();
         assert!(matches!(e, HubError::Conflict(_)), "{e}");
+        // Another hub's dump (another key) is refused as plainly.
+        let (other, _) = populated(&tmp.path().join("x"), &Database::Sqlite).await;
+        let other_file = tmp.path().join("other.dump");
+        other.dump(&other_file).unwrap();
+        let e = HubStore::restore_to(&tmp.path().join("d"), to, &other_file).err().unwrap();
+        assert!(matches!(&e, HubError::Conflict(m) if m.contains("holds a hub's records already")), "{e}");
     }
 }
 

@@ -265,9 +265,58 @@ pub fn app(state: AppState) -> Router {
             }),
         )
         .route("/metrics", axum::routing::get(tessera_ports::metrics::http::metrics_page))
+        .layer(axum::middleware::from_fn(json_errors))
         .route_layer(axum::middleware::from_fn(|req, next| tessera_ports::metrics::http::measure("hub", req, next)))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(answer_panic))
         .with_state(state)
+}
+
+/// The most a request body read whole (JSON, metadata) may have, in bytes: axum's default
+/// limit, which every route reading its body whole keeps.
+const WHOLE_BODY_LIMIT: usize = 2 << 20;
+
+/// Every error answer of the hub is JSON [`ErrorBody`], as the API document says: the
+/// handlers' own errors are ([`ApiError`]), and this turns the rest into it: axum's
+/// rejections (a query string or a body that does not parse, a body over
+/// [`WHOLE_BODY_LIMIT`]), an unknown route or method, a refused range. The answers to
+/// `HEAD` keep their empty bodies.
+async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let head = req.method() == axum::http::Method::HEAD;
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if head || json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = match axum::body::to_bytes(body, 64 << 10).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let error = match status {
+        StatusCode::PAYLOAD_TOO_LARGE if text.contains("length limit exceeded") => {
+            format!("the request body is over this route's limit of {WHOLE_BODY_LIMIT} bytes")
+        }
+        _ if text.is_empty() => match status {
+            StatusCode::NOT_FOUND => "no such route".to_owned(),
+            StatusCode::METHOD_NOT_ALLOWED => "the route does not take this method".to_owned(),
+            _ => status.canonical_reason().unwrap_or("error").to_owned(),
+        },
+        _ => text,
+    };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.remove(axum::http::header::CONTENT_TYPE);
+    let mut out = (status, Json(ErrorBody { error })).into_response();
+    for (k, v) in parts.headers {
+        if let Some(k) = k {
+            out.headers_mut().entry(k).or_insert(v);
+        }
+    }
+    out
 }
 
 /// A handler panicked: one log line, and a 500 that says so (no backtrace per request).

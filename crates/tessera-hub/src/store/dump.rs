@@ -402,8 +402,14 @@ fn restore_into(
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     opts.open(id.join("hub.json"))?.write_all(&key)?;
-    // The schema of this hub, then the rows, in one transaction.
-    let store = HubStore::open_database(dir, database, tessera_package::Limits::default())?;
+    // The schema of this hub, then the rows, in one transaction. A database that holds
+    // another hub's key holds that hub.
+    let store = HubStore::open_database(dir, database, tessera_package::Limits::default()).map_err(|e| match e {
+        HubError::Conflict(_) => {
+            HubError::Conflict("the database holds a hub's records already; restore into an empty one".into())
+        }
+        e => e,
+    })?;
     let holds_a_hub = |tx: &super::Tx<'_>| -> Result<bool, HubError> {
         let held: i64 = tx.query_row(
             "SELECT (SELECT COUNT(*) FROM packages) + (SELECT COUNT(*) FROM models)

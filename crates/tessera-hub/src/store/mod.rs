@@ -469,9 +469,11 @@ impl HubStore {
                 match keys.load("hub", None) {
                     Ok(local) if local.public() == key.public() => {}
                     Ok(local) => {
-                        return Err(storage(&format!(
-                            "{} holds {}, the database {}: remove the local one to use the database's",
-                            dir.join("identity").display(),
+                        return Err(HubError::Conflict(format!(
+                            "the hub's key: the data directory {} holds the key of another hub ({}) than the database's ({}): \
+                             give this hub a data directory of its own (a new one will do; the other may hold \
+                             another hub's blobs and key)",
+                            dir.display(),
                             local.public(),
                             key.public()
                         )));

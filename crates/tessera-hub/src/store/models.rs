@@ -431,7 +431,8 @@ impl HubStore {
 
     /// Live models whose name has `prefix` (by segments), sorted by name and version.
     pub fn models(&self, prefix: Option<&str>) -> Result<Vec<ModelRecord>, HubError> {
-        self.matching_models(prefix, &super::search::Filters::default())
+        let all = super::search::Filters { limit: Some(u64::MAX), ..Default::default() };
+        self.page_of_models(prefix, &all, usize::MAX)
     }
 
     /// Models under `prefix` that pass `filters`, by name and version, the page the
@@ -441,41 +442,68 @@ impl HubStore {
         prefix: Option<&str>,
         filters: &super::search::Filters,
     ) -> Result<Vec<ModelRecord>, HubError> {
-        Ok(filters.page(self.matching_models(prefix, filters)?))
+        self.page_of_models(prefix, filters, usize::try_from(super::search::MAX_PAGE).unwrap_or(usize::MAX))
     }
 
-    /// Every model under `prefix` that passes `filters` (its page aside).
-    fn matching_models(
+    /// Every live model, one at a time (at most one record held here, whatever the
+    /// number of models, on SQLite; PostgreSQL's client holds the rows' text).
+    fn for_each_model(&self, mut f: impl FnMut(ModelRecord)) -> Result<(), HubError> {
+        let mut failed = None;
+        self.db().query_all(&format!("SELECT {MODEL_COLUMNS} FROM models WHERE deleted = 0"), params![], |row| {
+            match model_row(row).map_err(HubError::from).and_then(ModelRow::into_record) {
+                Ok(m) => f(m),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+            Ok(())
+        })?;
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// The page of the models under `prefix` that pass `filters` (at most `most`), by
+    /// name and version: the names and versions of every match first (all the memory
+    /// this takes, beside one record at a time), then the page's records, read again.
+    fn page_of_models(
         &self,
         prefix: Option<&str>,
         filters: &super::search::Filters,
+        most: usize,
     ) -> Result<Vec<ModelRecord>, HubError> {
-        let db = self.db();
-        let mut stmt = db.prepare(&format!("SELECT {MODEL_COLUMNS} FROM models WHERE deleted = 0 ORDER BY name"))?;
-        let rows = stmt.query_map([], model_row)?.collect::<Result<Vec<_>, _>>()?;
-        drop(stmt);
-        drop(db);
-        let mut out = Vec::new();
-        for row in rows {
-            let m = row.into_record()?;
-            let keep = match prefix {
-                Some(p) => m.name.parse::<ModulePath>().is_ok_and(|n| n.has_prefix(p)),
-                None => true,
-            };
-            if keep && filters.accepts(&super::search::Facets::of_model(&m)) {
-                let mut m = m;
-                if let Some(c) = &mut m.card {
-                    c.text.clear();
-                }
-                out.push(m);
+        let mut keys: Vec<(String, Option<Version>, String)> = Vec::new();
+        self.for_each_model(|m| {
+            let under = prefix.is_none_or(|p| m.name.parse::<ModulePath>().is_ok_and(|n| n.has_prefix(p)));
+            if under && filters.accepts(&super::search::Facets::of_model(&m)) {
+                keys.push((m.name, Version::parse(&m.version).ok(), m.version));
             }
-        }
-        out.sort_by(|a, b| {
-            a.name.cmp(&b.name).then_with(|| match (Version::parse(&a.version), Version::parse(&b.version)) {
-                (Ok(x), Ok(y)) => x.cmp(&y),
-                _ => a.version.cmp(&b.version),
+        })?;
+        keys.sort_by(|a, b| {
+            a.0.cmp(&b.0).then_with(|| match (&a.1, &b.1) {
+                (Some(x), Some(y)) => x.cmp(y),
+                _ => a.2.cmp(&b.2),
             })
         });
+        let offset = usize::try_from(filters.offset.unwrap_or(0)).unwrap_or(usize::MAX);
+        let limit = usize::try_from(filters.limit.unwrap_or(u64::MAX)).unwrap_or(usize::MAX).min(most);
+        let mut out = Vec::new();
+        for (name, _, version) in keys.into_iter().skip(offset).take(limit) {
+            let db = self.db();
+            let row = db
+                .query_row(
+                    &format!("SELECT {MODEL_COLUMNS} FROM models WHERE name = ?1 AND version = ?2 AND deleted = 0"),
+                    params![name, version],
+                    model_row,
+                )
+                .optional()?;
+            drop(db);
+            // Deleted since it was listed: the page has one fewer.
+            let Some(row) = row else { continue };
+            let mut m = row.into_record()?;
+            if let Some(c) = &mut m.card {
+                c.text.clear();
+            }
+            out.push(m);
+        }
         Ok(out)
     }
 
@@ -492,18 +520,28 @@ impl HubStore {
     /// whose lineage or card names it as their `base_model`.
     pub fn derived_models(&self, name: &str, version: &str) -> Result<Vec<ModelRecord>, HubError> {
         let exact = format!("{name}@{version}");
-        Ok(self
-            .models(None)?
-            .into_iter()
-            .filter(|m| {
-                let base = m
-                    .lineage
-                    .as_ref()
-                    .and_then(|l| l.base_model.clone())
-                    .or_else(|| m.card.as_ref().and_then(|c| c.base_model.clone()));
-                base.is_some_and(|b| b == exact || b == name)
+        let mut out = Vec::new();
+        // One model at a time: only those built from this one are kept.
+        self.for_each_model(|mut m| {
+            let base = m
+                .lineage
+                .as_ref()
+                .and_then(|l| l.base_model.clone())
+                .or_else(|| m.card.as_ref().and_then(|c| c.base_model.clone()));
+            if base.is_some_and(|b| b == exact || b == name) {
+                if let Some(c) = &mut m.card {
+                    c.text.clear();
+                }
+                out.push(m);
+            }
+        })?;
+        out.sort_by(|a, b| {
+            a.name.cmp(&b.name).then_with(|| match (Version::parse(&a.version), Version::parse(&b.version)) {
+                (Ok(x), Ok(y)) => x.cmp(&y),
+                _ => a.version.cmp(&b.version),
             })
-            .collect())
+        });
+        Ok(out)
     }
 
     /// The next free patch version of a model: `0.1.0` for a new model, else the highest

@@ -563,27 +563,31 @@ impl HubStore {
             None => None,
         };
         let filters = q.filters();
-        let db = self.db();
-        let mut stmt =
-            db.prepare(&format!("SELECT {PACKAGE_COLUMNS} FROM packages WHERE deleted = 0 ORDER BY name"))?;
-        let rows = stmt.query_map([], package_row)?.collect::<Result<Vec<_>, _>>()?;
-        drop(stmt);
-        drop(db);
+        // One row at a time (on SQLite): only the matching records are kept, without their
+        // cards' text.
         let mut all = Vec::new();
-        for (row, _) in rows {
-            let r = row.into_record()?;
-            if let Some(p) = &q.prefix
-                && !r.manifest.name.has_prefix(p)
-            {
-                continue;
-            }
-            if kind.is_some_and(|k| k != r.kind) {
-                continue;
-            }
-            if !filters.accepts(&super::search::Facets::of_package(&r)) {
-                continue;
-            }
-            all.push(strip_card_text(r));
+        let mut failed = None;
+        self.db().query_all(
+            &format!("SELECT {PACKAGE_COLUMNS} FROM packages WHERE deleted = 0 ORDER BY name"),
+            params![],
+            |row| {
+                let r = match package_row(row).map_err(HubError::from).and_then(|(row, _)| row.into_record()) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                        return Ok(());
+                    }
+                };
+                let under = q.prefix.as_ref().is_none_or(|p| r.manifest.name.has_prefix(p));
+                if under && kind.is_none_or(|k| k == r.kind) && filters.accepts(&super::search::Facets::of_package(&r))
+                {
+                    all.push(strip_card_text(r));
+                }
+                Ok(())
+            },
+        )?;
+        if let Some(e) = failed {
+            return Err(e);
         }
         if q.all {
             all.sort_by(|a, b| a.name.cmp(&b.name).then(a.manifest.version.cmp(&b.manifest.version)));
