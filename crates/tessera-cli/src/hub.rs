@@ -53,6 +53,9 @@ impl StoreArgs {
             "this hub keeps its blobs in a shared store (another process was started with --blobs): \
              give this one the same --blobs"
         );
+        if self.blobs.is_none() {
+            store.check_blob_directory()?;
+        }
         self.share(store).await
     }
 

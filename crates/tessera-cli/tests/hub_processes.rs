@@ -285,6 +285,19 @@ async fn two_hub_processes_share_one_store_and_one_replay_cache(database: Databa
             assert!(String::from_utf8_lossy(&out.stderr).contains("same --blobs"), "{out:?}");
         }
     }
+    if let (None, Database::Postgres(pg)) = (blobs, &database) {
+        // Without shared blobs, a process over the database with a directory of its own
+        // would store blobs the others cannot read: it is refused, naming why.
+        let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .env_remove("TESSERA_HUB_DATABASE")
+            .env_remove("TESSERA_HUB_BLOBS")
+            .args(["hub", "dump", work.path().join("x.dump").to_str().unwrap(), "--database", pg, "--data"])
+            .arg(work.path().join("hub-elsewhere"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("another data directory"), "{err}");
+    }
 
     // A signed request captured on its way to one process is refused by the other, and by
     // the first.

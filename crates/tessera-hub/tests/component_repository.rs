@@ -244,6 +244,13 @@ async fn needs_are_read_as_a_modules_needs() {
         (Some(1), Some(16_000_000_000), Some(2_500_000_000)),
         "{created}"
     );
+    // Needs are an object: not a list read by position, nor a number.
+    for needs in [json!([5, 3, true, {"numpy": "1.0"}]), json!(7)] {
+        let doc = json!({"id": "odd.needs", "needs": needs});
+        let (s, body) = h.json("POST", "/inferencer", Some(&doc)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{needs}: {body}");
+        assert!(body["error"].as_str().unwrap_or_default().contains("not an object"), "{body}");
+    }
 }
 
 /// An entry whose object is a Tessera package can be run as that package: its record, with

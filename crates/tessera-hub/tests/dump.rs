@@ -345,6 +345,21 @@ async fn a_tampered_dump_restores_nothing() {
     drop(appended);
     let e = HubStore::restore_to(&tmp.path().join("t-twice"), &test_database(), &twice).err().expect("restored");
     assert!(e.to_string().contains("twice"), "{e}");
+    // Cut short inside a blob (the blobs come first).
+    let bytes = std::fs::read(&file).unwrap();
+    let cut = tmp.path().join("cut.dump");
+    std::fs::write(&cut, &bytes[..1536 + 4]).unwrap();
+    let e = HubStore::restore_to(&tmp.path().join("t-cut"), &test_database(), &cut).err().expect("restored");
+    assert!(matches!(&e, HubError::BadRequest(m) if m.contains("cut") || m.contains("unexpected end")), "{e}");
+    assert!(!tmp.path().join("t-cut").exists());
+    // Into a file, or below one: refused, naming the path.
+    let afile = tmp.path().join("afile");
+    std::fs::write(&afile, b"x").unwrap();
+    for target in [afile.clone(), afile.join("sub")] {
+        let e = HubStore::restore_to(&target, &test_database(), &file).err().expect("restored");
+        assert!(e.to_string().contains("afile"), "{e}");
+    }
+    assert_eq!(std::fs::read(&afile).unwrap(), b"x");
     // Not a dump at all.
     std::fs::write(tmp.path().join("garbage"), b"not a tar").unwrap();
     assert!(HubStore::restore(&tmp.path().join("g"), &tmp.path().join("garbage")).is_err());

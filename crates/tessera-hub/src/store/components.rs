@@ -158,6 +158,13 @@ impl ComponentNeeds {
     /// [`HubError::BadRequest`] naming the field: wrong types, negative, non-finite or
     /// over-large sizes, a library that is not a valid requirement.
     pub fn parse(value: &Value) -> Result<ComponentNeeds, HubError> {
+        // An object only: serde would also read a struct from a list, by position.
+        if !(value.is_object() || value.is_null()) {
+            return Err(HubError::BadRequest(format!(
+                "invalid needs: {} is not an object of storage, RAM, GPU, preinstalled_libraries and available_models",
+                truncate(&value.to_string())
+            )));
+        }
         let n: ComponentNeeds =
             serde_json::from_value(value.clone()).map_err(|e| HubError::BadRequest(format!("invalid needs: {e}")))?;
         for (field, v) in [("needs.storage", n.storage), ("needs.RAM", n.ram)] {

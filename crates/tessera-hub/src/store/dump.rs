@@ -232,6 +232,9 @@ impl HubStore {
     ) -> Result<(HubStore, DumpSummary), HubError> {
         // Checked before anything is written (a restore into PostgreSQL commits its records
         // before the directory takes the restored blobs).
+        if dir.exists() && !dir.is_dir() {
+            return Err(HubError::Conflict(format!("{} is a file, not a directory to restore into", dir.display())));
+        }
         let occupied = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
         if occupied {
             return Err(HubError::Conflict(format!(
@@ -240,8 +243,11 @@ impl HubStore {
             )));
         }
         let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent)?;
-        let staging = tempfile::Builder::new().prefix(".tessera-restore-").tempdir_in(parent)?;
+        std::fs::create_dir_all(parent).map_err(|e| io(&parent.display().to_string(), e))?;
+        let staging = tempfile::Builder::new()
+            .prefix(".tessera-restore-")
+            .tempdir_in(parent)
+            .map_err(|e| io(&parent.display().to_string(), e))?;
         let summary = restore_into(staging.path(), database, file, share)?;
         if dir.exists() {
             // An empty directory (checked: no hub in it) gives way to the restored one.
@@ -344,6 +350,13 @@ fn restore_into(
             }
             out.sync_all()?;
             drop(out);
+            if h.len() != size {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(bad(format!(
+                    "the dump ends inside blob {digest} ({} of its {size} bytes): it was cut; nothing was restored",
+                    h.len()
+                )));
+            }
             if h.finish() != digest {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(bad(format!("blob {digest} does not match its digest; nothing was restored")));

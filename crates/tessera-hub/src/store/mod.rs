@@ -748,15 +748,63 @@ impl HubStore {
         }
     }
 
+    /// Checks that this data directory is the one the database's blobs are in, for a hub
+    /// over PostgreSQL whose blobs are not shared: processes on several machines must then
+    /// see one directory (a shared file system), or a blob stored through one would be
+    /// missing through another. The first process records the directory's id (a random id
+    /// kept in its `directory-id` file) in the database; a process whose directory holds
+    /// another id, or none, is refused. A SQLite database lives in its directory: nothing
+    /// to check.
+    ///
+    /// # Errors
+    /// [`HubError::Conflict`] for another directory; [`HubError::Storage`] when the id
+    /// cannot be read or written.
+    pub fn check_blob_directory(&self) -> Result<(), HubError> {
+        if !self.db().is_pg() {
+            return Ok(());
+        }
+        let marker = self.dir.join("directory-id");
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        let mine = match opts.open(&marker) {
+            Ok(mut f) => {
+                let id = random_id()?;
+                // Recorded first when the database has no directory yet: an older database
+                // with blobs in this directory takes it as its own.
+                std::io::Write::write_all(&mut f, id.as_bytes())?;
+                f.sync_all()?;
+                id
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::read_to_string(&marker)?.trim().to_owned()
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let db = self.db();
+        db.execute(
+            "INSERT INTO settings (name, value) VALUES ('blob_directory', ?1) ON CONFLICT(name) DO NOTHING",
+            params![mine],
+        )?;
+        let recorded: String =
+            db.query_row("SELECT value FROM settings WHERE name = 'blob_directory'", params![], |r| r.get(0))?;
+        if recorded != mine {
+            return Err(HubError::Conflict(format!(
+                "the database keeps its blobs in another data directory (id {recorded}) than {} (id {mine}): give \
+                 every process of this hub the same --data (one shared file system), or keep the blobs in NATS \
+                 with --blobs",
+                self.dir.display()
+            )));
+        }
+        Ok(())
+    }
+
     /// New bucket names for a hub's shared blobs (see [`HubStore::shared_blob_buckets`]),
     /// for a database about to be made (a restore's).
     ///
     /// # Errors
     /// [`HubError::Storage`] when the system's random source fails.
     pub fn fresh_blob_buckets() -> Result<(String, String), HubError> {
-        let mut id = [0u8; 8];
-        getrandom::fill(&mut id).map_err(|e| HubError::Storage(format!("a random bucket name: {e}")))?;
-        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let id = random_id()?;
         Ok((format!("tessera_hub_{id}_blobs"), format!("tessera_hub_{id}_small_blobs")))
     }
 
@@ -804,6 +852,13 @@ pub(crate) fn record_shared_blobs(conn: &Conn) -> Result<(), HubError> {
         params![],
     )?;
     Ok(())
+}
+
+/// 16 random hex digits: an id for a database's buckets or a data directory.
+fn random_id() -> Result<String, HubError> {
+    let mut id = [0u8; 8];
+    getrandom::fill(&mut id).map_err(|e| HubError::Storage(format!("a random id: {e}")))?;
+    Ok(id.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Records the buckets a hub's shared blobs are in, unless some are recorded already.
