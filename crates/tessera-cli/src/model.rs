@@ -155,12 +155,25 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             let size = std::fs::metadata(&file)?.len();
             let (rec, created) = if size >= tessera_client::RESUMABLE_FROM {
                 // In pieces: an interrupted push, run again, continues where it stopped.
+                use std::sync::atomic::{AtomicU64, Ordering};
+                // The last MiB count reported (u64::MAX: none yet), so a piece tried again,
+                // or a last piece of less than a MiB, is not reported twice.
+                let last = AtomicU64::new(u64::MAX);
                 let progress = |have: u64, total: u64| {
-                    eprintln!("uploaded {} of {} MiB", have >> 20, total >> 20);
+                    let before = last.swap(have >> 20, Ordering::Relaxed);
+                    if before == u64::MAX && have > 0 && have < total {
+                        eprintln!("resuming at {} of {} MiB (the hub has the rest)", have >> 20, total >> 20);
+                    } else if before != have >> 20 {
+                        eprintln!("uploaded {} of {} MiB", have >> 20, total >> 20);
+                    }
                 };
-                client
+                let pushed = client
                     .push_model_resumable(name, version, &file, upload.as_ref(), tessera_client::PIECE, &progress)
-                    .await?
+                    .await?;
+                if last.load(Ordering::Relaxed) == u64::MAX {
+                    eprintln!("the hub has these bytes already ({} MiB): nothing was sent", size >> 20);
+                }
+                pushed
             } else {
                 client.push_model_from(name, version, ModelSource::File(file.clone()), upload.as_ref()).await?
             };

@@ -319,7 +319,10 @@ impl HubClient {
                 }
             }
         }
-        progress(size, size);
+        // Nothing was sent when the hub had the bytes already (no upload id): no progress.
+        if state.id.is_some() {
+            progress(size, size);
+        }
         let body = match meta {
             Some(m) => serde_json::to_vec(m).map_err(|e| ClientError::Local(e.to_string()))?,
             None => Vec::new(),
