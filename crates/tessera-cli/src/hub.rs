@@ -45,7 +45,11 @@ impl StoreArgs {
     }
 
     /// Opens the hub, with its shared blobs when --blobs names them.
-    async fn open(&self) -> anyhow::Result<HubStore> {
+    /// `directory`: how the data directory is checked as the one the blobs are in, for a
+    /// hub over PostgreSQL without --blobs: `Some(true)` by a serving process (which claims
+    /// it on first use), `Some(false)` by a reader of blobs, `None` by a command that
+    /// touches no blob.
+    async fn open(&self, directory: Option<bool>) -> anyhow::Result<HubStore> {
         let data = self.data();
         let store = open_store(&data, &self.database()?)?;
         anyhow::ensure!(
@@ -53,8 +57,8 @@ impl StoreArgs {
             "this hub keeps its blobs in a shared store (another process was started with --blobs): \
              give this one the same --blobs"
         );
-        if self.blobs.is_none() {
-            store.check_blob_directory()?;
+        if let (None, Some(record)) = (&self.blobs, directory) {
+            store.check_blob_directory(record)?;
         }
         self.share(store).await
     }
@@ -218,7 +222,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
                 "no hub at {}",
                 data.display()
             );
-            let store = store.open().await?;
+            let store = store.open(Some(false)).await?;
             let s = tokio::task::spawn_blocking(move || store.dump(&file).map(|s| (s, file))).await??;
             print_summary("dumped", &s.0);
             println!("{}", s.1.display());
@@ -261,7 +265,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Owners { namespace, owners, store } => {
-            let store = store.open().await?;
+            let store = store.open(None).await?;
             let keys = owners
                 .iter()
                 .map(|k| k.parse::<tessera_identity::PublicKey>().with_context(|| format!("owner {k:?}")))
@@ -275,7 +279,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
         }
         Command::Serve { store, listen, open, window, max_uploads, max_model, nats, member_ttl } => {
             let data = store.data();
-            let store = Arc::new(store.open().await?);
+            let store = Arc::new(store.open(Some(true)).await?);
             if !open {
                 // No namespace that holds things may stay claimable by whoever writes first.
                 let adopted = store.adopt_unowned()?;

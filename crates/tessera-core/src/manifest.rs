@@ -454,6 +454,19 @@ impl Manifest {
 
 impl RawManifest {
     fn validate(self) -> Result<Manifest, ManifestError> {
+        let version = self.version.to_string();
+        if version.len() > crate::version::MAX_VERSION_LEN {
+            return Err(ManifestError {
+                field: Some("version".into()),
+                line: None,
+                column: None,
+                message: format!(
+                    "the version has {} bytes; the most is {}",
+                    version.len(),
+                    crate::version::MAX_VERSION_LEN
+                ),
+            });
+        }
         let entry = &self.entry;
         match self.runtime {
             RuntimeKind::Builtin => {
@@ -737,6 +750,13 @@ needs:
             bomb.push_str(&format!("a{i}: &a{i} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"));
         }
         assert!(Manifest::parse(&format!("{GOOD}config:\n  {bomb}")).is_err());
+        // A version longer than a file name can carry; one just short enough is taken.
+        let long = |n: usize| {
+            format!("name: a.b\nversion: 1.0.0-{}\nkind: task\nruntime: builtin\nentry: echo\n", "a".repeat(n))
+        };
+        let e = Manifest::parse(&long(200)).unwrap_err();
+        assert!(e.to_string().contains("the most is 128"), "{e}");
+        Manifest::parse(&long(120)).unwrap();
         // Too big.
         let e = err(&format!("{GOOD}description: {}\n", "x".repeat(MAX_MANIFEST_BYTES)));
         assert!(e.to_string().contains("limit"), "{e}");

@@ -10,6 +10,10 @@ pub use semver::{BuildMetadata, Prerelease, Version, VersionReq};
 use crate::name::{NameError, check_ident};
 use crate::{Digest, ModulePath};
 
+/// The longest version a package or a model may have, in bytes (like a name's bound: a
+/// version goes into file names, `NAME-VERSION.safetensors`, and listings).
+pub const MAX_VERSION_LEN: usize = 128;
+
 /// The alias every package has: its highest non-prerelease version (or highest
 /// prerelease when there is no release).
 pub const LATEST: &str = "latest";

@@ -216,6 +216,12 @@ async fn uploads_are_checked_before_anything_is_stored() {
         let (s, b) = h.call(method, uri, Body::from(&b"weights"[..]), &[("x-tessera-digest", &right)]).await;
         assert!(s.is_success(), "{method} {uri}: {s} {}", String::from_utf8_lossy(&b));
     }
+    // So does naming bytes the hub holds already, by digest.
+    let named = format!("/api/v1/models/a.m/3.0.0?upload={}", Digest::of(b"weights"));
+    let (s, b) = h.call("PUT", &named, Body::empty(), &[("x-tessera-digest", wrong.as_str())]).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&b));
+    assert!(String::from_utf8_lossy(&b).contains("x-tessera-digest"));
+    assert_eq!(h.json("/api/v1/models/a.m/3.0.0/meta").await.0, StatusCode::NOT_FOUND);
     assert_eq!(h.json("/api/v1/models").await.1.as_array().map(Vec::len), Some(2), "only the right digests' models");
     assert_eq!(h.blob_files(), 1, "the one right body, stored once");
     let (_, stored) = h.json("/api/v1/models/a.m/1.0.0/meta").await;
@@ -239,6 +245,15 @@ async fn every_error_is_json_naming_what_was_wrong() {
         ("GET", "/docs/nothing/here", vec![], StatusCode::NOT_FOUND, ""),
         ("DELETE", "/api/v1/health", vec![], StatusCode::METHOD_NOT_ALLOWED, "method"),
     ];
+    // Merged with another router (the binary adds the dashboard's), unknown routes still
+    // answer JSON.
+    let merged = h.app.clone().merge(Router::new().route("/ui", axum::routing::get(|| async { "ui" })));
+    let resp =
+        merged.oneshot(Request::builder().uri("/nothing/here/at/all/x").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_slice(&b).unwrap_or_default();
+    assert!(v["error"].as_str().is_some_and(|e| e.starts_with("not found")), "{}", String::from_utf8_lossy(&b));
     for (method, uri, body, status, says) in cases {
         let (s, b) = h.call(method, uri, Body::from(body), &[("content-type", "application/json")]).await;
         assert_eq!(s, status, "{method} {uri}: {}", String::from_utf8_lossy(&b));

@@ -266,6 +266,10 @@ async fn a_tampered_dump_restores_nothing() {
         ("owners that are not keys", first_row("namespaces", |r| r["owners"] = json!("nonsense")), false),
         ("an owner that is not a key", first_row("namespaces", |r| r["owners"] = json!(r#"["ed25519:zz"]"#)), false),
         ("a digest that is not one", first_row("component_revisions", |r| r["digest"] = json!("b3:zz")), false),
+        ("a card that is not one", first_row("models", |r| r["card"] = json!("x")), false),
+        ("a manifest that is not one", first_row("packages", |r| r["manifest"] = json!("{}")), false),
+        ("an entry's key its collection does not take", first_row("components", |r| r["key"] = json!("a/b/c")), false),
+        ("a revision without its entry", first_row("component_revisions", |r| r["key"] = json!("team.gone")), false),
         (
             "a blob's bytes changed",
             Box::new(|p, mut b| {
@@ -345,13 +349,22 @@ async fn a_tampered_dump_restores_nothing() {
     drop(appended);
     let e = HubStore::restore_to(&tmp.path().join("t-twice"), &test_database(), &twice).err().expect("restored");
     assert!(e.to_string().contains("twice"), "{e}");
-    // Cut short inside a blob (the blobs come first).
+    // Cut short inside a blob's bytes (after the tables, before the manifest).
+    let (at, size) = {
+        let mut archive = tar::Archive::new(std::fs::File::open(&file).unwrap());
+        let entries = archive.entries().unwrap();
+        let blob = entries
+            .map(Result::unwrap)
+            .find(|e| e.path().unwrap().starts_with("blobs/") && e.size() > 8)
+            .expect("a blob of more than 8 bytes");
+        (blob.raw_file_position(), blob.size())
+    };
     let bytes = std::fs::read(&file).unwrap();
-    let cut = tmp.path().join("cut.dump");
-    std::fs::write(&cut, &bytes[..1536 + 4]).unwrap();
-    let e = HubStore::restore_to(&tmp.path().join("t-cut"), &test_database(), &cut).err().expect("restored");
-    assert!(matches!(&e, HubError::BadRequest(m) if m.contains("cut") || m.contains("unexpected end")), "{e}");
-    assert!(!tmp.path().join("t-cut").exists());
+    let short = tmp.path().join("short.dump");
+    std::fs::write(&short, &bytes[..usize::try_from(at + size / 2).unwrap()]).unwrap();
+    let e = HubStore::restore_to(&tmp.path().join("t-short"), &test_database(), &short).err().expect("restored");
+    assert!(matches!(&e, HubError::BadRequest(m) if m.contains("it was cut")), "{e}");
+    assert!(!tmp.path().join("t-short").exists());
     // Into a file, or below one: refused, naming the path.
     let afile = tmp.path().join("afile");
     std::fs::write(&afile, b"x").unwrap();

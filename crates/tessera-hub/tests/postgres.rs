@@ -33,3 +33,36 @@ fn a_closed_connection_is_opened_again() {
         assert_eq!(store.resolve_str("pg.echo", "0.1.0").unwrap().version, "0.1.0");
     }
 }
+
+/// Without shared blobs, the database takes the first serving process's directory as its
+/// blobs' (only if that directory holds them), and refuses any other directory after.
+#[test]
+fn a_database_keeps_to_the_directory_its_blobs_are_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = PgServer::shared().database();
+    let open = |name: &str| tessera_hub::HubStore::open_database(dir.path().join(name), &database, Limits::default());
+    let a = open("a").unwrap();
+    let m = dir.path().join("m");
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::write(m.join("module.yaml"), "name: pg.dir\nversion: 0.1.0\nkind: task\nruntime: builtin\nentry: echo\n")
+        .unwrap();
+    a.publish(&pack_dir(&m, &Limits::default()).unwrap().bytes, None, None).unwrap();
+    // A reader and an administrator claim nothing; a directory without the blobs is not
+    // taken for theirs.
+    let b = open("b").unwrap();
+    b.check_blob_directory(false).unwrap();
+    let e = b.check_blob_directory(true).unwrap_err();
+    assert!(matches!(&e, tessera_hub::HubError::Conflict(m) if m.contains("does not hold the hub's blob")), "{e}");
+    // The directory that holds them is taken, and kept to.
+    a.check_blob_directory(true).unwrap();
+    let id = std::fs::read_to_string(dir.path().join("a/directory-id")).unwrap();
+    assert_eq!(id.len(), 16, "{id:?}");
+    a.check_blob_directory(false).unwrap();
+    for record in [false, true] {
+        let e = b.check_blob_directory(record).unwrap_err();
+        assert!(matches!(&e, tessera_hub::HubError::Conflict(m) if m.contains("another data directory")), "{e}");
+    }
+    // A marker that is not an id is refused, not taken.
+    std::fs::write(dir.path().join("b/directory-id"), "").unwrap();
+    assert!(b.check_blob_directory(false).is_err());
+}

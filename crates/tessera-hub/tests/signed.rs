@@ -313,7 +313,8 @@ async fn private_packages_are_read_only_by_their_grantees() {
     let node = KeyPair::generate(KeyType::Ed25519);
     let stranger = KeyPair::generate(KeyType::Ed25519);
     let plain = h.package("acme.secret", "0.1.0", "the secret sauce");
-    let sealed = tessera_identity::seal::seal(&plain, &[node.public().clone()]).unwrap();
+    // Sealed for the node and for its publisher (as the CLI seals).
+    let sealed = tessera_identity::seal::seal(&plain, &[node.public().clone(), alice.public().clone()]).unwrap();
     let hub_key = h.key();
 
     // Without a declared manifest, or with a bad one: refused.
@@ -361,6 +362,9 @@ async fn private_packages_are_read_only_by_their_grantees() {
     assert_eq!(h.send(signed(&stranger, &hub_key, "GET", grants, vec![], now_ms())).await.0, StatusCode::FORBIDDEN);
     let (s, list) = h.send(signed(&alice, &hub_key, "GET", grants, vec![], now_ms())).await;
     assert_eq!(s, StatusCode::OK);
+    // The publisher reads as an owner: it has no grant of its own, which would outlive its
+    // ownership.
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
     assert_eq!(list[0]["grantee"], node.public().to_string());
     let grant_path = format!("/api/v1/packages/acme.secret/grants/{}", node.public());
     let expired = serde_json::to_vec(&json!({"expires": "2020-01-01T00:00:00Z"})).unwrap();

@@ -306,7 +306,7 @@ pub(super) async fn put_object_by_id(
 #[utoipa::path(get, path = "/{collection}/{id}", tag = "components",
     params(("collection" = Collection, Path, description = "transformation, service or inferencer"), ("id" = String, Path, description = "The entry's id")),
     security((), ("tessera_signature" = [])),
-    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 206, description = "One range of it (Range: bytes=...)", content_type = "application/octet-stream", body = Vec<u8>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 416, description = "A range that cannot be served", content_type = "text/plain")))]
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 206, description = "One range of it (Range: bytes=...)", content_type = "application/octet-stream", body = Vec<u8>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 416, description = "A range that cannot be served", body = ErrorBody)))]
 pub(super) async fn get_object_by_id(
     State(s): State<AppState>,
     method: Method,
@@ -372,7 +372,7 @@ pub(super) async fn put_object_by_name(
 #[utoipa::path(get, path = "/{collection}/{model_name}/{model_version}", tag = "components",
     params(("collection" = Collection, Path, description = "model"), ("model_name" = String, Path, description = "The model's name"), ("model_version" = String, Path, description = "The model's version")),
     security((), ("tessera_signature" = [])),
-    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 206, description = "One range of it (Range: bytes=...)", content_type = "application/octet-stream", body = Vec<u8>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 416, description = "A range that cannot be served", content_type = "text/plain")))]
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 206, description = "One range of it (Range: bytes=...)", content_type = "application/octet-stream", body = Vec<u8>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 416, description = "A range that cannot be served", body = ErrorBody)))]
 pub(super) async fn get_object_by_name(
     State(s): State<AppState>,
     method: Method,

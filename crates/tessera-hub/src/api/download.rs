@@ -6,7 +6,7 @@
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use tessera_core::Digest;
 
 use super::{ApiError, ApiResult, blocking};
@@ -35,11 +35,11 @@ pub(super) async fn serve_download(
         _ if method == Method::HEAD => None,
         Ok(part) => part,
         Err(why) => {
-            let mut resp = Response::new(Body::from(why));
-            *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+            let body = super::ErrorBody { error: why.to_owned() };
+            let mut resp = (StatusCode::RANGE_NOT_SATISFIABLE, axum::Json(body)).into_response();
             let h = resp.headers_mut();
             blob_headers(h, digest, None);
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
                 h.insert(header::CONTENT_RANGE, v);

@@ -265,6 +265,8 @@ pub fn app(state: AppState) -> Router {
             }),
         )
         .route("/metrics", axum::routing::get(tessera_ports::metrics::http::metrics_page))
+        // Explicit, so a router merged into this one (the dashboard's) keeps it.
+        .fallback(|| async { ApiError(HubError::NotFound("no such route".into())) })
         .layer(axum::middleware::from_fn(json_errors))
         .route_layer(axum::middleware::from_fn(|req, next| tessera_ports::metrics::http::measure("hub", req, next)))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(answer_panic))
@@ -311,10 +313,13 @@ async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) 
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);
     parts.headers.remove(axum::http::header::CONTENT_TYPE);
     let mut out = (status, Json(ErrorBody { error })).into_response();
-    for (k, v) in parts.headers {
-        if let Some(k) = k {
-            out.headers_mut().entry(k).or_insert(v);
-        }
+    // Every header the answer had (a repeated one with all its values), but its body's.
+    let json_type = out.headers_mut().remove(axum::http::header::CONTENT_TYPE);
+    for (k, v) in parts.headers.iter() {
+        out.headers_mut().append(k, v.clone());
+    }
+    if let Some(t) = json_type {
+        out.headers_mut().insert(axum::http::header::CONTENT_TYPE, t);
     }
     out
 }

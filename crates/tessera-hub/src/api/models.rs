@@ -257,7 +257,7 @@ pub(super) async fn upload_next_model(
 #[utoipa::path(get, path = "/api/v1/models/{name}/{version}", tag = "models",
     params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Version or `latest`")),
     security((), ("tessera_signature" = [])),
-    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 206, description = "One range of it (Range: bytes=...)", content_type = "application/octet-stream", body = Vec<u8>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 416, description = "A range that cannot be served", content_type = "text/plain")))]
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 206, description = "One range of it (Range: bytes=...)", content_type = "application/octet-stream", body = Vec<u8>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 416, description = "A range that cannot be served", body = ErrorBody)))]
 pub(super) async fn download_model(
     State(s): State<AppState>,
     method: Method,
@@ -354,7 +354,8 @@ pub(super) async fn update_model_meta(
 /// 300 MB however many ask at once (the others wait).
 const TENSOR_LISTINGS_AT_ONCE: usize = 2;
 
-static TENSOR_LISTINGS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(TENSOR_LISTINGS_AT_ONCE);
+static TENSOR_LISTINGS: std::sync::LazyLock<std::sync::Arc<tokio::sync::Semaphore>> =
+    std::sync::LazyLock::new(|| std::sync::Arc::new(tokio::sync::Semaphore::new(TENSOR_LISTINGS_AT_ONCE)));
 
 /// Largest safetensors header read, in bytes (16 MiB; a header with a million tensors fits).
 const MAX_TENSOR_HEADER: u64 = 16 << 20;
@@ -408,37 +409,40 @@ fn read_tensor_header(store: &HubStore, digest: &Digest) -> Result<(u64, safeten
 pub(super) async fn model_tensors(
     State(s): State<AppState>,
     Path((name, version)): Path<(String, String)>,
-) -> ApiResult<Json<TensorsInfo>> {
+) -> ApiResult<Response> {
     // A header of up to 16 MiB parses into several times that: at most
-    // TENSOR_LISTINGS_AT_ONCE are parsed at a time, whoever asks (reads are unsigned).
-    let _parsing = TENSOR_LISTINGS
-        .acquire()
+    // TENSOR_LISTINGS_AT_ONCE are parsed (and their answers written) at a time, whoever
+    // asks (reads are unsigned). The permit goes with the work, which goes on if the
+    // client leaves.
+    let parsing = TENSOR_LISTINGS
+        .clone()
+        .acquire_owned()
         .await
         .map_err(|_| HubError::Storage("the tensor listings' semaphore is closed".into()))?;
     let store = s.store.clone();
-    Ok(Json(
-        blocking(move || {
-            let m = store.model(&name, &version)?;
-            let d = m
-                .digest
-                .ok_or_else(|| HubError::NotFound(format!("model {}@{} has no binary yet", m.name, m.version)))?;
-            let (size, meta) = read_tensor_header(&store, &d)?;
-            let mut tensors: Vec<TensorEntry> = meta
-                .tensors()
-                .into_iter()
-                .map(|(name, t)| TensorEntry {
-                    name,
-                    dtype: format!("{:?}", t.dtype),
-                    shape: t.shape.iter().map(|&x| x as u64).collect(),
-                    data_offsets: [t.data_offsets.0 as u64, t.data_offsets.1 as u64],
-                })
-                .collect();
-            tensors.sort_by_key(|t| (t.data_offsets, t.name.clone()));
-            let metadata = meta.metadata().as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
-            Ok(TensorsInfo { digest: d.to_string(), size, metadata, tensors })
-        })
-        .await?,
-    ))
+    let json = blocking(move || {
+        let _parsing = parsing;
+        let m = store.model(&name, &version)?;
+        let d =
+            m.digest.ok_or_else(|| HubError::NotFound(format!("model {}@{} has no binary yet", m.name, m.version)))?;
+        let (size, meta) = read_tensor_header(&store, &d)?;
+        let mut tensors: Vec<TensorEntry> = meta
+            .tensors()
+            .into_iter()
+            .map(|(name, t)| TensorEntry {
+                name,
+                dtype: format!("{:?}", t.dtype),
+                shape: t.shape.iter().map(|&x| x as u64).collect(),
+                data_offsets: [t.data_offsets.0 as u64, t.data_offsets.1 as u64],
+            })
+            .collect();
+        tensors.sort_by_key(|t| (t.data_offsets, t.name.clone()));
+        let metadata = meta.metadata().as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        let info = TensorsInfo { digest: d.to_string(), size, metadata, tensors };
+        serde_json::to_vec(&info).map_err(|e| HubError::Storage(format!("the tensor listing: {e}")))
+    })
+    .await?;
+    Ok(axum::response::IntoResponse::into_response(([(axum::http::header::CONTENT_TYPE, "application/json")], json)))
 }
 
 /// A model's card (its facts and Markdown text); `version` may be `latest`. A model pushed

@@ -227,7 +227,7 @@ pub(super) async fn delete_package(
 #[utoipa::path(get, path = "/api/v1/packages/{name}/{version}/download", tag = "packages",
     params(("name" = String, Path, description = "Module path"), ("version" = String, Path, description = "Version or alias (`latest`)")),
     security((), ("tessera_signature" = [])),
-    responses((status = 200, description = "The package bytes; x-tessera-digest names them", content_type = "application/octet-stream", body = Vec<u8>), (status = 206, description = "One range of it (Range: bytes=...)", content_type = "application/octet-stream", body = Vec<u8>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 416, description = "A range that cannot be served", content_type = "text/plain")))]
+    responses((status = 200, description = "The package bytes; x-tessera-digest names them", content_type = "application/octet-stream", body = Vec<u8>), (status = 206, description = "One range of it (Range: bytes=...)", content_type = "application/octet-stream", body = Vec<u8>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 416, description = "A range that cannot be served", body = ErrorBody)))]
 pub(super) async fn download_package(
     State(s): State<AppState>,
     method: Method,
@@ -288,7 +288,7 @@ pub(super) async fn set_alias(
 #[utoipa::path(get, path = "/api/v1/blobs/{digest}", tag = "hub",
     params(("digest" = String, Path, description = "b3:<hex>")),
     security((), ("tessera_signature" = [])),
-    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 206, description = "One range of it (Range: bytes=...)", content_type = "application/octet-stream", body = Vec<u8>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 416, description = "A range that cannot be served", content_type = "text/plain")))]
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 206, description = "One range of it (Range: bytes=...)", content_type = "application/octet-stream", body = Vec<u8>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 416, description = "A range that cannot be served", body = ErrorBody)))]
 pub(super) async fn download_blob(
     State(s): State<AppState>,
     method: Method,

@@ -348,6 +348,7 @@ pub(crate) async fn named_upload(
 ) -> ApiResult<(Received, Option<PublicKey>, Option<AppendGuard>)> {
     let (method, uri, headers) = request;
     let named = named_in(uri).ok_or_else(|| HubError::BadRequest(format!("no ?{UPLOAD_PARAM}= in the request")))?;
+    let expected = super::body::expected_digest(headers)?;
     let auth = check_headers(s, method, uri, headers, true)?;
     {
         let (store, name, a) = (s.store.clone(), name.to_owned(), auth.signer().cloned());
@@ -404,6 +405,15 @@ pub(crate) async fn named_upload(
         Ok(Received { tmp: file, digest: actual, size: rec.size, body_digest: actual, meta, upload: Some(named) })
     })
     .await?;
+    if let Some(d) = expected
+        && d != received.digest
+    {
+        return Err(ApiError(HubError::BadRequest(format!(
+            "digest mismatch: the bytes named have digest {}, not the {d} {} declares",
+            received.digest,
+            super::DIGEST_HEADER
+        ))));
+    }
     Ok((received, actor, lock))
 }
 

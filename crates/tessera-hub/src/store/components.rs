@@ -341,6 +341,32 @@ fn document_text(doc: &Map<String, Value>) -> Result<String, HubError> {
     Ok(text)
 }
 
+/// Reads every entry back (a restore's check that the hub can read what it restored): its
+/// key as its collection names entries, its document and revisions, and its needs.
+pub(super) fn check_rows(conn: &Conn) -> Result<(), HubError> {
+    let keys: Vec<(String, String)> =
+        conn.query_all("SELECT collection, key FROM components", params![], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let orphans: Vec<(String, String)> = conn.query_all(
+        "SELECT collection, key FROM component_revisions r WHERE NOT EXISTS
+         (SELECT 1 FROM components c WHERE c.collection = r.collection AND c.key = r.key)",
+        params![],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if let Some((c, k)) = orphans.first() {
+        return Err(HubError::BadRequest(format!("a revision of {c} {k}, which has no entry")));
+    }
+    for (c, key) in keys {
+        let bad = |e: HubError| HubError::BadRequest(format!("{c} {key}: {e}"));
+        let collection = Collection::parse(&c).map_err(bad)?;
+        collection.key_of_path(&key.split('/').collect::<Vec<_>>()).map_err(bad)?;
+        let rec = read(conn, collection, &key).map_err(bad)?.ok_or_else(|| bad(not_found(collection, &key)))?;
+        if let Some(n) = rec.document.get("needs") {
+            ComponentNeeds::parse(n).map_err(bad)?;
+        }
+    }
+    Ok(())
+}
+
 fn read(conn: &Conn, collection: Collection, key: &str) -> Result<Option<ComponentRecord>, HubError> {
     let row = conn
         .query_row(

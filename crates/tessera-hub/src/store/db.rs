@@ -482,7 +482,18 @@ impl Conn {
         }
         let client: &mut postgres::Client = c.as_mut().expect("the client is open until dropped");
         match off_runtime(|| f(client)) {
-            Err(e) if idempotent && !in_tx.get() && (e.is_closed() || client.is_closed()) => {
+            // The server's notice that it ends the connection (an administrator, a shutdown)
+            // may come as the answer to this statement, before the client sees it closed.
+            Err(e)
+                if idempotent
+                    && !in_tx.get()
+                    && (e.is_closed()
+                        || client.is_closed()
+                        || e.code().is_some_and(|c| {
+                            *c == postgres::error::SqlState::ADMIN_SHUTDOWN
+                                || *c == postgres::error::SqlState::CRASH_SHUTDOWN
+                        })) =>
+            {
                 reopen(&mut c)?;
                 let client: &mut postgres::Client = c.as_mut().expect("just opened");
                 Ok(off_runtime(|| f(client))?)

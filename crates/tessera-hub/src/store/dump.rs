@@ -298,6 +298,15 @@ fn check_value(table: &str, column: &str, v: &Value) -> Result<(), String> {
     }
 }
 
+/// A read error of the dump: one that ended early says the dump was cut.
+fn cut_or(e: std::io::Error, bad: &impl Fn(String) -> HubError) -> HubError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        bad(format!("the dump ends early ({e}): it was cut; nothing was restored"))
+    } else {
+        bad(e.to_string())
+    }
+}
+
 /// Reads the dump into a new hub at `dir` (a fresh staging directory).
 /// Stores one restored blob in a shared store: its file and digest.
 pub type ShareBlob<'a> = dyn Fn(&Path, &Digest) -> Result<(), HubError> + Sync + 'a;
@@ -327,7 +336,7 @@ fn restore_into(
     let f = std::fs::File::open(file).map_err(|e| bad(e.to_string()))?;
     let mut archive = tar::Archive::new(std::io::BufReader::new(f));
     for entry in archive.entries().map_err(|e| bad(e.to_string()))? {
-        let mut entry = entry.map_err(|e| bad(e.to_string()))?;
+        let mut entry = entry.map_err(|e| cut_or(e, &bad))?;
         let path = entry.path().map_err(|e| bad(e.to_string()))?.to_string_lossy().into_owned();
         if !entry.header().entry_type().is_file() {
             return Err(bad(format!("entry {path:?} is not a file")));
@@ -341,7 +350,7 @@ fn restore_into(
             let mut h = DigestWriter::new();
             let mut buf = vec![0u8; 1 << 20];
             loop {
-                let n = entry.read(&mut buf).map_err(|e| bad(e.to_string()))?;
+                let n = entry.read(&mut buf).map_err(|e| cut_or(e, &bad))?;
                 if n == 0 {
                     break;
                 }
@@ -442,6 +451,18 @@ fn restore_into(
     // this database (a refused restore into PostgreSQL keeps the schema, and so its notes;
     // into SQLite the staging directory goes with its notes, and a refused restore's puts
     // stay in the shared store).
+    if let Some(share) = share {
+        // The buckets go on record first, committed: a hub process starting over this
+        // database meanwhile uses them, and one that recorded others before is found here.
+        super::record_blob_buckets(&store.db(), &share.buckets)?;
+        if store.shared_blob_buckets()? != share.buckets {
+            return Err(HubError::Conflict(
+                "a hub process over this database keeps its blobs in other buckets; restore into an empty database \
+                 with no hub process over it"
+                    .into(),
+            ));
+        }
+    }
     let mut notes = Vec::new();
     if share.is_some() {
         for path in store.blob_files()? {
@@ -499,6 +520,13 @@ fn restore_into(
         }
         summary.rows.insert(table.clone(), n);
     }
+    // Every restored record reads back as the hub reads it (what `check_value` does not
+    // see: cards, manifests, keys of entries, revisions without their entry).
+    let read_back = |e: HubError| bad(format!("the dump holds what this hub cannot read: {e}"));
+    super::models::check_rows(&tx).map_err(read_back)?;
+    super::packages::check_rows(&tx).map_err(read_back)?;
+    super::components::check_rows(&tx).map_err(read_back)?;
+    super::namespaces::check_rows(&tx).map_err(read_back)?;
     // Every row that names a blob has it.
     for query in [
         "SELECT digest FROM packages WHERE deleted = 0",

@@ -326,9 +326,8 @@ pub(crate) fn parse_name(name: &str) -> Result<ModulePath, HubError> {
     name.parse().map_err(|e: tessera_core::name::NameError| HubError::BadRequest(e.to_string()))
 }
 
-/// The longest version the hub takes, in bytes: like a name's bound, so that a version
-/// fits in a file name (`NAME-VERSION.safetensors`) and in a listing.
-pub(crate) const MAX_VERSION_LEN: usize = 128;
+/// The longest version the hub takes, in bytes: a package's manifest has the same bound.
+pub(crate) const MAX_VERSION_LEN: usize = tessera_core::version::MAX_VERSION_LEN;
 
 pub(crate) fn parse_version(v: &str) -> Result<Version, HubError> {
     if v.len() > MAX_VERSION_LEN {
@@ -471,8 +470,8 @@ impl HubStore {
                     Ok(local) => {
                         return Err(HubError::Conflict(format!(
                             "the hub's key: the data directory {} holds the key of another hub ({}) than the database's ({}): \
-                             give this hub a data directory of its own (a new one will do; the other may hold \
-                             another hub's blobs and key)",
+                             give --data the directory this hub's processes use (with --blobs, a new, empty \
+                             one will do); this one may hold another hub's blobs and key",
                             dir.display(),
                             local.public(),
                             key.public()
@@ -751,51 +750,84 @@ impl HubStore {
     /// Checks that this data directory is the one the database's blobs are in, for a hub
     /// over PostgreSQL whose blobs are not shared: processes on several machines must then
     /// see one directory (a shared file system), or a blob stored through one would be
-    /// missing through another. The first process records the directory's id (a random id
-    /// kept in its `directory-id` file) in the database; a process whose directory holds
-    /// another id, or none, is refused. A SQLite database lives in its directory: nothing
-    /// to check.
+    /// missing through another. The directory's id is a random one in its `directory-id`
+    /// file; the database records the id of its directory the first time a process that
+    /// serves (`record`) opens it, and only if this directory holds every blob the hub
+    /// serves. Then a directory with another id, or none, is refused; before, nothing is. A
+    /// SQLite database lives in its directory: nothing to check.
     ///
     /// # Errors
-    /// [`HubError::Conflict`] for another directory; [`HubError::Storage`] when the id
-    /// cannot be read or written.
-    pub fn check_blob_directory(&self) -> Result<(), HubError> {
+    /// [`HubError::Conflict`] for another directory, or one without the hub's blobs;
+    /// [`HubError::Storage`] when the id cannot be read or written.
+    pub fn check_blob_directory(&self, record: bool) -> Result<(), HubError> {
         if !self.db().is_pg() {
             return Ok(());
         }
         let marker = self.dir.join("directory-id");
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        let mine = match opts.open(&marker) {
-            Ok(mut f) => {
-                let id = random_id()?;
-                // Recorded first when the database has no directory yet: an older database
-                // with blobs in this directory takes it as its own.
-                std::io::Write::write_all(&mut f, id.as_bytes())?;
-                f.sync_all()?;
-                id
+        let read_marker = || -> Result<Option<String>, HubError> {
+            match std::fs::read_to_string(&marker) {
+                Ok(t) if t.trim().len() == 16 && t.trim().bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    Ok(Some(t.trim().to_owned()))
+                }
+                Ok(_) => Err(HubError::Storage(format!("{} does not hold a directory id", marker.display()))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(HubError::Storage(format!("{}: {e}", marker.display()))),
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                std::fs::read_to_string(&marker)?.trim().to_owned()
-            }
-            Err(e) => return Err(e.into()),
         };
-        let db = self.db();
-        db.execute(
-            "INSERT INTO settings (name, value) VALUES ('blob_directory', ?1) ON CONFLICT(name) DO NOTHING",
-            params![mine],
-        )?;
-        let recorded: String =
-            db.query_row("SELECT value FROM settings WHERE name = 'blob_directory'", params![], |r| r.get(0))?;
-        if recorded != mine {
-            return Err(HubError::Conflict(format!(
-                "the database keeps its blobs in another data directory (id {recorded}) than {} (id {mine}): give \
-                 every process of this hub the same --data (one shared file system), or keep the blobs in NATS \
-                 with --blobs",
-                self.dir.display()
-            )));
+        let recorded: Option<String> = self
+            .db()
+            .query_row("SELECT value FROM settings WHERE name = 'blob_directory'", params![], |r| r.get(0))
+            .optional()?;
+        let mut mine = read_marker()?;
+        if recorded.is_none() && record {
+            // The database's served blobs must all be here before this directory is theirs.
+            let served: Vec<String> = self.db().query_all(SERVED_DIGESTS, params![], |r| r.get(0))?;
+            for d in served {
+                let digest = parse_digest(&d)?;
+                if !self.blobs.path_of(&digest).exists() {
+                    return Err(HubError::Conflict(format!(
+                        "the data directory {} does not hold the hub's blob {digest}: give --data the directory \
+                         this hub's processes use (one shared file system), or keep the blobs in NATS with --blobs",
+                        self.dir.display()
+                    )));
+                }
+            }
+            if mine.is_none() {
+                // Written whole under another name, then linked: a process starting at the
+                // same time never reads a half-written id.
+                let tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
+                std::fs::write(tmp.path(), random_id()?)?;
+                tmp.as_file().sync_all()?;
+                match tmp.persist_noclobber(&marker) {
+                    Ok(_) => {}
+                    Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(e.error.into()),
+                }
+                mine = read_marker()?;
+            }
+            if let Some(id) = &mine {
+                self.db().execute(
+                    "INSERT INTO settings (name, value) VALUES ('blob_directory', ?1) ON CONFLICT(name) DO NOTHING",
+                    params![id],
+                )?;
+            }
         }
-        Ok(())
+        let recorded: Option<String> = self
+            .db()
+            .query_row("SELECT value FROM settings WHERE name = 'blob_directory'", params![], |r| r.get(0))
+            .optional()?;
+        match (recorded, mine) {
+            (None, _) => Ok(()),
+            (Some(r), Some(m)) if r == m => Ok(()),
+            (Some(r), m) => Err(HubError::Conflict(format!(
+                "the database keeps its blobs in another data directory (id {r}) than {} (id {}): give every \
+                 process of this hub the same --data (one shared file system), or keep the blobs in NATS with \
+                 --blobs (if the blobs really moved here, remove the database's record: DELETE FROM settings \
+                 WHERE name = 'blob_directory')",
+                self.dir.display(),
+                m.as_deref().unwrap_or("none")
+            ))),
+        }
     }
 
     /// New bucket names for a hub's shared blobs (see [`HubStore::shared_blob_buckets`]),
@@ -852,6 +884,53 @@ pub(crate) fn record_shared_blobs(conn: &Conn) -> Result<(), HubError> {
         params![],
     )?;
     Ok(())
+}
+
+/// Rows read per batch of a [`HubStore::scan_by_name`]: the database's lock is held only
+/// while a batch is read, and a batch of records of up to about 3 MiB each (metadata,
+/// lineage, card) stays under about 25 MiB.
+const SCAN_BATCH: i64 = 8;
+
+use std::ops::ControlFlow;
+
+impl HubStore {
+    /// Every row of `SELECT {columns} FROM {table} WHERE {filter}` (the first two columns
+    /// being `name` and `version`), read in (name, version) order a batch of
+    /// [`SCAN_BATCH`] at a time, each handed to `f` with the lock released: a scan of the
+    /// whole hub holds neither every row in memory nor the database from other requests.
+    /// A row written or deleted meanwhile may or may not be seen, as in any scan without a
+    /// transaction. `f` ends the scan early with [`ControlFlow::Break`].
+    ///
+    /// # Errors
+    /// The database's; `f`'s first error ends the scan.
+    pub(crate) fn scan_by_name<R>(
+        &self,
+        table: &str,
+        columns: &str,
+        filter: &str,
+        read: impl Fn(&db::Row<'_>) -> Result<R, db::DbError>,
+        mut f: impl FnMut(R) -> Result<ControlFlow<()>, HubError>,
+    ) -> Result<(), HubError> {
+        let sql = format!(
+            "SELECT {columns} FROM {table} WHERE ({filter}) AND (name > ?1 OR (name = ?1 AND version > ?2))
+             ORDER BY name, version LIMIT {SCAN_BATCH}"
+        );
+        let (mut name, mut version) = (String::new(), String::new());
+        loop {
+            let batch: Vec<(String, String, R)> =
+                self.db().query_all(&sql, params![name, version], |row| Ok((row.get(0)?, row.get(1)?, read(row)?)))?;
+            let n = batch.len();
+            for (n, v, r) in batch {
+                (name, version) = (n, v);
+                if f(r)?.is_break() {
+                    return Ok(());
+                }
+            }
+            if n < SCAN_BATCH as usize {
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// 16 random hex digits: an id for a database's buckets or a data directory.
@@ -965,6 +1044,12 @@ mod tests {
             let has = |c: &str| columns.lines().any(|l| l.trim_start().starts_with(&format!("{c} ")));
             if name.trim() != "settings" && (has("name") || has("key")) {
                 named.push(name.trim().to_owned());
+            }
+        }
+        // And columns added to older tables since.
+        for (table, column, _) in super::ADDED_COLUMNS {
+            if matches!(column, "name" | "key") && table != "settings" {
+                named.push(table.to_owned());
             }
         }
         assert!(named.len() >= 5, "{named:?}");

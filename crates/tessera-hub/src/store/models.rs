@@ -211,6 +211,20 @@ fn set_meta(
     Ok(())
 }
 
+/// Reads every model row back as a record (a restore's check that the hub can read what
+/// it restored), one at a time.
+pub(super) fn check_rows(conn: &Conn) -> Result<(), HubError> {
+    let mut failed = None;
+    conn.query_all(&format!("SELECT {MODEL_COLUMNS} FROM models"), params![], |row| {
+        let (name, version): (String, String) = (row.get(0)?, row.get(1)?);
+        if let Err(e) = model_row(row).map_err(HubError::from).and_then(ModelRow::into_record) {
+            failed.get_or_insert(HubError::BadRequest(format!("model {name}@{version}: {e}")));
+        }
+        Ok(())
+    })?;
+    failed.map_or(Ok(()), Err)
+}
+
 impl HubStore {
     /// Creates a model record (metadata and lineage, no binary yet) on behalf of `actor`.
     /// A version that exists, or existed, is a conflict. `latest` skips it until its binary
@@ -445,65 +459,65 @@ impl HubStore {
         self.page_of_models(prefix, filters, usize::try_from(super::search::MAX_PAGE).unwrap_or(usize::MAX))
     }
 
-    /// Every live model, one at a time (at most one record held here, whatever the
-    /// number of models, on SQLite; PostgreSQL's client holds the rows' text).
+    /// Every live model, one at a time ([`HubStore::scan_by_name`]: a batch of rows held at
+    /// once, the database's lock only while a batch is read).
     fn for_each_model(&self, mut f: impl FnMut(ModelRecord)) -> Result<(), HubError> {
-        let mut failed = None;
-        self.db().query_all(&format!("SELECT {MODEL_COLUMNS} FROM models WHERE deleted = 0"), params![], |row| {
-            match model_row(row).map_err(HubError::from).and_then(ModelRow::into_record) {
-                Ok(m) => f(m),
-                Err(e) => {
-                    failed.get_or_insert(e);
-                }
-            }
-            Ok(())
-        })?;
-        failed.map_or(Ok(()), Err)
+        self.scan_by_name("models", MODEL_COLUMNS, "deleted = 0", model_row, |row| {
+            f(row.into_record()?);
+            Ok(std::ops::ControlFlow::Continue(()))
+        })
     }
 
     /// The page of the models under `prefix` that pass `filters` (at most `most`), by
-    /// name and version: the names and versions of every match first (all the memory
-    /// this takes, beside one record at a time), then the page's records, read again.
+    /// name and version, read in one scan: the rows come by name, so one name's matching
+    /// versions are gathered, put in semver order, and kept only if they fall in the page;
+    /// the scan ends once the page is full.
     fn page_of_models(
         &self,
         prefix: Option<&str>,
         filters: &super::search::Filters,
         most: usize,
     ) -> Result<Vec<ModelRecord>, HubError> {
-        let mut keys: Vec<(String, Option<Version>, String)> = Vec::new();
-        self.for_each_model(|m| {
-            let under = prefix.is_none_or(|p| m.name.parse::<ModulePath>().is_ok_and(|n| n.has_prefix(p)));
-            if under && filters.accepts(&super::search::Facets::of_model(&m)) {
-                keys.push((m.name, Version::parse(&m.version).ok(), m.version));
-            }
-        })?;
-        keys.sort_by(|a, b| {
-            a.0.cmp(&b.0).then_with(|| match (&a.1, &b.1) {
-                (Some(x), Some(y)) => x.cmp(y),
-                _ => a.2.cmp(&b.2),
-            })
-        });
         let offset = usize::try_from(filters.offset.unwrap_or(0)).unwrap_or(usize::MAX);
         let limit = usize::try_from(filters.limit.unwrap_or(u64::MAX)).unwrap_or(usize::MAX).min(most);
+        let end = offset.saturating_add(limit);
+        let mut seen = 0usize;
         let mut out = Vec::new();
-        for (name, _, version) in keys.into_iter().skip(offset).take(limit) {
-            let db = self.db();
-            let row = db
-                .query_row(
-                    &format!("SELECT {MODEL_COLUMNS} FROM models WHERE name = ?1 AND version = ?2 AND deleted = 0"),
-                    params![name, version],
-                    model_row,
-                )
-                .optional()?;
-            drop(db);
-            // Deleted since it was listed: the page has one fewer.
-            let Some(row) = row else { continue };
-            let mut m = row.into_record()?;
-            if let Some(c) = &mut m.card {
-                c.text.clear();
+        let mut group: Vec<ModelRecord> = Vec::new();
+        // One name's versions, in semver order, into the page.
+        let flush = |group: &mut Vec<ModelRecord>, out: &mut Vec<ModelRecord>, seen: &mut usize| {
+            group.sort_by(|a, b| match (Version::parse(&a.version), Version::parse(&b.version)) {
+                (Ok(x), Ok(y)) => x.cmp(&y),
+                _ => a.version.cmp(&b.version),
+            });
+            for m in group.drain(..) {
+                if (offset..end).contains(seen) {
+                    out.push(m);
+                }
+                *seen += 1;
             }
-            out.push(m);
-        }
+        };
+        self.scan_by_name("models", MODEL_COLUMNS, "deleted = 0", model_row, |row| {
+            if group.first().is_some_and(|g| g.name != row.name) {
+                flush(&mut group, &mut out, &mut seen);
+                if seen >= end {
+                    // The page is full.
+                    return Ok(std::ops::ControlFlow::Break(()));
+                }
+            }
+            let under = prefix.is_none_or(|p| row.name.parse::<ModulePath>().is_ok_and(|n| n.has_prefix(p)));
+            if under {
+                let mut m = row.into_record()?;
+                if filters.accepts(&super::search::Facets::of_model(&m)) {
+                    if let Some(c) = &mut m.card {
+                        c.text.clear();
+                    }
+                    group.push(m);
+                }
+            }
+            Ok(std::ops::ControlFlow::Continue(()))
+        })?;
+        flush(&mut group, &mut out, &mut seen);
         Ok(out)
     }
 

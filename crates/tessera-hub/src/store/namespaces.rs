@@ -33,6 +33,17 @@ pub(crate) const NAMED_TABLES: &[(&str, &str)] = &[
     ("grants", "name"),
 ];
 
+/// Reads every namespace's owners back (a restore's check that the hub can read what it
+/// restored).
+pub(super) fn check_rows(conn: &Conn) -> Result<(), HubError> {
+    let names: Vec<String> = conn.query_all("SELECT namespace FROM namespaces", params![], |r| r.get(0))?;
+    for ns in names {
+        bare_namespace(&ns)?;
+        owners_in(conn, &ns).map_err(|e| HubError::BadRequest(format!("namespace {ns}: {e}")))?;
+    }
+    Ok(())
+}
+
 /// Refuses what is not a bare namespace: every route and call naming a namespace (not a
 /// module or model name, whose namespace is its first segment) goes through here, so that
 /// `a.b` or `a..b` is never read as another namespace.

@@ -140,6 +140,20 @@ impl PackageRow {
     }
 }
 
+/// Reads every package row back as a record (a restore's check that the hub can read what
+/// it restored), one at a time.
+pub(super) fn check_rows(conn: &Conn) -> Result<(), HubError> {
+    let mut failed = None;
+    conn.query_all(&format!("SELECT {PACKAGE_COLUMNS} FROM packages"), params![], |row| {
+        let (name, version): (String, String) = (row.get(0)?, row.get(1)?);
+        if let Err(e) = package_row(row).map_err(HubError::from).and_then(|(r, _)| r.into_record()) {
+            failed.get_or_insert(HubError::BadRequest(format!("package {name}@{version}: {e}")));
+        }
+        Ok(())
+    })?;
+    failed.map_or(Ok(()), Err)
+}
+
 /// A record for a listing: its card's facts without the card's text (which the card route
 /// serves).
 fn strip_card_text(mut r: PackageRecord) -> PackageRecord {
@@ -429,7 +443,9 @@ impl HubStore {
                 }
                 self.adopt(file, &digest)?;
                 insert_package(tx, &public, &digest, size, Some(signature), true, Some(&recipients))?;
-                for r in &recipients {
+                // The publisher reads as an owner, not by a grant that would outlive its
+                // ownership.
+                for r in recipients.iter().filter(|r| *r != &signature.key) {
                     tx.execute(
                         "INSERT INTO grants (name, grantee, expires_ms, revoked) VALUES (?1, ?2, NULL, 0)
                          ON CONFLICT(name, grantee) DO NOTHING",
@@ -563,32 +579,17 @@ impl HubStore {
             None => None,
         };
         let filters = q.filters();
-        // One row at a time (on SQLite): only the matching records are kept, without their
-        // cards' text.
+        // A batch of rows at a time, the database's lock only while a batch is read: only
+        // the matching records are kept, without their cards' text.
         let mut all = Vec::new();
-        let mut failed = None;
-        self.db().query_all(
-            &format!("SELECT {PACKAGE_COLUMNS} FROM packages WHERE deleted = 0 ORDER BY name"),
-            params![],
-            |row| {
-                let r = match package_row(row).map_err(HubError::from).and_then(|(row, _)| row.into_record()) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        failed.get_or_insert(e);
-                        return Ok(());
-                    }
-                };
-                let under = q.prefix.as_ref().is_none_or(|p| r.manifest.name.has_prefix(p));
-                if under && kind.is_none_or(|k| k == r.kind) && filters.accepts(&super::search::Facets::of_package(&r))
-                {
-                    all.push(strip_card_text(r));
-                }
-                Ok(())
-            },
-        )?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
+        self.scan_by_name("packages", PACKAGE_COLUMNS, "deleted = 0", package_row, |(row, _)| {
+            let r = row.into_record()?;
+            let under = q.prefix.as_ref().is_none_or(|p| r.manifest.name.has_prefix(p));
+            if under && kind.is_none_or(|k| k == r.kind) && filters.accepts(&super::search::Facets::of_package(&r)) {
+                all.push(strip_card_text(r));
+            }
+            Ok(std::ops::ControlFlow::Continue(()))
+        })?;
         if q.all {
             all.sort_by(|a, b| a.name.cmp(&b.name).then(a.manifest.version.cmp(&b.manifest.version)));
             return Ok(filters.page(all));
