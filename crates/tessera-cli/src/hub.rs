@@ -232,9 +232,10 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             let data = args.data();
             let database = args.database()?;
             let d2 = data.clone();
-            // With shared blobs, the restored blobs go there before the records are committed.
+            // With shared blobs, the restored blobs go there before the records are committed,
+            // in the buckets the database records if it does (a restore refused before).
             let buckets = match args.blobs {
-                Some(_) => Some(HubStore::fresh_blob_buckets()?),
+                Some(_) => Some(HubStore::restore_blob_buckets(&database)?),
                 None => None,
             };
             let shared = args.shared_blobs(buckets.clone()).await?;

@@ -181,7 +181,7 @@ async fn round_trip(from: &Database, to: &Database) {
         let other_file = tmp.path().join("other.dump");
         other.dump(&other_file).unwrap();
         let e = HubStore::restore_to(&tmp.path().join("d"), to, &other_file).err().unwrap();
-        assert!(matches!(&e, HubError::Conflict(m) if m.contains("holds a hub's records already")), "{e}");
+        assert!(matches!(&e, HubError::Conflict(m) if m.contains("holds another hub's key")), "{e}");
     }
 }
 
@@ -222,6 +222,25 @@ fn first_row(table: &'static str, f: impl Fn(&mut Value) + 'static) -> Edit {
     })
 }
 
+/// An entry restores as the routes took it: a Component Repository model's `needs` is not
+/// read (the other collections' are), so whatever it holds there comes back.
+#[tokio::test]
+async fn entries_restore_as_their_routes_took_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(HubStore::open_database(tmp.path().join("a"), &test_database(), Limits::default()).unwrap());
+    let k = KeyPair::generate(KeyType::Ed25519);
+    let doc = serde_json::to_vec(&json!({"model_name": "team.m", "model_version": "1", "needs": "a GPU"})).unwrap();
+    let (s, b) = call(&store, Some(&k), "POST", "/model", doc, &[]).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let file = tmp.path().join("hub.dump");
+    store.dump(&file).unwrap();
+    let (restored, _) = HubStore::restore_to(&tmp.path().join("b"), &test_database(), &file).unwrap();
+    let restored = Arc::new(restored);
+    let (s, m) = call(&restored, None, "GET", "/model/meta?model_name=team.m&model_version=1", vec![], &[]).await;
+    assert_eq!(s, StatusCode::OK, "{m}");
+    assert_eq!(m["needs"], "a GPU", "{m}");
+}
+
 #[tokio::test]
 async fn a_tampered_dump_restores_nothing() {
     let tmp = tempfile::tempdir().unwrap();
@@ -260,6 +279,11 @@ async fn a_tampered_dump_restores_nothing() {
         ("a size that is text", first_row("models", |r| r["size"] = json!("ten")), false),
         ("a size that is a fraction", first_row("models", |r| r["size"] = json!(1.5)), false),
         ("a version that is not semver", first_row("models", |r| r["version"] = json!("garbage")), false),
+        (
+            "a version longer than new ones may be (stored before versions were bounded)",
+            first_row("models", |r| r["version"] = json!(format!("1.0.0-{}", "a".repeat(200)))),
+            true,
+        ),
         ("a name with ..", first_row("packages", |r| r["name"] = json!("team..x")), false),
         ("metadata that is not an object", first_row("models", |r| r["metadata"] = json!("[1]")), false),
         ("a document that is an array", first_row("components", |r| r["document"] = json!("[1, 2]")), false),
@@ -415,6 +439,39 @@ async fn a_restore_notes_its_shared_blobs_until_it_commits() {
     let all = i64::try_from(dumped.blobs).unwrap();
     assert!(seen.iter().all(|(_, n)| *n == all), "every blob noted before the puts: {seen:?}");
     assert_eq!(notes_in(&dir.join("hub.sqlite")), 0, "the notes go once the records are in");
+}
+
+/// A restore into PostgreSQL with shared blobs that is refused (here its last put fails)
+/// may be run again: the next one puts its blobs in the buckets the first recorded.
+#[tokio::test]
+async fn a_refused_restore_with_shared_blobs_can_be_run_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = populated(&tmp.path().join("a"), &Database::Sqlite).await;
+    let file = tmp.path().join("hub.dump");
+    let dumped = store.dump(&file).unwrap();
+    let database = PgServer::shared().database();
+    let first = HubStore::restore_blob_buckets(&database).unwrap();
+    let puts = std::sync::atomic::AtomicU64::new(0);
+    let failing = |_: &Path, _: &Digest| -> Result<(), HubError> {
+        if puts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == dumped.blobs {
+            return Err(HubError::Storage("the shared store went away".into()));
+        }
+        Ok(())
+    };
+    let share = tessera_hub::SharedRestore { buckets: first.clone(), put: &failing };
+    let dir = tmp.path().join("b");
+    let e = HubStore::restore_with(&dir, &database, &file, Some(&share)).err().unwrap();
+    assert!(e.to_string().contains("went away"), "{e}");
+    assert!(!dir.exists(), "nothing restored");
+    let again = HubStore::restore_blob_buckets(&database).unwrap();
+    assert_eq!(again, first, "the recorded buckets are used again");
+    let put = |_: &Path, _: &Digest| -> Result<(), HubError> { Ok(()) };
+    let share = tessera_hub::SharedRestore { buckets: again, put: &put };
+    let (restored, summary) = HubStore::restore_with(&dir, &database, &file, Some(&share)).unwrap();
+    assert_eq!(summary.blobs, dumped.blobs);
+    assert_eq!(restored.shared_blob_buckets().unwrap(), first);
+    // New buckets for a database that records none.
+    assert_ne!(HubStore::restore_blob_buckets(&PgServer::shared().database()).unwrap(), first);
 }
 
 /// A blob whose bytes on disk no longer match its name stops the dump, which leaves no

@@ -310,8 +310,19 @@ async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) 
         },
         _ => text,
     };
-    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
-    parts.headers.remove(axum::http::header::CONTENT_TYPE);
+    // The headers of the body that is replaced (what it was, how long, where it came from)
+    // do not describe the error.
+    for h in [
+        axum::http::header::CONTENT_LENGTH,
+        axum::http::header::CONTENT_TYPE,
+        axum::http::header::CONTENT_DISPOSITION,
+        axum::http::header::CONTENT_ENCODING,
+        axum::http::header::ETAG,
+        axum::http::header::LAST_MODIFIED,
+    ] {
+        parts.headers.remove(h);
+    }
+    parts.headers.remove(DIGEST_HEADER);
     let mut out = (status, Json(ErrorBody { error })).into_response();
     // Every header the answer had (a repeated one with all its values), but its body's.
     let json_type = out.headers_mut().remove(axum::http::header::CONTENT_TYPE);

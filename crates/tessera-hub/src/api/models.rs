@@ -67,7 +67,7 @@ impl CreateModel {
     pub fn parse(body: &[u8]) -> Result<CreateModel, HubError> {
         let m: CreateModel = parse_json(body).map_err(|e| e.0)?;
         crate::store::parse_name(&m.name)?;
-        crate::store::parse_version(&m.version)?;
+        crate::store::new_version(&m.version)?;
         crate::store::models::metadata_text(&m.metadata)?;
         crate::store::models::lineage_text(m.lineage.as_ref())?;
         Ok(m)
@@ -223,7 +223,7 @@ pub(super) async fn upload_model(
     Path((name, version)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
-    crate::store::parse_version(&version)?;
+    crate::store::new_version(&version)?;
     let (r, actor, _slot) = receive_model_upload(&s, (&method, &uri, &headers), &name, body).await?;
     let (m, created) =
         store_model(&s, r, move |store, upload| store.put_model_file(&name, &version, upload, actor.as_ref())).await?;

@@ -364,11 +364,19 @@ pub(crate) async fn named_upload(
     // No piece may land (or be cut back) while the upload is checked and stored: its file
     // becomes the model's.
     let lock = if named.starts_with("b3:") { None } else { Some(s.appending.take(&named)?) };
-    let store = s.store.clone();
-    let running = s.appending.finished(&named);
+    let (store, appending) = (s.store.clone(), s.appending.clone());
     let received = blocking(move || {
+        // A declared digest is held against the one the bytes must have before they are read.
+        let declared = |digest: &Digest| match expected {
+            Some(d) if d != *digest => Err(HubError::BadRequest(format!(
+                "digest mismatch: the bytes named have digest {digest}, not the {d} {} declares",
+                super::DIGEST_HEADER
+            ))),
+            _ => Ok(()),
+        };
         if named.starts_with("b3:") {
             let digest = crate::store::parse_digest(&named)?;
+            declared(&digest)?;
             if !store.has_public_blob(&digest)? {
                 return Err(HubError::NotFound(format!(
                     "the hub serves no model or component with digest {digest}: upload the bytes"
@@ -387,9 +395,10 @@ pub(crate) async fn named_upload(
                 rec.offset, rec.size
             )));
         }
+        declared(&rec.digest)?;
         let file = store.upload_file(&named);
         store.trim_upload(&named, rec.size)?;
-        let actual = match running {
+        let actual = match appending.finished(&named) {
             Some(r) if r.len() == rec.size => r.finish(),
             _ => hash_file(&file)?,
         };
@@ -405,15 +414,6 @@ pub(crate) async fn named_upload(
         Ok(Received { tmp: file, digest: actual, size: rec.size, body_digest: actual, meta, upload: Some(named) })
     })
     .await?;
-    if let Some(d) = expected
-        && d != received.digest
-    {
-        return Err(ApiError(HubError::BadRequest(format!(
-            "digest mismatch: the bytes named have digest {}, not the {d} {} declares",
-            received.digest,
-            super::DIGEST_HEADER
-        ))));
-    }
     Ok((received, actor, lock))
 }
 

@@ -360,9 +360,8 @@ pub(super) fn check_rows(conn: &Conn) -> Result<(), HubError> {
         let collection = Collection::parse(&c).map_err(bad)?;
         collection.key_of_path(&key.split('/').collect::<Vec<_>>()).map_err(bad)?;
         let rec = read(conn, collection, &key).map_err(bad)?.ok_or_else(|| bad(not_found(collection, &key)))?;
-        if let Some(n) = rec.document.get("needs") {
-            ComponentNeeds::parse(n).map_err(bad)?;
-        }
+        // What a write of the entry would be held to (a model's `needs` is not read).
+        check_fields(collection, &rec.document).map_err(bad)?;
     }
     Ok(())
 }

@@ -312,7 +312,7 @@ fn cut_or(e: std::io::Error, bad: &impl Fn(String) -> HubError) -> HubError {
 pub type ShareBlob<'a> = dyn Fn(&Path, &Digest) -> Result<(), HubError> + Sync + 'a;
 
 /// Where a restore's blobs go when they are shared: the buckets the restored database
-/// records ([`HubStore::fresh_blob_buckets`]) and what stores each blob in them.
+/// records ([`HubStore::restore_blob_buckets`]) and what stores each blob in them.
 pub struct SharedRestore<'a> {
     /// The buckets (blobs, small blobs) `put` stores into.
     pub buckets: (String, String),
@@ -427,9 +427,11 @@ fn restore_into(
     // The schema of this hub, then the rows, in one transaction. A database that holds
     // another hub's key holds that hub.
     let store = HubStore::open_database(dir, database, tessera_package::Limits::default()).map_err(|e| match e {
-        HubError::Conflict(_) => {
-            HubError::Conflict("the database holds a hub's records already; restore into an empty one".into())
-        }
+        HubError::Conflict(_) => HubError::Conflict(
+            "the database holds another hub's key (a hub's, or one left by a refused restore of another dump); \
+             restore into an empty database"
+                .into(),
+        ),
         e => e,
     })?;
     let holds_a_hub = |tx: &super::Tx<'_>| -> Result<bool, HubError> {

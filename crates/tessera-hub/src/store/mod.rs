@@ -329,7 +329,15 @@ pub(crate) fn parse_name(name: &str) -> Result<ModulePath, HubError> {
 /// The longest version the hub takes, in bytes: a package's manifest has the same bound.
 pub(crate) const MAX_VERSION_LEN: usize = tessera_core::version::MAX_VERSION_LEN;
 
+/// A version as stored records are looked up, read, deleted and restored by: semver of any
+/// length (records stored before versions were bounded stay reachable).
 pub(crate) fn parse_version(v: &str) -> Result<Version, HubError> {
+    Version::parse(v)
+        .map_err(|e| HubError::BadRequest(format!("invalid version {v:?}: {e} (versions are semver, e.g. 0.1.0)")))
+}
+
+/// The version of a record to be made: semver of at most [`MAX_VERSION_LEN`] bytes.
+pub(crate) fn new_version(v: &str) -> Result<Version, HubError> {
     if v.len() > MAX_VERSION_LEN {
         let head: String = v.chars().take(32).collect();
         return Err(HubError::BadRequest(format!(
@@ -337,8 +345,7 @@ pub(crate) fn parse_version(v: &str) -> Result<Version, HubError> {
             v.len()
         )));
     }
-    Version::parse(v)
-        .map_err(|e| HubError::BadRequest(format!("invalid version {v:?}: {e} (versions are semver, e.g. 0.1.0)")))
+    parse_version(v)
 }
 
 pub(crate) fn parse_digest(d: &str) -> Result<Digest, HubError> {
@@ -741,10 +748,7 @@ impl HubStore {
         record_blob_buckets(&db, &chosen)?;
         let value: String =
             db.query_row("SELECT value FROM settings WHERE name = 'blob_buckets'", params![], |r| r.get(0))?;
-        match value.split_once(' ') {
-            Some((blobs, small)) if !blobs.is_empty() && !small.is_empty() => Ok((blobs.to_owned(), small.to_owned())),
-            _ => Err(HubError::Storage(format!("the database's blob buckets are recorded as {value:?}"))),
-        }
+        parse_buckets(&value)
     }
 
     /// Checks that this data directory is the one the database's blobs are in, for a hub
@@ -795,13 +799,15 @@ impl HubStore {
             if mine.is_none() {
                 // Written whole under another name, then linked: a process starting at the
                 // same time never reads a half-written id.
-                let tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
-                std::fs::write(tmp.path(), random_id()?)?;
-                tmp.as_file().sync_all()?;
+                let at = |e: std::io::Error| HubError::Storage(format!("{}: {e}", marker.display()));
+                let tmp = tempfile::NamedTempFile::new_in(&self.dir)
+                    .map_err(|e| HubError::Storage(format!("{}: {e}", self.dir.display())))?;
+                std::fs::write(tmp.path(), random_id()?).map_err(at)?;
+                tmp.as_file().sync_all().map_err(at)?;
                 match tmp.persist_noclobber(&marker) {
                     Ok(_) => {}
                     Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(e.error.into()),
+                    Err(e) => return Err(at(e.error)),
                 }
                 mine = read_marker()?;
             }
@@ -838,6 +844,29 @@ impl HubStore {
     pub fn fresh_blob_buckets() -> Result<(String, String), HubError> {
         let id = random_id()?;
         Ok((format!("tessera_hub_{id}_blobs"), format!("tessera_hub_{id}_small_blobs")))
+    }
+
+    /// The buckets a restore into `database` puts its shared blobs in: those the database
+    /// records (chosen by an earlier restore into it that was refused, or by a hub process
+    /// that opened it while it was empty), or new ones ([`HubStore::fresh_blob_buckets`]). A
+    /// SQLite database is made new by the restore: new ones.
+    ///
+    /// # Errors
+    /// [`HubError::Storage`] (or the database's error) when the database cannot be read or
+    /// records buckets in another form.
+    pub fn restore_blob_buckets(database: &Database) -> Result<(String, String), HubError> {
+        if let Database::Postgres(url) = database {
+            let conn = Conn::Pg(std::cell::RefCell::new(Some(db::connect(url)?)), url.clone(), Default::default());
+            if conn.tables()?.iter().any(|t| t == "settings") {
+                let value: Option<String> = conn
+                    .query_row("SELECT value FROM settings WHERE name = 'blob_buckets'", params![], |r| r.get(0))
+                    .optional()?;
+                if let Some(v) = value {
+                    return parse_buckets(&v);
+                }
+            }
+        }
+        Self::fresh_blob_buckets()
     }
 
     /// True when a process has kept this hub's blobs in a shared store: one without it
@@ -941,6 +970,14 @@ fn random_id() -> Result<String, HubError> {
 }
 
 /// Records the buckets a hub's shared blobs are in, unless some are recorded already.
+/// The recorded form of a hub's blob buckets, `"<blobs> <small blobs>"`, read.
+fn parse_buckets(value: &str) -> Result<(String, String), HubError> {
+    match value.split_once(' ') {
+        Some((blobs, small)) if !blobs.is_empty() && !small.is_empty() => Ok((blobs.to_owned(), small.to_owned())),
+        _ => Err(HubError::Storage(format!("the database's blob buckets are recorded as {value:?}"))),
+    }
+}
+
 pub(crate) fn record_blob_buckets(conn: &Conn, (blobs, small): &(String, String)) -> Result<(), HubError> {
     conn.execute(
         "INSERT INTO settings (name, value) VALUES ('blob_buckets', ?1) ON CONFLICT(name) DO NOTHING",

@@ -11,7 +11,7 @@ use tessera_core::wire::Lineage;
 use tessera_core::{Digest, ModulePath};
 use tessera_identity::PublicKey;
 
-use super::{HubError, HubStore, parse_digest, parse_name, parse_version, remove_leftover, vkey};
+use super::{HubError, HubStore, new_version, parse_digest, parse_name, parse_version, remove_leftover, vkey};
 use crate::time::now_rfc3339;
 
 /// Largest metadata (or lineage) accepted for one model, as JSON text, in bytes.
@@ -238,7 +238,7 @@ impl HubStore {
         actor: Option<&PublicKey>,
     ) -> Result<ModelRecord, HubError> {
         parse_name(name)?;
-        let v = parse_version(version)?;
+        let v = new_version(version)?;
         let metadata = metadata_text(metadata)?;
         let lineage = lineage_text(lineage)?;
         self.write(name, actor, |tx| {
@@ -347,6 +347,7 @@ impl HubStore {
                     true
                 }
                 None => {
+                    new_version(version)?;
                     self.adopt(upload.file, &upload.digest)?;
                     insert_with_binary(tx, name, &v, upload, actor)?;
                     true
