@@ -369,3 +369,46 @@ async fn health(axum::extract::State(s): axum::extract::State<AppState>) -> Json
         signatures_required: s.policy.require_signatures,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{Request, header};
+    use tower::ServiceExt as _;
+
+    /// An error answered as text becomes JSON naming it; the headers of the replaced body go,
+    /// the others (all their values) stay.
+    #[tokio::test]
+    async fn a_text_error_becomes_json_without_its_body_s_headers() {
+        let router = Router::new()
+            .route(
+                "/gone",
+                axum::routing::get(|| async {
+                    (
+                        StatusCode::GONE,
+                        axum::response::AppendHeaders([
+                            (header::ETAG, "\"b3:00\""),
+                            (header::CONTENT_DISPOSITION, "attachment; filename=\"m.bin\""),
+                            (header::HeaderName::from_static(DIGEST_HEADER), "b3:00"),
+                            (header::VARY, "origin"),
+                            (header::VARY, "accept"),
+                        ]),
+                        "the blob went away",
+                    )
+                }),
+            )
+            .layer(axum::middleware::from_fn(json_errors));
+        let resp = router.oneshot(Request::get("/gone").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::GONE);
+        let h = resp.headers().clone();
+        assert_eq!(h[header::CONTENT_TYPE], "application/json");
+        for gone in [header::ETAG.as_str(), header::CONTENT_DISPOSITION.as_str(), DIGEST_HEADER] {
+            assert!(!h.contains_key(gone), "{gone} stayed: {h:?}");
+        }
+        assert_eq!(h.get_all(header::VARY).iter().count(), 2, "{h:?}");
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "the blob went away");
+    }
+}

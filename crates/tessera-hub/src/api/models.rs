@@ -223,7 +223,8 @@ pub(super) async fn upload_model(
     Path((name, version)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<ModelRecord>)> {
-    crate::store::new_version(&version)?;
+    // Bounded when the version is new (the store decides, knowing which are).
+    crate::store::parse_version(&version)?;
     let (r, actor, _slot) = receive_model_upload(&s, (&method, &uri, &headers), &name, body).await?;
     let (m, created) =
         store_model(&s, r, move |store, upload| store.put_model_file(&name, &version, upload, actor.as_ref())).await?;

@@ -847,8 +847,8 @@ impl HubStore {
     }
 
     /// The buckets a restore into `database` puts its shared blobs in: those the database
-    /// records (chosen by an earlier restore into it that was refused, or by a hub process
-    /// that opened it while it was empty), or new ones ([`HubStore::fresh_blob_buckets`]). A
+    /// records (chosen by an earlier restore of the same dump into it that was refused), or
+    /// new ones ([`HubStore::fresh_blob_buckets`]). A
     /// SQLite database is made new by the restore: new ones.
     ///
     /// # Errors
@@ -969,7 +969,6 @@ fn random_id() -> Result<String, HubError> {
     Ok(id.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Records the buckets a hub's shared blobs are in, unless some are recorded already.
 /// The recorded form of a hub's blob buckets, `"<blobs> <small blobs>"`, read.
 fn parse_buckets(value: &str) -> Result<(String, String), HubError> {
     match value.split_once(' ') {
@@ -978,6 +977,7 @@ fn parse_buckets(value: &str) -> Result<(String, String), HubError> {
     }
 }
 
+/// Records the buckets a hub's shared blobs are in, unless some are recorded already.
 pub(crate) fn record_blob_buckets(conn: &Conn, (blobs, small): &(String, String)) -> Result<(), HubError> {
     conn.execute(
         "INSERT INTO settings (name, value) VALUES ('blob_buckets', ?1) ON CONFLICT(name) DO NOTHING",

@@ -319,6 +319,11 @@ impl HubStore {
         parse_name(name)?;
         let v = parse_version(version)?;
         check_upload_meta(upload)?;
+        // A version too long for a new record is refused before its blob is stored (and
+        // again under the write lock, in case it went meanwhile).
+        if new_version(version).is_err() && stored(&*self.read_tx()?, name, &v)?.is_none() {
+            new_version(version)?;
+        }
         let digest = upload.digest.to_string();
         let signer = actor.map(ToString::to_string);
         self.write_with_blob(name, actor, (upload.file, &upload.digest), |tx| {
