@@ -357,6 +357,20 @@ async fn a_hub_moves_from_sqlite_to_postgres_and_nats() {
     run(&["hub", "dump", dump.to_str().unwrap(), "--data", work.path().join("a").to_str().unwrap()]);
     drop(a);
     let restored = work.path().join("b");
+    // A restore refused once it has recorded the buckets its blobs go to (a row this hub
+    // does not take): the next restore into the same database puts its blobs there.
+    let bad = work.path().join("bad.dump");
+    with_first_row_changed(&dump, &bad, "tables/packages.jsonl", |row| row["version"] = "garbage".into());
+    let refused = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .env_remove("TESSERA_HUB_DATABASE")
+        .env_remove("TESSERA_HUB_BLOBS")
+        .args(["hub", "restore", bad.to_str().unwrap(), "--data", restored.to_str().unwrap(), "--database", pg])
+        .args(["--blobs", &nats.url()])
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && why.contains("garbage"), "{why}");
+    assert!(!restored.exists(), "nothing restored");
     run(&[
         "hub",
         "restore",
@@ -383,4 +397,31 @@ async fn a_hub_moves_from_sqlite_to_postgres_and_nats() {
         assert_eq!(rec.digest, Digest::of(bytes));
         assert_eq!(&got[..], &bytes[..]);
     }
+}
+
+/// Copies the dump `from` to `to` with the first row of the table entry `table` changed by
+/// `f`.
+fn with_first_row_changed(from: &Path, to: &Path, table: &str, f: impl Fn(&mut serde_json::Value)) {
+    let mut archive = tar::Archive::new(std::fs::File::open(from).unwrap());
+    let mut out = tar::Builder::new(std::fs::File::create(to).unwrap());
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut bytes).unwrap();
+        if path == table {
+            let text = String::from_utf8(bytes).unwrap();
+            let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+            let mut row: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+            f(&mut row);
+            lines[0] = row.to_string();
+            bytes = (lines.join("\n") + "\n").into_bytes();
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o600);
+        h.set_cksum();
+        out.append_data(&mut h, &path, bytes.as_slice()).unwrap();
+    }
+    out.finish().unwrap();
 }
