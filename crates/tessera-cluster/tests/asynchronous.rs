@@ -48,31 +48,31 @@ on_both_backends!(
     a_late_answer_is_counted_in_no_round,
 );
 
-/// FedBuff with a buffer of 4 on 4 nodes, 20 server steps: as many accepted updates as
-/// 20 synchronous FedAvg rounds, and the same accuracy within a point.
+/// FedBuff with a buffer of 4 on 4 nodes, 30 server steps: as many accepted updates as
+/// 30 synchronous FedAvg rounds, and the same accuracy within a point.
 ///
 /// Which updates a step takes, and how stale, depends on timing, and the test set has 359
-/// samples (a point is 3.6 of them), so the comparison is made where both have converged:
-/// 5 local epochs at learning rate 0.2. Measured over 22 runs, 16 of them with three busy
-/// processes on the 2 cores: FedAvg 0.955, FedBuff 0.953 to 0.961. At 10 steps of 3 epochs
-/// at 0.5 both still swing by a point from one step to the next, and FedBuff once ended
-/// 1.1 points short.
+/// samples (a point is 3.6 of them), so the comparison is made where both have converged
+/// (5 local epochs at learning rate 0.2) and of the mean accuracy of the last 5 steps and
+/// rounds: one step's accuracy still moves by half a point from one step to the next. At
+/// 20 steps, the last step's alone: FedAvg 0.955, FedBuff 0.944 to 0.961, once 1.1 points
+/// short. At 30, in process: FedBuff's last step 0.953 to 0.964 against 0.961 (16 runs),
+/// the mean of its last 5 steps at most 0.4 points under FedAvg's 0.958 (10 more).
 async fn fedbuff_reaches_fedavg_s_accuracy_with_as_many_updates(on: On) {
     let home = tempfile::tempdir().unwrap();
     let cluster = cluster(&on, home.path(), 4, &[]).await;
     let mut cfg = digits_session();
-    cfg.rounds = 20;
+    cfg.rounds = 30;
     cfg.config["epochs"] = json!(5);
     cfg.config["lr"] = json!(0.2);
     let sync = cluster.coordinator().run("s-sync", &cfg, &Quiet).await.unwrap();
-    let sync_acc = sync.final_metrics.unwrap().accuracy.unwrap();
     let sync_updates: usize = sync.reports.iter().map(|r| r.contributed.len()).sum();
 
     cfg.fedbuff = Some(fedbuff(4));
     let result = cluster.coordinator().run("s-fedbuff", &cfg, &Quiet).await.unwrap();
     assert_eq!(result.ending, Ending::Limit);
     let steps: Vec<u32> = result.reports.iter().map(|r| r.round).collect();
-    assert_eq!(steps, (1..=20).collect::<Vec<_>>());
+    assert_eq!(steps, (1..=30).collect::<Vec<_>>());
     let mut updates = 0;
     for r in &result.reports {
         assert_eq!(r.contributed.len(), 4, "step {}: {:?}", r.round, r.failures);
@@ -84,8 +84,12 @@ async fn fedbuff_reaches_fedavg_s_accuracy_with_as_many_updates(on: On) {
     // Asynchronous for real: nodes answered first are sent the model they trained from
     // again, before the step their update completes, so later steps take stale updates.
     assert!(result.reports.iter().any(|r| r.staleness.iter().any(|s| *s > 0)));
-    let acc = result.final_metrics.unwrap().accuracy.unwrap();
-    assert!(acc >= sync_acc - 0.01, "fedbuff {acc} against fedavg {sync_acc}");
+    let last_five = |reports: &[tessera_core::wire::RoundReport]| {
+        let tail = &reports[reports.len() - 5..];
+        tail.iter().map(|r| r.eval_accuracy.unwrap()).sum::<f64>() / 5.0
+    };
+    let (acc, sync_acc) = (last_five(&result.reports), last_five(&sync.reports));
+    assert!(acc >= sync_acc - 0.01, "fedbuff {acc} against fedavg {sync_acc} (the last 5 steps' mean)");
     assert_eq!(result.lineage.nodes, vec!["node-0", "node-1", "node-2", "node-3"]);
     cluster.stop().await;
 }
