@@ -848,8 +848,8 @@ impl HubStore {
 
     /// The buckets a restore into `database` puts its shared blobs in: those the database
     /// records (chosen by an earlier restore of the same dump into it that was refused), or
-    /// new ones ([`HubStore::fresh_blob_buckets`]). A
-    /// SQLite database is made new by the restore: new ones.
+    /// new ones ([`HubStore::fresh_blob_buckets`]). A SQLite database is made new by the
+    /// restore: new ones.
     ///
     /// # Errors
     /// [`HubError::Storage`] (or the database's error) when the database cannot be read or
