@@ -13,7 +13,7 @@ use futures::StreamExt;
 use tessera_client::{HubClient, ListParams};
 use tessera_core::{Digest, PackageRef};
 use tessera_hub::Database;
-use tessera_hub::testing::PgServer;
+use tessera_hub::testing::{PgServer, first_row, rewrite_dump};
 use tessera_identity::{Envelope, KeyPair, KeyType, now_ms};
 use tessera_nats::testing::NatsServer;
 use tessera_package::{Limits, pack_dir};
@@ -360,7 +360,7 @@ async fn a_hub_moves_from_sqlite_to_postgres_and_nats() {
     // A restore refused once it has recorded the buckets its blobs go to (a row this hub
     // does not take): the next restore into the same database puts its blobs there.
     let bad = work.path().join("bad.dump");
-    with_first_row_changed(&dump, &bad, "tables/packages.jsonl", |row| row["version"] = "garbage".into());
+    rewrite_dump(&dump, &bad, first_row("packages", |row| row["version"] = "garbage".into()));
     let refused = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .env_remove("TESSERA_HUB_DATABASE")
         .env_remove("TESSERA_HUB_BLOBS")
@@ -397,31 +397,4 @@ async fn a_hub_moves_from_sqlite_to_postgres_and_nats() {
         assert_eq!(rec.digest, Digest::of(bytes));
         assert_eq!(&got[..], &bytes[..]);
     }
-}
-
-/// Copies the dump `from` to `to` with the first row of the table entry `table` changed by
-/// `f`.
-fn with_first_row_changed(from: &Path, to: &Path, table: &str, f: impl Fn(&mut serde_json::Value)) {
-    let mut archive = tar::Archive::new(std::fs::File::open(from).unwrap());
-    let mut out = tar::Builder::new(std::fs::File::create(to).unwrap());
-    for entry in archive.entries().unwrap() {
-        let mut entry = entry.unwrap();
-        let path = entry.path().unwrap().to_string_lossy().into_owned();
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut entry, &mut bytes).unwrap();
-        if path == table {
-            let text = String::from_utf8(bytes).unwrap();
-            let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
-            let mut row: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
-            f(&mut row);
-            lines[0] = row.to_string();
-            bytes = (lines.join("\n") + "\n").into_bytes();
-        }
-        let mut h = tar::Header::new_gnu();
-        h.set_size(bytes.len() as u64);
-        h.set_mode(0o600);
-        h.set_cksum();
-        out.append_data(&mut h, &path, bytes.as_slice()).unwrap();
-    }
-    out.finish().unwrap();
 }

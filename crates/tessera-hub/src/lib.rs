@@ -11,7 +11,8 @@
 //! checked (digest, archive safety, manifest) before anything is recorded.
 //!
 //! This crate knows HTTP (axum), SQLite and PostgreSQL; it does not know nodes, sessions
-//! or NATS. The `testing` feature starts a private PostgreSQL server for tests.
+//! or NATS. The `testing` feature starts a private PostgreSQL server for tests and edits
+//! dumps (tampered ones, for restore tests).
 
 mod api;
 mod store;

@@ -6,6 +6,8 @@
 //! The hub's tests open their stores through [`open_store`]: SQLite unless
 //! `TESSERA_TEST_DATABASE=postgres`, so the same tests run on both (the test command runs
 //! them twice).
+//!
+//! [`rewrite_dump`] and [`first_row`] make tampered copies of a `tessera hub dump` file.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -281,4 +283,42 @@ pub fn open_store(dir: impl Into<PathBuf>) -> HubStore {
 /// [`open_store`] with package limits.
 pub fn open_store_with(dir: impl Into<PathBuf>, limits: Limits) -> HubStore {
     HubStore::open_database(dir, &test_database(), limits).expect("the test hub opens")
+}
+
+/// An edit of a dump's entry (its path and bytes): the new bytes, or `None` to leave it out.
+pub type DumpEdit = Box<dyn Fn(&str, Vec<u8>) -> Option<Vec<u8>>>;
+
+/// Copies the dump `from` to `to` with `edit` applied to each entry's bytes (a tampered
+/// dump, for tests of what a restore refuses). Panics on an I/O error.
+pub fn rewrite_dump(from: &Path, to: &Path, edit: impl Fn(&str, Vec<u8>) -> Option<Vec<u8>>) {
+    let mut archive = tar::Archive::new(std::fs::File::open(from).unwrap());
+    let mut out = tar::Builder::new(std::fs::File::create(to).unwrap());
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut bytes).unwrap();
+        let Some(bytes) = edit(&path, bytes) else { continue };
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        out.append_data(&mut h, &path, bytes.as_slice()).unwrap();
+    }
+    out.finish().unwrap();
+}
+
+/// An edit of a dump that changes the first row of `table` (a JSON object) with `f`.
+pub fn first_row(table: &'static str, f: impl Fn(&mut serde_json::Value) + 'static) -> DumpEdit {
+    Box::new(move |p, b| {
+        if p != format!("tables/{table}.jsonl") {
+            return Some(b);
+        }
+        let text = String::from_utf8(b).unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        let mut row: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        f(&mut row);
+        lines[0] = row.to_string();
+        Some((lines.join("\n") + "\n").into_bytes())
+    })
 }

@@ -9,7 +9,7 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tessera_core::Digest;
-use tessera_hub::testing::{PgServer, test_database};
+use tessera_hub::testing::{DumpEdit as Edit, PgServer, first_row, rewrite_dump as rewrite, test_database};
 use tessera_hub::{AppState, Database, HubError, HubPolicy, HubStore, app};
 use tessera_identity::envelope::HEADER;
 use tessera_identity::{Envelope, KeyPair, KeyType, PACKAGE_SIGNATURE_HEADER, PackageSignature, now_ms};
@@ -183,43 +183,6 @@ async fn round_trip(from: &Database, to: &Database) {
         let e = HubStore::restore_to(&tmp.path().join("d"), to, &other_file).err().unwrap();
         assert!(matches!(&e, HubError::Conflict(m) if m.contains("holds another hub's key")), "{e}");
     }
-}
-
-/// Rewrites a dump with `f` applied to each entry's bytes.
-fn rewrite(from: &Path, to: &Path, f: impl Fn(&str, Vec<u8>) -> Option<Vec<u8>>) {
-    let mut archive = tar::Archive::new(std::fs::File::open(from).unwrap());
-    let mut out = tar::Builder::new(std::fs::File::create(to).unwrap());
-    for entry in archive.entries().unwrap() {
-        let mut entry = entry.unwrap();
-        let path = entry.path().unwrap().to_string_lossy().into_owned();
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut entry, &mut bytes).unwrap();
-        let Some(bytes) = f(&path, bytes) else { continue };
-        let mut h = tar::Header::new_gnu();
-        h.set_size(bytes.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        out.append_data(&mut h, &path, bytes.as_slice()).unwrap();
-    }
-    out.finish().unwrap();
-}
-
-/// An edit of a dump's entry (its path and bytes): the new bytes, or `None` to leave it out.
-type Edit = Box<dyn Fn(&str, Vec<u8>) -> Option<Vec<u8>>>;
-
-/// An edit of a dump that changes the first row of `table` with `f`.
-fn first_row(table: &'static str, f: impl Fn(&mut Value) + 'static) -> Edit {
-    Box::new(move |p, b| {
-        if p != format!("tables/{table}.jsonl") {
-            return Some(b);
-        }
-        let text = String::from_utf8(b).unwrap();
-        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
-        let mut row: Value = serde_json::from_str(&lines[0]).unwrap();
-        f(&mut row);
-        lines[0] = row.to_string();
-        Some((lines.join("\n") + "\n").into_bytes())
-    })
 }
 
 /// An entry restores as the routes took it: a Component Repository model's `needs` is not
