@@ -57,7 +57,8 @@ pub enum Command {
     Pull {
         /// `name` (latest) or `name@version`.
         model: String,
-        /// Where to write it (default: <name>-<version>.safetensors).
+        /// Where to write it (default: <name>-<version>.<format>, the format from the
+        /// model's `format` metadata, `bin` without one).
         #[arg(short, long)]
         out: Option<PathBuf>,
         #[command(flatten)]
@@ -135,6 +136,18 @@ fn split(model: &str) -> (&str, &str) {
 }
 
 /// `name@version`, exact.
+/// The extension of a pulled model's default file name: its `format` metadata (as
+/// `model push --meta format=onnx` sets it) when that is 1 to 16 ASCII letters and digits,
+/// lowercased; `bin` otherwise (none, or one that would not be a plain extension).
+fn file_extension(metadata: &Value) -> String {
+    match metadata.get("format").and_then(Value::as_str) {
+        Some(f) if (1..=16).contains(&f.len()) && f.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+            f.to_ascii_lowercase()
+        }
+        _ => "bin".to_owned(),
+    }
+}
+
 fn exact(model: &str) -> anyhow::Result<(&str, &str)> {
     model.split_once('@').ok_or_else(|| anyhow!("expected NAME@VERSION, got {model:?}"))
 }
@@ -223,7 +236,9 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
                     "asked for {name}@{asked}, the hub answered with version {checked_version}"
                 );
             }
-            let out = out.unwrap_or_else(|| PathBuf::from(format!("{checked_name}-{checked_version}.safetensors")));
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from(format!("{checked_name}-{checked_version}.{}", file_extension(&rec.metadata)))
+            });
             // The download is of the record checked here, not of another answer.
             let rec = client.pull_model_record(rec, &out).await?;
             println!("{}", out.display());
@@ -430,6 +445,34 @@ pub fn print_model(m: &ModelRecord) {
         );
         for u in &l.modules {
             println!("            {} {} ({})", u.role, u.module, u.digest);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pulled model's default extension is its format when that is a plain word, and
+    /// `bin` for anything else, paths and dots included.
+    #[test]
+    fn a_pulled_model_is_named_after_its_format() {
+        let ext = |v: Value| file_extension(&v);
+        assert_eq!(ext(serde_json::json!({"format": "safetensors"})), "safetensors");
+        assert_eq!(ext(serde_json::json!({"format": "ONNX"})), "onnx");
+        assert_eq!(ext(serde_json::json!({"format": "gguf", "library": "x"})), "gguf");
+        for bad in [
+            serde_json::json!({}),
+            serde_json::json!(null),
+            serde_json::json!({"format": ""}),
+            serde_json::json!({"format": "../../etc/passwd"}),
+            serde_json::json!({"format": "tar.gz"}),
+            serde_json::json!({"format": "a/b"}),
+            serde_json::json!({"format": "x".repeat(17)}),
+            serde_json::json!({"format": "é"}),
+            serde_json::json!({"format": 7}),
+        ] {
+            assert_eq!(ext(bad.clone()), "bin", "{bad}");
         }
     }
 }

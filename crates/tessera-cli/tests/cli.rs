@@ -149,6 +149,13 @@ fn hub_walkthrough_publish_list_show_pull_and_models() {
     let out = ok(&["model", "pull", "demo.model", "--out", "back.bin"], w, url);
     assert_eq!(out.trim(), "back.bin");
     assert_eq!(std::fs::read(w.join("back.bin")).unwrap(), b"not really weights");
+    // Without --out, the file is named after the model, its version and its format.
+    let out = ok(&["model", "pull", "demo.model"], w, url);
+    assert_eq!(out.trim(), "demo.model-1.0.0.bin", "a model without a format is a .bin");
+    ok(&["model", "meta", "demo.model@1.0.0", "--meta", "format=ONNX"], w, url);
+    let out = ok(&["model", "pull", "demo.model"], w, url);
+    assert_eq!(out.trim(), "demo.model-1.0.0.onnx");
+    assert_eq!(std::fs::read(w.join("demo.model-1.0.0.onnx")).unwrap(), b"not really weights");
     let models = ok(&["model", "list"], w, url);
     assert!(models.contains("demo.model") && models.contains("1.0.0"), "{models}");
     let shown = ok(&["model", "show", "demo.model@1.0.0"], w, url);

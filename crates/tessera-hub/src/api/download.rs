@@ -15,8 +15,8 @@ use crate::store::{Download, HubError};
 /// Serves a [`Download`] to a `GET` or `HEAD` with `request`'s headers, the same way
 /// whether the bytes come from this process's file (through tower-http's `ServeFile`) or
 /// from the shared store as they are read: 200 with the whole; 206 with `Content-Range`
-/// for one satisfiable range ([`requested_part`]); 416 with `Content-Range: bytes */LEN`
-/// for one that cannot be served; a `HEAD` describes the whole (a range is defined for
+/// for one satisfiable range ([`requested_part`]), 200 with the whole for several of which
+/// one is satisfiable; 416 with `Content-Range: bytes */LEN` for what cannot be served; a `HEAD` describes the whole (a range is defined for
 /// `GET` alone, RFC 9110 §14.2) without reading the bytes.
 pub(super) async fn serve_download(
     download: Download,
@@ -112,21 +112,36 @@ fn range_applies(request: &HeaderMap, digest: &Digest) -> bool {
 /// the whole (no `Range`; an `If-Range` that is not the blob's tag; a header that is not
 /// text or counts another unit than bytes, which is ignored), the first and last byte
 /// offsets of one range (a suffix longer than the blob is all of it; a suffix of an empty
-/// blob is the whole), or why it cannot be served: malformed, beyond the blob, several
-/// ranges (no multipart answers), another range of an empty blob. Parsed by
+/// blob is the whole), or why it cannot be served: malformed, beyond the blob, another
+/// range of an empty blob. Several ranges get no multipart answer: the whole when one of
+/// them is satisfiable (a server may ignore `Range`, §14.2, as Amazon S3 does with several
+/// ranges), refused when none is (§15.5.17) or one is malformed. Parsed by
 /// `http-range-header`, as tower-http's `ServeFile` does.
 fn requested_part(request: &HeaderMap, digest: &Digest, len: u64) -> Result<Option<(u64, u64)>, &'static str> {
-    use http_range_header::RangeUnsatisfiableError as Unsatisfiable;
     if !range_applies(request, digest) {
         return Ok(None);
     }
     let Some(text) = request.get(header::RANGE).and_then(|v| v.to_str().ok()) else { return Ok(None) };
-    if !text.starts_with("bytes=") {
-        return Ok(None);
+    let Some(set) = text.strip_prefix("bytes=") else { return Ok(None) };
+    if !set.contains(',') {
+        return one_range(text, len);
     }
-    if text.contains(',') {
-        return Err("cannot serve multipart range requests");
+    let mut satisfiable = false;
+    for spec in set.split(',') {
+        match one_range(&format!("bytes={}", spec.trim()), len) {
+            Ok(_) => satisfiable = true,
+            Err(why) if why == MALFORMED => return Err(why),
+            Err(_) => {}
+        }
     }
+    if satisfiable { Ok(None) } else { Err("none of the ranges is satisfiable") }
+}
+
+const MALFORMED: &str = "the range is malformed";
+
+/// [`requested_part`] for a `Range` of one range (`bytes=` and no comma).
+fn one_range(text: &str, len: u64) -> Result<Option<(u64, u64)>, &'static str> {
+    use http_range_header::RangeUnsatisfiableError as Unsatisfiable;
     if len == 0 {
         // A suffix of an empty blob is all of it; any other range has no byte to serve
         // (RFC 9110 §14.1.1).
@@ -136,11 +151,11 @@ fn requested_part(request: &HeaderMap, digest: &Digest, len: u64) -> Result<Opti
             Err("an empty blob has no byte to serve")
         };
     }
-    let parsed = http_range_header::parse_range_header(text).map_err(|_| "the range is malformed")?;
+    let parsed = http_range_header::parse_range_header(text).map_err(|_| MALFORMED)?;
     match parsed.validate(len) {
         Ok(ranges) => match ranges.as_slice() {
             [one] => Ok(Some((*one.start(), *one.end()))),
-            _ => Err("cannot serve multipart range requests"),
+            _ => Err(MALFORMED),
         },
         Err(Unsatisfiable::FileSuffixOutOfBounds) => Ok(Some((0, len - 1))),
         Err(_) => Err("the range is not satisfiable"),
@@ -252,13 +267,20 @@ mod tests {
         assert_eq!(requested_part(&h, &d, 1000), Ok(None));
         // A suffix longer than the blob is all of it.
         assert_eq!(ask(&[("range", "bytes=-5000")]), Ok(Some((0, 999))));
+        // Several ranges of which one is satisfiable: the whole, no multipart answer.
+        assert_eq!(ask(&[("range", "bytes=0-1,3-4")]), Ok(None));
+        assert_eq!(ask(&[("range", "bytes=-10, 0-1")]), Ok(None));
+        assert_eq!(ask(&[("range", "bytes=5000-,990-")]), Ok(None));
+        assert_eq!(ask(&[("range", &format!("bytes={}", ["0-0"; 2000].join(",")))]), Ok(None));
         for bad in [
             "bytes=1000-",
             "bytes=18446744073709551615-",
             "bytes=99999999999999999999999-",
             "bytes=5-1",
-            "bytes=0-1,3-4",
-            "bytes=-10,0-1",
+            "bytes=1000-1001,2000-",
+            "bytes=0-1,abc",
+            "bytes=0-1,",
+            "bytes=,",
             "bytes=",
             "bytes=-0",
             "bytes=--1",
