@@ -49,76 +49,121 @@ impl StoreArgs {
     /// hub over PostgreSQL without --blobs: `Some(true)` by a serving process (which claims
     /// it on first use), `Some(false)` by a reader of blobs, `None` by a command that
     /// touches no blob.
+    /// Nothing is written in the data directory before the database's expectations are
+    /// checked (its blobs shared or in this directory) and --blobs is reached.
     async fn open(&self, directory: Option<bool>) -> anyhow::Result<HubStore> {
         let data = self.data();
-        let store = open_store(&data, &self.database()?)?;
-        anyhow::ensure!(
-            self.blobs.is_some() || !store.expects_shared_blobs()?,
-            "this hub keeps its blobs in a shared store (another process was started with --blobs): \
-             give this one the same --blobs"
-        );
-        if let (None, Some(record)) = (&self.blobs, directory) {
-            store.check_blob_directory(record)?;
-        }
-        self.share(store).await
-    }
-
-    /// Attaches the shared blob store, if any, to an opened hub.
-    async fn share(&self, store: HubStore) -> anyhow::Result<HubStore> {
+        let database = self.database()?;
         anyhow::ensure!(
             self.cache_size.is_none() || self.blobs.is_some(),
             "--cache-size bounds the data directory's copy of the --blobs store; without --blobs the directory \
              holds the only copy of the hub's blobs"
         );
-        let buckets = match self.blobs {
-            Some(_) => Some(store.shared_blob_buckets()?),
-            None => None,
+        let connected = self.connect_blobs().await?;
+        let checks = tessera_hub::OpenChecks { shared_blobs: self.blobs.is_some(), blob_directory: directory };
+        let what = match &database {
+            Database::Sqlite => "SQLite",
+            Database::Postgres(_) => "PostgreSQL",
         };
-        match self.shared_blobs(buckets).await? {
-            Some((blobs, runtime)) => {
-                let store = store.with_shared_blobs(blobs, runtime)?;
-                Ok(match self.cache_size {
-                    Some(size) => store.with_cache_limit(size.0)?,
-                    None => store,
-                })
+        let opened = HubStore::open_checked(&data, &database, tessera_package::Limits::default(), checks)
+            .with_context(|| format!("opening the hub at {} (records in {what})", data.display()));
+        let store = match (opened, connected) {
+            (Ok(store), connected) => (store, connected),
+            (Err(e), Some((_, runtime))) => {
+                runtime.shutdown_background();
+                return Err(e);
             }
-            None => Ok(store),
-        }
+            (Err(e), None) => return Err(e),
+        };
+        self.share(store.0, store.1).await
     }
 
-    /// The shared blob store --blobs names, if any, connected on a runtime of its own (two
+    /// The NATS server --blobs names, if any, connected on a runtime of its own (two
     /// threads), which the store's synchronous writes wait on.
-    async fn shared_blobs(
-        &self,
-        buckets: Option<(String, String)>,
-    ) -> anyhow::Result<Option<(Arc<dyn tessera_ports::BlobStore>, tokio::runtime::Runtime)>> {
-        let (Some(url), Some((bucket, small))) = (self.blobs.clone(), buckets) else { return Ok(None) };
+    async fn connect_blobs(&self) -> anyhow::Result<Option<(tessera_nats::Nats, tokio::runtime::Runtime)>> {
+        let Some(url) = self.blobs.clone() else { return Ok(None) };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("hub-blobs")
             .enable_all()
             .build()
             .context("a runtime for the shared blobs")?;
+        let connected = runtime
+            .spawn(async move { tessera_nats::connect(&url).await.with_context(|| format!("--blobs {url}")) })
+            .await;
+        match connected {
+            Ok(Ok(nats)) => Ok(Some((nats, runtime))),
+            Ok(Err(e)) => {
+                runtime.shutdown_background();
+                Err(e)
+            }
+            Err(e) => {
+                runtime.shutdown_background();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Attaches the shared blob store, if any (connected by [`StoreArgs::connect_blobs`]),
+    /// to an opened hub.
+    async fn share(
+        &self,
+        store: HubStore,
+        connected: Option<(tessera_nats::Nats, tokio::runtime::Runtime)>,
+    ) -> anyhow::Result<HubStore> {
+        let Some(connected) = connected else { return Ok(store) };
+        let buckets = match store.shared_blob_buckets() {
+            Ok(b) => b,
+            Err(e) => {
+                connected.1.shutdown_background();
+                return Err(e.into());
+            }
+        };
+        let (blobs, runtime) = self.open_buckets(connected, buckets).await?;
+        let store = store.with_shared_blobs(blobs, runtime)?;
+        Ok(match self.cache_size {
+            Some(size) => store.with_cache_limit(size.0)?,
+            None => store,
+        })
+    }
+
+    /// The shared blob store --blobs names, if any, in `buckets`.
+    async fn shared_blobs(
+        &self,
+        buckets: Option<(String, String)>,
+    ) -> anyhow::Result<Option<(Arc<dyn tessera_ports::BlobStore>, tokio::runtime::Runtime)>> {
+        let Some(buckets) = buckets else { return Ok(None) };
+        match self.connect_blobs().await? {
+            Some(connected) => Ok(Some(self.open_buckets(connected, buckets).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The hub's `buckets` on a connected NATS server (their runtime shut down on failure).
+    async fn open_buckets(
+        &self,
+        (nats, runtime): (tessera_nats::Nats, tokio::runtime::Runtime),
+        (bucket, small): (String, String),
+    ) -> anyhow::Result<(Arc<dyn tessera_ports::BlobStore>, tokio::runtime::Runtime)> {
+        let url = self.blobs.clone().unwrap_or_default();
         let opened = runtime
             .spawn(async move {
-                let nats = tessera_nats::connect(&url).await.with_context(|| format!("--blobs {url}"))?;
                 tessera_nats::NatsBlobs::open_buckets(&nats, &bucket, &small)
                     .await
                     .with_context(|| format!("--blobs {url}: the hub's buckets {bucket} and {small}"))
             })
             .await;
-        let blobs = match opened {
-            Ok(Ok(b)) => b,
+        match opened {
+            Ok(Ok(b)) => Ok((Arc::new(b), runtime)),
             Ok(Err(e)) => {
                 runtime.shutdown_background();
-                return Err(e);
+                Err(e)
             }
             Err(e) => {
                 runtime.shutdown_background();
-                return Err(e.into());
+                Err(e.into())
             }
-        };
-        Ok(Some((Arc::new(blobs), runtime)))
+        }
     }
 }
 
@@ -201,16 +246,6 @@ fn parse_database(url: Option<&str>) -> anyhow::Result<Database> {
                 .map_or("a value without a scheme".to_owned(), |(scheme, _)| format!("scheme {scheme:?}"))
         ),
     }
-}
-
-/// Opens the hub: blobs in `data`, records in `database`.
-fn open_store(data: &std::path::Path, database: &Database) -> anyhow::Result<HubStore> {
-    let what = match database {
-        Database::Sqlite => "SQLite",
-        Database::Postgres(_) => "PostgreSQL",
-    };
-    HubStore::open_database(data, database, tessera_package::Limits::default())
-        .with_context(|| format!("opening the hub at {} (records in {what})", data.display()))
 }
 
 pub async fn run(cmd: Command) -> anyhow::Result<()> {

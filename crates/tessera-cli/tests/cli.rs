@@ -366,6 +366,24 @@ fn error_texts_read_once_and_say_what_to_do() {
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(err.matches("already exists").count(), 1, "{err}");
     once(&err);
+    // A hub whose shared blob store cannot be reached: refused before it makes anything.
+    let fresh = w.join("fresh-hub");
+    let err = fails(
+        &[
+            "hub",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--blobs",
+            "nats://127.0.0.1:9",
+            "--data",
+            fresh.to_str().unwrap(),
+        ],
+        w,
+        None,
+    );
+    assert!(err.contains("--blobs nats://127.0.0.1:9"), "{err}");
+    assert!(!fresh.exists(), "a refused hub serve leaves no data directory");
 }
 
 #[test]

@@ -283,6 +283,7 @@ async fn two_hub_processes_share_one_store_and_one_replay_cache(database: Databa
                 .unwrap();
             assert!(!out.status.success());
             assert!(String::from_utf8_lossy(&out.stderr).contains("same --blobs"), "{out:?}");
+            assert!(!work.path().join("hub-c").exists(), "a refused process leaves no directory, no copy of the key");
         }
     }
     if let (None, Database::Postgres(pg)) = (blobs, &database) {
@@ -297,6 +298,7 @@ async fn two_hub_processes_share_one_store_and_one_replay_cache(database: Databa
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("another data directory"), "{err}");
+        assert!(!work.path().join("hub-elsewhere").exists(), "a refused process leaves no directory");
     }
 
     // A signed request captured on its way to one process is refused by the other, and by

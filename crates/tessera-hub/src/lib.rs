@@ -27,8 +27,8 @@ pub use api::{
 };
 pub use store::{
     Collection, ComponentNeeds, ComponentRecord, Database, Download, DumpSummary, Filters, GrantRecord, HubError,
-    HubStore, ListQuery, ModelUpload, ObjectUpload, PublishCheck, Published, Revision, ShareBlob, SharedDownload,
-    SharedRestore, UploadRecord, UsageRecord,
+    HubStore, ListQuery, ModelUpload, ObjectUpload, OpenChecks, PublishCheck, Published, Revision, ShareBlob,
+    SharedDownload, SharedRestore, UploadRecord, UsageRecord,
 };
 
 use std::sync::Arc;

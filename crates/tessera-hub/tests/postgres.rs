@@ -65,4 +65,16 @@ fn a_database_keeps_to_the_directory_its_blobs_are_in() {
     // A marker that is not an id is refused, not taken.
     std::fs::write(dir.path().join("b/directory-id"), "").unwrap();
     assert!(b.check_blob_directory(false).is_err());
+    // Opened with the checks, another directory is refused before it is made: no copy of
+    // the hub's key is left in it.
+    for record in [Some(false), Some(true)] {
+        let checks = tessera_hub::OpenChecks { shared_blobs: false, blob_directory: record };
+        let c = dir.path().join("c");
+        let e = tessera_hub::HubStore::open_checked(&c, &database, Limits::default(), checks).err().unwrap();
+        assert!(matches!(&e, tessera_hub::HubError::Conflict(m) if m.contains("another data directory")), "{e}");
+        assert!(!c.exists(), "a refused process leaves no data directory");
+    }
+    // The directory the blobs are in opens with them.
+    let checks = tessera_hub::OpenChecks { shared_blobs: false, blob_directory: Some(true) };
+    tessera_hub::HubStore::open_checked(dir.path().join("a"), &database, Limits::default(), checks).unwrap();
 }

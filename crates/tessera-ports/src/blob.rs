@@ -314,8 +314,13 @@ impl FsBlobStore {
 
     /// Where a blob lives (whether or not it is stored).
     pub fn path_of(&self, digest: &Digest) -> PathBuf {
+        Self::path_under(&self.dir, digest)
+    }
+
+    /// Where a blob lives in a store rooted at `dir`, without opening (or making) it.
+    pub fn path_under(dir: &Path, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
-        self.dir.join(&hex[..2]).join(hex)
+        dir.join(&hex[..2]).join(hex)
     }
 
     /// The root directory.

@@ -16,6 +16,7 @@ pub(crate) mod cache;
 mod component_packages;
 pub(crate) mod components;
 pub(crate) mod db;
+mod directory;
 mod dump;
 mod grants;
 pub(crate) mod models;
@@ -40,6 +41,7 @@ use tessera_ports::FsBlobStore;
 pub use accounts::UsageRecord;
 pub use cache::{Download, SharedDownload};
 pub use components::{Collection, ComponentNeeds, ComponentRecord, ObjectUpload, Revision};
+pub use directory::OpenChecks;
 pub use dump::{DumpSummary, ShareBlob, SharedRestore};
 pub use grants::GrantRecord;
 pub use models::ModelUpload;
@@ -384,15 +386,27 @@ impl HubStore {
     /// # Errors
     /// [`HubError::Storage`] when the database cannot be reached or its schema made.
     pub fn open_database(dir: impl Into<PathBuf>, database: &Database, limits: Limits) -> Result<Self, HubError> {
-        let dir = dir.into();
-        std::fs::create_dir_all(&dir)?;
+        Self::open_inner(dir.into(), database, limits, None)
+    }
+
+    /// [`HubStore::open_database`], with `checks` made before anything is written in `dir`
+    /// (which a SQLite database is in, so it is made first there).
+    fn open_inner(
+        dir: PathBuf,
+        database: &Database,
+        limits: Limits,
+        checks: Option<&OpenChecks>,
+    ) -> Result<Self, HubError> {
+        if *database == Database::Sqlite {
+            std::fs::create_dir_all(&dir)?;
+        }
         // Hub processes starting together over one new database: switching it to WAL can
         // be refused at once as busy (SQLite does not wait for that lock), so the opening
         // is tried again for a while.
         let mut pause = std::time::Duration::from_millis(10);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let (conn, key) = loop {
-            match Self::open_db(&dir, database) {
+            match Self::open_db(&dir, database, checks) {
                 Err(OpenFailure::Busy(_)) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(std::time::Duration::from_millis(200));
@@ -417,7 +431,7 @@ impl HubStore {
 
     /// Connects to the database, brings its schema up to date and loads (or makes) the
     /// hub's key.
-    fn open_db(dir: &Path, database: &Database) -> Result<(Conn, KeyPair), OpenFailure> {
+    fn open_db(dir: &Path, database: &Database, checks: Option<&OpenChecks>) -> Result<(Conn, KeyPair), OpenFailure> {
         let conn = match database {
             Database::Sqlite => {
                 let conn = rusqlite::Connection::open(dir.join("hub.sqlite"))?;
@@ -451,6 +465,10 @@ impl HubStore {
             }
         }
         migrate(&tx)?;
+        if let Some(checks) = checks {
+            directory::check_before_writing(&tx, dir, checks)?;
+        }
+        std::fs::create_dir_all(dir).map_err(HubError::from)?;
         // The key too, under the same lock: processes starting together make one.
         let key = Self::hub_key(dir, &tx)?;
         tx.commit()?;
@@ -751,91 +769,6 @@ impl HubStore {
         parse_buckets(&value)
     }
 
-    /// Checks that this data directory is the one the database's blobs are in, for a hub
-    /// over PostgreSQL whose blobs are not shared: processes on several machines must then
-    /// see one directory (a shared file system), or a blob stored through one would be
-    /// missing through another. The directory's id is a random one in its `directory-id`
-    /// file; the database records the id of its directory the first time a process that
-    /// serves (`record`) opens it, and only if this directory holds every blob the hub
-    /// serves. Then a directory with another id, or none, is refused; before, nothing is. A
-    /// SQLite database lives in its directory: nothing to check.
-    ///
-    /// # Errors
-    /// [`HubError::Conflict`] for another directory, or one without the hub's blobs;
-    /// [`HubError::Storage`] when the id cannot be read or written.
-    pub fn check_blob_directory(&self, record: bool) -> Result<(), HubError> {
-        if !self.db().is_pg() {
-            return Ok(());
-        }
-        let marker = self.dir.join("directory-id");
-        let read_marker = || -> Result<Option<String>, HubError> {
-            match std::fs::read_to_string(&marker) {
-                Ok(t) if t.trim().len() == 16 && t.trim().bytes().all(|b| b.is_ascii_hexdigit()) => {
-                    Ok(Some(t.trim().to_owned()))
-                }
-                Ok(_) => Err(HubError::Storage(format!("{} does not hold a directory id", marker.display()))),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(HubError::Storage(format!("{}: {e}", marker.display()))),
-            }
-        };
-        let recorded: Option<String> = self
-            .db()
-            .query_row("SELECT value FROM settings WHERE name = 'blob_directory'", params![], |r| r.get(0))
-            .optional()?;
-        let mut mine = read_marker()?;
-        if recorded.is_none() && record {
-            // The database's served blobs must all be here before this directory is theirs.
-            let served: Vec<String> = self.db().query_all(SERVED_DIGESTS, params![], |r| r.get(0))?;
-            for d in served {
-                let digest = parse_digest(&d)?;
-                if !self.blobs.path_of(&digest).exists() {
-                    return Err(HubError::Conflict(format!(
-                        "the data directory {} does not hold the hub's blob {digest}: give --data the directory \
-                         this hub's processes use (one shared file system), or keep the blobs in NATS with --blobs",
-                        self.dir.display()
-                    )));
-                }
-            }
-            if mine.is_none() {
-                // Written whole under another name, then linked: a process starting at the
-                // same time never reads a half-written id.
-                let at = |e: std::io::Error| HubError::Storage(format!("{}: {e}", marker.display()));
-                let tmp = tempfile::NamedTempFile::new_in(&self.dir)
-                    .map_err(|e| HubError::Storage(format!("{}: {e}", self.dir.display())))?;
-                std::fs::write(tmp.path(), random_id()?).map_err(at)?;
-                tmp.as_file().sync_all().map_err(at)?;
-                match tmp.persist_noclobber(&marker) {
-                    Ok(_) => {}
-                    Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(at(e.error)),
-                }
-                mine = read_marker()?;
-            }
-            if let Some(id) = &mine {
-                self.db().execute(
-                    "INSERT INTO settings (name, value) VALUES ('blob_directory', ?1) ON CONFLICT(name) DO NOTHING",
-                    params![id],
-                )?;
-            }
-        }
-        let recorded: Option<String> = self
-            .db()
-            .query_row("SELECT value FROM settings WHERE name = 'blob_directory'", params![], |r| r.get(0))
-            .optional()?;
-        match (recorded, mine) {
-            (None, _) => Ok(()),
-            (Some(r), Some(m)) if r == m => Ok(()),
-            (Some(r), m) => Err(HubError::Conflict(format!(
-                "the database keeps its blobs in another data directory (id {r}) than {} (id {}): give every \
-                 process of this hub the same --data (one shared file system), or keep the blobs in NATS with \
-                 --blobs (if the blobs really moved here, remove the database's record: DELETE FROM settings \
-                 WHERE name = 'blob_directory')",
-                self.dir.display(),
-                m.as_deref().unwrap_or("none")
-            ))),
-        }
-    }
-
     /// New bucket names for a hub's shared blobs (see [`HubStore::shared_blob_buckets`]),
     /// for a database about to be made (a restore's).
     ///
@@ -867,16 +800,6 @@ impl HubStore {
             }
         }
         Self::fresh_blob_buckets()
-    }
-
-    /// True when a process has kept this hub's blobs in a shared store: one without it
-    /// would store blobs the other processes cannot read.
-    pub fn expects_shared_blobs(&self) -> Result<bool, HubError> {
-        Ok(self
-            .db()
-            .query_row("SELECT value FROM settings WHERE name = 'blobs'", params![], |r| r.get::<_, String>(0))
-            .optional()?
-            .is_some_and(|v| v == "shared"))
     }
 
     /// Reads a served blob, verifying its digest.
@@ -1105,6 +1028,7 @@ mod tests {
             ("accounts.rs", include_str!("accounts.rs")),
             ("component_packages.rs", include_str!("component_packages.rs")),
             ("components.rs", include_str!("components.rs")),
+            ("directory.rs", include_str!("directory.rs")),
             ("grants.rs", include_str!("grants.rs")),
             ("models.rs", include_str!("models.rs")),
             ("namespaces.rs", include_str!("namespaces.rs")),
