@@ -43,10 +43,16 @@ def main() -> None:
     port = listener.getsockname()[1]
     child = os.fork()
     if child == 0:
+        code = 1
         try:
             receive(listener, dest)
+            code = 0
+        except Exception as e:  # reported here: os._exit skips the traceback
+            print(f"error: the receiver: {e}", file=sys.stderr)
         finally:
-            os._exit(0)
+            os._exit(code)
+    # Only the child accepts: if it fails first, the connection is refused, not left waiting.
+    listener.close()
     start = time.monotonic()
     with socket.create_connection(("127.0.0.1", port)) as conn:
         fd = os.open(source, os.O_RDONLY)

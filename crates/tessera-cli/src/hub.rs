@@ -88,9 +88,7 @@ impl StoreArgs {
             .enable_all()
             .build()
             .context("a runtime for the shared blobs")?;
-        let connected = runtime
-            .spawn(async move { tessera_nats::connect(&url).await.with_context(|| format!("--blobs {url}")) })
-            .await;
+        let connected = runtime.spawn(async move { tessera_nats::connect(&url).await.context("--blobs") }).await;
         match connected {
             Ok(Ok(nats)) => Ok(Some((nats, runtime))),
             Ok(Err(e)) => {
@@ -351,8 +349,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
                 Some(url) => {
                     anyhow::ensure!(member_ttl.as_secs() >= 1, "--member-ttl must be at least 1 second");
                     let options = tessera_nats::NatsOptions { member_ttl, ..tessera_nats::NatsOptions::default() };
-                    let backend =
-                        tessera_nats::backend(&url, &options).await.with_context(|| format!("--nats {url}"))?;
+                    let backend = tessera_nats::backend(&url, &options).await.context("--nats")?;
                     Some(dashboard_cluster(backend, store.clone()))
                 }
                 None => None,

@@ -18,6 +18,7 @@ mod swarm;
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 /// Tessera: reusable machine-learning modules, run next to their data.
@@ -320,7 +321,7 @@ impl NatsArg {
             replicas: self.replicas.map(usize::from),
             ..tessera_nats::NatsOptions::default()
         };
-        Ok(tessera_nats::backend(&self.nats, &options).await?)
+        tessera_nats::backend(&self.nats, &options).await.context("--nats / TESSERA_NATS")
     }
 }
 
@@ -462,7 +463,7 @@ async fn usage(nats: Option<String>, hub: &HubArg, json: bool) -> anyhow::Result
     let u = client.usage().await?;
     let mut nodes = Vec::new();
     if let Some(url) = nats {
-        let backend = tessera_nats::backend(&url, &tessera_nats::NatsOptions::default()).await?;
+        let backend = tessera_nats::backend(&url, &tessera_nats::NatsOptions::default()).await.context("--nats")?;
         for key in backend.world.keys("usage/").await? {
             if let Some(e) = backend.world.get(&key).await? {
                 let v: serde_json::Value = serde_json::from_slice(&e.value)?;

@@ -58,7 +58,8 @@ pub enum Command {
         /// `name` (latest) or `name@version`.
         model: String,
         /// Where to write it (default: <name>-<version>.<format>, the format from the
-        /// model's `format` metadata, `bin` without one).
+        /// model's `format` metadata when it is a known one, such as safetensors or onnx;
+        /// `bin` otherwise).
         #[arg(short, long)]
         out: Option<PathBuf>,
         #[command(flatten)]
@@ -135,19 +136,41 @@ fn split(model: &str) -> (&str, &str) {
     model.split_once('@').unwrap_or((model, "latest"))
 }
 
-/// `name@version`, exact.
+/// Model formats whose name a pulled file takes as its extension: the common ones of
+/// PyTorch, TensorFlow, ONNX, llama.cpp, scikit-learn and NumPy.
+const FORMATS: [&str; 18] = [
+    "safetensors",
+    "onnx",
+    "pt",
+    "pth",
+    "bin",
+    "ckpt",
+    "gguf",
+    "ggml",
+    "h5",
+    "keras",
+    "pb",
+    "tflite",
+    "pkl",
+    "joblib",
+    "npz",
+    "npy",
+    "msgpack",
+    "json",
+];
+
 /// The extension of a pulled model's default file name: its `format` metadata (as
-/// `model push --meta format=onnx` sets it) when that is 1 to 16 ASCII letters and digits,
-/// lowercased; `bin` otherwise (none, or one that would not be a plain extension).
+/// `model push --meta format=onnx` sets it), lowercased, when it is one of [`FORMATS`];
+/// `bin` otherwise (none, or one a file should not be named after, such as `exe`).
 fn file_extension(metadata: &Value) -> String {
-    match metadata.get("format").and_then(Value::as_str) {
-        Some(f) if (1..=16).contains(&f.len()) && f.bytes().all(|b| b.is_ascii_alphanumeric()) => {
-            f.to_ascii_lowercase()
-        }
+    let format = metadata.get("format").and_then(Value::as_str).map(str::to_ascii_lowercase);
+    match format {
+        Some(f) if FORMATS.contains(&f.as_str()) => f,
         _ => "bin".to_owned(),
     }
 }
 
+/// `name@version`, exact.
 fn exact(model: &str) -> anyhow::Result<(&str, &str)> {
     model.split_once('@').ok_or_else(|| anyhow!("expected NAME@VERSION, got {model:?}"))
 }
@@ -453,8 +476,8 @@ pub fn print_model(m: &ModelRecord) {
 mod tests {
     use super::*;
 
-    /// A pulled model's default extension is its format when that is a plain word, and
-    /// `bin` for anything else, paths and dots included.
+    /// A pulled model's default extension is its format when that is a known one, and
+    /// `bin` for anything else, paths, dots and executables included.
     #[test]
     fn a_pulled_model_is_named_after_its_format() {
         let ext = |v: Value| file_extension(&v);
@@ -469,6 +492,8 @@ mod tests {
             serde_json::json!({"format": "tar.gz"}),
             serde_json::json!({"format": "a/b"}),
             serde_json::json!({"format": "x".repeat(17)}),
+            serde_json::json!({"format": "exe"}),
+            serde_json::json!({"format": "safetensors "}),
             serde_json::json!({"format": "é"}),
             serde_json::json!({"format": 7}),
         ] {

@@ -382,7 +382,8 @@ fn error_texts_read_once_and_say_what_to_do() {
         w,
         None,
     );
-    assert!(err.contains("--blobs nats://127.0.0.1:9"), "{err}");
+    assert!(err.contains("--blobs: cannot connect to NATS at nats://127.0.0.1:9") && !err.contains("--nats"), "{err}");
+    once(&err);
     assert!(!fresh.exists(), "a refused hub serve leaves no data directory");
 }
 

@@ -134,7 +134,7 @@ pub async fn connect(url: &str) -> Result<Nats, NatsError> {
             return Err(NatsError::Connect {
                 url: url.to_owned(),
                 message: format!(
-                    "nothing answered within {} s (is nats-server running there? start one with `nats-server -js`, or point --nats / TESSERA_NATS at one)",
+                    "nothing answered within {} s (is nats-server running there? start one with `nats-server -js`)",
                     FIRST_CONNECT.as_secs()
                 ),
             });

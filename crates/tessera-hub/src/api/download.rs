@@ -124,11 +124,16 @@ fn requested_part(request: &HeaderMap, digest: &Digest, len: u64) -> Result<Opti
     let Some(text) = request.get(header::RANGE).and_then(|v| v.to_str().ok()) else { return Ok(None) };
     let Some(set) = text.strip_prefix("bytes=") else { return Ok(None) };
     if !set.contains(',') {
-        return one_range(text, len);
+        return one_range(set, len);
+    }
+    // A list's empty elements are no ranges (RFC 9110 §5.6.1).
+    let mut specs = set.split(',').map(str::trim).filter(|s| !s.is_empty()).peekable();
+    if specs.peek().is_none() {
+        return Err(MALFORMED);
     }
     let mut satisfiable = false;
-    for spec in set.split(',') {
-        match one_range(&format!("bytes={}", spec.trim()), len) {
+    for spec in specs {
+        match one_range(spec, len) {
             Ok(_) => satisfiable = true,
             Err(why) if why == MALFORMED => return Err(why),
             Err(_) => {}
@@ -139,19 +144,23 @@ fn requested_part(request: &HeaderMap, digest: &Digest, len: u64) -> Result<Opti
 
 const MALFORMED: &str = "the range is malformed";
 
-/// [`requested_part`] for a `Range` of one range (`bytes=` and no comma).
-fn one_range(text: &str, len: u64) -> Result<Option<(u64, u64)>, &'static str> {
+/// [`requested_part`] for one range, `spec` (what follows `bytes=`, no comma).
+fn one_range(spec: &str, len: u64) -> Result<Option<(u64, u64)>, &'static str> {
     use http_range_header::RangeUnsatisfiableError as Unsatisfiable;
+    let parsed = http_range_header::parse_range_header(&format!("bytes={spec}")).map_err(|_| MALFORMED)?;
+    // A last position before the first makes the range invalid (RFC 9110 §14.1.1), which
+    // the parser leaves to the validation, where it reads as beyond the blob.
+    if let Some((first, last)) = spec.split_once('-')
+        && let (Ok(first), Ok(last)) = (first.parse::<u64>(), last.parse::<u64>())
+        && last < first
+    {
+        return Err(MALFORMED);
+    }
     if len == 0 {
         // A suffix of an empty blob is all of it; any other range has no byte to serve
         // (RFC 9110 §14.1.1).
-        return if text.as_bytes().get(6) == Some(&b'-') {
-            Ok(None)
-        } else {
-            Err("an empty blob has no byte to serve")
-        };
+        return if spec.starts_with('-') { Ok(None) } else { Err("an empty blob has no byte to serve") };
     }
-    let parsed = http_range_header::parse_range_header(text).map_err(|_| MALFORMED)?;
     match parsed.validate(len) {
         Ok(ranges) => match ranges.as_slice() {
             [one] => Ok(Some((*one.start(), *one.end()))),
@@ -272,6 +281,9 @@ mod tests {
         assert_eq!(ask(&[("range", "bytes=-10, 0-1")]), Ok(None));
         assert_eq!(ask(&[("range", "bytes=5000-,990-")]), Ok(None));
         assert_eq!(ask(&[("range", &format!("bytes={}", ["0-0"; 2000].join(",")))]), Ok(None));
+        // Empty elements of the list are skipped.
+        assert_eq!(ask(&[("range", "bytes=0-1,")]), Ok(None));
+        assert_eq!(ask(&[("range", "bytes=,0-1, ,2-3")]), Ok(None));
         for bad in [
             "bytes=1000-",
             "bytes=18446744073709551615-",
@@ -279,8 +291,9 @@ mod tests {
             "bytes=5-1",
             "bytes=1000-1001,2000-",
             "bytes=0-1,abc",
-            "bytes=0-1,",
+            "bytes=5-1,0-9",
             "bytes=,",
+            "bytes= , ",
             "bytes=",
             "bytes=-0",
             "bytes=--1",
@@ -293,5 +306,11 @@ mod tests {
         assert!(requested_part(&h, &d, 0).is_err(), "an empty blob has no byte from 0 on");
         h.insert(header::RANGE, HeaderValue::from_static("bytes=-5"));
         assert_eq!(requested_part(&h, &d, 0), Ok(None), "a suffix of an empty blob is the whole");
+        h.insert(header::RANGE, HeaderValue::from_static("bytes=-5,0-1"));
+        assert_eq!(requested_part(&h, &d, 0), Ok(None), "several ranges of an empty blob, a suffix among them");
+        for bad in ["bytes=-abc", "bytes=0-1,2-", "bytes=-5,abc", "bytes=3-1"] {
+            h.insert(header::RANGE, HeaderValue::from_static(bad));
+            assert!(requested_part(&h, &d, 0).is_err(), "{bad} of an empty blob");
+        }
     }
 }

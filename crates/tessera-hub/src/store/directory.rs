@@ -27,8 +27,10 @@ pub struct OpenChecks {
 
 impl HubStore {
     /// [`HubStore::open_database`], refusing what `checks` rules out before it creates the
-    /// data directory or copies the hub's key there (with PostgreSQL), then claiming the
-    /// directory when `checks.blob_directory` is `Some(true)`.
+    /// data directory or copies the hub's key there (with PostgreSQL), then, in the same
+    /// transaction, recording that the blobs are shared (`checks.shared_blobs`) or claiming
+    /// the directory (`checks.blob_directory` is `Some(true)`), so that of processes
+    /// starting together the others check what the first recorded.
     ///
     /// # Errors
     /// [`HubError::Conflict`] for a database whose blobs are shared when `checks` does not
@@ -40,11 +42,7 @@ impl HubStore {
         limits: Limits,
         checks: OpenChecks,
     ) -> Result<Self, HubError> {
-        let store = Self::open_inner(dir.into(), database, limits, Some(&checks))?;
-        if let (false, Some(record)) = (checks.shared_blobs, checks.blob_directory) {
-            store.check_blob_directory(record)?;
-        }
-        Ok(store)
+        Self::open_inner(dir.into(), database, limits, Some(&checks))
     }
 
     /// Checks that this data directory is the one the database's blobs are in, for a hub
@@ -85,7 +83,22 @@ pub(super) fn check_before_writing(conn: &Conn, dir: &Path, checks: &OpenChecks)
     }
 }
 
-fn expects_shared_blobs(conn: &Conn) -> Result<bool, HubError> {
+/// What `checks` records once they have passed and the directory `dir` is made: that the
+/// blobs are shared, or this directory as theirs.
+pub(super) fn claim(conn: &Conn, dir: &Path, checks: &OpenChecks) -> Result<(), HubError> {
+    match (checks.shared_blobs, checks.blob_directory) {
+        // The bucket names before the record that the blobs are shared: a database
+        // with the record and no names is one from before the names were recorded.
+        (true, _) => {
+            super::choose_blob_buckets(conn)?;
+            super::record_shared_blobs(conn)
+        }
+        (false, Some(record)) => blob_directory(conn, dir, record, true),
+        (false, None) => Ok(()),
+    }
+}
+
+pub(super) fn expects_shared_blobs(conn: &Conn) -> Result<bool, HubError> {
     Ok(conn
         .query_row("SELECT value FROM settings WHERE name = 'blobs'", params![], |r| r.get::<_, String>(0))
         .optional()?

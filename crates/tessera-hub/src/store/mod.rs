@@ -469,6 +469,11 @@ impl HubStore {
             directory::check_before_writing(&tx, dir, checks)?;
         }
         std::fs::create_dir_all(dir).map_err(HubError::from)?;
+        if let Some(checks) = checks {
+            // Under the same lock as the checks: of processes starting together over a new
+            // database, the first one's claim is what the others check.
+            directory::claim(&tx, dir, checks)?;
+        }
         // The key too, under the same lock: processes starting together make one.
         let key = Self::hub_key(dir, &tx)?;
         tx.commit()?;
@@ -756,17 +761,7 @@ impl HubStore {
     /// # Errors
     /// [`HubError::Storage`] when the record cannot be read or written.
     pub fn shared_blob_buckets(&self) -> Result<(String, String), HubError> {
-        let chosen = if self.expects_shared_blobs()? {
-            ("tessera_hub_blobs".to_owned(), "tessera_hub_small_blobs".to_owned())
-        } else {
-            Self::fresh_blob_buckets()?
-        };
-        let db = self.db();
-        // The first process's names stand (another may be choosing at the same time).
-        record_blob_buckets(&db, &chosen)?;
-        let value: String =
-            db.query_row("SELECT value FROM settings WHERE name = 'blob_buckets'", params![], |r| r.get(0))?;
-        parse_buckets(&value)
+        choose_blob_buckets(&self.db())
     }
 
     /// New bucket names for a hub's shared blobs (see [`HubStore::shared_blob_buckets`]),
@@ -901,6 +896,28 @@ fn parse_buckets(value: &str) -> Result<(String, String), HubError> {
 }
 
 /// Records the buckets a hub's shared blobs are in, unless some are recorded already.
+/// [`HubStore::shared_blob_buckets`] over `conn`: the recorded names, or those chosen now
+/// and recorded (the legacy names for a database that shared its blobs without them).
+pub(crate) fn choose_blob_buckets(conn: &Conn) -> Result<(String, String), HubError> {
+    let recorded = |conn: &Conn| -> Result<Option<String>, HubError> {
+        Ok(conn
+            .query_row("SELECT value FROM settings WHERE name = 'blob_buckets'", params![], |r| r.get(0))
+            .optional()?)
+    };
+    if let Some(value) = recorded(conn)? {
+        return parse_buckets(&value);
+    }
+    let chosen = if directory::expects_shared_blobs(conn)? {
+        ("tessera_hub_blobs".to_owned(), "tessera_hub_small_blobs".to_owned())
+    } else {
+        HubStore::fresh_blob_buckets()?
+    };
+    // The first process's names stand (another may be choosing at the same time).
+    record_blob_buckets(conn, &chosen)?;
+    let value = recorded(conn)?.ok_or_else(|| HubError::Storage("the hub's blob buckets were not recorded".into()))?;
+    parse_buckets(&value)
+}
+
 pub(crate) fn record_blob_buckets(conn: &Conn, (blobs, small): &(String, String)) -> Result<(), HubError> {
     conn.execute(
         "INSERT INTO settings (name, value) VALUES ('blob_buckets', ?1) ON CONFLICT(name) DO NOTHING",
