@@ -44,13 +44,14 @@ impl StoreArgs {
         parse_database(self.database.as_deref())
     }
 
-    /// Opens the hub, with its shared blobs when --blobs names them.
+    /// Opens the hub, with its shared blobs when --blobs names them. Nothing is written in
+    /// the data directory before --blobs is reached and the database's expectations are
+    /// checked (its blobs shared, or in this directory).
+    ///
     /// `directory`: how the data directory is checked as the one the blobs are in, for a
     /// hub over PostgreSQL without --blobs: `Some(true)` by a serving process (which claims
     /// it on first use), `Some(false)` by a reader of blobs, `None` by a command that
     /// touches no blob.
-    /// Nothing is written in the data directory before the database's expectations are
-    /// checked (its blobs shared or in this directory) and --blobs is reached.
     async fn open(&self, directory: Option<bool>) -> anyhow::Result<HubStore> {
         let data = self.data();
         let database = self.database()?;
@@ -67,15 +68,14 @@ impl StoreArgs {
         };
         let opened = HubStore::open_checked(&data, &database, tessera_package::Limits::default(), checks)
             .with_context(|| format!("opening the hub at {} (records in {what})", data.display()));
-        let store = match (opened, connected) {
-            (Ok(store), connected) => (store, connected),
+        match (opened, connected) {
+            (Ok(store), connected) => self.share(store, connected).await,
             (Err(e), Some((_, runtime))) => {
                 runtime.shutdown_background();
-                return Err(e);
+                Err(e)
             }
-            (Err(e), None) => return Err(e),
-        };
-        self.share(store.0, store.1).await
+            (Err(e), None) => Err(e),
+        }
     }
 
     /// The NATS server --blobs names, if any, connected on a runtime of its own (two
