@@ -88,18 +88,7 @@ impl StoreArgs {
             .enable_all()
             .build()
             .context("a runtime for the shared blobs")?;
-        let connected = runtime.spawn(async move { tessera_nats::connect(&url).await.context("--blobs") }).await;
-        match connected {
-            Ok(Ok(nats)) => Ok(Some((nats, runtime))),
-            Ok(Err(e)) => {
-                runtime.shutdown_background();
-                Err(e)
-            }
-            Err(e) => {
-                runtime.shutdown_background();
-                Err(e.into())
-            }
-        }
+        on_runtime(runtime, async move { tessera_nats::connect(&url).await.context("--blobs") }).await.map(Some)
     }
 
     /// Attaches the shared blob store, if any (connected by [`StoreArgs::connect_blobs`]),
@@ -137,30 +126,39 @@ impl StoreArgs {
         }
     }
 
-    /// The hub's `buckets` on a connected NATS server (their runtime shut down on failure).
+    /// The hub's `buckets` on a connected NATS server (its runtime shut down on failure).
     async fn open_buckets(
         &self,
         (nats, runtime): (tessera_nats::Nats, tokio::runtime::Runtime),
         (bucket, small): (String, String),
     ) -> anyhow::Result<(Arc<dyn tessera_ports::BlobStore>, tokio::runtime::Runtime)> {
         let url = self.blobs.clone().unwrap_or_default();
-        let opened = runtime
-            .spawn(async move {
-                tessera_nats::NatsBlobs::open_buckets(&nats, &bucket, &small)
-                    .await
-                    .with_context(|| format!("--blobs {url}: the hub's buckets {bucket} and {small}"))
-            })
-            .await;
-        match opened {
-            Ok(Ok(b)) => Ok((Arc::new(b), runtime)),
-            Ok(Err(e)) => {
-                runtime.shutdown_background();
-                Err(e)
-            }
-            Err(e) => {
-                runtime.shutdown_background();
-                Err(e.into())
-            }
+        let (blobs, runtime) = on_runtime(runtime, async move {
+            tessera_nats::NatsBlobs::open_buckets(&nats, &bucket, &small)
+                .await
+                .with_context(|| format!("--blobs {url}: the hub's buckets {bucket} and {small}"))
+        })
+        .await?;
+        Ok((Arc::new(blobs), runtime))
+    }
+}
+
+/// Runs `work` on `runtime` (the shared blobs' own), handing the runtime back with the
+/// result, or shutting it down in the background when `work` fails: a runtime dropped
+/// inside the caller's would panic.
+async fn on_runtime<T: Send + 'static>(
+    runtime: tokio::runtime::Runtime,
+    work: impl std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> anyhow::Result<(T, tokio::runtime::Runtime)> {
+    match runtime.spawn(work).await {
+        Ok(Ok(value)) => Ok((value, runtime)),
+        Ok(Err(e)) => {
+            runtime.shutdown_background();
+            Err(e)
+        }
+        Err(e) => {
+            runtime.shutdown_background();
+            Err(e.into())
         }
     }
 }

@@ -468,7 +468,10 @@ impl HubStore {
         if let Some(checks) = checks {
             directory::check_before_writing(&tx, dir, checks)?;
         }
-        std::fs::create_dir_all(dir).map_err(HubError::from)?;
+        if tx.is_pg() {
+            // (A SQLite database is in the directory, made before it was opened.)
+            std::fs::create_dir_all(dir).map_err(HubError::from)?;
+        }
         if let Some(checks) = checks {
             // Under the same lock as the checks: of processes starting together over a new
             // database, the first one's claim is what the others check.
